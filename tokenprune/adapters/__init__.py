@@ -1,0 +1,38 @@
+"""Model-family adapters, found by class name so unused libraries are never imported."""
+from __future__ import annotations
+
+import importlib
+
+from .base import Adapter, class_names
+
+# (module of the adapter, class name in it); tried in order
+_ADAPTERS = [
+    ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
+]
+
+SUPPORTED = [
+    "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
+]
+
+
+def register_adapter(module: str, name: str, description: str, first: bool = False) -> None:
+    entry = (module, name)
+    if entry not in _ADAPTERS:
+        _ADAPTERS.insert(0, entry) if first else _ADAPTERS.append(entry)
+        SUPPORTED.append(description)
+
+
+def adapter_classes() -> list[type]:
+    return [getattr(importlib.import_module(m), n) for m, n in _ADAPTERS]
+
+
+def for_model(model) -> Adapter:
+    for cls in adapter_classes():
+        if cls.matches(model):
+            return cls(model)
+    name = type(model).__module__ + "." + type(model).__qualname__
+    raise TypeError(f"tokenprune has no adapter for {name}. Supported model families: "
+                    + "; ".join(SUPPORTED) + ".")
+
+
+__all__ = ["Adapter", "for_model", "register_adapter", "adapter_classes", "class_names", "SUPPORTED"]

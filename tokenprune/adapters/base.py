@@ -1,0 +1,71 @@
+"""What every adapter implements, and the class-swap helpers.
+
+An adapter is the only place that knows a model library: where a family keeps
+its blocks, its prefix tokens, its q/k and its outputs. Patching swaps the
+``__class__`` of existing modules for a subclass (weights and ``state_dict``
+keys never change) and swapping back restores the model exactly.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..plan import EncoderInfo
+
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+ORIGINAL = "_tokenprune_original_class"
+
+
+def swap_class(module: torch.nn.Module, mixin: type) -> None:
+    orig = type(module)
+    key = (mixin, orig)
+    new = _CLASS_CACHE.get(key)
+    if new is None:
+        new = type(f"TokenPruned{orig.__name__}", (mixin, orig), {ORIGINAL: orig, "__module__": mixin.__module__})
+        _CLASS_CACHE[key] = new
+    module.__class__ = new
+
+
+def restore_class(module: torch.nn.Module) -> None:
+    orig = type(module).__dict__.get(ORIGINAL)
+    if orig is not None:
+        module.__class__ = orig
+
+
+def class_names(model) -> set[tuple[str, str]]:
+    """(module, name) of every class in the model's MRO: match families without importing them."""
+    return {(c.__module__, c.__name__) for c in type(model).__mro__}
+
+
+def has_class(model, module_prefix: str, *names: str) -> bool:
+    return any(m.startswith(module_prefix) and n in names for m, n in class_names(model))
+
+
+class Adapter:
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # what the adapter supports, for error messages
+
+    def __init__(self, model):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        raise NotImplementedError
+
+    def info(self) -> EncoderInfo:
+        raise NotImplementedError
+
+    def grid_for(self, num_tokens: int):
+        info = self.info()
+        return info.grid if info.grid is not None and num_tokens == info.num_tokens else None
+
+    def check(self, reducer) -> None:
+        """Raise if this model cannot give what the reducer needs."""
+        return None
+
+    def install(self, patch) -> None:
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,138 @@
+"""timm ``VisionTransformer`` family (ViT, DeiT incl. distilled, DINOv2, registers, ...).
+
+timm's own modules keep running: the block container's loop is replaced by
+:func:`tokenprune.engine.run_blocks`, which calls each timm ``Block`` with
+``attn_mask`` = the token-size key bias (``None`` while no bias is needed);
+q and k are read from the ``q_norm`` / ``k_norm`` submodules every timm
+``Attention`` calls (identity or q/k-norm), so LayerScale, q/k-norm and
+``fused_attn`` are untouched. Pooling ('avg', 'avgmax', 'max', 'map') weights
+tokens by their sizes and ignores padding; 'token' reads the class token.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from .. import ops
+from ..engine import HookCapture, attach_state, attached_state, forward_scope, run_blocks
+from ..plan import EncoderInfo
+from .base import Adapter, has_class, restore_class, swap_class
+
+
+def _call_block(block, x, bias):
+    return block(x) if bias is None else block(x, attn_mask=bias)
+
+
+def _capture(block, bias):
+    attn = block.attn
+    return HookCapture(attn.q_norm, attn.k_norm, attn.scale)(bias)
+
+
+class _Blocks:
+    """Mixin for ``model.blocks`` (an ``nn.Sequential``)."""
+
+    def forward(self, x):
+        patch = self._tokenprune_patch
+        grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
+        return run_blocks(patch, self, x, _call_block, _capture, grid)
+
+
+class _Model:
+    """Mixin for the ``VisionTransformer`` itself."""
+
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
+                             "(the token count changes between blocks); call tokenprune.remove(model) first")
+        if getattr(self, "grad_checkpointing", False):
+            raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced timm model yet; "
+                               "call model.set_grad_checkpointing(False)")
+        with forward_scope() as scope:
+            out = super().forward_features(x)
+        return attach_state(out, scope.state)
+
+    def pool(self, x, pool_type=None):
+        state = attached_state(x)
+        if state is None or state.sizes is None:
+            return super().pool(x, pool_type)
+        p = self.num_prefix_tokens
+        sizes = state.sizes
+        if self.attn_pool is not None:
+            if not self.pool_include_prefix:
+                x, sizes = x[:, p:], sizes[:, p:]
+            return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type or pool_type == "token":
+            return super().pool(x, pool_type)
+        if not self.pool_include_prefix:
+            x, sizes = x[:, p:], sizes[:, p:]
+        if pool_type == "avg":
+            return ops.weighted_mean(x, sizes)
+        if pool_type == "max":
+            return ops.masked_max(x, sizes)
+        if pool_type == "avgmax":
+            return 0.5 * (ops.masked_max(x, sizes) + ops.weighted_mean(x, sizes))
+        raise ValueError(f"tokenprune: unknown pool type {pool_type!r}")
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            "tokenprune: forward_intermediates is not reduced (its outputs need the full grid at every block). "
+            "Use model.forward_features and tokenprune.unmerge for dense outputs, or tokenprune.remove(model)")
+
+
+class TimmViTAdapter(Adapter):
+    family = "timm"
+    description = "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return has_class(model, "timm.", "VisionTransformer")
+
+    def __init__(self, model):
+        super().__init__(model)
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, torch.nn.Sequential) or len(blocks) == 0:
+            raise TypeError("tokenprune: this timm model has no `blocks` nn.Sequential; is it a VisionTransformer?")
+        for i, blk in enumerate(blocks):
+            if "attn_mask" not in inspect.signature(blk.forward).parameters:
+                raise TypeError(f"tokenprune: timm block {i} ({type(blk).__name__}) takes no attn_mask; "
+                                "timm >= 1.0.15 is required")
+
+    def info(self) -> EncoderInfo:
+        m = self.model
+        blk = m.blocks[0]
+        grid = tuple(m.patch_embed.grid_size) if getattr(m.patch_embed, "grid_size", None) is not None else None
+        n = math.prod(grid) if grid else m.patch_embed.num_patches
+        mlp = getattr(blk, "mlp", None)
+        hidden = mlp.fc1.out_features if mlp is not None and hasattr(mlp, "fc1") else 4 * m.embed_dim
+        return EncoderInfo(depth=len(m.blocks), dim=m.embed_dim, num_heads=blk.attn.num_heads,
+                           num_prefix=m.num_prefix_tokens, num_tokens=n, mlp_hidden=hidden, grid=grid,
+                           has_cls=bool(getattr(m, "has_class_token", m.num_prefix_tokens > 0)), family=self.family)
+
+    def grid_for(self, num_tokens: int):
+        info = self.info()
+        if info.grid is not None and num_tokens == info.num_tokens:
+            return info.grid
+        side = math.isqrt(num_tokens)
+        return (side, side) if side * side == num_tokens else None
+
+    def check(self, reducer) -> None:
+        for i, blk in enumerate(self.model.blocks):
+            attn = getattr(blk, "attn", None)
+            if not all(hasattr(attn, a) for a in ("q_norm", "k_norm", "scale", "num_heads")):
+                raise TypeError(f"tokenprune: block {i}'s attention ({type(attn).__name__}) does not expose "
+                                "q_norm/k_norm; only timm's standard Attention is supported")
+
+    def install(self, patch) -> None:
+        m = self.model
+        m.blocks._tokenprune_patch = patch
+        swap_class(m.blocks, _Blocks)
+        swap_class(m, _Model)
+
+    def uninstall(self) -> None:
+        m = self.model
+        restore_class(m)
+        restore_class(m.blocks)
+        m.blocks.__dict__.pop("_tokenprune_patch", None)

@@ -1,0 +1,121 @@
+"""Public entry points: apply, remove, plan, applied, methods."""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+from . import adapters, registry
+from .plan import Plan, check_budget
+
+PATCH_ATTR = "_tokenprune"
+
+
+class Patch:
+    """Everything one ``apply`` call installed on a model (kept as a plain attribute, not a submodule)."""
+
+    def __init__(self, model, adapter, reducer, budget: float, schedule: Mapping[int, int] | None,
+                 track_source: bool):
+        self.adapter = adapter
+        self.reducer = reducer
+        self.budget = budget
+        self.schedule = dict(schedule) if schedule else None
+        self.track_source = track_source
+        self.info = adapter.info()
+        self.num_prefix = self.info.num_prefix
+        self._plans: dict[tuple, Plan] = {}
+
+    def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
+        n = self.info.num_tokens if num_tokens is None else num_tokens
+        if grid is None:
+            grid = self.adapter.grid_for(n)
+        key = (n, grid)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self.reducer.plan(self.info.with_tokens(n, grid), self.budget, self.schedule)
+            self._plans[key] = plan
+        return plan
+
+
+def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
+    check_budget(budget)
+    adapter = adapters.for_model(model)
+    reducer = registry.make(method, **options)
+    adapter.check(reducer)
+    patch = Patch(model, adapter, reducer, float(budget), schedule, track_source)
+    patch.plan_for()  # validate budget and options now, not at the first forward
+    return patch
+
+
+def apply(model, budget: float = 0.5, method: str = "merge", *, schedule: Mapping[int, int] | None = None,
+          track_source: bool = True, **options):
+    """Patch ``model`` in place so tokens are reduced between its encoder blocks; returns ``model``.
+
+    Args:
+        model: a supported model (see ``tokenprune.adapters.SUPPORTED``).
+        budget: the fraction of the input's non-prefix tokens that leave the
+            encoder, in (0, 1]. ``round(budget * N)`` tokens leave (halves
+            round up); prefix tokens ([CLS], registers) are always kept.
+        method: a registered reducer (``tokenprune.methods()``).
+        schedule: ``{block: keep}`` overriding the reducer's per-block plan
+            (non-prefix tokens left after that block).
+        track_source: keep the map from original patches to current tokens
+            (needed by ``unmerge`` and the visualisations).
+        **options: the reducer's own options.
+
+    Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
+    """
+    remove(model)
+    patch = _make_patch(model, budget, method, schedule, track_source, options)
+    patch.adapter.install(patch)
+    setattr(model, PATCH_ATTR, patch)
+    return model
+
+
+def remove(model):
+    """Undo :func:`apply`: the model's classes and attributes are restored exactly. No-op if unpatched."""
+    patch = model.__dict__.get(PATCH_ATTR)
+    if patch is not None:
+        patch.adapter.uninstall()
+        del model.__dict__[PATCH_ATTR]
+    return model
+
+
+def is_applied(model) -> bool:
+    return PATCH_ATTR in model.__dict__
+
+
+def get_patch(model) -> Patch | None:
+    return model.__dict__.get(PATCH_ATTR)
+
+
+def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
+         schedule: Mapping[int, int] | None = None, **options) -> Plan:
+    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one."""
+    patch = get_patch(model)
+    if budget is None and method is None and not options and schedule is None:
+        if patch is None:
+            raise ValueError("model is not patched; give budget= and method= to plan a reduction")
+        return patch.plan_for(num_tokens)
+    budget = patch.budget if budget is None and patch is not None else (0.5 if budget is None else budget)
+    method = method or (patch.reducer.name if patch is not None else "merge")
+    return _make_patch(model, budget, method, schedule, True, options).plan_for(num_tokens)
+
+
+@contextlib.contextmanager
+def applied(model, budget: float = 0.5, method: str = "merge", **kwargs):
+    """``with tokenprune.applied(model, budget=0.25, method="cls"): ...`` -- removed on exit,
+    restoring an earlier patch if there was one."""
+    previous = get_patch(model)
+    apply(model, budget, method, **kwargs)
+    try:
+        yield model
+    finally:
+        remove(model)
+        if previous is not None:
+            previous.adapter.install(previous)
+            setattr(model, PATCH_ATTR, previous)
+
+
+def methods() -> list[str]:
+    """Names of the registered reducers."""
+    return registry.methods()

@@ -1,0 +1,132 @@
+"""The one loop every adapter runs: block i -> token state -> reducer -> block i + 1.
+
+Adapters swap the class of a model's block container so that its forward
+calls :func:`run_blocks`; the blocks themselves are the library's own modules,
+called with an additive key bias (``None`` when no bias is needed, so SDPA's
+flash path stays available).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .state import TokenState
+
+_SCOPE: contextvars.ContextVar["ForwardScope | None"] = contextvars.ContextVar("tokenprune_scope", default=None)
+
+
+@dataclass
+class ForwardScope:
+    """Carries the final token state of one forward from the block loop to the pooling code."""
+
+    state: TokenState | None = None
+
+
+@contextlib.contextmanager
+def forward_scope():
+    scope = ForwardScope()
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+def current_scope() -> ForwardScope | None:
+    return _SCOPE.get()
+
+
+STATE_ATTR = "_tokenprune_state"
+
+
+def attach_state(x: torch.Tensor, state: TokenState | None) -> torch.Tensor:
+    """Attach the final state to an encoder output so a later pooling call can weight by size."""
+    if state is not None:
+        setattr(x, STATE_ATTR, state)
+    return x
+
+
+def attached_state(x: torch.Tensor) -> TokenState | None:
+    return getattr(x, STATE_ATTR, None)
+
+
+@dataclass
+class QK:
+    """The q and k a block's attention computed, ``[B, H, N, d]``, and what it used with them."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    scale: float = 1.0
+    bias: torch.Tensor | None = None
+    out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when an adapter records it
+
+
+class HookCapture:
+    """Capture q and k through forward hooks on two submodules that output them.
+
+    The hooks exist only while the block runs; the tensors are references
+    (no copies) to what the block computed anyway.
+    """
+
+    def __init__(self, q_module: torch.nn.Module, k_module: torch.nn.Module, scale: float,
+                 to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.q_module, self.k_module, self.scale, self.to_heads = q_module, k_module, scale, to_heads
+
+    @contextlib.contextmanager
+    def __call__(self, bias):
+        qk = QK(scale=self.scale, bias=bias)
+        conv = self.to_heads or (lambda t: t)
+
+        def grab_q(_m, _i, out):
+            qk.q = conv(out)
+
+        def grab_k(_m, _i, out):
+            qk.k = conv(out)
+
+        hq = self.q_module.register_forward_hook(grab_q)
+        hk = self.k_module.register_forward_hook(grab_k)
+        try:
+            yield qk
+        finally:
+            hq.remove()
+            hk.remove()
+
+
+def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
+               call_block: Callable, capture: Callable, grid=None) -> torch.Tensor:
+    """Run ``blocks`` on ``x`` with the patch's reducer between them.
+
+    ``call_block(block, x, bias) -> x`` runs one block; ``capture(block, bias)``
+    returns a context manager that yields a :class:`QK` filled while the block runs.
+    """
+    reducer = patch.reducer
+    state = TokenState.start(x, patch.num_prefix, grid, track_source=patch.track_source)
+    state.proportional = reducer.proportional
+    plan = patch.plan_for(state.num_input, grid)
+    stages = plan.stage_at()
+    qk_blocks = reducer.qk_blocks(plan)
+    attention = plan.attention_per_block()
+
+    for stage in stages.get(-1, ()):
+        state = reducer.reduce(state, stage, None)
+    for i, blk in enumerate(blocks):
+        state.tokens_per_block.append(state.x.shape[1])
+        bias = state.attn_bias(state.x.dtype)
+        if i in qk_blocks:
+            with capture(blk, bias) as qk:
+                state.x = reducer.run_block(i, blk, state.x, bias, call_block, attention[i])
+        else:
+            qk = None
+            state.x = reducer.run_block(i, blk, state.x, bias, call_block, attention[i])
+        state.block = i
+        reducer.observe(state, i, qk)
+        for stage in stages.get(i, ()):
+            state = reducer.reduce(state, stage, qk)
+    scope = current_scope()
+    if scope is not None:
+        scope.state = state
+    return state.x

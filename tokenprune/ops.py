@@ -1,0 +1,241 @@
+"""Functional core shared by the reducers: selection, merging, scores, un-merging.
+
+Every function takes and returns plain tensors or a :class:`TokenState`; none
+imports a model library. Index conventions: ``keep_idx`` and friends index the
+*non-prefix* tokens (0 .. N-1); ``TokenState.source`` indexes all tokens
+(prefix included).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .state import TokenState
+
+
+# -- source map bookkeeping -------------------------------------------------------
+def remap_source(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch.Tensor | None:
+    """Compose the source map with one reduction step.
+
+    ``old_to_new`` is ``[B, P + N_old]``: the new index of each old token, -1
+    where it was dropped.
+    """
+    if source is None:
+        return None
+    new = old_to_new.gather(1, source.clamp(min=0))
+    return new.masked_fill_(source < 0, -1)
+
+
+def _prefix_map(b: int, p: int, device) -> torch.Tensor:
+    return torch.arange(p, device=device).expand(b, p)
+
+
+# -- pruning: keep a subset ---------------------------------------------------------
+def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.Tensor | None = None) -> TokenState:
+    """Keep the non-prefix tokens ``keep_idx`` ``[B, K]`` (in the given order).
+
+    ``keep_valid`` ``[B, K]`` bool marks slots that are padding (False): the
+    sample really keeps fewer tokens; those slots get size 0, so attention
+    masks them and pooling ignores them.
+    """
+    x, p = state.x, state.num_prefix
+    b, n_all, c = x.shape
+    k = keep_idx.shape[1]
+    patches = x[:, p:].gather(1, keep_idx[..., None].expand(b, k, c))
+    new_x = torch.cat([x[:, :p], patches], 1) if p else patches
+
+    new_sizes = None
+    if state.sizes is not None or keep_valid is not None:
+        sizes = state.sizes_or_ones()
+        kept = sizes[:, p:].gather(1, keep_idx)
+        if keep_valid is not None:
+            kept = kept * keep_valid.to(kept.dtype)
+        new_sizes = torch.cat([sizes[:, :p], kept], 1)
+
+    new_source = None
+    if state.source is not None:
+        targets = torch.arange(p, p + k, device=x.device).expand(b, k)
+        if keep_valid is not None:
+            targets = targets.masked_fill(~keep_valid, -1)
+        old_to_new = torch.full((b, n_all), -1, dtype=torch.long, device=x.device)
+        old_to_new[:, :p] = _prefix_map(b, p, x.device)
+        old_to_new[:, p:].scatter_(1, keep_idx, targets)
+        new_source = remap_source(state.source, old_to_new)
+
+    state.x, state.sizes, state.source = new_x, new_sizes, new_source
+    state.padded = state.padded or keep_valid is not None
+    return state
+
+
+def topk_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None):
+    """Indices of the ``k`` best scores per row, in ascending (spatial) order.
+
+    Returns ``(idx [B, k], idx_valid [B, k] | None)``; padding slots never win
+    over real tokens.
+    """
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    idx = scores.topk(k, dim=1, sorted=False).indices.sort(1).values
+    return idx, (valid.gather(1, idx) if valid is not None else None)
+
+
+def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | None = None):
+    """Per-sample selection ``score > threshold``, at most ``k_max`` and at least one per sample.
+
+    Samples keep different counts; the batch is padded to the largest count
+    (rectangular), with padding slots marked invalid. Returns ``(idx, idx_valid)``.
+    """
+    s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+    above = s > threshold
+    counts = above.sum(1).clamp(min=1, max=k_max)
+    width = int(counts.max())
+    order = s.topk(width, dim=1).indices  # best first
+    rank_ok = torch.arange(width, device=s.device)[None, :] < counts[:, None]
+    # sort the chosen slots back into spatial order, padding slots last
+    key = torch.where(rank_ok, order, order + s.shape[1])
+    perm = key.argsort(1)
+    return order.gather(1, perm), rank_ok.gather(1, perm)
+
+
+# -- merging: bipartite soft matching ----------------------------------------------------
+def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
+    """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
+
+    ``metric`` ``[B, P + N, d]`` is the similarity feature (the block's keys,
+    averaged over heads). Non-prefix tokens alternate into sets A (even) and B
+    (odd); each A token finds its most cosine-similar B token; the ``r`` A
+    tokens with the highest similarity are merged into their partner with a
+    size-weighted average; the rest of A is kept in spatial order. Output order:
+    prefix, kept A tokens, B tokens. Padding slots (size 0) are merged first.
+    """
+    x, p = state.x, state.num_prefix
+    b, n_all, c = x.shape
+    n = n_all - p
+    if r <= 0:
+        return state
+    if r > n // 2:
+        raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
+
+    m = metric[:, p:]
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    ma, mb = m[:, ::2], m[:, 1::2]
+    sim = ma @ mb.transpose(-1, -2)  # [B, Na, Nb]
+    sizes = state.sizes_or_ones()
+    sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
+    if state.padded:
+        sim = sim.masked_fill((sb <= 0)[:, None, :], float("-inf"))
+    best, best_b = sim.max(-1)  # [B, Na]
+    if state.padded:
+        best = best.masked_fill(sa <= 0, float("inf"))
+    edge = best.argsort(-1, descending=True)
+    src_idx = edge[:, :r]  # A tokens merged away
+    unm_idx = edge[:, r:].sort(-1).values  # A tokens kept, spatial order
+    dst_idx = best_b.gather(1, src_idx)
+
+    xs = x[:, p:]
+    xa, xb = xs[:, ::2], xs[:, 1::2]
+    n_unm = unm_idx.shape[1]
+    unm_x = xa.gather(1, unm_idx[..., None].expand(b, n_unm, c))
+    src_w = (xa * sa[..., None].to(x.dtype)).gather(1, src_idx[..., None].expand(b, r, c))
+    dst_w = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst_idx[..., None].expand(b, r, c), src_w)
+    new_sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
+    xb_new = torch.where(new_sb[..., None] > 0, dst_w / new_sb.clamp_min(1e-12)[..., None].to(x.dtype), xb)
+
+    parts = [x[:, :p], unm_x, xb_new] if p else [unm_x, xb_new]
+    new_x = torch.cat(parts, 1)
+    new_sizes = torch.cat([sizes[:, :p], sa.gather(1, unm_idx), new_sb], 1)
+
+    if state.source is not None:
+        na, nb = xa.shape[1], xb.shape[1]
+        a_new = torch.empty((b, na), dtype=torch.long, device=x.device)
+        a_new.scatter_(1, unm_idx, torch.arange(p, p + n_unm, device=x.device).expand(b, n_unm))
+        a_new.scatter_(1, src_idx, p + n_unm + dst_idx)
+        old_to_new = torch.empty((b, n_all), dtype=torch.long, device=x.device)
+        old_to_new[:, :p] = _prefix_map(b, p, x.device)
+        old_to_new[:, p::2] = a_new
+        old_to_new[:, p + 1::2] = torch.arange(p + n_unm, p + n_unm + nb, device=x.device).expand(b, nb)
+        state.source = remap_source(state.source, old_to_new)
+
+    state.x, state.sizes = new_x, new_sizes
+    return state
+
+
+# -- scores from one query row ----------------------------------------------------------
+def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: int | torch.Tensor = 0,
+                    bias: torch.Tensor | None = None, head_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention paid by ONE query row to every key, averaged over heads.
+
+    ``q``, ``k``: ``[B, H, N, d]``. ``query``: a token index, or a ``[B, H, d]``
+    query vector. ``bias``: the additive key bias the block used (``[B, 1, 1, N]``).
+    Costs O(N d) per head: the N x N matrix is never formed, so the block itself
+    stays on fused SDPA. Returns ``[B, N]`` (float32) over all tokens.
+    """
+    if isinstance(query, int):
+        qr = q[:, :, query]
+    else:
+        qr = query
+    logits = torch.einsum("bhd,bhnd->bhn", qr.float(), k.float()) * scale
+    if bias is not None:
+        logits = logits + bias[:, :, 0].float()
+    attn = logits.softmax(-1)  # [B, H, N]
+    if head_weights is not None:
+        return (attn * head_weights).sum(1)
+    return attn.mean(1)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None,
+                       valid: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Mean attention each key receives over all queries (column mean), averaged over heads.
+
+    For encoders without a class token. Exact, computed in query chunks so at
+    most ``[B, H, chunk, N]`` exists at a time; costs as much as one attention
+    pass (O(N^2 d)). Padding queries (``valid`` False) are left out.
+    """
+    b, h, n, _ = q.shape
+    total = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for s in range(0, n, chunk):
+        logits = torch.einsum("bhqd,bhnd->bhqn", q[:, :, s:s + chunk].float(), kf) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        a = logits.softmax(-1)
+        if valid is not None:
+            a = a * valid[:, None, s:s + chunk, None]
+        total += a.sum(2)
+    count = valid.sum(1).clamp(min=1)[:, None, None] if valid is not None else n
+    return (total / count).mean(1)
+
+
+# -- un-merging -------------------------------------------------------------------------------
+def unmerge(x: torch.Tensor, state: TokenState, fill: float = 0.0):
+    """Map reduced tokens ``[B, P + N, C]`` back to the original patch grid.
+
+    Returns ``(full [B, N0, C], present [B, N0] bool)``: each original patch
+    gets the features of the token that holds it (merged patches share their
+    token's features); dropped patches get ``fill`` and ``present = False``.
+    ``full`` is reshaped by the caller with ``state.grid`` when a dense map is needed.
+    """
+    if state.source is None:
+        raise ValueError("this forward ran without source tracking; apply with track_source=True to un-merge")
+    src = state.source
+    b, n0 = src.shape
+    c = x.shape[-1]
+    full = x.gather(1, src.clamp(min=0)[..., None].expand(b, n0, c))
+    present = src >= 0
+    if not bool(present.all()):
+        full = full.masked_fill(~present[..., None], fill)
+    return full, present
+
+
+def weighted_mean(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Size-weighted mean over tokens: equals the mean over the original tokens they stand for."""
+    w = sizes.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1e-12)
+
+
+def masked_max(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill((sizes <= 0)[..., None], float("-inf")).amax(1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)

@@ -1,0 +1,236 @@
+"""Budgets, per-block schedules and the FLOP fraction a schedule implies.
+
+``budget`` has one meaning everywhere in tokenprune:
+
+    the fraction of the input's non-prefix tokens that leave the encoder.
+
+Prefix tokens ([CLS], distillation and register tokens) are never removed and
+are not counted. For an input with ``N`` non-prefix tokens the encoder emits
+
+    K = round_half_up(budget * N)      (at least 1; an error if that is 0)
+
+non-prefix tokens. Each reducer turns ``K`` into a per-block schedule: after
+which blocks it reduces and how many non-prefix tokens remain after each of
+those blocks. The schedule is a :class:`Plan`; it is inspectable
+(``tokenprune.plan(model)``) and overridable (``schedule={block: keep}``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a reducer may know about an encoder: no model library types here."""
+
+    depth: int  # number of blocks
+    dim: int  # embedding width D
+    num_heads: int
+    num_prefix: int  # tokens before the patches that are never reduced
+    num_tokens: int  # non-prefix tokens at the encoder input (N)
+    mlp_hidden: int  # hidden width of each block's MLP
+    grid: tuple[int, ...] | None = None  # patch grid of the N tokens, if they form one
+    has_cls: bool = True  # whether token 0 is a class token whose attention is meaningful
+    family: str = ""
+
+    def with_tokens(self, num_tokens: int, grid: tuple[int, ...] | None) -> "EncoderInfo":
+        return EncoderInfo(self.depth, self.dim, self.num_heads, self.num_prefix, num_tokens,
+                           self.mlp_hidden, grid, self.has_cls, self.family)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One reduction: after block ``block``, ``keep`` non-prefix tokens remain."""
+
+    block: int
+    keep: int
+    op: str = ""  # name of the reducer that performs it
+    attention: str = "sdpa"  # attention path of the blocks that follow ("sdpa" or "linear")
+
+
+def keep_count(budget: float, num_tokens: int) -> int:
+    """The number of non-prefix tokens that leave the encoder for ``budget``.
+
+    Rounding rule: round half up, ``floor(budget * N + 0.5)``. Raises if that
+    keeps no token at all.
+    """
+    check_budget(budget)
+    k = math.floor(budget * num_tokens + 0.5)
+    if k < 1:
+        raise ValueError(
+            f"budget={budget} keeps {budget * num_tokens:.3g} of {num_tokens} tokens, which rounds to 0; "
+            f"the smallest budget that keeps one token per sample is {0.5 / num_tokens:.4g}")
+    return min(k, num_tokens)
+
+
+def check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+        raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(
+            f"budget must be in (0, 1] (the fraction of non-prefix tokens that leave the encoder), got {budget}")
+
+
+def block_flops(n: int, info: EncoderInfo, attention: str = "sdpa") -> float:
+    """Multiply-add FLOPs (x2) of one transformer block on ``n`` tokens (prefix included)."""
+    d, h = info.dim, info.mlp_hidden
+    linear = 2 * n * (4 * d * d + 2 * d * h)  # qkv + proj + mlp
+    if attention == "linear":  # softmax-feature factorisation: K^T V and Q (K^T V), O(n d_head^2) per head
+        head = d // info.num_heads
+        attn = 2 * 2 * n * head * d
+    else:
+        attn = 2 * 2 * n * n * d  # q k^T and attn @ v
+    return float(linear + attn)
+
+
+@dataclass
+class Plan:
+    """A per-block schedule for one input size."""
+
+    method: str
+    budget: float
+    info: EncoderInfo
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def num_out(self) -> int:
+        """Non-prefix tokens leaving the encoder."""
+        return self.stages[-1].keep if self.stages else self.info.num_tokens
+
+    def stage_at(self) -> dict[int, list[Stage]]:
+        out: dict[int, list[Stage]] = {}
+        for s in self.stages:
+            out.setdefault(s.block, []).append(s)
+        return out
+
+    def tokens_per_block(self) -> list[int]:
+        """Non-prefix tokens entering each block."""
+        n = self.info.num_tokens
+        at = self.stage_at()
+        out = []
+        for i in range(self.info.depth):
+            out.append(n)
+            for s in at.get(i, []):
+                n = s.keep
+        return out
+
+    def attention_per_block(self) -> list[str]:
+        """Attention path ("sdpa" or "linear") of each block."""
+        path = "sdpa"
+        first = [s for s in self.stages if s.block == -1]
+        if first:
+            path = first[-1].attention
+        at = self.stage_at()
+        out = []
+        for i in range(self.info.depth):
+            out.append(path)
+            for s in at.get(i, []):
+                path = s.attention
+        return out
+
+    def flops(self) -> float:
+        p = self.info.num_prefix
+        return sum(block_flops(n + p, self.info, a)
+                   for n, a in zip(self.tokens_per_block(), self.attention_per_block()))
+
+    def flops_unreduced(self) -> float:
+        return self.info.depth * block_flops(self.info.num_tokens + self.info.num_prefix, self.info)
+
+    @property
+    def flop_ratio(self) -> float:
+        """FLOPs of the encoder blocks under this plan over the unreduced blocks.
+
+        Counts the blocks' matrix products (the reducers' own scoring and the
+        patch embedding are not included). ``1 / flop_ratio`` bounds the
+        speed-up a perfect implementation could reach on compute-bound work.
+        """
+        return self.flops() / self.flops_unreduced()
+
+    def summary(self) -> str:
+        lines = [f"method={self.method} budget={self.budget} tokens in={self.info.num_tokens} "
+                 f"out={self.num_out} (+{self.info.num_prefix} prefix) FLOP ratio={self.flop_ratio:.3f}"]
+        for s in self.stages:
+            lines.append(f"  after block {s.block:>2}: keep {s.keep:>5}  [{s.op}; next blocks: {s.attention}]")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "num_in": self.info.num_tokens,
+                "num_out": self.num_out, "num_prefix": self.info.num_prefix, "flop_ratio": self.flop_ratio,
+                "tokens_per_block": self.tokens_per_block(), "attention_per_block": self.attention_per_block(),
+                "stages": [s.__dict__ for s in self.stages]}
+
+
+def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fraction: float = 1.0,
+                    geometric: bool = False) -> list[tuple[int, int]]:
+    """Split the removal of ``num_tokens - keep`` tokens over ``blocks``.
+
+    ``geometric``: the same keep *ratio* at every block (EViT-style);
+    otherwise the same *count* r at every block (ToMe-style), front-loaded
+    where the per-block cap ``max_fraction * n`` forces it. Returns
+    ``[(block, keep_after)]`` for the blocks that remove at least one token,
+    ending exactly at ``keep``.
+    """
+    blocks = list(blocks)
+    if keep >= num_tokens or not blocks:
+        return []
+    n = num_tokens
+    out: list[tuple[int, int]] = []
+    if geometric:
+        ratio = (keep / num_tokens) ** (1.0 / len(blocks))
+        for j, b in enumerate(blocks):
+            target = keep if j == len(blocks) - 1 else max(keep, math.floor(num_tokens * ratio ** (j + 1) + 0.5))
+            if target < n:
+                out.append((b, target))
+                n = target
+        return out
+    remaining = n - keep
+    for j, b in enumerate(blocks):
+        left = len(blocks) - j
+        cap = math.floor(n * max_fraction)
+        # caps later in the schedule are smaller than now: front-load what they cannot take
+        later_cap, m = 0, n
+        for _ in range(left - 1):
+            m_r = math.floor(m * max_fraction)
+            later_cap += m_r
+            m -= m_r
+        r = min(cap, max(math.ceil(remaining / left), remaining - later_cap), remaining)
+        if r > 0:
+            n -= r
+            remaining -= r
+            out.append((b, n))
+    if remaining > 0:
+        raise ValueError(
+            f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps of at most "
+            f"{max_fraction:.0%} each; give more reduction blocks or a larger budget")
+    return out
+
+
+def apply_overrides(stages: list[Stage], overrides: Mapping[int, int] | None, info: EncoderInfo,
+                    op: str) -> list[Stage]:
+    """Replace a reducer's default schedule by ``{block: keep}`` from the user."""
+    if not overrides:
+        return stages
+    out = []
+    for b, k in sorted(overrides.items()):
+        b, k = int(b), int(k)
+        if not 0 <= b < info.depth:
+            raise ValueError(f"schedule block {b} is outside the encoder's blocks 0..{info.depth - 1}")
+        out.append(Stage(b, k, op))
+    return out
+
+
+def validate(stages: Sequence[Stage], info: EncoderInfo) -> None:
+    n = info.num_tokens
+    last_block = -2
+    for s in stages:
+        if s.block < -1 or s.block >= info.depth:
+            raise ValueError(f"stage after block {s.block} is outside the encoder's blocks 0..{info.depth - 1}")
+        if s.block < last_block:
+            raise ValueError("schedule stages must be in block order")
+        if s.keep < 1:
+            raise ValueError(f"stage after block {s.block} keeps {s.keep} tokens; at least 1 must remain")
+        if s.keep > n:
+            raise ValueError(f"stage after block {s.block} keeps {s.keep} tokens but only {n} are there")
+        n, last_block = s.keep, s.block

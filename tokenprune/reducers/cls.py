@@ -1,0 +1,129 @@
+"""[CLS]-attention pruning -- FasterVLM (single layer) and VTC-CLS (sum over layers).
+
+Zhang et al. "[CLS] Attention is All You Need for Training-Free Visual Token
+Pruning: Make VLM Inference Faster" (FasterVLM), 2024. https://arxiv.org/abs/2412.01818
+Wang et al. "[CLS] Token Tells Everything Needed for Training-free Efficient
+MLLMs" (VTC-CLS), 2024. https://arxiv.org/abs/2412.05819
+
+Each patch is scored by the attention the [CLS] query pays to it, averaged
+over heads, ``a_j = mean_h softmax(q_cls k^T / sqrt(d) + bias)_j``. Only the
+ONE query row is computed, from the q and k the block already produced, so
+the block itself keeps running on fused SDPA. The top-K patches are kept in
+their original spatial order; prefix tokens are always kept.
+
+``variant="single"`` scores with the block right before each pruning stage;
+``variant="sum"`` sums the scores of every block since the previous stage
+(VTC-CLS's layer ensemble).
+
+Stages: by default after blocks ``depth*1//4, depth*2//4, depth*3//4`` with
+the same keep ratio at each (EViT-style), ending at ``round(budget * N)``.
+``layers=[j]`` gives FasterVLM's single pruning point.
+
+Encoders without a class token: ``substitute="mean_query"`` (default) scores
+with the attention of the mean query (O(N d), a cheap stand-in);
+``substitute="received"`` uses the exact mean attention each token receives
+over all queries (costs one extra attention pass, chunked).
+
+``threshold``: additionally drop tokens whose score is at most ``threshold``,
+per sample. Samples then keep different counts (never more than the budget's
+count, at least one); the batch is padded and padding is masked out of
+attention, so every sample gets what it would get alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import gather_tokens, query_attention, received_attention, threshold_keep, topk_sorted
+from ..plan import EncoderInfo, Stage, spread_schedule
+from ..registry import register
+from .base import Reducer
+
+
+def default_layers(depth: int) -> list[int]:
+    return sorted({min(depth - 1, depth * k // 4) for k in (1, 2, 3)})
+
+
+def check_layers(layers, depth: int, what: str = "layers") -> list[int]:
+    out = sorted({int(b) for b in layers})
+    if not out:
+        raise ValueError(f"{what} must name at least one block")
+    bad = [b for b in out if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{what} {bad} are outside the encoder's blocks 0..{depth - 1}")
+    return out
+
+
+def patch_scores(state, qk, has_cls: bool, substitute: str) -> torch.Tensor:
+    """Importance of every non-prefix token ``[B, N]`` from one block's q/k."""
+    p = state.num_prefix
+    valid = state.valid
+    if has_cls:
+        scores = query_attention(qk.q, qk.k, qk.scale, query=0, bias=qk.bias)
+    elif substitute == "received":
+        scores = received_attention(qk.q, qk.k, qk.scale, bias=qk.bias, valid=valid)
+    else:
+        q = qk.q[:, :, p:]
+        if valid is not None:
+            w = valid[:, None, p:, None].to(q.dtype)
+            qm = (q * w).sum(2) / w.sum(2).clamp_min(1)
+        else:
+            qm = q.mean(2)
+        scores = query_attention(qk.q, qk.k, qk.scale, query=qm, bias=qk.bias)
+    return scores[:, p:]
+
+
+@register("cls")
+@dataclass
+class ClsPrune(Reducer):
+    layers: list[int] | None = None  # blocks after which to prune (default: depth/4, depth/2, 3 depth/4)
+    variant: str = "single"  # "single" (FasterVLM) or "sum" (VTC-CLS)
+    threshold: float | None = None  # per-sample score threshold (different kept counts per sample)
+    substitute: str = "mean_query"  # scoring without a class token: "mean_query" or "received"
+
+    def __post_init__(self):
+        if self.variant not in ("single", "sum"):
+            raise ValueError(f"variant must be 'single' or 'sum', got {self.variant!r}")
+        if self.substitute not in ("mean_query", "received"):
+            raise ValueError(f"substitute must be 'mean_query' or 'received', got {self.substitute!r}")
+        self._has_cls = True
+
+    def check(self, info: EncoderInfo) -> None:
+        self._has_cls = info.has_cls
+        if self.layers is not None:
+            check_layers(self.layers, info.depth)
+
+    def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
+        return [Stage(b, k, self.name) for b, k in
+                spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+
+    def qk_blocks(self, plan):
+        stage_blocks = sorted({s.block for s in plan.stages})
+        if self.variant == "single":
+            return set(stage_blocks)
+        out, prev = set(), -1
+        for b in stage_blocks:
+            out.update(range(prev + 1, b + 1))
+            prev = b
+        return out
+
+    def observe(self, state, block, qk):
+        if self.variant == "sum" and qk is not None:
+            s = patch_scores(state, qk, self._has_cls, self.substitute)
+            acc = state.scratch.get("cls_sum")
+            state.scratch["cls_sum"] = s if acc is None else acc + s
+
+    def reduce(self, state, stage, qk):
+        if self.variant == "sum":
+            scores = state.scratch.pop("cls_sum")
+        else:
+            scores = patch_scores(state, qk, self._has_cls, self.substitute)
+        valid = state.valid
+        valid = valid[:, state.num_prefix:] if valid is not None else None
+        if self.threshold is not None:
+            idx, ok = threshold_keep(scores, self.threshold, stage.keep, valid)
+        else:
+            idx, ok = topk_sorted(scores, stage.keep, valid)
+        return gather_tokens(state, idx, ok)

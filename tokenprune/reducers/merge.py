@@ -1,0 +1,47 @@
+"""Bipartite soft matching -- ToMe.
+
+Bolya, Fu, Dai, Zhang, Feichtenhofer, Hoffman. "Token Merging: Your ViT but
+Faster." ICLR 2023. https://arxiv.org/abs/2210.09461
+
+After each scheduled block, tokens are split alternately into sets A and B;
+every A token is matched to its most similar B token (cosine similarity of
+the block's attention keys, averaged over heads) and the ``r`` best-matched
+A tokens are merged into their partners with a size-weighted average. Token
+sizes enter the next blocks' attention as proportional attention,
+``softmax(q k^T / sqrt(d) + log s)``, passed to SDPA as an additive key bias.
+
+Schedule: the same ``r`` after every block from ``start`` on (ToMe's
+constant schedule), front-loaded only where ``r <= n/2`` forces it, so that
+exactly ``round(budget * N)`` non-prefix tokens leave the encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ops import bipartite_merge
+from ..plan import EncoderInfo, Stage, spread_schedule
+from ..registry import register
+from .base import Reducer, default_blocks
+
+
+@register("merge")
+@dataclass
+class Merge(Reducer):
+    prop_attn: bool = True  # proportional attention (log-size key bias)
+    start: int = 0  # first block after which tokens are merged
+
+    @property
+    def proportional(self) -> bool:  # type: ignore[override]
+        return self.prop_attn
+
+    def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        blocks = default_blocks(info, self.start)
+        return [Stage(b, k, self.name) for b, k in
+                spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)]
+
+    def qk_blocks(self, plan):
+        return {s.block for s in plan.stages}
+
+    def reduce(self, state, stage, qk):
+        r = state.num_tokens - stage.keep
+        return bipartite_merge(state, qk.k.mean(1), r)
