@@ -40,6 +40,25 @@ def current_scope() -> ForwardScope | None:
     return _SCOPE.get()
 
 
+_KERNEL: contextvars.ContextVar["Callable | None"] = contextvars.ContextVar("tokenprune_kernel", default=None)
+
+
+@contextlib.contextmanager
+def attention_kernel(kernel):
+    """Run the enclosed block(s) with ``kernel(q, k, v, bias) -> out`` (all ``[B, H, N, d]``)
+    in place of SDPA. Adapters whose reducer sets ``uses_attention_kernel`` install an
+    attention subclass that reads this; everything else keeps SDPA."""
+    token = _KERNEL.set(kernel)
+    try:
+        yield
+    finally:
+        _KERNEL.reset(token)
+
+
+def current_kernel():
+    return _KERNEL.get()
+
+
 STATE_ATTR = "_tokenprune_state"
 
 

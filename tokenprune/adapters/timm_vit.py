@@ -16,7 +16,7 @@ import math
 import torch
 
 from .. import ops
-from ..engine import HookCapture, attach_state, attached_state, forward_scope, run_blocks
+from ..engine import HookCapture, attach_state, attached_state, current_kernel, forward_scope, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
 
@@ -37,6 +37,29 @@ class _Blocks:
         patch = self._tokenprune_patch
         grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
         return run_blocks(patch, self, x, _call_block, _capture, grid)
+
+
+class _KernelAttention:
+    """Mixin for timm ``Attention`` when a reducer swaps the attention kernel of some blocks
+    (MAELRE's linear attention). Without a kernel in force it is timm's own forward."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        kernel = current_kernel()
+        if kernel is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if is_causal:
+            raise ValueError("tokenprune: causal attention cannot use a replacement kernel")
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = kernel(q, k, v, attn_mask)
+        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        o = self.norm(o) if hasattr(self, "norm") else o
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o))
 
 
 class _Model:
@@ -130,9 +153,14 @@ class TimmViTAdapter(Adapter):
         m.blocks._tokenprune_patch = patch
         swap_class(m.blocks, _Blocks)
         swap_class(m, _Model)
+        if getattr(patch.reducer, "uses_attention_kernel", False):
+            for blk in m.blocks:
+                swap_class(blk.attn, _KernelAttention)
 
     def uninstall(self) -> None:
         m = self.model
         restore_class(m)
         restore_class(m.blocks)
+        for blk in m.blocks:
+            restore_class(blk.attn)
         m.blocks.__dict__.pop("_tokenprune_patch", None)
