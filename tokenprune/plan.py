@@ -66,9 +66,9 @@ def keep_count(budget: float, num_tokens: int) -> int:
 
 
 def check_budget(budget: float) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
-    if not 0.0 < budget <= 1.0:
+    if math.isnan(budget) or not 0.0 < budget <= 1.0:
         raise ValueError(
             f"budget must be in (0, 1] (the fraction of non-prefix tokens that leave the encoder), got {budget}")
 
@@ -189,13 +189,9 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
     for j, b in enumerate(blocks):
         left = len(blocks) - j
         cap = math.floor(n * max_fraction)
-        # caps later in the schedule are smaller than now: front-load what they cannot take
-        later_cap, m = 0, n
-        for _ in range(left - 1):
-            m_r = math.floor(m * max_fraction)
-            later_cap += m_r
-            m -= m_r
-        r = min(cap, max(math.ceil(remaining / left), remaining - later_cap), remaining)
+        # remove at least what the later, smaller steps cannot: front-load when the cap binds
+        must = n - _max_start(keep, left - 1, max_fraction)
+        r = min(cap, max(math.ceil(remaining / left), must), remaining)
         if r > 0:
             n -= r
             remaining -= r
@@ -205,6 +201,19 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
             f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps of at most "
             f"{max_fraction:.0%} each; give more reduction blocks or a larger budget")
     return out
+
+
+def _max_start(keep: int, steps: int, max_fraction: float) -> int:
+    """The largest token count that ``steps`` reductions of at most ``max_fraction`` each bring to ``keep``."""
+    if max_fraction >= 1.0:
+        return 1 << 62
+    n = keep
+    for _ in range(steps):
+        m = math.floor(n / (1.0 - max_fraction)) + 2
+        while m - math.floor(m * max_fraction) > n:
+            m -= 1
+        n = m
+    return n
 
 
 def apply_overrides(stages: list[Stage], overrides: Mapping[int, int] | None, info: EncoderInfo,

@@ -12,7 +12,10 @@ sizes enter the next blocks' attention as proportional attention,
 
 Schedule: the same ``r`` after every block from ``start`` on (ToMe's
 constant schedule), front-loaded only where ``r <= n/2`` forces it, so that
-exactly ``round(budget * N)`` non-prefix tokens leave the encoder.
+exactly ``round(budget * N)`` non-prefix tokens leave the encoder. Each step
+removes at most half the tokens; a budget that the blocks before the last
+cannot reach also merges after the last block, and one that even that cannot
+reach is an error naming the limit.
 """
 from __future__ import annotations
 
@@ -36,8 +39,15 @@ class Merge(Reducer):
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         blocks = default_blocks(info, self.start)
-        return [Stage(b, k, self.name) for b, k in
-                spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)]
+        try:
+            steps = spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)
+        except ValueError:
+            if blocks[-1] == info.depth - 1:
+                raise
+            # too few steps at <= 50% each: also merge after the last block (it saves no compute,
+            # but the requested number of tokens leaves the encoder)
+            steps = spread_schedule(info.num_tokens, keep, blocks + [info.depth - 1], max_fraction=0.5)
+        return [Stage(b, k, self.name) for b, k in steps]
 
     def qk_blocks(self, plan):
         return {s.block for s in plan.stages}

@@ -1,0 +1,306 @@
+"""Core guarantees: budgets, exact remove, fused attention, mass conservation, batching, errors."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenprune
+from tokenprune import ops
+from tokenprune.engine import attached_state
+from tokenprune.state import TokenState
+
+from conftest import tiny_vit
+
+BUDGETS = [1.0, 0.5, 0.25, 0.1]
+
+
+def out_tokens(model, x):
+    feats = model.forward_features(x)
+    return feats.shape[1] - model.num_prefix_tokens, feats
+
+
+# -- budget meaning ------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["merge", "cls", "random"])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_tokens_leaving_match_budget(method, budget):
+    model = tiny_vit(img_size=40)  # 100 patches
+    x = torch.randn(2, 3, 40, 40)
+    tokenprune.apply(model, budget=budget, method=method)
+    with torch.no_grad():
+        n, _ = out_tokens(model, x)
+    assert n == math.floor(budget * 100 + 0.5)
+    assert tokenprune.plan(model).num_out == n
+
+
+def test_keep_count_rounding_rule():
+    assert tokenprune.keep_count(0.25, 196) == 49
+    assert tokenprune.keep_count(0.1, 196) == 20  # 19.6 -> 20
+    assert tokenprune.keep_count(0.5, 25) == 13  # 12.5 rounds half up
+    assert tokenprune.keep_count(1 / 196, 196) == 1
+
+
+def test_budget_one_reproduces_unreduced_logits():
+    model = tiny_vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        for method in ["merge", "cls", "random"]:
+            tokenprune.apply(model, budget=1.0, method=method)
+            torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["merge", "cls"])
+def test_remove_is_bit_identical_to_never_patched(method):
+    model = tiny_vit()
+    pristine = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method=method)
+    with torch.no_grad():
+        reduced = model(x)
+    tokenprune.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), pristine(x))
+        assert not torch.equal(reduced, pristine(x))
+    assert type(model) is type(pristine) and type(model.blocks) is type(pristine.blocks)
+    assert model.state_dict().keys() == pristine.state_dict().keys()
+    assert "_tokenprune_patch" not in model.blocks.__dict__
+
+
+def test_apply_twice_replaces_never_stacks():
+    model = tiny_vit(img_size=40)
+    x = torch.randn(1, 3, 40, 40)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    tokenprune.apply(model, budget=0.25, method="cls")
+    with torch.no_grad():
+        n, _ = out_tokens(model, x)
+    assert n == 25
+    assert tokenprune.plan(model).method == "cls"
+    tokenprune.remove(model)
+    assert type(model.blocks) is torch.nn.Sequential
+    assert not tokenprune.is_applied(model)
+
+
+def test_context_manager_restores_previous_patch():
+    model = tiny_vit(img_size=40)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with tokenprune.applied(model, budget=0.1, method="cls"):
+        assert tokenprune.plan(model).num_out == 10
+    assert tokenprune.plan(model).method == "merge" and tokenprune.plan(model).num_out == 50
+
+
+def test_plan_override_and_flop_ratio():
+    model = tiny_vit(img_size=40)
+    plan = tokenprune.plan(model, budget=0.25, method="cls")
+    assert plan.num_out == 25 and 0 < plan.flop_ratio < 1
+    tokenprune.apply(model, budget=0.25, method="cls", schedule={0: 60, 2: 30})
+    with torch.no_grad():
+        n, _ = out_tokens(model, torch.randn(1, 3, 40, 40))
+    assert n == 30 and tokenprune.plan(model).tokens_per_block() == [100, 60, 60, 30]
+    # FLOP ratio is the block FLOPs of the kept counts over the full counts
+    p = tokenprune.plan(model)
+    assert p.flop_ratio < tokenprune.plan(model, budget=1.0, method="cls").flop_ratio == 1.0
+
+
+# -- fused attention stays fused --------------------------------------------------------------
+@pytest.mark.parametrize("method", ["merge", "cls", "random"])
+def test_sdpa_only_no_eager_path(method, monkeypatch):
+    model = tiny_vit()
+    assert all(b.attn.fused_attn for b in model.blocks)
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls.append(k.get("attn_mask"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+
+    def eager_entered(*_):
+        raise AssertionError("eager attention path entered")
+
+    for blk in model.blocks:
+        blk.attn.attn_drop.register_forward_hook(eager_entered)  # only the eager branch calls attn_drop
+    tokenprune.apply(model, budget=0.25, method=method)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert len(calls) == len(model.blocks)
+    if method != "merge":  # pruning keeps sizes 1: no mask, so the flash path stays available
+        assert all(m is None for m in calls)
+    else:  # merging passes proportional attention as an additive float mask
+        assert calls[0] is None and all(m is not None and m.dtype.is_floating_point for m in calls[1:])
+
+
+# -- merging ------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 40), p=st.integers(0, 2), c=st.integers(1, 8),
+       frac=st.floats(0.0, 1.0), seed=st.integers(0, 10_000), rounds=st.integers(1, 3))
+def test_merge_conserves_size_weighted_mass(b, n, p, c, frac, seed, rounds):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, p + n, c, generator=g, dtype=torch.float64)
+    state = TokenState.start(x, p)
+    before = x[:, p:].sum(1)
+    for _ in range(rounds):
+        nn_ = state.num_tokens
+        r = int(frac * (nn_ // 2))
+        metric = torch.randn(b, p + nn_, 4, generator=g, dtype=torch.float64)
+        state = ops.bipartite_merge(state, metric, r)
+        assert state.num_tokens == nn_ - r
+    sizes = state.sizes_or_ones().to(torch.float64)
+    after = (state.x[:, p:] * sizes[:, p:, None]).sum(1)
+    torch.testing.assert_close(after, before)
+    assert torch.equal(state.x[:, :p], x[:, :p])
+    assert float(sizes[:, p:].sum()) == b * n
+    # the source map sends every original token to a token that holds it: un-merging puts the
+    # merged features back on the grid, so the grid sum equals the size-weighted sum
+    full, present = ops.unmerge(state.x, state)
+    assert bool(present.all())
+    torch.testing.assert_close(full.sum(1), after)
+    counts = torch.zeros(b, p + state.num_tokens, dtype=torch.float64).scatter_add_(
+        1, state.source, torch.ones_like(state.source, dtype=torch.float64))
+    torch.testing.assert_close(counts[:, p:], sizes[:, p:])
+
+
+def test_merge_joins_identical_tokens_first():
+    # two exact duplicates among distinct tokens: one merge step with r=1 must join them
+    x = torch.eye(6, dtype=torch.float64)[None]
+    x[0, 3] = x[0, 0]  # token 0 (set A) duplicates token 3 (set B)
+    state = ops.bipartite_merge(TokenState.start(x.clone(), 0), x, 1)
+    assert state.num_tokens == 5
+    assert state.source[0, 0] == state.source[0, 3]
+    assert float(state.sizes[0, state.source[0, 0]]) == 2.0
+
+
+def test_avg_pool_is_size_weighted():
+    model = tiny_vit(class_token=False, global_pool="avg", img_size=40)
+    x = torch.randn(2, 3, 40, 40)
+    tokenprune.apply(model, budget=0.25, method="merge")
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        full, present = tokenprune.unmerge(feats, attached_state(feats))
+    assert bool(present.all())
+    torch.testing.assert_close(pooled, model.fc_norm(full.mean(1)), rtol=1e-4, atol=1e-5)
+
+
+def test_unmerge_marks_dropped_patches():
+    model = tiny_vit(img_size=40)
+    tokenprune.apply(model, budget=0.25, method="cls")
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(2, 3, 40, 40))
+    full, present = tokenprune.unmerge(feats, attached_state(feats))
+    assert full.shape == (2, 100, 48) and present.sum(1).tolist() == [25, 25]
+    assert float(full[~present].abs().sum()) == 0.0
+
+
+# -- different counts per sample -------------------------------------------------------------------
+def test_threshold_batch_equals_each_sample_alone():
+    torch.manual_seed(1)
+    model = tiny_vit(img_size=40)
+    xs = torch.randn(3, 3, 40, 40)
+    xs[1] *= 4  # make the samples' score distributions differ
+    tokenprune.apply(model, budget=0.5, method="cls", threshold=0.01, layers=[0, 2])
+    with torch.no_grad():
+        batched = model.forward_features(xs)
+        kept = attached_state(batched).kept_per_sample()
+        logits_b = model.forward_head(batched)
+        alone = [model.forward_features(xs[i:i + 1]) for i in range(3)]
+    counts = [a.shape[1] - 1 for a in alone]
+    assert kept.tolist() == counts
+    assert len(set(counts)) > 1, "test needs samples that keep different counts"
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(logits_b[i:i + 1], model.forward_head(a), rtol=1e-4, atol=1e-5)
+        valid = attached_state(batched).sizes[i] > 0
+        torch.testing.assert_close(batched[i][valid], a[0], rtol=1e-4, atol=1e-5)
+
+
+# -- timm models of current timm -----------------------------------------------------------------
+MODELS = [
+    ("vit_small_patch16_224", {}),
+    ("vit_base_patch16_224", {}),
+    ("deit_small_distilled_patch16_224", {}),
+    ("vit_small_patch14_reg4_dinov2", {}),
+    ("vit_small_patch14_dinov2", {}),
+    ("vit_small_patch16_224", {"qk_norm": True}),
+    ("vit_small_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    ("vit_small_patch16_224", {"class_token": False, "global_pool": "map"}),
+]
+
+
+@pytest.mark.parametrize("name,kw", MODELS, ids=[f"{n}{'-' + '-'.join(k) if k else ''}" for n, k in MODELS])
+def test_timm_family(name, kw):
+    import timm
+
+    torch.manual_seed(0)
+    patch = 14 if "patch14" in name else 16
+    size = patch * 6  # 36 patches keeps CPU time small
+    kw = dict(kw, img_size=size, num_classes=5)
+    if "dinov2" in name:
+        kw["init_values"] = 1e-5
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    pristine = copy.deepcopy(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+        for method in ["merge", "cls"]:
+            tokenprune.apply(model, budget=1.0, method=method)
+            torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+            tokenprune.apply(model, budget=0.25, method=method)
+            feats = model.forward_features(x)
+            assert feats.shape[1] == model.num_prefix_tokens + 9
+            out = model.forward_head(feats)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+        tokenprune.remove(model)
+        assert torch.equal(model(x), pristine(x))
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+def test_clear_errors():
+    model = tiny_vit()
+    for bad in [0, -0.1, 1.5, float("nan")]:
+        with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+            tokenprune.apply(model, budget=bad)
+    with pytest.raises(TypeError, match="budget must be a number"):
+        tokenprune.apply(model, budget="half")
+    with pytest.raises(ValueError, match="rounds to 0"):
+        tokenprune.apply(model, budget=0.001)
+    with pytest.raises(ValueError, match="unknown method 'tome'.*known methods: .*merge"):
+        tokenprune.apply(model, budget=0.5, method="tome")
+    with pytest.raises(TypeError, match="no option.*ratio.*its options are"):
+        tokenprune.apply(model, budget=0.5, method="merge", ratio=3)
+    with pytest.raises(TypeError, match="no adapter for .*Linear.*Supported model families: timm"):
+        tokenprune.apply(torch.nn.Linear(2, 2), budget=0.5)
+    with pytest.raises(ValueError, match="outside the encoder's blocks"):
+        tokenprune.apply(model, budget=0.5, method="cls", layers=[7])
+    assert not tokenprune.is_applied(model)
+    tokenprune.apply(model, budget=0.5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.forward_features(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(1, 1, 65, 65))
+    with pytest.raises(NotImplementedError, match="forward_intermediates"):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32))
+
+
+# -- the real pretrained classifier from the shared assets ---------------------------------------
+@pytest.mark.slow
+def test_real_vit_s14_cifar10(assets):
+    from tokenprune.data import load_image_folder, to_tensor
+    from tokenprune.models import load_timm
+
+    model = load_timm("vit_small_patch14_dinov2", weights=assets / "vit-s14-cifar10").eval()
+    pristine = copy.deepcopy(model)
+    images, labels, _ = load_image_folder(assets / "cifar10" / "cifar10_jpeg_test.tar.gz", limit=4)
+    x = to_tensor(images, 224)
+    with torch.no_grad():
+        ref = model(x)
+        assert (ref.argmax(1) == torch.tensor(labels)).float().mean() >= 0.75  # the weights really loaded
+        for budget in BUDGETS:
+            tokenprune.apply(model, budget=budget, method="merge")
+            n, feats = out_tokens(model, x)
+            assert n == math.floor(budget * 256 + 0.5)
+            if budget == 1.0:
+                torch.testing.assert_close(model.forward_head(feats), ref, rtol=1e-5, atol=1e-5)
+        tokenprune.remove(model)
+        assert torch.equal(model(x), pristine(x))
