@@ -46,8 +46,9 @@ def _make_patch(model, budget, method, schedule, track_source, options) -> Patch
     return patch
 
 
-def apply(model, budget: float = 0.5, method: str = "merge", *, schedule: Mapping[int, int] | None = None,
-          track_source: bool = True, **options):
+def apply(model, budget: float | None = None, method: str | None = None, *,
+          schedule: Mapping[int, int] | None = None, track_source: bool = True, recipe: str | None = None,
+          **options):
     """Patch ``model`` in place so tokens are reduced between its encoder blocks; returns ``model``.
 
     Args:
@@ -60,10 +61,26 @@ def apply(model, budget: float = 0.5, method: str = "merge", *, schedule: Mappin
             (non-prefix tokens left after that block).
         track_source: keep the map from original patches to current tokens
             (needed by ``unmerge`` and the visualisations).
+        recipe: a named setting (``tokenprune.recipes.list_recipes()``) or a YAML path; it supplies
+            method, budget, schedule and options, and the arguments given explicitly override it.
         **options: the reducer's own options.
 
+    ``budget`` defaults to 0.5 and ``method`` to ``"merge"`` when neither they nor a recipe give one.
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
     """
+    if recipe is not None:
+        from .recipes import load_recipe
+
+        rec = load_recipe(recipe)
+        budget = rec.budget if budget is None else budget
+        if method is None or method == rec.method:  # the recipe's options belong to its method
+            kw = rec.apply_kwargs()  # a clear error if the recipe's method is not registered
+            method = kw.pop("method")
+            kw.pop("budget")
+            schedule = kw.pop("schedule", None) if schedule is None else schedule
+            options = {**kw, **options}
+    budget = 0.5 if budget is None else budget
+    method = "merge" if method is None else method
     remove(model)
     patch = _make_patch(model, budget, method, schedule, track_source, options)
     patch.adapter.install(patch)

@@ -1,0 +1,77 @@
+"""Named settings (method, budget, schedule, options) stored as YAML.
+
+    tokenprune.apply(model, recipe="tome-vit-b")            # the recipe as written
+    tokenprune.apply(model, recipe="tome-vit-b", budget=.5) # explicit arguments win
+    tokenprune eval --recipe fastervlm-90 ...               # the CLI
+
+Recipes ship in ``tokenprune/recipes/*.yaml``; a path to any YAML file of the
+same shape works too. A recipe may name a method this install does not have
+(yet): it still loads, and applying it raises an error that says which method
+is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+_FIELDS = {"name", "description", "source", "model", "method", "budget", "schedule", "options"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: str
+    budget: float
+    description: str = ""
+    source: str = ""
+    model: str = ""  # the model the setting was published for (a hint, not enforced)
+    schedule: dict | None = None  # {block: keep} override
+    options: dict = field(default_factory=dict)
+    path: str = ""
+
+    def apply_kwargs(self) -> dict:
+        """``method``, ``budget``, ``schedule`` and the reducer options, as ``apply`` takes them."""
+        from . import registry
+
+        if self.method not in registry.methods():
+            raise ValueError(f"recipe {self.name!r} needs method {self.method!r}, which is not registered in this "
+                             f"install; known methods: {', '.join(registry.methods())}")
+        out = {"method": self.method, "budget": self.budget, **self.options}
+        if self.schedule:
+            out["schedule"] = dict(self.schedule)
+        return out
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes that ship with tokenprune."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise ValueError(f"unknown recipe {str(name_or_path)!r}; known recipes: {', '.join(list_recipes())} "
+                         "(or give the path of a .yaml file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise ValueError(f"recipe {path} has unknown field(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(_FIELDS))}")
+    for key in ("method", "budget"):
+        if key not in data:
+            raise ValueError(f"recipe {path} has no {key!r}")
+    schedule = data.get("schedule")
+    if schedule is not None:
+        schedule = {int(b): int(k) for b, k in schedule.items()}
+    return Recipe(name=str(data.get("name", path.stem)), method=str(data["method"]), budget=float(data["budget"]),
+                  description=str(data.get("description", "")), source=str(data.get("source", "")),
+                  model=str(data.get("model", "")), schedule=schedule, options=dict(data.get("options") or {}),
+                  path=str(path))
