@@ -1,0 +1,137 @@
+"""ApET -- approximation-error guided token pruning (attention-free).
+
+"ApET: Approximation-Error Guided Token Compression for Efficient VLMs", 2025
+(methods.md section 3). Needs nothing from attention, so every block keeps
+running on fused SDPA and no q/k is captured.
+
+At each stage, per sample, on the non-prefix tokens ``X`` ``[N, C]``:
+
+1. basis ``S`` ``[k, C]``: farthest-point sampling on the token features
+   (first point: the token farthest from the mean of the tokens; then
+   repeatedly the token farthest from the chosen set, Euclidean);
+2. least-squares reconstruction in float32, ``G = S S^T + eps I`` (eps 1e-5),
+   ``C = X S^T G^-1``, ``X_hat = C S``; error ``e_i = ||x_i - x_hat_i||_2``;
+3. keep the ``K`` tokens with the LARGEST error (what the basis cannot explain);
+   the ``k`` kept slots with the lowest error are given to the basis tokens
+   themselves, so kept = basis + the ``K - k`` largest-error other tokens;
+4. every other token is merged into its most cosine-similar kept token,
+   ``kept <- (s_kept x_kept + sum s_d x_d) / (s_kept + sum s_d)``, which is the
+   paper's ``(kept + sum dropped) / (1 + count)`` when all sizes are 1. Sizes
+   and the source map follow (merged patches point at their kept token), and
+   the sizes enter later blocks' attention as proportional attention.
+
+Kept tokens stay in spatial order. Stages: by default after blocks depth/4,
+depth/2, 3 depth/4 with the same keep ratio at each (as ``cls``, so the two
+compare at equal FLOPs); ``layers=[j]`` gives one stage (the paper prunes once,
+after the vision encoder). Each stage must keep at least ``k`` tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..plan import EncoderInfo, Plan, Stage, spread_schedule
+from ..registry import register
+from ..state import TokenState
+from .base import Reducer
+from .cls import check_layers, default_layers
+
+
+def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, k]`` of ``k`` tokens of ``x`` ``[B, N, C]`` chosen by farthest-point sampling."""
+    b, n, _ = x.shape
+    xf = x.float()
+    if valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+    w = valid[..., None].float()
+    mean = (xf * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+    dist = (xf - mean).pow(2).sum(-1).masked_fill(~valid, float("-inf"))
+    chosen = []
+    for _ in range(k):
+        i = dist.argmax(1)  # [B]
+        chosen.append(i)
+        c = xf.gather(1, i[:, None, None].expand(b, 1, xf.shape[-1]))
+        d = (xf - c).pow(2).sum(-1)
+        if len(chosen) == 1:
+            dist = d
+        else:
+            dist = torch.minimum(dist, d)
+        dist = dist.masked_fill(~valid, float("-inf"))
+        dist.scatter_(1, torch.stack(chosen, 1), float("-inf"))  # never pick a basis token twice
+    return torch.stack(chosen, 1)
+
+
+def reconstruction_error(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``||x_i - x_hat_i||`` ``[B, N]`` of the ridge least-squares reconstruction of ``x`` ``[B, N, C]``
+    from ``basis`` ``[B, k, C]``, in float32: ``G = S S^T + eps I``, ``x_hat = x S^T G^-1 S``."""
+    xf, s = x.float(), basis.float()
+    g = s @ s.transpose(1, 2) + eps * torch.eye(s.shape[1], device=s.device, dtype=s.dtype)
+    coef = torch.linalg.solve(g, s @ xf.transpose(1, 2)).transpose(1, 2)  # [B, N, k]
+    return (xf - coef @ s).norm(dim=-1)
+
+
+@register("apet")
+@dataclass
+class Apet(Reducer):
+    k: int = 10  # basis tokens per stage (farthest-point sampling)
+    layers: list[int] | None = None  # blocks after which to prune (default: depth/4, depth/2, 3 depth/4)
+    eps: float = 1e-5  # ridge term of the least-squares Gram matrix
+
+    def check(self, info: EncoderInfo) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (basis tokens) must be a positive integer, got {self.k!r}")
+        if self.k > info.num_tokens:
+            raise ValueError(f"k={self.k} basis tokens is more than the {info.num_tokens} tokens of the input; "
+                             f"use k <= {info.num_tokens}")
+        if self.layers is not None:
+            check_layers(self.layers, info.depth)
+
+    def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
+        return [Stage(b, k, self.name) for b, k in spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+
+    def plan(self, info, budget, overrides=None) -> Plan:
+        plan = super().plan(info, budget, overrides)
+        small = [s for s in plan.stages if s.keep < self.k]
+        if small:
+            raise ValueError(f"apet: the stage after block {small[0].block} keeps {small[0].keep} tokens, fewer than "
+                             f"the k={self.k} basis tokens it must keep; use k <= {small[0].keep} or a larger budget")
+        return plan
+
+    def reduce(self, state: TokenState, stage: Stage, qk) -> TokenState:
+        x, p = state.x, state.num_prefix
+        b, n_all, c = x.shape
+        n, keep = n_all - p, stage.keep
+        if keep >= n:
+            return state
+        xs = x[:, p:]
+        sizes = state.sizes_or_ones()
+        valid = sizes[:, p:] > 0
+        basis = farthest_point_basis(xs, self.k, valid)
+        err = reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, self.k, c)), self.eps)
+        err = err.masked_fill(~valid, float("-inf"))  # padding is never kept over a real token
+        err = err.scatter(1, basis, float("inf"))  # the basis is always kept
+        keep_idx = err.topk(keep, dim=1).indices.sort(1).values  # [B, K], spatial order
+
+        # every non-kept token goes to its most cosine-similar kept token
+        xn = xs.float() / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        kept_n = xn.gather(1, keep_idx[..., None].expand(b, keep, c))
+        target = (xn @ kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
+        target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
+
+        s = sizes[:, p:].to(x.dtype)
+        num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
+            1, target[..., None].expand(b, n, c), xs * s[..., None])
+        den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
+        kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
+        new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
+
+        state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
+        if state.sizes is not None or not bool((den == 1).all()):
+            state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
+        if state.source is not None:
+            old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
+            new = old_to_new.gather(1, state.source.clamp(min=0))
+            state.source = new.masked_fill_(state.source < 0, -1)
+        return state

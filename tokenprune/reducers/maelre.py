@@ -1,0 +1,143 @@
+"""MAELRE -- progressive token merging with a linear-to-exact attention switch.
+
+"Token Merging with Attention Switching for long inputs" (MAELRE). The paper's
+exact merging schedule and linear approximation are not public; what is built
+here follows ``docs/methods.md`` section 2 and says where it chooses.
+
+Merging: ToMe's bipartite soft matching (``ops.bipartite_merge``, keys of the
+block as similarity, size-weighted averages, proportional attention) after
+the blocks in ``layers`` (default: every block but the last). ``geometric``
+(default) removes the same *fraction* at every stage, so most tokens go early,
+where long inputs cost the most; ``geometric=False`` removes the same *count*
+(ToMe). Each stage removes at most half the tokens (bipartite limit). The
+schedule ends exactly at ``round(budget * N)`` tokens and can be overridden
+(``schedule={block: keep}``).
+
+Attention switch: a block whose INPUT token count ``n`` (prefix included)
+exceeds ``switch_at`` (default: the embedding width D) runs the linear-cost
+"efficient attention" factorisation (Shen et al., "Efficient Attention:
+Attention with Linear Complexities", WACV 2021, https://arxiv.org/abs/1812.01243)
+
+    out = softmax_d(Q) @ (softmax_N(K + log s)^T @ V)          per head,
+
+O(n d^2) time and O(n d + d^2) memory per head, no new parameters. The key
+softmax runs over the token axis with the token-size bias ``log s`` added
+(proportional attention; size-0 padding slots get weight 0). Once merging
+brings ``n <= switch_at`` the block runs exact softmax attention (SDPA). The
+path of every block is in the plan: ``Stage.attention`` names the path of the
+blocks after that stage, and a no-op stage after block -1 sets the path of
+block 0 (``Plan.attention_per_block()``, ``Plan.summary()``).
+
+A softmax-pretrained model loses accuracy when its attention is replaced:
+``tokenprune.training.finetune_linear_attention`` trains the attention
+weights of the linear blocks only, distilling from the unreduced model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .. import engine
+from ..ops import bipartite_merge
+from ..plan import EncoderInfo, Plan, Stage, spread_schedule
+from ..registry import register
+from .base import Reducer, default_blocks
+
+
+def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear-cost attention ``softmax_d(q) @ (softmax_N(k + bias)^T @ v)``.
+
+    ``q``, ``k``, ``v``: ``[B, H, N, d]``. ``bias``: the block's additive key
+    bias ``[B, 1, 1, N]`` (``log size``; ``-inf`` masks a padding key) or None.
+    The softmaxes run in float32; the result has ``v``'s dtype. Never forms an
+    ``N x N`` matrix.
+    """
+    qf = q.float().softmax(dim=-1)  # over the feature axis
+    kf = k.float()
+    if bias is not None:
+        kf = kf + bias.float().reshape(bias.shape[0], bias.shape[1], -1, 1)  # [B, 1, N, 1]
+    kf = kf.softmax(dim=-2)  # over the token axis
+    context = kf.transpose(-1, -2) @ v.float()  # [B, H, d, d]
+    return (qf @ context).to(v.dtype)
+
+
+def linear_kernel():
+    """The kernel the linear blocks run (a Triton version may be dispatched here later)."""
+    return efficient_attention
+
+
+@register("maelre")
+@dataclass
+class Maelre(Reducer):
+    switch_at: int | None = None  # blocks with more input tokens (prefix incl.) run linear attention; None = D
+    layers: list[int] | None = None  # blocks after which to merge (default: every block but the last)
+    geometric: bool = True  # same keep ratio at every stage (else the same count, ToMe)
+    prop_attn: bool = True  # proportional attention (log-size key bias) in both attention paths
+
+    uses_attention_kernel = True
+
+    @property
+    def proportional(self) -> bool:  # type: ignore[override]
+        return self.prop_attn
+
+    def check(self, info: EncoderInfo) -> None:
+        if self.switch_at is not None and (isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int)
+                                           or self.switch_at < 1):
+            raise ValueError(f"switch_at must be a positive token count (or None for the width D), "
+                             f"got {self.switch_at!r}")
+        if self.layers is not None:
+            bad = [b for b in self.layers if not 0 <= int(b) < info.depth]
+            if bad or not list(self.layers):
+                raise ValueError(f"layers {list(self.layers)} must be non-empty blocks in 0..{info.depth - 1}")
+
+    def threshold(self, info: EncoderInfo) -> int:
+        return info.dim if self.switch_at is None else int(self.switch_at)
+
+    def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        blocks = sorted({int(b) for b in self.layers}) if self.layers is not None else default_blocks(info)
+        # geometric stages may ask for more than half the tokens in one step: fall back to the
+        # count schedule (which front-loads within the 1/2 cap) when that happens
+        stages = spread_schedule(info.num_tokens, keep, blocks, geometric=self.geometric)
+        n = info.num_tokens
+        ok = True
+        for _, k in stages:
+            ok &= (n - k) <= n // 2
+            n = k
+        if not ok:
+            stages = spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)
+        return [Stage(b, k, self.name) for b, k in stages]
+
+    def plan(self, info: EncoderInfo, budget: float, overrides: Mapping[int, int] | None = None) -> Plan:
+        """The merging plan, each stage annotated with the attention path of the blocks after it."""
+        base = super().plan(info, budget, overrides)
+        limit, p = self.threshold(info), info.num_prefix
+        path = lambda n: "linear" if n + p > limit else "sdpa"  # noqa: E731
+        stages = [Stage(-1, info.num_tokens, self.name, path(info.num_tokens))]
+        stages += [Stage(s.block, s.keep, self.name, path(s.keep)) for s in base.stages]
+        if stages[0].attention == "sdpa":
+            stages = stages[1:]  # nothing to switch before block 0
+        return Plan(self.name, budget, info, stages)
+
+    def qk_blocks(self, plan):
+        return {s.block for s in plan.stages if s.block >= 0}
+
+    def reduce(self, state, stage, qk):
+        r = state.num_tokens - stage.keep
+        if r <= 0:
+            return state  # the attention-switch marker before block 0
+        return bipartite_merge(state, qk.k.mean(1), r)
+
+    def run_block(self, index, block, x, bias, call_block, attention):
+        if attention == "linear":
+            with engine.attention_kernel(linear_kernel()):
+                return call_block(block, x, bias)
+        return call_block(block, x, bias)
+
+
+def linear_blocks(plan: Plan) -> list[int]:
+    """Indices of the blocks that run the linear approximation under ``plan``."""
+    return [i for i, a in enumerate(plan.attention_per_block()) if a == "linear"]
+
