@@ -109,6 +109,8 @@ class Plan:
         """Non-prefix tokens entering each block."""
         n = self.info.num_tokens
         at = self.stage_at()
+        for s in at.get(-1, []):  # stages before the first block (e.g. pooling the patch grid)
+            n = s.keep
         out = []
         for i in range(self.info.depth):
             out.append(n)
