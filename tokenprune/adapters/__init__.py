@@ -8,10 +8,22 @@ from .base import Adapter, class_names
 # (module of the adapter, class name in it); tried in order
 _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
+    ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
+    ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
+    ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
+    ("tokenprune.adapters.whisper", "WhisperAdapter"),
+    ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
+    ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
 ]
 
 SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
+    "open_clip CLIP / VisionTransformer image towers (model.visual)",
+    "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
+    "transformers CLIPModel / CLIPVisionModel(WithProjection) / SiglipModel / SiglipVisionModel (vision tower)",
+    "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
+    "transformers ASTForAudioClassification / ASTModel",
+    "transformers VideoMAEModel / VideoMAEForVideoClassification",
 ]
 
 

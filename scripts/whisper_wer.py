@@ -1,0 +1,98 @@
+"""WER of Whisper tiny.en (real weights) with the encoder's tokens reduced, on the 116 labeled utterances.
+
+    python scripts/whisper_wer.py --out results/whisper_wer [--methods merge cls random] [--budgets 0.75 0.5 0.25]
+                                  [--limit N] [--threads 1]
+
+CPU, fp32, greedy decoding. Audio is padded to 30 s = 1500 encoder tokens, so
+a budget applies to all 1500 frames including the padding. Writes
+``wer.json`` (per configuration: WER, wall time, transcripts) and ``wer.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import tokenprune  # noqa: E402
+from tokenprune.speech import transcribe, wer  # noqa: E402
+
+ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", ROOT.parent / "shared" / "assets"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.25])
+    ap.add_argument("--limit", type=int, default=None, help="first N utterances only")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model_dir = ASSETS / "whisper-tiny.en"
+    data_dir = ASSETS / "speech-hifitts-6097"
+    if not model_dir.exists():
+        sys.exit(f"no Whisper weights at {model_dir}; set TOKENPRUNE_ASSETS to the shared assets folder")
+    proc = WhisperProcessor.from_pretrained(str(model_dir))
+    model = WhisperForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+    rows = [json.loads(line) for line in (data_dir / "manifest.json").read_text().splitlines() if line.strip()]
+    if args.limit:
+        rows = rows[: args.limit]
+    paths = [data_dir / r["audio_filepath"] for r in rows]
+    refs = [r["text"] for r in rows]
+
+    methods = args.methods or tokenprune.methods()
+    configs = [("none", 1.0)] + [(m, b) for m in methods for b in args.budgets]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for method, budget in configs:
+        if method != "none":
+            try:
+                tokenprune.apply(model, budget, method)
+            except Exception as e:  # a method that cannot run on Whisper: record why
+                results.append(dict(method=method, budget=budget, error=f"{type(e).__name__}: {e}"))
+                print(f"{method:>10} {budget:.2f}  skipped: {e}", flush=True)
+                continue
+        t0 = time.perf_counter()
+        try:
+            hyps = transcribe(model, proc, paths, batch_size=args.batch_size)
+        except Exception as e:
+            tokenprune.remove(model)
+            results.append(dict(method=method, budget=budget, error=f"{type(e).__name__}: {e}"))
+            print(f"{method:>10} {budget:.2f}  failed: {e}", flush=True)
+            continue
+        secs = time.perf_counter() - t0
+        tokenprune.remove(model)
+        keep = round(budget * 1500 + 1e-9) if method != "none" else 1500
+        r = dict(method=method, budget=budget, tokens_out=keep, wer=wer(refs, hyps), seconds=secs, hyps=hyps)
+        results.append(r)
+        print(f"{method:>10} {budget:.2f}  tokens {keep:>4}  WER {100 * r['wer']:6.2f}%  {secs:7.1f} s", flush=True)
+        (out_dir / "wer.json").write_text(json.dumps(dict(n_utterances=len(refs), threads=args.threads,
+                                                          results=results), indent=1))
+
+    lines = [f"Whisper tiny.en, {len(refs)} utterances (hifitts-6097), greedy, CPU fp32, {args.threads} thread(s)", "",
+             "| method | budget | encoder tokens out | WER % | wall s (CPU) |", "|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['budget']} | - | not applicable: {r['error'][:80]} | - |")
+        else:
+            lines.append(f"| {r['method']} | {r['budget']} | {r['tokens_out']} | {100 * r['wer']:.2f} | {r['seconds']:.0f} |")
+    (out_dir / "wer.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

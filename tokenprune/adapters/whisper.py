@@ -1,0 +1,151 @@
+"""Hugging Face Whisper: reduce the audio encoder's tokens.
+
+Accepted: ``WhisperForConditionalGeneration``, ``WhisperModel`` and a bare
+``WhisperEncoder``. Only the encoder is reduced; the decoder then
+cross-attends over the fewer encoder tokens (its keys/values are computed
+once per utterance and cached, so every decoding step gets cheaper too).
+``generate()`` works unchanged.
+
+- Tokens: ``max_source_positions`` (1500 for 30 s; audio is always padded to
+  30 s, so the budget counts the frames of the padding/silence too), no
+  prefix token, no [CLS] (``has_cls=False``: the ``cls`` reducer uses its
+  substitute). The grid handed to grid-aware reducers is 1D: ``(1500,)``.
+- Positions: sinusoidal embeddings are added before the first layer, so
+  merged/pruned tokens carry their positions.
+- The encoder forward is re-stated here (conv stem, positions, then
+  :func:`run_blocks`, final layer norm) because the layer loop lives in it;
+  the final token state rides on ``last_hidden_state``.
+- Decoder cross-attention: the decoder's ``encoder_attn`` modules get the
+  encoder's final ``log(size)`` as an additive key bias (proportional
+  attention; ``-inf`` for padding slots of per-sample reducers), through the
+  same ``tokenprune_sdpa`` kernel. The bias is read from the encoder output
+  tensor; when ``generate`` rebuilds that tensor (beam search expands it with
+  ``repeat_interleave``) the bias is lost and merged tokens count once --
+  greedy decoding (the default) keeps it.
+- Not reduced: ``output_hidden_states`` / ``output_attentions`` (a clear
+  error), word-level timestamps (they need cross-attention weights).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine import attach_state, attached_state
+from ..plan import EncoderInfo
+from .base import Adapter, has_class, restore_class, swap_class
+from .hf_common import (ConfigSwitch, check_sdpa, hf_call_block, hf_capture, key_bias, no_extra_kwargs,
+                        run_and_attach)
+
+
+def _attn(layer):
+    return layer.self_attn
+
+
+_call_block = hf_call_block(_attn, extra=(None,))  # WhisperEncoderLayer(x, attention_mask=None)
+_capture = hf_capture(_attn)
+
+
+class _Encoder:
+    """Mixin for ``WhisperEncoder``: same stem and final norm, reduced layer loop."""
+
+    def forward(self, input_features, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        # like Whisper itself, attention_mask is accepted and ignored (inputs are always 30 s)
+        no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder")
+        patch = self._tokenprune_patch
+        expected = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        if input_features.shape[-1] != expected:
+            raise ValueError(f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}; "
+                             "pad them with the WhisperFeatureExtractor")
+        x = nn.functional.gelu(self.conv1(input_features))
+        x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        x = nn.functional.dropout(x, p=self.dropout, training=self.training)
+        out = run_and_attach(patch, self.layers, x, _call_block, _capture, (x.shape[1],))
+        state = attached_state(out)
+        hidden = self.layer_norm(out)
+        return BaseModelOutput(last_hidden_state=attach_state(hidden, state))
+
+
+class _Decoder:
+    """Mixin for ``WhisperDecoder``: cross-attention keys weighted by the encoder tokens' sizes."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+        bias = None
+        state = attached_state(encoder_hidden_states) if encoder_hidden_states is not None else None
+        if state is not None:
+            bias = state.attn_bias(encoder_hidden_states.dtype)
+        modules = [layer.encoder_attn for layer in self.layers]
+        with key_bias(modules, bias):
+            return super().forward(input_ids, attention_mask, encoder_hidden_states, *args, **kwargs)
+
+
+def _parts(model):
+    """(encoder, decoder or None) of a Whisper model."""
+    if has_class(model, "transformers.", "WhisperEncoder"):
+        return model, None
+    base = getattr(model, "model", model)
+    enc, dec = getattr(base, "encoder", None), getattr(base, "decoder", None)
+    if enc is None or not hasattr(enc, "layers"):
+        raise TypeError(f"tokenprune: cannot find the encoder of {type(model).__name__}")
+    return enc, dec
+
+
+class WhisperAdapter(Adapter):
+    family = "whisper"
+    description = "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return has_class(model, "transformers.", "WhisperForConditionalGeneration", "WhisperModel", "WhisperEncoder")
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.encoder, self.decoder = _parts(model)
+        self._switches = []
+
+    def _configs(self):
+        seen = []
+        mods = [_attn(layer) for layer in self.encoder.layers]
+        if self.decoder is not None:
+            mods += [layer.encoder_attn for layer in self.decoder.layers]
+        for m in mods:
+            if not any(m.config is s for s in seen):
+                seen.append(m.config)
+        return seen
+
+    def info(self) -> EncoderInfo:
+        c = self.encoder.config
+        n = c.max_source_positions
+        return EncoderInfo(depth=len(self.encoder.layers), dim=c.d_model, num_heads=c.encoder_attention_heads,
+                           num_prefix=0, num_tokens=n, mlp_hidden=c.encoder_ffn_dim, grid=(n,), has_cls=False,
+                           family=self.family)
+
+    def grid_for(self, num_tokens: int):
+        return (num_tokens,)
+
+    def check(self, reducer) -> None:
+        for c in self._configs():
+            check_sdpa(c, "Whisper model")
+        if getattr(reducer, "uses_attention_kernel", False):
+            raise TypeError(f"tokenprune: method {reducer.name!r} replaces the attention kernel, which the Whisper "
+                            "adapter does not support yet")
+
+    def install(self, patch) -> None:
+        self._switches = [ConfigSwitch(c) for c in self._configs()]
+        for s in self._switches:
+            s.on()
+        self.encoder._tokenprune_patch = patch
+        swap_class(self.encoder, _Encoder)
+        if self.decoder is not None:
+            swap_class(self.decoder, _Decoder)
+
+    def uninstall(self) -> None:
+        restore_class(self.encoder)
+        if self.decoder is not None:
+            restore_class(self.decoder)
+        self.encoder.__dict__.pop("_tokenprune_patch", None)
+        for s in self._switches:
+            s.off()
+        self._switches = []
