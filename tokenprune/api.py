@@ -8,6 +8,19 @@ from . import adapters, registry
 from .plan import Plan, check_budget
 
 PATCH_ATTR = "_tokenprune"
+MODULE_ATTR = "tokenprune_params"  # where a reducer's learnable parameters (reducer.module) live on the model
+
+
+def _attach_module(model, patch) -> None:
+    """Register ``patch.reducer.module`` (e.g. learned thresholds) as a submodule, so it is in
+    ``state_dict`` and follows ``model.to()``; :func:`remove` deletes it."""
+    module = getattr(patch.reducer, "module", None)
+    if module is not None:
+        ref = next(iter(model.parameters()), None)
+        if ref is not None:
+            module.to(ref.device)
+        module.train(model.training)
+        model.add_module(MODULE_ATTR, module)
 
 
 class Patch:
@@ -85,6 +98,7 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     patch = _make_patch(model, budget, method, schedule, track_source, options)
     patch.adapter.install(patch)
     setattr(model, PATCH_ATTR, patch)
+    _attach_module(model, patch)
     return model
 
 
@@ -94,6 +108,8 @@ def remove(model):
     if patch is not None:
         patch.adapter.uninstall()
         del model.__dict__[PATCH_ATTR]
+        if getattr(patch.reducer, "module", None) is not None:
+            model._modules.pop(MODULE_ATTR, None)
     return model
 
 
@@ -131,6 +147,7 @@ def applied(model, budget: float = 0.5, method: str = "merge", **kwargs):
         if previous is not None:
             previous.adapter.install(previous)
             setattr(model, PATCH_ATTR, previous)
+            _attach_module(model, previous)
 
 
 def methods() -> list[str]:

@@ -92,8 +92,12 @@ class HookCapture:
     """
 
     def __init__(self, q_module: torch.nn.Module, k_module: torch.nn.Module, scale: float,
-                 to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 out_module: torch.nn.Module | None = None, num_heads: int | None = None):
         self.q_module, self.k_module, self.scale, self.to_heads = q_module, k_module, scale, to_heads
+        # optional: a module whose INPUT is the concatenated per-head attention output [B, N, H*d]
+        # (e.g. the output projection); recorded as QK.out [B, H, N, d] (a reference, no copy)
+        self.out_module, self.num_heads = out_module, num_heads
 
     @contextlib.contextmanager
     def __call__(self, bias):
@@ -106,13 +110,22 @@ class HookCapture:
         def grab_k(_m, _i, out):
             qk.k = conv(out)
 
+        def grab_out(_m, args):
+            o = args[0]
+            qk.out = o.reshape(o.shape[0], o.shape[1], self.num_heads, -1).transpose(1, 2)
+
         hq = self.q_module.register_forward_hook(grab_q)
         hk = self.k_module.register_forward_hook(grab_k)
+        ho = None
+        if self.out_module is not None and self.num_heads:
+            ho = self.out_module.register_forward_pre_hook(grab_out)
         try:
             yield qk
         finally:
             hq.remove()
             hk.remove()
+            if ho is not None:
+                ho.remove()
 
 
 def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,

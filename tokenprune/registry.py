@@ -29,7 +29,9 @@ def get(name: str) -> type:
     return _REDUCERS[name]
 
 
-def make(name: str, **options):
+def make(name, **options):
+    if isinstance(name, (list, tuple)):  # a composition: method=["cls", "merge"] -> the "pipeline" reducer
+        return make("pipeline", reducers=list(name), **options)
     cls = get(name)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - fields)

@@ -27,7 +27,8 @@ def _call_block(block, x, bias):
 
 def _capture(block, bias):
     attn = block.attn
-    return HookCapture(attn.q_norm, attn.k_norm, attn.scale)(bias)
+    out = getattr(attn, "norm", None) or getattr(attn, "proj", None)  # input = per-head outputs, concatenated
+    return HookCapture(attn.q_norm, attn.k_norm, attn.scale, out_module=out, num_heads=attn.num_heads)(bias)
 
 
 class _Blocks:

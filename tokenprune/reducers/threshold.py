@@ -1,0 +1,174 @@
+"""Adaptive Sparse ViT -- learnable per-stage thresholds on head-weighted [CLS] attention.
+
+Liu, Gui, Zhang, Xu, Zhang, Hu. "Adaptive Sparse ViT: Towards Learnable
+Adaptive Token Pruning by Fully Exploiting Self-Attention", IJCAI 2023.
+https://arxiv.org/abs/2209.13802 (methods.md section 5)
+
+Score of patch j at a stage block, from the q, k and per-head attention
+outputs ``o`` the block already computed (never the N x N matrix):
+
+    w_{h,j}  = ||o_{h,j}|| / sum_h ||o_{h,j}||          (head importance per token)
+    score_j  = sum_h w_{h,j} softmax_j(q_cls k^T * scale + bias)_h
+
+``o`` is the input of the attention's output projection, recorded by the
+adapter as ``QK.out``; adapters that do not record it give the plain head
+mean (``w = 1/H``). Encoders without a class token use the mean query of
+the (size-weighted) patches in place of ``q_cls``, as ``cls`` does.
+
+Thresholds: one learnable ``theta`` per stage (``layers``, default blocks
+depth/4, depth/2, 3 depth/4 -- 3, 6, 9 of 12). They live in an ``nn.Module``
+(:class:`Thresholds`) that ``tokenprune.apply`` registers on the model as
+``model.tokenprune_params`` (so ``state_dict`` saves them as
+``tokenprune_params.theta`` and ``load_state_dict`` restores them) and
+``tokenprune.remove`` deletes. Initial values ``init`` default to
+``1e-3 * (i + 1)`` for stage i (1e-3, 2e-3, 3e-3: the paper's values, on the
+scale of a score that sums to 1 over ~200 tokens, so about 1/N per token).
+
+Inference (``module.training`` False or no grad): per sample, keep the
+patches with ``score > theta``; samples keep DIFFERENT counts, the batch is
+padded to the largest count, and padding slots get size 0, i.e. a ``-inf``
+key bias in every later block and zero weight in pooling, so each sample
+computes what it computes alone. The cost of padding: the batch runs at its
+largest count, and attention needs a mask (SDPA's masked kernel instead of
+flash).
+
+Budget: ``budget`` is a CAP. Stage i keeps at most
+``round(N * budget ** ((i + 1) / stages))`` tokens per sample (the ``cls``
+schedule), so no sample leaves the encoder with more than
+``round(budget * N)`` tokens and ``Plan.num_out`` is that cap; thresholds may
+drop more. ``budget=1.0`` is the uncapped method of the paper. The training
+helper (``tokenprune.training.train_thresholds``) uses the cap plan's FLOP
+ratio as its default target ``rho``.
+
+Training (``module.training`` True and grad enabled): nothing is gathered.
+The keep decision is ``hard = 1[score > theta]`` with the straight-through
+estimator of ``soft = sigmoid((score - theta) / tau)``; the running product
+of the masks becomes the token sizes (``1`` kept, ``eps`` dropped), so the
+``log size`` key bias masks dropped tokens out of attention in every later
+block (and out of size-weighted pooling) while gradients reach ``theta``
+through both the attention and the FLOP count (``state.scratch``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops import gather_tokens, query_attention, threshold_keep
+from ..plan import EncoderInfo, Stage
+from ..registry import register
+from ..state import TokenState
+from .base import Reducer
+from .cls import check_layers, default_layers
+
+MASK_EPS = 1e-6  # size of a dropped token during training: log(1e-6) = -13.8 in the key bias
+COUNTS_KEY = "threshold_counts"  # state.scratch: [(block, kept non-prefix tokens per sample [B])]
+MASK_KEY = "threshold_mask"  # state.scratch: running keep mask [B, N] (training)
+
+
+class Thresholds(nn.Module):
+    """The learnable per-stage thresholds (``theta[i]`` for stage i)."""
+
+    def __init__(self, init):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([float(v) for v in init], dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return "theta=[" + ", ".join(f"{v:.4g}" for v in self.theta.detach().tolist()) + "]"
+
+
+def stage_caps(num_tokens: int, keep: int, num_stages: int) -> list[int]:
+    """Per-stage caps, the same ratio at each stage, ending exactly at ``keep`` (may equal the input count)."""
+    ratio = (keep / num_tokens) ** (1.0 / num_stages)
+    caps, n = [], num_tokens
+    for j in range(num_stages):
+        c = keep if j == num_stages - 1 else max(keep, min(n, math.floor(num_tokens * ratio ** (j + 1) + 0.5)))
+        caps.append(c)
+        n = c
+    return caps
+
+
+@register("threshold")
+@dataclass
+class Threshold(Reducer):
+    layers: list[int] | None = None  # stage blocks (default depth/4, depth/2, 3 depth/4)
+    init: list[float] | None = None  # initial thresholds (default 1e-3 * (i + 1))
+    tau: float = 1e-4  # temperature of the soft mask used for the straight-through gradient
+    head_weighting: bool = True  # weight heads by ||o_h|| (else the plain head mean)
+
+    def __post_init__(self):
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        self.module: Thresholds | None = None
+        self._has_cls = True
+        self._layers: list[int] | None = None
+
+    def check(self, info: EncoderInfo) -> None:
+        self._has_cls = info.has_cls
+        if self.layers is not None:
+            layers = check_layers(self.layers, info.depth, "threshold stages (layers)")
+        else:
+            layers = default_layers(info.depth)
+        if self._layers is not None and layers != self._layers:
+            raise ValueError("threshold: the stage blocks changed between inputs; thresholds are per stage")
+        self._layers = layers
+        if self.module is None:
+            init = self.init if self.init is not None else [1e-3 * (i + 1) for i in range(len(layers))]
+            if len(init) != len(layers):
+                raise ValueError(f"init has {len(init)} thresholds for {len(layers)} stages (blocks {layers})")
+            self.module = Thresholds(init)
+
+    def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        return [Stage(b, c, self.name) for b, c in zip(self._layers, stage_caps(info.num_tokens, keep,
+                                                                                 len(self._layers)))]
+
+    def qk_blocks(self, plan):
+        return {s.block for s in plan.stages}
+
+    # -- scores ------------------------------------------------------------------------
+    def scores(self, state: TokenState, qk) -> torch.Tensor:
+        """Head-importance-weighted class attention of every non-prefix token ``[B, N]`` (float32)."""
+        p = state.num_prefix
+        hw = None
+        if self.head_weighting and qk.out is not None:
+            norms = qk.out.float().norm(dim=-1)  # [B, H, N]
+            hw = norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
+        if self._has_cls:
+            query = 0
+        else:
+            w = state.sizes_or_ones()[:, None, p:, None].to(qk.q.dtype)
+            query = (qk.q[:, :, p:] * w).sum(2) / w.sum(2).clamp_min(1e-12)
+        return query_attention(qk.q, qk.k, qk.scale, query=query, bias=qk.bias, head_weights=hw)[:, p:]
+
+    def reduce(self, state: TokenState, stage: Stage, qk) -> TokenState:
+        i = self._layers.index(stage.block)
+        theta = self.module.theta[i]
+        scores = self.scores(state, qk)
+        if self.module.training and torch.is_grad_enabled():
+            return self._soft(state, scores, theta)
+        valid = state.valid
+        valid = valid[:, state.num_prefix:] if valid is not None else None
+        idx, ok = threshold_keep(scores, theta.detach().to(scores.dtype), stage.keep, valid)
+        if bool(ok.all()):
+            ok = None  # every sample keeps the same count: no padding, no mask
+        state = gather_tokens(state, idx, ok)
+        state.scratch.setdefault(COUNTS_KEY, []).append((stage.block, state.kept_per_sample().float()))
+        return state
+
+    def _soft(self, state: TokenState, scores: torch.Tensor, theta: torch.Tensor) -> TokenState:
+        """Training: mask instead of gather (straight-through estimator), sizes carry the mask."""
+        p = state.num_prefix
+        soft = torch.sigmoid((scores - theta) / self.tau)
+        hard = (scores > theta).to(soft.dtype)
+        keep = hard + soft - soft.detach()
+        prev = state.scratch.get(MASK_KEY)
+        mask = keep if prev is None else prev * keep
+        state.scratch[MASK_KEY] = mask
+        sizes = state.sizes_or_ones()
+        base = state.scratch.setdefault("threshold_base_sizes", sizes[:, p:])  # sizes before the first stage
+        patch_sizes = base * (mask + MASK_EPS * (1 - mask).detach())
+        state.sizes = torch.cat([sizes[:, :p].to(patch_sizes.dtype), patch_sizes], 1)
+        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, mask.sum(1)))
+        return state
