@@ -10,6 +10,9 @@ import sys
 COMMANDS = {
     "quickstart": ("tokenprune.commands.quickstart", "apply a reducer to a timm ViT and report tokens, time, agreement"),
     "plan": ("tokenprune.commands.plan", "print the per-block schedule and FLOP ratio of a method and budget"),
+    "demo": ("tokenprune.commands.demo", "local Gradio app: the tokens each method keeps, side by side (image, audio)"),
+    "eval": ("tokenprune.commands.eval", "accuracy retained (top-1, kNN, WER) per method and budget, Pareto plot"),
+    "bench": ("tokenprune.commands.bench", "throughput, latency, peak memory and FLOPs per method and budget"),
 }
 
 

@@ -1,0 +1,152 @@
+"""Throughput, latency, peak memory and FLOPs of each method and budget, against the unreduced model.
+
+    tokenprune bench --model vit_base_patch16_224 --methods merge,cls,random --budgets 0.5,0.25 \\
+        --device cuda --dtype float16 --batch-sizes 1,256 --out results/
+
+Random weights unless ``--weights``/``--pretrained`` (speed does not depend on
+them). The unreduced model runs on its fused SDPA attention path in the same
+process. Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
+against budget and against the FLOP bound) under ``--out``.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import api
+from .. import bench as B
+from .. import evaluate as ev
+from .eval import DTYPES, add_model_arguments
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.set_defaults(model="vit_base_patch16_224", methods="merge,cls,random", budgets="0.5,0.25")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated; the first is the latency batch, the last the throughput batch "
+                        "(default: 1,256 on GPU, 1,8 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10 GPU, 2 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 30 GPU, 5 CPU)")
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = ev.parse_list(args.budgets, float)
+    methods = ev.parse_list(args.methods)
+    configs, notes = ev.build_configs(methods, budgets, args.recipe, baselines=())
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
+    cuda = device.type == "cuda"
+    sizes = ev.parse_list(args.batch_sizes or ("1,256" if cuda else "1,8"), int)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    repeats = args.repeats if args.repeats is not None else (30 if cuda else 5)
+    if repeats < 1 or warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    dtype = DTYPES[args.dtype]
+
+    lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
+                       args.pretrained, args.seed)
+    lm.model.to(device=device, dtype=dtype).eval()
+    attn = B.prefer_sdpa(lm)
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    print(f"bench {lm.name} on {device} ({name}), {args.dtype}, attention {attn}; batch sizes {sizes}; "
+          f"{len(configs)} configurations; warm-up {warmup}, median of {repeats}")
+    for n in notes:
+        print(f"note: {n}")
+
+    from tqdm.auto import tqdm
+
+    rows, ref = [], {}
+    bar = tqdm(total=len(configs) * len(sizes), desc="bench", disable=args.no_progress, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    for cfg in configs:
+        try:
+            cfg.apply(lm.model)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            notes.append(f"{cfg.name}: not applicable to this model: {e}")
+            print(f"skip {cfg.name}: {e}")
+            bar.update(len(sizes))
+            continue
+        try:
+            flops = _flops(lm.model)
+            for bs in sizes:
+                bar.set_postfix_str(f"{cfg.name} bs {bs}")
+                row = {"config": cfg.name, "label": cfg.label, "method": cfg.method, "budget": cfg.budget,
+                       "batch_size": bs, **flops}
+                try:
+                    fn = B.synthetic_forward(lm, bs, device, dtype)
+                    t = B.time_fn(fn, device, warmup, repeats)
+                    peak, act = B.peak_memory(fn, device)
+                    del fn
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row["error"] = "out of memory"
+                    rows.append(row)
+                    bar.update()
+                    continue
+                row.update(median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
+                           samples_per_s=bs * 1e3 / t.median_ms, peak_mem_mib=peak, activation_mem_mib=act)
+                if cfg.method is None:
+                    ref[bs] = t.median_ms
+                row["speedup"] = ref[bs] / t.median_ms if bs in ref else None
+                rows.append(row)
+                bar.update()
+                if cuda:
+                    torch.cuda.empty_cache()
+        finally:
+            api.remove(lm.model)
+    bar.close()
+
+    _print_table(rows)
+    stem = args.name or "bench"
+    meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
+            "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
+            "repeats": repeats, "torch": torch.__version__, "python": platform.python_version(),
+            "seconds": time.perf_counter() - t_start, "notes": notes,
+            "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
+    try:
+        import timm
+
+        meta["timm"] = timm.__version__
+    except ImportError:
+        pass
+    out = Path(args.out)
+    paths = ev.write_results(rows, meta, out, stem)
+    from ..plots import speed_plot
+
+    paths["png"] = speed_plot([r for r in rows if "error" not in r], out / f"{stem}.png",
+                              title=f"{lm.name} on {name}, {args.dtype}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _flops(model) -> dict:
+    try:
+        plan = api.plan(model)
+    except ValueError:  # unreduced: any method's plan knows the unreduced FLOPs
+        plan = api.plan(model, budget=1.0, method="random")
+        return {"gflops": plan.flops_unreduced() / 1e9, "flop_ratio": 1.0, "flop_bound": 1.0,
+                "tokens_out": plan.info.num_tokens}
+    return {"gflops": plan.flops() / 1e9, "flop_ratio": plan.flop_ratio, "flop_bound": 1.0 / plan.flop_ratio,
+            "tokens_out": plan.num_out}
+
+
+def _print_table(rows):
+    head = f"{'config':<24}{'bs':>5}{'ms':>10}{'samples/s':>12}{'speed-up':>10}{'FLOP bound':>12}{'peak MiB':>10}"
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']:<24}{r['batch_size']:>5}  {r['error']}")
+            continue
+        mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "n/a"
+        sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        print(f"{r['config']:<24}{r['batch_size']:>5}{r['median_ms']:>10.2f}{r['samples_per_s']:>12.1f}"
+              f"{sp:>10}{r['flop_bound']:>11.2f}x{mem:>10}")

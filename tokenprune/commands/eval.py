@@ -1,0 +1,143 @@
+"""Accuracy retained by each method and budget on labelled data, against the unreduced model.
+
+    tokenprune eval --model ../shared/assets/vit-s14-cifar10 --limit 500           # top-1, CIFAR-10
+    tokenprune eval --model ../shared/assets/vit-s14-cifar10 --num-classes 0 --task knn
+    tokenprune eval --model ../shared/assets/whisper-tiny.en --task wer
+    torchrun --nproc_per_node 2 -m tokenprune.cli eval ...                        # sharded, same numbers
+
+The unreduced model and the random-drop and pooling baselines are always
+included. Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (Pareto
+plot: metric retained against the plan's FLOP ratio) under ``--out``.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import evaluate as ev
+from ..data import default_asset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_arguments(p):
+    p.add_argument("--model", default=str(default_asset("vit-s14-cifar10")),
+                   help="timm model name, local folder (timm or Hugging Face layout) or Hugging Face id")
+    p.add_argument("--weights", default=None, help="local weights for a timm name (file or folder)")
+    p.add_argument("--model-args", default=None, help='JSON keyword arguments for timm.create_model, '
+                   'e.g. \'{"img_size": 32, "depth": 4}\'')
+    p.add_argument("--num-classes", type=int, default=None, help="reset the head (0: feature extractor)")
+    p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs network)")
+    p.add_argument("--methods", default="merge,cls", help="comma-separated methods, or 'all' (registered ones)")
+    p.add_argument("--budgets", default="0.5,0.25,0.1", help="comma-separated budgets in (0, 1]")
+    p.add_argument("--recipe", action="append", default=[], help="also evaluate a recipe (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="tokenprune_results", help="output folder")
+    p.add_argument("--name", default=None, help="file stem of the results (default: the command and task)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--task", default="auto", choices=["auto", "top1", "knn", "wer"],
+                   help="auto: top1 for classifiers, knn for feature extractors, wer for Whisper")
+    p.add_argument("--data", default=None, help="labelled test data: .tar.gz of class folders or ImageFolder "
+                   "dir (default: the CIFAR-10 test archive); for wer a folder with manifest.json")
+    p.add_argument("--train-data", default=None, help="kNN memory bank (default: the CIFAR-10 train archive)")
+    p.add_argument("--limit", type=int, default=500, help="test samples (spread evenly over classes); 0 = all")
+    p.add_argument("--train-limit", type=int, default=2000, help="kNN bank size; 0 = all")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def pick_task(task: str, lm) -> str:
+    if task != "auto":
+        if task == "wer" and lm.modality != "speech":
+            raise ValueError(f"--task wer needs a speech model (Whisper); {lm.name} is {lm.modality}")
+        return task
+    if lm.modality == "speech":
+        return "wer"
+    return "top1" if lm.num_classes > 0 else "knn"
+
+
+def check_path(path, what):
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+
+
+def run(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = ev.parse_list(args.budgets, float)
+    methods = ev.parse_list(args.methods)
+    check_path(args.data, "--data")
+    check_path(args.train_data, "--train-data")
+    configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
+    dist_, device = ev.setup_distributed(args.device)
+    try:
+        return _run(args, configs, notes, dist_, device)
+    finally:
+        ev.teardown_distributed(dist_)
+
+
+def _run(args, configs, notes, dist_, device):
+    log = print if dist_.main else (lambda *a, **k: None)
+    lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
+                       args.pretrained, args.seed)
+    dtype = DTYPES[args.dtype]
+    lm.model.to(device=device, dtype=dtype)
+    task = pick_task(args.task, lm)
+    data = {}
+    limit = args.limit or None
+    t0 = time.perf_counter()
+    if task == "wer":
+        from ..data import load_speech_manifest
+
+        folder = args.data or str(default_asset("speech-hifitts-6097"))
+        check_path(folder, "--data")
+        rows = load_speech_manifest(folder, limit)
+        data = {"wavs": [str(w) for w, _ in rows], "texts": [t for _, t in rows]}
+        n = len(rows)
+    else:
+        from ..data import load_image_folder
+
+        path = args.data or str(default_asset("cifar10", "cifar10_jpeg_test.tar.gz"))
+        data["images"], data["labels"], classes = load_image_folder(path, limit=limit, seed=args.seed)
+        n = len(data["images"])
+        if task == "knn":
+            tpath = args.train_data or str(default_asset("cifar10", "cifar10_jpeg_train.tar.gz"))
+            data["train_images"], data["train_labels"], tclasses = load_image_folder(
+                tpath, limit=args.train_limit or None, seed=args.seed)
+            if tclasses != classes:
+                raise ValueError(f"train classes {tclasses} differ from test classes {classes}")
+        elif lm.num_classes and len(classes) > lm.num_classes:
+            raise ValueError(f"the data has {len(classes)} classes but the model's head has {lm.num_classes}")
+    log(f"task {task}: {lm.name} on {n} samples ({time.perf_counter() - t0:.0f} s to load), "
+        f"{len(configs)} configurations, {dist_.world} process(es), {device} {args.dtype}")
+    for note in notes:
+        log(f"note: {note}")
+    rows, run_notes = ev.evaluate(lm, configs, task, data, batch_size=args.batch_size, device=device, dtype=dtype,
+                                  dist_=dist_, show=not args.no_progress, k=args.k, log=log)
+    if not dist_.main:
+        return 0
+    stem = args.name or f"eval_{task}"
+    meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
+            "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
+            "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
+            "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes}
+    paths = ev.write_results(rows, meta, Path(args.out), stem)
+    from ..plots import pareto_plot
+
+    metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "1 - WER"}[task]
+    paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png",
+                               title=f"{lm.name}: {metric} retained, {n} samples ({args.dtype})",
+                               ylabel=f"{metric} retained (% of unreduced)")
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
