@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .state import TokenState
 
 
@@ -116,15 +117,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
 
-    m = metric[:, p:]
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    ma, mb = m[:, ::2], m[:, 1::2]
-    sim = ma @ mb.transpose(-1, -2)  # [B, Na, Nb]
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
-    if state.padded:
-        sim = sim.masked_fill((sb <= 0)[:, None, :], float("-inf"))
-    best, best_b = sim.max(-1)  # [B, Na]
+    # cosine similarity of every A to every B token and its row max; the fused kernel (CUDA)
+    # never stores the [B, Na, Nb] matrix
+    best, best_b = kernels.bipartite_best(metric[:, p:], (sb > 0) if state.padded else None)  # [B, Na]
     if state.padded:
         best = best.masked_fill(sa <= 0, float("inf"))
     edge = best.argsort(-1, descending=True)
@@ -135,14 +132,20 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     xs = x[:, p:]
     xa, xb = xs[:, ::2], xs[:, 1::2]
     n_unm = unm_idx.shape[1]
-    unm_x = xa.gather(1, unm_idx[..., None].expand(b, n_unm, c))
-    src_w = (xa * sa[..., None].to(x.dtype)).gather(1, src_idx[..., None].expand(b, r, c))
-    dst_w = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst_idx[..., None].expand(b, r, c), src_w)
     new_sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
-    xb_new = torch.where(new_sb[..., None] > 0, dst_w / new_sb.clamp_min(1e-12)[..., None].to(x.dtype), xb)
-
-    parts = [x[:, :p], unm_x, xb_new] if p else [unm_x, xb_new]
-    new_x = torch.cat(parts, 1)
+    if kernels.use_triton(x):
+        # one pass: every output row reads its own token and the tokens merged into it
+        nb_ = xb.shape[1]
+        prim = torch.cat([_prefix_map(b, p, x.device), p + 2 * unm_idx,
+                          (p + 1 + 2 * torch.arange(nb_, device=x.device)).expand(b, nb_)], 1)
+        new_x = kernels.merge_rows(x, state.sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
+    else:
+        unm_x = xa.gather(1, unm_idx[..., None].expand(b, n_unm, c))
+        src_w = (xa * sa[..., None].to(x.dtype)).gather(1, src_idx[..., None].expand(b, r, c))
+        dst_w = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst_idx[..., None].expand(b, r, c), src_w)
+        xb_new = torch.where(new_sb[..., None] > 0, dst_w / new_sb.clamp_min(1e-12)[..., None].to(x.dtype), xb)
+        parts = [x[:, :p], unm_x, xb_new] if p else [unm_x, xb_new]
+        new_x = torch.cat(parts, 1)
     new_sizes = torch.cat([sizes[:, :p], sa.gather(1, unm_idx), new_sb], 1)
 
     if state.source is not None:
@@ -174,6 +177,8 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: in
         qr = q[:, :, query]
     else:
         qr = query
+    if kernels.use_triton(qr, k, bias, head_weights):  # fused: K read once, no float copy of K
+        return kernels.query_scores(qr, k, scale, bias, head_weights)
     logits = torch.einsum("bhd,bhnd->bhn", qr.float(), k.float()) * scale
     if bias is not None:
         logits = logits + bias[:, :, 0].float()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
 from ..registry import register
 from ..state import TokenState
@@ -65,6 +66,8 @@ def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = N
 def reconstruction_error(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``||x_i - x_hat_i||`` ``[B, N]`` of the ridge least-squares reconstruction of ``x`` ``[B, N, C]``
     from ``basis`` ``[B, k, C]``, in float32: ``G = S S^T + eps I``, ``x_hat = x S^T G^-1 S``."""
+    if kernels.use_triton(x, basis):  # fused: x read once, x_hat never stored (tokenprune/kernels)
+        return kernels.apet_errors(x, basis, eps)
     xf, s = x.float(), basis.float()
     g = s @ s.transpose(1, 2) + eps * torch.eye(s.shape[1], device=s.device, dtype=s.dtype)
     coef = torch.linalg.solve(g, s @ xf.transpose(1, 2)).transpose(1, 2)  # [B, N, k]

@@ -39,7 +39,7 @@ from typing import Mapping
 
 import torch
 
-from .. import engine
+from .. import engine, kernels
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
 from ..registry import register
@@ -55,6 +55,8 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The softmaxes run in float32; the result has ``v``'s dtype. Never forms an
     ``N x N`` matrix.
     """
+    if kernels.use_triton(q, k, v, bias):  # fused two-pass Triton kernel on CUDA (tokenprune/kernels)
+        return kernels.efficient_attention(q, k, v, bias)
     qf = q.float().softmax(dim=-1)  # over the feature axis
     kf = k.float()
     if bias is not None:

@@ -1,0 +1,90 @@
+"""Fused kernels of the hot paths, each beside its PyTorch reference.
+
+Dispatch rule (checked on every call, so it can be switched at run time):
+the Triton kernel runs when every tensor argument is on CUDA, ``triton``
+imports, and the ``TOKENPRUNE_KERNELS`` environment variable is not ``0`` /
+``off`` / ``false``; otherwise the PyTorch reference in ``reference.py`` runs
+(CPU, no Triton, or kernels switched off). The references are the oracle in
+``tests/test_kernels.py``; NOTES.md counts the bytes and FLOPs of each kernel.
+
+- :func:`efficient_attention` -- MAELRE's linear attention,
+  ``softmax_d(q) @ (softmax_N(k + bias)^T v)``, two passes over the tokens.
+- :func:`query_scores` -- attention of one query row per head, head mean or weighting.
+- :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
+  Na x Nb similarity matrix in memory, and the size-weighted merge in one pass.
+- :func:`apet_errors` -- ApET's least-squares reconstruction error per token.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+_OFF = ("0", "off", "false", "no")
+_triton = None  # the triton_impl module, False when it cannot be imported
+
+
+def _impl():
+    global _triton
+    if _triton is None:
+        try:
+            from . import triton_impl
+            _triton = triton_impl
+        except Exception:  # no triton, or a triton that cannot build for this platform
+            _triton = False
+    return _triton
+
+
+def kernels_enabled() -> bool:
+    """False when ``TOKENPRUNE_KERNELS`` switches the fused kernels off."""
+    return os.environ.get("TOKENPRUNE_KERNELS", "1").strip().lower() not in _OFF
+
+
+def use_triton(*tensors) -> bool:
+    """Whether the Triton kernel runs for these tensors (see the module docstring)."""
+    if not kernels_enabled():
+        return False
+    if not all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in tensors):
+        return False
+    return bool(_impl())
+
+
+def efficient_attention(q, k, v, bias=None):
+    """Linear-cost attention ``[B, H, N, d]``; see ``reference.efficient_attention``."""
+    if use_triton(q, k, v, bias):
+        return _impl().efficient_attention(q, k, v, bias)
+    return reference.efficient_attention(q, k, v, bias)
+
+
+def query_scores(q_row, k, scale, bias=None, head_weights=None):
+    """One query row per head ``[B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32."""
+    if use_triton(q_row, k, bias, head_weights):
+        return _impl().query_scores(q_row, k, scale, bias, head_weights)
+    return reference.query_scores(q_row, k, scale, bias, head_weights)
+
+
+def bipartite_best(metric, valid_b=None):
+    """Best B partner of every A token; see ``reference.bipartite_best``."""
+    if use_triton(metric, valid_b):
+        return _impl().bipartite_best(metric, valid_b)
+    return reference.bipartite_best(metric, valid_b)
+
+
+def merge_rows(x, sizes, prim, members, owner):
+    """Size-weighted merge of member rows into their owner rows; see ``reference.merge_rows``."""
+    if use_triton(x, sizes, prim, members, owner):
+        return _impl().merge_rows(x, sizes, prim, members, owner)
+    return reference.merge_rows(x, sizes, prim, members, owner)
+
+
+def apet_errors(x, basis, eps: float = 1e-5):
+    """Reconstruction error of every token from the basis, ``[B, N]`` float32."""
+    if use_triton(x, basis):
+        return _impl().apet_errors(x, basis, eps)
+    return reference.apet_errors(x, basis, eps)
+
+
+__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "apet_errors",
+           "use_triton", "kernels_enabled", "reference"]

@@ -1,0 +1,102 @@
+"""PyTorch references of the fused kernels: the CPU path and the oracle in tests.
+
+Each function computes exactly what its Triton twin in ``triton_impl.py``
+computes (same arguments, same output shapes and dtypes), with plain tensor
+operations and float32 arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear-cost attention (softmax-feature factorisation), ``[B, H, N, d]`` in and out.
+
+    ``out = softmax_d(q) @ (softmax_N(k + bias)^T v)``: the token softmax of the
+    keys runs per feature column over the N tokens; ``bias`` ``[B, 1, 1, N]``
+    (log sizes, ``-inf`` = masked key) is added to every column of the keys
+    before it. A column whose keys are all masked gives a zero context row.
+    """
+    qf, kf, vf = q.float(), k.float(), v.float()
+    if bias is not None:
+        kf = kf + bias.float()[:, :, 0, :, None]  # [B, 1, N, 1]
+    m = kf.amax(2, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = (kf - m).exp()  # [B, H, N, d]
+    denom = e.sum(2)  # [B, H, d]
+    ctx = e.transpose(-1, -2) @ vf  # [B, H, d, d]
+    ctx = ctx / denom.clamp_min(1e-30)[..., None]
+    out = qf.softmax(-1) @ ctx
+    return out.to(q.dtype)
+
+
+def query_scores(q_row: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                 head_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query row per head ``q_row [B, H, d]`` over keys ``k [B, H, N, d]``,
+    mean over heads (or weighted by ``head_weights``, broadcast to ``[B, H, N]``). ``[B, N]`` float32."""
+    logits = torch.einsum("bhd,bhnd->bhn", q_row.float(), k.float()) * scale
+    if bias is not None:
+        logits = logits + bias[:, :, 0].float()
+    attn = logits.softmax(-1)
+    if head_weights is not None:
+        return (attn * head_weights).sum(1)
+    return attn.mean(1)
+
+
+def bipartite_best(metric: torch.Tensor, valid_b: torch.Tensor | None = None):
+    """Best B partner of every A token (ToMe's matching), ``metric [B, N, d]`` over the non-prefix tokens.
+
+    A = even tokens, B = odd tokens, cosine similarity computed in the metric's
+    dtype (as ``ops.bipartite_merge`` always did). ``valid_b [B, Nb]`` False
+    excludes a B token (padding). Returns ``(best [B, Na] metric dtype, best_b [B, Na] long)``.
+    """
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    ma, mb = m[:, ::2], m[:, 1::2]
+    sim = ma @ mb.transpose(-1, -2)
+    if valid_b is not None:
+        sim = sim.masked_fill(~valid_b[:, None, :], float("-inf"))
+    return sim.max(-1)
+
+
+def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, members: torch.Tensor,
+               owner: torch.Tensor) -> torch.Tensor:
+    """Build merged tokens row by row (the scatter half of bipartite merging).
+
+    ``out[b, o]`` is the size-weighted mean of token ``x[b, prim[b, o]]`` and of every
+    token ``x[b, members[b, i]]`` with ``owner[b, i] == o``. Rows nothing is merged
+    into copy ``x[b, prim[b, o]]``; so does a row whose sizes sum to 0 (padding).
+    ``sizes`` ``[B, T]`` (None = all ones); indices are long. Accumulates in float32.
+    """
+    b, n_out = prim.shape
+    c = x.shape[-1]
+    xf = x.float()
+    s = sizes.float() if sizes is not None else torch.ones(x.shape[:2], device=x.device)
+    prim_x = xf.gather(1, prim[..., None].expand(b, n_out, c))
+    tot = s.gather(1, prim)
+    acc = prim_x * tot[..., None]
+    count = torch.zeros((b, n_out), device=x.device)
+    r = members.shape[1]
+    if r:
+        sm = s.gather(1, members)
+        contrib = xf.gather(1, members[..., None].expand(b, r, c)) * sm[..., None]
+        acc = acc.scatter_add(1, owner[..., None].expand(b, r, c), contrib)
+        tot = tot.scatter_add(1, owner, sm)
+        count = count.scatter_add(1, owner, torch.ones_like(sm))
+    merged = (count > 0) & (tot > 0)
+    out = torch.where(merged[..., None], acc / tot.clamp_min(1e-30)[..., None], prim_x)
+    return out.to(x.dtype)
+
+
+def apet_errors(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Least-squares reconstruction error of every token from a small basis, float32.
+
+    ``x [B, N, C]``, ``basis [B, k, C]``: ``G = S S^T + eps I``, coefficients
+    ``c_i = G^-1 S x_i``, ``e_i = ||x_i - S^T c_i||``. Returns ``[B, N]``.
+    """
+    xf, s = x.float(), basis.float()
+    g = s @ s.transpose(-1, -2)
+    g = g + eps * torch.eye(g.shape[-1], device=g.device, dtype=g.dtype)
+    t = xf @ s.transpose(-1, -2)  # [B, N, k]
+    coef = torch.linalg.solve(g, t.transpose(-1, -2)).transpose(-1, -2)
+    return (xf - coef @ s).norm(dim=-1)

@@ -1,0 +1,432 @@
+"""Triton kernels of the hot paths. Imported only when a CUDA tensor asks for one (or by the tests,
+under ``TRITON_INTERPRET=1`` on CPU). Same signatures and outputs as ``reference.py``.
+
+Every kernel reads its inputs once and writes its outputs once (plus small fp32 partials), so they are
+memory-bound; NOTES.md has the byte and FLOP counts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
+# scripts/gpu_kernels.py may override these to compare variants.
+EA_CONFIG = {
+    "pass1": {64: (128, 4), 128: (64, 8)},
+    "pass2": {64: (128, 4), 128: (64, 4)},
+    "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
+}
+
+
+def _p2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _cfg(table, d):
+    return table.get(d) or table[64 if d <= 64 else 128]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. efficient attention: out = softmax_d(q) @ (softmax_N(k + bias)^T v)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
+                N, H, D, chunk, S,
+                skb, skh, skn, svb, svh, svn, sbb, sbn,
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    m = tl.full([DP], float("-inf"), tl.float32)
+    l = tl.zeros([DP], tl.float32)
+    acc = tl.zeros([DP, DP], tl.float32)
+    start = s * chunk
+    end = tl.minimum(start + chunk, N)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        mask2 = nmask[:, None] & dmask[None, :]
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask2, other=0.0).to(tl.float32)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask2, other=0.0)
+        if HAS_BIAS:
+            bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            kt = kt + bt[:, None]
+        kt = tl.where(nmask[:, None], kt, float("-inf"))
+        m_new = tl.maximum(m, tl.max(kt, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(kt - m_safe[None, :])
+        l = l * alpha + tl.sum(p, 0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(vt.dtype)), vt)
+        m = m_new
+    offs_2 = offs_d[:, None] * DP + offs_d[None, :]
+    if SPLIT:
+        tl.store(part_ptr + (bh * S + s) * DP * DP + offs_2, acc)
+        tl.store(m_ptr + (bh * S + s) * DP + offs_d, m)
+        tl.store(l_ptr + (bh * S + s) * DP + offs_d, l)
+    else:
+        out = acc / tl.maximum(l, 1e-30)[:, None]
+        tl.store(ctx_ptr + bh * DP * DP + offs_2, out.to(ctx_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr):
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, DP)
+    offs_s = tl.arange(0, SP)
+    smask = offs_s < S
+    ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * DP + offs_d[None, :], mask=smask[:, None], other=float("-inf"))
+    ls = tl.load(l_ptr + (bh * S + offs_s[:, None]) * DP + offs_d[None, :], mask=smask[:, None], other=0.0)
+    mx = tl.max(ms, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(ms - mx[None, :])  # [SP, DP]
+    tot = tl.sum(w * ls, 0)
+    acc = tl.zeros([DP, DP], tl.float32)
+    offs_2 = offs_d[:, None] * DP + offs_d[None, :]
+    for s in range(0, S):
+        ws = tl.exp(tl.load(m_ptr + (bh * S + s) * DP + offs_d) - mx)
+        acc += ws[:, None] * tl.load(part_ptr + (bh * S + s) * DP * DP + offs_2)
+    out = acc / tl.maximum(tot, 1e-30)[:, None]
+    tl.store(ctx_ptr + bh * DP * DP + offs_2, out.to(ctx_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
+              sqb, sqh, sqn, sob, soh, son,
+              DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    nb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    mask2 = nmask[:, None] & dmask[None, :]
+    qt = tl.load(q_ptr + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :], mask=mask2,
+                 other=0.0).to(tl.float32)
+    qt = tl.where(dmask[None, :], qt, float("-inf"))
+    qt = tl.exp(qt - tl.max(qt, 1)[:, None])
+    p = qt / tl.sum(qt, 1)[:, None]
+    ctx = tl.load(ctx_ptr + bh * DP * DP + offs_d[:, None] * DP + offs_d[None, :])
+    o = tl.dot(p.to(ctx.dtype), ctx)
+    tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mask2)
+
+
+def efficient_attention(q, k, v, bias=None, split: int | None = None):
+    b, h, n, d = q.shape
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("efficient_attention kernel: the head dim must be contiguous")
+    dp = max(16, _p2(d))
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    bh = b * h
+    bn1, w1 = _cfg(EA_CONFIG["pass1"], dp)
+    bn2, w2 = _cfg(EA_CONFIG["pass2"], dp)
+    if split is None:
+        want = triton.cdiv(2 * _num_sms(q.device), bh)
+        split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
+    chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
+    split = triton.cdiv(n, chunk)
+    ctx = torch.empty((bh, dp, dp), device=q.device, dtype=dt)
+    if bias is not None:
+        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
+        sbb, sbn = bias2.stride()
+    else:
+        bias2, sbb, sbn = k, 0, 0
+    if split > 1:
+        part = torch.empty((bh, split, dp, dp), device=q.device, dtype=torch.float32)
+        mpart = torch.empty((bh, split, dp), device=q.device, dtype=torch.float32)
+        lpart = torch.empty_like(mpart)
+    else:
+        part = mpart = lpart = ctx
+    _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
+                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
+                             HAS_BIAS=bias is not None, SPLIT=split > 1, DP=dp, BLOCK_N=bn1, num_warps=w1)
+    if split > 1:
+        _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4)
+    # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
+    out = torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
+                                         out.stride(0), out.stride(1), out.stride(2), DP=dp, BLOCK_N=bn2,
+                                         num_warps=w2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scale,
+               sqb, sqh, skb, skh, skn, sbb, sbn,
+               HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    nb = tl.program_id(1)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    if HAS_BIAS:
+        bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+    for h in range(0, H):
+        qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        lg = tl.sum(kt * qr[None, :], 1) * scale
+        if HAS_BIAS:
+            lg = lg + bt
+        lg = tl.where(nmask, lg, float("-inf"))
+        tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
+        mx = tl.max(lg, 0)
+        ms = tl.where(mx == float("-inf"), 0.0, mx)
+        tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
+        tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
+
+
+@triton.jit
+def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
+               HAS_W: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr):
+    b = tl.program_id(0)
+    nb = tl.program_id(1)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_b = tl.arange(0, NBP)
+    bmask = offs_b < NB
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for h in range(0, H):
+        pm = tl.load(pm_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=float("-inf"))
+        ps = tl.load(ps_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=0.0)
+        mx = tl.max(pm, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        pms = tl.where(pm == float("-inf"), 0.0, pm)
+        tot = tl.sum(ps * tl.exp(pms - mx), 0)
+        lg = tl.load(lg_ptr + (b * H + h) * N + offs_n, mask=nmask, other=float("-inf"))
+        a = tl.exp(lg - mx) / tot
+        if HAS_W:
+            a = a * tl.load(w_ptr + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0).to(tl.float32)
+        acc += a
+    if not HAS_W:
+        acc = acc / H
+    tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
+
+
+def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 128):
+    b, h, n, d = k.shape
+    if k.stride(-1) != 1 or q_row.stride(-1) != 1:
+        raise ValueError("query_scores kernel: the head dim must be contiguous")
+    dp = _p2(d)
+    nb = triton.cdiv(n, block_n)
+    lg = torch.empty((b, h, n), device=k.device, dtype=torch.float32)
+    pm = torch.empty((b, h, nb), device=k.device, dtype=torch.float32)
+    ps = torch.empty_like(pm)
+    if bias is not None:
+        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
+        sbb, sbn = bias2.stride()
+    else:
+        bias2, sbb, sbn = k, 0, 0
+    _qs_logits[(b, nb)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
+                        q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
+                        HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
+    out = torch.empty((b, n), device=k.device, dtype=torch.float32)
+    if head_weights is not None:
+        w = torch.broadcast_to(head_weights, (b, h, n))
+        sw = w.stride()
+    else:
+        w, sw = lg, (0, 0, 0)
+    _qs_reduce[(b, nb)](lg, pm, ps, w, out, n, h, nb, sw[0], sw[1], sw[2],
+                        HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3a. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
+             HAS_VALID: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    b = tl.program_id(0)
+    pa = tl.program_id(1)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_a = pa * BM + tl.arange(0, BM)
+    amask = offs_a < NA
+    base = m_ptr + b * smb
+    a = tl.load(base + (2 * offs_a)[:, None] * smn + offs_d[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
+    af = a.to(tl.float32)
+    # normalised in the metric's dtype, like the reference (norm rounded, then the division rounded)
+    na = tl.sqrt(tl.sum(af * af, 1)).to(a.dtype).to(tl.float32)
+    an = (af / tl.maximum(na, 1e-6)[:, None]).to(a.dtype)
+    best = tl.full([BM], float("-inf"), tl.float32)
+    arg = tl.zeros([BM], tl.int32)
+    for b0 in range(0, NB, BN):
+        offs_b = b0 + tl.arange(0, BN)
+        bmask = offs_b < NB
+        bt = tl.load(base + (2 * offs_b + 1)[:, None] * smn + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
+                     other=0.0)
+        bf = bt.to(tl.float32)
+        nbn = tl.sqrt(tl.sum(bf * bf, 1)).to(bt.dtype).to(tl.float32)
+        bn_ = (bf / tl.maximum(nbn, 1e-6)[:, None]).to(bt.dtype)
+        sim = tl.dot(an, tl.trans(bn_)).to(a.dtype).to(tl.float32)  # rounded like the reference's matmul
+        ok = bmask
+        if HAS_VALID:
+            ok = ok & (tl.load(vb_ptr + b * svb + offs_b, mask=bmask, other=0) != 0)
+        sim = tl.where(ok[None, :], sim, float("-inf"))
+        tmax = tl.max(sim, 1)
+        # first column reaching the tile max (ties: the lowest index, as torch.max on the reference)
+        cols = tl.where(sim == tmax[:, None], offs_b[None, :], 2147483647)
+        targ = tl.min(cols, 1)
+        better = tmax > best
+        arg = tl.where(better, targ, arg)
+        best = tl.where(better, tmax, best)
+    tl.store(best_ptr + b * NA + offs_a, best, mask=amask)
+    tl.store(idx_ptr + b * NA + offs_a, arg.to(tl.int64), mask=amask)
+
+
+def bipartite_best(metric, valid_b=None):
+    """``metric [B, N, d]`` (non-prefix tokens, may be a strided view). Same as ``reference.bipartite_best``."""
+    bsz, n, d = metric.shape
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    na, nbb = (n + 1) // 2, n // 2
+    dp = max(16, _p2(d))
+    best = torch.empty((bsz, na), device=metric.device, dtype=torch.float32)
+    idx = torch.empty((bsz, na), device=metric.device, dtype=torch.long)
+    bm = 64 if na > 32 else (32 if na > 16 else 16)
+    if valid_b is not None:
+        vb = valid_b.to(torch.uint8)
+        svb = vb.stride(0)
+    else:
+        vb, svb = best, 0
+    _bm_best[(bsz, triton.cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
+                                         HAS_VALID=valid_b is not None, DP=dp, BM=bm, BN=64, num_warps=4)
+    return best.to(metric.dtype), idx
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3b. merged rows: one pass over the tokens that build the output (gather + size-weighted scatter-reduce)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT, R, C,
+                sxb, sxn, ssb, sob, son,
+                HAS_SIZES: tl.constexpr, BC: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // NOUT
+    o = row % NOUT
+    pr = tl.load(prim_ptr + row)
+    st = tl.load(start_ptr + row)
+    cnt = tl.load(cnt_ptr + row)
+    for c0 in range(0, C, BC):
+        offs = c0 + tl.arange(0, BC)
+        cm = offs < C
+        xp = tl.load(x_ptr + b * sxb + pr * sxn + offs, mask=cm, other=0.0)
+        res = xp.to(tl.float32)
+        if cnt > 0:
+            if HAS_SIZES:
+                sp = tl.load(s_ptr + b * ssb + pr).to(tl.float32)
+            else:
+                sp = 1.0
+            acc = res * sp
+            tot = sp
+            for i in range(0, cnt):
+                mi = tl.load(mem_ptr + b * R + st + i)
+                if HAS_SIZES:
+                    si = tl.load(s_ptr + b * ssb + mi).to(tl.float32)
+                else:
+                    si = 1.0
+                acc += si * tl.load(x_ptr + b * sxb + mi * sxn + offs, mask=cm, other=0.0).to(tl.float32)
+                tot += si
+            res = tl.where(tot > 0, acc / tl.maximum(tot, 1e-30), res)
+        tl.store(o_ptr + b * sob + o * son + offs, res.to(o_ptr.dtype.element_ty), mask=cm)
+
+
+def merge_rows(x, sizes, prim, members, owner):
+    bsz, t, c = x.shape
+    n_out = prim.shape[1]
+    r = members.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if r:
+        order = owner.argsort(dim=1, stable=True)
+        mem = members.gather(1, order).to(torch.int32).contiguous()
+        cnt = torch.zeros((bsz, n_out), device=x.device, dtype=torch.int32)
+        cnt.scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.int32))
+        start = (cnt.cumsum(1, dtype=torch.int32) - cnt).contiguous()
+    else:
+        mem = torch.zeros((bsz, 1), device=x.device, dtype=torch.int32)
+        cnt = torch.zeros((bsz, n_out), device=x.device, dtype=torch.int32)
+        start = cnt
+    prim32 = prim.to(torch.int32).contiguous()
+    out = torch.empty((bsz, n_out, c), device=x.device, dtype=x.dtype)
+    if sizes is not None:
+        s, ssb = sizes, sizes.stride(0)
+        if sizes.stride(1) != 1:
+            s = sizes.contiguous()
+            ssb = s.stride(0)
+    else:
+        s, ssb = x, 0
+    _merge_rows[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
+                                x.stride(0), x.stride(1), ssb, out.stride(0), out.stride(1),
+                                HAS_SIZES=sizes is not None, BC=min(1024, _p2(c)), num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. ApET reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _apet_err(x_ptr, w_ptr, s_ptr, e_ptr, N, C, K, sxb, sxn,
+              KP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    b = tl.program_id(0)
+    pn = tl.program_id(1)
+    offs_n = pn * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, KP)
+    kmask = offs_k < K
+    coef = tl.zeros([BN, KP], tl.float32)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xt = tl.load(x_ptr + b * sxb + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + (b * K + offs_k[None, :]) * C + offs_c[:, None], mask=cm[:, None] & kmask[None, :],
+                     other=0.0)  # [BC, KP] = (G^-1 S)^T
+        coef += tl.dot(xt, wt, input_precision="ieee")
+    acc = tl.zeros([BN], tl.float32)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xt = tl.load(x_ptr + b * sxb + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        st = tl.load(s_ptr + (b * K + offs_k[:, None]) * C + offs_c[None, :], mask=kmask[:, None] & cm[None, :],
+                     other=0.0)  # [KP, BC]
+        r = xt - tl.dot(coef, st, input_precision="ieee")
+        acc += tl.sum(r * r, 1)
+    tl.store(e_ptr + b * N + offs_n, tl.sqrt(acc), mask=nmask)
+
+
+def apet_errors(x, basis, eps: float = 1e-5):
+    bsz, n, c = x.shape
+    k = basis.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    s = basis.float().contiguous()
+    g = s @ s.transpose(-1, -2) + eps * torch.eye(k, device=x.device)
+    w = torch.linalg.solve(g, s).contiguous()  # G^-1 S, [B, k, C]
+    e = torch.empty((bsz, n), device=x.device, dtype=torch.float32)
+    bn = 64
+    _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
+                                         KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=4)
+    return e
