@@ -154,7 +154,7 @@ def _pixel_index(length: int, parts: int) -> np.ndarray:
 
 
 # -- images --------------------------------------------------------------------------------------------
-def token_overlay(image, source, grid=None, *, index: int = 0, dim: float = 0.35, alpha: float = 0.45,
+def token_overlay(image, source, grid=None, *, index: int = 0, dim: float = 0.4, alpha: float = 0.35,
                   outline: bool = True, outline_color=(255, 255, 255), line: int | None = None) -> np.ndarray:
     """Overlay a source map on the image the model saw; returns ``uint8 [H, W, 3]``.
 
