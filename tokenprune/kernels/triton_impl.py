@@ -19,6 +19,15 @@ EA_CONFIG = {
 }
 
 
+POISON = False  # fill every buffer a kernel writes with NaN / -7 first (correctness checks: all written?)
+
+
+def _alloc(shape, device, dtype):
+    if not POISON:
+        return torch.empty(shape, device=device, dtype=dtype)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -7, device=device, dtype=dtype)
+
+
 def _p2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -141,16 +150,16 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
-    ctx = torch.empty((bh, dp, dp), device=q.device, dtype=dt)
+    ctx = _alloc((bh, dp, dp), q.device, dt)
     if bias is not None:
         bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
     if split > 1:
-        part = torch.empty((bh, split, dp, dp), device=q.device, dtype=torch.float32)
-        mpart = torch.empty((bh, split, dp), device=q.device, dtype=torch.float32)
-        lpart = torch.empty_like(mpart)
+        part = _alloc((bh, split, dp, dp), q.device, torch.float32)
+        mpart = _alloc((bh, split, dp), q.device, torch.float32)
+        lpart = _alloc((bh, split, dp), q.device, torch.float32)
     else:
         part = mpart = lpart = ctx
     _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
@@ -159,7 +168,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     if split > 1:
         _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
-    out = torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
                                          out.stride(0), out.stride(1), out.stride(2), DP=dp, BLOCK_N=bn2,
                                          num_warps=w2)
@@ -229,9 +238,9 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
         raise ValueError("query_scores kernel: the head dim must be contiguous")
     dp = _p2(d)
     nb = triton.cdiv(n, block_n)
-    lg = torch.empty((b, h, n), device=k.device, dtype=torch.float32)
-    pm = torch.empty((b, h, nb), device=k.device, dtype=torch.float32)
-    ps = torch.empty_like(pm)
+    lg = _alloc((b, h, n), k.device, torch.float32)
+    pm = _alloc((b, h, nb), k.device, torch.float32)
+    ps = _alloc((b, h, nb), k.device, torch.float32)
     if bias is not None:
         bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
         sbb, sbn = bias2.stride()
@@ -240,7 +249,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
     _qs_logits[(b, nb)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
                         q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
                         HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
-    out = torch.empty((b, n), device=k.device, dtype=torch.float32)
+    out = _alloc((b, n), k.device, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
         sw = w.stride()
@@ -302,8 +311,8 @@ def bipartite_best(metric, valid_b=None):
         metric = metric.contiguous()
     na, nbb = (n + 1) // 2, n // 2
     dp = max(16, _p2(d))
-    best = torch.empty((bsz, na), device=metric.device, dtype=torch.float32)
-    idx = torch.empty((bsz, na), device=metric.device, dtype=torch.long)
+    best = _alloc((bsz, na), metric.device, torch.float32)
+    idx = _alloc((bsz, na), metric.device, torch.long)
     bm = 64 if na > 32 else (32 if na > 16 else 16)
     if valid_b is not None:
         vb = valid_b.to(torch.uint8)
@@ -369,7 +378,7 @@ def merge_rows(x, sizes, prim, members, owner):
         cnt = torch.zeros((bsz, n_out), device=x.device, dtype=torch.int32)
         start = cnt
     prim32 = prim.to(torch.int32).contiguous()
-    out = torch.empty((bsz, n_out, c), device=x.device, dtype=x.dtype)
+    out = _alloc((bsz, n_out, c), x.device, x.dtype)
     if sizes is not None:
         s, ssb = sizes, sizes.stride(0)
         if sizes.stride(1) != 1:
@@ -425,7 +434,7 @@ def apet_errors(x, basis, eps: float = 1e-5):
     s = basis.float().contiguous()
     g = s @ s.transpose(-1, -2) + eps * torch.eye(k, device=x.device)
     w = torch.linalg.solve(g, s).contiguous()  # G^-1 S, [B, k, C]
-    e = torch.empty((bsz, n), device=x.device, dtype=torch.float32)
+    e = _alloc((bsz, n), x.device, torch.float32)
     bn = 64
     _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
                                          KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=4)

@@ -1,0 +1,201 @@
+"""Triton kernels vs their PyTorch references, run by Triton's interpreter on CPU.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are decorated (triton reads
+it when ``@triton.jit`` runs), so it is set here before ``triton_impl`` is
+imported; a copy imported earlier without it is reloaded. Outputs are poisoned
+(NaN / -7) before every launch, so an unwritten element fails the check.
+The interpreter has no bfloat16 matrix product, so bf16 is checked on the GPU only
+(scripts/gpu_kernels.py).
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from tokenprune import kernels, ops  # noqa: E402
+from tokenprune.kernels import reference as R  # noqa: E402
+from tokenprune.state import TokenState  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def T():
+    mod = sys.modules.get("tokenprune.kernels.triton_impl")
+    mod = importlib.import_module("tokenprune.kernels.triton_impl") if mod is None else mod
+    if type(mod._ea_apply).__name__ != "InterpretedFunction":
+        mod = importlib.reload(mod)
+    mod.POISON = True
+    yield mod
+    mod.POISON = False
+
+
+def rel(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in the output (an element was not written?)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 5e-3
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def size_bias(b, n, g, dtype, masked=True):
+    s = torch.rand(b, n, generator=g) * 3 + 0.5
+    if masked:
+        s[:, 2::5] = 0  # padding keys: log 0 = -inf
+    return s.log()[:, None, None, :].to(dtype)
+
+
+# -- 1. efficient attention -------------------------------------------------------------------
+@pytest.mark.parametrize("shape,dtype,bias,split", [
+    ((1, 2, 37, 16), torch.float16, False, None),
+    ((2, 1, 100, 32), torch.float16, True, 3),  # N split over 3 programs + combine
+    ((1, 2, 70, 24), torch.float32, True, 1),  # head dim not a power of two
+    ((2, 1, 129, 16), torch.float32, False, 2),
+])
+def test_efficient_attention(T, shape, dtype, bias, split):
+    g = gen(1)
+    q, k, v = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+    bb = size_bias(shape[0], shape[2], g, dtype) if bias else None
+    out = T.efficient_attention(q, k, v, bb, split=split)
+    ref = R.efficient_attention(q.double(), k.double(), v.double(), None if bb is None else bb.double())
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel(out, ref) < tol(dtype)
+
+
+def test_efficient_attention_strided_input_matches_reducer(T):
+    """q/k/v as timm produces them (views into one qkv tensor); same result as maelre's PyTorch version."""
+    from tokenprune.reducers.maelre import efficient_attention as maelre_ea
+
+    g = gen(2)
+    b, n, h, d = 2, 45, 2, 16
+    qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bb = size_bias(b, n, g, torch.float32, masked=False)
+    out = T.efficient_attention(q, k, v, bb, split=2)
+    assert rel(out, maelre_ea(q, k, v, bb)) < 1e-5
+
+
+# -- 2. query-row scores ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("weights", [None, "full", "per_head"])
+def test_query_scores(T, dtype, weights):
+    g = gen(3)
+    b, h, n, d = 2, 3, 150, 24  # 150 = 2 blocks of 64 + 22
+    q = torch.randn(b, h, n, d, generator=g).to(dtype)
+    k = torch.randn(b, h, n, d, generator=g).to(dtype)
+    bb = size_bias(b, n, g, dtype)
+    w = {None: None, "full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}[weights]
+    for bias in (None, bb):
+        out = T.query_scores(q[:, :, 0], k, 0.2, bias, w, block_n=64)
+        ref = R.query_scores(q[:, :, 0].double(), k.double(), 0.2, None if bias is None else bias.double(),
+                             None if w is None else w.double())
+        assert out.shape == (b, n) and out.dtype == torch.float32
+        assert rel(out, ref) < 1e-5
+
+
+# -- 3. bipartite matching and merge rows ------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [7, 50, 161])
+def test_bipartite_best_same_partners(T, dtype, n):
+    g = gen(4)
+    metric = torch.randn(2, n + 1, 20, generator=g).to(dtype)[:, 1:]  # a strided view, like metric[:, p:]
+    valid_b = torch.rand(2, n // 2, generator=g) > 0.2
+    for vb in (None, valid_b):
+        best, idx = T.bipartite_best(metric, vb)
+        rbest, ridx = R.bipartite_best(metric, vb)
+        assert best.dtype == rbest.dtype
+        assert torch.equal(idx, ridx)
+        assert torch.equal(best, rbest) if dtype == torch.float16 else rel(best, rbest) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_rows(T, dtype):
+    g = gen(5)
+    b, t, c = 2, 30, 40
+    x = torch.randn(b, t, c, generator=g).to(dtype)
+    sizes = torch.randint(0, 4, (b, t), generator=g).float()  # zeros: padding
+    prim = torch.stack([torch.randperm(t, generator=g)[:12] for _ in range(b)])
+    members = torch.stack([torch.randperm(t, generator=g)[:9] for _ in range(b)])
+    owner = torch.randint(0, 12, (b, 9), generator=g)
+    for sz in (None, sizes):
+        out = T.merge_rows(x, sz, prim, members, owner)
+        ref = R.merge_rows(x.double(), None if sz is None else sz.double(), prim, members, owner)
+        assert rel(out, ref) < tol(dtype)
+
+
+def _use_interpreted(monkeypatch, T):
+    monkeypatch.setattr(kernels, "use_triton", lambda *ts: True)
+    monkeypatch.setattr(kernels, "_impl", lambda: T)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded):
+    """ops.bipartite_merge through the kernels gives the same tokens, sizes and source map."""
+    g = gen(6)
+    b, p, n, c = 2, 1, 21, 32
+    x = torch.randn(b, p + n, c, generator=g)
+    metric = torch.randn(b, p + n, 16, generator=g)
+
+    def state():
+        s = TokenState.start(x.clone(), p)
+        if padded:
+            sizes = torch.randint(1, 4, (b, p + n), generator=gen(7)).float()
+            sizes[0, p + 3:p + 9:2] = 0
+            s.sizes, s.padded = sizes, True
+        return s
+
+    ref = ops.bipartite_merge(state(), metric, 7)
+    _use_interpreted(monkeypatch, T)
+    out = ops.bipartite_merge(state(), metric, 7)
+    assert torch.equal(out.source, ref.source)
+    assert torch.equal(out.sizes, ref.sizes)
+    assert rel(out.x, ref.x) < 1e-6
+
+
+def test_query_attention_dispatch(T, monkeypatch):
+    g = gen(8)
+    q, k = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)
+    ref = ops.query_attention(q, k, 0.25, query=0)
+    _use_interpreted(monkeypatch, T)
+    assert rel(ops.query_attention(q, k, 0.25, query=0), ref) < 1e-5
+
+
+# -- 4. ApET reconstruction error -------------------------------------------------------------------
+@pytest.mark.parametrize("n,c,k", [(70, 40, 5), (33, 96, 10)])
+def test_apet_errors(T, n, c, k):
+    g = gen(9)
+    x = torch.randn(2, n, c, generator=g).half()
+    basis = x[:, :k].clone() + 0.1 * torch.randn(2, k, c, generator=g).half()
+    out = T.apet_errors(x, basis)
+    ref = R.apet_errors(x.double(), basis.double())
+    assert rel(out, ref) < 1e-5
+    from tokenprune.reducers.apet import reconstruction_error
+    assert rel(out, reconstruction_error(x, basis)) < 1e-5
+
+
+# -- dispatcher --------------------------------------------------------------------------------------
+def test_dispatcher_uses_reference_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "efficient_attention", lambda *a: calls.append("ref") or a[0])
+    q = torch.randn(1, 1, 4, 8)
+    assert kernels.use_triton(q) is False
+    kernels.efficient_attention(q, q, q)
+    assert calls == ["ref"]
+
+
+def test_dispatcher_switch(monkeypatch):
+    for value, on in (("0", False), ("off", False), ("1", True)):
+        monkeypatch.setenv("TOKENPRUNE_KERNELS", value)
+        assert kernels.kernels_enabled() is on
+    monkeypatch.setenv("TOKENPRUNE_KERNELS", "off")
+    fake_cuda = type("FakeCuda", (torch.Tensor,), {"is_cuda": property(lambda self: True)})
+    assert kernels.use_triton(torch.zeros(1).as_subclass(fake_cuda)) is False
