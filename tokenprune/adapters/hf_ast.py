@@ -1,8 +1,108 @@
-"""Work in progress."""
-from .base import Adapter
+"""Hugging Face Audio Spectrogram Transformer (``ASTForAudioClassification`` / ``ASTModel``).
+
+- Tokens: two prefix tokens ([CLS] and the distillation token, never
+  reduced) and a 2D frequency x time patch grid, ``(F, T)`` with
+  ``F = (num_mel_bins - patch_size) // frequency_stride + 1`` and
+  ``T = (max_length - patch_size) // time_stride + 1`` (row-major: the patch
+  embedding flattens frequency-major), handed to grid-aware reducers.
+- Positions: learned absolute embeddings added before the first layer.
+- The layer loop lives in ``ASTModel.forward``, so that forward is re-stated
+  here (embeddings, :func:`run_blocks`, final layer norm, pooler = mean of
+  the two prefix tokens, which reduction never touches). Attention keeps SDPA
+  through the ``tokenprune_sdpa`` kernel of :mod:`.hf_common`.
+- Not reduced: ``attention_mask`` / ``output_hidden_states`` /
+  ``output_attentions`` (clear error).
+"""
+from __future__ import annotations
+
+from ..engine import attach_state, attached_state
+from ..plan import EncoderInfo
+from .base import Adapter, has_class, restore_class, swap_class
+from .hf_common import ConfigSwitch, check_sdpa, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+
+
+def _attn(layer):
+    return layer.attention
+
+
+_call_block = hf_call_block(_attn)  # ASTLayer(x) -- attention_mask is optional
+_capture = hf_capture(_attn)
+
+
+def _layers(ast_model):
+    layers = getattr(ast_model, "layers", None)
+    if layers is None and hasattr(ast_model, "encoder"):  # older layout: ASTEncoder.layer
+        layers = ast_model.encoder.layer
+    if layers is None:
+        raise TypeError("tokenprune: cannot find the layers of this ASTModel")
+    return layers
+
+
+def ast_grid(config) -> tuple[int, int]:
+    f = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+    t = (config.max_length - config.patch_size) // config.time_stride + 1
+    return f, t
+
+
+class _ASTModel:
+    """Mixin for ``ASTModel``: the same forward with the reduced layer loop."""
+
+    def forward(self, input_values=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        no_extra_kwargs(dict(kwargs, attention_mask=attention_mask), "AST encoder")
+        patch = self._tokenprune_patch
+        x = self.embeddings(input_values)
+        grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
+        out = run_and_attach(patch, _layers(self), x, _call_block, _capture, grid)
+        state = attached_state(out)
+        seq = self.layernorm(out)
+        pooled = (seq[:, 0] + seq[:, 1]) / 2
+        return BaseModelOutputWithPooling(last_hidden_state=attach_state(seq, state), pooler_output=pooled)
 
 
 class HFASTAdapter(Adapter):
+    family = "hf_ast"
+    description = "transformers ASTForAudioClassification / ASTModel"
+
     @classmethod
     def matches(cls, model) -> bool:
-        return False
+        return has_class(model, "transformers.", "ASTForAudioClassification", "ASTModel")
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.ast = getattr(model, "audio_spectrogram_transformer", model)
+        self._switches = []
+
+    def _configs(self):
+        seen = []
+        for layer in _layers(self.ast):
+            c = _attn(layer).config
+            if not any(c is s for s in seen):
+                seen.append(c)
+        return seen
+
+    def info(self) -> EncoderInfo:
+        c = self.ast.config
+        grid = ast_grid(c)
+        return EncoderInfo(depth=len(_layers(self.ast)), dim=c.hidden_size, num_heads=c.num_attention_heads,
+                           num_prefix=2, num_tokens=grid[0] * grid[1], mlp_hidden=c.intermediate_size, grid=grid,
+                           has_cls=True, family=self.family)
+
+    def check(self, reducer) -> None:
+        for c in self._configs():
+            check_sdpa(c, "AST model")
+
+    def install(self, patch) -> None:
+        self._switches = [ConfigSwitch(c) for c in self._configs()]
+        for s in self._switches:
+            s.on()
+        self.ast._tokenprune_patch = patch
+        swap_class(self.ast, _ASTModel)
+
+    def uninstall(self) -> None:
+        restore_class(self.ast)
+        self.ast.__dict__.pop("_tokenprune_patch", None)
+        for s in self._switches:
+            s.off()
+        self._switches = []

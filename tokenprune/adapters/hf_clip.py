@@ -130,9 +130,6 @@ class HFClipAdapter(Adapter):
     def check(self, reducer) -> None:
         for c in self._configs():
             check_sdpa(c, "vision tower")
-        if getattr(reducer, "uses_attention_kernel", False):
-            raise TypeError(f"tokenprune: method {reducer.name!r} replaces the attention kernel, which the HF "
-                            "CLIP/SigLIP adapter does not support yet; use it on a timm model")
 
     def install(self, patch) -> None:
         t = self.tower

@@ -8,6 +8,8 @@ function that
 - adds the token-size key bias (``log size``, ``[B, 1, 1, N]``) as SDPA's
   ``attention_mask`` for the attention module of the block now running (the
   encoder layers never need to accept a mask themselves), and
+- runs the reducer's replacement kernel instead of SDPA where one is in
+  force (``engine.attention_kernel``: MAELRE's linear blocks), and
 - records that block's ``q`` and ``k`` (``[B, H, N, d]``, references to what
   the module computed anyway) and the ``scaling`` it passed,
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import QK, attach_state, current_scope, forward_scope, run_blocks
+from ..engine import QK, attach_state, current_kernel, current_scope, forward_scope, run_blocks
 
 KERNEL_NAME = "tokenprune_sdpa"
 INNER = "sdpa"
@@ -61,6 +63,15 @@ def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
             call.qk.q, call.qk.k = query, key
             call.qk.scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
             call.qk.bias = call.bias
+    kernel = current_kernel()
+    if kernel is not None and (call is None or any(module is m for m in call.modules)):
+        # a reducer replaces SDPA in this block (MAELRE's linear attention): the kernel takes q in the
+        # standard convention (scores = q k^T / sqrt(d)); Whisper pre-scales q and passes scaling=1
+        scaling = kwargs.get("scaling")
+        d = query.shape[-1]
+        q = query if scaling is None else query * (float(scaling) * d ** 0.5)
+        bias = call.bias if call is not None else None
+        return kernel(q, key, value, bias).transpose(1, 2).contiguous(), None
     if kwargs.get("output_attentions"):
         raise ValueError("tokenprune: output_attentions=True needs eager attention; a reduced model keeps SDPA. "
                          "Call tokenprune.remove(model) to get attention maps")

@@ -128,9 +128,6 @@ class WhisperAdapter(Adapter):
     def check(self, reducer) -> None:
         for c in self._configs():
             check_sdpa(c, "Whisper model")
-        if getattr(reducer, "uses_attention_kernel", False):
-            raise TypeError(f"tokenprune: method {reducer.name!r} replaces the attention kernel, which the Whisper "
-                            "adapter does not support yet")
 
     def install(self, patch) -> None:
         self._switches = [ConfigSwitch(c) for c in self._configs()]
