@@ -1,0 +1,192 @@
+"""`tokenprune eval` / `bench` end to end on a tiny model and a tiny dataset (CPU), recipes,
+bad arguments, and a two-process torchrun evaluation that must match one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenprune
+from tokenprune.cli import main
+from tokenprune.recipes import list_recipes, load_recipe
+
+from conftest import tiny_vit
+
+TINY_ARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A local timm-layout checkpoint (config.json + model.safetensors) and a 3-class ImageFolder."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("tiny")
+    ckpt = root / "tiny-vit"
+    ckpt.mkdir()
+    model = tiny_vit(num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(
+        {"architecture": "vit_small_patch16_224", "num_classes": 3, "model_args": TINY_ARGS}))
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for c in range(3):
+        d = data / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(6):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            img[..., c] = 255 - 40 * c  # a colour cue per class
+            Image.fromarray(img).save(d / f"{i}.png")
+    return {"ckpt": ckpt, "data": data, "root": root, "model": model}
+
+
+def _eval_args(tiny, out, *extra, methods="merge,cls", budgets="0.5,0.25"):
+    return ["eval", "--model", str(tiny["ckpt"]), "--data", str(tiny["data"]), "--methods", methods,
+            "--budgets", budgets, "--batch-size", "4", "--limit", "0", "--out", str(out), "--no-progress",
+            "--threads", "1", *extra]
+
+
+def test_eval_end_to_end_writes_json_csv_png(tiny, tmp_path):
+    assert main(_eval_args(tiny, tmp_path)) == 0
+    res = json.loads((tmp_path / "eval_top1.json").read_text())
+    assert (tmp_path / "eval_top1.csv").exists()
+    png = (tmp_path / "eval_top1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    rows = {r["config"]: r for r in res["rows"]}
+    # unreduced + methods x budgets + the random and pooling baselines, always
+    assert set(rows) == {"unreduced"} | {f"{m}@{b}" for m in ("merge", "cls", "random", "pool")
+                                         for b in ("0.5", "0.25")}
+    assert res["task"] == "top1" and res["num_samples"] == 18
+    ref = rows["unreduced"]
+    assert ref["flop_ratio"] == 1.0 and ref["agreement"] == 1.0
+    # the loaded checkpoint is the saved model: same predictions as running it directly
+    x = tokenprune.data.to_tensor(tokenprune.data.load_image_folder(tiny["data"])[0], 32)
+    labels = torch.tensor(tokenprune.data.load_image_folder(tiny["data"])[1])
+    with torch.no_grad():
+        acc = (tiny["model"](x).argmax(1) == labels).float().mean().item()
+    assert ref["top1"] == pytest.approx(acc)
+    for name, r in rows.items():
+        if name != "unreduced":
+            assert 0 < r["flop_ratio"] < 1, name
+            assert 0 <= r["agreement"] <= 1
+    assert rows["merge@0.25"]["flop_ratio"] < rows["merge@0.5"]["flop_ratio"]
+
+
+def test_eval_knn_on_feature_extractor(tiny, tmp_path):
+    args = _eval_args(tiny, tmp_path, "--num-classes", "0", "--train-data", str(tiny["data"]), "--k", "3")
+    assert main(args) == 0
+    res = json.loads((tmp_path / "eval_knn.json").read_text())
+    assert res["task"] == "knn"
+    ref = res["rows"][0]
+    assert ref["config"] == "unreduced" and ref["retained"] == 1.0
+    # the bank is the test set itself: each image's nearest neighbour is itself (similarity 1,
+    # weight e^(1/0.07) dominates), so kNN-3 is exact
+    assert ref["top1"] == 1.0
+    assert (tmp_path / "eval_knn.png").exists()
+
+
+def test_knn_predict_weighted_vote():
+    from tokenprune.evaluate import knn_predict
+
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    pred = knn_predict(bank, labels, torch.tensor([[1.0, 0.05], [0.1, 1.0]]), k=1)
+    assert pred.tolist() == [0, 1]
+
+
+def test_bench_end_to_end_on_cpu(tmp_path):
+    args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps({**TINY_ARGS, "num_classes": 3}),
+            "--methods", "merge,random", "--budgets", "0.5", "--batch-sizes", "1,2", "--warmup", "0",
+            "--repeats", "2", "--out", str(tmp_path), "--no-progress", "--threads", "1",
+            "--recipe", "default-vit"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "bench.csv").exists()
+    rows = res["rows"]
+    assert {(r["config"], r["batch_size"]) for r in rows} == {
+        (c, b) for c in ("unreduced", "merge@0.5", "random@0.5", "recipe:default-vit@0.5") for b in (1, 2)}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["samples_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["median_ms"])
+        if r["config"] == "unreduced":
+            assert r["speedup"] == 1.0 and r["flop_bound"] == 1.0
+        else:
+            assert r["flop_bound"] > 1.0 and r["speedup"] > 0
+    plan = tokenprune.plan(tiny_vit(num_classes=3), budget=0.5, method="merge")
+    merge = next(r for r in rows if r["config"] == "merge@0.5")
+    assert merge["flop_ratio"] == pytest.approx(plan.flop_ratio) and merge["tokens_out"] == 32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "no_such_model_xyz"], "unknown model"),
+    (["bench", "--model", "no_such_model_xyz"], "unknown model"),
+    (["eval", "--methods", "merge,bogus"], "unknown method 'bogus'"),
+    (["bench", "--methods", "bogus"], "unknown method 'bogus'"),
+    (["eval", "--budgets", "1.5"], "budget must be in (0, 1]"),
+    (["bench", "--budgets", "0"], "budget must be in (0, 1]"),
+    (["eval", "--budgets", "half"], "not a float"),
+    (["eval", "--data", "/no/such/dir"], "does not exist"),
+    (["eval", "--recipe", "nope"], "unknown recipe 'nope'"),
+    (["bench", "--batch-sizes", "0"], "--batch-sizes"),
+])
+def test_bad_arguments_exit_nonzero_with_one_line(argv, message, capsys, tiny):
+    # model/data defaults point at the tiny checkpoint so only the bad argument can fail
+    extra = []
+    if "--model" not in argv:
+        extra += ["--model", str(tiny["ckpt"])]
+    if argv[0] == "eval" and "--data" not in argv:
+        extra += ["--data", str(tiny["data"])]
+    code = main(argv + extra + ["--out", str(tiny["root"] / "bad"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert message in err and err.startswith(f"tokenprune {argv[0]}: error:")
+
+
+def test_recipes_load_and_apply(tmp_path):
+    assert {"tome-vit-b", "fastervlm-90", "asvit-deit-s", "maelre-long-audio", "default-vit"} <= set(list_recipes())
+    for name in list_recipes():  # every shipped recipe loads, even if its method is not registered
+        r = load_recipe(name)
+        assert r.method and 0 < r.budget <= 1
+    tome = load_recipe("tome-vit-b")
+    assert [196 - k for k in tome.schedule.values()] == [13 * (i + 1) for i in range(11)]
+
+    model = tiny_vit()
+    tokenprune.apply(model, recipe="default-vit")
+    p = tokenprune.plan(model)
+    assert (p.method, p.budget) == ("merge", 0.5)
+    tokenprune.apply(model, recipe="default-vit", budget=0.25, method="cls")  # explicit arguments win
+    p = tokenprune.plan(model)
+    assert (p.method, p.budget, p.num_out) == ("cls", 0.25, 16)
+    tokenprune.remove(model)
+
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("name: mine\nmethod: not_a_method_yet\nbudget: 0.3\noptions: {}\n")
+    assert load_recipe(str(custom)).method == "not_a_method_yet"
+    with pytest.raises(ValueError, match="needs method 'not_a_method_yet'.*known methods"):
+        tokenprune.apply(model, recipe=str(custom))
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; known recipes: .*tome-vit-b"):
+        tokenprune.apply(model, recipe="nope")
+    assert not tokenprune.is_applied(model)
+
+
+def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
+    """Batches are dealt round-robin to 2 gloo ranks and gathered: the metrics must equal one process's
+    (random drop included, whose choice depends on the batch)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = _eval_args(tiny, one, methods="merge", budgets="0.25")
+    assert main(args) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tokenprune.cli"] + _eval_args(tiny, two, methods="merge", budgets="0.25")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((one / "eval_top1.json").read_text())
+    b = json.loads((two / "eval_top1.json").read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    keys = ("config", "top1", "agreement", "retained", "flop_ratio", "tokens_out")
+    assert [{k: r[k] for k in keys} for r in a["rows"]] == [{k: r[k] for k in keys} for r in b["rows"]]
