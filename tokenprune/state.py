@@ -78,6 +78,14 @@ class TokenState:
         """
         if self.sizes is None:
             return None
+        cached = self.scratch.get("_bias")
+        if cached is not None and cached[0] is self.sizes and cached[1] == dtype:
+            return cached[2]  # sizes change only at reduction stages: one bias per stage
+        bias = self._make_bias(dtype)
+        self.scratch["_bias"] = (self.sizes, dtype, bias)
+        return bias
+
+    def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.proportional:
             bias = self.sizes.log()
         elif self.padded:

@@ -2,7 +2,10 @@
 
 Keeps a uniformly random subset of the non-prefix tokens (spatial order
 kept) at the same stages as ``cls`` by default, so the two compare at equal
-FLOPs. ``seed`` makes the choice reproducible across calls.
+FLOPs. ``seed`` makes the choice reproducible across calls (and devices):
+scores come from an integer hash of (seed, stage, sample, position) computed
+on the tokens' device, so no generator is created and the forward can be
+captured in a CUDA graph. ``seed=None`` draws from torch's global generator.
 """
 from __future__ import annotations
 
@@ -15,6 +18,17 @@ from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
 from .base import Reducer
 from .cls import check_layers, default_layers
+
+
+def hash_scores(b: int, n: int, key: int, device) -> torch.Tensor:
+    """Deterministic pseudo-random values in [0, 1) of shape [b, n] (a 32-bit integer mix)."""
+    m = (1 << 32) - 1
+    h = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n)
+    h = (h * 0x9E3779B1 + (key * 0x85EBCA77 & m)) & m
+    for mul in (0x85EBCA6B, 0xC2B2AE35):
+        h = ((h ^ (h >> 16)) * mul) & m
+    h = h ^ (h >> 16)
+    return h.to(torch.float32) / float(1 << 32)
 
 
 @register("random")
@@ -32,10 +46,10 @@ class RandomDrop(Reducer):
 
     def reduce(self, state, stage, qk):
         b, n = state.x.shape[0], state.num_tokens
-        gen = None
-        if self.seed is not None:
-            gen = torch.Generator(device=state.x.device).manual_seed(self.seed + 7919 * (stage.block + 1))
-        scores = torch.rand((b, n), generator=gen, device=state.x.device)
+        if self.seed is None:
+            scores = torch.rand((b, n), device=state.x.device)
+        else:
+            scores = hash_scores(b, n, self.seed * 1_000_003 + stage.block + 1, state.x.device)
         valid = state.valid
         idx, ok = topk_sorted(scores, stage.keep, valid[:, state.num_prefix:] if valid is not None else None)
         return gather_tokens(state, idx, ok)
