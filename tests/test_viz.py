@@ -1,0 +1,234 @@
+"""tokenprune.viz overlays and the demo's upload validation (no Gradio needed)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenprune
+from tokenprune import viz
+from tokenprune.commands import demo
+from tokenprune.engine import attached_state
+
+from conftest import tiny_vit
+
+GRAY = 128
+
+
+def _gray(h=40, w=40):
+    return np.full((h, w, 3), GRAY, dtype=np.uint8)
+
+
+# -- overlays on hand-made source maps -------------------------------------------------------------
+def test_overlay_dims_dropped_tints_merged_keeps_singletons():
+    # 2 x 2 grid, prefix of 1: patches 0 and 1 merged into token 1, patch 2 alone in token 2, patch 3 dropped
+    src = torch.tensor([[1, 1, 2, -1]])
+    out = viz.token_overlay(_gray(), src, (2, 2), outline=False)
+    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+    top_left, top_right, bottom_left, bottom_right = out[5, 5], out[5, 35], out[35, 5], out[35, 35]
+    assert (bottom_left == GRAY).all()  # kept alone: untouched
+    assert bottom_right.max() < GRAY * 0.6  # dropped: dimmed
+    assert (top_left == top_right).all() and not (top_left == GRAY).all()  # one group, one tint
+    assert len(set(map(tuple, out.reshape(-1, 3)))) == 3
+
+
+def test_overlay_outlines_only_between_different_tokens():
+    src = np.array([1, 1, 2, -1])
+    out = viz.token_overlay(_gray(), src, (2, 2), alpha=0.0, dim=1.0, outline=True, outline_color=(255, 0, 0),
+                            line=1)
+    red = (out == [255, 0, 0]).all(-1)
+    assert not red[:20].any()  # the merged pair (top row) has no line between its two patches
+    assert red[20].all()  # top row vs bottom row: different tokens
+    assert red[21:, 20].all() and red.sum() == 40 + 19  # bottom: token 2 vs dropped
+
+
+def test_group_sizes_and_stats():
+    src = np.array([1, 1, 1, 2, -1, -1, 3, 3, 3])
+    assert viz.group_sizes(src) == {1: 3, 2: 1, 3: 3}
+    s = viz.token_stats(src)
+    assert s == {"patches": 9, "tokens": 3, "dropped": 2, "merged_tokens": 2, "patches_in_merged": 6,
+                 "largest_group": 3}
+
+
+def test_overlay_rejects_bad_grid_and_shapes():
+    with pytest.raises(ValueError, match="grid"):
+        viz.token_overlay(_gray(), np.arange(6), (2, 2))
+    with pytest.raises(ValueError, match="square"):
+        viz.token_overlay(_gray(), np.arange(6))
+    with pytest.raises(ValueError, match="image"):
+        viz.as_rgb(np.zeros((2, 3, 4, 5)))
+
+
+def test_as_rgb_converts_gray_alpha_float_and_chw():
+    assert viz.as_rgb(np.zeros((5, 6), dtype=np.uint8)).shape == (5, 6, 3)
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)  # fully transparent black -> white
+    assert (viz.as_rgb(rgba) == 255).all()
+    assert (viz.as_rgb(np.ones((3, 3, 3), dtype=np.float32)) == 255).all()
+    chw = torch.zeros(3, 7, 9)
+    assert viz.as_rgb(chw).shape == (7, 9, 3)
+    assert (viz.as_rgb(Image.new("LA", (4, 4), (0, 0))) == 255).all()
+
+
+# -- overlays from real reduced forwards ----------------------------------------------------------------
+@pytest.mark.parametrize("method", ["merge", "cls"])
+def test_overlay_from_a_reduced_forward(method):
+    m = tiny_vit(img_size=32, patch_size=4)  # 8 x 8 grid, 64 patches
+    x = torch.rand(2, 3, 32, 32)
+    with tokenprune.applied(m, budget=0.25, method=method), torch.no_grad():
+        feats = m.forward_features(x)
+    state = attached_state(feats)
+    k = tokenprune.keep_count(0.25, 64)
+    for b in range(2):
+        s = viz.token_stats(state.source, index=b)
+        assert s["tokens"] == k
+        if method == "cls":
+            assert s["dropped"] == 64 - k and s["merged_tokens"] == 0
+        else:
+            assert s["dropped"] == 0 and s["patches_in_merged"] > 0
+    img = viz.overlay_from_features(x[1], feats, index=1)
+    assert img.shape == (32, 32, 3)
+
+
+def test_overlay_from_unreduced_features_is_a_clear_error():
+    m = tiny_vit(img_size=32, patch_size=4)
+    with torch.no_grad():
+        feats = m.forward_features(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="tokenprune.apply"):
+        viz.overlay_from_features(torch.rand(3, 32, 32), feats)
+
+
+# -- audio -------------------------------------------------------------------------------------------------
+def test_log_spectrogram_peak_at_the_tone():
+    sr = 16000
+    t = np.arange(sr) / sr
+    spec = viz.log_spectrogram(np.sin(2 * np.pi * 1000 * t), sr=sr, n_fft=400, hop=160)
+    assert spec.shape == (201, 101)
+    assert int(np.argmax(spec[:, 50])) == 25  # 1000 Hz / (16000 / 400) Hz per bin
+
+
+def test_spectrogram_overlay_time_tokens():
+    spec = np.random.default_rng(0).normal(size=(80, 20)).astype(np.float32)
+    # 15 tokens of 2 frames each: tokens 10..14 lie past the 20 frames (padding of a short clip)
+    src = np.array([1, -1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
+    out = viz.spectrogram_overlay(spec, src, (15,), frames_per_token=2, height=160, outline=False, alpha=0.0,
+                                  dim=0.0)
+    assert out.shape == (160, 20, 3)
+    assert (out[:, 2:4] == 0).all()  # token 1 dropped -> frames 2, 3 black with dim=0
+    assert out[:, [0, 1, 4, 5]].any()
+    plain = viz.colorize(spec)[::-1].repeat(2, axis=0)
+    assert (out[:, 0:2] == plain[:, 0:2]).all()  # kept alone: untouched
+
+
+def test_spectrogram_overlay_frequency_bands_low_at_bottom():
+    spec = np.ones((8, 8), dtype=np.float32)
+    src = np.array([1, 2, -1, -1])  # grid (2 bands, 2 times): the upper band (index 1) dropped
+    out = viz.spectrogram_overlay(spec, src, (2, 2), height=8, outline=False, alpha=0.0, dim=0.0)
+    assert (out[:4] == 0).all() and out[4:].any()  # top rows are the high band
+
+
+def test_panel_figure():
+    fig = viz.panel_figure([("a", _gray()), ("b", _gray())])
+    assert len(fig.axes) == 2 and fig.axes[1].get_title() == "b"
+
+
+# -- upload validation ---------------------------------------------------------------------------------------
+def test_non_image_file_is_a_readable_error(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("not an image")
+    with pytest.raises(demo.InputError, match="not an image"):
+        demo.load_image(p)
+    e = tmp_path / "empty.png"
+    e.write_bytes(b"")
+    with pytest.raises(demo.InputError, match="empty"):
+        demo.load_image(e)
+    with pytest.raises(demo.InputError, match="upload"):
+        demo.load_image(None)
+
+
+def test_truncated_image_is_a_readable_error(tmp_path):
+    p = tmp_path / "cut.png"
+    buf = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
+    p.write_bytes(buf.read_bytes()[:200])
+    with pytest.raises(demo.InputError, match="cut.png"):
+        demo.load_image(p)
+
+
+def test_gray_alpha_and_16bit_images_become_rgb(tmp_path):
+    Image.new("L", (20, 10), 77).save(tmp_path / "g.png")
+    im, notes = demo.load_image(tmp_path / "g.png")
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == (77, 77, 77) and "grayscale" in notes[0]
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
+    im, notes = demo.load_image(tmp_path / "a.png")
+    assert im.getpixel((3, 3)) == (255, 255, 255) and "white" in notes[0]
+    Image.fromarray(np.full((6, 6), 4000, dtype=np.uint16)).save(tmp_path / "d.png")
+    im, notes = demo.load_image(tmp_path / "d.png")
+    assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_huge_images_are_downscaled_or_refused(tmp_path, monkeypatch):
+    Image.new("RGB", (3000, 1500), (10, 20, 30)).save(tmp_path / "big.png")
+    im, notes = demo.load_image(tmp_path / "big.png")
+    assert im.size == (demo.MAX_SIDE, demo.MAX_SIDE // 2) and any("downscaled" in n for n in notes)
+    monkeypatch.setattr(demo, "MAX_PIXELS", 1_000_000)
+    with pytest.raises(demo.InputError, match="megapixels|MP"):
+        demo.load_image(tmp_path / "big.png")
+    monkeypatch.setattr(demo, "MAX_UPLOAD_BYTES", 10)
+    with pytest.raises(demo.InputError, match="MB"):
+        demo.load_image(tmp_path / "big.png")
+
+
+def test_square_crop_centres():
+    im = Image.new("RGB", (30, 10))
+    im.paste((255, 0, 0), (10, 0, 20, 10))
+    sq = demo.square_crop(im)
+    assert sq.size == (10, 10) and sq.getpixel((5, 5)) == (255, 0, 0)
+
+
+def test_audio_validation(tmp_path):
+    import soundfile as sf
+
+    (tmp_path / "x.wav").write_text("RIFF but not really")
+    with pytest.raises(demo.InputError, match="not an audio file"):
+        demo.load_audio(tmp_path / "x.wav")
+    sf.write(tmp_path / "short.wav", np.zeros(100, dtype=np.float32), 16000)
+    with pytest.raises(demo.InputError, match="at least"):
+        demo.load_audio(tmp_path / "short.wav")
+    sr = 44100
+    t = np.arange(sr) / sr
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    sf.write(tmp_path / "st.wav", np.stack([tone, tone], 1), sr)
+    wave, notes = demo.load_audio(tmp_path / "st.wav")
+    assert wave.dtype == np.float32 and wave.shape == (16000,)
+    assert any("mono" in n for n in notes) and any("16000" in n for n in notes)
+    spec = np.abs(np.fft.rfft(wave))
+    assert abs(int(np.argmax(spec)) - 440) <= 1  # 1 s at 16 kHz: 1 Hz per bin; the tone survived
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 31, dtype=np.float32), 16000)
+    wave, notes = demo.load_audio(tmp_path / "long.wav")
+    assert wave.size == 16000 * 30 and any("30 s" in n for n in notes)
+
+
+# -- the demo's comparison without the UI ----------------------------------------------------------------------
+def test_compare_image_counts_and_panels():
+    entry = demo.load_image_model(demo.TINY_LABEL)
+    img = Image.open(next(iter(demo.sample_images().values())))
+    ref, results = demo.compare_image(entry, img, 0.25, ["merge", "cls"], repeats=1, display=64)
+    k = tokenprune.keep_count(0.25, 64)
+    assert ref.kept == 64 and [r.kept for r in results] == [k, k]
+    assert all(not r.error and r.overlay.shape == (64, 64, 3) for r in results)
+    assert results[1].stats["dropped"] == 64 - k
+    page = demo.results_html(ref, results, 0.25)
+    assert page.count('class="tp-card"') == 3 and f'data-kept="{k}"' in page
+    assert not tokenprune.is_applied(entry.model)
+    with pytest.raises(demo.InputError, match="unknown method"):
+        demo.compare_image(entry, img, 0.25, ["nope"])
+    with pytest.raises(ValueError, match="budget"):
+        demo.compare_image(entry, img, 1.5, ["merge"])
+
+
+def test_bundled_samples_are_small_pngs():
+    samples = demo.sample_images()
+    assert len(samples) >= 3
+    for p in samples.values():
+        assert p.stat().st_size < 50 * 1024
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.mode == "RGB"
