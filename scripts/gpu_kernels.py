@@ -216,6 +216,43 @@ def kernel_efficient_attention(dev, smoke, ceil):
             del q, k, v
 
 
+@guard("efficient_attention_configs")
+def sweep_efficient_attention(dev, smoke, ceil):
+    """Block sizes / warps of the two passes at N = 16k; the fastest is what EA_CONFIG should hold."""
+    if dev.type != "cuda" or smoke:
+        return
+    T = kernels._impl()
+    gen = torch.Generator(device=dev).manual_seed(5)
+    print("efficient attention block-size sweep (N = 16384, fp16)")
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in T.EA_CONFIG.items()}
+    out = []
+    for b, h, d in ((2, 12, 64), (2, 16, 128)):
+        n = 16384
+        q, k, v = (randn(b, h, n, d, dtype=torch.float16, dev=dev, gen=gen) for _ in range(3))
+        bias = size_bias(b, n, torch.float16, dev, gen, masked=False)
+        ref = R.efficient_attention(q, k, v, bias)
+        for p1 in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            for p2 in ((64, 4), (128, 4), (128, 8)):
+                if d == 128 and p1 == (256, 8):
+                    continue
+                T.EA_CONFIG["pass1"][d] = p1
+                T.EA_CONFIG["pass2"][d] = p2
+                try:
+                    err = rel(T.efficient_attention(q, k, v, bias), ref)
+                    t = bench(lambda: T.efficient_attention(q, k, v, bias), dev)
+                except Exception as e:  # e.g. out of shared memory / registers for this shape
+                    out.append({"d": d, "pass1": p1, "pass2": p2, "error": str(e)[:200]})
+                    continue
+                nbytes = 4 * b * h * n * d * 2 + 2 * b * n * 2
+                pct = 100 * bound_ms(nbytes, 4 * b * h * n * d * d, ceil) / t
+                out.append({"d": d, "shape": (b, h, n, d), "pass1": p1, "pass2": p2, "t_ms": t, "rel_err": err,
+                            "pct_of_bound": pct})
+                print(f"  d={d} pass1 {p1} pass2 {p2}: {t * 1e3:8.1f} us  {pct:5.1f}% of bound  err {err:.1e}")
+        T.EA_CONFIG["pass1"][d], T.EA_CONFIG["pass2"][d] = saved["pass1"][d], saved["pass2"][d]
+        del q, k, v
+    RESULTS["ea_sweep"] = out
+
+
 # -- 2b. query-row scores -------------------------------------------------------------------------------
 @guard("query_scores")
 def kernel_query_scores(dev, smoke, ceil):
@@ -267,7 +304,6 @@ def kernel_bipartite(dev, smoke, ceil):
             rbest, ridx = R.bipartite_best(metric, vb)
             same = float((idx == ridx).float().mean())
             # a different partner is fine only where the two similarities tie in the metric dtype
-            sim = R.bipartite_best.__wrapped__(metric, vb) if hasattr(R.bipartite_best, "__wrapped__") else None
             m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
             s_full = (m[:, ::2] @ m[:, 1::2].transpose(-1, -2)).float()
             if vb is not None:
@@ -276,7 +312,6 @@ def kernel_bipartite(dev, smoke, ceil):
             ulp = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dt]
             check("bipartite_best", (b, n, d, "valid" if vb is not None else ""), dt,
                   0.0 if gap <= 2 * ulp else gap, 2 * ulp + 1e-12, {"same_partner": same, "sim_gap": gap})
-            del sim
     # the whole merge step: fused path vs PyTorch path on the same state
     for b, n, c, r, dt in ([(2, 21, 32, 7, torch.float32)] if smoke else
                            [(256, 196, 768, 13, torch.float16), (2, 16384, 768, 4096, torch.bfloat16),
@@ -522,6 +557,15 @@ def markdown() -> str:
         for r in RESULTS["maelre_long"]:
             lines.append(f"| {r['config']} | {r['t_ms']:.2f} | {r['peak_extra_bytes'] / 2 ** 20:.1f} |")
         lines.append("")
+    if RESULTS.get("ea_sweep"):
+        lines += ["## efficient attention block sizes (BLOCK_N, warps) at N = 16384, fp16", "",
+                  "| d | pass 1 | pass 2 | us | % of bound |", "|---|---|---|---|---|"]
+        for r in RESULTS["ea_sweep"]:
+            if "t_ms" in r:
+                lines.append(f"| {r['d']} | {r['pass1']} | {r['pass2']} | {r['t_ms'] * 1e3:.1f} | {r['pct_of_bound']:.0f}% |")
+            else:
+                lines.append(f"| {r['d']} | {r['pass1']} | {r['pass2']} | failed: {r['error'][:60]} | |")
+        lines.append("")
     if RESULTS["errors"]:
         lines += ["## Errors", ""] + [f"- {e}" for e in RESULTS["errors"]]
     return "\n".join(lines) + "\n"
@@ -554,6 +598,7 @@ def main():
     ceil = ceilings(dev, smoke)
     if "kernels" not in skip:
         kernel_efficient_attention(dev, smoke, ceil)
+        sweep_efficient_attention(dev, smoke, ceil)
         kernel_query_scores(dev, smoke, ceil)
         kernel_bipartite(dev, smoke, ceil)
         kernel_apet(dev, smoke, ceil)

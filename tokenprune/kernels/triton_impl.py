@@ -14,7 +14,7 @@ import triton.language as tl
 # scripts/gpu_kernels.py may override these to compare variants.
 EA_CONFIG = {
     "pass1": {64: (128, 4), 128: (64, 8)},
-    "pass2": {64: (128, 4), 128: (64, 4)},
+    "pass2": {64: (128, 4), 128: (128, 8)},
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -49,7 +49,8 @@ def _cfg(table, d):
 def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
-                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = bh // H
@@ -78,7 +79,10 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         alpha = tl.exp(m - m_safe)
         p = tl.exp(kt - m_safe[None, :])
         l = l * alpha + tl.sum(p, 0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(vt.dtype)), vt)
+        if IS_F32:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p), vt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(vt.dtype)), vt)
         m = m_new
     offs_2 = offs_d[:, None] * DP + offs_d[None, :]
     if SPLIT:
@@ -114,7 +118,7 @@ def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.con
 @triton.jit
 def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
               sqb, sqh, sqn, sob, soh, son,
-              DP: tl.constexpr, BLOCK_N: tl.constexpr):
+              IS_F32: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     nb = tl.program_id(1)
     b = bh // H
@@ -130,7 +134,10 @@ def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
     qt = tl.exp(qt - tl.max(qt, 1)[:, None])
     p = qt / tl.sum(qt, 1)[:, None]
     ctx = tl.load(ctx_ptr + bh * DP * DP + offs_d[:, None] * DP + offs_d[None, :])
-    o = tl.dot(p.to(ctx.dtype), ctx)
+    if IS_F32:
+        o = tl.dot(p, ctx, input_precision="ieee")
+    else:
+        o = tl.dot(p.to(ctx.dtype), ctx)
     tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=mask2)
 
@@ -164,13 +171,15 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         part = mpart = lpart = ctx
     _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
                              k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
-                             HAS_BIAS=bias is not None, SPLIT=split > 1, DP=dp, BLOCK_N=bn1, num_warps=w1)
+                             HAS_BIAS=bias is not None, SPLIT=split > 1,
+                             IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1, num_warps=w1)
     if split > 1:
         _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
-                                         out.stride(0), out.stride(1), out.stride(2), DP=dp, BLOCK_N=bn2,
+                                         out.stride(0), out.stride(1), out.stride(2),
+                                         IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2,
                                          num_warps=w2)
     return out
 
@@ -265,7 +274,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
-             HAS_VALID: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+             HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     b = tl.program_id(0)
     pa = tl.program_id(1)
     offs_d = tl.arange(0, DP)
@@ -288,7 +297,10 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
         bf = bt.to(tl.float32)
         nbn = tl.sqrt(tl.sum(bf * bf, 1)).to(bt.dtype).to(tl.float32)
         bn_ = (bf / tl.maximum(nbn, 1e-6)[:, None]).to(bt.dtype)
-        sim = tl.dot(an, tl.trans(bn_)).to(a.dtype).to(tl.float32)  # rounded like the reference's matmul
+        if IS_F32:  # no tf32: the same partners as the float32 reference
+            sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
+        else:
+            sim = tl.dot(an, tl.trans(bn_)).to(a.dtype).to(tl.float32)  # rounded like the reference's matmul
         ok = bmask
         if HAS_VALID:
             ok = ok & (tl.load(vb_ptr + b * svb + offs_b, mask=bmask, other=0) != 0)
@@ -320,7 +332,8 @@ def bipartite_best(metric, valid_b=None):
     else:
         vb, svb = best, 0
     _bm_best[(bsz, triton.cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
-                                         HAS_VALID=valid_b is not None, DP=dp, BM=bm, BN=64, num_warps=4)
+                                         HAS_VALID=valid_b is not None,
+                                         IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=64, num_warps=4)
     return best.to(metric.dtype), idx
 
 
@@ -346,7 +359,7 @@ def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT
             if HAS_SIZES:
                 sp = tl.load(s_ptr + b * ssb + pr).to(tl.float32)
             else:
-                sp = 1.0
+                sp = pr.to(tl.float32) * 0.0 + 1.0
             acc = res * sp
             tot = sp
             for i in range(0, cnt):
@@ -354,7 +367,7 @@ def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT
                 if HAS_SIZES:
                     si = tl.load(s_ptr + b * ssb + mi).to(tl.float32)
                 else:
-                    si = 1.0
+                    si = mi.to(tl.float32) * 0.0 + 1.0
                 acc += si * tl.load(x_ptr + b * sxb + mi * sxn + offs, mask=cm, other=0.0).to(tl.float32)
                 tot += si
             res = tl.where(tot > 0, acc / tl.maximum(tot, 1e-30), res)
