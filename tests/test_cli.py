@@ -190,3 +190,23 @@ def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     assert b["world_size"] == 2 and a["world_size"] == 1
     keys = ("config", "top1", "agreement", "retained", "flop_ratio", "tokens_out")
     assert [{k: r[k] for k in keys} for r in a["rows"]] == [{k: r[k] for k in keys} for r in b["rows"]]
+
+
+def test_eval_reuse_runs_only_new_configurations(tiny, tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(_eval_args(tiny, first, methods="merge", budgets="0.25")) == 0
+    prev = json.loads((first / "eval_top1.json").read_text())
+    assert len(prev["reference"]["pred"]) == 18
+    capsys.readouterr()
+    args = _eval_args(tiny, second, "--reuse", str(first / "eval_top1.json"), methods="cls", budgets="0.25")
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "reusing 3 configuration(s)" in log  # unreduced, random, pool
+    assert "cls@0.25" in log and "merge@0.25 " not in log
+    rows = {r["config"]: r for r in json.loads((second / "eval_top1.json").read_text())["rows"]}
+    assert set(rows) == {"unreduced", "cls@0.25", "random@0.25", "pool@0.25", "merge@0.25"}
+    assert rows["merge@0.25"] == next(r for r in prev["rows"] if r["config"] == "merge@0.25")
+    assert rows["cls@0.25"]["agreement"] is not None
+    # a results file of another task/data cannot be reused
+    bad = _eval_args(tiny, second, "--reuse", str(first / "eval_top1.json"), "--limit", "9")
+    assert main(bad) == 2

@@ -334,14 +334,19 @@ def plan_info(model) -> dict:
 
 def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, *, batch_size: int = 32,
              device: str = "cpu", dtype: torch.dtype = torch.float32, dist_: Dist | None = None,
-             show: bool = True, k: int = 20, log=print) -> tuple[list[dict], list[str]]:
+             show: bool = True, k: int = 20, log=print, reference: dict | None = None
+             ) -> tuple[list[dict], list[str]]:
     """Run every configuration on the data; rows of metrics (identical on every rank) and notes.
+
+    ``reference`` (filled in by the unreduced configuration, or given from an earlier run):
+    the unreduced model's predictions (``pred`` tensor, or ``hyps`` for WER) and ``metric``.
 
     ``data`` for ``top1``: ``images, labels``; for ``knn`` also ``train_images, train_labels``;
     for ``wer``: ``wavs, texts``.
     """
     dist_ = dist_ or Dist()
-    rows, notes, ref = [], [], {}
+    rows, notes = [], []
+    ref = reference if reference is not None else {}
     model = lm.model
     for cfg in progress(configs, "configurations", show and dist_.main):
         try:
@@ -445,3 +450,33 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> dic
 
 __all__ = ["LoadedModel", "load_model", "Config", "build_configs", "evaluate", "knn_predict", "Dist",
            "setup_distributed", "write_results", "asdict"]
+
+
+def reference_to_json(ref: dict) -> dict:
+    out = {"metric": ref.get("metric")}
+    if "pred" in ref:
+        out["pred"] = ref["pred"].tolist()
+    if "hyps" in ref:
+        out["hyps"] = list(ref["hyps"])
+    return out
+
+
+def load_reusable(path, task: str, model: str, num_samples: int, dtype: str) -> tuple[dict[str, dict], dict | None]:
+    """Rows of an earlier run (``--reuse``) by configuration name, and its unreduced predictions
+    (``None`` if that run did not store them: the unreduced model then runs again)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--reuse file {path} does not exist")
+    prev = json.loads(path.read_text())
+    want = {"task": task, "model": model, "num_samples": num_samples, "dtype": dtype}
+    got = {k: prev.get(k) for k in want}
+    if got != want:
+        raise ValueError(f"--reuse {path} was made with {got}, this run is {want}; they cannot be combined")
+    ref = prev.get("reference")
+    if ref and ref.get("pred") is not None:
+        ref = {"metric": ref["metric"], "pred": torch.tensor(ref["pred"])}
+    elif ref and ref.get("hyps") is not None:
+        ref = {"metric": ref["metric"], "hyps": ref["hyps"]}
+    else:
+        ref = None
+    return {r["config"]: r for r in prev.get("rows", [])}, ref

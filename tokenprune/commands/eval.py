@@ -55,6 +55,8 @@ def add_arguments(p):
     p.add_argument("--train-limit", type=int, default=2000, help="kNN bank size; 0 = all")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--reuse", default=None, help="results JSON of an earlier run (same model, task, data, dtype): "
+                   "its configurations are kept, not run again; the output holds both")
 
 
 def pick_task(task: str, lm) -> str:
@@ -123,15 +125,26 @@ def _run(args, configs, notes, dist_, device):
         f"{len(configs)} configurations, {dist_.world} process(es), {device} {args.dtype}")
     for note in notes:
         log(f"note: {note}")
-    rows, run_notes = ev.evaluate(lm, configs, task, data, batch_size=args.batch_size, device=device, dtype=dtype,
-                                  dist_=dist_, show=not args.no_progress, k=args.k, log=log)
+    reused, reference = {}, None
+    if args.reuse:
+        reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype)
+    todo = [c for c in configs if c.name not in reused or (c.method is None and reference is None)]
+    if reused:
+        log(f"reusing {len(configs) - len(todo)} configuration(s) from {args.reuse}")
+    reference = reference or {}
+    new, run_notes = ev.evaluate(lm, todo, task, data, batch_size=args.batch_size, device=device, dtype=dtype,
+                                 dist_=dist_, show=not args.no_progress, k=args.k, log=log, reference=reference)
+    new = {r["config"]: r for r in new}
+    rows = [new.get(c.name) or reused[c.name] for c in configs if c.name in new or c.name in reused]
+    rows += [r for name, r in reused.items() if name not in new and name not in {c.name for c in configs}]
     if not dist_.main:
         return 0
     stem = args.name or f"eval_{task}"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
             "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
-            "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes}
+            "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
+            "reference": ev.reference_to_json(reference)}
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
 
