@@ -232,3 +232,49 @@ def test_bundled_samples_are_small_pngs():
         assert p.stat().st_size < 50 * 1024
         with Image.open(p) as im:
             assert im.format == "PNG" and im.mode == "RGB"
+
+
+def test_spectrogram_overlay_merged_token_past_the_clip_and_strip():
+    # token 13 holds time steps 12..14, all past the 20 frames drawn (a merge into padding): must not fail
+    spec = np.zeros((4, 20), dtype=np.float32)
+    src = np.array([1, 1, 2, 3, 4, -1, 5, 6, 7, 8, 9, 10, 13, 13, 13])
+    out = viz.spectrogram_overlay(spec, src, (15,), frames_per_token=2, height=8, strip=3)
+    assert out.shape == (8 + 2 + 3, 20, 3)
+    bar = out[-1]
+    assert (bar[10:12] == 0).all()  # dropped token 5 (frames 10, 11) is black in the strip
+    assert (bar[0] == bar[3]).all() and not (bar[0] == 220).all()  # tokens 0, 1 merged: one colour
+    assert (bar[4] == 220).all()  # kept alone: light gray
+
+
+def test_input_grid_ignores_a_pooled_grid():
+    from tokenprune.state import TokenState
+
+    src = torch.arange(1, 17)[None]
+    pooled = TokenState(x=torch.zeros(1, 5, 4), num_prefix=1, num_input=16, grid=(2, 2), source=src)
+    assert viz.input_grid(pooled) is None  # (2, 2) is the grid after pooling, not the 16 input patches
+    same = TokenState(x=torch.zeros(1, 17, 4), num_prefix=1, num_input=16, grid=(4, 4), source=src)
+    assert viz.input_grid(same) == (4, 4)
+
+
+def test_usable_methods_leave_out_methods_that_need_options():
+    entry = demo.load_image_model(demo.TINY_LABEL)
+    usable = demo.usable_methods(entry.model)
+    assert {"merge", "cls"} <= set(usable)
+    for m in set(tokenprune.methods()) - set(usable):
+        with pytest.raises(Exception):
+            tokenprune.plan(entry.model, budget=0.25, method=m)
+
+
+@pytest.mark.slow
+def test_compare_audio_on_the_jfk_clip(assets):
+    ok, why = demo.whisper_status()
+    if not ok:
+        pytest.skip(why)
+    wave, _ = demo.load_audio(assets / "speech-hifitts-6097" / "jfk.wav")
+    wave = wave[: 16000 * 4]  # "And so, my fellow Americans": a short decode keeps the test fast
+    ref, rows = demo.compare_audio(wave, 0.5, ["merge"])
+    assert "fellow americans" in ref["text"].lower()
+    (row,) = rows
+    assert not row["error"] and row["kept"] == 750 and row["total"] == 1500
+    assert row["image"].shape[1] == ref["image"].shape[1]  # one column per 10 ms frame of the clip
+    assert row["text"]

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["as_rgb", "group_sizes", "token_stats", "token_overlay", "overlay_from_features",
+__all__ = ["as_rgb", "group_sizes", "token_stats", "token_overlay", "overlay_from_features", "input_grid",
            "log_spectrogram", "colorize", "spectrogram_overlay", "panel_figure", "token_colors"]
 
 
@@ -128,7 +128,7 @@ def _label_overlay(rgb: np.ndarray, labels: np.ndarray, sizes: dict[int, int], *
         out[dropped] = (0.35 * out[dropped] + 0.65 * gray) * dim
     multi = sorted(t for t, c in sizes.items() if c > 1)
     if multi and alpha > 0:
-        lut_idx = np.full(int(labels.max()) + 1 if labels.size else 1, -1, dtype=np.int64)
+        lut_idx = np.full(max(int(labels.max()) if labels.size else 0, multi[-1]) + 1, -1, dtype=np.int64)
         lut_idx[multi] = np.arange(len(multi))
         colors = token_colors(len(multi)).astype(np.float32)
         safe = np.where(labels >= 0, labels, 0)
@@ -193,7 +193,17 @@ def overlay_from_features(image, features, index: int = 0, **kwargs) -> np.ndarr
                          "with tokenprune.apply(...)")
     if state.source is None:
         raise ValueError("this forward ran without source tracking; apply with track_source=True")
-    return token_overlay(image, state.source, state.grid, index=index, **kwargs)
+    return token_overlay(image, state.source, input_grid(state), index=index, **kwargs)
+
+
+def input_grid(state):
+    """The patch grid of the encoder's *input* (what the source map indexes). Reducers that pool
+    tokens on a grid update ``state.grid`` to the pooled grid; then a square grid is assumed."""
+    n0 = state.source.shape[-1] if state.source is not None else state.num_input
+    grid = state.grid
+    if grid is not None and int(np.prod(grid)) == n0:
+        return tuple(grid)
+    return None
 
 
 # -- audio -----------------------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def colorize(values: np.ndarray, cmap: str = "magma") -> np.ndarray:
 
 def spectrogram_overlay(spec, source, grid, *, frames_per_token: float | None = None, index: int = 0,
                         height: int | None = None, cmap: str = "magma", dim: float = 0.3, alpha: float = 0.5,
-                        outline: bool = True, outline_color=(255, 255, 255)) -> np.ndarray:
+                        outline: bool | None = None, outline_color=(255, 255, 255), strip: int = 0) -> np.ndarray:
     """Which time(-frequency) regions of a spectrogram an audio encoder kept; ``uint8 [H, W, 3]``.
 
     Args:
@@ -244,6 +254,11 @@ def spectrogram_overlay(spec, source, grid, *, frames_per_token: float | None = 
             column (padding past the end of a short clip) are not drawn.
         height: output height in pixels (rows are repeated; default: at least
             160 px).
+        outline: lines between tokens; default only when a token is at least
+            6 columns wide (narrower tokens would turn into stripes).
+        strip: height of a bar under a time-token spectrogram with one cell
+            per column: black = dropped, light gray = kept alone, a colour per
+            merged token (the colours of the tint above). 0: no bar.
 
     Low frequencies are drawn at the bottom.
     """
@@ -272,8 +287,24 @@ def spectrogram_overlay(spec, source, grid, *, frames_per_token: float | None = 
     labels = cells[band_of_row][:, tok_of_col]
     if beyond.any():
         labels[:, beyond] = -1
-    return _label_overlay(rgb, labels, group_sizes(src), dim=dim, alpha=alpha, outline=outline,
-                          outline_color=outline_color, line=1)
+    if outline is None:
+        outline = fpt >= 6 and h / fgrid >= 6
+    sizes = group_sizes(src)
+    out = _label_overlay(rgb, labels, sizes, dim=dim, alpha=alpha, outline=outline,
+                         outline_color=outline_color, line=1)
+    if strip > 0 and fgrid == 1:
+        bar = np.full((strip, t_frames, 3), 220, dtype=np.uint8)
+        lab = labels[0]
+        bar[:, lab < 0] = 0
+        multi = sorted(t for t, c in sizes.items() if c > 1)
+        colors = token_colors(len(multi))
+        pos = {t: i for i, t in enumerate(multi)}
+        for col in np.nonzero(lab >= 0)[0]:
+            i = pos.get(int(lab[col]))
+            if i is not None:
+                bar[:, col] = colors[i]
+        out = np.concatenate([out, np.full((2, t_frames, 3), 255, dtype=np.uint8), bar], 0)
+    return out
 
 
 # -- figures ----------------------------------------------------------------------------------------------

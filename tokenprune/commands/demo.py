@@ -334,7 +334,7 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
                     raise RuntimeError("the reduced forward carried no source map")
                 r.kept = int(state.kept_per_sample()[0])
                 r.stats = viz.token_stats(state.source)
-                r.overlay = viz.token_overlay(shown, state.source, state.grid)
+                r.overlay = viz.token_overlay(shown, state.source, info.grid or viz.input_grid(state))
                 r.agree = describe(r, logits) == top0
                 r.cosine = float(torch.nn.functional.cosine_similarity(emb.float(), emb0.float(), dim=-1)[0])
             except Exception as e:  # shown in the method's panel, never as a traceback
@@ -343,6 +343,21 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
                 api.remove(model)
             results.append(r)
     return ref, results
+
+
+def usable_methods(model, budget: float = 0.25) -> list[str]:
+    """Registered methods that plan on ``model`` with their default options (a method that needs
+    options, e.g. a pipeline of reducers, is left out of the demo's choices)."""
+    from .. import api
+
+    out = []
+    for m in api.methods():
+        try:
+            api.plan(model, budget=budget, method=m)
+        except Exception:
+            continue
+        out.append(m)
+    return out
 
 
 # -- audio ---------------------------------------------------------------------------------------------------
@@ -379,32 +394,15 @@ def _load_whisper():
 
         d = default_asset("whisper-tiny.en")
         _WHISPER["processor"] = WhisperProcessor.from_pretrained(str(d))
-        _WHISPER["model"] = WhisperForConditionalGeneration.from_pretrained(str(d)).eval()
+        _WHISPER["model"] = WhisperForConditionalGeneration.from_pretrained(str(d)).float().eval()
     return _WHISPER["model"], _WHISPER["processor"]
 
 
 def _transcribe(model, processor, wave) -> str:
-    try:
-        from .. import speech
-
-        if hasattr(speech, "transcribe"):
-            out = speech.transcribe(model, processor, [wave]) if _takes_processor(speech.transcribe) \
-                else speech.transcribe(model, [wave])
-            return out[0] if isinstance(out, (list, tuple)) else str(out)
-    except ImportError:
-        pass
+    """Greedy transcript of one clip (``generate`` is used the same way with and without reduction)."""
     feats = processor(wave, sampling_rate=AUDIO_RATE, return_tensors="pt").input_features
-    ids = model.generate(feats)
+    ids = model.generate(feats, max_new_tokens=128)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-
-
-def _takes_processor(fn) -> bool:
-    import inspect
-
-    try:
-        return "processor" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def compare_audio(wave: np.ndarray, budget: float, methods) -> tuple[dict, list[dict]]:
@@ -446,8 +444,11 @@ def compare_audio(wave: np.ndarray, budget: float, methods) -> tuple[dict, list[
                 if state is not None and state.source is not None:
                     row["kept"] = int(state.kept_per_sample()[0])
                     row["total"] = int(state.num_input)
-                    row["image"] = viz.spectrogram_overlay(spec, state.source, state.grid or (state.num_input,),
-                                                           frames_per_token=feats.shape[-1] / state.num_input)
+                    fpt = feats.shape[-1] / state.num_input
+                    on_clip = state.source[0, : int(np.ceil(frames / fpt))]
+                    row["on_clip"] = (int(on_clip[on_clip >= 0].unique().numel()), int(on_clip.numel()))
+                    row["image"] = viz.spectrogram_overlay(spec, state.source, viz.input_grid(state) or (state.num_input,),
+                                                           frames_per_token=feats.shape[-1] / state.num_input, strip=16)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"
             finally:
@@ -545,7 +546,10 @@ def audio_html(ref: dict, rows: list[dict]) -> str:
         else:
             if r.get("kept") is not None:
                 parts.append(f'<div class="tp-line tp-kept" data-kept="{r["kept"]}">tokens out: <b>{r["kept"]}</b>'
-                             f' / {r.get("total", "?")}</div>')
+                             f' / {r.get("total", "?")} (the encoder always sees 30 s; padding counts)</div>')
+                if r.get("on_clip"):
+                    held, span = r["on_clip"]
+                    parts.append(f'<div class="tp-line">{held} tokens hold the {span} time steps of the clip</div>')
             parts.append(f'<div class="tp-line tp-text">{html.escape(r["text"])}</div>'
                          f'<div class="tp-line">time: {r["ms"]:.0f} ms</div>')
         parts.append("</div>")
@@ -581,7 +585,7 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
 
     first = get_model(default_model)
     samples = sample_images()
-    methods = api.methods()
+    methods = usable_methods(first.model)
     default_methods = [m for m in DEFAULT_METHODS if m in methods] or methods[:2]
 
     def prepare(im):
