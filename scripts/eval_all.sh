@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# Real-weight accuracy-retention numbers on CPU (docs/results/). Run from the repository root;
-# the shared assets are expected at ../shared/assets (or $TOKENPRUNE_ASSETS).
-# bfloat16 on CPU, one thread: about 2.5x faster than float32 here; the unreduced rows show the
-# bf16 model's own accuracy, so retention is measured at equal precision.
+# Real-weight accuracy retention on CPU -> docs/results/. Run from the repository root; the
+# shared assets are expected at ../shared/assets (or $TOKENPRUNE_ASSETS). These are the exact
+# commands behind docs/results/*.json|csv|png (2 shared CPU cores, one thread each).
+# Images run in bfloat16 on CPU (about 2.5x faster than float32 here); the unreduced row is the
+# bf16 model itself, so retention compares equal precision.
 set -euo pipefail
 OUT=${OUT:-docs/results}
 A=${TOKENPRUNE_ASSETS:-../shared/assets}
 
-# 1. top-1 on the CIFAR-10 ViT-S/14 classifier: 500 test images, every registered method
+# 1. top-1 of the CIFAR-10 ViT-S/14 classifier: 500 test images (50 per class), every method
+#    registered at the time (apet, cls, maelre, merge, pool, random) at 3 budgets + unreduced.
 tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_test.tar.gz" \
   --limit 500 --methods all --budgets 0.5,0.25,0.1 --dtype bfloat16 --threads 1 --batch-size 50 \
   --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
+#    methods registered later (threshold) are added to the same results, reusing the rows above
+cp "$OUT/eval_top1_vit-s14-cifar10.json" /tmp/eval_top1_first.json
+tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_test.tar.gz" \
+  --limit 500 --methods threshold --budgets 0.5,0.25,0.1 --dtype bfloat16 --threads 1 --batch-size 50 \
+  --reuse /tmp/eval_top1_first.json --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
 
-# 2. kNN-20 retention of the same backbone as a feature extractor (head removed):
-#    memory bank = 1000 train images, 400 test images; reduced model on both sides
+# 2. kNN-20 retention of the same backbone as a feature extractor (head removed, [CLS] features):
+#    memory bank = 500 train images, 250 test images; the reduced model computes both.
 tokenprune eval --model "$A/vit-s14-cifar10" --num-classes 0 --task knn \
   --data "$A/cifar10/cifar10_jpeg_test.tar.gz" --train-data "$A/cifar10/cifar10_jpeg_train.tar.gz" \
-  --limit 400 --train-limit 1000 --methods merge,cls --budgets 0.5,0.25,0.1 --dtype bfloat16 --threads 1 \
+  --limit 250 --train-limit 500 --methods merge,cls --budgets 0.5,0.25 --dtype bfloat16 --threads 1 \
   --batch-size 50 --out "$OUT" --name eval_knn_vit-s14-cifar10 --no-progress
+
+# 3. WER of Whisper tiny.en (greedy) on the first 24 of the 116 labelled utterances, float32
+tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 24 \
+  --methods merge,cls,maelre --budgets 0.5,0.25 --batch-size 8 --threads 1 \
+  --out "$OUT" --name eval_wer_whisper-tiny-en --no-progress
