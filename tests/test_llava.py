@@ -355,3 +355,38 @@ def test_config_variants(tower):
         out = m.generate(input_ids=ids, pixel_values=pv, **gen)
     assert out.shape == ref.shape and torch.equal(out[:, :ids.shape[1]], ids.expand(out.shape[0], -1))
     assert rec.seen[0].shape[1] == ids.shape[1] - (N - _k(0.25))
+
+
+def test_crosslmm_addon_identity_at_init_trainable_and_removed(llava):
+    from tokenprune.adapters.llava import add_cross_attention
+
+    ids, pv = _prompt(), _pixels()
+    with pytest.raises(ValueError, match="method='pool'"):
+        with tokenprune.applied(llava, budget=0.25, method="cls"):
+            add_cross_attention(llava)
+    keys = set(llava.state_dict())
+    tokenprune.apply(llava, budget=0.25, method="pool")
+    try:
+        ref = llava(input_ids=ids, pixel_values=pv).logits
+        mods = add_cross_attention(llava, every=1)
+        assert len(mods) == 2 and any("tokenprune_cross_attention" in k for k in llava.state_dict())
+        seen = []
+        hook = mods[0].register_forward_hook(lambda m, a, o: seen.append((a[0].shape, a[1].shape)))
+        assert torch.allclose(llava(input_ids=ids, pixel_values=pv).logits, ref, atol=1e-6)  # gates start at 0
+        # pooled visual tokens (16) attend to all 64 projected visual tokens of their image
+        assert seen == [(torch.Size([1, _k(0.25), 32]), torch.Size([1, N, 32]))]
+        llava.generate(input_ids=ids, pixel_values=pv, **GEN)  # prefill only: decoding steps skip it
+        assert len(seen) == 2
+        hook.remove()
+        loss = llava(input_ids=ids, pixel_values=pv, labels=ids).loss
+        loss.backward()
+        assert all(m.gate.grad is not None and m.gate.grad.abs() > 0 for m in mods)
+        with torch.no_grad():
+            for m in mods:
+                m.gate.fill_(0.5)
+        assert not torch.allclose(llava(input_ids=ids, pixel_values=pv).logits, ref, atol=1e-4)
+    finally:
+        llava.zero_grad(set_to_none=True)
+        tokenprune.remove(llava)
+    assert set(llava.state_dict()) == keys
+    assert not any(layer._forward_hooks for layer in llava.model.language_model.layers)

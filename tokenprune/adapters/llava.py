@@ -83,6 +83,32 @@ PATCH_KEY = "_tokenprune_patch"
 
 # q/k recorded during one get_image_features call, read by the projector mixin (LLaVA)
 _RECORDED: contextvars.ContextVar["dict | None"] = contextvars.ContextVar("tokenprune_llava_qk", default=None)
+XATTN_NAME = "tokenprune_cross_attention"  # submodule of the inner model holding the CrossLMM add-on
+
+
+class _CrossContext:
+    """Per-call data of the CrossLMM add-on: the unreduced projected tokens and where the reduced ones sit."""
+
+    def __init__(self):
+        self.full: torch.Tensor | None = None  # [images, N, C_lm]: every visual token, projected
+        self.rows: torch.Tensor | None = None  # (row, column) of each reduced visual token in the LM input
+        self.cols: torch.Tensor | None = None
+        self.seq_len = -1
+
+
+_CROSS: contextvars.ContextVar["_CrossContext | None"] = contextvars.ContextVar("tokenprune_llava_x", default=None)
+
+
+@contextlib.contextmanager
+def _cross_scope(model):
+    if XATTN_NAME not in model.model._modules or _CROSS.get() is not None:
+        yield
+        return
+    token = _CROSS.set(_CrossContext())
+    try:
+        yield
+    finally:
+        _CROSS.reset(token)
 
 
 def _is_transformers(model) -> bool:
@@ -190,7 +216,8 @@ class _Generation:
         kwargs["attention_mask"] = new_mask
         if new_mask is None:
             kwargs.pop("attention_mask")
-        out = super().generate(new_ids, *args, **kwargs)
+        with _cross_scope(self):
+            out = super().generate(new_ids, *args, **kwargs)
         seq = out if torch.is_tensor(out) else out.sequences
         reps = seq.shape[0] // ids.shape[0]
         prompt = ids.repeat_interleave(reps, 0) if reps > 1 else ids
@@ -226,7 +253,16 @@ class _Generation:
                     raise ValueError(
                         f"tokenprune: input_ids hold {count} image tokens; the image(s) need {sum(full)} "
                         f"({full}) before pruning or {sum(kept)} after; build the prompt with the model's processor")
-        return super().forward(**a)
+        with _cross_scope(self):
+            ctx = _CROSS.get()
+            if ctx is not None and a.get("input_ids") is not None:
+                pos = (a["input_ids"] == adapter.image_token_id).nonzero()
+                ctx.rows, ctx.cols, ctx.seq_len = pos[:, 0], pos[:, 1], a["input_ids"].shape[1]
+            try:
+                return super().forward(**a)
+            finally:
+                if ctx is not None:
+                    ctx.rows = ctx.cols = None
 
 
 _GEN_MIXINS: dict[type, type] = {}
@@ -268,6 +304,9 @@ class _Projector:
 
     def forward(self, image_features):
         qks = _RECORDED.get()
+        ctx = _CROSS.get()
+        if ctx is not None and qks is not None:
+            ctx.full = super().forward(image_features)
         if qks is not None:
             image_features = self.__dict__[PATCH_KEY].adapter.reduce_features(image_features, qks)
         return super().forward(image_features)
@@ -343,6 +382,7 @@ class LlavaAdapter(Adapter):
         self.score_layer: int | None = None
         self.reducer = None
         self.patch = None
+        self.cross_handles: list = []
 
     # tokens per image (LLaVA) / per crop (NeXT) after the select strategy
     @property
@@ -413,6 +453,7 @@ class LlavaAdapter(Adapter):
 
     def uninstall(self) -> None:
         m, inner = self.model, self.inner
+        remove_cross_attention(m)
         proj = getattr(inner, "multi_modal_projector", None)
         for mod in (m, inner, proj):
             if mod is not None:
@@ -551,6 +592,77 @@ class LlavaAdapter(Adapter):
             out.append(feat[sel])
             start += c
         return out
+
+
+# -- CrossLMM add-on: pooled visual tokens attend back to all visual tokens inside the LM ------------------
+def add_cross_attention(model, every: int = 4, num_heads: int | None = None) -> torch.nn.ModuleList:
+    """Add CrossLMM's visual-to-visual cross-attention to a LLaVA model patched with ``method="pool"``.
+
+    After every ``every``-th decoder layer of the language model, the hidden states at the (pooled) visual
+    positions attend to ALL the visual tokens of their image (the projector's output before pooling) and the
+    result is added through a tanh gate (``reducers.pool.GatedCrossAttention``; gates start at 0, so the
+    model is unchanged until trained). Only the prefill is affected (decoding reads the visual positions
+    from the KV cache). Text-to-visual cross-attention of the paper is not included.
+
+    The layers are new trainable parameters registered under ``model.model.tokenprune_cross_attention``
+    (so they are saved with ``state_dict``): they need fine-tuning (the paper pretrains and
+    instruction-tunes them) before they help. ``tokenprune.remove(model)`` removes them.
+    Returns the added layers (for the optimizer).
+    """
+    from ..api import get_patch
+    from ..reducers.pool import GatedCrossAttention
+
+    patch = get_patch(model)
+    if patch is None or not isinstance(patch.adapter, LlavaAdapter) or patch.adapter.kind != "llava" \
+            or patch.reducer.name != "pool":
+        raise ValueError("tokenprune: add_cross_attention needs a LlavaForConditionalGeneration patched with "
+                         "tokenprune.apply(model, budget, method='pool') first")
+    remove_cross_attention(model)
+    lm = model.model.language_model
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise TypeError("tokenprune: the language model has no `layers` list of decoder layers")
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= len(layers):
+        raise ValueError(f"every must be an integer in 1..{len(layers)}, got {every!r}")
+    tc = model.config.text_config
+    heads = num_heads or tc.num_attention_heads
+    ref = next(lm.parameters())
+    at = list(range(every - 1, len(layers), every))
+    mods = torch.nn.ModuleList(GatedCrossAttention(tc.hidden_size, heads) for _ in at).to(ref.device, ref.dtype)
+    model.model.add_module(XATTN_NAME, mods)
+    handles = [layers[i].register_forward_hook(_cross_hook(mod), with_kwargs=True) for i, mod in zip(at, mods)]
+    patch.adapter.cross_handles = handles
+    return mods
+
+
+def remove_cross_attention(model) -> None:
+    """Remove the add-on of :func:`add_cross_attention` (no-op without one)."""
+    from ..api import get_patch
+
+    patch = get_patch(model)
+    for h in getattr(getattr(patch, "adapter", None), "cross_handles", []) or []:
+        h.remove()
+    if patch is not None:
+        patch.adapter.cross_handles = []
+    inner = getattr(model, "model", None)
+    if inner is not None and XATTN_NAME in inner._modules:
+        del inner._modules[XATTN_NAME]
+
+
+def _cross_hook(layer: torch.nn.Module):
+    def hook(_mod, _args, _kwargs, output):
+        ctx = _CROSS.get()
+        h = output[0] if isinstance(output, tuple) else output
+        if ctx is None or ctx.full is None or ctx.rows is None or h.shape[1] != ctx.seq_len:
+            return None  # decoding step, or no image in this call
+        images, _, c = ctx.full.shape
+        rows, cols = ctx.rows, ctx.cols
+        queries = h[rows, cols].view(images, -1, c)
+        new = layer(queries, ctx.full.to(h.dtype)).reshape(-1, c)
+        h = h.index_put((rows, cols), new)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    return hook
 
 
 # -- FLOPs of the language model's prefill ----------------------------------------------------------------
