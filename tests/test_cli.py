@@ -121,6 +121,19 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert merge["flop_ratio"] == pytest.approx(plan.flop_ratio) and merge["tokens_out"] == 32
 
 
+def test_eval_plots_against_bench_speedups(tiny, tmp_path):
+    bench = {"rows": [{"config": c, "batch_size": bs, "speedup": s} for c, bs, s in
+                      [("unreduced", 8, 1.0), ("merge@0.5", 8, 1.5), ("random@0.5", 8, 1.3),
+                       ("merge@0.5", 1, 0.9)]]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    args = _eval_args(tiny, tmp_path, "--speedups", str(tmp_path / "bench.json"), methods="merge", budgets="0.5")
+    assert main(args) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "eval_top1.json").read_text())["rows"]}
+    assert rows["merge@0.5"]["speedup"] == 1.5 and rows["random@0.5"]["speedup"] == 1.3  # largest batch
+    assert "speedup" not in rows["pool@0.5"]
+    assert (tmp_path / "eval_top1_speedup.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "no_such_model_xyz"], "unknown model"),
     (["bench", "--model", "no_such_model_xyz"], "unknown model"),

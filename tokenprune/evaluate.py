@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -191,8 +191,8 @@ def build_configs(methods: Sequence[str], budgets: Sequence[float], recipes: Seq
     known = registry.methods()
     methods = list(methods)
     if "all" in methods:
-        methods = [m for m in known if m not in methods] + [m for m in methods if m != "all"]
-        methods = [m for m in dict.fromkeys(methods) if m != "all"]
+        methods = known + [m for m in methods if m != "all"]
+    methods = list(dict.fromkeys(methods))
     for m in methods:
         registry.get(m)  # unknown method -> ValueError listing the known ones
     for b in budgets:
@@ -448,8 +448,28 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> dic
     return paths
 
 
+def attach_speedups(rows: list[dict], bench_json) -> int:
+    """Add ``speedup`` (measured by ``tokenprune bench``, at its largest batch) to the rows of the
+    same configurations; returns how many rows got one."""
+    path = Path(bench_json)
+    if not path.exists():
+        raise FileNotFoundError(f"--speedups file {path} does not exist")
+    bench_rows = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("speedup")]
+    if not bench_rows:
+        raise ValueError(f"--speedups {path} holds no speed-up rows (is it a tokenprune bench JSON?)")
+    big = max(r["batch_size"] for r in bench_rows)
+    speed = {r["config"]: r["speedup"] for r in bench_rows if r["batch_size"] == big}
+    n = 0
+    for r in rows:
+        if r["config"] in speed:
+            r["speedup"] = speed[r["config"]]
+            r["speedup_batch"] = big
+            n += 1
+    return n
+
+
 __all__ = ["LoadedModel", "load_model", "Config", "build_configs", "evaluate", "knn_predict", "Dist",
-           "setup_distributed", "write_results", "asdict"]
+           "setup_distributed", "write_results", "attach_speedups", "load_reusable"]
 
 
 def reference_to_json(ref: dict) -> dict:

@@ -55,6 +55,8 @@ def add_arguments(p):
     p.add_argument("--train-limit", type=int, default=2000, help="kNN bank size; 0 = all")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--speedups", default=None, help="a `tokenprune bench` JSON of the same model: also plot "
+                   "accuracy retained against its measured speed-ups (<name>_speedup.png)")
     p.add_argument("--reuse", default=None, help="results JSON of an earlier run (same model, task, data, dtype): "
                    "its configurations are kept, not run again; the output holds both")
 
@@ -81,6 +83,7 @@ def run(args):
     methods = ev.parse_list(args.methods)
     check_path(args.data, "--data")
     check_path(args.train_data, "--train-data")
+    check_path(args.speedups, "--speedups")
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
     dist_, device = ev.setup_distributed(args.device)
     try:
@@ -145,12 +148,22 @@ def _run(args, configs, notes, dist_, device):
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
             "reference": ev.reference_to_json(reference)}
+    if args.speedups:
+        matched = ev.attach_speedups(rows, args.speedups)
+        log(f"speed-ups from {args.speedups} for {matched} configuration(s)")
+        meta["speedups"] = args.speedups
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
 
     metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "1 - WER"}[task]
-    paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png",
-                               title=f"{lm.name}: {metric} retained, {n} samples ({args.dtype})",
-                               ylabel=f"{metric} retained (% of unreduced)")
+    title = f"{lm.name}: {metric} retained, {n} samples ({args.dtype})"
+    ylabel = f"{metric} retained (% of unreduced)"
+    paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png", title=title, ylabel=ylabel)
+    if args.speedups:
+        for r in rows:
+            if r.get("method") is None:
+                r.setdefault("speedup", 1.0)
+        paths["png_speedup"] = pareto_plot(rows, Path(args.out) / f"{stem}_speedup.png", x="speedup", title=title,
+                                           ylabel=ylabel, xlabel="measured speed-up over unreduced (x, bench)")
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
