@@ -13,8 +13,8 @@ import triton.language as tl
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
 EA_CONFIG = {
-    "pass1": {64: (128, 4), 128: (64, 8)},
-    "pass2": {64: (128, 4), 128: (128, 8)},
+    "pass1": {64: (128, 8), 128: (64, 8)},  # sm_90 (ptxas 3.8): 175 / 225 registers, no spills
+    "pass2": {64: (128, 8), 128: (128, 8)},  # 148 / 255 registers, no spills (4 warps spill)
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -152,6 +152,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     bh = b * h
     bn1, w1 = _cfg(EA_CONFIG["pass1"], dp)
     bn2, w2 = _cfg(EA_CONFIG["pass2"], dp)
+    if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
+        bn1, bn2 = 32, 32
     if split is None:
         want = triton.cdiv(2 * _num_sms(q.device), bh)
         split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
@@ -174,7 +176,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                              HAS_BIAS=bias is not None, SPLIT=split > 1,
                              IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1, num_warps=w1)
     if split > 1:
-        _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4)
+        _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4 if dp <= 64 else 16)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
@@ -257,7 +259,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
         bias2, sbb, sbn = k, 0, 0
     _qs_logits[(b, nb)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
                         q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
-                        HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
+                        HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=8)
     out = _alloc((b, n), k.device, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
@@ -326,6 +328,9 @@ def bipartite_best(metric, valid_b=None):
     best = _alloc((bsz, na), metric.device, torch.float32)
     idx = _alloc((bsz, na), metric.device, torch.long)
     bm = 64 if na > 32 else (32 if na > 16 else 16)
+    bn = 64
+    if metric.dtype == torch.float32:  # float32 products on the FMA units: smaller tiles, or they spill
+        bm, bn = min(bm, 32), 32
     if valid_b is not None:
         vb = valid_b.to(torch.uint8)
         svb = vb.stride(0)
@@ -333,7 +338,7 @@ def bipartite_best(metric, valid_b=None):
         vb, svb = best, 0
     _bm_best[(bsz, triton.cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
                                          HAS_VALID=valid_b is not None,
-                                         IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=64, num_warps=4)
+                                         IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=bn, num_warps=4)
     return best.to(metric.dtype), idx
 
 
@@ -450,5 +455,5 @@ def apet_errors(x, basis, eps: float = 1e-5):
     e = _alloc((bsz, n), x.device, torch.float32)
     bn = 64
     _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
-                                         KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=4)
+                                         KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=8)
     return e

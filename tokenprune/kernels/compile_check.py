@@ -1,0 +1,93 @@
+"""Compile every Triton kernel for a CUDA target without a GPU and report its resource use.
+
+    python -m tokenprune.kernels.compile_check [--arch 90]
+
+Catches what the CPU interpreter lets through (loop-carried types, layouts, shared
+memory over the limit) and reports registers / spills per kernel and block size,
+read off the cubin with the ``cuobjdump`` that ships with Triton. Needs Triton's
+NVIDIA backend (``ptxas``) but no driver. Must run without ``TRITON_INTERPRET``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _configs():
+    from . import triton_impl as T
+
+    f16, f32 = "*fp16", "*fp32"
+    ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
+              "l_ptr": f32}
+    out = []
+    for dp, table in ((64, T.EA_CONFIG), (128, T.EA_CONFIG)):
+        bn1, w1 = table["pass1"][dp]
+        bn2, w2 = table["pass2"][dp]
+        for split in (False, True):
+            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, BLOCK_N=bn1), w1))
+        out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16}, dict(DP=dp, SP=8),
+                    4 if dp <= 64 else 16))
+        out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
+    out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
+                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, BLOCK_N=32), 8))
+    out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
+    out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32,
+                               "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128), 8))
+    out.append((T._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
+                dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
+    for is32 in (False, True):
+        out.append((T._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
+                    dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
+    for hs in (True, False):
+        out.append((T._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
+                                    "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
+                    dict(HAS_SIZES=hs, BC=1024), 4))
+    out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
+    return out
+
+
+def check(arch: int = 90, verbose: bool = True) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    target = GPUTarget("cuda", arch, 32)
+    rows = []
+    for fn, types, consts, warps in _configs():
+        sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                           options={"num_warps": warps})
+        row = {"kernel": fn.__name__, "config": dict(consts, num_warps=warps), "shared": k.metadata.shared}
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                f.write(k.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "--dump-sass", f.name], capture_output=True, text=True).stdout
+            os.unlink(f.name)
+            m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            if m:
+                row["registers"], row["stack"] = int(m.group(1)), int(m.group(2))
+            row["hgmma"] = sass.count("HGMMA")
+            row["local_ld_st"] = sass.count("LDL") + sass.count("STL")
+        rows.append(row)
+        if verbose:
+            print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
+                  f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDL/STL {row.get('local_ld_st')}")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    check(ap.parse_args().arch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
