@@ -31,6 +31,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     pct = y in ("retained", "top1", "agreement")
     scale = 100.0 if pct else 1.0
+    ref = [r for r in rows if r.get("method") is None and r.get(y) is not None and r.get(x) is not None]
     for label, rs in _by_label(rows).items():
         rs = sorted((r for r in rs if r.get(x) is not None and r.get(y) is not None), key=lambda r: r[x])
         if not rs:
@@ -38,10 +39,13 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", 
         xs, ys = [r[x] for r in rs], [r[y] * scale for r in rs]
         style = "--" if label in ("random", "pool") else "-"
         line, = ax.plot(xs, ys, style, marker="o", label=label)
+        if ref:  # a faint segment joins each curve to the unreduced model
+            rx, ry = ref[0][x], ref[0][y] * scale
+            i = min(range(len(xs)), key=lambda j: abs(xs[j] - rx))
+            ax.plot([xs[i], rx], [ys[i], ry], style, color=line.get_color(), alpha=0.35)
         for r, xx, yy in zip(rs, xs, ys):
             ax.annotate(f"{r['budget']:g}", (xx, yy), textcoords="offset points", xytext=(4, -10),
                         fontsize=7, color=line.get_color())
-    ref = [r for r in rows if r.get("method") is None and r.get(y) is not None]
     if ref:
         ax.plot([ref[0].get(x, 1.0)], [ref[0][y] * scale], "k*", markersize=12, label="unreduced")
     ax.set_xlabel(xlabel)
