@@ -122,11 +122,13 @@ def test_upload_and_compare_two_methods(page, tmp_path):
     page.wait_for_function("document.querySelector('#tp-input-msg').innerText.includes('upload.png')")
     assert "composited on white" in page.locator("#tp-input-msg").inner_text()
 
-    methods = page.locator("#tp-methods")
-    for name in tokenprune.methods():
-        box = methods.get_by_label(name, exact=True)
+    names = []
+    for box in page.locator("#tp-methods input[type=checkbox]").all():
+        name = box.evaluate("e => e.closest('label').innerText.trim()")
+        names.append(name)
         if box.is_checked() != (name in ("merge", "cls")):
             box.click()
+    assert {"merge", "cls"} <= set(names)
     page.click("#tp-run")
     page.wait_for_selector("#tp-done")
     assert page.locator("#tp-done").get_attribute("data-methods") == "2"
@@ -146,6 +148,20 @@ def test_upload_and_compare_two_methods(page, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
+
+
+def test_audio_tab_rejects_a_non_audio_file(page, tmp_path):
+    bad = tmp_path / "clip.wav"
+    bad.write_text("not audio at all")
+    page.get_by_role("tab", name="Audio").click()
+    page.locator("#tp-audio-upload input[type=file]").set_input_files(str(bad))
+    page.wait_for_function("document.querySelector('#tp-audio-upload').innerText.includes('clip.wav')")
+    page.click("#tp-audio-run")
+    msg = page.locator("#tp-audio-msg .tp-msg-error")
+    msg.wait_for()
+    assert "not an audio file" in msg.inner_text()
+    assert "Traceback" not in page.content()
+    page.get_by_role("tab", name="Image").click()
 
 
 def test_server_binds_localhost_only():
