@@ -260,6 +260,11 @@ def llava_next():
     return LlavaNextForConditionalGeneration(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def next_inputs(llava_next):
+    return _next_inputs(llava_next)
+
+
 def _next_inputs(model):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -277,11 +282,9 @@ def _next_inputs(model):
     return torch.tensor(rows), mask, pv, sizes, n
 
 
-@pytest.mark.parametrize("method", ["cls", "random"])
-@pytest.mark.parametrize("budget", [1.0, 0.25, 0.05])
-def test_next_generate_with_pruning(llava_next, method, budget):
-    ids, mask, pv, sizes, n = _next_inputs(llava_next)
-    ref = llava_next.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, **GEN)
+@pytest.mark.parametrize("method,budget", [("cls", 1.0), ("cls", 0.25), ("random", 0.05)])
+def test_next_generate_with_pruning(llava_next, next_inputs, method, budget):
+    ids, mask, pv, sizes, n = next_inputs
     with tokenprune.applied(llava_next, budget=budget, method=method), LMInput(llava_next) as rec:
         out = llava_next.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, **GEN)
     assert torch.equal(out[:, :ids.shape[1]], ids)
@@ -289,12 +292,13 @@ def test_next_generate_with_pruning(llava_next, method, budget):
     # old padding is dropped too: the LM gets the longest pruned row
     assert rec.seen[0].shape[1] == 4 + max(kept)
     if budget == 1.0:
+        ref = llava_next.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_sizes=sizes, **GEN)
         assert torch.equal(out, ref)
 
 
-def test_next_cls_selects_within_packed_order(llava_next):
+def test_next_cls_selects_within_packed_order(llava_next, next_inputs):
     """Kept NeXT embeddings are a subsequence (packed order) of HF's unpruned packed embeddings."""
-    ids, mask, pv, sizes, n = _next_inputs(llava_next)
+    ids, mask, pv, sizes, n = next_inputs
     with torch.no_grad():
         full = llava_next.model.get_image_features(pv, sizes).pooler_output
     with tokenprune.applied(llava_next, budget=0.25, method="cls"):
