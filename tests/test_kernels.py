@@ -217,3 +217,53 @@ def test_kernels_compile_for_sm90_without_spills():
     half = [r for r in rows if not r["config"].get("IS_F32")]  # the fp16/bf16 paths that matter on the GPU
     assert all(r.get("stack", 0) == 0 for r in half), [r for r in half if r.get("stack")]
     assert all(r["hgmma"] > 0 for r in half if r["kernel"] in ("_ea_context", "_ea_apply", "_bm_best"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_rows_members_only_and_gather(T, dtype):
+    g = gen(10)
+    b, t, c = 2, 25, 1100  # C over one 1024-wide column block
+    x = torch.randn(b, t, c, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (b, t), generator=g).float()
+    prim = torch.stack([torch.randperm(t, generator=g)[:8] for _ in range(b)])
+    members = torch.arange(t).expand(b, t)
+    owner = torch.randint(0, 8, (b, t), generator=g)
+    out = T.merge_rows(x, sizes, prim, members, owner, include_prim=False)
+    ref = R.merge_rows(x.double(), sizes.double(), prim, members, owner, include_prim=False)
+    assert rel(out, ref) < tol(dtype)
+    rows = torch.stack([torch.randperm(t, generator=g)[:11] for _ in range(b)])
+    assert torch.equal(T.gather_rows(x, rows), R.gather_rows(x, rows))
+
+
+def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
+    g = gen(11)
+    x = torch.randn(2, 1 + 30, 24, generator=g)
+    keep = torch.stack([torch.randperm(30, generator=g)[:12].sort().values for _ in range(2)])
+    ref = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
+    _use_interpreted(monkeypatch, T)
+    out = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
+    assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
+    from tokenprune.plan import Stage
+    from tokenprune.reducers.apet import Apet
+
+    g = gen(12)
+    b, p, n, c = 2, 1, 40, 32
+    x = torch.randn(b, p + n, c, generator=g)
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+
+    def state():
+        s = TokenState.start(x.clone(), p)
+        if sized:
+            s.sizes = sizes.clone()
+        return s
+
+    red = Apet(k=4)
+    ref = red.reduce(state(), Stage(0, 15, "apet"), None)
+    _use_interpreted(monkeypatch, T)
+    out = red.reduce(state(), Stage(0, 15, "apet"), None)
+    assert torch.equal(out.source, ref.source)
+    assert rel(out.x, ref.x) < 1e-5

@@ -11,7 +11,8 @@ imports, and the ``TOKENPRUNE_KERNELS`` environment variable is not ``0`` /
   ``softmax_d(q) @ (softmax_N(k + bias)^T v)``, two passes over the tokens.
 - :func:`query_scores` -- attention of one query row per head, head mean or weighting.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
-  Na x Nb similarity matrix in memory, and the size-weighted merge in one pass.
+  Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
+  :func:`gather_rows` -- the kept-token gather (prefix included) in one pass.
 - :func:`apet_errors` -- ApET's least-squares reconstruction error per token.
 """
 from __future__ import annotations
@@ -72,11 +73,18 @@ def bipartite_best(metric, valid_b=None):
     return reference.bipartite_best(metric, valid_b)
 
 
-def merge_rows(x, sizes, prim, members, owner):
+def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = True):
     """Size-weighted merge of member rows into their owner rows; see ``reference.merge_rows``."""
     if use_triton(x, sizes, prim, members, owner):
-        return _impl().merge_rows(x, sizes, prim, members, owner)
-    return reference.merge_rows(x, sizes, prim, members, owner)
+        return _impl().merge_rows(x, sizes, prim, members, owner, include_prim)
+    return reference.merge_rows(x, sizes, prim, members, owner, include_prim)
+
+
+def gather_rows(x, rows):
+    """``x[b, rows[b, o]]`` for every output row, ``rows [B, K]`` long (prefix rows included)."""
+    if use_triton(x, rows):
+        return _impl().gather_rows(x, rows)
+    return reference.gather_rows(x, rows)
 
 
 def apet_errors(x, basis, eps: float = 1e-5):
@@ -86,5 +94,5 @@ def apet_errors(x, basis, eps: float = 1e-5):
     return reference.apet_errors(x, basis, eps)
 
 
-__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "apet_errors",
+__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "gather_rows", "apet_errors",
            "use_triton", "kernels_enabled", "reference"]

@@ -59,24 +59,26 @@ def bipartite_best(metric: torch.Tensor, valid_b: torch.Tensor | None = None):
     return sim.max(-1)
 
 
-def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, members: torch.Tensor,
-               owner: torch.Tensor) -> torch.Tensor:
+def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, members: torch.Tensor | None = None,
+               owner: torch.Tensor | None = None, include_prim: bool = True) -> torch.Tensor:
     """Build merged tokens row by row (the scatter half of bipartite merging).
 
     ``out[b, o]`` is the size-weighted mean of token ``x[b, prim[b, o]]`` and of every
     token ``x[b, members[b, i]]`` with ``owner[b, i] == o``. Rows nothing is merged
     into copy ``x[b, prim[b, o]]``; so does a row whose sizes sum to 0 (padding).
     ``sizes`` ``[B, T]`` (None = all ones); indices are long. Accumulates in float32.
+    ``include_prim=False``: rows with members are the mean of their members only
+    (``prim`` is then just the fallback row). No members: a plain row gather.
     """
     b, n_out = prim.shape
     c = x.shape[-1]
     xf = x.float()
     s = sizes.float() if sizes is not None else torch.ones(x.shape[:2], device=x.device)
     prim_x = xf.gather(1, prim[..., None].expand(b, n_out, c))
-    tot = s.gather(1, prim)
+    tot = s.gather(1, prim) if include_prim else torch.zeros((b, n_out), device=x.device, dtype=s.dtype)
     acc = prim_x * tot[..., None]
-    count = torch.zeros((b, n_out), device=x.device)
-    r = members.shape[1]
+    count = torch.zeros((b, n_out), device=x.device, dtype=s.dtype)
+    r = 0 if members is None else members.shape[1]
     if r:
         sm = s.gather(1, members)
         contrib = xf.gather(1, members[..., None].expand(b, r, c)) * sm[..., None]
@@ -86,6 +88,11 @@ def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, 
     merged = (count > 0) & (tot > 0)
     out = torch.where(merged[..., None], acc / tot.clamp_min(1e-30)[..., None], prim_x)
     return out.to(x.dtype)
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[b, o] = x[b, rows[b, o]]``."""
+    return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
 
 
 def apet_errors(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

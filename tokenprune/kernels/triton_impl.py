@@ -348,43 +348,48 @@ def bipartite_best(metric, valid_b=None):
 @triton.jit
 def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT, R, C,
                 sxb, sxn, ssb, sob, son,
-                HAS_SIZES: tl.constexpr, BC: tl.constexpr):
+                HAS_SIZES: tl.constexpr, HAS_MEMBERS: tl.constexpr, PRIM_IN_SUM: tl.constexpr, BC: tl.constexpr):
     row = tl.program_id(0)
     b = row // NOUT
     o = row % NOUT
     pr = tl.load(prim_ptr + row)
-    st = tl.load(start_ptr + row)
-    cnt = tl.load(cnt_ptr + row)
+    if HAS_MEMBERS:
+        st = tl.load(start_ptr + row)
+        cnt = tl.load(cnt_ptr + row)
     for c0 in range(0, C, BC):
         offs = c0 + tl.arange(0, BC)
         cm = offs < C
         xp = tl.load(x_ptr + b * sxb + pr * sxn + offs, mask=cm, other=0.0)
         res = xp.to(tl.float32)
-        if cnt > 0:
-            if HAS_SIZES:
-                sp = tl.load(s_ptr + b * ssb + pr).to(tl.float32)
-            else:
-                sp = pr.to(tl.float32) * 0.0 + 1.0
-            acc = res * sp
-            tot = sp
-            for i in range(0, cnt):
-                mi = tl.load(mem_ptr + b * R + st + i)
+        if HAS_MEMBERS:
+            if cnt > 0:
                 if HAS_SIZES:
-                    si = tl.load(s_ptr + b * ssb + mi).to(tl.float32)
+                    sp = tl.load(s_ptr + b * ssb + pr).to(tl.float32)
                 else:
-                    si = mi.to(tl.float32) * 0.0 + 1.0
-                acc += si * tl.load(x_ptr + b * sxb + mi * sxn + offs, mask=cm, other=0.0).to(tl.float32)
-                tot += si
-            res = tl.where(tot > 0, acc / tl.maximum(tot, 1e-30), res)
+                    sp = pr.to(tl.float32) * 0.0 + 1.0
+                if not PRIM_IN_SUM:
+                    sp = sp * 0.0
+                acc = res * sp
+                tot = sp
+                for i in range(0, cnt):
+                    mi = tl.load(mem_ptr + b * R + st + i)
+                    if HAS_SIZES:
+                        si = tl.load(s_ptr + b * ssb + mi).to(tl.float32)
+                    else:
+                        si = mi.to(tl.float32) * 0.0 + 1.0
+                    acc += si * tl.load(x_ptr + b * sxb + mi * sxn + offs, mask=cm, other=0.0).to(tl.float32)
+                    tot += si
+                res = tl.where(tot > 0, acc / tl.maximum(tot, 1e-30), res)
         tl.store(o_ptr + b * sob + o * son + offs, res.to(o_ptr.dtype.element_ty), mask=cm)
 
 
-def merge_rows(x, sizes, prim, members, owner):
+def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = True):
     bsz, t, c = x.shape
     n_out = prim.shape[1]
-    r = members.shape[1]
+    r = 0 if members is None else members.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
+    prim32 = prim.to(torch.int32).contiguous()
     if r:
         order = owner.argsort(dim=1, stable=True)
         mem = members.gather(1, order).to(torch.int32).contiguous()
@@ -392,10 +397,7 @@ def merge_rows(x, sizes, prim, members, owner):
         cnt.scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.int32))
         start = (cnt.cumsum(1, dtype=torch.int32) - cnt).contiguous()
     else:
-        mem = torch.zeros((bsz, 1), device=x.device, dtype=torch.int32)
-        cnt = torch.zeros((bsz, n_out), device=x.device, dtype=torch.int32)
-        start = cnt
-    prim32 = prim.to(torch.int32).contiguous()
+        mem = cnt = start = prim32  # not read
     out = _alloc((bsz, n_out, c), x.device, x.dtype)
     if sizes is not None:
         s, ssb = sizes, sizes.stride(0)
@@ -406,8 +408,14 @@ def merge_rows(x, sizes, prim, members, owner):
         s, ssb = x, 0
     _merge_rows[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
                                 x.stride(0), x.stride(1), ssb, out.stride(0), out.stride(1),
-                                HAS_SIZES=sizes is not None, BC=min(1024, _p2(c)), num_warps=4)
+                                HAS_SIZES=sizes is not None, HAS_MEMBERS=r > 0, PRIM_IN_SUM=include_prim,
+                                BC=min(1024, _p2(c)), num_warps=4)
     return out
+
+
+def gather_rows(x, rows):
+    """``out[b, o] = x[b, rows[b, o]]`` in one pass (16-byte row copies)."""
+    return merge_rows(x, None, rows)
 
 
 # ---------------------------------------------------------------------------------------------------

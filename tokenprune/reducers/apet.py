@@ -124,13 +124,17 @@ class Apet(Reducer):
         target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
 
         s = sizes[:, p:].to(x.dtype)
-        num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
-            1, target[..., None].expand(b, n, c), xs * s[..., None])
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
-        kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
-        new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
-
-        state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
+        if kernels.use_triton(x):  # one pass: each kept row averages the tokens mapped to it (tokenprune/kernels)
+            rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), keep_idx + p], 1)
+            members = torch.arange(p, n_all, device=x.device).expand(b, n)
+            state.x = kernels.merge_rows(x, state.sizes, rows, members, target + p, include_prim=False)
+        else:
+            num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
+                1, target[..., None].expand(b, n, c), xs * s[..., None])
+            kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
+            new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
+            state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
         if state.sizes is not None or not bool((den == 1).all()):
             state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
         if state.source is not None:
