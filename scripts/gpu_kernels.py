@@ -356,6 +356,30 @@ def kernel_bipartite(dev, smoke, ceil):
                                                                 "source map); bytes = tokens read + written once")
 
 
+@guard("gather_tokens")
+def kernel_gather(dev, smoke, ceil):
+    """cls/random keep step: ops.gather_tokens (kept rows + prefix) in one pass vs gather + cat."""
+    gen = torch.Generator(device=dev).manual_seed(6)
+    print("kept-token gather (ops.gather_tokens)")
+    for b, n, c, k in ([(2, 64, 32, 20)] if smoke else [(256, 196, 768, 98), (1, 196, 768, 98), (8, 16384, 768, 4096)]):
+        x = randn(b, 1 + n, c, dtype=torch.float16, dev=dev, gen=gen)
+        keep = torch.rand(b, n, device=dev, generator=gen).topk(k, 1).indices.sort(1).values
+        outs = {}
+        for on in (False, True):
+            with kernels_on(on):
+                outs[on] = ops.gather_tokens(TokenState.start(x, 1), keep).x
+        check("gather_tokens", (b, n, c, k), torch.float16, rel(outs[True], outs[False]), 1e-12)
+
+        def step():
+            return ops.gather_tokens(TokenState.start(x, 1), keep)
+        with kernels_on(True):
+            t_k = bench(step, dev)
+        with kernels_on(False):
+            t_t = bench(step, dev)
+        row("gather_tokens step", (b, n, c, k), torch.float16, t_k, t_t, 2 * b * (1 + k) * c * 2, 0, ceil,
+            note="whole ops.gather_tokens incl. source map; bytes = kept rows read + written")
+
+
 # -- 2d. ApET errors ----------------------------------------------------------------------------------------
 @guard("apet_errors")
 def kernel_apet(dev, smoke, ceil):
@@ -384,6 +408,29 @@ def kernel_apet(dev, smoke, ceil):
             note="fp32 (ieee) products on the CUDA cores, k padded to 16: FLOP bound at the fp32 FMA rate is "
                  "not in the bound column")
         del fp32_rate
+    # the whole ApET stage (basis, errors, top-k, cosine assignment, merge) with kernels on / off
+    from tokenprune.plan import Stage
+    from tokenprune.reducers.apet import Apet
+    for b, n, c, keep in ([(2, 40, 32, 15)] if smoke else [(256, 196, 768, 98), (1, 196, 768, 98)]):
+        x = randn(b, 1 + n, c, dtype=torch.float16, dev=dev, gen=gen)
+        red = Apet()
+        outs = {}
+        for on in (False, True):
+            with kernels_on(on):
+                outs[on] = red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
+        same = bool(torch.equal(outs[True].source, outs[False].source))
+        check("apet reduce step", (b, n, c, keep), torch.float16, rel(outs[True].x, outs[False].x) if same else
+              float("inf"), 1e-2, {"same_source": same})
+
+        def step():
+            return red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
+        with kernels_on(True):
+            t_k = bench(step, dev)
+        with kernels_on(False):
+            t_t = bench(step, dev)
+        row("apet reduce step", (b, n, c, keep), torch.float16, t_k, t_t, b * (1 + n) * c * 2 + b * (1 + keep) * c * 2,
+            0, ceil, note="whole Apet.reduce; bound = tokens read once + kept written once (the basis search and "
+                          "cosine assignment read x more often)")
 
 
 # -- 3. end to end -----------------------------------------------------------------------------------------
@@ -601,6 +648,7 @@ def main():
         sweep_efficient_attention(dev, smoke, ceil)
         kernel_query_scores(dev, smoke, ceil)
         kernel_bipartite(dev, smoke, ceil)
+        kernel_gather(dev, smoke, ceil)
         kernel_apet(dev, smoke, ceil)
     if "e2e" not in skip:
         end_to_end(dev, smoke, args.budget_s)
