@@ -16,6 +16,10 @@ exactly ``round(budget * N)`` non-prefix tokens leave the encoder. Each step
 removes at most half the tokens; a budget that the blocks before the last
 cannot reach also merges after the last block, and one that even that cannot
 reach is an error naming the limit.
+
+``layers=[...]`` merges only after those blocks (at most half the tokens per
+step, repeated matching rounds are not done): fewer, larger steps mean fewer
+kernel launches, which is what limits small batches on a GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
 from .base import Reducer, default_blocks
+from .cls import check_layers
 
 
 @register("merge")
@@ -32,12 +37,16 @@ from .base import Reducer, default_blocks
 class Merge(Reducer):
     prop_attn: bool = True  # proportional attention (log-size key bias)
     start: int = 0  # first block after which tokens are merged
+    layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
 
     @property
     def proportional(self) -> bool:  # type: ignore[override]
         return self.prop_attn
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        if self.layers is not None:
+            steps = spread_schedule(info.num_tokens, keep, check_layers(self.layers, info.depth), max_fraction=0.5)
+            return [Stage(b, k, self.name) for b, k in steps]
         blocks = default_blocks(info, self.start)
         try:
             steps = spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)
