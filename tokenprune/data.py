@@ -60,7 +60,9 @@ def load_image_folder(path, limit: int | None = None, seed: int = 0):
             index = {c: i for i, c in enumerate(classes)}
             items = [(m, index[Path(m.name).parent.name]) for m in members]
             items = _sample_per_class(sorted(items, key=lambda t: t[0].name), limit, seed)
-            images = [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB") for m, _ in items]
+            # read in archive order: a backward seek in a .tar.gz decompresses from the start again
+            raw = {m.name: tar.extractfile(m).read() for m, _ in sorted(items, key=lambda t: t[0].offset_data)}
+            images = [Image.open(io.BytesIO(raw[m.name])).convert("RGB") for m, _ in items]
             return images, [y for _, y in items], classes
     if path.is_dir():
         classes = sorted(d.name for d in path.iterdir() if d.is_dir())
