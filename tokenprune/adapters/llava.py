@@ -50,13 +50,19 @@ The language-model side: the processor writes ``n_i`` image placeholders per
 image; ``generate`` and ``forward`` are wrapped so ``input_ids`` (and
 ``attention_mask``, ``position_ids``, ``labels``) carry ``K_i`` placeholders
 per image before the model runs -- the first ``K_i`` of each image's
-placeholders are kept, the others removed, and rows are re-padded on the side
-they were padded on (left for generation), with fresh position ids. Every
+placeholders are kept, the others removed, old padding removed, and rows are
+re-padded on the side they were padded on (left for generation) to the longest
+new row, with fresh position ids. Every
 image of every prompt keeps its own ``K_i`` (LLaVA: the same ``K`` for all, so
 a prompt with two images keeps ``2K``). ``generate`` returns the ORIGINAL
 prompt ids followed by the new tokens, so ``out[:, inputs.input_ids.shape[1]:]``
 still slices the answer. ``forward`` returns logits for the shortened sequence
-(its length is ``L - sum(n_i - K_i)`` per row, before re-padding).
+(``L - sum(n_i - K_i)`` tokens per unpadded row, before re-padding).
+
+Optional CrossLMM path: with ``method="pool"``, :func:`add_cross_attention`
+adds gated visual-to-visual cross-attention layers to the language model
+(pooled visual tokens attend to all visual tokens of their image); they start
+as the identity and need fine-tuning.
 
 FLOPs: :func:`lm_flop_ratio` gives the language model's prefill FLOP ratio
 (linear layers + attention); ``tokenprune.plan(model)`` describes the
@@ -237,6 +243,9 @@ class _Generation:
         extra = a.pop("kwargs", {})
         a.update(extra)
         ids = a.get("input_ids")
+        if ids is None and a.get("pixel_values") is not None:
+            raise ValueError("tokenprune: a pruned LLaVA model needs input_ids (from the processor) with images; "
+                             "inputs_embeds cannot be shortened")
         if ids is not None:
             lens = adapter.image_lengths(a.get("pixel_values"), a.get("image_sizes"), a.get("mm_encoder_outputs"))
             if lens is not None:
