@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="first N utterances only")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unreduced pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -54,7 +55,7 @@ def main():
     refs = [r["text"] for r in rows]
 
     methods = args.methods or tokenprune.methods()
-    configs = [("none", 1.0)] + [(m, b) for m in methods for b in args.budgets]
+    configs = ([] if args.no_baseline else [("none", 1.0)]) + [(m, b) for m in methods for b in args.budgets]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -75,7 +75,10 @@ def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
     if kwargs.get("output_attentions"):
         raise ValueError("tokenprune: output_attentions=True needs eager attention; a reduced model keeps SDPA. "
                          "Call tokenprune.remove(model) to get attention maps")
-    return ALL_ATTENTION_FUNCTIONS[INNER](module, query, key, value, attention_mask, *args, **kwargs)
+    out, weights = ALL_ATTENTION_FUNCTIONS[INNER](module, query, key, value, attention_mask, *args, **kwargs)
+    if call is not None and call.qk is not None and any(module is m for m in call.modules):
+        call.qk.out = out.transpose(1, 2)  # per-head outputs [B, H, N, d] (a view, for head weighting)
+    return out, weights
 
 
 def register_kernel() -> None:

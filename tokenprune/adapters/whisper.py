@@ -9,7 +9,8 @@ once per utterance and cached, so every decoding step gets cheaper too).
 - Tokens: ``max_source_positions`` (1500 for 30 s; audio is always padded to
   30 s, so the budget counts the frames of the padding/silence too), no
   prefix token, no [CLS] (``has_cls=False``: the ``cls`` reducer uses its
-  substitute). The grid handed to grid-aware reducers is 1D: ``(1500,)``.
+  substitute). The grid handed to grid-aware reducers is ``(1, 1500)``: one
+  row of time frames (so a 2D pooling reducer pools along time only).
 - Positions: sinusoidal embeddings are added before the first layer, so
   merged/pruned tokens carry their positions.
 - The encoder forward is re-stated here (conv stem, positions, then
@@ -62,7 +63,7 @@ class _Encoder:
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
         x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-        out = run_and_attach(patch, self.layers, x, _call_block, _capture, (x.shape[1],))
+        out = run_and_attach(patch, self.layers, x, _call_block, _capture, (1, x.shape[1]))
         state = attached_state(out)
         hidden = self.layer_norm(out)
         return BaseModelOutput(last_hidden_state=attach_state(hidden, state))
@@ -119,11 +120,11 @@ class WhisperAdapter(Adapter):
         c = self.encoder.config
         n = c.max_source_positions
         return EncoderInfo(depth=len(self.encoder.layers), dim=c.d_model, num_heads=c.encoder_attention_heads,
-                           num_prefix=0, num_tokens=n, mlp_hidden=c.encoder_ffn_dim, grid=(n,), has_cls=False,
+                           num_prefix=0, num_tokens=n, mlp_hidden=c.encoder_ffn_dim, grid=(1, n), has_cls=False,
                            family=self.family)
 
     def grid_for(self, num_tokens: int):
-        return (num_tokens,)
+        return (1, num_tokens)
 
     def check(self, reducer) -> None:
         for c in self._configs():
