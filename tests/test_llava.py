@@ -394,3 +394,16 @@ def test_crosslmm_addon_identity_at_init_trainable_and_removed(llava):
         tokenprune.remove(llava)
     assert set(llava.state_dict()) == keys
     assert not any(layer._forward_hooks for layer in llava.model.language_model.layers)
+
+
+def test_save_pretrained_while_patched_writes_the_original_architecture(llava, tmp_path):
+    with tokenprune.applied(llava, budget=0.25, method="cls"):
+        patched = type(llava)
+        llava.save_pretrained(tmp_path)
+        assert type(llava) is patched
+    import json
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, pv = _prompt(), _pixels()
+    assert torch.equal(loaded.generate(input_ids=ids, pixel_values=pv, **GEN),
+                       llava.generate(input_ids=ids, pixel_values=pv, **GEN))

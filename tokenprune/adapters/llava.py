@@ -81,7 +81,7 @@ from ..engine import QK
 from ..plan import EncoderInfo, keep_count
 from ..reducers.cls import check_layers, patch_scores
 from ..state import TokenState
-from .base import Adapter, class_names, restore_class, swap_class
+from .base import ORIGINAL, Adapter, class_names, restore_class, swap_class
 
 FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
 METHODS = {"llava": ("cls", "random", "pool", "apet"), "llava_next": ("cls", "random")}
@@ -232,6 +232,16 @@ class _Generation:
             return full
         out.sequences = full
         return out
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save as the original class (HF writes ``type(self).__name__`` into ``config.architectures``).
+        The weights are the model's own; an added CrossLMM layer is saved under its own keys."""
+        patched = type(self)
+        self.__class__ = patched.__dict__.get(ORIGINAL) or patched
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
 
     def forward(self, *args, **kwargs):
         if not args and kwargs.get("pixel_values") is None and not kwargs.get("mm_encoder_outputs"):
