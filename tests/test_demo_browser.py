@@ -87,6 +87,9 @@ def page(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
         pg = browser.new_page(viewport={"width": 1280, "height": 1000})
         pg.set_default_timeout(60_000)
+        pg.external_requests = []
+        pg.on("request", lambda r: pg.external_requests.append(r.url)
+              if not r.url.startswith((server, "data:", "blob:")) else None)
         pg.goto(server, wait_until="domcontentloaded")
         pg.wait_for_selector("#tp-run")
         yield pg
@@ -162,6 +165,11 @@ def test_audio_tab_rejects_a_non_audio_file(page, tmp_path):
     assert "not an audio file" in msg.inner_text()
     assert "Traceback" not in page.content()
     page.get_by_role("tab", name="Image").click()
+
+
+def test_page_works_offline(page):
+    # runs last among the page tests: nothing the page loaded or did left 127.0.0.1
+    assert page.external_requests == []
 
 
 def test_server_binds_localhost_only():

@@ -278,3 +278,13 @@ def test_compare_audio_on_the_jfk_clip(assets):
     assert not row["error"] and row["kept"] == 750 and row["total"] == 1500
     assert row["image"].shape[1] == ref["image"].shape[1]  # one column per 10 ms frame of the clip
     assert row["text"]
+
+
+def test_missing_weights_fall_back_to_random_with_a_warning(tmp_path):
+    assert demo.model_choices(tmp_path)[0] == demo.RANDOM_LABEL
+    entry = demo.load_image_model(demo.REAL_LABEL, tmp_path)  # asked for the real model, weights absent
+    assert entry.label == demo.RANDOM_LABEL
+    assert "RANDOM weights" in entry.warning and str(tmp_path) in entry.warning
+    assert entry.img_size == 224 and len(entry.class_names) == 10
+    with pytest.raises(demo.InputError, match="unknown model"):
+        demo.load_image_model("resnet?", tmp_path)

@@ -538,7 +538,7 @@ def audio_html(ref: dict, rows: list[dict]) -> str:
     parts = ['<div class="tp-results">',
              f'<div class="tp-card tp-audio" data-method="unreduced"><img alt="spectrogram" src="{_png_uri(ref["image"])}">'
              f'<div class="tp-title">unreduced</div><div class="tp-line tp-text">{html.escape(ref["text"])}</div>'
-             f'<div class="tp-line">time: {ref["ms"]:.0f} ms</div></div>']
+             f'<div class="tp-line">transcription time: {ref["ms"]:.0f} ms</div></div>']
     for r in rows:
         m = html.escape(r["method"])
         parts.append(f'<div class="tp-card tp-audio" data-method="{m}">')
@@ -555,7 +555,7 @@ def audio_html(ref: dict, rows: list[dict]) -> str:
                     held, span = r["on_clip"]
                     parts.append(f'<div class="tp-line">{held} tokens hold the {span} time steps of the clip</div>')
             parts.append(f'<div class="tp-line tp-text">{html.escape(r["text"])}</div>'
-                         f'<div class="tp-line">time: {r["ms"]:.0f} ms</div>')
+                         f'<div class="tp-line">transcription time: {r["ms"]:.0f} ms (encoder + greedy decoding)</div>')
         parts.append("</div>")
     return "\n".join(parts) + "</div>"
 
@@ -659,15 +659,18 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
             return _msg(error=str(e)), ""
         except Exception as e:
             return _msg(error=f"unexpected error: {type(e).__name__}: {e}"), ""
-        return _msg(notes), audio_html(ref, rows)
+        done = sum(not r.get("error") for r in rows)
+        info = (f'<div id="tp-audio-done" data-methods="{done}">{done} of {len(rows)} methods ran on Whisper '
+                f"tiny.en at budget {float(budget):g}; {wave.size / AUDIO_RATE:.1f} s clip.</div>")
+        return info + _msg(notes), audio_html(ref, rows)
 
     with gr.Blocks(title="tokenprune demo", analytics_enabled=False, fill_width=True) as app:
         gr.Markdown("# tokenprune: which tokens does each method keep?\n"
                     "Pick an input, a budget (the fraction of patch tokens that leave the encoder) and methods; "
                     "each panel shows the tokens that method kept on the image, with its time and its agreement "
                     "with the unreduced model.")
-        warning = gr.HTML(_warning_html(first.warning), elem_id="tp-warning-box")
         with gr.Tab("Image"):
+            warning = gr.HTML(_warning_html(first.warning), elem_id="tp-warning-box")
             with gr.Row():
                 with gr.Column(scale=1):
                     upload = gr.File(label="Upload an image", file_count="single", type="filepath",
@@ -727,7 +730,7 @@ def add_arguments(p):
     p.add_argument("--model-dir", default=None,
                    help="folder with model.safetensors + config.json (default: the shared assets' vit-s14-cifar10)")
     p.add_argument("--tiny", action="store_true", help="start with a tiny random ViT (fast, meaningless predictions)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per method (median reported)")
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per method (the best is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
 
 
@@ -745,5 +748,9 @@ def run(args) -> int:
         os.environ[TINY_ENV] = "1"
     app = build_app(args.model_dir, repeats=max(1, args.repeats))
     print(f"tokenprune demo on http://{args.host}:{args.port} (Ctrl+C to stop)")
-    launch(app, args.host, args.port)
+    try:
+        launch(app, args.host, args.port)
+    except OSError as e:  # port taken, address not available
+        print(f"tokenprune demo: could not serve on {args.host}:{args.port}: {e}; try another --port")
+        return 2
     return 0
