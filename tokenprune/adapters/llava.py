@@ -261,7 +261,9 @@ class _Generation:
             if lens is not None:
                 full, kept = lens
                 count = int((ids == adapter.image_token_id).sum())
-                if count == sum(full) and full != kept:
+                if count == 0:
+                    pass  # a step without placeholders (decoding with cached image features)
+                elif count == sum(full) and full != kept:
                     a["input_ids"], mask, pos, labels = shrink_image_tokens(
                         ids, adapter.image_token_id, full, kept, attention_mask=a.get("attention_mask"),
                         position_ids=a.get("position_ids"), labels=a.get("labels"), pad_id=adapter.pad_id)
