@@ -69,7 +69,10 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--target", type=float, default=0.6, help="target FLOP ratio rho")
-    ap.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the thresholds")
+    ap.add_argument("--lr", type=float, default=2e-3, help="Adam lr of the thresholds")
+    ap.add_argument("--flops-weight", type=float, default=20.0,
+                    help="weight of |FLOPs - rho| (the paper's 2 is for 30 epochs of full fine-tuning; with "
+                         "thresholds alone and a few dozen steps it loses to the task loss)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -101,6 +104,7 @@ def main():
 
     t1 = time.time()
     hist = train_thresholds(model, loader, epochs=args.epochs, target=args.target, lr=args.lr,
+                            flops_weight=args.flops_weight,
                             callback=lambda r: print(f"step {r['step']:3d} loss {r['loss']:.3f} ce {r['ce']:.3f} "
                                                      f"FLOPs {r['flop_ratio']:.3f} -> {r['target']} theta "
                                                      + ", ".join(f"{v:.4f}" for v in r["thresholds"]),

@@ -87,8 +87,8 @@ class Maelre(Reducer):
 
     def check(self, info: EncoderInfo) -> None:
         if self.switch_at is not None and (isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int)
-                                           or self.switch_at < 1):
-            raise ValueError(f"switch_at must be a positive token count (or None for the width D), "
+                                           or self.switch_at < 0):
+            raise ValueError(f"switch_at must be a token count >= 0 (0: every block linear; None: the width D), "
                              f"got {self.switch_at!r}")
         if self.layers is not None:
             bad = [b for b in self.layers if not 0 <= int(b) < info.depth]
