@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true", help="skip the unreduced pass")
+    ap.add_argument("--options", default="{}", help='reducer options as JSON, e.g. \'{"substitute": "received"}\'')
+    ap.add_argument("--tag", default="", help="label for this run's rows (e.g. the options)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,7 +64,7 @@ def main():
     for method, budget in configs:
         if method != "none":
             try:
-                tokenprune.apply(model, budget, method)
+                tokenprune.apply(model, budget, method, **json.loads(args.options))
             except Exception as e:  # a method that cannot run on Whisper: record why
                 results.append(dict(method=method, budget=budget, error=f"{type(e).__name__}: {e}"))
                 print(f"{method:>10} {budget:.2f}  skipped: {e}", flush=True)
@@ -78,7 +80,7 @@ def main():
         secs = time.perf_counter() - t0
         tokenprune.remove(model)
         keep = round(budget * 1500 + 1e-9) if method != "none" else 1500
-        r = dict(method=method, budget=budget, tokens_out=keep, wer=wer(refs, hyps), seconds=secs, hyps=hyps)
+        r = dict(method=method + args.tag, budget=budget, tokens_out=keep, wer=wer(refs, hyps), seconds=secs, hyps=hyps)
         results.append(r)
         print(f"{method:>10} {budget:.2f}  tokens {keep:>4}  WER {100 * r['wer']:6.2f}%  {secs:7.1f} s", flush=True)
         (out_dir / "wer.json").write_text(json.dumps(dict(n_utterances=len(refs), threads=args.threads,
