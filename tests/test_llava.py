@@ -407,3 +407,31 @@ def test_save_pretrained_while_patched_writes_the_original_architecture(llava, t
     ids, pv = _prompt(), _pixels()
     assert torch.equal(loaded.generate(input_ids=ids, pixel_values=pv, **GEN),
                        llava.generate(input_ids=ids, pixel_values=pv, **GEN))
+
+
+def test_processor_usual_call(llava):
+    """``model.generate(**processor(images=..., text=..., padding=True))`` with an offline tokenizer."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "<s>", "USER:", "ASSISTANT:", "what", "is", "this", "?"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab["<image>"] = IMG
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ftok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   extra_special_tokens={"image_token": "<image>"})
+    ftok.padding_side = "left"
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                             crop_size={"height": 32, "width": 32}),
+                          tokenizer=ftok, patch_size=4, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1)
+    imgs = [np.random.RandomState(i).randint(0, 255, (40, 48, 3), dtype=np.uint8) for i in range(2)]
+    inputs = proc(images=imgs, text=["USER: <image> what is this ? ASSISTANT:", "USER: <image> ? ASSISTANT:"],
+                  return_tensors="pt", padding=True)
+    assert (inputs.input_ids == IMG).sum(1).tolist() == [N, N]
+    with tokenprune.applied(llava, budget=0.1, method="cls"), LMInput(llava) as rec:
+        out = llava.generate(**inputs, **GEN)
+    assert torch.equal(out[:, :inputs.input_ids.shape[1]], inputs.input_ids)
+    assert rec.seen[0].shape[1] == inputs.input_ids.shape[1] - (N - _k(0.1))
