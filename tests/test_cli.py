@@ -54,6 +54,7 @@ def test_eval_end_to_end_writes_json_csv_png(tiny, tmp_path):
     assert main(_eval_args(tiny, tmp_path)) == 0
     res = json.loads((tmp_path / "eval_top1.json").read_text())
     assert (tmp_path / "eval_top1.csv").exists()
+    assert not list(tmp_path.glob("*.partial.*"))  # partial results (saved per configuration) are cleaned up
     png = (tmp_path / "eval_top1.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     rows = {r["config"]: r for r in res["rows"]}

@@ -334,12 +334,13 @@ def plan_info(model) -> dict:
 
 def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, *, batch_size: int = 32,
              device: str = "cpu", dtype: torch.dtype = torch.float32, dist_: Dist | None = None,
-             show: bool = True, k: int = 20, log=print, reference: dict | None = None
-             ) -> tuple[list[dict], list[str]]:
+             show: bool = True, k: int = 20, log=print, reference: dict | None = None,
+             on_row: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], list[str]]:
     """Run every configuration on the data; rows of metrics (identical on every rank) and notes.
 
     ``reference`` (filled in by the unreduced configuration, or given from an earlier run):
     the unreduced model's predictions (``pred`` tensor, or ``hyps`` for WER) and ``metric``.
+    ``on_row(rows)`` is called after each configuration (e.g. to save partial results).
 
     ``data`` for ``top1``: ``images, labels``; for ``knn`` also ``train_images, train_labels``;
     for ``wer``: ``wavs, texts``.
@@ -391,6 +392,8 @@ def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, 
         rows.append(row)
         if dist_.main:
             log(format_row(row, task))
+            if on_row is not None:
+                on_row(rows)
     return rows, notes
 
 

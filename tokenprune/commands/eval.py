@@ -135,14 +135,22 @@ def _run(args, configs, notes, dist_, device):
     if reused:
         log(f"reusing {len(configs) - len(todo)} configuration(s) from {args.reuse}")
     reference = reference or {}
+    stem = args.name or f"eval_{task}"
+
+    def save_partial(done):  # a long run that is stopped keeps what it measured
+        ev.write_results(list(reused.values()) + done, {"partial": True, "task": task, "model": lm.name},
+                         Path(args.out), stem + ".partial")
+
     new, run_notes = ev.evaluate(lm, todo, task, data, batch_size=args.batch_size, device=device, dtype=dtype,
-                                 dist_=dist_, show=not args.no_progress, k=args.k, log=log, reference=reference)
+                                 dist_=dist_, show=not args.no_progress, k=args.k, log=log, reference=reference,
+                                 on_row=save_partial)
+    for suffix in (".json", ".csv") if dist_.main else ():
+        Path(args.out, stem + ".partial" + suffix).unlink(missing_ok=True)
     new = {r["config"]: r for r in new}
     rows = [new.get(c.name) or reused[c.name] for c in configs if c.name in new or c.name in reused]
     rows += [r for name, r in reused.items() if name not in new and name not in {c.name for c in configs}]
     if not dist_.main:
         return 0
-    stem = args.name or f"eval_{task}"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
             "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
