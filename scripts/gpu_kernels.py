@@ -357,9 +357,21 @@ def kernel_bipartite(dev, smoke, ceil):
         with kernels_on(False):
             t_t = bench(step, dev)
         out_rows = 1 + n - r
-        row("bipartite_merge step", (b, n, c, r), torch.float16, t_k, t_t, (b * (1 + n) + b * out_rows) * c * 2,
-            2 * b * (n // 2) * ((n + 1) // 2) * 64, ceil, note="whole ops.bipartite_merge (matching, sort, rows, "
-                                                                "source map); bytes = tokens read + written once")
+        nbytes, flops = (b * (1 + n) + b * out_rows) * c * 2, 2 * b * (n // 2) * ((n + 1) // 2) * 64
+        one = kernels.merge_step_fits(n) if dev.type == "cuda" else False
+        row("bipartite_merge step", (b, n, c, r), torch.float16, t_k, t_t, nbytes, flops, ceil,
+            note=("one launch (merge_step)" if one else "bipartite_best + merge_rows") +
+                 "; whole ops.bipartite_merge incl. source map; bytes = tokens read + written once")
+        if one:  # the same step through the multi-kernel path, for comparison
+            T = kernels._impl()
+            saved, T.MERGE_STEP_MAX_A = T.MERGE_STEP_MAX_A, 0
+            try:
+                with kernels_on(True):
+                    t_m = bench(step, dev)
+            finally:
+                T.MERGE_STEP_MAX_A = saved
+            row("bipartite_merge (2 kernels)", (b, n, c, r), torch.float16, t_m, t_t, nbytes, flops, ceil,
+                note="bipartite_best + merge_rows + torch glue")
 
 
 @guard("gather_tokens")

@@ -119,6 +119,10 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         return state
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
+    if kernels.use_triton(x) and kernels.merge_step_fits(n):  # CUDA, small n: the whole step in one launch
+        state.x, state.sizes, state.source = kernels.merge_step(x, metric, state.sizes, state.source, p, r,
+                                                                state.padded)
+        return state
 
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]

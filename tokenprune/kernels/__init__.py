@@ -12,6 +12,8 @@ imports, and the ``TOKENPRUNE_KERNELS`` environment variable is not ``0`` /
 - :func:`query_scores` -- attention of one query row per head, head mean or weighting.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
   Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
+  :func:`merge_step` -- the whole ToMe step (matching, ranking, merge, sizes, source map) in one
+  launch for up to 256 tokens (the launch count is what costs at batch 1);
   :func:`gather_rows` -- the kept-token gather (prefix included) in one pass.
 - :func:`apet_errors` -- ApET's least-squares reconstruction error per token.
 """
@@ -80,6 +82,17 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
     return reference.merge_rows(x, sizes, prim, members, owner, include_prim)
 
 
+def merge_step_fits(n: int) -> bool:
+    """Whether :func:`merge_step` (one program per sample) handles ``n`` non-prefix tokens."""
+    return bool(_impl()) and _impl().merge_step_fits(n)
+
+
+def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool):
+    """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
+    ``ops.bipartite_merge`` is its reference). Returns ``(new_x, new_sizes, new_source)``."""
+    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded)
+
+
 def gather_rows(x, rows):
     """``x[b, rows[b, o]]`` for every output row, ``rows [B, K]`` long (prefix rows included)."""
     if use_triton(x, rows):
@@ -94,5 +107,6 @@ def apet_errors(x, basis, eps: float = 1e-5):
     return reference.apet_errors(x, basis, eps)
 
 
-__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "gather_rows", "apet_errors",
+__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step", "gather_rows",
+           "apet_errors",
            "use_triton", "kernels_enabled", "reference"]

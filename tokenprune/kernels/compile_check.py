@@ -46,6 +46,11 @@ def _configs():
         out.append((T._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
                     dict(HAS_SIZES=hs, BC=1024), 4))
+    for lowp in (True, False):
+        out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                                    "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32},
+                    dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
+                         DP=64, BC=32, BS=256, PP=1, BT=32), T.MERGE_STEP_WARPS))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     return out
 

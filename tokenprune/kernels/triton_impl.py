@@ -465,3 +465,175 @@ def apet_errors(x, basis, eps: float = 1e-5):
     _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
                                          KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=8)
     return e
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3c. the whole bipartite merge step in ONE launch (one program per sample; small token counts)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr,
+                P, NA, NB, R, C, D, N0,
+                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
+                LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
+                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr):
+    b = tl.program_id(0)
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    offs_a = tl.arange(0, NAP)
+    offs_b = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    am = offs_a < NA
+    bm = offs_b < NB
+    dm = offs_d < D
+    row_a = P + 2 * offs_a  # token index of A token i in x
+    row_b = P + 2 * offs_b + 1
+    # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
+    #    B in column tiles so no NA x NB matrix lives in registers
+    ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
+    maf = ma.to(tl.float32)
+    na = tl.sqrt(tl.sum(maf * maf, 1)).to(ma.dtype).to(tl.float32)
+    an = (maf / tl.maximum(na, 1e-6)[:, None]).to(ma.dtype)
+    best = tl.full([NAP], float("-inf"), tl.float32)
+    arg = tl.zeros([NAP], tl.int32)
+    for j0 in range(0, NB, BT):
+        offs_t = j0 + tl.arange(0, BT)
+        tm = offs_t < NB
+        mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
+                     mask=tm[:, None] & dm[None, :], other=0.0)
+        mtf = mt.to(tl.float32)
+        nt_ = tl.sqrt(tl.sum(mtf * mtf, 1)).to(mt.dtype).to(tl.float32)
+        tn = (mtf / tl.maximum(nt_, 1e-6)[:, None]).to(mt.dtype)
+        if IS_F32:
+            sim = tl.dot(an, tl.trans(tn), input_precision="ieee")
+        else:
+            sim = tl.dot(an, tl.trans(tn)).to(ma.dtype).to(tl.float32)
+        okt = tm
+        if PADDED:
+            okt = okt & (tl.load(s_ptr + b * ssb + P + 2 * offs_t + 1, mask=tm, other=0.0) > 0)
+        sim = tl.where(okt[None, :], sim, float("-inf"))
+        tmax = tl.max(sim, 1)
+        targ = tl.min(tl.where(sim == tmax[:, None], offs_t[None, :], 2147483647), 1)
+        better = tmax > best
+        arg = tl.where(better, targ, arg)
+        best = tl.where(better, tmax, best)
+    if HAS_SIZES:
+        sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
+        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
+    else:
+        sa = tl.where(am, 1.0, 0.0)
+        sb = tl.where(bm, 1.0, 0.0)
+    if PADDED:
+        best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
+    # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted
+    #    against tiles of the other A tokens read back from scratch
+    best = tl.where(am, best, float("-inf"))
+    tl.store(bst_ptr + b * NAP + offs_a, best)
+    tl.debug_barrier()
+    rank = tl.zeros([NAP], tl.int32)
+    for i0 in range(0, NA, BT):
+        offs_t = i0 + tl.arange(0, BT)
+        bt_ = tl.load(bst_ptr + b * NAP + offs_t, mask=offs_t < NA, other=float("-inf"))
+        ahead = (bt_[None, :] > best[:, None]) | ((bt_[None, :] == best[:, None]) & (offs_t[None, :] < offs_a[:, None]))
+        ahead = ahead & (offs_t < NA)[None, :]
+        rank += tl.sum(ahead.to(tl.int32), 1)
+    is_src = (rank < R) & am
+    is_unm = am & (rank >= R)
+    pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
+    n_unm = NA - R
+    out_a = P + pos
+    out_b = P + n_unm + offs_b
+    # merge weights: W[j, i] = s_a[i] if A token i merges into B token j
+    sa_src = tl.where(is_src, sa, 0.0)
+    tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
+    # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
+        xb = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=bm[:, None] & cm[None, :], other=0.0)
+        # W[j, i] = s_a[i] if A token i merges into B token j (rebuilt per tile: fewer live registers)
+        w = tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0)
+        if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
+            acc = tl.dot(w.to(xa.dtype), xa)
+        else:
+            acc = tl.dot(w, xa.to(tl.float32), input_precision="ieee")
+        xbf = xb.to(tl.float32)
+        xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
+        tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
+        tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
+                 mask=bm[:, None] & cm[None, :])
+        xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :],
+                     other=0.0)
+        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+    # -- sizes
+    nout = P + n_unm + NB
+    tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+    tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+    if HAS_SIZES:
+        sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+    else:
+        sp = tl.where(pm, 1.0, 0.0)
+    tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+    # -- source map: old token -> new token, then compose with the current map
+    if HAS_SOURCE:
+        nt = P + NA + NB
+        tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+        tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+        tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+        tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
+        for s0 in range(0, N0, BS):
+            offs_s = s0 + tl.arange(0, BS)
+            sm_ = offs_s < N0
+            old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
+            new = tl.load(scr_ptr + b * nt + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
+            new = tl.where(old >= 0, new, -1)
+            tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
+
+
+MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
+MERGE_STEP_WARPS = 8
+
+
+def merge_step_fits(n: int) -> bool:
+    return (n + 1) // 2 <= MERGE_STEP_MAX_A
+
+
+def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool):
+    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``."""
+    bsz, t, c = x.shape
+    n = t - p
+    na, nb = (n + 1) // 2, n // 2
+    d = metric.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    nout = p + na - r + nb
+    out = _alloc((bsz, nout, c), x.device, x.dtype)
+    osz = _alloc((bsz, nout), x.device, torch.float32)
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    if source is not None:
+        source = source if source.stride(-1) == 1 else source.contiguous()
+        n0 = source.shape[1]
+        osrc = _alloc((bsz, n0), x.device, torch.long)
+        scr = torch.empty((bsz, t), device=x.device, dtype=torch.int32)
+    else:
+        n0, osrc, scr = 0, osz, osz
+    # sizes never exceed the input token count; products in the token dtype are exact while sizes are
+    max_size = 1 if sizes is None else (source.shape[1] if source is not None else float("inf"))
+    lowp = (x.dtype == torch.float16 and max_size <= 2048) or (x.dtype == torch.bfloat16 and max_size <= 256)
+    s_arg = sizes if sizes is not None else osz
+    nap = max(16, _p2(na))
+    bst = torch.empty((bsz, nap), device=x.device, dtype=torch.float32)
+    _merge_step[(bsz,)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
+                        p, na, nb, r, c, d, n0,
+                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
+                        sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
+                        out.stride(0), out.stride(1),
+                        HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
+                        IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
+                        NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=32, BS=256, PP=_p2(max(p, 1)),
+                        BT=32, num_warps=MERGE_STEP_WARPS)
+    return out, osz, (osrc if source is not None else None)
