@@ -74,7 +74,7 @@ METHODS = [("cls", {}), ("cls", {"variant": "sum"}), ("random", {}), ("pool", {}
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=lambda v: str(v))
-@pytest.mark.parametrize("budget", [1.0, 0.25, 0.1])
+@pytest.mark.parametrize("budget", [0.25, 0.1])  # 1.0: test_budget_one_equals_unpatched
 def test_generate_runs_and_lm_input_shrinks(llava, method, opts, budget):
     ids, pv = _prompt(), _pixels()
     tokenprune.apply(llava, budget=budget, method=method, **opts)
