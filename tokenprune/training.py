@@ -163,7 +163,8 @@ def train_thresholds(model, loader: Iterable, *, epochs: int = 1, target: float 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()), "flop_ratio": float(ratio.mean().detach()),
+            rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()),
+                   "flop_ratio": float(ratio.mean().detach()),
                    "target": rho, "kl_logits": float(kl_logits.detach()), "kl_tokens": float(kl_tokens.detach()),
                    "thresholds": thresholds.theta.detach().tolist()}
             history.append(rec)

@@ -154,7 +154,7 @@ class Threshold(Reducer):
         if bool(ok.all()):
             ok = None  # every sample keeps the same count: no padding, no mask
         state = gather_tokens(state, idx, ok)
-        state.scratch.setdefault(COUNTS_KEY, []).append((stage.block, state.kept_per_sample().float()))
+        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, state.kept_per_sample().float()))
         return state
 
     def _soft(self, state: TokenState, scores: torch.Tensor, theta: torch.Tensor) -> TokenState:
