@@ -45,7 +45,7 @@ def _configs():
     for hs in (True, False):
         out.append((T._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
-                    dict(HAS_SIZES=hs, BC=1024), 4))
+                    dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
     for lowp in (True, False):
         out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                     "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32},

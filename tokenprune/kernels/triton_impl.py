@@ -53,8 +53,8 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
+    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     m = tl.full([DP], float("-inf"), tl.float32)
@@ -121,8 +121,8 @@ def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
               IS_F32: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     nb = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
+    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,7 +193,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scale,
                sqb, sqh, skb, skh, skn, sbb, sbn,
                HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
@@ -219,7 +219,7 @@ def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scal
 @triton.jit
 def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
                HAS_W: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
@@ -277,7 +277,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
 @triton.jit
 def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
              HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     pa = tl.program_id(1)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
@@ -350,7 +350,7 @@ def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT
                 sxb, sxn, ssb, sob, son,
                 HAS_SIZES: tl.constexpr, HAS_MEMBERS: tl.constexpr, PRIM_IN_SUM: tl.constexpr, BC: tl.constexpr):
     row = tl.program_id(0)
-    b = row // NOUT
+    b = (row // NOUT).to(tl.int64)
     o = row % NOUT
     pr = tl.load(prim_ptr + row)
     if HAS_MEMBERS:
@@ -424,7 +424,7 @@ def gather_rows(x, rows):
 @triton.jit
 def _apet_err(x_ptr, w_ptr, s_ptr, e_ptr, N, C, K, sxb, sxn,
               KP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     pn = tl.program_id(1)
     offs_n = pn * BN + tl.arange(0, BN)
     nmask = offs_n < N
@@ -477,7 +477,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
                 LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
                 BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     offs_p = tl.arange(0, PP)
     pm = offs_p < P
     offs_a = tl.arange(0, NAP)
