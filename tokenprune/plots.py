@@ -24,12 +24,13 @@ def _by_label(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", x: str = "flop_ratio",
                 title: str = "", ylabel: str = "accuracy retained (%)",
-                xlabel: str = "encoder FLOPs / unreduced") -> Path:
+                xlabel: str = "encoder FLOPs / unreduced", ymax: float | None = None) -> Path:
     """One line per method through its budgets: ``y`` (x100 when it is a fraction) against ``x``;
-    the unreduced model is a star. Budgets are written beside the points."""
+    the unreduced model is a star. Budgets are written beside the points. Values above ``ymax``
+    (in plotted units) are drawn at ``ymax`` as triangles, labelled with their value."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
-    pct = y in ("retained", "top1", "agreement")
+    pct = y in ("retained", "top1", "agreement", "wer")
     scale = 100.0 if pct else 1.0
     ref = [r for r in rows if r.get("method") is None and r.get(y) is not None and r.get(x) is not None]
     for label, rs in _by_label(rows).items():
@@ -37,8 +38,15 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", 
         if not rs:
             continue
         xs, ys = [r[x] for r in rs], [r[y] * scale for r in rs]
+        clipped = [ymax is not None and v > ymax for v in ys]
+        ys = [ymax if c else v for v, c in zip(ys, clipped)]
         style = "--" if label in ("random", "pool") else "-"
         line, = ax.plot(xs, ys, style, marker="o", label=label)
+        for xx, c, r in zip(xs, clipped, rs):
+            if c:
+                ax.plot([xx], [ymax], "^", color=line.get_color(), markersize=9)
+                ax.annotate(f"{r[y] * scale:.0f}", (xx, ymax), textcoords="offset points", xytext=(4, 2),
+                            fontsize=7, color=line.get_color())
         if ref:  # a faint segment joins each curve to the unreduced model
             rx, ry = ref[0][x], ref[0][y] * scale
             i = min(range(len(xs)), key=lambda j: abs(xs[j] - rx))

@@ -156,6 +156,11 @@ def _run(args, configs, notes, dist_, device):
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
             "reference": ev.reference_to_json(reference)}
+    if args.reuse:  # keep the provenance of the reused rows
+        import json
+
+        prev = json.loads(Path(args.reuse).read_text())
+        meta["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
     if args.speedups:
         matched = ev.attach_speedups(rows, args.speedups)
         log(f"speed-ups from {args.speedups} for {matched} configuration(s)")
@@ -166,12 +171,16 @@ def _run(args, configs, notes, dist_, device):
     metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "1 - WER"}[task]
     title = f"{lm.name}: {metric} retained, {n} samples ({args.dtype})"
     ylabel = f"{metric} retained (% of unreduced)"
-    paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png", title=title, ylabel=ylabel)
+    plot_kw = {"title": title, "ylabel": ylabel}
+    if task == "wer":  # retention of 1 - WER goes negative once WER > 100%: plot WER itself
+        plot_kw = {"title": f"{lm.name}: WER, {n} utterances ({args.dtype})", "y": "wer",
+                   "ylabel": "WER (%, lower is better; >100% drawn at 100)", "ymax": 100.0}
+    paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png", **plot_kw)
     if args.speedups:
         for r in rows:
             if r.get("method") is None:
                 r.setdefault("speedup", 1.0)
-        paths["png_speedup"] = pareto_plot(rows, Path(args.out) / f"{stem}_speedup.png", x="speedup", title=title,
-                                           ylabel=ylabel, xlabel="measured speed-up over unreduced (x, bench)")
+        paths["png_speedup"] = pareto_plot(rows, Path(args.out) / f"{stem}_speedup.png", x="speedup",
+                                           xlabel="measured speed-up over unreduced (x, bench)", **plot_kw)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
