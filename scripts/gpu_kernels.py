@@ -172,16 +172,18 @@ def check(kernel, shape, dtype, err, tol, extra=None):
     return ok
 
 
+INTERPRET = False  # --interpret: smoke sizes on CPU through Triton's interpreter (checks this script's kernel paths)
+
+
 def impl(dev):
-    """The Triton module on CUDA; on CPU (smoke) the dispatcher, i.e. the references."""
-    if dev.type == "cuda" and kernels._impl():
-        mod = kernels._impl()
-        return mod
+    """The Triton module on CUDA (or under --interpret); on CPU (smoke) the dispatcher, i.e. the references."""
+    if (dev.type == "cuda" or INTERPRET) and kernels._impl():
+        return kernels._impl()
     return kernels
 
 
 def poison(dev, on):
-    mod = kernels._impl() if dev.type == "cuda" else None
+    mod = kernels._impl() if dev.type == "cuda" or INTERPRET else None
     if mod:
         mod.POISON = on
 
@@ -359,7 +361,7 @@ def kernel_bipartite(dev, smoke, ceil):
             t_t = bench(step, dev)
         out_rows = 1 + n - r
         nbytes, flops = (b * (1 + n) + b * out_rows) * c * 2, 2 * b * (n // 2) * ((n + 1) // 2) * 64
-        one = kernels.merge_step_fits(n) if dev.type == "cuda" else False
+        one = kernels.merge_step_fits(n) if (dev.type == "cuda" or INTERPRET) else False
         row("bipartite_merge step", (b, n, c, r), torch.float16, t_k, t_t, nbytes, flops, ceil,
             note=("one launch (merge_step)" if one else "bipartite_best + merge_rows") +
                  "; whole ops.bipartite_merge incl. source map; bytes = tokens read + written once")
@@ -645,7 +647,17 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, PyTorch fallbacks only, tiny sizes")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip later end-to-end rows after this many seconds")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: kernels,e2e,long")
+    ap.add_argument("--interpret", action="store_true",
+                    help="with --smoke: run the Triton kernels on CPU through TRITON_INTERPRET=1 (slow, tiny sizes)")
     args = ap.parse_args()
+    if args.interpret:
+        global INTERPRET
+        INTERPRET = True
+        args.smoke = True
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton_impl is imported (kernels import it lazily)
+        _real_use = kernels.use_triton
+        kernels.use_triton = lambda *ts: kernels.kernels_enabled() and bool(kernels._impl())  # noqa: E731
+        del _real_use
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1 if args.smoke else max(1, os.cpu_count() or 1))
