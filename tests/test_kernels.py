@@ -286,3 +286,21 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
     out = red.reduce(state(), Stage(0, 15, "apet"), None)
     assert torch.equal(out.source, ref.source)
     assert rel(out.x, ref.x) < 1e-5
+
+
+@pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])
+def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, budget):
+    """A whole reduced forward (tiny timm ViT) gives the same logits through the kernels."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    if method not in tokenprune.methods():
+        pytest.skip(f"{method} not registered")
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(14))
+    tokenprune.apply(model, budget=budget, method=method)
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        out = model(x)
+    assert rel(out, ref) < 1e-4
