@@ -29,8 +29,8 @@ def _configs():
         bn2, w2 = table["pass2"][dp]
         for split in (False, True):
             out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, BLOCK_N=bn1), w1))
-        out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16}, dict(DP=dp, SP=8),
-                    4 if dp <= 64 else 16))
+        out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
+                    dict(DP=dp, SP=32, RB=16), 4))
         out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
     out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
                 dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, BLOCK_N=32), 8))

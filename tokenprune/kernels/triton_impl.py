@@ -95,24 +95,24 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr):
+def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr):
+    # context row j (key feature j) only needs the S partials of that row: rows split over programs
     bh = tl.program_id(0)
+    offs_r = tl.program_id(1) * RB + tl.arange(0, RB)
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, SP)
     smask = offs_s < S
-    ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * DP + offs_d[None, :], mask=smask[:, None], other=float("-inf"))
-    ls = tl.load(l_ptr + (bh * S + offs_s[:, None]) * DP + offs_d[None, :], mask=smask[:, None], other=0.0)
+    ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=float("-inf"))
+    ls = tl.load(l_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=0.0)
     mx = tl.max(ms, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp(ms - mx[None, :])  # [SP, DP]
-    tot = tl.sum(w * ls, 0)
-    acc = tl.zeros([DP, DP], tl.float32)
-    offs_2 = offs_d[:, None] * DP + offs_d[None, :]
+    tot = tl.sum(tl.exp(ms - mx[None, :]) * ls, 0)  # [RB]
+    acc = tl.zeros([RB, DP], tl.float32)
     for s in range(0, S):
-        ws = tl.exp(tl.load(m_ptr + (bh * S + s) * DP + offs_d) - mx)
-        acc += ws[:, None] * tl.load(part_ptr + (bh * S + s) * DP * DP + offs_2)
+        ws = tl.exp(tl.load(m_ptr + (bh * S + s) * DP + offs_r) - mx)
+        acc += ws[:, None] * tl.load(part_ptr + (bh * S + s) * DP * DP + offs_r[:, None] * DP + offs_d[None, :])
     out = acc / tl.maximum(tot, 1e-30)[:, None]
-    tl.store(ctx_ptr + bh * DP * DP + offs_2, out.to(ctx_ptr.dtype.element_ty))
+    tl.store(ctx_ptr + bh * DP * DP + offs_r[:, None] * DP + offs_d[None, :], out.to(ctx_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -176,7 +176,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                              HAS_BIAS=bias is not None, SPLIT=split > 1,
                              IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1, num_warps=w1)
     if split > 1:
-        _ea_combine[(bh,)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), num_warps=4 if dp <= 64 else 16)
+        _ea_combine[(bh, dp // 16)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=16, num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
