@@ -451,9 +451,12 @@ def kernel_apet(dev, smoke, ceil):
         for on in (False, True):
             with kernels_on(on):
                 outs[on] = red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
-        same = bool(torch.equal(outs[True].source, outs[False].source))
-        check("apet reduce step", (b, n, c, keep), torch.float16, rel(outs[True].x, outs[False].x) if same else
-              float("inf"), 1e-2, {"same_source": same})
+        # errors rounded differently can swap two near-equal tokens at the top-K cut: compare per sample
+        same = (outs[True].source == outs[False].source).all(1)
+        frac = float(same.float().mean())
+        err = rel(outs[True].x[same], outs[False].x[same]) if bool(same.any()) else float("inf")
+        check("apet reduce step", (b, n, c, keep), torch.float16, err if frac >= 0.9 else float("inf"), 1e-2,
+              {"same_choice_fraction": frac})
 
         def step():
             return red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
