@@ -24,10 +24,11 @@ def _by_label(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", x: str = "flop_ratio",
                 title: str = "", ylabel: str = "accuracy retained (%)",
-                xlabel: str = "encoder FLOPs / unreduced", ymax: float | None = None) -> Path:
+                xlabel: str = "encoder FLOPs / unreduced", ymax: float | None = None,
+                ymin: float | None = None) -> Path:
     """One line per method through its budgets: ``y`` (x100 when it is a fraction) against ``x``;
     the unreduced model is a star. Budgets are written beside the points. Values above ``ymax``
-    (in plotted units) are drawn at ``ymax`` as triangles, labelled with their value."""
+    or below ``ymin`` (in plotted units) are drawn at that edge as triangles, labelled with their value."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
     pct = y in ("retained", "top1", "agreement", "wer")
@@ -38,14 +39,15 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", 
         if not rs:
             continue
         xs, ys = [r[x] for r in rs], [r[y] * scale for r in rs]
-        clipped = [ymax is not None and v > ymax for v in ys]
-        ys = [ymax if c else v for v, c in zip(ys, clipped)]
+        edge = [ymax if ymax is not None and v > ymax else ymin if ymin is not None and v < ymin else None
+                for v in ys]
+        ys = [v if e is None else e for v, e in zip(ys, edge)]
         style = "--" if label in ("random", "pool") else "-"
         line, = ax.plot(xs, ys, style, marker="o", label=label)
-        for xx, c, r in zip(xs, clipped, rs):
-            if c:
-                ax.plot([xx], [ymax], "^", color=line.get_color(), markersize=9)
-                ax.annotate(f"{r[y] * scale:.0f}", (xx, ymax), textcoords="offset points", xytext=(4, 2),
+        for xx, e, r in zip(xs, edge, rs):
+            if e is not None:
+                ax.plot([xx], [e], "^" if e == ymax else "v", color=line.get_color(), markersize=9)
+                ax.annotate(f"{r[y] * scale:.0f}", (xx, e), textcoords="offset points", xytext=(4, 2),
                             fontsize=7, color=line.get_color())
         if ref:  # a faint segment joins each curve to the unreduced model
             rx, ry = ref[0][x], ref[0][y] * scale

@@ -171,7 +171,7 @@ def _run(args, configs, notes, dist_, device):
     metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "1 - WER"}[task]
     title = f"{lm.name}: {metric} retained, {n} samples ({args.dtype})"
     ylabel = f"{metric} retained (% of unreduced)"
-    plot_kw = {"title": title, "ylabel": ylabel}
+    plot_kw = {"title": title, "ylabel": ylabel + "; <75% drawn at 75", "ymin": 75.0}
     if task == "wer":  # retention of 1 - WER goes negative once WER > 100%: plot WER itself
         plot_kw = {"title": f"{lm.name}: WER, {n} utterances ({args.dtype})", "y": "wer",
                    "ylabel": "WER (%, lower is better; >100% drawn at 100)", "ymax": 100.0}
