@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -72,9 +73,8 @@ def main():
     for v in filter(None, args.variants.split(";")):
         m, b, opts = (v.split(":") + [""])[:3]
         kv = {}
-        for item in filter(None, opts.split(",")):
-            k, val = item.split("=")
-            kv[k] = {"true": True, "false": False}.get(val.lower(), val)
+        for k, val in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", opts):
+            kv[k] = json.loads(val.lower()) if val.lower() in ("true", "false") or val.startswith("[") else val
         configs.append((m, float(b), kv))
     xs = {bs: torch.randn(bs, 3, size, size, device=device, dtype=dtype) for bs in (1, big)}
     base = {}
