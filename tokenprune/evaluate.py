@@ -190,14 +190,21 @@ def build_configs(methods: Sequence[str], budgets: Sequence[float], recipes: Seq
 
     known = registry.methods()
     methods = list(methods)
-    if "all" in methods:
-        methods = known + [m for m in methods if m != "all"]
+    notes = []
+    if "all" in methods:  # every method that runs with its default options (not e.g. a pipeline)
+        runnable = []
+        for m in known:
+            try:
+                registry.make(m)
+                runnable.append(m)
+            except (ValueError, TypeError) as e:
+                notes.append(f"'all' leaves out {m!r}: {e}")
+        methods = runnable + [m for m in methods if m != "all"]
     methods = list(dict.fromkeys(methods))
     for m in methods:
         registry.get(m)  # unknown method -> ValueError listing the known ones
     for b in budgets:
         check_budget(b)
-    notes = []
     configs = [Config("unreduced")]
     order = list(dict.fromkeys(methods))
     for base in baselines:
