@@ -366,3 +366,30 @@ def test_pipeline_stages_in_own_ranges_with_geometric_split():
     assert not tokenprune.get_patch(model).reducer.proportional
     with pytest.raises(ValueError, match="ranges"):
         tokenprune.apply(model, budget=0.25, method=["cls", "merge"], ranges=[(0, 5), (3, 8)])
+
+
+def test_apet_farthest_point_basis_matches_direct_definition():
+    # the fast form (|x|^2 - 2 x.c + |c|^2, no per-step temporaries) picks the same tokens as the
+    # direct definition: start farthest from the (valid) mean, then farthest from the chosen set
+    from tokenprune.reducers.apet import farthest_point_basis
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 57, 16, dtype=torch.float64)
+    valid = torch.rand(3, 57) > 0.2
+
+    def direct(xb, v, k):
+        d = ((xb - xb[v].mean(0)) ** 2).sum(-1).masked_fill(~v, float("-inf"))
+        chosen = []
+        for j in range(k):
+            i = int(d.argmax())
+            chosen.append(i)
+            di = ((xb - xb[i]) ** 2).sum(-1)
+            d = di if j == 0 else torch.minimum(d, di)
+            d = d.masked_fill(~v, float("-inf"))
+            d[chosen] = float("-inf")
+        return chosen
+
+    got = farthest_point_basis(x, 8, valid)
+    assert got.tolist() == [direct(x[b], valid[b], 8) for b in range(3)]
+    ones = torch.ones_like(valid)
+    assert farthest_point_basis(x, 8).tolist() == [direct(x[b], ones[b], 8) for b in range(3)]

@@ -17,8 +17,10 @@ At each stage, per sample, on the non-prefix tokens ``X`` ``[N, C]``:
 4. every other token is merged into its most cosine-similar kept token,
    ``kept <- (s_kept x_kept + sum s_d x_d) / (s_kept + sum s_d)``, which is the
    paper's ``(kept + sum dropped) / (1 + count)`` when all sizes are 1. Sizes
-   and the source map follow (merged patches point at their kept token), and
-   the sizes enter later blocks' attention as proportional attention.
+   and the source map follow (merged patches point at their kept token). The
+   sizes weight later merges and pooling; they enter later blocks' attention as
+   proportional attention only with ``prop_attn=True`` (off by default: ApET
+   does not use it, and without it the blocks keep SDPA's unmasked flash path).
 
 Kept tokens stay in spatial order. Stages: by default after blocks depth/4,
 depth/2, 3 depth/4 with the same keep ratio at each (as ``cls``, so the two
@@ -40,27 +42,33 @@ from .cls import check_layers, default_layers
 
 
 def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices ``[B, k]`` of ``k`` tokens of ``x`` ``[B, N, C]`` chosen by farthest-point sampling."""
-    b, n, _ = x.shape
-    xf = x.float()
+    """Indices ``[B, k]`` of ``k`` tokens of ``x`` ``[B, N, C]`` chosen by farthest-point sampling.
+
+    Squared distances are ``|x|^2 - 2 x.c + |c|^2``: one matrix-vector product per
+    step in the tokens' own dtype (fp32 accumulation), norms in float32, so no
+    ``[B, N, C]`` temporary is made per step.
+    """
+    b, n, c = x.shape
+    sq = x.float().pow(2).sum(-1)  # [B, N]
     if valid is None:
-        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
-    w = valid[..., None].float()
-    mean = (xf * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
-    dist = (xf - mean).pow(2).sum(-1).masked_fill(~valid, float("-inf"))
-    chosen = []
-    for _ in range(k):
-        i = dist.argmax(1)  # [B]
-        chosen.append(i)
-        c = xf.gather(1, i[:, None, None].expand(b, 1, xf.shape[-1]))
-        d = (xf - c).pow(2).sum(-1)
-        if len(chosen) == 1:
-            dist = d
-        else:
-            dist = torch.minimum(dist, d)
+        mean = x.float().mean(1)
+    else:
+        w = valid[..., None].to(x.dtype)
+        mean = ((x * w).sum(1) / w.sum(1).clamp_min(1)).float()
+    dist = sq - 2 * torch.bmm(x, mean.to(x.dtype)[..., None])[..., 0].float() + mean.pow(2).sum(-1, keepdim=True)
+    if valid is not None:
         dist = dist.masked_fill(~valid, float("-inf"))
-        dist.scatter_(1, torch.stack(chosen, 1), float("-inf"))  # never pick a basis token twice
-    return torch.stack(chosen, 1)
+    chosen = torch.empty(b, k, dtype=torch.long, device=x.device)
+    for j in range(k):
+        i = dist.argmax(1)  # [B]
+        chosen[:, j] = i
+        ci = x.gather(1, i[:, None, None].expand(b, 1, c))  # [B, 1, C]
+        d = sq - 2 * torch.bmm(x, ci.transpose(1, 2))[..., 0].float() + sq.gather(1, i[:, None])
+        dist = d if j == 0 else torch.minimum(dist, d)
+        if valid is not None:
+            dist = dist.masked_fill(~valid, float("-inf"))
+        dist = dist.scatter(1, chosen[:, :j + 1], float("-inf"))  # never pick a basis token twice
+    return chosen
 
 
 def reconstruction_error(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -80,6 +88,11 @@ class Apet(Reducer):
     k: int = 10  # basis tokens per stage (farthest-point sampling)
     layers: list[int] | None = None  # blocks after which to prune (default: depth/4, depth/2, 3 depth/4)
     eps: float = 1e-5  # ridge term of the least-squares Gram matrix
+    prop_attn: bool = False  # add log(size) of merged tokens to later attention (off: blocks keep flash SDPA)
+
+    @property
+    def proportional(self) -> bool:  # type: ignore[override]
+        return self.prop_attn
 
     def check(self, info: EncoderInfo) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -118,9 +131,9 @@ class Apet(Reducer):
         keep_idx = err.topk(keep, dim=1).indices.sort(1).values  # [B, K], spatial order
 
         # every non-kept token goes to its most cosine-similar kept token
-        xn = xs.float() / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        xn = xs / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).to(xs.dtype)
         kept_n = xn.gather(1, keep_idx[..., None].expand(b, keep, c))
-        target = (xn @ kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
+        target = torch.bmm(xn, kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
         target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
 
         s = sizes[:, p:].to(x.dtype)
@@ -135,8 +148,9 @@ class Apet(Reducer):
             kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
             new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
             state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
-        if state.sizes is not None or not bool((den == 1).all()):
-            state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
+        # always set (no host sync, so the forward can be captured in a CUDA graph); with
+        # prop_attn=False the sizes weight later merges and pooling but add no attention bias
+        state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
         if state.source is not None:
             old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
             new = old_to_new.gather(1, state.source.clamp(min=0))
