@@ -105,5 +105,5 @@ def apet_errors(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torc
     g = s @ s.transpose(-1, -2)
     g = g + eps * torch.eye(g.shape[-1], device=g.device, dtype=g.dtype)
     t = xf @ s.transpose(-1, -2)  # [B, N, k]
-    coef = torch.linalg.solve(g, t.transpose(-1, -2)).transpose(-1, -2)
+    coef = torch.linalg.solve_ex(g, t.transpose(-1, -2))[0].transpose(-1, -2)
     return (xf - coef @ s).norm(dim=-1)
