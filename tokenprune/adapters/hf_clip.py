@@ -13,7 +13,10 @@ work as before), ``SiglipVisionModel`` and ``SiglipModel``.
 - CLIP: one prefix token ([CLS]); pooling reads it (unchanged).
 - SigLIP: no [CLS] (``has_cls=False``): the ``cls`` reducer scores with its
   substitute (``substitute="mean_query"`` by default, or ``"received"``).
-  The MAP pooling head (one learned probe attending over all tokens) gets
+  Scoring with the MAP head's probe query instead is not implemented; no
+  real SigLIP weights are available offline to measure which substitute
+  retains more (on Whisper, also [CLS]-less, ``"received"`` was clearly
+  better than ``"mean_query"``). The MAP pooling head (one learned probe attending over all tokens) gets
   ``log(size)`` as a float key-padding mask, so a merged token counts as the
   tokens it stands for and padding slots are ignored; it is run with
   ``need_weights=False`` (same output as HF's call, fused path).
