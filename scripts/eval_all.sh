@@ -20,13 +20,13 @@ tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_tes
   --reuse /tmp/eval_top1_first.json --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
 
 # 2. kNN-20 retention of the same backbone as a feature extractor (head removed, [CLS] features):
-#    memory bank = 500 train images, 250 test images; the reduced model computes both.
+#    memory bank = 1000 train images, 500 test images; the reduced model computes both.
 tokenprune eval --model "$A/vit-s14-cifar10" --num-classes 0 --task knn \
   --data "$A/cifar10/cifar10_jpeg_test.tar.gz" --train-data "$A/cifar10/cifar10_jpeg_train.tar.gz" \
-  --limit 250 --train-limit 500 --methods merge,cls --budgets 0.5,0.25 --dtype bfloat16 --threads 1 \
+  --limit 500 --train-limit 1000 --methods merge,cls --budgets 0.5,0.25 --dtype bfloat16 --threads 1 \
   --batch-size 50 --out "$OUT" --name eval_knn_vit-s14-cifar10 --no-progress
 
-# 3. WER of Whisper tiny.en (greedy) on the first 24 of the 116 labelled utterances, float32
-tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 24 \
-  --methods merge,cls,maelre --budgets 0.5,0.25 --batch-size 8 --threads 1 \
+# 3. WER of Whisper tiny.en (greedy) on the first 60 of the 116 labelled utterances, float32
+tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 60 \
+  --methods merge,cls,maelre --budgets 0.5,0.25 --batch-size 10 --threads 1 \
   --out "$OUT" --name eval_wer_whisper-tiny-en --no-progress
