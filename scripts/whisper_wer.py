@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true", help="skip the unreduced pass")
     ap.add_argument("--options", default="{}", help='reducer options as JSON, e.g. \'{"substitute": "received"}\'')
+    ap.add_argument("--time-encoder", action="store_true",
+                    help="only time the encoder (batch 1, median of 5) for each configuration; no WER")
     ap.add_argument("--tag", default="", help="label for this run's rows (e.g. the options)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,6 +59,8 @@ def main():
     refs = [r["text"] for r in rows]
 
     methods = args.methods or tokenprune.methods()
+    if args.time_encoder:
+        return time_encoder(model, methods, args, Path(args.out))
     configs = ([] if args.no_baseline else [("none", 1.0)]) + [(m, b) for m in methods for b in args.budgets]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +99,36 @@ def main():
             lines.append(f"| {r['method']} | {r['budget']} | {r['tokens_out']} | {100 * r['wer']:.2f} | {r['seconds']:.0f} |")
     (out_dir / "wer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def time_encoder(model, methods, args, out_dir: Path):
+    import statistics
+
+    x = torch.randn(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+
+    def median_ms():
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            model.model.encoder(x)
+            times.append(1e3 * (time.perf_counter() - t))
+        return statistics.median(times)
+
+    rows = []
+    with torch.inference_mode():
+        median_ms()
+        base = median_ms()
+        rows.append(dict(method="none", budget=1.0, encoder_ms=base, speedup=1.0))
+        for method in methods:
+            for budget in args.budgets:
+                tokenprune.apply(model, budget, method, **json.loads(args.options))
+                ms = median_ms()
+                tokenprune.remove(model)
+                rows.append(dict(method=method + args.tag, budget=budget, encoder_ms=ms, speedup=base / ms))
+    for r in rows:
+        print(f"{r['method']:>16} {r['budget']:.2f}  encoder {r['encoder_ms']:7.1f} ms  {r['speedup']:.2f}x")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "encoder_time.json").write_text(json.dumps(dict(threads=args.threads, results=rows), indent=1))
 
 
 if __name__ == "__main__":
