@@ -12,7 +12,7 @@ work as before), ``SiglipVisionModel`` and ``SiglipModel``.
   the first layer, so merged/pruned tokens carry their positions with them.
 - CLIP: one prefix token ([CLS]); pooling reads it (unchanged).
 - SigLIP: no [CLS] (``has_cls=False``): the ``cls`` reducer scores with its
-  substitute (``substitute="mean_query"`` by default, or ``"received"``).
+  substitute (``substitute="received"`` by default, or the cheaper ``"mean_query"``).
   Scoring with the MAP head's probe query instead is not implemented; no
   real SigLIP weights are available offline to measure which substitute
   retains more (on Whisper, also [CLS]-less, ``"received"`` was clearly

@@ -24,9 +24,8 @@ once per utterance and cached, so every decoding step gets cheaper too).
   ``repeat_interleave``) the bias is lost and merged tokens count once --
   greedy decoding (the default) keeps it.
 - Measured (tiny.en, 116 utterances, ``scripts/whisper_wer.py``): ``cls``
-  with ``substitute="received"`` keeps WER near the unreduced one where the
-  default ``"mean_query"`` loses 3-5 points; prefer
-  ``tokenprune.apply(model, 0.5, "cls", substitute="received")`` here.
+  with ``substitute="received"`` (the default) keeps WER near the unreduced
+  one where ``"mean_query"`` loses 3-5 points.
 - Not reduced: ``output_hidden_states`` / ``output_attentions`` (a clear
   error), word-level timestamps (they need cross-attention weights).
 """

@@ -19,10 +19,13 @@ Stages: by default after blocks ``depth*1//4, depth*2//4, depth*3//4`` with
 the same keep ratio at each (EViT-style), ending at ``round(budget * N)``.
 ``layers=[j]`` gives FasterVLM's single pruning point.
 
-Encoders without a class token: ``substitute="mean_query"`` (default) scores
-with the attention of the mean query (O(N d), a cheap stand-in);
-``substitute="received"`` uses the exact mean attention each token receives
-over all queries (costs one extra attention pass, chunked).
+Encoders without a class token: ``substitute="received"`` (default) scores
+each token by the exact mean attention it receives over all queries (one
+extra attention pass per scored block, chunked; the block itself stays on
+SDPA); ``substitute="mean_query"`` uses the attention of the mean query
+(O(N d), cheap). Measured on Whisper tiny.en (116 utterances, WER 8.2%
+unreduced): "received" 8.3 / 8.2 / 7.9% at budgets 0.75 / 0.5 / 0.25,
+"mean_query" 12.4 / 13.5 / 12.2% -- hence the default.
 
 ``threshold``: additionally drop tokens whose score is at most ``threshold``,
 per sample. Samples then keep different counts (never more than the budget's
@@ -80,7 +83,7 @@ class ClsPrune(Reducer):
     layers: list[int] | None = None  # blocks after which to prune (default: depth/4, depth/2, 3 depth/4)
     variant: str = "single"  # "single" (FasterVLM) or "sum" (VTC-CLS)
     threshold: float | None = None  # per-sample score threshold (different kept counts per sample)
-    substitute: str = "mean_query"  # scoring without a class token: "mean_query" or "received"
+    substitute: str = "received"  # scoring without a class token: "received" or "mean_query" (cheaper)
 
     def __post_init__(self):
         if self.variant not in ("single", "sum"):
