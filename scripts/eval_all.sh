@@ -30,3 +30,15 @@ tokenprune eval --model "$A/vit-s14-cifar10" --num-classes 0 --task knn \
 tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 60 \
   --methods merge,cls,maelre --budgets 0.5,0.25 --batch-size 10 --threads 1 \
   --out "$OUT" --name eval_wer_whisper-tiny-en --no-progress
+
+# 4. apet re-run after its default changed to prop_attn=False (no proportional attention): the
+#    earlier apet rows are removed from the results file first, the other rows are reused
+python3 - "$OUT/eval_top1_vit-s14-cifar10.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["rows"] = [r for r in d["rows"] if r["method"] != "apet"]
+json.dump(d, open("/tmp/eval_top1_noapet.json", "w"))
+PY
+tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_test.tar.gz" \
+  --limit 500 --methods apet --budgets 0.5,0.25,0.1 --dtype bfloat16 --threads 1 --batch-size 50 \
+  --reuse /tmp/eval_top1_noapet.json --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
