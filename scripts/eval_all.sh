@@ -26,8 +26,8 @@ tokenprune eval --model "$A/vit-s14-cifar10" --num-classes 0 --task knn \
   --limit 500 --train-limit 1000 --methods merge,cls --budgets 0.5,0.25 --dtype bfloat16 --threads 1 \
   --batch-size 50 --out "$OUT" --name eval_knn_vit-s14-cifar10 --no-progress
 
-# 3. WER of Whisper tiny.en (greedy) on the first 60 of the 116 labelled utterances, float32
-tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 60 \
+# 3. WER of Whisper tiny.en (greedy) on all 116 labelled utterances (--limit 0), float32
+tokenprune eval --model "$A/whisper-tiny.en" --task wer --data "$A/speech-hifitts-6097" --limit 0 \
   --methods merge,cls,maelre --budgets 0.5,0.25 --batch-size 10 --threads 1 \
   --out "$OUT" --name eval_wer_whisper-tiny-en --no-progress
 
