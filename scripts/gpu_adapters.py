@@ -31,29 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tokenprune  # noqa: E402
+from tokenprune.bench import time_fn  # noqa: E402
 
 
 def timed(fn, device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
-
+    """Median milliseconds of ``fn()`` (CUDA events on GPU): tokenprune.bench.time_fn."""
+    return time_fn(fn, device, warmup, reps).median_ms
 
 def wall(fn, device, warmup: int, reps: int) -> float:
     for _ in range(warmup):

@@ -13,36 +13,17 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
-import time
 
 import torch
 
 import tokenprune
+from tokenprune.bench import time_fn
 
 
 def timed(fn, device, warmup, reps):
-    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
+    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events on GPU): tokenprune.bench.time_fn."""
+    return time_fn(fn, device, warmup, reps).median_ms
 
 def main():
     ap = argparse.ArgumentParser()

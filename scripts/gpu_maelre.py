@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import tokenprune
+from tokenprune.bench import time_fn
 
 
 def build(side: int, patch: int, width: int, depth: int, heads: int, device, dtype):
@@ -37,26 +36,8 @@ def build(side: int, patch: int, width: int, depth: int, heads: int, device, dty
 
 
 def bench(fn, device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    else:
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
-
+    """Median milliseconds of ``fn()`` (CUDA events on GPU): tokenprune.bench.time_fn."""
+    return time_fn(fn, device, warmup, reps).median_ms
 
 def peak_mib(fn, device) -> float | None:
     if device.type != "cuda":

@@ -27,7 +27,7 @@ def remap_source(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch
     return new.masked_fill_(source < 0, -1)
 
 
-def _prefix_map(b: int, p: int, device) -> torch.Tensor:
+def prefix_map(b: int, p: int, device) -> torch.Tensor:
     return torch.arange(p, device=device).expand(b, p)
 
 
@@ -43,7 +43,7 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
     b, n_all, c = x.shape
     k = keep_idx.shape[1]
     if kernels.use_triton(x):  # one pass: prefix and kept rows straight into the new tensor
-        new_x = kernels.gather_rows(x, torch.cat([_prefix_map(b, p, x.device), keep_idx + p], 1))
+        new_x = kernels.gather_rows(x, torch.cat([prefix_map(b, p, x.device), keep_idx + p], 1))
     else:
         patches = x[:, p:].gather(1, keep_idx[..., None].expand(b, k, c))
         new_x = torch.cat([x[:, :p], patches], 1) if p else patches
@@ -62,7 +62,7 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
         if keep_valid is not None:
             targets = targets.masked_fill(~keep_valid, -1)
         old_to_new = torch.full((b, n_all), -1, dtype=torch.long, device=x.device)
-        old_to_new[:, :p] = _prefix_map(b, p, x.device)
+        old_to_new[:, :p] = prefix_map(b, p, x.device)
         old_to_new[:, p:].scatter_(1, keep_idx, targets)
         new_source = remap_source(state.source, old_to_new)
 
@@ -143,7 +143,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     if kernels.use_triton(x):
         # one pass: every output row reads its own token and the tokens merged into it
         nb_ = xb.shape[1]
-        prim = torch.cat([_prefix_map(b, p, x.device), p + 2 * unm_idx,
+        prim = torch.cat([prefix_map(b, p, x.device), p + 2 * unm_idx,
                           (p + 1 + 2 * torch.arange(nb_, device=x.device)).expand(b, nb_)], 1)
         new_x = kernels.merge_rows(x, state.sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
     else:
@@ -161,7 +161,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         a_new.scatter_(1, unm_idx, torch.arange(p, p + n_unm, device=x.device).expand(b, n_unm))
         a_new.scatter_(1, src_idx, p + n_unm + dst_idx)
         old_to_new = torch.empty((b, n_all), dtype=torch.long, device=x.device)
-        old_to_new[:, :p] = _prefix_map(b, p, x.device)
+        old_to_new[:, :p] = prefix_map(b, p, x.device)
         old_to_new[:, p::2] = a_new
         old_to_new[:, p + 1::2] = torch.arange(p + n_unm, p + n_unm + nb, device=x.device).expand(b, nb)
         state.source = remap_source(state.source, old_to_new)

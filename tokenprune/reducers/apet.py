@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from ..ops import prefix_map, remap_source
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
 from ..registry import register
 from ..state import TokenState
@@ -152,7 +153,5 @@ class Apet(Reducer):
         # prop_attn=False the sizes weight later merges and pooling but add no attention bias
         state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
         if state.source is not None:
-            old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
-            new = old_to_new.gather(1, state.source.clamp(min=0))
-            state.source = new.masked_fill_(state.source < 0, -1)
+            state.source = remap_source(state.source, torch.cat([prefix_map(b, p, x.device), target + p], 1))
         return state

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import prefix_map, remap_source
 from ..plan import EncoderInfo, Plan, Stage, keep_count, validate
 from ..registry import register
 from ..state import TokenState
@@ -142,9 +143,7 @@ class Pool(Reducer):
         state.x = torch.cat([x[:, :p], pooled], 1) if p else pooled
         state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
         if state.source is not None:
-            old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), idx + p], 1)
-            new = old_to_new.gather(1, state.source.clamp(min=0))
-            state.source = new.masked_fill_(state.source < 0, -1)
+            state.source = remap_source(state.source, torch.cat([prefix_map(b, p, x.device), idx + p], 1))
         state.grid = tuple(out)
         return state
 
