@@ -13,8 +13,10 @@ import triton.language as tl
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
 EA_CONFIG = {
-    "pass1": {64: (128, 8), 128: (64, 8)},  # sm_90 (ptxas 3.8): 175 / 225 registers, no spills
-    "pass2": {64: (128, 8), 128: (128, 8)},  # 148 / 255 registers, no spills (4 warps spill)
+    # from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json): both passes swept together;
+    # d=64: 131/135/185 us at N=8k/16k/64k (was 175/189/205), d=128: 350/602 us at 16k/64k (was 587/1103)
+    "pass1": {64: (128, 4), 128: (128, 8)},
+    "pass2": {64: (128, 8), 128: (64, 4)},
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
