@@ -42,3 +42,9 @@ PY
 tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_test.tar.gz" \
   --limit 500 --methods apet --budgets 0.5,0.25,0.1 --dtype bfloat16 --threads 1 --batch-size 50 \
   --reuse /tmp/eval_top1_noapet.json --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
+
+# 5. the merge-3-stages recipe (merge after blocks 2, 5, 8 only) at budget 0.25, other rows reused
+cp "$OUT/eval_top1_vit-s14-cifar10.json" /tmp/eval_top1_cur.json
+tokenprune eval --model "$A/vit-s14-cifar10" --data "$A/cifar10/cifar10_jpeg_test.tar.gz" \
+  --limit 500 --methods merge --budgets 0.25 --recipe merge-3-stages --dtype bfloat16 --threads 2 \
+  --batch-size 50 --reuse /tmp/eval_top1_cur.json --out "$OUT" --name eval_top1_vit-s14-cifar10 --no-progress
