@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..engine import attach_state, attached_state
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import ConfigSwitch, check_sdpa, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
 
 
 def _attn(layer):
@@ -72,15 +72,7 @@ class HFASTAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.ast = getattr(model, "audio_spectrogram_transformer", model)
-        self._switches = []
-
-    def _configs(self):
-        seen = []
-        for layer in _layers(self.ast):
-            c = _attn(layer).config
-            if not any(c is s for s in seen):
-                seen.append(c)
-        return seen
+        self._routing = AttentionRouting([_attn(layer) for layer in _layers(self.ast)], "AST model")
 
     def info(self) -> EncoderInfo:
         c = self.ast.config
@@ -90,19 +82,14 @@ class HFASTAdapter(Adapter):
                            has_cls=True, family=self.family)
 
     def check(self, reducer) -> None:
-        for c in self._configs():
-            check_sdpa(c, "AST model")
+        self._routing.check()
 
     def install(self, patch) -> None:
-        self._switches = [ConfigSwitch(c) for c in self._configs()]
-        for s in self._switches:
-            s.on()
+        self._routing.on()
         self.ast._tokenprune_patch = patch
         swap_class(self.ast, _ASTModel)
 
     def uninstall(self) -> None:
         restore_class(self.ast)
         self.ast.__dict__.pop("_tokenprune_patch", None)
-        for s in self._switches:
-            s.off()
-        self._switches = []
+        self._routing.off()

@@ -30,7 +30,7 @@ import torch
 from ..engine import current_scope, forward_scope
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import ConfigSwitch, check_sdpa, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
 
 
 def _attn(layer):
@@ -108,15 +108,7 @@ class HFClipAdapter(Adapter):
         super().__init__(model)
         self.tower = vision_tower(model)
         self.siglip = "siglip" in type(self.tower.encoder).__name__.lower()
-        self._switches = []
-
-    def _configs(self):
-        seen = []
-        for layer in self.tower.encoder.layers:
-            c = _attn(layer).config
-            if not any(c is s for s in seen):
-                seen.append(c)
-        return seen
+        self._routing = AttentionRouting([_attn(layer) for layer in self.tower.encoder.layers], "vision tower")
 
     def info(self) -> EncoderInfo:
         c = self.tower.config
@@ -131,14 +123,11 @@ class HFClipAdapter(Adapter):
         return (side, side) if side * side == num_tokens else None
 
     def check(self, reducer) -> None:
-        for c in self._configs():
-            check_sdpa(c, "vision tower")
+        self._routing.check()
 
     def install(self, patch) -> None:
         t = self.tower
-        self._switches = [ConfigSwitch(c) for c in self._configs()]
-        for s in self._switches:
-            s.on()
+        self._routing.on()
         t.encoder._tokenprune_patch = patch
         swap_class(t.encoder, _Encoder)
         swap_class(t, _Tower)
@@ -154,6 +143,4 @@ class HFClipAdapter(Adapter):
         if head is not None:
             restore_class(head)
         t.encoder.__dict__.pop("_tokenprune_patch", None)
-        for s in self._switches:
-            s.off()
-        self._switches = []
+        self._routing.off()

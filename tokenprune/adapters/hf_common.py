@@ -126,6 +126,36 @@ class ConfigSwitch:
             d["_attn_implementation_internal"] = self.saved
 
 
+class AttentionRouting:
+    """Route a model's attention modules through ``tokenprune_sdpa`` and back.
+
+    ``modules``: the attention modules whose kernel lookup must go through the recorder
+    (several may share one config object; each config is switched once).
+    """
+
+    def __init__(self, modules, what: str):
+        self.configs = []
+        for m in modules:
+            if not any(m.config is c for c in self.configs):
+                self.configs.append(m.config)
+        self.what = what
+        self._switches: list[ConfigSwitch] = []
+
+    def check(self) -> None:
+        for c in self.configs:
+            check_sdpa(c, self.what)
+
+    def on(self) -> None:
+        self._switches = [ConfigSwitch(c) for c in self.configs]
+        for s in self._switches:
+            s.on()
+
+    def off(self) -> None:
+        for s in self._switches:
+            s.off()
+        self._switches = []
+
+
 def hf_call_block(attn_of, extra: tuple = ()):
     """``call_block`` for ``run_blocks``: the layer runs as usual (``layer(x, *extra)``, e.g.
     ``extra=(None,)`` for layers whose ``attention_mask`` argument is required), and its attention

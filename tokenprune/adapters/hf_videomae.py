@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import attached_state
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import ConfigSwitch, check_sdpa, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
 
 
 def _attn(layer):
@@ -83,15 +83,7 @@ class HFVideoMAEAdapter(Adapter):
             raise TypeError("tokenprune: this VideoMAEForVideoClassification has use_mean_pooling=False, so it "
                             "classifies token 0, an ordinary patch that reduction may drop or merge; only "
                             "mean-pooling VideoMAE classifiers are supported")
-        self._switches = []
-
-    def _configs(self):
-        seen = []
-        for layer in self.videomae.encoder.layer:
-            c = _attn(layer).config
-            if not any(c is s for s in seen):
-                seen.append(c)
-        return seen
+        self._routing = AttentionRouting([_attn(layer) for layer in self.videomae.encoder.layer], "VideoMAE model")
 
     def info(self) -> EncoderInfo:
         c = self.videomae.config
@@ -101,13 +93,10 @@ class HFVideoMAEAdapter(Adapter):
                            mlp_hidden=c.intermediate_size, grid=grid, has_cls=False, family=self.family)
 
     def check(self, reducer) -> None:
-        for c in self._configs():
-            check_sdpa(c, "VideoMAE model")
+        self._routing.check()
 
     def install(self, patch) -> None:
-        self._switches = [ConfigSwitch(c) for c in self._configs()]
-        for s in self._switches:
-            s.on()
+        self._routing.on()
         enc = self.videomae.encoder
         enc._tokenprune_patch = patch
         swap_class(enc, _Encoder)
@@ -120,6 +109,4 @@ class HFVideoMAEAdapter(Adapter):
             restore_class(self.classifier)
         restore_class(enc)
         enc.__dict__.pop("_tokenprune_patch", None)
-        for s in self._switches:
-            s.off()
-        self._switches = []
+        self._routing.off()

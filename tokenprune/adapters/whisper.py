@@ -37,7 +37,7 @@ from torch import nn
 from ..engine import attach_state, attached_state
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import (ConfigSwitch, check_sdpa, hf_call_block, hf_capture, key_bias, no_extra_kwargs,
+from .hf_common import (AttentionRouting, hf_call_block, hf_capture, key_bias, no_extra_kwargs,
                         run_and_attach)
 
 
@@ -107,17 +107,10 @@ class WhisperAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.encoder, self.decoder = _parts(model)
-        self._switches = []
-
-    def _configs(self):
-        seen = []
-        mods = [_attn(layer) for layer in self.encoder.layers]
-        if self.decoder is not None:
-            mods += [layer.encoder_attn for layer in self.decoder.layers]
-        for m in mods:
-            if not any(m.config is s for s in seen):
-                seen.append(m.config)
-        return seen
+        attention = [_attn(layer) for layer in self.encoder.layers]
+        if self.decoder is not None:  # cross-attention reads the reduced encoder output
+            attention += [layer.encoder_attn for layer in self.decoder.layers]
+        self._routing = AttentionRouting(attention, "Whisper model")
 
     def info(self) -> EncoderInfo:
         c = self.encoder.config
@@ -130,13 +123,10 @@ class WhisperAdapter(Adapter):
         return (1, num_tokens)
 
     def check(self, reducer) -> None:
-        for c in self._configs():
-            check_sdpa(c, "Whisper model")
+        self._routing.check()
 
     def install(self, patch) -> None:
-        self._switches = [ConfigSwitch(c) for c in self._configs()]
-        for s in self._switches:
-            s.on()
+        self._routing.on()
         self.encoder._tokenprune_patch = patch
         swap_class(self.encoder, _Encoder)
         if self.decoder is not None:
@@ -147,6 +137,4 @@ class WhisperAdapter(Adapter):
         if self.decoder is not None:
             restore_class(self.decoder)
         self.encoder.__dict__.pop("_tokenprune_patch", None)
-        for s in self._switches:
-            s.off()
-        self._switches = []
+        self._routing.off()
