@@ -63,6 +63,10 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, *, y: str = "retained", 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,9 +111,4 @@ def speed_plot(rows: Sequence[dict], path: str | Path, *, title: str = "") -> Pa
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
