@@ -8,7 +8,6 @@ imports a model library. Index conventions: ``keep_idx`` and friends index the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .state import TokenState
@@ -248,6 +247,3 @@ def weighted_mean(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 def masked_max(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return x.masked_fill((sizes <= 0)[..., None], float("-inf")).amax(1)
 
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
