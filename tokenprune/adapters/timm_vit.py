@@ -123,6 +123,7 @@ class TimmViTAdapter(Adapter):
             if "attn_mask" not in inspect.signature(blk.forward).parameters:
                 raise TypeError(f"tokenprune: timm block {i} ({type(blk).__name__}) takes no attn_mask; "
                                 "timm >= 1.0.15 is required")
+        self._grid = self.info().grid
 
     def info(self) -> EncoderInfo:
         m = self.model
@@ -135,10 +136,9 @@ class TimmViTAdapter(Adapter):
                            num_prefix=m.num_prefix_tokens, num_tokens=n, mlp_hidden=hidden, grid=grid,
                            has_cls=bool(getattr(m, "has_class_token", m.num_prefix_tokens > 0)), family=self.family)
 
-    def grid_for(self, num_tokens: int):
-        info = self.info()
-        if info.grid is not None and num_tokens == info.num_tokens:
-            return info.grid
+    def grid_for(self, num_tokens: int):  # called on every forward: no EncoderInfo rebuilt here
+        if self._grid is not None and num_tokens == math.prod(self._grid):
+            return self._grid
         side = math.isqrt(num_tokens)
         return (side, side) if side * side == num_tokens else None
 
