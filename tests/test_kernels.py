@@ -71,6 +71,18 @@ def test_efficient_attention(T, shape, dtype, bias, split):
     assert rel(out, ref) < tol(dtype)
 
 
+@pytest.mark.parametrize("rows,split", [(16, 1), (16, 3)])
+def test_efficient_attention_context_rows_split_over_programs(T, monkeypatch, rows, split):
+    """Pass 1 with each program owning ``rows`` of the d x d context (the d=128 configuration)."""
+    monkeypatch.setitem(T.EA_CONFIG, "rows1", {64: rows, 128: rows})
+    g = gen(3)
+    q, k, v = [torch.randn(2, 2, 90, 40, generator=g).half() for _ in range(3)]  # d=40 -> 64 padded, 4 row blocks
+    bb = size_bias(2, 90, g, torch.float16)
+    out = T.efficient_attention(q, k, v, bb, split=split)
+    ref = R.efficient_attention(q.double(), k.double(), v.double(), bb.double())
+    assert rel(out, ref) < tol(torch.float16)
+
+
 def test_efficient_attention_strided_input_matches_reducer(T):
     """q/k/v as timm produces them (views into one qkv tensor); same result as maelre's PyTorch version."""
     from tokenprune.reducers.maelre import efficient_attention as maelre_ea

@@ -17,6 +17,9 @@ EA_CONFIG = {
     # d=64: 131/135/185 us at N=8k/16k/64k (was 175/189/205), d=128: 350/602 us at 16k/64k (was 587/1103)
     "pass1": {64: (128, 4), 128: (128, 8)},
     "pass2": {64: (128, 8), 128: (64, 4)},
+    "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
+    "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
+    "programs_per_sm": 2,  # pass 1 splits N until about this many programs per SM are busy
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -52,16 +55,20 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                DR: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
+    # softmax over N needs only its own K column, so rows split without extra K reads)
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
-    m = tl.full([DP], float("-inf"), tl.float32)
-    l = tl.zeros([DP], tl.float32)
-    acc = tl.zeros([DP, DP], tl.float32)
+    offs_r = tl.program_id(2) * DR + tl.arange(0, DR)
+    rmask = offs_r < D
+    m = tl.full([DR], float("-inf"), tl.float32)
+    l = tl.zeros([DR], tl.float32)
+    acc = tl.zeros([DR, DP], tl.float32)
     start = s * chunk
     end = tl.minimum(start + chunk, N)
     k_base = k_ptr + b * skb + h * skh
@@ -70,7 +77,8 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         mask2 = nmask[:, None] & dmask[None, :]
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=mask2, other=0.0).to(tl.float32)
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32)
         vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask2, other=0.0)
         if HAS_BIAS:
             bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
@@ -86,11 +94,11 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         else:
             acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(vt.dtype)), vt)
         m = m_new
-    offs_2 = offs_d[:, None] * DP + offs_d[None, :]
+    offs_2 = offs_r[:, None] * DP + offs_d[None, :]
     if SPLIT:
         tl.store(part_ptr + (bh * S + s) * DP * DP + offs_2, acc)
-        tl.store(m_ptr + (bh * S + s) * DP + offs_d, m)
-        tl.store(l_ptr + (bh * S + s) * DP + offs_d, l)
+        tl.store(m_ptr + (bh * S + s) * DP + offs_r, m)
+        tl.store(l_ptr + (bh * S + s) * DP + offs_r, l)
     else:
         out = acc / tl.maximum(l, 1e-30)[:, None]
         tl.store(ctx_ptr + bh * DP * DP + offs_2, out.to(ctx_ptr.dtype.element_ty))
@@ -154,10 +162,12 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     bh = b * h
     bn1, w1 = _cfg(EA_CONFIG["pass1"], dp)
     bn2, w2 = _cfg(EA_CONFIG["pass2"], dp)
+    dr = min(_cfg(EA_CONFIG["rows1"], dp), dp)
+    st1, st2 = ({} if st is None else {"num_stages": st} for st in EA_CONFIG["stages"])
     if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
         bn1, bn2 = 32, 32
     if split is None:
-        want = triton.cdiv(2 * _num_sms(q.device), bh)
+        want = triton.cdiv(EA_CONFIG["programs_per_sm"] * _num_sms(q.device), bh * (dp // dr))
         split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
@@ -173,10 +183,10 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         lpart = _alloc((bh, split, dp), q.device, torch.float32)
     else:
         part = mpart = lpart = ctx
-    _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
-                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
-                             HAS_BIAS=bias is not None, SPLIT=split > 1,
-                             IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1, num_warps=w1)
+    _ea_context[(bh, split, dp // dr)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
+                                       k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                       sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
+                                       IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1, num_warps=w1, **st1)
     if split > 1:
         _ea_combine[(bh, dp // 16)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=16, num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
@@ -184,7 +194,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
                                          out.stride(0), out.stride(1), out.stride(2),
                                          IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2,
-                                         num_warps=w2)
+                                         num_warps=w2, **st2)
     return out
 
 

@@ -1,0 +1,286 @@
+"""Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
+
+    python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, sdpa, profile, floor
+
+Parts:
+- ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
+  Python per repetition (``do_bench``: host launch overhead included when the GPU work is shorter
+  than the launches) and replayed from a CUDA graph (``do_bench_cudagraph``: the GPU time alone) --
+  with the time of each of its kernels, for a grid of variants (programs per SM, pipelining depth,
+  pass-1 tile, context rows per program). Bound = bytes / copy bandwidth measured in the same run.
+- ``sdpa``: ViT-B shaped SDPA (B256 H12 d64) without a mask on flash, and with the [B,1,1,N]
+  log-size key bias of proportional attention on each backend that accepts it.
+- ``profile``: kernel-time tables of vit_base fp16 bs 256 forwards (unreduced, merge, cls, apet).
+- ``floor``: the same block sequence at the reduced token counts with a free reduction (keep the
+  first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
+  with zero cost would take, next to the FLOP-proportional time the overhead target uses.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tokenprune  # noqa: E402
+from tokenprune.kernels import reference  # noqa: E402
+from tokenprune.plan import Stage  # noqa: E402
+from tokenprune.registry import register  # noqa: E402
+from tokenprune.reducers.base import Reducer  # noqa: E402
+
+OUT: dict = {"env": {}, "errors": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def kernel_times(fn, reps=20):
+    """Mean GPU microseconds per call of each CUDA kernel ``fn`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows[e.key[:60]] = round(t / reps, 2)
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+
+
+def part_ea(bw, quick):
+    import triton.testing
+
+    from tokenprune.kernels import triton_impl as T
+    saved = json.loads(json.dumps({k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
+                                   for k, v in T.EA_CONFIG.items()}))
+    base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in T.EA_CONFIG.items()}
+    shapes = {64: [(1, 12, 8192), (4, 12, 8192), (1, 12, 16384), (1, 12, 65536)],
+              128: [(1, 16, 8192), (2, 16, 16384), (1, 16, 65536)]}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    res = []
+    for d, shp in shapes.items():
+        data = []
+        for (b, h, n) in shp:
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+            ref = reference.efficient_attention(q.float(), k.float(), v.float(), None) if n <= 16384 else None
+            data.append(((b, h, n), q, k, v, ref))
+        pass1 = [(64, 4), (128, 4), (128, 8)] if not quick else [base["pass1"][d]]
+        rows = [d, 64] if d == 128 else [64]
+        grid = list(itertools.product([2, 4, 8], [None, 4], rows, pass1))
+        for pps, st, dr, p1 in grid:
+            T.EA_CONFIG.update(programs_per_sm=pps, stages=(st, None))
+            T.EA_CONFIG["rows1"] = dict(base["rows1"], **{d: dr})
+            T.EA_CONFIG["pass1"] = dict(base["pass1"], **{d: p1})
+            cfg = {"d": d, "programs_per_sm": pps, "stages1": st, "rows1": dr, "pass1": p1, "shapes": []}
+            try:
+                for (shape, q, k, v, ref) in data:
+                    fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
+                    out = fn()
+                    err = None if ref is None else float((out.float() - ref).norm() / ref.norm())
+                    if err is not None and not err < 1e-2:
+                        raise ValueError(f"rel err {err:.2e} at {shape}")
+                    graph_us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+                    eager_us = 1e3 * triton.testing.do_bench(fn, rep=20, return_mode="median")
+                    bound = 4 * shape[0] * shape[1] * shape[2] * d * 2 / bw * 1e6
+                    cfg["shapes"].append({"shape": shape, "eager_us": round(eager_us, 1), "graph_us": round(graph_us, 1),
+                                          "bound_us": round(bound, 1), "pct_graph": round(100 * bound / graph_us, 1),
+                                          "pct_eager": round(100 * bound / eager_us, 1), "err": err})
+            except Exception as e:
+                cfg["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+            res.append(cfg)
+            log("ea", d, pps, st, dr, p1, cfg.get("error") or
+                [(s["shape"][2], s["eager_us"], s["graph_us"], s["pct_graph"]) for s in cfg["shapes"]])
+        for kk in base:
+            T.EA_CONFIG[kk] = base[kk]
+    # the best variant per d (sum of graph times) and its per-kernel breakdown
+    best = {}
+    for d in shapes:
+        ok = [r for r in res if r["d"] == d and "error" not in r]
+        if ok:
+            best[d] = min(ok, key=lambda r: sum(s["graph_us"] for s in r["shapes"]))
+    for d, r in best.items():
+        T.EA_CONFIG.update(programs_per_sm=r["programs_per_sm"], stages=(r["stages1"], None))
+        T.EA_CONFIG["rows1"] = dict(base["rows1"], **{d: r["rows1"]})
+        T.EA_CONFIG["pass1"] = dict(base["pass1"], **{d: tuple(r["pass1"])})
+        r["kernels"] = {}
+        for (b, h, n) in shapes[d]:
+            q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
+            r["kernels"][f"B{b} H{h} N{n}"] = kernel_times(lambda: T.efficient_attention(q, k, v, None))
+        for kk in base:
+            T.EA_CONFIG[kk] = base[kk]
+        log("best d", d, json.dumps(r))
+    OUT["ea"] = {"variants": res, "best": {str(k): v for k, v in best.items()}, "defaults": saved}
+
+
+def part_sdpa():
+    import triton.testing
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    for n in (197, 148, 99):
+        q, k, v = (torch.randn(256, 12, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        s = torch.rand(256, n, device="cuda") * 3 + 1
+        bias = s.log()[:, None, None, :].half()
+        bias_full = bias.expand(256, 12, n, n)
+        cases = [("default, no mask", None, None), ("flash, no mask", SDPBackend.FLASH_ATTENTION, None),
+                 ("cudnn, no mask", SDPBackend.CUDNN_ATTENTION, None),
+                 ("default, bias [B,1,1,N]", None, bias), ("efficient, bias", SDPBackend.EFFICIENT_ATTENTION, bias),
+                 ("cudnn, bias [B,1,1,N]", SDPBackend.CUDNN_ATTENTION, bias),
+                 ("cudnn, bias expanded [B,H,N,N] view", SDPBackend.CUDNN_ATTENTION, bias_full)]
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float())
+        for name, be, m in cases:
+            def fn():
+                if be is None:
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            try:
+                out = fn()
+                err = float((out.float() - ref).norm() / ref.norm()) if m is not None else None
+                us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
+                rows.append({"n": n, "case": name, "us": round(us, 1), "err_vs_fp32_biased": err})
+            except Exception as e:
+                rows.append({"n": n, "case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            log("sdpa", rows[-1])
+    OUT["sdpa"] = rows
+
+
+@register("first_k")
+@dataclass
+class FirstK(Reducer):
+    """Free reduction for the floor measurement: keep the first K tokens (one slice)."""
+    layers: list[int] | None = None
+    stages_from: str = "cls"
+
+    def schedule(self, info, keep):
+        from tokenprune.registry import get
+        return [Stage(s.block, s.keep, self.name) for s in get(self.stages_from)().schedule(info, keep)]
+
+    def reduce(self, state, stage, qk):
+        p = state.num_prefix
+        state.x = state.x[:, :p + stage.keep]
+        state.sizes = None if state.sizes is None else state.sizes[:, :p + stage.keep]
+        state.source = None
+        return state
+
+
+def vit():
+    import timm
+    return timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
+
+
+def graph_fn(model, x):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(x)
+    return g.replay
+
+
+def part_profile():
+    model = vit()
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    tabs = {}
+    with torch.inference_mode():
+        for method, opts in [("none", {}), ("merge", {}), ("merge", {"prop_attn": False}), ("cls", {}), ("apet", {})]:
+            tokenprune.remove(model)
+            if method != "none":
+                tokenprune.apply(model, budget=0.25, method=method, **opts)
+            key = method + ("[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]" if opts else "")
+            kt = kernel_times(lambda: model(x), reps=3)
+            tabs[key] = {"total_us": round(sum(kt.values()), 1), "top": dict(list(kt.items())[:25])}
+            log("profile", key, tabs[key]["total_us"], list(kt.items())[:8])
+    tokenprune.remove(model)
+    OUT["profile"] = tabs
+
+
+def part_floor():
+    import triton.testing
+    model = vit()
+    res = []
+    with torch.inference_mode():
+        for bs in (256, 1):
+            x = torch.randn(bs, 3, 224, 224, device="cuda", dtype=torch.float16)
+            cfgs = [("none", {}), ("cls", {}), ("first_k", {"stages_from": "cls"}), ("random", {}),
+                    ("merge", {}), ("merge", {"prop_attn": False}), ("first_k", {"stages_from": "merge"}),
+                    ("merge", {"layers": [2, 5, 8]}), ("first_k", {"layers": None, "stages_from": "apet"}), ("apet", {})]
+            t0 = None
+            for method, opts in cfgs:
+                tokenprune.remove(model)
+                ratio = 1.0
+                if method != "none":
+                    tokenprune.apply(model, budget=0.25, method=method, **opts)
+                    ratio = tokenprune.plan(model).flop_ratio
+                key = method + ("[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]" if opts else "")
+                eager = triton.testing.do_bench(lambda: model(x), rep=300 if bs == 1 else 500, return_mode="median")
+                try:
+                    graph = triton.testing.do_bench(graph_fn(model, x), rep=300, return_mode="median") if bs == 1 else None
+                except Exception as e:
+                    torch.cuda.synchronize()
+                    graph = None
+                    OUT["errors"].append(f"floor graph {key}: {type(e).__name__}: {e}")
+                if method == "none":
+                    t0 = (eager, graph)
+                r = {"batch": bs, "method": key, "flop_ratio": round(ratio, 4), "eager_ms": round(eager, 4),
+                     "graph_ms": None if graph is None else round(graph, 4),
+                     "overhead_eager_pct": round(100 * (eager - t0[0] * ratio) / (t0[0] * ratio), 1)}
+                if graph is not None and t0[1]:
+                    r["overhead_graph_pct"] = round(100 * (graph - t0[1] * ratio) / (t0[1] * ratio), 1)
+                res.append(r)
+                log("floor", r)
+    tokenprune.remove(model)
+    OUT["floor"] = res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", default="ea,sdpa,profile,floor")
+    ap.add_argument("--quick", action="store_true", help="ea: fewer variants")
+    args = ap.parse_args()
+    import timm
+    import triton
+    import triton.testing
+    OUT["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "timm": timm.__version__, "command": " ".join(sys.argv)}
+    a = torch.empty(2**29, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3)
+    del a, b
+    OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
+    log(OUT["env"])
+    os.makedirs(args.out, exist_ok=True)
+    parts = {"ea": lambda: part_ea(bw, args.quick), "sdpa": part_sdpa, "profile": part_profile, "floor": part_floor}
+    for name in args.only.split(","):
+        t = time.time()
+        try:
+            parts[name]()
+        except Exception as e:
+            OUT["errors"].append(f"{name}: {type(e).__name__}: {e}")
+            log("ERROR", name, e)
+        log(f"part {name} took {time.time() - t:.0f} s")
+        with open(os.path.join(args.out, "profile.json"), "w") as f:
+            json.dump(OUT, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
