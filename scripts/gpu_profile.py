@@ -83,8 +83,8 @@ def part_ea(bw, quick):
         grid = list(itertools.product([2, 4, 8], [None, 4], rows, pass1))
         for pps, st, dr, p1 in grid:
             T.EA_CONFIG.update(programs_per_sm=pps, stages=(st, None))
-            T.EA_CONFIG["rows1"] = dict(base["rows1"], **{d: dr})
-            T.EA_CONFIG["pass1"] = dict(base["pass1"], **{d: p1})
+            T.EA_CONFIG["rows1"] = {**base["rows1"], d: dr}
+            T.EA_CONFIG["pass1"] = {**base["pass1"], d: p1}
             cfg = {"d": d, "programs_per_sm": pps, "stages1": st, "rows1": dr, "pass1": p1, "shapes": []}
             try:
                 for (shape, q, k, v, ref) in data:
@@ -114,8 +114,8 @@ def part_ea(bw, quick):
             best[d] = min(ok, key=lambda r: sum(s["graph_us"] for s in r["shapes"]))
     for d, r in best.items():
         T.EA_CONFIG.update(programs_per_sm=r["programs_per_sm"], stages=(r["stages1"], None))
-        T.EA_CONFIG["rows1"] = dict(base["rows1"], **{d: r["rows1"]})
-        T.EA_CONFIG["pass1"] = dict(base["pass1"], **{d: tuple(r["pass1"])})
+        T.EA_CONFIG["rows1"] = {**base["rows1"], d: r["rows1"]}
+        T.EA_CONFIG["pass1"] = {**base["pass1"], d: tuple(r["pass1"])}
         r["kernels"] = {}
         for (b, h, n) in shapes[d]:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
