@@ -78,14 +78,13 @@ def part_ea(bw, quick):
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
             ref = reference.efficient_attention(q.float(), k.float(), v.float(), None) if n <= 16384 else None
             data.append(((b, h, n), q, k, v, ref))
-        pass1 = [(64, 4), (128, 4), (128, 8)] if not quick else [base["pass1"][d]]
-        rows = [d, 64] if d == 128 else [64]
-        grid = list(itertools.product([2, 4, 8], [None, 4], rows, pass1))
-        for pps, st, dr, p1 in grid:
-            T.EA_CONFIG.update(programs_per_sm=pps, stages=(st, None))
-            T.EA_CONFIG["rows1"] = {**base["rows1"], d: dr}
+        pass1 = ([(64, 4), (128, 4)] if d == 64 else [(64, 4), (64, 8)]) if not quick else [base["pass1"][d]]
+        grid = list(itertools.product([2, 4, 8], [512, 256], [False, True], [False, True], pass1))
+        for pps, mc, dual, ones_l, p1 in grid:
+            T.EA_CONFIG.update(programs_per_sm=pps, min_chunk=mc, dual=dual, ones_l=ones_l)
             T.EA_CONFIG["pass1"] = {**base["pass1"], d: p1}
-            cfg = {"d": d, "programs_per_sm": pps, "stages1": st, "rows1": dr, "pass1": p1, "shapes": []}
+            cfg = {"d": d, "programs_per_sm": pps, "min_chunk": mc, "dual": dual, "ones_l": ones_l, "pass1": p1,
+                   "shapes": []}
             try:
                 for (shape, q, k, v, ref) in data:
                     fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
@@ -94,16 +93,15 @@ def part_ea(bw, quick):
                     if err is not None and not err < 1e-2:
                         raise ValueError(f"rel err {err:.2e} at {shape}")
                     graph_us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
-                    eager_us = 1e3 * triton.testing.do_bench(fn, rep=20, return_mode="median")
                     bound = 4 * shape[0] * shape[1] * shape[2] * d * 2 / bw * 1e6
-                    cfg["shapes"].append({"shape": shape, "eager_us": round(eager_us, 1), "graph_us": round(graph_us, 1),
+                    cfg["shapes"].append({"shape": shape, "graph_us": round(graph_us, 1),
                                           "bound_us": round(bound, 1), "pct_graph": round(100 * bound / graph_us, 1),
-                                          "pct_eager": round(100 * bound / eager_us, 1), "err": err})
+                                          "err": err})
             except Exception as e:
                 cfg["error"] = f"{type(e).__name__}: {str(e)[:100]}"
             res.append(cfg)
-            log("ea", d, pps, st, dr, p1, cfg.get("error") or
-                [(s["shape"][2], s["eager_us"], s["graph_us"], s["pct_graph"]) for s in cfg["shapes"]])
+            log("ea", d, pps, mc, dual, ones_l, p1, cfg.get("error") or
+                [(s["shape"][2], s["graph_us"], s["pct_graph"]) for s in cfg["shapes"]])
         for kk in base:
             T.EA_CONFIG[kk] = base[kk]
     # the best variant per d (sum of graph times) and its per-kernel breakdown
@@ -113,13 +111,15 @@ def part_ea(bw, quick):
         if ok:
             best[d] = min(ok, key=lambda r: sum(s["graph_us"] for s in r["shapes"]))
     for d, r in best.items():
-        T.EA_CONFIG.update(programs_per_sm=r["programs_per_sm"], stages=(r["stages1"], None))
-        T.EA_CONFIG["rows1"] = {**base["rows1"], d: r["rows1"]}
+        T.EA_CONFIG.update(programs_per_sm=r["programs_per_sm"], min_chunk=r["min_chunk"], dual=r["dual"],
+                           ones_l=r["ones_l"])
         T.EA_CONFIG["pass1"] = {**base["pass1"], d: tuple(r["pass1"])}
-        r["kernels"] = {}
+        r["kernels"], r["eager_us"] = {}, {}
         for (b, h, n) in shapes[d]:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
-            r["kernels"][f"B{b} H{h} N{n}"] = kernel_times(lambda: T.efficient_attention(q, k, v, None))
+            fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
+            r["kernels"][f"B{b} H{h} N{n}"] = kernel_times(fn)
+            r["eager_us"][f"B{b} H{h} N{n}"] = round(1e3 * triton.testing.do_bench(fn, rep=50, return_mode="median"), 1)
         for kk in base:
             T.EA_CONFIG[kk] = base[kk]
         log("best d", d, json.dumps(r))

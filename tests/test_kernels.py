@@ -71,16 +71,24 @@ def test_efficient_attention(T, shape, dtype, bias, split):
     assert rel(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("rows,split", [(16, 1), (16, 3)])
-def test_efficient_attention_context_rows_split_over_programs(T, monkeypatch, rows, split):
-    """Pass 1 with each program owning ``rows`` of the d x d context (the d=128 configuration)."""
+@pytest.mark.parametrize("rows,split,dual,ones_l,dtype", [
+    (16, 1, False, False, torch.float16), (16, 3, False, False, torch.float16),
+    (64, 1, True, False, torch.float16), (16, 3, True, True, torch.float16), (64, 2, False, True, torch.float32),
+])
+def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, dtype):
+    """Pass-1 variants: ``rows`` of the d x d context per program (the d=128 configuration), two
+    interleaved online-softmax chains (``dual``), row sums from a product with ones (``ones_l``)."""
     monkeypatch.setitem(T.EA_CONFIG, "rows1", {64: rows, 128: rows})
+    monkeypatch.setitem(T.EA_CONFIG, "dual", dual)
+    monkeypatch.setitem(T.EA_CONFIG, "ones_l", ones_l)
+    monkeypatch.setitem(T.EA_CONFIG, "pass1", {64: (16, 4), 128: (16, 4)})  # several tiles per chunk
     g = gen(3)
-    q, k, v = [torch.randn(2, 2, 90, 40, generator=g).half() for _ in range(3)]  # d=40 -> 64 padded, 4 row blocks
-    bb = size_bias(2, 90, g, torch.float16)
+    q, k, v = [torch.randn(2, 2, 90, 40, generator=g).to(dtype) for _ in range(3)]  # d=40 -> 64 padded
+    k[0, 0, 70:] += 30  # a late jump of the running max: the rescaling must follow it
+    bb = size_bias(2, 90, g, dtype)
     out = T.efficient_attention(q, k, v, bb, split=split)
     ref = R.efficient_attention(q.double(), k.double(), v.double(), bb.double())
-    assert rel(out, ref) < tol(torch.float16)
+    assert rel(out, ref) < tol(dtype)
 
 
 def test_efficient_attention_strided_input_matches_reducer(T):

@@ -20,6 +20,9 @@ EA_CONFIG = {
     "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
     "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
     "programs_per_sm": 2,  # pass 1 splits N until about this many programs per SM are busy
+    "dual": False,  # pass 1 runs two independent online-softmax chains per program (alternate tiles)
+    "ones_l": False,  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
+    "combine_rows": 16,  # context rows per program of the split combine
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -51,13 +54,52 @@ def _cfg(table, d):
 # 1. efficient attention: out = softmax_d(q) @ (softmax_N(k + bias)^T v)
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
+def _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m, l, acc,
+             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, BLOCK_N: tl.constexpr):
+    # one BLOCK_N tile of pass 1: online softmax over N per context row (key feature), rescaled when
+    # the row max moves; with ONES_L the row sums come from the tensor cores (p^T @ ones) instead of a
+    # reduction across threads
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < end
+    kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                 other=0.0).to(tl.float32)
+    vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
+    if HAS_BIAS:
+        bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+        kt = kt + bt[:, None]
+    kt = tl.where(nmask[:, None], kt, float("-inf"))
+    m_new = tl.maximum(m, tl.max(kt, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(kt - m_safe[None, :])
+    if IS_F32:
+        pt = tl.trans(p)
+        vd = vt.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pt, vd, input_precision="ieee")
+    else:
+        pt = tl.trans(p.to(vt.dtype))
+        acc = acc * alpha[:, None] + tl.dot(pt, vt)
+    if ONES_L:
+        ones = tl.full([BLOCK_N, 16], 1.0, pt.dtype)
+        if IS_F32:
+            l = l * alpha[:, None] + tl.dot(pt, ones, input_precision="ieee")
+        else:
+            l = l * alpha[:, None] + tl.dot(pt, ones)
+    else:
+        l = l * alpha + tl.sum(p, 0)
+    return m_new, l, acc
+
+
+@triton.jit
 def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-                DR: tl.constexpr, BLOCK_N: tl.constexpr):
+                DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr):
     # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
-    # softmax over N needs only its own K column, so rows split without extra K reads)
+    # softmax over N needs only its own K column, so rows split without extra K reads). DUAL: two
+    # independent (max, sum, context) chains over alternate tiles, merged at the end, so a program
+    # has two dependency chains in flight
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
@@ -67,33 +109,41 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     offs_r = tl.program_id(2) * DR + tl.arange(0, DR)
     rmask = offs_r < D
     m = tl.full([DR], float("-inf"), tl.float32)
-    l = tl.zeros([DR], tl.float32)
+    if ONES_L:
+        l = tl.zeros([DR, 16], tl.float32)
+    else:
+        l = tl.zeros([DR], tl.float32)
     acc = tl.zeros([DR, DP], tl.float32)
     start = s * chunk
     end = tl.minimum(start + chunk, N)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
-        mask2 = nmask[:, None] & dmask[None, :]
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
-                     other=0.0).to(tl.float32)
-        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=mask2, other=0.0)
-        if HAS_BIAS:
-            bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-            kt = kt + bt[:, None]
-        kt = tl.where(nmask[:, None], kt, float("-inf"))
-        m_new = tl.maximum(m, tl.max(kt, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(kt - m_safe[None, :])
-        l = l * alpha + tl.sum(p, 0)
-        if IS_F32:
-            acc = acc * alpha[:, None] + tl.dot(tl.trans(p), vt.to(tl.float32), input_precision="ieee")
+    bias_base = bias_ptr + b * sbb
+    if DUAL:
+        m2 = tl.full([DR], float("-inf"), tl.float32)
+        l2 = tl.zeros_like(l)
+        acc2 = tl.zeros([DR, DP], tl.float32)
+        for n0 in range(start, end, 2 * BLOCK_N):
+            m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                                 m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
+            m2, l2, acc2 = _ea_tile(k_base, v_base, bias_base, n0 + BLOCK_N, end, skn, svn, sbn, offs_r, rmask,
+                                    offs_d, dmask, m2, l2, acc2, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
+        mx = tl.maximum(m, m2)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        a1 = tl.exp(m - mx_safe)
+        a2 = tl.exp(m2 - mx_safe)
+        acc = acc * a1[:, None] + acc2 * a2[:, None]
+        if ONES_L:
+            l = l * a1[:, None] + l2 * a2[:, None]
         else:
-            acc = acc * alpha[:, None] + tl.dot(tl.trans(p.to(vt.dtype)), vt)
-        m = m_new
+            l = l * a1 + l2 * a2
+        m = mx
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                                 m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
+    if ONES_L:
+        l = tl.max(l, 1)  # every column holds the row sum
     offs_2 = offs_r[:, None] * DP + offs_d[None, :]
     if SPLIT:
         tl.store(part_ptr + (bh * S + s) * DP * DP + offs_2, acc)
@@ -186,9 +236,12 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     _ea_context[(bh, split, dp // dr)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
                                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                        sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
-                                       IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1, num_warps=w1, **st1)
+                                       IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1,
+                                       DUAL=bool(EA_CONFIG["dual"]), ONES_L=bool(EA_CONFIG["ones_l"]),
+                                       num_warps=w1, **st1)
     if split > 1:
-        _ea_combine[(bh, dp // 16)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=16, num_warps=4)
+        rb = min(EA_CONFIG["combine_rows"], dp)
+        _ea_combine[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
