@@ -126,6 +126,43 @@ def part_ea(bw, quick):
     OUT["ea"] = {"variants": res, "best": {str(k): v for k, v in best.items()}, "defaults": saved}
 
 
+def part_ba():
+    """The fused key-bias attention kernel against SDPA (unmasked and masked) at ViT-like shapes."""
+    import triton.testing
+    import torch.nn.functional as F
+
+    from tokenprune.kernels import triton_impl as T
+    rows = []
+    base = dict(T.BA_CONFIG)
+    for (b, h, n, d) in [(256, 12, 197, 64), (256, 12, 148, 64), (256, 12, 99, 64), (256, 12, 50, 64),
+                         (1, 12, 197, 64), (64, 16, 577, 64), (16, 12, 1568, 64), (32, 16, 257, 128)]:
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
+        s = torch.rand(b, n, device="cuda") * 3 + 1
+        s[:, 3::11] = 0  # padding keys
+        bias = s.log()[:, None, None, :].half()
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+        r = {"shape": (b, h, n, d),
+             "sdpa_nomask_us": round(1e3 * triton.testing.do_bench_cudagraph(
+                 lambda: F.scaled_dot_product_attention(q, k, v), rep=20, return_mode="median"), 1),
+             "sdpa_bias_us": round(1e3 * triton.testing.do_bench_cudagraph(
+                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rep=20, return_mode="median"), 1)}
+        for bm, bn, w in [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (32, 64, 4)]:
+            T.BA_CONFIG.update(block_m=bm, block_n=bn, warps=w)
+            try:
+                out = T.biased_attention(q, k, v, bias)
+                err = float((out.double() - ref).norm() / ref.norm())
+                us = 1e3 * triton.testing.do_bench_cudagraph(lambda: T.biased_attention(q, k, v, bias), rep=20,
+                                                             return_mode="median")
+                r[f"triton_{bm}x{bn}w{w}_us"] = round(us, 1)
+                r[f"triton_{bm}x{bn}w{w}_err"] = err
+            except Exception as e:
+                r[f"triton_{bm}x{bn}w{w}_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+        T.BA_CONFIG.update(base)
+        rows.append(r)
+        log("ba", r)
+    OUT["ba"] = rows
+
+
 def part_sdpa():
     import triton.testing
     import torch.nn.functional as F
@@ -222,14 +259,18 @@ def part_floor():
             x = torch.randn(bs, 3, 224, 224, device="cuda", dtype=torch.float16)
             cfgs = [("none", {}), ("cls", {}), ("first_k", {"stages_from": "cls"}), ("random", {}),
                     ("merge", {}), ("merge", {"prop_attn": False}), ("first_k", {"stages_from": "merge"}),
+                    ("merge", {"kernels": "off"}),
                     ("merge", {"layers": [2, 5, 8]}), ("first_k", {"layers": None, "stages_from": "apet"}), ("apet", {})]
             t0 = None
             for method, opts in cfgs:
                 tokenprune.remove(model)
                 ratio = 1.0
+                os.environ["TOKENPRUNE_KERNELS"] = opts.pop("kernels", "1")
                 if method != "none":
                     tokenprune.apply(model, budget=0.25, method=method, **opts)
                     ratio = tokenprune.plan(model).flop_ratio
+                if os.environ["TOKENPRUNE_KERNELS"] != "1":
+                    opts = dict(opts, kernels=os.environ["TOKENPRUNE_KERNELS"])
                 key = method + ("[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]" if opts else "")
                 eager = triton.testing.do_bench(lambda: model(x), rep=300 if bs == 1 else 500, return_mode="median")
                 try:
@@ -269,7 +310,7 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, args.quick), "sdpa": part_sdpa, "profile": part_profile, "floor": part_floor}
+    parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile, "floor": part_floor}
     for name in args.only.split(","):
         t = time.time()
         try:

@@ -104,6 +104,49 @@ def test_efficient_attention_strided_input_matches_reducer(T):
     assert rel(out, maelre_ea(q, k, v, bb)) < 1e-5
 
 
+# -- 1b. softmax attention with a key bias ----------------------------------------------------------
+@pytest.mark.parametrize("shape,dtype,bias", [
+    ((2, 3, 37, 16), torch.float16, True),  # one key tile, padding keys (log 0 = -inf)
+    ((1, 2, 150, 64), torch.float16, True),  # several key and query tiles, a partial last tile
+    ((2, 1, 70, 24), torch.float32, True),  # head dim not a power of two
+    ((1, 2, 50, 32), torch.float32, False),
+])
+def test_biased_attention(T, shape, dtype, bias):
+    g = gen(4)
+    q, k, v = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+    bb = size_bias(shape[0], shape[2], g, dtype) if bias else None
+    out = T.biased_attention(q, k, v, bb)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=None if bb is None else bb.double())
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel(out, ref) < tol(dtype)
+
+
+def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
+    """A merged (sized) timm forward routes its biased blocks through the kernel, and gives the
+    logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(15))
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        ref = model(x)
+    calls = []
+    _use_interpreted(monkeypatch, T)
+    real = T.biased_attention
+    monkeypatch.setattr(T, "biased_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        out = model(x)
+    assert calls, "the biased kernel never ran"
+    assert rel(out, ref) < 1e-4
+    calls.clear()
+    model(x).sum().backward()  # grad on: SDPA and the PyTorch merge, so gradients reach every block
+    assert not calls
+    assert all(blk.attn.qkv.weight.grad is not None for blk in model.blocks)
+
+
 # -- 2. query-row scores ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", [None, "full", "per_head"])
@@ -153,7 +196,7 @@ def test_merge_rows(T, dtype):
 
 
 def _use_interpreted(monkeypatch, T):
-    monkeypatch.setattr(kernels, "use_triton", lambda *ts: True)
+    monkeypatch.setattr(kernels, "use_triton", lambda *ts: not kernels.needs_grad(ts))  # any device
     monkeypatch.setattr(kernels, "_impl", lambda: T)
 
 

@@ -15,14 +15,25 @@ import math
 
 import torch
 
-from .. import ops
-from ..engine import HookCapture, attach_state, attached_state, current_kernel, forward_scope, run_blocks
+from .. import kernels, ops
+from ..engine import (HookCapture, attach_state, attached_state, attention_kernel, current_kernel, forward_scope,
+                      run_blocks)
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
 
 
 def _call_block(block, x, bias):
-    return block(x) if bias is None else block(x, attn_mask=bias)
+    if bias is None:
+        return block(x)
+    attn = block.attn
+    if (current_kernel() is None and not torch.is_grad_enabled()
+            and not (attn.training and getattr(attn.attn_drop, "p", 0.0) > 0)
+            and kernels.biased_attention_applies(bias, x.shape[1], attn.head_dim)):
+        # a key bias sends SDPA to a slower masked kernel: the fused biased kernel instead
+        # (inference only: it has no backward)
+        with attention_kernel(kernels.biased_attention):
+            return block(x, attn_mask=bias)
+    return block(x, attn_mask=bias)
 
 
 def _capture(block, bias):
@@ -41,8 +52,9 @@ class _Blocks:
 
 
 class _KernelAttention:
-    """Mixin for timm ``Attention`` when a reducer swaps the attention kernel of some blocks
-    (MAELRE's linear attention). Without a kernel in force it is timm's own forward."""
+    """Mixin for timm ``Attention``: runs the attention kernel in force (MAELRE's linear attention,
+    or the fused key-bias kernel for blocks that see token sizes). Without a kernel in force it is
+    timm's own forward."""
 
     def forward(self, x, attn_mask=None, is_causal=False):
         kernel = current_kernel()
@@ -154,9 +166,8 @@ class TimmViTAdapter(Adapter):
         m.blocks._tokenprune_patch = patch
         swap_class(m.blocks, _Blocks)
         swap_class(m, _Model)
-        if getattr(patch.reducer, "uses_attention_kernel", False):
-            for blk in m.blocks:
-                swap_class(blk.attn, _KernelAttention)
+        for blk in m.blocks:  # timm's own forward unless a kernel is in force (see _call_block)
+            swap_class(blk.attn, _KernelAttention)
 
     def uninstall(self) -> None:
         m = self.model

@@ -1,14 +1,16 @@
 """Fused kernels of the hot paths, each beside its PyTorch reference.
 
 Dispatch rule (checked on every call, so it can be switched at run time):
-the Triton kernel runs when every tensor argument is on CUDA, ``triton``
-imports, and the ``TOKENPRUNE_KERNELS`` environment variable is not ``0`` /
-``off`` / ``false``; otherwise the PyTorch reference in ``reference.py`` runs
+the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
+(the kernels have no backward), ``triton`` imports, and the ``TOKENPRUNE_KERNELS`` environment
+variable is not ``0`` / ``off`` / ``false``; otherwise the PyTorch reference in ``reference.py`` runs
 (CPU, no Triton, or kernels switched off). The references are the oracle in
 ``tests/test_kernels.py``; NOTES.md counts the bytes and FLOPs of each kernel.
 
 - :func:`efficient_attention` -- MAELRE's linear attention,
   ``softmax_d(q) @ (softmax_N(k + bias)^T v)``, two passes over the tokens.
+- :func:`biased_attention` -- softmax attention with the per-key log-size bias of proportional
+  attention, for short sequences (SDPA drops to a slower masked kernel when given a bias);
 - :func:`query_scores` -- attention of one query row per head, head mean or weighting.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
   Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
@@ -45,9 +47,15 @@ def kernels_enabled() -> bool:
     return os.environ.get("TOKENPRUNE_KERNELS", "1").strip().lower() not in _OFF
 
 
+def needs_grad(tensors) -> bool:
+    """True when autograd would record through any of ``tensors``: the kernels have no backward,
+    so such calls take the PyTorch path (a kernel output would silently cut the gradient)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def use_triton(*tensors) -> bool:
     """Whether the Triton kernel runs for these tensors (see the module docstring)."""
-    if not kernels_enabled():
+    if not kernels_enabled() or needs_grad(tensors):
         return False
     if not all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in tensors):
         return False
@@ -59,6 +67,20 @@ def efficient_attention(q, k, v, bias=None):
     if use_triton(q, k, v, bias):
         return _impl().efficient_attention(q, k, v, bias)
     return reference.efficient_attention(q, k, v, bias)
+
+
+def biased_attention_applies(bias, n: int, d: int) -> bool:
+    """Whether :func:`biased_attention` runs the Triton kernel for ``n`` tokens of head dim ``d`` (a bias
+    on CUDA, kernels on, a sequence short enough: see ``triton_impl.BA_CONFIG``)."""
+    return bias is not None and use_triton(bias) and _impl().biased_attention_fits(n, d)
+
+
+def biased_attention(q, k, v, bias=None):
+    """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
+    :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``)."""
+    if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
+        return _impl().biased_attention(q, k, v, bias)
+    return reference.biased_attention(q, k, v, bias)
 
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None):
@@ -107,6 +129,6 @@ def apet_errors(x, basis, eps: float = 1e-5):
     return reference.apet_errors(x, basis, eps)
 
 
-__all__ = ["efficient_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step", "gather_rows",
+__all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best", "merge_rows", "merge_step", "gather_rows",
            "apet_errors",
            "use_triton", "kernels_enabled", "reference"]

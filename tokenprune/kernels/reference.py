@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with an additive per-key bias ``[B, 1, 1, N]`` (log sizes; ``-inf`` = masked
+    key): exactly what SDPA computes with ``attn_mask=bias`` (scale ``1/sqrt(d)``)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Linear-cost attention (softmax-feature factorisation), ``[B, H, N, d]`` in and out.

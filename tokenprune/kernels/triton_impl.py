@@ -15,13 +15,14 @@ import triton.language as tl
 EA_CONFIG = {
     # from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json): both passes swept together;
     # d=64: 131/135/185 us at N=8k/16k/64k (was 175/189/205), d=128: 350/602 us at 16k/64k (was 587/1103)
-    "pass1": {64: (128, 4), 128: (128, 8)},
+    "pass1": {64: (128, 4), 128: (64, 4)},
     "pass2": {64: (128, 8), 128: (64, 4)},
     "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
     "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
-    "programs_per_sm": 2,  # pass 1 splits N until about this many programs per SM are busy
-    "dual": False,  # pass 1 runs two independent online-softmax chains per program (alternate tiles)
-    "ones_l": False,  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
+    # docs/gpu/profile_h100_ea.json (scripts/gpu_profile.py --only ea): per head dim, a number or {d: value}
+    "programs_per_sm": {64: 2, 128: 4},  # pass 1 splits N until about this many programs per SM are busy
+    "dual": False,  # pass 1 runs two independent online-softmax chains per program (slower on H100)
+    "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
     "combine_rows": 16,  # context rows per program of the split combine
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
@@ -47,6 +48,8 @@ def _num_sms(device) -> int:
 
 
 def _cfg(table, d):
+    if not isinstance(table, dict):
+        return table
     return table.get(d) or table[64 if d <= 64 else 128]
 
 
@@ -217,7 +220,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
         bn1, bn2 = 32, 32
     if split is None:
-        want = triton.cdiv(EA_CONFIG["programs_per_sm"] * _num_sms(q.device), bh * (dp // dr))
+        want = triton.cdiv(_cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(q.device), bh * (dp // dr))
         split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
@@ -237,7 +240,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                        sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
                                        IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1,
-                                       DUAL=bool(EA_CONFIG["dual"]), ONES_L=bool(EA_CONFIG["ones_l"]),
+                                       DUAL=bool(_cfg(EA_CONFIG["dual"], dp)),
+                                       ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)),
                                        num_warps=w1, **st1)
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
@@ -248,6 +252,92 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                                          out.stride(0), out.stride(1), out.stride(2),
                                          IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2,
                                          num_warps=w2, **st2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1b. softmax attention with a per-key bias (proportional attention, padding): out = softmax(q k^T / sqrt(d) + b) v
+# ---------------------------------------------------------------------------------------------------
+# SDPA has no fused path for an additive mask on short sequences: with the [B, 1, 1, N] log-size bias
+# it leaves flash / cuDNN-flash for a masked kernel that is 1.5-3x slower at ViT sizes
+# (docs/gpu/profile_h100_run1.json). This kernel adds the bias to the scores of one query tile at a
+# time: the same online softmax as flash attention, the bias read once per key tile.
+BA_CONFIG = {"block_m": 64, "block_n": 64, "warps": 4, "max_n": 1024}
+
+
+@triton.jit
+def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
+            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    mmask = offs_m < N
+    dmask = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IS_F32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * (qk_scale * LOG2E)  # base-2 logits
+        if HAS_BIAS:
+            bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            s = s + bt[None, :] * LOG2E
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IS_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]  # a row whose keys are all masked gives NaN, as SDPA does
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+
+
+def biased_attention_fits(n: int, d: int) -> bool:
+    return n <= BA_CONFIG["max_n"] and d <= 128
+
+
+def biased_attention(q, k, v, bias=None):
+    b, h, n, d = q.shape
+    for t in (q, k, v):
+        if t.stride(-1) != 1:
+            raise ValueError("biased_attention kernel: the head dim must be contiguous")
+    dp = max(16, _p2(d))
+    is_f32 = q.dtype == torch.float32
+    if bias is not None:
+        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
+        sbb, sbn = bias2.stride()
+    else:
+        bias2, sbb, sbn = k, 0, 0
+    bm, bn = (32, 32) if is_f32 else (BA_CONFIG["block_m"], BA_CONFIG["block_n"])
+    # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
+    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
+    _ba_fwd[(b * h, triton.cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
+                                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                         v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
+                                         out.stride(0), out.stride(1), out.stride(2),
+                                         HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
+                                         num_warps=BA_CONFIG["warps"])
     return out
 
 
