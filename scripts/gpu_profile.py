@@ -147,7 +147,7 @@ def part_ba():
              "sdpa_bias_us": round(1e3 * triton.testing.do_bench_cudagraph(
                  lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rep=20, return_mode="median"), 1)}
         for bm, bn, w in [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (32, 64, 4)]:
-            T.BA_CONFIG.update(block_m=bm, block_n=bn, warps=w)
+            T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w))
             try:
                 out = T.biased_attention(q, k, v, bias)
                 err = float((out.double() - ref).norm() / ref.norm())

@@ -262,7 +262,10 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 # it leaves flash / cuDNN-flash for a masked kernel that is 1.5-3x slower at ViT sizes
 # (docs/gpu/profile_h100_run1.json). This kernel adds the bias to the scores of one query tile at a
 # time: the same online softmax as flash attention, the bias read once per key tile.
-BA_CONFIG = {"block_m": 64, "block_n": 64, "warps": 4, "max_n": 1024}
+# (BLOCK_M, BLOCK_N, warps) for short and longer sequences, from the H100 run in
+# docs/gpu/profile_h100_ba.json: 287 vs 485 us for SDPA with the bias at B256 H12 N197 d64; past ~1.5k
+# tokens SDPA's masked kernel is as fast, so longer inputs keep it (max_n)
+BA_CONFIG = {"short": (64, 32, 4), "long": (128, 64, 8), "short_max": 320, "max_n": 1024}
 
 
 @triton.jit
@@ -329,7 +332,9 @@ def biased_attention(q, k, v, bias=None):
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
-    bm, bn = (32, 32) if is_f32 else (BA_CONFIG["block_m"], BA_CONFIG["block_n"])
+    bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] else "long"]
+    if is_f32:  # float32 products run on the FMA units: small tiles
+        bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ba_fwd[(b * h, triton.cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
@@ -337,7 +342,7 @@ def biased_attention(q, k, v, bias=None):
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=BA_CONFIG["warps"])
+                                         num_warps=warps)
     return out
 
 
