@@ -260,7 +260,9 @@ def part_floor():
             cfgs = [("none", {}), ("cls", {}), ("first_k", {"stages_from": "cls"}), ("random", {}),
                     ("merge", {}), ("merge", {"prop_attn": False}), ("first_k", {"stages_from": "merge"}),
                     ("merge", {"kernels": "off"}),
-                    ("merge", {"layers": [2, 5, 8]}), ("first_k", {"layers": None, "stages_from": "apet"}), ("apet", {})]
+                    ("merge", {"layers": [2, 5, 8]}), ("first_k", {"layers": None, "stages_from": "apet"}), ("apet", {}),
+                    ("apet", {"kernels": "off"}), ("cls", {"track_source": False}),
+                    ("merge", {"layers": [2, 5, 8], "track_source": False})]
             t0 = None
             for method, opts in cfgs:
                 tokenprune.remove(model)
