@@ -480,12 +480,19 @@ def kernel_apet(dev, smoke, ceil):
         for on in (False, True):
             with kernels_on(on):
                 outs[on] = red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
-        # errors rounded differently can swap two near-equal tokens at the top-K cut: compare per sample
-        same = (outs[True].source == outs[False].source).all(1)
+        # the PyTorch path on the same tokens in float32: the kernel path (Gram matrix in float32) makes its
+        # choices in float32 too, while the fp16 PyTorch path rounds its FPS / cosine dot products to fp16 and
+        # so breaks near-ties differently (reported, not checked). Compared per sample (same source map).
+        with kernels_on(False):
+            ref32 = red.reduce(TokenState.start(x.float(), 1), Stage(0, keep, "apet"), None)
+        same = (outs[True].source == ref32.source).all(1)
         frac = float(same.float().mean())
-        err = rel(outs[True].x[same], outs[False].x[same]) if bool(same.any()) else float("inf")
+        frac16 = float((outs[True].source == outs[False].source).all(1).float().mean())
+        err = rel(outs[True].x[same], ref32.x[same]) if bool(same.any()) else float("inf")
         check("apet reduce step", (b, n, c, keep), torch.float16, err if frac >= 0.9 else float("inf"), 1e-2,
-              {"same_choice_fraction": frac})
+              {"same_choice_fraction": frac, "same_choice_fraction_vs_fp16_torch": frac16,
+               "path": "gram + apet_stage + apet_assign" if (dev.type == "cuda" or INTERPRET)
+               and kernels.apet_stage_fits(n, red.k) else "x-based"})
 
         def step():
             return red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
@@ -496,6 +503,86 @@ def kernel_apet(dev, smoke, ceil):
         row("apet reduce step", (b, n, c, keep), torch.float16, t_k, t_t, b * (1 + n) * c * 2 + b * (1 + keep) * c * 2,
             0, ceil, note="whole Apet.reduce; bound = tokens read once + kept written once (the basis search and "
                           "cosine assignment read x more often)")
+
+
+@guard("apet_stage")
+def kernel_apet_stage(dev, smoke, ceil):
+    """ApET stage from the Gram matrix: gram / apet_stage / apet_assign against float64 references, and
+    the basis + errors of one stage timed against the x-based path (farthest_point_basis + errors)."""
+    from tokenprune.reducers.apet import farthest_point_basis, reconstruction_error
+    K = impl(dev)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    print("ApET stage from the Gram matrix (gram, apet_stage, apet_assign)")
+    poison(dev, True)
+    # Gram: strided inputs (x[:, p:] of the token tensor), odd N, every dtype
+    for b, n, c, dt in ([(2, 37, 40, torch.float32)] if smoke else
+                        [(256, 196, 768, torch.float16), (3, 1000, 1024, torch.bfloat16), (2, 77, 96, torch.float32),
+                         (4, 577, 768, torch.float16), (1, 1030, 384, torch.float16)]):
+        x = randn(b, 1 + n, c, dtype=dt, dev=dev, gen=gen)[:, 1:]
+        g, sq = K.gram(x)
+        ref = x.double() @ x.double().transpose(1, 2)
+        check("gram", (b, n, c), dt, max(rel(g, ref), rel(sq, ref.diagonal(dim1=1, dim2=2))), 1e-5)
+    # stage: basis indices equal to the float64 reference on the same G (per sample; random tokens have no
+    # near-ties at float32 precision, so all should agree), errors: max |e^2 - e_ref^2| / |x|^2
+    for b, n, c, k, dt, padded in ([(2, 40, 32, 4, torch.float32, True)] if smoke else
+                                   [(256, 196, 768, 10, torch.float16, False), (256, 196, 768, 10, torch.float16, True),
+                                    (16, 577, 1024, 32, torch.bfloat16, True), (8, 1024, 768, 1, torch.float16, True),
+                                    (4, 101, 96, 7, torch.float32, False)]):
+        x = randn(b, n, c, dtype=dt, dev=dev, gen=gen)
+        valid = (torch.rand(b, n, device=dev, generator=gen) > 0.2) if padded else None
+        g, sq = K.gram(x)
+        basis, err = K.apet_stage(g, valid, k)
+        g64 = x.double() @ x.double().transpose(1, 2)
+        rbasis, rerr = R.apet_stage(g64, valid, k)
+        same = (basis == rbasis).all(1)
+        frac = float(same.float().mean())
+        e = ((err.double() ** 2 - rerr ** 2).abs() / g64.diagonal(dim1=1, dim2=2).clamp_min(1e-30))[same]
+        e = float(e.max()) if e.numel() and not torch.isnan(err).any() else float("nan")
+        check("apet_stage", (b, n, c, k, "valid" if padded else ""), dt, e if frac >= 0.99 else float("inf"), 1e-4,
+              {"same_basis_fraction": frac,
+               "x_based_same_basis": float((farthest_point_basis(x.double(), k, valid) == rbasis).all(1).float().mean())})
+        keep = torch.rand(b, n, device=dev, generator=gen).topk(max(k, n // 2), 1).indices.sort(1).values
+        t = K.apet_assign(g, keep)
+        rt = R.apet_assign(g64, keep)
+        frac_a = float((t == rt).float().mean())
+        check("apet_assign", (b, n, c, keep.shape[1]), dt, 0.0 if frac_a >= 0.999 else 1 - frac_a, 1e-3,
+              {"same_slot_fraction": frac_a})
+    poison(dev, False)
+    # timing: basis + errors of one stage, Gram path vs the x-based path (kernels off = PyTorch; kernels on =
+    # PyTorch FPS + the apet_errors kernel, i.e. the CUDA path before the Gram kernels)
+    for b, n, c, k in ([(2, 40, 32, 4)] if smoke else [(256, 196, 768, 10), (1, 196, 768, 10)]):
+        x = randn(b, 1 + n, c, dtype=torch.float16, dev=dev, gen=gen)
+        xs = x[:, 1:]
+        valid = torch.ones(b, n, dtype=torch.bool, device=dev)
+
+        def gram_stage():
+            return K.apet_stage(K.gram(xs)[0], valid, k)
+
+        def x_based():
+            basis = farthest_point_basis(xs, k, valid)
+            return reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, k, c)))
+        t_k = bench(gram_stage, dev)
+        with kernels_on(False):
+            t_t = bench(x_based, dev)
+        with kernels_on(True):
+            t_x = bench(x_based, dev)
+        nbytes = b * n * c * 2 + 2 * b * n * n * 4 + b * n * 4
+        row("apet stage (Gram + one-program FPS/solve)", (b, n, c, k), torch.float16, t_k, t_t, nbytes,
+            2 * b * n * n * c, ceil, note=f"basis + errors; torch = farthest_point_basis + reconstruction_error "
+                                          f"(x-based); with the apet_errors kernel {t_x * 1e3:.1f} us; bytes = x read "
+                                          f"once + G written and read once")
+        keep = torch.rand(b, n, device=dev, generator=gen).topk(n // 2, 1).indices.sort(1).values
+        g = K.gram(xs)[0]
+        t_a = bench(lambda: K.apet_assign(g, keep), dev)
+
+        def cos_assign():  # what Apet.reduce's x-based path does for the assignment
+            xn = xs / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).to(xs.dtype)
+            kept_n = xn.gather(1, keep[..., None].expand(b, n // 2, c))
+            target = torch.bmm(xn, kept_n.transpose(1, 2)).argmax(-1)
+            return target.scatter_(1, keep, torch.arange(n // 2, device=dev).expand(b, n // 2))
+        t_c = bench(cos_assign, dev)
+        row("apet assign (cos from G)", (b, n, c, n // 2), torch.float16, t_a, t_c, b * n * n * 4 + b * n * 8, 0, ceil,
+            note="torch = normalise x, bmm with the kept rows, argmax; bytes = G read once + slots written")
 
 
 # -- 3. end to end -----------------------------------------------------------------------------------------
@@ -727,6 +814,7 @@ def main():
         kernel_bipartite(dev, smoke, ceil)
         kernel_gather(dev, smoke, ceil)
         kernel_apet(dev, smoke, ceil)
+        kernel_apet_stage(dev, smoke, ceil)
     if "e2e" not in skip:
         end_to_end(dev, smoke, args.budget_s)
     if "long" not in skip:

@@ -263,6 +263,173 @@ def test_apet_errors(T, n, c, k):
     assert rel(out, reconstruction_error(x, basis)) < 1e-5
 
 
+# -- 5. ApET stage from the Gram matrix -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,c", [(37, 50), (100, 70)])
+def test_gram(T, dtype, n, c):
+    g = gen(20)
+    x = torch.randn(2, n + 1, c + 3, generator=g).to(dtype)[:, 1:, 2:c + 2]  # strided: x[:, p:] of a wider tensor
+    assert not x.is_contiguous()
+    xt = torch.randn(2, c, n, generator=g).to(dtype).transpose(1, 2)  # feature stride != 1
+    for xx in (x, xt):
+        gk, sq = T.gram(xx)
+        ref = xx.double() @ xx.double().transpose(1, 2)
+        assert gk.dtype == torch.float32 and gk.shape == (2, n, n)
+        assert rel(gk, ref) < 1e-6
+        assert rel(sq, ref.diagonal(dim1=1, dim2=2)) < 1e-6
+        assert rel(R.gram(xx)[0], ref) < 1e-6
+
+
+def separated(b, n, c, g, padding):
+    """Token features without near-ties for farthest-point sampling: random norms spread over [1, 4],
+    random directions; padding rows (sizes 0) get the largest norms, all near one direction, so an
+    unmasked search would pick them, and they lie towards the farthest real token, so an unmasked mean
+    would move towards it and change the first point."""
+    x = torch.randn(b, n, c, generator=g)
+    x = x / x.norm(dim=-1, keepdim=True) * (1 + 3 * torch.rand(b, n, 1, generator=g))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    if padding:
+        valid[0, 3:n:4] = False
+        valid[1, n - n // 3:] = False
+        top = x.norm(dim=-1).masked_fill(~valid, 0).argmax(1)
+        u = x[torch.arange(b), top]
+        pad = 6 * (u / u.norm(dim=-1, keepdim=True))[:, None, :] + 0.3 * torch.randn(b, n, c, generator=g)
+        x = torch.where(valid[..., None], x, pad)
+    return x, (valid if padding else None)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_apet_stage(T, k, padding):
+    from tokenprune.reducers.apet import farthest_point_basis, reconstruction_error
+
+    b, n, c = 2, 45, 24
+    x, valid = separated(b, n, c, gen(21 + k), padding)
+    g64 = x.double() @ x.double().transpose(1, 2)
+    basis, err = T.apet_stage(g64.float(), valid, k)
+    rbasis, rerr = R.apet_stage(g64, valid, k)
+    assert basis.dtype == torch.long and basis.shape == (b, k) and err.shape == (b, n)
+    assert torch.equal(basis, rbasis)
+    # the reference on G is the x-based specification, in float64
+    assert torch.equal(rbasis, farthest_point_basis(x.double(), k, valid))
+    xb = x.double().gather(1, rbasis[..., None].expand(b, k, c))
+    assert (rerr - reconstruction_error(x.double(), xb)).abs().max() < 1e-4  # that one runs in float32
+    if valid is not None:
+        assert valid.gather(1, basis).all()  # padding is never a basis token
+        # the padding is placed so that it matters: unmasked, the first point would differ
+        assert not torch.equal(R.apet_stage(g64, None, 1)[0], basis[:, :1])
+    # e^2 from G cancels in float32: its error is relative to |x|^2, not to e^2
+    sq = x.double().pow(2).sum(-1)
+    assert not torch.isnan(err).any()
+    assert ((err.double() ** 2 - rerr ** 2).abs() / sq).max() < 1e-5
+    big = rerr ** 2 > 0.1 * sq  # errors that matter for the ranking: close in relative terms
+    assert big.sum() > n // 2 and ((err.double() - rerr).abs() / rerr)[big].max() < 1e-4
+
+
+def test_apet_stage_through_gram_kernel(T):
+    """Both kernels chained on fp16 tokens, against the float64 reference on the same fp16 values."""
+    b, n, c, k = 2, 60, 40, 10
+    x, valid = separated(b, n, c, gen(25), True)
+    x = x.half()
+    gk, _ = T.gram(x[:, :])
+    basis, err = T.apet_stage(gk, valid, k)
+    rbasis, rerr = R.apet_stage(x.double() @ x.double().transpose(1, 2), valid, k)
+    assert torch.equal(basis, rbasis)
+    sq = x.double().pow(2).sum(-1)
+    assert ((err.double() ** 2 - rerr ** 2).abs() / sq).max() < 1e-5
+
+
+def test_apet_stage_ties_go_to_the_lowest_index(T):
+    """Exact ties (duplicate tokens give bit-equal distances): the lowest index, like torch.argmax."""
+    x, _ = separated(2, 30, 16, gen(28), False)
+    far = 9 * torch.randn(2, 2, 16, generator=gen(29))
+    x[:, 11], x[:, 4] = far[:, 0], far[:, 0]  # the first point: index 4, not 11
+    x[:, 20], x[:, 17] = 0.8 * far[:, 1], 0.8 * far[:, 1]  # the second: index 17, not 20
+    g32 = (x.double() @ x.double().transpose(1, 2)).float()
+    basis, err = T.apet_stage(g32, None, 3)
+    rbasis, _ = R.apet_stage(g32, None, 3)
+    assert torch.equal(basis, rbasis) and (basis[:, :2] == torch.tensor([4, 17])).all()
+    assert torch.isfinite(err).all()
+
+
+def test_apet_stage_large_eps_and_fewer_valid_than_k(T):
+    """The ridge term enters the solve (eps large enough to matter), and a sample with fewer valid
+    tokens than k repeats index 0 like torch.argmax over an all -inf row (the chosen are never re-picked)."""
+    from tokenprune.reducers.apet import farthest_point_basis
+
+    b, n, c = 2, 30, 12
+    x, _ = separated(b, n, c, gen(31), False)
+    g64 = x.double() @ x.double().transpose(1, 2)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :] = False
+    valid[1, [4, 9, 21]] = True
+    # the valid tokens of sample 1: the largest (4) is not the farthest from their mean (21), which is
+    # at 1/10 of the way to the mean over all 30 tokens' count
+    x[1, 4], x[1, 9], x[1, 21] = 0, 0, 0
+    x[1, 4, 0], x[1, 9, 0], x[1, 9, 1], x[1, 21, 0] = 5, 4, 1, -2
+    g64 = x.double() @ x.double().transpose(1, 2)
+    basis, err = T.apet_stage(g64.float(), valid, 5, eps=0.5)
+    rbasis, rerr = R.apet_stage(g64, valid, 5, eps=0.5)
+    assert torch.equal(basis, rbasis) and basis[1].tolist() == [21, 4, 9, 0, 0]
+    assert torch.equal(rbasis, farthest_point_basis(x.double(), 5, valid))
+    sq = g64.diagonal(dim1=1, dim2=2)
+    assert ((err[0].double() ** 2 - rerr[0] ** 2).abs() / sq[0]).max() < 1e-5
+    assert torch.isfinite(err).all()
+
+
+def test_apet_stage_collinear_basis_stays_finite(T):
+    """Two basis tokens on one line: G_S is singular but for eps; float32 pivots are clamped at eps."""
+    x, _ = separated(1, 20, 16, gen(30), False)
+    x[0, 3] = 100 * x[0, 3] / x[0, 3].norm()
+    x[0, 8] = -0.5 * x[0, 3]
+    g64 = x.double() @ x.double().transpose(1, 2)
+    basis, err = T.apet_stage(g64.float(), None, 4)
+    assert torch.equal(basis[0, :2], torch.tensor([3, 8])) and torch.isfinite(err).all()
+    # (the float32 x-based path gives NaN everywhere here.) Only rough values are promised: the other
+    # tokens' errors are not collapsed to 0 (what a NaN pivot turns into through max(e^2, 0))
+    rbasis, rerr = R.apet_stage(g64, None, 4)
+    other = torch.ones(20, dtype=torch.bool)
+    other[rbasis[0]] = False
+    assert (err[0, other] > 0.5 * rerr[0, other]).all()
+
+
+@pytest.mark.parametrize("n,kn", [(37, 12), (100, 70)])
+def test_apet_assign(T, n, kn):
+    g = gen(26)
+    x = torch.randn(2, n, 16, generator=g)
+    x[0, 5] = 0  # a zero token: every cosine is 0, slot 0
+    x[1, 7] = x[1, 2]  # a duplicate pair
+    keep = torch.stack([torch.randperm(n, generator=g)[:kn].sort().values for _ in range(2)])
+    g64 = x.double() @ x.double().transpose(1, 2)
+    out = T.apet_assign(g64.float(), keep)
+    ref = R.apet_assign(g64, keep)
+    assert out.dtype == torch.long and torch.equal(out, ref)
+    assert torch.equal(out.gather(1, keep), torch.arange(kn).expand(2, kn))  # kept tokens map to themselves
+    # the x-based cosine assignment of Apet.reduce's PyTorch path
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    tx = torch.bmm(xn, xn.gather(1, keep[..., None].expand(2, kn, 16)).transpose(1, 2)).argmax(-1)
+    tx.scatter_(1, keep, torch.arange(kn).expand(2, kn))
+    assert torch.equal(out, tx)
+
+
+def test_apet_stage_fits_and_fallback(T, monkeypatch):
+    assert T.apet_stage_fits(196, 10) and T.apet_stage_fits(1024, 32)
+    assert not T.apet_stage_fits(1025, 10) and not T.apet_stage_fits(196, 33) and not T.apet_stage_fits(5, 6)
+    with pytest.raises(ValueError):
+        T.apet_stage(torch.zeros(1, 1025, 1025), None, 10)
+    # a stage over the limit takes the x-based path (farthest_point_basis + apet_errors)
+    from tokenprune.plan import Stage
+    from tokenprune.reducers.apet import Apet
+
+    calls = []
+    monkeypatch.setattr(T, "APET_STAGE_MAX_N", 20)
+    monkeypatch.setattr(T, "gram", lambda x: calls.append("gram"))
+    _use_interpreted(monkeypatch, T)
+    x = torch.randn(1, 1 + 30, 16, generator=gen(27))
+    out = Apet(k=3).reduce(TokenState.start(x, 1), Stage(0, 12, "apet"), None)
+    assert calls == [] and out.x.shape == (1, 13, 16)
+
+
 # -- dispatcher --------------------------------------------------------------------------------------
 def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     calls = []
@@ -327,7 +494,7 @@ def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
     assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
 
 
-@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.parametrize("sized", [False, True, "padded"])
 def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
     from tokenprune.plan import Stage
     from tokenprune.reducers.apet import Apet
@@ -336,6 +503,10 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
     b, p, n, c = 2, 1, 40, 32
     x = torch.randn(b, p + n, c, generator=g)
     sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    if sized == "padded":  # padding rows (size 0) with the largest norms: kept only if the masking is wrong
+        sizes[0, p + 2::3] = 0
+        sizes[1, p + 30:] = 0
+        x[:, p:] = torch.where(sizes[:, p:, None] > 0, x[:, p:], 10 * x[:, p:])
 
     def state():
         s = TokenState.start(x.clone(), p)
@@ -348,7 +519,11 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
     _use_interpreted(monkeypatch, T)
     out = red.reduce(state(), Stage(0, 15, "apet"), None)
     assert torch.equal(out.source, ref.source)
+    assert torch.equal(out.sizes, ref.sizes)
     assert rel(out.x, ref.x) < 1e-5
+    if sized == "padded":  # >= 15 real tokens per sample: no kept slot is padding, no size is lost
+        assert (out.sizes[:, p:] > 0).all()
+        assert torch.equal(out.sizes.sum(1), sizes.sum(1))
 
 
 @pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])

@@ -18,6 +18,10 @@ variable is not ``0`` / ``off`` / ``false``; otherwise the PyTorch reference in 
   launch for up to 256 tokens (the launch count is what costs at batch 1);
   :func:`gather_rows` -- the kept-token gather (prefix included) in one pass.
 - :func:`apet_errors` -- ApET's least-squares reconstruction error per token.
+- :func:`gram` / :func:`apet_stage` / :func:`apet_assign` -- one ApET stage from the per-sample
+  Gram matrix ``X X^T``: x is read once (the Gram kernel), then one program per sample does the
+  farthest-point sampling and the k x k ridge solve (:func:`apet_stage_fits` says when it fits),
+  and the cosine assignment to the kept tokens reads G again, not x.
 """
 from __future__ import annotations
 
@@ -129,6 +133,33 @@ def apet_errors(x, basis, eps: float = 1e-5):
     return reference.apet_errors(x, basis, eps)
 
 
-__all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best", "merge_rows", "merge_step", "gather_rows",
-           "apet_errors",
-           "use_triton", "kernels_enabled", "reference"]
+def gram(x):
+    """``(G [B, N, N], sq [B, N])``: ``G = X X^T`` per sample in float32, ``sq = diag(G)``."""
+    if use_triton(x):
+        return _impl().gram(x)
+    return reference.gram(x)
+
+
+def apet_stage_fits(n: int, k: int) -> bool:
+    """Whether :func:`apet_stage` (one Triton program per sample) handles ``n`` tokens and ``k`` basis tokens."""
+    return bool(_impl()) and _impl().apet_stage_fits(n, k)
+
+
+def apet_stage(g, valid, k: int, eps: float = 1e-5):
+    """ApET basis ``[B, k]`` long and errors ``[B, N]`` float32 from the Gram matrix; see ``reference.apet_stage``."""
+    if use_triton(g, valid):
+        return _impl().apet_stage(g, valid, k, eps)
+    return reference.apet_stage(g, valid, k, eps)
+
+
+def apet_assign(g, keep_idx):
+    """Slot ``[B, N]`` of every token's most cosine-similar kept token, from ``g``; see ``reference.apet_assign``."""
+    if use_triton(g, keep_idx):
+        return _impl().apet_assign(g, keep_idx)
+    return reference.apet_assign(g, keep_idx)
+
+
+__all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
+           "merge_rows", "merge_step", "gather_rows",
+           "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
+           "use_triton", "needs_grad", "kernels_enabled", "reference"]

@@ -114,3 +114,63 @@ def apet_errors(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torc
     t = xf @ s.transpose(-1, -2)  # [B, N, k]
     coef = torch.linalg.solve_ex(g, t.transpose(-1, -2))[0].transpose(-1, -2)
     return (xf - coef @ s).norm(dim=-1)
+
+
+def gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample Gram matrix ``G = X X^T`` ``[B, N, N]`` of ``x [B, N, C]`` and its diagonal ``sq [B, N]``
+    (squared token norms, a view of ``G``). Float32 (float64 for a float64 ``x``)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    g = xf @ xf.transpose(-1, -2)
+    return g, g.diagonal(dim1=-2, dim2=-1)
+
+
+def apet_stage(g: torch.Tensor, valid: torch.Tensor | None, k: int, eps: float = 1e-5):
+    """ApET's basis and errors from the Gram matrix ``g [B, N, N]`` alone (no token features).
+
+    Farthest-point sampling as ``reducers.apet.farthest_point_basis``, with every distance
+    written through ``G``: first point = the valid token farthest from the mean of the valid
+    tokens, ``sq_i - 2/n_v sum_j G_ij + 1/n_v^2 sum_jk G_jk`` (valid j, k); then repeatedly the
+    valid, not yet chosen token farthest from the chosen set, ``min_c sq_i - 2 G_ic + sq_c``
+    (argmax ties: the lowest index). Then the ridge least-squares error of every token from the k
+    basis tokens: ``G_S = G[S][:, S] + eps I``, ``b_i = G[i, S]``, ``c_i = G_S^-1 b_i``,
+    ``e_i^2 = sq_i - 2 c_i.b_i + c_i^T (G_S - eps I) c_i`` (= ``||x_i - c_i S||^2``).
+    ``valid [B, N]`` bool (None: all valid). Returns ``(basis [B, k] long, err [B, N])`` in
+    ``g``'s precision (at least float32).
+    """
+    g = g.to(torch.promote_types(g.dtype, torch.float32))
+    b, n, _ = g.shape
+    sq = g.diagonal(dim1=-2, dim2=-1)
+    v = torch.ones(b, n, dtype=torch.bool, device=g.device) if valid is None else valid.bool()
+    w = v.to(g.dtype)
+    nv = w.sum(1).clamp_min(1)
+    r = (g * w[:, None, :]).sum(-1)  # [B, N]: sum over the valid j of G_ij
+    s = (r * w).sum(1)
+    dist = (sq - 2 * r / nv[:, None] + (s / nv ** 2)[:, None]).masked_fill(~v, float("-inf"))
+    rows = torch.arange(b, device=g.device)
+    chosen = torch.empty(b, k, dtype=torch.long, device=g.device)
+    for j in range(k):
+        i = dist.argmax(1)
+        chosen[:, j] = i
+        d = sq - 2 * g[rows, i] + sq[rows, i][:, None]
+        dist = d if j == 0 else torch.minimum(dist, d)
+        dist = dist.masked_fill(~v, float("-inf")).scatter(1, chosen[:, :j + 1], float("-inf"))
+    bm = g.gather(2, chosen[:, None, :].expand(b, n, k))  # [B, N, k]: b_i = G[i, S]
+    g0 = bm.gather(1, chosen[..., None].expand(b, k, k))  # [B, k, k]: G[S][:, S]
+    gs = g0 + eps * torch.eye(k, device=g.device, dtype=g.dtype)
+    c = torch.linalg.solve_ex(gs, bm.transpose(1, 2))[0].transpose(1, 2)  # [B, N, k]
+    e2 = sq - 2 * (c * bm).sum(-1) + ((c @ g0) * c).sum(-1)
+    return chosen, e2.clamp_min(0).sqrt()
+
+
+def apet_assign(g: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """Slot ``[B, N]`` long of the most cosine-similar kept token of every token, from ``g [B, N, N]``.
+
+    ``cos_ij = G_ij / (max(|x_i|, 1e-6) max(|x_j|, 1e-6))`` at the kept columns ``keep_idx [B, K]``,
+    argmax over the K slots (ties: the lowest slot); a kept token maps to its own slot.
+    """
+    b, n, _ = g.shape
+    kk = keep_idx.shape[1]
+    inv = 1 / g.diagonal(dim1=-2, dim2=-1).sqrt().clamp_min(1e-6)  # [B, N]
+    cos = g.gather(2, keep_idx[:, None, :].expand(b, n, kk)) * inv[..., None] * inv.gather(1, keep_idx)[:, None, :]
+    target = cos.argmax(-1)
+    return target.scatter(1, keep_idx, torch.arange(kk, device=g.device).expand(b, kk))

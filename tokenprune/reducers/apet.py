@@ -22,6 +22,15 @@ At each stage, per sample, on the non-prefix tokens ``X`` ``[N, C]``:
    proportional attention only with ``prop_attn=True`` (off by default: ApET
    does not use it, and without it the blocks keep SDPA's unmasked flash path).
 
+On CUDA (Triton kernels on, at most 1024 non-prefix tokens and k <= 32) a stage reads the tokens
+once, into the per-sample Gram matrix ``G = X X^T`` (float32), and steps 1, 2 and 4 work on ``G``:
+distances ``sq_i - 2 G_ij + sq_j``, errors ``sq_i - 2 c.b + c^T G_S c``, cosines
+``G_ij / (|x_i| |x_j|)`` (``kernels.gram`` / ``apet_stage`` / ``apet_assign``). Same choices as the
+code below except where candidates tie within rounding (this path computes them in float32 from G,
+the x-based path rounds its dot products to the token dtype); errors far below a token's norm are
+resolved only to ~3e-4 |x_i| (cancellation in float32), which the ranking of the largest does not
+need. The code below is the specification and the CPU path.
+
 Kept tokens stay in spatial order. Stages: by default after blocks depth/4,
 depth/2, 3 depth/4 with the same keep ratio at each (as ``cls``, so the two
 compare at equal FLOPs); ``layers=[j]`` gives one stage (the paper prunes once,
@@ -125,17 +134,26 @@ class Apet(Reducer):
         xs = x[:, p:]
         sizes = state.sizes_or_ones()
         valid = sizes[:, p:] > 0
-        basis = farthest_point_basis(xs, self.k, valid)
-        err = reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, self.k, c)), self.eps)
+        # GPU: x is read once, into the per-sample Gram matrix G = X X^T (float32); the basis search,
+        # the errors and the cosine assignment then work on G (tokenprune/kernels, section 5)
+        g = kernels.gram(xs)[0] if kernels.use_triton(x) and kernels.apet_stage_fits(n, self.k) else None
+        if g is not None:
+            basis, err = kernels.apet_stage(g, valid, self.k, self.eps)
+        else:
+            basis = farthest_point_basis(xs, self.k, valid)
+            err = reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, self.k, c)), self.eps)
         err = err.masked_fill(~valid, float("-inf"))  # padding is never kept over a real token
         err = err.scatter(1, basis, float("inf"))  # the basis is always kept
         keep_idx = err.topk(keep, dim=1).indices.sort(1).values  # [B, K], spatial order
 
         # every non-kept token goes to its most cosine-similar kept token
-        xn = xs / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).to(xs.dtype)
-        kept_n = xn.gather(1, keep_idx[..., None].expand(b, keep, c))
-        target = torch.bmm(xn, kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
-        target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
+        if g is not None:
+            target = kernels.apet_assign(g, keep_idx)  # cos from G at the kept columns; kept map to self
+        else:
+            xn = xs / xs.float().norm(dim=-1, keepdim=True).clamp_min(1e-6).to(xs.dtype)
+            kept_n = xn.gather(1, keep_idx[..., None].expand(b, keep, c))
+            target = torch.bmm(xn, kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
+            target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
 
         s = sizes[:, p:].to(x.dtype)
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
