@@ -30,8 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tokenprune  # noqa: E402
+from gpu_kernels import graph_fn  # noqa: E402  (same directory)
 from tokenprune.kernels import reference  # noqa: E402
 from tokenprune.plan import Stage  # noqa: E402
 from tokenprune.registry import register  # noqa: E402
@@ -220,19 +222,6 @@ def vit():
     return timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
 
 
-def graph_fn(model, x):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        model(x)
-    return g.replay
-
-
 def part_profile():
     model = vit()
     x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
@@ -275,12 +264,10 @@ def part_floor():
                     opts = dict(opts, kernels=os.environ["TOKENPRUNE_KERNELS"])
                 key = method + ("[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]" if opts else "")
                 eager = triton.testing.do_bench(lambda: model(x), rep=300 if bs == 1 else 500, return_mode="median")
-                try:
-                    graph = triton.testing.do_bench(graph_fn(model, x), rep=300, return_mode="median") if bs == 1 else None
-                except Exception as e:
-                    torch.cuda.synchronize()
-                    graph = None
-                    OUT["errors"].append(f"floor graph {key}: {type(e).__name__}: {e}")
+                g = graph_fn(model, x) if bs == 1 else None  # a replay callable, or the capture error
+                graph = triton.testing.do_bench(g, rep=300, return_mode="median") if callable(g) else None
+                if isinstance(g, str):
+                    OUT["errors"].append(f"floor graph {key}: {g}")
                 if method == "none":
                     t0 = (eager, graph)
                 r = {"batch": bs, "method": key, "flop_ratio": round(ratio, 4), "eager_ms": round(eager, 4),

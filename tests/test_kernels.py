@@ -464,6 +464,11 @@ def test_kernels_compile_for_sm90_without_spills():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     # the fp16/bf16 tensor-core paths that matter on the GPU (float32-product variants may spill a little)
     half = [r for r in rows if not r["config"].get("IS_F32") and r["config"].get("LOWP", True)]
+    # pass 1 of the linear attention at d = 128 spills (a 128 x 128 fp32 context on 4 warps), yet it is
+    # the fastest configuration measured on the H100: 90 / 291 / 537 us against 109 / 363 / 683 us for
+    # the spill-free 8-warp tile (docs/gpu/profile_h100_ea.json). Every other half-precision kernel: no spill.
+    spills_measured_faster = {("_ea_context", 128)}
+    half = [r for r in half if (r["kernel"], r["config"].get("DP")) not in spills_measured_faster]
     assert all(r.get("stack", 0) == 0 for r in half), [r for r in half if r.get("stack")]
     assert all(r["hgmma"] > 0 for r in half if r["kernel"] in ("_ea_context", "_ea_apply", "_bm_best"))
 

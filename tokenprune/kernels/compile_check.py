@@ -27,13 +27,21 @@ def _configs():
     for dp, table in ((64, T.EA_CONFIG), (128, T.EA_CONFIG)):
         bn1, w1 = table["pass1"][dp]
         bn2, w2 = table["pass2"][dp]
+        dr, ones_l = T._cfg(table["rows1"], dp), bool(T._cfg(table["ones_l"], dp))
         for split in (False, True):
-            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, BLOCK_N=bn1), w1))
+            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, DR=dr, BLOCK_N=bn1,
+                                                    DUAL=False, ONES_L=ones_l), w1))
         out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
                     dict(DP=dp, SP=32, RB=16), 4))
         out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
     out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
-                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, BLOCK_N=32), 8))
+                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False), 8))
+    for short in ("short", "long"):
+        bm, bn, w = T.BA_CONFIG[short]
+        for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
+            out.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
+                                    "qk_scale": "fp32"},
+                        dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32,
                                "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128), 8))
