@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tokenprune  # noqa: E402
-from gpu_kernels import graph_fn  # noqa: E402  (same directory)
+from gpu_kernels import graph_fn, make_vit  # noqa: E402  (same directory)
 from tokenprune.kernels import reference  # noqa: E402
 from tokenprune.plan import Stage  # noqa: E402
 from tokenprune.registry import register  # noqa: E402
@@ -67,8 +67,6 @@ def part_ea(bw, quick):
     import triton.testing
 
     from tokenprune.kernels import triton_impl as T
-    saved = json.loads(json.dumps({k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()})
-                                   for k, v in T.EA_CONFIG.items()}))
     base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in T.EA_CONFIG.items()}
     shapes = {64: [(1, 12, 8192), (4, 12, 8192), (1, 12, 16384), (1, 12, 65536)],
               128: [(1, 16, 8192), (2, 16, 16384), (1, 16, 65536)]}
@@ -125,7 +123,7 @@ def part_ea(bw, quick):
         for kk in base:
             T.EA_CONFIG[kk] = base[kk]
         log("best d", d, json.dumps(r))
-    OUT["ea"] = {"variants": res, "best": {str(k): v for k, v in best.items()}, "defaults": saved}
+    OUT["ea"] = {"variants": res, "best": {str(k): v for k, v in best.items()}, "defaults": base}  # json.dump writes the int keys as strings
 
 
 def part_ba():
@@ -218,8 +216,7 @@ class FirstK(Reducer):
 
 
 def vit():
-    import timm
-    return timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
+    return make_vit(torch.device("cuda"), smoke=False)[0]  # vit_base_patch16_224, fp16, eval, seed 0
 
 
 def part_profile():

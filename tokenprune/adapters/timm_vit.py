@@ -26,11 +26,10 @@ def _call_block(block, x, bias):
     if bias is None:
         return block(x)
     attn = block.attn
-    if (current_kernel() is None and not torch.is_grad_enabled()
-            and not (attn.training and getattr(attn.attn_drop, "p", 0.0) > 0)
+    if (current_kernel() is None and not (attn.training and getattr(attn.attn_drop, "p", 0.0) > 0)
             and kernels.biased_attention_applies(bias, x.shape[1], attn.head_dim)):
-        # a key bias sends SDPA to a slower masked kernel: the fused biased kernel instead
-        # (inference only: it has no backward)
+        # a key bias sends SDPA to a slower masked kernel: the fused biased kernel instead (where
+        # autograd records, kernels.biased_attention itself runs SDPA: the kernel has no backward)
         with attention_kernel(kernels.biased_attention):
             return block(x, attn_mask=bias)
     return block(x, attn_mask=bias)

@@ -13,13 +13,14 @@ import triton.language as tl
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
 EA_CONFIG = {
-    # from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json): both passes swept together;
-    # d=64: 131/135/185 us at N=8k/16k/64k (was 175/189/205), d=128: 350/602 us at 16k/64k (was 587/1103)
+    # pass 2 and d=64 from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json); d=128 pass 1
+    # and the keys below from scripts/gpu_profile.py --only ea (docs/gpu/profile_h100_ea.json, GPU time:
+    # d=64 39/116/62/182 us at B1 N8k / B4 N8k / B1 N16k / B1 N64k, d=128 90/291/537 us at B1 N8k / B2 N16k / B1 N64k)
     "pass1": {64: (128, 4), 128: (64, 4)},
     "pass2": {64: (128, 8), 128: (64, 4)},
     "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
     "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
-    # docs/gpu/profile_h100_ea.json (scripts/gpu_profile.py --only ea): per head dim, a number or {d: value}
+    # per head dim, a number or {d: value}
     "programs_per_sm": {64: 2, 128: 4},  # pass 1 splits N until about this many programs per SM are busy
     "dual": False,  # pass 1 runs two independent online-softmax chains per program (slower on H100)
     "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
