@@ -442,6 +442,31 @@ def kernel_gather(dev, smoke, ceil):
             t_t = bench(step, dev)
         row("gather_tokens step", (b, n, c, k), torch.float16, t_k, t_t, 2 * b * (1 + k) * c * 2, 0, ceil,
             note="whole ops.gather_tokens incl. source map; bytes = kept rows read + written")
+    # the whole keep step (top-k in spatial order + gather + sizes + source map): one launch on CUDA
+    for b, n, c, k in ([(2, 64, 32, 20)] if smoke else [(256, 196, 768, 98), (1, 196, 768, 98), (1, 576, 1024, 58),
+                                                        (16, 576, 1024, 144), (4, 1000, 384, 250)]):
+        x = randn(b, 1 + n, c, dtype=torch.float16, dev=dev, gen=gen)
+        scores = torch.rand(b, n, device=dev, generator=gen).argsort(1).float() / n  # distinct per row
+        sizes = torch.randint(1, 4, (b, 1 + n), device=dev, generator=gen).float()
+
+        def step():
+            st = TokenState.start(x, 1)
+            st.sizes = sizes
+            return ops.keep_top(st, scores, k)
+        poison(dev, True)
+        outs = {}
+        for on in (False, True):
+            with kernels_on(on):
+                outs[on] = step()
+        poison(dev, False)
+        same = all(torch.equal(getattr(outs[True], a), getattr(outs[False], a)) for a in ("x", "sizes", "source"))
+        check("keep_top (keep_step)", (b, n, c, k), torch.float16, 0.0 if same else float("inf"), 1e-12)
+        with kernels_on(True):
+            t_k = bench(step, dev)
+        with kernels_on(False):
+            t_t = bench(step, dev)
+        row("keep_top step", (b, n, c, k), torch.float16, t_k, t_t, 2 * b * (1 + k) * c * 2, 0, ceil,
+            note="top-k + gather + sizes + source map in one launch vs topk/sort/gather/cat/scatter")
 
 
 # -- 2d. ApET errors ----------------------------------------------------------------------------------------

@@ -63,6 +63,27 @@ def kernel_times(fn, reps=20):
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
+def ea_variants(d, base, quick):
+    """Pass-1 variants per head dim: the online-softmax loop (sub=0) and the max-first loops over
+    ``sub`` tiles, with tiles, warps, programs per SM, rows per program and the split policy."""
+    if quick:
+        return [{}]
+    out = []
+    if d == 64:
+        for pps, fill in itertools.product([2, 3, 4], [False, True]):
+            out.append({"sub": 0, "pass1": (128, 4), "programs_per_sm": pps, "split_fill": fill, "ones_l": False})
+        for sub, p1, ol, pps in itertools.product([4, 8], [(64, 4), (64, 8), (128, 8)], [False, True], [1, 2]):
+            out.append({"sub": sub, "pass1": p1, "ones_l": ol, "programs_per_sm": pps, "split_fill": True})
+    else:
+        for pps, fill in itertools.product([2, 4], [False, True]):
+            out.append({"sub": 0, "pass1": (64, 4), "programs_per_sm": pps, "split_fill": fill, "ones_l": True,
+                        "rows1": 128})
+        for sub, p1, rows, pps in itertools.product([4, 8], [(64, 4), (64, 8)], [128, 64], [1, 2]):
+            out.append({"sub": sub, "pass1": p1, "rows1": rows, "ones_l": True, "programs_per_sm": pps,
+                        "split_fill": True})
+    return out
+
+
 def part_ea(bw, quick):
     import triton.testing
 
@@ -78,13 +99,10 @@ def part_ea(bw, quick):
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
             ref = reference.efficient_attention(q.float(), k.float(), v.float(), None) if n <= 16384 else None
             data.append(((b, h, n), q, k, v, ref))
-        pass1 = ([(64, 4), (128, 4)] if d == 64 else [(64, 4), (64, 8)]) if not quick else [base["pass1"][d]]
-        grid = list(itertools.product([2, 4, 8], [512, 256], [False, True], [False, True], pass1))
-        for pps, mc, dual, ones_l, p1 in grid:
-            T.EA_CONFIG.update(programs_per_sm=pps, min_chunk=mc, dual=dual, ones_l=ones_l)
-            T.EA_CONFIG["pass1"] = {**base["pass1"], d: p1}
-            cfg = {"d": d, "programs_per_sm": pps, "min_chunk": mc, "dual": dual, "ones_l": ones_l, "pass1": p1,
-                   "shapes": []}
+        for var in ea_variants(d, base, quick):
+            for kk, vv in var.items():
+                T.EA_CONFIG[kk] = {**base[kk], d: vv} if isinstance(base[kk], dict) else vv
+            cfg = {"d": d, **var, "shapes": []}
             try:
                 for (shape, q, k, v, ref) in data:
                     fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
@@ -100,7 +118,9 @@ def part_ea(bw, quick):
             except Exception as e:
                 cfg["error"] = f"{type(e).__name__}: {str(e)[:100]}"
             res.append(cfg)
-            log("ea", d, pps, mc, dual, ones_l, p1, cfg.get("error") or
+            for kk in base:
+                T.EA_CONFIG[kk] = base[kk]
+            log("ea", d, var, cfg.get("error") or
                 [(s["shape"][2], s["graph_us"], s["pct_graph"]) for s in cfg["shapes"]])
         for kk in base:
             T.EA_CONFIG[kk] = base[kk]
@@ -109,11 +129,11 @@ def part_ea(bw, quick):
     for d in shapes:
         ok = [r for r in res if r["d"] == d and "error" not in r]
         if ok:
-            best[d] = min(ok, key=lambda r: sum(s["graph_us"] for s in r["shapes"]))
+            best[d] = max(ok, key=lambda r: min(s["pct_graph"] for s in r["shapes"]))  # best worst case
     for d, r in best.items():
-        T.EA_CONFIG.update(programs_per_sm=r["programs_per_sm"], min_chunk=r["min_chunk"], dual=r["dual"],
-                           ones_l=r["ones_l"])
-        T.EA_CONFIG["pass1"] = {**base["pass1"], d: tuple(r["pass1"])}
+        for kk in base:
+            if kk in r:
+                T.EA_CONFIG[kk] = {**base[kk], d: r[kk]} if isinstance(base[kk], dict) else r[kk]
         r["kernels"], r["eager_us"] = {}, {}
         for (b, h, n) in shapes[d]:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
@@ -236,6 +256,43 @@ def part_profile():
     OUT["profile"] = tabs
 
 
+def kernel_table(fn, reps=10):
+    """Per CUDA kernel: launches per call and mean GPU microseconds per call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= reps:
+            rows[e.key[:70]] = (round(e.count / reps, 1), round(t / reps, 2))
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1][1]))
+
+
+def part_profile1():
+    """bs 1: what each reducer launches per forward (count, GPU time) next to the free floor."""
+    model = vit()
+    x = torch.randn(1, 3, 224, 224, device="cuda", dtype=torch.float16)
+    tabs = {}
+    with torch.inference_mode():
+        for method, opts in [("none", {}), ("first_k", {"stages_from": "cls"}), ("cls", {}), ("random", {}),
+                             ("first_k", {"stages_from": "merge"}), ("merge", {}), ("apet", {})]:
+            tokenprune.remove(model)
+            if method != "none":
+                tokenprune.apply(model, budget=0.25, method=method, **opts)
+            key = method + ("[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]" if opts else "")
+            kt = kernel_table(lambda: model(x))
+            tabs[key] = {"launches": round(sum(c for c, _ in kt.values()), 1),
+                         "kernel_us": round(sum(t for _, t in kt.values()), 1), "kernels": kt}
+            log("profile1", key, tabs[key]["launches"], tabs[key]["kernel_us"], list(kt.items())[:12])
+    tokenprune.remove(model)
+    OUT["profile1"] = tabs
+
+
 def part_floor():
     import triton.testing
     model = vit()
@@ -296,7 +353,8 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile, "floor": part_floor}
+    parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
+             "profile1": part_profile1, "floor": part_floor}
     for name in args.only.split(","):
         t = time.time()
         try:

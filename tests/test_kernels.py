@@ -71,16 +71,20 @@ def test_efficient_attention(T, shape, dtype, bias, split):
     assert rel(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("rows,split,dual,ones_l,dtype", [
-    (16, 1, False, False, torch.float16), (16, 3, False, False, torch.float16),
-    (64, 1, True, False, torch.float16), (16, 3, True, True, torch.float16), (64, 2, False, True, torch.float32),
+@pytest.mark.parametrize("rows,split,dual,ones_l,sub,dtype", [
+    (16, 1, False, False, 0, torch.float16), (16, 3, False, False, 0, torch.float16),
+    (64, 1, True, False, 0, torch.float16), (16, 3, True, True, 0, torch.float16),
+    (64, 2, False, True, 0, torch.float32),
+    (64, 1, False, False, 2, torch.float16), (16, 3, False, True, 3, torch.float16),
 ])
-def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, dtype):
+def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, sub, dtype):
     """Pass-1 variants: ``rows`` of the d x d context per program (the d=128 configuration), two
-    interleaved online-softmax chains (``dual``), row sums from a product with ones (``ones_l``)."""
+    interleaved online-softmax chains (``dual``), row sums from a product with ones (``ones_l``),
+    max first then exponentials over ``sub`` tiles at a time (``sub``)."""
     monkeypatch.setitem(T.EA_CONFIG, "rows1", {64: rows, 128: rows})
     monkeypatch.setitem(T.EA_CONFIG, "dual", dual)
     monkeypatch.setitem(T.EA_CONFIG, "ones_l", ones_l)
+    monkeypatch.setitem(T.EA_CONFIG, "sub", sub)
     monkeypatch.setitem(T.EA_CONFIG, "pass1", {64: (16, 4), 128: (16, 4)})  # several tiles per chunk
     g = gen(3)
     q, k, v = [torch.randn(2, 2, 90, 40, generator=g).to(dtype) for _ in range(3)]  # d=40 -> 64 padded
@@ -228,18 +232,78 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     assert rel(out.x, ref.x) < (1e-6 if dtype == torch.float32 else 1e-3)
 
 
-@pytest.mark.parametrize("p,n,r", [(0, 30, 15), (2, 50, 10), (1, 255, 100)])
-def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r):
-    """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit."""
+@pytest.mark.parametrize("p,n,r,b,c", [(0, 30, 15, 2, 40), (2, 50, 10, 2, 40), (1, 255, 100, 2, 40),
+                                       (1, 61, 20, 1, 100), (1, 61, 20, 3, 136)])
+def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c):
+    """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
+    sample's column tiles split over several programs (small batches), unevenly where they do not divide."""
     g = gen(13)
-    x = torch.randn(2, p + n, 40, generator=g).half()
-    metric = torch.randn(2, p + n, 24, generator=g).half()
+    x = torch.randn(b, p + n, c, generator=g).half()
+    metric = torch.randn(b, p + n, 24, generator=g).half()
     ref = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r)
     _use_interpreted(monkeypatch, T)
     assert kernels.merge_step_fits(n)
     out = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r)
     assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
     assert rel(out.x, ref.x) < 1e-3
+
+
+def test_merge_step_averages_per_head_keys(T, monkeypatch):
+    """merge passes the per-head keys [B, H, T, d] (a strided view, as timm's qkv gives them); the
+    one-launch kernel averages over heads itself and matches the PyTorch path on k.mean(1)."""
+    g = gen(17)
+    b, h, p, n, d = 2, 3, 1, 61, 16
+    x = torch.randn(b, p + n, 40, generator=g).half()
+    qkv = torch.randn(b, p + n, 3, h, d, generator=g).half().permute(2, 0, 3, 1, 4)
+    k = qkv[1]  # [B, H, T, d], not contiguous
+    ref = ops.bipartite_merge(TokenState.start(x.clone(), p), k.mean(1), 20)
+    _use_interpreted(monkeypatch, T)
+    out = ops.bipartite_merge(TokenState.start(x.clone(), p), k, 20)
+    assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
+    assert rel(out.x, ref.x) < 1e-3
+
+
+@pytest.mark.parametrize("p,n,k,b,c,sizes,source", [
+    (1, 196, 49, 1, 100, False, True),  # one sample: columns split over programs, source tracked
+    (0, 37, 10, 3, 64, True, False),  # no prefix, sizes, no source
+    (2, 600, 150, 2, 40, True, True),  # long input (8-warp ranking), several prefix tokens
+])
+def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, source):
+    """ops.keep_top through the one-launch kernel gives the tokens, sizes and source map of
+    topk_sorted + gather_tokens (distinct scores: the two break ties differently)."""
+    g = gen(21)
+    x = torch.randn(b, p + n, c, generator=g).half()
+    scores = torch.randperm(b * n, generator=g).reshape(b, n).float() / (b * n)
+
+    def state():
+        st = TokenState.start(x.clone(), p, track_source=source)
+        if sizes:
+            st.sizes = torch.randint(1, 5, (b, p + n), generator=g).float()
+        if source:  # an earlier reduction: some input tokens already gone (-1) or mapped together
+            st.source = torch.randint(-1, p + n, (b, p + n + 9), generator=g)
+        return st
+
+    g.manual_seed(5)
+    st_ref = state()
+    idx, ok = ops.topk_sorted(scores, k)
+    ref = ops.gather_tokens(st_ref, idx, ok)
+    _use_interpreted(monkeypatch, T)
+    g.manual_seed(5)
+    st_k = state()
+    assert kernels.keep_step_fits(n)
+    out = ops.keep_top(st_k, scores, k)
+    assert torch.equal(out.x, ref.x)
+    assert (out.sizes is None) == (ref.sizes is None) and (out.sizes is None or torch.equal(out.sizes, ref.sizes))
+    assert (out.source is None) == (ref.source is None) and (out.source is None or torch.equal(out.source, ref.source))
+    assert torch.equal(kernels.topk_sorted(scores, k), idx)
+
+
+def test_topk_sorted_kernel_ties_and_infinities(T, monkeypatch):
+    """Ties go to the lower index; +inf (ApET's basis) always kept, -inf (padding) last."""
+    s = torch.tensor([[0.5, float("inf"), 0.5, -float("inf"), 0.5, 0.9, float("inf")]])
+    _use_interpreted(monkeypatch, T)
+    assert kernels.topk_sorted(s, 4).tolist() == [[0, 1, 5, 6]]
+    assert kernels.topk_sorted(s, 6).tolist() == [[0, 1, 2, 4, 5, 6]]
 
 
 def test_query_attention_dispatch(T, monkeypatch):

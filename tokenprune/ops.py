@@ -70,6 +70,17 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
     return state
 
 
+def keep_top(state: TokenState, scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> TokenState:
+    """Keep the ``k`` best-scored non-prefix tokens (``scores [B, N]``) in spatial order:
+    :func:`topk_sorted` then :func:`gather_tokens`; on CUDA without padding, one kernel launch."""
+    if valid is None and kernels.use_triton(state.x, scores) and kernels.keep_step_fits(scores.shape[1]):
+        state.x, state.sizes, state.source = kernels.keep_step(state.x, scores, state.sizes, state.source,
+                                                               state.num_prefix, k)
+        return state
+    idx, ok = topk_sorted(scores, k, valid)
+    return gather_tokens(state, idx, ok)
+
+
 def topk_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None):
     """Indices of the ``k`` best scores per row, in ascending (spatial) order.
 
@@ -78,7 +89,7 @@ def topk_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None)
     """
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    idx = scores.topk(k, dim=1, sorted=False).indices.sort(1).values
+    idx = kernels.topk_sorted(scores, k)
     return idx, (valid.gather(1, idx) if valid is not None else None)
 
 
@@ -105,7 +116,8 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
     ``metric`` ``[B, P + N, d]`` is the similarity feature (the block's keys,
-    averaged over heads). Non-prefix tokens alternate into sets A (even) and B
+    averaged over heads); ``[B, H, P + N, d]`` (the keys per head) is averaged over
+    ``H`` here (inside the one-launch kernel on CUDA). Non-prefix tokens alternate into sets A (even) and B
     (odd); each A token finds its most cosine-similar B token; the ``r`` A
     tokens with the highest similarity are merged into their partner with a
     size-weighted average; the rest of A is kept in spatial order. Output order:
@@ -120,8 +132,10 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
     if kernels.use_triton(x) and kernels.merge_step_fits(n):  # CUDA, small n: the whole step in one launch
         state.x, state.sizes, state.source = kernels.merge_step(x, metric, state.sizes, state.source, p, r,
-                                                                state.padded)
+                                                                state.padded, max_size=p + state.num_input)
         return state
+    if metric.dim() == 4:
+        metric = metric.mean(1)
 
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]

@@ -113,10 +113,31 @@ def merge_step_fits(n: int) -> bool:
     return bool(_impl()) and _impl().merge_step_fits(n)
 
 
-def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool):
+def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
-    ``ops.bipartite_merge`` is its reference). Returns ``(new_x, new_sizes, new_source)``."""
-    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded)
+    ``ops.bipartite_merge`` is its reference). Returns ``(new_x, new_sizes, new_source)``.
+    ``max_size``: an upper bound on any token size (the encoder's input token count); small bounds
+    let the kernel take exact fp16/bf16 tensor-core products."""
+    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size)
+
+
+def keep_step_fits(n: int) -> bool:
+    """Whether :func:`keep_step` / :func:`topk_sorted` rank ``n`` tokens in one program."""
+    return bool(_impl()) and _impl().keep_step_fits(n)
+
+
+def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
+    """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one Triton launch (CUDA only; those
+    two are its reference): keep the ``k`` best-scored non-prefix tokens in spatial order, with their
+    sizes and the composed source map. Ties go to the lower index. Returns ``(x, sizes, source)``."""
+    return _impl().keep_step(x, scores, sizes, source, num_prefix, k)[:3]
+
+
+def topk_sorted(scores, k: int):
+    """Indices of the ``k`` best scores per row, ascending; one launch on CUDA (ties: lower index)."""
+    if use_triton(scores) and keep_step_fits(scores.shape[1]):
+        return _impl().topk_sorted(scores, k)
+    return scores.topk(k, dim=1, sorted=False).indices.sort(1).values
 
 
 def gather_rows(x, rows):
@@ -160,6 +181,6 @@ def apet_assign(g, keep_idx):
 
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
-           "merge_rows", "merge_step", "gather_rows",
+           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
            "use_triton", "needs_grad", "kernels_enabled", "reference"]

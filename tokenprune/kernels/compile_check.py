@@ -28,14 +28,21 @@ def _configs():
         bn1, w1 = table["pass1"][dp]
         bn2, w2 = table["pass2"][dp]
         dr, ones_l = T._cfg(table["rows1"], dp), bool(T._cfg(table["ones_l"], dp))
+        sub = int(T._cfg(table["sub"], dp))
         for split in (False, True):
             out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, DR=dr, BLOCK_N=bn1,
-                                                    DUAL=False, ONES_L=ones_l), w1))
+                                                    DUAL=False, ONES_L=ones_l, SUB=sub), w1))
+        for bn, dr_, ol, w in ((64, dp, False, 4), (64, dp, True, 4), (128, dp, True, 8), (64, dp, True, 8),
+                               (64, 64, True, 4)):  # the max-first pass-1 variant (gpu_profile sweeps it)
+            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp, DR=min(dr_, dp),
+                                                    BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=4), w))
         out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
-                    dict(DP=dp, SP=32, RB=16), 4))
+                    dict(DP=dp, SP=32, RB=T.EA_CONFIG["combine_rows"],
+                         SC=T.EA_CONFIG["combine_tile"] // (T.EA_CONFIG["combine_rows"] * dp)), 4))
         out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
     out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
-                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False), 8))
+                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False,
+                     SUB=0), 8))
     for short in ("short", "long"):
         bm, bn, w = T.BA_CONFIG[short]
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
@@ -44,7 +51,7 @@ def _configs():
                         dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32,
-                               "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128), 8))
+                               "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128), 4))
     out.append((T._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
                 dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
     for is32 in (False, True):
@@ -54,6 +61,11 @@ def _configs():
         out.append((T._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
                     dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
+    for np_, w in ((256, 4), (1024, 8)):
+        out.append((T._keep_step, {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                                   "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
+                    dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, NP=np_, PP=1, BT=16 if np_ >= 512 else 32,
+                         RT=64, BC=T.KEEP_STEP_BC, BS=256), w))
     for lowp in (True, False):
         out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                     "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32},

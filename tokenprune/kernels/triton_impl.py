@@ -21,10 +21,13 @@ EA_CONFIG = {
     "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
     "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
     # per head dim, a number or {d: value}
-    "programs_per_sm": {64: 2, 128: 4},  # pass 1 splits N until about this many programs per SM are busy
+    "programs_per_sm": {64: 2, 128: 2},  # pass 1 splits N until about this many programs per SM are busy
     "dual": False,  # pass 1 runs two independent online-softmax chains per program (slower on H100)
     "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
-    "combine_rows": 16,  # context rows per program of the split combine
+    "sub": 0,  # > 0: pass 1 takes the max over SUB tiles first, then exponentiates them (two loops, K re-read from L2)
+    "combine_rows": 4,  # context rows per program of the split combine
+    "combine_tile": 4096,  # elements of the [partials, rows, d] tile the combine reads at once
+    "split_fill": True,  # split N only as far as one wave of programs fits (no partial second wave)
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -95,11 +98,71 @@ def _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, o
 
 
 @triton.jit
+def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m, l, acc,
+            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr,
+            SUB: tl.constexpr, ONES_L: tl.constexpr):
+    # SUB tiles of pass 1 in two loops: the first reads K only and keeps an elementwise running max
+    # (no reduction across threads inside the loop), the second re-reads K (from L2: SUB tiles per
+    # program were just read) with V and adds exp(k - m) into the context with a fixed m. The max and
+    # the row sums are reduced across threads once per SUB tiles instead of once per tile, and the
+    # context is rescaled once per sub-chunk
+    sub_end = tl.minimum(c0 + SUB * BLOCK_N, end)
+    mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
+    for n0 in range(c0, sub_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < sub_end
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            kt = kt + bt[:, None]
+        mt = tl.maximum(mt, kt)
+    m_new = tl.maximum(m, tl.max(mt, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    acc = acc * alpha[:, None]
+    if ONES_L:  # row sums on the tensor cores (p^T @ ones): no [BLOCK_N, DR] sum tile in registers
+        lt = tl.zeros([DR, 16], tl.float32)
+    else:
+        lt = tl.zeros([BLOCK_N, DR], tl.float32)
+    for n0 in range(c0, sub_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < sub_end
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0)
+        if HAS_BIAS:
+            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            kt = kt + bt[:, None]
+        p = tl.where(nmask[:, None], tl.exp(kt - m_safe[None, :]), 0.0)
+        if IS_F32:
+            pt = tl.trans(p)
+            acc += tl.dot(pt, vt.to(tl.float32), input_precision="ieee")
+        else:
+            pt = tl.trans(p.to(vt.dtype))
+            acc += tl.dot(pt, vt)
+        if ONES_L:
+            if IS_F32:
+                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype), input_precision="ieee")
+            else:
+                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype))
+        else:
+            lt += p
+    if ONES_L:
+        l = l * alpha + tl.max(lt, 1)  # every column holds the row sum
+    else:
+        l = l * alpha + tl.sum(lt, 0)
+    return m_new, l, acc
+
+
+@triton.jit
 def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-                DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr):
+                DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr,
+                SUB: tl.constexpr):
     # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
     # softmax over N needs only its own K column, so rows split without extra K reads). DUAL: two
     # independent (max, sum, context) chains over alternate tiles, merged at the end, so a program
@@ -113,7 +176,7 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     offs_r = tl.program_id(2) * DR + tl.arange(0, DR)
     rmask = offs_r < D
     m = tl.full([DR], float("-inf"), tl.float32)
-    if ONES_L:
+    if ONES_L and SUB == 0:
         l = tl.zeros([DR, 16], tl.float32)
     else:
         l = tl.zeros([DR], tl.float32)
@@ -123,7 +186,11 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     bias_base = bias_ptr + b * sbb
-    if DUAL:
+    if SUB > 0:  # two loops per SUB tiles (see _ea_sub); DUAL does not apply
+        for c0 in range(start, end, SUB * BLOCK_N):
+            m, l, acc = _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                                m, l, acc, HAS_BIAS, IS_F32, DR, BLOCK_N, SUB, ONES_L)
+    elif DUAL:
         m2 = tl.full([DR], float("-inf"), tl.float32)
         l2 = tl.zeros_like(l)
         acc2 = tl.zeros([DR, DP], tl.float32)
@@ -146,7 +213,7 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         for n0 in range(start, end, BLOCK_N):
             m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
                                  m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
-    if ONES_L:
+    if ONES_L and SUB == 0:
         l = tl.max(l, 1)  # every column holds the row sum
     offs_2 = offs_r[:, None] * DP + offs_d[None, :]
     if SPLIT:
@@ -159,8 +226,11 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr):
-    # context row j (key feature j) only needs the S partials of that row: rows split over programs
+def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr,
+                SC: tl.constexpr):
+    # context row j (key feature j) only needs the S partials of that row: rows split over programs.
+    # The partials are read SC at a time as one [SC, RB, DP] tile (independent loads in flight, not a
+    # serial chain of S dependent loads)
     bh = tl.program_id(0)
     offs_r = tl.program_id(1) * RB + tl.arange(0, RB)
     offs_d = tl.arange(0, DP)
@@ -172,9 +242,15 @@ def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.con
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     tot = tl.sum(tl.exp(ms - mx[None, :]) * ls, 0)  # [RB]
     acc = tl.zeros([RB, DP], tl.float32)
-    for s in range(0, S):
-        ws = tl.exp(tl.load(m_ptr + (bh * S + s) * DP + offs_r) - mx)
-        acc += ws[:, None] * tl.load(part_ptr + (bh * S + s) * DP * DP + offs_r[:, None] * DP + offs_d[None, :])
+    offs_c = tl.arange(0, SC)
+    for s0 in range(0, S, SC):
+        sc = s0 + offs_c
+        cm = sc < S
+        ws = tl.exp(tl.load(m_ptr + (bh * S + sc[:, None]) * DP + offs_r[None, :], mask=cm[:, None],
+                            other=float("-inf")) - mx[None, :])  # [SC, RB]
+        pt = tl.load(part_ptr + ((bh * S + sc[:, None, None]) * DP + offs_r[None, :, None]) * DP
+                     + offs_d[None, None, :], mask=cm[:, None, None], other=0.0)  # [SC, RB, DP]
+        acc += tl.sum(ws[:, :, None] * pt, 0)
     out = acc / tl.maximum(tot, 1e-30)[:, None]
     tl.store(ctx_ptr + bh * DP * DP + offs_r[:, None] * DP + offs_d[None, :], out.to(ctx_ptr.dtype.element_ty))
 
@@ -221,7 +297,9 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
         bn1, bn2 = 32, 32
     if split is None:
-        want = triton.cdiv(_cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(q.device), bh * (dp // dr))
+        slots = _cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(q.device)
+        per = bh * (dp // dr)
+        want = max(1, slots // per) if EA_CONFIG["split_fill"] else triton.cdiv(slots, per)
         split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
@@ -243,10 +321,13 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                                        IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1,
                                        DUAL=bool(_cfg(EA_CONFIG["dual"], dp)),
                                        ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)),
+                                       SUB=int(_cfg(EA_CONFIG["sub"], dp)) if dt != torch.float32 else 0,
                                        num_warps=w1, **st1)
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
-        _ea_combine[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, num_warps=4)
+        sc = max(1, min(_p2(split), EA_CONFIG["combine_tile"] // (rb * dp)))
+        _ea_combine[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, SC=sc,
+                                    num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
@@ -355,27 +436,27 @@ def biased_attention(q, k, v, bias=None):
 def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scale,
                sqb, sqh, skb, skh, skn, sbb, sbn,
                HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (b, n-block, h): one head's logits for one block of keys, with the block's max and
+    # sum of exponentials (one program per head: at batch 1 a loop over heads was a serial chain)
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
+    qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                 mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    lg = tl.sum(kt * qr[None, :], 1) * scale
     if HAS_BIAS:
-        bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-    for h in range(0, H):
-        qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                     mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        lg = tl.sum(kt * qr[None, :], 1) * scale
-        if HAS_BIAS:
-            lg = lg + bt
-        lg = tl.where(nmask, lg, float("-inf"))
-        tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
-        mx = tl.max(lg, 0)
-        ms = tl.where(mx == float("-inf"), 0.0, mx)
-        tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
-        tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
+        lg = lg + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+    lg = tl.where(nmask, lg, float("-inf"))
+    tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
+    mx = tl.max(lg, 0)
+    ms = tl.where(mx == float("-inf"), 0.0, mx)
+    tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
+    tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
 
 
 @triton.jit
@@ -419,9 +500,9 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
-    _qs_logits[(b, nb)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
-                        q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
-                        HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=8)
+    _qs_logits[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
+                           q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
+                           HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
     out = _alloc((b, n), k.device, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
@@ -581,6 +662,119 @@ def gather_rows(x, rows):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 3b. keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr, scr_ptr,
+               P, N, K, C, N0, G,
+               sxb, sxn, scb, ssb, srcb, oxb, oxn,
+               WRITE_X: tl.constexpr, HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, NP: tl.constexpr,
+               PP: tl.constexpr, BT: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    # program (b, g). Every program ranks sample b's scores (by score desc, index asc: counted
+    # against tiles of the scores; NaN ranks like the reference's topk is not guaranteed) and keeps
+    # rank < K; the kept tokens go out in spatial order. Program g writes the column tiles g, g + G, ...
+    # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = tl.arange(0, NP)
+    nm = offs < N
+    sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
+    rank = tl.zeros([NP], tl.int32)
+    for t0 in range(0, N, BT):
+        ot = t0 + tl.arange(0, BT)
+        st = tl.load(sc_ptr + b * scb + ot, mask=ot < N, other=float("-inf")).to(tl.float32)
+        ahead = (st[None, :] > sc[:, None]) | ((st[None, :] == sc[:, None]) & (ot[None, :] < offs[:, None]))
+        rank += tl.sum((ahead & (ot < N)[None, :]).to(tl.int32), 1)
+    keep = nm & (rank < K)
+    ki = keep.to(tl.int32)
+    pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
+    orow = tl.where(keep, P + pos, -1)  # output row of every non-prefix token, -1 if dropped
+    scr = scr_ptr + (b * G + g) * (PP + NP)  # [P + N] old -> new rows, one scratch row per program
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    tl.store(scr + offs_p, offs_p, mask=pm)
+    tl.store(scr + P + offs, orow, mask=nm)
+    tl.debug_barrier()  # the map written above is read below by other threads of this program
+    if WRITE_X:
+        for c0 in range(g * BC, C, G * BC):
+            offs_c = c0 + tl.arange(0, BC)
+            cm = offs_c < C
+            xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :])
+            tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+            for t0 in range(0, N, RT):
+                ot = t0 + tl.arange(0, RT)
+                orr = tl.load(scr + P + ot, mask=ot < N, other=-1)
+                ok = orr >= 0
+                xt = tl.load(x_ptr + b * sxb + (P + ot)[:, None] * sxn + offs_c[None, :], mask=ok[:, None] & cm[None, :])
+                tl.store(ox_ptr + b * oxb + orr[:, None] * oxn + offs_c[None, :], xt, mask=ok[:, None] & cm[None, :])
+    if g == 0:
+        tl.store(idx_ptr + b * K + pos, offs.to(tl.int64), mask=keep)
+        if HAS_SIZES:
+            nout = P + K
+            tl.store(os_ptr + b * nout + offs_p, tl.load(s_ptr + b * ssb + offs_p, mask=pm), mask=pm)
+            tl.store(os_ptr + b * nout + P + pos, tl.load(s_ptr + b * ssb + P + offs, mask=keep), mask=keep)
+        if HAS_SOURCE:
+            for s0 in range(0, N0, BS):
+                offs_s = s0 + tl.arange(0, BS)
+                sm_ = offs_s < N0
+                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
+                new = tl.load(scr + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
+                tl.store(osrc_ptr + b * N0 + offs_s, tl.where(old >= 0, new, -1).to(tl.int64), mask=sm_)
+
+
+def topk_sorted(scores, k: int):
+    """Indices ``[B, k]`` of the k best scores per row in ascending order (ties: lowest index first)."""
+    return keep_step(scores[..., None], scores, None, None, 0, k, write_x=False)[3]
+
+
+KEEP_STEP_MAX_N = 1024  # non-prefix tokens one program ranks
+KEEP_STEP_BC = 64  # output columns per tile
+
+
+def keep_step_fits(n: int) -> bool:
+    return n <= KEEP_STEP_MAX_N
+
+
+def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
+    """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one launch:
+    returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``."""
+    bsz, t, c = x.shape
+    n = t - p
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    if source is not None and source.stride(-1) != 1:
+        source = source.contiguous()
+    np_, pp = max(16, _p2(n)), _p2(max(p, 1))
+    if write_x:
+        tiles = triton.cdiv(c, KEEP_STEP_BC)
+        groups = min(tiles, max(1, triton.cdiv(2 * _num_sms(x.device), bsz)))
+        groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
+    else:
+        groups = 1
+    out = _alloc((bsz, p + k, c), x.device, x.dtype) if write_x else x
+    osz = _alloc((bsz, p + k), x.device, sizes.dtype) if sizes is not None else scores
+    n0 = source.shape[1] if source is not None else 0
+    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else scores
+    idx = _alloc((bsz, k), x.device, torch.long)
+    scr = torch.empty((bsz * groups, pp + np_), device=x.device, dtype=torch.int32)
+    _keep_step[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
+                              source if source is not None else scores, out, osz, osrc, idx, scr,
+                              p, n, k, c, n0, groups,
+                              x.stride(0), x.stride(1), scores.stride(0),
+                              sizes.stride(0) if sizes is not None else 0,
+                              source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
+                              WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
+                              NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
+                              num_warps=8 if np_ >= 512 else 4)
+    return (out if write_x else None, osz if sizes is not None else None, osrc if source is not None else None,
+            idx)
+
+
+# ---------------------------------------------------------------------------------------------------
 # 4. ApET reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32)
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
@@ -634,12 +828,17 @@ def apet_errors(x, basis, eps: float = 1e-5):
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr,
-                P, NA, NB, R, C, D, N0,
-                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
+                P, NA, NB, R, C, D, N0, G, H,
+                sxb, sxn, smb, smh, smn, ssb, srcb, oxb, oxn,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
                 LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
                 BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr):
+    # program (b, g): every program of sample b matches and ranks (cheap: the metric is small) and
+    # writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes and
+    # the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
+    # alone spends most of its time waiting on the serial column loop)
     b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
     offs_p = tl.arange(0, PP)
     pm = offs_p < P
     offs_a = tl.arange(0, NAP)
@@ -652,7 +851,12 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     row_b = P + 2 * offs_b + 1
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers
-    ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
+    # the metric is the mean over H heads of m (H = 1: m itself), rounded to m's dtype like k.mean(1)
+    maf = tl.zeros([NAP, DP], tl.float32)
+    for hh in range(0, H):
+        maf += tl.load(m_ptr + b * smb + hh * smh + row_a[:, None] * smn + offs_d[None, :],
+                       mask=am[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    ma = (maf / H).to(m_ptr.dtype.element_ty)
     maf = ma.to(tl.float32)
     na = tl.sqrt(tl.sum(maf * maf, 1)).to(ma.dtype).to(tl.float32)
     an = (maf / tl.maximum(na, 1e-6)[:, None]).to(ma.dtype)
@@ -661,8 +865,11 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     for j0 in range(0, NB, BT):
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
-        mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
-                     mask=tm[:, None] & dm[None, :], other=0.0)
+        mtf = tl.zeros([BT, DP], tl.float32)
+        for hh in range(0, H):
+            mtf += tl.load(m_ptr + b * smb + hh * smh + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
+                           mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        mt = (mtf / H).to(m_ptr.dtype.element_ty)
         mtf = mt.to(tl.float32)
         nt_ = tl.sqrt(tl.sum(mtf * mtf, 1)).to(mt.dtype).to(tl.float32)
         tn = (mtf / tl.maximum(nt_, 1e-6)[:, None]).to(mt.dtype)
@@ -690,12 +897,13 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted
     #    against tiles of the other A tokens read back from scratch
     best = tl.where(am, best, float("-inf"))
-    tl.store(bst_ptr + b * NAP + offs_a, best)
+    bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
+    tl.store(bst_row + offs_a, best)
     tl.debug_barrier()
     rank = tl.zeros([NAP], tl.int32)
     for i0 in range(0, NA, BT):
         offs_t = i0 + tl.arange(0, BT)
-        bt_ = tl.load(bst_ptr + b * NAP + offs_t, mask=offs_t < NA, other=float("-inf"))
+        bt_ = tl.load(bst_row + offs_t, mask=offs_t < NA, other=float("-inf"))
         ahead = (bt_[None, :] > best[:, None]) | ((bt_[None, :] == best[:, None]) & (offs_t[None, :] < offs_a[:, None]))
         ahead = ahead & (offs_t < NA)[None, :]
         rank += tl.sum(ahead.to(tl.int32), 1)
@@ -709,7 +917,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     sa_src = tl.where(is_src, sa, 0.0)
     tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
     # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
-    for c0 in range(0, C, BC):
+    for c0 in range(g * BC, C, G * BC):
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
         xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
@@ -728,45 +936,51 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :],
                      other=0.0)
         tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
-    # -- sizes
-    nout = P + n_unm + NB
-    tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
-    tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
-    if HAS_SIZES:
-        sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
-    else:
-        sp = tl.where(pm, 1.0, 0.0)
-    tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
-    # -- source map: old token -> new token, then compose with the current map
-    if HAS_SOURCE:
-        nt = P + NA + NB
-        tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
-        tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-        tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
-        tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
-        for s0 in range(0, N0, BS):
-            offs_s = s0 + tl.arange(0, BS)
-            sm_ = offs_s < N0
-            old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
-            new = tl.load(scr_ptr + b * nt + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
-            new = tl.where(old >= 0, new, -1)
-            tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
+    if g == 0:  # sizes and source map: written once per sample
+        # -- sizes
+        nout = P + n_unm + NB
+        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+        tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+        if HAS_SIZES:
+            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+        else:
+            sp = tl.where(pm, 1.0, 0.0)
+        tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+        # -- source map: old token -> new token, then compose with the current map
+        if HAS_SOURCE:
+            nt = P + NA + NB
+            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+            tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
+            for s0 in range(0, N0, BS):
+                offs_s = s0 + tl.arange(0, BS)
+                sm_ = offs_s < N0
+                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
+                new = tl.load(scr_ptr + b * nt + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
+                new = tl.where(old >= 0, new, -1)
+                tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
 
 
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
+MERGE_STEP_BC = 32  # output columns per tile (64 spills)
+MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
 
 
 def merge_step_fits(n: int) -> bool:
     return (n + 1) // 2 <= MERGE_STEP_MAX_A
 
 
-def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool):
-    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``."""
+def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None):
+    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``. ``metric``
+    ``[B, T, d]``, or ``[B, H, T, d]`` (per-head keys) averaged over H inside the kernel."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
     d = metric.shape[-1]
+    if metric.dim() == 3:
+        metric = metric[:, None]
     if x.stride(-1) != 1:
         x = x.contiguous()
     if metric.stride(-1) != 1:
@@ -784,19 +998,27 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool):
     else:
         n0, osrc, scr = 0, osz, osz
     # sizes never exceed the input token count; products in the token dtype are exact while sizes are
-    max_size = 1 if sizes is None else (source.shape[1] if source is not None else float("inf"))
+    # (without a bound from the caller or a source map, sizes are unbounded: fp32 products)
+    if sizes is None:
+        max_size = 1
+    elif max_size is None:
+        max_size = source.shape[1] if source is not None else float("inf")
     lowp = (x.dtype == torch.float16 and max_size <= 2048) or (x.dtype == torch.bfloat16 and max_size <= 256)
     s_arg = sizes if sizes is not None else osz
     nap = max(16, _p2(na))
-    bst = torch.empty((bsz, nap), device=x.device, dtype=torch.float32)
-    _merge_step[(bsz,)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
-                        p, na, nb, r, c, d, n0,
-                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
+    tiles = triton.cdiv(c, MERGE_STEP_BC)
+    want = max(1, triton.cdiv(MERGE_STEP_PROGRAMS_PER_SM * _num_sms(x.device), bsz))
+    groups = min(tiles, want)
+    groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))  # even share of column tiles per program
+    bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
+    _merge_step[(bsz, groups)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
+                        p, na, nb, r, c, d, n0, groups, metric.shape[1],
+                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1), metric.stride(2),
                         sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
                         out.stride(0), out.stride(1),
                         HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
                         IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
-                        NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=32, BS=256, PP=_p2(max(p, 1)),
+                        NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
                         BT=32, num_warps=MERGE_STEP_WARPS)
     return out, osz, (osrc if source is not None else None)
 

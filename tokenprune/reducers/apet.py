@@ -144,7 +144,7 @@ class Apet(Reducer):
             err = reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, self.k, c)), self.eps)
         err = err.masked_fill(~valid, float("-inf"))  # padding is never kept over a real token
         err = err.scatter(1, basis, float("inf"))  # the basis is always kept
-        keep_idx = err.topk(keep, dim=1).indices.sort(1).values  # [B, K], spatial order
+        keep_idx = kernels.topk_sorted(err, keep)  # [B, K], spatial order
 
         # every non-kept token goes to its most cosine-similar kept token
         if g is not None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import gather_tokens, query_attention, received_attention, threshold_keep, topk_sorted
+from ..ops import gather_tokens, keep_top, query_attention, received_attention, threshold_keep
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
 from .base import Reducer
@@ -127,6 +127,5 @@ class ClsPrune(Reducer):
         valid = valid[:, state.num_prefix:] if valid is not None else None
         if self.threshold is not None:
             idx, ok = threshold_keep(scores, self.threshold, stage.keep, valid)
-        else:
-            idx, ok = topk_sorted(scores, stage.keep, valid)
-        return gather_tokens(state, idx, ok)
+            return gather_tokens(state, idx, ok)
+        return keep_top(state, scores, stage.keep, valid)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import gather_tokens, topk_sorted
+from ..ops import keep_top
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
 from .base import Reducer
@@ -51,5 +51,4 @@ class RandomDrop(Reducer):
         else:
             scores = hash_scores(b, n, self.seed * 1_000_003 + stage.block + 1, state.x.device)
         valid = state.valid
-        idx, ok = topk_sorted(scores, stage.keep, valid[:, state.num_prefix:] if valid is not None else None)
-        return gather_tokens(state, idx, ok)
+        return keep_top(state, scores, stage.keep, valid[:, state.num_prefix:] if valid is not None else None)
