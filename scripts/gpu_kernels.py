@@ -519,6 +519,28 @@ def kernel_apet(dev, smoke, ceil):
                "path": "gram + apet_stage + apet_assign" if (dev.type == "cuda" or INTERPRET)
                and kernels.apet_stage_fits(n, red.k) else "x-based"})
 
+        if not smoke:  # the one-launch merge (apet_merge) alone, on random assignments with sizes and a source map
+            for bb, nn, cc, kk, dt in [(256, 196, 768, 98, torch.float16), (1, 196, 768, 98, torch.float16),
+                                       (3, 500, 384, 200, torch.bfloat16), (2, 77, 96, 30, torch.float32)]:
+                xx = randn(bb, 1 + nn, cc, dtype=dt, dev=dev, gen=gen)
+                sz = torch.randint(1, 4, (bb, 1 + nn), device=dev, generator=gen).float()
+                kidx = torch.rand(bb, nn, device=dev, generator=gen).topk(kk, 1).indices.sort(1).values
+                tgt = torch.randint(0, kk, (bb, nn), device=dev, generator=gen)
+                tgt.scatter_(1, kidx, torch.arange(kk, device=dev).expand(bb, kk))
+                src = torch.randint(-1, 1 + nn, (bb, 1 + nn + 5), device=dev, generator=gen)
+                w = sz[:, 1:].double()
+                num = torch.zeros(bb, kk, cc, dtype=torch.float64, device=dev).scatter_add_(
+                    1, tgt[..., None].expand(bb, nn, cc), xx[:, 1:].double() * w[..., None])
+                den = torch.zeros(bb, kk, dtype=torch.float64, device=dev).scatter_add_(1, tgt, w)
+                ref_x = torch.cat([xx[:, :1].double(), num / den[..., None]], 1)
+                ref_s = torch.cat([sz[:, :1], den.float()], 1)
+                ref_src = ops.remap_source(src, torch.cat([torch.zeros(bb, 1, dtype=torch.long, device=dev), tgt + 1], 1))
+                poison(dev, True)
+                ox, osz, osrc = K.apet_merge(xx, sz, tgt, kidx, src, 1, max_size=1 + nn)
+                poison(dev, False)
+                ok = torch.equal(osz, ref_s) and torch.equal(osrc, ref_src)
+                check("apet_merge", (bb, nn, cc, kk), dt, rel(ox, ref_x) if ok else float("inf"), TOL[dt])
+
         def step():
             return red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
         with kernels_on(True):

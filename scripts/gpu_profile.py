@@ -66,8 +66,8 @@ def kernel_times(fn, reps=20):
 def ea_variants(d, base, quick):
     """Pass-1 variants per head dim: the online-softmax loop (sub=0) and the max-first loops over
     ``sub`` tiles, with tiles, warps, programs per SM, rows per program and the split policy."""
-    if quick:
-        return [{}]
+    if quick:  # the defaults, and the split combine's tile shape
+        return [{}] + [{"combine_rows": r, "combine_tile": t} for r, t in ((16, 4096), (4, 16384), (16, 16384))]
     out = []
     if d == 64:
         for pps, fill in itertools.product([2, 3, 4], [False, True]):
@@ -339,7 +339,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="ea,sdpa,profile,floor")
-    ap.add_argument("--quick", action="store_true", help="ea: fewer variants")
+    ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
     args = ap.parse_args()
     import timm
     import triton

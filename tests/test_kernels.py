@@ -563,14 +563,18 @@ def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
     assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
 
 
-@pytest.mark.parametrize("sized", [False, True, "padded"])
-def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
+@pytest.mark.parametrize("sized,shape,dtype", [
+    (False, (2, 1, 40, 32, 15), torch.float32), (True, (2, 1, 40, 32, 15), torch.float32),
+    ("padded", (2, 1, 40, 32, 15), torch.float32),
+    (True, (1, 2, 150, 136, 70), torch.float16),  # several slot / token / column tiles, columns split over programs
+])
+def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape, dtype):
     from tokenprune.plan import Stage
     from tokenprune.reducers.apet import Apet
 
     g = gen(12)
-    b, p, n, c = 2, 1, 40, 32
-    x = torch.randn(b, p + n, c, generator=g)
+    b, p, n, c, keep = shape
+    x = torch.randn(b, p + n, c, generator=g).to(dtype)
     sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
     if sized == "padded":  # padding rows (size 0) with the largest norms: kept only if the masking is wrong
         sizes[0, p + 2::3] = 0
@@ -584,12 +588,12 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized):
         return s
 
     red = Apet(k=4)
-    ref = red.reduce(state(), Stage(0, 15, "apet"), None)
+    ref = red.reduce(state(), Stage(0, keep, "apet"), None)
     _use_interpreted(monkeypatch, T)
-    out = red.reduce(state(), Stage(0, 15, "apet"), None)
+    out = red.reduce(state(), Stage(0, keep, "apet"), None)
     assert torch.equal(out.source, ref.source)
     assert torch.equal(out.sizes, ref.sizes)
-    assert rel(out.x, ref.x) < 1e-5
+    assert rel(out.x, ref.x) < (1e-5 if dtype == torch.float32 else 2e-3)
     if sized == "padded":  # >= 15 real tokens per sample: no kept slot is padding, no size is lost
         assert (out.sizes[:, p:] > 0).all()
         assert torch.equal(out.sizes.sum(1), sizes.sum(1))

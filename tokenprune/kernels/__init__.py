@@ -140,6 +140,13 @@ def topk_sorted(scores, k: int):
     return scores.topk(k, dim=1, sorted=False).indices.sort(1).values
 
 
+def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: int | None = None):
+    """ApET's merge in one Triton launch (CUDA only; the PyTorch path of ``Apet.reduce`` is its
+    reference): each kept slot becomes the size-weighted mean of the tokens assigned to it
+    (``target [B, N]``); returns ``(x, sizes, source)``."""
+    return _impl().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
+
+
 def gather_rows(x, rows):
     """``x[b, rows[b, o]]`` for every output row, ``rows [B, K]`` long (prefix rows included)."""
     if use_triton(x, rows):
@@ -181,6 +188,6 @@ def apet_assign(g, keep_idx):
 
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
-           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted",
+           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
            "use_triton", "needs_grad", "kernels_enabled", "reference"]

@@ -1233,3 +1233,106 @@ def apet_assign(g, keep_idx):
     _apet_assign[(bsz, triton.cdiv(n, bm))](g, keep, out, n, kn, g.stride(0), g.stride(1),
                                             BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5b. ApET's merge in one launch: every token averaged (size-weighted) into its kept slot
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr,
+                P, N, K, C, N0, G, sxb, sxn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, LOWP: tl.constexpr, PP: tl.constexpr,
+                BK: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    # program (b, g): output rows P + j (slot j of K) = sum_i s_i x_i / sum_i s_i over the tokens i
+    # with target_i == j, as products W x with W[j, i] = s_i [target_i == j] on the tensor cores (no
+    # sort, no scatter); a slot whose sizes sum to 0 copies its kept token. Program g writes the column
+    # tiles g, g + G, ...; program 0 also writes the sizes (prefix, then the slot sums) and the source map
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    for c0 in range(g * BC, C, G * BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :])
+        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            km = offs_k < K
+            acc = tl.zeros([BK, BC], tl.float32)
+            den = tl.zeros([BK], tl.float32)
+            for i0 in range(0, N, BI):
+                offs_i = i0 + tl.arange(0, BI)
+                im = offs_i < N
+                tg = tl.load(t_ptr + b * N + offs_i, mask=im, other=-1)
+                if HAS_SIZES:
+                    si = tl.load(s_ptr + b * ssb + P + offs_i, mask=im, other=0.0).to(tl.float32)
+                else:
+                    si = tl.where(im, 1.0, 0.0)
+                w = tl.where(tg[None, :] == offs_k[:, None], si[None, :], 0.0)  # [BK, BI]
+                xt = tl.load(x_ptr + b * sxb + (P + offs_i)[:, None] * sxn + offs_c[None, :],
+                             mask=im[:, None] & cm[None, :], other=0.0)
+                if LOWP:  # sizes are exact in the token dtype: exact products, fp32 sums
+                    acc += tl.dot(w.to(xt.dtype), xt)
+                else:
+                    acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+                den += tl.sum(w, 1)
+            kidx = tl.load(keep_ptr + b * K + offs_k, mask=km, other=0)
+            own = tl.load(x_ptr + b * sxb + (P + kidx)[:, None] * sxn + offs_c[None, :], mask=km[:, None] & cm[None, :],
+                          other=0.0)
+            out = tl.where((den > 0)[:, None], acc / tl.maximum(den, 1e-30)[:, None], own.to(tl.float32))
+            tl.store(ox_ptr + b * oxb + (P + offs_k)[:, None] * oxn + offs_c[None, :], out.to(ox_ptr.dtype.element_ty),
+                     mask=km[:, None] & cm[None, :])
+            if g == 0:
+                if c0 == 0:
+                    tl.store(os_ptr + b * (P + K) + P + offs_k, den, mask=km)
+    if g == 0:
+        if HAS_SIZES:
+            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+        else:
+            sp = tl.where(pm, 1.0, 0.0)
+        tl.store(os_ptr + b * (P + K) + offs_p, sp, mask=pm)
+        if HAS_SOURCE:
+            for s0 in range(0, N0, BS):
+                offs_s = s0 + tl.arange(0, BS)
+                sm_ = offs_s < N0
+                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
+                isp = old < P
+                tgt = tl.load(t_ptr + b * N + tl.maximum(old - P, 0), mask=sm_ & (old >= P), other=0)
+                new = tl.where(old < 0, -1, tl.where(isp, old, P + tgt))
+                tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
+
+
+APET_MERGE_BC = 64
+
+
+def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None = None):
+    """ApET's merge step: returns ``(new_x [B, P + K, C], new_sizes [B, P + K] float32, new_source)``;
+    see ``Apet.reduce`` (its PyTorch path) for the meaning. ``target [B, N]``: slot of each token."""
+    bsz, t, c = x.shape
+    n = t - p
+    k = keep_idx.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    target, keep_idx = target.contiguous(), keep_idx.contiguous()
+    if source is not None and source.stride(-1) != 1:
+        source = source.contiguous()
+    bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
+    lowp = (x.dtype == torch.float16 and bound <= 2048) or (x.dtype == torch.bfloat16 and bound <= 256)
+    tiles = triton.cdiv(c, APET_MERGE_BC)
+    groups = min(tiles, max(1, triton.cdiv(_num_sms(x.device), bsz)))
+    groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
+    out = _alloc((bsz, p + k, c), x.device, x.dtype)
+    osz = _alloc((bsz, p + k), x.device, torch.float32)
+    n0 = source.shape[1] if source is not None else 0
+    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else osz
+    _apet_merge[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
+                               source if source is not None else osz, out, osz, osrc,
+                               p, n, k, c, n0, groups, x.stride(0), x.stride(1),
+                               sizes.stride(0) if sizes is not None else 0,
+                               source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
+                               HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=lowp,
+                               PP=_p2(max(p, 1)), BK=64, BI=64, BC=APET_MERGE_BC, BS=256, num_warps=4)
+    return out, osz, (osrc if source is not None else None)
