@@ -273,6 +273,31 @@ def kernel_table(fn, reps=10):
     return dict(sorted(rows.items(), key=lambda kv: -kv[1][1]))
 
 
+def part_am():
+    """apet_merge tile variants (slots per tile, programs per SM) at ViT-B sizes, GPU time from graph replay."""
+    import triton.testing
+
+    from tokenprune.kernels import triton_impl as T
+    base = (T.APET_MERGE_BK, T.APET_MERGE_PROGRAMS_PER_SM)
+    rows = []
+    for b in (256, 1):
+        n, c, k = 196, 768, 98
+        x = torch.randn(b, 1 + n, c, device="cuda", dtype=torch.float16)
+        sz = torch.randint(1, 4, (b, 1 + n), device="cuda").float()
+        kidx = torch.rand(b, n, device="cuda").topk(k, 1).indices.sort(1).values
+        tgt = torch.randint(0, k, (b, n), device="cuda")
+        tgt.scatter_(1, kidx, torch.arange(k, device="cuda").expand(b, k))
+        src = torch.arange(1 + n, device="cuda").expand(b, 1 + n).contiguous()
+        for bk, pps in itertools.product((64, 128), (1, 2, 4, 8)):
+            T.APET_MERGE_BK, T.APET_MERGE_PROGRAMS_PER_SM = bk, pps
+            us = 1e3 * triton.testing.do_bench_cudagraph(lambda: T.apet_merge(x, sz, tgt, kidx, src, 1, 1 + n),
+                                                         rep=20, return_mode="median")
+            rows.append({"batch": b, "bk": bk, "programs_per_sm": pps, "us": round(us, 1)})
+            log("am", rows[-1])
+    T.APET_MERGE_BK, T.APET_MERGE_PROGRAMS_PER_SM = base
+    OUT["am"] = rows
+
+
 def part_profile1():
     """bs 1: what each reducer launches per forward (count, GPU time) next to the free floor."""
     model = vit()
@@ -354,7 +379,7 @@ def main():
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
     parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
-             "profile1": part_profile1, "floor": part_floor}
+             "profile1": part_profile1, "am": part_am, "floor": part_floor}
     for name in args.only.split(","):
         t = time.time()
         try:

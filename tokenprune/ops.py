@@ -116,8 +116,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
     ``metric`` ``[B, P + N, d]`` is the similarity feature (the block's keys,
-    averaged over heads); ``[B, H, P + N, d]`` (the keys per head) is averaged over
-    ``H`` here (inside the one-launch kernel on CUDA). Non-prefix tokens alternate into sets A (even) and B
+    averaged over heads). Non-prefix tokens alternate into sets A (even) and B
     (odd); each A token finds its most cosine-similar B token; the ``r`` A
     tokens with the highest similarity are merged into their partner with a
     size-weighted average; the rest of A is kept in spatial order. Output order:
@@ -134,8 +133,6 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         state.x, state.sizes, state.source = kernels.merge_step(x, metric, state.sizes, state.source, p, r,
                                                                 state.padded, max_size=p + state.num_input)
         return state
-    if metric.dim() == 4:
-        metric = metric.mean(1)
 
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]

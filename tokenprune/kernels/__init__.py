@@ -140,6 +140,11 @@ def topk_sorted(scores, k: int):
     return scores.topk(k, dim=1, sorted=False).indices.sort(1).values
 
 
+def apet_merge_fits(batch: int) -> bool:
+    """Whether :func:`apet_merge` is the faster path at this batch size (it pays at small batches)."""
+    return bool(_impl()) and _impl().apet_merge_fits(batch)
+
+
 def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: int | None = None):
     """ApET's merge in one Triton launch (CUDA only; the PyTorch path of ``Apet.reduce`` is its
     reference): each kept slot becomes the size-weighted mean of the tokens assigned to it
@@ -188,6 +193,6 @@ def apet_assign(g, keep_idx):
 
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
-           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge",
+           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
            "use_triton", "needs_grad", "kernels_enabled", "reference"]

@@ -69,8 +69,8 @@ def _configs():
     for lowp in (True, False):
         out.append((T._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",
                                     "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},
-                    dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=64, BI=64, BC=T.APET_MERGE_BC,
-                         BS=256), 4))
+                    dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=T.APET_MERGE_BC,
+                         BS=256), 8))
     for lowp in (True, False):
         out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                     "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32},

@@ -26,7 +26,7 @@ EA_CONFIG = {
     "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
     "sub": 0,  # > 0: pass 1 takes the max over SUB tiles first, then exponentiates them (two loops, K re-read from L2)
     "combine_rows": 4,  # context rows per program of the split combine
-    "combine_tile": 4096,  # elements of the [partials, rows, d] tile the combine reads at once
+    "combine_tile": 16384,  # elements of the [partials, rows, d] tile the combine reads at once
     "split_fill": True,  # split N only as far as one wave of programs fits (no partial second wave)
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
@@ -828,8 +828,8 @@ def apet_errors(x, basis, eps: float = 1e-5):
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr,
-                P, NA, NB, R, C, D, N0, G, H,
-                sxb, sxn, smb, smh, smn, ssb, srcb, oxb, oxn,
+                P, NA, NB, R, C, D, N0, G,
+                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
                 LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
                 BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr):
@@ -851,12 +851,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     row_b = P + 2 * offs_b + 1
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers
-    # the metric is the mean over H heads of m (H = 1: m itself), rounded to m's dtype like k.mean(1)
-    maf = tl.zeros([NAP, DP], tl.float32)
-    for hh in range(0, H):
-        maf += tl.load(m_ptr + b * smb + hh * smh + row_a[:, None] * smn + offs_d[None, :],
-                       mask=am[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    ma = (maf / H).to(m_ptr.dtype.element_ty)
+    ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
     maf = ma.to(tl.float32)
     na = tl.sqrt(tl.sum(maf * maf, 1)).to(ma.dtype).to(tl.float32)
     an = (maf / tl.maximum(na, 1e-6)[:, None]).to(ma.dtype)
@@ -865,11 +860,8 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     for j0 in range(0, NB, BT):
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
-        mtf = tl.zeros([BT, DP], tl.float32)
-        for hh in range(0, H):
-            mtf += tl.load(m_ptr + b * smb + hh * smh + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
-                           mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        mt = (mtf / H).to(m_ptr.dtype.element_ty)
+        mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
+                     mask=tm[:, None] & dm[None, :], other=0.0)
         mtf = mt.to(tl.float32)
         nt_ = tl.sqrt(tl.sum(mtf * mtf, 1)).to(mt.dtype).to(tl.float32)
         tn = (mtf / tl.maximum(nt_, 1e-6)[:, None]).to(mt.dtype)
@@ -973,14 +965,11 @@ def merge_step_fits(n: int) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None):
-    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``. ``metric``
-    ``[B, T, d]``, or ``[B, H, T, d]`` (per-head keys) averaged over H inside the kernel."""
+    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
     d = metric.shape[-1]
-    if metric.dim() == 3:
-        metric = metric[:, None]
     if x.stride(-1) != 1:
         x = x.contiguous()
     if metric.stride(-1) != 1:
@@ -1012,8 +1001,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))  # even share of column tiles per program
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     _merge_step[(bsz, groups)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
-                        p, na, nb, r, c, d, n0, groups, metric.shape[1],
-                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1), metric.stride(2),
+                        p, na, nb, r, c, d, n0, groups,
+                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
                         sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
                         out.stride(0), out.stride(1),
                         HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
@@ -1304,6 +1293,16 @@ def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr
 
 
 APET_MERGE_BC = 64
+APET_MERGE_BK = 128
+APET_MERGE_PROGRAMS_PER_SM = 4
+# apet_merge pays where launches dominate: H100, ViT-B sizes (gpu_profile.py --only am): 10.9 us per stage
+# at batch 1 (the sort + merge_rows + glue path: about 50 us in ~15 launches) but 222-257 us at batch 256,
+# where that path takes about 70 us; so it runs up to this batch size
+APET_MERGE_MAX_BATCH = 32
+
+
+def apet_merge_fits(batch: int) -> bool:
+    return batch <= APET_MERGE_MAX_BATCH  # a sample's column tiles split over programs until about this many per SM
 
 
 def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None = None):
@@ -1322,8 +1321,9 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
     lowp = (x.dtype == torch.float16 and bound <= 2048) or (x.dtype == torch.bfloat16 and bound <= 256)
     tiles = triton.cdiv(c, APET_MERGE_BC)
-    groups = min(tiles, max(1, triton.cdiv(_num_sms(x.device), bsz)))
+    groups = min(tiles, max(1, triton.cdiv(APET_MERGE_PROGRAMS_PER_SM * _num_sms(x.device), bsz)))
     groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
+    bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
     out = _alloc((bsz, p + k, c), x.device, x.dtype)
     osz = _alloc((bsz, p + k), x.device, torch.float32)
     n0 = source.shape[1] if source is not None else 0
@@ -1334,5 +1334,6 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
                                sizes.stride(0) if sizes is not None else 0,
                                source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
                                HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=lowp,
-                               PP=_p2(max(p, 1)), BK=64, BI=64, BC=APET_MERGE_BC, BS=256, num_warps=4)
+                               PP=_p2(max(p, 1)), BK=bk, BI=64, BC=APET_MERGE_BC, BS=256,
+                               num_warps=8 if bk >= 128 else 4)
     return out, osz, (osrc if source is not None else None)

@@ -155,17 +155,23 @@ class Apet(Reducer):
             target = torch.bmm(xn, kept_n.transpose(1, 2)).argmax(-1)  # [B, N] -> slot in 0..K-1
             target.scatter_(1, keep_idx, torch.arange(keep, device=x.device).expand(b, keep))  # kept map to self
 
-        if kernels.use_triton(x):  # one launch: rows, sizes and source map (tokenprune/kernels, section 5b)
+        if kernels.use_triton(x) and kernels.apet_merge_fits(b):
+            # small batches: rows, sizes and source map in one launch (tokenprune/kernels, section 5b)
             state.x, state.sizes, state.source = kernels.apet_merge(x, state.sizes, target, keep_idx, state.source, p,
                                                                     max_size=p + state.num_input)
             return state
         s = sizes[:, p:].to(x.dtype)
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
-        num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
-            1, target[..., None].expand(b, n, c), xs * s[..., None])
-        kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
-        new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
-        state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
+        if kernels.use_triton(x):  # one pass: each kept row averages the tokens mapped to it (tokenprune/kernels)
+            rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), keep_idx + p], 1)
+            members = torch.arange(p, n_all, device=x.device).expand(b, n)
+            state.x = kernels.merge_rows(x, state.sizes, rows, members, target + p, include_prim=False)
+        else:
+            num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
+                1, target[..., None].expand(b, n, c), xs * s[..., None])
+            kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
+            new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
+            state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
         # always set (no host sync, so the forward can be captured in a CUDA graph); with
         # prop_attn=False the sizes weight later merges and pooling but add no attention bias
         state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)

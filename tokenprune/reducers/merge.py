@@ -63,4 +63,4 @@ class Merge(Reducer):
 
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
-        return bipartite_merge(state, qk.k, r)  # the keys averaged over heads (inside the kernel on CUDA)
+        return bipartite_merge(state, qk.k.mean(1), r)
