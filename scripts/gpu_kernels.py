@@ -519,7 +519,7 @@ def kernel_apet(dev, smoke, ceil):
                "path": "gram + apet_stage + apet_assign" if (dev.type == "cuda" or INTERPRET)
                and kernels.apet_stage_fits(n, red.k) else "x-based"})
 
-        if not smoke:  # the one-launch merge (apet_merge) alone, on random assignments with sizes and a source map
+        if not smoke and b == 1:  # the one-launch merge (apet_merge) alone (once), random assignments, sizes, source
             for bb, nn, cc, kk, dt in [(256, 196, 768, 98, torch.float16), (1, 196, 768, 98, torch.float16),
                                        (3, 500, 384, 200, torch.bfloat16), (2, 77, 96, 30, torch.float32)]:
                 xx = randn(bb, 1 + nn, cc, dtype=dt, dev=dev, gen=gen)
