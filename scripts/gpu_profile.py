@@ -46,8 +46,8 @@ def log(*a):
     print(*a, flush=True)
 
 
-def kernel_times(fn, reps=20):
-    """Mean GPU microseconds per call of each CUDA kernel ``fn`` launches (torch.profiler)."""
+def profiled(fn, reps):
+    """torch.profiler rows ``(name, launches, total GPU us)`` of ``reps`` calls of ``fn`` (after one warm-up)."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -55,11 +55,15 @@ def kernel_times(fn, reps=20):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    rows = {}
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
-            rows[e.key[:60]] = round(t / reps, 2)
+            yield e.key, e.count, t
+
+
+def kernel_times(fn, reps=20):
+    """Mean GPU microseconds per call of each CUDA kernel ``fn`` launches (torch.profiler)."""
+    rows = {name[:60]: round(t / reps, 2) for name, _, t in profiled(fn, reps)}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
@@ -258,20 +262,8 @@ def part_profile():
 
 def kernel_table(fn, reps=10):
     """Per CUDA kernel: launches per call and mean GPU microseconds per call (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0 and e.count >= reps:
-            rows[e.key[:70]] = (round(e.count / reps, 1), round(t / reps, 2))
+    rows = {name[:70]: (round(c / reps, 1), round(t / reps, 2)) for name, c, t in profiled(fn, reps) if c >= reps}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1][1]))
-
 
 def part_am():
     """apet_merge tile variants (slots per tile, programs per SM) at ViT-B sizes, GPU time from graph replay."""
