@@ -57,6 +57,54 @@ def _cfg(table, d):
     return table.get(d) or table[64 if d <= 64 else 128]
 
 
+@triton.jit
+def _unit_rows(t):
+    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division)
+    tf = t.to(tl.float32)
+    nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
+    return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
+
+
+@triton.jit
+def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
+    # rank of each value among the N values at row_ptr: how many come first by (value desc, index asc);
+    # vals[i] is the value at index offs[i] of that row, counted against it in tiles of BT
+    rank = tl.zeros(vals.shape, tl.int32)
+    for t0 in range(0, N, BT):
+        ot = t0 + tl.arange(0, BT)
+        om = ot < N
+        st = tl.load(row_ptr + ot, mask=om, other=float("-inf")).to(tl.float32)
+        ahead = (st[None, :] > vals[:, None]) | ((st[None, :] == vals[:, None]) & (ot[None, :] < offs[:, None]))
+        rank += tl.sum((ahead & om[None, :]).to(tl.int32), 1)
+    return rank
+
+
+@triton.jit
+def _compose_source(src_row, map_row, out_row, N0, BS: tl.constexpr):
+    # out[s] = map[src[s]] (-1 stays -1): the source map after one reduction step, whose old -> new
+    # row map was written to map_row by this program (a CTA barrier must separate the two)
+    for s0 in range(0, N0, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        sm_ = offs_s < N0
+        old = tl.load(src_row + offs_s, mask=sm_, other=-1)
+        new = tl.load(map_row + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
+        tl.store(out_row + offs_s, tl.where(old >= 0, new, -1).to(tl.int64), mask=sm_)
+
+
+def _column_groups(c: int, bc: int, bsz: int, programs_per_sm: int, device) -> int:
+    """Programs per sample for kernels that split a sample's ``c`` columns (tiles of ``bc``): enough
+    for about ``programs_per_sm`` programs per SM, each with an even share of the tiles."""
+    tiles = triton.cdiv(c, bc)
+    groups = min(tiles, max(1, triton.cdiv(programs_per_sm * _num_sms(device), bsz)))
+    return triton.cdiv(tiles, triton.cdiv(tiles, groups))
+
+
+def _exact_lowp(dtype, max_size) -> bool:
+    """Whether integer token sizes up to ``max_size`` are exact in ``dtype`` (fp16: 2048, bf16: 256), so
+    size-weighted sums may take tensor-core products in the token dtype."""
+    return (dtype == torch.float16 and max_size <= 2048) or (dtype == torch.bfloat16 and max_size <= 256)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. efficient attention: out = softmax_d(q) @ (softmax_N(k + bias)^T v)
 # ---------------------------------------------------------------------------------------------------
@@ -528,10 +576,7 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
     amask = offs_a < NA
     base = m_ptr + b * smb
     a = tl.load(base + (2 * offs_a)[:, None] * smn + offs_d[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
-    af = a.to(tl.float32)
-    # normalised in the metric's dtype, like the reference (norm rounded, then the division rounded)
-    na = tl.sqrt(tl.sum(af * af, 1)).to(a.dtype).to(tl.float32)
-    an = (af / tl.maximum(na, 1e-6)[:, None]).to(a.dtype)
+    an = _unit_rows(a)  # normalised in the metric's dtype, like the reference
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
     for b0 in range(0, NB, BN):
@@ -539,9 +584,7 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
         bmask = offs_b < NB
         bt = tl.load(base + (2 * offs_b + 1)[:, None] * smn + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
                      other=0.0)
-        bf = bt.to(tl.float32)
-        nbn = tl.sqrt(tl.sum(bf * bf, 1)).to(bt.dtype).to(tl.float32)
-        bn_ = (bf / tl.maximum(nbn, 1e-6)[:, None]).to(bt.dtype)
+        bn_ = _unit_rows(bt)
         if IS_F32:  # no tf32: the same partners as the float32 reference
             sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
         else:
@@ -679,12 +722,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
     offs = tl.arange(0, NP)
     nm = offs < N
     sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
-    rank = tl.zeros([NP], tl.int32)
-    for t0 in range(0, N, BT):
-        ot = t0 + tl.arange(0, BT)
-        st = tl.load(sc_ptr + b * scb + ot, mask=ot < N, other=float("-inf")).to(tl.float32)
-        ahead = (st[None, :] > sc[:, None]) | ((st[None, :] == sc[:, None]) & (ot[None, :] < offs[:, None]))
-        rank += tl.sum((ahead & (ot < N)[None, :]).to(tl.int32), 1)
+    rank = _rank_desc(sc, offs, sc_ptr + b * scb, N, BT)
     keep = nm & (rank < K)
     ki = keep.to(tl.int32)
     pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
@@ -714,12 +752,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
             tl.store(os_ptr + b * nout + offs_p, tl.load(s_ptr + b * ssb + offs_p, mask=pm), mask=pm)
             tl.store(os_ptr + b * nout + P + pos, tl.load(s_ptr + b * ssb + P + offs, mask=keep), mask=keep)
         if HAS_SOURCE:
-            for s0 in range(0, N0, BS):
-                offs_s = s0 + tl.arange(0, BS)
-                sm_ = offs_s < N0
-                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
-                new = tl.load(scr + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
-                tl.store(osrc_ptr + b * N0 + offs_s, tl.where(old >= 0, new, -1).to(tl.int64), mask=sm_)
+            _compose_source(src_ptr + b * srcb, scr, osrc_ptr + b * N0, N0, BS)
 
 
 def topk_sorted(scores, k: int):
@@ -749,12 +782,7 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
     if source is not None and source.stride(-1) != 1:
         source = source.contiguous()
     np_, pp = max(16, _p2(n)), _p2(max(p, 1))
-    if write_x:
-        tiles = triton.cdiv(c, KEEP_STEP_BC)
-        groups = min(tiles, max(1, triton.cdiv(2 * _num_sms(x.device), bsz)))
-        groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
-    else:
-        groups = 1
+    groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, x.device) if write_x else 1
     out = _alloc((bsz, p + k, c), x.device, x.dtype) if write_x else x
     osz = _alloc((bsz, p + k), x.device, sizes.dtype) if sizes is not None else scores
     n0 = source.shape[1] if source is not None else 0
@@ -852,9 +880,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers
     ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
-    maf = ma.to(tl.float32)
-    na = tl.sqrt(tl.sum(maf * maf, 1)).to(ma.dtype).to(tl.float32)
-    an = (maf / tl.maximum(na, 1e-6)[:, None]).to(ma.dtype)
+    an = _unit_rows(ma)
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
     for j0 in range(0, NB, BT):
@@ -862,9 +888,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         tm = offs_t < NB
         mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
                      mask=tm[:, None] & dm[None, :], other=0.0)
-        mtf = mt.to(tl.float32)
-        nt_ = tl.sqrt(tl.sum(mtf * mtf, 1)).to(mt.dtype).to(tl.float32)
-        tn = (mtf / tl.maximum(nt_, 1e-6)[:, None]).to(mt.dtype)
+        tn = _unit_rows(mt)
         if IS_F32:
             sim = tl.dot(an, tl.trans(tn), input_precision="ieee")
         else:
@@ -892,13 +916,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
     tl.store(bst_row + offs_a, best)
     tl.debug_barrier()
-    rank = tl.zeros([NAP], tl.int32)
-    for i0 in range(0, NA, BT):
-        offs_t = i0 + tl.arange(0, BT)
-        bt_ = tl.load(bst_row + offs_t, mask=offs_t < NA, other=float("-inf"))
-        ahead = (bt_[None, :] > best[:, None]) | ((bt_[None, :] == best[:, None]) & (offs_t[None, :] < offs_a[:, None]))
-        ahead = ahead & (offs_t < NA)[None, :]
-        rank += tl.sum(ahead.to(tl.int32), 1)
+    rank = _rank_desc(best, offs_a, bst_row, NA, BT)
     is_src = (rank < R) & am
     is_unm = am & (rank >= R)
     pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
@@ -945,13 +963,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
             tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
             tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
             tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
-            for s0 in range(0, N0, BS):
-                offs_s = s0 + tl.arange(0, BS)
-                sm_ = offs_s < N0
-                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
-                new = tl.load(scr_ptr + b * nt + tl.maximum(old, 0), mask=sm_ & (old >= 0), other=-1)
-                new = tl.where(old >= 0, new, -1)
-                tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
+            _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
 
 
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
@@ -992,13 +1004,10 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         max_size = 1
     elif max_size is None:
         max_size = source.shape[1] if source is not None else float("inf")
-    lowp = (x.dtype == torch.float16 and max_size <= 2048) or (x.dtype == torch.bfloat16 and max_size <= 256)
+    lowp = _exact_lowp(x.dtype, max_size)
     s_arg = sizes if sizes is not None else osz
     nap = max(16, _p2(na))
-    tiles = triton.cdiv(c, MERGE_STEP_BC)
-    want = max(1, triton.cdiv(MERGE_STEP_PROGRAMS_PER_SM * _num_sms(x.device), bsz))
-    groups = min(tiles, want)
-    groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))  # even share of column tiles per program
+    groups = _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     _merge_step[(bsz, groups)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
                         p, na, nb, r, c, d, n0, groups,
@@ -1319,10 +1328,8 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     if source is not None and source.stride(-1) != 1:
         source = source.contiguous()
     bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
-    lowp = (x.dtype == torch.float16 and bound <= 2048) or (x.dtype == torch.bfloat16 and bound <= 256)
-    tiles = triton.cdiv(c, APET_MERGE_BC)
-    groups = min(tiles, max(1, triton.cdiv(APET_MERGE_PROGRAMS_PER_SM * _num_sms(x.device), bsz)))
-    groups = triton.cdiv(tiles, triton.cdiv(tiles, groups))
+    lowp = _exact_lowp(x.dtype, bound)
+    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, x.device)
     bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
     out = _alloc((bsz, p + k, c), x.device, x.dtype)
     osz = _alloc((bsz, p + k), x.device, torch.float32)
