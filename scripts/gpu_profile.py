@@ -1,7 +1,7 @@
 """Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
 
     python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
-    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, sdpa, profile, floor
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn
 
 Parts:
 - ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
@@ -15,6 +15,9 @@ Parts:
 - ``floor``: the same block sequence at the reduced token counts with a free reduction (keep the
   first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
   with zero cost would take, next to the FLOP-proportional time the overhead target uses.
+- ``qs``: query_scores block sizes and heads per program per shape.
+- ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
+  schedule floors predicted from it.
 """
 from __future__ import annotations
 
@@ -352,6 +355,71 @@ def part_floor():
     OUT["floor"] = res
 
 
+def part_qs():
+    """query_scores (BLOCK_N, heads per program) per shape, GPU time from graph replay; k a strided
+    view of a qkv tensor, as in a model."""
+    import triton.testing
+
+    from tokenprune.kernels import triton_impl as T
+    base = dict(T.QS_CONFIG)
+    rows = []
+    for b, h, n in ((256, 12, 197), (1, 12, 197), (64, 12, 577), (16, 16, 577), (8, 12, 16384), (1, 12, 16384)):
+        qkv = torch.randn(b, n, 3, h, 64, device="cuda", dtype=torch.float16).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        for bn, hpp in itertools.product((64, 128, 256), (1, 2, 4, 12)):
+            T.QS_CONFIG.update(short=(bn, hpp), long_at=1 << 62)
+            us = 1e3 * triton.testing.do_bench_cudagraph(lambda: T.query_scores(q[:, :, 0], k, 0.125),
+                                                         rep=20, return_mode="median")
+            rows.append({"shape": [b, h, n], "block_n": bn, "heads_per_program": hpp, "us": round(us, 1)})
+        T.QS_CONFIG.clear()
+        T.QS_CONFIG.update(base)
+        rows.append({"shape": [b, h, n], "default": True, "us": round(1e3 * triton.testing.do_bench_cudagraph(
+            lambda: T.query_scores(q[:, :, 0], k, 0.125), rep=20, return_mode="median"), 1)})
+        best = min((r for r in rows if r["shape"] == [b, h, n] and "block_n" in r), key=lambda r: r["us"])
+        log("qs", (b, h, n), "best", best, "default", rows[-1]["us"])
+    OUT["qs"] = rows
+
+
+def part_blockn():
+    """bs 256: one ViT-B block's GPU time (graph replay) at every token count from 20 to 197, with its
+    SDPA (the block's strided q/k/v), MLP and qkv projection alone: how the time per FLOP moves with N,
+    which sets the floor of a reduction schedule. Also the floors of the cls / merge / apet schedules at
+    budget 0.25 predicted from these block times."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from tokenprune import plan as P
+    model = vit()
+    blk = model.blocks[0]
+    bs, c = 256, 768
+    rows = {}
+    with torch.inference_mode():
+        for n in range(20, 198):
+            x = torch.randn(bs, n, c, device="cuda", dtype=torch.float16)
+            q, k, v = blk.attn.qkv(x).reshape(bs, n, 3, 12, 64).permute(2, 0, 3, 1, 4).unbind(0)
+
+            def t(f):
+                return round(1e3 * triton.testing.do_bench_cudagraph(f, rep=10, return_mode="median"), 2)
+            rows[n] = {"n": n, "block_us": t(lambda: blk(x)), "sdpa_us": t(lambda: F.scaled_dot_product_attention(q, k, v)),
+                       "mlp_us": t(lambda: blk.mlp(x)), "qkv_us": t(lambda: blk.attn.qkv(x)),
+                       "gflop": round(bs * (2 * n * (4 * c * c + 2 * c * 4 * c) + 4 * n * n * c) / 1e9, 2)}
+            if n % 10 == 0 or n == 197:
+                log("blockn", rows[n])
+        pred = {}
+        for method in ("cls", "merge", "apet"):
+            tokenprune.apply(model, budget=0.25, method=method)
+            pl = tokenprune.plan(model)
+            ns = [m + pl.info.num_prefix for m in pl.tokens_per_block()]
+            tokenprune.remove(model)
+            t_red = sum(rows[n]["block_us"] for n in ns)
+            t_full = len(ns) * rows[197]["block_us"]
+            pred[method] = {"tokens": ns, "flop_ratio": round(pl.flop_ratio, 4), "blocks_us": round(t_red, 1),
+                            "blocks_full_us": round(t_full, 1),
+                            "blocks_over_flop_prop_pct": round(100 * (t_red / (t_full * pl.flop_ratio) - 1), 1)}
+            log("blockn floor", method, pred[method])
+    OUT["blockn"] = {"rows": list(rows.values()), "pred": pred}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -371,7 +439,8 @@ def main():
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
     parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
-             "profile1": part_profile1, "am": part_am, "floor": part_floor}
+             "profile1": part_profile1, "am": part_am, "floor": part_floor,
+             "qs": part_qs, "blockn": part_blockn}
     for name in args.only.split(","):
         t = time.time()
         try:

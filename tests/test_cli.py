@@ -113,8 +113,10 @@ def test_bench_end_to_end_on_cpu(tmp_path):
         (c, b) for c in ("unreduced", "merge@0.5", "random@0.5", "recipe:default-vit@0.5") for b in (1, 2)}
     for r in rows:
         assert r["median_ms"] > 0 and r["samples_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["median_ms"])
+        ref = next(u for u in rows if u["config"] == "unreduced" and u["batch_size"] == r["batch_size"])
+        assert r["overhead_pct"] == pytest.approx(100 * (r["median_ms"] / (ref["median_ms"] * r["flop_ratio"]) - 1))
         if r["config"] == "unreduced":
-            assert r["speedup"] == 1.0 and r["flop_bound"] == 1.0
+            assert r["speedup"] == 1.0 and r["flop_bound"] == 1.0 and r["overhead_pct"] == 0.0
         else:
             assert r["flop_bound"] > 1.0 and r["speedup"] > 0
     plan = tokenprune.plan(tiny_vit(num_classes=3), budget=0.5, method="merge")
@@ -146,6 +148,7 @@ def test_eval_plots_against_bench_speedups(tiny, tmp_path):
     (["eval", "--data", "/no/such/dir"], "does not exist"),
     (["eval", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["bench", "--batch-sizes", "0"], "--batch-sizes"),
+    (["bench", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs --device cuda"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(argv, message, capsys, tiny):
     # model/data defaults point at the tiny checkpoint so only the bad argument can fail

@@ -5,7 +5,10 @@
 
 Random weights unless ``--weights``/``--pretrained`` (speed does not depend on
 them). The unreduced model runs on its fused SDPA attention path in the same
-process. Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
+process. ``overhead`` is the time over the FLOP-proportional time (the
+unreduced time times the FLOP ratio): what the reduction itself costs, plus
+the GPU's lower efficiency on fewer tokens. ``--cuda-graph`` times CUDA-graph
+replays (no host launch cost). Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
 against budget and against the FLOP bound) under ``--out``.
 """
 from __future__ import annotations
@@ -31,6 +34,10 @@ def add_arguments(p):
                         "(default: 1,256 on GPU, 1,8 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10 GPU, 2 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 30 GPU, 5 CPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture each forward in a CUDA graph and time its replay (no host launch cost: the "
+                        "GPU time a batch-1 server with graphs sees); methods whose kept count depends on "
+                        "the data cannot be captured and are reported as such")
 
 
 def run(args):
@@ -50,6 +57,8 @@ def run(args):
     repeats = args.repeats if args.repeats is not None else (30 if cuda else 5)
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.cuda_graph and not cuda:
+        raise ValueError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA GPUs)")
     dtype = DTYPES[args.dtype]
 
     lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
@@ -83,6 +92,11 @@ def run(args):
                        "batch_size": bs, **flops}
                 try:
                     fn = B.synthetic_forward(lm, bs, device, dtype)
+                    if args.cuda_graph:
+                        from ..cuda import graphed
+
+                        with torch.inference_mode():
+                            fn = graphed(fn)
                     t = B.time_fn(fn, device, warmup, repeats)
                     peak, act = B.peak_memory(fn, device)
                     del fn
@@ -92,11 +106,21 @@ def run(args):
                     rows.append(row)
                     bar.update()
                     continue
+                except RuntimeError as e:
+                    if not (args.cuda_graph and "CUDA graph" in str(e)):
+                        raise
+                    row["error"] = "cannot be captured in a CUDA graph (data-dependent kept count)"
+                    rows.append(row)
+                    bar.update()
+                    continue
                 row.update(median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms,
                            samples_per_s=bs * 1e3 / t.median_ms, peak_mem_mib=peak, activation_mem_mib=act)
                 if cfg.method is None:
                     ref[bs] = t.median_ms
                 row["speedup"] = ref[bs] / t.median_ms if bs in ref else None
+                # time over the FLOP-proportional time (unreduced time x FLOP ratio), in % of the latter
+                row["overhead_pct"] = (100 * (t.median_ms / (ref[bs] * flops["flop_ratio"]) - 1)
+                                       if bs in ref else None)
                 rows.append(row)
                 bar.update()
                 if cuda:
@@ -109,7 +133,7 @@ def run(args):
     stem = args.name or "bench"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
-            "repeats": repeats, "torch": torch.__version__, "python": platform.python_version(),
+            "repeats": repeats, "cuda_graph": bool(args.cuda_graph), "torch": torch.__version__, "python": platform.python_version(),
             "seconds": time.perf_counter() - t_start, "notes": notes,
             "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
     try:
@@ -140,7 +164,8 @@ def _flops(model) -> dict:
 
 
 def _print_table(rows):
-    head = f"{'config':<24}{'bs':>5}{'ms':>10}{'samples/s':>12}{'speed-up':>10}{'FLOP bound':>12}{'peak MiB':>10}"
+    head = (f"{'config':<24}{'bs':>5}{'ms':>10}{'samples/s':>12}{'speed-up':>10}{'FLOP bound':>12}{'overhead':>10}"
+            f"{'peak MiB':>10}")
     print(head)
     for r in rows:
         if "error" in r:
@@ -148,5 +173,6 @@ def _print_table(rows):
             continue
         mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "n/a"
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        ov = f"{r['overhead_pct']:+.1f}%" if r.get("overhead_pct") is not None else "-"
         print(f"{r['config']:<24}{r['batch_size']:>5}{r['median_ms']:>10.2f}{r['samples_per_s']:>12.1f}"
-              f"{sp:>10}{r['flop_bound']:>11.2f}x{mem:>10}")
+              f"{sp:>10}{r['flop_bound']:>11.2f}x{ov:>10}{mem:>10}")

@@ -50,8 +50,9 @@ def _configs():
                                     "qk_scale": "fp32"},
                         dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
-    out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32,
-                               "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128), 4))
+    for hpp in (1, 12):
+        out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
+                                   "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128, HPP=hpp), 4))
     out.append((T._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
                 dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
     for is32 in (False, True):

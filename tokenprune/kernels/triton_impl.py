@@ -483,28 +483,31 @@ def biased_attention(q, k, v, bias=None):
 @triton.jit
 def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scale,
                sqb, sqh, skb, skh, skn, sbb, sbn,
-               HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    # program (b, n-block, h): one head's logits for one block of keys, with the block's max and
-    # sum of exponentials (one program per head: at batch 1 a loop over heads was a serial chain)
+               HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr):
+    # program (b, n-block, head group): HPP heads' logits for one block of keys, with the block's
+    # max and sum of exponentials per head. Small inputs take one head per program (at batch 1 a
+    # loop over heads is a serial chain); long ones several (fewer, longer programs: QS_CONFIG)
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
-    h = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                 mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    lg = tl.sum(kt * qr[None, :], 1) * scale
-    if HAS_BIAS:
-        lg = lg + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-    lg = tl.where(nmask, lg, float("-inf"))
-    tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
-    mx = tl.max(lg, 0)
-    ms = tl.where(mx == float("-inf"), 0.0, mx)
-    tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
-    tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
+    for j in range(0, HPP):
+        h = (tl.program_id(2) * HPP + j).to(tl.int64)
+        if h < H:
+            qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                         mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            lg = tl.sum(kt * qr[None, :], 1) * scale
+            if HAS_BIAS:
+                lg = lg + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            lg = tl.where(nmask, lg, float("-inf"))
+            tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
+            mx = tl.max(lg, 0)
+            ms = tl.where(mx == float("-inf"), 0.0, mx)
+            tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
+            tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
 
 
 @triton.jit
@@ -534,11 +537,19 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
     tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
 
 
-def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 128):
+# query_scores: (BLOCK_N, heads per program) below and from ``long_at`` logit elements (B * H * N) on;
+# the per-head grid won at ViT sizes, a loop over heads at long inputs (docs/gpu: B8 N16k)
+QS_CONFIG = {"short": (128, 1), "long": (128, 12), "long_at": 1 << 22}
+
+
+def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
     b, h, n, d = k.shape
     if k.stride(-1) != 1 or q_row.stride(-1) != 1:
         raise ValueError("query_scores kernel: the head dim must be contiguous")
     dp = _p2(d)
+    bn, hpp = QS_CONFIG["long" if b * h * n >= QS_CONFIG["long_at"] else "short"]
+    block_n = block_n or bn
+    hpp = max(1, min(hpp, h))
     nb = triton.cdiv(n, block_n)
     lg = _alloc((b, h, n), k.device, torch.float32)
     pm = _alloc((b, h, nb), k.device, torch.float32)
@@ -548,9 +559,10 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int = 1
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
-    _qs_logits[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
-                           q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
-                           HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
+    _qs_logits[(b, nb, triton.cdiv(h, hpp))](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
+                                             q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1),
+                                             k.stride(2), sbb, sbn, HAS_BIAS=bias is not None, DP=dp,
+                                             BLOCK_N=block_n, HPP=hpp, num_warps=4)
     out = _alloc((b, n), k.device, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
