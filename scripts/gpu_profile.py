@@ -16,6 +16,7 @@ Parts:
   first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
   with zero cost would take, next to the FLOP-proportional time the overhead target uses.
 - ``qs``: query_scores block sizes and heads per program per shape.
+- ``fixed``: the unreduced ViT-B's time outside its blocks (patch embedding, head), cudnn.benchmark off/on.
 - ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
   schedule floors predicted from it.
 """
@@ -380,6 +381,37 @@ def part_qs():
     OUT["qs"] = rows
 
 
+def part_fixed():
+    """bs 256, graph replay: the whole unreduced ViT-B, its patch embedding + position embedding, its 12
+    blocks and its head alone, with cudnn.benchmark off and on. The work outside the blocks is a fixed
+    cost no reduction touches; the FLOP ratio counts only the blocks."""
+    import triton.testing
+    model = vit()
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    was = torch.backends.cudnn.benchmark
+    rows = []
+    with torch.inference_mode():
+        for flag in (False, True):
+            torch.backends.cudnn.benchmark = flag
+
+            def embed():
+                return model.norm_pre(model._pos_embed(model.patch_embed(x)))
+            tok = embed()
+
+            def t(f):
+                f()  # eager first: cuDNN's benchmarking cannot run inside a capture
+                torch.cuda.synchronize()
+                return round(1e3 * triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median"), 3)
+            r = {"cudnn_benchmark": flag, "model_ms": t(lambda: model(x)), "embed_ms": t(embed),
+                 "patch_conv_ms": t(lambda: model.patch_embed.proj(x)),
+                 "blocks_ms": t(lambda: model.blocks(tok)),
+                 "head_ms": t(lambda: model.forward_head(model.norm(tok)))}
+            rows.append(r)
+            log("fixed", r)
+    torch.backends.cudnn.benchmark = was
+    OUT["fixed"] = rows
+
+
 def part_blockn():
     """bs 256: one ViT-B block's GPU time (graph replay) at every token count from 20 to 197, with its
     SDPA (the block's strided q/k/v), MLP and qkv projection alone: how the time per FLOP moves with N,
@@ -425,12 +457,16 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="ea,sdpa,profile,floor")
     ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
+    ap.add_argument("--no-cudnn-benchmark", action="store_true",
+                    help="leave cudnn.benchmark off (on by default, as in `tokenprune bench`)")
     args = ap.parse_args()
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     import timm
     import triton
     import triton.testing
     OUT["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "timm": timm.__version__, "command": " ".join(sys.argv)}
+                  "timm": timm.__version__, "command": " ".join(sys.argv),
+                  "cudnn_benchmark": torch.backends.cudnn.benchmark}
     a = torch.empty(2**29, dtype=torch.uint8, device="cuda").random_()
     b = torch.empty_like(a)
     bw = 2 * a.numel() / (triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3)
@@ -440,7 +476,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
-             "qs": part_qs, "blockn": part_blockn}
+             "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed}
     for name in args.only.split(","):
         t = time.time()
         try:

@@ -34,6 +34,10 @@ def add_arguments(p):
                         "(default: 1,256 on GPU, 1,8 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10 GPU, 2 CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 30 GPU, 5 CPU)")
+    p.add_argument("--no-cudnn-benchmark", action="store_true",
+                   help="leave torch.backends.cudnn.benchmark off (by default it is on for the run on CUDA, as in "
+                        "timm's benchmark script: without it cuDNN picks a slow kernel for ViT's stride-16 patch "
+                        "convolution, a fixed cost no token reduction touches)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture each forward in a CUDA graph and time its replay (no host launch cost: the "
                         "GPU time a batch-1 server with graphs sees); methods whose kept count depends on "
@@ -61,13 +65,24 @@ def run(args):
         raise ValueError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA GPUs)")
     dtype = DTYPES[args.dtype]
 
+    cudnn_benchmark = cuda and not args.no_cudnn_benchmark
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    try:
+        return _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudnn_benchmark)
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
+def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudnn_benchmark):
     lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
                        args.pretrained, args.seed)
     lm.model.to(device=device, dtype=dtype).eval()
     attn = B.prefer_sdpa(lm)
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     print(f"bench {lm.name} on {device} ({name}), {args.dtype}, attention {attn}; batch sizes {sizes}; "
-          f"{len(configs)} configurations; warm-up {warmup}, median of {repeats}")
+          f"{len(configs)} configurations; warm-up {warmup}, median of {repeats}"
+          + ("; CUDA graphs" if args.cuda_graph else "") + ("; cudnn.benchmark on" if cudnn_benchmark else ""))
     for n in notes:
         print(f"note: {n}")
 
@@ -133,7 +148,8 @@ def run(args):
     stem = args.name or "bench"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
-            "repeats": repeats, "cuda_graph": bool(args.cuda_graph), "torch": torch.__version__, "python": platform.python_version(),
+            "repeats": repeats, "cuda_graph": bool(args.cuda_graph),
+            "cudnn_benchmark": cudnn_benchmark, "torch": torch.__version__, "python": platform.python_version(),
             "seconds": time.perf_counter() - t_start, "notes": notes,
             "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
     try:

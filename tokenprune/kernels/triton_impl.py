@@ -537,9 +537,11 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
     tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
 
 
-# query_scores: (BLOCK_N, heads per program) below and from ``long_at`` logit elements (B * H * N) on;
-# the per-head grid won at ViT sizes, a loop over heads at long inputs (docs/gpu: B8 N16k)
-QS_CONFIG = {"short": (128, 1), "long": (128, 12), "long_at": 1 << 22}
+# query_scores: (BLOCK_N, heads per program) below and from ``long_at`` logit elements (B * H * N) on.
+# H100 sweep (gpu_profile.py --only qs, docs/gpu/profile_h100_run5.json): one head per program won at
+# every shape (B256 N197 41 us, B8 N16k 98 us; 4 or 12 heads per program were slower); 256 keys per
+# program gained 2-4% from 196k logits on
+QS_CONFIG = {"short": (128, 1), "long": (256, 1), "long_at": 1 << 17}
 
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
