@@ -368,7 +368,7 @@ def part_qs():
         qkv = torch.randn(b, n, 3, h, 64, device="cuda", dtype=torch.float16).permute(2, 0, 3, 1, 4)
         q, k = qkv[0], qkv[1]
         for bn, hpp in itertools.product((64, 128, 256), (1, 2, 4, 12)):
-            T.QS_CONFIG.update(short=(bn, hpp), long_at=1 << 62)
+            T.QS_CONFIG.update(short=(bn, hpp), long_n=1 << 62)
             us = 1e3 * triton.testing.do_bench_cudagraph(lambda: T.query_scores(q[:, :, 0], k, 0.125),
                                                          rep=20, return_mode="median")
             rows.append({"shape": [b, h, n], "block_n": bn, "heads_per_program": hpp, "us": round(us, 1)})

@@ -163,6 +163,8 @@ def test_query_scores(T, dtype, weights, hpp, monkeypatch):
     bb = size_bias(b, n, g, dtype)
     w = {None: None, "full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}[weights]
     monkeypatch.setitem(T.QS_CONFIG, "short", (64, hpp))
+    monkeypatch.setitem(T.QS_CONFIG, "long", (64, hpp))
+    monkeypatch.setitem(T.QS_CONFIG, "long_n", 100 if hpp > 1 else 1 << 30)  # hpp 2 takes the long-input branch
     for bias in (None, bb):
         out = T.query_scores(q[:, :, 0], k, 0.2, bias, w, block_n=64)
         ref = R.query_scores(q[:, :, 0].double(), k.double(), 0.2, None if bias is None else bias.double(),

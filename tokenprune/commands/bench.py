@@ -163,7 +163,9 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     from ..plots import speed_plot
 
     paths["png"] = speed_plot([r for r in rows if "error" not in r], out / f"{stem}.png",
-                              title=f"{lm.name} on {name}, {args.dtype}")
+                              title=f"{lm.name} on {name}, {args.dtype}"
+                              + (", CUDA-graph replay" if args.cuda_graph else "")
+                              + (", cudnn.benchmark" if cudnn_benchmark else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

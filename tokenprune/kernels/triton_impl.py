@@ -537,11 +537,11 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
     tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
 
 
-# query_scores: (BLOCK_N, heads per program) below and from ``long_at`` logit elements (B * H * N) on.
-# H100 sweep (gpu_profile.py --only qs, docs/gpu/profile_h100_run5.json): one head per program won at
-# every shape (B256 N197 41 us, B8 N16k 98 us; 4 or 12 heads per program were slower); 256 keys per
-# program gained 2-4% from 196k logits on
-QS_CONFIG = {"short": (128, 1), "long": (256, 1), "long_at": 1 << 17}
+# query_scores: (BLOCK_N, heads per program) for inputs shorter than ``long_n`` tokens, and from there on.
+# H100 sweep (gpu_profile.py --only qs, docs/gpu/profile_h100_run5_qs_blockn.json, graph replay): one head
+# per program won at every shape (B256 N197 41 us, B8 N16k 98 us; 2, 4 or 12 heads per program were
+# slower); 256 keys per program gained 2-4% at 16k tokens and lost 3% at 197
+QS_CONFIG = {"short": (128, 1), "long": (256, 1), "long_n": 4096}
 
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
@@ -549,7 +549,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     if k.stride(-1) != 1 or q_row.stride(-1) != 1:
         raise ValueError("query_scores kernel: the head dim must be contiguous")
     dp = _p2(d)
-    bn, hpp = QS_CONFIG["long" if b * h * n >= QS_CONFIG["long_at"] else "short"]
+    bn, hpp = QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
     block_n = block_n or bn
     hpp = max(1, min(hpp, h))
     nb = triton.cdiv(n, block_n)
