@@ -174,7 +174,10 @@ def part_ba():
                  lambda: F.scaled_dot_product_attention(q, k, v), rep=20, return_mode="median"), 1),
              "sdpa_bias_us": round(1e3 * triton.testing.do_bench_cudagraph(
                  lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rep=20, return_mode="median"), 1)}
-        for bm, bn, w in [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (32, 64, 4)]:
+        variants = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (32, 64, 4)]
+        if n <= 320:  # every key in one tile (bn 0: next power of 2 of N)
+            variants += [(64, 0, 4), (64, 0, 8), (128, 0, 8), (32, 0, 4), (64, 128, 4), (64, 128, 8)]
+        for bm, bn, w in variants:
             T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w))
             try:
                 out = T.biased_attention(q, k, v, bias)

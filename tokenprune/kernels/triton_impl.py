@@ -464,6 +464,8 @@ def biased_attention(q, k, v, bias=None):
         bias2, sbb, sbn = k, 0, 0
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
+    if bn == 0:  # every key in one tile (one pass, no online rescaling)
+        bn = max(16, _p2(n))
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
