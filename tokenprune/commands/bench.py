@@ -175,7 +175,7 @@ def _graphed(fn):
         with torch.inference_mode():
             return graphed(fn)
     except RuntimeError as e:
-        return "cannot be captured in a CUDA graph: " + str(e).splitlines()[0][:160]
+        return str(e).splitlines()[0][:200]  # graphed() says why (e.g. a data-dependent kept count)
 
 
 def _flops(model) -> dict:
