@@ -1,7 +1,7 @@
 """Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
 
     python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
-    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms
 
 Parts:
 - ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
@@ -16,6 +16,7 @@ Parts:
   first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
   with zero cost would take, next to the FLOP-proportional time the overhead target uses.
 - ``qs``: query_scores block sizes and heads per program per shape.
+- ``ms``: merge_step at large batch, one launch vs matching + _merge_apply, and ViT-B merge forwards.
 - ``fixed``: the unreduced ViT-B's time outside its blocks (patch embedding, head), cudnn.benchmark off/on.
 - ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
   schedule floors predicted from it.
@@ -384,6 +385,61 @@ def part_qs():
     OUT["qs"] = rows
 
 
+def part_ms():
+    """merge_step at large batch: one launch against matching + _merge_apply (two launches) for
+    several (columns, A chunk, warps) per program, graph replay, checked against the one-launch
+    output; then ViT-B merge forwards at bs 256 with the best split and without."""
+    import triton.testing
+
+    from tokenprune.kernels import triton_impl as T
+    base = T.MERGE_STEP_SPLIT
+    variants = [None, {"bc": 32, "ac": 32, "warps": 4}, {"bc": 64, "ac": 32, "warps": 4},
+                {"bc": 64, "ac": 64, "warps": 8}, {"bc": 32, "ac": 16, "warps": 4}, {"bc": 128, "ac": 32, "warps": 8},
+                {"bc": 64, "ac": 16, "warps": 4}]
+    rows, best = [], {}
+    for b, n, r in ((256, 196, 13), (256, 98, 13), (128, 196, 13), (64, 196, 13), (32, 196, 13)):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(b, 1 + n, 768, device="cuda", dtype=torch.float16, generator=gen)
+        metric = torch.randn(b, 1 + n, 64, device="cuda", dtype=torch.float16, generator=gen)
+        sizes = torch.randint(1, 4, (b, 1 + n), device="cuda", generator=gen).float()
+        src = torch.arange(1 + n, device="cuda").expand(b, 1 + n).contiguous()
+        ref = None
+        for v in variants:
+            T.MERGE_STEP_SPLIT = None if v is None else dict(v, min_batch=1)
+            out = T.merge_step(x, metric, sizes, src, 1, r, False, max_size=197)
+            if ref is None:
+                ref = out
+            ok = all(torch.equal(o, q) if o.dtype != torch.float16 else
+                     float((o.float() - q.float()).norm() / q.float().norm()) < 1e-3 for o, q in zip(out, ref))
+            us = 1e3 * triton.testing.do_bench_cudagraph(
+                lambda: T.merge_step(x, metric, sizes, src, 1, r, False, max_size=197), rep=20, return_mode="median")
+            rows.append({"batch": b, "n": n, "split": v, "us": round(us, 1), "matches_one_launch": ok})
+            log("ms", rows[-1])
+        best[(b, n)] = min((rw for rw in rows if rw["batch"] == b and rw["n"] == n and rw["matches_one_launch"]),
+                           key=lambda rw: rw["us"])
+    T.MERGE_STEP_SPLIT = base
+    pick = best[(256, 196)]["split"]
+    e2e = []
+    model = vit()
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        for budget in (0.5, 0.25, 0.1):
+            tokenprune.remove(model)
+            t0 = 1e3 * triton.testing.do_bench_cudagraph(lambda: model(x), rep=200, return_mode="median")
+            tokenprune.apply(model, budget=budget, method="merge")
+            ratio = tokenprune.plan(model).flop_ratio
+            for name, v in (("one launch", None), ("split", pick), ("default", base)):
+                T.MERGE_STEP_SPLIT = None if v is None else dict(v, min_batch=64)
+                t = 1e3 * triton.testing.do_bench_cudagraph(lambda: model(x), rep=200, return_mode="median")
+                e2e.append({"budget": budget, "variant": name, "split": v, "ms": round(t / 1e3, 3),
+                            "unreduced_ms": round(t0 / 1e3, 3), "flop_ratio": round(ratio, 4),
+                            "overhead_pct": round(100 * (t / (t0 * ratio) - 1), 1)})
+                log("ms e2e", e2e[-1])
+    T.MERGE_STEP_SPLIT = base
+    tokenprune.remove(model)
+    OUT["ms"] = {"rows": rows, "e2e": e2e}
+
+
 def part_fixed():
     """bs 256, graph replay: the whole unreduced ViT-B, its patch embedding + position embedding, its 12
     blocks and its head alone, with cudnn.benchmark off and on. The work outside the blocks is a fixed
@@ -479,7 +535,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
-             "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed}
+             "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms}
     for name in args.only.split(","):
         t = time.time()
         try:

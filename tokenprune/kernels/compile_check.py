@@ -73,10 +73,17 @@ def _configs():
                     dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=T.APET_MERGE_BC,
                          BS=256), 8))
     for lowp in (True, False):
-        out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
-                                    "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32},
-                    dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
-                         DP=64, BC=32, BS=256, PP=1, BT=32), T.MERGE_STEP_WARPS))
+        for mode, bc, warps in ((0, 32, T.MERGE_STEP_WARPS), (1, 32, T.MERGE_STEP_WARPS)):
+            if lowp is False and mode != 0:
+                continue
+            out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                                        "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
+                                        "mt_ptr": "*i32"},
+                        dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
+                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode), warps))
+    for lowp, bc, ac, warps in ((True, 64, 32, 4), (True, 32, 32, 4), (True, 64, 64, 8), (False, 32, 16, 4)):
+        out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
+                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))

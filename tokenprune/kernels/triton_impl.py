@@ -871,30 +871,11 @@ def apet_errors(x, basis, eps: float = 1e-5):
 # 3c. the whole bipartite merge step in ONE launch (one program per sample; small token counts)
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr,
-                P, NA, NB, R, C, D, N0, G,
-                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
-                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
-                LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
-                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr):
-    # program (b, g): every program of sample b matches and ranks (cheap: the metric is small) and
-    # writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes and
-    # the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
-    # alone spends most of its time waiting on the serial column loop)
-    b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    offs_p = tl.arange(0, PP)
-    pm = offs_p < P
-    offs_a = tl.arange(0, NAP)
-    offs_b = tl.arange(0, NBP)
-    offs_d = tl.arange(0, DP)
-    am = offs_a < NA
-    bm = offs_b < NB
-    dm = offs_d < D
-    row_a = P + 2 * offs_a  # token index of A token i in x
-    row_b = P + 2 * offs_b + 1
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
+                 PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers
+    row_a = P + 2 * offs_a
     ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
     an = _unit_rows(ma)
     best = tl.full([NAP], float("-inf"), tl.float32)
@@ -918,12 +899,6 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         better = tmax > best
         arg = tl.where(better, targ, arg)
         best = tl.where(better, tmax, best)
-    if HAS_SIZES:
-        sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
-        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
-    else:
-        sa = tl.where(am, 1.0, 0.0)
-        sb = tl.where(bm, 1.0, 0.0)
     if PADDED:
         best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
     # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted
@@ -933,6 +908,46 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     tl.store(bst_row + offs_a, best)
     tl.debug_barrier()
     rank = _rank_desc(best, offs_a, bst_row, NA, BT)
+    return arg, rank
+
+
+@triton.jit
+def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr,
+                P, NA, NB, R, C, D, N0, G,
+                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
+                LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
+                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr):
+    # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
+    # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
+    # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
+    # alone spends most of its time waiting on the serial column loop).
+    # Large batches run two launches instead: MODE 1 (one program per sample) matches, ranks, writes
+    # the sizes and the source map, and leaves each A token's partner and rank in ``mt``; then
+    # _merge_apply writes the rows
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    offs_a = tl.arange(0, NAP)
+    offs_b = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    am = offs_a < NA
+    bm = offs_b < NB
+    dm = offs_d < D
+    row_a = P + 2 * offs_a  # token index of A token i in x
+    row_b = P + 2 * offs_b + 1
+    if HAS_SIZES:
+        sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
+        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
+    else:
+        sa = tl.where(am, 1.0, 0.0)
+        sb = tl.where(bm, 1.0, 0.0)
+    arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
+                             PADDED, IS_F32, NAP, BT)
+    if MODE == 1:
+        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
+        tl.store(mt_ptr + (2 * b + 1) * NAP + offs_a, rank)
     is_src = (rank < R) & am
     is_unm = am & (rank >= R)
     pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
@@ -943,7 +958,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     sa_src = tl.where(is_src, sa, 0.0)
     tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
     # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
-    for c0 in range(g * BC, C, G * BC):
+    for c0 in range(g * BC, C if MODE != 1 else 0, G * BC):
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
         xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
@@ -962,30 +977,90 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :],
                      other=0.0)
         tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
-    if g == 0:  # sizes and source map: written once per sample
-        # -- sizes
-        nout = P + n_unm + NB
-        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
-        tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+    if True:  # sizes and source map: written once per sample, by program 0
+        if g == 0:
+            # -- sizes
+            nout = P + n_unm + NB
+            tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+            tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+            if HAS_SIZES:
+                sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+            else:
+                sp = tl.where(pm, 1.0, 0.0)
+            tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+            # -- source map: old token -> new token, then compose with the current map
+            if HAS_SOURCE:
+                nt = P + NA + NB
+                tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+                tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+                tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+                tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
+                _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
+
+
+
+@triton.jit
+def _merge_apply(x_ptr, s_ptr, mt_ptr, ox_ptr, P, NA, NB, R, C, sxb, sxn, ssb, oxb, oxn,
+                 HAS_SIZES: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr,
+                 AC: tl.constexpr, BC: tl.constexpr, PP: tl.constexpr):
+    # program (b, c): the rows of column tile c of sample b, from the partners and ranks _merge_step
+    # (MODE 1) left in mt. A tokens in chunks of AC, so a program holds a [NBP, AC] slice of the merge
+    # weights, not all of them: few registers, many programs per SM
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = offs_c < C
+    offs_b = tl.arange(0, NBP)
+    bm = offs_b < NB
+    row_b = P + 2 * offs_b + 1
+    if HAS_SIZES:
+        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
+    else:
+        sb = tl.where(bm, 1.0, 0.0)
+    acc = tl.zeros([NBP, BC], tl.float32)
+    wsum = tl.zeros([NBP], tl.float32)
+    kept = tl.full([], 0, tl.int32)  # unmerged A tokens before this chunk: their output rows come first
+    for a0 in range(0, NA, AC):
+        offs_a = a0 + tl.arange(0, AC)
+        am = offs_a < NA
+        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=-1)
+        rank = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_a, mask=am, other=0)
+        row_a = P + 2 * offs_a
         if HAS_SIZES:
-            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+            sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
         else:
-            sp = tl.where(pm, 1.0, 0.0)
-        tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
-        # -- source map: old token -> new token, then compose with the current map
-        if HAS_SOURCE:
-            nt = P + NA + NB
-            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
-            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
-            tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
-            _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
+            sa = tl.where(am, 1.0, 0.0)
+        is_src = (rank < R) & am
+        u = (am & (rank >= R)).to(tl.int32)
+        pos = kept + tl.cumsum(u, 0) - u
+        kept += tl.sum(u, 0)
+        xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
+        tl.store(ox_ptr + b * oxb + (P + pos)[:, None] * oxn + offs_c[None, :], xa, mask=(u > 0)[:, None] & cm[None, :])
+        w = tl.where(arg[None, :] == offs_b[:, None], tl.where(is_src, sa, 0.0)[None, :], 0.0)  # [NBP, AC]
+        wsum += tl.sum(w, 1)
+        if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
+            acc += tl.dot(w.to(xa.dtype), xa)
+        else:
+            acc += tl.dot(w, xa.to(tl.float32), input_precision="ieee")
+    tot = sb + wsum
+    xbf = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=bm[:, None] & cm[None, :],
+                  other=0.0).to(tl.float32)
+    xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
+    out_b = P + (NA - R) + offs_b
+    tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
+             mask=bm[:, None] & cm[None, :])
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
+    tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
 
 
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
+# from this batch on: two launches, matching (one program per sample) then the rows (BC columns, warps
+# per program); None: always one launch
+MERGE_STEP_SPLIT = {"min_batch": 64, "bc": 64, "ac": 32, "warps": 4}
 
 
 def merge_step_fits(n: int) -> bool:
@@ -1023,17 +1098,34 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     lowp = _exact_lowp(x.dtype, max_size)
     s_arg = sizes if sizes is not None else osz
     nap = max(16, _p2(na))
-    groups = _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
+    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
+    groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
-    _merge_step[(bsz, groups)](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst,
-                        p, na, nb, r, c, d, n0, groups,
-                        x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
-                        sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
-                        out.stride(0), out.stride(1),
-                        HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
-                        IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
-                        NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
-                        BT=32, num_warps=MERGE_STEP_WARPS)
+    mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
+
+    def launch(mode, grid, g, bc, warps):
+        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt,
+                          p, na, nb, r, c, d, n0, g,
+                          x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
+                          sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
+                          out.stride(0), out.stride(1),
+                          HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
+                          IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
+                          NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
+                          BT=32, MODE=mode, num_warps=warps)
+
+    if split:
+        launch(1, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_WARPS)
+        bc, ac, warps = MERGE_STEP_SPLIT["bc"], MERGE_STEP_SPLIT["ac"], MERGE_STEP_SPLIT["warps"]
+        if not lowp:  # float32 products: smaller tiles, or they spill
+            bc, ac = 32, 16
+        _merge_apply[(bsz, triton.cdiv(c, bc))](x, s_arg, mt, out, p, na, nb, r, c, x.stride(0), x.stride(1),
+                                                sizes.stride(0) if sizes is not None else 0, out.stride(0),
+                                                out.stride(1), HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap,
+                                                NBP=max(16, _p2(nb)), AC=ac, BC=bc, PP=_p2(max(p, 1)),
+                                                num_warps=warps)
+    else:
+        launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
     return out, osz, (osrc if source is not None else None)
 
 
