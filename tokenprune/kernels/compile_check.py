@@ -81,7 +81,7 @@ def _configs():
                                         "mt_ptr": "*i32"},
                         dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode), warps))
-    for lowp, bc, ac, warps in ((True, 64, 32, 4), (True, 32, 32, 4), (True, 64, 64, 8), (False, 32, 16, 4)):
+    for lowp, bc, ac, warps in ((True, 64, 16, 4), (True, 128, 32, 8), (False, 32, 16, 4)):
         out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
                     dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))

@@ -1058,9 +1058,11 @@ MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program hold
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
-# from this batch on: two launches, matching (one program per sample) then the rows (BC columns, warps
-# per program); None: always one launch
-MERGE_STEP_SPLIT = {"min_batch": 64, "bc": 64, "ac": 32, "warps": 4}
+# from this batch on: two launches, matching (one program per sample) then the rows (BC columns and AC A
+# tokens at a time, warps per program); None: always one launch. H100 (gpu_profile.py --only ms,
+# docs/gpu/profile_h100_run5_ms.json, graph replay, N=196 r=13 C=768): one launch / split 137 / 122 us at
+# bs 256, 83 / 63 at 128, 53 / 37 at 64, 30 / 22 at 32; at bs 256 N=98, 60 / 53
+MERGE_STEP_SPLIT = {"min_batch": 32, "bc": 64, "ac": 16, "warps": 4}
 
 
 def merge_step_fits(n: int) -> bool:
