@@ -75,6 +75,13 @@ def kernel_times(fn, reps=20):
 def ea_variants(d, base, quick):
     """Pass-1 variants per head dim: the online-softmax loop (sub=0) and the max-first loops over
     ``sub`` tiles, with tiles, warps, programs per SM, rows per program and the split policy."""
+    if quick == "rows":  # the defaults, and half the context rows per pass-1 program (V read by two programs)
+        if d == 64:
+            return [{}] + [{"sub": 0, "rows1": 32, "pass1": p1, "ones_l": ol, "programs_per_sm": pps}
+                           for p1, ol, pps in (((128, 4), False, 2), ((128, 4), False, 4), ((64, 4), False, 4),
+                                               ((128, 8), False, 2), ((128, 8), False, 4), ((64, 4), True, 4))]
+        return [{}] + [{"sub": 0, "rows1": 64, "pass1": p1, "ones_l": True, "programs_per_sm": pps}
+                       for p1, pps in (((64, 8), 2), ((64, 8), 4), ((128, 8), 2), ((128, 8), 4))]
     if quick:  # the defaults, and the split combine's tile shape
         return [{}] + [{"combine_rows": r, "combine_tile": t} for r, t in ((16, 4096), (4, 16384), (16, 16384))]
     out = []
@@ -516,6 +523,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="ea,sdpa,profile,floor")
     ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
+    ap.add_argument("--ea-rows", action="store_true", help="ea: the defaults and half the context rows per program")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cudnn.benchmark off (on by default, as in `tokenprune bench`)")
     args = ap.parse_args()
@@ -533,7 +541,7 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
+    parts = {"ea": lambda: part_ea(bw, "rows" if args.ea_rows else args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
              "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms}
     for name in args.only.split(","):

@@ -86,12 +86,13 @@ def _configs():
                     dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
-    out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))
+    bm, bk, w = T.GRAM_CONFIG["lowp"]  # (128, 64, 8) and (64, 64, 4) spill
+    out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=bm, BK=bk), w))
     out.append((T._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
-    for np_, kp in ((256, 16), (256, 32), (1024, 32)):
+    for np_, kp, w in ((256, 16, 8), (256, 32, 8), (1024, 32, 8)):  # 4 warps at NP=256 spill
         out.append((T._apet_stage, {"g_ptr": f32, "v_ptr": "*u8", "basis_ptr": "*i64", "e_ptr": f32, "eps": "fp32",
                                     "pmin": "fp32"},
-                    dict(HAS_VALID=True, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), 8))
+                    dict(HAS_VALID=True, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((T._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
     return out
 

@@ -1174,6 +1174,9 @@ def _gram(x_ptr, g_ptr, N, C, T, sxb, sxn, sxc, sgb, sgn,
             tl.store(gb + rj[:, None] * sgn + ri[None, :], tl.trans(acc), mask=mj[:, None] & mi[None, :])
 
 
+GRAM_CONFIG = {"lowp": (128, 32, 8), "fp32": (64, 16, 4)}  # (BM, BK, warps) of one G tile program
+
+
 def gram(x):
     """``G = X X^T`` ``[B, N, N]`` float32 (fp32 accumulation) of ``x [B, N, C]`` (fp16 / bf16 / fp32, any
     strides) and ``sq = diag(G)`` ``[B, N]`` (a view of G). Same as ``reference.gram``."""
@@ -1182,11 +1185,13 @@ def gram(x):
         x = x.float()
     is32 = x.dtype == torch.float32
     g = _alloc((bsz, n, n), x.device, torch.float32)
-    bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
-    bk = 16 if is32 else 32
+    bm, bk, warps = GRAM_CONFIG["fp32" if is32 else "lowp"]  # float32 products on the FMA units: smaller tiles
+    bm = min(bm, max(16, _p2(n)))
+    if bm < 128:
+        warps = min(warps, 4)
     t = triton.cdiv(n, bm)
     _gram[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
-                        IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
+                        IS_F32=is32, BM=bm, BK=bk, num_warps=warps)
     return g, g.diagonal(dim1=1, dim2=2)
 
 
@@ -1267,6 +1272,7 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
 
 APET_STAGE_MAX_N = 1024  # tokens one program holds (vectors of N in registers, G rows streamed)
 APET_STAGE_MAX_K = 32  # basis tokens (the k x k solve lives in registers)
+APET_STAGE_WARPS = {"small_np": 4, "large_np": 8}  # warps per program below / from 256 tokens
 
 
 def apet_stage_fits(n: int, k: int) -> bool:
@@ -1295,7 +1301,8 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
     np_ = max(16, _p2(n))
     _apet_stage[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
                         HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
-                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
+                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64),
+                        num_warps=APET_STAGE_WARPS["large_np" if np_ >= 256 else "small_np"])
     return basis, err
 
 
