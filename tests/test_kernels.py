@@ -208,6 +208,7 @@ def _use_interpreted(monkeypatch, T):
     monkeypatch.setattr(kernels, "_impl", lambda: T)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
 @pytest.mark.parametrize("one_launch", [False, True, "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
@@ -236,6 +237,14 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     assert torch.equal(out.source, ref.source)
     assert torch.equal(out.sizes, ref.sizes)
     assert rel(out.x, ref.x) < (1e-6 if dtype == torch.float32 else 1e-3)
+    # the next blocks' bias: log(size) (-inf for padding); the one-launch kernel writes it itself
+    if one_launch:
+        assert out.scratch.get("_bias") is not None and out.scratch["_bias"][0] is out.sizes
+    b_out, b_ref = out.attn_bias(dtype), ref.attn_bias(dtype)
+    assert b_out.shape == b_ref.shape == (b, 1, 1, out.x.shape[1]) and b_out.dtype == dtype
+    assert torch.equal(torch.isinf(b_out), torch.isinf(b_ref))
+    fin = torch.isfinite(b_ref)
+    assert torch.allclose(b_out[fin].float(), b_ref[fin].float(), rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("split", [False, True])  # True: matching and rows in two launches (large batches)

@@ -130,8 +130,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
     if kernels.use_triton(x) and kernels.merge_step_fits(n):  # CUDA, small n: the whole step in one launch
-        state.x, state.sizes, state.source = kernels.merge_step(x, metric, state.sizes, state.source, p, r,
-                                                                state.padded, max_size=p + state.num_input)
+        out = kernels.merge_step(x, metric, state.sizes, state.source, p, r, state.padded,
+                                 max_size=p + state.num_input, log_sizes=state.proportional)
+        state.x, state.sizes, state.source = out[:3]
+        if state.proportional:  # the kernel wrote log(size) too: the next blocks' bias, no extra launches
+            state.set_attn_bias(out[3], x.dtype)
         return state
 
     sizes = state.sizes_or_ones()

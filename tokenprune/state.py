@@ -85,6 +85,13 @@ class TokenState:
         self.scratch["_bias"] = (self.sizes, dtype, bias)
         return bias
 
+    def set_attn_bias(self, log_sizes: torch.Tensor, dtype: torch.dtype) -> None:
+        """Cache ``log(sizes)`` ``[B, P + N]`` (already in ``dtype``), computed by a kernel alongside the
+        sizes, as the bias :meth:`attn_bias` returns for these sizes (proportional attention only)."""
+        if not self.proportional:
+            raise ValueError("set_attn_bias: the bias is log(size) only with proportional attention")
+        self.scratch["_bias"] = (self.sizes, dtype, log_sizes[:, None, None, :])
+
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.proportional:
             bias = self.sizes.log()

@@ -78,9 +78,9 @@ def _configs():
                 continue
             out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                         "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
-                                        "mt_ptr": "*i32"},
+                                        "mt_ptr": "*i32", "ob_ptr": f16},
                         dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
-                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode), warps))
+                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
     for lowp, bc, ac, warps in ((True, 64, 16, 4), (True, 128, 32, 8), (False, 32, 16, 4)):
         out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
                     dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))

@@ -912,12 +912,12 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
 
 
 @triton.jit
-def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr,
+def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
                 P, NA, NB, R, C, D, N0, G,
                 sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
                 LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
-                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr):
+                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr, LOG_SIZES: tl.constexpr):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
@@ -988,6 +988,11 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
             else:
                 sp = tl.where(pm, 1.0, 0.0)
             tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+            if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
+                bt = ob_ptr.dtype.element_ty
+                tl.store(ob_ptr + b * nout + out_a, tl.log(tl.where(is_unm, sa, 1.0)).to(bt), mask=is_unm)
+                tl.store(ob_ptr + b * nout + out_b, tl.log(tl.where(bm, tot, 1.0)).to(bt), mask=bm)
+                tl.store(ob_ptr + b * nout + offs_p, tl.log(tl.where(pm, sp, 1.0)).to(bt), mask=pm)
             # -- source map: old token -> new token, then compose with the current map
             if HAS_SOURCE:
                 nt = P + NA + NB
@@ -1069,8 +1074,10 @@ def merge_step_fits(n: int) -> bool:
     return (n + 1) // 2 <= MERGE_STEP_MAX_A
 
 
-def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None):
-    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``."""
+def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
+               log_sizes: bool = False):
+    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
+    ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias)."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
@@ -1104,9 +1111,10 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
+    ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
 
     def launch(mode, grid, g, bc, warps):
-        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt,
+        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
                           p, na, nb, r, c, d, n0, g,
                           x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
@@ -1114,7 +1122,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                           HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
                           IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
-                          BT=32, MODE=mode, num_warps=warps)
+                          BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps)
 
     if split:
         launch(1, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_WARPS)
@@ -1128,6 +1136,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                                                 num_warps=warps)
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
+    if log_sizes:
+        return out, osz, (osrc if source is not None else None), ob
     return out, osz, (osrc if source is not None else None)
 
 
