@@ -119,6 +119,11 @@ def test_bench_end_to_end_on_cpu(tmp_path):
             assert r["speedup"] == 1.0 and r["flop_bound"] == 1.0 and r["overhead_pct"] == 0.0
         else:
             assert r["flop_bound"] > 1.0 and r["speedup"] > 0
+    for bs in (1, 2):  # the unreduced model timed again at the end: how far the device's speed moved
+        d = res["unreduced_drift"][str(bs)]
+        ref = next(u for u in rows if u["config"] == "unreduced" and u["batch_size"] == bs)
+        assert d["start_ms"] == ref["median_ms"] and d["end_ms"] > 0
+        assert d["drift_pct"] == pytest.approx(100 * (d["end_ms"] / d["start_ms"] - 1))
     plan = tokenprune.plan(tiny_vit(num_classes=3), budget=0.5, method="merge")
     merge = next(r for r in rows if r["config"] == "merge@0.5")
     assert merge["flop_ratio"] == pytest.approx(plan.flop_ratio) and merge["tokens_out"] == 32

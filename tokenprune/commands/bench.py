@@ -140,13 +140,22 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
         finally:
             api.remove(lm.model)
     bar.close()
+    drift = _drift(lm, ref, device, dtype, warmup, repeats, args.cuda_graph) if ref and len(configs) > 1 else {}
+    for bs, d in drift.items():
+        if abs(d["drift_pct"]) > 2:
+            notes.append(f"the unreduced model at batch {bs} took {d['drift_pct']:+.1f}% longer at the end of the run "
+                         "than at the start: the GPU's clocks moved, so ratios carry about that much noise")
 
     _print_table(rows)
+    for bs, d in drift.items():
+        print(f"unreduced at batch {bs}: {d['start_ms']:.3f} ms at the start, {d['end_ms']:.3f} ms at the end "
+              f"({d['drift_pct']:+.1f}%)")
     stem = args.name or "bench"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
             "repeats": repeats, "cuda_graph": bool(args.cuda_graph),
-            "cudnn_benchmark": cudnn_benchmark, "torch": torch.__version__, "python": platform.python_version(),
+            "cudnn_benchmark": cudnn_benchmark, "unreduced_drift": {str(k): v for k, v in drift.items()},
+            "torch": torch.__version__, "python": platform.python_version(),
             "seconds": time.perf_counter() - t_start, "notes": notes,
             "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
     try:
@@ -165,6 +174,19 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
                               + (", cudnn.benchmark" if cudnn_benchmark else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph) -> dict:
+    """The unreduced model timed again after every configuration: how far the device's speed moved
+    during the run (clocks, heat, other work), per batch size."""
+    out = {}
+    for bs, start in ref.items():
+        fn = B.synthetic_forward(lm, bs, device, dtype)
+        if cuda_graph:
+            fn = _graphed(fn)
+        end = B.time_fn(fn, device, warmup, repeats).median_ms
+        out[bs] = {"start_ms": start, "end_ms": end, "drift_pct": 100 * (end / start - 1)}
+    return out
 
 
 def _graphed(fn):
