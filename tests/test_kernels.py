@@ -208,20 +208,6 @@ def _use_interpreted(monkeypatch, T):
     monkeypatch.setattr(kernels, "_impl", lambda: T)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,h,n,d", [(2, 12, 21, 64), (1, 3, 9, 24), (3, 16, 40, 128)])
-def test_head_mean_matches_mean_over_heads(T, dtype, b, h, n, d):
-    """ToMe's metric: keys averaged over heads, from a strided view of a qkv tensor (as in a model),
-    heads and tokens that do not fill a block."""
-    g = gen(31)
-    qkv = torch.randn(b, n, 3, h, d, generator=g).to(dtype).permute(2, 0, 3, 1, 4)
-    k = qkv[1]
-    out = T.head_mean(k)
-    ref = k.double().mean(1)
-    assert out.shape == (b, n, d) and out.dtype == dtype
-    assert rel(out, ref) < (1e-6 if dtype == torch.float32 else 1e-3)
-
-
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
 @pytest.mark.parametrize("one_launch", [False, True, "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -154,14 +154,6 @@ def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: in
     return _impl().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
 
 
-def head_mean(k):
-    """``k [B, H, N, d]`` (any strides, head dim contiguous) averaged over heads, ``[B, N, d]`` in ``k``'s
-    dtype (fp32 sums): ToMe's similarity metric in one pass over the keys."""
-    if use_triton(k) and k.stride(-1) == 1:
-        return _impl().head_mean(k)
-    return reference.head_mean(k)
-
-
 def gather_rows(x, rows):
     """``x[b, rows[b, o]]`` for every output row, ``rows [B, K]`` long (prefix rows included)."""
     if use_triton(x, rows):
@@ -203,6 +195,6 @@ def apet_assign(g, keep_idx):
 
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
-           "merge_rows", "merge_step", "head_mean", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
+           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
            "use_triton", "needs_grad", "kernels_enabled", "reference"]

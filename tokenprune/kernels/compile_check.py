@@ -84,8 +84,6 @@ def _configs():
     for lowp, bc, ac, warps in ((True, 64, 16, 4), (True, 128, 32, 8), (False, 32, 16, 4)):
         out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
                     dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
-    for dp in (64, 128):
-        out.append((T._head_mean, {"k_ptr": f16, "o_ptr": f16}, dict(HP=16, DP=dp, BN=T.HEAD_MEAN_BN), 4))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     bm, bk, w = T.GRAM_CONFIG["lowp"]  # (128, 64, 8) and (64, 64, 4) spill

@@ -97,11 +97,6 @@ def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, 
     return out.to(x.dtype)
 
 
-def head_mean(k: torch.Tensor) -> torch.Tensor:
-    """``k [B, H, N, d]`` averaged over heads: ``[B, N, d]`` (ToMe's similarity metric)."""
-    return k.mean(1)
-
-
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``out[b, o] = x[b, rows[b, o]]``."""
     return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))

@@ -715,39 +715,6 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
     return out
 
 
-@triton.jit
-def _head_mean(k_ptr, o_ptr, N, H, D, skb, skh, skn, sob, son,
-               HP: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr):
-    # program (b, n-block): BN tokens' keys of every head in one [BN, HP, DP] load, summed over heads
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    offs_h = tl.arange(0, HP)
-    offs_d = tl.arange(0, DP)
-    nm = offs_n < N
-    dm = offs_d < D
-    m3 = nm[:, None, None] & (offs_h < H)[None, :, None] & dm[None, None, :]
-    t = tl.load(k_ptr + b * skb + offs_h[None, :, None].to(tl.int64) * skh + offs_n[:, None, None] * skn
-                + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-    m = tl.sum(t, 1) / H
-    tl.store(o_ptr + b * sob + offs_n[:, None] * son + offs_d[None, :], m.to(o_ptr.dtype.element_ty),
-             mask=nm[:, None] & dm[None, :])
-
-
-HEAD_MEAN_BN = 8  # tokens per program (x heads x head dim in one load)
-
-
-def head_mean(k):
-    """``k [B, H, N, d]`` (head dim contiguous) averaged over heads: ``[B, N, d]`` in ``k``'s dtype."""
-    b, h, n, d = k.shape
-    if k.stride(-1) != 1:
-        raise ValueError("head_mean kernel: the head dim must be contiguous")
-    out = _alloc((b, n, d), k.device, k.dtype)
-    bn = HEAD_MEAN_BN
-    _head_mean[(b, triton.cdiv(n, bn))](k, out, n, h, d, k.stride(0), k.stride(1), k.stride(2), out.stride(0),
-                                        out.stride(1), HP=max(2, _p2(h)), DP=max(16, _p2(d)), BN=bn, num_warps=4)
-    return out
-
-
 def gather_rows(x, rows):
     """``out[b, o] = x[b, rows[b, o]]`` in one pass (16-byte row copies)."""
     return merge_rows(x, None, rows)

@@ -130,7 +130,7 @@ class Maelre(Reducer):
         r = state.num_tokens - stage.keep
         if r <= 0:
             return state  # the attention-switch marker before block 0
-        return bipartite_merge(state, kernels.head_mean(qk.k), r)
+        return bipartite_merge(state, qk.k.mean(1), r)
 
     def run_block(self, index, block, x, bias, call_block, attention):
         if attention == "linear":

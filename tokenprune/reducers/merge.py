@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import kernels
-
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
@@ -65,4 +63,4 @@ class Merge(Reducer):
 
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
-        return bipartite_merge(state, kernels.head_mean(qk.k), r)
+        return bipartite_merge(state, qk.k.mean(1), r)
