@@ -958,7 +958,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     sa_src = tl.where(is_src, sa, 0.0)
     tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
     # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
-    for c0 in range(g * BC, C if MODE != 1 else 0, G * BC):
+    for c0 in range(g * BC, C if MODE != 1 else 0, G * BC):  # MODE 1: no rows (_merge_apply writes them)
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
         xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
@@ -977,31 +977,29 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :],
                      other=0.0)
         tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
-    if True:  # sizes and source map: written once per sample, by program 0
-        if g == 0:
-            # -- sizes
-            nout = P + n_unm + NB
-            tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
-            tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
-            if HAS_SIZES:
-                sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
-            else:
-                sp = tl.where(pm, 1.0, 0.0)
-            tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
-            if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
-                bt = ob_ptr.dtype.element_ty
-                tl.store(ob_ptr + b * nout + out_a, tl.log(tl.where(is_unm, sa, 1.0)).to(bt), mask=is_unm)
-                tl.store(ob_ptr + b * nout + out_b, tl.log(tl.where(bm, tot, 1.0)).to(bt), mask=bm)
-                tl.store(ob_ptr + b * nout + offs_p, tl.log(tl.where(pm, sp, 1.0)).to(bt), mask=pm)
-            # -- source map: old token -> new token, then compose with the current map
-            if HAS_SOURCE:
-                nt = P + NA + NB
-                tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
-                tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-                tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
-                tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
-                _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
-
+    if g == 0:  # sizes and source map: written once per sample, by program 0
+        # -- sizes
+        nout = P + n_unm + NB
+        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+        tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+        if HAS_SIZES:
+            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
+        else:
+            sp = tl.where(pm, 1.0, 0.0)
+        tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+        if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
+            bt = ob_ptr.dtype.element_ty
+            tl.store(ob_ptr + b * nout + out_a, tl.log(tl.where(is_unm, sa, 1.0)).to(bt), mask=is_unm)
+            tl.store(ob_ptr + b * nout + out_b, tl.log(tl.where(bm, tot, 1.0)).to(bt), mask=bm)
+            tl.store(ob_ptr + b * nout + offs_p, tl.log(tl.where(pm, sp, 1.0)).to(bt), mask=pm)
+        # -- source map: old token -> new token, then compose with the current map
+        if HAS_SOURCE:
+            nt = P + NA + NB
+            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+            tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
+            _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
 
 
 @triton.jit
