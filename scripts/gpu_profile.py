@@ -15,7 +15,7 @@ Parts:
 - ``floor``: the same block sequence at the reduced token counts with a free reduction (keep the
   first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
   with zero cost would take, next to the FLOP-proportional time the overhead target uses.
-- ``qs``: query_scores block sizes and heads per program per shape.
+- ``qs``: query_scores block sizes per shape.
 - ``ms``: merge_step at large batch, one launch vs matching + _merge_apply, and ViT-B merge forwards.
 - ``fixed``: the unreduced ViT-B's time outside its blocks (patch embedding, head), cudnn.benchmark off/on.
 - ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
@@ -182,9 +182,11 @@ def part_ba():
                  lambda: F.scaled_dot_product_attention(q, k, v), rep=20, return_mode="median"), 1),
              "sdpa_bias_us": round(1e3 * triton.testing.do_bench_cudagraph(
                  lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rep=20, return_mode="median"), 1)}
+        # (session 4 also tried every key in one tile at N <= 320: slower everywhere, removed;
+        # docs/gpu/profile_h100_run5_ba.json)
         variants = [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (32, 64, 4)]
-        if n <= 320:  # every key in one tile (bn 0: next power of 2 of N)
-            variants += [(64, 0, 4), (64, 0, 8), (128, 0, 8), (32, 0, 4), (64, 128, 4), (64, 128, 8)]
+        if n <= 320:
+            variants += [(64, 128, 4), (64, 128, 8)]
         for bm, bn, w in variants:
             T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w))
             try:
@@ -368,8 +370,9 @@ def part_floor():
 
 
 def part_qs():
-    """query_scores (BLOCK_N, heads per program) per shape, GPU time from graph replay; k a strided
-    view of a qkv tensor, as in a model."""
+    """query_scores keys per program per shape, GPU time from graph replay; k a strided view of a qkv
+    tensor, as in a model. (Session 4 also swept 2-12 heads per program: slower everywhere, removed;
+    docs/gpu/profile_h100_run5_qs_blockn.json.)"""
     import triton.testing
 
     from tokenprune.kernels import triton_impl as T
@@ -378,11 +381,11 @@ def part_qs():
     for b, h, n in ((256, 12, 197), (1, 12, 197), (64, 12, 577), (16, 16, 577), (8, 12, 16384), (1, 12, 16384)):
         qkv = torch.randn(b, n, 3, h, 64, device="cuda", dtype=torch.float16).permute(2, 0, 3, 1, 4)
         q, k = qkv[0], qkv[1]
-        for bn, hpp in itertools.product((64, 128, 256), (1, 2, 4, 12)):
-            T.QS_CONFIG.update(short=(bn, hpp), long_n=1 << 62)
+        for bn in (64, 128, 256):
+            T.QS_CONFIG.update(short=bn, long_n=1 << 62)
             us = 1e3 * triton.testing.do_bench_cudagraph(lambda: T.query_scores(q[:, :, 0], k, 0.125),
                                                          rep=20, return_mode="median")
-            rows.append({"shape": [b, h, n], "block_n": bn, "heads_per_program": hpp, "us": round(us, 1)})
+            rows.append({"shape": [b, h, n], "block_n": bn, "us": round(us, 1)})
         T.QS_CONFIG.clear()
         T.QS_CONFIG.update(base)
         rows.append({"shape": [b, h, n], "default": True, "us": round(1e3 * triton.testing.do_bench_cudagraph(

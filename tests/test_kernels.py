@@ -154,19 +154,19 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
 # -- 2. query-row scores ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", [None, "full", "per_head"])
-@pytest.mark.parametrize("hpp", [1, 2])  # heads per program: 2 of 3 heads leaves a half-empty last group
-def test_query_scores(T, dtype, weights, hpp, monkeypatch):
+@pytest.mark.parametrize("long", [False, True])  # the block size of long inputs (QS_CONFIG)
+def test_query_scores(T, dtype, weights, long, monkeypatch):
     g = gen(3)
     b, h, n, d = 2, 3, 150, 24  # 150 = 2 blocks of 64 + 22
     q = torch.randn(b, h, n, d, generator=g).to(dtype)
     k = torch.randn(b, h, n, d, generator=g).to(dtype)
     bb = size_bias(b, n, g, dtype)
     w = {None: None, "full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}[weights]
-    monkeypatch.setitem(T.QS_CONFIG, "short", (64, hpp))
-    monkeypatch.setitem(T.QS_CONFIG, "long", (64, hpp))
-    monkeypatch.setitem(T.QS_CONFIG, "long_n", 100 if hpp > 1 else 1 << 30)  # hpp 2 takes the long-input branch
+    monkeypatch.setitem(T.QS_CONFIG, "short", 64)
+    monkeypatch.setitem(T.QS_CONFIG, "long", 32)
+    monkeypatch.setitem(T.QS_CONFIG, "long_n", 100 if long else 1 << 30)  # N=150: long-input branch or not
     for bias in (None, bb):
-        out = T.query_scores(q[:, :, 0], k, 0.2, bias, w, block_n=64)
+        out = T.query_scores(q[:, :, 0], k, 0.2, bias, w)
         ref = R.query_scores(q[:, :, 0].double(), k.double(), 0.2, None if bias is None else bias.double(),
                              None if w is None else w.double())
         assert out.shape == (b, n) and out.dtype == torch.float32

@@ -50,9 +50,9 @@ def _configs():
                                     "qk_scale": "fp32"},
                         dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
-    for hpp in (1, 12):
+    for bn in (T.QS_CONFIG["short"], T.QS_CONFIG["long"]):
         out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
-                                   "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=128, HPP=hpp), 4))
+                                   "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=bn), 4))
     out.append((T._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
                 dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
     for is32 in (False, True):
@@ -86,8 +86,7 @@ def _configs():
                     dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
-    bm, bk, w = T.GRAM_CONFIG["lowp"]  # (128, 64, 8) and (64, 64, 4) spill
-    out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=bm, BK=bk), w))
+    out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
     out.append((T._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
     for np_, kp, w in ((256, 16, 8), (256, 32, 8), (1024, 32, 8)):  # 4 warps at NP=256 spill
         out.append((T._apet_stage, {"g_ptr": f32, "v_ptr": "*u8", "basis_ptr": "*i64", "e_ptr": f32, "eps": "fp32",

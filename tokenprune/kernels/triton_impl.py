@@ -464,8 +464,6 @@ def biased_attention(q, k, v, bias=None):
         bias2, sbb, sbn = k, 0, 0
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
-    if bn == 0:  # every key in one tile (one pass, no online rescaling)
-        bn = max(16, _p2(n))
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
@@ -485,31 +483,28 @@ def biased_attention(q, k, v, bias=None):
 @triton.jit
 def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scale,
                sqb, sqh, skb, skh, skn, sbb, sbn,
-               HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, HPP: tl.constexpr):
-    # program (b, n-block, head group): HPP heads' logits for one block of keys, with the block's
-    # max and sum of exponentials per head. Small inputs take one head per program (at batch 1 a
-    # loop over heads is a serial chain); long ones several (fewer, longer programs: QS_CONFIG)
+               HAS_BIAS: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (b, n-block, h): one head's logits for one block of keys, with the block's max and
+    # sum of exponentials (one program per head: at batch 1 a loop over heads was a serial chain)
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
+    h = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
-    for j in range(0, HPP):
-        h = (tl.program_id(2) * HPP + j).to(tl.int64)
-        if h < H:
-            qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                         mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            lg = tl.sum(kt * qr[None, :], 1) * scale
-            if HAS_BIAS:
-                lg = lg + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-            lg = tl.where(nmask, lg, float("-inf"))
-            tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
-            mx = tl.max(lg, 0)
-            ms = tl.where(mx == float("-inf"), 0.0, mx)
-            tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
-            tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
+    qr = tl.load(q_ptr + b * sqb + h * sqh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                 mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    lg = tl.sum(kt * qr[None, :], 1) * scale
+    if HAS_BIAS:
+        lg = lg + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+    lg = tl.where(nmask, lg, float("-inf"))
+    tl.store(lg_ptr + (b * H + h) * N + offs_n, lg, mask=nmask)
+    mx = tl.max(lg, 0)
+    ms = tl.where(mx == float("-inf"), 0.0, mx)
+    tl.store(pm_ptr + (b * H + h) * NB + nb, mx)
+    tl.store(ps_ptr + (b * H + h) * NB + nb, tl.sum(tl.exp(lg - ms), 0))
 
 
 @triton.jit
@@ -539,11 +534,10 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
     tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
 
 
-# query_scores: (BLOCK_N, heads per program) for inputs shorter than ``long_n`` tokens, and from there on.
-# H100 sweep (gpu_profile.py --only qs, docs/gpu/profile_h100_run5_qs_blockn.json, graph replay): one head
-# per program won at every shape (B256 N197 41 us, B8 N16k 98 us; 2, 4 or 12 heads per program were
-# slower); 256 keys per program gained 2-4% at 16k tokens and lost 3% at 197
-QS_CONFIG = {"short": (128, 1), "long": (256, 1), "long_n": 4096}
+# query_scores: keys per program below ``long_n`` tokens and from there on. H100 sweep (gpu_profile.py
+# --only qs, docs/gpu/profile_h100_run5_qs_blockn.json, graph replay): 256 keys per program gained 2-4%
+# at 16k tokens and lost 3% at 197; a loop over 2, 4 or 12 heads per program was slower at every shape
+QS_CONFIG = {"short": 128, "long": 256, "long_n": 4096}
 
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
@@ -551,9 +545,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     if k.stride(-1) != 1 or q_row.stride(-1) != 1:
         raise ValueError("query_scores kernel: the head dim must be contiguous")
     dp = _p2(d)
-    bn, hpp = QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
-    block_n = block_n or bn
-    hpp = max(1, min(hpp, h))
+    block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
     nb = triton.cdiv(n, block_n)
     lg = _alloc((b, h, n), k.device, torch.float32)
     pm = _alloc((b, h, nb), k.device, torch.float32)
@@ -563,10 +555,9 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
-    _qs_logits[(b, nb, triton.cdiv(h, hpp))](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
-                                             q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1),
-                                             k.stride(2), sbb, sbn, HAS_BIAS=bias is not None, DP=dp,
-                                             BLOCK_N=block_n, HPP=hpp, num_warps=4)
+    _qs_logits[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
+                           q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
+                           HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
     out = _alloc((b, n), k.device, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
@@ -1182,9 +1173,6 @@ def _gram(x_ptr, g_ptr, N, C, T, sxb, sxn, sxc, sgb, sgn,
             tl.store(gb + rj[:, None] * sgn + ri[None, :], tl.trans(acc), mask=mj[:, None] & mi[None, :])
 
 
-GRAM_CONFIG = {"lowp": (128, 32, 8), "fp32": (64, 16, 4)}  # (BM, BK, warps) of one G tile program
-
-
 def gram(x):
     """``G = X X^T`` ``[B, N, N]`` float32 (fp32 accumulation) of ``x [B, N, C]`` (fp16 / bf16 / fp32, any
     strides) and ``sq = diag(G)`` ``[B, N]`` (a view of G). Same as ``reference.gram``."""
@@ -1193,13 +1181,11 @@ def gram(x):
         x = x.float()
     is32 = x.dtype == torch.float32
     g = _alloc((bsz, n, n), x.device, torch.float32)
-    bm, bk, warps = GRAM_CONFIG["fp32" if is32 else "lowp"]  # float32 products on the FMA units: smaller tiles
-    bm = min(bm, max(16, _p2(n)))
-    if bm < 128:
-        warps = min(warps, 4)
+    bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
+    bk = 16 if is32 else 32
     t = triton.cdiv(n, bm)
     _gram[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
-                        IS_F32=is32, BM=bm, BK=bk, num_warps=warps)
+                        IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
     return g, g.diagonal(dim1=1, dim2=2)
 
 
@@ -1280,7 +1266,6 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
 
 APET_STAGE_MAX_N = 1024  # tokens one program holds (vectors of N in registers, G rows streamed)
 APET_STAGE_MAX_K = 32  # basis tokens (the k x k solve lives in registers)
-APET_STAGE_WARPS = {"small_np": 4, "large_np": 8}  # warps per program below / from 256 tokens
 
 
 def apet_stage_fits(n: int, k: int) -> bool:
@@ -1309,8 +1294,7 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
     np_ = max(16, _p2(n))
     _apet_stage[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
                         HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
-                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64),
-                        num_warps=APET_STAGE_WARPS["large_np" if np_ >= 256 else "small_np"])
+                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
     return basis, err
 
 
