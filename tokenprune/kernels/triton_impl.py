@@ -80,6 +80,14 @@ def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
 
 
 @triton.jit
+def _copy_prefix(x_row0, o_row0, sxn, oxn, offs_p, pm, offs_c, cm):
+    # the prefix rows (never reduced) of one column tile, copied to the same rows of the output
+    m = pm[:, None] & cm[None, :]
+    xp = tl.load(x_row0 + offs_p[:, None] * sxn + offs_c[None, :], mask=m)
+    tl.store(o_row0 + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=m)
+
+
+@triton.jit
 def _compose_source(src_row, map_row, out_row, N0, BS: tl.constexpr):
     # out[s] = map[src[s]] (-1 stays -1): the source map after one reduction step, whose old -> new
     # row map was written to map_row by this program (a CTA barrier must separate the two)
@@ -744,8 +752,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
         for c0 in range(g * BC, C, G * BC):
             offs_c = c0 + tl.arange(0, BC)
             cm = offs_c < C
-            xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :])
-            tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+            _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
             for t0 in range(0, N, RT):
                 ot = t0 + tl.arange(0, RT)
                 orr = tl.load(scr + P + ot, mask=ot < N, other=-1)
@@ -965,9 +972,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
         tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
                  mask=bm[:, None] & cm[None, :])
-        xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :],
-                     other=0.0)
-        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+        _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
     if g == 0:  # sizes and source map: written once per sample, by program 0
         # -- sizes
         nout = P + n_unm + NB
@@ -1044,8 +1049,7 @@ def _merge_apply(x_ptr, s_ptr, mt_ptr, ox_ptr, P, NA, NB, R, C, sxb, sxn, ssb, o
              mask=bm[:, None] & cm[None, :])
     offs_p = tl.arange(0, PP)
     pm = offs_p < P
-    xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :], other=0.0)
-    tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+    _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
 
 
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
@@ -1361,8 +1365,7 @@ def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr
     for c0 in range(g * BC, C, G * BC):
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
-        xp = tl.load(x_ptr + b * sxb + offs_p[:, None] * sxn + offs_c[None, :], mask=pm[:, None] & cm[None, :])
-        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pm[:, None] & cm[None, :])
+        _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
             km = offs_k < K
