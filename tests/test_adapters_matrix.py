@@ -61,26 +61,26 @@ def make_open_clip():
                 eager=None)
 
 
+def _hf_vision_tower(config_cls, model_cls, prefix: int, module: str):
+    """A tiny Hugging Face vision tower (CLIP / SigLIP): 32 px images, 8 px patches, 16 patch tokens."""
+    _seed()
+    cfg = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                     image_size=32, patch_size=8)
+    m = model_cls(cfg).eval()
+    return dict(model=m, x=torch.randn(2, 3, 32, 32), tokens=lambda model, x: model(x).last_hidden_state,
+                prefix=prefix, n=16, out=lambda model, x: model(x).pooler_output, eager=module)
+
+
 def make_hf_clip():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    _seed()
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=32, patch_size=8)
-    m = CLIPVisionModel(cfg).eval()
-    return dict(model=m, x=torch.randn(2, 3, 32, 32), tokens=lambda model, x: model(x).last_hidden_state, prefix=1,
-                n=16, out=lambda model, x: model(x).pooler_output, eager="transformers.models.clip.modeling_clip")
+    return _hf_vision_tower(CLIPVisionConfig, CLIPVisionModel, 1, "transformers.models.clip.modeling_clip")
 
 
 def make_siglip():
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    _seed()
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                             image_size=32, patch_size=8)
-    m = SiglipVisionModel(cfg).eval()
-    return dict(model=m, x=torch.randn(2, 3, 32, 32), tokens=lambda model, x: model(x).last_hidden_state, prefix=0,
-                n=16, out=lambda model, x: model(x).pooler_output, eager="transformers.models.siglip.modeling_siglip")
+    return _hf_vision_tower(SiglipVisionConfig, SiglipVisionModel, 0, "transformers.models.siglip.modeling_siglip")
 
 
 def _whisper_cfg():
