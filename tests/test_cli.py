@@ -129,6 +129,23 @@ def test_bench_end_to_end_on_cpu(tmp_path):
     assert merge["flop_ratio"] == pytest.approx(plan.flop_ratio) and merge["tokens_out"] == 32
 
 
+def test_bench_fast_patch_embed_runs_every_configuration_on_the_gemm_stem(tmp_path, monkeypatch):
+    from tokenprune import stem
+
+    calls = []
+    real = stem._ConvAsGemm.forward
+    monkeypatch.setattr(stem._ConvAsGemm, "forward", lambda self, x: calls.append(x.shape[0]) or real(self, x))
+    args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps({**TINY_ARGS, "num_classes": 3}),
+            "--methods", "cls", "--budgets", "0.5", "--batch-sizes", "2", "--warmup", "0", "--repeats", "2",
+            "--out", str(tmp_path), "--no-progress", "--threads", "1", "--fast-patch-embed"]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["patch_embed"].startswith("matrix product")
+    assert {r["config"] for r in res["rows"]} == {"unreduced", "cls@0.5"}
+    # unreduced and cls@0.5: repeats + the memory call each, and the drift re-timing of the unreduced model
+    assert len(calls) >= 2 * 3 and set(calls) == {2}
+
+
 def test_eval_plots_against_bench_speedups(tiny, tmp_path):
     bench = {"rows": [{"config": c, "batch_size": bs, "speedup": s} for c, bs, s in
                       [("unreduced", 8, 1.0), ("merge@0.5", 8, 1.5), ("random@0.5", 8, 1.3),

@@ -9,7 +9,8 @@ from .api import applied, apply, get_patch, is_applied, methods, plan, remove
 from .ops import unmerge
 from .plan import Plan, Stage, keep_count
 from .state import TokenState
+from .stem import fast_patch_embed
 
 __version__ = "0.1.0"
 __all__ = ["apply", "remove", "applied", "plan", "methods", "is_applied", "get_patch", "unmerge",
-           "Plan", "Stage", "TokenState", "keep_count", "__version__"]
+           "Plan", "Stage", "TokenState", "keep_count", "fast_patch_embed", "__version__"]

