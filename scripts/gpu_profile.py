@@ -1,7 +1,7 @@
 """Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
 
     python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
-    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms, pa, pe
 
 Parts:
 - ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
@@ -20,6 +20,10 @@ Parts:
 - ``fixed``: the unreduced ViT-B's time outside its blocks (patch embedding, head), cudnn.benchmark off/on.
 - ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
   schedule floors predicted from it.
+- ``pa``: proportional attention as SDPA without a mask on size-weighted values [w v, w] (numerator and
+  denominator in one call), against the fused key-bias kernel and FlexAttention.
+- ``pe``: the patch-embedding convolution on cuDNN (NCHW, channels-last) against patches + one GEMM, and
+  whole ViT-B forwards with each stem.
 """
 from __future__ import annotations
 
@@ -481,6 +485,159 @@ def part_fixed():
     OUT["fixed"] = rows
 
 
+def part_pa():
+    """Proportional attention without a score bias: softmax(s + log w) v = (sum_j e^s_j w_j v_j) / (sum_j e^s_j w_j),
+    so SDPA with no mask on V' = [w v, w, 0...] (head dim d + 8) gives the numerator and the denominator in
+    one call; the output is o'[:d] / o'[d]. Timed (graph replay) against the fused key-bias kernel, each
+    including the reshape to [B, N, C] the block does next; also FlexAttention with a score_mod bias."""
+    import torch.nn.functional as F
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tokenprune.kernels import triton_impl as T
+    rows = []
+
+    def t(f):
+        f()
+        torch.cuda.synchronize()
+        return round(1e3 * triton.testing.do_bench_cudagraph(f, rep=20, return_mode="median"), 1)
+    for (b, n) in [(256, 197), (256, 148), (256, 99), (256, 50), (64, 577), (1, 197)]:
+        h, d = 12, 64
+        qkv = torch.randn(b, n, 3, h, d, device="cuda", dtype=torch.float16).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        s = torch.randint(1, 12, (b, n), device="cuda").float()
+        s[:, 5::13] = 0  # padding keys
+        bias = s.log()[:, None, None, :].half()
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+        ref = ref.transpose(1, 2).reshape(b, n, h * d)
+        r = {"shape": (b, h, n, d)}
+
+        def triton_ba():
+            return T.biased_attention(q, k, v, bias).transpose(1, 2).reshape(b, n, h * d)
+
+        def plain():
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * d)
+
+        def wv(backend, dv):
+            def f():
+                w = bias.exp().reshape(b, 1, n, 1)
+                vp = torch.empty(b, h, n, dv, device="cuda", dtype=v.dtype)
+                torch.mul(v, w, out=vp[..., :d])
+                vp[..., d:d + 1] = w
+                vp[..., d + 1:] = 0
+                if backend is None:
+                    o = F.scaled_dot_product_attention(q, k, vp)
+                else:
+                    with sdpa_kernel([backend]):
+                        o = F.scaled_dot_product_attention(q, k, vp)
+                return (o[..., :d] / o[..., d:d + 1]).transpose(1, 2).reshape(b, n, h * d)
+            return f
+        cases = {"triton_ba": triton_ba, "sdpa_nomask": plain, "wv_default_72": wv(None, 72),
+                 "wv_cudnn_72": wv(SDPBackend.CUDNN_ATTENTION, 72), "wv_eff_72": wv(SDPBackend.EFFICIENT_ATTENTION, 72),
+                 "wv_flash_72": wv(SDPBackend.FLASH_ATTENTION, 72), "wv_default_80": wv(None, 80)}
+        for name, f in cases.items():
+            try:
+                out = f()
+                if name != "sdpa_nomask":
+                    r[name + "_err"] = float((out.double() - ref).norm() / ref.norm())
+                r[name + "_us"] = t(f)
+            except Exception as e:
+                r[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("default", None)):
+            vp = torch.randn(b, h, n, 72, device="cuda", dtype=torch.float16)
+
+            def sd():
+                if be is None:
+                    return F.scaled_dot_product_attention(q, k, vp)
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, vp)
+            try:
+                r[f"sdpa_only_{name}_dv72_us"] = t(sd)
+                r[f"sdpa_only_{name}_dv72_kernels"] = list(kernel_times(sd, 5))[:3]
+            except Exception as e:
+                r[f"sdpa_only_{name}_dv72_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            bflat = bias.reshape(b, n).contiguous()
+
+            def score_mod(score, bi, hi, qi, ki):
+                return score + bflat[bi, ki]
+            fa = torch.compile(flex_attention, dynamic=False)
+
+            def flex():
+                return fa(q, k, v, score_mod=score_mod).transpose(1, 2).reshape(b, n, h * d)
+            out = flex()
+            r["flex_err"] = float((out.double() - ref).norm() / ref.norm())
+            r["flex_us"] = t(flex)
+        except Exception as e:
+            r["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        rows.append(r)
+        log("pa", r)
+    OUT["pa"] = rows
+
+
+def part_pe():
+    """The patch embedding (a 16x16 stride-16 Conv2d) three ways at bs 256 / 64 / 1, fp16, graph replay:
+    cuDNN on NCHW input, cuDNN channels-last, and patches + one GEMM (a reshape/permute copy of the image,
+    then F.linear with the conv weight flattened). Then the whole unreduced ViT-B with each stem."""
+    import torch.nn.functional as F
+    import triton.testing
+    model = vit()
+    conv = model.patch_embed.proj
+    wmat = conv.weight.reshape(conv.out_channels, -1)
+    rows = []
+
+    def t(f, rep=50):
+        f()
+        torch.cuda.synchronize()
+        return round(1e3 * triton.testing.do_bench_cudagraph(f, rep=rep, return_mode="median"), 2)
+
+    def patches_linear(x):
+        b, c, hh, ww = x.shape
+        p = 16
+        xp = x.reshape(b, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b * (hh // p) * (ww // p), c * p * p)
+        y = F.linear(xp, wmat, conv.bias)
+        return y.view(b, hh // p, ww // p, -1).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        for bs in (256, 64, 1):
+            x = torch.randn(bs, 3, 224, 224, device="cuda", dtype=torch.float16)
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride=16)
+            conv_cl = torch.nn.Conv2d(3, 768, 16, 16).cuda().half().to(memory_format=torch.channels_last)
+            conv_cl.load_state_dict(conv.state_dict())
+            r = {"bs": bs, "conv_us": t(lambda: conv(x)), "conv_cl_us": t(lambda: conv_cl(xcl)),
+                 "conv_cl_incl_convert_us": t(lambda: conv_cl(x.contiguous(memory_format=torch.channels_last))),
+                 "linear_us": t(lambda: patches_linear(x)),
+                 "linear_err": float((patches_linear(x).float() - ref).norm() / ref.norm()),
+                 "conv_err": float((conv(x).float() - ref).norm() / ref.norm()),
+                 "gemm_only_us": t(lambda: F.linear(x.reshape(bs * 196, 768), wmat, conv.bias)),
+                 "conv_kernels": list(kernel_times(lambda: conv(x), 5).items())[:3],
+                 "linear_kernels": list(kernel_times(lambda: patches_linear(x), 5).items())[:3]}
+            log("pe", r)
+            rows.append(r)
+        e2e = []
+        for bs in (256, 1):
+            x = torch.randn(bs, 3, 224, 224, device="cuda", dtype=torch.float16)
+            row = {"bs": bs, "model_conv_ms": t(lambda: model(x), 100) / 1e3}
+            orig = conv.forward
+            conv.forward = patches_linear
+            row["model_linear_ms"] = t(lambda: model(x), 100) / 1e3
+            for budget, method in ((0.25, "merge"), (0.25, "cls"), (0.1, "apet")):
+                tokenprune.apply(model, budget=budget, method=method)
+                ratio = tokenprune.plan(model).flop_ratio
+                row[f"{method}@{budget}_linear_ms"] = tl_ = t(lambda: model(x), 100) / 1e3
+                row[f"{method}@{budget}_linear_overhead_pct"] = round(100 * (tl_ / (row["model_linear_ms"] * ratio) - 1), 1)
+                conv.forward = orig
+                row[f"{method}@{budget}_conv_ms"] = tc = t(lambda: model(x), 100) / 1e3
+                row[f"{method}@{budget}_conv_overhead_pct"] = round(100 * (tc / (row["model_conv_ms"] * ratio) - 1), 1)
+                conv.forward = patches_linear
+                tokenprune.remove(model)
+            conv.forward = orig
+            log("pe e2e", row)
+            e2e.append(row)
+    OUT["pe"] = {"rows": rows, "e2e": e2e}
+
+
 def part_blockn():
     """bs 256: one ViT-B block's GPU time (graph replay) at every token count from 20 to 197, with its
     SDPA (the block's strided q/k/v), MLP and qkv projection alone: how the time per FLOP moves with N,
@@ -546,7 +703,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     parts = {"ea": lambda: part_ea(bw, "rows" if args.ea_rows else args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
-             "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms}
+             "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms,
+             "pa": part_pa, "pe": part_pe}
     for name in args.only.split(","):
         t = time.time()
         try:
