@@ -216,8 +216,9 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     """ops.bipartite_merge through the kernels (one-launch merge_step, its two-launch large-batch form,
     or matching + merge_rows) gives the same tokens, sizes and source map as its PyTorch path."""
     monkeypatch.setattr(T, "MERGE_STEP_MAX_A", 0 if one_launch is False else 128)
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "bc": 16, "ac": 16, "warps": 4} if one_launch == "split"
-                        else None)
+    # split: matching, then the rows in a second launch (kept A tokens copied 16 at a time here: 2 chunks)
+    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "bc": 16, "ac": 16, "warps": 4, "kc": 16}
+                        if one_launch == "split" else None)
     g = gen(6)
     b, p, n, c = 2, 1, 21, 32
     x = torch.randn(b, p + n, c, generator=g).to(dtype)
@@ -247,13 +248,15 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     assert torch.allclose(b_out[fin].float(), b_ref[fin].float(), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("split", [False, True])  # True: matching and rows in two launches (large batches)
+# matching and rows in two launches (large batches), kept A tokens copied 16 or 64 at a time
+@pytest.mark.parametrize("split", [False, 16, 64])
 @pytest.mark.parametrize("p,n,r,b,c", [(0, 30, 15, 2, 40), (2, 50, 10, 2, 40), (1, 255, 100, 2, 40),
                                        (1, 61, 20, 1, 100), (1, 61, 20, 3, 136)])
 def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
     sample's column tiles split over several programs (small batches), unevenly where they do not divide."""
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "bc": 32, "ac": 16, "warps": 4} if split else None)
+    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "bc": 32, "ac": 16, "warps": 4, "kc": split}
+                        if split else None)
     g = gen(13)
     x = torch.randn(b, p + n, c, generator=g).half()
     metric = torch.randn(b, p + n, 24, generator=g).half()

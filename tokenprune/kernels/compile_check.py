@@ -83,7 +83,7 @@ def _configs():
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
     for lowp, bc, ac, warps in ((True, 64, 16, 4), (True, 128, 32, 8), (False, 32, 16, 4)):
         out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
-                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1), warps))
+                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1, KC=64), warps))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills

@@ -943,10 +943,11 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         sb = tl.where(bm, 1.0, 0.0)
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
                              PADDED, IS_F32, NAP, BT)
-    if MODE == 1:
-        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
-        tl.store(mt_ptr + (2 * b + 1) * NAP + offs_a, rank)
     is_src = (rank < R) & am
+    if MODE == 1:  # partner, rank and, in rank order, the A tokens merged away
+        tl.store(mt_ptr + (3 * b) * NAP + offs_a, arg)
+        tl.store(mt_ptr + (3 * b + 1) * NAP + offs_a, rank)
+        tl.store(mt_ptr + (3 * b + 2) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
     is_unm = am & (rank >= R)
     pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
     n_unm = NA - R
@@ -1001,10 +1002,13 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
 @triton.jit
 def _merge_apply(x_ptr, s_ptr, mt_ptr, ox_ptr, P, NA, NB, R, C, sxb, sxn, ssb, oxb, oxn,
                  HAS_SIZES: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr,
-                 AC: tl.constexpr, BC: tl.constexpr, PP: tl.constexpr):
-    # program (b, c): the rows of column tile c of sample b, from the partners and ranks _merge_step
-    # (MODE 1) left in mt. A tokens in chunks of AC, so a program holds a [NBP, AC] slice of the merge
-    # weights, not all of them: few registers, many programs per SM
+                 AC: tl.constexpr, BC: tl.constexpr, PP: tl.constexpr, KC: tl.constexpr):
+    # program (b, c): the rows of column tile c of sample b, from what _merge_step (MODE 1) left in mt:
+    # each A token's partner and rank, and the merged A tokens in rank order. The kept A rows are a
+    # plain copy, KC rows at a time. Only the R merged A tokens enter the product, gathered AC at a
+    # time, so a program holds a [NBP, AC] slice of the merge weights. (Session 4's version multiplied
+    # every A token, with zero weights for the kept ones: 121 against 99 us at bs 256 N196 r13,
+    # docs/gpu/profile_h100_run13_ms.json.)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     cm = offs_c < C
@@ -1015,31 +1019,37 @@ def _merge_apply(x_ptr, s_ptr, mt_ptr, ox_ptr, P, NA, NB, R, C, sxb, sxn, ssb, o
         sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
     else:
         sb = tl.where(bm, 1.0, 0.0)
+    kept = tl.full([], 0, tl.int32)  # kept A tokens before this chunk: their output rows come first
+    for a0 in range(0, NA, KC):
+        offs_a = a0 + tl.arange(0, KC)
+        am = offs_a < NA
+        rank = tl.load(mt_ptr + (3 * b + 1) * NAP + offs_a, mask=am, other=0)
+        u = (am & (rank >= R)).to(tl.int32)
+        pos = kept + tl.cumsum(u, 0) - u  # spatial order among the kept A tokens
+        kept += tl.sum(u, 0)
+        keep = (u > 0)[:, None] & cm[None, :]
+        xa = tl.load(x_ptr + b * sxb + (P + 2 * offs_a)[:, None] * sxn + offs_c[None, :], mask=keep, other=0.0)
+        tl.store(ox_ptr + b * oxb + (P + pos)[:, None] * oxn + offs_c[None, :], xa, mask=keep)
     acc = tl.zeros([NBP, BC], tl.float32)
     wsum = tl.zeros([NBP], tl.float32)
-    kept = tl.full([], 0, tl.int32)  # unmerged A tokens before this chunk: their output rows come first
-    for a0 in range(0, NA, AC):
-        offs_a = a0 + tl.arange(0, AC)
-        am = offs_a < NA
-        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=-1)
-        rank = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_a, mask=am, other=0)
-        row_a = P + 2 * offs_a
+    for r0 in range(0, R, AC):
+        offs_r = r0 + tl.arange(0, AC)
+        rm = offs_r < R
+        ia = tl.load(mt_ptr + (3 * b + 2) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
+        arg = tl.load(mt_ptr + (3 * b) * NAP + ia, mask=rm, other=-1)
+        row_s = P + 2 * ia
         if HAS_SIZES:
-            sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
+            ss = tl.load(s_ptr + b * ssb + row_s, mask=rm, other=0.0).to(tl.float32)
         else:
-            sa = tl.where(am, 1.0, 0.0)
-        is_src = (rank < R) & am
-        u = (am & (rank >= R)).to(tl.int32)
-        pos = kept + tl.cumsum(u, 0) - u
-        kept += tl.sum(u, 0)
-        xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
-        tl.store(ox_ptr + b * oxb + (P + pos)[:, None] * oxn + offs_c[None, :], xa, mask=(u > 0)[:, None] & cm[None, :])
-        w = tl.where(arg[None, :] == offs_b[:, None], tl.where(is_src, sa, 0.0)[None, :], 0.0)  # [NBP, AC]
+            ss = tl.where(rm, 1.0, 0.0)
+        xs = tl.load(x_ptr + b * sxb + row_s[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
+                     other=0.0)
+        w = tl.where(arg[None, :] == offs_b[:, None], ss[None, :], 0.0)  # [NBP, AC]
         wsum += tl.sum(w, 1)
         if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
-            acc += tl.dot(w.to(xa.dtype), xa)
+            acc += tl.dot(w.to(xs.dtype), xs)
         else:
-            acc += tl.dot(w, xa.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(w, xs.to(tl.float32), input_precision="ieee")
     tot = sb + wsum
     xbf = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=bm[:, None] & cm[None, :],
                   other=0.0).to(tl.float32)
@@ -1056,11 +1066,11 @@ MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program hold
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
-# from this batch on: two launches, matching (one program per sample) then the rows (BC columns and AC A
-# tokens at a time, warps per program); None: always one launch. H100 (gpu_profile.py --only ms,
-# docs/gpu/profile_h100_run5_ms.json, graph replay, N=196 r=13 C=768): one launch / split 137 / 122 us at
-# bs 256, 83 / 63 at 128, 53 / 37 at 64, 30 / 22 at 32; at bs 256 N=98, 60 / 53
-MERGE_STEP_SPLIT = {"min_batch": 32, "bc": 64, "ac": 16, "warps": 4}
+# from this batch on: two launches, matching (one program per sample) then the rows (BC columns, AC merged
+# and KC kept A tokens at a time, warps per program); None: always one launch. H100 (gpu_profile.py --only
+# ms, docs/gpu/profile_h100_run13_ms.json, graph replay, N=196 r=13 C=768): one launch / split 137 / 99 us
+# at bs 256, 83 / 51 at 128, 53 / 29 at 64, 30 / 17 at 32; at bs 256 N=98, 60 / 47; N=196 r=48, 133 / 110
+MERGE_STEP_SPLIT = {"min_batch": 32, "bc": 64, "ac": 16, "warps": 4, "kc": 64}
 
 
 def merge_step_fits(n: int) -> bool:
@@ -1103,7 +1113,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
-    mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
+    mt = torch.empty((bsz, 3, nap), device=x.device, dtype=torch.int32) if split else bst
     ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
 
     def launch(mode, grid, g, bc, warps):
@@ -1123,10 +1133,9 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         if not lowp:  # float32 products: smaller tiles, or they spill
             bc, ac = 32, 16
         _merge_apply[(bsz, triton.cdiv(c, bc))](x, s_arg, mt, out, p, na, nb, r, c, x.stride(0), x.stride(1),
-                                                sizes.stride(0) if sizes is not None else 0, out.stride(0),
-                                                out.stride(1), HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap,
-                                                NBP=max(16, _p2(nb)), AC=ac, BC=bc, PP=_p2(max(p, 1)),
-                                                num_warps=warps)
+                                         sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
+                                         HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, NBP=max(16, _p2(nb)),
+                                         AC=ac, BC=bc, PP=_p2(max(p, 1)), KC=MERGE_STEP_SPLIT["kc"], num_warps=warps)
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
     if log_sizes:
