@@ -431,8 +431,9 @@ def part_ms():
                 lambda: T.merge_step(x, metric, sizes, src, 1, r, False, max_size=197), rep=20, return_mode="median")
             rows.append({"batch": b, "n": n, "r": r, "split": v, "us": round(us, 1), "matches_one_launch": ok})
             log("ms", rows[-1])
-        best[(b, n, r)] = min((rw for rw in rows if (rw["batch"], rw["n"], rw["r"]) == (b, n, r) and rw["matches_one_launch"]),
-                           key=lambda rw: rw["us"])
+        best[(b, n, r)] = min((rw for rw in rows
+                               if (rw["batch"], rw["n"], rw["r"]) == (b, n, r) and rw["matches_one_launch"]),
+                              key=lambda rw: rw["us"])
     T.MERGE_STEP_SPLIT = base
     pick = best[(256, 196, 13)]["split"]
     e2e = []

@@ -69,8 +69,9 @@ def fast_patch_embed(model: torch.nn.Module, enable: bool = True) -> torch.nn.Mo
     if not convs:
         raise ValueError(
             f"fast_patch_embed: {type(model).__name__} has no patchifying convolution (an nn.Conv2d / nn.Conv3d "
-            "with kernel_size == stride, no padding, dilation 1, groups 1); its patch embedding already runs "
-            "as it should, or overlaps its windows (AST, Whisper) and is not a matrix product of patches")
+            "with kernel_size == stride, no padding, dilation 1, groups 1). Its input embedding is not a "
+            "product of non-overlapping patches (Whisper: 1-D convolutions; AST: overlapping windows), so there "
+            "is nothing to replace: leave fast_patch_embed / --fast-patch-embed out for this model")
     for m in convs:
         if not isinstance(m, _ConvAsGemm):
             swap_class(m, _ConvAsGemm)

@@ -11,8 +11,9 @@ GPU's lower efficiency on fewer tokens, and the work outside the encoder
 blocks (patch embedding, head), which the FLOP ratio does not count and no
 reduction shortens. ``--cuda-graph`` times CUDA-graph replays (no host
 launch cost). ``--fast-patch-embed`` runs every configuration, the unreduced
-one included, with the patch embedding as one matrix product. Writes ``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up
-against budget and against the FLOP bound) under ``--out``.
+one included, with the patch embedding as one matrix product. Writes
+``<name>.json``, ``<name>.csv`` and ``<name>.png`` (speed-up against budget
+and against the FLOP bound) under ``--out``.
 """
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
             "repeats": repeats, "cuda_graph": bool(args.cuda_graph),
-            "cudnn_benchmark": cudnn_benchmark, "patch_embed": stem_kind, "unreduced_drift": {str(k): v for k, v in drift.items()},
+            "cudnn_benchmark": cudnn_benchmark, "patch_embed": stem_kind,
+            "unreduced_drift": {str(k): v for k, v in drift.items()},
             "torch": torch.__version__, "python": platform.python_version(),
             "seconds": time.perf_counter() - t_start, "notes": notes,
             "memory": "CUDA max_memory_allocated (MiB)" if cuda else "process peak RSS (MiB, coarse)"}
