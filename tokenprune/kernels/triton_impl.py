@@ -1132,10 +1132,11 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         bc, ac, warps = MERGE_STEP_SPLIT["bc"], MERGE_STEP_SPLIT["ac"], MERGE_STEP_SPLIT["warps"]
         if not lowp:  # float32 products: smaller tiles, or they spill
             bc, ac = 32, 16
-        _merge_apply[(bsz, triton.cdiv(c, bc))](x, s_arg, mt, out, p, na, nb, r, c, x.stride(0), x.stride(1),
-                                         sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
-                                         HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, NBP=max(16, _p2(nb)),
-                                         AC=ac, BC=bc, PP=_p2(max(p, 1)), KC=MERGE_STEP_SPLIT["kc"], num_warps=warps)
+        _merge_apply[(bsz, triton.cdiv(c, bc))](
+            x, s_arg, mt, out, p, na, nb, r, c, x.stride(0), x.stride(1),
+            sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
+            HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, NBP=max(16, _p2(nb)),
+            AC=ac, BC=bc, PP=_p2(max(p, 1)), KC=MERGE_STEP_SPLIT["kc"], num_warps=warps)
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
     if log_sizes:
