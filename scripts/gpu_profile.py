@@ -79,6 +79,20 @@ def kernel_times(fn, reps=20):
 def ea_variants(d, base, quick):
     """Pass-1 variants per head dim: the online-softmax loop (sub=0) and the max-first loops over
     ``sub`` tiles, with tiles, warps, programs per SM, rows per program and the split policy."""
+    if quick == "fixed":  # the defaults, and one fixed shift per row from the first tile (no online rescaling)
+        tiles = ((128, 4), (64, 4), (128, 8), (64, 8)) if d == 64 else ((64, 8), (32, 8), (64, 4))
+        return [{}] + [{"fixed": True, "sub": 0, "dual": False, "pass1": p1, "ones_l": ol, "programs_per_sm": pps}
+                       for p1, ol, pps in itertools.product(tiles, (False, True), (2, 4))]
+    if quick == "jump":  # the defaults alone (with the keys that jump, below)
+        return [{}]
+    if quick == "fixed2":  # the fixed shift: pipelining depth, register cap (more programs per SM) and split
+        tile, ol = ((64, 4), False) if d == 64 else ((64, 8), True)
+        fx = {"fixed": True, "sub": 0, "dual": False, "pass1": tile, "ones_l": ol}
+        caps = (None, 168, 128) if d == 64 else (None, 128)
+        return [{}] + [{**fx, "stages": (st, None), "maxnreg1": cap,
+                        "programs_per_sm": pps * (1 if cap is None else 65536 // (cap * 32 * tile[1]))}
+                       for st, cap, pps in itertools.product((None, 2, 4), caps, (1, 2))
+                       if not (cap is not None and pps == 2)]
     if quick == "rows":  # the defaults, and half the context rows per pass-1 program (V read by two programs)
         if d == 64:
             return [{}] + [{"sub": 0, "rows1": 32, "pass1": p1, "ones_l": ol, "programs_per_sm": pps}
@@ -148,6 +162,8 @@ def part_ea(bw, quick):
     best = {}
     for d in shapes:
         ok = [r for r in res if r["d"] == d and "error" not in r]
+        if quick in ("fixed", "fixed2", "jump"):
+            ok = [r for r in ok if r.get("fixed", T._cfg(base["fixed"], d))]
         if ok:
             best[d] = max(ok, key=lambda r: min(s["pct_graph"] for s in r["shapes"]))  # best worst case
     for d, r in best.items():
@@ -155,6 +171,22 @@ def part_ea(bw, quick):
             if kk in r:
                 T.EA_CONFIG[kk] = {**base[kk], d: r[kk]} if isinstance(base[kk], dict) else r[kk]
         r["kernels"], r["eager_us"] = {}, {}
+        if quick in ("fixed", "fixed2", "jump"):
+            # keys that jump by 20 (exp(20) overflows float16): once after the middle (the one chunk holding it
+            # redoes its loop online), and in every other 256 tokens (nearly every chunk redoes it: the worst case)
+            for tag, sel in (("jump_once", lambda n: torch.arange(n) >= n // 2 + 100),
+                             ("jump_every_256", lambda n: (torch.arange(n) % 512) >= 256)):
+                r[tag] = {}
+                for (b, h, n) in shapes[d]:
+                    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
+                    k[:, :, sel(n).cuda()] += 20
+                    fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
+                    out = fn()
+                    row = {"graph_us": round(1e3 * triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"), 1)}
+                    if n <= 16384:
+                        ref = reference.efficient_attention(q.float(), k.float(), v.float(), None)
+                        row["err"] = float((out.float() - ref).norm() / ref.norm())
+                    r[tag][f"B{b} H{h} N{n}"] = row
         for (b, h, n) in shapes[d]:
             q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16) for _ in range(3))
             fn = lambda: T.efficient_attention(q, k, v, None)  # noqa: E731
@@ -684,6 +716,7 @@ def main():
     ap.add_argument("--only", default="ea,sdpa,profile,floor")
     ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
     ap.add_argument("--ea-rows", action="store_true", help="ea: the defaults and half the context rows per program")
+    ap.add_argument("--ea-fixed", type=int, default=0, help="ea: the defaults and the fixed-shift pass 1 (1: tiles, 2: stages, register cap, 3: the defaults alone)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cudnn.benchmark off (on by default, as in `tokenprune bench`)")
     args = ap.parse_args()
@@ -701,7 +734,7 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, "rows" if args.ea_rows else args.quick), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
+    parts = {"ea": lambda: part_ea(bw, {1: "fixed", 2: "fixed2", 3: "jump"}.get(args.ea_fixed) or ("rows" if args.ea_rows else args.quick)), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
              "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms,
              "pa": part_pa, "pe": part_pe}

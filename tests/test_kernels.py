@@ -71,24 +71,29 @@ def test_efficient_attention(T, shape, dtype, bias, split):
     assert rel(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("rows,split,dual,ones_l,sub,dtype", [
-    (16, 1, False, False, 0, torch.float16), (16, 3, False, False, 0, torch.float16),
-    (64, 1, True, False, 0, torch.float16), (16, 3, True, True, 0, torch.float16),
-    (64, 2, False, True, 0, torch.float32),
-    (64, 1, False, False, 2, torch.float16), (16, 3, False, True, 3, torch.float16),
+@pytest.mark.parametrize("rows,split,dual,ones_l,sub,fixed,dtype", [
+    (16, 1, False, False, 0, False, torch.float16), (16, 3, False, False, 0, False, torch.float16),
+    (64, 1, True, False, 0, False, torch.float16), (16, 3, True, True, 0, False, torch.float16),
+    (64, 2, False, True, 0, False, torch.float32),
+    (64, 1, False, False, 2, False, torch.float16), (16, 3, False, True, 3, False, torch.float16),
+    (64, 1, False, False, 0, True, torch.float16), (16, 3, False, True, 0, True, torch.float16),
+    (64, 1, False, False, 0, True, torch.float32),
 ])
-def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, sub, dtype):
+def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, sub, fixed, dtype):
     """Pass-1 variants: ``rows`` of the d x d context per program (the d=128 configuration), two
     interleaved online-softmax chains (``dual``), row sums from a product with ones (``ones_l``),
-    max first then exponentials over ``sub`` tiles at a time (``sub``)."""
+    max first then exponentials over ``sub`` tiles at a time (``sub``), one fixed shift per row from
+    the first tile with the online loop as the fallback when that overflows (``fixed``: the jump
+    below overflows float16 and float32 exponentials, the other heads stay on the fixed shift)."""
     monkeypatch.setitem(T.EA_CONFIG, "rows1", {64: rows, 128: rows})
     monkeypatch.setitem(T.EA_CONFIG, "dual", dual)
     monkeypatch.setitem(T.EA_CONFIG, "ones_l", ones_l)
     monkeypatch.setitem(T.EA_CONFIG, "sub", sub)
+    monkeypatch.setitem(T.EA_CONFIG, "fixed", fixed)
     monkeypatch.setitem(T.EA_CONFIG, "pass1", {64: (16, 4), 128: (16, 4)})  # several tiles per chunk
     g = gen(3)
     q, k, v = [torch.randn(2, 2, 90, 40, generator=g).to(dtype) for _ in range(3)]  # d=40 -> 64 padded
-    k[0, 0, 70:] += 30  # a late jump of the running max: the rescaling must follow it
+    k[0, 0, 85:] += 30 if dtype == torch.float16 else 100  # a late jump of the running max: the rescaling must follow it
     bb = size_bias(2, 90, g, dtype)
     out = T.efficient_attention(q, k, v, bb, split=split)
     ref = R.efficient_attention(q.double(), k.double(), v.double(), bb.double())
@@ -531,14 +536,16 @@ def test_kernels_compile_for_sm90_without_spills():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(res.stdout.strip().splitlines()[-1])
-    # the fp16/bf16 tensor-core paths that matter on the GPU (float32-product variants may spill a little)
-    half = [r for r in rows if not r["config"].get("IS_F32") and r["config"].get("LOWP", True)]
-    # pass 1 of the linear attention at d = 128 spills (a 128 x 128 fp32 context on 4 warps), yet it is
-    # the fastest configuration measured on the H100: 90 / 291 / 537 us against 109 / 363 / 683 us for
-    # the spill-free 8-warp tile (docs/gpu/profile_h100_ea.json). Every other half-precision kernel: no spill.
-    spills_measured_faster = {("_ea_context", 128)}
-    half = [r for r in half if (r["kernel"], r["config"].get("DP")) not in spills_measured_faster]
-    assert all(r.get("stack", 0) == 0 for r in half), [r for r in half if r.get("stack")]
+    # the fp16/bf16 tensor-core paths that run by default (float32-product variants may spill a little, and
+    # so may the variants only gpu_profile.py sweeps)
+    half = [r for r in rows if not r["config"].get("IS_F32") and r["config"].get("LOWP", True) and not r["sweep_only"]]
+    assert {(r["kernel"], r["config"].get("DP")) for r in half} >= {("_ea_context", 64), ("_ea_context", 128)}
+    # pass 1 of the linear attention at d = 128 holds a 128 x 128 fp32 context and, for the rare overflow
+    # redo, a second copy of its loop: 5-12 local loads / stores. It is still the fastest configuration
+    # measured on the H100 (docs/gpu/profile_h100_run16_ea_fixed2.json, run 18). No other default spills.
+    small_spill = {("_ea_context", 128): 16}
+    assert all(r.get("local_ld_st", 0) <= small_spill.get((r["kernel"], r["config"].get("DP")), 0) for r in half), \
+        [r for r in half if r.get("local_ld_st")]
     assert all(r["hgmma"] > 0 for r in half if r["kernel"] in ("_ea_context", "_ea_apply", "_bm_best"))
 
 

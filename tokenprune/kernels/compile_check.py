@@ -23,26 +23,32 @@ def _configs():
     f16, f32 = "*fp16", "*fp32"
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
               "l_ptr": f32}
-    out = []
+    out, sweep = [], []  # sweep: variants only scripts/gpu_profile.py tries (they may spill)
     for dp, table in ((64, T.EA_CONFIG), (128, T.EA_CONFIG)):
         bn1, w1 = table["pass1"][dp]
         bn2, w2 = table["pass2"][dp]
         dr, ones_l = T._cfg(table["rows1"], dp), bool(T._cfg(table["ones_l"], dp))
-        sub = int(T._cfg(table["sub"], dp))
+        sub, fixed = int(T._cfg(table["sub"], dp)), bool(T._cfg(table["fixed"], dp))
         for split in (False, True):
             out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, DR=dr, BLOCK_N=bn1,
-                                                    DUAL=False, ONES_L=ones_l, SUB=sub), w1))
+                                                    DUAL=False, ONES_L=ones_l, SUB=sub, FIXED=fixed), w1))
+        # the fixed-shift pass-1 variants (gpu_profile --ea-fixed sweeps them)
+        for bn, ol, w in (((128, False, 4), (64, False, 4), (64, True, 4), (128, True, 8)) if dp == 64 else
+                          ((64, True, 8), (64, False, 8), (32, True, 8), (32, False, 8))):
+            sweep.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp, DR=dp,
+                                                      BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=0, FIXED=True), w))
         for bn, dr_, ol, w in ((64, dp, False, 4), (64, dp, True, 4), (128, dp, True, 8), (64, dp, True, 8),
                                (64, 64, True, 4)):  # the max-first pass-1 variant (gpu_profile sweeps it)
-            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp, DR=min(dr_, dp),
-                                                    BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=4), w))
+            sweep.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp,
+                                                      DR=min(dr_, dp), BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=4,
+                                                      FIXED=False), w))
         out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
                     dict(DP=dp, SP=32, RB=T.EA_CONFIG["combine_rows"],
                          SC=T.EA_CONFIG["combine_tile"] // (T.EA_CONFIG["combine_rows"] * dp)), 4))
         out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
     out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
                 dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False,
-                     SUB=0), 8))
+                     SUB=0, FIXED=False), 8))
     for short in ("short", "long"):
         bm, bn, w = T.BA_CONFIG[short]
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
@@ -93,7 +99,7 @@ def _configs():
                                     "pmin": "fp32"},
                     dict(HAS_VALID=True, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((T._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
-    return out
+    return [(*c, False) for c in out] + [(*c, True) for c in sweep]
 
 
 def check(arch: int = 90, verbose: bool = True) -> list[dict]:
@@ -106,11 +112,12 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for fn, types, consts, warps in _configs():
+    for fn, types, consts, warps, sweep_only in _configs():
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options={"num_warps": warps})
-        row = {"kernel": fn.__name__, "config": dict(consts, num_warps=warps), "shared": k.metadata.shared}
+        row = {"kernel": fn.__name__, "config": dict(consts, num_warps=warps), "shared": k.metadata.shared,
+               "sweep_only": sweep_only}
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(k.asm["cubin"])
@@ -125,7 +132,8 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
         rows.append(row)
         if verbose:
             print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
-                  f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDL/STL {row.get('local_ld_st')}")
+                  f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDL/STL {row.get('local_ld_st')}"
+                  + ("  (sweep variant)" if sweep_only else ""))
     return rows
 
 

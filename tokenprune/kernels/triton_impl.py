@@ -13,17 +13,22 @@ import triton.language as tl
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
 EA_CONFIG = {
-    # pass 2 and d=64 from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json); d=128 pass 1
-    # and the keys below from scripts/gpu_profile.py --only ea (docs/gpu/profile_h100_ea.json, GPU time:
-    # d=64 39/116/62/182 us at B1 N8k / B4 N8k / B1 N16k / B1 N64k, d=128 90/291/537 us at B1 N8k / B2 N16k / B1 N64k)
-    "pass1": {64: (128, 4), 128: (64, 4)},
+    # pass 2 from scripts/gpu_ea_sweep.py on an H100 (docs/gpu/ea_sweep_h100.json); pass 1 (fixed shift, tiles,
+    # programs per SM) from scripts/gpu_profile.py --only ea --ea-fixed 1 / 2 (docs/gpu/profile_h100_run15_ea_fixed.json,
+    # profile_h100_run16_ea_fixed2.json; GPU time d=64 34/93/53/159 us at B1 N8k / B4 N8k / B1 N16k / B1 N64k,
+    # d=128 78/236/435 us at B1 N8k / B2 N16k / B1 N64k); the other keys from docs/gpu/profile_h100_ea.json
+    "pass1": {64: (64, 4), 128: (64, 8)},
     "pass2": {64: (128, 8), 128: (64, 4)},
     "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
     "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
+    "maxnreg1": None,  # register cap per thread for pass 1 ({d: n}; None: the compiler's choice)
     # per head dim, a number or {d: value}
-    "programs_per_sm": {64: 2, 128: 2},  # pass 1 splits N until about this many programs per SM are busy
+    "programs_per_sm": {64: 2, 128: 1},  # pass 1 splits N until about this many programs per SM are busy
     "dual": False,  # pass 1 runs two independent online-softmax chains per program (slower on H100)
     "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
+    # pass 1 shifts each row by the max of its chunk's first tile and never rescales (no reduction across
+    # threads per tile); a chunk whose exponentials overflowed is redone with its own max
+    "fixed": True,
     "sub": 0,  # > 0: pass 1 takes the max over SUB tiles first, then exponentiates them (two loops, K re-read from L2)
     "combine_rows": 4,  # context rows per program of the split combine
     "combine_tile": 16384,  # elements of the [partials, rows, d] tile the combine reads at once
@@ -49,6 +54,11 @@ def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def _interpreted(kernel) -> bool:
+    """True under TRITON_INTERPRET=1 (the interpreter takes no compiler options such as maxnreg)."""
+    return type(kernel).__name__ == "InterpretedFunction"
 
 
 def _cfg(table, d):
@@ -213,12 +223,56 @@ def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, of
 
 
 @triton.jit
+def _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m0, l, acc,
+              HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, DR: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    # pass 1 with one fixed shift per context row, m0 (the max of the chunk's first tile): the loop has
+    # no reduction across threads and no rescaling. The row sums come from the tensor cores (ONES_L) or
+    # an elementwise [BLOCK_N, DR] tile summed once at the end. exp(k - m0) may exceed the range of the
+    # product's input type when a later key is far above m0 (fp16: by more than 11); the caller checks
+    # the result for inf / NaN and then runs it again with the chunk's own max
+    if ONES_L:
+        lt = tl.zeros([DR, 16], tl.float32)
+    else:
+        lt = tl.zeros([BLOCK_N, DR], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32)
+        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0)
+        if HAS_BIAS:
+            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            kt = kt + bt[:, None]
+        p = tl.where(nmask[:, None], tl.exp(kt - m0[None, :]), 0.0)
+        if IS_F32:
+            pt = tl.trans(p)
+            acc += tl.dot(pt, vt.to(tl.float32), input_precision="ieee")
+        else:
+            pt = tl.trans(p.to(vt.dtype))
+            acc += tl.dot(pt, vt)
+        if ONES_L:
+            if IS_F32:
+                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype), input_precision="ieee")
+            else:
+                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype))
+        else:
+            lt += p
+    if ONES_L:
+        l = l + tl.max(lt, 1)  # every column holds the row sum
+    else:
+        l = l + tl.sum(lt, 0)
+    return l, acc
+
+
+@triton.jit
 def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
                 DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr,
-                SUB: tl.constexpr):
+                SUB: tl.constexpr, FIXED: tl.constexpr):
     # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
     # softmax over N needs only its own K column, so rows split without extra K reads). DUAL: two
     # independent (max, sum, context) chains over alternate tiles, merged at the end, so a program
@@ -232,7 +286,7 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     offs_r = tl.program_id(2) * DR + tl.arange(0, DR)
     rmask = offs_r < D
     m = tl.full([DR], float("-inf"), tl.float32)
-    if ONES_L and SUB == 0:
+    if ONES_L and SUB == 0 and not FIXED:
         l = tl.zeros([DR, 16], tl.float32)
     else:
         l = tl.zeros([DR], tl.float32)
@@ -242,7 +296,36 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     bias_base = bias_ptr + b * sbb
-    if SUB > 0:  # two loops per SUB tiles (see _ea_sub); DUAL does not apply
+    if FIXED:  # one shift per row from the first tile (see _ea_fixed); the chunk's max if that overflowed
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            kt = kt + tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        m0 = tl.max(tl.where(nmask[:, None], kt, float("-inf")), 0)
+        m0 = tl.where(m0 == float("-inf"), 0.0, m0)
+        l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                           m0, l, acc, HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
+        bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
+        bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
+        if bad > 0:  # redo with the chunk's own max (a K-only pass): every exponential is then <= 1
+            mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                nmask = offs_n < end
+                kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :],
+                             mask=nmask[:, None] & rmask[None, :], other=float("-inf")).to(tl.float32)
+                if HAS_BIAS:
+                    kt = kt + tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+                mt = tl.maximum(mt, kt)
+            m0 = tl.max(mt, 0)
+            m0 = tl.where(m0 == float("-inf"), 0.0, m0)
+            l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                               m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32,
+                               ONES_L, DR, BLOCK_N)
+        m = m0
+    elif SUB > 0:  # two loops per SUB tiles (see _ea_sub); DUAL does not apply
         for c0 in range(start, end, SUB * BLOCK_N):
             m, l, acc = _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
                                 m, l, acc, HAS_BIAS, IS_F32, DR, BLOCK_N, SUB, ONES_L)
@@ -269,7 +352,7 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         for n0 in range(start, end, BLOCK_N):
             m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
                                  m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
-    if ONES_L and SUB == 0:
+    if ONES_L and SUB == 0 and not FIXED:
         l = tl.max(l, 1)  # every column holds the row sum
     offs_2 = offs_r[:, None] * DP + offs_d[None, :]
     if SPLIT:
@@ -350,6 +433,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     bn2, w2 = _cfg(EA_CONFIG["pass2"], dp)
     dr = min(_cfg(EA_CONFIG["rows1"], dp), dp)
     st1, st2 = ({} if st is None else {"num_stages": st} for st in EA_CONFIG["stages"])
+    if _cfg(EA_CONFIG["maxnreg1"], dp) is not None and not _interpreted(_ea_context):
+        st1["maxnreg"] = _cfg(EA_CONFIG["maxnreg1"], dp)
     if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
         bn1, bn2 = 32, 32
     if split is None:
@@ -378,6 +463,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                                        DUAL=bool(_cfg(EA_CONFIG["dual"], dp)),
                                        ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)),
                                        SUB=int(_cfg(EA_CONFIG["sub"], dp)) if dt != torch.float32 else 0,
+                                       FIXED=bool(_cfg(EA_CONFIG["fixed"], dp)),
                                        num_warps=w1, **st1)
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
