@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--sides", default="45,64,90,128", help="patch-grid sides (N = side^2: 2025 .. 16384)")
     ap.add_argument("--tokens-per-batch", type=int, default=65536, help="large batch = this // N")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (seconds)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time CUDA-graph replays of each forward (tokenprune.cuda.graphed): GPU time, no host launches")
     args = ap.parse_args()
 
     if args.smoke:
@@ -93,8 +95,12 @@ def main():
                         return model(x)
 
                 try:
-                    ms = bench(fwd, device, warmup, reps)
-                    mem = peak_mib(fwd, device)
+                    mem = peak_mib(fwd, device)  # eager: a graph's memory pool is allocated before its replays
+                    if args.cuda_graph:
+                        from tokenprune.cuda import graphed
+                        ms = bench(graphed(fwd), device, warmup, reps)
+                    else:
+                        ms = bench(fwd, device, warmup, reps)
                     err = None
                 except torch.cuda.OutOfMemoryError as e:  # report, keep going
                     ms, mem, err = None, None, f"OOM: {str(e)[:80]}"
@@ -125,9 +131,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
     meta = dict(device=dev, torch=torch.__version__, dtype=str(dtype), width=width, depth=depth, heads=heads,
-                budget=args.budget, smoke=args.smoke)
+                budget=args.budget, smoke=args.smoke, cuda_graph=args.cuda_graph)
     (out / "gpu_maelre.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    md = [f"MAELRE vs SDPA, {dev}, {dtype}, width {width}, {depth} blocks, random weights, budget {args.budget}",
+    md = [f"MAELRE vs SDPA, {dev}, {dtype}, width {width}, {depth} blocks, random weights, budget {args.budget}"
+          + (", CUDA-graph replay" if args.cuda_graph else ""),
           "",
           "| N | batch | variant | linear blocks | FLOP ratio | ms | speed-up | peak MiB | KiB / token |",
           "|---|---|---|---|---|---|---|---|---|"]
