@@ -68,6 +68,9 @@ def test_remove_is_bit_identical_to_never_patched(method):
     assert type(model) is type(pristine) and type(model.blocks) is type(pristine.blocks)
     assert model.state_dict().keys() == pristine.state_dict().keys()
     assert "_tokenprune_patch" not in model.blocks.__dict__
+    for (name, mod), (_, ref_mod) in zip(model.named_modules(), pristine.named_modules()):
+        assert type(mod) is type(ref_mod), name
+        assert not [k for k in mod.__dict__ if k.startswith("_tokenprune")], name
 
 
 def test_apply_twice_replaces_never_stacks():

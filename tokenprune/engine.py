@@ -82,6 +82,11 @@ class QK:
     scale: float = 1.0
     bias: torch.Tensor | None = None
     out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when an adapter records it
+    k_mean: torch.Tensor | None = None  # the keys averaged over heads [B, N, d], when an adapter computed it
+
+    def key_mean(self) -> torch.Tensor:
+        """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric)."""
+        return self.k_mean if self.k_mean is not None else self.k.mean(1)
 
 
 class HookCapture:
@@ -93,11 +98,14 @@ class HookCapture:
 
     def __init__(self, q_module: torch.nn.Module, k_module: torch.nn.Module, scale: float,
                  to_heads: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 out_module: torch.nn.Module | None = None, num_heads: int | None = None):
+                 out_module: torch.nn.Module | None = None, num_heads: int | None = None,
+                 fold_module: torch.nn.Module | None = None):
         self.q_module, self.k_module, self.scale, self.to_heads = q_module, k_module, scale, to_heads
         # optional: a module whose INPUT is the concatenated per-head attention output [B, N, H*d]
         # (e.g. the output projection); recorded as QK.out [B, H, N, d] (a reference, no copy)
         self.out_module, self.num_heads = out_module, num_heads
+        # optional: a qkv projection that can also write the head-mean key (QK.k_mean) while the block runs
+        self.fold_module = fold_module
 
     @contextlib.contextmanager
     def __call__(self, bias):
@@ -119,6 +127,8 @@ class HookCapture:
         ho = None
         if self.out_module is not None and self.num_heads:
             ho = self.out_module.register_forward_pre_hook(grab_out)
+        if self.fold_module is not None:
+            self.fold_module._tokenprune_qk = qk
         try:
             yield qk
         finally:
@@ -126,6 +136,8 @@ class HookCapture:
             hk.remove()
             if ho is not None:
                 ho.remove()
+            if self.fold_module is not None:
+                self.fold_module.__dict__.pop("_tokenprune_qk", None)
 
 
 def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,

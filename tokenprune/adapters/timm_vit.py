@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 
 import torch
 
@@ -38,7 +39,57 @@ def _call_block(block, x, bias):
 def _capture(block, bias):
     attn = block.attn
     out = getattr(attn, "norm", None) or getattr(attn, "proj", None)  # input = per-head outputs, concatenated
-    return HookCapture(attn.q_norm, attn.k_norm, attn.scale, out_module=out, num_heads=attn.num_heads)(bias)
+    fold = attn.qkv if isinstance(attn.qkv, _FoldedQKV) else None
+    return HookCapture(attn.q_norm, attn.k_norm, attn.scale, out_module=out, num_heads=attn.num_heads,
+                       fold_module=fold)(bias)
+
+
+def _foldable(attn) -> bool:
+    """The head-mean key is linear in the block input: plain qkv Linear, no k-norm, [q | k | v] rows."""
+    qkv = getattr(attn, "qkv", None)
+    return (type(qkv) is torch.nn.Linear and type(getattr(attn, "k_norm", None)) is torch.nn.Identity
+            and qkv.out_features == 3 * attn.num_heads * attn.head_dim)
+
+
+class _FoldedQKV:
+    """Mixin for a block's qkv ``nn.Linear`` when the reducer reads the keys' head mean (ToMe's metric).
+
+    mean_h(x W_k,h^T + b_k,h) = x mean_h(W_k,h)^T + mean_h(b_k,h), so d more output rows in the qkv
+    product give it without reading K again (``k.mean(1)`` is one more pass over K per merge step). The
+    extra rows only run while the engine captures this block (``_tokenprune_qk`` set) and no gradient
+    is recorded; the weight with them is cached and rebuilt when the qkv weights change (version
+    counter, storage, dtype or device). Its memory: (3C + d) x C per block, next to the model's own."""
+
+    def forward(self, x):
+        qk = self.__dict__.get("_tokenprune_qk")
+        if qk is None or torch.is_grad_enabled():
+            return super().forward(x)
+        w, b = self._tokenprune_folded()
+        out = torch.nn.functional.linear(x, w, b)
+        c = self.out_features
+        qk.k_mean = out[..., c:]
+        return out[..., :c]  # a view: timm's reshape to [B, N, 3, H, d] splits the last dim, no copy
+
+    def _tokenprune_folded(self):
+        w, b = self.weight, self.bias
+        try:
+            key = (w._version, w.data_ptr(), w.dtype, w.device,
+                   None if b is None else (b._version, b.data_ptr()))
+        except RuntimeError:  # inference tensors have no version counter: rebuild every call
+            key = None
+        cached = self.__dict__.get("_tokenprune_fold")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        c = self.out_features // 3
+        heads = self._tokenprune_heads
+        acc = torch.promote_types(w.dtype, torch.float32)  # the mean in fp32 (fp64 stays fp64)
+        wk = w[c:2 * c].to(acc).reshape(heads, c // heads, -1).mean(0)
+        wf = torch.cat([w, wk.to(w.dtype)], 0)
+        bf = None
+        if b is not None:
+            bf = torch.cat([b, b[c:2 * c].to(acc).reshape(heads, -1).mean(0).to(b.dtype)], 0)
+        self._tokenprune_fold = (key, wf, bf)
+        return wf, bf
 
 
 class _Blocks:
@@ -167,6 +218,10 @@ class TimmViTAdapter(Adapter):
         swap_class(m, _Model)
         for blk in m.blocks:  # timm's own forward unless a kernel is in force (see _call_block)
             swap_class(blk.attn, _KernelAttention)
+            if (getattr(patch.reducer, "uses_key_mean", False) and _foldable(blk.attn)
+                    and os.environ.get("TOKENPRUNE_FOLD", "1") != "0"):
+                blk.attn.qkv._tokenprune_heads = blk.attn.num_heads
+                swap_class(blk.attn.qkv, _FoldedQKV)
 
     def uninstall(self) -> None:
         m = self.model
@@ -174,4 +229,7 @@ class TimmViTAdapter(Adapter):
         restore_class(m.blocks)
         for blk in m.blocks:
             restore_class(blk.attn)
+            restore_class(blk.attn.qkv)
+            for attr in ("_tokenprune_heads", "_tokenprune_fold", "_tokenprune_qk"):
+                blk.attn.qkv.__dict__.pop(attr, None)
         m.blocks.__dict__.pop("_tokenprune_patch", None)

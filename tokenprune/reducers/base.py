@@ -22,6 +22,7 @@ class Reducer:
     name: ClassVar[str] = ""
     proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
     uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (engine.attention_kernel)
+    uses_key_mean: ClassVar[bool] = False  # reads QK.key_mean() (an adapter may fold it into the qkv product)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         raise NotImplementedError

@@ -80,6 +80,7 @@ class Maelre(Reducer):
     prop_attn: bool = True  # proportional attention (log-size key bias) in both attention paths
 
     uses_attention_kernel = True
+    uses_key_mean = True
 
     @property
     def proportional(self) -> bool:  # type: ignore[override]
@@ -130,7 +131,7 @@ class Maelre(Reducer):
         r = state.num_tokens - stage.keep
         if r <= 0:
             return state  # the attention-switch marker before block 0
-        return bipartite_merge(state, qk.k.mean(1), r)
+        return bipartite_merge(state, qk.key_mean(), r)
 
     def run_block(self, index, block, x, bias, call_block, attention):
         if attention == "linear":

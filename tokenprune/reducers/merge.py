@@ -39,6 +39,8 @@ class Merge(Reducer):
     start: int = 0  # first block after which tokens are merged
     layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
 
+    uses_key_mean = True
+
     @property
     def proportional(self) -> bool:  # type: ignore[override]
         return self.prop_attn
@@ -63,4 +65,4 @@ class Merge(Reducer):
 
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
-        return bipartite_merge(state, qk.k.mean(1), r)
+        return bipartite_merge(state, qk.key_mean(), r)

@@ -62,6 +62,7 @@ class Pipeline(Reducer):
         if self.ranges is not None and len(self.ranges) != len(subs):
             raise ValueError(f"ranges must give one (start, stop) per reducer ({len(subs)}); got {self.ranges!r}")
         self.uses_attention_kernel = any(getattr(s, "uses_attention_kernel", False) for s in subs)
+        self.uses_key_mean = any(getattr(s, "uses_key_mean", False) for s in subs)
         self._plans: dict = {}
         self._module = None
 
