@@ -186,39 +186,8 @@ def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, of
     m_new = tl.maximum(m, tl.max(mt, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
-    acc = acc * alpha[:, None]
-    if ONES_L:  # row sums on the tensor cores (p^T @ ones): no [BLOCK_N, DR] sum tile in registers
-        lt = tl.zeros([DR, 16], tl.float32)
-    else:
-        lt = tl.zeros([BLOCK_N, DR], tl.float32)
-    for n0 in range(c0, sub_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < sub_end
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
-                     other=0.0).to(tl.float32)
-        vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                     other=0.0)
-        if HAS_BIAS:
-            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-            kt = kt + bt[:, None]
-        p = tl.where(nmask[:, None], tl.exp(kt - m_safe[None, :]), 0.0)
-        if IS_F32:
-            pt = tl.trans(p)
-            acc += tl.dot(pt, vt.to(tl.float32), input_precision="ieee")
-        else:
-            pt = tl.trans(p.to(vt.dtype))
-            acc += tl.dot(pt, vt)
-        if ONES_L:
-            if IS_F32:
-                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype), input_precision="ieee")
-            else:
-                lt += tl.dot(pt, tl.full([BLOCK_N, 16], 1.0, pt.dtype))
-        else:
-            lt += p
-    if ONES_L:
-        l = l * alpha + tl.max(lt, 1)  # every column holds the row sum
-    else:
-        l = l * alpha + tl.sum(lt, 0)
+    l, acc = _ea_fixed(k_base, v_base, bias_base, c0, sub_end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                       m_safe, l * alpha, acc * alpha[:, None], HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
     return m_new, l, acc
 
 
