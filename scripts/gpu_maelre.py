@@ -24,6 +24,7 @@ import torch
 
 import tokenprune
 from tokenprune.bench import time_fn
+from tokenprune.cuda import graphed
 
 
 def build(side: int, patch: int, width: int, depth: int, heads: int, device, dtype):
@@ -97,7 +98,6 @@ def main():
                 try:
                     mem = peak_mib(fwd, device)  # eager: a graph's memory pool is allocated before its replays
                     if args.cuda_graph:
-                        from tokenprune.cuda import graphed
                         ms = bench(graphed(fwd), device, warmup, reps)
                     else:
                         ms = bench(fwd, device, warmup, reps)

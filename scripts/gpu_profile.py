@@ -160,9 +160,10 @@ def part_ea(bw, quick):
             T.EA_CONFIG[kk] = base[kk]
     # the best variant per d (sum of graph times) and its per-kernel breakdown
     best = {}
+    fixed_modes = quick in ("fixed", "fixed2", "jump")
     for d in shapes:
         ok = [r for r in res if r["d"] == d and "error" not in r]
-        if quick in ("fixed", "fixed2", "jump"):
+        if fixed_modes:
             ok = [r for r in ok if r.get("fixed", T._cfg(base["fixed"], d))]
         if ok:
             best[d] = max(ok, key=lambda r: min(s["pct_graph"] for s in r["shapes"]))  # best worst case
@@ -171,7 +172,7 @@ def part_ea(bw, quick):
             if kk in r:
                 T.EA_CONFIG[kk] = {**base[kk], d: r[kk]} if isinstance(base[kk], dict) else r[kk]
         r["kernels"], r["eager_us"] = {}, {}
-        if quick in ("fixed", "fixed2", "jump"):
+        if fixed_modes:
             # keys that jump by 20 (exp(20) overflows float16): once after the middle (the one chunk holding it
             # redoes its loop online), and in every other 256 tokens (nearly every chunk redoes it: the worst case)
             for tag, sel in (("jump_once", lambda n: torch.arange(n) >= n // 2 + 100),

@@ -164,6 +164,24 @@ def _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, o
 
 
 @triton.jit
+def _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS: tl.constexpr, DR: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    # the max over tokens start..end-1 of each context row's key (+ bias): a K-only loop with an elementwise
+    # running max, reduced across threads once at the end (-inf where every key is -inf)
+    mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+                     other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
+            kt = kt + bt[:, None]
+        mt = tl.maximum(mt, kt)
+    return tl.max(mt, 0)
+
+
+@triton.jit
 def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m, l, acc,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr,
             SUB: tl.constexpr, ONES_L: tl.constexpr):
@@ -173,17 +191,7 @@ def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, of
     # the row sums are reduced across threads once per SUB tiles instead of once per tile, and the
     # context is rescaled once per sub-chunk
     sub_end = tl.minimum(c0 + SUB * BLOCK_N, end)
-    mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
-    for n0 in range(c0, sub_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < sub_end
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
-                     other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-            kt = kt + bt[:, None]
-        mt = tl.maximum(mt, kt)
-    m_new = tl.maximum(m, tl.max(mt, 0))
+    m_new = tl.maximum(m, _ea_kmax(k_base, bias_base, c0, sub_end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     l, acc = _ea_fixed(k_base, v_base, bias_base, c0, sub_end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
@@ -279,16 +287,7 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
         bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
         bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
         if bad > 0:  # redo with the chunk's own max (a K-only pass): every exponential is then <= 1
-            mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
-            for n0 in range(start, end, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                nmask = offs_n < end
-                kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :],
-                             mask=nmask[:, None] & rmask[None, :], other=float("-inf")).to(tl.float32)
-                if HAS_BIAS:
-                    kt = kt + tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-                mt = tl.maximum(mt, kt)
-            m0 = tl.max(mt, 0)
+            m0 = _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N)
             m0 = tl.where(m0 == float("-inf"), 0.0, m0)
             l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
                                m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32,
