@@ -6,12 +6,20 @@ Catches what the CPU interpreter lets through (loop-carried types, layouts, shar
 memory over the limit) and reports registers / spills per kernel and block size,
 read off the cubin with the ``cuobjdump`` that ships with Triton. Needs Triton's
 NVIDIA backend (``ptxas``) but no driver. Must run without ``TRITON_INTERPRET``.
+
+Pointers, the row / batch / head strides of the token tensors, the head dim D, the channels C and the
+linear-attention chunk are compiled as multiples of 16 (true for real models, where D, C are 64, 768, ...), as
+Triton specializes them when it launches on contiguous tensors. Without that hint Triton cannot prove
+the loads aligned and compiles no asynchronous copies, so it neither pipelines the loops nor holds the
+registers and shared memory those need (sessions 1-6 read their register counts off such builds).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+
+ALIGNED = re.compile(r"^(s[qkvoxm][bhn]|ox[bn]|D|C|chunk)$")  # token-tensor strides, head dim, channels, chunk
 import subprocess
 import sys
 import tempfile
@@ -79,17 +87,18 @@ def _configs():
                     dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=T.APET_MERGE_BC,
                          BS=256), 8))
     for lowp in (True, False):
-        for mode, bc, warps in ((0, 32, T.MERGE_STEP_WARPS), (1, 32, T.MERGE_STEP_WARPS)):
+        for mode, bc, warps in ((0, 32, T.MERGE_STEP_WARPS), (2, 32, T.MERGE_STEP_SPLIT["mwarps"])):
             if lowp is False and mode != 0:
                 continue
             out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                         "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
-                                        "mt_ptr": "*i32", "ob_ptr": f16},
+                                        "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
                         dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
-    for lowp, bc, ac, warps in ((True, 64, 16, 4), (True, 128, 32, 8), (False, 32, 16, 4)):
-        out.append((T._merge_apply, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "ox_ptr": f16},
-                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, NBP=128, AC=ac, BC=bc, PP=1, KC=64), warps))
+    for lowp, rp, fbc in ((True, 16, 64), (True, 64, 128), (True, 128, 128), (False, 16, 32)):
+        out.append((T._merge_gather, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32", "ox_ptr": f16},
+                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, RP=rp, RB=T.MERGE_STEP_SPLIT["rb"],
+                         BC=T.MERGE_STEP_SPLIT["gbc"], BCF=fbc), T.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
@@ -114,7 +123,9 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
     rows = []
     for fn, types, consts, warps, sweep_only in _configs():
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if a not in consts and (sig[a].startswith("*") or ALIGNED.match(a))}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                            options={"num_warps": warps})
         row = {"kernel": fn.__name__, "config": dict(consts, num_warps=warps), "shared": k.metadata.shared,
                "sweep_only": sweep_only}
@@ -128,11 +139,13 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
             if m:
                 row["registers"], row["stack"] = int(m.group(1)), int(m.group(2))
             row["hgmma"] = sass.count("HGMMA")
+            row["async_copies"] = sass.count("LDGSTS")
             row["local_ld_st"] = sass.count("LDL") + sass.count("STL")
         rows.append(row)
         if verbose:
             print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
-                  f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDL/STL {row.get('local_ld_st')}"
+                  f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDGSTS {row.get('async_copies')}  "
+                  f"LDL/STL {row.get('local_ld_st')}"
                   + ("  (sweep variant)" if sweep_only else ""))
     return rows
 

@@ -457,7 +457,12 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 # (BLOCK_M, BLOCK_N, warps) for short and longer sequences, from the H100 run in
 # docs/gpu/profile_h100_ba.json: 287 vs 485 us for SDPA with the bias at B256 H12 N197 d64; past ~1.5k
 # tokens SDPA's masked kernel is as fast, so longer inputs keep it (max_n)
-BA_CONFIG = {"short": (64, 32, 4), "long": (128, 64, 8), "short_max": 320, "max_n": 1024}
+# "wide" (d <= 64): 128-query tiles where they pad no more query rows than 64-query tiles do (an even
+# number of 64-row tiles): 268 vs 287 us at N=197, 93 vs 99 at N=99, while at N=148 (3 tiles of 64
+# against 2 of 128) the 64-row tile wins, 174 vs 206 us (docs/gpu/profile_h100_run22_ea_split_ba.json;
+# every 6th token count 20-320 in profile_h100_run24_ba_tokens.json: the rule holds to N=257)
+BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "short_max": 320, "max_n": 1024,
+             "stages": None}  # software-pipelining depth of the key loop (None: Triton's default)
 
 
 @triton.jit
@@ -526,6 +531,8 @@ def biased_attention(q, k, v, bias=None):
         bias2, sbb, sbn = k, 0, 0
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
+    if dp <= 64 and n <= BA_CONFIG["short_max"] and BA_CONFIG.get("wide") and triton.cdiv(n, bm) % 2 == 0:
+        bm, bn, warps = BA_CONFIG["wide"]
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
@@ -535,7 +542,8 @@ def biased_attention(q, k, v, bias=None):
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=warps)
+                                         num_warps=warps, **({} if BA_CONFIG["stages"] is None
+                                                             else {"num_stages": BA_CONFIG["stages"]}))
     return out
 
 
@@ -964,7 +972,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
 
 
 @triton.jit
-def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
+def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr, rows_ptr,
                 P, NA, NB, R, C, D, N0, G,
                 sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
@@ -974,9 +982,11 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
     # alone spends most of its time waiting on the serial column loop).
-    # Large batches run two launches instead: MODE 1 (one program per sample) matches, ranks, writes
-    # the sizes and the source map, and leaves each A token's partner and rank in ``mt``; then
-    # _merge_apply writes the rows
+    # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
+    # the sizes and the source map, and leaves each A token's partner and rank in ``mt`` and each
+    # output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
+    # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
+    # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs_p = tl.arange(0, PP)
@@ -998,7 +1008,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
                              PADDED, IS_F32, NAP, BT)
     is_src = (rank < R) & am
-    if MODE == 1:  # partner, rank and, in rank order, the A tokens merged away
+    if MODE == 2:  # partner, rank and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (3 * b) * NAP + offs_a, arg)
         tl.store(mt_ptr + (3 * b + 1) * NAP + offs_a, rank)
         tl.store(mt_ptr + (3 * b + 2) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
@@ -1011,7 +1021,14 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     sa_src = tl.where(is_src, sa, 0.0)
     tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
     # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
-    for c0 in range(g * BC, C if MODE != 1 else 0, G * BC):  # MODE 1: no rows (_merge_apply writes them)
+    if MODE == 2:  # output row -> source row; -1 for the B rows that receive merged tokens (_merge_gather)
+        nrow = P + n_unm + NB
+        tl.store(rows_ptr + b * nrow + out_a, row_a, mask=is_unm)
+        tl.store(rows_ptr + b * nrow + out_b, row_b, mask=bm)
+        tl.store(rows_ptr + b * nrow + offs_p, offs_p, mask=pm)
+        tl.debug_barrier()  # the B rows' entries above are written before the -1 below overwrites some
+        tl.store(rows_ptr + b * nrow + P + n_unm + arg, tl.full([NAP], -1, tl.int32), mask=is_src)
+    for c0 in range(g * BC, C if MODE == 0 else 0, G * BC):  # MODE 2: no rows (_merge_gather writes them)
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
         xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
@@ -1054,77 +1071,74 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
 
 
 @triton.jit
-def _merge_apply(x_ptr, s_ptr, mt_ptr, ox_ptr, P, NA, NB, R, C, sxb, sxn, ssb, oxb, oxn,
-                 HAS_SIZES: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr,
-                 AC: tl.constexpr, BC: tl.constexpr, PP: tl.constexpr, KC: tl.constexpr):
-    # program (b, c): the rows of column tile c of sample b, from what _merge_step (MODE 1) left in mt:
-    # each A token's partner and rank, and the merged A tokens in rank order. The kept A rows are a
-    # plain copy, KC rows at a time. Only the R merged A tokens enter the product, gathered AC at a
-    # time, so a program holds a [NBP, AC] slice of the merge weights. (Session 4's version multiplied
-    # every A token, with zero weights for the kept ones: 121 against 99 us at bs 256 N196 r13,
-    # docs/gpu/profile_h100_run13_ms.json.)
+def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, ssb, oxb, oxn,
+                  HAS_SIZES: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, RP: tl.constexpr,
+                  RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
+    # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
+    # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
+    # Programs (b, NG ..): column tile BCF of the B rows that receive merged tokens (row -1 in ``rows``).
+    # For the R merged A tokens i (rank order) with partner j(i): row j = (s_j x_j + sum over A tokens
+    # i' into j of s_i' x_i') / (s_j + sum s_i'), from W[i, i'] = s_i' where j(i') = j(i); A tokens with
+    # the same partner write the same row with the same values
     b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
-    cm = offs_c < C
-    offs_b = tl.arange(0, NBP)
-    bm = offs_b < NB
-    row_b = P + 2 * offs_b + 1
-    if HAS_SIZES:
-        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
+    t = tl.program_id(1)
+    if t < NG:
+        offs_o = t * RB + tl.arange(0, RB)
+        om = offs_o < NOUT
+        src = tl.load(rows_ptr + b * NOUT + offs_o, mask=om, other=-1)
+        ok = om & (src >= 0)
+        for c0 in range(0, C, BC):
+            offs_c = c0 + tl.arange(0, BC)
+            m = ok[:, None] & (offs_c < C)[None, :]
+            xt = tl.load(x_ptr + b * sxb + src[:, None] * sxn + offs_c[None, :], mask=m)
+            tl.store(ox_ptr + b * oxb + offs_o[:, None] * oxn + offs_c[None, :], xt, mask=m)
     else:
-        sb = tl.where(bm, 1.0, 0.0)
-    kept = tl.full([], 0, tl.int32)  # kept A tokens before this chunk: their output rows come first
-    for a0 in range(0, NA, KC):
-        offs_a = a0 + tl.arange(0, KC)
-        am = offs_a < NA
-        rank = tl.load(mt_ptr + (3 * b + 1) * NAP + offs_a, mask=am, other=0)
-        u = (am & (rank >= R)).to(tl.int32)
-        pos = kept + tl.cumsum(u, 0) - u  # spatial order among the kept A tokens
-        kept += tl.sum(u, 0)
-        keep = (u > 0)[:, None] & cm[None, :]
-        xa = tl.load(x_ptr + b * sxb + (P + 2 * offs_a)[:, None] * sxn + offs_c[None, :], mask=keep, other=0.0)
-        tl.store(ox_ptr + b * oxb + (P + pos)[:, None] * oxn + offs_c[None, :], xa, mask=keep)
-    acc = tl.zeros([NBP, BC], tl.float32)
-    wsum = tl.zeros([NBP], tl.float32)
-    for r0 in range(0, R, AC):
-        offs_r = r0 + tl.arange(0, AC)
+        offs_c = (t - NG) * BCF + tl.arange(0, BCF)
+        cm = offs_c < C
+        offs_r = tl.arange(0, RP)
         rm = offs_r < R
         ia = tl.load(mt_ptr + (3 * b + 2) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
-        arg = tl.load(mt_ptr + (3 * b) * NAP + ia, mask=rm, other=-1)
+        arg = tl.load(mt_ptr + (3 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
         row_s = P + 2 * ia
+        row_b = P + 2 * arg + 1
         if HAS_SIZES:
             ss = tl.load(s_ptr + b * ssb + row_s, mask=rm, other=0.0).to(tl.float32)
+            sb = tl.load(s_ptr + b * ssb + row_b, mask=rm, other=0.0).to(tl.float32)
         else:
             ss = tl.where(rm, 1.0, 0.0)
+            sb = tl.where(rm, 1.0, 0.0)
         xs = tl.load(x_ptr + b * sxb + row_s[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
                      other=0.0)
-        w = tl.where(arg[None, :] == offs_b[:, None], ss[None, :], 0.0)  # [NBP, AC]
-        wsum += tl.sum(w, 1)
+        w = tl.where((arg[:, None] == arg[None, :]) & rm[None, :], ss[None, :], 0.0)  # [RP, RP]
         if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
-            acc += tl.dot(w.to(xs.dtype), xs)
+            acc = tl.dot(w.to(xs.dtype), xs)
         else:
-            acc += tl.dot(w, xs.to(tl.float32), input_precision="ieee")
-    tot = sb + wsum
-    xbf = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=bm[:, None] & cm[None, :],
-                  other=0.0).to(tl.float32)
-    xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
-    out_b = P + (NA - R) + offs_b
-    tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
-             mask=bm[:, None] & cm[None, :])
-    offs_p = tl.arange(0, PP)
-    pm = offs_p < P
-    _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
+            acc = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
+        tot = sb + tl.sum(w, 1)
+        xbf = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
+                      other=0.0).to(tl.float32)
+        xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
+        out_b = P + (NA - R) + arg
+        tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
 
 
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
-# from this batch on: two launches, matching (one program per sample) then the rows (BC columns, AC merged
-# and KC kept A tokens at a time, warps per program); None: always one launch. H100 (gpu_profile.py --only
-# ms, docs/gpu/profile_h100_run13_ms.json, graph replay, N=196 r=13 C=768): one launch / split 137 / 99 us
-# at bs 256, 83 / 51 at 128, 53 / 29 at 64, 30 / 17 at 32; at bs 256 N=98, 60 / 47; N=196 r=48, 133 / 110
-MERGE_STEP_SPLIT = {"min_batch": 32, "bc": 64, "ac": 16, "warps": 4, "kc": 64}
+# From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
+# a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
+# samples take one wave) and _merge_gather, which copies whole rows through a row map (rb rows, gbc
+# columns at a time, gwarps warps) and computes only the B rows that receive merged tokens (fbc columns
+# per program, fbc_many above 32 merged tokens); None: always one launch (137 us at bs 256 N=196 r=13).
+# H100, graph replay, C=768
+# (gpu_profile.py --only ms; docs/gpu/profile_h100_run25_ms.json for the sweep of rows / columns / warps,
+# profile_h100_run28_ms.json): bs 256 N=196 r=13 99.5 us for session 5's per-column-tile rows -> 81.3
+# (76.3 with the register cap: 55 us of it the row copy, 91% of the copy bound), r=48 110.5 -> 77.5,
+# N=98 46.9 -> 39.7; bs 128 51.2 -> 41.9; bs 64 28.8 -> 23.4; bs 32 17.3 -> 16.0
+MERGE_STEP_SPLIT = {"min_batch": 32, "rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128, "mwarps": 8,
+                    "mmaxnreg": 128}
 
 
 def merge_step_fits(n: int) -> bool:
@@ -1168,10 +1182,11 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     mt = torch.empty((bsz, 3, nap), device=x.device, dtype=torch.int32) if split else bst
+    rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
     ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
 
-    def launch(mode, grid, g, bc, warps):
-        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
+    def launch(mode, grid, g, bc, warps, **extra):
+        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob, rows,
                           p, na, nb, r, c, d, n0, g,
                           x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
@@ -1179,18 +1194,24 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                           HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
                           IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
-                          BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps)
+                          BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
 
     if split:
-        launch(1, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_WARPS)
-        bc, ac, warps = MERGE_STEP_SPLIT["bc"], MERGE_STEP_SPLIT["ac"], MERGE_STEP_SPLIT["warps"]
+        cap = MERGE_STEP_SPLIT.get("mmaxnreg") if bsz > _num_sms(x.device) else None
+        launch(2, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_SPLIT.get("mwarps", MERGE_STEP_WARPS),
+               **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))
+        rb, fbc = MERGE_STEP_SPLIT["rb"], MERGE_STEP_SPLIT["fbc"]
+        if r > 32:
+            fbc = MERGE_STEP_SPLIT.get("fbc_many", fbc)
         if not lowp:  # float32 products: smaller tiles, or they spill
-            bc, ac = 32, 16
-        _merge_apply[(bsz, triton.cdiv(c, bc))](
-            x, s_arg, mt, out, p, na, nb, r, c, x.stride(0), x.stride(1),
+            fbc = 32
+        ng = triton.cdiv(nout, rb)
+        _merge_gather[(bsz, ng + triton.cdiv(c, fbc))](
+            x, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1),
             sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
-            HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, NBP=max(16, _p2(nb)),
-            AC=ac, BC=bc, PP=_p2(max(p, 1)), KC=MERGE_STEP_SPLIT["kc"], num_warps=warps)
+            HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
+            BC=min(MERGE_STEP_SPLIT["gbc"], _p2(c)), BCF=fbc,
+            num_warps=MERGE_STEP_SPLIT["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
     if log_sizes:
