@@ -357,6 +357,7 @@ def kernel_bipartite(dev, smoke, ceil):
     for b, n, c, r, dt in ([(2, 21, 32, 7, torch.float32)] if smoke else
                            [(64, 196, 768, 13, torch.float32), (256, 196, 768, 13, torch.float16),
                             (2, 16384, 768, 4096, torch.float32), (2, 16384, 768, 4096, torch.float16),
+                            (128, 196, 768, 48, torch.float16),  # row gather with 128-column fix-up tiles
                             (3, 101, 384, 50, torch.float32), (8, 255, 256, 100, torch.bfloat16)]):
         x = randn(b, 1 + n, c, dtype=dt, dev=dev, gen=gen)
         metric = randn(b, 1 + n, 64, dtype=dt, dev=dev, gen=gen)

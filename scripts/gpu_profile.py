@@ -1,7 +1,7 @@
 """Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
 
     python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
-    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms, pa, pe
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms, pa, pe, gemmw, foldpad, bast
 
 Parts:
 - ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
@@ -16,12 +16,15 @@ Parts:
   first K tokens: one slice), at bs 256 and bs 1 (eager and CUDA graph) -- the time a reducer
   with zero cost would take, next to the FLOP-proportional time the overhead target uses.
 - ``qs``: query_scores block sizes per shape.
-- ``ms``: merge_step at large batch, one launch vs matching + _merge_apply, and ViT-B merge forwards.
+- ``ms``: merge_step at large batch, one launch vs matching + _merge_gather, and ViT-B merge forwards.
 - ``fixed``: the unreduced ViT-B's time outside its blocks (patch embedding, head), cudnn.benchmark off/on.
 - ``blockn``: one ViT-B block at bs 256 at every token count 20-197 (block, SDPA, MLP, qkv), and the
   schedule floors predicted from it.
 - ``pa``: proportional attention as SDPA without a mask on size-weighted values [w v, w] (numerator and
   denominator in one call), against the fused key-bias kernel and FlexAttention.
+- ``gemmw``: the qkv product's width (2304, + the folded key mean, + zero rows) and 2304 + ``k.mean(1)``.
+- ``foldpad``: ViT-B merge at bs 256 with the key mean from ``k.mean(1)``, folded, and folded with zero rows.
+- ``bast``: the key-bias attention kernel's pipelining depth per tile at ViT-B merge token counts.
 - ``pe``: the patch-embedding convolution on cuDNN (NCHW, channels-last) against patches + one GEMM, and
   whole ViT-B forwards with each stem.
 """
@@ -83,6 +86,12 @@ def ea_variants(d, base, quick):
         tiles = ((128, 4), (64, 4), (128, 8), (64, 8)) if d == 64 else ((64, 8), (32, 8), (64, 4))
         return [{}] + [{"fixed": True, "sub": 0, "dual": False, "pass1": p1, "ones_l": ol, "programs_per_sm": pps}
                        for p1, ol, pps in itertools.product(tiles, (False, True), (2, 4))]
+    if quick == "split":  # the fixed shift: how far N is split (programs per SM, shortest chunk), pass-2 tiles
+        pps_all = (1, 2, 3, 4) if d == 64 else (1, 2)
+        out = [{}] + [{"programs_per_sm": pps, "min_chunk": mc} for pps, mc in itertools.product(pps_all, (512, 256, 128))
+                      if (pps, mc) != (base["programs_per_sm"][d], base["min_chunk"])]
+        p2 = ((64, 4), (128, 4), (256, 8), (64, 2)) if d == 64 else ((32, 4), (64, 8), (128, 8), (32, 2))
+        return out + [{"pass2": t} for t in p2 if t != base["pass2"][d]]
     if quick == "jump":  # the defaults alone (with the keys that jump, below)
         return [{}]
     if quick == "fixed2":  # the fixed shift: pipelining depth, register cap (more programs per SM) and split
@@ -160,7 +169,7 @@ def part_ea(bw, quick):
             T.EA_CONFIG[kk] = base[kk]
     # the best variant per d (sum of graph times) and its per-kernel breakdown
     best = {}
-    fixed_modes = quick in ("fixed", "fixed2", "jump")
+    fixed_modes = quick in ("fixed", "fixed2", "jump", "split")
     for d in shapes:
         ok = [r for r in res if r["d"] == d and "error" not in r]
         if fixed_modes:
@@ -225,7 +234,7 @@ def part_ba():
         if n <= 320:
             variants += [(64, 128, 4), (64, 128, 8)]
         for bm, bn, w in variants:
-            T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w))
+            T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w), wide=None)
             try:
                 out = T.biased_attention(q, k, v, bias)
                 err = float((out.double() - ref).norm() / ref.norm())
@@ -433,18 +442,18 @@ def part_qs():
 
 
 def part_ms():
-    """merge_step at large batch: one launch against matching + _merge_apply (two launches) for
-    several (columns, A chunk, warps) per program, graph replay, checked against the one-launch
-    output; then ViT-B merge forwards at bs 256 with the best split and without."""
+    """merge_step at large batch: one launch against matching + _merge_gather (two launches), with and
+    without the matching's register cap, graph replay, checked against the one-launch output; then ViT-B
+    merge forwards at bs 256 with the best split and without."""
     import triton.testing
 
     from tokenprune.kernels import triton_impl as T
     base = T.MERGE_STEP_SPLIT
-    # (kc: kept A rows copied per iteration. Run 13 also timed session 4's _merge_apply, which multiplied
-    # every A token: 121 / 119 / 52 / 63 / 37 / 22 us at the shapes below, docs/gpu/profile_h100_run13_ms.json)
-    variants = [None] + [{"bc": bc, "ac": ac, "warps": w, "kc": kc}
-                         for bc, ac, w, kc in ((64, 16, 4, 64), (64, 16, 4, 32), (64, 16, 4, 16), (32, 16, 4, 16),
-                                               (128, 16, 8, 16), (128, 32, 8, 32), (64, 16, 8, 32), (64, 32, 4, 16))]
+    # history: run 13 (session 5) swept _merge_apply, the rows per column tile; run 25 swept the gather's
+    # rows (4-32), columns (128-1024), warps (2-8) and fix-up tiles (64 / 128); run 28 timed _merge_apply
+    # against the gather: 99.5 / 110.5 / 46.9 / 51.2 / 28.8 / 17.3 us at the shapes below, then removed
+    # (docs/gpu/profile_h100_run13_ms.json, profile_h100_run25_ms.json, profile_h100_run28_ms.json)
+    variants = [None, {}, {"mmaxnreg": None}, {"mwarps": 4, "mmaxnreg": None}]
     rows, best = [], {}
     for b, n, r in ((256, 196, 13), (256, 196, 48), (256, 98, 13), (128, 196, 13), (64, 196, 13), (32, 196, 13)):
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -454,7 +463,7 @@ def part_ms():
         src = torch.arange(1 + n, device="cuda").expand(b, 1 + n).contiguous()
         ref = None
         for v in variants:
-            T.MERGE_STEP_SPLIT = None if v is None else dict(v, min_batch=1)
+            T.MERGE_STEP_SPLIT = None if v is None else {**base, **v, "min_batch": 1}
             out = T.merge_step(x, metric, sizes, src, 1, r, False, max_size=197)
             if ref is None:
                 ref = out
@@ -468,6 +477,16 @@ def part_ms():
                                if (rw["batch"], rw["n"], rw["r"]) == (b, n, r) and rw["matches_one_launch"]),
                               key=lambda rw: rw["us"])
     T.MERGE_STEP_SPLIT = base
+    # where the default's step time goes, per kernel (profiler, 20 calls)
+    kern = {}
+    for b, n, r in ((256, 196, 13), (256, 196, 48), (256, 98, 13)):
+        x = torch.randn(b, 1 + n, 768, device="cuda", dtype=torch.float16)
+        metric = torch.randn(b, 1 + n, 64, device="cuda", dtype=torch.float16)
+        sizes = torch.randint(1, 4, (b, 1 + n), device="cuda").float()
+        src = torch.arange(1 + n, device="cuda").expand(b, 1 + n).contiguous()
+        kern[f"B{b} N{n} r{r}"] = kernel_times(lambda: T.merge_step(x, metric, sizes, src, 1, r, False, max_size=197))
+        log("ms kernels", b, n, r, kern[f"B{b} N{n} r{r}"])
+    OUT["ms_kernels"] = kern
     pick = best[(256, 196, 13)]["split"]
     e2e = []
     model = vit()
@@ -479,7 +498,7 @@ def part_ms():
             tokenprune.apply(model, budget=budget, method="merge")
             ratio = tokenprune.plan(model).flop_ratio
             for name, v in (("one launch", None), ("split", pick), ("default", base)):
-                T.MERGE_STEP_SPLIT = None if v is None else dict(v, min_batch=64)
+                T.MERGE_STEP_SPLIT = None if v is None else {**base, **v, "min_batch": 64}
                 t = 1e3 * triton.testing.do_bench_cudagraph(lambda: model(x), rep=200, return_mode="median")
                 e2e.append({"budget": budget, "variant": name, "split": v, "ms": round(t / 1e3, 3),
                             "unreduced_ms": round(t0 / 1e3, 3), "flop_ratio": round(ratio, 4),
@@ -488,6 +507,127 @@ def part_ms():
     T.MERGE_STEP_SPLIT = base
     tokenprune.remove(model)
     OUT["ms"] = {"rows": rows, "e2e": e2e}
+
+
+def part_gemmw():
+    """The qkv product's width at ViT-B sizes (C=768, bs 256): 2304 columns (q, k, v), 2368 (+ the d=64
+    rows of the folded head-mean key), and that padded with zero rows to 2432 / 2496 / 2560; next to the
+    2304-wide product plus ``k.mean(1)`` over the strided keys (the unfolded metric). Graph replay."""
+    import torch.nn.functional as F
+    import triton.testing
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (197, 148, 99, 60):
+        x = torch.randn(256 * n, 768, device="cuda", dtype=torch.float16, generator=g)
+        r = {"tokens": n}
+        for cols in (2304, 2368, 2432, 2496, 2560):
+            w = torch.randn(cols, 768, device="cuda", dtype=torch.float16, generator=g) * 0.02
+            bias = torch.zeros(cols, device="cuda", dtype=torch.float16)
+            r[f"linear_{cols}_us"] = round(1e3 * triton.testing.do_bench_cudagraph(
+                lambda: F.linear(x, w, bias), rep=50, return_mode="median"), 1)
+        w = torch.randn(2304, 768, device="cuda", dtype=torch.float16, generator=g) * 0.02
+        bias = torch.zeros(2304, device="cuda", dtype=torch.float16)
+
+        def kmean():
+            qkv = F.linear(x, w, bias).reshape(256, n, 3, 12, 64).permute(2, 0, 3, 1, 4)
+            return qkv[1].mean(1)
+        r["linear_2304_kmean_us"] = round(1e3 * triton.testing.do_bench_cudagraph(kmean, rep=50,
+                                                                                   return_mode="median"), 1)
+        rows.append(r)
+        log("gemmw", r)
+    OUT["gemmw"] = rows
+
+
+def part_foldpad():
+    """ViT-B merge at bs 256 (graph replay, fp16, GEMM stem): the head-mean key from k.mean(1)
+    (TOKENPRUNE_FOLD=0), folded into the qkv product (2368 columns), and folded with zero rows up to a
+    multiple of 128 / 192 columns; three alternating rounds, each against the unreduced model."""
+    import triton.testing
+
+    from tokenprune.adapters import timm_vit
+    model = vit()
+    tokenprune.fast_patch_embed(model)
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    variants = (("kmean", "0", 1), ("fold", "1", 1), ("fold_pad128", "1", 128), ("fold_pad192", "1", 192))
+    rows = []
+    with torch.inference_mode():
+        for budget in (0.5, 0.25, 0.1):
+            res = {name: [] for name, _, _ in variants}
+            res["unreduced"] = []
+            for _ in range(3):
+                tokenprune.remove(model)
+                res["unreduced"].append(triton.testing.do_bench_cudagraph(lambda: model(x), rep=100,
+                                                                          return_mode="median"))
+                for name, fold, mult in variants:
+                    os.environ["TOKENPRUNE_FOLD"] = fold
+                    timm_vit.FOLD_ROWS_MULTIPLE = mult
+                    tokenprune.remove(model)
+                    tokenprune.apply(model, budget=budget, method="merge")
+                    ratio = tokenprune.plan(model).flop_ratio
+                    res[name].append(triton.testing.do_bench_cudagraph(lambda: model(x), rep=100,
+                                                                       return_mode="median"))
+            t0 = min(res["unreduced"])
+            row = {"budget": budget, "flop_ratio": round(ratio, 4), "unreduced_ms": [round(t, 3) for t in res["unreduced"]]}
+            for name, _, _ in variants:
+                row[name + "_ms"] = [round(t, 3) for t in res[name]]
+                row[name + "_overhead_pct"] = round(100 * (min(res[name]) / (t0 * ratio) - 1), 1)
+            rows.append(row)
+            log("foldpad", row)
+    os.environ.pop("TOKENPRUNE_FOLD", None)
+    timm_vit.FOLD_ROWS_MULTIPLE = 1
+    tokenprune.remove(model)
+    OUT["foldpad"] = rows
+
+
+def part_bast():
+    """The key-bias attention kernel's software-pipelining depth per tile, at the token counts of a
+    ViT-B merge schedule (B256 H12 d64), graph replay, against SDPA without a mask (flash)."""
+    import torch.nn.functional as F
+    import triton.testing
+
+    from tokenprune.kernels import triton_impl as T
+    base = dict(T.BA_CONFIG)
+    rows = []
+    for n in (197, 148, 99, 50):
+        q, k, v = (torch.randn(256, 12, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        bias = (torch.rand(256, n, device="cuda") * 3 + 1).log()[:, None, None, :].half()
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float())
+        r = {"n": n, "sdpa_nomask_us": round(1e3 * triton.testing.do_bench_cudagraph(
+            lambda: F.scaled_dot_product_attention(q, k, v), rep=20, return_mode="median"), 1)}
+        for (bm, bn, w), st in itertools.product(((64, 32, 4), (64, 64, 4), (128, 32, 8), (32, 32, 2)), (None, 1, 2, 3, 4)):
+            T.BA_CONFIG.update(short=(bm, bn, w), long=(bm, bn, w), stages=st, wide=None)
+            key = f"{bm}x{bn}w{w}s{st}"
+            try:
+                out = T.biased_attention(q, k, v, bias)
+                err = float((out.float() - ref).norm() / ref.norm())
+                if not err < 1e-2:
+                    raise ValueError(f"rel err {err:.2e}")
+                r[key] = round(1e3 * triton.testing.do_bench_cudagraph(lambda: T.biased_attention(q, k, v, bias),
+                                                                       rep=20, return_mode="median"), 1)
+            except Exception as e:
+                r[key + "_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+        T.BA_CONFIG.clear()
+        T.BA_CONFIG.update(base)
+        rows.append(r)
+        log("bast", r)
+    OUT["bast"] = rows
+    # 64- against 128-query tiles at every token count of a ViT-B schedule (and the default's choice)
+    rows = []
+    for n in list(range(20, 200, 6)) + [197, 224, 257, 288, 320]:
+        q, k, v = (torch.randn(256, 12, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        bias = (torch.rand(256, n, device="cuda") * 3 + 1).log()[:, None, None, :].half()
+        r = {"n": n}
+        for name, cfg in (("m64", dict(base, wide=None)), ("m128", dict(base, short=base["wide"], wide=None)),
+                          ("default", base)):
+            T.BA_CONFIG.clear()
+            T.BA_CONFIG.update(cfg)
+            r[name] = round(1e3 * triton.testing.do_bench_cudagraph(lambda: T.biased_attention(q, k, v, bias),
+                                                                    rep=20, return_mode="median"), 1)
+        T.BA_CONFIG.clear()
+        T.BA_CONFIG.update(base)
+        rows.append(r)
+        log("bastn", r)
+    OUT["bastn"] = rows
 
 
 def part_fixed():
@@ -717,7 +857,8 @@ def main():
     ap.add_argument("--only", default="ea,sdpa,profile,floor")
     ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
     ap.add_argument("--ea-rows", action="store_true", help="ea: the defaults and half the context rows per program")
-    ap.add_argument("--ea-fixed", type=int, default=0, help="ea: the defaults and the fixed-shift pass 1 (1: tiles, 2: stages, register cap, 3: the defaults alone)")
+    ap.add_argument("--ea-fixed", type=int, default=0, help="ea: the defaults and the fixed-shift pass 1 (1: tiles, 2: stages, register cap, 3: the defaults "
+                         "alone, 4: how far N is split and the pass-2 tile)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cudnn.benchmark off (on by default, as in `tokenprune bench`)")
     args = ap.parse_args()
@@ -735,10 +876,10 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, {1: "fixed", 2: "fixed2", 3: "jump"}.get(args.ea_fixed) or ("rows" if args.ea_rows else args.quick)), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
+    parts = {"ea": lambda: part_ea(bw, {1: "fixed", 2: "fixed2", 3: "jump", 4: "split"}.get(args.ea_fixed) or ("rows" if args.ea_rows else args.quick)), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
              "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms,
-             "pa": part_pa, "pe": part_pe}
+             "pa": part_pa, "pe": part_pe, "gemmw": part_gemmw, "foldpad": part_foldpad, "bast": part_bast}
     for name in args.only.split(","):
         t = time.time()
         try:

@@ -51,6 +51,9 @@ def _foldable(attn) -> bool:
             and qkv.out_features == 3 * attn.num_heads * attn.head_dim)
 
 
+FOLD_ROWS_MULTIPLE = 1  # pad the folded qkv weight with zero rows to a multiple of this (128 / 192: no gain, run 23)
+
+
 class _FoldedQKV:
     """Mixin for a block's qkv ``nn.Linear`` when the reducer reads the keys' head mean (ToMe's metric).
 
@@ -67,14 +70,14 @@ class _FoldedQKV:
         w, b = self._tokenprune_folded()
         out = torch.nn.functional.linear(x, w, b)
         c = self.out_features
-        qk.k_mean = out[..., c:]
+        qk.k_mean = out[..., c:c + c // (3 * self._tokenprune_heads)]
         return out[..., :c]  # a view: timm's reshape to [B, N, 3, H, d] splits the last dim, no copy
 
     def _tokenprune_folded(self):
         w, b = self.weight, self.bias
         try:
             key = (w._version, w.data_ptr(), w.dtype, w.device,
-                   None if b is None else (b._version, b.data_ptr()))
+                   None if b is None else (b._version, b.data_ptr()), FOLD_ROWS_MULTIPLE)
         except RuntimeError:  # inference tensors have no version counter: rebuild every call
             key = None
         cached = self.__dict__.get("_tokenprune_fold")
@@ -84,10 +87,11 @@ class _FoldedQKV:
         heads = self._tokenprune_heads
         acc = torch.promote_types(w.dtype, torch.float32)  # the mean in fp32 (fp64 stays fp64)
         wk = w[c:2 * c].to(acc).reshape(heads, c // heads, -1).mean(0)
-        wf = torch.cat([w, wk.to(w.dtype)], 0)
+        pad = -(w.shape[0] + wk.shape[0]) % FOLD_ROWS_MULTIPLE  # zero rows: a GEMM width its kernels tile well
+        wf = torch.cat([w, wk.to(w.dtype), w.new_zeros(pad, w.shape[1])], 0)
         bf = None
         if b is not None:
-            bf = torch.cat([b, b[c:2 * c].to(acc).reshape(heads, -1).mean(0).to(b.dtype)], 0)
+            bf = torch.cat([b, b[c:2 * c].to(acc).reshape(heads, -1).mean(0).to(b.dtype), b.new_zeros(pad)], 0)
         self._tokenprune_fold = (key, wf, bf)
         return wf, bf
 
