@@ -117,6 +117,7 @@ def test_efficient_attention_strided_input_matches_reducer(T):
 @pytest.mark.parametrize("shape,dtype,bias", [
     ((2, 3, 37, 16), torch.float16, True),  # one key tile, padding keys (log 0 = -inf)
     ((1, 2, 150, 64), torch.float16, True),  # several key and query tiles, a partial last tile
+    ((2, 2, 100, 64), torch.float16, True),  # two 64-row tiles' worth: one 128-row query tile on 8 warps
     ((2, 1, 70, 24), torch.float32, True),  # head dim not a power of two
     ((1, 2, 50, 32), torch.float32, False),
 ])
