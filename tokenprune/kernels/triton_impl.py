@@ -983,8 +983,8 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
     # alone spends most of its time waiting on the serial column loop).
     # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
-    # the sizes and the source map, and leaves each A token's partner and rank in ``mt`` and each
-    # output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
+    # the sizes and the source map, and leaves each A token's partner and the merged A tokens in rank
+    # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
     # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
     # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
     b = tl.program_id(0).to(tl.int64)
@@ -1008,10 +1008,9 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
                              PADDED, IS_F32, NAP, BT)
     is_src = (rank < R) & am
-    if MODE == 2:  # partner, rank and, in rank order, the A tokens merged away
-        tl.store(mt_ptr + (3 * b) * NAP + offs_a, arg)
-        tl.store(mt_ptr + (3 * b + 1) * NAP + offs_a, rank)
-        tl.store(mt_ptr + (3 * b + 2) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
+    if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
+        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
+        tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
     is_unm = am & (rank >= R)
     pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
     n_unm = NA - R
@@ -1097,8 +1096,8 @@ def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG,
         cm = offs_c < C
         offs_r = tl.arange(0, RP)
         rm = offs_r < R
-        ia = tl.load(mt_ptr + (3 * b + 2) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
-        arg = tl.load(mt_ptr + (3 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
+        ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
+        arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
         row_s = P + 2 * ia
         row_b = P + 2 * arg + 1
         if HAS_SIZES:
@@ -1181,7 +1180,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
-    mt = torch.empty((bsz, 3, nap), device=x.device, dtype=torch.int32) if split else bst
+    mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
     rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
     ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
 
