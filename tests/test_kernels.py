@@ -276,6 +276,44 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     assert rel(out.x, ref.x) < 1e-3
 
 
+@pytest.mark.parametrize("p,n,r", [(1, 61, 20), (0, 30, 15), (2, 50, 10)])
+def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p, n, r):
+    """The row map the matching hands to _merge_gather: every output row that one input token alone
+    becomes holds that token's row; the B rows that receive merged tokens hold -1, so the copy programs
+    skip them and only the fix-up programs write them (on a GPU the two run concurrently). Checked
+    against the PyTorch path's source map: an output row with several input tokens is a merged one."""
+    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
+    g = gen(17)
+    b = 2
+    x = torch.randn(b, p + n, 24, generator=g).half()
+    metric = torch.randn(b, p + n, 16, generator=g).half()
+    ref = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
+    maps = []
+    real = T._merge_gather
+
+    class Spy:  # records the real row map, then runs the real kernel
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                maps.append(args[3].clone())
+                return real[grid](*args, **kw)
+            return call
+    monkeypatch.setattr(T, "_merge_gather", Spy())
+    _use_interpreted(monkeypatch, T)
+    out = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
+    assert len(maps) == 1 and torch.equal(out.source, ref.source)
+    rows = maps[0]
+    nout = ref.x.shape[1]
+    for i in range(b):
+        counts = torch.bincount(ref.source[i], minlength=nout)
+        merged = counts > 1
+        assert int(merged.sum()) > 0
+        assert torch.all(rows[i][merged] == -1)
+        inv = torch.full((nout,), -2, dtype=torch.long)  # output row -> input row (source: non-prefix tokens)
+        inv[:p] = torch.arange(p)
+        inv[ref.source[i]] = torch.arange(p, p + n)
+        assert torch.equal(rows[i][~merged].long(), inv[~merged])
+
+
 @pytest.mark.parametrize("p,n,k,b,c,sizes,source", [
     (1, 196, 49, 1, 100, False, True),  # one sample: columns split over programs, source tracked
     (0, 37, 10, 3, 64, True, False),  # no prefix, sizes, no source
