@@ -90,6 +90,14 @@ def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
 
 
 @triton.jit
+def _sizes_at(s_row, idx, mask, HAS_SIZES: tl.constexpr):
+    # token sizes at rows idx of one sample's size row, in fp32 (1 without sizes); 0 where masked off
+    if HAS_SIZES:
+        return tl.load(s_row + idx, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, 1.0, 0.0)
+
+
+@triton.jit
 def _copy_prefix(x_row0, o_row0, sxn, oxn, offs_p, pm, offs_c, cm):
     # the prefix rows (never reduced) of one column tile, copied to the same rows of the output
     m = pm[:, None] & cm[None, :]
@@ -999,12 +1007,8 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     dm = offs_d < D
     row_a = P + 2 * offs_a  # token index of A token i in x
     row_b = P + 2 * offs_b + 1
-    if HAS_SIZES:
-        sa = tl.load(s_ptr + b * ssb + row_a, mask=am, other=0.0).to(tl.float32)
-        sb = tl.load(s_ptr + b * ssb + row_b, mask=bm, other=0.0).to(tl.float32)
-    else:
-        sa = tl.where(am, 1.0, 0.0)
-        sb = tl.where(bm, 1.0, 0.0)
+    sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
+    sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
                              PADDED, IS_F32, NAP, BT)
     is_src = (rank < R) & am
@@ -1049,10 +1053,7 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         nout = P + n_unm + NB
         tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
         tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
-        if HAS_SIZES:
-            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
-        else:
-            sp = tl.where(pm, 1.0, 0.0)
+        sp = _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES)
         tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
         if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
             bt = ob_ptr.dtype.element_ty
@@ -1100,12 +1101,8 @@ def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG,
         arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
         row_s = P + 2 * ia
         row_b = P + 2 * arg + 1
-        if HAS_SIZES:
-            ss = tl.load(s_ptr + b * ssb + row_s, mask=rm, other=0.0).to(tl.float32)
-            sb = tl.load(s_ptr + b * ssb + row_b, mask=rm, other=0.0).to(tl.float32)
-        else:
-            ss = tl.where(rm, 1.0, 0.0)
-            sb = tl.where(rm, 1.0, 0.0)
+        ss = _sizes_at(s_ptr + b * ssb, row_s, rm, HAS_SIZES)
+        sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
         xs = tl.load(x_ptr + b * sxb + row_s[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
                      other=0.0)
         w = tl.where((arg[:, None] == arg[None, :]) & rm[None, :], ss[None, :], 0.0)  # [RP, RP]
@@ -1459,10 +1456,7 @@ def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr
                 offs_i = i0 + tl.arange(0, BI)
                 im = offs_i < N
                 tg = tl.load(t_ptr + b * N + offs_i, mask=im, other=-1)
-                if HAS_SIZES:
-                    si = tl.load(s_ptr + b * ssb + P + offs_i, mask=im, other=0.0).to(tl.float32)
-                else:
-                    si = tl.where(im, 1.0, 0.0)
+                si = _sizes_at(s_ptr + b * ssb, P + offs_i, im, HAS_SIZES)
                 w = tl.where(tg[None, :] == offs_k[:, None], si[None, :], 0.0)  # [BK, BI]
                 xt = tl.load(x_ptr + b * sxb + (P + offs_i)[:, None] * sxn + offs_c[None, :],
                              mask=im[:, None] & cm[None, :], other=0.0)
@@ -1481,10 +1475,7 @@ def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr
                 if c0 == 0:
                     tl.store(os_ptr + b * (P + K) + P + offs_k, den, mask=km)
     if g == 0:
-        if HAS_SIZES:
-            sp = tl.load(s_ptr + b * ssb + offs_p, mask=pm, other=0.0).to(tl.float32)
-        else:
-            sp = tl.where(pm, 1.0, 0.0)
+        sp = _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES)
         tl.store(os_ptr + b * (P + K) + offs_p, sp, mask=pm)
         if HAS_SOURCE:
             for s0 in range(0, N0, BS):
