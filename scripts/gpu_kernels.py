@@ -273,12 +273,38 @@ def kernel_biased_attention(dev, smoke, ceil):
               [(3, 5, 197, 64, torch.float16), (2, 3, 99, 64, torch.bfloat16), (1, 2, 1000, 64, torch.float16),
                (4, 3, 257, 128, torch.bfloat16), (2, 2, 50, 80, torch.float16), (1, 2, 333, 64, torch.float32)])
     poison(dev, True)
-    for b, h, n, d, dt in shapes:
-        q, k, v = (randn(b, h, n, d, dtype=dt, dev=dev, gen=gen) for _ in range(3))
-        bias = size_bias(b, n, dt, dev, gen)  # with padding keys (log 0)
-        out = K.biased_attention(q, k, v, bias)
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
-        check("biased_attention", (b, h, n, d), dt, rel(out, ref), TOL[dt])
+    cfg = getattr(K, "BA_CONFIG", {})  # the Triton module's tile table (the CPU smoke run has none)
+    lazy0 = cfg.get("lazy")
+    try:
+        for lazy in ((False, True) if cfg else (False,)):  # eager / lazy rescale of the accumulator
+            cfg["lazy"] = lazy
+            tag = "lazy" if lazy else "eager"
+            for b, h, n, d, dt in shapes:
+                q, k, v = (randn(b, h, n, d, dtype=dt, dev=dev, gen=gen) for _ in range(3))
+                bias = size_bias(b, n, dt, dev, gen)  # with padding keys (log 0)
+                out = K.biased_attention(q, k, v, bias)
+                ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+                check("biased_attention", (b, h, n, d, tag), dt, rel(out, ref), TOL[dt])
+            # logits growing over the keys (the running max moves by more than 2^8 for a third of the rows),
+            # one sample's first 40 keys masked, one sample with every key masked (SDPA: zeros)
+            b, h, n, d = 3, 4, 197, 64
+            q, k, v = (torch.randn(b, h, n, d, device=dev, generator=gen) for _ in range(3))
+            k = k * torch.linspace(0.1, 3.0, n, device=dev)[:, None]
+            q[:, :, ::3] *= 4
+            bias = torch.zeros(b, n, device=dev)
+            bias[1, :40] = float("-inf")
+            bias[2] = float("-inf")
+            bias[0, 100:] = 3.0
+            q, k, v, bb = q.half(), k.half(), v.half(), bias[:, None, None, :].half()
+            out = K.biased_attention(q, k, v, bb)
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bb.double())
+            zeros = bool((out[2] == 0).all())
+            check("biased_attention growing logits", (b, h, n, d, tag), torch.float16,
+                  rel(out[:2], ref[:2]) if zeros else float("inf"), TOL[torch.float16],
+                  {"masked_sample_zero": zeros, "sdpa_masked_sample_zero": bool((ref[2] == 0).all())})
+    finally:
+        if cfg:
+            cfg["lazy"] = lazy0
     poison(dev, False)
     for b, h, n, d in ([(1, 2, 64, 16)] if smoke else [(256, 12, 197, 64), (256, 12, 99, 64), (1, 12, 197, 64),
                                                       (64, 16, 577, 64), (32, 16, 257, 128)]):
@@ -385,6 +411,26 @@ def kernel_bipartite(dev, smoke, ceil):
               TOL[dt], {"same_choice_fraction": frac, "same_sizes": same_sizes,
                         "path": "merge_step" if (dev.type == "cuda" or INTERPRET) and kernels.merge_step_fits(n)
                         else "bipartite_best + merge_rows"})
+    # the tokens handed over as x + y (a block's last residual add left to the merge): the same step, bit
+    # for bit, as merging the stored sum (row gather at bs >= 32; smaller batches add first)
+    for b, n, c, r, dt in ([(2, 21, 32, 7, torch.float32)] if smoke else
+                           [(256, 196, 768, 13, torch.float16), (128, 196, 768, 48, torch.bfloat16),
+                            (64, 98, 768, 13, torch.float32), (8, 196, 768, 13, torch.float16)]):
+        x = randn(b, 1 + n, c, dtype=dt, dev=dev, gen=gen)
+        y = randn(b, 1 + n, c, dtype=dt, dev=dev, gen=gen)
+        metric = randn(b, 1 + n, 64, dtype=dt, dev=dev, gen=gen)
+        sizes = torch.randint(1, 4, (b, 1 + n), device=dev, generator=gen).float()
+        with kernels_on(True):
+            st = TokenState.start(x + y, 1)
+            st.sizes = sizes
+            ref_st = ops.bipartite_merge(st, metric, r)
+            st = TokenState.start(x, 1)
+            st.sizes, st.residual = sizes, y
+            out_st = ops.bipartite_merge(st, metric, r)
+        same = (torch.equal(out_st.x, ref_st.x) and torch.equal(out_st.sizes, ref_st.sizes)
+                and torch.equal(out_st.source, ref_st.source))
+        check("bipartite_merge step, deferred residual", (b, n, c, r), dt, 0.0 if same else float("inf"), 1e-12,
+              {"identical": same})
     poison(dev, False)
     # timing: matching alone, merge rows alone, the whole merge step
     for b, n, d in ([(2, 64, 16)] if smoke else [(256, 196, 64), (1, 196, 64), (4, 4096, 64), (1, 16384, 64)]):

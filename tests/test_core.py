@@ -307,3 +307,33 @@ def test_real_vit_s14_cifar10(assets):
                 torch.testing.assert_close(model.forward_head(feats), ref, rtol=1e-5, atol=1e-5)
         tokenprune.remove(model)
         assert torch.equal(model(x), pristine(x))
+
+
+@pytest.mark.parametrize("init_values,drop_path", [(0.5, 0.0), (None, 0.2)])
+def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, init_values, drop_path):
+    """Blocks followed by a merge hand over their input to the last residual add and the MLP branch;
+    the merge adds them. Same logits as with every block's own add (TOKENPRUNE_FUSE_RESIDUAL=0), with
+    LayerScale, and with DropPath in eval mode."""
+    import tokenprune.reducers.merge as merge_mod
+
+    model = tiny_vit(init_values=init_values, drop_path_rate=drop_path)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tokenprune.apply(model, budget=0.25, method="merge")
+    deferred = []
+    real = merge_mod.bipartite_merge
+
+    def spy(state, metric, r):
+        deferred.append(state.residual is not None)
+        out = real(state, metric, r)
+        assert out.residual is None
+        return out
+
+    monkeypatch.setattr(merge_mod, "bipartite_merge", spy)
+    outs = {}
+    for fuse in ("1", "0"):
+        monkeypatch.setenv("TOKENPRUNE_FUSE_RESIDUAL", fuse)
+        deferred.clear()
+        with torch.no_grad():
+            outs[fuse] = model(x)
+        assert deferred and all(d == (fuse == "1") for d in deferred)
+    assert torch.equal(outs["1"], outs["0"])

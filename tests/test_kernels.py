@@ -132,6 +132,34 @@ def test_biased_attention(T, shape, dtype, bias):
     assert rel(out, ref) < tol(dtype)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("tiles", [(64, 32, 4), (128, 32, 8)])
+def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, lazy, tiles):
+    """Logits that grow key tile after key tile (so the running max moves, by more than 2^8 for some rows
+    and less for others), the first key tile masked for one sample, and a sample with every key masked (zeros,
+    as SDPA gives there since torch 2.5): the accumulator rescaling, eager or lazy, matches SDPA."""
+    monkeypatch.setitem(T.BA_CONFIG, "lazy", lazy)
+    monkeypatch.setitem(T.BA_CONFIG, "short", tiles)
+    monkeypatch.setitem(T.BA_CONFIG, "wide", None)
+    g = gen(23)
+    b, h, n, d = 3, 2, 150, 64
+    q = torch.randn(b, h, n, d, generator=g)
+    k = torch.randn(b, h, n, d, generator=g) * torch.linspace(0.1, 3.0, n)[:, None]  # later keys: larger logits
+    v = torch.randn(b, h, n, d, generator=g)
+    q[:, :, ::3] *= 4  # a third of the rows grow by far more than 2^8 over the keys, the rest by less
+    bias = torch.zeros(b, n)
+    bias[1, :40] = float("-inf")  # sample 1: its whole first key tile (and more) masked
+    bias[2] = float("-inf")  # sample 2: every key masked
+    bias[0, 100:] = 3.0
+    q, k, v = q.half(), k.half(), v.half()
+    bb = bias[:, None, None, :].half()
+    out = T.biased_attention(q, k, v, bb)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=bb.double())
+    assert torch.equal(ref[2], torch.zeros_like(ref[2])) and torch.equal(out[2].double(), ref[2])
+    assert rel(out[:2], ref[:2]) < 5e-3
+
+
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     """A merged (sized) timm forward routes its biased blocks through the kernel, and gives the
     logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
@@ -294,7 +322,7 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
     class Spy:  # records the real row map, then runs the real kernel
         def __getitem__(self, grid):
             def call(*args, **kw):
-                maps.append(args[3].clone())
+                maps.append(args[4].clone())  # x, y, sizes, mt, rows
                 return real[grid](*args, **kw)
             return call
     monkeypatch.setattr(T, "_merge_gather", Spy())
@@ -312,6 +340,38 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
         inv[:p] = torch.arange(p)
         inv[ref.source[i]] = torch.arange(p, p + n)
         assert torch.equal(rows[i][~merged].long(), inv[~merged])
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("split,r", [((4, 16), 7), ((16, 32), 40), (None, 7)])
+def test_merge_step_with_deferred_residual_equals_merge_of_the_sum(T, monkeypatch, split, r, dtype):
+    """The tokens handed over as x + y (a block's last residual add left to the merge): the row gather
+    (copied rows and the merged B rows, r > 32 with the wide fix-up) and the one-launch path give exactly
+    what merging the stored sum gives, padding and sizes included."""
+    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", None if split is None else
+                        {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4, "fbc": 16, "fbc_many": 32})
+    g = gen(19)
+    b, p, n, c = 2, 1, 91, 40
+    x = (torch.randn(b, p + n, c, generator=g) * 4).to(dtype)
+    y = torch.randn(b, p + n, c, generator=g).to(dtype)
+    metric = torch.randn(b, p + n, 16, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    sizes[1, p + 4:p + 12:2] = 0
+    _use_interpreted(monkeypatch, T)
+
+    def step(tokens, residual):
+        st = TokenState.start(tokens.clone(), p)
+        st.sizes, st.padded, st.residual = sizes.clone(), True, residual
+        return ops.bipartite_merge(st, metric, r)
+
+    ref = step(x + y, None)
+    out = step(x, y.clone())
+    assert out.residual is None
+    assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
+    assert torch.equal(out.x, ref.x)
+    with pytest.raises(ValueError, match="residual"):
+        kernels.merge_step(x, metric, None, None, p, r, False, residual=y[:, 1:])
 
 
 @pytest.mark.parametrize("p,n,k,b,c,sizes,source", [
@@ -654,6 +714,30 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape
     if sized == "padded":  # >= 15 real tokens per sample: no kept slot is padding, no size is lost
         assert (out.sizes[:, p:] > 0).all()
         assert torch.equal(out.sizes.sum(1), sizes.sum(1))
+
+
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_merge_forward_with_row_gather_and_deferred_residual(T, monkeypatch, fuse):
+    """A reduced timm ViT with LayerScale through the large-batch merge (row gather), with each merged block's
+    last residual add left to the gather or not, gives the PyTorch path's logits; the block class is timm's
+    own again after tokenprune.remove."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    monkeypatch.setenv("TOKENPRUNE_FUSE_RESIDUAL", fuse)
+    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
+    model = tiny_vit(init_values=0.5)
+    cls0 = type(model.blocks[0])
+    x = torch.randn(2, 3, 32, 32, generator=gen(21))
+    tokenprune.apply(model, budget=0.25, method="merge")
+    assert (type(model.blocks[0]) is not cls0) and isinstance(model.blocks[0], cls0)
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        out = model(x)
+    assert rel(out, ref) < 1e-4
+    tokenprune.remove(model)
+    assert type(model.blocks[0]) is cls0
 
 
 @pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -57,6 +58,27 @@ def attention_kernel(kernel):
 
 def current_kernel():
     return _KERNEL.get()
+
+
+class ResidualSlot:
+    """Where a block leaves its last residual branch when the reducer after it does the add itself."""
+
+    y: torch.Tensor | None = None
+
+
+_RESIDUAL: contextvars.ContextVar["ResidualSlot | None"] = contextvars.ContextVar("tokenprune_residual", default=None)
+
+
+def residual_slot() -> ResidualSlot | None:
+    """For adapters' blocks: a slot while the running block may return its input to the last residual
+    add and put the branch in ``slot.y`` (tokens = returned + ``slot.y``); ``None`` otherwise. A block
+    that cannot do so just returns its full output and leaves the slot empty."""
+    return _RESIDUAL.get()
+
+
+def fuse_residual_enabled() -> bool:
+    """``TOKENPRUNE_FUSE_RESIDUAL=0`` keeps every block's own residual add (for comparisons)."""
+    return os.environ.get("TOKENPRUNE_FUSE_RESIDUAL", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 STATE_ATTR = "_tokenprune_state"
@@ -157,19 +179,29 @@ def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
 
     for stage in stages.get(-1, ()):
         state = reducer.reduce(state, stage, None)
+    # a reducer that takes the tokens as two halves (``fuses_residual``: ToMe's merge, whose row gather adds
+    # them) gets the block's last residual add undone, which saves writing the block output and reading it back
+    fuse = reducer.fuses_residual and fuse_residual_enabled()
     for i, blk in enumerate(blocks):
         state.tokens_per_block.append(state.x.shape[1])
         bias = state.attn_bias(state.x.dtype)
-        if i in qk_blocks:
-            with capture(blk, bias) as qk:
+        slot = ResidualSlot() if fuse and i in stages else None
+        token = _RESIDUAL.set(slot)
+        try:
+            if i in qk_blocks:
+                with capture(blk, bias) as qk:
+                    state.x = reducer.run_block(i, blk, state.x, bias, call_block, attention[i])
+            else:
+                qk = None
                 state.x = reducer.run_block(i, blk, state.x, bias, call_block, attention[i])
-        else:
-            qk = None
-            state.x = reducer.run_block(i, blk, state.x, bias, call_block, attention[i])
+        finally:
+            _RESIDUAL.reset(token)
+        state.residual = slot.y if slot is not None else None
         state.block = i
         reducer.observe(state, i, qk)
         for stage in stages.get(i, ()):
             state = reducer.reduce(state, stage, qk)
+        state.materialize()  # a stage that reduced nothing leaves the add to do
     scope = current_scope()
     if scope is not None:
         scope.state = state

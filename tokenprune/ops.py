@@ -126,17 +126,20 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     b, n_all, c = x.shape
     n = n_all - p
     if r <= 0:
-        return state
+        return state.materialize()
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
-    if kernels.use_triton(x) and kernels.merge_step_fits(n):  # CUDA, small n: the whole step in one launch
+    if kernels.use_triton(x, state.residual) and kernels.merge_step_fits(n):  # CUDA, small n: one step
+        # a deferred residual add (state.residual) goes into the kernel's row gather
         out = kernels.merge_step(x, metric, state.sizes, state.source, p, r, state.padded,
-                                 max_size=p + state.num_input, log_sizes=state.proportional)
+                                 max_size=p + state.num_input, log_sizes=state.proportional,
+                                 residual=state.take_residual())
         state.x, state.sizes, state.source = out[:3]
         if state.proportional:  # the kernel wrote log(size) too: the next blocks' bias, no extra launches
             state.set_attn_bias(out[3], x.dtype)
         return state
 
+    x = state.materialize().x
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
     # cosine similarity of every A to every B token and its row max; the fused kernel (CUDA)

@@ -13,6 +13,9 @@ globals. Tokens are ``[B, P + N, C]`` with the ``P`` prefix tokens first.
 ``source`` ``[B, N0]`` long: for every original non-prefix token, the index of
            the current token that holds it (prefix included in the index), or
            -1 where it was dropped. ``None`` when source tracking is off.
+``residual`` ``[B, P + N, C]`` or ``None``: when set, the tokens are ``x + residual``. A block
+           whose final residual add is left to the reducer that follows it (``engine.run_blocks``)
+           hands over both halves; :meth:`TokenState.materialize` adds them.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class TokenState:
     block: int = -1  # index of the last block that ran
     tokens_per_block: list[int] = field(default_factory=list)  # tokens entering each block (prefix incl.)
     scratch: dict = field(default_factory=dict)  # per-forward accumulators of reducers (e.g. summed scores)
+    residual: torch.Tensor | None = None  # tokens = x + residual while set (a block's deferred last add)
 
     @classmethod
     def start(cls, x: torch.Tensor, num_prefix: int, grid=None, track_source: bool = True) -> "TokenState":
@@ -43,6 +47,17 @@ class TokenState:
         if track_source:
             source = torch.arange(num_prefix, n, device=x.device).expand(b, n0).contiguous()
         return cls(x=x, num_prefix=num_prefix, num_input=n0, grid=grid, source=source)
+
+    def materialize(self) -> "TokenState":
+        """Do the deferred residual add, if any: afterwards ``x`` holds the tokens."""
+        if self.residual is not None:
+            self.x, self.residual = self.x + self.residual, None
+        return self
+
+    def take_residual(self) -> torch.Tensor | None:
+        """Hand the deferred residual to a caller that adds it itself (and clear it here)."""
+        y, self.residual = self.residual, None
+        return y
 
     # -- views -----------------------------------------------------------------
     @property

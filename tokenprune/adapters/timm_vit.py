@@ -18,7 +18,7 @@ import torch
 
 from .. import kernels, ops
 from ..engine import (HookCapture, attach_state, attached_state, attention_kernel, current_kernel, forward_scope,
-                      run_blocks)
+                      residual_slot, run_blocks)
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
 
@@ -103,6 +103,29 @@ class _Blocks:
         patch = self._tokenprune_patch
         grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
         return run_blocks(patch, self, x, _call_block, _capture, grid)
+
+
+def _plain_block(blk) -> bool:
+    """timm's own ``Block`` forward (pre-norm, LayerScale, DropPath), with the submodules it calls."""
+    fwd = type(blk).forward
+    return (getattr(fwd, "__module__", "") == "timm.models.vision_transformer"
+            and getattr(fwd, "__qualname__", "") == "Block.forward"
+            and all(hasattr(blk, a) for a in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2",
+                                               "drop_path2")))
+
+
+class _Block:
+    """Mixin for timm ``Block``: while the engine offers a residual slot (a merge follows this block), the
+    MLP branch goes into the slot and the block returns its input to the last add; the merge's row gather
+    adds the two (the tokens are never written whole). Otherwise timm's own forward."""
+
+    def forward(self, x, attn_mask=None, **kwargs):
+        slot = residual_slot()
+        if slot is None or kwargs:
+            return super().forward(x, attn_mask=attn_mask, **kwargs)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        slot.y = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
 
 
 class _KernelAttention:
@@ -222,6 +245,8 @@ class TimmViTAdapter(Adapter):
         swap_class(m, _Model)
         for blk in m.blocks:  # timm's own forward unless a kernel is in force (see _call_block)
             swap_class(blk.attn, _KernelAttention)
+            if getattr(patch.reducer, "fuses_residual", False) and _plain_block(blk):
+                swap_class(blk, _Block)
             if (getattr(patch.reducer, "uses_key_mean", False) and _foldable(blk.attn)
                     and os.environ.get("TOKENPRUNE_FOLD", "1") != "0"):
                 blk.attn.qkv._tokenprune_heads = blk.attn.num_heads
@@ -232,6 +257,7 @@ class TimmViTAdapter(Adapter):
         restore_class(m)
         restore_class(m.blocks)
         for blk in m.blocks:
+            restore_class(blk)
             restore_class(blk.attn)
             restore_class(blk.attn.qkv)
             for attr in ("_tokenprune_heads", "_tokenprune_fold", "_tokenprune_qk"):

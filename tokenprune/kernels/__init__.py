@@ -114,13 +114,15 @@ def merge_step_fits(n: int) -> bool:
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False):
+               log_sizes: bool = False, residual=None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
     ``ops.bipartite_merge`` is its reference). Returns ``(new_x, new_sizes, new_source)``, plus
     ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next blocks' attention bias: no
     separate log and cast launches). ``max_size``: an upper bound on any token size (the encoder's
-    input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products."""
-    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes)
+    input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products.
+    ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype (a block's final residual add
+    left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``)."""
+    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
 
 
 def keep_step_fits(n: int) -> bool:

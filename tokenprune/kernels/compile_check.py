@@ -16,10 +16,11 @@ registers and shared memory those need (sessions 1-6 read their register counts 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 
-ALIGNED = re.compile(r"^(s[qkvoxm][bhn]|ox[bn]|D|C|chunk)$")  # token-tensor strides, head dim, channels, chunk
+ALIGNED = re.compile(r"^(s[qkvoxym][bhn]|ox[bn]|D|C|chunk)$")  # token-tensor strides, head dim, channels, chunk
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,12 @@ def _configs():
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
             out.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
                                     "qk_scale": "fp32"},
-                        dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
+                        dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
+                             LAZY=bool(T.BA_CONFIG["lazy"])), w))
+    for bm, bn, w in ((64, 32, 4), (128, 32, 8), (64, 64, 4), (128, 64, 8)):  # gpu_profile --only balazy
+        sweep.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
+                                  "qk_scale": "fp32"},
+                      dict(HAS_BIAS=True, IS_F32=False, DP=64, BLOCK_M=bm, BLOCK_N=bn, LAZY=not T.BA_CONFIG["lazy"]), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     for bn in (T.QS_CONFIG["short"], T.QS_CONFIG["long"]):
         out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
@@ -95,9 +101,11 @@ def _configs():
                                         "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
                         dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
-    for lowp, rp, fbc in ((True, 16, 64), (True, 64, 128), (True, 128, 128), (False, 16, 32)):
-        out.append((T._merge_gather, {"x_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32", "ox_ptr": f16},
-                    dict(HAS_SIZES=True, LOWP=lowp, NAP=128, RP=rp, RB=T.MERGE_STEP_SPLIT["rb"],
+    for (lowp, rp, fbc), has_y in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
+                                                     (False, 16, 32)), (False, True)):
+        out.append((T._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",
+                                      "ox_ptr": f16},
+                    dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=128, RP=rp, RB=T.MERGE_STEP_SPLIT["rb"],
                          BC=T.MERGE_STEP_SPLIT["gbc"], BCF=fbc), T.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
     out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)

@@ -470,14 +470,18 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 # against 2 of 128) the 64-row tile wins, 174 vs 206 us (docs/gpu/profile_h100_run22_ea_split_ba.json;
 # every 6th token count 20-320 in profile_h100_run24_ba_tokens.json: the rule holds to N=257)
 BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "short_max": 320, "max_n": 1024,
-             "stages": None}  # software-pipelining depth of the key loop (None: Triton's default)
+             "stages": None,  # software-pipelining depth of the key loop (None: Triton's default)
+             "lazy": False}  # rescale the accumulator only when the running max moves by more than 2^8
 
 
 @triton.jit
 def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr):
+    # LAZY: the running max is a shift that moves only when some row of the tile's keys exceeds it by more
+    # than 2^8 (one decision per program): exponentials stay <= 256, exact in the fp16 / bf16 product,
+    # and most key tiles skip the rescale of the [BLOCK_M, DP] accumulator
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -487,10 +491,12 @@ def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
     dmask = offs_d < D
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                 mask=mmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # a finite start: a row whose keys so far are all masked keeps exp2(-inf - m) = 0, never NaN
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
+    c = qk_scale * LOG2E
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
@@ -500,23 +506,33 @@ def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * (qk_scale * LOG2E)  # base-2 logits
+        # base-2 logits; the key bias (-inf past N) per key column, added in the same multiply-add
         if HAS_BIAS:
-            bt = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-            s = s + bt[None, :] * LOG2E
-        s = tl.where(nmask[None, :], s, float("-inf"))
+            kb = tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=nmask, other=float("-inf")).to(tl.float32) * LOG2E
+        else:
+            kb = tl.where(nmask, 0.0, float("-inf"))
+        s = s * c + kb[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if LAZY:
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         if IS_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / l_i[:, None]  # a row whose keys are all masked gives NaN, as SDPA does
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row whose keys are all masked gives 0, as SDPA does
     tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=mmask[:, None] & dmask[None, :])
 
@@ -550,7 +566,7 @@ def biased_attention(q, k, v, bias=None):
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=warps, **({} if BA_CONFIG["stages"] is None
+                                         LAZY=bool(BA_CONFIG["lazy"]), num_warps=warps, **({} if BA_CONFIG["stages"] is None
                                                              else {"num_stages": BA_CONFIG["stages"]}))
     return out
 
@@ -1071,15 +1087,27 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
 
 
 @triton.jit
-def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, ssb, oxb, oxn,
-                  HAS_SIZES: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, RP: tl.constexpr,
-                  RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
+def _tokens_at(x_row, y_row, rows, offs_c, sxn, syn, m, HAS_Y: tl.constexpr):
+    """Token rows ``rows`` x columns ``offs_c`` of x, or of x + y rounded to x's dtype (0 where masked)."""
+    xt = tl.load(x_row + rows[:, None] * sxn + offs_c[None, :], mask=m, other=0.0)
+    if HAS_Y:
+        yt = tl.load(y_row + rows[:, None] * syn + offs_c[None, :], mask=m, other=0.0)
+        xt = (xt.to(tl.float32) + yt.to(tl.float32)).to(xt.dtype)
+    return xt
+
+
+@triton.jit
+def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn, ssb,
+                  oxb, oxn, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr,
+                  RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
     # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
     # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
     # Programs (b, NG ..): column tile BCF of the B rows that receive merged tokens (row -1 in ``rows``).
     # For the R merged A tokens i (rank order) with partner j(i): row j = (s_j x_j + sum over A tokens
     # i' into j of s_i' x_i') / (s_j + sum s_i'), from W[i, i'] = s_i' where j(i') = j(i); A tokens with
-    # the same partner write the same row with the same values
+    # the same partner write the same row with the same values.
+    # HAS_Y: the tokens are x + y, the block's last residual add left to this kernel (rounded to the token
+    # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     if t < NG:
@@ -1090,7 +1118,7 @@ def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG,
         for c0 in range(0, C, BC):
             offs_c = c0 + tl.arange(0, BC)
             m = ok[:, None] & (offs_c < C)[None, :]
-            xt = tl.load(x_ptr + b * sxb + src[:, None] * sxn + offs_c[None, :], mask=m)
+            xt = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, src, offs_c, sxn, syn, m, HAS_Y)
             tl.store(ox_ptr + b * oxb + offs_o[:, None] * oxn + offs_c[None, :], xt, mask=m)
     else:
         offs_c = (t - NG) * BCF + tl.arange(0, BCF)
@@ -1103,16 +1131,15 @@ def _merge_gather(x_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG,
         row_b = P + 2 * arg + 1
         ss = _sizes_at(s_ptr + b * ssb, row_s, rm, HAS_SIZES)
         sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
-        xs = tl.load(x_ptr + b * sxb + row_s[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
-                     other=0.0)
+        xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, rm[:, None] & cm[None, :], HAS_Y)
         w = tl.where((arg[:, None] == arg[None, :]) & rm[None, :], ss[None, :], 0.0)  # [RP, RP]
         if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
             acc = tl.dot(w.to(xs.dtype), xs)
         else:
             acc = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
         tot = sb + tl.sum(w, 1)
-        xbf = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=rm[:, None] & cm[None, :],
-                      other=0.0).to(tl.float32)
+        xbf = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, rm[:, None] & cm[None, :],
+                         HAS_Y).to(tl.float32)
         xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
         out_b = P + (NA - R) + arg
         tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
@@ -1142,13 +1169,24 @@ def merge_step_fits(n: int) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False):
+               log_sizes: bool = False, residual=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
-    ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias)."""
+    ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
+    ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the
+    large-batch row gather reads both and never writes the sum, smaller batches add first."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
     d = metric.shape[-1]
+    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
+                             f"the tokens {tuple(x.shape)} {x.dtype}")
+        if not split:
+            x, residual = x + residual, None
+        elif residual.stride(-1) != 1:
+            residual = residual.contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
     if metric.stride(-1) != 1:
@@ -1174,7 +1212,6 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     lowp = _exact_lowp(x.dtype, max_size)
     s_arg = sizes if sizes is not None else osz
     nap = max(16, _p2(na))
-    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
     bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
@@ -1202,10 +1239,11 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         if not lowp:  # float32 products: smaller tiles, or they spill
             fbc = 32
         ng = triton.cdiv(nout, rb)
+        y = residual if residual is not None else x
         _merge_gather[(bsz, ng + triton.cdiv(c, fbc))](
-            x, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1),
+            x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
-            HAS_SIZES=sizes is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
+            HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
             BC=min(MERGE_STEP_SPLIT["gbc"], _p2(c)), BCF=fbc,
             num_warps=MERGE_STEP_SPLIT["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
     else:

@@ -23,6 +23,9 @@ class Reducer:
     proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
     uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (engine.attention_kernel)
     uses_key_mean: ClassVar[bool] = False  # reads QK.key_mean() (an adapter may fold it into the qkv product)
+    # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
+    # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
+    fuses_residual: ClassVar[bool] = False
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         raise NotImplementedError

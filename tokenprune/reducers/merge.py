@@ -40,6 +40,7 @@ class Merge(Reducer):
     layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
 
     uses_key_mean = True
+    fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
 
     @property
     def proportional(self) -> bool:  # type: ignore[override]
