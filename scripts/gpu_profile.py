@@ -1,7 +1,7 @@
 """Where the time goes (issue 6): linear-attention variants, SDPA with a key bias, reducer profiles.
 
     python scripts/gpu_profile.py --out DIR            # H100: about 5 minutes
-    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms, pa, pe, gemmw, foldpad, bast, balazy, mres
+    python scripts/gpu_profile.py --out DIR --only ea  # one part: ea, ba, sdpa, profile, profile1, am, floor, qs, blockn, fixed, ms, pa, pe, gemmw, foldpad, bast, mres
 
 Parts:
 - ``ea``: the efficient (linear) attention kernel per shape, timed two ways -- one eager call from
@@ -25,8 +25,6 @@ Parts:
 - ``gemmw``: the qkv product's width (2304, + the folded key mean, + zero rows) and 2304 + ``k.mean(1)``.
 - ``foldpad``: ViT-B merge at bs 256 with the key mean from ``k.mean(1)``, folded, and folded with zero rows.
 - ``bast``: the key-bias attention kernel's pipelining depth per tile at ViT-B merge token counts.
-- ``balazy``: the key-bias attention kernel with the eager and the lazy (threshold 2^8) rescale, per tile
-  shape, at the token counts of ViT-B merge schedules, against SDPA without a mask.
 - ``mres``: one merge step at bs 256 after a block's residual add, against the step that reads the
   two halves of the add itself (``residual=``), and ViT-B merge forwards with and without it.
 - ``pe``: the patch-embedding convolution on cuDNN (NCHW, channels-last) against patches + one GEMM, and
@@ -634,43 +632,6 @@ def part_bast():
     OUT["bastn"] = rows
 
 
-def part_balazy():
-    """Key-bias attention (B256 H12 d64): eager against lazy rescaling for four tile shapes and the default
-    choice, at the token counts of ViT-B merge schedules, graph replay; error against fp32 SDPA."""
-    import torch.nn.functional as F
-    import triton.testing
-
-    from tokenprune.kernels import triton_impl as T
-    base = dict(T.BA_CONFIG)
-    rows = []
-    try:
-        for n in (197, 185, 173, 161, 148, 128, 110, 99, 86, 74, 62, 50, 38, 26):
-            q, k, v = (torch.randn(256, 12, n, 64, device="cuda", dtype=torch.float16) for _ in range(3))
-            bias = (torch.rand(256, n, device="cuda") * 3 + 1).log()[:, None, None, :].half()
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float())
-            r = {"n": n, "sdpa_nomask_us": round(1e3 * triton.testing.do_bench_cudagraph(
-                lambda: F.scaled_dot_product_attention(q, k, v), rep=20, return_mode="median"), 1)}
-            tiles = [("default", {})] + [(f"{bm}x{bn}w{w}", dict(short=(bm, bn, w), wide=None))
-                                         for bm, bn, w in ((64, 32, 4), (128, 32, 8), (64, 64, 4), (128, 64, 8))]
-            for (name, cfg), lazy in itertools.product(tiles, (False, True)):
-                T.BA_CONFIG.clear()
-                T.BA_CONFIG.update(base, **cfg, lazy=lazy)
-                key = f"{name}{'_lazy' if lazy else ''}"
-                out = T.biased_attention(q, k, v, bias)
-                err = float((out.float() - ref).norm() / ref.norm())
-                if not err < 1e-2:
-                    r[key + "_error"] = f"rel err {err:.2e}"
-                    continue
-                r[key] = round(1e3 * triton.testing.do_bench_cudagraph(lambda: T.biased_attention(q, k, v, bias),
-                                                                       rep=20, return_mode="median"), 1)
-            rows.append(r)
-            log("balazy", r)
-    finally:
-        T.BA_CONFIG.clear()
-        T.BA_CONFIG.update(base)
-    OUT["balazy"] = rows
-
-
 def part_mres():
     """bs 256, graph replay: block output written by the residual add and then merged, against the merge
     step that reads both halves of the add (the block output never stored); then ViT-B merge forwards
@@ -701,18 +662,16 @@ def part_mres():
         log("mres", row)
     OUT["mres"] = rows
     # ViT-B merge forwards, GEMM stem, graph replay: the block's own add (fuse0), the add left to the merge's
-    # row gather (fuse1), and that with the lazy key-bias rescale (fuse1_lazy); three alternating rounds
-    from tokenprune.kernels import triton_impl as T
+    # row gather (fuse1); three alternating rounds
     model = vit()
     tokenprune.fast_patch_embed(model)
     x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
-    variants = (("fuse0", "0", False), ("fuse1", "1", False), ("fuse1_lazy", "1", True))
-    lazy0 = T.BA_CONFIG["lazy"]
+    variants = (("fuse0", "0"), ("fuse1", "1"))
     e2e = []
     try:
         with torch.inference_mode():
             for budget in (0.5, 0.25, 0.1):
-                res = {name: [] for name, _, _ in variants}
+                res = {name: [] for name, _ in variants}
                 res["unreduced"] = []
                 for _ in range(3):
                     tokenprune.remove(model)
@@ -720,23 +679,21 @@ def part_mres():
                                                                               return_mode="median"))
                     tokenprune.apply(model, budget=budget, method="merge")
                     ratio = tokenprune.plan(model).flop_ratio
-                    for name, fuse, lazy in variants:
+                    for name, fuse in variants:
                         os.environ["TOKENPRUNE_FUSE_RESIDUAL"] = fuse
-                        T.BA_CONFIG["lazy"] = lazy
                         res[name].append(triton.testing.do_bench_cudagraph(lambda: model(x), rep=100,
                                                                            return_mode="median"))
                     tokenprune.remove(model)
                 t0 = min(res["unreduced"])
                 row = {"budget": budget, "flop_ratio": round(ratio, 4),
                        "unreduced_ms": [round(t, 3) for t in res["unreduced"]]}
-                for name, _, _ in variants:
+                for name, _ in variants:
                     row[name + "_ms"] = [round(t, 3) for t in res[name]]
                     row[name + "_overhead_pct"] = round(100 * (min(res[name]) / (t0 * ratio) - 1), 2)
                 e2e.append(row)
                 log("mres_e2e", row)
     finally:
         os.environ.pop("TOKENPRUNE_FUSE_RESIDUAL", None)
-        T.BA_CONFIG["lazy"] = lazy0
     OUT["mres_e2e"] = e2e
 
 
@@ -990,7 +947,7 @@ def main():
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
              "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms,
              "pa": part_pa, "pe": part_pe, "gemmw": part_gemmw, "foldpad": part_foldpad, "bast": part_bast,
-             "balazy": part_balazy, "mres": part_mres}
+             "mres": part_mres}
     for name in args.only.split(","):
         t = time.time()
         try:

@@ -63,12 +63,7 @@ def _configs():
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
             out.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
                                     "qk_scale": "fp32"},
-                        dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                             LAZY=bool(T.BA_CONFIG["lazy"])), w))
-    for bm, bn, w in ((64, 32, 4), (128, 32, 8), (64, 64, 4), (128, 64, 8)):  # gpu_profile --only balazy
-        sweep.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
-                                  "qk_scale": "fp32"},
-                      dict(HAS_BIAS=True, IS_F32=False, DP=64, BLOCK_M=bm, BLOCK_N=bn, LAZY=not T.BA_CONFIG["lazy"]), w))
+                        dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
     out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     for bn in (T.QS_CONFIG["short"], T.QS_CONFIG["long"]):
         out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,

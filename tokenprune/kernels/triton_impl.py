@@ -470,18 +470,14 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 # against 2 of 128) the 64-row tile wins, 174 vs 206 us (docs/gpu/profile_h100_run22_ea_split_ba.json;
 # every 6th token count 20-320 in profile_h100_run24_ba_tokens.json: the rule holds to N=257)
 BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "short_max": 320, "max_n": 1024,
-             "stages": None,  # software-pipelining depth of the key loop (None: Triton's default)
-             "lazy": False}  # rescale the accumulator only when the running max moves by more than 2^8
+             "stages": None}  # software-pipelining depth of the key loop (None: Triton's default)
 
 
 @triton.jit
 def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr):
-    # LAZY: the running max is a shift that moves only when some row of the tile's keys exceeds it by more
-    # than 2^8 (one decision per program): exponentials stay <= 256, exact in the fp16 / bf16 product,
-    # and most key tiles skip the rescale of the [BLOCK_M, DP] accumulator
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -513,20 +509,11 @@ def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             kb = tl.where(nmask, 0.0, float("-inf"))
         s = s * c + kb[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if LAZY:
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
         v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         if IS_F32:
             acc = acc + tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -566,7 +553,7 @@ def biased_attention(q, k, v, bias=None):
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         LAZY=bool(BA_CONFIG["lazy"]), num_warps=warps, **({} if BA_CONFIG["stages"] is None
+                                         num_warps=warps, **({} if BA_CONFIG["stages"] is None
                                                              else {"num_stages": BA_CONFIG["stages"]}))
     return out
 
