@@ -345,8 +345,8 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
 @pytest.mark.parametrize("split,r", [((4, 16), 7), ((16, 32), 40), (None, 7)])
 def test_merge_step_with_deferred_residual_equals_merge_of_the_sum(T, monkeypatch, split, r, dtype):
     """The tokens handed over as x + y (a block's last residual add left to the merge): the row gather
-    (copied rows and the merged B rows, r > 32 with the wide fix-up) and the one-launch path give exactly
-    what merging the stored sum gives, padding and sizes included."""
+    (copied rows and the merged B rows, r > 32 with the wide fix-up) and the one-launch kernel (prefix, kept A
+    and B rows) give exactly what merging the stored sum gives, padding and sizes included."""
     monkeypatch.setattr(T, "MERGE_STEP_SPLIT", None if split is None else
                         {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4, "fbc": 16, "fbc_many": 32})
     g = gen(19)

@@ -88,13 +88,15 @@ def _configs():
                     dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=T.APET_MERGE_BC,
                          BS=256), 8))
     for lowp in (True, False):
-        for mode, bc, warps in ((0, 32, T.MERGE_STEP_WARPS), (2, 32, T.MERGE_STEP_SPLIT["mwarps"])):
+        for mode, bc, warps, has_y in ((0, 32, T.MERGE_STEP_WARPS, False), (0, 32, T.MERGE_STEP_WARPS, True),
+                                       (2, 32, T.MERGE_STEP_SPLIT["mwarps"], False)):
             if lowp is False and mode != 0:
                 continue
-            out.append((T._merge_step, {"x_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+            out.append((T._merge_step, {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                         "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
                                         "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
-                        dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp, NAP=128, NBP=128,
+                        dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
+                             NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
     for (lowp, rp, fbc), has_y in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
                                                      (False, 16, 32)), (False, True)):

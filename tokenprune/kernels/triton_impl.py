@@ -983,12 +983,13 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
 
 
 @triton.jit
-def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr, rows_ptr,
-                P, NA, NB, R, C, D, N0, G,
-                sxb, sxn, smb, smn, ssb, srcb, oxb, oxn,
-                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, IS_F32: tl.constexpr,
-                LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr, BC: tl.constexpr,
-                BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr, LOG_SIZES: tl.constexpr):
+def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
+                rows_ptr, P, NA, NB, R, C, D, N0, G,
+                sxb, sxn, syb, syn, smb, smn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
+                IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
+                BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
+                LOG_SIZES: tl.constexpr):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
@@ -1037,8 +1038,9 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
     for c0 in range(g * BC, C if MODE == 0 else 0, G * BC):  # MODE 2: no rows (_merge_gather writes them)
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
-        xa = tl.load(x_ptr + b * sxb + row_a[:, None] * sxn + offs_c[None, :], mask=am[:, None] & cm[None, :], other=0.0)
-        xb = tl.load(x_ptr + b * sxb + row_b[:, None] * sxn + offs_c[None, :], mask=bm[:, None] & cm[None, :], other=0.0)
+        # the tokens (HAS_Y: x + y, a block's last residual add left to this kernel)
+        xa = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_a, offs_c, sxn, syn, am[:, None] & cm[None, :], HAS_Y)
+        xb = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, bm[:, None] & cm[None, :], HAS_Y)
         # W[j, i] = s_a[i] if A token i merges into B token j (rebuilt per tile: fewer live registers)
         w = tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0)
         if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
@@ -1050,7 +1052,9 @@ def _merge_step(x_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr,
         tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
         tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
                  mask=bm[:, None] & cm[None, :])
-        _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
+        pcm = pm[:, None] & cm[None, :]
+        xp = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, offs_p, offs_c, sxn, syn, pcm, HAS_Y)
+        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pcm)
     if g == 0:  # sizes and source map: written once per sample, by program 0
         # -- sizes
         nout = P + n_unm + NB
@@ -1159,8 +1163,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                log_sizes: bool = False, residual=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
-    ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the
-    large-batch row gather reads both and never writes the sum, smaller batches add first."""
+    ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
+    that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
@@ -1170,9 +1174,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
-        if not split:
-            x, residual = x + residual, None
-        elif residual.stride(-1) != 1:
+        if residual.stride(-1) != 1:
             residual = residual.contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -1205,13 +1207,15 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
     ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
 
+    y = residual if residual is not None else x
+
     def launch(mode, grid, g, bc, warps, **extra):
-        _merge_step[grid](x, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob, rows,
-                          p, na, nb, r, c, d, n0, g,
-                          x.stride(0), x.stride(1), metric.stride(0), metric.stride(1),
+        _merge_step[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
+                          rows, p, na, nb, r, c, d, n0, g,
+                          x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
                           out.stride(0), out.stride(1),
-                          HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
+                          HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0, PADDED=bool(padded), HAS_SOURCE=source is not None,
                           IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
                           BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
@@ -1226,7 +1230,6 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         if not lowp:  # float32 products: smaller tiles, or they spill
             fbc = 32
         ng = triton.cdiv(nout, rb)
-        y = residual if residual is not None else x
         _merge_gather[(bsz, ng + triton.cdiv(c, fbc))](
             x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
