@@ -181,7 +181,7 @@ def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
         state = reducer.reduce(state, stage, None)
     # a reducer that takes the tokens as two halves (``fuses_residual``: ToMe's merge, whose row gather adds
     # them) gets the block's last residual add undone, which saves writing the block output and reading it back
-    fuse = reducer.fuses_residual and fuse_residual_enabled()
+    fuse = getattr(reducer, "fuses_residual", False) and fuse_residual_enabled()
     for i, blk in enumerate(blocks):
         state.tokens_per_block.append(state.x.shape[1])
         bias = state.attn_bias(state.x.dtype)

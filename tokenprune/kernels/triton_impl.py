@@ -98,6 +98,18 @@ def _sizes_at(s_row, idx, mask, HAS_SIZES: tl.constexpr):
 
 
 @triton.jit
+def _tokens_at(x_row, y_row, rows, offs_c, sxn, syn, m, HAS_Y: tl.constexpr):
+    # token rows ``rows`` x columns ``offs_c`` of one sample, 0 where masked off; HAS_Y: the tokens are
+    # x + y (a block's last residual add left to the caller), summed in fp32 and rounded to x's dtype
+    # as the add would have stored them
+    xt = tl.load(x_row + rows[:, None] * sxn + offs_c[None, :], mask=m, other=0.0)
+    if HAS_Y:
+        yt = tl.load(y_row + rows[:, None] * syn + offs_c[None, :], mask=m, other=0.0)
+        xt = (xt.to(tl.float32) + yt.to(tl.float32)).to(xt.dtype)
+    return xt
+
+
+@triton.jit
 def _copy_prefix(x_row0, o_row0, sxn, oxn, offs_p, pm, offs_c, cm):
     # the prefix rows (never reduced) of one column tile, copied to the same rows of the output
     m = pm[:, None] & cm[None, :]
@@ -1075,16 +1087,6 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
             tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
             tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
             _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
-
-
-@triton.jit
-def _tokens_at(x_row, y_row, rows, offs_c, sxn, syn, m, HAS_Y: tl.constexpr):
-    """Token rows ``rows`` x columns ``offs_c`` of x, or of x + y rounded to x's dtype (0 where masked)."""
-    xt = tl.load(x_row + rows[:, None] * sxn + offs_c[None, :], mask=m, other=0.0)
-    if HAS_Y:
-        yt = tl.load(y_row + rows[:, None] * syn + offs_c[None, :], mask=m, other=0.0)
-        xt = (xt.to(tl.float32) + yt.to(tl.float32)).to(xt.dtype)
-    return xt
 
 
 @triton.jit
