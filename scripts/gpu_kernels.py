@@ -673,6 +673,33 @@ def kernel_apet_stage(dev, smoke, ceil):
             note="torch = normalise x, bmm with the kept rows, argmax; bytes = G read once + slots written")
 
 
+@guard("fused residual forward")
+def model_fused_residual(dev, smoke):
+    """A merged ViT (this machine's timm) with each merged block's last residual add left to the merge
+    kernels, against the same model with every block's own add: the same logits, bit for bit."""
+    import os
+
+    import tokenprune
+    print("merge forward, the blocks' last residual add in the merge (TOKENPRUNE_FUSE_RESIDUAL 1 vs 0)")
+    model, dt = make_vit(dev, smoke)
+    gen = torch.Generator(device=dev).manual_seed(9)
+    for b, budget in ([(2, 0.25)] if smoke else [(64, 0.25), (8, 0.1)]):  # row gather / one-launch step
+        x = torch.randn(b, 3, *((32, 32) if smoke else (224, 224)), device=dev, generator=gen).to(dt)
+        tokenprune.apply(model, budget=budget, method="merge")
+        outs = {}
+        try:
+            with torch.inference_mode(), kernels_on(True):
+                for fuse in ("0", "1"):
+                    os.environ["TOKENPRUNE_FUSE_RESIDUAL"] = fuse
+                    outs[fuse] = model(x)
+        finally:
+            os.environ.pop("TOKENPRUNE_FUSE_RESIDUAL", None)
+            tokenprune.remove(model)
+        same = bool(torch.equal(outs["0"], outs["1"]))
+        check("merge forward, fused residual", (b, budget), dt, 0.0 if same else rel(outs["1"], outs["0"]), 1e-12,
+              {"identical": same})
+
+
 # -- 3. end to end -----------------------------------------------------------------------------------------
 def make_vit(dev, smoke, img=None):
     import timm
@@ -903,6 +930,7 @@ def main():
         kernel_gather(dev, smoke, ceil)
         kernel_apet(dev, smoke, ceil)
         kernel_apet_stage(dev, smoke, ceil)
+        model_fused_residual(dev, smoke)
     if "e2e" not in skip:
         end_to_end(dev, smoke, args.budget_s)
     if "long" not in skip:
