@@ -675,17 +675,19 @@ def kernel_apet_stage(dev, smoke, ceil):
 
 @guard("fused residual forward")
 def model_fused_residual(dev, smoke):
-    """A merged ViT (this machine's timm) with each merged block's last residual add left to the merge
-    kernels, against the same model with every block's own add: the same logits, bit for bit."""
+    """A merged ViT (this machine's timm; merge and MAELRE) with each merged block's last residual add left
+    to the merge kernels, against the same model with every block's own add: the same logits, bit for bit."""
     import os
 
     import tokenprune
     print("merge forward, the blocks' last residual add in the merge (TOKENPRUNE_FUSE_RESIDUAL 1 vs 0)")
     model, dt = make_vit(dev, smoke)
     gen = torch.Generator(device=dev).manual_seed(9)
-    for b, budget in ([(2, 0.25)] if smoke else [(64, 0.25), (8, 0.1)]):  # row gather / one-launch step
+    # row gather / one-launch step; MAELRE (linear attention in the early blocks, the same merges)
+    for method, b, budget in ([("merge", 2, 0.25), ("maelre", 2, 0.25)] if smoke else
+                              [("merge", 64, 0.25), ("merge", 8, 0.1), ("maelre", 64, 0.25)]):
         x = torch.randn(b, 3, *((32, 32) if smoke else (224, 224)), device=dev, generator=gen).to(dt)
-        tokenprune.apply(model, budget=budget, method="merge")
+        tokenprune.apply(model, budget=budget, method=method)
         outs = {}
         try:
             with torch.inference_mode(), kernels_on(True):
@@ -696,7 +698,7 @@ def model_fused_residual(dev, smoke):
             os.environ.pop("TOKENPRUNE_FUSE_RESIDUAL", None)
             tokenprune.remove(model)
         same = bool(torch.equal(outs["0"], outs["1"]))
-        check("merge forward, fused residual", (b, budget), dt, 0.0 if same else rel(outs["1"], outs["0"]), 1e-12,
+        check(f"{method} forward, fused residual", (b, budget), dt, 0.0 if same else rel(outs["1"], outs["0"]), 1e-12,
               {"identical": same})
 
 

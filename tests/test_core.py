@@ -309,16 +309,18 @@ def test_real_vit_s14_cifar10(assets):
         assert torch.equal(model(x), pristine(x))
 
 
-@pytest.mark.parametrize("init_values,drop_path", [(0.5, 0.0), (None, 0.2)])
-def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, init_values, drop_path):
+@pytest.mark.parametrize("method,init_values,drop_path", [("merge", 0.5, 0.0), ("merge", None, 0.2),
+                                                          ("maelre", 0.5, 0.0)])
+def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, method, init_values, drop_path):
     """Blocks followed by a merge hand over their input to the last residual add and the MLP branch;
     the merge adds them. Same logits as with every block's own add (TOKENPRUNE_FUSE_RESIDUAL=0), with
-    LayerScale, and with DropPath in eval mode."""
-    import tokenprune.reducers.merge as merge_mod
+    LayerScale, with DropPath in eval mode, and for MAELRE (linear attention in the early blocks)."""
+    import importlib
 
+    merge_mod = importlib.import_module(f"tokenprune.reducers.{method}")
     model = tiny_vit(init_values=init_values, drop_path_rate=drop_path)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    tokenprune.apply(model, budget=0.25, method="merge")
+    tokenprune.apply(model, budget=0.25, method=method)
     deferred = []
     real = merge_mod.bipartite_merge
 

@@ -81,6 +81,7 @@ class Maelre(Reducer):
 
     uses_attention_kernel = True
     uses_key_mean = True
+    fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
 
     @property
     def proportional(self) -> bool:  # type: ignore[override]
