@@ -179,8 +179,8 @@ def run_blocks(patch, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
 
     for stage in stages.get(-1, ()):
         state = reducer.reduce(state, stage, None)
-    # a reducer that takes the tokens as two halves (``fuses_residual``: ToMe's merge, whose row gather adds
-    # them) gets the block's last residual add undone, which saves writing the block output and reading it back
+    # a reducer that takes the tokens as two halves (``fuses_residual``: merge and maelre, whose merge kernels
+    # add them) gets the block's last residual add undone, which saves writing the block output and reading it back
     fuse = getattr(reducer, "fuses_residual", False) and fuse_residual_enabled()
     for i, blk in enumerate(blocks):
         state.tokens_per_block.append(state.x.shape[1])

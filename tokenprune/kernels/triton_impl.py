@@ -110,10 +110,11 @@ def _tokens_at(x_row, y_row, rows, offs_c, sxn, syn, m, HAS_Y: tl.constexpr):
 
 
 @triton.jit
-def _copy_prefix(x_row0, o_row0, sxn, oxn, offs_p, pm, offs_c, cm):
+def _copy_prefix(x_row0, y_row0, o_row0, sxn, syn, oxn, offs_p, pm, offs_c, cm, HAS_Y: tl.constexpr):
     # the prefix rows (never reduced) of one column tile, copied to the same rows of the output
+    # (HAS_Y: the rows of x + y, see _tokens_at)
     m = pm[:, None] & cm[None, :]
-    xp = tl.load(x_row0 + offs_p[:, None] * sxn + offs_c[None, :], mask=m)
+    xp = _tokens_at(x_row0, y_row0, offs_p, offs_c, sxn, syn, m, HAS_Y)
     tl.store(o_row0 + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=m)
 
 
@@ -837,7 +838,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
         for c0 in range(g * BC, C, G * BC):
             offs_c = c0 + tl.arange(0, BC)
             cm = offs_c < C
-            _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
+            _copy_prefix(x_ptr + b * sxb, x_ptr + b * sxb, ox_ptr + b * oxb, sxn, sxn, oxn, offs_p, pm, offs_c, cm, False)
             for t0 in range(0, N, RT):
                 ot = t0 + tl.arange(0, RT)
                 orr = tl.load(scr + P + ot, mask=ot < N, other=-1)
@@ -1064,9 +1065,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
         tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
         tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
                  mask=bm[:, None] & cm[None, :])
-        pcm = pm[:, None] & cm[None, :]
-        xp = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, offs_p, offs_c, sxn, syn, pcm, HAS_Y)
-        tl.store(ox_ptr + b * oxb + offs_p[:, None] * oxn + offs_c[None, :], xp, mask=pcm)
+        _copy_prefix(x_ptr + b * sxb, y_ptr + b * syb, ox_ptr + b * oxb, sxn, syn, oxn, offs_p, pm, offs_c, cm, HAS_Y)
     if g == 0:  # sizes and source map: written once per sample, by program 0
         # -- sizes
         nout = P + n_unm + NB
@@ -1217,7 +1216,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                           x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
                           out.stride(0), out.stride(1),
-                          HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0, PADDED=bool(padded), HAS_SOURCE=source is not None,
+                          HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0,
+                          PADDED=bool(padded), HAS_SOURCE=source is not None,
                           IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
                           BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
@@ -1476,7 +1476,7 @@ def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr
     for c0 in range(g * BC, C, G * BC):
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
-        _copy_prefix(x_ptr + b * sxb, ox_ptr + b * oxb, sxn, oxn, offs_p, pm, offs_c, cm)
+        _copy_prefix(x_ptr + b * sxb, x_ptr + b * sxb, ox_ptr + b * oxb, sxn, sxn, oxn, offs_p, pm, offs_c, cm, False)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
             km = offs_k < K
