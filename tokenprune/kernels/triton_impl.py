@@ -295,13 +295,8 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     v_base = v_ptr + b * svb + h * svh
     bias_base = bias_ptr + b * sbb
     if FIXED:  # one shift per row from the first tile (see _ea_fixed); the chunk's max if that overflowed
-        offs_n = start + tl.arange(0, BLOCK_N)
-        nmask = offs_n < end
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
-                     other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            kt = kt + tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)[:, None]
-        m0 = tl.max(tl.where(nmask[:, None], kt, float("-inf")), 0)
+        m0 = _ea_kmax(k_base, bias_base, start, tl.minimum(start + BLOCK_N, end), skn, sbn, offs_r, rmask,
+                      HAS_BIAS, DR, BLOCK_N)
         m0 = tl.where(m0 == float("-inf"), 0.0, m0)
         l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
                            m0, l, acc, HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
