@@ -96,9 +96,6 @@ def ea_variants(d, base, quick):
         return out + [{"pass2": t} for t in p2 if t != base["pass2"][d]]
     if quick == "jump":  # the defaults alone (with the keys that jump, below)
         return [{}]
-    if quick == "fused":  # one cooperative launch (pass-2 tile rows), with and without Q prefetched to L2
-        return [{}, {"prefetch_kv": True}] + [{"fused": 64 if d == 64 else 128, "prefetch_q": False, "prefetch_kv": pf}
-                                              for pf in (False, True)]
     if quick == "fixed2":  # the fixed shift: pipelining depth, register cap (more programs per SM) and split
         tile, ol = ((64, 4), False) if d == 64 else ((64, 8), True)
         fx = {"fixed": True, "sub": 0, "dual": False, "pass1": tile, "ones_l": ol}
@@ -174,7 +171,7 @@ def part_ea(bw, quick):
             T.EA_CONFIG[kk] = base[kk]
     # the best variant per d (sum of graph times) and its per-kernel breakdown
     best = {}
-    fixed_modes = quick in ("fixed", "fixed2", "jump", "split", "fused")
+    fixed_modes = quick in ("fixed", "fixed2", "jump", "split")
     for d in shapes:
         ok = [r for r in res if r["d"] == d and "error" not in r]
         if fixed_modes:
@@ -928,7 +925,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="ea: the defaults and the combine tile shapes only")
     ap.add_argument("--ea-rows", action="store_true", help="ea: the defaults and half the context rows per program")
     ap.add_argument("--ea-fixed", type=int, default=0, help="ea: the defaults and the fixed-shift pass 1 (1: tiles, 2: stages, register cap, 3: the defaults "
-                         "alone, 4: how far N is split and the pass-2 tile, 5: one cooperative launch)")
+                         "alone, 4: how far N is split and the pass-2 tile)")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cudnn.benchmark off (on by default, as in `tokenprune bench`)")
     args = ap.parse_args()
@@ -946,7 +943,7 @@ def main():
     OUT["env"]["copy_bw_TBs"] = round(bw / 1e12, 3)
     log(OUT["env"])
     os.makedirs(args.out, exist_ok=True)
-    parts = {"ea": lambda: part_ea(bw, {1: "fixed", 2: "fixed2", 3: "jump", 4: "split", 5: "fused"}.get(args.ea_fixed) or ("rows" if args.ea_rows else args.quick)), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
+    parts = {"ea": lambda: part_ea(bw, {1: "fixed", 2: "fixed2", 3: "jump", 4: "split"}.get(args.ea_fixed) or ("rows" if args.ea_rows else args.quick)), "ba": part_ba, "sdpa": part_sdpa, "profile": part_profile,
              "profile1": part_profile1, "am": part_am, "floor": part_floor,
              "qs": part_qs, "blockn": part_blockn, "fixed": part_fixed, "ms": part_ms,
              "pa": part_pa, "pe": part_pe, "gemmw": part_gemmw, "foldpad": part_foldpad, "bast": part_bast,

@@ -55,12 +55,6 @@ def _configs():
                     dict(DP=dp, SP=32, RB=T.EA_CONFIG["combine_rows"],
                          SC=T.EA_CONFIG["combine_tile"] // (T.EA_CONFIG["combine_rows"] * dp)), 4))
         out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
-        fz = T._cfg(T.EA_CONFIG["fused"], dp)  # the one-launch version (cooperative, with Q prefetched to L2)
-        rb = T.EA_CONFIG["combine_rows"]
-        (out if fz else sweep).append(
-            (T._ea_fused, {**ea_ctx, "q_ptr": f16, "o_ptr": f16, "sync_ptr": "*i32"},
-             dict(HAS_BIAS=True, IS_F32=False, ONES_L=ones_l, DP=dp, BLOCK_N=bn1, BLOCK_N2=fz or 64, RB=rb, SP=32,
-                  SC=T.EA_CONFIG["combine_tile"] // (rb * dp), LINES=dp // 64, LINE=64, PREFETCH=False, PREFETCH_KV=False, PHASE=0), w1))
     out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
                 dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False,
                      SUB=0, FIXED=False), 8))

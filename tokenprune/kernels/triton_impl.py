@@ -34,11 +34,6 @@ EA_CONFIG = {
     "combine_tile": 16384,  # elements of the [partials, rows, d] tile the combine reads at once
     "split_fill": True,  # split N only as far as one wave of programs fits (no partial second wave)
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
-    # one cooperative launch for the three parts when every program fits at once (_ea_fused): pass-2 tile rows
-    # per head dim, or None for three launches
-    "fused": {64: None, 128: None},
-    "prefetch_q": True,  # the fused launch asks L2 for Q while pass 1 streams K and V
-    "prefetch_kv": False,  # each pass-1 program first asks L2 for its whole chunk of K and V
 }
 
 
@@ -270,43 +265,12 @@ def _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmas
 
 
 @triton.jit
-def _ea_chunk_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                    HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, DP: tl.constexpr,
-                    DR: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False,
-                    LINES: tl.constexpr = 1, LINE: tl.constexpr = 64):
-    # pass 1 over tokens start..end-1 with one shift per row, the max of the first tile (see _ea_fixed);
-    # redone with the chunk's own max (a K-only pass first) when that overflowed: every exponential is then <= 1.
-    # Returns (shift, row sums, unnormalised context). PREFETCH: first ask L2 for every K and V row of the chunk
-    if PREFETCH:
-        for n0 in range(start, end, 128):
-            rows = tl.minimum(n0 + tl.arange(0, 128), end - 1)
-            _l2_prefetch(k_base + rows[:, None] * skn + tl.arange(0, LINES)[None, :] * LINE)
-            _l2_prefetch(v_base + rows[:, None] * svn + tl.arange(0, LINES)[None, :] * LINE)
-    m0 = _ea_kmax(k_base, bias_base, start, tl.minimum(start + BLOCK_N, end), skn, sbn, offs_r, rmask,
-                  HAS_BIAS, DR, BLOCK_N)
-    m0 = tl.where(m0 == float("-inf"), 0.0, m0)
-    l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                       m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32, ONES_L,
-                       DR, BLOCK_N)
-    bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
-    bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
-    if bad > 0:
-        m0 = _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N)
-        m0 = tl.where(m0 == float("-inf"), 0.0, m0)
-        l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                           m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32,
-                           ONES_L, DR, BLOCK_N)
-    return m0, l, acc
-
-
-@triton.jit
 def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
                 DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr,
-                SUB: tl.constexpr, FIXED: tl.constexpr, PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1,
-                LINE: tl.constexpr = 64):
+                SUB: tl.constexpr, FIXED: tl.constexpr):
     # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
     # softmax over N needs only its own K column, so rows split without extra K reads). DUAL: two
     # independent (max, sum, context) chains over alternate tiles, merged at the end, so a program
@@ -331,8 +295,20 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
     v_base = v_ptr + b * svb + h * svh
     bias_base = bias_ptr + b * sbb
     if FIXED:  # one shift per row from the first tile (see _ea_fixed); the chunk's max if that overflowed
-        m, l, acc = _ea_chunk_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d,
-                                    dmask, HAS_BIAS, IS_F32, ONES_L, DP, DR, BLOCK_N, PREFETCH, LINES, LINE)
+        m0 = _ea_kmax(k_base, bias_base, start, tl.minimum(start + BLOCK_N, end), skn, sbn, offs_r, rmask,
+                      HAS_BIAS, DR, BLOCK_N)
+        m0 = tl.where(m0 == float("-inf"), 0.0, m0)
+        l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                           m0, l, acc, HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
+        bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
+        bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
+        if bad > 0:  # redo with the chunk's own max (a K-only pass): every exponential is then <= 1
+            m0 = _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N)
+            m0 = tl.where(m0 == float("-inf"), 0.0, m0)
+            l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
+                               m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32,
+                               ONES_L, DR, BLOCK_N)
+        m = m0
     elif SUB > 0:  # two loops per SUB tiles (see _ea_sub); DUAL does not apply
         for c0 in range(start, end, SUB * BLOCK_N):
             m, l, acc = _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
@@ -373,18 +349,18 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _ea_combine_rows(part_ptr, m_ptr, l_ptr, ctx_ptr, bh, r0, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr,
-                     SC: tl.constexpr):
-    # context rows r0..r0+RB-1 of head bh from its S partials (loads bypass L1: in the fused kernel another
-    # program wrote them in the same launch)
-    offs_r = r0 + tl.arange(0, RB)
+def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr,
+                SC: tl.constexpr):
+    # context row j (key feature j) only needs the S partials of that row: rows split over programs.
+    # The partials are read SC at a time as one [SC, RB, DP] tile (independent loads in flight, not a
+    # serial chain of S dependent loads)
+    bh = tl.program_id(0)
+    offs_r = tl.program_id(1) * RB + tl.arange(0, RB)
     offs_d = tl.arange(0, DP)
     offs_s = tl.arange(0, SP)
     smask = offs_s < S
-    ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=float("-inf"),
-                 cache_modifier=".cg")
-    ls = tl.load(l_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=0.0,
-                 cache_modifier=".cg")
+    ms = tl.load(m_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=float("-inf"))
+    ls = tl.load(l_ptr + (bh * S + offs_s[:, None]) * DP + offs_r[None, :], mask=smask[:, None], other=0.0)
     mx = tl.max(ms, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     tot = tl.sum(tl.exp(ms - mx[None, :]) * ls, 0)  # [RB]
@@ -394,27 +370,20 @@ def _ea_combine_rows(part_ptr, m_ptr, l_ptr, ctx_ptr, bh, r0, S, DP: tl.constexp
         sc = s0 + offs_c
         cm = sc < S
         ws = tl.exp(tl.load(m_ptr + (bh * S + sc[:, None]) * DP + offs_r[None, :], mask=cm[:, None],
-                            other=float("-inf"), cache_modifier=".cg") - mx[None, :])  # [SC, RB]
+                            other=float("-inf")) - mx[None, :])  # [SC, RB]
         pt = tl.load(part_ptr + ((bh * S + sc[:, None, None]) * DP + offs_r[None, :, None]) * DP
-                     + offs_d[None, None, :], mask=cm[:, None, None], other=0.0, cache_modifier=".cg")  # [SC, RB, DP]
+                     + offs_d[None, None, :], mask=cm[:, None, None], other=0.0)  # [SC, RB, DP]
         acc += tl.sum(ws[:, :, None] * pt, 0)
     out = acc / tl.maximum(tot, 1e-30)[:, None]
     tl.store(ctx_ptr + bh * DP * DP + offs_r[:, None] * DP + offs_d[None, :], out.to(ctx_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _ea_combine(part_ptr, m_ptr, l_ptr, ctx_ptr, S, DP: tl.constexpr, SP: tl.constexpr, RB: tl.constexpr,
-                SC: tl.constexpr):
-    # context row j (key feature j) only needs the S partials of that row: rows split over programs.
-    # The partials are read SC at a time as one [SC, RB, DP] tile (independent loads in flight, not a
-    # serial chain of S dependent loads)
-    _ea_combine_rows(part_ptr, m_ptr, l_ptr, ctx_ptr, tl.program_id(0), tl.program_id(1) * RB, S, DP, SP, RB, SC)
-
-
-@triton.jit
-def _ea_apply_tile(q_ptr, ctx_ptr, o_ptr, bh, nb, N, H, D, sqb, sqh, sqn, sob, soh, son,
-                   IS_F32: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    # out rows nb*BLOCK_N.. of head bh: softmax over d of each q row, times the head's context
+def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
+              sqb, sqh, sqn, sob, soh, son,
+              IS_F32: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    nb = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, DP)
@@ -427,105 +396,13 @@ def _ea_apply_tile(q_ptr, ctx_ptr, o_ptr, bh, nb, N, H, D, sqb, sqh, sqn, sob, s
     qt = tl.where(dmask[None, :], qt, float("-inf"))
     qt = tl.exp(qt - tl.max(qt, 1)[:, None])
     p = qt / tl.sum(qt, 1)[:, None]
-    ctx = tl.load(ctx_ptr + bh * DP * DP + offs_d[:, None] * DP + offs_d[None, :], cache_modifier=".cg")
+    ctx = tl.load(ctx_ptr + bh * DP * DP + offs_d[:, None] * DP + offs_d[None, :])
     if IS_F32:
         o = tl.dot(p, ctx, input_precision="ieee")
     else:
         o = tl.dot(p.to(ctx.dtype), ctx)
     tl.store(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=mask2)
-
-
-@triton.jit
-def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
-              sqb, sqh, sqn, sob, soh, son,
-              IS_F32: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr):
-    _ea_apply_tile(q_ptr, ctx_ptr, o_ptr, tl.program_id(0), tl.program_id(1), N, H, D, sqb, sqh, sqn, sob, soh, son,
-                   IS_F32, DP, BLOCK_N)
-
-
-@triton.jit
-def _grid_sync(cnt_ptr, target):
-    # every program of a cooperative launch adds one arrival, then waits until `target` arrivals are counted.
-    # A cooperative launch fails unless all its programs are resident at once, so the wait always ends.
-    # The barrier orders this program's stores (all threads) before its release, the acquire before its loads
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
-    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    while seen < target:
-        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _l2_prefetch(ptrs):
-    # ask L2 for the lines at ptrs without waiting for them (kept in preference to streamed data: evict_last)
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _ea_fused(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr, sync_ptr,
-              N, H, D, chunk, S, BH, P,
-              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
-              HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, DP: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, RB: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr,
-              LINES: tl.constexpr, LINE: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_KV: tl.constexpr,
-              PHASE: tl.constexpr):
-    # the three launches of efficient_attention in one cooperative launch of P = BH * S programs, with a grid-wide
-    # barrier between them: (1) program (bh, s) reduces chunk s of head bh to a partial context (fixed shift, see
-    # _ea_chunk_fixed); (2) the programs share the combine of the partials, RB context rows at a time; (3) they
-    # share the q tiles. With PREFETCH each program first asks L2 for the q rows it applies in (3), so Q is read
-    # from memory while (1) streams K and V. PHASE 1 / 2 / 3 runs one part alone (three launches: the CPU
-    # interpreter runs programs one after another, so it cannot wait at a barrier)
-    pid = tl.program_id(0)
-    offs_d = tl.arange(0, DP)
-    dmask = offs_d < D
-    nb2 = tl.cdiv(N, BLOCK_N2)
-    if PHASE == 0 or PHASE == 1:
-        if PREFETCH:
-            for t in range(pid, BH * nb2, P):
-                bq = t // nb2
-                rows = tl.minimum((t % nb2) * BLOCK_N2 + tl.arange(0, BLOCK_N2), N - 1)
-                qb = q_ptr + (bq // H).to(tl.int64) * sqb + (bq % H).to(tl.int64) * sqh
-                _l2_prefetch(qb + rows[:, None] * sqn + tl.arange(0, LINES)[None, :] * LINE)
-        bh = pid // S
-        s = pid % S
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        start = s * chunk
-        end = tl.minimum(start + chunk, N)
-        m, l, acc = _ea_chunk_fixed(k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, bias_ptr + b * sbb,
-                                    start, end, skn, svn, sbn, offs_d, dmask, offs_d, dmask, HAS_BIAS, IS_F32,
-                                    ONES_L, DP, DP, BLOCK_N, PREFETCH_KV, LINES, LINE)
-        tl.store(part_ptr + pid * DP * DP + offs_d[:, None] * DP + offs_d[None, :], acc)
-        tl.store(m_ptr + pid * DP + offs_d, m)
-        tl.store(l_ptr + pid * DP + offs_d, l)
-    if PHASE == 0:
-        _grid_sync(sync_ptr, P)
-    if PHASE == 0 or PHASE == 2:
-        for t in range(pid, BH * (DP // RB), P):
-            _ea_combine_rows(part_ptr, m_ptr, l_ptr, ctx_ptr, t // (DP // RB), (t % (DP // RB)) * RB, S, DP, SP,
-                             RB, SC)
-    if PHASE == 0:
-        _grid_sync(sync_ptr, 2 * P)
-    if PHASE == 0 or PHASE == 3:
-        for t in range(pid, BH * nb2, P):
-            _ea_apply_tile(q_ptr, ctx_ptr, o_ptr, t // nb2, t % nb2, N, H, D, sqb, sqh, sqn, sob, soh, son,
-                           IS_F32, DP, BLOCK_N2)
-
-
-def _ea_fused_fits(bh, split, dp, dt, device) -> bool:
-    """Whether efficient_attention runs as one cooperative launch (_ea_fused): configured, the default pass 1
-    (fixed shift, whole rows per program), and one program per chunk with every program resident at once
-    (programs_per_sm of them per SM: the pass-1 registers allow that many whatever the other parts need)."""
-    if not _cfg(EA_CONFIG["fused"], dp) or dt == torch.float32:
-        return False
-    if not _cfg(EA_CONFIG["fixed"], dp) or _cfg(EA_CONFIG["sub"], dp) or _cfg(EA_CONFIG["dual"], dp):
-        return False
-    if min(_cfg(EA_CONFIG["rows1"], dp), dp) != dp or EA_CONFIG["maxnreg1"] is not None:
-        return False
-    return bh * split <= _cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(device)
 
 
 def efficient_attention(q, k, v, bias=None, split: int | None = None):
@@ -557,34 +434,12 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         sbb, sbn = bias2.stride()
     else:
         bias2, sbb, sbn = k, 0, 0
-    fused = _ea_fused_fits(bh, split, dp, dt, q.device)
-    if split > 1 or fused:
+    if split > 1:
         part = _alloc((bh, split, dp, dp), q.device, torch.float32)
         mpart = _alloc((bh, split, dp), q.device, torch.float32)
         lpart = _alloc((bh, split, dp), q.device, torch.float32)
     else:
         part = mpart = lpart = ctx
-    if fused:
-        # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
-        out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
-        bn2f = _cfg(EA_CONFIG["fused"], dp)
-        rb = min(EA_CONFIG["combine_rows"], dp)
-        sc = max(1, min(_p2(split), EA_CONFIG["combine_tile"] // (rb * dp)))
-        line = max(1, 128 // q.element_size())  # elements per 128-byte line
-        p_ = bh * split
-        sync = torch.zeros(1, device=q.device, dtype=torch.int32)
-        interp = _interpreted(_ea_fused)
-        for phase in ((1, 2, 3) if interp else (0,)):
-            _ea_fused[(p_,)](q, k, v, bias2, out, ctx, part, mpart, lpart, sync, n, h, d, chunk, split, bh, p_,
-                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                             v.stride(0), v.stride(1), v.stride(2), sbb, sbn, out.stride(0), out.stride(1),
-                             out.stride(2), HAS_BIAS=bias is not None, IS_F32=dt == torch.float32,
-                             ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)), DP=dp, BLOCK_N=bn1, BLOCK_N2=bn2f, RB=rb,
-                             SP=_p2(split), SC=sc, LINES=max(1, triton.cdiv(d, line)), LINE=line,
-                             PREFETCH=bool(EA_CONFIG["prefetch_q"]) and not interp,
-                             PREFETCH_KV=bool(EA_CONFIG["prefetch_kv"]) and not interp, PHASE=phase, num_warps=w1,
-                             **({} if interp else {"launch_cooperative_grid": True}), **st1)
-        return out
     _ea_context[(bh, split, dp // dr)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
                                        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                        sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
@@ -593,9 +448,6 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
                                        ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)),
                                        SUB=int(_cfg(EA_CONFIG["sub"], dp)) if dt != torch.float32 else 0,
                                        FIXED=bool(_cfg(EA_CONFIG["fixed"], dp)),
-                                       PREFETCH=bool(EA_CONFIG["prefetch_kv"]) and not _interpreted(_ea_context),
-                                       LINES=max(1, triton.cdiv(d, max(1, 128 // k.element_size()))),
-                                       LINE=max(1, 128 // k.element_size()),
                                        num_warps=w1, **st1)
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
