@@ -30,7 +30,6 @@ import torch
 
 import tokenprune
 from tokenprune.data import default_asset, load_image_folder, to_tensor
-from tokenprune.engine import attached_state
 from tokenprune.models import load_timm
 from tokenprune.training import flop_ratio_from_counts, train_thresholds
 
@@ -43,10 +42,9 @@ def evaluate(model, x, y, batch=64):
     correct, ratios, kept = 0, [], []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        feats = model.forward_features(xb)
-        logits = model.forward_head(feats)
+        feats, st = tokenprune.features(model, xb)
+        logits = model.forward_head(feats, sizes=st.sizes)
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
-        st = attached_state(feats)
         counts = st.scratch.get("threshold_counts", []) if st is not None else []
         if counts:
             ratios.append(flop_ratio_from_counts(info, counts))

@@ -249,10 +249,13 @@ def test_merge_bias_reaches_attention_hf():
     bias = sizes.log()[:, None, None, :]
     tokenprune.apply(model, 0.5, "merge")
     try:
-        with torch.no_grad(), hf_common.key_bias([attn], bias):
-            got = attn(hs)[0]
+        with torch.no_grad():
+            got = attn(hs, tokenprune=hf_common.KeyBias([attn], bias))[0]
+            other = attn(hs, tokenprune=hf_common.KeyBias([], bias))[0]  # the bias is for the listed modules only
+            plain = attn(hs)[0]
     finally:
         tokenprune.remove(model)
+    assert torch.equal(other, plain) and not torch.allclose(got, plain, atol=1e-3)
     b, n, c = hs.shape
     q = attn.q_proj(hs).view(b, n, 4, 8).transpose(1, 2)
     k = attn.k_proj(hs).view(b, n, 4, 8).transpose(1, 2)
@@ -271,12 +274,17 @@ def test_merge_bias_reaches_attention_open_clip():
     hs = torch.randn(2, 5, 32)
     sizes = torch.tensor([[1.0, 2.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.0, 4.0, 0.0]])
     bias = sizes.log()[:, None, None, :]
+    from tokenprune.engine import Forward
+
     tokenprune.apply(model, 0.5, "merge")
     try:
         with torch.no_grad():
-            got = oc._call_block(blk, hs, bias)
-            with oc._capture(blk, None) as qk:
-                oc._call_block(blk, hs, None)
+            fwd = Forward(tokenprune.get_patch(model))
+            fwd.bias = bias
+            got = oc._block(blk, hs, fwd)
+            fwd.bias, fwd.want_qk = None, True
+            oc._block(blk, hs, fwd)
+            qk = fwd.qk
     finally:
         tokenprune.remove(model)
     with torch.no_grad():
@@ -288,7 +296,7 @@ def test_merge_bias_reaches_attention_open_clip():
         x1 = hs + blk.ls_1(a)
         want = x1 + blk.ls_2(blk.mlp(blk.ln_2(x1)))
     assert torch.allclose(got, want, atol=1e-5)
-    # the recomputed q/k equal the in-projection of the attention's input
+    # the recorded q/k equal the in-projection of the attention's input
     assert torch.allclose(qk.q, q, atol=1e-6) and torch.allclose(qk.k, k, atol=1e-6)
 
 
@@ -339,8 +347,9 @@ def test_whisper_cross_attention_gets_size_bias():
     tokenprune.apply(model, 0.25, "merge")
     try:
         with torch.no_grad():
-            out = enc(x).last_hidden_state
-        state = tokenprune.engine.attached_state(out)
+            out = enc(x)
+        state = tokenprune.features(model, x)[1]
+        assert torch.equal(out["tokenprune_key_bias"], state.attn_bias(out.last_hidden_state.dtype))
         assert state is not None and state.sizes is not None
         assert torch.allclose(state.sizes.sum(1), torch.full((2,), 32.0))
     finally:

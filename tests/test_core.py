@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 import tokenprune
 from tokenprune import ops
-from tokenprune.engine import attached_state
 from tokenprune.state import TokenState
 
 from conftest import tiny_vit
@@ -182,9 +181,11 @@ def test_avg_pool_is_size_weighted():
     x = torch.randn(2, 3, 40, 40)
     tokenprune.apply(model, budget=0.25, method="merge")
     with torch.no_grad():
-        feats = model.forward_features(x)
-        pooled = model.forward_head(feats, pre_logits=True)
-        full, present = tokenprune.unmerge(feats, attached_state(feats))
+        feats, state = tokenprune.features(model, x)
+        pooled = model.forward_head(feats, pre_logits=True, sizes=state.sizes)
+        full, present = tokenprune.unmerge(feats, state)
+        with pytest.raises(ValueError, match="sizes"):  # reduced tokens without their sizes: a clear error
+            model.forward_head(feats, pre_logits=True)
     assert bool(present.all())
     torch.testing.assert_close(pooled, model.fc_norm(full.mean(1)), rtol=1e-4, atol=1e-5)
 
@@ -193,8 +194,8 @@ def test_unmerge_marks_dropped_patches():
     model = tiny_vit(img_size=40)
     tokenprune.apply(model, budget=0.25, method="cls")
     with torch.no_grad():
-        feats = model.forward_features(torch.randn(2, 3, 40, 40))
-    full, present = tokenprune.unmerge(feats, attached_state(feats))
+        feats, state = tokenprune.features(model, torch.randn(2, 3, 40, 40))
+    full, present = tokenprune.unmerge(feats, state)
     assert full.shape == (2, 100, 48) and present.sum(1).tolist() == [25, 25]
     assert float(full[~present].abs().sum()) == 0.0
 
@@ -207,16 +208,16 @@ def test_threshold_batch_equals_each_sample_alone():
     xs[1] *= 4  # make the samples' score distributions differ
     tokenprune.apply(model, budget=0.5, method="cls", threshold=0.01, layers=[0, 2])
     with torch.no_grad():
-        batched = model.forward_features(xs)
-        kept = attached_state(batched).kept_per_sample()
-        logits_b = model.forward_head(batched)
+        batched, state = tokenprune.features(model, xs)
+        kept = state.kept_per_sample()
+        logits_b = model.forward_head(batched, sizes=state.sizes)
         alone = [model.forward_features(xs[i:i + 1]) for i in range(3)]
     counts = [a.shape[1] - 1 for a in alone]
     assert kept.tolist() == counts
     assert len(set(counts)) > 1, "test needs samples that keep different counts"
     for i, a in enumerate(alone):
         torch.testing.assert_close(logits_b[i:i + 1], model.forward_head(a), rtol=1e-4, atol=1e-5)
-        valid = attached_state(batched).sizes[i] > 0
+        valid = state.sizes[i] > 0
         torch.testing.assert_close(batched[i][valid], a[0], rtol=1e-4, atol=1e-5)
 
 
@@ -252,9 +253,10 @@ def test_timm_family(name, kw):
             tokenprune.apply(model, budget=1.0, method=method)
             torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
             tokenprune.apply(model, budget=0.25, method=method)
-            feats = model.forward_features(x)
+            feats, state = tokenprune.features(model, x)
             assert feats.shape[1] == model.num_prefix_tokens + 9
-            out = model.forward_head(feats)
+            out = model.forward_head(feats, sizes=state.sizes)
+            torch.testing.assert_close(out, model(x))
             assert out.shape == ref.shape and torch.isfinite(out).all()
         tokenprune.remove(model)
         assert torch.equal(model(x), pristine(x))
@@ -320,7 +322,6 @@ def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, method, in
     merge_mod = importlib.import_module(f"tokenprune.reducers.{method}")
     model = tiny_vit(init_values=init_values, drop_path_rate=drop_path)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    tokenprune.apply(model, budget=0.25, method=method)
     deferred = []
     real = merge_mod.bipartite_merge
 
@@ -333,7 +334,8 @@ def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, method, in
     monkeypatch.setattr(merge_mod, "bipartite_merge", spy)
     outs = {}
     for fuse in ("1", "0"):
-        monkeypatch.setenv("TOKENPRUNE_FUSE_RESIDUAL", fuse)
+        monkeypatch.setattr(tokenprune.engine, "_FUSE", fuse == "1")
+        tokenprune.apply(model, budget=0.25, method=method)
         deferred.clear()
         with torch.no_grad():
             outs[fuse] = model(x)

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import tokenprune
-from tokenprune.engine import attached_state
 from tokenprune.plan import EncoderInfo, Stage
 from tokenprune.reducers import apet as apet_mod
 from tokenprune.reducers import maelre as maelre_mod
@@ -49,9 +48,8 @@ def test_budget_and_exact_remove(name, cls_token):
     for budget in BUDGETS:
         _apply(model, name, budget)
         with torch.no_grad():
-            feats = model.forward_features(x)
-            logits = model.forward_head(feats)
-        st = attached_state(feats)
+            feats, st = tokenprune.features(model, x)
+            logits = model.forward_head(feats, sizes=st.sizes)
         p = model.num_prefix_tokens
         keep = math.floor(budget * 64 + 0.5)
         assert tokenprune.plan(model).num_out == keep  # 8x8 grid: every keep here is a pooled grid
@@ -134,13 +132,6 @@ def test_maelre_switches_exactly_where_n_exceeds_threshold(monkeypatch):
     model = tiny_vit(depth=6)
     x = torch.randn(2, 3, 32, 32)
     switch = 30
-    tokenprune.apply(model, budget=0.2, method="maelre", switch_at=switch)
-    plan = tokenprune.plan(model)
-    n_in = [n + 1 for n in plan.tokens_per_block()]  # prefix included
-    paths = plan.attention_per_block()
-    assert paths == ["linear" if n > switch else "sdpa" for n in n_in]
-    assert "linear" in paths and "sdpa" in paths
-
     linear_calls, sdpa_calls = [], []
     original_linear, original_sdpa = maelre_mod.efficient_attention, F.scaled_dot_product_attention
 
@@ -152,13 +143,20 @@ def test_maelre_switches_exactly_where_n_exceeds_threshold(monkeypatch):
         sdpa_calls.append(q.shape[2])
         return original_sdpa(q, *a, **kw)
 
-    monkeypatch.setattr(maelre_mod, "efficient_attention", spy_linear)
+    monkeypatch.setattr(maelre_mod, "efficient_attention", spy_linear)  # before apply: the plan names the kernel
+    tokenprune.apply(model, budget=0.2, method="maelre", switch_at=switch)
+    plan = tokenprune.plan(model)
+    n_in = [n + 1 for n in plan.tokens_per_block()]  # prefix included
+    paths = plan.attention_per_block()
+    assert paths == ["linear" if n > switch else "sdpa" for n in n_in]
+    assert "linear" in paths and "sdpa" in paths
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
     for blk in model.blocks:
         blk.attn.fused_attn = True
     with torch.no_grad():
-        feats = model.forward_features(x)
-    assert attached_state(feats).tokens_per_block == n_in
+        feats, st = tokenprune.features(model, x)
+    assert st.tokens_per_block == n_in
     assert linear_calls == [n for n in n_in if n > switch]
     assert sdpa_calls == [n for n in n_in if n <= switch]
     # the linear path really changes the blocks (vs. the same merging with SDPA everywhere)
@@ -254,10 +252,10 @@ def test_threshold_batch_with_different_counts_equals_each_sample_alone():
         torch.manual_seed(3)
         x = torch.randn(6, 3, 32, 32)
         with torch.no_grad():
-            feats = model.forward_features(x)
-            logits = model.forward_head(feats)
+            feats, st = tokenprune.features(model, x)
+            logits = model.forward_head(feats, sizes=st.sizes)
             alone = torch.cat([model(x[i:i + 1]) for i in range(6)])
-        kept = attached_state(feats).kept_per_sample()
+        kept = st.kept_per_sample()
         assert len(set(kept.tolist())) > 1, kept  # the samples really keep different counts
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
 
@@ -265,8 +263,8 @@ def test_threshold_batch_with_different_counts_equals_each_sample_alone():
 def test_threshold_is_a_cap_at_the_budget():
     model = _thresholded(budget=0.25, init=(0.0, 0.0, 0.0))
     with torch.no_grad():
-        feats = model.forward_features(torch.randn(2, 3, 32, 32))
-    assert attached_state(feats).kept_per_sample().tolist() == [16, 16]
+        feats, st = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert st.kept_per_sample().tolist() == [16, 16]
 
 
 def test_threshold_state_dict_save_load_and_remove():

@@ -7,7 +7,6 @@ from PIL import Image
 import tokenprune
 from tokenprune import viz
 from tokenprune.commands import demo
-from tokenprune.engine import attached_state
 
 from conftest import tiny_vit
 
@@ -74,8 +73,7 @@ def test_overlay_from_a_reduced_forward(method):
     m = tiny_vit(img_size=32, patch_size=4)  # 8 x 8 grid, 64 patches
     x = torch.rand(2, 3, 32, 32)
     with tokenprune.applied(m, budget=0.25, method=method), torch.no_grad():
-        feats = m.forward_features(x)
-    state = attached_state(feats)
+        feats, state = tokenprune.features(m, x)
     k = tokenprune.keep_count(0.25, 64)
     for b in range(2):
         s = viz.token_stats(state.source, index=b)
@@ -84,16 +82,16 @@ def test_overlay_from_a_reduced_forward(method):
             assert s["dropped"] == 64 - k and s["merged_tokens"] == 0
         else:
             assert s["dropped"] == 0 and s["patches_in_merged"] > 0
-    img = viz.overlay_from_features(x[1], feats, index=1)
+    img = viz.overlay_from_state(x[1], state, index=1)
     assert img.shape == (32, 32, 3)
 
 
-def test_overlay_from_unreduced_features_is_a_clear_error():
+def test_overlay_without_a_state_is_a_clear_error():
     m = tiny_vit(img_size=32, patch_size=4)
-    with torch.no_grad():
-        feats = m.forward_features(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="tokenprune.apply"):
-        viz.overlay_from_features(torch.rand(3, 32, 32), feats)
+        tokenprune.features(m, torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="tokenprune.apply"):
+        viz.overlay_from_state(torch.rand(3, 32, 32), None)
 
 
 # -- audio -------------------------------------------------------------------------------------------------

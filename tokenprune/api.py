@@ -1,10 +1,11 @@
-"""Public entry points: apply, remove, plan, applied, methods."""
+"""Public entry points: apply, remove, plan, applied, features, methods."""
 from __future__ import annotations
 
 import contextlib
 from typing import Mapping
 
 from . import adapters, registry
+from .engine import Program
 from .plan import Plan, check_budget
 
 PATCH_ATTR = "_tokenprune"
@@ -35,18 +36,22 @@ class Patch:
         self.track_source = track_source
         self.info = adapter.info()
         self.num_prefix = self.info.num_prefix
-        self._plans: dict[tuple, Plan] = {}
+        self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
 
     def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
+        return self.program_for(num_tokens, grid).plan
+
+    def program_for(self, num_tokens: int | None = None, grid=None) -> Program:
         n = self.info.num_tokens if num_tokens is None else num_tokens
         if grid is None:
             grid = self.adapter.grid_for(n)
         key = (n, grid)
-        plan = self._plans.get(key)
-        if plan is None:
+        prog = self._programs.get(key)
+        if prog is None:  # a new input size: plan it (two threads may both do this; the results are equal)
             plan = self.reducer.plan(self.info.with_tokens(n, grid), self.budget, self.schedule)
-            self._plans[key] = plan
-        return plan
+            prog = Program.build(plan, self.reducer)
+            self._programs[key] = prog
+        return prog
 
 
 def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
@@ -94,12 +99,34 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
             options = {**kw, **options}
     budget = 0.5 if budget is None else budget
     method = "merge" if method is None else method
+    _check_not_nested(model)
+    patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
+    previous = get_patch(model)
     remove(model)
-    patch = _make_patch(model, budget, method, schedule, track_source, options)
+    try:
+        _install(model, patch)
+    except BaseException:
+        patch.adapter.uninstall()
+        if previous is not None:
+            _install(model, previous)
+        raise
+    return model
+
+
+def _install(model, patch) -> None:
     patch.adapter.install(patch)
     setattr(model, PATCH_ATTR, patch)
     _attach_module(model, patch)
-    return model
+
+
+def _check_not_nested(model) -> None:
+    if not hasattr(model, "named_modules"):
+        raise TypeError(f"tokenprune.apply takes a model object (torch.nn.Module), got {type(model).__name__} "
+                        f"{model!r:.60}; create the model first, e.g. timm.create_model(name)")
+    for name, m in model.named_modules():
+        if name and PATCH_ATTR in m.__dict__:
+            raise ValueError(f"tokenprune: the submodule {name!r} of this model is already patched; call "
+                             f"tokenprune.remove(model.{name}) first, or apply to that submodule only")
 
 
 def remove(model):
@@ -135,9 +162,9 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
 
 
 @contextlib.contextmanager
-def applied(model, budget: float = 0.5, method: str = "merge", **kwargs):
-    """``with tokenprune.applied(model, budget=0.25, method="cls"): ...`` -- removed on exit,
-    restoring an earlier patch if there was one."""
+def applied(model, budget: float | None = None, method: str | None = None, **kwargs):
+    """``with tokenprune.applied(model, budget=0.25, method="cls"): ...`` -- the same arguments as
+    :func:`apply` (a ``recipe=`` too); removed on exit, restoring an earlier patch if there was one."""
     previous = get_patch(model)
     apply(model, budget, method, **kwargs)
     try:
@@ -145,9 +172,19 @@ def applied(model, budget: float = 0.5, method: str = "merge", **kwargs):
     finally:
         remove(model)
         if previous is not None:
-            previous.adapter.install(previous)
-            setattr(model, PATCH_ATTR, previous)
-            _attach_module(model, previous)
+            _install(model, previous)
+
+
+def features(model, *args, **kwargs):
+    """Run the patched encoder and return ``(tokens, state)``: its output tokens (``[B, P + K, C]``,
+    the encoder's final norm applied) and the final :class:`~tokenprune.state.TokenState` (token sizes,
+    source map for :func:`tokenprune.unmerge`). Arguments are the encoder's inputs as the model
+    takes them (images for timm / open_clip, ``pixel_values=`` / ``input_features=`` for
+    transformers models). This is the one public way to get the final state of a forward."""
+    patch = get_patch(model)
+    if patch is None:
+        raise ValueError("features() needs a patched model: call tokenprune.apply(model, ...) first")
+    return patch.adapter.features(*args, **kwargs)
 
 
 def methods() -> list[str]:

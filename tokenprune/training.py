@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import api
-from .engine import attached_state, forward_scope
 from .plan import EncoderInfo
 
 # -- shared plumbing -------------------------------------------------------------------------
@@ -37,13 +36,17 @@ def _teacher(model, teacher):
 
 def _forward(model, x):
     """``(logits, final tokens [B, T, C] | None, final TokenState | None)``."""
+    patched = api.is_applied(model)
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        feats = model.forward_features(x)
-        return model.forward_head(feats), feats, attached_state(feats)
-    with forward_scope() as scope:
-        out = model(x)
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits, None, scope.state
+        if not patched:
+            feats = model.forward_features(x)
+            return model.forward_head(feats), feats, None
+        feats, state = api.features(model, x)
+        return model.forward_head(feats, sizes=state.sizes), feats, state
+    if patched:
+        raise TypeError("tokenprune.training needs a model with forward_features / forward_head (timm)")
+    out = model(x)
+    return (out.logits if hasattr(out, "logits") else out), None, None
 
 
 def _kl(student_logits, teacher_logits):

@@ -6,11 +6,9 @@ no UI library is needed.
 
 The input is the token state's source map (``TokenState.source``): for every
 original patch, the index of the token that now holds it, ``-1`` where the
-patch was dropped. For a timm ViT the final state of a forward rides on the
-``forward_features`` output::
+patch was dropped. :func:`tokenprune.features` returns the final state of a forward::
 
-    feats = model.forward_features(x)
-    state = tokenprune.engine.attached_state(feats)
+    feats, state = tokenprune.features(model, x)
     img = tokenprune.viz.token_overlay(image, state.source[0], state.grid)
 
 In the overlay, dropped patches are dimmed and desaturated, patches that were
@@ -25,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["as_rgb", "group_sizes", "token_stats", "token_overlay", "overlay_from_features", "input_grid",
+__all__ = ["as_rgb", "group_sizes", "token_stats", "token_overlay", "overlay_from_state", "input_grid",
            "log_spectrogram", "colorize", "spectrogram_overlay", "panel_figure", "token_colors"]
 
 
@@ -182,15 +180,11 @@ def token_overlay(image, source, grid=None, *, index: int = 0, dim: float = 0.4,
                           outline_color=outline_color, line=line)
 
 
-def overlay_from_features(image, features, index: int = 0, **kwargs) -> np.ndarray:
-    """:func:`token_overlay` from the output of a reduced model's ``forward_features``
-    (reads the attached :class:`~tokenprune.state.TokenState`)."""
-    from .engine import attached_state
-
-    state = attached_state(features)
+def overlay_from_state(image, state, index: int = 0, **kwargs) -> np.ndarray:
+    """:func:`token_overlay` from the final state of a reduced forward (``tokenprune.features(model, x)[1]``)."""
     if state is None:
-        raise ValueError("these features carry no token state: run forward_features of a model patched "
-                         "with tokenprune.apply(...)")
+        raise ValueError("no token state: get it with feats, state = tokenprune.features(model, x) on a model "
+                         "patched with tokenprune.apply(...)")
     if state.source is None:
         raise ValueError("this forward ran without source tracking; apply with track_source=True")
     return token_overlay(image, state.source, input_grid(state), index=index, **kwargs)

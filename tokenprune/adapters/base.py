@@ -19,6 +19,9 @@ ORIGINAL = "_tokenprune_original_class"
 
 def swap_class(module: torch.nn.Module, mixin: type) -> None:
     orig = type(module)
+    if ORIGINAL in orig.__dict__:
+        raise ValueError(f"tokenprune: this {orig.__name__} is already patched by another tokenprune.apply (on an "
+                         "enclosing model or a submodule); call tokenprune.remove on that model first")
     key = (mixin, orig)
     new = _CLASS_CACHE.get(key)
     if new is None:
@@ -66,6 +69,10 @@ class Adapter:
 
     def install(self, patch) -> None:
         raise NotImplementedError
+
+    def features(self, *args, **kwargs):
+        """``(tokens, final TokenState)`` of one patched encoder forward (``tokenprune.features``)."""
+        raise NotImplementedError(f"tokenprune.features is not available for the {self.family} family")
 
     def uninstall(self) -> None:
         raise NotImplementedError

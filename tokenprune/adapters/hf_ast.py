@@ -15,18 +15,14 @@
 """
 from __future__ import annotations
 
-from ..engine import attach_state, attached_state
+from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, no_extra_kwargs, run
 
 
 def _attn(layer):
     return layer.attention
-
-
-_call_block = hf_call_block(_attn)  # ASTLayer(x) -- attention_mask is optional
-_capture = hf_capture(_attn)
 
 
 def _layers(ast_model):
@@ -50,15 +46,16 @@ class _ASTModel:
     def forward(self, input_values=None, attention_mask=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        no_extra_kwargs(dict(kwargs, attention_mask=attention_mask), "AST encoder")
-        patch = self._tokenprune_patch
-        x = self.embeddings(input_values)
-        grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
-        out = run_and_attach(patch, _layers(self), x, _call_block, _capture, grid)
-        state = attached_state(out)
-        seq = self.layernorm(out)
+        seq = self.layernorm(self._tokenprune_tokens(Forward(self._tokenprune_patch), input_values,
+                                                     attention_mask=attention_mask, **kwargs))
         pooled = (seq[:, 0] + seq[:, 1]) / 2
-        return BaseModelOutputWithPooling(last_hidden_state=attach_state(seq, state), pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+
+    def _tokenprune_tokens(self, fwd, input_values, **kwargs):
+        kwargs.pop("return_dict", None)
+        no_extra_kwargs(kwargs, "AST encoder")
+        x = self.embeddings(input_values)
+        return run(fwd, _layers(self), x, fwd.patch.adapter.grid_for(x.shape[1] - fwd.patch.num_prefix))
 
 
 class HFASTAdapter(Adapter):
@@ -83,6 +80,10 @@ class HFASTAdapter(Adapter):
 
     def check(self, reducer) -> None:
         self._routing.check()
+
+    def features(self, input_values):
+        fwd = Forward(self.ast._tokenprune_patch)
+        return self.ast._tokenprune_tokens(fwd, input_values), fwd.state
 
     def install(self, patch) -> None:
         self._routing.on()

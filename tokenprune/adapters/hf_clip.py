@@ -25,59 +25,53 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from ..engine import current_scope, forward_scope
+from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, run
 
 
 def _attn(layer):
     return layer.self_attn
 
 
-_call_block = hf_call_block(_attn, extra=(None,))  # layer(x, attention_mask=None)
-_capture = hf_capture(_attn)
-
-
-class _Encoder:
-    """Mixin for ``CLIPEncoder`` / ``SiglipEncoder``."""
-
-    def forward(self, inputs_embeds, attention_mask=None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        no_extra_kwargs(dict(kwargs, attention_mask=attention_mask), "vision encoder")
-        patch = self._tokenprune_patch
-        n = inputs_embeds.shape[1] - patch.num_prefix
-        out = run_and_attach(patch, self.layers, inputs_embeds, _call_block, _capture, patch.adapter.grid_for(n))
-        return BaseModelOutput(last_hidden_state=out)
+def _map_head(head, hidden, sizes):
+    """``SiglipMultiheadAttentionPoolingHead`` with keys weighted by size (``log size`` as a float key mask)."""
+    if sizes is None:
+        return head(hidden)
+    probe = head.probe.repeat(hidden.shape[0], 1, 1)
+    h = head.attention(probe, hidden, hidden, key_padding_mask=sizes.log().to(hidden.dtype), need_weights=False)[0]
+    h = h + head.mlp(head.layernorm(h))
+    return h[:, 0]
 
 
 class _Tower:
-    """Mixin for the vision tower: one scope per forward, so the pooling head sees the final sizes."""
+    """Mixin for the vision tower (the module with ``embeddings`` and ``encoder``): its forward with the
+    reduced layer loop; the pooling head gets the final sizes."""
 
-    def forward(self, *args, **kwargs):
-        with forward_scope():
-            return super().forward(*args, **kwargs)
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        fwd = Forward(self._tokenprune_patch)
+        hidden = self._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
+        if hasattr(self, "pre_layrnorm"):  # CLIP: the [CLS] token, normed
+            pooled = self.post_layernorm(hidden[:, 0, :])
+        else:  # SigLIP: norm, then the MAP head over the (size-weighted) tokens
+            hidden = self.post_layernorm(hidden)
+            pooled = _map_head(self.head, hidden, fwd.sizes) if getattr(self, "use_head", False) else None
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 
-class _MapHead:
-    """Mixin for ``SiglipMultiheadAttentionPoolingHead``: size-weighted keys, padding ignored."""
-
-    def forward(self, hidden_state):
-        scope = current_scope()
-        state = scope.state if scope is not None else None
-        if state is None or state.sizes is None:
-            return super().forward(hidden_state)
-        b = hidden_state.shape[0]
-        probe = self.probe.repeat(b, 1, 1)
-        key_bias = state.sizes.log().to(hidden_state.dtype)
-        h = self.attention(probe, hidden_state, hidden_state, key_padding_mask=key_bias, need_weights=False)[0]
-        residual = h
-        h = self.layernorm(h)
-        h = residual + self.mlp(h)
-        return h[:, 0]
+    def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, **kwargs):
+        kwargs.pop("return_dict", None)
+        no_extra_kwargs(kwargs, "vision tower")
+        hidden = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if hasattr(self, "pre_layrnorm"):
+            hidden = self.pre_layrnorm(hidden)
+        patch = self.embeddings.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        if math.prod(grid) != hidden.shape[1] - fwd.patch.num_prefix:
+            grid = None
+        return run(fwd, self.encoder.layers, hidden, grid, extra=(None,))
 
 
 def vision_tower(model):
@@ -119,28 +113,28 @@ class HFClipAdapter(Adapter):
                            has_cls=not self.siglip, family=self.family)
 
     def grid_for(self, num_tokens: int):
-        side = math.isqrt(num_tokens)
-        return (side, side) if side * side == num_tokens else None
+        grid = self.info().grid
+        return grid if math.prod(grid) == num_tokens else None
 
     def check(self, reducer) -> None:
         self._routing.check()
 
+    def features(self, pixel_values, interpolate_pos_encoding=False):
+        """Tokens after the encoder's last layer (before SigLIP's post-layernorm) and the final state."""
+        fwd = Forward(self.tower._tokenprune_patch)
+        return self.tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding), fwd.state
+
     def install(self, patch) -> None:
-        t = self.tower
         self._routing.on()
-        t.encoder._tokenprune_patch = patch
-        swap_class(t.encoder, _Encoder)
-        swap_class(t, _Tower)
-        head = getattr(t, "head", None)
-        if head is not None and hasattr(head, "probe"):
-            swap_class(head, _MapHead)
+        self.tower._tokenprune_patch = patch
+        swap_class(self.tower, _Tower)
+        if self.siglip:  # SiglipAttention does not pass its keyword arguments on
+            for layer in self.tower.encoder.layers:
+                swap_class(_attn(layer), ProjAttention)
 
     def uninstall(self) -> None:
-        t = self.tower
-        restore_class(t)
-        restore_class(t.encoder)
-        head = getattr(t, "head", None)
-        if head is not None:
-            restore_class(head)
-        t.encoder.__dict__.pop("_tokenprune_patch", None)
+        for layer in self.tower.encoder.layers:
+            restore_class(_attn(layer))
+        restore_class(self.tower)
+        self.tower.__dict__.pop("_tokenprune_patch", None)
         self._routing.off()

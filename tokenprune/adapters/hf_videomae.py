@@ -12,25 +12,21 @@
 - Pooling: the classifier's mean pooling becomes a size-weighted mean that
   ignores padding slots, i.e. the mean over the original tubelets. A model
   without mean pooling (``use_mean_pooling=False`` reads token 0, which is an
-  ordinary patch here) is refused for classification. ``VideoMAEModel``'s
-  ``last_hidden_state`` carries the final token state
-  (``tokenprune.engine.attached_state``) when it has no final layer norm.
+  ordinary patch here) is refused for classification.
+- VideoMAE's self-attention takes no keyword arguments, so it gets a mixin that
+  accepts the context (``tokenprune=``) and hands it to the attention function.
 """
 from __future__ import annotations
 
 from .. import ops
-from ..engine import attached_state
+from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, hf_call_block, hf_capture, no_extra_kwargs, run_and_attach
+from .hf_common import AttentionRouting, no_extra_kwargs, run
 
 
 def _attn(layer):
     return layer.attention.attention
-
-
-_call_block = hf_call_block(_attn)  # VideoMAELayer(x)
-_capture = hf_capture(_attn)
 
 
 def tubelet_grid(config) -> tuple[int, int, int]:
@@ -39,17 +35,39 @@ def tubelet_grid(config) -> tuple[int, int, int]:
     return config.num_frames // config.tubelet_size, size[0] // patch[0], size[1] // patch[1]
 
 
-class _Encoder:
-    """Mixin for ``VideoMAEEncoder``."""
+class _SelfAttention:
+    """Mixin for ``VideoMAESelfAttention``: its forward, with the context passed to the attention function."""
 
-    def forward(self, hidden_states, **kwargs):
+    def forward(self, hidden_states=None, tokenprune=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if tokenprune is None:
+            return super().forward(hidden_states)
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        out, probs = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation](
+            self, q, k, v, None, is_causal=False, scaling=self.scaling,
+            dropout=0.0 if not self.training else self.dropout_prob, tokenprune=tokenprune)
+        return out.reshape(*out.shape[:-2], self.all_head_size), probs
+
+
+class _Model:
+    """Mixin for ``VideoMAEModel``: its forward with the reduced layer loop (the context is passed on)."""
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, tokenprune=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
+        fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
+        kwargs.pop("return_dict", None)
         no_extra_kwargs(kwargs, "VideoMAE encoder")
-        patch = self._tokenprune_patch
-        grid = patch.adapter.grid_for(hidden_states.shape[1])
-        out = run_and_attach(patch, self.layer, hidden_states, _call_block, _capture, grid)
-        return BaseModelOutput(last_hidden_state=out)
+        x = self.embeddings(pixel_values, bool_masked_pos)
+        grid = fwd.patch.adapter.grid_for(x.shape[1]) if bool_masked_pos is None else None
+        x = run(fwd, self.encoder.layer, x, grid)
+        if self.layernorm is not None:
+            x = self.layernorm(x)
+        return BaseModelOutput(last_hidden_state=x)
 
 
 class _Classifier:
@@ -58,10 +76,9 @@ class _Classifier:
     def forward(self, pixel_values=None, labels=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
-        outputs = self.videomae(pixel_values, **kwargs)
-        seq = outputs.last_hidden_state
-        state = attached_state(seq)
-        pooled = ops.weighted_mean(seq, state.sizes) if state is not None and state.sizes is not None else seq.mean(1)
+        fwd = Forward(self._tokenprune_patch)
+        seq = self.videomae(pixel_values, tokenprune=fwd, **kwargs).last_hidden_state
+        pooled = ops.weighted_mean(seq, fwd.sizes) if fwd.sizes is not None else seq.mean(1)
         logits = self.classifier(self.fc_norm(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
@@ -95,18 +112,30 @@ class HFVideoMAEAdapter(Adapter):
     def check(self, reducer) -> None:
         self._routing.check()
 
+    def features(self, pixel_values):
+        """Encoder tokens (``VideoMAEModel``'s ``last_hidden_state``) and the final state."""
+        fwd = Forward(self.videomae._tokenprune_patch)
+        return self.videomae(pixel_values, tokenprune=fwd).last_hidden_state, fwd.state
+
+    def _attentions(self):
+        return [_attn(layer) for layer in self.videomae.encoder.layer]
+
     def install(self, patch) -> None:
         self._routing.on()
-        enc = self.videomae.encoder
-        enc._tokenprune_patch = patch
-        swap_class(enc, _Encoder)
+        self.videomae._tokenprune_patch = patch
+        swap_class(self.videomae, _Model)
+        for a in self._attentions():
+            swap_class(a, _SelfAttention)
         if self.classifier is not None:
+            self.classifier._tokenprune_patch = patch
             swap_class(self.classifier, _Classifier)
 
     def uninstall(self) -> None:
-        enc = self.videomae.encoder
         if self.classifier is not None:
             restore_class(self.classifier)
-        restore_class(enc)
-        enc.__dict__.pop("_tokenprune_patch", None)
+            self.classifier.__dict__.pop("_tokenprune_patch", None)
+        for a in self._attentions():
+            restore_class(a)
+        restore_class(self.videomae)
+        self.videomae.__dict__.pop("_tokenprune_patch", None)
         self._routing.off()

@@ -1,176 +1,110 @@
-"""open_clip ``VisionTransformer`` image towers (``CLIP`` / ``CustomTextCLIP`` models or ``model.visual``).
+"""open_clip ``VisionTransformer`` image towers (``CLIP`` / ``CustomTextCLIP`` / ``CoCa`` models or ``model.visual``).
 
-Only the image tower is reduced: ``model.encode_image`` returns the same kind
-of embedding, the text tower is untouched.
+Only the image tower is reduced: ``model.encode_image`` returns the same kind of embedding, the
+text tower is untouched.
 
-- Blocks: open_clip's ``ResidualAttentionBlock`` (``nn.MultiheadAttention``
-  called with ``need_weights=False``, fused). The tower's
-  ``Transformer.forward`` loop becomes :func:`run_blocks`. Batch-first and
-  sequence-first transformers both work.
-- Size bias: ``nn.MultiheadAttention`` takes a float ``key_padding_mask``
-  ``[B, N]`` that it adds to every query row (``[B*H, 1, N]`` internally, no
-  ``N x N`` mask is built); the block's attention module gets ``log(size)``
-  there (``None`` while all sizes are 1, keeping the unmasked path).
-- q/k capture: ``nn.MultiheadAttention`` fuses its in-projection, so the
-  q and k a reducer needs are recomputed from the attention's input with the
-  first two thirds of ``in_proj_weight`` -- an extra ``2 N D^2`` multiply-adds
-  in the blocks where a reducer reads q/k (merge: every reducing block; cls:
-  its pruning blocks), about 1/6 of such a block's linear-layer FLOPs.
+- The tower's forward is open_clip's (``_embeds``, the transformer, ``_pool``, ``proj``), re-stated
+  with the block loop as :func:`run_blocks`. Blocks are open_clip's ``ResidualAttentionBlock``;
+  blocks that nothing asks anything of run as they are, the others run :func:`_block`: the same
+  computation with the ``nn.MultiheadAttention`` written out from its own weights (one in-projection,
+  SDPA with the ``log size`` key bias, the out-projection), so q and k come for free.
 - Positions: learned absolute embeddings added before the blocks.
-- Pooling: ``'tok'`` reads the class token (never reduced); ``'avg'`` becomes
-  a size-weighted mean over the patch tokens (padding ignored); attentional
-  poolers (CoCa) get ``log(size)`` as their key-padding mask.
-- Refused with a clear error: ``CustomResidualAttentionBlock`` towers (qk-norm
-  / scaled-cosine attention), non-ViT towers (timm trunks, ModifiedResNet),
-  ``attn_mask``, gradient checkpointing, ``forward_intermediates``.
+- Pooling: ``'tok'`` reads the class token (never reduced); ``'avg'`` is a size-weighted mean over the
+  patch tokens (padding ignored); attentional poolers (CoCa) weight keys by size.
+- Refused with a clear error: ``CustomResidualAttentionBlock`` towers (qk-norm / scaled-cosine
+  attention), non-ViT towers (timm trunks, ModifiedResNet), open_clip < 3, ``attn_mask``, gradient
+  checkpointing, ``forward_intermediates``.
 """
 from __future__ import annotations
-
-import contextlib
-import contextvars
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..engine import QK, current_kernel, current_scope, forward_scope, run_blocks
+from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
 
 
-@dataclass
-class _Call:
-    modules: tuple
-    bias: torch.Tensor | None
-    qk: QK | None = None
-
-
-_CALL: contextvars.ContextVar["_Call | None"] = contextvars.ContextVar("tokenprune_open_clip", default=None)
-
-
-def _project_qk(mha, x: torch.Tensor):
-    """q, k ``[B, H, N, d]`` of ``nn.MultiheadAttention`` for batch-first input ``x`` ``[B, N, E]``."""
-    e, h = mha.embed_dim, mha.num_heads
-    b = mha.in_proj_bias
-    if mha._qkv_same_embed_dim:
-        qk = F.linear(x, mha.in_proj_weight[: 2 * e], b[: 2 * e] if b is not None else None)
-        q, k = qk.split(e, dim=-1)
+def _attention(mha, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    """Self-attention of ``nn.MultiheadAttention`` on batch-first ``x`` with the key bias of ``fwd``."""
+    b, n, e = x.shape
+    h = mha.num_heads
+    d = e // h
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    if fwd.kernel is not None:
+        o = fwd.kernel(q, k, v, fwd.bias)
     else:
-        q = F.linear(x, mha.q_proj_weight, b[:e] if b is not None else None)
-        k = F.linear(x, mha.k_proj_weight, b[e: 2 * e] if b is not None else None)
-    bsz, n = x.shape[:2]
-    return (q.view(bsz, n, h, e // h).transpose(1, 2), k.view(bsz, n, h, e // h).transpose(1, 2))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=fwd.bias,
+                                           dropout_p=mha.dropout if mha.training else 0.0)
+    if fwd.want_qk:
+        fwd.qk = QK(q, k, d ** -0.5, fwd.bias, o)
+    return mha.out_proj(o.transpose(1, 2).reshape(b, n, e))
 
 
-class _MHA:
-    """Mixin for ``nn.MultiheadAttention`` inside the image tower: size bias as key-padding mask, q/k capture."""
-
-    def forward(self, query, key, value, key_padding_mask=None, *args, **kwargs):
-        call = _CALL.get()
-        kernel = current_kernel()
-        if kernel is not None and (call is None or any(self is m for m in call.modules)):
-            return self._kernel_forward(kernel, query, call.bias if call is not None else None, call)
-        if call is not None and any(self is m for m in call.modules):
-            if call.qk is not None:
-                xb = query if self.batch_first else query.transpose(0, 1)
-                call.qk.q, call.qk.k = _project_qk(self, xb)
-                call.qk.scale = (self.embed_dim // self.num_heads) ** -0.5
-            if call.bias is not None:
-                bias = call.bias[:, 0, 0, :].to(query.dtype)
-                key_padding_mask = bias if key_padding_mask is None else key_padding_mask + bias
-        return super().forward(query, key, value, key_padding_mask, *args, **kwargs)
-
-    def _kernel_forward(self, kernel, query, bias, call):
-        """Self-attention with a replacement kernel (MAELRE's linear blocks): same projections, no SDPA."""
-        xb = query if self.batch_first else query.transpose(0, 1)
-        q, k = _project_qk(self, xb)
-        e, h = self.embed_dim, self.num_heads
-        w = self.in_proj_weight[2 * e:] if self._qkv_same_embed_dim else self.v_proj_weight
-        b = self.in_proj_bias[2 * e:] if self.in_proj_bias is not None else None
-        bsz, n = xb.shape[:2]
-        v = F.linear(xb, w, b).view(bsz, n, h, e // h).transpose(1, 2)
-        if call is not None and call.qk is not None:
-            call.qk.q, call.qk.k, call.qk.scale = q, k, (e // h) ** -0.5
-        o = kernel(q, k, v, bias).transpose(1, 2).reshape(bsz, n, e)
-        o = self.out_proj(o)
-        return (o if self.batch_first else o.transpose(0, 1)), None
+def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    """One ``ResidualAttentionBlock`` on batch-first ``x`` (the loop runs batch-first)."""
+    if fwd.bias is None and fwd.kernel is None and not fwd.want_qk and not fwd.slot and blk.attn.batch_first:
+        return blk(x)
+    x = x + blk.ls_1(_attention(blk.attn, blk.ln_1(x), fwd))
+    y = blk.ls_2(blk.mlp(blk.ln_2(x)))
+    if fwd.slot:
+        fwd.residual = y
+        return x
+    return x + y
 
 
-@contextlib.contextmanager
-def _with_call(call: _Call):
-    token = _CALL.set(call)
-    try:
-        yield
-    finally:
-        _CALL.reset(token)
-
-
-def _call_block(block, x, bias):
-    """Run one ``ResidualAttentionBlock`` on batch-first ``x``; the key bias reaches its attention."""
-    outer = _CALL.get()
-    qk = outer.qk if outer is not None and block.attn in outer.modules else None
-    seq_first = not block.attn.batch_first
-    xin = x.transpose(0, 1) if seq_first else x
-    if bias is None and qk is None:
-        out = block(xin)
-    else:
-        with _with_call(_Call((block.attn,), bias, qk)):
-            out = block(xin)
-    return out.transpose(0, 1) if seq_first else out
-
-
-@contextlib.contextmanager
-def _capture(block, bias):
-    qk = QK(bias=bias)
-    with _with_call(_Call((block.attn,), bias, qk)):
-        yield qk
-
-
-class _Transformer:
-    """Mixin for the tower's ``Transformer``: the block loop runs through ``run_blocks``."""
-
-    def forward(self, x, attn_mask=None):
-        if attn_mask is not None:
-            raise ValueError("tokenprune: attn_mask cannot be combined with token reduction (the token count "
-                             "changes between blocks); call tokenprune.remove(model) first")
-        if self.grad_checkpointing:
-            raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced open_clip tower; "
-                               "call model.set_grad_checkpointing(False)")
-        patch = self._tokenprune_patch
-        grid = patch.adapter.grid_for(x.shape[1] - patch.num_prefix)
-        return run_blocks(patch, self.resblocks, x, _call_block, _capture, grid)
+def _attn_pool(pooler, x: torch.Tensor, sizes) -> torch.Tensor:
+    """open_clip ``AttentionalPooler`` with keys weighted by size (``log size`` as a float key mask)."""
+    if sizes is None:
+        return pooler(x)
+    x = pooler.ln_k(x)
+    q = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+    return pooler.attn(q, x, x, key_padding_mask=sizes.log().to(x.dtype), need_weights=False)[0]
 
 
 class _Visual:
-    """Mixin for open_clip's ``VisionTransformer``: one scope per forward; size-aware pooling."""
+    """Mixin for open_clip's ``VisionTransformer``: the tower's forward with the reduced block loop."""
 
     def forward(self, x):
-        with forward_scope():
-            return super().forward(x)
+        fwd = Forward(self._tokenprune_patch)
+        x = self._tokenprune_tokens(x, fwd)
+        pooled, tokens = self._tokenprune_pool(x, fwd.sizes)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        return (pooled, tokens) if self.output_tokens else pooled
 
-    def _state(self, x):
-        scope = current_scope()
-        state = scope.state if scope is not None else None
-        if state is None or state.sizes is None or state.sizes.shape[1] != x.shape[1]:
-            return None
-        return state
+    def _tokenprune_tokens(self, x, fwd: Forward):
+        t = self.transformer
+        if t.grad_checkpointing:
+            raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced open_clip tower; "
+                               "call model.set_grad_checkpointing(False)")
+        x = self._embeds(x)
+        grid = fwd.patch.adapter.grid_for(x.shape[1] - 1)
+        return run_blocks(fwd, t.resblocks, x, _block, grid)
 
-    def _pool(self, x):
-        state = self._state(x)
-        if state is None or self.attn_pool is None:
-            return super()._pool(x)
-        modules = [self.attn_pool.attn]
-        if self.attn_pool_contrastive is not None and self.attn_pool_type == "parallel":
-            modules.append(self.attn_pool_contrastive.attn)
-        with _with_call(_Call(tuple(modules), state.attn_bias(x.dtype))):
-            return super()._pool(x)
+    def _tokenprune_pool(self, x, sizes):
+        if sizes is None:
+            return self._pool(x)
+        if self.attn_pool is not None:
+            if self.attn_pool_contrastive is not None:
+                x = self.ln_post(x)
+                tokens = _attn_pool(self.attn_pool, x, sizes)
+                if self.attn_pool_type == "parallel":
+                    return _attn_pool(self.attn_pool_contrastive, x, sizes), tokens
+                return self.attn_pool_contrastive(tokens), tokens
+            x = self.ln_post(_attn_pool(self.attn_pool, x, sizes))
+            return self._global_pool(x)
+        if self.final_ln_after_pool:
+            pooled, tokens = self._tokenprune_global_pool(x, sizes)
+            return self.ln_post(pooled), tokens
+        return self._tokenprune_global_pool(self.ln_post(x), sizes)
 
-    def _global_pool(self, x):
-        state = self._state(x)
-        if state is None or self.pool_type != "avg":
-            return super()._global_pool(x)
-        return ops.weighted_mean(x[:, 1:], state.sizes[:, 1:]), x[:, 1:]
+    def _tokenprune_global_pool(self, x, sizes):
+        if self.pool_type == "avg":
+            return ops.weighted_mean(x[:, 1:], sizes[:, 1:]), x[:, 1:]
+        return self._global_pool(x)
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError("tokenprune: forward_intermediates is not reduced; call tokenprune.remove(model) "
@@ -182,7 +116,11 @@ def _visual(model):
     names = {c.__name__ for c in type(v).__mro__}
     if "VisionTransformer" not in names or not hasattr(v, "transformer"):
         raise TypeError(f"tokenprune: this open_clip model's image tower is {type(v).__name__}; only open_clip "
-                        "VisionTransformer towers are supported (timm-trunk and ResNet towers are not)")
+                        "VisionTransformer towers are supported (for a timm-trunk tower, apply to "
+                        "model.visual.trunk, which the timm adapter handles)")
+    if not all(hasattr(v, a) for a in ("_embeds", "_pool", "_global_pool")):
+        raise TypeError("tokenprune: this open_clip version's VisionTransformer has no _embeds/_pool; "
+                        "open_clip_torch >= 3.0 is required")
     return v
 
 
@@ -198,9 +136,11 @@ class OpenClipViTAdapter(Adapter):
         super().__init__(model)
         self.visual = _visual(model)
         for i, blk in enumerate(self.visual.transformer.resblocks):
-            if not isinstance(getattr(blk, "attn", None), torch.nn.MultiheadAttention):
+            attn = getattr(blk, "attn", None)
+            if not isinstance(attn, torch.nn.MultiheadAttention) or not attn._qkv_same_embed_dim \
+                    or hasattr(blk, "ln_1_kv"):
                 raise TypeError(f"tokenprune: open_clip block {i} is {type(blk).__name__}; only "
-                                "ResidualAttentionBlock (nn.MultiheadAttention) towers are supported")
+                                "ResidualAttentionBlock (nn.MultiheadAttention self-attention) towers are supported")
 
     def info(self) -> EncoderInfo:
         v = self.visual
@@ -214,26 +154,14 @@ class OpenClipViTAdapter(Adapter):
         grid = tuple(self.visual.grid_size)
         return grid if grid[0] * grid[1] == num_tokens else None
 
-    def _mhas(self):
-        v = self.visual
-        mods = [blk.attn for blk in v.transformer.resblocks]
-        for pool in (getattr(v, "attn_pool", None), getattr(v, "attn_pool_contrastive", None)):
-            if pool is not None:
-                mods.append(pool.attn)
-        return mods
+    def features(self, x):
+        fwd = Forward(self.visual._tokenprune_patch)
+        return self.visual._tokenprune_tokens(x, fwd), fwd.state
 
     def install(self, patch) -> None:
-        v = self.visual
-        v.transformer._tokenprune_patch = patch
-        for m in self._mhas():
-            swap_class(m, _MHA)
-        swap_class(v.transformer, _Transformer)
-        swap_class(v, _Visual)
+        self.visual._tokenprune_patch = patch
+        swap_class(self.visual, _Visual)
 
     def uninstall(self) -> None:
-        v = self.visual
-        restore_class(v)
-        restore_class(v.transformer)
-        for m in self._mhas():
-            restore_class(m)
-        v.transformer.__dict__.pop("_tokenprune_patch", None)
+        restore_class(self.visual)
+        self.visual.__dict__.pop("_tokenprune_patch", None)

@@ -19,10 +19,10 @@ once per utterance and cached, so every decoding step gets cheaper too).
 - Decoder cross-attention: the decoder's ``encoder_attn`` modules get the
   encoder's final ``log(size)`` as an additive key bias (proportional
   attention; ``-inf`` for padding slots of per-sample reducers), through the
-  same ``tokenprune_sdpa`` kernel. The bias is read from the encoder output
-  tensor; when ``generate`` rebuilds that tensor (beam search expands it with
-  ``repeat_interleave``) the bias is lost and merged tokens count once --
-  greedy decoding (the default) keeps it.
+  same ``tokenprune_sdpa`` kernel. The encoder returns the bias as a field of
+  its output (``encoder_outputs["tokenprune_key_bias"]``), so ``generate()``
+  keeps it and expands it with the beams like every other encoder output; the
+  ``WhisperModel`` forward hands it to the decoder layers (``tokenprune=``).
 - Measured (tiny.en, 116 utterances, ``scripts/whisper_wer.py``): ``cls``
   with ``substitute="received"`` (the default) keeps WER near the unreduced
   one where ``"mean_query"`` loses 3-5 points.
@@ -31,22 +31,18 @@ once per utterance and cached, so every decoding step gets cheaper too).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from ..engine import attach_state, attached_state
+from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
-from .hf_common import (AttentionRouting, hf_call_block, hf_capture, key_bias, no_extra_kwargs,
-                        run_and_attach)
+from .hf_common import AttentionRouting, KeyBias, no_extra_kwargs, run
+
+BIAS_KEY = "tokenprune_key_bias"
 
 
 def _attn(layer):
     return layer.self_attn
-
-
-_call_block = hf_call_block(_attn, extra=(None,))  # WhisperEncoderLayer(x, attention_mask=None)
-_capture = hf_capture(_attn)
 
 
 class _Encoder:
@@ -55,9 +51,18 @@ class _Encoder:
     def forward(self, input_features, attention_mask=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
+        fwd = Forward(self._tokenprune_patch)
+        hidden = self.layer_norm(self._tokenprune_tokens(fwd, input_features, **kwargs))
+        out = BaseModelOutput(last_hidden_state=hidden)
+        bias = fwd.state.attn_bias(hidden.dtype)
+        if bias is not None:  # for the decoder's cross-attention; generate() expands it with the beams
+            out[BIAS_KEY] = bias
+        return out
+
+    def _tokenprune_tokens(self, fwd, input_features, **kwargs):
         # like Whisper itself, attention_mask is accepted and ignored (inputs are always 30 s)
+        kwargs.pop("return_dict", None)
         no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder")
-        patch = self._tokenprune_patch
         expected = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] != expected:
             raise ValueError(f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}; "
@@ -66,23 +71,19 @@ class _Encoder:
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
         x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-        out = run_and_attach(patch, self.layers, x, _call_block, _capture, (1, x.shape[1]))
-        state = attached_state(out)
-        hidden = self.layer_norm(out)
-        return BaseModelOutput(last_hidden_state=attach_state(hidden, state))
+        return run(fwd, self.layers, x, (1, x.shape[1]), extra=(None,))
 
 
-class _Decoder:
-    """Mixin for ``WhisperDecoder``: cross-attention keys weighted by the encoder tokens' sizes."""
+class _Model:
+    """Mixin for ``WhisperModel``: the decoder's cross-attention gets the encoder tokens' size bias."""
 
-    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
-        bias = None
-        state = attached_state(encoder_hidden_states) if encoder_hidden_states is not None else None
-        if state is not None:
-            bias = state.attn_bias(encoder_hidden_states.dtype)
-        modules = [layer.encoder_attn for layer in self.layers]
-        with key_bias(modules, bias):
-            return super().forward(input_ids, attention_mask, encoder_hidden_states, *args, **kwargs)
+    def forward(self, input_features=None, *args, encoder_outputs=None, **kwargs):
+        if encoder_outputs is None and input_features is not None:
+            encoder_outputs = self.encoder(input_features)
+        bias = encoder_outputs.get(BIAS_KEY) if isinstance(encoder_outputs, dict) else None
+        if bias is not None:
+            kwargs["tokenprune"] = KeyBias(self._tokenprune_cross, bias)
+        return super().forward(input_features, *args, encoder_outputs=encoder_outputs, **kwargs)
 
 
 def _parts(model):
@@ -107,6 +108,7 @@ class WhisperAdapter(Adapter):
     def __init__(self, model):
         super().__init__(model)
         self.encoder, self.decoder = _parts(model)
+        self.base = getattr(model, "model", model) if self.decoder is not None else None  # the WhisperModel
         attention = [_attn(layer) for layer in self.encoder.layers]
         if self.decoder is not None:  # cross-attention reads the reduced encoder output
             attention += [layer.encoder_attn for layer in self.decoder.layers]
@@ -125,16 +127,23 @@ class WhisperAdapter(Adapter):
     def check(self, reducer) -> None:
         self._routing.check()
 
+    def features(self, input_features):
+        """Encoder tokens after the last layer (before the final layer norm) and the final state."""
+        fwd = Forward(self.encoder._tokenprune_patch)
+        return self.encoder._tokenprune_tokens(fwd, input_features), fwd.state
+
     def install(self, patch) -> None:
         self._routing.on()
         self.encoder._tokenprune_patch = patch
         swap_class(self.encoder, _Encoder)
-        if self.decoder is not None:
-            swap_class(self.decoder, _Decoder)
+        if self.base is not None:
+            self.base._tokenprune_cross = tuple(layer.encoder_attn for layer in self.decoder.layers)
+            swap_class(self.base, _Model)
 
     def uninstall(self) -> None:
         restore_class(self.encoder)
-        if self.decoder is not None:
-            restore_class(self.decoder)
         self.encoder.__dict__.pop("_tokenprune_patch", None)
+        if self.base is not None:
+            restore_class(self.base)
+            self.base.__dict__.pop("_tokenprune_cross", None)
         self._routing.off()

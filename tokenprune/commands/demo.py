@@ -289,7 +289,6 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
 
     from .. import adapters, api, viz
     from ..data import to_tensor
-    from ..engine import attached_state
     from ..plan import check_budget
 
     check_budget(budget)
@@ -307,9 +306,13 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
     api.remove(model)
 
     def forward():
-        feats = model.forward_features(x)
-        emb = model.forward_head(feats, pre_logits=True)
-        return feats, emb, model.head(emb)
+        if api.is_applied(model):
+            feats, state = api.features(model, x)
+            emb = model.forward_head(feats, pre_logits=True, sizes=state.sizes)
+        else:
+            feats, state = model.forward_features(x), None
+            emb = model.forward_head(feats, pre_logits=True)
+        return (feats, state), emb, model.head(emb)
 
     def describe(r: Result, logits):
         p = logits.softmax(-1)[0]
@@ -318,7 +321,7 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
         return i
 
     with torch.no_grad():
-        (feats, emb0, logits0), ms0 = _timed(forward, repeats)
+        ((feats, _), emb0, logits0), ms0 = _timed(forward, repeats)
         info = adapters.for_model(model).info()
         ref = Result("unreduced", viz.as_rgb(shown), info.num_tokens, info.num_tokens, info.num_prefix, ms=ms0,
                      agree=True, cosine=1.0)
@@ -330,8 +333,7 @@ def compare_image(entry: ImageModel, image, budget: float, methods, repeats: int
             try:
                 with api.applied(model, budget=budget, method=method):
                     r.flop_ratio = api.plan(model).flop_ratio
-                    (feats, emb, logits), r.ms = _timed(forward, repeats)
-                    state = attached_state(feats)
+                    ((feats, state), emb, logits), r.ms = _timed(forward, repeats)
                 if state is None or state.source is None:
                     raise RuntimeError("the reduced forward carried no source map")
                 r.kept = int(state.kept_per_sample()[0])
@@ -414,7 +416,6 @@ def compare_audio(wave: np.ndarray, budget: float, methods) -> tuple[dict, list[
     import torch
 
     from .. import api, viz
-    from ..engine import attached_state, forward_scope
     from ..plan import check_budget
 
     check_budget(budget)
@@ -438,10 +439,7 @@ def compare_audio(wave: np.ndarray, budget: float, methods) -> tuple[dict, list[
             row = {"method": method, "image": None, "text": "", "ms": 0.0, "kept": None, "error": ""}
             try:
                 with api.applied(model, budget=budget, method=method):
-                    with forward_scope() as scope:
-                        enc = model.get_encoder()(feats)
-                    h = enc.last_hidden_state if hasattr(enc, "last_hidden_state") else enc[0]
-                    state = attached_state(h) or scope.state
+                    state = api.features(model, feats)[1]
                     t0 = time.perf_counter()
                     row["text"] = _transcribe(model, processor, wave)
                     row["ms"] = 1e3 * (time.perf_counter() - t0)

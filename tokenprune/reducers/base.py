@@ -16,13 +16,12 @@ class Reducer:
     - :meth:`qk_blocks` names the blocks whose q/k the reducer needs
       (captured from the block's own attention, never recomputed);
     - :meth:`observe` sees every block's q/k (e.g. to sum scores over layers);
-    - :meth:`run_block` may change how a block runs (MAELRE's attention switch).
+    - :meth:`attention_kernel` may replace SDPA on a block's attention path (MAELRE's switch).
     """
 
     name: ClassVar[str] = ""
     proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
-    uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (engine.attention_kernel)
-    uses_key_mean: ClassVar[bool] = False  # reads QK.key_mean() (an adapter may fold it into the qkv product)
+    uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (attention_kernel)
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
@@ -39,8 +38,10 @@ class Reducer:
     def observe(self, state: TokenState, block: int, qk) -> None:
         return None
 
-    def run_block(self, index: int, block, x, bias, call_block, attention: str):
-        return call_block(block, x, bias)
+    def attention_kernel(self, path: str):
+        """The kernel ``(q, k, v, bias) -> out`` that replaces SDPA in blocks on attention ``path``
+        (``Stage.attention``), or ``None`` to keep SDPA."""
+        return None
 
     def check(self, info: EncoderInfo) -> None:
         """Raise a clear error for options that make no sense on this encoder."""

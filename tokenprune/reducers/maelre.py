@@ -39,7 +39,7 @@ from typing import Mapping
 
 import torch
 
-from .. import engine, kernels
+from .. import kernels
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
 from ..registry import register
@@ -66,11 +66,6 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (qf @ context).to(v.dtype)
 
 
-def linear_kernel():
-    """The kernel the linear blocks run (a Triton version may be dispatched here later)."""
-    return efficient_attention
-
-
 @register("maelre")
 @dataclass
 class Maelre(Reducer):
@@ -80,7 +75,6 @@ class Maelre(Reducer):
     prop_attn: bool = True  # proportional attention (log-size key bias) in both attention paths
 
     uses_attention_kernel = True
-    uses_key_mean = True
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
 
     @property
@@ -134,11 +128,8 @@ class Maelre(Reducer):
             return state  # the attention-switch marker before block 0
         return bipartite_merge(state, qk.key_mean(), r)
 
-    def run_block(self, index, block, x, bias, call_block, attention):
-        if attention == "linear":
-            with engine.attention_kernel(linear_kernel()):
-                return call_block(block, x, bias)
-        return call_block(block, x, bias)
+    def attention_kernel(self, path):
+        return efficient_attention if path == "linear" else None
 
 
 def linear_blocks(plan: Plan) -> list[int]:

@@ -39,7 +39,6 @@ class Merge(Reducer):
     start: int = 0  # first block after which tokens are merged
     layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
 
-    uses_key_mean = True
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
 
     @property

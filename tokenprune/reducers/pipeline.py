@@ -62,7 +62,6 @@ class Pipeline(Reducer):
         if self.ranges is not None and len(self.ranges) != len(subs):
             raise ValueError(f"ranges must give one (start, stop) per reducer ({len(subs)}); got {self.ranges!r}")
         self.uses_attention_kernel = any(getattr(s, "uses_attention_kernel", False) for s in subs)
-        self.uses_key_mean = any(getattr(s, "uses_key_mean", False) for s in subs)
         self._plans: dict = {}
         self._module = None
 
@@ -155,8 +154,9 @@ class Pipeline(Reducer):
         return self.subs[i].reduce(state, Stage(stage.block - a, stage.keep, self.subs[i].name, stage.attention),
                                    qk)
 
-    def run_block(self, index, block, x, bias, call_block, attention):
-        for sub, (a, b) in zip(self.subs, self.block_ranges(self._depth)):
-            if a <= index < b:
-                return sub.run_block(index - a, block, x, bias, call_block, attention)
-        return call_block(block, x, bias)
+    def attention_kernel(self, path):
+        for sub in self.subs:  # a path is named by the one reducer that sets it (maelre's "linear")
+            kernel = sub.attention_kernel(path)
+            if kernel is not None:
+                return kernel
+        return None
