@@ -1,0 +1,170 @@
+"""The forward path: compiled, shared between threads, and patched atomically.
+
+Per-forward data lives in one context object passed down explicitly (tokenprune.engine.Forward), so a
+patched model compiles with fullgraph=True and gives each thread its own forward. These tests compile
+with Dynamo's "eager" backend: tracing is what graph breaks come from (Inductor's CPU code generation
+would add minutes and test nothing of ours; the GPU benchmark compiles with Inductor).
+"""
+import copy
+import threading
+
+import pytest
+import torch
+
+import tokenprune
+from conftest import tiny_vit
+
+STATIC = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {"k": 4}), ("pool", {}), ("maelre", {}),
+          (["cls", "merge"], {})]
+
+
+def _compiled_equals_eager(fn, x):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = fn(x)
+        out = torch.compile(fn, fullgraph=True, backend="eager")(x)  # fullgraph: any graph break raises
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,kw", STATIC, ids=[str(m) for m, _ in STATIC])
+def test_timm_compiles_fullgraph(method, kw):
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method=method, **kw)
+    _compiled_equals_eager(model, torch.randn(2, 3, 32, 32))
+
+
+def _hf_clip():
+    from test_adapters_matrix import make_hf_clip
+
+    f = make_hf_clip()
+    return f["model"], f["x"], lambda m: (lambda x: m(pixel_values=x).pooler_output)
+
+
+def _whisper_encoder():
+    from test_adapters_matrix import make_whisper
+
+    f = make_whisper()
+    return f["model"], f["x"], lambda m: (lambda x: m.model.encoder(x).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", [_hf_clip, _whisper_encoder], ids=["hf_clip", "whisper"])
+@pytest.mark.parametrize("method", ["merge", "cls", "random", "maelre", ["cls", "merge"]], ids=str)
+def test_hf_towers_compile_fullgraph(family, method):
+    model, x, fn = family()
+    tokenprune.apply(model, budget=0.25, method=method)
+    _compiled_equals_eager(fn(model), x)
+
+
+def test_explain_reports_no_graph_break():
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method=["cls", "merge"])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
+
+
+def test_data_dependent_reducer_compiles_with_documented_breaks():
+    """``cls`` with ``threshold=`` keeps a data-dependent count: it compiles (not fullgraph) and matches eager."""
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.5, method="cls", threshold=0.01)
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="eager")(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- threads ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,kw", [("cls", {}), ("merge", {}), ("maelre", {}), ("threshold", {}),
+                                       ("cls", {"variant": "sum"})], ids=["cls", "merge", "maelre", "threshold",
+                                                                          "cls-sum"])
+def test_two_threads_share_one_patched_model(method, kw):
+    torch.set_num_threads(1)
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method=method, **kw)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {1: torch.randn(1, 3, 32, 32, generator=gen), 3: torch.randn(3, 3, 32, 32, generator=gen)}
+    with torch.no_grad():
+        want = {b: model(x) for b, x in inputs.items()}
+    bad, errors = [], []
+
+    def work(b):
+        try:
+            with torch.no_grad():
+                for i in range(200):
+                    out = model(inputs[b])
+                    if not torch.equal(out, want[b]):
+                        bad.append((b, i))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not bad, (errors[:3], bad[:5])
+
+
+# -- apply is all or nothing -----------------------------------------------------------------------------------
+def test_failed_apply_keeps_the_earlier_patch():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method="threshold", init=[0.01, 0.02, 0.03])
+    with torch.no_grad():
+        model.tokenprune_params.theta.add_(0.001)  # a learned value that a re-apply must not lose
+        before = model(x)
+    theta = model.tokenprune_params.theta.detach().clone()
+    for bad in [dict(budget=0.0, method="cls"), dict(budget=0.5, method="cls", variant="nope"),
+                dict(budget=0.5, method="nope"), dict(budget=0.5, method="merge", nope=1)]:
+        with pytest.raises((ValueError, TypeError)):
+            tokenprune.apply(model, **bad)
+        assert tokenprune.plan(model).method == "threshold"
+        assert torch.equal(model.tokenprune_params.theta, theta)
+        with torch.no_grad():
+            assert torch.equal(model(x), before)
+
+
+def test_applied_restores_the_earlier_patch_and_honours_a_recipe():
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.5, method="cls")
+    with tokenprune.applied(model, recipe="maelre-long-audio") as m:
+        plan = tokenprune.plan(m)
+        assert plan.method == "maelre" and plan.budget == 0.25  # the recipe's, not applied()'s old defaults
+    assert tokenprune.plan(model).method == "cls" and tokenprune.plan(model).budget == 0.5
+    with pytest.raises(RuntimeError):
+        with tokenprune.applied(model, budget=0.25, method="merge"):
+            raise RuntimeError("boom")
+    assert tokenprune.plan(model).method == "cls"
+
+
+def test_nested_apply_is_a_clear_error_and_changes_nothing():
+    from test_adapters_matrix import make_hf_clip
+
+    model = make_hf_clip()["model"]
+    tokenprune.apply(model, budget=0.5, method="merge")
+    wrapper = torch.nn.Sequential(model)
+    with pytest.raises(ValueError, match="already patched"):
+        tokenprune.apply(wrapper[0].vision_model if hasattr(wrapper[0], "vision_model") else wrapper, 0.25)
+    assert tokenprune.plan(model).budget == 0.5
+
+
+# -- weights edited in place are seen by the next forward ------------------------------------------------------
+@pytest.mark.parametrize("method", ["merge", "maelre"])
+def test_in_place_weight_edit_through_data_shows_in_next_forward(method):
+    """EMA updates write through ``.data`` (no version bump): nothing derived from the weights may be cached."""
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method=method)
+    with torch.no_grad():
+        model(x)
+    for blk in model.blocks:
+        w = blk.attn.qkv.weight
+        w.data[w.shape[0] // 3: 2 * w.shape[0] // 3].mul_(1.5)  # the keys: ToMe's matching metric
+    fresh = copy.deepcopy(model)
+    tokenprune.remove(fresh)
+    tokenprune.apply(fresh, budget=0.25, method=method)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
