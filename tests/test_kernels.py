@@ -614,12 +614,18 @@ def test_dispatcher_uses_reference_on_cpu(monkeypatch):
 
 
 def test_dispatcher_switch(monkeypatch):
-    for value, on in (("0", False), ("off", False), ("1", True)):
+    """TOKENPRUNE_KERNELS is read once, at import; set_kernels_enabled switches the kernels at run time."""
+    monkeypatch.setattr(kernels, "_ENABLED", kernels._ENABLED)  # restored afterwards
+    for value, on in (("0", False), ("off", False), ("no", False), ("1", True), (" TRUE ", True)):
         monkeypatch.setenv("TOKENPRUNE_KERNELS", value)
-        assert kernels.kernels_enabled() is on
-    monkeypatch.setenv("TOKENPRUNE_KERNELS", "off")
+        assert kernels._env_enabled() is on
     fake_cuda = type("FakeCuda", (torch.Tensor,), {"is_cuda": property(lambda self: True)})
-    assert kernels.use_triton(torch.zeros(1).as_subclass(fake_cuda)) is False
+    t = torch.zeros(1).as_subclass(fake_cuda)
+    kernels.set_kernels_enabled(True)
+    monkeypatch.setenv("TOKENPRUNE_KERNELS", "off")  # not read again
+    assert kernels.kernels_enabled() is True and kernels.use_triton(t) is kernels._have_triton()
+    kernels.set_kernels_enabled(False)
+    assert kernels.kernels_enabled() is False and kernels.use_triton(t) is False
 
 
 @pytest.mark.skipif(os.environ.get("TOKENPRUNE_COMPILE_CHECK") != "1",
@@ -753,3 +759,245 @@ def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, 
         _use_interpreted(monkeypatch, T)
         out = model(x)
     assert rel(out, ref) < 1e-4
+
+
+# -- 6. the kernels as custom ops (torch.compile) -------------------------------------------------------------
+from tokenprune.kernels import custom_ops as CO  # noqa: E402
+
+
+def op_cases():
+    """Small float32 CPU arguments of every custom op, in the op's argument order: ``[(name, args)]``
+    (each op once with its optional tensors and once without)."""
+    g = gen(40)
+    b, h, n, d, p, c = 2, 2, 10, 8, 1, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    bias = size_bias(b, n, g, torch.float32)
+    t = p + 12
+    x = torch.randn(b, t, c, generator=g)
+    metric = torch.randn(b, t, 6, generator=g)
+    sizes = torch.randint(1, 4, (b, t), generator=g).float()
+    sizes[0, p + 2:p + 8:2] = 0
+    source = torch.randint(-1, t, (b, 15), generator=g)
+    scores = torch.randperm(b * 12, generator=g).reshape(b, 12).float()
+    keep = torch.stack([torch.randperm(12, generator=g)[:4].sort().values for _ in range(b)])
+    target = torch.randint(0, 4, (b, 12), generator=g).scatter(1, keep, torch.arange(4).expand(b, 4))
+    xs = x[:, p:]
+    gm = xs @ xs.transpose(1, 2)
+    return [
+        ("efficient_attention", (q, k, v, bias)), ("efficient_attention", (q, k, v, None)),
+        ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
+        ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g))),
+        ("query_scores", (q[:, :, 0], k, 0.3, None, None)),
+        ("bipartite_best", (metric[:, p:], torch.rand(b, 6, generator=g) > 0.3)), ("bipartite_best", (metric, None)),
+        ("merge_rows", (x, sizes, torch.randperm(t, generator=g)[:6].expand(b, 6).contiguous(),
+                        torch.randperm(t, generator=g)[:4].expand(b, 4).contiguous(),
+                        torch.randint(0, 6, (b, 4), generator=g), False)),
+        ("merge_rows", (x, None, torch.randperm(t, generator=g)[:6].expand(b, 6).contiguous(), None, None, True)),
+        ("gather_rows", (x, torch.randint(0, t, (b, 5), generator=g))),
+        ("merge_step", (x, metric, sizes, source, p, 4, True, t, True, torch.randn(b, t, c, generator=g))),
+        ("merge_step", (x, metric, None, None, 0, 6, False, None, False, None)),
+        ("keep_step", (x, scores, sizes, source, p, 5)), ("keep_step", (x, scores, None, None, p, 5)),
+        ("topk_sorted", (scores, 5)),
+        ("apet_merge", (x, sizes, target, keep, source, p, t)), ("apet_merge", (x, None, target, keep, None, p, None)),
+        ("apet_errors", (xs, xs[:, :3] + 0.1, 1e-5)),
+        ("gram", (xs,)),
+        ("apet_stage", (gm, sizes[:, p:] > 0, 3, 1e-5)), ("apet_stage", (gm, None, 3, 1e-5)),
+        ("apet_assign", (gm, keep)),
+    ]
+
+
+OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
+
+
+def test_every_dispatching_kernel_is_a_custom_op():
+    public = {"efficient_attention", "biased_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step",
+              "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign"}
+    assert set(CO.OPS) == public == {name for name, _ in op_cases()}
+    for name in public:
+        assert getattr(torch.ops.tokenprune, name).default is not None
+
+
+@pytest.mark.parametrize("case", range(len(op_cases())), ids=OP_IDS)
+def test_custom_op_opcheck(case):
+    """Schema, fake implementation and AOT dispatch (dynamic shapes) of each op, on CPU (the reference)."""
+    name, args = op_cases()[case]
+    res = torch.library.opcheck(getattr(torch.ops.tokenprune, name).default, args,
+                                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert set(res.values()) == {"SUCCESS"}, res
+
+
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+@pytest.mark.parametrize("case", range(len(op_cases())), ids=OP_IDS)
+def test_custom_op_fake_matches_triton_launcher(T, monkeypatch, case):
+    """What Inductor assumes about an op's outputs (the fake implementation: shapes, dtypes, strides) is
+    what the Triton launcher really returns (run here by the interpreter); and its values are the CPU
+    implementation's (the reference)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(kernels, "_impl", lambda: T)
+    name, args = op_cases()[case]
+    real = _outputs(CO.LAUNCH[name](*args))
+    ref = _outputs(CO.CPU[name](*args))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = _outputs(CO.FAKE[name](*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]))
+    assert len(real) == len(fake) == len(ref)
+    for r, f, e in zip(real, fake, ref):
+        assert (tuple(r.shape), r.dtype, r.stride()) == (tuple(f.shape), f.dtype, f.stride())
+        assert (tuple(e.shape), e.dtype, e.stride()) == (tuple(f.shape), f.dtype, f.stride())
+        if r.is_floating_point():
+            fin = torch.isfinite(e)
+            assert torch.equal(fin, torch.isfinite(r)) and torch.allclose(r[fin], e[fin], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(r, e)
+
+
+def call_every_kernel(c):
+    """Every public dispatch function of tokenprune.kernels on the inputs ``c`` (a dict); their tensor
+    outputs, None left out."""
+    p, t = 1, c["x"].shape[1]
+    out = [kernels.efficient_attention(c["q"], c["k"], c["v"], c["bias"]),
+           kernels.biased_attention(c["q"], c["k"], c["v"], c["bias"]),
+           kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None),
+           *kernels.bipartite_best(c["metric"][:, p:], c["valid_b"]),
+           kernels.merge_rows(c["x"], c["sizes"], c["prim"], c["members"], c["owner"]),
+           kernels.gather_rows(c["x"], c["prim"]),
+           *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p, 4, True, t, True, c["x"] * 0.5),
+           *kernels.merge_step(c["x"], c["metric"], None, None, p, 3, False),
+           *kernels.keep_step(c["x"], c["scores"], c["sizes"], None, p, 5),
+           kernels.topk_sorted(c["scores"], 5),
+           *kernels.apet_merge(c["x"], c["sizes"], c["target"], c["keep"], c["source"], p, t),
+           kernels.apet_errors(c["x"][:, p:], c["x"][:, p:p + 3]),
+           *kernels.gram(c["x"][:, p:])]
+    g = out[-2]
+    out += [*kernels.apet_stage(g, c["sizes"][:, p:] > 0, 3), kernels.apet_assign(g, c["keep"])]
+    return [o for o in out if o is not None]
+
+
+def compile_inputs():
+    g = gen(41)
+    b, h, n, d, t, c = 2, 2, 10, 8, 13, 8
+    keep = torch.stack([torch.randperm(12, generator=g)[:4].sort().values for _ in range(b)])
+    return {"q": torch.randn(b, h, n, d, generator=g), "k": torch.randn(b, h, n, d, generator=g),
+            "v": torch.randn(b, h, n, d, generator=g), "bias": size_bias(b, n, g, torch.float32),
+            "x": torch.randn(b, t, c, generator=g), "metric": torch.randn(b, t, 6, generator=g),
+            "valid_b": torch.rand(b, 6, generator=g) > 0.3, "sizes": torch.randint(1, 4, (b, t), generator=g).float(),
+            "prim": torch.randint(0, t, (b, 6), generator=g), "members": torch.randint(0, t, (b, 4), generator=g),
+            "owner": torch.randint(0, 6, (b, 4), generator=g), "source": torch.randint(-1, t, (b, 12), generator=g),
+            "scores": torch.randperm(b * 12, generator=g).reshape(b, 12).float(), "keep": keep,
+            "target": torch.randint(0, 4, (b, 12), generator=g).scatter(1, keep, torch.arange(4).expand(b, 4))}
+
+
+class GraphRecorder:
+    """A Dynamo backend that records the graphs' call targets and runs them eagerly, or through ``then``."""
+
+    def __init__(self, then=None):
+        self.graphs, self.targets, self.then = 0, [], then
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        self.targets += [str(nd.target) for nd in gm.graph.nodes if nd.op == "call_function"]
+        if self.then is None:
+            return gm.forward
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend(self.then)(gm, example_inputs)
+
+    def ops(self):
+        return {t.split(".")[1] for t in self.targets if t.startswith("tokenprune.")}
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_through_custom_ops(T, monkeypatch, backend):
+    """torch.compile(fullgraph=True) of a function calling every dispatch function through the custom ops
+    (forced on CPU, where the ops run the references): one graph, every op in it, the eager results.
+    Inductor (~20 s, a C++ compiler) also checks every op output against the fake strides (assert_size_stride)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_impl", lambda: T)
+    c = compile_inputs()
+    ref = call_every_kernel(c)  # eager, not forced: the references (the interpreted launchers for the CUDA-only steps)
+    monkeypatch.setattr(kernels, "_FORCE_OP_FOR_TESTS", True)
+    eager = call_every_kernel(c)  # eager through the ops
+    rec = GraphRecorder(then=backend)
+    out = torch.compile(call_every_kernel, backend=rec, fullgraph=True)(c)
+    assert rec.graphs == 1 and rec.ops() == set(CO.OPS)
+    assert len(out) == len(eager) == len(ref)
+    for o, e in zip(out, eager):
+        assert torch.equal(o, e)
+    assert_same_outputs(out, ref)
+    torch._dynamo.reset()
+
+
+def assert_same_outputs(out, ref):
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        if o.is_floating_point():
+            fin = torch.isfinite(r)
+            assert torch.equal(fin, torch.isfinite(o)) and torch.allclose(o[fin], r[fin], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(o, r)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+def test_compile_fullgraph_default_dispatch_on_cpu(T, monkeypatch):
+    """Not forced: on CPU the decision functions (use_triton, the *_fits) trace without a graph break and
+    choose the references; the CUDA-only steps are their ops (CPU implementation: the references; eager
+    runs their launchers, here interpreted)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_impl", lambda: T)
+    c = compile_inputs()
+    rec = GraphRecorder()
+    out = torch.compile(call_every_kernel, backend=rec, fullgraph=True)(c)
+    assert rec.graphs == 1 and rec.ops() == {"merge_step", "keep_step", "apet_merge"}
+    assert_same_outputs(out, call_every_kernel(c))
+    torch._dynamo.reset()
+
+
+def test_eager_calls_the_launcher_not_the_op(T, monkeypatch):
+    """Eager dispatch skips the custom op (its dispatcher overhead): only compiling goes through it."""
+    _use_interpreted(monkeypatch, T)
+    monkeypatch.setattr(kernels, "_ops", None)  # any use of the op path fails
+    x = torch.randn(2, 7, 8, generator=gen(42))
+    rows = torch.randint(0, 7, (2, 3), generator=gen(43))
+    assert torch.equal(kernels.gather_rows(x, rows), R.gather_rows(x, rows))
+    assert kernels.gram(x)[0].shape == (2, 7, 7)
+
+
+def test_compile_follows_set_kernels_enabled(monkeypatch):
+    """Compiled code guards on the kernels switch: switched off, the same function recompiles to the reference."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_FORCE_OP_FOR_TESTS", True)
+    monkeypatch.setattr(kernels, "_ENABLED", True)
+    c = compile_inputs()
+    rec = GraphRecorder()
+    fn = torch.compile(lambda q, k, v, b: kernels.efficient_attention(q, k, v, b), backend=rec, fullgraph=True)
+    args = (c["q"], c["k"], c["v"], c["bias"])
+    on = fn(*args)
+    assert rec.ops() == {"efficient_attention"}
+    kernels.set_kernels_enabled(False)
+    rec.targets.clear()
+    off = fn(*args)
+    assert rec.graphs == 2 and rec.ops() == set()
+    assert torch.allclose(on, off, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("importable", [True, False])
+def test_triton_resolved_while_tracing_without_graph_break(monkeypatch, importable):
+    """A first kernel decision inside torch.compile (triton_impl not imported yet) imports it outside the
+    graph (_have_triton is a constant to Dynamo): no graph break, also when the import fails."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_triton", None)
+    if not importable:
+        monkeypatch.delattr(kernels, "triton_impl", raising=False)
+        monkeypatch.setitem(sys.modules, "tokenprune.kernels.triton_impl", None)  # the import raises
+    rec = GraphRecorder()
+    fn = torch.compile(lambda x: x + 1 if kernels.keep_step_fits(x.shape[1]) else x - 1, backend=rec, fullgraph=True)
+    out = fn(torch.zeros(1, 10))
+    assert rec.graphs == 1 and torch.equal(out, torch.full((1, 10), 1.0 if importable else -1.0))
+    assert bool(kernels._triton) is importable
+    torch._dynamo.reset()

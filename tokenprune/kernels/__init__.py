@@ -1,11 +1,22 @@
 """Fused kernels of the hot paths, each beside its PyTorch reference.
 
-Dispatch rule (checked on every call, so it can be switched at run time):
-the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
-(the kernels have no backward), ``triton`` imports, and the ``TOKENPRUNE_KERNELS`` environment
-variable is not ``0`` / ``off`` / ``false``; otherwise the PyTorch reference in ``reference.py`` runs
-(CPU, no Triton, or kernels switched off). The references are the oracle in
-``tests/test_kernels.py``; NOTES.md counts the bytes and FLOPs of each kernel.
+Dispatch: the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
+(the kernels have no backward), ``triton`` imports, and the kernels are on (``TOKENPRUNE_KERNELS`` not
+``0`` / ``off`` / ``false`` / ``no`` at import, or :func:`set_kernels_enabled`); otherwise the PyTorch
+reference in ``reference.py`` runs (CPU, no Triton, or kernels switched off). How the kernel is called:
+
+- eager: the launcher in ``triton_impl.py`` directly (a custom-op call would add tens of microseconds of
+  dispatcher time per op, and batch-1 latency is launch-bound);
+- while ``torch.compile`` / ``torch.export`` traces (``torch.compiler.is_compiling()``): the opaque custom
+  op ``torch.ops.tokenprune.<name>`` (``custom_ops.py``), whose CUDA implementation is that launcher and
+  whose fake implementation gives the output shapes, so ``fullgraph=True``, Inductor and CUDA graphs work;
+- the ops' CPU implementation is the reference (tests check and compile the op path on CPU with
+  ``_FORCE_OP_FOR_TESTS``). ``merge_step`` / ``keep_step`` / ``apet_merge`` are CUDA-only in eager (their
+  callers check :func:`use_triton`); their references are ``reference.merge_step`` / ``keep_step`` / ``apet_merge``.
+
+The decision functions (:func:`use_triton`, the ``*_fits``) read module flags only, so Dynamo traces them
+without a graph break. The references are the oracle in ``tests/test_kernels.py``; NOTES.md counts the
+bytes and FLOPs of each kernel.
 
 - :func:`efficient_attention` -- MAELRE's linear attention,
   ``softmax_d(q) @ (softmax_N(k + bias)^T v)``, two passes over the tokens.
@@ -35,6 +46,17 @@ _OFF = ("0", "off", "false", "no")
 _triton = None  # the triton_impl module, False when it cannot be imported
 
 
+def _env_enabled() -> bool:
+    """``TOKENPRUNE_KERNELS`` as a flag (read once, at import, into ``_ENABLED``)."""
+    return os.environ.get("TOKENPRUNE_KERNELS", "1").strip().lower() not in _OFF
+
+
+_ENABLED: bool = _env_enabled()
+# tests only: CPU tensors count as kernel tensors and every dispatch goes through the custom op, even in
+# eager; the ops' CPU implementation is the reference, so CPU tests exercise the op path (tests/test_kernels.py)
+_FORCE_OP_FOR_TESTS: bool = False
+
+
 def _impl():
     global _triton
     if _triton is None:
@@ -46,9 +68,31 @@ def _impl():
     return _triton
 
 
+@torch.compiler.assume_constant_result
+def _have_triton() -> bool:
+    """Whether ``triton_impl`` imports. A constant to torch.compile: a first call while tracing imports it
+    in Python (no import, no try / except in the graph, no graph break, also when the import fails)."""
+    return bool(_impl())
+
+
+def _via_op() -> bool:
+    """Call the custom op (``torch.ops.tokenprune.*``) rather than the launcher: while compiling (Dynamo
+    then records one opaque call), and in tests with ``_FORCE_OP_FOR_TESTS``. Eager calls the launcher
+    directly: a custom-op call costs tens of microseconds of dispatcher time."""
+    return _FORCE_OP_FOR_TESTS or torch.compiler.is_compiling()
+
+
 def kernels_enabled() -> bool:
-    """False when ``TOKENPRUNE_KERNELS`` switches the fused kernels off."""
-    return os.environ.get("TOKENPRUNE_KERNELS", "1").strip().lower() not in _OFF
+    """False when the fused kernels are switched off (``TOKENPRUNE_KERNELS`` at import, or
+    :func:`set_kernels_enabled`)."""
+    return _ENABLED
+
+
+def set_kernels_enabled(flag: bool) -> None:
+    """Switch the fused kernels on or off for this process. ``TOKENPRUNE_KERNELS`` is read once, at import;
+    changing it later has no effect. Compiled functions guard on this flag (they recompile when it changes)."""
+    global _ENABLED
+    _ENABLED = bool(flag)
 
 
 def needs_grad(tensors) -> bool:
@@ -59,16 +103,21 @@ def needs_grad(tensors) -> bool:
 
 def use_triton(*tensors) -> bool:
     """Whether the Triton kernel runs for these tensors (see the module docstring)."""
-    if not kernels_enabled() or needs_grad(tensors):
+    if not _ENABLED or needs_grad(tensors):
         return False
-    if not all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in tensors):
+    if not (_FORCE_OP_FOR_TESTS or all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in tensors)):
         return False
-    return bool(_impl())
+    return _have_triton()
+
+
+_ops = torch.ops.tokenprune  # the custom ops (registered by custom_ops.py, imported below)
 
 
 def efficient_attention(q, k, v, bias=None):
     """Linear-cost attention ``[B, H, N, d]``; see ``reference.efficient_attention``."""
     if use_triton(q, k, v, bias):
+        if _via_op():
+            return _ops.efficient_attention(q, k, v, bias)
         return _impl().efficient_attention(q, k, v, bias)
     return reference.efficient_attention(q, k, v, bias)
 
@@ -83,6 +132,8 @@ def biased_attention(q, k, v, bias=None):
     """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
     :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``)."""
     if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
+        if _via_op():
+            return _ops.biased_attention(q, k, v, bias)
         return _impl().biased_attention(q, k, v, bias)
     return reference.biased_attention(q, k, v, bias)
 
@@ -90,6 +141,8 @@ def biased_attention(q, k, v, bias=None):
 def query_scores(q_row, k, scale, bias=None, head_weights=None):
     """One query row per head ``[B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32."""
     if use_triton(q_row, k, bias, head_weights):
+        if _via_op():
+            return _ops.query_scores(q_row, k, float(scale), bias, head_weights)
         return _impl().query_scores(q_row, k, scale, bias, head_weights)
     return reference.query_scores(q_row, k, scale, bias, head_weights)
 
@@ -97,6 +150,8 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None):
 def bipartite_best(metric, valid_b=None):
     """Best B partner of every A token; see ``reference.bipartite_best``."""
     if use_triton(metric, valid_b):
+        if _via_op():
+            return _ops.bipartite_best(metric, valid_b)
         return _impl().bipartite_best(metric, valid_b)
     return reference.bipartite_best(metric, valid_b)
 
@@ -104,61 +159,79 @@ def bipartite_best(metric, valid_b=None):
 def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = True):
     """Size-weighted merge of member rows into their owner rows; see ``reference.merge_rows``."""
     if use_triton(x, sizes, prim, members, owner):
+        if _via_op():
+            return _ops.merge_rows(x, sizes, prim, members, owner, bool(include_prim))
         return _impl().merge_rows(x, sizes, prim, members, owner, include_prim)
     return reference.merge_rows(x, sizes, prim, members, owner, include_prim)
 
 
 def merge_step_fits(n: int) -> bool:
     """Whether :func:`merge_step` (one program per sample) handles ``n`` non-prefix tokens."""
-    return bool(_impl()) and _impl().merge_step_fits(n)
+    return _have_triton() and _impl().merge_step_fits(n)
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
                log_sizes: bool = False, residual=None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
-    ``ops.bipartite_merge`` is its reference). Returns ``(new_x, new_sizes, new_source)``, plus
-    ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next blocks' attention bias: no
-    separate log and cast launches). ``max_size``: an upper bound on any token size (the encoder's
-    input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products.
+    ``ops.bipartite_merge`` is its reference, ``reference.merge_step`` the same on plain tensors). Returns
+    ``(new_x, new_sizes, new_source)``, plus ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next
+    blocks' attention bias: no separate log and cast launches). ``max_size``: an upper bound on any token size
+    (the encoder's input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products.
     ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype (a block's final residual add
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``)."""
+    if _via_op():
+        out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
+                              residual)
+        new_source = out[2] if source is not None else None
+        return (out[0], out[1], new_source, out[3]) if log_sizes else (out[0], out[1], new_source)
     return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
 
 
 def keep_step_fits(n: int) -> bool:
     """Whether :func:`keep_step` / :func:`topk_sorted` rank ``n`` tokens in one program."""
-    return bool(_impl()) and _impl().keep_step_fits(n)
+    return _have_triton() and _impl().keep_step_fits(n)
 
 
 def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
     """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one Triton launch (CUDA only; those
-    two are its reference): keep the ``k`` best-scored non-prefix tokens in spatial order, with their
-    sizes and the composed source map. Ties go to the lower index. Returns ``(x, sizes, source)``."""
+    two are its reference, ``reference.keep_step`` the same on plain tensors): keep the ``k`` best-scored
+    non-prefix tokens in spatial order, with their sizes and the composed source map. Ties go to the lower
+    index. Returns ``(x, sizes, source)``."""
+    if _via_op():
+        nx, ns, nsrc = _ops.keep_step(x, scores, sizes, source, num_prefix, k)
+        return nx, (ns if sizes is not None else None), (nsrc if source is not None else None)
     return _impl().keep_step(x, scores, sizes, source, num_prefix, k)[:3]
 
 
 def topk_sorted(scores, k: int):
     """Indices of the ``k`` best scores per row, ascending; one launch on CUDA (ties: lower index)."""
     if use_triton(scores) and keep_step_fits(scores.shape[1]):
+        if _via_op():
+            return _ops.topk_sorted(scores, k)
         return _impl().topk_sorted(scores, k)
     return scores.topk(k, dim=1, sorted=False).indices.sort(1).values
 
 
 def apet_merge_fits(batch: int) -> bool:
     """Whether :func:`apet_merge` is the faster path at this batch size (it pays at small batches)."""
-    return bool(_impl()) and _impl().apet_merge_fits(batch)
+    return _have_triton() and _impl().apet_merge_fits(batch)
 
 
 def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: int | None = None):
     """ApET's merge in one Triton launch (CUDA only; the PyTorch path of ``Apet.reduce`` is its
-    reference): each kept slot becomes the size-weighted mean of the tokens assigned to it
-    (``target [B, N]``); returns ``(x, sizes, source)``."""
+    reference, ``reference.apet_merge`` the same on plain tensors): each kept slot becomes the size-weighted
+    mean of the tokens assigned to it (``target [B, N]``); returns ``(x, sizes, source)``."""
+    if _via_op():
+        nx, ns, nsrc = _ops.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
+        return nx, ns, (nsrc if source is not None else None)
     return _impl().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
 
 
 def gather_rows(x, rows):
     """``x[b, rows[b, o]]`` for every output row, ``rows [B, K]`` long (prefix rows included)."""
     if use_triton(x, rows):
+        if _via_op():
+            return _ops.gather_rows(x, rows)
         return _impl().gather_rows(x, rows)
     return reference.gather_rows(x, rows)
 
@@ -166,6 +239,8 @@ def gather_rows(x, rows):
 def apet_errors(x, basis, eps: float = 1e-5):
     """Reconstruction error of every token from the basis, ``[B, N]`` float32."""
     if use_triton(x, basis):
+        if _via_op():
+            return _ops.apet_errors(x, basis, float(eps))
         return _impl().apet_errors(x, basis, eps)
     return reference.apet_errors(x, basis, eps)
 
@@ -173,18 +248,23 @@ def apet_errors(x, basis, eps: float = 1e-5):
 def gram(x):
     """``(G [B, N, N], sq [B, N])``: ``G = X X^T`` per sample in float32, ``sq = diag(G)``."""
     if use_triton(x):
+        if _via_op():
+            g = _ops.gram(x)
+            return g, g.diagonal(dim1=1, dim2=2)
         return _impl().gram(x)
     return reference.gram(x)
 
 
 def apet_stage_fits(n: int, k: int) -> bool:
     """Whether :func:`apet_stage` (one Triton program per sample) handles ``n`` tokens and ``k`` basis tokens."""
-    return bool(_impl()) and _impl().apet_stage_fits(n, k)
+    return _have_triton() and _impl().apet_stage_fits(n, k)
 
 
 def apet_stage(g, valid, k: int, eps: float = 1e-5):
     """ApET basis ``[B, k]`` long and errors ``[B, N]`` float32 from the Gram matrix; see ``reference.apet_stage``."""
     if use_triton(g, valid):
+        if _via_op():
+            return _ops.apet_stage(g, valid, k, float(eps))
         return _impl().apet_stage(g, valid, k, eps)
     return reference.apet_stage(g, valid, k, eps)
 
@@ -192,11 +272,15 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
 def apet_assign(g, keep_idx):
     """Slot ``[B, N]`` of every token's most cosine-similar kept token, from ``g``; see ``reference.apet_assign``."""
     if use_triton(g, keep_idx):
+        if _via_op():
+            return _ops.apet_assign(g, keep_idx)
         return _impl().apet_assign(g, keep_idx)
     return reference.apet_assign(g, keep_idx)
 
 
+from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs _impl above)
+
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
            "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
-           "use_triton", "needs_grad", "kernels_enabled", "reference"]
+           "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "reference"]

@@ -174,3 +174,98 @@ def apet_assign(g: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     cos = g.gather(2, keep_idx[:, None, :].expand(b, n, kk)) * inv[..., None] * inv.gather(1, keep_idx)[:, None, :]
     target = cos.argmax(-1)
     return target.scatter(1, keep_idx, torch.arange(kk, device=g.device).expand(b, kk))
+
+
+# -- the one-launch steps: their PyTorch specification (the CPU implementation of the custom ops) --------
+def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[B, k]`` of the ``k`` best scores per row, ascending; ties go to the lower index (as in the
+    kernel, which ranks by (score desc, index asc) in float32)."""
+    best = scores.float().sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return best.sort(1).values
+
+
+def _compose(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch.Tensor | None:
+    """The source map after one step: ``old_to_new[source]``, ``-1`` stays ``-1``."""
+    if source is None:
+        return None
+    return old_to_new.gather(1, source.clamp(min=0)).masked_fill(source < 0, -1)
+
+
+def keep_step(x: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None,
+              p: int, k: int):
+    """Keep the prefix and the ``k`` best-scored non-prefix tokens (``scores [B, N]``) in spatial order, with
+    their sizes and the composed source map: ``(x [B, P + k, C], sizes | None, source | None, idx [B, k])``."""
+    b, t, _ = x.shape
+    idx = topk_sorted(scores, k)
+    rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), idx + p], 1)
+    new_sizes = sizes.gather(1, rows) if sizes is not None else None
+    old_to_new = torch.full((b, t), -1, dtype=torch.long, device=x.device)
+    old_to_new.scatter_(1, rows, torch.arange(p + k, device=x.device).expand(b, p + k))
+    return gather_rows(x, rows), new_sizes, _compose(source, old_to_new), idx
+
+
+def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None,
+               p: int, r: int, padded: bool, max_size: int | None = None, log_sizes: bool = False,
+               residual: torch.Tensor | None = None):
+    """ToMe's whole merge step (``ops.bipartite_merge``) on plain tensors: A = even, B = odd non-prefix
+    tokens; the ``r`` A tokens with the most similar B partner (ties: the lower index; padding A tokens,
+    size 0, first when ``padded``) are merged into it, size-weighted; output rows: prefix, kept A tokens
+    (spatial order), B tokens. Returns ``(x, sizes float32, source | None)`` and, with ``log_sizes``,
+    ``log(sizes)`` in ``x``'s dtype. ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype.
+    ``max_size`` only lets the kernel choose exact low-precision products; the result does not depend on it."""
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
+                             f"the tokens {tuple(x.shape)} {x.dtype}")
+        x = (x.float() + residual.float()).to(x.dtype)
+    b, t, _ = x.shape
+    dev = x.device
+    s = sizes.float() if sizes is not None else torch.ones((b, t), dtype=torch.float32, device=dev)
+    sa, sb = s[:, p::2], s[:, p + 1::2]
+    na, nb = sa.shape[1], sb.shape[1]
+    best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
+    best = best.float()
+    if padded:
+        best = best.masked_fill(sa <= 0, float("inf"))
+    edge = best.sort(dim=-1, descending=True, stable=True).indices
+    src_idx, unm_idx = edge[:, :r], edge[:, r:].sort(-1).values
+    dst_idx = best_b.gather(1, src_idx)
+    n_unm = na - r
+    prim = torch.cat([torch.arange(p, device=dev).expand(b, p), p + 2 * unm_idx,
+                      (p + 1 + 2 * torch.arange(nb, device=dev)).expand(b, nb)], 1)
+    new_x = merge_rows(x, sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
+    new_sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
+    new_sizes = torch.cat([s[:, :p], sa.gather(1, unm_idx), new_sb], 1)
+    new_source = None
+    if source is not None:
+        a_new = torch.empty((b, na), dtype=torch.long, device=dev)
+        a_new.scatter_(1, unm_idx, torch.arange(p, p + n_unm, device=dev).expand(b, n_unm))
+        a_new.scatter_(1, src_idx, p + n_unm + dst_idx)
+        old_to_new = torch.empty((b, t), dtype=torch.long, device=dev)
+        old_to_new[:, :p] = torch.arange(p, device=dev)
+        old_to_new[:, p::2] = a_new
+        old_to_new[:, p + 1::2] = torch.arange(p + n_unm, p + n_unm + nb, device=dev)
+        new_source = _compose(source, old_to_new)
+    if log_sizes:
+        return new_x, new_sizes, new_source, new_sizes.log().to(x.dtype)
+    return new_x, new_sizes, new_source
+
+
+def apet_merge(x: torch.Tensor, sizes: torch.Tensor | None, target: torch.Tensor, keep_idx: torch.Tensor,
+               source: torch.Tensor | None, p: int, max_size: int | None = None):
+    """ApET's merge (the PyTorch path of ``Apet.reduce``): kept slot ``j`` becomes the size-weighted mean
+    of the non-prefix tokens with ``target == j`` (its own kept token where those sizes sum to 0).
+    Returns ``(x [B, P + K, C], sizes [B, P + K] float32, source | None)``; ``max_size`` as in
+    :func:`merge_step`."""
+    b, t, c = x.shape
+    n, k = t - p, keep_idx.shape[1]
+    s = sizes.float() if sizes is not None else torch.ones((b, t), dtype=torch.float32, device=x.device)
+    xs, sn = x[:, p:].float(), s[:, p:]
+    den = torch.zeros((b, k), dtype=torch.float32, device=x.device).scatter_add(1, target, sn)
+    num = torch.zeros((b, k, c), dtype=torch.float32, device=x.device).scatter_add(
+        1, target[..., None].expand(b, n, c), xs * sn[..., None])
+    kept = xs.gather(1, keep_idx[..., None].expand(b, k, c))
+    merged = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], kept).to(x.dtype)
+    new_x = torch.cat([x[:, :p], merged], 1)
+    old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
+    return new_x, torch.cat([s[:, :p], den], 1), _compose(source, old_to_new)
