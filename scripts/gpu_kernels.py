@@ -49,15 +49,14 @@ T0 = time.time()
 # -- helpers ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def kernels_on(on: bool):
-    old = os.environ.get("TOKENPRUNE_KERNELS")
-    os.environ["TOKENPRUNE_KERNELS"] = "1" if on else "0"
+    from tokenprune import kernels
+
+    old = kernels.kernels_enabled()
+    kernels.set_kernels_enabled(on)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TOKENPRUNE_KERNELS", None)
-        else:
-            os.environ["TOKENPRUNE_KERNELS"] = old
+        kernels.set_kernels_enabled(old)
 
 
 def sync(dev):
@@ -687,15 +686,15 @@ def model_fused_residual(dev, smoke):
     for method, b, budget in ([("merge", 2, 0.25), ("maelre", 2, 0.25)] if smoke else
                               [("merge", 64, 0.25), ("merge", 8, 0.1), ("maelre", 64, 0.25)]):
         x = torch.randn(b, 3, *((32, 32) if smoke else (224, 224)), device=dev, generator=gen).to(dt)
-        tokenprune.apply(model, budget=budget, method=method)
         outs = {}
         try:
             with torch.inference_mode(), kernels_on(True):
                 for fuse in ("0", "1"):
-                    os.environ["TOKENPRUNE_FUSE_RESIDUAL"] = fuse
+                    tokenprune.engine.set_fuse_residual(fuse == "1")
+                    tokenprune.apply(model, budget=budget, method=method)  # the plan reads the switch
                     outs[fuse] = model(x)
         finally:
-            os.environ.pop("TOKENPRUNE_FUSE_RESIDUAL", None)
+            tokenprune.engine.set_fuse_residual(True)
             tokenprune.remove(model)
         same = bool(torch.equal(outs["0"], outs["1"]))
         check(f"{method} forward, fused residual", (b, budget), dt, 0.0 if same else rel(outs["1"], outs["0"]), 1e-12,

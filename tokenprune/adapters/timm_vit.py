@@ -2,11 +2,13 @@
 
 The patched model's ``forward`` / ``forward_features`` are timm's, re-stated with one change: the
 block loop is :func:`tokenprune.engine.run_blocks`, which hands each block a per-forward
-:class:`~tokenprune.engine.Forward`. Blocks that nothing asks anything of run as timm's own
-``Block``; the others run :func:`_block`, the same computation (pre-norm, LayerScale, DropPath,
-timm's own submodules) with the attention written out so that it takes the token-size key bias,
-records q/k for the reducer and runs a replacement kernel when the reducer asks for one. Attention
-is always SDPA (or the fused key-bias kernel, or MAELRE's linear kernel), never the N x N path.
+:class:`~tokenprune.engine.Forward`. Each timm ``Block`` runs as :func:`_block`: the same computation
+(pre-norm, LayerScale, DropPath, timm's own submodules and weights) written out, so that its attention
+takes the token-size key bias, records q/k for the reducer and runs a replacement kernel when the
+reducer asks for one. Written out, it also skips ``nn.Module.__call__`` for no-op submodules and calls
+Linear / LayerNorm / GELU functionally: batch-1 forwards are bound by host time, and this makes the
+patched model's own blocks cheaper to issue than timm's (same arithmetic, identical outputs).
+Attention is always SDPA (or the fused key-bias kernel, or MAELRE's linear kernel), never N x N.
 
 Pooling ('avg', 'avgmax', 'max', 'map') weights tokens by their sizes and ignores padding; 'token'
 reads the class token. ``model.forward_head(tokens)`` called on its own gets no sizes: pass them
@@ -19,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
@@ -29,14 +32,36 @@ _SIZED_POOLS = ("avg", "max", "avgmax")
 _UNSET = object()
 
 
+def _noop(m, training: bool) -> bool:
+    """A submodule that returns its input: ``Identity``, or dropout / drop-path in eval mode."""
+    t = type(m)
+    return t is nn.Identity or (not training and (t is nn.Dropout or t.__name__ == "DropPath"))
+
+
+def _call(m, x, training: bool):
+    """``m(x)`` without ``nn.Module.__call__``'s cost where ``m`` is a no-op, a Linear, a LayerNorm or a GELU
+    (batch-1 forwards are bound by host time; the arithmetic is the module's own, so results are identical)."""
+    t = type(m)
+    if t is nn.Linear:
+        return F.linear(x, m.weight, m.bias)
+    if t is nn.LayerNorm:
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    if t is nn.GELU:
+        return F.gelu(x, approximate=m.approximate)
+    if _noop(m, training):
+        return x
+    return m(x)
+
+
 def _attention(attn, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """timm ``Attention.forward`` (fused path) with the key bias, q/k recording and kernel choice of ``fwd``."""
     b, n, _ = x.shape
+    tr = attn.training
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = _call(attn.qkv, x, tr).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = _call(attn.q_norm, q, tr), _call(attn.k_norm, k, tr)
     bias = fwd.bias
-    dropout = attn.attn_drop.p if attn.training else 0.0
+    dropout = attn.attn_drop.p if tr else 0.0
     if fwd.kernel is not None:
         o = fwd.kernel(q, k, v, bias)
     elif dropout == 0.0 and kernels.biased_attention_applies(bias, n, attn.head_dim):
@@ -45,19 +70,25 @@ def _attention(attn, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     if fwd.want_qk:
         fwd.qk = QK(q, k, attn.scale, bias, o)
-    o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
+    o = _call(attn.norm, o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim), tr)
     if gate is not None:
         o = o * gate
-    return attn.proj_drop(attn.proj(o))
+    return _call(attn.proj_drop, _call(attn.proj, o, tr), tr)
+
+
+def _mlp(mlp, x: torch.Tensor, training: bool) -> torch.Tensor:
+    if type(mlp).__name__ != "Mlp" or not hasattr(mlp, "drop2"):
+        return mlp(x)
+    x = _call(mlp.drop1, _call(mlp.act, _call(mlp.fc1, x, training), training), training)
+    return _call(mlp.drop2, _call(mlp.fc2, _call(mlp.norm, x, training), training), training)
 
 
 def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
-    """One timm ``Block``. With ``fwd.slot`` the MLP branch goes to ``fwd.residual`` and the input of the
-    last add is returned (the merge after this block adds the two and never stores the sum)."""
-    if fwd.bias is None and fwd.kernel is None and not fwd.want_qk and not fwd.slot:
-        return blk(x)
-    x = x + blk.drop_path1(blk.ls1(_attention(blk.attn, blk.norm1(x), fwd)))
-    y = blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    """One timm ``Block``, written out. With ``fwd.slot`` the MLP branch goes to ``fwd.residual`` and the input
+    of the last add is returned (the merge after this block adds the two and never stores the sum)."""
+    tr = blk.training
+    x = x + _call(blk.drop_path1, _call(blk.ls1, _attention(blk.attn, _call(blk.norm1, x, tr), fwd), tr), tr)
+    y = _call(blk.drop_path2, _call(blk.ls2, _mlp(blk.mlp, _call(blk.norm2, x, tr), tr), tr), tr)
     if fwd.slot:
         fwd.residual = y
         return x

@@ -122,10 +122,17 @@ def efficient_attention(q, k, v, bias=None):
     return reference.efficient_attention(q, k, v, bias)
 
 
+BA_MIN_BATCH_EAGER = 32  # below this batch an eager forward is bound by host time: SDPA's one op is cheaper to issue
+
+
 def biased_attention_applies(bias, n: int, d: int) -> bool:
     """Whether :func:`biased_attention` runs the Triton kernel for ``n`` tokens of head dim ``d`` (a bias
-    on CUDA, kernels on, a sequence short enough: see ``triton_impl.BA_CONFIG``)."""
-    return bias is not None and use_triton(bias) and _impl().biased_attention_fits(n, d)
+    on CUDA, kernels on, a sequence short enough: see ``triton_impl.BA_CONFIG``). In eager mode small
+    batches keep SDPA with the bias as its mask: a Triton launch costs several times an aten op's host
+    time, and at small batches host time is what a forward takes. Compiled, the kernel always applies."""
+    if bias is None or not use_triton(bias) or not _impl().biased_attention_fits(n, d):
+        return False
+    return bias.shape[0] >= BA_MIN_BATCH_EAGER or torch.compiler.is_compiling()
 
 
 def biased_attention(q, k, v, bias=None):

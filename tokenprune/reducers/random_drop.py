@@ -37,6 +37,25 @@ class RandomDrop(Reducer):
     layers: list[int] | None = None  # blocks after which to drop (default: as `cls`); -1 = before block 0
     seed: int | None = 0
 
+    def __post_init__(self):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        self._cache: dict = {}
+
+    def _scores(self, b: int, n: int, key: int, device) -> torch.Tensor:
+        """The hash scores; eager forwards reuse them per shape (they depend on nothing else, and an eager
+        batch-1 forward is bound by host time: the hash is a dozen small ops). Compiled, they are computed
+        in the graph."""
+        if torch.compiler.is_compiling():
+            return hash_scores(b, n, key, device)
+        k = (b, n, key, str(device))
+        scores = self._cache.get(k)
+        if scores is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            scores = self._cache[k] = hash_scores(b, n, key, device)
+        return scores
+
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         if self.layers is not None and list(self.layers) == [-1]:
             layers = [-1]
@@ -49,6 +68,6 @@ class RandomDrop(Reducer):
         if self.seed is None:
             scores = torch.rand((b, n), device=state.x.device)
         else:
-            scores = hash_scores(b, n, self.seed * 1_000_003 + stage.block + 1, state.x.device)
+            scores = self._scores(b, n, self.seed * 1_000_003 + stage.block + 1, state.x.device)
         valid = state.valid
         return keep_top(state, scores, stage.keep, valid[:, state.num_prefix:] if valid is not None else None)

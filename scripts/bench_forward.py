@@ -1,0 +1,266 @@
+"""Speed of reduced encoders where users run them: batch 1 and a large batch, eager and torch.compile.
+
+Every figure is a ratio against the unreduced model measured in the same process, in the same mode, on
+its fastest path (SDPA; compiled the same way when the comparison is compiled). Models have the real
+shapes and random weights (fp16, CUDA). Each compiled variant is checked against the same variant in
+eager mode (relative error of the output). Timing: ``tokenprune.bench.time_fn`` (CUDA events around
+each call, median); ``host_ms`` is the CPU time to issue one eager forward (no sync inside).
+
+    python scripts/bench_forward.py --parts eager --out OUT        # one part per device call
+    python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
+
+Parts: ``eager`` (bs 1 eager, all reducers; host time; profiler tables), ``compiled`` (bs 1,
+``mode="reduce-overhead"``), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
+eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import tokenprune
+from tokenprune.bench import time_fn
+
+BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
+       ("merge-3-stages", {"method": "merge", "layers": "thirds"})]
+
+
+def timm_model(name, smoke, **kw):
+    import timm
+
+    if smoke:
+        kw = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4, **kw)
+    with torch.device(DEV):
+        return timm.create_model(name, pretrained=False, **kw).to(DTYPE).eval()
+
+
+def whisper_encoder(smoke):
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    if smoke:
+        cfg = WhisperConfig(d_model=64, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=128,
+                            num_mel_bins=16, max_source_positions=64)
+    else:  # whisper-large-v3's encoder
+        cfg = WhisperConfig(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                            num_mel_bins=128, max_source_positions=1500)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(DEV):
+        return WhisperEncoder(cfg).to(DTYPE).eval(), cfg
+
+
+def model_and_input(case, bs, smoke):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if case in ("vit_b", "vit_l", "siglip"):
+        name = {"vit_b": "vit_base_patch16_224", "vit_l": "vit_large_patch16_224",
+                "siglip": "vit_so400m_patch14_siglip_384"}[case]
+        m = timm_model(name, smoke)
+        side = 32 if smoke else m.patch_embed.img_size[0]
+        return m, torch.randn(bs, 3, side, side, generator=g).to(DEV, DTYPE)
+    m, cfg = whisper_encoder(smoke)
+    return m, torch.randn(bs, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g).to(DEV, DTYPE)
+
+
+def forward_fn(case, m):
+    if case == "whisper_large":
+        return lambda x: m(x).last_hidden_state
+    return m
+
+
+def apply_variant(m, variant, budget):
+    name, kw = variant
+    kw = dict(kw)
+    method = kw.pop("method", name)
+    if kw.get("layers") == "thirds":
+        depth = tokenprune.adapters.for_model(m).info().depth
+        kw["layers"] = [depth // 4 - 1 + depth // 4 * i for i in range(3)] if depth >= 8 else [0, 1, 2]
+    if method == "apet" and SMOKE:
+        kw["k"] = 4
+    tokenprune.apply(m, budget=budget, method=method, **kw)
+    return tokenprune.plan(m)
+
+
+def timed(fn, x, repeats):
+    t = time_fn(lambda: fn(x), DEV, warmup=10, repeats=repeats)
+    return t.median_ms, t.p10_ms, t.p90_ms
+
+
+def host_ms(fn, x, n=30):
+    """CPU time to issue one forward (the device is idle at the start of each)."""
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(x)
+            out.append((time.perf_counter() - t0) * 1e3)
+    out.sort()
+    return out[len(out) // 2]
+
+
+def compiled(fn, mode):
+    torch._dynamo.reset()
+    return torch.compile(fn, mode=mode, fullgraph=True)
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+ROWS: list[dict] = []
+
+
+def record(**row):
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None):
+    m, x = model_and_input(case, bs, smoke)
+    fn = forward_fn(case, m)
+    for mode in modes:
+        base = None
+        for variant in [("unreduced", None)] + variants:
+            tokenprune.remove(m)
+            plan = None
+            if variant[1] is not None:
+                try:
+                    plan = apply_variant(m, variant, budget)
+                except Exception as e:  # noqa: BLE001 -- a variant that does not apply is reported, not fatal
+                    record(case=case, bs=bs, mode=mode, variant=variant[0], error=f"{type(e).__name__}: {e}")
+                    continue
+            with torch.inference_mode():
+                ref = fn(x).clone()
+                run, err = fn, None
+                if mode != "eager":
+                    run = compiled(fn, None if mode == "default" else mode)
+                    out = run(x).clone()
+                    err = rel_err(out, ref)
+                ms, p10, p90 = timed(run, x, repeats)
+            row = dict(case=case, bs=bs, mode=mode, variant=variant[0], budget=None if plan is None else budget,
+                       ms=round(ms, 4), p10=round(p10, 4), p90=round(p90, 4),
+                       flop_bound=None if plan is None else round(1 / plan.flop_ratio, 3),
+                       tokens_out=None if plan is None else plan.num_out, rel_err_vs_eager=err)
+            if base is None:
+                base = ms
+            row["speedup"] = round(base / ms, 3)
+            if host and mode == "eager":
+                row["host_ms"] = round(host_ms(fn, x), 4)
+                row["stages"] = 0 if plan is None else len(plan.stages)
+            record(**row)
+            if profile is not None and mode == "eager" and variant[0] in ("unreduced", "merge"):
+                prof_table(fn, x, profile / f"profile_{case}_bs{bs}_{variant[0]}.txt")
+        torch._dynamo.reset()
+    tokenprune.remove(m)
+    del m
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prof_table(fn, x, path):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(x)
+        with profile(activities=acts) as p:
+            for _ in range(5):
+                fn(x)
+            if DEV == "cuda":
+                torch.cuda.synchronize()
+    path.write_text(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
+def python_profile(out: Path, smoke: bool):
+    """cProfile of 20 eager bs-1 forwards per variant: where the host time goes, by function."""
+    import cProfile
+    import io
+    import pstats
+
+    for case, variants in (("vit_b", [("unreduced", None), ("random", {}), ("merge", {})]),
+                           ("vit_l", [("unreduced", None), ("merge", {})])):
+        m, x = model_and_input(case, 1, smoke)
+        for name, kw in variants:
+            tokenprune.remove(m)
+            if kw is not None:
+                apply_variant(m, (name, kw), 0.25)
+            with torch.inference_mode():
+                for _ in range(10):
+                    m(x)
+                if DEV == "cuda":
+                    torch.cuda.synchronize()
+                prof = cProfile.Profile()
+                t0 = time.perf_counter()
+                prof.enable()
+                for _ in range(20):
+                    m(x)
+                prof.disable()
+                if DEV == "cuda":
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / 20 * 1e3
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
+            (out / f"pyprof_{case}_{name}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())
+            print(case, name, f"{wall:.3f} ms per profiled forward")
+        tokenprune.remove(m)
+
+
+def main():
+    global DEV, DTYPE, SMOKE
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+    SMOKE = args.smoke
+    DEV = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    DTYPE = torch.float32 if DEV == "cpu" else torch.float16
+    reps = 3 if args.smoke else args.repeats
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 64
+    parts = args.parts.split(",")
+    t0 = time.time()
+    if "eager" in parts:
+        run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=args.out)
+        run_case("vit_l", 1, ["eager"], BS1[:4] + BS1[-1:], 0.25, reps, args.smoke, host=True, profile=args.out)
+    if "pyprof" in parts:
+        python_profile(args.out, args.smoke)
+    if "compiled" in parts:
+        run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
+        run_case("vit_l", 1, ["reduce-overhead"], [("cls", {}), ("random", {}), ("apet", {}), BS1[-1]], 0.25,
+                 reps, args.smoke)
+    if "long" in parts:
+        run_case("siglip", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), BS1[-1]], 0.25, reps,
+                 args.smoke, host=True)
+        run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), BS1[-1]], 0.5,
+                 reps, args.smoke, host=True)
+    if "large" in parts:
+        bs = 8 if args.smoke else 256
+        run_case("vit_b", bs, ["eager"], [("merge", {}), ("cls", {})], 0.27, min(reps, 30), args.smoke)
+        run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), BS1[-1]], 0.25, min(reps, 30),
+                 args.smoke)
+    meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
+    (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
+    for r in ROWS:
+        if "error" in r:
+            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['ms']:9.3f} {r['speedup']:8.3f} "
+              f"{r['flop_bound'] or '':>6} {r.get('host_ms', ''):>7} {r['rel_err_vs_eager'] or ''}")
+    print(meta)
+
+
+DEV, DTYPE, SMOKE = "cpu", torch.float32, False
+
+if __name__ == "__main__":
+    main()
