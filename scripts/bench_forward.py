@@ -9,8 +9,8 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
     python scripts/bench_forward.py --parts eager --out OUT        # one part per device call
     python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
 
-Parts: ``eager`` (bs 1 eager, all reducers; host time; profiler tables), ``compiled`` (bs 1,
-``mode="reduce-overhead"``), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
+Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
+(bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
 eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default).
 """
 from __future__ import annotations
@@ -219,6 +219,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="eager part: write profiler tables too")
     args = ap.parse_args()
     SMOKE = args.smoke
     DEV = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -229,12 +230,14 @@ def main():
     parts = args.parts.split(",")
     t0 = time.time()
     if "eager" in parts:
-        run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=args.out)
-        run_case("vit_l", 1, ["eager"], BS1[:4] + BS1[-1:], 0.25, reps, args.smoke, host=True, profile=args.out)
+        prof = args.out if args.profile else None
+        run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
+        run_case("vit_l", 1, ["eager"], BS1[:4] + BS1[-1:], 0.25, reps, args.smoke, host=True, profile=prof)
     if "pyprof" in parts:
         python_profile(args.out, args.smoke)
-    if "compiled" in parts:
+    if "compiled" in parts or "compiled_b" in parts:
         run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
+    if "compiled" in parts or "compiled_l" in parts:
         run_case("vit_l", 1, ["reduce-overhead"], [("cls", {}), ("random", {}), ("apet", {}), BS1[-1]], 0.25,
                  reps, args.smoke)
     if "long" in parts:
