@@ -107,6 +107,10 @@ class Forward:
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,
                grid=None) -> torch.Tensor:
     """Run ``blocks`` on ``x`` with the patch's reducer between them; the final state is ``fwd.state``."""
+    if torch.jit.is_tracing():
+        raise RuntimeError("tokenprune: torch.jit.trace cannot record a reduced model (its token selection is data-"
+                           "dependent and would be frozen into the trace); use torch.compile, or trace the model "
+                           "after tokenprune.remove(model)")
     patch = fwd.patch
     reducer = patch.reducer
     state = TokenState.start(x, patch.num_prefix, grid, track_source=patch.track_source)

@@ -102,7 +102,7 @@ def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Ten
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     above = s > threshold
     counts = above.sum(1).clamp(min=1, max=k_max)
-    width = int(counts.max())
+    width = int(counts.max()) if counts.numel() else min(k_max, s.shape[1])  # an empty batch keeps the cap
     order = s.topk(width, dim=1).indices  # best first
     rank_ok = torch.arange(width, device=s.device)[None, :] < counts[:, None]
     # sort the chosen slots back into spatial order, padding slots last
