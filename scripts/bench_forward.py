@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import tokenprune
-from tokenprune.bench import time_fn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenprune, not an installed one
+
+import tokenprune  # noqa: E402
+from tokenprune.bench import time_fn  # noqa: E402
 
 BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
        ("merge-3-stages", {"method": "merge", "layers": "thirds"})]
@@ -90,7 +93,8 @@ def timed(fn, x, repeats):
 
 
 def host_ms(fn, x, n=30):
-    """CPU time to issue one forward (the device is idle at the start of each)."""
+    """CPU time to issue one forward (the device is idle at the start of each): host time, which CUDA events
+    (time_fn) cannot see, hence perf_counter."""
     out = []
     with torch.inference_mode():
         for _ in range(n):
@@ -215,7 +219,7 @@ def python_profile(out: Path, smoke: bool):
                 prof.disable()
                 if DEV == "cuda":
                     torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) / 20 * 1e3
+                wall = (time.perf_counter() - t0) / 20 * 1e3  # the profiled loop's own wall time (context only)
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
             (out / f"pyprof_{case}_{name}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())

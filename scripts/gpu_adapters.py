@@ -13,44 +13,24 @@ Measured in one run, against the unreduced model on SDPA:
   every configuration decodes the same length) at 75 / 50 / 25 % of the
   encoder tokens, at batch 1 and 16.
 Timing: warm-up, then the median of repeated runs with CUDA events
-(``generate`` uses wall clock with synchronisation). Needs torch + CUDA and
-transformers; no network, no weights.
+(``tokenprune.bench.time_fn``; ``generate`` synchronises inside, so the events
+span its wall time). Needs torch + CUDA and transformers; no network, no weights.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ms as timed  # noqa: E402  (tokenprune.bench.time_fn, median milliseconds)
 
 import tokenprune  # noqa: E402
-from tokenprune.bench import time_fn  # noqa: E402
-
-
-def timed(fn, device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on GPU): tokenprune.bench.time_fn."""
-    return time_fn(fn, device, warmup, reps).median_ms
-
-def wall(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
 
 
 def siglip(smoke: bool):
@@ -154,7 +134,7 @@ def bench_whisper(methods, budgets, batches, device, dtype, smoke, warmup, reps,
                 tokenprune.apply(model, budget, method)
             with torch.inference_mode():
                 e_ms = timed(enc, device, warmup, reps)
-                g_ms = wall(gen, device, 1, max(3, reps // 4))
+                g_ms = timed(gen, device, 1, max(3, reps // 4))
             out = tokenprune.plan(model).num_out if method != "none" else cfg.max_source_positions
             tokenprune.remove(model)
             if method == "none":

@@ -11,7 +11,8 @@ nothing pruned: the wrapper's overhead), 0.25 / 0.1 / 0.05, and ``random`` / ``p
 - decode: ``generate(max_new_tokens=1 + D)`` minus TTFT, over ``D`` tokens -> tokens/s (all sequences);
 - the LM prefill FLOP-ratio bound (linear layers + attention of the 32 decoder layers, 40 text tokens).
 
-Medians over ``--reps`` runs after a warm-up, CUDA-synchronised wall time. Writes ``llava_gpu.json`` and
+Medians over ``--reps`` runs after a warm-up (``tokenprune.bench.time_fn``; ``generate()`` waits for the
+GPU inside, so the CUDA events around it span its wall time, host work included). Writes ``llava_gpu.json`` and
 ``llava_gpu.md`` to ``--out``. ``--smoke``: tiny config on CPU in seconds (checks the script, no numbers).
 
     python scripts/gpu_llava.py --out results/
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenprune  # noqa: E402
 from tokenprune.adapters.llava import lm_flop_ratio  # noqa: E402
+from tokenprune.bench import time_fn  # noqa: E402
 
 IMAGE_TOKEN = 32000
 
@@ -78,22 +79,10 @@ def inputs(model, batch: int, text: int, device: str, dtype):
     return ids, pv, n
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    """Median seconds of ``fn()`` (``time_fn``). ``generate()`` synchronises with the host inside (it reads the new
+    tokens back), so on CUDA the events around it span the whole call, host time included: its wall time."""
+    return time_fn(fn, device, warmup, reps).median_ms / 1e3
 
 
 def lm_prefill_len(model, ids, pv) -> int:
@@ -124,9 +113,9 @@ def main():
     if device == "cpu":
         torch.set_num_threads(1)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    t0 = time.perf_counter()
+    t0 = time.time()
     model = build(args.smoke, device, dtype)
-    build_s = time.perf_counter() - t0
+    build_s = time.time() - t0  # how long building the random-weight model took (reported, not a benchmark)
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device,

@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-import tokenprune
-from tokenprune.bench import time_fn
-from tokenprune.cuda import graphed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ms as bench  # noqa: E402  (tokenprune.bench.time_fn, median milliseconds)
+
+import tokenprune  # noqa: E402
+from tokenprune.bench import peak_memory  # noqa: E402
+from tokenprune.cuda import graphed  # noqa: E402
 
 
 def build(side: int, patch: int, width: int, depth: int, heads: int, device, dtype):
@@ -36,20 +41,9 @@ def build(side: int, patch: int, width: int, depth: int, heads: int, device, dty
     return m.to(device=device, dtype=dtype).eval()
 
 
-def bench(fn, device, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on GPU): tokenprune.bench.time_fn."""
-    return time_fn(fn, device, warmup, reps).median_ms
-
 def peak_mib(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    """Peak MiB allocated during one ``fn()`` above what was allocated before it (CUDA only)."""
+    return peak_memory(fn, device)[1] if device.type == "cuda" else None
 
 
 def main():

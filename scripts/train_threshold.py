@@ -42,8 +42,12 @@ def evaluate(model, x, y, batch=64):
     correct, ratios, kept = 0, [], []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
-        feats, st = tokenprune.features(model, xb)
-        logits = model.forward_head(feats, sizes=st.sizes)
+        if patch is None:  # the unreduced model (features() needs a patched one)
+            feats, st = model.forward_features(xb), None
+            logits = model.forward_head(feats)
+        else:
+            feats, st = tokenprune.features(model, xb)
+            logits = model.forward_head(feats, sizes=st.sizes)
         correct += int((logits.argmax(1) == y[i:i + batch]).sum())
         counts = st.scratch.get("threshold_counts", []) if st is not None else []
         if counts:

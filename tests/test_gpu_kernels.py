@@ -1,0 +1,502 @@
+"""The Triton kernels on a GPU against float64 / PyTorch references (from scripts/gpu_kernels.py's checks).
+
+Marked ``gpu`` and skipped without CUDA. On the GPU machine:
+
+    python -m pytest -q -m gpu tests/test_gpu_kernels.py
+
+Every kernel output is poisoned first (NaN / -7: an unwritten element fails), sizes include
+non-multiples of the block sizes, dtypes fp16 / bf16 / fp32. Calls go through the public dispatch
+(``tokenprune.kernels.*``, ``tokenprune.ops``, the reducers); the PyTorch path is
+``kernels.set_kernels_enabled(False)``. Each parametrization holds the GPU shapes and one small shape.
+
+``TOKENPRUNE_GPU_TESTS_ON_CPU=1`` runs the same tests on CPU through Triton's interpreter
+(``TRITON_INTERPRET=1``; CPU tensors dispatch to the interpreted kernels), skipping the shapes too large
+for the interpreter, bfloat16 (the interpreter has no bf16 matrix product) and CUDA graphs. It checks
+these tests, not the GPU (tests/test_kernels.py is the CPU suite of the kernels); run the file on its own
+there (triton must be imported after the variable is set):
+
+    TOKENPRUNE_GPU_TESTS_ON_CPU=1 python -m pytest -q tests/test_gpu_kernels.py
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+ON_CPU = os.environ.get("TOKENPRUNE_GPU_TESTS_ON_CPU") == "1"
+if ON_CPU:  # before triton is first imported (importing tokenprune imports it): triton.language's own helpers
+    os.environ["TRITON_INTERPRET"] = "1"  # are decorated then, interpreted or compiled
+DEV = "cpu" if ON_CPU else "cuda"
+CPU_MAX_ELEMENTS = 300_000  # CPU mode: larger inputs are skipped (the interpreter runs a kernel in Python)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(),
+                       reason="needs a CUDA device (TOKENPRUNE_GPU_TESTS_ON_CPU=1 runs these tests through "
+                              "Triton's interpreter on CPU)"),
+]
+
+import tokenprune  # noqa: E402
+from tokenprune import kernels, ops  # noqa: E402
+from tokenprune.kernels import reference as R  # noqa: E402
+from tokenprune.plan import Stage  # noqa: E402
+from tokenprune.state import TokenState  # noqa: E402
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+TOL = {F16: 1e-2, BF16: 1e-2, F32: 3e-4}  # rel. error against float64, attention-like kernels
+ULP = {F16: 2 ** -10, BF16: 2 ** -7, F32: 2 ** -20}
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def T():
+    """The Triton module the dispatch calls: compiled on CUDA, interpreted in CPU mode. Another test module
+    (tests/test_kernels.py) may have set TRITON_INTERPRET=1 for the session and imported an interpreted copy:
+    reload it as needed (a reload keeps the module object the dispatcher holds), and restore the variable."""
+    tl = pytest.importorskip("triton.language")
+    if (type(tl.zeros).__name__ == "InterpretedFunction") != ON_CPU:
+        pytest.skip("triton was imported in another mode (interpreted / compiled) earlier in this process: "
+                    "run tests/test_gpu_kernels.py on its own")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if ON_CPU else "0"
+    mod = importlib.import_module("tokenprune.kernels.triton_impl")
+    if (type(mod._ea_apply).__name__ == "InterpretedFunction") != ON_CPU:
+        mod = importlib.reload(mod)
+    assert ON_CPU or kernels._impl() is mod, "the dispatcher does not reach the Triton kernels"
+    yield mod
+    mod.POISON = False
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture(autouse=True)
+def dispatch(T, monkeypatch):
+    """Kernels on at the start of each test (restored after); in CPU mode CPU tensors dispatch to the
+    interpreted kernels, and ``set_kernels_enabled(False)`` still selects the PyTorch path."""
+    if ON_CPU:
+        monkeypatch.setattr(kernels, "use_triton", lambda *ts: kernels.kernels_enabled() and not kernels.needs_grad(ts))
+        monkeypatch.setattr(kernels, "_impl", lambda: T)
+    was = kernels.kernels_enabled()
+    kernels.set_kernels_enabled(True)
+    yield
+    kernels.set_kernels_enabled(was)
+
+
+@contextlib.contextmanager
+def kernels_on(on: bool):
+    old = kernels.kernels_enabled()
+    kernels.set_kernels_enabled(on)
+    try:
+        yield
+    finally:
+        kernels.set_kernels_enabled(old)
+
+
+@contextlib.contextmanager
+def poisoned(T):
+    """Every buffer a kernel writes starts as NaN / -7."""
+    T.POISON = True
+    try:
+        yield
+    finally:
+        T.POISON = False
+
+
+def needs(dtype, *shape):
+    """Skip, in CPU mode, what the interpreter cannot run (bf16 products) or would take minutes for."""
+    if ON_CPU and dtype == BF16:
+        pytest.skip("CPU mode: the Triton interpreter has no bfloat16 matrix product")
+    if ON_CPU and math.prod(shape) > CPU_MAX_ELEMENTS:
+        pytest.skip(f"CPU mode: {shape} is too large for the Triton interpreter")
+
+
+def gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def randn(*shape, dtype, g):
+    return torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def size_bias(b, n, dtype, g, masked=True):
+    """The log-size key bias ``[B, 1, 1, N]`` of proportional attention; ``masked``: padding keys (log 0)."""
+    s = torch.rand(b, n, generator=g, device=DEV) * 3 + 0.5
+    if masked:
+        s[:, 2::7] = 0
+    return s.log()[:, None, None, :].to(dtype)
+
+
+def rel(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "NaN in the output (an element was not written?)"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def vit(kind):
+    """``tiny``: the CPU tests' ViT (float32); ``base``: vit_base_patch16_224 in fp16 (random weights)."""
+    import timm
+
+    from conftest import tiny_vit
+
+    torch.manual_seed(0)
+    if kind == "tiny":
+        return tiny_vit().to(DEV), F32, 32
+    return timm.create_model("vit_base_patch16_224", pretrained=False).to(DEV, F16).eval(), F16, 224
+
+
+def dtype_id(v):
+    """Test ids: float16 rather than dtype0 (``-k float16`` selects by dtype)."""
+    return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None
+
+
+def same_state(a, b) -> bool:
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("x", "sizes", "source"))
+
+
+# -- attention kernels ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,h,n,d,dtype,bias", [
+    (1, 3, 8192 + 37, 64, F16, False), (2, 2, 1000, 128, BF16, True), (1, 1, 65536, 64, F16, True),
+    (3, 5, 333, 64, BF16, False), (2, 3, 4097, 128, F16, True), (1, 2, 777, 64, F32, True),
+    (1, 2, 37, 16, F32, True)], ids=dtype_id)
+def test_efficient_attention(T, b, h, n, d, dtype, bias):
+    needs(dtype, b, h, n, d)
+    g = gen(1)
+    q, k, v = (randn(b, h, n, d, dtype=dtype, g=g) for _ in range(3))
+    bb = size_bias(b, n, dtype, g) if bias else None
+    assert kernels.use_triton(q, k, v, bb)
+    with poisoned(T):
+        out = kernels.efficient_attention(q, k, v, bb)
+    ref = R.efficient_attention(q.double(), k.double(), v.double(), None if bb is None else bb.double())
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("b,h,n,d,dtype", [
+    (3, 5, 197, 64, F16), (2, 3, 99, 64, BF16), (1, 2, 1000, 64, F16), (4, 3, 257, 128, BF16),
+    (2, 2, 50, 80, F16), (1, 2, 333, 64, F32), (1, 2, 37, 16, F32)], ids=dtype_id)
+def test_biased_attention(T, monkeypatch, b, h, n, d, dtype):
+    needs(dtype, b, h, n, d)
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)  # small batches take the kernel too (eager: SDPA)
+    g = gen(3)
+    q, k, v = (randn(b, h, n, d, dtype=dtype, g=g) for _ in range(3))
+    bias = size_bias(b, n, dtype, g)  # with padding keys (log 0)
+    assert kernels.biased_attention_applies(bias, n, d)
+    with poisoned(T):
+        out = kernels.biased_attention(q, k, v, bias)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                           attn_mask=bias.double())
+    assert rel(out, ref) < TOL[dtype]
+
+
+def test_biased_attention_growing_logits_and_masked_keys(T, monkeypatch):
+    """Logits growing over the keys (the running max moves far for a third of the rows), one sample's
+    first 40 keys masked, one sample with every key masked: zeros, as SDPA gives."""
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+    g = gen(3)
+    b, h, n, d = 3, 4, 197, 64
+    q, k, v = (torch.randn(b, h, n, d, device=DEV, generator=g) for _ in range(3))
+    k = k * torch.linspace(0.1, 3.0, n, device=DEV)[:, None]
+    q[:, :, ::3] *= 4
+    bias = torch.zeros(b, n, device=DEV)
+    bias[1, :40] = float("-inf")
+    bias[2] = float("-inf")
+    bias[0, 100:] = 3.0
+    q, k, v, bb = q.half(), k.half(), v.half(), bias[:, None, None, :].half()
+    assert kernels.biased_attention_applies(bb, n, d)
+    with poisoned(T):
+        out = kernels.biased_attention(q, k, v, bb)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bb.double())
+    assert bool((out[2] == 0).all()), "a sample with every key masked must give zeros"
+    assert rel(out[:2], ref[:2]) < TOL[F16]
+
+
+@pytest.mark.parametrize("weights", ["none", "bias", "bias+w"])
+@pytest.mark.parametrize("b,h,n,d,dtype", [
+    (2, 12, 197, 64, F16), (3, 5, 1013, 128, BF16), (1, 4, 65536 + 3, 64, F16), (256, 12, 197, 64, F16),
+    (2, 6, 300, 64, F32), (2, 3, 50, 16, F32)], ids=dtype_id)
+def test_query_scores(T, b, h, n, d, dtype, weights):
+    needs(dtype, b, h, n, d)
+    g = gen(2)
+    q, k = randn(b, h, n, d, dtype=dtype, g=g), randn(b, h, n, d, dtype=dtype, g=g)
+    bias = None if weights == "none" else size_bias(b, n, dtype, g)
+    w = torch.rand(b, h, n, device=DEV, generator=g) if weights == "bias+w" else None
+    assert kernels.use_triton(q, k, bias, w)
+    with poisoned(T):
+        out = kernels.query_scores(q[:, :, 0], k, d ** -0.5, bias, w)
+    ref = R.query_scores(q[:, :, 0].double(), k.double(), d ** -0.5, None if bias is None else bias.double(),
+                         None if w is None else w.double())
+    assert rel(out, ref) < 1e-5
+
+
+# -- merging --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("valid", [False, True])
+@pytest.mark.parametrize("b,n,d,dtype", [(256, 196, 64, F16), (2, 16384, 64, F16), (4, 333, 64, F32),
+                                         (8, 1001, 64, BF16), (2, 51, 16, F32)], ids=dtype_id)
+def test_bipartite_best(T, b, n, d, dtype, valid):
+    """The best partner of each A token; a different partner than the reference's only where the two
+    similarities tie within 2 ulp of the metric dtype."""
+    needs(dtype, b, n, d)
+    g = gen(3)
+    metric = randn(b, n + 1, d, dtype=dtype, g=g)[:, 1:]  # a strided view, like metric[:, p:]
+    vb = (torch.rand(b, n // 2, device=DEV, generator=g) > 0.1) if valid else None
+    assert kernels.use_triton(metric, vb)
+    with poisoned(T):
+        _, idx = kernels.bipartite_best(metric, vb)
+    _, ridx = R.bipartite_best(metric, vb)
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    s = (m[:, ::2] @ m[:, 1::2].transpose(-1, -2)).float()
+    if vb is not None:
+        s = s.masked_fill(~vb[:, None, :], float("-inf"))
+    gap = (s.gather(2, ridx[..., None]) - s.gather(2, idx[..., None])).abs().max().item()
+    assert gap <= 2 * ULP[dtype], f"partners differ by {gap:.2e} in similarity"
+
+
+@pytest.mark.parametrize("b,n,c,r,dtype", [
+    (64, 196, 768, 13, F32), (256, 196, 768, 13, F16), (2, 16384, 768, 4096, F32), (2, 16384, 768, 4096, F16),
+    (128, 196, 768, 48, F16),  # row gather with 128-column fix-up tiles
+    (3, 101, 384, 50, F32), (8, 255, 256, 100, BF16), (2, 21, 32, 7, F32)], ids=dtype_id)
+def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
+    """ops.bipartite_merge, kernels on vs off, on the same sized state. Equal scores (ties after rounding)
+    may be broken differently (the PyTorch argsort is unstable), so per sample: the samples with the same
+    source map (all at ViT sizes in float32, >= 90% in fp16 / bf16, >= 50% at 8k x 8k candidates) have the
+    same tokens, sizes and log-size attention bias."""
+    needs(dtype, b, n + 1, c)
+    g = gen(3)
+    x = randn(b, 1 + n, c, dtype=dtype, g=g)
+    metric = randn(b, 1 + n, 64, dtype=dtype, g=g)
+    sizes = torch.randint(1, 4, (b, 1 + n), device=DEV, generator=g).float()
+    outs = {}
+    for on in (False, True):
+        with kernels_on(on), poisoned(T):
+            st = TokenState.start(x, 1)
+            st.sizes = sizes
+            outs[on] = ops.bipartite_merge(st, metric, r)
+    same = (outs[True].source == outs[False].source).all(1)
+    need = (1.0 if n <= 256 else 0.5) if dtype == F32 else (0.9 if n <= 256 else 0.5)
+    assert float(same.float().mean()) >= need
+    assert rel(outs[True].x[same], outs[False].x[same]) < TOL[dtype]
+    assert torch.equal(outs[True].sizes[same], outs[False].sizes[same])
+    b_on, b_off = outs[True].attn_bias(dtype)[same].float(), outs[False].attn_bias(dtype)[same].float()
+    assert torch.allclose(b_on, b_off, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("b,n,c,r,dtype", [
+    (256, 196, 768, 13, F16), (128, 196, 768, 48, BF16), (64, 98, 768, 13, F32), (8, 196, 768, 13, F16),
+    (2, 21, 32, 7, F32)], ids=dtype_id)
+def test_bipartite_merge_deferred_residual_is_bit_identical(T, b, n, c, r, dtype):
+    """Tokens handed over as x + y (a block's last residual add left to the merge): the same step, bit for
+    bit, as merging the stored sum (row gather at bs >= 32; smaller batches add first)."""
+    needs(dtype, b, n + 1, c)
+    g = gen(3)
+    x, y = randn(b, 1 + n, c, dtype=dtype, g=g), randn(b, 1 + n, c, dtype=dtype, g=g)
+    metric = randn(b, 1 + n, 64, dtype=dtype, g=g)
+    sizes = torch.randint(1, 4, (b, 1 + n), device=DEV, generator=g).float()
+    with poisoned(T):
+        st = TokenState.start(x + y, 1)
+        st.sizes = sizes
+        ref = ops.bipartite_merge(st, metric, r)
+        st = TokenState.start(x, 1)
+        st.sizes, st.residual = sizes, y
+        out = ops.bipartite_merge(st, metric, r)
+    assert same_state(out, ref)
+
+
+# -- keeping --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,n,c,k", [(256, 196, 768, 98), (1, 196, 768, 98), (8, 16384, 768, 4096), (2, 64, 32, 20)])
+def test_gather_tokens_kernels_vs_pytorch(T, b, n, c, k):
+    """cls / random keep step: ops.gather_tokens (kept rows + prefix in one pass) against gather + cat."""
+    needs(F16, b, n + 1, c)
+    g = gen(6)
+    x = randn(b, 1 + n, c, dtype=F16, g=g)
+    keep = torch.rand(b, n, device=DEV, generator=g).topk(k, 1).indices.sort(1).values
+    outs = {}
+    for on in (False, True):
+        with kernels_on(on), poisoned(T):
+            outs[on] = ops.gather_tokens(TokenState.start(x, 1), keep).x
+    assert rel(outs[True], outs[False]) < 1e-12
+
+
+@pytest.mark.parametrize("b,n,c,k", [(256, 196, 768, 98), (1, 196, 768, 98), (1, 576, 1024, 58),
+                                     (16, 576, 1024, 144), (4, 1000, 384, 250), (2, 64, 32, 20)])
+def test_keep_top_kernels_vs_pytorch(T, b, n, c, k):
+    """The whole keep step (top-k in spatial order, gather, sizes, source map; one launch on CUDA):
+    identical to topk / sort / gather / cat / scatter (distinct scores)."""
+    needs(F16, b, n + 1, c)
+    g = gen(6)
+    x = randn(b, 1 + n, c, dtype=F16, g=g)
+    scores = torch.rand(b, n, device=DEV, generator=g).argsort(1).float() / n
+    sizes = torch.randint(1, 4, (b, 1 + n), device=DEV, generator=g).float()
+    outs = {}
+    for on in (False, True):
+        with kernels_on(on), poisoned(T):
+            st = TokenState.start(x, 1)
+            st.sizes = sizes
+            outs[on] = ops.keep_top(st, scores, k)
+    assert same_state(outs[True], outs[False])
+
+
+# -- ApET -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,n,c,k,dtype", [(256, 196, 768, 10, F16), (3, 1000, 1024, 10, BF16),
+                                           (2, 77, 96, 5, F32), (1, 4099, 768, 16, F16), (2, 33, 40, 5, F32)],
+                         ids=dtype_id)
+def test_apet_errors(T, b, n, c, k, dtype):
+    needs(dtype, b, n, c)
+    g = gen(4)
+    x = randn(b, n, c, dtype=dtype, g=g)
+    basis = x[:, :k].clone()
+    assert kernels.use_triton(x, basis)
+    with poisoned(T):
+        out = kernels.apet_errors(x, basis)
+    assert rel(out, R.apet_errors(x.double(), basis.double())) < 1e-4
+
+
+@pytest.mark.parametrize("b,n,c,keep", [(256, 196, 768, 98), (1, 196, 768, 98), (2, 40, 32, 15)])
+def test_apet_reduce_step_kernels_vs_pytorch_fp32(T, b, n, c, keep):
+    """Apet.reduce with kernels on (fp16) against the PyTorch path on the same tokens in float32: the kernel
+    path (Gram matrix in float32) makes its choices in float32, the fp16 PyTorch path breaks near-ties
+    differently. >= 90% of the samples keep the same tokens; those have the same merged tokens."""
+    from tokenprune.reducers.apet import Apet
+
+    needs(F16, b, n + 1, c)
+    g = gen(4)
+    x = randn(b, 1 + n, c, dtype=F16, g=g)
+    red = Apet()
+    with poisoned(T):
+        out = red.reduce(TokenState.start(x, 1), Stage(0, keep, "apet"), None)
+    with kernels_on(False):
+        ref32 = red.reduce(TokenState.start(x.float(), 1), Stage(0, keep, "apet"), None)
+    same = (out.source == ref32.source).all(1)
+    assert float(same.float().mean()) >= 0.9
+    assert rel(out.x[same], ref32.x[same]) < 1e-2
+
+
+@pytest.mark.parametrize("b,n,c,k,dtype", [(256, 196, 768, 98, F16), (1, 196, 768, 98, F16),
+                                           (3, 500, 384, 200, BF16), (2, 77, 96, 30, F32)], ids=dtype_id)
+def test_apet_merge(T, b, n, c, k, dtype):
+    """The one-launch ApET merge on random assignments, sizes and source map: sizes and source exact,
+    each kept slot the size-weighted mean of its tokens (float64 reference)."""
+    needs(dtype, b, n + 1, c)
+    g = gen(4)
+    x = randn(b, 1 + n, c, dtype=dtype, g=g)
+    sz = torch.randint(1, 4, (b, 1 + n), device=DEV, generator=g).float()
+    kidx = torch.rand(b, n, device=DEV, generator=g).topk(k, 1).indices.sort(1).values
+    tgt = torch.randint(0, k, (b, n), device=DEV, generator=g)
+    tgt.scatter_(1, kidx, torch.arange(k, device=DEV).expand(b, k))
+    src = torch.randint(-1, 1 + n, (b, 1 + n + 5), device=DEV, generator=g)
+    w = sz[:, 1:].double()
+    num = torch.zeros(b, k, c, dtype=torch.float64, device=DEV).scatter_add_(
+        1, tgt[..., None].expand(b, n, c), x[:, 1:].double() * w[..., None])
+    den = torch.zeros(b, k, dtype=torch.float64, device=DEV).scatter_add_(1, tgt, w)
+    ref_x = torch.cat([x[:, :1].double(), num / den[..., None]], 1)
+    ref_s = torch.cat([sz[:, :1], den.float()], 1)
+    ref_src = ops.remap_source(src, torch.cat([torch.zeros(b, 1, dtype=torch.long, device=DEV), tgt + 1], 1))
+    with poisoned(T):
+        ox, osz, osrc = kernels.apet_merge(x, sz, tgt, kidx, src, 1, max_size=1 + n)
+    assert torch.equal(osz, ref_s) and torch.equal(osrc, ref_src)
+    assert rel(ox, ref_x) < TOL[dtype]
+
+
+@pytest.mark.parametrize("b,n,c,dtype", [(256, 196, 768, F16), (3, 1000, 1024, BF16), (2, 77, 96, F32),
+                                         (4, 577, 768, F16), (1, 1030, 384, F16), (2, 37, 40, F32)], ids=dtype_id)
+def test_gram(T, b, n, c, dtype):
+    """G = X X^T per sample in float32 and its diagonal, on a strided input (x[:, p:])."""
+    needs(dtype, b, n + 1, c)
+    g = gen(7)
+    x = randn(b, 1 + n, c, dtype=dtype, g=g)[:, 1:]
+    assert kernels.use_triton(x)
+    with poisoned(T):
+        gm, sq = kernels.gram(x)
+    ref = x.double() @ x.double().transpose(1, 2)
+    assert max(rel(gm, ref), rel(sq, ref.diagonal(dim1=1, dim2=2))) < 1e-5
+
+
+@pytest.mark.parametrize("b,n,c,k,dtype,padded", [
+    (256, 196, 768, 10, F16, False), (256, 196, 768, 10, F16, True), (16, 577, 1024, 32, BF16, True),
+    (8, 1024, 768, 1, F16, True), (4, 101, 96, 7, F32, False), (2, 40, 32, 4, F32, True)], ids=dtype_id)
+def test_apet_stage_and_assign(T, b, n, c, k, dtype, padded):
+    """From the Gram matrix: the basis equals the float64 reference's in >= 99% of the samples (random
+    tokens have no near-ties at float32 precision), errors within 1e-4 of |x|^2 there; the cosine
+    assignment picks the reference's slot for >= 99.9% of the tokens."""
+    needs(dtype, b, n, max(c, n))
+    g = gen(7)
+    x = randn(b, n, c, dtype=dtype, g=g)
+    valid = (torch.rand(b, n, device=DEV, generator=g) > 0.2) if padded else None
+    with poisoned(T):
+        gm, _ = kernels.gram(x)
+        basis, err = kernels.apet_stage(gm, valid, k)
+    g64 = x.double() @ x.double().transpose(1, 2)
+    rbasis, rerr = R.apet_stage(g64, valid, k)
+    same = (basis == rbasis).all(1)
+    assert float(same.float().mean()) >= 0.99
+    assert not torch.isnan(err).any()
+    e = ((err.double() ** 2 - rerr ** 2).abs() / g64.diagonal(dim1=1, dim2=2).clamp_min(1e-30))[same]
+    assert float(e.max()) < 1e-4
+    keep = torch.rand(b, n, device=DEV, generator=g).topk(max(k, n // 2), 1).indices.sort(1).values
+    with poisoned(T):
+        slots = kernels.apet_assign(gm, keep)
+    assert float((slots == R.apet_assign(g64, keep)).float().mean()) >= 0.999
+
+
+# -- whole forwards -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,batch,budget,kind", [
+    ("merge", 64, 0.25, "base"), ("merge", 8, 0.1, "base"), ("maelre", 64, 0.25, "base"),
+    ("merge", 2, 0.25, "tiny"), ("maelre", 2, 0.25, "tiny")])
+def test_forward_fused_residual_is_bit_identical(T, method, batch, budget, kind):
+    """A merged ViT with each merged block's last residual add left to the merge kernels gives the logits,
+    bit for bit, of the same model with every block's own add (kernels on; row gather / one-launch step)."""
+    if ON_CPU and kind == "base":
+        pytest.skip("CPU mode: ViT-B is too large for the Triton interpreter")
+    if method not in tokenprune.methods():
+        pytest.skip(f"{method} not registered")
+    model, dtype, side = vit(kind)
+    x = torch.randn(batch, 3, side, side, device=DEV, generator=gen(9)).to(dtype)
+    outs = {}
+    try:
+        with torch.inference_mode():
+            for fuse in (False, True):
+                tokenprune.engine.set_fuse_residual(fuse)
+                tokenprune.apply(model, budget=budget, method=method)  # the plan reads the switch
+                outs[fuse] = model(x)
+    finally:
+        tokenprune.engine.set_fuse_residual(True)
+        tokenprune.remove(model)
+    assert torch.equal(outs[True], outs[False])
+
+
+@pytest.fixture(scope="module")
+def vit_base_bs1():
+    if ON_CPU:
+        pytest.skip("CPU mode: CUDA graphs need CUDA")
+    model, dtype, side = vit("base")
+    yield model, torch.randn(1, 3, side, side, device=DEV, generator=gen(11)).to(dtype)
+    tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["kernels", "pytorch"])
+@pytest.mark.parametrize("method,budget", [("none", 1.0), ("merge", 0.5), ("merge", 0.25), ("cls", 0.5),
+                                           ("cls", 0.25), ("apet", 0.5), ("apet", 0.25)])
+def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
+    """vit_base at bs 1, unreduced and reduced, kernels on and off: the forward can be captured in a CUDA
+    graph (``tokenprune.cuda.graphed``), and replays on new inputs give the eager logits."""
+    from tokenprune.cuda import graphed
+
+    model, x = vit_base_bs1
+    tokenprune.remove(model)
+    if method != "none":
+        tokenprune.apply(model, budget=budget, method=method)
+    x2 = torch.randn_like(x)
+    try:
+        with kernels_on(on), torch.inference_mode():
+            ref, ref2 = model(x).clone(), model(x2).clone()
+            run = graphed(model, x)
+            out = run(x).clone()
+            out2 = run(x2).clone()
+    finally:
+        tokenprune.remove(model)
+    assert rel(out, ref) < 1e-3 and rel(out2, ref2) < 1e-3
