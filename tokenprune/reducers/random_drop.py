@@ -21,10 +21,13 @@ from .cls import check_layers, default_layers
 
 
 def hash_scores(b: int, n: int, key: int, device) -> torch.Tensor:
-    """Deterministic pseudo-random values in [0, 1) of shape [b, n] (a 32-bit integer mix)."""
+    """Deterministic pseudo-random values in [0, 1) of shape [b, n] (a 32-bit integer mix in int64).
+
+    The position is first xor-ed with the key: a compiler cannot fold an xor into its (32-bit) index
+    arithmetic, so every later product is an int64 tensor operation, exact in eager and compiled code."""
     m = (1 << 32) - 1
-    h = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n)
-    h = (h * 0x9E3779B1 + (key * 0x85EBCA77 & m)) & m
+    h = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n) ^ (key * 0x85EBCA77 & 0x7FFFFFFF)
+    h = (h * 0x9E3779B1) & m
     for mul in (0x85EBCA6B, 0xC2B2AE35):
         h = ((h ^ (h >> 16)) * mul) & m
     h = h ^ (h >> 16)
