@@ -159,8 +159,8 @@ def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, t
 
 
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
-    """A merged (sized) timm forward routes its biased blocks through the kernel, and gives the
-    logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
+    """A merged (sized) timm forward routes its biased blocks through the kernel from BA_MIN_BATCH_EAGER samples
+    on (eager), and gives the logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
     import tokenprune
     from conftest import tiny_vit
 
@@ -173,6 +173,10 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     _use_interpreted(monkeypatch, T)
     real = T.biased_attention
     monkeypatch.setattr(T, "biased_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        model(x)
+    assert not calls, "batch 2 < BA_MIN_BATCH_EAGER: eager keeps SDPA"
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
     with torch.no_grad():
         out = model(x)
     assert calls, "the biased kernel never ran"
