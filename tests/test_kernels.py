@@ -100,8 +100,23 @@ def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, o
     assert rel(out, ref) < tol(dtype)
 
 
+def test_efficient_attention_all_keys_masked_gives_zeros(T):
+    """A sample whose keys are all masked (bias -inf): a zero context, so zero rows, in the kernel and in the
+    reference (not NaN), split over chunks or not."""
+    g = gen(5)
+    q, k, v = [torch.randn(2, 2, 40, 16, generator=g) for _ in range(3)]
+    bb = size_bias(2, 40, g, torch.float32)
+    bb[1] = float("-inf")
+    ref = R.efficient_attention(q, k, v, bb)
+    assert torch.equal(ref[1], torch.zeros_like(ref[1])) and torch.isfinite(ref).all()
+    for split in (1, 2):
+        out = T.efficient_attention(q, k, v, bb, split=split)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and rel(out[0], ref[0]) < 1e-5
+
+
 def test_efficient_attention_strided_input_matches_reducer(T):
-    """q/k/v as timm produces them (views into one qkv tensor); same result as maelre's PyTorch version."""
+    """q/k/v as timm produces them (views into one qkv tensor); same result as maelre's linear attention on CPU
+    (the reference)."""
     from tokenprune.reducers.maelre import efficient_attention as maelre_ea
 
     g = gen(2)
