@@ -3,7 +3,7 @@
 Dynamo records one call of the op instead of tracing the launcher's Python, and Inductor calls the op (so
 our launcher) rather than recompiling the Triton code. Each op has three implementations:
 
-- the default one (CUDA): the launcher in ``triton_impl.py``;
+- the default one (CUDA): the Triton launcher (``attention.py``, ``merge.py``, ...);
 - ``cpu``: the PyTorch reference in ``reference.py``, brought to the kernel's output contract (dtype and
   strides), so the ops can be checked (``torch.library.opcheck``) and compiled in CPU tests;
 - the fake one: output shapes, dtypes and strides from the input shapes and the int arguments alone
@@ -25,7 +25,7 @@ FAKE: dict = {}  # name -> the fake (meta) implementation
 
 
 def _t():
-    """The triton_impl module, through the package's resolver (which tests may patch)."""
+    """The Triton kernel modules (``_t().merge.merge_step``), through the package's resolver (which tests may patch)."""
     from . import _impl
     return _impl()
 
@@ -56,7 +56,7 @@ def _heads_out(q: torch.Tensor) -> torch.Tensor:
 
 # -- attention ------------------------------------------------------------------------------------------
 def _ea_launch(q, k, v, bias):
-    return _t().efficient_attention(q, k, v, bias)
+    return _t().attention.efficient_attention(q, k, v, bias)
 
 
 def _ea_cpu(q, k, v, bias):
@@ -64,7 +64,7 @@ def _ea_cpu(q, k, v, bias):
 
 
 def _ba_launch(q, k, v, bias):
-    return _t().biased_attention(q, k, v, bias)
+    return _t().attention.biased_attention(q, k, v, bias)
 
 
 def _ba_cpu(q, k, v, bias):
@@ -82,7 +82,7 @@ _define("biased_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Ten
 
 
 def _qs_launch(q_row, k, scale, bias, head_weights):
-    return _t().query_scores(q_row, k, scale, bias, head_weights)
+    return _t().scores.query_scores(q_row, k, scale, bias, head_weights)
 
 
 def _qs_cpu(q_row, k, scale, bias, head_weights):
@@ -99,7 +99,7 @@ _define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Ten
 
 # -- ToMe: matching, merged rows, the one-launch step ----------------------------------------------------------
 def _bb_launch(metric, valid_b):
-    best, idx = _t().bipartite_best(metric, valid_b)
+    best, idx = _t().merge.bipartite_best(metric, valid_b)
     return best, idx
 
 
@@ -118,7 +118,7 @@ _define("bipartite_best", "(Tensor metric, Tensor? valid_b) -> (Tensor, Tensor)"
 
 
 def _mr_launch(x, sizes, prim, members, owner, include_prim):
-    return _t().merge_rows(x, sizes, prim, members, owner, include_prim)
+    return _t().merge.merge_rows(x, sizes, prim, members, owner, include_prim)
 
 
 def _mr_cpu(x, sizes, prim, members, owner, include_prim):
@@ -135,7 +135,7 @@ _define("merge_rows",
 
 
 def _gr_launch(x, rows):
-    return _t().gather_rows(x, rows)
+    return _t().merge.gather_rows(x, rows)
 
 
 def _gr_cpu(x, rows):
@@ -154,7 +154,7 @@ def _ms_pack(out, x, log_sizes):
 
 
 def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual):
-    out = _t().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
+    out = _t().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
     return _ms_pack(out, x, log_sizes)
 
 
@@ -187,7 +187,7 @@ def _ks_pack(out, x):
 
 
 def _ks_launch(x, scores, sizes, source, num_prefix, k):
-    return _ks_pack(_t().keep_step(x, scores, sizes, source, num_prefix, k), x)
+    return _ks_pack(_t().keep.keep_step(x, scores, sizes, source, num_prefix, k), x)
 
 
 def _ks_cpu(x, scores, sizes, source, num_prefix, k):
@@ -207,7 +207,7 @@ _define("keep_step",
 
 
 def _tk_launch(scores, k):
-    return _t().topk_sorted(scores, k)
+    return _t().keep.topk_sorted(scores, k)
 
 
 def _tk_cpu(scores, k):
@@ -227,7 +227,7 @@ def _am_pack(out, x):
 
 
 def _am_launch(x, sizes, target, keep_idx, source, num_prefix, max_size):
-    return _am_pack(_t().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size), x)
+    return _am_pack(_t().apet.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size), x)
 
 
 def _am_cpu(x, sizes, target, keep_idx, source, num_prefix, max_size):
@@ -248,7 +248,7 @@ _define("apet_merge",
 
 
 def _ae_launch(x, basis, eps):
-    return _t().apet_errors(x, basis, eps)
+    return _t().apet.apet_errors(x, basis, eps)
 
 
 def _ae_cpu(x, basis, eps):
@@ -263,7 +263,7 @@ _define("apet_errors", "(Tensor x, Tensor basis, float eps) -> Tensor", _ae_laun
 
 
 def _gram_launch(x):
-    return _t().gram(x)[0]
+    return _t().apet.gram(x)[0]
 
 
 def _gram_cpu(x):
@@ -279,7 +279,7 @@ _define("gram", "(Tensor x) -> Tensor", _gram_launch, _gram_cpu, _gram_fake)
 
 
 def _as_launch(g, valid, k, eps):
-    basis, err = _t().apet_stage(g, valid, k, eps)
+    basis, err = _t().apet.apet_stage(g, valid, k, eps)
     return basis, err
 
 
@@ -297,7 +297,7 @@ _define("apet_stage", "(Tensor g, Tensor? valid, int k, float eps) -> (Tensor, T
 
 
 def _aa_launch(g, keep_idx):
-    return _t().apet_assign(g, keep_idx)
+    return _t().apet.apet_assign(g, keep_idx)
 
 
 def _aa_cpu(g, keep_idx):

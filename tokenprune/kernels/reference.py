@@ -1,8 +1,9 @@
 """PyTorch references of the fused kernels: the one PyTorch implementation of each op, the CPU path (and the
 path with autograd) of the dispatch functions in ``__init__.py``, and the oracle in tests.
 
-Each function computes exactly what its Triton twin in ``triton_impl.py`` computes (same arguments, same
-output shapes and dtypes), with plain tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
+Each function computes exactly what its Triton twin in the family modules (``attention.py``, ``scores.py``,
+``merge.py``, ``keep.py``, ``apet.py``) computes (same arguments, same output shapes and dtypes), with plain
+tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
 PyTorch copy of their own.
 """
 from __future__ import annotations
