@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _interpreted, _num_sms, _p2
+from ._triton_common import _alloc, _num_sms, _p2
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -19,20 +19,11 @@ EA_CONFIG = {
     # d=128 78/236/435 us at B1 N8k / B2 N16k / B1 N64k); the other keys from docs/gpu/profile_h100_ea.json
     "pass1": {64: (64, 4), 128: (64, 8)},
     "pass2": {64: (128, 8), 128: (64, 4)},
-    "rows1": {64: 64, 128: 128},  # context rows (key features) one pass-1 program owns; < d re-reads V
-    "stages": (None, None),  # software-pipelining depth of pass 1 / pass 2 (None: Triton's default)
-    "maxnreg1": None,  # register cap per thread for pass 1 ({d: n}; None: the compiler's choice)
     # per head dim, a number or {d: value}
-    "programs_per_sm": {64: 2, 128: 1},  # pass 1 splits N until about this many programs per SM are busy
-    "dual": False,  # pass 1 runs two independent online-softmax chains per program (slower on H100)
+    "programs_per_sm": {64: 2, 128: 1},  # pass 1 splits N until about this many programs per SM are busy (one wave)
     "ones_l": {64: False, 128: True},  # pass 1 takes the softmax row sums from the tensor cores (p^T @ ones)
-    # pass 1 shifts each row by the max of its chunk's first tile and never rescales (no reduction across
-    # threads per tile); a chunk whose exponentials overflowed is redone with its own max
-    "fixed": True,
-    "sub": 0,  # > 0: pass 1 takes the max over SUB tiles first, then exponentiates them (two loops, K re-read from L2)
     "combine_rows": 4,  # context rows per program of the split combine
     "combine_tile": 16384,  # elements of the [partials, rows, d] tile the combine reads at once
-    "split_fill": True,  # split N only as far as one wave of programs fits (no partial second wave)
     "min_chunk": 512,  # fewest tokens one pass-1 program reduces before splitting N pays
 }
 
@@ -46,97 +37,48 @@ def _cfg(table, d):
 
 # ---------------------------------------------------------------------------------------------------
 # 1. efficient attention: out = softmax_d(q) @ (softmax_N(k + bias)^T v)   (NOTES.md section 1)
+#
+#    Pass 1, program (b*h, chunk): the d x d context softmax_N(k + bias)^T v of its chunk of tokens, with
+#    one fixed shift per context row (key feature) from the chunk's first tile (NOTES.md, session 6);
+#    a combine kernel merges the chunks' partials when N is split; pass 2: softmax_d(q) @ context.
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m, l, acc,
-             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, BLOCK_N: tl.constexpr):
-    # one BLOCK_N tile of pass 1: online softmax over N per context row (key feature), rescaled when
-    # the row max moves; with ONES_L the row sums come from the tensor cores (p^T @ ones) instead of a
-    # reduction across threads
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n < end
-    kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
-                 other=0.0).to(tl.float32)
-    vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-    if HAS_BIAS:
-        bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
-        kt = kt + bt[:, None]
-    kt = tl.where(nmask[:, None], kt, float("-inf"))
-    m_new = tl.maximum(m, tl.max(kt, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    p = tl.exp(kt - m_safe[None, :])
-    if IS_F32:
-        pt = tl.trans(p)
-        vd = vt.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(pt, vd, input_precision="ieee")
-    else:
-        pt = tl.trans(p.to(vt.dtype))
-        acc = acc * alpha[:, None] + tl.dot(pt, vt)
-    if ONES_L:
-        ones = tl.full([BLOCK_N, 16], 1.0, pt.dtype)
-        if IS_F32:
-            l = l * alpha[:, None] + tl.dot(pt, ones, input_precision="ieee")
-        else:
-            l = l * alpha[:, None] + tl.dot(pt, ones)
-    else:
-        l = l * alpha + tl.sum(p, 0)
-    return m_new, l, acc
-
-
-@triton.jit
-def _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS: tl.constexpr, DR: tl.constexpr,
+def _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_d, dmask, HAS_BIAS: tl.constexpr, DP: tl.constexpr,
              BLOCK_N: tl.constexpr):
-    # the max over tokens start..end-1 of each context row's key (+ bias): a K-only loop with an elementwise
-    # running max, reduced across threads once at the end (-inf where every key is -inf)
-    mt = tl.full([BLOCK_N, DR], float("-inf"), tl.float32)
+    # the shift of each context row: the max over tokens start..end-1 of its key (+ bias), 0 where every key is
+    # -inf; a K-only loop with an elementwise running max, reduced across threads once at the end
+    mt = tl.full([BLOCK_N, DP], float("-inf"), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                      other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
             bt = tl.load(bias_base + offs_n * sbn, mask=nmask, other=0.0).to(tl.float32)
             kt = kt + bt[:, None]
         mt = tl.maximum(mt, kt)
-    return tl.max(mt, 0)
+    m = tl.max(mt, 0)
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
-def _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m, l, acc,
-            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DR: tl.constexpr, BLOCK_N: tl.constexpr,
-            SUB: tl.constexpr, ONES_L: tl.constexpr):
-    # SUB tiles of pass 1 in two loops: the first reads K only and keeps an elementwise running max
-    # (no reduction across threads inside the loop), the second re-reads K (from L2: SUB tiles per
-    # program were just read) with V and adds exp(k - m) into the context with a fixed m. The max and
-    # the row sums are reduced across threads once per SUB tiles instead of once per tile, and the
-    # context is rescaled once per sub-chunk
-    sub_end = tl.minimum(c0 + SUB * BLOCK_N, end)
-    m_new = tl.maximum(m, _ea_kmax(k_base, bias_base, c0, sub_end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    l, acc = _ea_fixed(k_base, v_base, bias_base, c0, sub_end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                       m_safe, l * alpha, acc * alpha[:, None], HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
-    return m_new, l, acc
-
-
-@triton.jit
-def _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask, m0, l, acc,
-              HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, DR: tl.constexpr,
+def _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_d, dmask, m0,
+              HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, ONES_L: tl.constexpr, DP: tl.constexpr,
               BLOCK_N: tl.constexpr):
-    # pass 1 with one fixed shift per context row, m0 (the max of the chunk's first tile): the loop has
-    # no reduction across threads and no rescaling. The row sums come from the tensor cores (ONES_L) or
-    # an elementwise [BLOCK_N, DR] tile summed once at the end. exp(k - m0) may exceed the range of the
-    # product's input type when a later key is far above m0 (fp16: by more than 11); the caller checks
-    # the result for inf / NaN and then runs it again with the chunk's own max
+    # the row sums l and the context acc of tokens start..end-1 with one fixed shift per context row, m0:
+    # the loop has no reduction across threads and no rescaling. The row sums come from the tensor cores
+    # (ONES_L) or an elementwise [BLOCK_N, DP] tile summed once at the end. exp(k - m0) may exceed the range
+    # of the product's input type when a later key is far above m0 (fp16: by more than 11); the caller
+    # checks the result for inf / NaN and then runs it again with the chunk's own max
+    acc = tl.zeros([DP, DP], tl.float32)
     if ONES_L:
-        lt = tl.zeros([DR, 16], tl.float32)
+        lt = tl.zeros([DP, 16], tl.float32)
     else:
-        lt = tl.zeros([BLOCK_N, DR], tl.float32)
+        lt = tl.zeros([BLOCK_N, DP], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        kt = tl.load(k_base + offs_n[:, None] * skn + offs_r[None, :], mask=nmask[:, None] & rmask[None, :],
+        kt = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                      other=0.0).to(tl.float32)
         vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                      other=0.0)
@@ -158,9 +100,9 @@ def _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmas
         else:
             lt += p
     if ONES_L:
-        l = l + tl.max(lt, 1)  # every column holds the row sum
+        l = tl.max(lt, 1)  # every column holds the row sum
     else:
-        l = l + tl.sum(lt, 0)
+        l = tl.sum(lt, 0)
     return l, acc
 
 
@@ -169,80 +111,36 @@ def _ea_context(k_ptr, v_ptr, bias_ptr, ctx_ptr, part_ptr, m_ptr, l_ptr,
                 N, H, D, chunk, S,
                 skb, skh, skn, svb, svh, svn, sbb, sbn,
                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-                DR: tl.constexpr, BLOCK_N: tl.constexpr, DUAL: tl.constexpr, ONES_L: tl.constexpr,
-                SUB: tl.constexpr, FIXED: tl.constexpr):
-    # program (bh, s, r): tokens of chunk s, context rows r*DR..r*DR+DR-1 (key features; each row's
-    # softmax over N needs only its own K column, so rows split without extra K reads). DUAL: two
-    # independent (max, sum, context) chains over alternate tiles, merged at the end, so a program
-    # has two dependency chains in flight
+                BLOCK_N: tl.constexpr, ONES_L: tl.constexpr):
+    # program (bh, s): the context of the tokens of chunk s (all d context rows); SPLIT: stores the
+    # unnormalised partial with its shifts and row sums for _ea_combine
     bh = tl.program_id(0)
     s = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: batch strides of long inputs pass 2^31
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
-    offs_r = tl.program_id(2) * DR + tl.arange(0, DR)
-    rmask = offs_r < D
-    m = tl.full([DR], float("-inf"), tl.float32)
-    if ONES_L and SUB == 0 and not FIXED:
-        l = tl.zeros([DR, 16], tl.float32)
-    else:
-        l = tl.zeros([DR], tl.float32)
-    acc = tl.zeros([DR, DP], tl.float32)
     start = s * chunk
     end = tl.minimum(start + chunk, N)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
     bias_base = bias_ptr + b * sbb
-    if FIXED:  # one shift per row from the first tile (see _ea_fixed); the chunk's max if that overflowed
-        m0 = _ea_kmax(k_base, bias_base, start, tl.minimum(start + BLOCK_N, end), skn, sbn, offs_r, rmask,
-                      HAS_BIAS, DR, BLOCK_N)
-        m0 = tl.where(m0 == float("-inf"), 0.0, m0)
-        l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                           m0, l, acc, HAS_BIAS, IS_F32, ONES_L, DR, BLOCK_N)
-        bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
-        bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
-        if bad > 0:  # redo with the chunk's own max (a K-only pass): every exponential is then <= 1
-            m0 = _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_r, rmask, HAS_BIAS, DR, BLOCK_N)
-            m0 = tl.where(m0 == float("-inf"), 0.0, m0)
-            l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                               m0, tl.zeros([DR], tl.float32), tl.zeros([DR, DP], tl.float32), HAS_BIAS, IS_F32,
-                               ONES_L, DR, BLOCK_N)
-        m = m0
-    elif SUB > 0:  # two loops per SUB tiles (see _ea_sub); DUAL does not apply
-        for c0 in range(start, end, SUB * BLOCK_N):
-            m, l, acc = _ea_sub(k_base, v_base, bias_base, c0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                                m, l, acc, HAS_BIAS, IS_F32, DR, BLOCK_N, SUB, ONES_L)
-    elif DUAL:
-        m2 = tl.full([DR], float("-inf"), tl.float32)
-        l2 = tl.zeros_like(l)
-        acc2 = tl.zeros([DR, DP], tl.float32)
-        for n0 in range(start, end, 2 * BLOCK_N):
-            m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                                 m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
-            m2, l2, acc2 = _ea_tile(k_base, v_base, bias_base, n0 + BLOCK_N, end, skn, svn, sbn, offs_r, rmask,
-                                    offs_d, dmask, m2, l2, acc2, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
-        mx = tl.maximum(m, m2)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        a1 = tl.exp(m - mx_safe)
-        a2 = tl.exp(m2 - mx_safe)
-        acc = acc * a1[:, None] + acc2 * a2[:, None]
-        if ONES_L:
-            l = l * a1[:, None] + l2 * a2[:, None]
-        else:
-            l = l * a1 + l2 * a2
-        m = mx
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            m, l, acc = _ea_tile(k_base, v_base, bias_base, n0, end, skn, svn, sbn, offs_r, rmask, offs_d, dmask,
-                                 m, l, acc, HAS_BIAS, IS_F32, ONES_L, BLOCK_N)
-    if ONES_L and SUB == 0 and not FIXED:
-        l = tl.max(l, 1)  # every column holds the row sum
-    offs_2 = offs_r[:, None] * DP + offs_d[None, :]
+    # one shift per row from the first tile (see _ea_fixed); the chunk's max if that overflowed
+    m = _ea_kmax(k_base, bias_base, start, tl.minimum(start + BLOCK_N, end), skn, sbn, offs_d, dmask,
+                 HAS_BIAS, DP, BLOCK_N)
+    l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_d, dmask, m,
+                       HAS_BIAS, IS_F32, ONES_L, DP, BLOCK_N)
+    bad = tl.sum(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32))
+    bad += tl.sum(((l != l) | (l == float("inf"))).to(tl.int32))
+    if bad > 0:  # redo with the chunk's own max (a K-only pass): every exponential is then <= 1
+        m = _ea_kmax(k_base, bias_base, start, end, skn, sbn, offs_d, dmask, HAS_BIAS, DP, BLOCK_N)
+        l, acc = _ea_fixed(k_base, v_base, bias_base, start, end, skn, svn, sbn, offs_d, dmask, m,
+                           HAS_BIAS, IS_F32, ONES_L, DP, BLOCK_N)
+    offs_2 = offs_d[:, None] * DP + offs_d[None, :]
     if SPLIT:
         tl.store(part_ptr + (bh * S + s) * DP * DP + offs_2, acc)
-        tl.store(m_ptr + (bh * S + s) * DP + offs_r, m)
-        tl.store(l_ptr + (bh * S + s) * DP + offs_r, l)
+        tl.store(m_ptr + (bh * S + s) * DP + offs_d, m)
+        tl.store(l_ptr + (bh * S + s) * DP + offs_d, l)
     else:
         out = acc / tl.maximum(l, 1e-30)[:, None]
         tl.store(ctx_ptr + bh * DP * DP + offs_2, out.to(ctx_ptr.dtype.element_ty))
@@ -306,6 +204,8 @@ def _ea_apply(q_ptr, ctx_ptr, o_ptr, N, H, D,
 
 
 def efficient_attention(q, k, v, bias=None, split: int | None = None):
+    """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.efficient_attention``. ``split``:
+    chunks of N for pass 1 (None: enough for one wave of programs, chunks of at least ``min_chunk`` tokens)."""
     b, h, n, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -315,17 +215,11 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     bh = b * h
     bn1, w1 = _cfg(EA_CONFIG["pass1"], dp)
     bn2, w2 = _cfg(EA_CONFIG["pass2"], dp)
-    dr = min(_cfg(EA_CONFIG["rows1"], dp), dp)
-    st1, st2 = ({} if st is None else {"num_stages": st} for st in EA_CONFIG["stages"])
-    if _cfg(EA_CONFIG["maxnreg1"], dp) is not None and not _interpreted(_ea_context):
-        st1["maxnreg"] = _cfg(EA_CONFIG["maxnreg1"], dp)
     if dt == torch.float32:  # float32 products run on the FMA units: smaller tiles, or they spill
         bn1, bn2 = 32, 32
-    if split is None:
+    if split is None:  # split N only as far as one wave of pass-1 programs fits (no partial second wave)
         slots = _cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(q.device)
-        per = bh * (dp // dr)
-        want = max(1, slots // per) if EA_CONFIG["split_fill"] else triton.cdiv(slots, per)
-        split = max(1, min(want, n // EA_CONFIG["min_chunk"]))
+        split = max(1, min(max(1, slots // bh), n // EA_CONFIG["min_chunk"]))
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
     ctx = _alloc((bh, dp, dp), q.device, dt)
@@ -340,15 +234,11 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         lpart = _alloc((bh, split, dp), q.device, torch.float32)
     else:
         part = mpart = lpart = ctx
-    _ea_context[(bh, split, dp // dr)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
-                                       k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                                       sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
-                                       IS_F32=dt == torch.float32, DP=dp, DR=dr, BLOCK_N=bn1,
-                                       DUAL=bool(_cfg(EA_CONFIG["dual"], dp)),
-                                       ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)),
-                                       SUB=int(_cfg(EA_CONFIG["sub"], dp)) if dt != torch.float32 else 0,
-                                       FIXED=bool(_cfg(EA_CONFIG["fixed"], dp)),
-                                       num_warps=w1, **st1)
+    _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
+                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                             sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
+                             IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1,
+                             ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)), num_warps=w1)
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
         sc = max(1, min(_p2(split), EA_CONFIG["combine_tile"] // (rb * dp)))
@@ -358,8 +248,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
     _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
                                          out.stride(0), out.stride(1), out.stride(2),
-                                         IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2,
-                                         num_warps=w2, **st2)
+                                         IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2, num_warps=w2)
     return out
 
 
@@ -378,8 +267,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
 # number of 64-row tiles): 268 vs 287 us at N=197, 93 vs 99 at N=99, while at N=148 (3 tiles of 64
 # against 2 of 128) the 64-row tile wins, 174 vs 206 us (docs/gpu/profile_h100_run22_ea_split_ba.json;
 # every 6th token count 20-320 in profile_h100_run24_ba_tokens.json: the rule holds to N=257)
-BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "short_max": 320, "max_n": 1024,
-             "stages": None}  # software-pipelining depth of the key loop (None: Triton's default)
+BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "short_max": 320, "max_n": 1024}
 
 
 @triton.jit
@@ -438,6 +326,7 @@ def biased_attention_fits(n: int, d: int) -> bool:
 
 
 def biased_attention(q, k, v, bias=None):
+    """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``."""
     b, h, n, d = q.shape
     for t in (q, k, v):
         if t.stride(-1) != 1:
@@ -462,8 +351,7 @@ def biased_attention(q, k, v, bias=None):
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=warps, **({} if BA_CONFIG["stages"] is None
-                                                             else {"num_stages": BA_CONFIG["stages"]}))
+                                         num_warps=warps)
     return out
 
 

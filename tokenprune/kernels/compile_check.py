@@ -33,31 +33,26 @@ def _configs():
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
               "l_ptr": f32}
     out, sweep = [], []  # sweep: variants only scripts/gpu_profile.py tries (they may spill)
-    for dp, table in ((64, AT.EA_CONFIG), (128, AT.EA_CONFIG)):
-        bn1, w1 = table["pass1"][dp]
-        bn2, w2 = table["pass2"][dp]
-        dr, ones_l = AT._cfg(table["rows1"], dp), bool(AT._cfg(table["ones_l"], dp))
-        sub, fixed = int(AT._cfg(table["sub"], dp)), bool(AT._cfg(table["fixed"], dp))
+    ea = AT.EA_CONFIG
+    for dp in (64, 128):
+        bn1, w1 = ea["pass1"][dp]
+        bn2, w2 = ea["pass2"][dp]
+        ones_l = bool(AT._cfg(ea["ones_l"], dp))
         for split in (False, True):
-            out.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, DR=dr, BLOCK_N=bn1,
-                                                     DUAL=False, ONES_L=ones_l, SUB=sub, FIXED=fixed), w1))
-        # the fixed-shift pass-1 variants (gpu_profile --ea-fixed sweeps them)
+            out.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, BLOCK_N=bn1,
+                                                     ONES_L=ones_l), w1))
+        # other pass-1 tiles and row sums (gpu_profile --ea-fixed sweeps them)
         for bn, ol, w in (((128, False, 4), (64, False, 4), (64, True, 4), (128, True, 8)) if dp == 64 else
                           ((64, True, 8), (64, False, 8), (32, True, 8), (32, False, 8))):
-            sweep.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp, DR=dp,
-                                                       BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=0, FIXED=True), w))
-        for bn, dr_, ol, w in ((64, dp, False, 4), (64, dp, True, 4), (128, dp, True, 8), (64, dp, True, 8),
-                               (64, 64, True, 4)):  # the max-first pass-1 variant (gpu_profile sweeps it)
             sweep.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp,
-                                                       DR=min(dr_, dp), BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=4,
-                                                      FIXED=False), w))
+                                                       BLOCK_N=bn, ONES_L=ol), w))
         out.append((AT._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
-                    dict(DP=dp, SP=32, RB=AT.EA_CONFIG["combine_rows"],
-                         SC=AT.EA_CONFIG["combine_tile"] // (AT.EA_CONFIG["combine_rows"] * dp)), 4))
-        out.append((AT._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
+                    dict(DP=dp, SP=32, RB=ea["combine_rows"],
+                         SC=ea["combine_tile"] // (ea["combine_rows"] * dp)), 4))
+        out.append((AT._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2),
+                    w2))
     out.append((AT._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
-                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False,
-                     SUB=0, FIXED=False), 8))
+                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, BLOCK_N=32, ONES_L=False), 8))
     for short in ("short", "long"):
         bm, bn, w = AT.BA_CONFIG[short]
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
@@ -79,7 +74,7 @@ def _configs():
                     dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
     for np_, w in ((256, 4), (1024, 8)):
         out.append((KP._keep_step, {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
-                                   "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
+                                    "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
                     dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, NP=np_, PP=1, BT=16 if np_ >= 512 else 32,
                          RT=64, BC=KP.KEEP_STEP_BC, BS=256), w))
     for lowp in (True, False):
