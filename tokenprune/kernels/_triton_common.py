@@ -1,8 +1,9 @@
 """What the Triton kernel modules share: buffer allocation, sizes, launch settings, and the small
-``@triton.jit`` helpers several kernels inline (ranking, token rows and sizes, the source map).
+``@triton.jit`` helpers several kernels inline (ranking, token rows and sizes, the source map, the running
+argmax over column tiles).
 
 The kernels themselves live by op family: ``attention.py`` (linear and key-bias attention), ``scores.py``
-(one query row), ``merge.py`` (ToMe: matching, merged rows, the merge step, row gather), ``select.py``
+(one query row), ``merge.py`` (ToMe: matching, merged rows, the merge step, row gather), ``keep.py``
 (keep the k best) and ``apet.py`` (ApET: errors, Gram matrix, stage, assignment, merge). Each launcher has
 the signature and outputs of its PyTorch reference in ``reference.py``; NOTES.md counts their bytes and FLOPs.
 These modules import ``triton`` at import time: the package imports them lazily (``kernels._impl``).
@@ -106,3 +107,28 @@ def _exact_lowp(dtype, max_size) -> bool:
     size-weighted sums may take tensor-core products in the token dtype."""
     return (dtype == torch.float16 and max_size <= 2048) or (dtype == torch.bfloat16 and max_size <= 256)
 
+
+def _key_bias(bias, b: int, n: int, dummy):
+    """The ``[B, 1, 1, N]`` key bias as ``(tensor, batch stride, token stride)`` for a kernel, broadcast over
+    the batch if given for one sample; without a bias ``dummy`` (any tensor, never read) and zero strides."""
+    if bias is None:
+        return dummy, 0, 0
+    bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
+    return (bias2, *bias2.stride())
+
+
+def _require_contiguous_head_dim(name: str, *tensors) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} kernel: the head dim must be contiguous")
+
+
+@triton.jit
+def _argmax_update(vals, cols, best, arg):
+    # running argmax over column tiles: the max of each row of ``vals`` [rows, cols] and its first column
+    # (ties: the lowest index, as torch.max / argmax), kept where it beats ``best`` strictly (an earlier
+    # tile keeps a tie)
+    tmax = tl.max(vals, 1)
+    targ = tl.min(tl.where(vals == tmax[:, None], cols[None, :], 2147483647), 1)
+    better = tmax > best
+    return tl.where(better, tmax, best), tl.where(better, targ, arg)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _column_groups, _copy_prefix, _exact_lowp, _p2,
+from ._triton_common import (_alloc, _argmax_update, _column_groups, _copy_prefix, _exact_lowp, _p2,
                              _sizes_at)
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,11 +248,7 @@ def _apet_assign(g_ptr, keep_ptr, t_ptr, N, KN, sgb, sgn, BM: tl.constexpr, BK: 
         gt = tl.load(gb + ri[:, None] * sgn + kj[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
         cos = gt * invi[:, None] * invj[None, :]
         cos = tl.where(jm[None, :], cos, float("-inf"))
-        tmax = tl.max(cos, 1)
-        targ = tl.min(tl.where(cos == tmax[:, None], sj[None, :], 2147483647), 1)
-        better = tmax > best  # strict: an earlier tile keeps a tie
-        arg = tl.where(better, targ, arg)
-        best = tl.where(better, tmax, best)
+        best, arg = _argmax_update(cos, sj, best, arg)  # ties: the lowest slot
         own = tl.maximum(own, tl.max(tl.where((kj[None, :] == ri[:, None]) & jm[None, :], sj[None, :], -1), 1))
     arg = tl.where(own >= 0, own, arg)
     tl.store(t_ptr + b * N + ri, arg.to(tl.int64), mask=rm)

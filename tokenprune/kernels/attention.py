@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _num_sms, _p2
+from ._triton_common import _alloc, _key_bias, _num_sms, _p2, _require_contiguous_head_dim
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -207,9 +207,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.efficient_attention``. ``split``:
     chunks of N for pass 1 (None: enough for one wave of programs, chunks of at least ``min_chunk`` tokens)."""
     b, h, n, d = q.shape
-    for t in (q, k, v):
-        if t.stride(-1) != 1:
-            raise ValueError("efficient_attention kernel: the head dim must be contiguous")
+    _require_contiguous_head_dim("efficient_attention", q, k, v)
     dp = max(16, _p2(d))
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     bh = b * h
@@ -223,11 +221,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
     split = triton.cdiv(n, chunk)
     ctx = _alloc((bh, dp, dp), q.device, dt)
-    if bias is not None:
-        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
-        sbb, sbn = bias2.stride()
-    else:
-        bias2, sbb, sbn = k, 0, 0
+    bias2, sbb, sbn = _key_bias(bias, b, n, k)
     if split > 1:
         part = _alloc((bh, split, dp, dp), q.device, torch.float32)
         mpart = _alloc((bh, split, dp), q.device, torch.float32)
@@ -328,16 +322,10 @@ def biased_attention_fits(n: int, d: int) -> bool:
 def biased_attention(q, k, v, bias=None):
     """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``."""
     b, h, n, d = q.shape
-    for t in (q, k, v):
-        if t.stride(-1) != 1:
-            raise ValueError("biased_attention kernel: the head dim must be contiguous")
+    _require_contiguous_head_dim("biased_attention", q, k, v)
     dp = max(16, _p2(d))
     is_f32 = q.dtype == torch.float32
-    if bias is not None:
-        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
-        sbb, sbn = bias2.stride()
-    else:
-        bias2, sbb, sbn = k, 0, 0
+    bias2, sbb, sbn = _key_bias(bias, b, n, k)
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
     if dp <= 64 and n <= BA_CONFIG["short_max"] and BA_CONFIG.get("wide") and triton.cdiv(n, bm) % 2 == 0:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _column_groups, _compose_source, _copy_prefix, _exact_lowp,
+from ._triton_common import (_alloc, _argmax_update, _column_groups, _compose_source, _copy_prefix, _exact_lowp,
                              _interpreted, _num_sms, _p2, _rank_desc, _sizes_at, _tokens_at)
 
 
@@ -20,6 +20,19 @@ def _unit_rows(t):
     tf = t.to(tl.float32)
     nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
     return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
+
+
+@triton.jit
+def _cosine_tile(an, bt, IS_F32: tl.constexpr):
+    # cosine similarities [A rows, B rows] of the unit rows ``an`` with the rows ``bt`` (normalised here), in
+    # float32 rounded to the metric's dtype like the reference's matmul (float32: IEEE products, no tf32, so
+    # the same partners as the float32 reference)
+    bn_ = _unit_rows(bt)
+    if IS_F32:
+        sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
+    else:
+        sim = tl.dot(an, tl.trans(bn_)).to(bt.dtype).to(tl.float32)
+    return sim
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -44,22 +57,12 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
         bmask = offs_b < NB
         bt = tl.load(base + (2 * offs_b + 1)[:, None] * smn + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
                      other=0.0)
-        bn_ = _unit_rows(bt)
-        if IS_F32:  # no tf32: the same partners as the float32 reference
-            sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
-        else:
-            sim = tl.dot(an, tl.trans(bn_)).to(a.dtype).to(tl.float32)  # rounded like the reference's matmul
+        sim = _cosine_tile(an, bt, IS_F32)
         ok = bmask
         if HAS_VALID:
             ok = ok & (tl.load(vb_ptr + b * svb + offs_b, mask=bmask, other=0) != 0)
         sim = tl.where(ok[None, :], sim, float("-inf"))
-        tmax = tl.max(sim, 1)
-        # first column reaching the tile max (ties: the lowest index, as torch.max on the reference)
-        cols = tl.where(sim == tmax[:, None], offs_b[None, :], 2147483647)
-        targ = tl.min(cols, 1)
-        better = tmax > best
-        arg = tl.where(better, targ, arg)
-        best = tl.where(better, tmax, best)
+        best, arg = _argmax_update(sim, offs_b, best, arg)  # ties: the lowest index, as torch.max
     tl.store(best_ptr + b * NA + offs_a, best, mask=amask)
     tl.store(idx_ptr + b * NA + offs_a, arg.to(tl.int64), mask=amask)
 
@@ -184,20 +187,12 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
         tm = offs_t < NB
         mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
                      mask=tm[:, None] & dm[None, :], other=0.0)
-        tn = _unit_rows(mt)
-        if IS_F32:
-            sim = tl.dot(an, tl.trans(tn), input_precision="ieee")
-        else:
-            sim = tl.dot(an, tl.trans(tn)).to(ma.dtype).to(tl.float32)
+        sim = _cosine_tile(an, mt, IS_F32)
         okt = tm
         if PADDED:
             okt = okt & (tl.load(s_ptr + b * ssb + P + 2 * offs_t + 1, mask=tm, other=0.0) > 0)
         sim = tl.where(okt[None, :], sim, float("-inf"))
-        tmax = tl.max(sim, 1)
-        targ = tl.min(tl.where(sim == tmax[:, None], offs_t[None, :], 2147483647), 1)
-        better = tmax > best
-        arg = tl.where(better, targ, arg)
-        best = tl.where(better, tmax, best)
+        best, arg = _argmax_update(sim, offs_t, best, arg)
     if PADDED:
         best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
     # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted

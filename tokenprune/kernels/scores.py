@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _p2
+from ._triton_common import _alloc, _key_bias, _p2, _require_contiguous_head_dim
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -77,19 +77,14 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     """``q_row [B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.query_scores``.
     ``block_n``: keys per program (None: from ``QS_CONFIG``)."""
     b, h, n, d = k.shape
-    if k.stride(-1) != 1 or q_row.stride(-1) != 1:
-        raise ValueError("query_scores kernel: the head dim must be contiguous")
+    _require_contiguous_head_dim("query_scores", q_row, k)
     dp = _p2(d)
     block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
     nb = triton.cdiv(n, block_n)
     lg = _alloc((b, h, n), k.device, torch.float32)
     pm = _alloc((b, h, nb), k.device, torch.float32)
     ps = _alloc((b, h, nb), k.device, torch.float32)
-    if bias is not None:
-        bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
-        sbb, sbn = bias2.stride()
-    else:
-        bias2, sbb, sbn = k, 0, 0
+    bias2, sbb, sbn = _key_bias(bias, b, n, k)
     _qs_logits[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
                            q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
                            HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
