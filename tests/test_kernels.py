@@ -1,15 +1,17 @@
 """Triton kernels vs their PyTorch references, run by Triton's interpreter on CPU.
 
 ``TRITON_INTERPRET=1`` must be set before the kernels are decorated (triton reads
-it when ``@triton.jit`` runs), so it is set here before ``triton_impl`` is
-imported; a copy imported earlier without it is reloaded. Outputs are poisoned
-(NaN / -7) before every launch, so an unwritten element fails the check.
+it when ``@triton.jit`` runs), so it is set here before the kernel modules
+(``tokenprune.kernels.attention``, ``merge``, ...) are imported; copies imported
+earlier without it are reloaded. Outputs are poisoned (NaN / -7) before every
+launch, so an unwritten element fails the check.
 The interpreter has no bfloat16 matrix product, so bf16 is checked on the GPU only
 (scripts/gpu_kernels.py).
 """
 import importlib
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -22,15 +24,19 @@ from tokenprune.kernels import reference as R  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
+FAMILIES = ("attention", "scores", "merge", "keep", "apet")
+
+
 @pytest.fixture(scope="module")
 def T():
-    mod = sys.modules.get("tokenprune.kernels.triton_impl")
-    mod = importlib.import_module("tokenprune.kernels.triton_impl") if mod is None else mod
-    if type(mod._ea_apply).__name__ != "InterpretedFunction":
-        mod = importlib.reload(mod)
-    mod.POISON = True
-    yield mod
-    mod.POISON = False
+    """The Triton kernel modules, interpreted, as the namespace ``kernels._impl()`` returns (``T.merge.merge_step``)."""
+    mods = {name: importlib.import_module(f"tokenprune.kernels.{name}") for name in ("_triton_common",) + FAMILIES}
+    if type(mods["attention"]._ea_apply).__name__ != "InterpretedFunction":  # imported before TRITON_INTERPRET
+        mods = {name: importlib.reload(mod) for name, mod in mods.items()}  # the shared helpers first
+    common = mods.pop("_triton_common")
+    common.POISON = True
+    yield types.SimpleNamespace(**mods)
+    common.POISON = False
 
 
 def rel(out, ref):
@@ -54,7 +60,12 @@ def size_bias(b, n, g, dtype, masked=True):
     return s.log()[:, None, None, :].to(dtype)
 
 
-# -- 1. efficient attention -------------------------------------------------------------------
+def _use_interpreted(monkeypatch, T):
+    monkeypatch.setattr(kernels, "use_triton", lambda *ts: not kernels.needs_grad(ts))  # any device
+    monkeypatch.setattr(kernels, "_impl", lambda: T)
+
+
+# -- 1. attention (kernels/attention.py): linear attention, key-bias attention -------------------------------
 @pytest.mark.parametrize("shape,dtype,bias,split", [
     ((1, 2, 37, 16), torch.float16, False, None),
     ((2, 1, 100, 32), torch.float16, True, 3),  # N split over 3 programs + combine
@@ -65,39 +76,42 @@ def test_efficient_attention(T, shape, dtype, bias, split):
     g = gen(1)
     q, k, v = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
     bb = size_bias(shape[0], shape[2], g, dtype) if bias else None
-    out = T.efficient_attention(q, k, v, bb, split=split)
+    out = T.attention.efficient_attention(q, k, v, bb, split=split)
     ref = R.efficient_attention(q.double(), k.double(), v.double(), None if bb is None else bb.double())
     assert out.shape == q.shape and out.dtype == dtype
     assert rel(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("rows,split,dual,ones_l,sub,fixed,dtype", [
-    (16, 1, False, False, 0, False, torch.float16), (16, 3, False, False, 0, False, torch.float16),
-    (64, 1, True, False, 0, False, torch.float16), (16, 3, True, True, 0, False, torch.float16),
-    (64, 2, False, True, 0, False, torch.float32),
-    (64, 1, False, False, 2, False, torch.float16), (16, 3, False, True, 3, False, torch.float16),
-    (64, 1, False, False, 0, True, torch.float16), (16, 3, False, True, 0, True, torch.float16),
-    (64, 1, False, False, 0, True, torch.float32),
+@pytest.mark.parametrize("split,ones_l,dtype", [
+    (1, False, torch.float16), (3, True, torch.float16), (1, False, torch.float32), (2, True, torch.float32),
 ])
-def test_efficient_attention_pass1_variants(T, monkeypatch, rows, split, dual, ones_l, sub, fixed, dtype):
-    """Pass-1 variants: ``rows`` of the d x d context per program (the d=128 configuration), two
-    interleaved online-softmax chains (``dual``), row sums from a product with ones (``ones_l``),
-    max first then exponentials over ``sub`` tiles at a time (``sub``), one fixed shift per row from
-    the first tile with the online loop as the fallback when that overflows (``fixed``: the jump
-    below overflows float16 and float32 exponentials, the other heads stay on the fixed shift)."""
-    monkeypatch.setitem(T.EA_CONFIG, "rows1", {64: rows, 128: rows})
-    monkeypatch.setitem(T.EA_CONFIG, "dual", dual)
-    monkeypatch.setitem(T.EA_CONFIG, "ones_l", ones_l)
-    monkeypatch.setitem(T.EA_CONFIG, "sub", sub)
-    monkeypatch.setitem(T.EA_CONFIG, "fixed", fixed)
-    monkeypatch.setitem(T.EA_CONFIG, "pass1", {64: (16, 4), 128: (16, 4)})  # several tiles per chunk
+def test_efficient_attention_fixed_shift_redo(T, monkeypatch, split, ones_l, dtype):
+    """Pass 1 keeps one fixed shift per context row from each chunk's first tile; a chunk whose exponentials
+    overflow (the late jump below overflows float16 and float32 exponentials; the other heads stay on the fixed
+    shift) is redone with its own max. Row sums as a tile or from a product with ones (``ones_l``)."""
+    monkeypatch.setitem(T.attention.EA_CONFIG, "ones_l", ones_l)
+    monkeypatch.setitem(T.attention.EA_CONFIG, "pass1", {64: (16, 4), 128: (16, 4)})  # several tiles per chunk
     g = gen(3)
     q, k, v = [torch.randn(2, 2, 90, 40, generator=g).to(dtype) for _ in range(3)]  # d=40 -> 64 padded
-    k[0, 0, 85:] += 30 if dtype == torch.float16 else 100  # a late jump of the running max: the rescaling must follow it
+    k[0, 0, 85:] += 30 if dtype == torch.float16 else 100  # far above the first tile's max
     bb = size_bias(2, 90, g, dtype)
-    out = T.efficient_attention(q, k, v, bb, split=split)
+    out = T.attention.efficient_attention(q, k, v, bb, split=split)
     ref = R.efficient_attention(q.double(), k.double(), v.double(), bb.double())
     assert rel(out, ref) < tol(dtype)
+
+
+def test_efficient_attention_all_keys_masked_gives_zeros(T):
+    """A sample whose keys are all masked (bias -inf): a zero context, so zero rows, in the kernel and in the
+    reference (not NaN), split over chunks or not."""
+    g = gen(5)
+    q, k, v = [torch.randn(2, 2, 40, 16, generator=g) for _ in range(3)]
+    bb = size_bias(2, 40, g, torch.float32)
+    bb[1] = float("-inf")
+    ref = R.efficient_attention(q, k, v, bb)
+    assert torch.equal(ref[1], torch.zeros_like(ref[1])) and torch.isfinite(ref).all()
+    for split in (1, 2):
+        out = T.attention.efficient_attention(q, k, v, bb, split=split)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and rel(out[0], ref[0]) < 1e-5
 
 
 def test_efficient_attention_strided_input_matches_reducer(T):
@@ -109,11 +123,10 @@ def test_efficient_attention_strided_input_matches_reducer(T):
     qkv = torch.randn(b, n, 3, h, d, generator=g).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     bb = size_bias(b, n, g, torch.float32, masked=False)
-    out = T.efficient_attention(q, k, v, bb, split=2)
+    out = T.attention.efficient_attention(q, k, v, bb, split=2)
     assert rel(out, maelre_ea(q, k, v, bb)) < 1e-5
 
 
-# -- 1b. softmax attention with a key bias ----------------------------------------------------------
 @pytest.mark.parametrize("shape,dtype,bias", [
     ((2, 3, 37, 16), torch.float16, True),  # one key tile, padding keys (log 0 = -inf)
     ((1, 2, 150, 64), torch.float16, True),  # several key and query tiles, a partial last tile
@@ -125,7 +138,7 @@ def test_biased_attention(T, shape, dtype, bias):
     g = gen(4)
     q, k, v = [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
     bb = size_bias(shape[0], shape[2], g, dtype) if bias else None
-    out = T.biased_attention(q, k, v, bb)
+    out = T.attention.biased_attention(q, k, v, bb)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                            attn_mask=None if bb is None else bb.double())
     assert out.shape == q.shape and out.dtype == dtype
@@ -137,8 +150,8 @@ def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, t
     """Logits that grow key tile after key tile (so the running max moves, far for some rows and little
     for others), the first key tile masked for one sample, and a sample with every key masked (zeros,
     as SDPA gives there since torch 2.5): the accumulator rescaling matches SDPA."""
-    monkeypatch.setitem(T.BA_CONFIG, "short", tiles)
-    monkeypatch.setitem(T.BA_CONFIG, "wide", None)
+    monkeypatch.setitem(T.attention.BA_CONFIG, "short", tiles)
+    monkeypatch.setitem(T.attention.BA_CONFIG, "wide", None)
     g = gen(23)
     b, h, n, d = 3, 2, 150, 64
     q = torch.randn(b, h, n, d, generator=g)
@@ -151,7 +164,7 @@ def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, t
     bias[0, 100:] = 3.0
     q, k, v = q.half(), k.half(), v.half()
     bb = bias[:, None, None, :].half()
-    out = T.biased_attention(q, k, v, bb)
+    out = T.attention.biased_attention(q, k, v, bb)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                                            attn_mask=bb.double())
     assert torch.equal(ref[2], torch.zeros_like(ref[2])) and torch.equal(out[2].double(), ref[2])
@@ -159,8 +172,8 @@ def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, t
 
 
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
-    """A merged (sized) timm forward routes its biased blocks through the kernel, and gives the
-    logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
+    """A merged (sized) timm forward routes its biased blocks through the kernel from BA_MIN_BATCH_EAGER samples
+    on (eager), and gives the logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
     import tokenprune
     from conftest import tiny_vit
 
@@ -171,8 +184,12 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
         ref = model(x)
     calls = []
     _use_interpreted(monkeypatch, T)
-    real = T.biased_attention
-    monkeypatch.setattr(T, "biased_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = T.attention.biased_attention
+    monkeypatch.setattr(T.attention, "biased_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    with torch.no_grad():
+        model(x)
+    assert not calls, "batch 2 < BA_MIN_BATCH_EAGER: eager keeps SDPA"
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
     with torch.no_grad():
         out = model(x)
     assert calls, "the biased kernel never ran"
@@ -183,7 +200,7 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     assert all(blk.attn.qkv.weight.grad is not None for blk in model.blocks)
 
 
-# -- 2. query-row scores ------------------------------------------------------------------------
+# -- 2. query-row scores (kernels/scores.py) -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", [None, "full", "per_head"])
 @pytest.mark.parametrize("long", [False, True])  # the block size of long inputs (QS_CONFIG)
@@ -194,18 +211,26 @@ def test_query_scores(T, dtype, weights, long, monkeypatch):
     k = torch.randn(b, h, n, d, generator=g).to(dtype)
     bb = size_bias(b, n, g, dtype)
     w = {None: None, "full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}[weights]
-    monkeypatch.setitem(T.QS_CONFIG, "short", 64)
-    monkeypatch.setitem(T.QS_CONFIG, "long", 32)
-    monkeypatch.setitem(T.QS_CONFIG, "long_n", 100 if long else 1 << 30)  # N=150: long-input branch or not
+    monkeypatch.setitem(T.scores.QS_CONFIG, "short", 64)
+    monkeypatch.setitem(T.scores.QS_CONFIG, "long", 32)
+    monkeypatch.setitem(T.scores.QS_CONFIG, "long_n", 100 if long else 1 << 30)  # N=150: long-input branch or not
     for bias in (None, bb):
-        out = T.query_scores(q[:, :, 0], k, 0.2, bias, w)
+        out = T.scores.query_scores(q[:, :, 0], k, 0.2, bias, w)
         ref = R.query_scores(q[:, :, 0].double(), k.double(), 0.2, None if bias is None else bias.double(),
                              None if w is None else w.double())
         assert out.shape == (b, n) and out.dtype == torch.float32
         assert rel(out, ref) < 1e-5
 
 
-# -- 3. bipartite matching and merge rows ------------------------------------------------------------
+def test_query_attention_dispatch(T, monkeypatch):
+    g = gen(8)
+    q, k = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)
+    ref = ops.query_attention(q, k, 0.25, query=0)
+    _use_interpreted(monkeypatch, T)
+    assert rel(ops.query_attention(q, k, 0.25, query=0), ref) < 1e-5
+
+
+# -- 3. ToMe merging (kernels/merge.py): matching, merged rows, row gather, merge step -----------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n", [7, 50, 161])
 def test_bipartite_best_same_partners(T, dtype, n):
@@ -213,7 +238,7 @@ def test_bipartite_best_same_partners(T, dtype, n):
     metric = torch.randn(2, n + 1, 20, generator=g).to(dtype)[:, 1:]  # a strided view, like metric[:, p:]
     valid_b = torch.rand(2, n // 2, generator=g) > 0.2
     for vb in (None, valid_b):
-        best, idx = T.bipartite_best(metric, vb)
+        best, idx = T.merge.bipartite_best(metric, vb)
         rbest, ridx = R.bipartite_best(metric, vb)
         assert best.dtype == rbest.dtype
         assert torch.equal(idx, ridx)
@@ -230,14 +255,35 @@ def test_merge_rows(T, dtype):
     members = torch.stack([torch.randperm(t, generator=g)[:9] for _ in range(b)])
     owner = torch.randint(0, 12, (b, 9), generator=g)
     for sz in (None, sizes):
-        out = T.merge_rows(x, sz, prim, members, owner)
+        out = T.merge.merge_rows(x, sz, prim, members, owner)
         ref = R.merge_rows(x.double(), None if sz is None else sz.double(), prim, members, owner)
         assert rel(out, ref) < tol(dtype)
 
 
-def _use_interpreted(monkeypatch, T):
-    monkeypatch.setattr(kernels, "use_triton", lambda *ts: not kernels.needs_grad(ts))  # any device
-    monkeypatch.setattr(kernels, "_impl", lambda: T)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_rows_members_only_and_gather(T, dtype):
+    g = gen(10)
+    b, t, c = 2, 25, 1100  # C over one 1024-wide column block
+    x = torch.randn(b, t, c, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (b, t), generator=g).float()
+    prim = torch.stack([torch.randperm(t, generator=g)[:8] for _ in range(b)])
+    members = torch.arange(t).expand(b, t)
+    owner = torch.randint(0, 8, (b, t), generator=g)
+    out = T.merge.merge_rows(x, sizes, prim, members, owner, include_prim=False)
+    ref = R.merge_rows(x.double(), sizes.double(), prim, members, owner, include_prim=False)
+    assert rel(out, ref) < tol(dtype)
+    rows = torch.stack([torch.randperm(t, generator=g)[:11] for _ in range(b)])
+    assert torch.equal(T.merge.gather_rows(x, rows), R.gather_rows(x, rows))
+
+
+def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
+    g = gen(11)
+    x = torch.randn(2, 1 + 30, 24, generator=g)
+    keep = torch.stack([torch.randperm(30, generator=g)[:12].sort().values for _ in range(2)])
+    ref = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
+    _use_interpreted(monkeypatch, T)
+    out = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
+    assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
@@ -247,10 +293,10 @@ def _use_interpreted(monkeypatch, T):
 def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, dtype, one_launch):
     """ops.bipartite_merge through the kernels (one-launch merge_step, its two-launch large-batch form,
     or matching + merge_rows) gives the same tokens, sizes and source map as its PyTorch path."""
-    monkeypatch.setattr(T, "MERGE_STEP_MAX_A", 0 if one_launch is False else 128)
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if one_launch is False else 128)
     # gather (large batches): matching with a row map, then whole rows copied (4 rows, 16 columns at a
     # time: 2 tiles) and the B rows that receive merged tokens computed (16 columns per program)
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16}
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16}
                         if one_launch == "gather" else None)
     g = gen(6)
     b, p, n, c = 2, 1, 21, 32
@@ -289,7 +335,7 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
 def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
     sample's column tiles split over several programs (small batches), unevenly where they do not divide."""
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4,
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4,
                                                 "fbc": 32, "fbc_many": 64} if split else None)
     g = gen(13)
     x = torch.randn(b, p + n, c, generator=g).half()
@@ -308,14 +354,14 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
     becomes holds that token's row; the B rows that receive merged tokens hold -1, so the copy programs
     skip them and only the fix-up programs write them (on a GPU the two run concurrently). Checked
     against the PyTorch path's source map: an output row with several input tokens is a merged one."""
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
     g = gen(17)
     b = 2
     x = torch.randn(b, p + n, 24, generator=g).half()
     metric = torch.randn(b, p + n, 16, generator=g).half()
     ref = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
     maps = []
-    real = T._merge_gather
+    real = T.merge._merge_gather
 
     class Spy:  # records the real row map, then runs the real kernel
         def __getitem__(self, grid):
@@ -323,7 +369,7 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
                 maps.append(args[4].clone())  # x, y, sizes, mt, rows
                 return real[grid](*args, **kw)
             return call
-    monkeypatch.setattr(T, "_merge_gather", Spy())
+    monkeypatch.setattr(T.merge, "_merge_gather", Spy())
     _use_interpreted(monkeypatch, T)
     out = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
     assert len(maps) == 1 and torch.equal(out.source, ref.source)
@@ -347,7 +393,7 @@ def test_merge_step_with_deferred_residual_equals_merge_of_the_sum(T, monkeypatc
     """The tokens handed over as x + y (a block's last residual add left to the merge): the row gather
     (copied rows and the merged B rows, r > 32 with the wide fix-up) and the one-launch kernel (prefix, kept A
     and B rows) give exactly what merging the stored sum gives, padding and sizes included."""
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", None if split is None else
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", None if split is None else
                         {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4, "fbc": 16, "fbc_many": 32})
     g = gen(19)
     b, p, n, c = 2, 1, 91, 40
@@ -372,6 +418,30 @@ def test_merge_step_with_deferred_residual_equals_merge_of_the_sum(T, monkeypatc
         kernels.merge_step(x, metric, None, None, p, r, False, residual=y[:, 1:])
 
 
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_merge_forward_with_row_gather_and_deferred_residual(T, monkeypatch, fuse):
+    """A reduced timm ViT with LayerScale through the large-batch merge (row gather), with each merged block's
+    last residual add left to the gather or not, gives the PyTorch path's logits; timm's blocks keep their class."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    monkeypatch.setattr(tokenprune.engine, "_FUSE", fuse == "1")
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
+    model = tiny_vit(init_values=0.5)
+    cls0 = type(model.blocks[0])
+    x = torch.randn(2, 3, 32, 32, generator=gen(21))
+    tokenprune.apply(model, budget=0.25, method="merge")
+    assert type(model.blocks[0]) is cls0
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        out = model(x)
+    assert rel(out, ref) < 1e-4
+    tokenprune.remove(model)
+    assert type(model.blocks[0]) is cls0
+
+
+# -- 4. keep the k best (kernels/keep.py) --------------------------------------------------------------------
 @pytest.mark.parametrize("p,n,k,b,c,sizes,source", [
     (1, 196, 49, 1, 100, False, True),  # one sample: columns split over programs, source tracked
     (0, 37, 10, 3, 64, True, False),  # no prefix, sizes, no source
@@ -415,28 +485,19 @@ def test_topk_sorted_kernel_ties_and_infinities(T, monkeypatch):
     assert kernels.topk_sorted(s, 6).tolist() == [[0, 1, 2, 4, 5, 6]]
 
 
-def test_query_attention_dispatch(T, monkeypatch):
-    g = gen(8)
-    q, k = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)
-    ref = ops.query_attention(q, k, 0.25, query=0)
-    _use_interpreted(monkeypatch, T)
-    assert rel(ops.query_attention(q, k, 0.25, query=0), ref) < 1e-5
-
-
-# -- 4. ApET reconstruction error -------------------------------------------------------------------
+# -- 5. ApET (kernels/apet.py): errors, Gram stage, assignment, merge ----------------------------------------
 @pytest.mark.parametrize("n,c,k", [(70, 40, 5), (33, 96, 10)])
 def test_apet_errors(T, n, c, k):
     g = gen(9)
     x = torch.randn(2, n, c, generator=g).half()
     basis = x[:, :k].clone() + 0.1 * torch.randn(2, k, c, generator=g).half()
-    out = T.apet_errors(x, basis)
+    out = T.apet.apet_errors(x, basis)
     ref = R.apet_errors(x.double(), basis.double())
     assert rel(out, ref) < 1e-5
     from tokenprune.reducers.apet import reconstruction_error
     assert rel(out, reconstruction_error(x, basis)) < 1e-5
 
 
-# -- 5. ApET stage from the Gram matrix -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("n,c", [(37, 50), (100, 70)])
 def test_gram(T, dtype, n, c):
@@ -445,7 +506,7 @@ def test_gram(T, dtype, n, c):
     assert not x.is_contiguous()
     xt = torch.randn(2, c, n, generator=g).to(dtype).transpose(1, 2)  # feature stride != 1
     for xx in (x, xt):
-        gk, sq = T.gram(xx)
+        gk, sq = T.apet.gram(xx)
         ref = xx.double() @ xx.double().transpose(1, 2)
         assert gk.dtype == torch.float32 and gk.shape == (2, n, n)
         assert rel(gk, ref) < 1e-6
@@ -479,7 +540,7 @@ def test_apet_stage(T, k, padding):
     b, n, c = 2, 45, 24
     x, valid = separated(b, n, c, gen(21 + k), padding)
     g64 = x.double() @ x.double().transpose(1, 2)
-    basis, err = T.apet_stage(g64.float(), valid, k)
+    basis, err = T.apet.apet_stage(g64.float(), valid, k)
     rbasis, rerr = R.apet_stage(g64, valid, k)
     assert basis.dtype == torch.long and basis.shape == (b, k) and err.shape == (b, n)
     assert torch.equal(basis, rbasis)
@@ -504,8 +565,8 @@ def test_apet_stage_through_gram_kernel(T):
     b, n, c, k = 2, 60, 40, 10
     x, valid = separated(b, n, c, gen(25), True)
     x = x.half()
-    gk, _ = T.gram(x[:, :])
-    basis, err = T.apet_stage(gk, valid, k)
+    gk, _ = T.apet.gram(x[:, :])
+    basis, err = T.apet.apet_stage(gk, valid, k)
     rbasis, rerr = R.apet_stage(x.double() @ x.double().transpose(1, 2), valid, k)
     assert torch.equal(basis, rbasis)
     sq = x.double().pow(2).sum(-1)
@@ -519,7 +580,7 @@ def test_apet_stage_ties_go_to_the_lowest_index(T):
     x[:, 11], x[:, 4] = far[:, 0], far[:, 0]  # the first point: index 4, not 11
     x[:, 20], x[:, 17] = 0.8 * far[:, 1], 0.8 * far[:, 1]  # the second: index 17, not 20
     g32 = (x.double() @ x.double().transpose(1, 2)).float()
-    basis, err = T.apet_stage(g32, None, 3)
+    basis, err = T.apet.apet_stage(g32, None, 3)
     rbasis, _ = R.apet_stage(g32, None, 3)
     assert torch.equal(basis, rbasis) and (basis[:, :2] == torch.tensor([4, 17])).all()
     assert torch.isfinite(err).all()
@@ -541,7 +602,7 @@ def test_apet_stage_large_eps_and_fewer_valid_than_k(T):
     x[1, 4], x[1, 9], x[1, 21] = 0, 0, 0
     x[1, 4, 0], x[1, 9, 0], x[1, 9, 1], x[1, 21, 0] = 5, 4, 1, -2
     g64 = x.double() @ x.double().transpose(1, 2)
-    basis, err = T.apet_stage(g64.float(), valid, 5, eps=0.5)
+    basis, err = T.apet.apet_stage(g64.float(), valid, 5, eps=0.5)
     rbasis, rerr = R.apet_stage(g64, valid, 5, eps=0.5)
     assert torch.equal(basis, rbasis) and basis[1].tolist() == [21, 4, 9, 0, 0]
     assert torch.equal(rbasis, farthest_point_basis(x.double(), 5, valid))
@@ -556,7 +617,7 @@ def test_apet_stage_collinear_basis_stays_finite(T):
     x[0, 3] = 100 * x[0, 3] / x[0, 3].norm()
     x[0, 8] = -0.5 * x[0, 3]
     g64 = x.double() @ x.double().transpose(1, 2)
-    basis, err = T.apet_stage(g64.float(), None, 4)
+    basis, err = T.apet.apet_stage(g64.float(), None, 4)
     assert torch.equal(basis[0, :2], torch.tensor([3, 8])) and torch.isfinite(err).all()
     # (the float32 x-based path gives NaN everywhere here.) Only rough values are promised: the other
     # tokens' errors are not collapsed to 0 (what a NaN pivot turns into through max(e^2, 0))
@@ -574,7 +635,7 @@ def test_apet_assign(T, n, kn):
     x[1, 7] = x[1, 2]  # a duplicate pair
     keep = torch.stack([torch.randperm(n, generator=g)[:kn].sort().values for _ in range(2)])
     g64 = x.double() @ x.double().transpose(1, 2)
-    out = T.apet_assign(g64.float(), keep)
+    out = T.apet.apet_assign(g64.float(), keep)
     ref = R.apet_assign(g64, keep)
     assert out.dtype == torch.long and torch.equal(out, ref)
     assert torch.equal(out.gather(1, keep), torch.arange(kn).expand(2, kn))  # kept tokens map to themselves
@@ -586,24 +647,84 @@ def test_apet_assign(T, n, kn):
 
 
 def test_apet_stage_fits_and_fallback(T, monkeypatch):
-    assert T.apet_stage_fits(196, 10) and T.apet_stage_fits(1024, 32)
-    assert not T.apet_stage_fits(1025, 10) and not T.apet_stage_fits(196, 33) and not T.apet_stage_fits(5, 6)
+    fits = T.apet.apet_stage_fits
+    assert fits(196, 10) and fits(1024, 32)
+    assert not fits(1025, 10) and not fits(196, 33) and not fits(5, 6)
     with pytest.raises(ValueError):
-        T.apet_stage(torch.zeros(1, 1025, 1025), None, 10)
+        T.apet.apet_stage(torch.zeros(1, 1025, 1025), None, 10)
     # a stage over the limit takes the x-based path (farthest_point_basis + apet_errors)
     from tokenprune.plan import Stage
     from tokenprune.reducers.apet import Apet
 
     calls = []
-    monkeypatch.setattr(T, "APET_STAGE_MAX_N", 20)
-    monkeypatch.setattr(T, "gram", lambda x: calls.append("gram"))
+    monkeypatch.setattr(T.apet, "APET_STAGE_MAX_N", 20)
+    monkeypatch.setattr(T.apet, "gram", lambda x: calls.append("gram"))
     _use_interpreted(monkeypatch, T)
     x = torch.randn(1, 1 + 30, 16, generator=gen(27))
     out = Apet(k=3).reduce(TokenState.start(x, 1), Stage(0, 12, "apet"), None)
     assert calls == [] and out.x.shape == (1, 13, 16)
 
 
-# -- dispatcher --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sized,shape,dtype", [
+    (False, (2, 1, 40, 32, 15), torch.float32), (True, (2, 1, 40, 32, 15), torch.float32),
+    ("padded", (2, 1, 40, 32, 15), torch.float32),
+    (True, (1, 2, 150, 136, 70), torch.float16),  # several slot / token / column tiles, columns split over programs
+    (True, (3, 1, 40, 32, 15), "merge_rows"),  # above apet_merge's batch limit: the merge_rows path
+])
+def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape, dtype):
+    from tokenprune.plan import Stage
+    from tokenprune.reducers.apet import Apet
+
+    if dtype == "merge_rows":
+        monkeypatch.setattr(T.apet, "APET_MERGE_MAX_BATCH", 2)
+        dtype = torch.float32
+    g = gen(12)
+    b, p, n, c, keep = shape
+    x = torch.randn(b, p + n, c, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    if sized == "padded":  # padding rows (size 0) with the largest norms: kept only if the masking is wrong
+        sizes[0, p + 2::3] = 0
+        sizes[1, p + 30:] = 0
+        x[:, p:] = torch.where(sizes[:, p:, None] > 0, x[:, p:], 10 * x[:, p:])
+
+    def state():
+        s = TokenState.start(x.clone(), p)
+        if sized:
+            s.sizes = sizes.clone()
+        return s
+
+    red = Apet(k=4)
+    ref = red.reduce(state(), Stage(0, keep, "apet"), None)
+    _use_interpreted(monkeypatch, T)
+    out = red.reduce(state(), Stage(0, keep, "apet"), None)
+    assert torch.equal(out.source, ref.source)
+    assert torch.equal(out.sizes, ref.sizes)
+    assert rel(out.x, ref.x) < (1e-5 if dtype == torch.float32 else 2e-3)
+    if sized == "padded":  # >= 15 real tokens per sample: no kept slot is padding, no size is lost
+        assert (out.sizes[:, p:] > 0).all()
+        assert torch.equal(out.sizes.sum(1), sizes.sum(1))
+
+
+# -- 6. whole reduced forwards -------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])
+def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, budget):
+    """A whole reduced forward (tiny timm ViT) gives the same logits through the kernels."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    if method not in tokenprune.methods():
+        pytest.skip(f"{method} not registered")
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(14))
+    tokenprune.apply(model, budget=budget, method=method)
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        out = model(x)
+    assert rel(out, ref) < 1e-4
+
+
+# -- 7. dispatcher -------------------------------------------------------------------------------------------
 def test_dispatcher_uses_reference_on_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(R, "efficient_attention", lambda *a: calls.append("ref") or a[0])
@@ -654,114 +775,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert all(r["hgmma"] > 0 for r in half if r["kernel"] in ("_ea_context", "_ea_apply", "_bm_best"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_merge_rows_members_only_and_gather(T, dtype):
-    g = gen(10)
-    b, t, c = 2, 25, 1100  # C over one 1024-wide column block
-    x = torch.randn(b, t, c, generator=g).to(dtype)
-    sizes = torch.randint(1, 4, (b, t), generator=g).float()
-    prim = torch.stack([torch.randperm(t, generator=g)[:8] for _ in range(b)])
-    members = torch.arange(t).expand(b, t)
-    owner = torch.randint(0, 8, (b, t), generator=g)
-    out = T.merge_rows(x, sizes, prim, members, owner, include_prim=False)
-    ref = R.merge_rows(x.double(), sizes.double(), prim, members, owner, include_prim=False)
-    assert rel(out, ref) < tol(dtype)
-    rows = torch.stack([torch.randperm(t, generator=g)[:11] for _ in range(b)])
-    assert torch.equal(T.gather_rows(x, rows), R.gather_rows(x, rows))
-
-
-def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
-    g = gen(11)
-    x = torch.randn(2, 1 + 30, 24, generator=g)
-    keep = torch.stack([torch.randperm(30, generator=g)[:12].sort().values for _ in range(2)])
-    ref = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
-    _use_interpreted(monkeypatch, T)
-    out = ops.gather_tokens(TokenState.start(x.clone(), 1), keep)
-    assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
-
-
-@pytest.mark.parametrize("sized,shape,dtype", [
-    (False, (2, 1, 40, 32, 15), torch.float32), (True, (2, 1, 40, 32, 15), torch.float32),
-    ("padded", (2, 1, 40, 32, 15), torch.float32),
-    (True, (1, 2, 150, 136, 70), torch.float16),  # several slot / token / column tiles, columns split over programs
-    (True, (3, 1, 40, 32, 15), "merge_rows"),  # above apet_merge's batch limit: the merge_rows path
-])
-def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape, dtype):
-    from tokenprune.plan import Stage
-    from tokenprune.reducers.apet import Apet
-
-    if dtype == "merge_rows":
-        monkeypatch.setattr(T, "APET_MERGE_MAX_BATCH", 2)
-        dtype = torch.float32
-    g = gen(12)
-    b, p, n, c, keep = shape
-    x = torch.randn(b, p + n, c, generator=g).to(dtype)
-    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
-    if sized == "padded":  # padding rows (size 0) with the largest norms: kept only if the masking is wrong
-        sizes[0, p + 2::3] = 0
-        sizes[1, p + 30:] = 0
-        x[:, p:] = torch.where(sizes[:, p:, None] > 0, x[:, p:], 10 * x[:, p:])
-
-    def state():
-        s = TokenState.start(x.clone(), p)
-        if sized:
-            s.sizes = sizes.clone()
-        return s
-
-    red = Apet(k=4)
-    ref = red.reduce(state(), Stage(0, keep, "apet"), None)
-    _use_interpreted(monkeypatch, T)
-    out = red.reduce(state(), Stage(0, keep, "apet"), None)
-    assert torch.equal(out.source, ref.source)
-    assert torch.equal(out.sizes, ref.sizes)
-    assert rel(out.x, ref.x) < (1e-5 if dtype == torch.float32 else 2e-3)
-    if sized == "padded":  # >= 15 real tokens per sample: no kept slot is padding, no size is lost
-        assert (out.sizes[:, p:] > 0).all()
-        assert torch.equal(out.sizes.sum(1), sizes.sum(1))
-
-
-@pytest.mark.parametrize("fuse", ["0", "1"])
-def test_merge_forward_with_row_gather_and_deferred_residual(T, monkeypatch, fuse):
-    """A reduced timm ViT with LayerScale through the large-batch merge (row gather), with each merged block's
-    last residual add left to the gather or not, gives the PyTorch path's logits; timm's blocks keep their class."""
-    import tokenprune
-    from conftest import tiny_vit
-
-    monkeypatch.setattr(tokenprune.engine, "_FUSE", fuse == "1")
-    monkeypatch.setattr(T, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16})
-    model = tiny_vit(init_values=0.5)
-    cls0 = type(model.blocks[0])
-    x = torch.randn(2, 3, 32, 32, generator=gen(21))
-    tokenprune.apply(model, budget=0.25, method="merge")
-    assert type(model.blocks[0]) is cls0
-    with torch.no_grad():
-        ref = model(x)
-        _use_interpreted(monkeypatch, T)
-        out = model(x)
-    assert rel(out, ref) < 1e-4
-    tokenprune.remove(model)
-    assert type(model.blocks[0]) is cls0
-
-
-@pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])
-def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, budget):
-    """A whole reduced forward (tiny timm ViT) gives the same logits through the kernels."""
-    import tokenprune
-    from conftest import tiny_vit
-
-    if method not in tokenprune.methods():
-        pytest.skip(f"{method} not registered")
-    model = tiny_vit()
-    x = torch.randn(2, 3, 32, 32, generator=gen(14))
-    tokenprune.apply(model, budget=budget, method=method)
-    with torch.no_grad():
-        ref = model(x)
-        _use_interpreted(monkeypatch, T)
-        out = model(x)
-    assert rel(out, ref) < 1e-4
-
-
-# -- 6. the kernels as custom ops (torch.compile) -------------------------------------------------------------
+# -- 8. the kernels as custom ops (torch.compile) ------------------------------------------------------------
 from tokenprune.kernels import custom_ops as CO  # noqa: E402
 
 
@@ -988,13 +1002,13 @@ def test_compile_follows_set_kernels_enabled(monkeypatch):
 
 @pytest.mark.parametrize("importable", [True, False])
 def test_triton_resolved_while_tracing_without_graph_break(monkeypatch, importable):
-    """A first kernel decision inside torch.compile (triton_impl not imported yet) imports it outside the
-    graph (_have_triton is a constant to Dynamo): no graph break, also when the import fails."""
+    """A first kernel decision inside torch.compile (the kernel modules not imported yet) imports them outside
+    the graph (_have_triton is a constant to Dynamo): no graph break, also when the import fails."""
     torch._dynamo.reset()
     monkeypatch.setattr(kernels, "_triton", None)
     if not importable:
-        monkeypatch.delattr(kernels, "triton_impl", raising=False)
-        monkeypatch.setitem(sys.modules, "tokenprune.kernels.triton_impl", None)  # the import raises
+        monkeypatch.delattr(kernels, "attention", raising=False)
+        monkeypatch.setitem(sys.modules, "tokenprune.kernels.attention", None)  # the import raises
     rec = GraphRecorder()
     fn = torch.compile(lambda x: x + 1 if kernels.keep_step_fits(x.shape[1]) else x - 1, backend=rec, fullgraph=True)
     out = fn(torch.zeros(1, 10))

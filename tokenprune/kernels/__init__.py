@@ -1,11 +1,19 @@
-"""Fused kernels of the hot paths, each beside its PyTorch reference.
+"""Fused kernels of the hot paths, each with one PyTorch reference.
+
+Layout: this module dispatches; ``reference.py`` holds the one PyTorch implementation of every op (the CPU
+path and the tests' oracle); the Triton kernels and their launchers live by op family in ``attention.py``
+(linear and key-bias attention), ``scores.py`` (one query row), ``merge.py`` (ToMe matching, merged rows,
+merge step, row gather), ``keep.py`` (keep the k best) and ``apet.py`` (ApET), with shared helpers in
+``_triton_common.py``; ``custom_ops.py`` wraps the launchers as ``torch.ops.tokenprune.*`` for
+``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU. ``triton_impl.py`` is
+only a compatibility shim for the scripts.
 
 Dispatch: the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
 (the kernels have no backward), ``triton`` imports, and the kernels are on (``TOKENPRUNE_KERNELS`` not
 ``0`` / ``off`` / ``false`` / ``no`` at import, or :func:`set_kernels_enabled`); otherwise the PyTorch
 reference in ``reference.py`` runs (CPU, no Triton, or kernels switched off). How the kernel is called:
 
-- eager: the launcher in ``triton_impl.py`` directly (a custom-op call would add tens of microseconds of
+- eager: the launcher in the family module directly (a custom-op call would add tens of microseconds of
   dispatcher time per op, and batch-1 latency is launch-bound);
 - while ``torch.compile`` / ``torch.export`` traces (``torch.compiler.is_compiling()``): the opaque custom
   op ``torch.ops.tokenprune.<name>`` (``custom_ops.py``), whose CUDA implementation is that launcher and
@@ -37,13 +45,14 @@ bytes and FLOPs of each kernel.
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
 from . import reference
 
 _OFF = ("0", "off", "false", "no")
-_triton = None  # the triton_impl module, False when it cannot be imported
+_triton = None  # the Triton kernel modules as one namespace (see _impl), False when they cannot be imported
 
 
 def _env_enabled() -> bool:
@@ -58,11 +67,13 @@ _FORCE_OP_FOR_TESTS: bool = False
 
 
 def _impl():
+    """The Triton kernel modules by family, ``_impl().merge.merge_step`` and so on (``attention``, ``scores``,
+    ``merge``, ``keep``, ``apet``); False when they cannot be imported. Imported on first use only."""
     global _triton
     if _triton is None:
         try:
-            from . import triton_impl
-            _triton = triton_impl
+            from . import apet, attention, keep, merge, scores
+            _triton = types.SimpleNamespace(attention=attention, scores=scores, merge=merge, keep=keep, apet=apet)
         except Exception:  # no triton, or a triton that cannot build for this platform
             _triton = False
     return _triton
@@ -70,7 +81,7 @@ def _impl():
 
 @torch.compiler.assume_constant_result
 def _have_triton() -> bool:
-    """Whether ``triton_impl`` imports. A constant to torch.compile: a first call while tracing imports it
+    """Whether the Triton kernel modules import. A constant to torch.compile: a first call while tracing imports it
     in Python (no import, no try / except in the graph, no graph break, also when the import fails)."""
     return bool(_impl())
 
@@ -118,7 +129,7 @@ def efficient_attention(q, k, v, bias=None):
     if use_triton(q, k, v, bias):
         if _via_op():
             return _ops.efficient_attention(q, k, v, bias)
-        return _impl().efficient_attention(q, k, v, bias)
+        return _impl().attention.efficient_attention(q, k, v, bias)
     return reference.efficient_attention(q, k, v, bias)
 
 
@@ -127,10 +138,10 @@ BA_MIN_BATCH_EAGER = 32  # below this batch an eager forward is bound by host ti
 
 def biased_attention_applies(bias, n: int, d: int) -> bool:
     """Whether :func:`biased_attention` runs the Triton kernel for ``n`` tokens of head dim ``d`` (a bias
-    on CUDA, kernels on, a sequence short enough: see ``triton_impl.BA_CONFIG``). In eager mode small
+    on CUDA, kernels on, a sequence short enough: see ``attention.BA_CONFIG``). In eager mode small
     batches keep SDPA with the bias as its mask: a Triton launch costs several times an aten op's host
     time, and at small batches host time is what a forward takes. Compiled, the kernel always applies."""
-    if bias is None or not use_triton(bias) or not _impl().biased_attention_fits(n, d):
+    if bias is None or not use_triton(bias) or not _impl().attention.biased_attention_fits(n, d):
         return False
     return bias.shape[0] >= BA_MIN_BATCH_EAGER or torch.compiler.is_compiling()
 
@@ -141,7 +152,7 @@ def biased_attention(q, k, v, bias=None):
     if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
         if _via_op():
             return _ops.biased_attention(q, k, v, bias)
-        return _impl().biased_attention(q, k, v, bias)
+        return _impl().attention.biased_attention(q, k, v, bias)
     return reference.biased_attention(q, k, v, bias)
 
 
@@ -150,7 +161,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None):
     if use_triton(q_row, k, bias, head_weights):
         if _via_op():
             return _ops.query_scores(q_row, k, float(scale), bias, head_weights)
-        return _impl().query_scores(q_row, k, scale, bias, head_weights)
+        return _impl().scores.query_scores(q_row, k, scale, bias, head_weights)
     return reference.query_scores(q_row, k, scale, bias, head_weights)
 
 
@@ -159,7 +170,7 @@ def bipartite_best(metric, valid_b=None):
     if use_triton(metric, valid_b):
         if _via_op():
             return _ops.bipartite_best(metric, valid_b)
-        return _impl().bipartite_best(metric, valid_b)
+        return _impl().merge.bipartite_best(metric, valid_b)
     return reference.bipartite_best(metric, valid_b)
 
 
@@ -168,13 +179,13 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
     if use_triton(x, sizes, prim, members, owner):
         if _via_op():
             return _ops.merge_rows(x, sizes, prim, members, owner, bool(include_prim))
-        return _impl().merge_rows(x, sizes, prim, members, owner, include_prim)
+        return _impl().merge.merge_rows(x, sizes, prim, members, owner, include_prim)
     return reference.merge_rows(x, sizes, prim, members, owner, include_prim)
 
 
 def merge_step_fits(n: int) -> bool:
     """Whether :func:`merge_step` (one program per sample) handles ``n`` non-prefix tokens."""
-    return _have_triton() and _impl().merge_step_fits(n)
+    return _have_triton() and _impl().merge.merge_step_fits(n)
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
@@ -191,12 +202,12 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
                               residual)
         new_source = out[2] if source is not None else None
         return (out[0], out[1], new_source, out[3]) if log_sizes else (out[0], out[1], new_source)
-    return _impl().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
+    return _impl().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
 
 
 def keep_step_fits(n: int) -> bool:
     """Whether :func:`keep_step` / :func:`topk_sorted` rank ``n`` tokens in one program."""
-    return _have_triton() and _impl().keep_step_fits(n)
+    return _have_triton() and _impl().keep.keep_step_fits(n)
 
 
 def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
@@ -207,7 +218,7 @@ def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
     if _via_op():
         nx, ns, nsrc = _ops.keep_step(x, scores, sizes, source, num_prefix, k)
         return nx, (ns if sizes is not None else None), (nsrc if source is not None else None)
-    return _impl().keep_step(x, scores, sizes, source, num_prefix, k)[:3]
+    return _impl().keep.keep_step(x, scores, sizes, source, num_prefix, k)[:3]
 
 
 def topk_sorted(scores, k: int):
@@ -215,13 +226,13 @@ def topk_sorted(scores, k: int):
     if use_triton(scores) and keep_step_fits(scores.shape[1]):
         if _via_op():
             return _ops.topk_sorted(scores, k)
-        return _impl().topk_sorted(scores, k)
+        return _impl().keep.topk_sorted(scores, k)
     return scores.topk(k, dim=1, sorted=False).indices.sort(1).values
 
 
 def apet_merge_fits(batch: int) -> bool:
     """Whether :func:`apet_merge` is the faster path at this batch size (it pays at small batches)."""
-    return _have_triton() and _impl().apet_merge_fits(batch)
+    return _have_triton() and _impl().apet.apet_merge_fits(batch)
 
 
 def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: int | None = None):
@@ -231,7 +242,7 @@ def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: in
     if _via_op():
         nx, ns, nsrc = _ops.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
         return nx, ns, (nsrc if source is not None else None)
-    return _impl().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
+    return _impl().apet.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
 
 
 def gather_rows(x, rows):
@@ -239,7 +250,7 @@ def gather_rows(x, rows):
     if use_triton(x, rows):
         if _via_op():
             return _ops.gather_rows(x, rows)
-        return _impl().gather_rows(x, rows)
+        return _impl().merge.gather_rows(x, rows)
     return reference.gather_rows(x, rows)
 
 
@@ -248,7 +259,7 @@ def apet_errors(x, basis, eps: float = 1e-5):
     if use_triton(x, basis):
         if _via_op():
             return _ops.apet_errors(x, basis, float(eps))
-        return _impl().apet_errors(x, basis, eps)
+        return _impl().apet.apet_errors(x, basis, eps)
     return reference.apet_errors(x, basis, eps)
 
 
@@ -258,13 +269,13 @@ def gram(x):
         if _via_op():
             g = _ops.gram(x)
             return g, g.diagonal(dim1=1, dim2=2)
-        return _impl().gram(x)
+        return _impl().apet.gram(x)
     return reference.gram(x)
 
 
 def apet_stage_fits(n: int, k: int) -> bool:
     """Whether :func:`apet_stage` (one Triton program per sample) handles ``n`` tokens and ``k`` basis tokens."""
-    return _have_triton() and _impl().apet_stage_fits(n, k)
+    return _have_triton() and _impl().apet.apet_stage_fits(n, k)
 
 
 def apet_stage(g, valid, k: int, eps: float = 1e-5):
@@ -272,7 +283,7 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
     if use_triton(g, valid):
         if _via_op():
             return _ops.apet_stage(g, valid, k, float(eps))
-        return _impl().apet_stage(g, valid, k, eps)
+        return _impl().apet.apet_stage(g, valid, k, eps)
     return reference.apet_stage(g, valid, k, eps)
 
 
@@ -281,7 +292,7 @@ def apet_assign(g, keep_idx):
     if use_triton(g, keep_idx):
         if _via_op():
             return _ops.apet_assign(g, keep_idx)
-        return _impl().apet_assign(g, keep_idx)
+        return _impl().apet.apet_assign(g, keep_idx)
     return reference.apet_assign(g, keep_idx)
 
 

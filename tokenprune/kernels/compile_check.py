@@ -27,72 +27,67 @@ import tempfile
 
 
 def _configs():
-    from . import triton_impl as T
+    from . import apet as AP, attention as AT, keep as KP, merge as M, scores as S
 
     f16, f32 = "*fp16", "*fp32"
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
               "l_ptr": f32}
     out, sweep = [], []  # sweep: variants only scripts/gpu_profile.py tries (they may spill)
-    for dp, table in ((64, T.EA_CONFIG), (128, T.EA_CONFIG)):
-        bn1, w1 = table["pass1"][dp]
-        bn2, w2 = table["pass2"][dp]
-        dr, ones_l = T._cfg(table["rows1"], dp), bool(T._cfg(table["ones_l"], dp))
-        sub, fixed = int(T._cfg(table["sub"], dp)), bool(T._cfg(table["fixed"], dp))
+    ea = AT.EA_CONFIG
+    for dp in (64, 128):
+        bn1, w1 = ea["pass1"][dp]
+        bn2, w2 = ea["pass2"][dp]
+        ones_l = bool(AT._cfg(ea["ones_l"], dp))
         for split in (False, True):
-            out.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, DR=dr, BLOCK_N=bn1,
-                                                    DUAL=False, ONES_L=ones_l, SUB=sub, FIXED=fixed), w1))
-        # the fixed-shift pass-1 variants (gpu_profile --ea-fixed sweeps them)
+            out.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=split, IS_F32=False, DP=dp, BLOCK_N=bn1,
+                                                     ONES_L=ones_l), w1))
+        # other pass-1 tiles and row sums (gpu_profile --ea-fixed sweeps them)
         for bn, ol, w in (((128, False, 4), (64, False, 4), (64, True, 4), (128, True, 8)) if dp == 64 else
                           ((64, True, 8), (64, False, 8), (32, True, 8), (32, False, 8))):
-            sweep.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp, DR=dp,
-                                                      BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=0, FIXED=True), w))
-        for bn, dr_, ol, w in ((64, dp, False, 4), (64, dp, True, 4), (128, dp, True, 8), (64, dp, True, 8),
-                               (64, 64, True, 4)):  # the max-first pass-1 variant (gpu_profile sweeps it)
-            sweep.append((T._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp,
-                                                      DR=min(dr_, dp), BLOCK_N=bn, DUAL=False, ONES_L=ol, SUB=4,
-                                                      FIXED=False), w))
-        out.append((T._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
-                    dict(DP=dp, SP=32, RB=T.EA_CONFIG["combine_rows"],
-                         SC=T.EA_CONFIG["combine_tile"] // (T.EA_CONFIG["combine_rows"] * dp)), 4))
-        out.append((T._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2), w2))
-    out.append((T._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
-                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, DR=64, BLOCK_N=32, DUAL=False, ONES_L=False,
-                     SUB=0, FIXED=False), 8))
+            sweep.append((AT._ea_context, ea_ctx, dict(HAS_BIAS=True, SPLIT=True, IS_F32=False, DP=dp,
+                                                       BLOCK_N=bn, ONES_L=ol), w))
+        out.append((AT._ea_combine, {"part_ptr": f32, "m_ptr": f32, "l_ptr": f32, "ctx_ptr": f16},
+                    dict(DP=dp, SP=32, RB=ea["combine_rows"],
+                         SC=ea["combine_tile"] // (ea["combine_rows"] * dp)), 4))
+        out.append((AT._ea_apply, {"q_ptr": f16, "ctx_ptr": f16, "o_ptr": f16}, dict(IS_F32=False, DP=dp, BLOCK_N=bn2),
+                    w2))
+    out.append((AT._ea_context, {**ea_ctx, "k_ptr": f32, "v_ptr": f32, "bias_ptr": f32, "ctx_ptr": f32},
+                dict(HAS_BIAS=False, SPLIT=False, IS_F32=True, DP=64, BLOCK_N=32, ONES_L=False), 8))
     for short in ("short", "long"):
-        bm, bn, w = T.BA_CONFIG[short]
+        bm, bn, w = AT.BA_CONFIG[short]
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
-            out.append((T._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
-                                    "qk_scale": "fp32"},
+            out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
+                                     "qk_scale": "fp32"},
                         dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
-    out.append((T._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
-    for bn in (T.QS_CONFIG["short"], T.QS_CONFIG["long"]):
-        out.append((T._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
+    out.append((AT._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
+    for bn in (S.QS_CONFIG["short"], S.QS_CONFIG["long"]):
+        out.append((S._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
                                    "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=bn), 4))
-    out.append((T._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
+    out.append((S._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
                 dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
     for is32 in (False, True):
-        out.append((T._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
+        out.append((M._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
                     dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
     for hs in (True, False):
-        out.append((T._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
+        out.append((M._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
                     dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
     for np_, w in ((256, 4), (1024, 8)):
-        out.append((T._keep_step, {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
-                                   "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
+        out.append((KP._keep_step, {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                                    "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
                     dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, NP=np_, PP=1, BT=16 if np_ >= 512 else 32,
-                         RT=64, BC=T.KEEP_STEP_BC, BS=256), w))
+                         RT=64, BC=KP.KEEP_STEP_BC, BS=256), w))
     for lowp in (True, False):
-        out.append((T._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",
-                                    "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},
-                    dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=T.APET_MERGE_BC,
+        out.append((AP._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",
+                                     "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},
+                    dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=AP.APET_MERGE_BC,
                          BS=256), 8))
     for lowp in (True, False):
-        for mode, bc, warps, has_y in ((0, 32, T.MERGE_STEP_WARPS, False), (0, 32, T.MERGE_STEP_WARPS, True),
-                                       (2, 32, T.MERGE_STEP_SPLIT["mwarps"], False)):
+        for mode, bc, warps, has_y in ((0, 32, M.MERGE_STEP_WARPS, False), (0, 32, M.MERGE_STEP_WARPS, True),
+                                       (2, 32, M.MERGE_STEP_SPLIT["mwarps"], False)):
             if lowp is False and mode != 0:
                 continue
-            out.append((T._merge_step, {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+            out.append((M._merge_step, {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                         "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
                                         "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
@@ -100,19 +95,19 @@ def _configs():
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
     for (lowp, rp, fbc), has_y in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
                                                      (False, 16, 32)), (False, True)):
-        out.append((T._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",
+        out.append((M._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",
                                       "ox_ptr": f16},
-                    dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=128, RP=rp, RB=T.MERGE_STEP_SPLIT["rb"],
-                         BC=T.MERGE_STEP_SPLIT["gbc"], BCF=fbc), T.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
-    out.append((T._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
+                    dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=128, RP=rp, RB=M.MERGE_STEP_SPLIT["rb"],
+                         BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc), M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
+    out.append((AP._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
-    out.append((T._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
-    out.append((T._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
+    out.append((AP._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
+    out.append((AP._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
     for np_, kp, w in ((256, 16, 8), (256, 32, 8), (1024, 32, 8)):  # 4 warps at NP=256 spill
-        out.append((T._apet_stage, {"g_ptr": f32, "v_ptr": "*u8", "basis_ptr": "*i64", "e_ptr": f32, "eps": "fp32",
-                                    "pmin": "fp32"},
+        out.append((AP._apet_stage, {"g_ptr": f32, "v_ptr": "*u8", "basis_ptr": "*i64", "e_ptr": f32, "eps": "fp32",
+                                     "pmin": "fp32"},
                     dict(HAS_VALID=True, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
-    out.append((T._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
+    out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
     return [(*c, False) for c in out] + [(*c, True) for c in sweep]
 
 

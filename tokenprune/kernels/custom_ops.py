@@ -3,7 +3,7 @@
 Dynamo records one call of the op instead of tracing the launcher's Python, and Inductor calls the op (so
 our launcher) rather than recompiling the Triton code. Each op has three implementations:
 
-- the default one (CUDA): the launcher in ``triton_impl.py``;
+- the default one (CUDA): the Triton launcher (``attention.py``, ``merge.py``, ...);
 - ``cpu``: the PyTorch reference in ``reference.py``, brought to the kernel's output contract (dtype and
   strides), so the ops can be checked (``torch.library.opcheck``) and compiled in CPU tests;
 - the fake one: output shapes, dtypes and strides from the input shapes and the int arguments alone
@@ -25,12 +25,21 @@ FAKE: dict = {}  # name -> the fake (meta) implementation
 
 
 def _t():
-    """The triton_impl module, through the package's resolver (which tests may patch)."""
+    """The Triton kernel modules (``_t().merge.merge_step``), through the package's resolver (which tests may patch)."""
     from . import _impl
     return _impl()
 
 
-def _define(name: str, schema: str, launch, cpu, fake):
+def _define(name: str, schema: str, fake, family: str | None = None, launch=None, cpu=None):
+    """Register ``torch.ops.tokenprune.<name>`` with its three implementations. ``launch`` (CUDA) defaults to
+    the launcher ``<family>.<name>`` and ``cpu`` to ``reference.<name>``, each called with the op's arguments
+    as they come (both looked up at call time); ops whose outputs need packing pass their own."""
+    if launch is None:
+        def launch(*args):
+            return getattr(getattr(_t(), family), name)(*args)
+    if cpu is None:
+        def cpu(*args):
+            return getattr(R, name)(*args)
     op = torch.library.custom_op(f"tokenprune::{name}", launch, mutates_args=(), schema=schema)
     op.register_kernel("cpu", cpu)
     op.register_fake(fake)
@@ -55,38 +64,14 @@ def _heads_out(q: torch.Tensor) -> torch.Tensor:
 
 
 # -- attention ------------------------------------------------------------------------------------------
-def _ea_launch(q, k, v, bias):
-    return _t().efficient_attention(q, k, v, bias)
-
-
-def _ea_cpu(q, k, v, bias):
-    return _heads_out(q).copy_(R.efficient_attention(q, k, v, bias))
-
-
-def _ba_launch(q, k, v, bias):
-    return _t().biased_attention(q, k, v, bias)
-
-
-def _ba_cpu(q, k, v, bias):
-    return _heads_out(q).copy_(R.biased_attention(q, k, v, bias))
-
-
 def _attn_fake(q, k, v, bias):
     return _heads_out(q)
 
 
-_define("efficient_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor",
-        _ea_launch, _ea_cpu, _attn_fake)
-_define("biased_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor",
-        _ba_launch, _ba_cpu, _attn_fake)
-
-
-def _qs_launch(q_row, k, scale, bias, head_weights):
-    return _t().query_scores(q_row, k, scale, bias, head_weights)
-
-
-def _qs_cpu(q_row, k, scale, bias, head_weights):
-    return R.query_scores(q_row, k, scale, bias, head_weights).float()
+_define("efficient_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor", _attn_fake, "attention",
+        cpu=lambda q, k, v, bias: _heads_out(q).copy_(R.efficient_attention(q, k, v, bias)))
+_define("biased_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor", _attn_fake, "attention",
+        cpu=lambda q, k, v, bias: _heads_out(q).copy_(R.biased_attention(q, k, v, bias)))
 
 
 def _qs_fake(q_row, k, scale, bias, head_weights):
@@ -94,35 +79,17 @@ def _qs_fake(q_row, k, scale, bias, head_weights):
 
 
 _define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Tensor? head_weights) -> Tensor",
-        _qs_launch, _qs_cpu, _qs_fake)
+        _qs_fake, "scores", cpu=lambda *args: R.query_scores(*args).float())
 
 
 # -- ToMe: matching, merged rows, the one-launch step ----------------------------------------------------------
-def _bb_launch(metric, valid_b):
-    best, idx = _t().bipartite_best(metric, valid_b)
-    return best, idx
-
-
-def _bb_cpu(metric, valid_b):
-    best, idx = R.bipartite_best(metric, valid_b)
-    return best, idx
-
-
 def _bb_fake(metric, valid_b):
     b, n, _ = metric.shape
     na = (n + 1) // 2
     return metric.new_empty((b, na)), metric.new_empty((b, na), dtype=torch.long)
 
 
-_define("bipartite_best", "(Tensor metric, Tensor? valid_b) -> (Tensor, Tensor)", _bb_launch, _bb_cpu, _bb_fake)
-
-
-def _mr_launch(x, sizes, prim, members, owner, include_prim):
-    return _t().merge_rows(x, sizes, prim, members, owner, include_prim)
-
-
-def _mr_cpu(x, sizes, prim, members, owner, include_prim):
-    return R.merge_rows(x, sizes, prim, members, owner, include_prim)
+_define("bipartite_best", "(Tensor metric, Tensor? valid_b) -> (Tensor, Tensor)", _bb_fake, "merge")
 
 
 def _mr_fake(x, sizes, prim, members, owner, include_prim):
@@ -131,22 +98,14 @@ def _mr_fake(x, sizes, prim, members, owner, include_prim):
 
 _define("merge_rows",
         "(Tensor x, Tensor? sizes, Tensor prim, Tensor? members, Tensor? owner, bool include_prim) -> Tensor",
-        _mr_launch, _mr_cpu, _mr_fake)
-
-
-def _gr_launch(x, rows):
-    return _t().gather_rows(x, rows)
-
-
-def _gr_cpu(x, rows):
-    return R.gather_rows(x, rows)
+        _mr_fake, "merge")
 
 
 def _gr_fake(x, rows):
     return x.new_empty((x.shape[0], rows.shape[1], x.shape[2]))
 
 
-_define("gather_rows", "(Tensor x, Tensor rows) -> Tensor", _gr_launch, _gr_cpu, _gr_fake)
+_define("gather_rows", "(Tensor x, Tensor rows) -> Tensor", _gr_fake, "merge")
 
 
 def _ms_pack(out, x, log_sizes):
@@ -154,7 +113,7 @@ def _ms_pack(out, x, log_sizes):
 
 
 def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual):
-    out = _t().merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
+    out = _t().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
     return _ms_pack(out, x, log_sizes)
 
 
@@ -178,20 +137,12 @@ def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_size
 _define("merge_step",
         "(Tensor x, Tensor metric, Tensor? sizes, Tensor? source, int num_prefix, int r, bool padded, "
         "int? max_size, bool log_sizes, Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor)",
-        _ms_launch, _ms_cpu, _ms_fake)
+        _ms_fake, launch=_ms_launch, cpu=_ms_cpu)
 
 
 # -- pruning: keep the k best -------------------------------------------------------------------------------
 def _ks_pack(out, x):
     return out[0], _or_none(out[1], x), _or_none(out[2], x)
-
-
-def _ks_launch(x, scores, sizes, source, num_prefix, k):
-    return _ks_pack(_t().keep_step(x, scores, sizes, source, num_prefix, k), x)
-
-
-def _ks_cpu(x, scores, sizes, source, num_prefix, k):
-    return _ks_pack(R.keep_step(x, scores, sizes, source, num_prefix, k), x)
 
 
 def _ks_fake(x, scores, sizes, source, num_prefix, k):
@@ -203,35 +154,20 @@ def _ks_fake(x, scores, sizes, source, num_prefix, k):
 
 _define("keep_step",
         "(Tensor x, Tensor scores, Tensor? sizes, Tensor? source, int num_prefix, int k) -> (Tensor, Tensor, Tensor)",
-        _ks_launch, _ks_cpu, _ks_fake)
-
-
-def _tk_launch(scores, k):
-    return _t().topk_sorted(scores, k)
-
-
-def _tk_cpu(scores, k):
-    return R.topk_sorted(scores, k)
+        _ks_fake, launch=lambda x, *args: _ks_pack(_t().keep.keep_step(x, *args), x),
+        cpu=lambda x, *args: _ks_pack(R.keep_step(x, *args), x))
 
 
 def _tk_fake(scores, k):
     return scores.new_empty((scores.shape[0], k), dtype=torch.long)
 
 
-_define("topk_sorted", "(Tensor scores, int k) -> Tensor", _tk_launch, _tk_cpu, _tk_fake)
+_define("topk_sorted", "(Tensor scores, int k) -> Tensor", _tk_fake, "keep")
 
 
 # -- ApET ------------------------------------------------------------------------------------------------
 def _am_pack(out, x):
     return out[0], out[1], _or_none(out[2], x)
-
-
-def _am_launch(x, sizes, target, keep_idx, source, num_prefix, max_size):
-    return _am_pack(_t().apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size), x)
-
-
-def _am_cpu(x, sizes, target, keep_idx, source, num_prefix, max_size):
-    return _am_pack(R.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size), x)
 
 
 def _am_fake(x, sizes, target, keep_idx, source, num_prefix, max_size):
@@ -244,30 +180,16 @@ def _am_fake(x, sizes, target, keep_idx, source, num_prefix, max_size):
 _define("apet_merge",
         "(Tensor x, Tensor? sizes, Tensor target, Tensor keep_idx, Tensor? source, int num_prefix, int? max_size) "
         "-> (Tensor, Tensor, Tensor)",
-        _am_launch, _am_cpu, _am_fake)
-
-
-def _ae_launch(x, basis, eps):
-    return _t().apet_errors(x, basis, eps)
-
-
-def _ae_cpu(x, basis, eps):
-    return R.apet_errors(x, basis, eps).float()
+        _am_fake, launch=lambda x, *args: _am_pack(_t().apet.apet_merge(x, *args), x),
+        cpu=lambda x, *args: _am_pack(R.apet_merge(x, *args), x))
 
 
 def _ae_fake(x, basis, eps):
     return x.new_empty(x.shape[:2], dtype=torch.float32)
 
 
-_define("apet_errors", "(Tensor x, Tensor basis, float eps) -> Tensor", _ae_launch, _ae_cpu, _ae_fake)
-
-
-def _gram_launch(x):
-    return _t().gram(x)[0]
-
-
-def _gram_cpu(x):
-    return R.gram(x)[0].float()
+_define("apet_errors", "(Tensor x, Tensor basis, float eps) -> Tensor", _ae_fake, "apet",
+        cpu=lambda *args: R.apet_errors(*args).float())
 
 
 def _gram_fake(x):
@@ -275,17 +197,8 @@ def _gram_fake(x):
     return x.new_empty((b, n, n), dtype=torch.float32)
 
 
-_define("gram", "(Tensor x) -> Tensor", _gram_launch, _gram_cpu, _gram_fake)
-
-
-def _as_launch(g, valid, k, eps):
-    basis, err = _t().apet_stage(g, valid, k, eps)
-    return basis, err
-
-
-def _as_cpu(g, valid, k, eps):
-    basis, err = R.apet_stage(g, valid, k, eps)
-    return basis, err.float()
+_define("gram", "(Tensor x) -> Tensor", _gram_fake, launch=lambda x: _t().apet.gram(x)[0],
+        cpu=lambda x: R.gram(x)[0].float())
 
 
 def _as_fake(g, valid, k, eps):
@@ -293,19 +206,16 @@ def _as_fake(g, valid, k, eps):
     return g.new_empty((b, k), dtype=torch.long), g.new_empty((b, n), dtype=torch.float32)
 
 
-_define("apet_stage", "(Tensor g, Tensor? valid, int k, float eps) -> (Tensor, Tensor)", _as_launch, _as_cpu, _as_fake)
+def _as_cpu(g, valid, k, eps):
+    basis, err = R.apet_stage(g, valid, k, eps)
+    return basis, err.float()
 
 
-def _aa_launch(g, keep_idx):
-    return _t().apet_assign(g, keep_idx)
-
-
-def _aa_cpu(g, keep_idx):
-    return R.apet_assign(g, keep_idx)
+_define("apet_stage", "(Tensor g, Tensor? valid, int k, float eps) -> (Tensor, Tensor)", _as_fake, "apet", cpu=_as_cpu)
 
 
 def _aa_fake(g, keep_idx):
     return g.new_empty(g.shape[:2], dtype=torch.long)
 
 
-_define("apet_assign", "(Tensor g, Tensor keep_idx) -> Tensor", _aa_launch, _aa_cpu, _aa_fake)
+_define("apet_assign", "(Tensor g, Tensor keep_idx) -> Tensor", _aa_fake, "apet")

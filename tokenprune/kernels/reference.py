@@ -1,8 +1,10 @@
-"""PyTorch references of the fused kernels: the CPU path and the oracle in tests.
+"""PyTorch references of the fused kernels: the one PyTorch implementation of each op, the CPU path (and the
+path with autograd) of the dispatch functions in ``__init__.py``, and the oracle in tests.
 
-Each function computes exactly what its Triton twin in ``triton_impl.py``
-computes (same arguments, same output shapes and dtypes), with plain tensor
-operations and float32 arithmetic.
+Each function computes exactly what its Triton twin in the family modules (``attention.py``, ``scores.py``,
+``merge.py``, ``keep.py``, ``apet.py``) computes (same arguments, same output shapes and dtypes), with plain
+tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
+PyTorch copy of their own.
 """
 from __future__ import annotations
 
@@ -18,18 +20,20 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear-cost attention (softmax-feature factorisation), ``[B, H, N, d]`` in and out.
+    """Linear-cost attention (softmax-feature factorisation), ``[B, H, N, d]`` in and out (MAELRE).
 
     ``out = softmax_d(q) @ (softmax_N(k + bias)^T v)``: the token softmax of the
     keys runs per feature column over the N tokens; ``bias`` ``[B, 1, 1, N]``
     (log sizes, ``-inf`` = masked key) is added to every column of the keys
-    before it. A column whose keys are all masked gives a zero context row.
+    before it. A column whose keys are all masked gives a zero context row (not
+    NaN). Float32 arithmetic, the result in ``q``'s dtype; never forms an
+    ``N x N`` matrix.
     """
     qf, kf, vf = q.float(), k.float(), v.float()
     if bias is not None:
         kf = kf + bias.float()[:, :, 0, :, None]  # [B, 1, N, 1]
-    m = kf.amax(2, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    m = kf.detach().amax(2, keepdim=True)  # a shift per column: the softmax does not change, no gradient through it
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # every key masked: exp(-inf) = 0, a zero row
     e = (kf - m).exp()  # [B, H, N, d]
     denom = e.sum(2)  # [B, H, d]
     ctx = e.transpose(-1, -2) @ vf  # [B, H, d, d]

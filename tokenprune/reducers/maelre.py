@@ -37,8 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
-
 from .. import kernels
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
@@ -46,24 +44,10 @@ from ..registry import register
 from .base import Reducer, default_blocks
 
 
-def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear-cost attention ``softmax_d(q) @ (softmax_N(k + bias)^T @ v)``.
-
-    ``q``, ``k``, ``v``: ``[B, H, N, d]``. ``bias``: the block's additive key
-    bias ``[B, 1, 1, N]`` (``log size``; ``-inf`` masks a padding key) or None.
-    The softmaxes run in float32; the result has ``v``'s dtype. Never forms an
-    ``N x N`` matrix.
-    """
-    if kernels.use_triton(q, k, v, bias):  # fused two-pass Triton kernel on CUDA (tokenprune/kernels)
-        return kernels.efficient_attention(q, k, v, bias)
-    qf = q.float().softmax(dim=-1)  # over the feature axis
-    kf = k.float()
-    if bias is not None:
-        kf = kf + bias.float().reshape(bias.shape[0], bias.shape[1], -1, 1)  # [B, 1, N, 1]
-    kf = kf.softmax(dim=-2)  # over the token axis
-    context = kf.transpose(-1, -2) @ v.float()  # [B, H, d, d]
-    return (qf @ context).to(v.dtype)
+# MAELRE's linear attention ``softmax_d(q) @ (softmax_N(k + bias)^T @ v)``: the fused two-pass Triton kernel on
+# CUDA, else its one PyTorch implementation (``kernels/reference.py``). Kept under this name: the plan names it
+# as the linear blocks' attention kernel (``Maelre.attention_kernel``).
+efficient_attention = kernels.efficient_attention
 
 
 @register("maelre")

@@ -1,0 +1,376 @@
+"""Triton kernels of ApET: the reconstruction error of every token from a basis (``apet_errors``, the
+x-based path), one stage from the per-sample Gram matrix (``gram``, ``apet_stage``, ``apet_assign``) and the
+merge into the kept tokens in one launch (``apet_merge``). References: ``reference.apet_errors`` / ``gram`` /
+``apet_stage`` / ``apet_assign`` / ``apet_merge``; NOTES.md sections 4, 5 and 6.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (_alloc, _argmax_update, _column_groups, _copy_prefix, _exact_lowp, _p2,
+                             _sizes_at)
+
+# ---------------------------------------------------------------------------------------------------
+# 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _apet_err(x_ptr, w_ptr, s_ptr, e_ptr, N, C, K, sxb, sxn,
+              KP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pn = tl.program_id(1)
+    offs_n = pn * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, KP)
+    kmask = offs_k < K
+    coef = tl.zeros([BN, KP], tl.float32)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xt = tl.load(x_ptr + b * sxb + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + (b * K + offs_k[None, :]) * C + offs_c[:, None], mask=cm[:, None] & kmask[None, :],
+                     other=0.0)  # [BC, KP] = (G^-1 S)^T
+        coef += tl.dot(xt, wt, input_precision="ieee")
+    acc = tl.zeros([BN], tl.float32)
+    for c0 in range(0, C, BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        xt = tl.load(x_ptr + b * sxb + offs_n[:, None] * sxn + offs_c[None, :], mask=nmask[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        st = tl.load(s_ptr + (b * K + offs_k[:, None]) * C + offs_c[None, :], mask=kmask[:, None] & cm[None, :],
+                     other=0.0)  # [KP, BC]
+        r = xt - tl.dot(coef, st, input_precision="ieee")
+        acc += tl.sum(r * r, 1)
+    tl.store(e_ptr + b * N + offs_n, tl.sqrt(acc), mask=nmask)
+
+
+def apet_errors(x, basis, eps: float = 1e-5):
+    """``[B, N]`` float32 errors of ``x [B, N, C]`` from ``basis [B, k, C]``; see ``reference.apet_errors``."""
+    bsz, n, c = x.shape
+    k = basis.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    s = basis.float().contiguous()
+    g = s @ s.transpose(-1, -2) + eps * torch.eye(k, device=x.device)
+    w = torch.linalg.solve_ex(g, s)[0].contiguous()  # G^-1 S, [B, k, C]; SPD (ridge): no host-side error check
+    e = _alloc((bsz, n), x.device, torch.float32)
+    bn = 64
+    _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
+                                         KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=8)
+    return e
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. one stage from the per-sample Gram matrix: x read once (Gram), everything else from G (NOTES.md section 5)
+#
+#    Numerical trade-off (read before trusting small errors): e_i^2 = sq_i - 2 c.b + c^T G0 c is a
+#    difference of terms of the size of |x_i|^2, so in float32 it carries an absolute error of about
+#    1e-7 x |x_i|^2 x (a small factor): an error far below |x_i| (a token the basis explains almost
+#    exactly) comes out as noise of ~3e-4 |x_i| (clamped at 0), while the x-based path resolves it.
+#    ApET only ranks the errors and keeps the LARGEST, so the cut falls among large errors where this
+#    is harmless. Distances and cosines are computed in float32 from G; the x-based CUDA path rounds
+#    its FPS / cosine dot products to the token dtype (fp16), so the two can choose differently where
+#    two candidates tie within that rounding.
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _gram(x_ptr, g_ptr, N, C, T, sxb, sxn, sxc, sgb, sgn,
+          IS_F32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # one BM x BM tile (ti, tj), tj >= ti, of G = X X^T; the mirror tile is stored transposed
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    ti = t // T
+    tj = t % T
+    if tj >= ti:
+        ri = ti * BM + tl.arange(0, BM)
+        rj = tj * BM + tl.arange(0, BM)
+        mi = ri < N
+        mj = rj < N
+        offs_k = tl.arange(0, BK)
+        xb = x_ptr + b * sxb
+        acc = tl.zeros([BM, BM], tl.float32)
+        for k0 in range(0, C, BK):
+            kk = k0 + offs_k
+            km = kk < C
+            a = tl.load(xb + ri[:, None] * sxn + kk[None, :] * sxc, mask=mi[:, None] & km[None, :], other=0.0)
+            c = tl.load(xb + rj[:, None] * sxn + kk[None, :] * sxc, mask=mj[:, None] & km[None, :], other=0.0)
+            if IS_F32:
+                acc += tl.dot(a, tl.trans(c), input_precision="ieee")
+            else:  # fp16 / bf16 products are exact in fp32; fp32 accumulation
+                acc = tl.dot(a, tl.trans(c), acc)
+        gb = g_ptr + b * sgb
+        tl.store(gb + ri[:, None] * sgn + rj[None, :], acc, mask=mi[:, None] & mj[None, :])
+        if tj > ti:
+            tl.store(gb + rj[:, None] * sgn + ri[None, :], tl.trans(acc), mask=mj[:, None] & mi[None, :])
+
+
+def gram(x):
+    """``G = X X^T`` ``[B, N, N]`` float32 (fp32 accumulation) of ``x [B, N, C]`` (fp16 / bf16 / fp32, any
+    strides) and ``sq = diag(G)`` ``[B, N]`` (a view of G). Same as ``reference.gram``."""
+    bsz, n, c = x.shape
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        x = x.float()
+    is32 = x.dtype == torch.float32
+    g = _alloc((bsz, n, n), x.device, torch.float32)
+    bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
+    bk = 16 if is32 else 32
+    t = triton.cdiv(n, bm)
+    _gram[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
+                        IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
+    return g, g.diagonal(dim1=1, dim2=2)
+
+
+@triton.jit
+def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
+                HAS_VALID: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr):
+    # one program per sample; G row-major (last stride 1)
+    b = tl.program_id(0).to(tl.int64)
+    gb = g_ptr + b * sgb
+    offs = tl.arange(0, NP)
+    nm = offs < N
+    sq = tl.load(gb + offs * (sgn + 1), mask=nm, other=0.0)
+    if HAS_VALID:
+        ok = nm & (tl.load(v_ptr + b * svb + offs, mask=nm, other=0) != 0)
+    else:
+        ok = nm
+    w = ok.to(tl.float32)
+    # -- distance to the mean of the valid tokens: r_i = sum_{valid j} G_ij, over column tiles
+    r = tl.zeros([NP], tl.float32)
+    for j0 in range(0, N, BT):
+        cj = j0 + tl.arange(0, BT)
+        cm = cj < N
+        if HAS_VALID:
+            wj = (tl.load(v_ptr + b * svb + cj, mask=cm, other=0) != 0).to(tl.float32)
+        else:
+            wj = cm.to(tl.float32)
+        tile = tl.load(gb + offs[:, None] * sgn + cj[None, :], mask=nm[:, None] & cm[None, :], other=0.0)
+        r += tl.sum(tile * wj[None, :], 1)
+    nv = tl.maximum(tl.sum(w, 0), 1.0)
+    s = tl.sum(r * w, 0)
+    dist = sq - 2.0 * r / nv + s / (nv * nv)
+    dist = tl.where(ok, dist, float("-inf"))
+    # -- farthest-point sampling: one row of G per step
+    offs_k = tl.arange(0, KP)
+    km = offs_k < K
+    chosen = tl.zeros([KP], tl.int32)
+    taken = offs < 0
+    for j in range(0, K):
+        m = tl.max(dist, 0)
+        c = tl.min(tl.where(dist == m, offs, NP), 0)  # first index of the max, as torch.argmax
+        chosen = tl.where(offs_k == j, c, chosen)
+        taken = taken | (offs == c)
+        gc = tl.load(gb + c.to(tl.int64) * sgn + offs, mask=nm, other=0.0)
+        sqc = tl.sum(tl.where(offs == c, sq, 0.0), 0)
+        d = sq - 2.0 * gc + sqc
+        dist = tl.where(j == 0, d, tl.minimum(dist, d))
+        dist = tl.where(ok & (~taken), dist, float("-inf"))
+    tl.store(basis_ptr + b * K + offs_k, chosen.to(tl.int64), mask=km)
+    # -- G_S^-1 by Gauss-Jordan on the k x k ridge matrix (SPD: no pivoting); padded rows are I
+    eye = offs_k[:, None] == offs_k[None, :]
+    g0 = tl.load(gb + chosen[:, None].to(tl.int64) * sgn + chosen[None, :], mask=km[:, None] & km[None, :], other=0.0)
+    a = g0 + tl.where(eye, tl.where(km[:, None], eps, 1.0), 0.0)
+    inv = tl.where(eye, 1.0, 0.0)
+    for p in range(0, K):
+        rsel = offs_k[:, None] == p
+        rowp = tl.sum(tl.where(rsel, a, 0.0), 0)
+        invp = tl.sum(tl.where(rsel, inv, 0.0), 0)
+        # exact pivots of an SPD matrix + eps I are >= eps; float32 cancellation on a (near-)collinear
+        # basis can take one to 0 or below: clamp, so the result stays finite
+        piv = tl.maximum(tl.sum(tl.where(offs_k == p, rowp, 0.0), 0), pmin)
+        rowp = rowp / piv
+        invp = invp / piv
+        f = tl.sum(tl.where(offs_k[None, :] == p, a, 0.0), 1)  # column p
+        a = tl.where(rsel, rowp[None, :], a - f[:, None] * rowp[None, :])
+        inv = tl.where(rsel, invp[None, :], inv - f[:, None] * invp[None, :])
+    inv_t = tl.trans(inv)
+    # -- errors, rows in tiles: c_i^T = b_i^T G_S^-T, e^2 = sq - 2 c.b + c^T G0 c
+    for i0 in range(0, N, BR):
+        ri = i0 + tl.arange(0, BR)
+        rm = ri < N
+        bt = tl.load(gb + ri[:, None] * sgn + chosen[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        sqi = tl.load(gb + ri * (sgn + 1), mask=rm, other=0.0)
+        cf = tl.dot(bt, inv_t, input_precision="ieee")
+        q = tl.dot(cf, g0, input_precision="ieee")
+        e2 = sqi - 2.0 * tl.sum(cf * bt, 1) + tl.sum(q * cf, 1)
+        tl.store(e_ptr + b * N + ri, tl.sqrt(tl.maximum(e2, 0.0)), mask=rm)
+
+
+APET_STAGE_MAX_N = 1024  # tokens one program holds (vectors of N in registers, G rows streamed)
+APET_STAGE_MAX_K = 32  # basis tokens (the k x k solve lives in registers)
+
+
+def apet_stage_fits(n: int, k: int) -> bool:
+    return 1 <= k <= min(n, APET_STAGE_MAX_K) and n <= APET_STAGE_MAX_N
+
+
+def apet_stage(g, valid, k: int, eps: float = 1e-5):
+    """Basis ``[B, k]`` long and errors ``[B, N]`` float32 from ``g [B, N, N]``; see ``reference.apet_stage``."""
+    bsz, n, _ = g.shape
+    if not apet_stage_fits(n, k):
+        raise ValueError(f"apet_stage kernel: N={n}, k={k} does not fit (N <= {APET_STAGE_MAX_N}, "
+                         f"k <= {APET_STAGE_MAX_K}, k <= N)")
+    if g.dtype != torch.float32:
+        g = g.float()
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    basis = _alloc((bsz, k), g.device, torch.long)
+    err = _alloc((bsz, n), g.device, torch.float32)
+    if valid is not None:
+        v = valid.to(torch.uint8)
+        if v.stride(-1) != 1:
+            v = v.contiguous()
+        svb = v.stride(0)
+    else:
+        v, svb = basis, 0
+    np_ = max(16, _p2(n))
+    _apet_stage[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
+                        HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
+                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
+    return basis, err
+
+
+@triton.jit
+def _apet_assign(g_ptr, keep_ptr, t_ptr, N, KN, sgb, sgn, BM: tl.constexpr, BK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    ri = tl.program_id(1) * BM + tl.arange(0, BM)
+    rm = ri < N
+    gb = g_ptr + b * sgb
+    invi = 1.0 / tl.maximum(tl.sqrt(tl.load(gb + ri * (sgn + 1), mask=rm, other=1.0)), 1e-6)
+    best = tl.full([BM], float("-inf"), tl.float32)
+    arg = tl.zeros([BM], tl.int32)
+    own = tl.full([BM], -1, tl.int32)
+    for j0 in range(0, KN, BK):
+        sj = j0 + tl.arange(0, BK)
+        jm = sj < KN
+        kj = tl.load(keep_ptr + b * KN + sj, mask=jm, other=0)
+        invj = 1.0 / tl.maximum(tl.sqrt(tl.load(gb + kj * (sgn + 1), mask=jm, other=1.0)), 1e-6)
+        gt = tl.load(gb + ri[:, None] * sgn + kj[None, :], mask=rm[:, None] & jm[None, :], other=0.0)
+        cos = gt * invi[:, None] * invj[None, :]
+        cos = tl.where(jm[None, :], cos, float("-inf"))
+        best, arg = _argmax_update(cos, sj, best, arg)  # ties: the lowest slot
+        own = tl.maximum(own, tl.max(tl.where((kj[None, :] == ri[:, None]) & jm[None, :], sj[None, :], -1), 1))
+    arg = tl.where(own >= 0, own, arg)
+    tl.store(t_ptr + b * N + ri, arg.to(tl.int64), mask=rm)
+
+
+def apet_assign(g, keep_idx):
+    """Slot of the most cosine-similar kept token, ``[B, N]`` long, from ``g``; see ``reference.apet_assign``."""
+    bsz, n, _ = g.shape
+    kn = keep_idx.shape[1]
+    if g.dtype != torch.float32:
+        g = g.float()
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    keep = keep_idx.contiguous()
+    out = _alloc((bsz, n), g.device, torch.long)
+    bm = min(64, max(16, _p2(n)))
+    _apet_assign[(bsz, triton.cdiv(n, bm))](g, keep, out, n, kn, g.stride(0), g.stride(1),
+                                            BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. the merge in one launch: every token averaged (size-weighted) into its kept slot (NOTES.md section 6)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _apet_merge(x_ptr, s_ptr, t_ptr, keep_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr,
+                P, N, K, C, N0, G, sxb, sxn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, LOWP: tl.constexpr, PP: tl.constexpr,
+                BK: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    # program (b, g): output rows P + j (slot j of K) = sum_i s_i x_i / sum_i s_i over the tokens i
+    # with target_i == j, as products W x with W[j, i] = s_i [target_i == j] on the tensor cores (no
+    # sort, no scatter); a slot whose sizes sum to 0 copies its kept token. Program g writes the column
+    # tiles g, g + G, ...; program 0 also writes the sizes (prefix, then the slot sums) and the source map
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    for c0 in range(g * BC, C, G * BC):
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        _copy_prefix(x_ptr + b * sxb, x_ptr + b * sxb, ox_ptr + b * oxb, sxn, sxn, oxn, offs_p, pm, offs_c, cm, False)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            km = offs_k < K
+            acc = tl.zeros([BK, BC], tl.float32)
+            den = tl.zeros([BK], tl.float32)
+            for i0 in range(0, N, BI):
+                offs_i = i0 + tl.arange(0, BI)
+                im = offs_i < N
+                tg = tl.load(t_ptr + b * N + offs_i, mask=im, other=-1)
+                si = _sizes_at(s_ptr + b * ssb, P + offs_i, im, HAS_SIZES)
+                w = tl.where(tg[None, :] == offs_k[:, None], si[None, :], 0.0)  # [BK, BI]
+                xt = tl.load(x_ptr + b * sxb + (P + offs_i)[:, None] * sxn + offs_c[None, :],
+                             mask=im[:, None] & cm[None, :], other=0.0)
+                if LOWP:  # sizes are exact in the token dtype: exact products, fp32 sums
+                    acc += tl.dot(w.to(xt.dtype), xt)
+                else:
+                    acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+                den += tl.sum(w, 1)
+            kidx = tl.load(keep_ptr + b * K + offs_k, mask=km, other=0)
+            own = tl.load(x_ptr + b * sxb + (P + kidx)[:, None] * sxn + offs_c[None, :], mask=km[:, None] & cm[None, :],
+                          other=0.0)
+            out = tl.where((den > 0)[:, None], acc / tl.maximum(den, 1e-30)[:, None], own.to(tl.float32))
+            tl.store(ox_ptr + b * oxb + (P + offs_k)[:, None] * oxn + offs_c[None, :], out.to(ox_ptr.dtype.element_ty),
+                     mask=km[:, None] & cm[None, :])
+            if g == 0:
+                if c0 == 0:
+                    tl.store(os_ptr + b * (P + K) + P + offs_k, den, mask=km)
+    if g == 0:
+        sp = _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES)
+        tl.store(os_ptr + b * (P + K) + offs_p, sp, mask=pm)
+        if HAS_SOURCE:
+            for s0 in range(0, N0, BS):
+                offs_s = s0 + tl.arange(0, BS)
+                sm_ = offs_s < N0
+                old = tl.load(src_ptr + b * srcb + offs_s, mask=sm_, other=-1)
+                isp = old < P
+                tgt = tl.load(t_ptr + b * N + tl.maximum(old - P, 0), mask=sm_ & (old >= P), other=0)
+                new = tl.where(old < 0, -1, tl.where(isp, old, P + tgt))
+                tl.store(osrc_ptr + b * N0 + offs_s, new.to(tl.int64), mask=sm_)
+
+
+APET_MERGE_BC = 64
+APET_MERGE_BK = 128
+APET_MERGE_PROGRAMS_PER_SM = 4
+# apet_merge pays where launches dominate: H100, ViT-B sizes (gpu_profile.py --only am): 10.9 us per stage
+# at batch 1 (the sort + merge_rows + glue path: about 50 us in ~15 launches) but 222-257 us at batch 256,
+# where that path takes about 70 us; so it runs up to this batch size
+APET_MERGE_MAX_BATCH = 32
+
+
+def apet_merge_fits(batch: int) -> bool:
+    return batch <= APET_MERGE_MAX_BATCH  # a sample's column tiles split over programs until about this many per SM
+
+
+def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None = None):
+    """ApET's merge step: returns ``(new_x [B, P + K, C], new_sizes [B, P + K] float32, new_source)``;
+    see ``Apet.reduce`` (its PyTorch path) for the meaning. ``target [B, N]``: slot of each token."""
+    bsz, t, c = x.shape
+    n = t - p
+    k = keep_idx.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    target, keep_idx = target.contiguous(), keep_idx.contiguous()
+    if source is not None and source.stride(-1) != 1:
+        source = source.contiguous()
+    bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
+    lowp = _exact_lowp(x.dtype, bound)
+    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, x.device)
+    bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
+    out = _alloc((bsz, p + k, c), x.device, x.dtype)
+    osz = _alloc((bsz, p + k), x.device, torch.float32)
+    n0 = source.shape[1] if source is not None else 0
+    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else osz
+    _apet_merge[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
+                               source if source is not None else osz, out, osz, osrc,
+                               p, n, k, c, n0, groups, x.stride(0), x.stride(1),
+                               sizes.stride(0) if sizes is not None else 0,
+                               source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
+                               HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=lowp,
+                               PP=_p2(max(p, 1)), BK=bk, BI=64, BC=APET_MERGE_BC, BS=256,
+                               num_warps=8 if bk >= 128 else 4)
+    return out, osz, (osrc if source is not None else None)

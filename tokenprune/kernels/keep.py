@@ -1,0 +1,109 @@
+"""Triton kernel that keeps the k best-scored tokens in spatial order, with their sizes and the composed
+source map, in one launch (cls / random pruning; ApET's selection through ``topk_sorted``). References:
+``reference.keep_step`` / ``reference.topk_sorted``; NOTES.md section 6.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import _alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc
+
+# ---------------------------------------------------------------------------------------------------
+# keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr, scr_ptr,
+               P, N, K, C, N0, G,
+               sxb, sxn, scb, ssb, srcb, oxb, oxn,
+               WRITE_X: tl.constexpr, HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, NP: tl.constexpr,
+               PP: tl.constexpr, BT: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    # program (b, g). Every program ranks sample b's scores (by score desc, index asc: counted
+    # against tiles of the scores; NaN ranks like the reference's topk is not guaranteed) and keeps
+    # rank < K; the kept tokens go out in spatial order. Program g writes the column tiles g, g + G, ...
+    # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = tl.arange(0, NP)
+    nm = offs < N
+    sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
+    rank = _rank_desc(sc, offs, sc_ptr + b * scb, N, BT)
+    keep = nm & (rank < K)
+    ki = keep.to(tl.int32)
+    pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
+    orow = tl.where(keep, P + pos, -1)  # output row of every non-prefix token, -1 if dropped
+    scr = scr_ptr + (b * G + g) * (PP + NP)  # [P + N] old -> new rows, one scratch row per program
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    tl.store(scr + offs_p, offs_p, mask=pm)
+    tl.store(scr + P + offs, orow, mask=nm)
+    tl.debug_barrier()  # the map written above is read below by other threads of this program
+    if WRITE_X:
+        for c0 in range(g * BC, C, G * BC):
+            offs_c = c0 + tl.arange(0, BC)
+            cm = offs_c < C
+            _copy_prefix(x_ptr + b * sxb, x_ptr + b * sxb, ox_ptr + b * oxb, sxn, sxn, oxn, offs_p, pm, offs_c, cm, False)
+            for t0 in range(0, N, RT):
+                ot = t0 + tl.arange(0, RT)
+                orr = tl.load(scr + P + ot, mask=ot < N, other=-1)
+                ok = orr >= 0
+                xt = tl.load(x_ptr + b * sxb + (P + ot)[:, None] * sxn + offs_c[None, :], mask=ok[:, None] & cm[None, :])
+                tl.store(ox_ptr + b * oxb + orr[:, None] * oxn + offs_c[None, :], xt, mask=ok[:, None] & cm[None, :])
+    if g == 0:
+        tl.store(idx_ptr + b * K + pos, offs.to(tl.int64), mask=keep)
+        if HAS_SIZES:
+            nout = P + K
+            tl.store(os_ptr + b * nout + offs_p, tl.load(s_ptr + b * ssb + offs_p, mask=pm), mask=pm)
+            tl.store(os_ptr + b * nout + P + pos, tl.load(s_ptr + b * ssb + P + offs, mask=keep), mask=keep)
+        if HAS_SOURCE:
+            _compose_source(src_ptr + b * srcb, scr, osrc_ptr + b * N0, N0, BS)
+
+
+def topk_sorted(scores, k: int):
+    """Indices ``[B, k]`` of the k best scores per row in ascending order (ties: lowest index first)."""
+    return keep_step(scores[..., None], scores, None, None, 0, k, write_x=False)[3]
+
+
+KEEP_STEP_MAX_N = 1024  # non-prefix tokens one program ranks
+KEEP_STEP_BC = 64  # output columns per tile
+
+
+def keep_step_fits(n: int) -> bool:
+    return n <= KEEP_STEP_MAX_N
+
+
+def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
+    """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one launch:
+    returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``."""
+    bsz, t, c = x.shape
+    n = t - p
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    if source is not None and source.stride(-1) != 1:
+        source = source.contiguous()
+    np_, pp = max(16, _p2(n)), _p2(max(p, 1))
+    groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, x.device) if write_x else 1
+    out = _alloc((bsz, p + k, c), x.device, x.dtype) if write_x else x
+    osz = _alloc((bsz, p + k), x.device, sizes.dtype) if sizes is not None else scores
+    n0 = source.shape[1] if source is not None else 0
+    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else scores
+    idx = _alloc((bsz, k), x.device, torch.long)
+    scr = torch.empty((bsz * groups, pp + np_), device=x.device, dtype=torch.int32)
+    _keep_step[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
+                              source if source is not None else scores, out, osz, osrc, idx, scr,
+                              p, n, k, c, n0, groups,
+                              x.stride(0), x.stride(1), scores.stride(0),
+                              sizes.stride(0) if sizes is not None else 0,
+                              source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
+                              WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
+                              NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
+                              num_warps=8 if np_ >= 512 else 4)
+    return (out if write_x else None, osz if sizes is not None else None, osrc if source is not None else None,
+            idx)
+
+

@@ -1,0 +1,457 @@
+"""Triton kernels of ToMe's bipartite merging: the matching without the Na x Nb similarity matrix in
+memory (``bipartite_best``), the size-weighted merged rows in one pass (``merge_rows``, also the row gather
+``gather_rows``), and the whole merge step in one launch, or two at large batches (``merge_step``).
+References: ``reference.bipartite_best`` / ``merge_rows`` / ``gather_rows`` / ``merge_step``; NOTES.md
+section 3, and for the merge step also section 6 and the notes of sessions 4, 5, 7 and 8.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import (_alloc, _argmax_update, _column_groups, _compose_source, _copy_prefix, _exact_lowp,
+                             _interpreted, _num_sms, _p2, _rank_desc, _sizes_at, _tokens_at)
+
+
+@triton.jit
+def _unit_rows(t):
+    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division)
+    tf = t.to(tl.float32)
+    nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
+    return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
+
+
+@triton.jit
+def _cosine_tile(an, bt, IS_F32: tl.constexpr):
+    # cosine similarities [A rows, B rows] of the unit rows ``an`` with the rows ``bt`` (normalised here), in
+    # float32 rounded to the metric's dtype like the reference's matmul (float32: IEEE products, no tf32, so
+    # the same partners as the float32 reference)
+    bn_ = _unit_rows(bt)
+    if IS_F32:
+        sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
+    else:
+        sim = tl.dot(an, tl.trans(bn_)).to(bt.dtype).to(tl.float32)
+    return sim
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
+             HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pa = tl.program_id(1)
+    offs_d = tl.arange(0, DP)
+    dmask = offs_d < D
+    offs_a = pa * BM + tl.arange(0, BM)
+    amask = offs_a < NA
+    base = m_ptr + b * smb
+    a = tl.load(base + (2 * offs_a)[:, None] * smn + offs_d[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
+    an = _unit_rows(a)  # normalised in the metric's dtype, like the reference
+    best = tl.full([BM], float("-inf"), tl.float32)
+    arg = tl.zeros([BM], tl.int32)
+    for b0 in range(0, NB, BN):
+        offs_b = b0 + tl.arange(0, BN)
+        bmask = offs_b < NB
+        bt = tl.load(base + (2 * offs_b + 1)[:, None] * smn + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
+                     other=0.0)
+        sim = _cosine_tile(an, bt, IS_F32)
+        ok = bmask
+        if HAS_VALID:
+            ok = ok & (tl.load(vb_ptr + b * svb + offs_b, mask=bmask, other=0) != 0)
+        sim = tl.where(ok[None, :], sim, float("-inf"))
+        best, arg = _argmax_update(sim, offs_b, best, arg)  # ties: the lowest index, as torch.max
+    tl.store(best_ptr + b * NA + offs_a, best, mask=amask)
+    tl.store(idx_ptr + b * NA + offs_a, arg.to(tl.int64), mask=amask)
+
+
+def bipartite_best(metric, valid_b=None):
+    """``metric [B, N, d]`` (non-prefix tokens, may be a strided view). Same as ``reference.bipartite_best``."""
+    bsz, n, d = metric.shape
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    na, nbb = (n + 1) // 2, n // 2
+    dp = max(16, _p2(d))
+    best = _alloc((bsz, na), metric.device, torch.float32)
+    idx = _alloc((bsz, na), metric.device, torch.long)
+    bm = 64 if na > 32 else (32 if na > 16 else 16)
+    bn = 64
+    if metric.dtype == torch.float32:  # float32 products on the FMA units: smaller tiles, or they spill
+        bm, bn = min(bm, 32), 32
+    if valid_b is not None:
+        vb = valid_b.to(torch.uint8)
+        svb = vb.stride(0)
+    else:
+        vb, svb = best, 0
+    _bm_best[(bsz, triton.cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
+                                         HAS_VALID=valid_b is not None,
+                                         IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=bn, num_warps=4)
+    return best.to(metric.dtype), idx
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. merged rows: one pass over the tokens that build the output (gather + size-weighted scatter-reduce)
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _merge_rows(x_ptr, s_ptr, prim_ptr, start_ptr, cnt_ptr, mem_ptr, o_ptr, NOUT, R, C,
+                sxb, sxn, ssb, sob, son,
+                HAS_SIZES: tl.constexpr, HAS_MEMBERS: tl.constexpr, PRIM_IN_SUM: tl.constexpr, BC: tl.constexpr):
+    row = tl.program_id(0)
+    b = (row // NOUT).to(tl.int64)
+    o = row % NOUT
+    pr = tl.load(prim_ptr + row)
+    if HAS_MEMBERS:
+        st = tl.load(start_ptr + row)
+        cnt = tl.load(cnt_ptr + row)
+    for c0 in range(0, C, BC):
+        offs = c0 + tl.arange(0, BC)
+        cm = offs < C
+        xp = tl.load(x_ptr + b * sxb + pr * sxn + offs, mask=cm, other=0.0)
+        res = xp.to(tl.float32)
+        if HAS_MEMBERS:
+            if cnt > 0:
+                if HAS_SIZES:
+                    sp = tl.load(s_ptr + b * ssb + pr).to(tl.float32)
+                else:
+                    sp = pr.to(tl.float32) * 0.0 + 1.0
+                if not PRIM_IN_SUM:
+                    sp = sp * 0.0
+                acc = res * sp
+                tot = sp
+                for i in range(0, cnt):
+                    mi = tl.load(mem_ptr + b * R + st + i)
+                    if HAS_SIZES:
+                        si = tl.load(s_ptr + b * ssb + mi).to(tl.float32)
+                    else:
+                        si = mi.to(tl.float32) * 0.0 + 1.0
+                    acc += si * tl.load(x_ptr + b * sxb + mi * sxn + offs, mask=cm, other=0.0).to(tl.float32)
+                    tot += si
+                res = tl.where(tot > 0, acc / tl.maximum(tot, 1e-30), res)
+        tl.store(o_ptr + b * sob + o * son + offs, res.to(o_ptr.dtype.element_ty), mask=cm)
+
+
+def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = True):
+    """Size-weighted merged rows ``[B, len(prim), C]``; see ``reference.merge_rows``."""
+    bsz, t, c = x.shape
+    n_out = prim.shape[1]
+    r = 0 if members is None else members.shape[1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    prim32 = prim.to(torch.int32).contiguous()
+    if r:
+        order = owner.argsort(dim=1, stable=True)
+        mem = members.gather(1, order).to(torch.int32).contiguous()
+        cnt = torch.zeros((bsz, n_out), device=x.device, dtype=torch.int32)
+        cnt.scatter_add_(1, owner, torch.ones_like(owner, dtype=torch.int32))
+        start = (cnt.cumsum(1, dtype=torch.int32) - cnt).contiguous()
+    else:
+        mem = cnt = start = prim32  # not read
+    out = _alloc((bsz, n_out, c), x.device, x.dtype)
+    if sizes is not None:
+        s, ssb = sizes, sizes.stride(0)
+        if sizes.stride(1) != 1:
+            s = sizes.contiguous()
+            ssb = s.stride(0)
+    else:
+        s, ssb = x, 0
+    _merge_rows[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
+                                x.stride(0), x.stride(1), ssb, out.stride(0), out.stride(1),
+                                HAS_SIZES=sizes is not None, HAS_MEMBERS=r > 0, PRIM_IN_SUM=include_prim,
+                                BC=min(1024, _p2(c)), num_warps=4)
+    return out
+
+
+def gather_rows(x, rows):
+    """``out[b, o] = x[b, rows[b, o]]`` in one pass (16-byte row copies)."""
+    return merge_rows(x, None, rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. the whole bipartite merge step in one launch (one program per sample; up to 256 tokens), or two at
+#    large batches (the matching, then the row gather); NOTES.md sections 3 and 6, sessions 4-8
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
+                 PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr):
+    # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
+    #    B in column tiles so no NA x NB matrix lives in registers
+    row_a = P + 2 * offs_a
+    ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
+    an = _unit_rows(ma)
+    best = tl.full([NAP], float("-inf"), tl.float32)
+    arg = tl.zeros([NAP], tl.int32)
+    for j0 in range(0, NB, BT):
+        offs_t = j0 + tl.arange(0, BT)
+        tm = offs_t < NB
+        mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
+                     mask=tm[:, None] & dm[None, :], other=0.0)
+        sim = _cosine_tile(an, mt, IS_F32)
+        okt = tm
+        if PADDED:
+            okt = okt & (tl.load(s_ptr + b * ssb + P + 2 * offs_t + 1, mask=tm, other=0.0) > 0)
+        sim = tl.where(okt[None, :], sim, float("-inf"))
+        best, arg = _argmax_update(sim, offs_t, best, arg)
+    if PADDED:
+        best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
+    # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted
+    #    against tiles of the other A tokens read back from scratch
+    best = tl.where(am, best, float("-inf"))
+    bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
+    tl.store(bst_row + offs_a, best)
+    tl.debug_barrier()
+    rank = _rank_desc(best, offs_a, bst_row, NA, BT)
+    return arg, rank
+
+
+@triton.jit
+def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
+                rows_ptr, P, NA, NB, R, C, D, N0, G,
+                sxb, sxn, syb, syn, smb, smn, ssb, srcb, oxb, oxn,
+                HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
+                IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
+                BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
+                LOG_SIZES: tl.constexpr):
+    # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
+    # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
+    # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
+    # alone spends most of its time waiting on the serial column loop).
+    # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
+    # the sizes and the source map, and leaves each A token's partner and the merged A tokens in rank
+    # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
+    # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
+    # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    offs_a = tl.arange(0, NAP)
+    offs_b = tl.arange(0, NBP)
+    offs_d = tl.arange(0, DP)
+    am = offs_a < NA
+    bm = offs_b < NB
+    dm = offs_d < D
+    row_a = P + 2 * offs_a  # token index of A token i in x
+    row_b = P + 2 * offs_b + 1
+    sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
+    sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
+    arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
+                             PADDED, IS_F32, NAP, BT)
+    is_src = (rank < R) & am
+    if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
+        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
+        tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
+    is_unm = am & (rank >= R)
+    pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
+    n_unm = NA - R
+    out_a = P + pos
+    out_b = P + n_unm + offs_b
+    # merge weights: W[j, i] = s_a[i] if A token i merges into B token j
+    sa_src = tl.where(is_src, sa, 0.0)
+    tot = sb + tl.sum(tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0), 1)
+    # -- tokens: prefix copied, kept A copied, B = size-weighted mean with its merged A tokens
+    if MODE == 2:  # output row -> source row; -1 for the B rows that receive merged tokens (_merge_gather)
+        nrow = P + n_unm + NB
+        tl.store(rows_ptr + b * nrow + out_a, row_a, mask=is_unm)
+        tl.store(rows_ptr + b * nrow + out_b, row_b, mask=bm)
+        tl.store(rows_ptr + b * nrow + offs_p, offs_p, mask=pm)
+        tl.debug_barrier()  # the B rows' entries above are written before the -1 below overwrites some
+        tl.store(rows_ptr + b * nrow + P + n_unm + arg, tl.full([NAP], -1, tl.int32), mask=is_src)
+    for c0 in range(g * BC, C if MODE == 0 else 0, G * BC):  # MODE 2: no rows (_merge_gather writes them)
+        offs_c = c0 + tl.arange(0, BC)
+        cm = offs_c < C
+        # the tokens (HAS_Y: x + y, a block's last residual add left to this kernel)
+        xa = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_a, offs_c, sxn, syn, am[:, None] & cm[None, :], HAS_Y)
+        xb = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, bm[:, None] & cm[None, :], HAS_Y)
+        # W[j, i] = s_a[i] if A token i merges into B token j (rebuilt per tile: fewer live registers)
+        w = tl.where(arg[None, :] == offs_b[:, None], sa_src[None, :], 0.0)
+        if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
+            acc = tl.dot(w.to(xa.dtype), xa)
+        else:
+            acc = tl.dot(w, xa.to(tl.float32), input_precision="ieee")
+        xbf = xb.to(tl.float32)
+        xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
+        tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
+        tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
+                 mask=bm[:, None] & cm[None, :])
+        _copy_prefix(x_ptr + b * sxb, y_ptr + b * syb, ox_ptr + b * oxb, sxn, syn, oxn, offs_p, pm, offs_c, cm, HAS_Y)
+    if g == 0:  # sizes and source map: written once per sample, by program 0
+        # -- sizes
+        nout = P + n_unm + NB
+        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+        tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
+        sp = _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES)
+        tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
+        if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
+            bt = ob_ptr.dtype.element_ty
+            tl.store(ob_ptr + b * nout + out_a, tl.log(tl.where(is_unm, sa, 1.0)).to(bt), mask=is_unm)
+            tl.store(ob_ptr + b * nout + out_b, tl.log(tl.where(bm, tot, 1.0)).to(bt), mask=bm)
+            tl.store(ob_ptr + b * nout + offs_p, tl.log(tl.where(pm, sp, 1.0)).to(bt), mask=pm)
+        # -- source map: old token -> new token, then compose with the current map
+        if HAS_SOURCE:
+            nt = P + NA + NB
+            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+            tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
+            _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
+
+
+@triton.jit
+def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn, ssb,
+                  oxb, oxn, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr,
+                  RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
+    # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
+    # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
+    # Programs (b, NG ..): column tile BCF of the B rows that receive merged tokens (row -1 in ``rows``).
+    # For the R merged A tokens i (rank order) with partner j(i): row j = (s_j x_j + sum over A tokens
+    # i' into j of s_i' x_i') / (s_j + sum s_i'), from W[i, i'] = s_i' where j(i') = j(i); A tokens with
+    # the same partner write the same row with the same values.
+    # HAS_Y: the tokens are x + y, the block's last residual add left to this kernel (rounded to the token
+    # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    if t < NG:
+        offs_o = t * RB + tl.arange(0, RB)
+        om = offs_o < NOUT
+        src = tl.load(rows_ptr + b * NOUT + offs_o, mask=om, other=-1)
+        ok = om & (src >= 0)
+        for c0 in range(0, C, BC):
+            offs_c = c0 + tl.arange(0, BC)
+            m = ok[:, None] & (offs_c < C)[None, :]
+            xt = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, src, offs_c, sxn, syn, m, HAS_Y)
+            tl.store(ox_ptr + b * oxb + offs_o[:, None] * oxn + offs_c[None, :], xt, mask=m)
+    else:
+        offs_c = (t - NG) * BCF + tl.arange(0, BCF)
+        cm = offs_c < C
+        offs_r = tl.arange(0, RP)
+        rm = offs_r < R
+        ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
+        arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
+        row_s = P + 2 * ia
+        row_b = P + 2 * arg + 1
+        ss = _sizes_at(s_ptr + b * ssb, row_s, rm, HAS_SIZES)
+        sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
+        xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, rm[:, None] & cm[None, :], HAS_Y)
+        w = tl.where((arg[:, None] == arg[None, :]) & rm[None, :], ss[None, :], 0.0)  # [RP, RP]
+        if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
+            acc = tl.dot(w.to(xs.dtype), xs)
+        else:
+            acc = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
+        tot = sb + tl.sum(w, 1)
+        xbf = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, rm[:, None] & cm[None, :],
+                         HAS_Y).to(tl.float32)
+        xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
+        out_b = P + (NA - R) + arg
+        tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
+
+
+MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
+MERGE_STEP_WARPS = 8
+MERGE_STEP_BC = 32  # output columns per tile (64 spills)
+MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
+# From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
+# a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
+# samples take one wave) and _merge_gather, which copies whole rows through a row map (rb rows, gbc
+# columns at a time, gwarps warps) and computes only the B rows that receive merged tokens (fbc columns
+# per program, fbc_many above 32 merged tokens); None: always one launch (137 us at bs 256 N=196 r=13).
+# H100, graph replay, C=768
+# (gpu_profile.py --only ms; docs/gpu/profile_h100_run25_ms.json for the sweep of rows / columns / warps,
+# profile_h100_run28_ms.json): bs 256 N=196 r=13 99.5 us for session 5's per-column-tile rows -> 81.3
+# (76.3 with the register cap: 55 us of it the row copy, 91% of the copy bound), r=48 110.5 -> 77.5,
+# N=98 46.9 -> 39.7; bs 128 51.2 -> 41.9; bs 64 28.8 -> 23.4; bs 32 17.3 -> 16.0
+MERGE_STEP_SPLIT = {"min_batch": 32, "rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128, "mwarps": 8,
+                    "mmaxnreg": 128}
+
+
+def merge_step_fits(n: int) -> bool:
+    return (n + 1) // 2 <= MERGE_STEP_MAX_A
+
+
+def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
+               log_sizes: bool = False, residual=None):
+    """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
+    ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
+    ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
+    that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum."""
+    bsz, t, c = x.shape
+    n = t - p
+    na, nb = (n + 1) // 2, n // 2
+    d = metric.shape[-1]
+    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
+                             f"the tokens {tuple(x.shape)} {x.dtype}")
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    nout = p + na - r + nb
+    out = _alloc((bsz, nout, c), x.device, x.dtype)
+    osz = _alloc((bsz, nout), x.device, torch.float32)
+    if sizes is not None and sizes.stride(-1) != 1:
+        sizes = sizes.contiguous()
+    if source is not None:
+        source = source if source.stride(-1) == 1 else source.contiguous()
+        n0 = source.shape[1]
+        osrc = _alloc((bsz, n0), x.device, torch.long)
+        scr = torch.empty((bsz, t), device=x.device, dtype=torch.int32)
+    else:
+        n0, osrc, scr = 0, osz, osz
+    # sizes never exceed the input token count; products in the token dtype are exact while sizes are
+    # (without a bound from the caller or a source map, sizes are unbounded: fp32 products)
+    if sizes is None:
+        max_size = 1
+    elif max_size is None:
+        max_size = source.shape[1] if source is not None else float("inf")
+    lowp = _exact_lowp(x.dtype, max_size)
+    s_arg = sizes if sizes is not None else osz
+    nap = max(16, _p2(na))
+    groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
+    bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
+    mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
+    rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
+    ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
+
+    y = residual if residual is not None else x
+
+    def launch(mode, grid, g, bc, warps, **extra):
+        _merge_step[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
+                          rows, p, na, nb, r, c, d, n0, g,
+                          x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
+                          sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
+                          out.stride(0), out.stride(1),
+                          HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0,
+                          PADDED=bool(padded), HAS_SOURCE=source is not None,
+                          IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
+                          NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
+                          BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
+
+    if split:
+        cap = MERGE_STEP_SPLIT.get("mmaxnreg") if bsz > _num_sms(x.device) else None
+        launch(2, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_SPLIT.get("mwarps", MERGE_STEP_WARPS),
+               **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))
+        rb, fbc = MERGE_STEP_SPLIT["rb"], MERGE_STEP_SPLIT["fbc"]
+        if r > 32:
+            fbc = MERGE_STEP_SPLIT.get("fbc_many", fbc)
+        if not lowp:  # float32 products: smaller tiles, or they spill
+            fbc = 32
+        ng = triton.cdiv(nout, rb)
+        _merge_gather[(bsz, ng + triton.cdiv(c, fbc))](
+            x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
+            HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
+            BC=min(MERGE_STEP_SPLIT["gbc"], _p2(c)), BCF=fbc,
+            num_warps=MERGE_STEP_SPLIT["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
+    else:
+        launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
+    if log_sizes:
+        return out, osz, (osrc if source is not None else None), ob
+    return out, osz, (osrc if source is not None else None)
+
+
