@@ -165,17 +165,18 @@ class Plan:
 
 
 def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fraction: float = 1.0,
-                    geometric: bool = False) -> list[tuple[int, int]]:
+                    geometric: bool = False, every_block: bool = False) -> list[tuple[int, int]]:
     """Split the removal of ``num_tokens - keep`` tokens over ``blocks``.
 
     ``geometric``: the same keep *ratio* at every block (EViT-style);
     otherwise the same *count* r at every block (ToMe-style), front-loaded
     where the per-block cap ``max_fraction * n`` forces it. Returns
     ``[(block, keep_after)]`` for the blocks that remove at least one token,
-    ending exactly at ``keep``.
+    ending exactly at ``keep``; with ``geometric`` and ``every_block``, for
+    every block (a block that removes nothing keeps the count it gets).
     """
     blocks = list(blocks)
-    if keep >= num_tokens or not blocks:
+    if not blocks or (keep >= num_tokens and not (geometric and every_block)):
         return []
     n = num_tokens
     out: list[tuple[int, int]] = []
@@ -183,9 +184,9 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
         ratio = (keep / num_tokens) ** (1.0 / len(blocks))
         for j, b in enumerate(blocks):
             target = keep if j == len(blocks) - 1 else max(keep, math.floor(num_tokens * ratio ** (j + 1) + 0.5))
-            if target < n:
-                out.append((b, target))
-                n = target
+            if target < n or every_block:
+                n = min(n, target)
+                out.append((b, n))
         return out
     remaining = n - keep
     for j, b in enumerate(blocks):

@@ -79,7 +79,7 @@ import torch
 
 from ..engine import QK
 from ..plan import EncoderInfo, keep_count
-from ..reducers.cls import check_layers, patch_scores
+from ..reducers.base import check_layers, patch_scores
 from ..state import TokenState
 from .base import ORIGINAL, Adapter, class_names, restore_class, swap_class
 

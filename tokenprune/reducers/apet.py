@@ -44,11 +44,10 @@ import torch
 
 from .. import kernels
 from ..ops import prefix_map, remap_source
-from ..plan import EncoderInfo, Plan, Stage, spread_schedule
+from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer
-from .cls import check_layers, default_layers
+from .base import Reducer, ratio_schedule
 
 
 def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,12 +109,9 @@ class Apet(Reducer):
         if self.k > info.num_tokens:
             raise ValueError(f"k={self.k} basis tokens is more than the {info.num_tokens} tokens of the input; "
                              f"use k <= {info.num_tokens}")
-        if self.layers is not None:
-            check_layers(self.layers, info.depth)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
-        return [Stage(b, k, self.name) for b, k in spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+        return ratio_schedule(self.name, info, keep, self.layers)
 
     def plan(self, info, budget, overrides=None) -> Plan:
         plan = super().plan(info, budget, overrides)

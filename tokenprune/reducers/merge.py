@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
-from .base import Reducer, default_blocks
-from .cls import check_layers
+from .base import Reducer, check_layers, default_blocks
 
 
 @register("merge")
