@@ -54,3 +54,16 @@ def test_no_module_imports_helpers_from_another_reducers_file():
         for m in re.finditer(r"from (?:\.|\.\.reducers\.|tokenprune\.reducers\.)cls import ([^\n]+)", text):
             offenders.append(f"{path.relative_to(PACKAGE)}: {m.group(0)}")
     assert offenders == []
+
+
+# -- compositions ------------------------------------------------------------------------------------
+def test_pipeline_stages_name_their_owner_and_reduce_dispatches_on_it():
+    info = EncoderInfo(depth=8, dim=48, num_heads=3, num_prefix=1, num_tokens=64, mlp_hidden=192, grid=(8, 8))
+    pipe = registry.make(["random", "cls"])
+    plan = pipe.plan(info, 0.25)
+    assert {s.owner for s in plan.stages if s.block < 4} == {0} and {s.owner for s in plan.stages if s.block >= 4} == {1}
+    assert "[0.random; next blocks: sdpa]" in plan.summary() and "[1.cls; next blocks: sdpa]" in plan.summary()
+    seen = []
+    pipe.subs[1].reduce = lambda state, stage, qk: seen.append(stage) or state
+    pipe.reduce("state", tokenprune.Stage(5, 10, op="a display name only", owner=1), None)
+    assert [(s.block, s.keep, s.op) for s in seen] == [(1, 10, "cls")]  # block relative to the owner's range

@@ -46,8 +46,9 @@ class Stage:
 
     block: int
     keep: int
-    op: str = ""  # name of the reducer that performs it
+    op: str = ""  # name of the reducer that performs it, for display ("0.cls" in a composition)
     attention: str = "sdpa"  # attention path of the blocks that follow ("sdpa" or "linear")
+    owner: int | None = None  # in a composition: the index of the reducer that performs it
 
 
 def keep_count(budget: float, num_tokens: int) -> int:

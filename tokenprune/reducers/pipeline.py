@@ -122,7 +122,7 @@ class Pipeline(Reducer):
             sub_plan = sub.plan(sub_info, target / n)
             subplans.append((a, sub_plan))
             for s in sub_plan.stages:
-                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention))
+                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention, owner=i))
             if sub_plan.num_out != n:
                 grid = None
             n = sub_plan.num_out
@@ -149,10 +149,9 @@ class Pipeline(Reducer):
                 sub.observe(state, block - a, qk)
 
     def reduce(self, state, stage, qk):
-        i = int(stage.op.split(".", 1)[0])
-        a = self.block_ranges(self._depth)[i][0]
-        return self.subs[i].reduce(state, Stage(stage.block - a, stage.keep, self.subs[i].name, stage.attention),
-                                   qk)
+        sub = self.subs[stage.owner]
+        a = self.block_ranges(self._depth)[stage.owner][0]
+        return sub.reduce(state, Stage(stage.block - a, stage.keep, sub.name, stage.attention), qk)
 
     def attention_kernel(self, path):
         for sub in self.subs:  # a path is named by the one reducer that sets it (maelre's "linear")
