@@ -67,3 +67,49 @@ def test_pipeline_stages_name_their_owner_and_reduce_dispatches_on_it():
     pipe.subs[1].reduce = lambda state, stage, qk: seen.append(stage) or state
     pipe.reduce("state", tokenprune.Stage(5, 10, op="a display name only", owner=1), None)
     assert [(s.block, s.keep, s.op) for s in seen] == [(1, 10, "cls")]  # block relative to the owner's range
+
+
+# -- layering: no import cycles, no imports hidden in functions to break one --------------------------
+LAYERED = ["__init__.py", "api.py", "patch.py", "registry.py", "plan.py", "adapters/__init__.py", "adapters/base.py",
+           "adapters/llava.py", *[f"reducers/{p.name}" for p in (PACKAGE / "reducers").glob("*.py")]]
+
+
+def _tokenprune_imports(path: Path, in_functions: bool) -> list[str]:
+    import ast
+
+    out = []
+
+    def visit(node, inside):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and inside == in_functions:
+                names = [a.name for a in child.names] if isinstance(child, ast.Import) else [child.module or ""]
+                if getattr(child, "level", 0) or any(n.startswith("tokenprune") for n in names):
+                    out.append(ast.unparse(child))
+            visit(child, inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(ast.parse(path.read_text()), False)
+    return out
+
+
+@pytest.mark.parametrize("name", LAYERED)
+def test_no_tokenprune_import_inside_a_function(name):
+    assert _tokenprune_imports(PACKAGE / name, in_functions=True) == []
+
+
+def test_registry_is_a_leaf_and_reducers_never_import_api_or_adapters():
+    assert _tokenprune_imports(PACKAGE / "registry.py", in_functions=False) == []
+    for path in (PACKAGE / "reducers").glob("*.py"):
+        for line in _tokenprune_imports(path, in_functions=False):
+            assert not re.search(r"\b(api|adapters|patch)\b", line), f"{path.name}: {line}"
+
+
+def test_built_in_reducers_are_registered_whatever_is_imported_first():
+    import subprocess
+    import sys
+
+    code = ("import tokenprune.registry as r, tokenprune.reducers.pool as p; "
+            "print(','.join(r.methods())); print(r.get('pool') is p.Pool)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout.split()
+    assert set(out[0].split(",")) >= {"apet", "cls", "maelre", "merge", "pipeline", "pool", "random", "threshold"}
+    assert out[1] == "True"

@@ -1,4 +1,8 @@
-"""Name -> reducer class. Reducers register themselves with :func:`register`."""
+"""Name -> reducer class. Reducers register themselves with :func:`register`.
+
+This module imports nothing from tokenprune: the reducers import it, and ``tokenprune.api`` imports
+``tokenprune.reducers`` once, which registers the built-in ones (importing any part of tokenprune
+runs the package ``__init__``, which imports ``api``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +22,6 @@ def register(name: str):
 
 def methods() -> list[str]:
     """Names of the registered reducers."""
-    from . import reducers  # noqa: F401  (registers the built-in reducers)
     return sorted(_REDUCERS)
 
 
