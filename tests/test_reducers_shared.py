@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import tokenprune
 from tokenprune import registry
@@ -113,3 +114,67 @@ def test_built_in_reducers_are_registered_whatever_is_imported_first():
                          cwd=PACKAGE.parent).stdout.split()
     assert set(out[0].split(",")) >= {"apet", "cls", "maelre", "merge", "pipeline", "pool", "random", "threshold"}
     assert out[1] == "True"
+
+
+
+# -- bad options: an error from tokenprune.apply, the model as it was ---------------------------------
+BAD_OPTIONS = [  # (method, options, error, message) on tiny_vit: 4 blocks, an 8 x 8 grid, budget 0.25
+    ("random", {"seed": "x"}, TypeError, "seed='x' must be an integer or None"),
+    ("random", {"layers": [9]}, ValueError, "outside the encoder's blocks"),
+    ("random", {"layers": 3}, TypeError, "layers=3 must be a list of integers or None"),
+    ("merge", {"layers": [0]}, ValueError, r"cannot reduce 64 tokens to 16 in 1 steps \(after blocks \[0\]\) of at most 50%"),
+    ("merge", {"start": 1.5}, TypeError, "start=1.5 must be an integer"),
+    ("merge", {"prop_attn": "no"}, TypeError, "prop_attn='no' must be True or False"),
+    ("cls", {"variant": "max"}, ValueError, "variant must be 'single' or 'sum'"),
+    ("cls", {"substitute": "x"}, ValueError, "substitute must be"),
+    ("cls", {"threshold": "high"}, TypeError, "threshold='high' must be a number or None"),
+    ("cls", {"layers": []}, ValueError, "must name at least one block"),
+    ("apet", {"k": 0}, ValueError, r"k \(basis tokens\) must be a positive integer"),
+    ("apet", {"eps": 0.0}, ValueError, "eps .* must be > 0"),
+    ("pool", {"size": (3,)}, TypeError, r"size=\(3,\) must be a list of 2 integers or None"),
+    ("pool", {"size": (2.5, 3)}, TypeError, "must be a list of 2 integers"),
+    ("pool", {"size": (9, 3)}, ValueError, r"between \(1, 1\) and the grid"),
+    ("pool", {"block": 1.5}, TypeError, "block=1.5 must be an integer"),
+    ("pool", {"block": 4}, ValueError, r"outside -1\.\.3"),
+    ("maelre", {"switch_at": -1}, ValueError, "switch_at must be a token count"),
+    ("maelre", {"switch_at": 1.5}, TypeError, "switch_at=1.5 must be an integer or None"),
+    ("maelre", {"layers": [0]}, ValueError, "cannot reduce 64 tokens"),
+    ("threshold", {"init": [0.1]}, ValueError, "init has 1 thresholds for 3 stages"),
+    ("threshold", {"init": ["a", 1, 2]}, TypeError, "init=.* must be a list of numbers or None"),
+    ("threshold", {"tau": 0}, ValueError, "tau must be > 0"),
+    ("threshold", {"tau": "x"}, TypeError, "tau='x' must be a number"),
+    (["merge", "pool"], {}, ValueError, r"pool must be the first reducer in a composition.*method=\['pool', 'merge'\]"),
+    (["cls", ("merge", {"start": "x"})], {}, TypeError, "method 'merge': option start='x'"),
+]
+
+
+@pytest.mark.parametrize("method,options,error,match", BAD_OPTIONS,
+                         ids=[f"{m}-{'-'.join(o) or 'order'}" for m, o, _, _ in BAD_OPTIONS])
+def test_bad_option_is_an_error_at_apply_and_leaves_the_model_as_it_was(method, options, error, match):
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+    with pytest.raises(error, match=match):
+        tokenprune.apply(model, budget=0.25, method=method, **options)
+    assert tokenprune.get_patch(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+
+    tokenprune.apply(model, budget=0.5, method="cls")
+    earlier = tokenprune.get_patch(model)
+    with torch.no_grad():
+        patched = model(x)
+    with pytest.raises(error, match=match):
+        tokenprune.apply(model, budget=0.25, method=method, **options)
+    assert tokenprune.get_patch(model) is earlier
+    with torch.no_grad():
+        assert torch.equal(model(x), patched)
+
+
+def test_pool_first_in_a_composition_runs():
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method=["pool", "merge"])
+    with torch.no_grad():
+        tokens, state = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + tokenprune.plan(model).num_out == 17

@@ -202,8 +202,8 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
             out.append((b, n))
     if remaining > 0:
         raise ValueError(
-            f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps of at most "
-            f"{max_fraction:.0%} each; give more reduction blocks or a larger budget")
+            f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps (after blocks {blocks}) of at "
+            f"most {max_fraction:.0%} each; give more reduction blocks (layers=) or a larger budget")
     return out
 
 

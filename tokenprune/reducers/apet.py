@@ -106,6 +106,8 @@ class Apet(Reducer):
     def check(self, info: EncoderInfo) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k (basis tokens) must be a positive integer, got {self.k!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps (the ridge term of the Gram matrix) must be > 0, got {self.eps!r}")
         if self.k > info.num_tokens:
             raise ValueError(f"k={self.k} basis tokens is more than the {info.num_tokens} tokens of the input; "
                              f"use k <= {info.num_tokens}")

@@ -35,6 +35,7 @@ class Reducer:
 
     name: ClassVar[str] = ""
     proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
+    needs_input_grid: ClassVar[bool] = False  # works on the untouched patch grid (first in a composition)
     uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (attention_kernel)
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)

@@ -22,7 +22,7 @@ from. ``schedule=`` overrides are not supported: set each reducer's own options.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
@@ -42,6 +42,7 @@ class Pipeline(Reducer):
         subs = []
         for r in self.reducers:
             if isinstance(r, Reducer):
+                registry.check_option_types(type(r), {f.name: getattr(r, f.name) for f in fields(r) if f.init})
                 subs.append(r)
             elif isinstance(r, str):
                 subs.append(registry.make(r))
@@ -54,6 +55,12 @@ class Pipeline(Reducer):
             raise ValueError("a pipeline needs at least one reducer, e.g. method=['cls', 'merge']")
         if any(isinstance(s, Pipeline) for s in subs):
             raise ValueError("pipelines cannot be nested; list all reducers in one pipeline")
+        late = [i for i, s in enumerate(subs) if i > 0 and s.needs_input_grid]
+        if late:
+            i, names = late[0], [s.name for s in subs]
+            first = [names[i], *names[:i], *names[i + 1:]]
+            raise ValueError(f"{names[i]} must be the first reducer in a composition: it needs the untouched patch "
+                             f"grid, which the reducers before it change; e.g. method={first!r}")
         self.subs: list[Reducer] = subs
         if self.split is not None:
             if len(self.split) != len(subs) or any(not w >= 0 for w in self.split) or not sum(self.split) > 0:

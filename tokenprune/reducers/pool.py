@@ -80,7 +80,7 @@ class Pool(Reducer):
     mode: str = "avg"  # "avg" or "bilinear"
     size: tuple[int, int] | None = None  # pooled (h', w') per frame; default: nearest to the budget
 
-    proportional = True
+    needs_input_grid = True
 
     def __post_init__(self):
         if self.mode not in ("avg", "bilinear"):
