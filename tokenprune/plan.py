@@ -106,32 +106,25 @@ class Plan:
             out.setdefault(s.block, []).append(s)
         return out
 
+    def _per_block(self, start, after_stage) -> list:
+        """What holds at the input of each block: ``start``, then ``after_stage(s)`` of the last stage
+        ``s`` before it (stages after block -1, e.g. pooling the patch grid, come before block 0)."""
+        value, at, out = start, self.stage_at(), []
+        for s in at.get(-1, []):
+            value = after_stage(s)
+        for i in range(self.info.depth):
+            out.append(value)
+            for s in at.get(i, []):
+                value = after_stage(s)
+        return out
+
     def tokens_per_block(self) -> list[int]:
         """Non-prefix tokens entering each block."""
-        n = self.info.num_tokens
-        at = self.stage_at()
-        for s in at.get(-1, []):  # stages before the first block (e.g. pooling the patch grid)
-            n = s.keep
-        out = []
-        for i in range(self.info.depth):
-            out.append(n)
-            for s in at.get(i, []):
-                n = s.keep
-        return out
+        return self._per_block(self.info.num_tokens, lambda s: s.keep)
 
     def attention_per_block(self) -> list[str]:
         """Attention path ("sdpa" or "linear") of each block."""
-        path = "sdpa"
-        first = [s for s in self.stages if s.block == -1]
-        if first:
-            path = first[-1].attention
-        at = self.stage_at()
-        out = []
-        for i in range(self.info.depth):
-            out.append(path)
-            for s in at.get(i, []):
-                path = s.attention
-        return out
+        return self._per_block("sdpa", lambda s: s.attention)
 
     def flops(self) -> float:
         p = self.info.num_prefix

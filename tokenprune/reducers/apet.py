@@ -43,11 +43,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..ops import prefix_map, remap_source
 from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer, ratio_schedule
+from .base import Reducer, ratio_schedule, set_groups
 
 
 def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,10 +97,6 @@ class Apet(Reducer):
     layers: list[int] | None = None  # blocks after which to prune (default: depth/4, depth/2, 3 depth/4)
     eps: float = 1e-5  # ridge term of the least-squares Gram matrix
     prop_attn: bool = False  # add log(size) of merged tokens to later attention (off: blocks keep flash SDPA)
-
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
 
     def check(self, info: EncoderInfo) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -160,6 +155,7 @@ class Apet(Reducer):
             return state
         s = sizes[:, p:].to(x.dtype)
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
+        new_patches = None
         if kernels.use_triton(x):  # one pass: each kept row averages the tokens mapped to it (tokenprune/kernels)
             rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), keep_idx + p], 1)
             members = torch.arange(p, n_all, device=x.device).expand(b, n)
@@ -169,10 +165,6 @@ class Apet(Reducer):
                 1, target[..., None].expand(b, n, c), xs * s[..., None])
             kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
             new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
-            state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
-        # always set (no host sync, so the forward can be captured in a CUDA graph); with
-        # prop_attn=False the sizes weight later merges and pooling but add no attention bias
-        state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
-        if state.source is not None:
-            state.source = remap_source(state.source, torch.cat([prefix_map(b, p, x.device), target + p], 1))
-        return state
+        # sizes always set (no host sync, so the forward can be captured in a CUDA graph); with
+        # prop_attn=False they weight later merges and pooling but add no attention bias
+        return set_groups(state, new_patches, sizes, den, target)

@@ -8,7 +8,8 @@ Shared here (import them from this module, never from another reducer's file):
 - :func:`ratio_schedule`: stages after those blocks with the same keep ratio at each (EViT-style),
   the schedule of ``cls``, ``random``, ``apet`` and ``threshold``;
 - :func:`patch_scores`: the [CLS] attention of every patch (``cls`` and the LLaVA adapter);
-- :func:`patch_valid`: which non-prefix slots hold a real token.
+- :func:`patch_valid`: which non-prefix slots hold a real token;
+- :func:`set_groups`: the tokens become groups of the old ones (sizes and source map follow).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from ..ops import query_attention, received_attention
+from ..ops import prefix_map, query_attention, received_attention, remap_source
 from ..plan import EncoderInfo, Plan, Stage, apply_overrides, keep_count, spread_schedule, validate
 from ..state import TokenState
 
@@ -34,12 +35,17 @@ class Reducer:
     """
 
     name: ClassVar[str] = ""
-    proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
     needs_input_grid: ClassVar[bool] = False  # works on the untouched patch grid (first in a composition)
     uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (attention_kernel)
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
+
+    @property
+    def proportional(self) -> bool:
+        """Whether later blocks add ``log(size)`` to their attention logits when sizes exist: the
+        reducer's ``prop_attn`` option where it has one, else True."""
+        return getattr(self, "prop_attn", True)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         raise NotImplementedError
@@ -115,6 +121,21 @@ def ratio_schedule(op: str, info: EncoderInfo, keep: int, layers=None, *, before
     layers = stage_layers(layers, info.depth, before_first=before_first)
     steps = spread_schedule(info.num_tokens, keep, layers, geometric=True, every_block=every_layer)
     return [Stage(b, k, op) for b, k in steps]
+
+
+def set_groups(state: TokenState, patches: torch.Tensor | None, sizes: torch.Tensor, counts: torch.Tensor,
+               group: torch.Tensor) -> TokenState:
+    """The non-prefix tokens become groups of the old ones: ``group`` ``[B, N]`` is the group of each old
+    non-prefix token, ``counts`` ``[B, M]`` the groups' total sizes, ``patches`` ``[B, M, C]`` the new
+    tokens (None: ``state.x`` already holds all of them), ``sizes`` the old sizes (for the prefix). The
+    source map sends every patch to its token's group."""
+    x, p = state.x, state.num_prefix
+    if patches is not None:
+        state.x = torch.cat([x[:, :p], patches], 1) if p else patches
+    state.sizes = torch.cat([sizes[:, :p], counts.to(sizes.dtype)], 1)
+    if state.source is not None:
+        state.source = remap_source(state.source, torch.cat([prefix_map(x.shape[0], p, x.device), group + p], 1))
+    return state
 
 
 def patch_valid(state: TokenState) -> torch.Tensor | None:

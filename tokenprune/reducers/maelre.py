@@ -77,10 +77,6 @@ class Maelre(Reducer):
     uses_attention_kernel = True
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
 
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
-
     def check(self, info: EncoderInfo) -> None:
         if self.switch_at is not None and (isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int)
                                            or self.switch_at < 0):

@@ -40,10 +40,6 @@ class Merge(Reducer):
 
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
 
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
-
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         if self.layers is not None:
             steps = spread_schedule(info.num_tokens, keep, check_layers(self.layers, info.depth), max_fraction=0.5)

@@ -73,7 +73,7 @@ class Pipeline(Reducer):
         self._module = None
 
     @property
-    def proportional(self) -> bool:  # type: ignore[override]
+    def proportional(self) -> bool:
         return all(s.proportional for s in self.subs)
 
     @property
