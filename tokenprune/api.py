@@ -4,12 +4,10 @@ from __future__ import annotations
 import contextlib
 from typing import Mapping
 
-from . import adapters, registry
-from .engine import Program
+from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
+from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied  # noqa: F401  (get_patch, is_applied: public)
 from .plan import Plan, check_budget
-
-PATCH_ATTR = "_tokenprune"
-MODULE_ATTR = "tokenprune_params"  # where a reducer's learnable parameters (reducer.module) live on the model
+from .recipes import load_recipe
 
 
 def _attach_module(model, patch) -> None:
@@ -22,36 +20,6 @@ def _attach_module(model, patch) -> None:
             module.to(ref.device)
         module.train(model.training)
         model.add_module(MODULE_ATTR, module)
-
-
-class Patch:
-    """Everything one ``apply`` call installed on a model (kept as a plain attribute, not a submodule)."""
-
-    def __init__(self, model, adapter, reducer, budget: float, schedule: Mapping[int, int] | None,
-                 track_source: bool):
-        self.adapter = adapter
-        self.reducer = reducer
-        self.budget = budget
-        self.schedule = dict(schedule) if schedule else None
-        self.track_source = track_source
-        self.info = adapter.info()
-        self.num_prefix = self.info.num_prefix
-        self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
-
-    def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
-        return self.program_for(num_tokens, grid).plan
-
-    def program_for(self, num_tokens: int | None = None, grid=None) -> Program:
-        n = self.info.num_tokens if num_tokens is None else num_tokens
-        if grid is None:
-            grid = self.adapter.grid_for(n)
-        key = (n, grid)
-        prog = self._programs.get(key)
-        if prog is None:  # a new input size: plan it (two threads may both do this; the results are equal)
-            plan = self.reducer.plan(self.info.with_tokens(n, grid), self.budget, self.schedule)
-            prog = Program.build(plan, self.reducer)
-            self._programs[key] = prog
-        return prog
 
 
 def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
@@ -87,8 +55,6 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
     """
     if recipe is not None:
-        from .recipes import load_recipe
-
         rec = load_recipe(recipe)
         budget = rec.budget if budget is None else budget
         if method is None or method == rec.method:  # the recipe's options belong to its method
@@ -138,14 +104,6 @@ def remove(model):
         if getattr(patch.reducer, "module", None) is not None:
             model._modules.pop(MODULE_ATTR, None)
     return model
-
-
-def is_applied(model) -> bool:
-    return PATCH_ATTR in model.__dict__
-
-
-def get_patch(model) -> Patch | None:
-    return model.__dict__.get(PATCH_ATTR)
 
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,

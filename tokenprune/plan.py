@@ -46,8 +46,9 @@ class Stage:
 
     block: int
     keep: int
-    op: str = ""  # name of the reducer that performs it
+    op: str = ""  # name of the reducer that performs it, for display ("0.cls" in a composition)
     attention: str = "sdpa"  # attention path of the blocks that follow ("sdpa" or "linear")
+    owner: int | None = None  # in a composition: the index of the reducer that performs it
 
 
 def keep_count(budget: float, num_tokens: int) -> int:
@@ -105,32 +106,25 @@ class Plan:
             out.setdefault(s.block, []).append(s)
         return out
 
+    def _per_block(self, start, after_stage) -> list:
+        """What holds at the input of each block: ``start``, then ``after_stage(s)`` of the last stage
+        ``s`` before it (stages after block -1, e.g. pooling the patch grid, come before block 0)."""
+        value, at, out = start, self.stage_at(), []
+        for s in at.get(-1, []):
+            value = after_stage(s)
+        for i in range(self.info.depth):
+            out.append(value)
+            for s in at.get(i, []):
+                value = after_stage(s)
+        return out
+
     def tokens_per_block(self) -> list[int]:
         """Non-prefix tokens entering each block."""
-        n = self.info.num_tokens
-        at = self.stage_at()
-        for s in at.get(-1, []):  # stages before the first block (e.g. pooling the patch grid)
-            n = s.keep
-        out = []
-        for i in range(self.info.depth):
-            out.append(n)
-            for s in at.get(i, []):
-                n = s.keep
-        return out
+        return self._per_block(self.info.num_tokens, lambda s: s.keep)
 
     def attention_per_block(self) -> list[str]:
         """Attention path ("sdpa" or "linear") of each block."""
-        path = "sdpa"
-        first = [s for s in self.stages if s.block == -1]
-        if first:
-            path = first[-1].attention
-        at = self.stage_at()
-        out = []
-        for i in range(self.info.depth):
-            out.append(path)
-            for s in at.get(i, []):
-                path = s.attention
-        return out
+        return self._per_block("sdpa", lambda s: s.attention)
 
     def flops(self) -> float:
         p = self.info.num_prefix
@@ -165,17 +159,18 @@ class Plan:
 
 
 def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fraction: float = 1.0,
-                    geometric: bool = False) -> list[tuple[int, int]]:
+                    geometric: bool = False, every_block: bool = False) -> list[tuple[int, int]]:
     """Split the removal of ``num_tokens - keep`` tokens over ``blocks``.
 
     ``geometric``: the same keep *ratio* at every block (EViT-style);
     otherwise the same *count* r at every block (ToMe-style), front-loaded
     where the per-block cap ``max_fraction * n`` forces it. Returns
     ``[(block, keep_after)]`` for the blocks that remove at least one token,
-    ending exactly at ``keep``.
+    ending exactly at ``keep``; with ``geometric`` and ``every_block``, for
+    every block (a block that removes nothing keeps the count it gets).
     """
     blocks = list(blocks)
-    if keep >= num_tokens or not blocks:
+    if not blocks or (keep >= num_tokens and not (geometric and every_block)):
         return []
     n = num_tokens
     out: list[tuple[int, int]] = []
@@ -183,9 +178,9 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
         ratio = (keep / num_tokens) ** (1.0 / len(blocks))
         for j, b in enumerate(blocks):
             target = keep if j == len(blocks) - 1 else max(keep, math.floor(num_tokens * ratio ** (j + 1) + 0.5))
-            if target < n:
-                out.append((b, target))
-                n = target
+            if target < n or every_block:
+                n = min(n, target)
+                out.append((b, n))
         return out
     remaining = n - keep
     for j, b in enumerate(blocks):
@@ -200,8 +195,8 @@ def spread_schedule(num_tokens: int, keep: int, blocks: Sequence[int], *, max_fr
             out.append((b, n))
     if remaining > 0:
         raise ValueError(
-            f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps of at most "
-            f"{max_fraction:.0%} each; give more reduction blocks or a larger budget")
+            f"cannot reduce {num_tokens} tokens to {keep} in {len(blocks)} steps (after blocks {blocks}) of at "
+            f"most {max_fraction:.0%} each; give more reduction blocks (layers=) or a larger budget")
     return out
 
 

@@ -1,7 +1,20 @@
-"""Name -> reducer class. Reducers register themselves with :func:`register`."""
+"""Name -> reducer class. Reducers register themselves with :func:`register`.
+
+This module imports nothing from tokenprune: the reducers import it, and ``tokenprune.api`` imports
+``tokenprune.reducers`` once, which registers the built-in ones (importing any part of tokenprune
+runs the package ``__init__``, which imports ``api``).
+
+:func:`make` checks options before the reducer exists: unknown names, and values that do not have
+the type the reducer's dataclass field declares (``layers: list[int] | None`` takes a list or tuple
+of integers or None). What a type cannot say (ranges, choices) the reducer checks itself, in
+``__post_init__`` or, against the encoder, in ``check`` -- both run inside ``tokenprune.apply``.
+"""
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import types
+import typing
 
 _REDUCERS: dict[str, type] = {}
 
@@ -18,7 +31,6 @@ def register(name: str):
 
 def methods() -> list[str]:
     """Names of the registered reducers."""
-    from . import reducers  # noqa: F401  (registers the built-in reducers)
     return sorted(_REDUCERS)
 
 
@@ -38,4 +50,58 @@ def make(name, **options):
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {', '.join(unknown)}; "
                         f"its options are: {', '.join(sorted(fields)) or '(none)'}")
+    check_option_types(cls, options)
     return cls(**options)
+
+
+def check_option_types(cls: type, options: typing.Mapping) -> None:
+    """A TypeError naming the option, its value and the type its field declares, for the first value
+    of ``options`` that does not have it."""
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise TypeError(f"method {cls.name!r}: option {key}={value!r} must be {_describe(hint)}")
+
+
+def _fits(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple, range)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True  # other annotations are the reducer's to check
+
+
+_NOUNS = {type(None): ("None", "None"), bool: ("True or False", "booleans"), int: ("an integer", "integers"),
+          float: ("a number", "numbers"), str: ("a string", "strings")}
+
+
+def _describe(hint, plural: bool = False) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if origin in (list, tuple) and args:
+        if origin is tuple and args[-1] is not Ellipsis and len(set(args)) == 1:
+            return f"a list of {len(args)} {_describe(args[0], True)}"
+        if origin is tuple and args[-1] is not Ellipsis:
+            return f"a list ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {_describe(args[0], True)}"
+    if hint in (list, tuple):
+        return "lists" if plural else "a list"
+    noun = _NOUNS.get(hint)
+    return noun[plural] if noun else getattr(hint, "__name__", str(hint))

@@ -78,8 +78,10 @@ import inspect
 import torch
 
 from ..engine import QK
+from ..patch import get_patch
 from ..plan import EncoderInfo, keep_count
-from ..reducers.cls import check_layers, patch_scores
+from ..reducers.base import check_layers, patch_scores
+from ..reducers.pool import GatedCrossAttention
 from ..state import TokenState
 from .base import ORIGINAL, Adapter, class_names, restore_class, swap_class
 
@@ -630,9 +632,6 @@ def add_cross_attention(model, every: int = 4, num_heads: int | None = None) -> 
     instruction-tunes them) before they help. ``tokenprune.remove(model)`` removes them.
     Returns the added layers (for the optimizer).
     """
-    from ..api import get_patch
-    from ..reducers.pool import GatedCrossAttention
-
     patch = get_patch(model)
     if patch is None or not isinstance(patch.adapter, LlavaAdapter) or patch.adapter.kind != "llava" \
             or patch.reducer.name != "pool":
@@ -658,8 +657,6 @@ def add_cross_attention(model, every: int = 4, num_heads: int | None = None) -> 
 
 def remove_cross_attention(model) -> None:
     """Remove the add-on of :func:`add_cross_attention` (no-op without one)."""
-    from ..api import get_patch
-
     patch = get_patch(model)
     for h in getattr(getattr(patch, "adapter", None), "cross_handles", []) or []:
         h.remove()

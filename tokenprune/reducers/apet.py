@@ -43,12 +43,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
-from ..ops import prefix_map, remap_source
-from ..plan import EncoderInfo, Plan, Stage, spread_schedule
+from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer
-from .cls import check_layers, default_layers
+from .base import Reducer, ratio_schedule, set_groups
 
 
 def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,22 +93,17 @@ class Apet(Reducer):
     eps: float = 1e-5  # ridge term of the least-squares Gram matrix
     prop_attn: bool = False  # add log(size) of merged tokens to later attention (off: blocks keep flash SDPA)
 
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
-
     def check(self, info: EncoderInfo) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k (basis tokens) must be a positive integer, got {self.k!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps (the ridge term of the Gram matrix) must be > 0, got {self.eps!r}")
         if self.k > info.num_tokens:
             raise ValueError(f"k={self.k} basis tokens is more than the {info.num_tokens} tokens of the input; "
                              f"use k <= {info.num_tokens}")
-        if self.layers is not None:
-            check_layers(self.layers, info.depth)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
-        return [Stage(b, k, self.name) for b, k in spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+        return ratio_schedule(self.name, info, keep, self.layers)
 
     def plan(self, info, budget, overrides=None) -> Plan:
         plan = super().plan(info, budget, overrides)
@@ -157,6 +150,7 @@ class Apet(Reducer):
             return state
         s = sizes[:, p:].to(x.dtype)
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
+        new_patches = None
         if kernels.use_triton(x):  # one pass: each kept row averages the tokens mapped to it (tokenprune/kernels)
             rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), keep_idx + p], 1)
             members = torch.arange(p, n_all, device=x.device).expand(b, n)
@@ -166,10 +160,6 @@ class Apet(Reducer):
                 1, target[..., None].expand(b, n, c), xs * s[..., None])
             kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
             new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
-            state.x = torch.cat([x[:, :p], new_patches], 1) if p else new_patches
-        # always set (no host sync, so the forward can be captured in a CUDA graph); with
-        # prop_attn=False the sizes weight later merges and pooling but add no attention bias
-        state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
-        if state.source is not None:
-            state.source = remap_source(state.source, torch.cat([prefix_map(b, p, x.device), target + p], 1))
-        return state
+        # sizes always set (no host sync, so the forward can be captured in a CUDA graph); with
+        # prop_attn=False they weight later merges and pooling but add no attention bias
+        return set_groups(state, new_patches, sizes, den, target)

@@ -1,9 +1,24 @@
-"""What every reducer implements. A reducer never imports a model library."""
+"""What every reducer implements, and the helpers several reducers share. A reducer never imports a
+model library.
+
+Shared here (import them from this module, never from another reducer's file):
+
+- where reducers act: :func:`default_layers` (after blocks depth/4, depth/2, 3 depth/4),
+  :func:`check_layers` (a ``layers=`` option checked against the encoder), :func:`default_blocks`;
+- :func:`ratio_schedule`: stages after those blocks with the same keep ratio at each (EViT-style),
+  the schedule of ``cls``, ``random``, ``apet`` and ``threshold``;
+- :func:`patch_scores`: the [CLS] attention of every patch (``cls`` and the LLaVA adapter);
+- :func:`patch_valid`: which non-prefix slots hold a real token;
+- :func:`set_groups`: the tokens become groups of the old ones (sizes and source map follow).
+"""
 from __future__ import annotations
 
 from typing import ClassVar, Mapping
 
-from ..plan import EncoderInfo, Plan, Stage, apply_overrides, keep_count, validate
+import torch
+
+from ..ops import prefix_map, query_attention, received_attention, remap_source
+from ..plan import EncoderInfo, Plan, Stage, apply_overrides, keep_count, spread_schedule, validate
 from ..state import TokenState
 
 
@@ -20,11 +35,17 @@ class Reducer:
     """
 
     name: ClassVar[str] = ""
-    proportional: ClassVar[bool] = True  # add log(size) to attention logits when sizes exist
+    needs_input_grid: ClassVar[bool] = False  # works on the untouched patch grid (first in a composition)
     uses_attention_kernel: ClassVar[bool] = False  # replaces SDPA in some blocks (attention_kernel)
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
+
+    @property
+    def proportional(self) -> bool:
+        """Whether later blocks add ``log(size)`` to their attention logits when sizes exist: the
+        reducer's ``prop_attn`` option where it has one, else True."""
+        return getattr(self, "prop_attn", True)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         raise NotImplementedError
@@ -66,3 +87,79 @@ def default_blocks(info: EncoderInfo, start: int | None = None, stop: int | None
     if not 0 <= start < info.depth:
         raise ValueError(f"start block {start} is outside the encoder's blocks 0..{info.depth - 1}")
     return list(range(start, max(start + 1, stop)))
+
+
+def default_layers(depth: int) -> list[int]:
+    """Blocks depth/4, depth/2 and 3 depth/4 (fewer on encoders of under 4 blocks)."""
+    return sorted({min(depth - 1, depth * k // 4) for k in (1, 2, 3)})
+
+
+def check_layers(layers, depth: int, what: str = "layers", before_first: bool = False) -> list[int]:
+    """``layers`` as sorted distinct block indices; a clear error if empty or outside the encoder.
+    ``before_first``: -1 (before the first block) is allowed too."""
+    out = sorted({int(b) for b in layers})
+    if not out:
+        raise ValueError(f"{what} must name at least one block")
+    lowest = -1 if before_first else 0
+    bad = [b for b in out if not lowest <= b < depth]
+    if bad:
+        where = " (-1 = before the first block)" if before_first else ""
+        raise ValueError(f"{what} {bad} are outside the encoder's blocks {lowest}..{depth - 1}{where}")
+    return out
+
+
+def stage_layers(layers, depth: int, what: str = "layers", before_first: bool = False) -> list[int]:
+    """The checked ``layers`` option (:func:`check_layers`), or :func:`default_layers` if it is None."""
+    return default_layers(depth) if layers is None else check_layers(layers, depth, what, before_first)
+
+
+def ratio_schedule(op: str, info: EncoderInfo, keep: int, layers=None, *, before_first: bool = False,
+                   every_layer: bool = False) -> list[Stage]:
+    """Stages after ``layers`` (None: :func:`default_layers`) with the same keep ratio at each,
+    ending at ``keep``. ``every_layer``: a stage after every layer, also one that removes nothing
+    (per-stage thresholds need one each)."""
+    layers = stage_layers(layers, info.depth, before_first=before_first)
+    steps = spread_schedule(info.num_tokens, keep, layers, geometric=True, every_block=every_layer)
+    return [Stage(b, k, op) for b, k in steps]
+
+
+def set_groups(state: TokenState, patches: torch.Tensor | None, sizes: torch.Tensor, counts: torch.Tensor,
+               group: torch.Tensor) -> TokenState:
+    """The non-prefix tokens become groups of the old ones: ``group`` ``[B, N]`` is the group of each old
+    non-prefix token, ``counts`` ``[B, M]`` the groups' total sizes, ``patches`` ``[B, M, C]`` the new
+    tokens (None: ``state.x`` already holds all of them), ``sizes`` the old sizes (for the prefix). The
+    source map sends every patch to its token's group."""
+    x, p = state.x, state.num_prefix
+    if patches is not None:
+        state.x = torch.cat([x[:, :p], patches], 1) if p else patches
+    state.sizes = torch.cat([sizes[:, :p], counts.to(sizes.dtype)], 1)
+    if state.source is not None:
+        state.source = remap_source(state.source, torch.cat([prefix_map(x.shape[0], p, x.device), group + p], 1))
+    return state
+
+
+def patch_valid(state: TokenState) -> torch.Tensor | None:
+    """``[B, N]`` bool: which non-prefix slots hold a real token (None: all of them)."""
+    valid = state.valid
+    return None if valid is None else valid[:, state.num_prefix:]
+
+
+def patch_scores(state: TokenState, qk, has_cls: bool, substitute: str) -> torch.Tensor:
+    """Importance of every non-prefix token ``[B, N]`` from one block's q/k: the attention the [CLS]
+    query pays to it, averaged over heads. Without a class token, ``substitute="received"``: the mean
+    attention it receives over all queries; ``"mean_query"``: the attention of the mean query."""
+    p = state.num_prefix
+    valid = state.valid
+    if has_cls:
+        scores = query_attention(qk.q, qk.k, qk.scale, query=0, bias=qk.bias)
+    elif substitute == "received":
+        scores = received_attention(qk.q, qk.k, qk.scale, bias=qk.bias, valid=valid)
+    else:
+        q = qk.q[:, :, p:]
+        if valid is not None:
+            w = valid[:, None, p:, None].to(q.dtype)
+            qm = (q * w).sum(2) / w.sum(2).clamp_min(1)
+        else:
+            qm = q.mean(2)
+        scores = query_attention(qk.q, qk.k, qk.scale, query=qm, bias=qk.bias)
+    return scores[:, p:]

@@ -6,7 +6,8 @@ Wang et al. "[CLS] Token Tells Everything Needed for Training-free Efficient
 MLLMs" (VTC-CLS), 2024. https://arxiv.org/abs/2412.05819
 
 Each patch is scored by the attention the [CLS] query pays to it, averaged
-over heads, ``a_j = mean_h softmax(q_cls k^T / sqrt(d) + bias)_j``. Only the
+over heads, ``a_j = mean_h softmax(q_cls k^T / sqrt(d) + bias)_j``
+(``base.patch_scores``, which the LLaVA adapter shares). Only the
 ONE query row is computed, from the q and k the block already produced, so
 the block itself keeps running on fused SDPA. The top-K patches are kept in
 their original spatial order; prefix tokens are always kept.
@@ -36,45 +37,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..ops import gather_tokens, keep_top, query_attention, received_attention, threshold_keep
-from ..plan import EncoderInfo, Stage, spread_schedule
+from ..ops import gather_tokens, keep_top, threshold_keep
+from ..plan import EncoderInfo, Stage
 from ..registry import register
-from .base import Reducer
-
-
-def default_layers(depth: int) -> list[int]:
-    return sorted({min(depth - 1, depth * k // 4) for k in (1, 2, 3)})
-
-
-def check_layers(layers, depth: int, what: str = "layers") -> list[int]:
-    out = sorted({int(b) for b in layers})
-    if not out:
-        raise ValueError(f"{what} must name at least one block")
-    bad = [b for b in out if not 0 <= b < depth]
-    if bad:
-        raise ValueError(f"{what} {bad} are outside the encoder's blocks 0..{depth - 1}")
-    return out
-
-
-def patch_scores(state, qk, has_cls: bool, substitute: str) -> torch.Tensor:
-    """Importance of every non-prefix token ``[B, N]`` from one block's q/k."""
-    p = state.num_prefix
-    valid = state.valid
-    if has_cls:
-        scores = query_attention(qk.q, qk.k, qk.scale, query=0, bias=qk.bias)
-    elif substitute == "received":
-        scores = received_attention(qk.q, qk.k, qk.scale, bias=qk.bias, valid=valid)
-    else:
-        q = qk.q[:, :, p:]
-        if valid is not None:
-            w = valid[:, None, p:, None].to(q.dtype)
-            qm = (q * w).sum(2) / w.sum(2).clamp_min(1)
-        else:
-            qm = q.mean(2)
-        scores = query_attention(qk.q, qk.k, qk.scale, query=qm, bias=qk.bias)
-    return scores[:, p:]
+from .base import Reducer, check_layers, patch_scores, patch_valid, ratio_schedule
 
 
 @register("cls")
@@ -98,9 +64,7 @@ class ClsPrune(Reducer):
             check_layers(self.layers, info.depth)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
-        return [Stage(b, k, self.name) for b, k in
-                spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+        return ratio_schedule(self.name, info, keep, self.layers)
 
     def qk_blocks(self, plan):
         stage_blocks = sorted({s.block for s in plan.stages})
@@ -123,8 +87,7 @@ class ClsPrune(Reducer):
             scores = state.scratch.pop("cls_sum")
         else:
             scores = patch_scores(state, qk, self._has_cls, self.substitute)
-        valid = state.valid
-        valid = valid[:, state.num_prefix:] if valid is not None else None
+        valid = patch_valid(state)
         if self.threshold is not None:
             idx, ok = threshold_keep(scores, self.threshold, stage.keep, valid)
             return gather_tokens(state, idx, ok)

@@ -41,7 +41,7 @@ from .. import kernels
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Plan, Stage, spread_schedule
 from ..registry import register
-from .base import Reducer, default_blocks
+from .base import Reducer, check_layers, default_blocks
 
 
 # MAELRE's linear attention ``softmax_d(q) @ (softmax_N(k + bias)^T @ v)``: the fused two-pass Triton kernel on
@@ -61,25 +61,19 @@ class Maelre(Reducer):
     uses_attention_kernel = True
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
 
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
-
     def check(self, info: EncoderInfo) -> None:
         if self.switch_at is not None and (isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int)
                                            or self.switch_at < 0):
             raise ValueError(f"switch_at must be a token count >= 0 (0: every block linear; None: the width D), "
                              f"got {self.switch_at!r}")
         if self.layers is not None:
-            bad = [b for b in self.layers if not 0 <= int(b) < info.depth]
-            if bad or not list(self.layers):
-                raise ValueError(f"layers {list(self.layers)} must be non-empty blocks in 0..{info.depth - 1}")
+            check_layers(self.layers, info.depth)
 
     def threshold(self, info: EncoderInfo) -> int:
         return info.dim if self.switch_at is None else int(self.switch_at)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        blocks = sorted({int(b) for b in self.layers}) if self.layers is not None else default_blocks(info)
+        blocks = check_layers(self.layers, info.depth) if self.layers is not None else default_blocks(info)
         # geometric stages may ask for more than half the tokens in one step: fall back to the
         # count schedule (which front-loads within the 1/2 cap) when that happens
         stages = spread_schedule(info.num_tokens, keep, blocks, geometric=self.geometric)

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
-from .base import Reducer, default_blocks
-from .cls import check_layers
+from .base import Reducer, check_layers, default_blocks
 
 
 @register("merge")
@@ -40,10 +39,6 @@ class Merge(Reducer):
     layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
 
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
-
-    @property
-    def proportional(self) -> bool:  # type: ignore[override]
-        return self.prop_attn
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         if self.layers is not None:

@@ -22,7 +22,7 @@ from. ``schedule=`` overrides are not supported: set each reducer's own options.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
@@ -42,6 +42,7 @@ class Pipeline(Reducer):
         subs = []
         for r in self.reducers:
             if isinstance(r, Reducer):
+                registry.check_option_types(type(r), {f.name: getattr(r, f.name) for f in fields(r) if f.init})
                 subs.append(r)
             elif isinstance(r, str):
                 subs.append(registry.make(r))
@@ -54,6 +55,12 @@ class Pipeline(Reducer):
             raise ValueError("a pipeline needs at least one reducer, e.g. method=['cls', 'merge']")
         if any(isinstance(s, Pipeline) for s in subs):
             raise ValueError("pipelines cannot be nested; list all reducers in one pipeline")
+        late = [i for i, s in enumerate(subs) if i > 0 and s.needs_input_grid]
+        if late:
+            i, names = late[0], [s.name for s in subs]
+            first = [names[i], *names[:i], *names[i + 1:]]
+            raise ValueError(f"{names[i]} must be the first reducer in a composition: it needs the untouched patch "
+                             f"grid, which the reducers before it change; e.g. method={first!r}")
         self.subs: list[Reducer] = subs
         if self.split is not None:
             if len(self.split) != len(subs) or any(not w >= 0 for w in self.split) or not sum(self.split) > 0:
@@ -66,7 +73,7 @@ class Pipeline(Reducer):
         self._module = None
 
     @property
-    def proportional(self) -> bool:  # type: ignore[override]
+    def proportional(self) -> bool:
         return all(s.proportional for s in self.subs)
 
     @property
@@ -122,7 +129,7 @@ class Pipeline(Reducer):
             sub_plan = sub.plan(sub_info, target / n)
             subplans.append((a, sub_plan))
             for s in sub_plan.stages:
-                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention))
+                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention, owner=i))
             if sub_plan.num_out != n:
                 grid = None
             n = sub_plan.num_out
@@ -149,10 +156,9 @@ class Pipeline(Reducer):
                 sub.observe(state, block - a, qk)
 
     def reduce(self, state, stage, qk):
-        i = int(stage.op.split(".", 1)[0])
-        a = self.block_ranges(self._depth)[i][0]
-        return self.subs[i].reduce(state, Stage(stage.block - a, stage.keep, self.subs[i].name, stage.attention),
-                                   qk)
+        sub = self.subs[stage.owner]
+        a = self.block_ranges(self._depth)[stage.owner][0]
+        return sub.reduce(state, Stage(stage.block - a, stage.keep, sub.name, stage.attention), qk)
 
     def attention_kernel(self, path):
         for sub in self.subs:  # a path is named by the one reducer that sets it (maelre's "linear")

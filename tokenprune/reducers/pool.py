@@ -40,11 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import prefix_map, remap_source
 from ..plan import EncoderInfo, Plan, Stage, keep_count, validate
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer
+from .base import Reducer, set_groups
 
 
 def pooled_grid(grid: tuple[int, ...], target: int) -> tuple[int, ...]:
@@ -80,7 +79,7 @@ class Pool(Reducer):
     mode: str = "avg"  # "avg" or "bilinear"
     size: tuple[int, int] | None = None  # pooled (h', w') per frame; default: nearest to the budget
 
-    proportional = True
+    needs_input_grid = True
 
     def __post_init__(self):
         if self.mode not in ("avg", "bilinear"):
@@ -140,10 +139,7 @@ class Pool(Reducer):
             pooled = F.interpolate(img, size=tuple(out[-2:]), mode="bilinear", align_corners=False,
                                    antialias=True)
             pooled = pooled.permute(0, 2, 3, 1).reshape(b, cells, c)
-        state.x = torch.cat([x[:, :p], pooled], 1) if p else pooled
-        state.sizes = torch.cat([sizes[:, :p], den.to(sizes.dtype)], 1)
-        if state.source is not None:
-            state.source = remap_source(state.source, torch.cat([prefix_map(b, p, x.device), idx + p], 1))
+        state = set_groups(state, pooled, sizes, den, idx)
         state.grid = tuple(out)
         return state
 

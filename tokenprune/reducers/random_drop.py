@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import keep_top
-from ..plan import EncoderInfo, Stage, spread_schedule
+from ..plan import EncoderInfo, Stage
 from ..registry import register
-from .base import Reducer
-from .cls import check_layers, default_layers
+from .base import Reducer, patch_valid, ratio_schedule
 
 
 def hash_scores(b: int, n: int, key: int, device) -> torch.Tensor:
@@ -60,11 +59,7 @@ class RandomDrop(Reducer):
         return scores
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        if self.layers is not None and list(self.layers) == [-1]:
-            layers = [-1]
-        else:
-            layers = check_layers(self.layers, info.depth) if self.layers is not None else default_layers(info.depth)
-        return [Stage(b, k, self.name) for b, k in spread_schedule(info.num_tokens, keep, layers, geometric=True)]
+        return ratio_schedule(self.name, info, keep, self.layers, before_first=True)
 
     def reduce(self, state, stage, qk):
         b, n = state.x.shape[0], state.num_tokens
@@ -72,5 +67,4 @@ class RandomDrop(Reducer):
             scores = torch.rand((b, n), device=state.x.device)
         else:
             scores = self._scores(b, n, self.seed * 1_000_003 + stage.block + 1, state.x.device)
-        valid = state.valid
-        return keep_top(state, scores, stage.keep, valid[:, state.num_prefix:] if valid is not None else None)
+        return keep_top(state, scores, stage.keep, patch_valid(state))

@@ -50,7 +50,6 @@ through both the attention and the FLOP count (``state.scratch``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +59,7 @@ from ..ops import gather_tokens, query_attention, threshold_keep
 from ..plan import EncoderInfo, Stage
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer
-from .cls import check_layers, default_layers
+from .base import Reducer, patch_valid, ratio_schedule, stage_layers
 
 MASK_EPS = 1e-6  # size of a dropped token during training: log(1e-6) = -13.8 in the key bias
 COUNTS_KEY = "threshold_counts"  # state.scratch: [(block, kept non-prefix tokens per sample [B])]
@@ -77,17 +75,6 @@ class Thresholds(nn.Module):
 
     def extra_repr(self) -> str:
         return "theta=[" + ", ".join(f"{v:.4g}" for v in self.theta.detach().tolist()) + "]"
-
-
-def stage_caps(num_tokens: int, keep: int, num_stages: int) -> list[int]:
-    """Per-stage caps, the same ratio at each stage, ending exactly at ``keep`` (may equal the input count)."""
-    ratio = (keep / num_tokens) ** (1.0 / num_stages)
-    caps, n = [], num_tokens
-    for j in range(num_stages):
-        c = keep if j == num_stages - 1 else max(keep, min(n, math.floor(num_tokens * ratio ** (j + 1) + 0.5)))
-        caps.append(c)
-        n = c
-    return caps
 
 
 @register("threshold")
@@ -107,10 +94,7 @@ class Threshold(Reducer):
 
     def check(self, info: EncoderInfo) -> None:
         self._has_cls = info.has_cls
-        if self.layers is not None:
-            layers = check_layers(self.layers, info.depth, "threshold stages (layers)")
-        else:
-            layers = default_layers(info.depth)
+        layers = stage_layers(self.layers, info.depth, "threshold stages (layers)")
         if self._layers is not None and layers != self._layers:
             raise ValueError("threshold: the stage blocks changed between inputs; thresholds are per stage")
         self._layers = layers
@@ -121,8 +105,7 @@ class Threshold(Reducer):
             self.module = Thresholds(init)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        return [Stage(b, c, self.name) for b, c in zip(self._layers, stage_caps(info.num_tokens, keep,
-                                                                                 len(self._layers)))]
+        return ratio_schedule(self.name, info, keep, self._layers, every_layer=True)  # caps, one per threshold
 
     def qk_blocks(self, plan):
         return {s.block for s in plan.stages}
@@ -148,9 +131,7 @@ class Threshold(Reducer):
         scores = self.scores(state, qk)
         if self.module.training and torch.is_grad_enabled():
             return self._soft(state, scores, theta)
-        valid = state.valid
-        valid = valid[:, state.num_prefix:] if valid is not None else None
-        idx, ok = threshold_keep(scores, theta.detach().to(scores.dtype), stage.keep, valid)
+        idx, ok = threshold_keep(scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
         if bool(ok.all()):
             ok = None  # every sample keeps the same count: no padding, no mask
         state = gather_tokens(state, idx, ok)

@@ -1,0 +1,53 @@
+"""What one ``tokenprune.apply`` installs on a model, and where it keeps it.
+
+Below :mod:`tokenprune.api` and the adapters: code that needs a model's installed patch (an adapter's
+add-on such as LLaVA's cross-attention) reads it with :func:`get_patch` from here, not from ``api``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .engine import Program
+from .plan import Plan
+
+PATCH_ATTR = "_tokenprune"
+MODULE_ATTR = "tokenprune_params"  # where a reducer's learnable parameters (reducer.module) live on the model
+
+
+class Patch:
+    """Everything one ``apply`` call installed on a model (kept as a plain attribute, not a submodule)."""
+
+    def __init__(self, model, adapter, reducer, budget: float, schedule: Mapping[int, int] | None,
+                 track_source: bool):
+        self.adapter = adapter
+        self.reducer = reducer
+        self.budget = budget
+        self.schedule = dict(schedule) if schedule else None
+        self.track_source = track_source
+        self.info = adapter.info()
+        self.num_prefix = self.info.num_prefix
+        self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
+
+    def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
+        return self.program_for(num_tokens, grid).plan
+
+    def program_for(self, num_tokens: int | None = None, grid=None) -> Program:
+        n = self.info.num_tokens if num_tokens is None else num_tokens
+        if grid is None:
+            grid = self.adapter.grid_for(n)
+        key = (n, grid)
+        prog = self._programs.get(key)
+        if prog is None:  # a new input size: plan it (two threads may both do this; the results are equal)
+            plan = self.reducer.plan(self.info.with_tokens(n, grid), self.budget, self.schedule)
+            prog = Program.build(plan, self.reducer)
+            self._programs[key] = prog
+        return prog
+
+
+def get_patch(model) -> Patch | None:
+    """The :class:`Patch` installed on ``model`` by ``tokenprune.apply``, or None."""
+    return model.__dict__.get(PATCH_ATTR)
+
+
+def is_applied(model) -> bool:
+    return PATCH_ATTR in model.__dict__
