@@ -14,6 +14,8 @@ _ADAPTERS = [
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
     ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
+    ("tokenprune.adapters.hf_vit", "HFViTAdapter"),
+    ("tokenprune.adapters.hf_speech", "HFSpeechAdapter"),
 ]
 
 SUPPORTED = [
@@ -24,6 +26,8 @@ SUPPORTED = [
     "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
     "transformers ASTForAudioClassification / ASTModel",
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
+    "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
+    "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 
 

@@ -2,7 +2,10 @@
 
 Accepted: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``CLIPModel``
 (only ``vision_model`` is reduced; ``get_image_features`` / the text tower
-work as before), ``SiglipVisionModel`` and ``SiglipModel``.
+work as before), ``SiglipVisionModel`` and ``SiglipModel``, and the task heads
+``CLIPForImageClassification`` / ``SiglipForImageClassification``: they
+average the tower's output tokens (CLIP without [CLS]), and that mean becomes
+size-weighted (padding slots weigh 0), i.e. the mean over the original patches.
 
 - The encoder's layer loop becomes :func:`tokenprune.engine.run_blocks`; the
   layers are HF's own modules. Attention keeps SDPA through the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
@@ -74,6 +78,27 @@ class _Tower:
         return run(fwd, self.encoder.layers, hidden, grid, extra=(None,))
 
 
+class _Classifier:
+    """Mixin for ``CLIPForImageClassification`` / ``SiglipForImageClassification``: the classifier over the
+    size-weighted mean of the tower's ``last_hidden_state`` (CLIP: the patch tokens, before the post-layernorm as in
+    HF; SigLIP: every token, after it)."""
+
+    def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=False, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        tower = vision_tower(self)
+        fwd = Forward(self._tokenprune_patch)
+        seq = tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
+        if not hasattr(tower, "pre_layrnorm"):  # SigLIP's last_hidden_state is normed
+            seq = tower.post_layernorm(seq)
+        p, sizes = fwd.patch.num_prefix, fwd.sizes
+        seq = seq[:, p:]
+        pooled = ops.weighted_mean(seq, sizes[:, p:]) if sizes is not None else seq.mean(1)
+        logits = self.classifier(pooled)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
 def vision_tower(model):
     """The module holding ``embeddings`` and ``encoder`` (the model itself or its ``vision_model``)."""
     t = model
@@ -89,10 +114,12 @@ def vision_tower(model):
 
 class HFClipAdapter(Adapter):
     family = "hf_clip"
-    description = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel and "
-                   "SiglipVisionModel / SiglipModel (vision tower)")
+    description = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel / "
+                   "CLIPForImageClassification and SiglipVisionModel / SiglipModel / SiglipForImageClassification "
+                   "(vision tower)")
+    _heads = ("CLIPForImageClassification", "SiglipForImageClassification")
     _classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel", "CLIPVisionTransformer",
-                "SiglipVisionModel", "SiglipModel", "SiglipVisionTransformer")
+                "SiglipVisionModel", "SiglipModel", "SiglipVisionTransformer", *_heads)
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -102,6 +129,7 @@ class HFClipAdapter(Adapter):
         super().__init__(model)
         self.tower = vision_tower(model)
         self.siglip = "siglip" in type(self.tower.encoder).__name__.lower()
+        self.head = model if has_class(model, "transformers.", *self._heads) else None
         self._routing = AttentionRouting([_attn(layer) for layer in self.tower.encoder.layers], "vision tower")
 
     def info(self) -> EncoderInfo:
@@ -131,8 +159,14 @@ class HFClipAdapter(Adapter):
         if self.siglip:  # SiglipAttention does not pass its keyword arguments on
             for layer in self.tower.encoder.layers:
                 swap_class(_attn(layer), ProjAttention)
+        if self.head is not None:
+            self.head._tokenprune_patch = patch
+            swap_class(self.head, _Classifier)
 
     def uninstall(self) -> None:
+        if self.head is not None:
+            restore_class(self.head)
+            self.head.__dict__.pop("_tokenprune_patch", None)
         for layer in self.tower.encoder.layers:
             restore_class(_attn(layer))
         restore_class(self.tower)

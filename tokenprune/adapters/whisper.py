@@ -1,7 +1,10 @@
 """Hugging Face Whisper: reduce the audio encoder's tokens.
 
-Accepted: ``WhisperForConditionalGeneration``, ``WhisperModel`` and a bare
-``WhisperEncoder``. Only the encoder is reduced; the decoder then
+Accepted: ``WhisperForConditionalGeneration``, ``WhisperModel``, a bare
+``WhisperEncoder`` and ``WhisperForAudioClassification`` (its mean over the
+encoder frames becomes size-weighted, padding slots weigh 0: the mean over the
+original frames; ``use_weighted_layer_sum=True`` is refused, it needs every
+layer's full output). Only the encoder is reduced; the decoder then
 cross-attends over the fewer encoder tokens (its keys/values are computed
 once per utterance and cached, so every decoding step gets cheaper too).
 ``generate()`` works unchanged.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, restore_class, swap_class
@@ -86,6 +90,28 @@ class _Model:
         return super().forward(input_features, *args, encoder_outputs=encoder_outputs, **kwargs)
 
 
+class _AudioClassifier:
+    """Mixin for ``WhisperForAudioClassification``: projector, then the size-weighted mean over the encoder frames."""
+
+    def forward(self, input_features=None, encoder_outputs=None, labels=None, **kwargs):
+        from torch.nn import CrossEntropyLoss
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if encoder_outputs is not None:  # computed elsewhere: their token sizes are not known here
+            if isinstance(encoder_outputs, dict) and encoder_outputs.get(BIAS_KEY) is not None:
+                raise ValueError("tokenprune: encoder_outputs of a reduced Whisper encoder carry no token sizes for "
+                                 "the classifier's mean; pass input_features instead")
+            return super().forward(input_features, encoder_outputs=encoder_outputs, labels=labels, **kwargs)
+        fwd = Forward(self._tokenprune_patch)
+        hidden = self.projector(self.encoder.layer_norm(self.encoder._tokenprune_tokens(fwd, input_features, **kwargs)))
+        pooled = ops.weighted_mean(hidden, fwd.sizes) if fwd.sizes is not None else hidden.mean(1)
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.config.num_labels), labels.to(logits.device).view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def _parts(model):
     """(encoder, decoder or None) of a Whisper model."""
     if has_class(model, "transformers.", "WhisperEncoder"):
@@ -99,14 +125,21 @@ def _parts(model):
 
 class WhisperAdapter(Adapter):
     family = "whisper"
-    description = "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)"
+    description = ("transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder / "
+                   "WhisperForAudioClassification (encoder)")
 
     @classmethod
     def matches(cls, model) -> bool:
-        return has_class(model, "transformers.", "WhisperForConditionalGeneration", "WhisperModel", "WhisperEncoder")
+        return has_class(model, "transformers.", "WhisperForConditionalGeneration", "WhisperModel", "WhisperEncoder",
+                         "WhisperForAudioClassification")
 
     def __init__(self, model):
         super().__init__(model)
+        self.head = model if has_class(model, "transformers.", "WhisperForAudioClassification") else None
+        if self.head is not None and getattr(model.config, "use_weighted_layer_sum", False):
+            raise TypeError("tokenprune: this WhisperForAudioClassification has use_weighted_layer_sum=True: it "
+                            "averages the outputs of every encoder layer, whose token counts differ once tokens are "
+                            "reduced between them; only use_weighted_layer_sum=False is supported")
         self.encoder, self.decoder = _parts(model)
         self.base = getattr(model, "model", model) if self.decoder is not None else None  # the WhisperModel
         attention = [_attn(layer) for layer in self.encoder.layers]
@@ -139,8 +172,14 @@ class WhisperAdapter(Adapter):
         if self.base is not None:
             self.base._tokenprune_cross = tuple(layer.encoder_attn for layer in self.decoder.layers)
             swap_class(self.base, _Model)
+        if self.head is not None:
+            self.head._tokenprune_patch = patch
+            swap_class(self.head, _AudioClassifier)
 
     def uninstall(self) -> None:
+        if self.head is not None:
+            restore_class(self.head)
+            self.head.__dict__.pop("_tokenprune_patch", None)
         restore_class(self.encoder)
         self.encoder.__dict__.pop("_tokenprune_patch", None)
         if self.base is not None:

@@ -1,0 +1,388 @@
+"""Hugging Face encoders of the "encoders people use today" issue (tiny random models, CPU).
+
+Families: ViT / DINOv2 / DINOv2-with-registers (their image classifiers, hence their base models too), the
+CLIP / SigLIP / Whisper task heads, Wav2Vec2 (post-norm and "stable layer norm") and HuBERT. For each:
+budget 1.0 is the unpatched model; budgets 0.5 / 0.25 leave exactly K tokens for merge, cls, apet, random
+and pool; ``remove`` restores the model bit-exactly; per-sample pruning pads and every sample gets what it
+gets alone; the family's eager attention is never entered; a ``fullgraph`` compile equals eager (merge, cls);
+the heads that average tokens weight them by size. WavLM is refused with the reason.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenprune
+from tokenprune.plan import keep_count
+from tokenprune.reducers.pool import pooled_grid
+
+transformers = pytest.importorskip("transformers")
+
+BUDGETS = [0.5, 0.25]
+METHODS = [("merge", {}), ("cls", {}), ("apet", {"k": 2}), ("random", {}), ("pool", {})]
+
+
+def _seed():
+    torch.manual_seed(0)
+
+
+def _mod(name):
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+# -- tiny models: model, input, prefix, n (input tokens), out(model, x), eager modules, head(model, tokens, full) --
+_VISION = dict(hidden_size=32, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def make_vit(depth=4):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    _seed()
+    m = ViTForImageClassification(ViTConfig(intermediate_size=64, num_hidden_layers=depth, num_labels=5, **_VISION))
+    return dict(model=m.eval(), x=torch.randn(2, 3, 32, 32), prefix=1, n=16, out=lambda m, x: m(x).logits,
+                eager=[_mod("vit")], head=None)
+
+
+def _dino_head(model, tokens, full):
+    return model.classifier(torch.cat([tokens[:, 0], full.mean(1)], dim=1))
+
+
+def make_dinov2(depth=4):
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    _seed()
+    m = Dinov2ForImageClassification(Dinov2Config(mlp_ratio=2, num_hidden_layers=depth, num_labels=5, **_VISION))
+    return dict(model=m.eval(), x=torch.randn(2, 3, 32, 32), prefix=1, n=16, out=lambda m, x: m(x).logits,
+                eager=[_mod("dinov2")], head=_dino_head)
+
+
+def make_dinov2_reg(depth=4):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersForImageClassification
+
+    _seed()
+    cfg = Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, num_hidden_layers=depth, num_labels=5,
+                                    **_VISION)
+    m = Dinov2WithRegistersForImageClassification(cfg)
+    with torch.no_grad():  # zero-initialised: make the registers distinct tokens
+        m.dinov2_with_registers.embeddings.register_tokens.normal_()
+    return dict(model=m.eval(), x=torch.randn(2, 3, 32, 32), prefix=3, n=16, out=lambda m, x: m(x).logits,
+                eager=[_mod("dinov2_with_registers")], head=_dino_head)
+
+
+def _clip_like(config_cls, model_cls, prefix, name, depth):
+    _seed()
+    cfg = config_cls(vision_config=dict(intermediate_size=64, num_hidden_layers=depth, **_VISION),
+                     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      vocab_size=50, max_position_embeddings=8, bos_token_id=0, eos_token_id=1),
+                     num_labels=5)
+    m = model_cls(cfg)
+    return dict(model=m.eval(), x=torch.randn(2, 3, 32, 32), prefix=prefix, n=16,
+                out=lambda m, x: m(pixel_values=x).logits, eager=[_mod(name)])
+
+
+def make_clip_cls(depth=4):
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    fam = _clip_like(CLIPConfig, CLIPForImageClassification, 1, "clip", depth)
+    fam["head"] = lambda model, tokens, full: model.classifier(full.mean(1))  # features: before post-layernorm
+    return fam
+
+
+def make_siglip_cls(depth=4):
+    from transformers import SiglipConfig, SiglipForImageClassification
+
+    fam = _clip_like(SiglipConfig, SiglipForImageClassification, 0, "siglip", depth)
+    from tokenprune.adapters.hf_clip import vision_tower
+
+    post = vision_tower(fam["model"]).post_layernorm  # per token: commutes with unmerge
+    fam["head"] = lambda model, tokens, full: model.classifier(post(full).mean(1))
+    return fam
+
+
+def make_whisper_cls(depth=4):
+    from transformers import WhisperConfig, WhisperForAudioClassification
+
+    _seed()
+    cfg = WhisperConfig(vocab_size=60, d_model=32, encoder_layers=depth, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32,
+                        max_target_positions=16, num_mel_bins=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None, num_labels=5,
+                        classifier_proj_size=16)
+    m = WhisperForAudioClassification(cfg)
+
+    def head(model, tokens, full):  # features: before the encoder's final layer norm
+        return model.classifier(model.projector(model.encoder.layer_norm(full)).mean(1))
+
+    return dict(model=m.eval(), x=torch.randn(2, 8, 64), prefix=0, n=32, out=lambda m, x: m(x).logits,
+                eager=[_mod("whisper")], head=head)
+
+
+_SPEECH = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16), conv_kernel=(10, 3),
+               conv_stride=(5, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+
+
+def _speech(config_cls, model_cls, name, depth, **kw):
+    _seed()
+    m = model_cls(config_cls(num_hidden_layers=depth, **_SPEECH, **kw))
+    return dict(model=m.eval(), x=torch.randn(2, 330), prefix=0, n=32,  # 330 samples -> 32 frames
+                out=lambda m, x: m(x).last_hidden_state, eager=[_mod(name)], head=None, seq=True)
+
+
+def make_wav2vec2(depth=4):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    return _speech(Wav2Vec2Config, Wav2Vec2Model, "wav2vec2", depth)
+
+
+def make_wav2vec2_stable(depth=4):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    return _speech(Wav2Vec2Config, Wav2Vec2Model, "wav2vec2", depth, do_stable_layer_norm=True,
+                   feat_extract_norm="layer")
+
+
+def make_hubert(depth=4):
+    from transformers import HubertConfig, HubertModel
+
+    return _speech(HubertConfig, HubertModel, "hubert", depth)
+
+
+FAMILIES = {"vit": make_vit, "dinov2": make_dinov2, "dinov2_reg": make_dinov2_reg, "clip_cls": make_clip_cls,
+            "siglip_cls": make_siglip_cls, "whisper_cls": make_whisper_cls, "wav2vec2": make_wav2vec2,
+            "wav2vec2_stable": make_wav2vec2_stable, "hubert": make_hubert}
+HEADS = [f for f in FAMILIES if f not in ("vit", "wav2vec2", "wav2vec2_stable", "hubert")]
+
+
+class _Spy:
+    """Counts SDPA calls; the families' ``eager_attention_forward`` raises if it is ever entered."""
+
+    def __init__(self, monkeypatch, modules):
+        self.calls = 0
+        real = F.scaled_dot_product_attention
+
+        def spy(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        def boom(*a, **k):
+            raise AssertionError("eager attention was called")
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        for name in modules:
+            monkeypatch.setattr(importlib.import_module(name), "eager_attention_forward", boom)
+
+
+def _snapshot(model):
+    classes = {name: type(mod) for name, mod in model.named_modules()}
+    impls = {name: mod.config.__dict__.get("_attn_implementation_internal")
+             for name, mod in model.named_modules() if hasattr(mod, "config")}
+    return classes, impls, list(model.state_dict())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_one_is_the_unpatched_model(family):
+    fam = FAMILIES[family]()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        for method in ("merge", "cls"):
+            tokenprune.apply(model, 1.0, method)
+            try:
+                assert torch.allclose(fam["out"](model, x), ref, rtol=1e-4, atol=1e-6), (family, method)
+            finally:
+                tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_counts_sdpa_and_exact_remove(family, monkeypatch):
+    fam = FAMILIES[family]()
+    model, x, p, n = fam["model"], fam["x"], fam["prefix"], fam["n"]
+    before = _snapshot(model)
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+    spy = _Spy(monkeypatch, fam["eager"])
+    for method, kw in METHODS:
+        for budget in BUDGETS:
+            tokenprune.apply(model, budget, method, **kw)
+            try:
+                plan = tokenprune.plan(model, num_tokens=n)
+                k = keep_count(budget, n)
+                if method == "pool":  # the pooled grid nearest K; exactly K on these grids
+                    assert plan.info.grid is not None and plan.num_out == k, (family, plan.info.grid, plan.num_out)
+                spy.calls = 0
+                with torch.no_grad():
+                    tokens, state = tokenprune.features(model, x)
+                    y = fam["out"](model, x)
+                assert spy.calls >= plan.info.depth, (family, method, spy.calls)
+                assert tokens.shape[1] - p == k, f"{family}/{method}@{budget}: {tokens.shape[1] - p} tokens, not {k}"
+                assert state.num_prefix == p and state.num_input == n
+                want = (ref.shape[0], p + k, ref.shape[2]) if fam.get("seq") else ref.shape  # encoders: the tokens
+                assert y.shape == want and torch.isfinite(y).all(), (family, method, budget)
+            finally:
+                tokenprune.remove(model)
+    assert _snapshot(model) == before
+    with torch.no_grad():
+        assert torch.equal(fam["out"](model, x), ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_padded_batch_matches_single(family):
+    """``cls`` with a score threshold keeps different counts per sample: padded slots are masked in attention and
+    pooling, so each sample of a batch gets what it gets alone."""
+    fam = FAMILIES[family]()
+    model, x, out = fam["model"], fam["x"], fam["out"]
+    x = torch.stack([x[0], 4 * x[1].flip(-1)])
+    uniform = 1.0 / (fam["n"] + fam["prefix"])
+    for t in [f * uniform for f in (1.0, 0.998, 1.002, 0.995, 1.005, 0.99, 1.01, 0.98, 1.02, 0.95, 1.05, 0.9, 1.1)]:
+        tokenprune.apply(model, 0.75, "cls", threshold=t, layers=[1])
+        try:
+            with torch.no_grad():
+                single = [tokenprune.features(model, x[i:i + 1])[0].shape[1] for i in range(2)]
+                if len(set(single)) == 1:
+                    continue
+                tokens, state = tokenprune.features(model, x)
+                both = out(model, x)
+                alone = [out(model, x[i:i + 1]) for i in range(2)]
+        finally:
+            tokenprune.remove(model)
+        assert tokens.shape[1] == max(single) and state.padded
+        if fam.get("seq"):  # encoders: each sample's real tokens, in order, without the padding slots
+            both = torch.cat([both[i][state.valid[i]] for i in range(2)])
+            alone = [a[0] for a in alone]
+        alone = torch.cat(alone)
+        assert torch.allclose(both, alone, atol=1e-5, rtol=1e-4), (family, t, (both - alone).abs().max())
+        return
+    pytest.fail(f"{family}: no threshold gave the two samples different counts")
+
+
+@pytest.mark.parametrize("method", ["merge", "cls"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiles_fullgraph(family, method):
+    fam = FAMILIES[family](depth=2)  # Dynamo's tracing time grows with depth; two blocks cover the loop
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, 0.25, method)
+
+    def fn(v):
+        return fam["out"](model, v)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = fn(x)
+        got = torch.compile(fn, fullgraph=True, backend="eager")(x)  # any graph break raises
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", HEADS)
+def test_head_pools_by_size(family):
+    """The pooled output of a merged model equals the head applied to the plain mean of the un-merged full grid."""
+    fam = FAMILIES[family]()
+    model, x, p = fam["model"], fam["x"], fam["prefix"]
+    tokenprune.apply(model, 0.25, "merge")
+    try:
+        with torch.no_grad():
+            got = fam["out"](model, x)
+            tokens, state = tokenprune.features(model, x)
+            full, present = tokenprune.unmerge(tokens, state)
+            want = fam["head"](model, tokens, full)
+            # the test can fail: the plain mean over the merged tokens is not the mean over the patches
+            plain = fam["head"](model, tokens, tokens[:, p:])
+    finally:
+        tokenprune.remove(model)
+    assert present.all() and state.sizes is not None and full.shape[1] == fam["n"]
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    assert not torch.allclose(got, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("maker", [make_vit, make_dinov2, make_dinov2_reg], ids=["vit", "dinov2", "dinov2_reg"])
+def test_base_models(maker):
+    """``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel`` on their own: exact at budget 1, K tokens out."""
+    fam = maker()
+    base, x, p = fam["model"].base_model, fam["x"], fam["prefix"]
+    with torch.no_grad():
+        ref = base(x)
+        for budget in (1.0, 0.5):
+            tokenprune.apply(base, budget, "merge")
+            try:
+                out = base(x)
+            finally:
+                tokenprune.remove(base)
+            assert out.last_hidden_state.shape[1] == p + keep_count(budget, 16)
+            if budget == 1.0:
+                assert torch.allclose(out.last_hidden_state, ref.last_hidden_state, rtol=1e-4, atol=1e-6)
+                if ref.pooler_output is not None:
+                    assert torch.allclose(out.pooler_output, ref.pooler_output, rtol=1e-4, atol=1e-6)
+        assert torch.equal(base(x).last_hidden_state, ref.last_hidden_state)
+
+
+@pytest.mark.parametrize("maker,kw", [(make_vit, {"interpolate_pos_encoding": True}), (make_dinov2, {})],
+                         ids=["vit", "dinov2"])
+def test_grid_is_read_from_the_input(maker, kw):
+    """Non-square inputs: the grid is (H / patch, W / patch) of the pixels, never guessed from the token count."""
+    model = maker()["model"].base_model
+    for shape, grid in (((32, 48), (4, 6)), ((48, 32), (6, 4))):
+        x = torch.randn(2, 3, *shape)
+        with torch.no_grad():
+            ref = model(x, **kw).last_hidden_state
+            tokenprune.apply(model, 1.0, "merge")
+            try:
+                same = model(x, **kw).last_hidden_state
+                tokens, state = tokenprune.features(model, x, **kw)
+            finally:
+                tokenprune.remove(model)
+            assert state.grid == grid and state.num_input == 24
+            assert torch.allclose(same, ref, rtol=1e-4, atol=1e-6)
+            tokenprune.apply(model, 0.5, "pool")
+            try:
+                tokens, state = tokenprune.features(model, x, **kw)
+                plan = tokenprune.get_patch(model).plan_for(24, grid)
+            finally:
+                tokenprune.remove(model)
+        pooled = pooled_grid(grid, keep_count(0.5, 24))
+        assert state.grid == pooled and tokens.shape[1] == 1 + pooled[0] * pooled[1] == 1 + plan.num_out
+
+
+def test_wavlm_is_refused_with_the_reason():
+    from transformers import WavLMConfig, WavLMModel
+
+    m = WavLMModel(WavLMConfig(num_hidden_layers=2, **_SPEECH))
+    with pytest.raises(TypeError, match="relative position bias") as e:
+        tokenprune.apply(m, 0.5, "merge")
+    assert "Wav2Vec2Model" in str(e.value) and not tokenprune.is_applied(m)
+
+
+def test_unsupported_model_lists_the_new_families():
+    with pytest.raises(TypeError) as e:
+        tokenprune.apply(torch.nn.Linear(4, 4), 0.5, "merge")
+    for name in ("ViTModel", "Dinov2", "Wav2Vec2Model", "HubertModel", "CLIP", "Whisper"):
+        assert name in str(e.value), name
+
+
+def test_refused_configurations_and_inputs():
+    from transformers import Wav2Vec2Config, Wav2Vec2Model, WhisperForAudioClassification
+
+    wh = make_whisper_cls()["model"]
+    cfg = wh.config
+    cfg.use_weighted_layer_sum = True
+    with pytest.raises(TypeError, match="use_weighted_layer_sum"):
+        tokenprune.apply(WhisperForAudioClassification(cfg), 0.5, "merge")
+    with pytest.raises(TypeError, match="add_adapter"):
+        tokenprune.apply(Wav2Vec2Model(Wav2Vec2Config(num_hidden_layers=2, add_adapter=True, **_SPEECH)), 0.5)
+    fam = make_wav2vec2()
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, 0.5, "merge")
+    try:
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(x, attention_mask=torch.ones_like(x, dtype=torch.long))
+    finally:
+        tokenprune.remove(model)
+    fam = make_dinov2()
+    tokenprune.apply(fam["model"], 0.5, "merge")
+    try:
+        with pytest.raises(ValueError, match="output_hidden_states"):
+            fam["model"](fam["x"], output_hidden_states=True)
+    finally:
+        tokenprune.remove(fam["model"])
