@@ -63,3 +63,74 @@ def test_whisper_beam_search_keeps_the_token_sizes():
     assert out.shape[0] == x.shape[0] and seen
     assert all(s is not None and s[0] == s[1] and s[2] == s[3] for s in seen), seen[:4]
     assert any(s[1] == 2 * x.shape[0] for s in seen)  # the beams' batch, with its own bias rows
+
+
+# -- saving a patched model ---------------------------------------------------------------------------------
+def _families():
+    from test_adapters_matrix import make_hf_clip, make_whisper
+
+    def timm_():
+        return tiny_vit(), torch.randn(2, 3, 32, 32), lambda m, x: m(x)
+
+    def clip_():
+        f = make_hf_clip()
+        return f["model"], f["x"], lambda m, x: m(pixel_values=x).pooler_output
+
+    def whisper_():
+        f = make_whisper()
+        return f["model"], f["x"], lambda m, x: m.model.encoder(x).last_hidden_state
+
+    return {"timm": timm_, "hf_clip": clip_, "whisper": whisper_}
+
+
+@pytest.mark.parametrize("family", ["timm", "hf_clip", "whisper"])
+def test_patched_model_pickles_and_stays_patched(family):
+    import pickle
+
+    model, x, run = _families()[family]()
+    tokenprune.apply(model, budget=0.25, method="merge")
+    with torch.no_grad():
+        want = run(model, x)
+        copy_ = pickle.loads(pickle.dumps(model))
+        assert tokenprune.plan(copy_).method == "merge"
+        torch.testing.assert_close(run(copy_, x), want, rtol=0, atol=0)
+        tokenprune.remove(copy_)
+        tokenprune.remove(model)
+        torch.testing.assert_close(run(copy_, x), run(model, x), rtol=0, atol=0)
+
+
+def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
+    """torch.save / torch.load of a patched HF model: a new process must get the attention function back."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, x, run = _families()["hf_clip"]()
+    tokenprune.apply(model, budget=0.25, method="cls")
+    with torch.no_grad():
+        want = run(model, x)
+    torch.save({"model": model, "x": x, "want": want}, tmp_path / "m.pt")
+    code = ("import torch; d = torch.load(r'%s', weights_only=False); m = d['model']\n"
+            "with torch.no_grad(): out = m(pixel_values=d['x']).pooler_output\n"
+            "assert torch.equal(out, d['want']), (out - d['want']).abs().max()\nprint('ok')" % (tmp_path / "m.pt"))
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apet_under_autocast(dtype):
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method="apet", k=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_plan_with_a_bad_token_count_is_a_clear_error(n):
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="num_tokens must be a positive"):
+        tokenprune.plan(model, budget=0.5, method="merge", num_tokens=n)

@@ -108,7 +108,10 @@ def remove(model):
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
          schedule: Mapping[int, int] | None = None, **options) -> Plan:
-    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one."""
+    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one.
+    ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input)."""
+    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
+        raise ValueError(f"num_tokens must be a positive number of (non-prefix) input tokens, got {num_tokens!r}")
     patch = get_patch(model)
     if budget is None and method is None and not options and schedule is None:
         if patch is None:

@@ -15,6 +15,7 @@ from ..plan import EncoderInfo
 
 _CLASS_CACHE: dict[tuple[type, type], type] = {}
 ORIGINAL = "_tokenprune_original_class"
+MIXIN = "_tokenprune_mixin"
 
 
 def swap_class(module: torch.nn.Module, mixin: type) -> None:
@@ -22,12 +23,30 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
     if ORIGINAL in orig.__dict__:
         raise ValueError(f"tokenprune: this {orig.__name__} is already patched by another tokenprune.apply (on an "
                          "enclosing model or a submodule); call tokenprune.remove on that model first")
+    module.__class__ = swapped_class(mixin, orig)
+
+
+def swapped_class(mixin: type, orig: type) -> type:
+    """The class ``(mixin, orig)`` a patched module gets; made once per pair."""
     key = (mixin, orig)
     new = _CLASS_CACHE.get(key)
     if new is None:
-        new = type(f"TokenPruned{orig.__name__}", (mixin, orig), {ORIGINAL: orig, "__module__": mixin.__module__})
+        new = type(f"TokenPruned{orig.__name__}", (mixin, orig),
+                   {ORIGINAL: orig, MIXIN: mixin, "__module__": mixin.__module__, "__reduce_ex__": _reduce_swapped})
         _CLASS_CACHE[key] = new
-    module.__class__ = new
+    return new
+
+
+def _new_swapped(mixin: type, orig: type):
+    cls = swapped_class(mixin, orig)
+    return cls.__new__(cls)
+
+
+def _reduce_swapped(self, protocol):
+    """Pickle (``torch.save``, ``copy.deepcopy``) a patched module: its class is made at run time, so it is
+    rebuilt from the (importable) mixin and original classes; the state is the module's own."""
+    cls = type(self)
+    return _new_swapped, (cls.__dict__[MIXIN], cls.__dict__[ORIGINAL]), self.__dict__
 
 
 def restore_class(module: torch.nn.Module) -> None:

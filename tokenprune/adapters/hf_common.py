@@ -113,6 +113,11 @@ class AttentionRouting:
         self.what = what
         self._saved: list = []
 
+    def __setstate__(self, state):  # unpickled in a new process: the configs name tokenprune_sdpa
+        self.__dict__.update(state)
+        if self._saved:
+            register_kernel()
+
     def check(self) -> None:
         for c in self.configs:
             check_sdpa(c, self.what)

@@ -112,6 +112,9 @@ def apet_errors(x: torch.Tensor, basis: torch.Tensor, eps: float = 1e-5) -> torc
     ``x [B, N, C]``, ``basis [B, k, C]``: ``G = S S^T + eps I``, coefficients
     ``c_i = G^-1 S x_i``, ``e_i = ||x_i - S^T c_i||``. Returns ``[B, N]``.
     """
+    if torch.is_autocast_enabled(x.device.type):  # float32 throughout: autocast would hand LU half precision
+        with torch.autocast(x.device.type, enabled=False):
+            return apet_errors(x, basis, eps)
     xf, s = x.float(), basis.float()
     g = s @ s.transpose(-1, -2)
     g = g + eps * torch.eye(g.shape[-1], device=g.device, dtype=g.dtype)
