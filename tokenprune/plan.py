@@ -79,8 +79,8 @@ def check_budget(budget) -> float:
         raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
     if math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(
-            "budget must be in (0, 1] (the fraction of the input's non-prefix tokens kept, that leave the "
-            f"encoder), got {value:g}")
+            "budget must be in (0, 1]: the fraction of the input's non-prefix tokens kept (that leave the "
+            f"encoder); got {value:g}")
     return value
 
 
