@@ -1,6 +1,15 @@
 """Small, dependency-light data loading for evaluation: CIFAR-10 JPEG archives,
 ImageFolder trees, and the speech manifest. Images come out as float tensors
-normalised for the model (bicubic resize, mean/std)."""
+normalised for the model (bicubic resize, mean/std).
+
+The shared assets folder (real weights, CIFAR-10, speech clips) is, in order:
+the folder given to :func:`set_assets_dir` (the CLI's ``--assets``), the
+``TOKENPRUNE_ASSETS`` environment variable, or ``../shared/assets`` next to the
+checkout that holds this package -- never a path relative to the current folder.
+
+numpy, torch and PIL are imported by the functions that need them, so the
+command line can parse its arguments without them.
+"""
 from __future__ import annotations
 
 import io
@@ -10,21 +19,45 @@ import random
 import tarfile
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ASSETS_ENV = "TOKENPRUNE_ASSETS"
+_assets_override: Path | None = None
 
-DEFAULT_ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path.cwd().parent / "shared" / "assets"))
+
+def checkout_assets_dir() -> Path:
+    """``../shared/assets`` relative to the checkout holding the package (the package's parent folder)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+def assets_dir() -> Path:
+    """The shared assets folder: :func:`set_assets_dir`, else ``$TOKENPRUNE_ASSETS``, else
+    :func:`checkout_assets_dir`."""
+    if _assets_override is not None:
+        return _assets_override
+    env = os.environ.get(ASSETS_ENV)
+    return Path(env).expanduser() if env else checkout_assets_dir()
+
+
+def assets_source() -> str:
+    """Where :func:`assets_dir` comes from, for messages."""
+    if _assets_override is not None:
+        return "--assets"
+    return f"${ASSETS_ENV}" if os.environ.get(ASSETS_ENV) else "the checkout's ../shared/assets"
+
+
+def set_assets_dir(path: str | Path | None) -> Path | None:
+    """Use ``path`` as the assets folder (``None``: back to the default); returns the previous override."""
+    global _assets_override
+    previous = _assets_override
+    _assets_override = Path(path).expanduser() if path is not None else None
+    return previous
 
 
 def default_asset(*parts: str) -> Path:
-    """A file under the shared assets folder (``$TOKENPRUNE_ASSETS`` or ``../shared/assets``)."""
-    return DEFAULT_ASSETS.joinpath(*parts)
+    """A file under the shared assets folder (:func:`assets_dir`)."""
+    return assets_dir().joinpath(*parts)
 
 
 def _sample_per_class(items, limit, seed):
@@ -50,6 +83,8 @@ def _sample_per_class(items, limit, seed):
 def load_image_folder(path, limit: int | None = None, seed: int = 0):
     """``(images: list[PIL.Image], labels: list[int], class_names)`` from a CIFAR-style
     ``.tar.gz`` of class folders or an ImageFolder directory."""
+    from PIL import Image
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {path} does not exist")
@@ -75,8 +110,12 @@ def load_image_folder(path, limit: int | None = None, seed: int = 0):
     raise FileNotFoundError(f"{path} is neither an image archive (.tar.gz) nor an ImageFolder directory")
 
 
-def to_tensor(images, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PIL images -> ``[B, 3, size, size]`` (bicubic resize, normalised)."""
+def to_tensor(images, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL images -> ``[B, 3, size, size]`` float tensor (bicubic resize, normalised)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2)
     if x.shape[-1] != size or x.shape[-2] != size:

@@ -43,6 +43,7 @@ class LoadedModel:
     processor: object = None
     num_classes: int = 0
     encoder: torch.nn.Module | None = None  # the part to time (HF: the vision/audio encoder)
+    random_weights: bool = False  # a timm name built without --weights / --pretrained
 
 
 def parse_model_args(text: str | None) -> dict:
@@ -58,32 +59,41 @@ def parse_model_args(text: str | None) -> dict:
 
 
 def load_model(spec: str, weights: str | None = None, model_args: dict | None = None,
-               num_classes: int | None = None, pretrained: bool = False, seed: int = 0) -> LoadedModel:
+               num_classes: int | None = None, pretrained: bool = False, seed: int = 0,
+               announce: Callable[[str], None] | None = None) -> LoadedModel:
     """A model from a timm name, a local folder (timm layout: ``config.json`` with
-    ``architecture``; or a Hugging Face folder) or a Hugging Face id."""
+    ``architecture``; or a Hugging Face folder) or a Hugging Face id.
+
+    ``announce(description)`` is called once the spec is known to name a model, right before the
+    (slow) build or download: a bad spec raises before anything is announced."""
     model_args = dict(model_args or {})
+    announce = announce or (lambda text: None)
     path = Path(spec)
     if path.exists():
         cfg_file = path / "config.json" if path.is_dir() else None
         cfg = json.loads(cfg_file.read_text()) if cfg_file is not None and cfg_file.exists() else {}
         if "architecture" in cfg:
+            announce(f"{path.name} ({cfg['architecture']}, timm) from {path.resolve()}")
             return _load_timm(cfg["architecture"], path, {**cfg.get("model_args", {}), **model_args},
                               num_classes, False, seed, label=path.name)
         if "model_type" in cfg:
-            return _load_hf(str(path), model_args)
+            return _load_hf(str(path), model_args, announce, f"{path.name} ({cfg['model_type']}, Hugging Face) "
+                                                             f"from {path.resolve()}")
         if path.is_file() and path.suffix in (".safetensors", ".pth", ".bin"):
             raise ValueError(f"{spec} is a bare weights file: give the architecture with --model <timm name> "
                              f"--weights {spec}")
         raise ValueError(f"{spec} is neither a timm folder (config.json with 'architecture') nor a Hugging "
                          "Face folder (config.json with 'model_type')")
     if weights is not None:
+        announce(f"{spec} (timm) with weights from {weights}")
         return _load_timm(spec, Path(weights), model_args, num_classes, False, seed, label=spec)
     import timm
 
     if timm.is_model(spec.split(".")[0]) or spec.startswith(("hf-hub:", "hf_hub:")):
+        announce(f"{spec} (timm) " + ("with pretrained weights from the hub" if pretrained else "with RANDOM weights"))
         return _load_timm(spec, None, model_args, num_classes, pretrained, seed, label=spec)
     if spec.count("/") == 1 and not spec.startswith(("/", ".")):
-        return _load_hf(spec, model_args)
+        return _load_hf(spec, model_args, announce, f"{spec} (Hugging Face hub or cache)")
     raise ValueError(f"unknown model {spec!r}: not a timm model name (timm.list_models()), not a local path, "
                      "not a Hugging Face id (owner/name)")
 
@@ -110,10 +120,11 @@ def _load_timm(name, weights, model_args, num_classes, pretrained, seed, label) 
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     size = tuple(model.patch_embed.img_size) if hasattr(model, "patch_embed") else None
     return LoadedModel(model, label, "timm", "image", size, tuple(cfg.get("mean", LoadedModel.mean)),
-                       tuple(cfg.get("std", LoadedModel.std)), None, int(getattr(model, "num_classes", 0)), model)
+                       tuple(cfg.get("std", LoadedModel.std)), None, int(getattr(model, "num_classes", 0)), model,
+                       random_weights=weights is None and not pretrained)
 
 
-def _load_hf(spec, model_args) -> LoadedModel:
+def _load_hf(spec, model_args, announce=None, description: str = "") -> LoadedModel:
     try:
         import transformers
         from transformers import AutoConfig
@@ -124,6 +135,8 @@ def _load_hf(spec, model_args) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load Hugging Face model {spec!r}: {str(e).splitlines()[0]}") from None
     kind = cfg.model_type
+    if announce is not None:
+        announce(description or spec)
     kw = dict(attn_implementation="sdpa", **model_args)
     if kind == "whisper":
         model = transformers.WhisperForConditionalGeneration.from_pretrained(spec, **kw).eval()
@@ -425,19 +438,22 @@ def _wer_row(lm, cfg, data, batch_size, dist_, show, ref) -> dict:
         ref["hyps"], ref["metric"] = norm, w
     if "hyps" in ref:
         out["agreement"] = sum(a == b for a, b in zip(norm, ref["hyps"])) / max(1, len(norm))
+        # the change in WER (a fraction; x100 = points). No "retained": 1 - WER goes negative once
+        # WER > 100%, and a ratio of such numbers means nothing
         out["wer_delta"] = w - ref["metric"]
-        # retention of accuracy (1 - WER), to sit on the same axis as top-1 retention
-        out["retained"] = (1 - w) / (1 - ref["metric"]) if ref["metric"] < 1 else None
     return out
 
 
 def format_row(row: dict, task: str) -> str:
     fr = f"FLOPs x{row['flop_ratio']:.3f}"
-    if task == "wer":
+    ret = ""
+    if task == "wer":  # WER and its change in points; never "retained" (see _wer_row)
         m = f"WER {row['wer']:.2%}"
+        if row.get("wer_delta") is not None and row.get("method") is not None:
+            ret = f" ({100 * row['wer_delta']:+.2f} points)"
     else:
         m = f"{'top-1' if task == 'top1' else 'kNN top-1'} {row['top1']:.2%}"
-    ret = f" retained {row['retained']:.1%}" if row.get("retained") is not None else ""
+        ret = f" retained {row['retained']:.1%}" if row.get("retained") is not None else ""
     agr = f" agreement {row['agreement']:.1%}" if row.get("agreement") is not None else ""
     return f"{row['config']:<22} {fr}  {m}{ret}{agr}  ({row['seconds']:.0f} s)"
 

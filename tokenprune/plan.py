@@ -17,6 +17,7 @@ those blocks. The schedule is a :class:`Plan`; it is inspectable
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -66,12 +67,37 @@ def keep_count(budget: float, num_tokens: int) -> int:
     return min(k, num_tokens)
 
 
-def check_budget(budget: float) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+def check_budget(budget) -> float:
+    """``budget`` as a float, after checking it is a real number in (0, 1].
+
+    Any real number type is accepted: ``int``, ``float``, ``fractions.Fraction``,
+    numpy scalars and 0-d arrays, 0-d torch tensors. Raises ``TypeError`` for
+    what is not a real number (``bool`` included) and ``ValueError`` for NaN
+    and values outside (0, 1].
+    """
+    value = _real(budget)
+    if value is None:
         raise TypeError(f"budget must be a number in (0, 1], got {budget!r}")
-    if math.isnan(budget) or not 0.0 < budget <= 1.0:
+    if math.isnan(value) or not 0.0 < value <= 1.0:
         raise ValueError(
-            f"budget must be in (0, 1] (the fraction of non-prefix tokens that leave the encoder), got {budget}")
+            "budget must be in (0, 1]: the fraction of the input's non-prefix tokens kept (that leave the "
+            f"encoder); got {value:g}")
+    return value
+
+
+def _real(x) -> float | None:
+    """``float(x)`` for a real number (numpy scalars and 0-d arrays/tensors included); ``None`` otherwise."""
+    dtype = str(getattr(x, "dtype", "")).lower()
+    if isinstance(x, bool) or dtype.endswith("bool") or "complex" in dtype:
+        return None
+    if isinstance(x, numbers.Real):  # int, float, Fraction, numpy integer/floating scalars
+        return float(x)
+    if dtype and getattr(x, "ndim", None) == 0:  # 0-d numpy array or torch tensor
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            return None
+    return None
 
 
 def block_flops(n: int, info: EncoderInfo, attention: str = "sdpa") -> float:

@@ -22,22 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from ._common import check_device, info, warn, nonnegative_int, positive_int, set_threads, torch_dtype
+from .eval import add_model_arguments
 
-from .. import api
-from .. import bench as B
-from .. import evaluate as ev
-from .eval import DTYPES, add_model_arguments
+DEFAULT_MODEL = "vit_base_patch16_224"
 
 
 def add_arguments(p):
-    add_model_arguments(p)
-    p.set_defaults(model="vit_base_patch16_224", methods="merge,cls,random", budgets="0.5,0.25")
+    add_model_arguments(p, default_model=f"{DEFAULT_MODEL} with random weights (speed does not depend on them)")
+    p.set_defaults(methods="merge,cls,random", budgets="0.5,0.25")
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated; the first is the latency batch, the last the throughput batch "
                         "(default: 1,256 on GPU, 1,8 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10 GPU, 2 CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls, median reported (default 30 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="untimed calls before timing (default: 10 on GPU, 2 on CPU)")
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed calls, median reported (default: 30 on GPU, 5 on CPU)")
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave torch.backends.cudnn.benchmark off (by default it is on for the run on CUDA, as in "
                         "timm's benchmark script: with fixed input shapes cuDNN may pick faster convolution "
@@ -53,15 +53,18 @@ def add_arguments(p):
 
 
 def run(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    import torch
+
+    from .. import evaluate as ev
+
     budgets = ev.parse_list(args.budgets, float)
     methods = ev.parse_list(args.methods)
     configs, notes = ev.build_configs(methods, budgets, args.recipe, baselines=())
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available")
-    cuda = device.type == "cuda"
+    cuda = args.device.startswith("cuda")
+    if args.cuda_graph and not cuda:
+        raise ValueError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA GPUs)")
+    device = torch.device(check_device(args.device))
+    set_threads(args.threads)
     sizes = ev.parse_list(args.batch_sizes or ("1,256" if cuda else "1,8"), int)
     if not sizes or min(sizes) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
@@ -69,9 +72,7 @@ def run(args):
     repeats = args.repeats if args.repeats is not None else (30 if cuda else 5)
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    if args.cuda_graph and not cuda:
-        raise ValueError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA GPUs)")
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
 
     cudnn_benchmark = cuda and not args.no_cudnn_benchmark
     was = torch.backends.cudnn.benchmark
@@ -83,8 +84,14 @@ def run(args):
 
 
 def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudnn_benchmark):
-    lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
-                       args.pretrained, args.seed)
+    import torch
+
+    from .. import api
+    from .. import bench as B
+    from .. import evaluate as ev
+    from ._common import load_model
+
+    lm = load_model(args.model or DEFAULT_MODEL, args, what="timing", weights_matter=False)
     lm.model.to(device=device, dtype=dtype).eval()
     attn = B.prefer_sdpa(lm)
     if args.fast_patch_embed:
@@ -99,6 +106,7 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
           + ("; patch embedding as a matrix product" if args.fast_patch_embed else ""))
     for n in notes:
         print(f"note: {n}")
+    info(f"timing {len(configs)} configurations x {len(sizes)} batch sizes")
 
     from tqdm.auto import tqdm
 
@@ -181,18 +189,22 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     paths = ev.write_results(rows, meta, out, stem)
     from ..plots import speed_plot
 
-    paths["png"] = speed_plot([r for r in rows if "error" not in r], out / f"{stem}.png",
+    paths["png"] = speed_plot(rows, out / f"{stem}.png",
                               title=f"{lm.name} on {name}, {args.dtype}"
                               + (", CUDA-graph replay" if args.cuda_graph else "")
                               + (", cudnn.benchmark" if cudnn_benchmark else "")
                               + (", GEMM patch embedding" if args.fast_patch_embed else ""))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not any("error" not in r for r in rows):
+        warn("no configuration ran successfully (see the errors above); the plot says so")
     return 0
 
 
 def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph) -> dict:
     """The unreduced model timed again after every configuration: how far the device's speed moved
     during the run (clocks, heat, other work), per batch size."""
+    from .. import bench as B
+
     out = {}
     for bs, start in ref.items():
         fn = B.synthetic_forward(lm, bs, device, dtype)
@@ -205,6 +217,8 @@ def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph) -> dict:
 
 def _graphed(fn):
     """``fn`` captured as a CUDA graph, or a one-line reason when its forward cannot be captured."""
+    import torch
+
     from ..cuda import graphed
 
     try:
@@ -215,6 +229,8 @@ def _graphed(fn):
 
 
 def _flops(model) -> dict:
+    from .. import api
+
     try:
         plan = api.plan(model)
     except ValueError:  # unreduced: any method's plan knows the unreduced FLOPs

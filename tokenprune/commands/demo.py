@@ -9,9 +9,10 @@ and the Whisper transcript with and without reduction (when a Whisper adapter
 is available).
 
 Offline: the default model is the ViT-S/14 CIFAR-10 classifier in the shared
-assets folder (``$TOKENPRUNE_ASSETS`` or ``../shared/assets``, or
-``--model-dir``); without it the app runs a randomly initialised ViT and says so
-on the page. Analytics are off and the server binds to 127.0.0.1 unless
+assets folder (``--assets``, else ``$TOKENPRUNE_ASSETS``, else ``../shared/assets``
+next to the tokenprune checkout), or the one in ``--model-dir``; without it the
+app runs a randomly initialised ViT and says so on the page and in a WARNING
+line on stderr. Analytics are off and the server binds to 127.0.0.1 unless
 ``--host`` says otherwise.
 
 Everything above the ``build_app`` section is free of Gradio (used by the tests).
@@ -664,7 +665,8 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
 
     with gr.Blocks(title="tokenprune demo", analytics_enabled=False, fill_width=True) as app:
         gr.Markdown("# tokenprune: which tokens does each method keep?\n"
-                    "Pick an input, a budget (the fraction of patch tokens that leave the encoder) and methods; "
+                    "Pick an input, a budget (the fraction of the input's non-prefix tokens kept (that leave the "
+                    "encoder)) and methods; "
                     "each panel shows the tokens that method kept on the image, with its time and its agreement "
                     "with the unreduced model.")
         with gr.Tab("Image"):
@@ -682,8 +684,9 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
                                         elem_id="tp-input-msg")
                 with gr.Column(scale=1):
                     model_dd = gr.Dropdown(choices=choices, value=default_model, label="Model", elem_id="tp-model")
-                    budget = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Budget (fraction of tokens kept)",
-                                       elem_id="tp-budget")
+                    budget = gr.Slider(0.05, 1.0, value=0.25, step=0.05,
+                                       label="Budget: fraction of the input's non-prefix tokens kept (that leave "
+                                             "the encoder)", elem_id="tp-budget")
                     chosen = gr.CheckboxGroup(choices=methods, value=default_methods, label="Methods",
                                               elem_id="tp-methods")
                     run = gr.Button("Compare", variant="primary", elem_id="tp-run")
@@ -703,7 +706,9 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
                     use_jfk = gr.Checkbox(value=jfk is not None, interactive=jfk is not None,
                                           label="use the JFK sample" + ("" if jfk else " (not found locally)"))
                 with gr.Column():
-                    audio_budget = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Budget")
+                    audio_budget = gr.Slider(0.05, 1.0, value=0.5, step=0.05,
+                                             label="Budget: fraction of the input's non-prefix tokens kept (that "
+                                                   "leave the encoder)")
                     audio_methods = gr.CheckboxGroup(choices=methods, value=default_methods[:1], label="Methods")
                     audio_run = gr.Button("Transcribe and compare", variant="primary", elem_id="tp-audio-run")
             audio_msg = gr.HTML("", elem_id="tp-audio-msg")
@@ -723,32 +728,49 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, **kwargs):
 
 
 def add_arguments(p):
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model-dir", default=None,
-                   help="folder with model.safetensors + config.json (default: the shared assets' vit-s14-cifar10)")
+    from ._common import port_arg, positive_int, nonnegative_int
+
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=port_arg, default=7860, help="TCP port to serve on")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="folder with model.safetensors + config.json (default: vit-s14-cifar10 in the assets "
+                        "folder; a RANDOM-weight ViT, with a warning, if it is missing)")
     p.add_argument("--tiny", action="store_true", help="start with a tiny random ViT (fast, meaningless predictions)")
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards per method (the best is reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed forwards per method (the best is reported)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: leave torch's default)")
 
 
 def run(args) -> int:
+    import sys
+
+    from ._common import UsageError, warn
+
+    if args.model_dir is not None and not (Path(args.model_dir) / "model.safetensors").is_file():
+        raise UsageError(f"--model-dir {args.model_dir} has no model.safetensors (a folder with "
+                         "model.safetensors and config.json is expected)")
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("tokenprune demo needs Gradio: pip install 'tokenprune[demo]'")
-        return 1
+        raise UsageError("tokenprune demo needs Gradio: pip install 'tokenprune[demo]'") from None
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     if args.tiny:
         os.environ[TINY_ENV] = "1"
+        warn("--tiny: the demo starts on a tiny ViT with RANDOM weights; its predictions mean nothing")
+    elif model_choices(args.model_dir)[0] == RANDOM_LABEL:
+        from ..data import assets_source
+
+        warn(f"no weights at {default_model_dir()} (from {assets_source()}): the demo runs a ViT-S/14 with RANDOM "
+             "weights; its predictions and agreement numbers mean nothing. Pass --assets or --model-dir, or set "
+             "$TOKENPRUNE_ASSETS.")
+    print("tokenprune demo: loading the model and building the app", file=sys.stderr, flush=True)
     app = build_app(args.model_dir, repeats=max(1, args.repeats))
-    print(f"tokenprune demo on http://{args.host}:{args.port} (Ctrl+C to stop)")
+    print(f"tokenprune demo on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     try:
         launch(app, args.host, args.port)
     except OSError as e:  # port taken, address not available
-        print(f"tokenprune demo: could not serve on {args.host}:{args.port}: {e}; try another --port")
-        return 2
+        raise UsageError(f"could not serve on {args.host}:{args.port}: {e}; try another --port") from None
     return 0

@@ -16,30 +16,26 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from ._common import (BUDGET_HELP, DTYPE_NAMES, UsageError, add_model_source_arguments, check_device, device_arg,
+                      info, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
 
-from .. import evaluate as ev
-from ..data import default_asset
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = ("vit-s14-cifar10",)
 
 
-def add_model_arguments(p):
-    p.add_argument("--model", default=str(default_asset("vit-s14-cifar10")),
-                   help="timm model name, local folder (timm or Hugging Face layout) or Hugging Face id")
-    p.add_argument("--weights", default=None, help="local weights for a timm name (file or folder)")
-    p.add_argument("--model-args", default=None, help='JSON keyword arguments for timm.create_model, '
-                   'e.g. \'{"img_size": 32, "depth": 4}\'')
-    p.add_argument("--num-classes", type=int, default=None, help="reset the head (0: feature extractor)")
-    p.add_argument("--pretrained", action="store_true", help="timm: download pretrained weights (needs network)")
-    p.add_argument("--methods", default="merge,cls", help="comma-separated methods, or 'all' (registered ones)")
-    p.add_argument("--budgets", default="0.5,0.25,0.1", help="comma-separated budgets in (0, 1]")
-    p.add_argument("--recipe", action="append", default=[], help="also evaluate a recipe (repeatable)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="tokenprune_results", help="output folder")
+def add_model_arguments(p, default_model: str = "vit-s14-cifar10 in the assets folder (the real ViT-S/14 "
+                                                "CIFAR-10 classifier)"):
+    """Model, methods, budgets, device and output arguments shared by eval and bench."""
+    add_model_source_arguments(p, default_model)
+    p.add_argument("--methods", default="merge,cls",
+                   help="comma-separated methods (tokenprune.methods(); an unknown name is refused with the list), "
+                        "or 'all' for every registered one")
+    p.add_argument("--budgets", default="0.5,0.25,0.1", help=f"comma-separated budgets; {BUDGET_HELP}")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME_OR_YAML",
+                   help="also evaluate a named recipe or a recipe YAML file (repeatable) (default: none)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="weights and activations dtype")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--out", default="tokenprune_results", metavar="DIR", help="output folder")
     p.add_argument("--name", default=None, help="file stem of the results (default: the command and task)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -48,17 +44,25 @@ def add_arguments(p):
     add_model_arguments(p)
     p.add_argument("--task", default="auto", choices=["auto", "top1", "knn", "wer"],
                    help="auto: top1 for classifiers, knn for feature extractors, wer for Whisper")
-    p.add_argument("--data", default=None, help="labelled test data: .tar.gz of class folders or ImageFolder "
-                   "dir (default: the CIFAR-10 test archive); for wer a folder with manifest.json")
-    p.add_argument("--train-data", default=None, help="kNN memory bank (default: the CIFAR-10 train archive)")
-    p.add_argument("--limit", type=int, default=500, help="test samples (spread evenly over classes); 0 = all")
-    p.add_argument("--train-limit", type=int, default=2000, help="kNN bank size; 0 = all")
-    p.add_argument("--k", type=int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--speedups", default=None, help="a `tokenprune bench` JSON of the same model: also plot "
-                   "accuracy retained against its measured speed-ups (<name>_speedup.png)")
-    p.add_argument("--reuse", default=None, help="results JSON of an earlier run (same model, task, data, dtype): "
-                   "its configurations are kept, not run again; the output holds both")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="labelled test data: .tar.gz of class folders or ImageFolder dir; for wer a folder with "
+                        "manifest.json (default: the assets' CIFAR-10 test archive, or speech clips for wer)")
+    p.add_argument("--train-data", default=None, metavar="PATH",
+                   help="kNN memory bank (default: the assets' CIFAR-10 train archive)")
+    p.add_argument("--limit", type=nonnegative_int, default=500,
+                   help="test samples (spread evenly over classes); 0 = all")
+    p.add_argument("--train-limit", type=nonnegative_int, default=2000, help="kNN bank size; 0 = all")
+    p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward")
+    p.add_argument("--allow-random", action="store_true",
+                   help="evaluate a model with RANDOM weights (a timm name without --weights/--pretrained) "
+                        "instead of refusing; its numbers are then marked RANDOM WEIGHTS in the output and plot")
+    p.add_argument("--speedups", default=None, metavar="BENCH_JSON",
+                   help="a `tokenprune bench` JSON of the same model: also plot accuracy retained against its "
+                        "measured speed-ups (<name>_speedup.png) (default: none)")
+    p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
+                   help="results JSON of an earlier run (same model, task, data, dtype): its configurations are "
+                        "kept, not run again; the output holds both (default: none)")
 
 
 def pick_task(task: str, lm) -> str:
@@ -77,14 +81,17 @@ def check_path(path, what):
 
 
 def run(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    budgets = ev.parse_list(args.budgets, float)
-    methods = ev.parse_list(args.methods)
+    from .. import evaluate as ev
+
     check_path(args.data, "--data")
     check_path(args.train_data, "--train-data")
     check_path(args.speedups, "--speedups")
+    check_path(args.reuse, "--reuse")
+    budgets = ev.parse_list(args.budgets, float)
+    methods = ev.parse_list(args.methods)
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
+    check_device(args.device)
+    set_threads(args.threads)
     dist_, device = ev.setup_distributed(args.device)
     try:
         return _run(args, configs, notes, dist_, device)
@@ -93,10 +100,22 @@ def run(args):
 
 
 def _run(args, configs, notes, dist_, device):
+    import torch
+
+    from .. import evaluate as ev
+    from ..data import default_asset
+    from ._common import load_model, random_timm, resolve_model
+
     log = print if dist_.main else (lambda *a, **k: None)
-    lm = ev.load_model(args.model, args.weights, ev.parse_model_args(args.model_args), args.num_classes,
-                       args.pretrained, args.seed)
-    dtype = DTYPES[args.dtype]
+    say = info if dist_.main else (lambda *a, **k: None)  # progress lines, on stderr
+    spec, _ = resolve_model(args.model, DEFAULT_MODEL)
+    if random_timm(spec, args) and not args.allow_random:  # refused before loading anything
+        raise UsageError(f"{spec} would have RANDOM weights (a timm name without --weights or --pretrained), "
+                         "so its accuracy means nothing; give --weights or --pretrained, a local folder, or "
+                         "--allow-random to evaluate it anyway")
+    lm = load_model(spec, args) if dist_.main else _quiet(load_model, spec, args)
+    warnings = ["RANDOM WEIGHTS"] if lm.random_weights else []
+    dtype = torch_dtype(args.dtype)
     lm.model.to(device=device, dtype=dtype)
     task = pick_task(args.task, lm)
     data = {}
@@ -107,6 +126,7 @@ def _run(args, configs, notes, dist_, device):
 
         folder = args.data or str(default_asset("speech-hifitts-6097"))
         check_path(folder, "--data")
+        say(f"reading speech clips from {folder}")
         rows = load_speech_manifest(folder, limit)
         data = {"wavs": [str(w) for w, _ in rows], "texts": [t for _, t in rows]}
         n = len(rows)
@@ -114,16 +134,30 @@ def _run(args, configs, notes, dist_, device):
         from ..data import load_image_folder
 
         path = args.data or str(default_asset("cifar10", "cifar10_jpeg_test.tar.gz"))
+        check_path(path, "--data")
+        say(f"reading {'all' if limit is None else limit} test images from {path}")
         data["images"], data["labels"], classes = load_image_folder(path, limit=limit, seed=args.seed)
         n = len(data["images"])
         if task == "knn":
             tpath = args.train_data or str(default_asset("cifar10", "cifar10_jpeg_train.tar.gz"))
+            check_path(tpath, "--train-data")
+            say(f"reading the kNN bank from {tpath}")
             data["train_images"], data["train_labels"], tclasses = load_image_folder(
                 tpath, limit=args.train_limit or None, seed=args.seed)
             if tclasses != classes:
                 raise ValueError(f"train classes {tclasses} differ from test classes {classes}")
         elif lm.num_classes and len(classes) > lm.num_classes:
             raise ValueError(f"the data has {len(classes)} classes but the model's head has {lm.num_classes}")
+        elif lm.num_classes != len(classes):
+            warnings.append(f"HEAD HAS {lm.num_classes} CLASSES, DATA {len(classes)}")
+            if dist_.main:
+                warn(f"the model's head has {lm.num_classes} classes but the data has {len(classes)} "
+                     f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): label i is compared "
+                     "with head output i, so top-1 is not meaningful (agreement still is); "
+                     "use --num-classes 0 --task knn for a backbone")
+    if lm.random_weights and dist_.main:
+        warn("evaluating RANDOM weights (--allow-random): every accuracy below is meaningless")
+    say(f"evaluating {len(configs)} configurations on {n} samples")
     log(f"task {task}: {lm.name} on {n} samples ({time.perf_counter() - t0:.0f} s to load), "
         f"{len(configs)} configurations, {dist_.world} process(es), {device} {args.dtype}")
     for note in notes:
@@ -152,6 +186,7 @@ def _run(args, configs, notes, dist_, device):
     if not dist_.main:
         return 0
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
+            "warnings": warnings, "random_weights": lm.random_weights,
             "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
@@ -168,12 +203,13 @@ def _run(args, configs, notes, dist_, device):
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
 
-    metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "1 - WER"}[task]
-    title = f"{lm.name}: {metric} retained, {n} samples ({args.dtype})"
+    metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "WER"}[task]
+    loud = "".join(f"{w}: " for w in warnings)  # random weights / a mismatched head: in the title itself
+    title = f"{loud}{lm.name}: {metric} retained, {n} samples ({args.dtype})"
     ylabel = f"{metric} retained (% of unreduced)"
     plot_kw = {"title": title, "ylabel": ylabel + "; <75% drawn at 75", "ymin": 75.0}
-    if task == "wer":  # retention of 1 - WER goes negative once WER > 100%: plot WER itself
-        plot_kw = {"title": f"{lm.name}: WER, {n} utterances ({args.dtype})", "y": "wer",
+    if task == "wer":  # WER itself (lower is better); "retained" of 1 - WER means nothing once WER > 100%
+        plot_kw = {"title": f"{loud}{lm.name}: WER, {n} utterances ({args.dtype})", "y": "wer",
                    "ylabel": "WER (%, lower is better; >100% drawn at 100)", "ymax": 100.0}
     paths["png"] = pareto_plot(rows, Path(args.out) / f"{stem}.png", **plot_kw)
     if args.speedups:
@@ -183,4 +219,15 @@ def _run(args, configs, notes, dist_, device):
         paths["png_speedup"] = pareto_plot(rows, Path(args.out) / f"{stem}_speedup.png", x="speedup",
                                            xlabel="measured speed-up over unreduced (x, bench)", **plot_kw)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
+    for w in warnings:
+        warn(f"these results are marked {w}")
     return 0
+
+
+def _quiet(fn, *a, **k):
+    """``fn`` with its stderr lines silenced (ranks other than 0 of a torchrun)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return fn(*a, **k)

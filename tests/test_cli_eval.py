@@ -1,0 +1,81 @@
+"""`tokenprune eval` refuses random weights unless --allow-random, and then marks the output and the
+plot title; a head whose classes do not match the data is warned about; WER rows report the WER
+and its change in points, never a "retained" figure."""
+import json
+
+import pytest
+from PIL import Image
+
+from tokenprune.cli import main
+from tokenprune.evaluate import format_row
+
+from test_cli import TINY_ARGS, _eval_args, tiny  # noqa: F401  (tiny: fixture)
+
+
+def _random_args(tiny, out, *extra):  # noqa: F811
+    # a timm name: random weights and timm's default 1000-class head, on 3-class data
+    args = _eval_args(tiny, out, *extra, methods="merge", budgets="0.5")
+    i = args.index("--model")
+    args[i + 1] = "vit_small_patch16_224"
+    return args + ["--model-args", json.dumps(TINY_ARGS)]
+
+
+def test_random_weights_are_refused_before_loading(tiny, tmp_path, capsys):  # noqa: F811
+    assert main(_random_args(tiny, tmp_path)) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1 and "RANDOM weights" in err and "--allow-random" in err, err
+    assert not (tmp_path / "eval_top1.json").exists()
+
+
+def test_allow_random_marks_output_json_and_plot_title(tiny, tmp_path, capsys):  # noqa: F811
+    assert main(_random_args(tiny, tmp_path, "--allow-random")) == 0
+    cap = capsys.readouterr()
+    warnings = [line for line in cap.err.splitlines() if line.startswith("WARNING")]
+    assert any("RANDOM" in w for w in warnings), cap.err
+    assert any("1000 classes" in w and "3" in w for w in warnings), cap.err
+    res = json.loads((tmp_path / "eval_top1.json").read_text())
+    assert res["random_weights"] is True
+    assert "RANDOM WEIGHTS" in res["warnings"] and "HEAD HAS 1000 CLASSES, DATA 3" in res["warnings"]
+    title = Image.open(tmp_path / "eval_top1.png").info.get("Title", "")
+    assert "RANDOM WEIGHTS" in title and "HEAD HAS 1000 CLASSES" in title, title
+
+
+def test_real_weights_have_no_warning(tiny, tmp_path, capsys):  # noqa: F811
+    assert main(_eval_args(tiny, tmp_path, methods="cls", budgets="0.5")) == 0
+    cap = capsys.readouterr()
+    assert "WARNING" not in cap.err
+    res = json.loads((tmp_path / "eval_top1.json").read_text())
+    assert res["warnings"] == [] and res["random_weights"] is False
+    assert "RANDOM" not in Image.open(tmp_path / "eval_top1.png").info.get("Title", "")
+
+
+@pytest.mark.parametrize("wer, ref", [(3.5, 1.08), (0.09, 0.082), (0.5, 0.5)])
+def test_wer_rows_report_points_not_retained(wer, ref):
+    row = {"config": "merge@0.5", "method": "merge", "flop_ratio": 0.7, "wer": wer, "wer_delta": wer - ref,
+           "agreement": 0.5, "seconds": 1.0}
+    text = format_row(row, "wer")
+    assert "retained" not in text
+    assert f"WER {wer:.2%}" in text and f"{100 * (wer - ref):+.2f} points" in text
+
+
+def test_wer_evaluation_has_no_retained_column(assets, tmp_path, capsys):
+    """Whisper tiny.en on 2 utterances: WER and its change in points, no "retained" anywhere."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("jiwer")
+    whisper = assets / "whisper-tiny.en"
+    if not (whisper / "config.json").exists():
+        pytest.skip("whisper-tiny.en not in the assets")
+    args = ["eval", "--model", str(whisper), "--task", "wer", "--data", str(assets / "speech-hifitts-6097"),
+            "--limit", "2", "--methods", "merge", "--budgets", "0.5", "--batch-size", "2", "--out", str(tmp_path),
+            "--no-progress", "--threads", "2"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "retained" not in cap.out
+    res = json.loads((tmp_path / "eval_wer.json").read_text())
+    for r in res["rows"]:
+        assert "retained" not in r
+        if r["method"] is not None:
+            ref = next(u for u in res["rows"] if u["method"] is None)
+            assert r["wer_delta"] == pytest.approx(r["wer"] - ref["wer"])
+            assert f"{100 * r['wer_delta']:+.2f} points" in cap.out

@@ -1,0 +1,66 @@
+"""`tokenprune plan` takes the same model arguments as eval/bench (local folders, timm names with
+--model-args) and plans for the input that will run (--input-size)."""
+import json
+
+import pytest
+import timm
+import torch
+
+import tokenprune
+from tokenprune.cli import main
+
+from conftest import tiny_vit
+from test_cli import TINY_ARGS, tiny  # noqa: F401  (tiny: fixture)
+
+
+def _plan_json(capsys, *argv):
+    assert main(["plan", "--json", *argv]) == 0
+    cap = capsys.readouterr()
+    return json.loads(cap.out), cap.err
+
+
+def test_plan_of_a_local_folder_matches_the_model_it_holds(tiny, capsys):  # noqa: F811
+    out, err = _plan_json(capsys, "--model", str(tiny["ckpt"]), "--method", "cls", "--budget", "0.25")
+    want = tokenprune.plan(tiny_vit(num_classes=3), budget=0.25, method="cls").to_dict()
+    assert out["tokens_per_block"] == want["tokens_per_block"] and out["num_in"] == want["num_in"]
+    assert out["flop_ratio"] == pytest.approx(want["flop_ratio"])
+    assert out["input_size"] == TINY_ARGS["img_size"]
+    assert "loading tiny-vit" in err
+
+
+@pytest.mark.parametrize("size", [64, 16])
+def test_input_size_in_pixels_plans_that_image(tiny, capsys, size):  # noqa: F811
+    out, err = _plan_json(capsys, "--model", str(tiny["ckpt"]), "--input-size", str(size), "--budget", "0.5")
+    want = tokenprune.plan(tiny_vit(num_classes=3, img_size=size), budget=0.5, method="merge").to_dict()
+    assert out["num_in"] == (size // TINY_ARGS["patch_size"]) ** 2 == want["num_in"]
+    assert out["tokens_per_block"] == want["tokens_per_block"]
+    assert out["flop_ratio"] == pytest.approx(want["flop_ratio"])
+    assert out["input_size"] == size and f"{size}x{size} px" in out["input"]
+
+
+def test_dinov2_planned_at_the_quickstart_size(capsys):
+    out, _ = _plan_json(capsys, "--model", "vit_small_patch14_dinov2", "--input-size", "224")
+    with torch.device("meta"):
+        model = timm.create_model("vit_small_patch14_dinov2", img_size=224)
+    want = tokenprune.plan(model, budget=0.25, method="merge").to_dict()
+    assert out["num_in"] == 256 == want["num_in"] and out["tokens_per_block"] == want["tokens_per_block"]
+    default, _ = _plan_json(capsys, "--model", "vit_small_patch14_dinov2")
+    assert default["num_in"] == 37 * 37 and "518x518 px" in default["input"]  # timm's own size, and it says so
+
+
+def test_model_args_are_taken_as_in_eval(capsys):
+    out, _ = _plan_json(capsys, "--model", "vit_small_patch16_224", "--model-args", json.dumps(TINY_ARGS))
+    want = tokenprune.plan(tiny_vit(), budget=0.25, method="merge").to_dict()
+    assert out["tokens_per_block"] == want["tokens_per_block"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-size", "30"], "not a multiple of"),
+    (["--method", "tome"], "unknown method 'tome'; known methods:"),
+    (["--model", "./no/such/folder"], "does not exist"),
+])
+def test_plan_bad_arguments(tiny, capsys, argv, message):  # noqa: F811
+    assert main(["plan", "--model", str(tiny["ckpt"]), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tokenprune plan: error:") and message in err[-1]
+    assert not any("Traceback" in line for line in err)

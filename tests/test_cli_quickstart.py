@@ -1,0 +1,110 @@
+"""`tokenprune quickstart`: assets found from --assets / $TOKENPRUNE_ASSETS / the checkout (never the
+current folder), progress lines and warnings on stderr, methods checked before loading, and both
+models timed warm with the FLOP bound beside the speed-up."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+import tokenprune
+from tokenprune.bench import time_fn
+from tokenprune.cli import main
+from tokenprune.commands.quickstart import speed_report
+
+from conftest import tiny_vit
+from test_cli import tiny  # noqa: F401  (fixture: tiny timm checkpoint + 3-class ImageFolder)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tiny, tmp_path_factory):  # noqa: F811
+    """An assets folder laid out like the shared one, holding the tiny model and data."""
+    root = tmp_path_factory.mktemp("assets")
+    shutil.copytree(tiny["ckpt"], root / "vit-s14-cifar10")
+    (root / "cifar10").mkdir()
+    with tarfile.open(root / "cifar10" / "cifar10_jpeg_test.tar.gz", "w:gz") as tar:
+        tar.add(tiny["data"], arcname="test")
+    return root
+
+
+def _quick(*extra):
+    return ["quickstart", "--images", "6", "--batch-size", "3", "--repeats", "3", "--threads", "1", *extra]
+
+
+def test_quickstart_uses_the_assets_option_and_reports_warm_timings(tiny_assets, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("TOKENPRUNE_ASSETS", str(tmp_path / "not-here"))  # --assets wins over the variable
+    monkeypatch.chdir(tmp_path)
+    assert main(_quick("--assets", str(tiny_assets), "--budget", "0.5")) == 0
+    cap = capsys.readouterr()
+    model_dir = (tiny_assets / "vit-s14-cifar10").resolve()
+    assert f"loading vit-s14-cifar10" in cap.err and str(model_dir) in cap.err
+    assert "evaluating on 6 images" in cap.err
+    assert "WARNING" not in cap.err and "RANDOM" not in cap.out
+    assert f"data: 6 images from {tiny_assets / 'cifar10'}" in cap.out
+    # the FLOP bound printed is 1 / the plan's FLOP ratio for this model and budget
+    plan = tokenprune.plan(tiny_vit(num_classes=3), budget=0.5, method="merge")
+    m = re.search(r"speed-up ([\d.]+)x \[([\d.]+)-([\d.]+)\]; FLOP bound ([\d.]+)x", cap.out)
+    assert m, cap.out
+    speedup, low, high, bound = map(float, m.groups())
+    assert bound == pytest.approx(1 / plan.flop_ratio, abs=0.006)
+    assert low <= speedup <= high
+    assert "median of 3" in cap.out
+    assert ("above the FLOP bound" in cap.out) == (speedup > bound)
+    assert "top-1 accuracy: unreduced" in cap.out  # real weights, matching head: accuracy reported
+
+
+def test_speed_report_compares_medians_with_the_flop_bound():
+    fast = time_fn(lambda: time.sleep(0.004), "cpu", warmup=1, repeats=5)
+    slow = time_fn(lambda: time.sleep(0.040), "cpu", warmup=1, repeats=5)
+    above = speed_report(slow, fast, flop_ratio=0.5, method="merge", n_images=8)  # ~10x against a bound of 2x
+    assert any(line.startswith("note:") and "above the FLOP bound 2.00x" in line for line in above)
+    below = speed_report(fast, slow, flop_ratio=0.5, method="merge", n_images=8)  # ~0.1x
+    assert not any(line.startswith("note:") for line in below)
+    m = re.search(r"speed-up ([\d.]+)x", below[1])
+    assert float(m.group(1)) == pytest.approx(fast.median_ms / slow.median_ms, abs=0.006)
+
+
+def test_unknown_method_fails_before_loading_anything(tiny_assets, capsys):
+    t0 = time.perf_counter()
+    assert main(_quick("--assets", str(tiny_assets), "--method", "tome")) == 2
+    cap = capsys.readouterr()
+    assert time.perf_counter() - t0 < 20
+    assert cap.out == ""  # nothing loaded, nothing printed
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tokenprune quickstart: error: unknown method 'tome'")
+    for m in tokenprune.methods():
+        assert m in err
+
+
+def test_missing_assets_warn_of_random_weights_on_stderr(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["quickstart", "--assets", str(empty), "--images", "2", "--batch-size", "2", "--repeats", "1",
+            "--threads", "1"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    warnings = [line for line in cap.err.splitlines() if line.startswith("WARNING")]
+    assert any("RANDOM" in w and str(empty / "vit-s14-cifar10") in w for w in warnings), cap.err
+    assert any("random images" in w for w in warnings), cap.err
+    assert "not meaningful" in cap.out and "top-1 accuracy" not in cap.out
+
+
+def test_default_assets_do_not_depend_on_the_current_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TOKENPRUNE_ASSETS"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = "from tokenprune.data import default_asset; print(default_asset('x'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == ROOT.parent / "shared" / "assets" / "x"
+    env["TOKENPRUNE_ASSETS"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert Path(out.stdout.strip()) == tmp_path / "x"
