@@ -46,6 +46,11 @@ def add_arguments(p):
                    help="capture each forward in a CUDA graph and time its replay (no host launch cost: the "
                         "GPU time a batch-1 server with graphs sees); methods whose kept count depends on "
                         "the data cannot be captured and are reported as such")
+    p.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                   help="time every configuration, the unreduced one included, under torch.compile with this mode. "
+                        "For throughput (large batches) 'default'; at batch 1 'reduce-overhead' (CUDA graphs: no "
+                        "host launch cost), best with cls or a three-step merge (recipe merge-3-stages); "
+                        "'max-autotune' compiles for minutes")
     p.add_argument("--fast-patch-embed", action="store_true",
                    help="run the patch-embedding convolution as one matrix product (tokenprune.fast_patch_embed) in "
                         "every configuration, the unreduced one included: the same outputs, and on an H100 ViT-B/16 "
@@ -63,6 +68,9 @@ def run(args):
     cuda = args.device.startswith("cuda")
     if args.cuda_graph and not cuda:
         raise ValueError("--cuda-graph needs --device cuda (CUDA graphs exist only on NVIDIA GPUs)")
+    if args.cuda_graph and args.compile != "none":
+        raise ValueError("--cuda-graph and --compile are alternatives (--compile reduce-overhead captures CUDA graphs "
+                         "itself); give one of them")
     device = torch.device(check_device(args.device))
     set_threads(args.threads)
     sizes = ev.parse_list(args.batch_sizes or ("1,256" if cuda else "1,8"), int)
@@ -131,6 +139,8 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
                     fn = B.synthetic_forward(lm, bs, device, dtype)
                     if args.cuda_graph:
                         fn = _graphed(fn)
+                    elif args.compile != "none":
+                        fn = _compiled(fn, args.compile)
                     if isinstance(fn, str):
                         row["error"] = fn
                         rows.append(row)
@@ -160,7 +170,8 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
         finally:
             api.remove(lm.model)
     bar.close()
-    drift = _drift(lm, ref, device, dtype, warmup, repeats, args.cuda_graph) if ref and len(configs) > 1 else {}
+    drift = (_drift(lm, ref, device, dtype, warmup, repeats, args.cuda_graph, args.compile)
+             if ref and len(configs) > 1 else {})
     for bs, d in drift.items():
         if abs(d["drift_pct"]) > 2:
             notes.append(f"the unreduced model at batch {bs} took {d['drift_pct']:+.1f}% longer at the end of the run "
@@ -173,7 +184,7 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     stem = args.name or "bench"
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "model": lm.name, "device": str(device),
             "device_name": name, "dtype": args.dtype, "attention": attn, "batch_sizes": sizes, "warmup": warmup,
-            "repeats": repeats, "cuda_graph": bool(args.cuda_graph),
+            "repeats": repeats, "cuda_graph": bool(args.cuda_graph), "compile": args.compile,
             "cudnn_benchmark": cudnn_benchmark, "patch_embed": stem_kind,
             "unreduced_drift": {str(k): v for k, v in drift.items()},
             "torch": torch.__version__, "python": platform.python_version(),
@@ -200,7 +211,7 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
     return 0
 
 
-def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph) -> dict:
+def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph, compile_mode="none") -> dict:
     """The unreduced model timed again after every configuration: how far the device's speed moved
     during the run (clocks, heat, other work), per batch size."""
     from .. import bench as B
@@ -210,9 +221,28 @@ def _drift(lm, ref, device, dtype, warmup, repeats, cuda_graph) -> dict:
         fn = B.synthetic_forward(lm, bs, device, dtype)
         if cuda_graph:
             fn = _graphed(fn)
+        elif compile_mode != "none":
+            fn = _compiled(fn, compile_mode)
+        if isinstance(fn, str):
+            continue
         end = B.time_fn(fn, device, warmup, repeats).median_ms
         out[bs] = {"start_ms": start, "end_ms": end, "drift_pct": 100 * (end / start - 1)}
     return out
+
+
+def _compiled(fn, mode: str):
+    """``fn`` under ``torch.compile(mode=...)``, compiled by one call, or a one-line reason it failed. Each
+    configuration is its own patch: Dynamo's caches are reset so they never hit its recompile limit."""
+    import torch
+
+    torch._dynamo.reset()
+    cfn = torch.compile(fn, mode=None if mode == "default" else mode)
+    try:
+        with torch.inference_mode():
+            cfn()
+    except Exception as e:  # noqa: BLE001 -- reported in the row, the other configurations still run
+        return f"torch.compile({mode}) failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return cfn
 
 
 def _graphed(fn):
