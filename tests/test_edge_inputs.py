@@ -100,7 +100,8 @@ def test_patched_model_pickles_and_stays_patched(family):
 
 
 def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
-    """torch.save / torch.load of a patched HF model: a new process must get the attention function back."""
+    """torch.save / torch.load of a patched HF model: a new process must get the attention function back
+    (tolerance: the other process may sum with another number of CPU threads)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -112,7 +113,8 @@ def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
     torch.save({"model": model, "x": x, "want": want}, tmp_path / "m.pt")
     code = ("import torch; d = torch.load(r'%s', weights_only=False); m = d['model']\n"
             "with torch.no_grad(): out = m(pixel_values=d['x']).pooler_output\n"
-            "assert torch.equal(out, d['want']), (out - d['want']).abs().max()\nprint('ok')" % (tmp_path / "m.pt"))
+            "import tokenprune; assert tokenprune.plan(m).method == 'cls'\n"
+            "torch.testing.assert_close(out, d['want'], rtol=1e-5, atol=1e-5)\nprint('ok')" % (tmp_path / "m.pt"))
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
