@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import timm
 import torch
 
 import tokenprune
@@ -39,6 +38,9 @@ def test_input_size_in_pixels_plans_that_image(tiny, capsys, size):  # noqa: F81
 
 
 def test_dinov2_planned_at_the_quickstart_size(capsys):
+    import timm  # not at module level: importing timm imports triton, which must happen after
+    # test_kernels sets TRITON_INTERPRET at its collection
+
     out, _ = _plan_json(capsys, "--model", "vit_small_patch14_dinov2", "--input-size", "224")
     with torch.device("meta"):
         model = timm.create_model("vit_small_patch14_dinov2", img_size=224)
