@@ -19,7 +19,6 @@ Correctness is checked by ``python -m pytest -m gpu tests/test_gpu_kernels.py``;
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -46,14 +45,7 @@ REMOVED = {"kernels": "the correctness checks: tests/test_gpu_kernels.py",
            "long": "maelre at 16k tokens: scripts/gpu_maelre.py"}
 
 
-@contextlib.contextmanager
-def kernels_on(on: bool):
-    old = kernels.kernels_enabled()
-    kernels.set_kernels_enabled(on)
-    try:
-        yield
-    finally:
-        kernels.set_kernels_enabled(old)
+kernels_on = kernels.kernels_on
 
 
 def randn(*shape, dtype, dev, gen):

@@ -136,3 +136,14 @@ def test_plan_with_a_bad_token_count_is_a_clear_error(n):
     model = tiny_vit()
     with pytest.raises(ValueError, match="num_tokens must be a positive"):
         tokenprune.plan(model, budget=0.5, method="merge", num_tokens=n)
+
+
+def test_hf_attention_mask_tensor_is_a_clear_error():
+    """A tensor attention_mask (not just True) gets the clear refusal, not 'Boolean value of Tensor is ambiguous'."""
+    from test_adapters_matrix import make_ast
+
+    fam = make_ast()
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with pytest.raises(ValueError, match="attention_mask cannot be combined with token reduction"):
+        model(input_values=x, attention_mask=torch.ones(x.shape[0], x.shape[1]))

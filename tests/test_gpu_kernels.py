@@ -88,14 +88,7 @@ def dispatch(T, monkeypatch):
     kernels.set_kernels_enabled(was)
 
 
-@contextlib.contextmanager
-def kernels_on(on: bool):
-    old = kernels.kernels_enabled()
-    kernels.set_kernels_enabled(on)
-    try:
-        yield
-    finally:
-        kernels.set_kernels_enabled(old)
+kernels_on = kernels.kernels_on
 
 
 @contextlib.contextmanager

@@ -176,7 +176,7 @@ def run(fwd: Forward, layers, x, grid=None, extra: tuple = ()):
 
 
 def no_extra_kwargs(kwargs, what: str) -> None:
-    bad = [k for k, v in kwargs.items() if v not in (None, False)
+    bad = [k for k, v in kwargs.items() if v is not None and v is not False  # a tensor mask too
            and k in ("output_attentions", "output_hidden_states", "attention_mask", "head_mask")]
     if bad:
         raise ValueError(f"tokenprune: {', '.join(bad)} cannot be combined with token reduction in the {what} "

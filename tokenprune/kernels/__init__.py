@@ -44,6 +44,7 @@ bytes and FLOPs of each kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 
@@ -104,6 +105,17 @@ def set_kernels_enabled(flag: bool) -> None:
     changing it later has no effect. Compiled functions guard on this flag (they recompile when it changes)."""
     global _ENABLED
     _ENABLED = bool(flag)
+
+
+@contextlib.contextmanager
+def kernels_on(flag: bool):
+    """``with kernels.kernels_on(False): ...`` -- :func:`set_kernels_enabled` for a block, restored after."""
+    old = _ENABLED
+    set_kernels_enabled(flag)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(old)
 
 
 def needs_grad(tensors) -> bool:
@@ -301,4 +313,4 @@ from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
            "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
-           "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "reference"]
+           "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]
