@@ -120,7 +120,7 @@ def record(**row):
     print(json.dumps(row), flush=True)
 
 
-def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=2):
+def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=2, tag=None):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
     interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run)."""
     import copy
@@ -158,7 +158,8 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
         for e in entries:
             ms, p10, p90 = min(e["ms"])
             plan = e["plan"]
-            row = dict(case=case, bs=bs, mode=mode, variant=e["variant"], budget=None if plan is None else budget,
+            row = dict(case=case, bs=bs, mode=mode, variant=e["variant"] + (f" ({tag})" if tag else ""),
+                       budget=None if plan is None else budget,
                        ms=round(ms, 4), p10=round(p10, 4), p90=round(p90, 4),
                        rounds_ms=[round(t[0], 4) for t in e["ms"]],
                        flop_bound=None if plan is None else round(1 / plan.flop_ratio, 3),
@@ -270,6 +271,19 @@ def main():
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
         run_case("vit_l", 1, ["eager"], BS1[:4] + BS1[-1:], 0.25, reps, args.smoke, host=True, profile=prof)
+    if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
+        from tokenprune.kernels import _triton_common as tc
+
+        for flag in (True, False):
+            tc.FAST_LAUNCH = flag
+            for case in ("vit_b", "vit_l"):
+                run_case(case, 1, ["eager"], [("merge", {}), ("cls", {}), ("apet", {})], 0.25, reps, args.smoke,
+                         host=True, tag=f"fast launch {'on' if flag else 'off'}")
+        tc.FAST_LAUNCH = True
+    if "whisper_eager" in parts:
+        prof = args.out if args.profile else None
+        run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), BS1[-1]], 0.5, reps, args.smoke,
+                 host=True, profile=prof)
     if "check32" in parts:
         check_fp32(args.smoke)
     if "pyprof" in parts:

@@ -66,7 +66,7 @@ def T():
     mod = importlib.import_module("tokenprune.kernels.triton_impl")
     if (type(mod._ea_apply).__name__ == "InterpretedFunction") != ON_CPU:
         mod = importlib.reload(mod)
-    assert ON_CPU or kernels._impl() is mod, "the dispatcher does not reach the Triton kernels"
+    assert ON_CPU or kernels._impl().merge is mod.merge, "the dispatcher does not reach the Triton kernels"
     yield mod
     mod.POISON = False
     if old is None:
@@ -492,4 +492,35 @@ def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
             out2 = run(x2).clone()
     finally:
         tokenprune.remove(model)
-    assert rel(out, ref) < 1e-3 and rel(out2, ref2) < 1e-3
+    # fp16 logits: cuBLAS may pick other algorithms while capturing, so the graphed forward rounds differently
+    # (measured on an H200: 1.03e-3 for merge on the PyTorch path); a wrong replay is off by O(1)
+    assert rel(out, ref) < 3e-3 and rel(out2, ref2) < 3e-3
+
+
+# -- the cached launcher ----------------------------------------------------------------------------------
+@pytest.mark.skipif(ON_CPU, reason="the interpreter always takes Triton's own launch path")
+def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):
+    """``_triton_common.fast`` (the cached launcher every launcher uses) gives the same outputs as Triton's own
+    launch path, call after call, and a misaligned view (another specialization) takes a new kernel, not the
+    cached aligned one."""
+    from tokenprune.kernels import _triton_common as tc
+
+    g = torch.Generator(device="cpu").manual_seed(3)
+
+    def tokens(c, offset):  # [2, 197, c] starting ``offset`` elements into a flat buffer
+        flat = torch.randn(2 * 197 * c + offset, generator=g).to(DEV, F16)
+        return flat[offset:].view(2, 197, c)
+
+    cases = [(tokens(768, 0), tokens(64, 0)), (tokens(768, 1), tokens(64, 1))]  # the second: not 16-aligned
+    assert cases[0][0].data_ptr() % 16 == 0 and cases[1][0].data_ptr() % 16 and cases[1][1].data_ptr() % 16
+    outs = {}
+    try:
+        for flag in (False, True):
+            tc.FAST_LAUNCH = flag
+            outs[flag] = [kernels.merge_step(xi, mi, None, None, 1, 40, False) for _ in range(3) for xi, mi in cases]
+    finally:
+        tc.FAST_LAUNCH = True
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    launcher = tc.fast(T.merge._merge_step)
+    assert len({k[3] for k in launcher.cache}) >= 2  # aligned and misaligned specializations both cached

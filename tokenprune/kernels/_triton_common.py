@@ -10,6 +10,9 @@ These modules import ``triton`` at import time: the package imports them lazily 
 """
 from __future__ import annotations
 
+import inspect
+import operator
+
 import torch
 import triton
 import triton.language as tl
@@ -24,14 +27,125 @@ def _alloc(shape, device, dtype):
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, device=device, dtype=dtype)
 
 
+class _Launcher:
+    """``fast(kernel)[grid](*args, **kwargs)``: ``kernel[grid](...)`` with less host time per call.
+
+    Triton's own launch binds and specializes every argument on each call (tens of microseconds for these
+    kernels' 20-40 arguments; at batch 1 a forward is bound by such host time). This keeps, per key, the
+    compiled kernel Triton chose, and calls its launcher directly. The key holds everything Triton
+    specializes on, and more: each tensor's dtype and 16-byte alignment, every other argument's value
+    (ints, flags, constexprs), the launch options and the device. A new key takes Triton's own path once
+    (compiling if needed, and checking its globals), which returns the compiled kernel for the cache.
+    Launch hooks (profilers such as proton) and the interpreter always take Triton's path."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.interpreted = _interpreted(fn)
+        params = list(inspect.signature(fn.fn).parameters.values())
+        self.names = [p.name for p in params]
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self.split = None  # (tensor positions, other positions) as itemgetters, from the first call
+        self.cache: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def _key(self, dev, grid, full, kwargs):
+        if self.split is None:
+            tpos = [i for i, a in enumerate(full) if isinstance(a, torch.Tensor)]
+            spos = [i for i in range(len(full)) if i not in tpos]
+            self.split = (_getter(tpos), _getter(spos))
+        tensors = self.split[0](full)
+        if not all(isinstance(t, torch.Tensor) for t in tensors):  # a tensor slot got something else:
+            tensors = ()                                          # key on every value as it is
+            scalars = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in full)
+        else:
+            scalars = self.split[1](full)
+        return (dev, tuple(grid), tuple(kwargs.items()), scalars, tuple([t.dtype for t in tensors]),
+                tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+
+    def launch(self, grid, args, kwargs):
+        if self.interpreted or _hooks_active():
+            return self.fn[grid](*args, **kwargs)
+        full = list(args)
+        for name in self.names[len(args):]:
+            full.append(kwargs[name] if name in kwargs else self.defaults[name])
+        dev = torch.cuda.current_device()
+        key = self._key(dev, grid, full, kwargs)
+        kernel = self.cache.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            if hasattr(kernel, "result"):  # an asynchronous compile (Triton 3.6+)
+                kernel = kernel.result()
+            self.cache[key] = kernel
+            return kernel
+        g = (tuple(grid) + (1, 1))[:3]
+        kernel.run(g[0], g[1], g[2], _stream(dev), kernel.function, kernel.packed_metadata, None,
+                   _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *full)
+        return kernel
+
+
+def _getter(positions):
+    """A function returning the items at ``positions`` of a list as a tuple (also for 0 or 1 positions)."""
+    if not positions:
+        return lambda seq: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*positions)
+
+
+_knobs = getattr(triton, "knobs", None)
+try:
+    from torch._C import _cuda_getCurrentRawStream as _stream
+except ImportError:  # pragma: no cover -- older torch
+    def _stream(dev):
+        return torch.cuda.current_stream(dev).cuda_stream
+
+
+def _hooks_active() -> bool:
+    """Whether a launch hook is installed (Triton then needs its launch metadata): take Triton's own path."""
+    if _knobs is None:
+        return True
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_LAUNCHERS: dict = {}
+FAST_LAUNCH = True  # False: every launch takes Triton's own path (benchmarks compare the two)
+
+
+def fast(kernel) -> _Launcher:
+    """The cached launcher of a ``@triton.jit`` kernel (see ``_Launcher``); ``fast(k)[grid](...)`` launches it."""
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None or not FAST_LAUNCH:
+        if not FAST_LAUNCH or not hasattr(kernel, "fn"):  # not a JIT function (a test's stand-in): launched as it is
+            return kernel
+        launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+    return launcher
+
+
 def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """The next power of two >= n (at least 1); plain Python (``triton.next_power_of_2`` is a constexpr function
+    that costs microseconds per host call)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code (``triton.cdiv`` is a constexpr function, slow on the host)."""
+    return -(-a // b)
+
+
+_SMS: dict = {}
 
 
 def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    sms = _SMS.get(device.index)
+    if sms is None:  # cached: the properties call costs microseconds on every launch
+        sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return sms
 
 
 def _interpreted(kernel) -> bool:
@@ -97,9 +211,9 @@ def _compose_source(src_row, map_row, out_row, N0, BS: tl.constexpr):
 def _column_groups(c: int, bc: int, bsz: int, programs_per_sm: int, device) -> int:
     """Programs per sample for kernels that split a sample's ``c`` columns (tiles of ``bc``): enough
     for about ``programs_per_sm`` programs per SM, each with an even share of the tiles."""
-    tiles = triton.cdiv(c, bc)
-    groups = min(tiles, max(1, triton.cdiv(programs_per_sm * _num_sms(device), bsz)))
-    return triton.cdiv(tiles, triton.cdiv(tiles, groups))
+    tiles = _cdiv(c, bc)
+    groups = min(tiles, max(1, _cdiv(programs_per_sm * _num_sms(device), bsz)))
+    return _cdiv(tiles, _cdiv(tiles, groups))
 
 
 def _exact_lowp(dtype, max_size) -> bool:

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _argmax_update, _column_groups, _copy_prefix, _exact_lowp, _p2,
-                             _sizes_at)
+from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix, _exact_lowp, _p2,
+                             _sizes_at, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -57,7 +57,7 @@ def apet_errors(x, basis, eps: float = 1e-5):
     w = torch.linalg.solve_ex(g, s)[0].contiguous()  # G^-1 S, [B, k, C]; SPD (ridge): no host-side error check
     e = _alloc((bsz, n), x.device, torch.float32)
     bn = 64
-    _apet_err[(bsz, triton.cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
+    fast(_apet_err)[(bsz, _cdiv(n, bn))](x, w, s, e, n, c, k, x.stride(0), x.stride(1),
                                          KP=max(16, _p2(k)), BN=bn, BC=64, num_warps=8)
     return e
 
@@ -115,8 +115,8 @@ def gram(x):
     g = _alloc((bsz, n, n), x.device, torch.float32)
     bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
     bk = 16 if is32 else 32
-    t = triton.cdiv(n, bm)
-    _gram[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
+    t = _cdiv(n, bm)
+    fast(_gram)[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
                         IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
     return g, g.diagonal(dim1=1, dim2=2)
 
@@ -224,7 +224,7 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
     else:
         v, svb = basis, 0
     np_ = max(16, _p2(n))
-    _apet_stage[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
+    fast(_apet_stage)[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
                         HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
                         BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
     return basis, err
@@ -265,7 +265,7 @@ def apet_assign(g, keep_idx):
     keep = keep_idx.contiguous()
     out = _alloc((bsz, n), g.device, torch.long)
     bm = min(64, max(16, _p2(n)))
-    _apet_assign[(bsz, triton.cdiv(n, bm))](g, keep, out, n, kn, g.stride(0), g.stride(1),
+    fast(_apet_assign)[(bsz, _cdiv(n, bm))](g, keep, out, n, kn, g.stride(0), g.stride(1),
                                             BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
     return out
 
@@ -365,7 +365,7 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     osz = _alloc((bsz, p + k), x.device, torch.float32)
     n0 = source.shape[1] if source is not None else 0
     osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else osz
-    _apet_merge[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
+    fast(_apet_merge)[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
                                source if source is not None else osz, out, osz, osrc,
                                p, n, k, c, n0, groups, x.stride(0), x.stride(1),
                                sizes.stride(0) if sizes is not None else 0,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _key_bias, _num_sms, _p2, _require_contiguous_head_dim
+from ._triton_common import _alloc, _cdiv, _key_bias, _num_sms, _p2, _require_contiguous_head_dim, fast
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -218,8 +218,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     if split is None:  # split N only as far as one wave of pass-1 programs fits (no partial second wave)
         slots = _cfg(EA_CONFIG["programs_per_sm"], dp) * _num_sms(q.device)
         split = max(1, min(max(1, slots // bh), n // EA_CONFIG["min_chunk"]))
-    chunk = triton.cdiv(triton.cdiv(n, split), bn1) * bn1
-    split = triton.cdiv(n, chunk)
+    chunk = _cdiv(_cdiv(n, split), bn1) * bn1
+    split = _cdiv(n, chunk)
     ctx = _alloc((bh, dp, dp), q.device, dt)
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
     if split > 1:
@@ -228,7 +228,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         lpart = _alloc((bh, split, dp), q.device, torch.float32)
     else:
         part = mpart = lpart = ctx
-    _ea_context[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
+    fast(_ea_context)[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
                              k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                              sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
                              IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1,
@@ -236,11 +236,11 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     if split > 1:
         rb = min(EA_CONFIG["combine_rows"], dp)
         sc = max(1, min(_p2(split), EA_CONFIG["combine_tile"] // (rb * dp)))
-        _ea_combine[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, SC=sc,
+        fast(_ea_combine)[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, SC=sc,
                                     num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
-    _ea_apply[(bh, triton.cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
+    fast(_ea_apply)[(bh, _cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
                                          out.stride(0), out.stride(1), out.stride(2),
                                          IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2, num_warps=w2)
     return out
@@ -328,13 +328,13 @@ def biased_attention(q, k, v, bias=None):
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
-    if dp <= 64 and n <= BA_CONFIG["short_max"] and BA_CONFIG.get("wide") and triton.cdiv(n, bm) % 2 == 0:
+    if dp <= 64 and n <= BA_CONFIG["short_max"] and BA_CONFIG.get("wide") and _cdiv(n, bm) % 2 == 0:
         bm, bn, warps = BA_CONFIG["wide"]
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
-    _ba_fwd[(b * h, triton.cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
+    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
                                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                          v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
                                          out.stride(0), out.stride(1), out.stride(2),

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc
+from ._triton_common import _alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc, fast
 
 # ---------------------------------------------------------------------------------------------------
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
@@ -94,7 +94,7 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
     osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else scores
     idx = _alloc((bsz, k), x.device, torch.long)
     scr = torch.empty((bsz * groups, pp + np_), device=x.device, dtype=torch.int32)
-    _keep_step[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
+    fast(_keep_step)[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
                               source if source is not None else scores, out, osz, osrc, idx, scr,
                               p, n, k, c, n0, groups,
                               x.stride(0), x.stride(1), scores.stride(0),

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _argmax_update, _column_groups, _compose_source, _copy_prefix, _exact_lowp,
-                             _interpreted, _num_sms, _p2, _rank_desc, _sizes_at, _tokens_at)
+from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _compose_source, _copy_prefix,
+                             _exact_lowp, _interpreted, _num_sms, _p2, _rank_desc, _sizes_at, _tokens_at, fast)
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def bipartite_best(metric, valid_b=None):
         svb = vb.stride(0)
     else:
         vb, svb = best, 0
-    _bm_best[(bsz, triton.cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
                                          HAS_VALID=valid_b is not None,
                                          IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=bn, num_warps=4)
     return best.to(metric.dtype), idx
@@ -156,7 +156,7 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
             ssb = s.stride(0)
     else:
         s, ssb = x, 0
-    _merge_rows[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
+    fast(_merge_rows)[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
                                 x.stride(0), x.stride(1), ssb, out.stride(0), out.stride(1),
                                 HAS_SIZES=sizes is not None, HAS_MEMBERS=r > 0, PRIM_IN_SUM=include_prim,
                                 BC=min(1024, _p2(c)), num_warps=4)
@@ -421,7 +421,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     y = residual if residual is not None else x
 
     def launch(mode, grid, g, bc, warps, **extra):
-        _merge_step[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
+        fast(_merge_step)[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
                           rows, p, na, nb, r, c, d, n0, g,
                           x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
@@ -441,8 +441,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
             fbc = MERGE_STEP_SPLIT.get("fbc_many", fbc)
         if not lowp:  # float32 products: smaller tiles, or they spill
             fbc = 32
-        ng = triton.cdiv(nout, rb)
-        _merge_gather[(bsz, ng + triton.cdiv(c, fbc))](
+        ng = _cdiv(nout, rb)
+        fast(_merge_gather)[(bsz, ng + _cdiv(c, fbc))](
             x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
             HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _key_bias, _p2, _require_contiguous_head_dim
+from ._triton_common import _alloc, _cdiv, _key_bias, _p2, _require_contiguous_head_dim, fast
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -80,12 +80,12 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     _require_contiguous_head_dim("query_scores", q_row, k)
     dp = _p2(d)
     block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
-    nb = triton.cdiv(n, block_n)
+    nb = _cdiv(n, block_n)
     lg = _alloc((b, h, n), k.device, torch.float32)
     pm = _alloc((b, h, nb), k.device, torch.float32)
     ps = _alloc((b, h, nb), k.device, torch.float32)
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
-    _qs_logits[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
+    fast(_qs_logits)[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
                            q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
                            HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
     out = _alloc((b, n), k.device, torch.float32)
@@ -94,7 +94,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
         sw = w.stride()
     else:
         w, sw = lg, (0, 0, 0)
-    _qs_reduce[(b, nb)](lg, pm, ps, w, out, n, h, nb, sw[0], sw[1], sw[2],
+    fast(_qs_reduce)[(b, nb)](lg, pm, ps, w, out, n, h, nb, sw[0], sw[1], sw[2],
                         HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4)
     return out
 
