@@ -476,11 +476,17 @@ def vit_base_bs1():
                                            ("cls", 0.25), ("apet", 0.5), ("apet", 0.25)])
 def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
     """vit_base at bs 1, unreduced and reduced, kernels on and off: the forward can be captured in a CUDA
-    graph (``tokenprune.cuda.graphed``), and replays on new inputs give the eager logits."""
+    graph (``tokenprune.cuda.graphed``), and replays on new inputs give the eager logits. The PyTorch path runs
+    in float32: in fp16, cuBLAS picking other algorithms while capturing changes the rounding enough to flip
+    near-tied merge / ApET selections (a different, equally valid result), which says nothing of the replay."""
+    import copy
+
     from tokenprune.cuda import graphed
 
     model, x = vit_base_bs1
     tokenprune.remove(model)
+    if not on:
+        model, x = copy.deepcopy(model).float(), x.float()
     if method != "none":
         tokenprune.apply(model, budget=budget, method=method)
     x2 = torch.randn_like(x)
@@ -492,9 +498,10 @@ def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
             out2 = run(x2).clone()
     finally:
         tokenprune.remove(model)
-    # fp16 logits: cuBLAS may pick other algorithms while capturing, so the graphed forward rounds differently
-    # (measured on an H200: 1.03e-3 for merge on the PyTorch path); a wrong replay is off by O(1)
-    assert rel(out, ref) < 3e-3 and rel(out2, ref2) < 3e-3
+    # fp16 logits (kernels on) round differently when cuBLAS picks other algorithms under capture; a wrong
+    # replay is off by O(1)
+    errs = rel(out, ref), rel(out2, ref2)
+    assert max(errs) < (3e-3 if on else 1e-4), errs
 
 
 # -- the cached launcher ----------------------------------------------------------------------------------
