@@ -29,7 +29,9 @@ import tokenprune  # noqa: E402
 from tokenprune.bench import time_fn  # noqa: E402
 
 BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
-       ("merge-3-stages", {"method": "merge", "layers": "thirds"})]
+       ("merge-3-stages", {"method": "merge", "layers": "thirds"}),
+       ("patched, budget 1.0", {"method": "merge", "budget": 1.0})]  # the patch's own cost: no reduction
+M3, PATCHED = BS1[-2], BS1[-1]
 
 
 def timm_model(name, smoke, **kw):
@@ -78,6 +80,7 @@ def apply_variant(m, variant, budget):
     name, kw = variant
     kw = dict(kw)
     method = kw.pop("method", name)
+    budget = kw.pop("budget", budget)
     if kw.get("layers") == "thirds":
         depth = tokenprune.adapters.for_model(m).info().depth
         kw["layers"] = [depth // 4 - 1 + depth // 4 * i for i in range(3)] if depth >= 8 else [0, 1, 2]
@@ -270,7 +273,7 @@ def main():
     if "eager" in parts:
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
-        run_case("vit_l", 1, ["eager"], BS1[:4] + BS1[-1:], 0.25, reps, args.smoke, host=True, profile=prof)
+        run_case("vit_l", 1, ["eager"], BS1[:4] + [M3, PATCHED], 0.25, reps, args.smoke, host=True, profile=prof)
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 
@@ -282,7 +285,7 @@ def main():
         tc.FAST_LAUNCH = True
     if "whisper_eager" in parts:
         prof = args.out if args.profile else None
-        run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), BS1[-1]], 0.5, reps, args.smoke,
+        run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
                  host=True, profile=prof)
     if "check32" in parts:
         check_fp32(args.smoke)
@@ -291,17 +294,17 @@ def main():
     if "compiled" in parts or "compiled_b" in parts:
         run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
     if "compiled" in parts or "compiled_l" in parts:
-        run_case("vit_l", 1, ["reduce-overhead"], [("cls", {}), ("random", {}), ("apet", {}), BS1[-1]], 0.25,
+        run_case("vit_l", 1, ["reduce-overhead"], [("cls", {}), ("random", {}), ("apet", {}), M3], 0.25,
                  reps, args.smoke)
     if "long" in parts:
-        run_case("siglip", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), BS1[-1]], 0.25, reps,
+        run_case("siglip", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.25, reps,
                  args.smoke, host=True)
-        run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), BS1[-1]], 0.5,
+        run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5,
                  reps, args.smoke, host=True)
     if "large" in parts:
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager"], [("merge", {}), ("cls", {})], 0.27, min(reps, 30), args.smoke)
-        run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), BS1[-1]], 0.25, min(reps, 30),
+        run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), M3], 0.25, min(reps, 30),
                  args.smoke)
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                 parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
