@@ -146,6 +146,7 @@ def efficient_attention(q, k, v, bias=None):
 
 
 BA_MIN_BATCH_EAGER = 32  # below this batch an eager forward is bound by host time: SDPA's one op is cheaper to issue
+BA_MIN_BATCH_COMPILED = 1  # compiled (no host cost per op): from this batch the kernel, below it SDPA with the bias
 
 
 def biased_attention_applies(bias, n: int, d: int) -> bool:
@@ -155,7 +156,9 @@ def biased_attention_applies(bias, n: int, d: int) -> bool:
     time, and at small batches host time is what a forward takes. Compiled, the kernel always applies."""
     if bias is None or not use_triton(bias) or not _impl().attention.biased_attention_fits(n, d):
         return False
-    return bias.shape[0] >= BA_MIN_BATCH_EAGER or torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return bias.shape[0] >= BA_MIN_BATCH_COMPILED
+    return bias.shape[0] >= BA_MIN_BATCH_EAGER
 
 
 def biased_attention(q, k, v, bias=None):
