@@ -253,7 +253,9 @@ def test_bipartite_best(T, b, n, d, dtype, valid):
 @pytest.mark.parametrize("b,n,c,r,dtype", [
     (64, 196, 768, 13, F32), (256, 196, 768, 13, F16), (2, 16384, 768, 4096, F32), (2, 16384, 768, 4096, F16),
     (128, 196, 768, 48, F16),  # row gather with 128-column fix-up tiles
-    (3, 101, 384, 50, F32), (8, 255, 256, 100, BF16), (2, 21, 32, 7, F32)], ids=dtype_id)
+    (3, 101, 384, 50, F32), (8, 255, 256, 100, BF16), (2, 21, 32, 7, F32),
+    (1, 1500, 1280, 24, F32), (2, 728, 1152, 21, F32), (4, 1500, 384, 128, F32),  # long inputs: three launches
+], ids=dtype_id)
 def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
     """ops.bipartite_merge, kernels on vs off, on the same sized state. Equal scores (ties after rounding)
     may be broken differently (the PyTorch argsort is unstable), so per sample: the samples with the same
@@ -281,7 +283,7 @@ def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
 
 @pytest.mark.parametrize("b,n,c,r,dtype", [
     (256, 196, 768, 13, F16), (128, 196, 768, 48, BF16), (64, 98, 768, 13, F32), (8, 196, 768, 13, F16),
-    (2, 21, 32, 7, F32)], ids=dtype_id)
+    (2, 21, 32, 7, F32), (1, 1500, 1280, 24, F16)], ids=dtype_id)
 def test_bipartite_merge_deferred_residual_is_bit_identical(T, b, n, c, r, dtype):
     """Tokens handed over as x + y (a block's last residual add left to the merge): the same step, bit for
     bit, as merging the stored sum (row gather at bs >= 32; smaller batches add first)."""

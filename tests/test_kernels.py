@@ -287,13 +287,15 @@ def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
-@pytest.mark.parametrize("one_launch", [False, True, "gather"])
+@pytest.mark.parametrize("one_launch", [False, True, "gather", "plan"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, dtype, one_launch):
     """ops.bipartite_merge through the kernels (one-launch merge_step, its two-launch large-batch form,
-    or matching + merge_rows) gives the same tokens, sizes and source map as its PyTorch path."""
-    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if one_launch is False else 128)
+    its three-launch form for long inputs ("plan": matching, then _merge_plan in tiles of 128 A tokens, then
+    the row gather), or matching + merge_rows) gives the same tokens, sizes and source map as its PyTorch path."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 128 if one_launch in (True, "gather") else 0)
+    monkeypatch.setattr(T.merge, "MERGE_PLAN_MAX_A", 0 if one_launch is False else 8192)
     # gather (large batches): matching with a row map, then whole rows copied (4 rows, 16 columns at a
     # time: 2 tiles) and the B rows that receive merged tokens computed (16 columns per program)
     monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16}
@@ -329,12 +331,16 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
 
 # matching and rows in two launches (large batches): whole rows gathered through the row map, 4 or 16
 # rows and 16 or 32 columns at a time; 64 columns per fix-up program above 32 merged tokens
-@pytest.mark.parametrize("split", [False, (4, 16), (16, 32)])
+@pytest.mark.parametrize("split", [False, (4, 16), (16, 32), "plan"])
 @pytest.mark.parametrize("p,n,r,b,c", [(0, 30, 15, 2, 40), (2, 50, 10, 2, 40), (1, 255, 100, 2, 40),
                                        (1, 61, 20, 1, 100), (1, 61, 20, 3, 136)])
 def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
-    sample's column tiles split over several programs (small batches), unevenly where they do not divide."""
+    sample's column tiles split over several programs (small batches), unevenly where they do not divide;
+    "plan": the three-launch form for long inputs on the same shapes."""
+    if split == "plan":
+        monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0)
+        split = False
     monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": split[0], "gbc": split[1], "gwarps": 4,
                                                 "fbc": 32, "fbc_many": 64} if split else None)
     g = gen(13)
@@ -342,8 +348,25 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     metric = torch.randn(b, p + n, 24, generator=g).half()
     ref = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r)
     _use_interpreted(monkeypatch, T)
-    assert kernels.merge_step_fits(n)
+    assert kernels.merge_step_fits(n, r)
     out = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r)
+    assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
+    assert rel(out.x, ref.x) < 1e-3
+
+
+@pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 1500, 128), (4, 601, 129)])
+def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
+    """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes three launches, several tiles of
+    128 A tokens each, and equals the PyTorch path; above 128 merged tokens per step it leaves the step to
+    the PyTorch glue (matching + merge_rows), which equals it too."""
+    g = gen(23)
+    x = torch.randn(1, p + n, 16, generator=g).half()
+    metric = torch.randn(1, p + n, 16, generator=g)  # float32: no ties at the merge boundary (the PyTorch path's
+    # argsort breaks ties in no defined order; the kernels by index)
+    ref = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
+    _use_interpreted(monkeypatch, T)
+    assert kernels.merge_step_fits(n, r) == (r <= 128)
+    out = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
     assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
     assert rel(out.x, ref.x) < 1e-3
 

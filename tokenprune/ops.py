@@ -129,7 +129,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
         return state.materialize()
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
-    if kernels.use_triton(x, state.residual) and kernels.merge_step_fits(n):  # CUDA, small n: one step
+    if kernels.use_triton(x, state.residual) and kernels.merge_step_fits(n, r):  # CUDA: one to three launches
         # a deferred residual add (state.residual) goes into the kernel that writes the rows
         out = kernels.merge_step(x, metric, state.sizes, state.source, p, r, state.padded,
                                  max_size=p + state.num_input, log_sizes=state.proportional,

@@ -34,7 +34,7 @@ bytes and FLOPs of each kernel.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
   Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
   :func:`merge_step` -- the whole ToMe step (matching, ranking, merge, sizes, source map) in one
-  launch for up to 256 tokens (the launch count is what costs at batch 1);
+  launch for up to 256 tokens, three above (the launch count is what costs at batch 1);
   :func:`gather_rows` -- the kept-token gather (prefix included) in one pass.
 - :func:`apet_errors` -- ApET's least-squares reconstruction error per token.
 - :func:`gram` / :func:`apet_stage` / :func:`apet_assign` -- one ApET stage from the per-sample
@@ -198,9 +198,10 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
     return reference.merge_rows(x, sizes, prim, members, owner, include_prim)
 
 
-def merge_step_fits(n: int) -> bool:
-    """Whether :func:`merge_step` (one program per sample) handles ``n`` non-prefix tokens."""
-    return _have_triton() and _impl().merge.merge_step_fits(n)
+def merge_step_fits(n: int, r: int = 0) -> bool:
+    """Whether :func:`merge_step` handles ``n`` non-prefix tokens with ``r`` of them merged away (one program per
+    sample up to 256 tokens; above, three launches for up to 16k tokens and 128 merged per step)."""
+    return _have_triton() and _impl().merge.merge_step_fits(n, r)
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,

@@ -93,6 +93,10 @@ def _configs():
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
                              NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
+    out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
+                                "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
+                dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=128, BT=32, BS=256,
+                     PP=1), 8))
     for (lowp, rp, fbc), has_y in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
                                                      (False, 16, 32)), (False, True)):
         out.append((M._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",

@@ -69,6 +69,12 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
 
 def bipartite_best(metric, valid_b=None):
     """``metric [B, N, d]`` (non-prefix tokens, may be a strided view). Same as ``reference.bipartite_best``."""
+    best, idx = _best_partners(metric, valid_b)
+    return best.to(metric.dtype), idx
+
+
+def _best_partners(metric, valid_b=None):
+    """``bipartite_best`` with the best similarities in float32 (their values are the metric dtype's)."""
     bsz, n, d = metric.shape
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
@@ -88,7 +94,7 @@ def bipartite_best(metric, valid_b=None):
     fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
                                          HAS_VALID=valid_b is not None,
                                          IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=bn, num_warps=4)
-    return best.to(metric.dtype), idx
+    return best, idx
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,6 +305,76 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
 
 
 @triton.jit
+def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr,
+                P, NA, NB, R, N0, ssb, srcb,
+                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
+                NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr):
+    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote
+    # (best similarity [B, NA] fp32, partner [B, NA]), the ranking, the sizes (and their log), the source map,
+    # ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA, in spatial order
+    b = tl.program_id(0).to(tl.int64)
+    n_unm = NA - R
+    nout = P + n_unm + NB
+    nt = P + NA + NB
+    best_row = best_ptr + b * NA
+    if PADDED:  # padding slots (size 0) are merged first
+        for a0 in range(0, NA, BA):
+            offs = a0 + tl.arange(0, BA)
+            m = offs < NA
+            sa = _sizes_at(s_ptr + b * ssb, P + 2 * offs, m, HAS_SIZES)
+            v = tl.load(best_row + offs, mask=m, other=float("-inf"))
+            tl.store(best_row + offs, tl.where(sa <= 0, float("inf"), v), mask=m)
+    # prefix and B rows: their sizes (the B ones before any merge), source rows and new indices
+    offs_p = tl.arange(0, PP)
+    pm = offs_p < P
+    tl.store(os_ptr + b * nout + offs_p, _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES), mask=pm)
+    tl.store(rows_ptr + b * nout + offs_p, offs_p, mask=pm)
+    if HAS_SOURCE:
+        tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+    for j0 in range(0, NB, BA):
+        offs_b = j0 + tl.arange(0, BA)
+        bm = offs_b < NB
+        row_b = P + 2 * offs_b + 1
+        out_b = P + n_unm + offs_b
+        tl.store(os_ptr + b * nout + out_b, _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES), mask=bm)
+        tl.store(rows_ptr + b * nout + out_b, row_b, mask=bm)
+        if HAS_SOURCE:
+            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
+    tl.debug_barrier()  # the padded best values and the B rows' entries are written before they are read below
+    kept = 0
+    for a0 in range(0, NA, BA):
+        offs_a = a0 + tl.arange(0, BA)
+        am = offs_a < NA
+        best = tl.load(best_row + offs_a, mask=am, other=float("-inf"))
+        rank = _rank_desc(best, offs_a, best_row, NA, BT)  # the R best-matched A tokens are merged away
+        arg = tl.load(idx_ptr + b * NA + offs_a, mask=am, other=0).to(tl.int32)
+        is_src = (rank < R) & am
+        is_unm = am & (rank >= R)
+        unm = is_unm.to(tl.int32)
+        out_a = P + kept + tl.cumsum(unm, 0) - unm  # spatial order among kept A tokens
+        kept += tl.sum(unm, 0)
+        row_a = P + 2 * offs_a
+        sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
+        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg, mask=am)
+        tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
+        tl.store(rows_ptr + b * nout + out_a, row_a, mask=is_unm)
+        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
+        tl.atomic_add(os_ptr + b * nout + P + n_unm + arg, sa, mask=is_src)  # integer sizes: exact in any order
+        tl.store(rows_ptr + b * nout + P + n_unm + arg, tl.full([BA], -1, tl.int32), mask=is_src)
+        if HAS_SOURCE:
+            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
+    tl.debug_barrier()  # sizes and the scratch map are complete before they are read below
+    if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
+        for o0 in range(0, nout, BS):
+            offs_o = o0 + tl.arange(0, BS)
+            om = offs_o < nout
+            sz = tl.load(os_ptr + b * nout + offs_o, mask=om, other=1.0)
+            tl.store(ob_ptr + b * nout + offs_o, tl.log(sz).to(ob_ptr.dtype.element_ty), mask=om)
+    if HAS_SOURCE:
+        _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
+
+
+@triton.jit
 def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn, ssb,
                   oxb, oxn, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr,
                   RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
@@ -364,10 +440,19 @@ MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over p
 # N=98 46.9 -> 39.7; bs 128 51.2 -> 41.9; bs 64 28.8 -> 23.4; bs 32 17.3 -> 16.0
 MERGE_STEP_SPLIT = {"min_batch": 32, "rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128, "mwarps": 8,
                     "mmaxnreg": 128}
+_LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  # the row gather's tiles when
+# MERGE_STEP_SPLIT is None (tests switch the large-batch split off; above MERGE_STEP_MAX_A there is no one launch)
 
 
-def merge_step_fits(n: int) -> bool:
-    return (n + 1) // 2 <= MERGE_STEP_MAX_A
+MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
+MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] weight tile: more merged tokens per step take the
+                          # PyTorch glue of ops.bipartite_merge
+
+
+def merge_step_fits(n: int, r: int = 0) -> bool:
+    """Whether :func:`merge_step` handles ``n`` non-prefix tokens, ``r`` of them merged away."""
+    na = (n + 1) // 2
+    return na <= MERGE_STEP_MAX_A or (na <= MERGE_PLAN_MAX_A and r <= MERGE_GATHER_MAX_R)
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
@@ -380,7 +465,9 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     n = t - p
     na, nb = (n + 1) // 2, n // 2
     d = metric.shape[-1]
-    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
+    large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: three launches
+    split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
+    split_cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
@@ -413,7 +500,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     s_arg = sizes if sizes is not None else osz
     nap = max(16, _p2(na))
     groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
-    bst = torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
+    bst = osz if large else torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
     mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
     rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
     ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
@@ -432,13 +519,22 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
                           BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
 
-    if split:
-        cap = MERGE_STEP_SPLIT.get("mmaxnreg") if bsz > _num_sms(x.device) else None
-        launch(2, (bsz, 1), 1, MERGE_STEP_BC, MERGE_STEP_SPLIT.get("mwarps", MERGE_STEP_WARPS),
+    if large:
+        best, idx = _best_partners(metric[:, p:], (sizes[:, p + 1::2] > 0) if padded and sizes is not None else None)
+        fast(_merge_plan)[(bsz,)](best, idx, s_arg, source if source is not None else osz, osz, osrc, scr, mt, ob,
+                                  rows, p, na, nb, r, n0, sizes.stride(0) if sizes is not None else 0,
+                                  source.stride(0) if source is not None else 0,
+                                  HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
+                                  LOG_SIZES=log_sizes, NAP=nap, BA=128, BT=32, BS=256, PP=_p2(max(p, 1)),
+                                  num_warps=8)
+    elif split:
+        cap = split_cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
+        launch(2, (bsz, 1), 1, MERGE_STEP_BC, split_cfg.get("mwarps", MERGE_STEP_WARPS),
                **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))
-        rb, fbc = MERGE_STEP_SPLIT["rb"], MERGE_STEP_SPLIT["fbc"]
+    if split:
+        rb, fbc = split_cfg["rb"], split_cfg["fbc"]
         if r > 32:
-            fbc = MERGE_STEP_SPLIT.get("fbc_many", fbc)
+            fbc = split_cfg.get("fbc_many", fbc)
         if not lowp:  # float32 products: smaller tiles, or they spill
             fbc = 32
         ng = _cdiv(nout, rb)
@@ -446,8 +542,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
             x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
             HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
-            BC=min(MERGE_STEP_SPLIT["gbc"], _p2(c)), BCF=fbc,
-            num_warps=MERGE_STEP_SPLIT["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
+            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc,
+            num_warps=split_cfg["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
     if log_sizes:
