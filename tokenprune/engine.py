@@ -17,7 +17,11 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
 - ``fwd.want_qk``: if true, the block stores the q and k its attention computed in ``fwd.qk``
   (a :class:`QK`; references, no copies),
 - ``fwd.slot``: if true, the block may return the input of its last residual add and put the
-  branch in ``fwd.residual`` (the merge that follows adds the two in its row gather).
+  branch in ``fwd.residual`` (the merge that follows adds the two in its row gather),
+- ``fwd.mid``: stages to perform inside this block, between attention and MLP (ToMe's placement). A block
+  function that supports them calls ``x = fwd.reduce_mid(x)`` on the tokens after the attention residual
+  add (a no-op when there are none) and runs its MLP on the result; the adapter declares
+  ``Adapter.mid_block = True``. Adapters that cannot are refused at ``apply()`` (:meth:`Program.build`).
 """
 from __future__ import annotations
 
@@ -70,23 +74,29 @@ class Program:
     want_qk: tuple  # per block: bool
     kernel: tuple  # per block: attention kernel or None
     slot: tuple  # per block: bool, the block may leave its last residual add to the reducer
+    mid: tuple = ()  # per block: stages inside it, between attention and MLP
 
     @classmethod
-    def build(cls, plan, reducer) -> "Program":
+    def build(cls, plan, reducer, mid_block: bool = False) -> "Program":
         depth = plan.info.depth
-        at = plan.stage_at()
+        at, mid = {}, {}
+        for s in plan.stages:
+            (mid if s.mid else at).setdefault(s.block, []).append(s)
+        if mid and (not mid_block or -1 in mid):
+            raise ValueError(f"tokenprune: {plan.method} reduces between attention and MLP (placement='attn'), "
+                             f"which this model family's adapter does not support; use placement='block'")
         qk = reducer.qk_blocks(plan)
         fuse = getattr(reducer, "fuses_residual", False) and fuse_residual_enabled()
         paths = plan.attention_per_block()
         return cls(plan, tuple(at.get(-1, ())), tuple(tuple(at.get(i, ())) for i in range(depth)),
                    tuple(i in qk for i in range(depth)), tuple(reducer.attention_kernel(p) for p in paths),
-                   tuple(fuse and i in at for i in range(depth)))
+                   tuple(fuse and i in at for i in range(depth)), tuple(tuple(mid.get(i, ())) for i in range(depth)))
 
 
 class Forward:
     """Everything about one encoder forward. Created by the adapter's forward, passed explicitly."""
 
-    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "slot", "qk", "residual")
+    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "slot", "qk", "residual", "mid")
 
     def __init__(self, patch):
         self.patch = patch  # the installed patch: reducer and plans (read-only during the forward)
@@ -97,6 +107,19 @@ class Forward:
         self.slot = False
         self.qk: QK | None = None
         self.residual: torch.Tensor | None = None
+        self.mid: tuple = ()
+
+    def reduce_mid(self, x: torch.Tensor) -> torch.Tensor:
+        """Perform this block's inside stages (``fwd.mid``) on ``x``, the tokens after its attention residual
+        add, with the q/k that attention recorded; returns the tokens the MLP must run on."""
+        if not self.mid:
+            return x
+        state, reducer = self.state, self.patch.reducer
+        state.x = x
+        for stage in self.mid:
+            state = reducer.reduce(state, stage, self.qk)
+        self.state = state.materialize()
+        return state.x
 
     @property
     def sizes(self) -> torch.Tensor | None:
@@ -123,8 +146,9 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
         state.tokens_per_block.append(state.x.shape[1])
         fwd.bias = state.attn_bias(state.x.dtype)
         fwd.kernel, fwd.want_qk, fwd.slot = prog.kernel[i], prog.want_qk[i], prog.slot[i]
-        fwd.qk, fwd.residual = None, None
+        fwd.qk, fwd.residual, fwd.mid = None, None, prog.mid[i]
         state.x = block_fn(blk, state.x, fwd)
+        state = fwd.state  # a stage inside the block may have replaced it
         qk, state.residual = fwd.qk, fwd.residual
         fwd.qk, fwd.residual = None, None
         state.block = i
@@ -133,5 +157,5 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
             state = reducer.reduce(state, stage, qk)
         state.materialize()  # a stage that reduced nothing leaves the add to do
         fwd.state = state
-    fwd.bias, fwd.kernel, fwd.want_qk, fwd.slot = None, None, False, False
+    fwd.bias, fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid = None, None, False, False, ()
     return state.x

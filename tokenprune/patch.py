@@ -39,7 +39,7 @@ class Patch:
         prog = self._programs.get(key)
         if prog is None:  # a new input size: plan it (two threads may both do this; the results are equal)
             plan = self.reducer.plan(self.info.with_tokens(n, grid), self.budget, self.schedule)
-            prog = Program.build(plan, self.reducer)
+            prog = Program.build(plan, self.reducer, getattr(self.adapter, "mid_block", False))
             self._programs[key] = prog
         return prog
 

@@ -43,13 +43,15 @@ class EncoderInfo:
 
 @dataclass(frozen=True)
 class Stage:
-    """One reduction: after block ``block``, ``keep`` non-prefix tokens remain."""
+    """One reduction: after block ``block`` (``mid``: between that block's attention and its MLP),
+    ``keep`` non-prefix tokens remain."""
 
     block: int
     keep: int
     op: str = ""  # name of the reducer that performs it, for display ("0.cls" in a composition)
     attention: str = "sdpa"  # attention path of the blocks that follow ("sdpa" or "linear")
     owner: int | None = None  # in a composition: the index of the reducer that performs it
+    mid: bool = False  # performed inside block ``block``, after its attention, before its MLP (ToMe's placement)
 
 
 def keep_count(budget: float, num_tokens: int) -> int:
@@ -153,9 +155,15 @@ class Plan:
         return self._per_block("sdpa", lambda s: s.attention)
 
     def flops(self) -> float:
-        p = self.info.num_prefix
-        return sum(block_flops(n + p, self.info, a)
-                   for n, a in zip(self.tokens_per_block(), self.attention_per_block()))
+        p, d, h = self.info.num_prefix, self.info.dim, self.info.mlp_hidden
+        total = sum(block_flops(n + p, self.info, a)
+                    for n, a in zip(self.tokens_per_block(), self.attention_per_block()))
+        n = self.info.num_tokens
+        for s in self.stages:  # a stage inside a block: that block's MLP already runs on the fewer tokens
+            if s.mid:
+                total -= 2 * (n - s.keep) * 2 * d * h
+            n = s.keep
+        return float(total)
 
     def flops_unreduced(self) -> float:
         return self.info.depth * block_flops(self.info.num_tokens + self.info.num_prefix, self.info)
@@ -174,7 +182,8 @@ class Plan:
         lines = [f"method={self.method} budget={self.budget} tokens in={self.info.num_tokens} "
                  f"out={self.num_out} (+{self.info.num_prefix} prefix) FLOP ratio={self.flop_ratio:.3f}"]
         for s in self.stages:
-            lines.append(f"  after block {s.block:>2}: keep {s.keep:>5}  [{s.op}; next blocks: {s.attention}]")
+            where = "inside block" if s.mid else " after block"
+            lines.append(f" {where} {s.block:>2}: keep {s.keep:>5}  [{s.op}; next blocks: {s.attention}]")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

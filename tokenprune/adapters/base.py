@@ -67,6 +67,7 @@ def has_class(model, module_prefix: str, *names: str) -> bool:
 class Adapter:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""  # what the adapter supports, for error messages
+    mid_block: ClassVar[bool] = False  # its block function calls fwd.reduce_mid between attention and MLP
 
     def __init__(self, model):
         self.model = model

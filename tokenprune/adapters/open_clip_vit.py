@@ -45,9 +45,12 @@ def _attention(mha, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
 
 def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """One ``ResidualAttentionBlock`` on batch-first ``x`` (the loop runs batch-first)."""
-    if fwd.bias is None and fwd.kernel is None and not fwd.want_qk and not fwd.slot and blk.attn.batch_first:
+    if fwd.bias is None and fwd.kernel is None and not fwd.want_qk and not fwd.slot and not fwd.mid \
+            and blk.attn.batch_first:
         return blk(x)
     x = x + blk.ls_1(_attention(blk.attn, blk.ln_1(x), fwd))
+    if fwd.mid:
+        x = fwd.reduce_mid(x)
     y = blk.ls_2(blk.mlp(blk.ln_2(x)))
     if fwd.slot:
         fwd.residual = y
@@ -125,6 +128,7 @@ def _visual(model):
 
 
 class OpenClipViTAdapter(Adapter):
+    mid_block = True
     family = "open_clip"
     description = "open_clip CLIP / CustomTextCLIP / VisionTransformer image towers (model.visual)"
 

@@ -85,9 +85,12 @@ def _mlp(mlp, x: torch.Tensor, training: bool) -> torch.Tensor:
 
 def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """One timm ``Block``, written out. With ``fwd.slot`` the MLP branch goes to ``fwd.residual`` and the input
-    of the last add is returned (the merge after this block adds the two and never stores the sum)."""
+    of the last add is returned (the merge after this block adds the two and never stores the sum). Stages
+    inside the block (``fwd.mid``, ToMe's placement) run between the attention and the MLP."""
     tr = blk.training
     x = x + _call(blk.drop_path1, _call(blk.ls1, _attention(blk.attn, _call(blk.norm1, x, tr), fwd), tr), tr)
+    if fwd.mid:
+        x = fwd.reduce_mid(x)
     y = _call(blk.drop_path2, _call(blk.ls2, _mlp(blk.mlp, _call(blk.norm2, x, tr), tr), tr), tr)
     if fwd.slot:
         fwd.residual = y
@@ -179,6 +182,7 @@ class _Model:
 class TimmViTAdapter(Adapter):
     family = "timm"
     description = "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)"
+    mid_block = True
 
     @classmethod
     def matches(cls, model) -> bool:

@@ -17,6 +17,14 @@ removes at most half the tokens; a budget that the blocks before the last
 cannot reach also merges after the last block, and one that even that cannot
 reach is an error naming the limit.
 
+Where: ``placement="block"`` merges after the block (its output tokens); ``placement="attn"`` merges
+inside the block, between attention and MLP, as ToMe's own code does (Bolya et al., Sec. 3: "we apply
+token merging between the attention and MLP branches of each block"), so that block's MLP already runs
+on the fewer tokens. Both use the keys of that block's attention, averaged over heads, as the metric.
+With ``"attn"`` the default schedule spreads the steps over every block, the last included (its MLP is
+cheaper too). ``"attn"`` needs an adapter whose block function supports it (timm, open_clip); the
+others refuse it at ``apply()``.
+
 ``layers=[...]`` merges only after those blocks (at most half the tokens per
 step, repeated matching rounds are not done): fewer, larger steps mean fewer
 kernel launches, which is what limits small batches on a GPU.
@@ -37,13 +45,24 @@ class Merge(Reducer):
     prop_attn: bool = True  # proportional attention (log-size key bias)
     start: int = 0  # first block after which tokens are merged
     layers: list[int] | None = None  # merge only after these blocks (default: every block from `start`)
+    placement: str = "block"  # "block": after the block; "attn": between its attention and MLP (ToMe's)
 
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
 
+    def __post_init__(self):
+        if self.placement not in ("block", "attn"):
+            raise ValueError(f"merge: placement must be 'block' (after the block) or 'attn' (between attention and "
+                             f"MLP, ToMe's), got {self.placement!r}")
+
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
+        mid = self.placement == "attn"
         if self.layers is not None:
             steps = spread_schedule(info.num_tokens, keep, check_layers(self.layers, info.depth), max_fraction=0.5)
-            return [Stage(b, k, self.name) for b, k in steps]
+            return [Stage(b, k, self.name, mid=mid) for b, k in steps]
+        if mid:  # inside every block from `start`, the last included
+            blocks = default_blocks(info, self.start, info.depth)
+            steps = spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)
+            return [Stage(b, k, self.name, mid=True) for b, k in steps]
         blocks = default_blocks(info, self.start)
         try:
             steps = spread_schedule(info.num_tokens, keep, blocks, max_fraction=0.5)

@@ -129,7 +129,7 @@ class Pipeline(Reducer):
             sub_plan = sub.plan(sub_info, target / n)
             subplans.append((a, sub_plan))
             for s in sub_plan.stages:
-                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention, owner=i))
+                stages.append(Stage(s.block + a, s.keep, f"{i}.{sub.name}", s.attention, owner=i, mid=s.mid))
             if sub_plan.num_out != n:
                 grid = None
             n = sub_plan.num_out
@@ -158,7 +158,7 @@ class Pipeline(Reducer):
     def reduce(self, state, stage, qk):
         sub = self.subs[stage.owner]
         a = self.block_ranges(self._depth)[stage.owner][0]
-        return sub.reduce(state, Stage(stage.block - a, stage.keep, sub.name, stage.attention), qk)
+        return sub.reduce(state, Stage(stage.block - a, stage.keep, sub.name, stage.attention, mid=stage.mid), qk)
 
     def attention_kernel(self, path):
         for sub in self.subs:  # a path is named by the one reducer that sets it (maelre's "linear")

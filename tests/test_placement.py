@@ -1,0 +1,84 @@
+"""`merge` with placement="attn": merging between a block's attention and its MLP (ToMe's placement)."""
+import pytest
+import torch
+
+import tokenprune
+from conftest import tiny_vit
+from tokenprune.ops import bipartite_merge
+from tokenprune.state import TokenState
+
+
+def _tome_last_block(model, x, r):
+    """Blocks 0..depth-2 as timm runs them; in the last block: attention, merge r tokens on its key mean, MLP."""
+    t = model._pos_embed(model.patch_embed(x))
+    for blk in model.blocks[:-1]:
+        t = blk(t)
+    blk = model.blocks[-1]
+    a = blk.attn
+    h = blk.norm1(t)
+    b, n, _ = h.shape
+    k = a.qkv(h).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)[1]
+    t = t + blk.ls1(a(h))
+    state = bipartite_merge(TokenState.start(t, model.num_prefix_tokens), k.mean(1), r)
+    t = state.x + blk.ls2(blk.mlp(blk.norm2(state.x)))
+    return model.norm(t)
+
+
+def test_attn_placement_merges_between_attention_and_mlp():
+    torch.set_num_threads(1)
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = _tome_last_block(model, x, 20)
+        tokenprune.apply(model, budget=44 / 64, method="merge", placement="attn", layers=[3])
+        plan = tokenprune.plan(model)
+        assert [(s.block, s.keep, s.mid) for s in plan.stages] == [(3, 44, True)]
+        got = model.forward_features(x)
+        tokenprune.apply(model, budget=44 / 64, method="merge", placement="block", layers=[3])
+        after = model.forward_features(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after[:, 1:].sort(1).values, want[:, 1:].sort(1).values, atol=1e-3)
+
+
+def test_attn_placement_is_exact_when_nothing_is_reduced_and_counts_the_mlp_flops():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        tokenprune.apply(model, budget=1.0, method="merge", placement="attn")
+        assert torch.equal(model(x), ref)
+        flops = {}
+        for pl in ("block", "attn"):
+            tokenprune.apply(model, budget=0.5, method="merge", placement=pl, layers=[1])
+            flops[pl] = tokenprune.plan(model).flop_ratio
+    # the same stage inside block 1 also saves block 1's MLP on the 32 merged tokens: 2 * 32 * 2 * C * H
+    info = tokenprune.plan(model).info
+    full = info.depth * (2 * 65 * (4 * 48 * 48 + 2 * 48 * 192) + 4 * 65 * 65 * 48)
+    assert flops["block"] - flops["attn"] == pytest.approx(2 * 32 * 2 * 48 * 192 / full)
+    tokenprune.remove(model)
+    assert torch.equal(model(x), ref)
+
+
+def test_default_attn_schedule_uses_every_block_and_composes():
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method="merge", placement="attn")
+    plan = tokenprune.plan(model)
+    assert [s.block for s in plan.stages] == [0, 1, 2, 3] and all(s.mid for s in plan.stages)
+    assert plan.num_out == 16 and "inside block" in plan.summary()
+    tokenprune.apply(model, budget=0.25, method=["cls", ("merge", {"placement": "attn"})])
+    plan = tokenprune.plan(model)
+    assert [s.mid for s in plan.stages] == [False, False, True, True]
+    out = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 17, 48)
+
+
+def test_bad_placement_and_unsupported_adapter_are_refused():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="placement must be"):
+        tokenprune.apply(model, budget=0.5, method="merge", placement="mlp")
+    from test_adapters_matrix import make_hf_clip
+
+    hf = make_hf_clip()["model"]
+    with pytest.raises(ValueError, match="does not support; use placement='block'"):
+        tokenprune.apply(hf, budget=0.5, method="merge", placement="attn")
+    assert not tokenprune.api.is_applied(hf)
