@@ -15,7 +15,7 @@ import tokenprune
 from conftest import tiny_vit
 
 STATIC = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {"k": 4}), ("pool", {}), ("maelre", {}),
-          (["cls", "merge"], {}), ("merge", {"placement": "attn"})]
+          (["cls", "merge"], {}), ("merge", {"placement": "attn"}), ("diverse", {})]
 
 
 def _compiled_equals_eager(fn, x):
