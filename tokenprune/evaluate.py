@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import api, registry
+from . import api, consumer, registry
 from .plan import check_budget
 
 BASELINES = ("random", "pool")  # always evaluated beside the methods asked for
@@ -363,7 +363,7 @@ def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, 
     ``on_row(rows)`` is called after each configuration (e.g. to save partial results).
 
     ``data`` for ``top1``: ``images, labels``; for ``knn`` also ``train_images, train_labels``;
-    for ``wer``: ``wavs, texts``.
+    for ``consumer`` also ``readout`` (a frozen ``consumer.Readout``); for ``wer``: ``wavs, texts``.
     """
     dist_ = dist_ or Dist()
     rows, notes = [], []
@@ -380,13 +380,16 @@ def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, 
             t0 = time.perf_counter()
             row = {"config": cfg.name, "label": cfg.label, "method": cfg.method, "budget": cfg.budget,
                    "options": cfg.options or None, **plan_info(model)}
-            if task in ("top1", "knn"):
+            if task in ("top1", "knn", "consumer"):
                 images, labels = data["images"], torch.tensor(data["labels"])
                 nb = math.ceil(len(images) / batch_size)
-                fn = image_forward(lm, images, batch_size, device, dtype, features=task == "knn")
+                if task == "consumer":  # the frozen readout trained on all output tokens (tokenprune.consumer)
+                    fn = consumer.image_forward(lm, images, data["readout"], batch_size, device, dtype)
+                else:
+                    fn = image_forward(lm, images, batch_size, device, dtype, features=task == "knn")
                 out = torch.cat(run_batches(fn, nb, dist_, cfg.name, show))
                 n_seen = len(images)
-                if task == "top1":
+                if task in ("top1", "consumer"):
                     pred = out.argmax(1)
                 else:
                     tr_images = data["train_images"]
@@ -452,7 +455,7 @@ def format_row(row: dict, task: str) -> str:
         if row.get("wer_delta") is not None and row.get("method") is not None:
             ret = f" ({100 * row['wer_delta']:+.2f} points)"
     else:
-        m = f"{'top-1' if task == 'top1' else 'kNN top-1'} {row['top1']:.2%}"
+        m = f"{ {'top1': 'top-1', 'knn': 'kNN top-1'}.get(task, 'consumer top-1')} {row['top1']:.2%}"
         ret = f" retained {row['retained']:.1%}" if row.get("retained") is not None else ""
     agr = f" agreement {row['agreement']:.1%}" if row.get("agreement") is not None else ""
     return f"{row['config']:<22} {fr}  {m}{ret}{agr}  ({row['seconds']:.0f} s)"

@@ -3,6 +3,7 @@
     tokenprune eval --model ../shared/assets/vit-s14-cifar10 --limit 500           # top-1, CIFAR-10
     tokenprune eval --model ../shared/assets/vit-s14-cifar10 --num-classes 0 --task knn
     tokenprune eval --model ../shared/assets/whisper-tiny.en --task wer
+    tokenprune eval --task consumer --train-limit 5000 [--after-encoder]      # frozen readout on all tokens
     torchrun --nproc_per_node 2 -m tokenprune.cli eval ...                        # sharded, same numbers
 
 The unreduced model and the random-drop and pooling baselines are always
@@ -42,8 +43,14 @@ def add_model_arguments(p, default_model: str = "vit-s14-cifar10 in the assets f
 
 def add_arguments(p):
     add_model_arguments(p)
-    p.add_argument("--task", default="auto", choices=["auto", "top1", "knn", "wer"],
-                   help="auto: top1 for classifiers, knn for feature extractors, wer for Whisper")
+    p.add_argument("--task", default="auto", choices=["auto", "top1", "knn", "wer", "consumer"],
+                   help="auto: top1 for classifiers, knn for feature extractors, wer for Whisper; consumer: a small "
+                        "transformer readout trained on ALL output patch tokens of the unreduced model (train data, "
+                        "--train-limit), frozen, then fed each method's reduced tokens (tokenprune.consumer)")
+    p.add_argument("--after-encoder", action="store_true",
+                   help="with --task consumer: each method acts once, after the last block (as FasterVLM / ApET "
+                        "prune a VLM's visual tokens), instead of its own plan inside the encoder")
+    p.add_argument("--readout-epochs", type=positive_int, default=3, help="with --task consumer: training epochs")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="labelled test data: .tar.gz of class folders or ImageFolder dir; for wer a folder with "
                         "manifest.json (default: the assets' CIFAR-10 test archive, or speech clips for wer)")
@@ -51,7 +58,8 @@ def add_arguments(p):
                    help="kNN memory bank (default: the assets' CIFAR-10 train archive)")
     p.add_argument("--limit", type=nonnegative_int, default=500,
                    help="test samples (spread evenly over classes); 0 = all")
-    p.add_argument("--train-limit", type=nonnegative_int, default=2000, help="kNN bank size; 0 = all")
+    p.add_argument("--train-limit", type=nonnegative_int, default=2000,
+                   help="kNN bank / readout training set size; 0 = all")
     p.add_argument("--k", type=positive_int, default=20, help="kNN neighbours (cosine, weights exp(sim/0.07))")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per forward")
     p.add_argument("--allow-random", action="store_true",
@@ -138,10 +146,10 @@ def _run(args, configs, notes, dist_, device):
         say(f"reading {'all' if limit is None else limit} test images from {path}")
         data["images"], data["labels"], classes = load_image_folder(path, limit=limit, seed=args.seed)
         n = len(data["images"])
-        if task == "knn":
+        if task in ("knn", "consumer"):
             tpath = args.train_data or str(default_asset("cifar10", "cifar10_jpeg_train.tar.gz"))
             check_path(tpath, "--train-data")
-            say(f"reading the kNN bank from {tpath}")
+            say(f"reading the {'kNN bank' if task == 'knn' else 'readout training set'} from {tpath}")
             data["train_images"], data["train_labels"], tclasses = load_image_folder(
                 tpath, limit=args.train_limit or None, seed=args.seed)
             if tclasses != classes:
@@ -155,6 +163,11 @@ def _run(args, configs, notes, dist_, device):
                      f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}): label i is compared "
                      "with head output i, so top-1 is not meaningful (agreement still is); "
                      "use --num-classes 0 --task knn for a backbone")
+    if task == "consumer":
+        configs, more = _consumer_setup(args, lm, configs, data, device, dtype, say)
+        notes = notes + more
+    elif args.after_encoder:
+        raise UsageError("--after-encoder goes with --task consumer")
     if lm.random_weights and dist_.main:
         warn("evaluating RANDOM weights (--allow-random): every accuracy below is meaningless")
     say(f"evaluating {len(configs)} configurations on {n} samples")
@@ -169,7 +182,7 @@ def _run(args, configs, notes, dist_, device):
     if reused:
         log(f"reusing {len(configs) - len(todo)} configuration(s) from {args.reuse}")
     reference = reference or {}
-    stem = args.name or f"eval_{task}"
+    stem = args.name or f"eval_{task}{'_after_encoder' if args.after_encoder else ''}"
 
     def save_partial(done):  # a long run that is stopped keeps what it measured
         ev.write_results(list(reused.values()) + done, {"partial": True, "task": task, "model": lm.name},
@@ -203,7 +216,8 @@ def _run(args, configs, notes, dist_, device):
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
 
-    metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "WER"}[task]
+    metric = {"top1": "top-1", "knn": f"kNN-{args.k} top-1", "wer": "WER",
+              "consumer": "frozen-consumer top-1" + (" (after the encoder)" if args.after_encoder else "")}[task]
     loud = "".join(f"{w}: " for w in warnings)  # random weights / a mismatched head: in the title itself
     title = f"{loud}{lm.name}: {metric} retained, {n} samples ({args.dtype})"
     ylabel = f"{metric} retained (% of unreduced)"
@@ -222,6 +236,48 @@ def _run(args, configs, notes, dist_, device):
     for w in warnings:
         warn(f"these results are marked {w}")
     return 0
+
+
+def _consumer_setup(args, lm, configs, data, device, dtype, say):
+    """Train the frozen readout on the unreduced model's output tokens of the train images (the same on every
+    rank: same data, same seed) and, with --after-encoder, turn each method into one stage after the last
+    block. Returns the configurations and notes."""
+    import math
+
+    import torch
+
+    from .. import adapters, consumer
+    from .. import evaluate as ev
+    from ..data import to_tensor
+
+    if lm.family != "timm" or lm.modality != "image":
+        raise UsageError(f"--task consumer reads a timm image ViT's output tokens; {lm.name} is {lm.family} "
+                         f"{lm.modality}")
+    imgs, labels = data["train_images"], torch.tensor(data["train_labels"])
+    say(f"output tokens of {len(imgs)} train images (unreduced), then the readout")
+    bs = args.batch_size
+    size = lm.img_size[0] if lm.img_size else 224
+    toks = []
+    with torch.no_grad():
+        for j in range(math.ceil(len(imgs) / bs)):
+            x = to_tensor(imgs[j * bs:(j + 1) * bs], size, lm.mean, lm.std).to(device, dtype)
+            toks.append(consumer.output_tokens(lm.model, x)[0].half())
+    classes = max(int(labels.max()) + 1, len(set(data["labels"])))
+    data["readout"] = consumer.train_readout(torch.cat(toks), labels, classes, epochs=args.readout_epochs,
+                                             batch_size=min(256, len(imgs)), device=device, seed=args.seed, log=say)
+    if not args.after_encoder:
+        return configs, []
+    info = adapters.for_model(lm.model).info()
+    out, notes = [], []
+    for c in configs:
+        if c.method is None:
+            out.append(c)
+        elif c.method not in consumer.AFTER_ENCODER:
+            notes.append(f"{c.method} has no after-the-encoder form; left out")
+        else:
+            options, schedule = consumer.after_encoder(c.method, c.budget, info.depth, info.num_tokens)
+            out.append(ev.Config(c.label, c.method, c.budget, {**c.options, **options}, schedule))
+    return out, list(dict.fromkeys(notes))
 
 
 def _quiet(fn, *a, **k):

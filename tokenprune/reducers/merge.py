@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
@@ -79,4 +81,15 @@ class Merge(Reducer):
 
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
-        return bipartite_merge(state, qk.key_mean(), r)
+        if r <= state.num_tokens // 2:
+            return bipartite_merge(state, qk.key_mean(), r)
+        # more than half in one stage (a schedule override, e.g. one merge after the last block): repeated
+        # matching rounds of at most half each; the key mean is carried as extra channels of the tokens, so
+        # later rounds match on the size-weighted mean key of each merged group
+        c = state.materialize().x.shape[-1]
+        state.x = torch.cat([state.x, qk.key_mean().to(state.x.dtype)], -1)
+        while state.num_tokens > stage.keep:
+            n = state.num_tokens
+            state = bipartite_merge(state, state.x[..., c:], min(n // 2, n - stage.keep))
+        state.x = state.x[..., :c].contiguous()
+        return state
