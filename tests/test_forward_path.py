@@ -15,7 +15,7 @@ import tokenprune
 from conftest import tiny_vit
 
 STATIC = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {"k": 4}), ("pool", {}), ("maelre", {}),
-          (["cls", "merge"], {}), ("merge", {"placement": "attn"}), ("diverse", {})]
+          (["cls", "merge"], {}), ("merge", {"placement": "attn"}), ("diverse", {}), ("pitome", {})]
 
 
 def _compiled_equals_eager(fn, x):
