@@ -82,3 +82,24 @@ def test_bad_placement_and_unsupported_adapter_are_refused():
     with pytest.raises(ValueError, match="does not support; use placement='block'"):
         tokenprune.apply(hf, budget=0.5, method="merge", placement="attn")
     assert not tokenprune.api.is_applied(hf)
+
+
+def test_attn_placement_with_and_without_the_fused_residual_add_agree():
+    """Inside the block, the merge gets the attention residual add's two halves (TokenState.residual) and adds
+    them itself; with the fusion off the block adds them first. Same tokens either way."""
+    from tokenprune import engine
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    try:
+        for flag in (True, False):
+            engine.set_fuse_residual(flag)
+            tokenprune.apply(model, budget=0.25, method="merge", placement="attn")
+            prog = tokenprune.api.get_patch(model).program_for()
+            assert prog.mid_fuse is flag
+            with torch.no_grad():
+                outs.append(model(x))
+    finally:
+        engine.set_fuse_residual(True)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)

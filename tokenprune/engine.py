@@ -19,8 +19,9 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
 - ``fwd.slot``: if true, the block may return the input of its last residual add and put the
   branch in ``fwd.residual`` (the merge that follows adds the two in its row gather),
 - ``fwd.mid``: stages to perform inside this block, between attention and MLP (ToMe's placement). A block
-  function that supports them calls ``x = fwd.reduce_mid(x)`` on the tokens after the attention residual
-  add (a no-op when there are none) and runs its MLP on the result; the adapter declares
+  function that supports them calls ``x = fwd.reduce_mid(x, branch)`` with the input of the attention
+  residual add and the attention branch (the merge that follows adds them, as with ``fwd.slot``) and runs
+  its MLP on the result; the adapter declares
   ``Adapter.mid_block = True``. Adapters that cannot are refused at ``apply()`` (:meth:`Program.build`).
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Program:
     kernel: tuple  # per block: attention kernel or None
     slot: tuple  # per block: bool, the block may leave its last residual add to the reducer
     mid: tuple = ()  # per block: stages inside it, between attention and MLP
+    mid_fuse: bool = False  # the inside stages add the attention branch themselves (like `slot`)
 
     @classmethod
     def build(cls, plan, reducer, mid_block: bool = False) -> "Program":
@@ -90,13 +92,14 @@ class Program:
         paths = plan.attention_per_block()
         return cls(plan, tuple(at.get(-1, ())), tuple(tuple(at.get(i, ())) for i in range(depth)),
                    tuple(i in qk for i in range(depth)), tuple(reducer.attention_kernel(p) for p in paths),
-                   tuple(fuse and i in at for i in range(depth)), tuple(tuple(mid.get(i, ())) for i in range(depth)))
+                   tuple(fuse and i in at for i in range(depth)), tuple(tuple(mid.get(i, ())) for i in range(depth)),
+                   fuse)
 
 
 class Forward:
     """Everything about one encoder forward. Created by the adapter's forward, passed explicitly."""
 
-    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "slot", "qk", "residual", "mid")
+    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "slot", "qk", "residual", "mid", "mid_fuse")
 
     def __init__(self, patch):
         self.patch = patch  # the installed patch: reducer and plans (read-only during the forward)
@@ -108,14 +111,18 @@ class Forward:
         self.qk: QK | None = None
         self.residual: torch.Tensor | None = None
         self.mid: tuple = ()
+        self.mid_fuse = False
 
-    def reduce_mid(self, x: torch.Tensor) -> torch.Tensor:
-        """Perform this block's inside stages (``fwd.mid``) on ``x``, the tokens after its attention residual
-        add, with the q/k that attention recorded; returns the tokens the MLP must run on."""
+    def reduce_mid(self, x: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
+        """Perform this block's inside stages (``fwd.mid``) on the tokens ``x + branch`` (the attention residual
+        add; ``branch`` None: ``x`` holds them), with the q/k that attention recorded; returns the tokens the
+        MLP must run on. A reducer that fuses residual adds gets the two halves (``TokenState.residual``)."""
         if not self.mid:
-            return x
+            return x if branch is None else x + branch
         state, reducer = self.state, self.patch.reducer
-        state.x = x
+        state.x, state.residual = x, branch
+        if not self.mid_fuse:
+            state.materialize()
         for stage in self.mid:
             state = reducer.reduce(state, stage, self.qk)
         self.state = state.materialize()
@@ -146,7 +153,7 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
         state.tokens_per_block.append(state.x.shape[1])
         fwd.bias = state.attn_bias(state.x.dtype)
         fwd.kernel, fwd.want_qk, fwd.slot = prog.kernel[i], prog.want_qk[i], prog.slot[i]
-        fwd.qk, fwd.residual, fwd.mid = None, None, prog.mid[i]
+        fwd.qk, fwd.residual, fwd.mid, fwd.mid_fuse = None, None, prog.mid[i], prog.mid_fuse
         state.x = block_fn(blk, state.x, fwd)
         state = fwd.state  # a stage inside the block may have replaced it
         qk, state.residual = fwd.qk, fwd.residual

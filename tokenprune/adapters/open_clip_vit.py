@@ -48,9 +48,8 @@ def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     if fwd.bias is None and fwd.kernel is None and not fwd.want_qk and not fwd.slot and not fwd.mid \
             and blk.attn.batch_first:
         return blk(x)
-    x = x + blk.ls_1(_attention(blk.attn, blk.ln_1(x), fwd))
-    if fwd.mid:
-        x = fwd.reduce_mid(x)
+    a = blk.ls_1(_attention(blk.attn, blk.ln_1(x), fwd))
+    x = fwd.reduce_mid(x, a) if fwd.mid else x + a
     y = blk.ls_2(blk.mlp(blk.ln_2(x)))
     if fwd.slot:
         fwd.residual = y

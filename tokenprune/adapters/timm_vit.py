@@ -88,9 +88,8 @@ def _block(blk, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     of the last add is returned (the merge after this block adds the two and never stores the sum). Stages
     inside the block (``fwd.mid``, ToMe's placement) run between the attention and the MLP."""
     tr = blk.training
-    x = x + _call(blk.drop_path1, _call(blk.ls1, _attention(blk.attn, _call(blk.norm1, x, tr), fwd), tr), tr)
-    if fwd.mid:
-        x = fwd.reduce_mid(x)
+    a = _call(blk.drop_path1, _call(blk.ls1, _attention(blk.attn, _call(blk.norm1, x, tr), fwd), tr), tr)
+    x = fwd.reduce_mid(x, a) if fwd.mid else x + a  # a merge inside the block adds the branch in its row gather
     y = _call(blk.drop_path2, _call(blk.ls2, _mlp(blk.mlp, _call(blk.norm2, x, tr), tr), tr), tr)
     if fwd.slot:
         fwd.residual = y
