@@ -96,13 +96,18 @@ def decode(data, device) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out = []
+    gpu = torch.device(device).type == "cuda"
     for i in range(0, len(data), 2048):
         chunk = data[i:i + 2048]
-        if torch.device(device).type == "cuda":
-            out += decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
-        else:
-            out += [decode_jpeg(d, mode=ImageReadMode.RGB) for d in chunk]
-    return torch.stack(out).to(device)
+        if gpu:
+            try:
+                out += decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
+                continue
+            except (RuntimeError, TypeError, ValueError) as e:  # no nvJPEG in this build: decode on the CPU
+                log(f"GPU JPEG decoding failed ({str(e)[:120]}); decoding on the CPU")
+                gpu = False
+        out += [decode_jpeg(d, mode=ImageReadMode.RGB) for d in chunk]
+    return torch.stack([o.to(device) for o in out])
 
 
 def prep(u8: torch.Tensor, size: int, dtype) -> torch.Tensor:
