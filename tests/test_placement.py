@@ -103,3 +103,34 @@ def test_attn_placement_with_and_without_the_fused_residual_add_agree():
     finally:
         engine.set_fuse_residual(True)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton merge kernels)")
+@pytest.mark.parametrize("batch,budget", [(64, 0.25), (8, 0.1), (1, 0.25)])
+def test_gpu_attn_placement_fused_add_is_bit_identical_and_close_to_float32(batch, budget):
+    """On CUDA the merge kernels add the attention branch in their row gather: the logits equal, bit for bit,
+    those of the block adding it itself, and stay close to the float32 CPU model's."""
+    import timm
+
+    from tokenprune import engine
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    tokenprune.apply(model, budget=budget, method="merge", placement="attn")
+    with torch.inference_mode():
+        ref = model(x)
+    gpu = model.cuda().half()
+    outs = {}
+    try:
+        with torch.inference_mode():
+            for fuse in (False, True):
+                engine.set_fuse_residual(fuse)
+                tokenprune.apply(gpu, budget=budget, method="merge", placement="attn")
+                outs[fuse] = gpu(x.cuda().half())
+    finally:
+        engine.set_fuse_residual(True)
+    assert torch.equal(outs[True], outs[False])
+    cos = torch.nn.functional.cosine_similarity(outs[True].float().cpu(), ref).mean()
+    assert cos > 0.95, cos  # fp16 may flip near-tied matches; a wrong merge (or add) would not stay this close
