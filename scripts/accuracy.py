@@ -56,6 +56,7 @@ METHODS = {
     "tome": TOME,
     "merge": ("merge", {}),
     "pitome": ("pitome", {}),
+    "pitome-all": ("pitome", {"candidates": 1e9}),  # every token a candidate: ToMe's rule on an energy-ranked split
     "cls+tome": (["cls", TOME], {}),
     "cls": ("cls", {}),
     "apet": ("apet", {}),

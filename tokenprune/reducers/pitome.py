@@ -70,7 +70,7 @@ def protected_merge(state, metric: torch.Tensor, r: int, margin: float, candidat
     s = sizes[:, p:]
     valid = None if not state.padded else s > 0
     met = metric[:, p:]
-    cand = min(n, max(2 * r, math.ceil(candidates * r)))
+    cand = min(n, max(2 * r, math.ceil(min(candidates * r, n))))
     order = energy(met, margin, valid).argsort(-1, descending=True)  # [B, N]
     a_all, b_idx = order[:, 0:cand:2], order[:, 1:cand:2]  # A: ceil(cand / 2) >= r, B: floor(cand / 2) >= r
     mn = F.normalize(met.float(), dim=-1)
@@ -113,7 +113,8 @@ class PiToMe(Reducer):
     start: int = 0  # first block that merges
     layers: list[int] | None = None  # merge only in/after these blocks (default: every block from `start`)
     placement: str = "attn"  # "attn": between attention and MLP (ToMe's); "block": after the block
-    candidates: float = 2.0  # merge candidates per step, in units of r (2: PiToMe; larger: ToMe's best-r rule)
+    candidates: float = 2.0  # merge candidates per step, in units of r (2: PiToMe; larger: ToMe's best-r rule
+    #                          among them; float("inf"): every token is a candidate, split by energy rank)
 
     def __post_init__(self):
         if self.placement not in ("block", "attn"):
