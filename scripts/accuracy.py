@@ -232,8 +232,8 @@ def plot(rows, path: Path, title: str) -> None:
         ax.plot([ref["flop_ratio"]], [100 * ref[key]["value"]], "*", color="k", ms=12, label="unreduced")
         ax.set_xlabel("measured FLOP ratio (reduced / unreduced forward)")
         ax.set_ylabel(f"{name} (%)")
-        lo = min(100 * r[key]["value"] for r in rows if key in r)
-        ax.set_ylim(max(lo - 2, 100 * ref[key]["value"] - 25), 100 * ref[key]["value"] + 1.5)
+        vals = [100 * r[key]["value"] for r in rows if key in r]
+        ax.set_ylim(max(min(vals) - 2, 100 * ref[key]["value"] - 30), max(vals) + 1.5)
         ax.grid(alpha=0.3)
         ax.set_title(name, fontsize=10)
     axes[0].legend(fontsize=7, ncol=2)

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 BUDGETS = [0.5, 0.25]
 # options that make a method fit a 16..32-token toy encoder
-OPTIONS = {"apet": {"k": 2}}
+OPTIONS = {"apet": {"k": 2}, "pitome": {"placement": "block"}}  # placement="attn": timm/open_clip only (own tests)
 SKIP = {"pipeline"}  # a composition of the others, needs a list of reducers (tested by its own file)
 
 
