@@ -354,10 +354,14 @@ def main(argv=None):
             row["consumer_agreement"] = acc(cpred, ref["_cpred"])
             row["feature_cosine"] = F.cosine_similarity(r["feats"], ref["_feats"]).mean().item()
         row["seconds"] = time.perf_counter() - t
+        done.append(row)
+        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in done]
+        (out / "accuracy.partial.json").write_text(json.dumps(public, indent=1) + "\n")  # survives a time-out
         log(f"{label:<10} {budget if budget else '':<5} FLOPs x{row['flop_ratio']:.3f}  top-1 {row['top1']['value']:.2%}"
             f"  kNN {row['knn']['value']:.2%}  consumer {row['consumer']['value']:.2%}  ({row['seconds']:.1f} s)")
         return row
 
+    done: list[dict] = []
     ref = measure("unreduced", None, None, {})
     rows, notes = [ref], [f"{k}: left out, {v}" for k, v in LEFT_OUT.items()]
     for label in labels_run:
@@ -411,6 +415,7 @@ def main(argv=None):
     plot(rows, out / "accuracy_pareto.png", f"ViT-S/14 CIFAR-10, {len(te_img)} test images: accuracy vs measured "
                                              "FLOP ratio (95% Wilson intervals)")
     log("\n".join(md))
+    (out / "accuracy.partial.json").unlink(missing_ok=True)
     log(f"wrote {out}/accuracy.json, accuracy.md, accuracy_pareto.png in {time.perf_counter() - t_start:.0f} s")
 
 
