@@ -1,0 +1,4 @@
+class QwenVLAdapter:
+    @classmethod
+    def matches(cls, model):
+        return False
