@@ -9,6 +9,8 @@ import torch
 
 import tokenprune
 
+torch.set_num_threads(1)
+
 transformers = pytest.importorskip("transformers")
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,  # noqa: E402
                           LlavaNextConfig, LlavaNextForConditionalGeneration)
