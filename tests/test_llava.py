@@ -201,11 +201,13 @@ def test_remove_is_exact(llava):
 
 
 def test_lm_keeps_its_attention_and_tower_keeps_sdpa(llava):
+    layers = llava.model.vision_tower.encoder.layers
     with tokenprune.applied(llava, budget=0.25, method="cls"):
-        # the tower's attention goes through tokenprune_sdpa (SDPA, recording the scoring layer's q/k)
-        assert llava.model.vision_tower.config._attn_implementation == "tokenprune_sdpa"
+        assert llava.model.vision_tower.config._attn_implementation == "sdpa"
         assert llava.model.language_model.config._attn_implementation == "sdpa"
-    assert llava.model.vision_tower.config._attn_implementation == "sdpa"
+        # only the scoring layer (-2 -> layer 1) goes through tokenprune_sdpa (SDPA, recording its q/k)
+        assert [la.self_attn.config._attn_implementation for la in layers] == ["sdpa", "tokenprune_sdpa", "sdpa"]
+    assert all(la.self_attn.config is llava.model.vision_tower.config for la in layers)
 
 
 def test_errors(llava):

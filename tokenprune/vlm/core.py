@@ -26,13 +26,14 @@ removed (budget 1.0), the call goes to the model untouched.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from ..adapters.base import ORIGINAL, Adapter, restore_class, swap_class
-from ..adapters.hf_common import AttentionRouting, LayerQK
+from ..adapters.hf_common import KERNEL_NAME, LayerQK, check_sdpa, register_kernel
 from ..plan import EncoderInfo
 from ..state import TokenState
 
@@ -145,7 +146,7 @@ class VLMAdapter(Adapter):
         self.reducer = None
         self.patch = None
         self.score_at: list[int] = []
-        self.routing = None
+        self.configs: list = []  # (attention module, its own config) while installed
 
     # -- what a family provides -----------------------------------------------------------------------------
     def full_counts(self, a: dict) -> dict:
@@ -177,8 +178,7 @@ class VLMAdapter(Adapter):
                 f"tokenprune: method {reducer.name!r} is not available for {type(self.model).__name__} (visual "
                 f"tokens are reduced once, between the vision tower and the language model); use one of: "
                 f"{', '.join(self.methods)}")
-        self.routing = AttentionRouting(self.attn_layers, f"vision tower of {type(self.model).__name__}")
-        self.routing.check()
+        check_sdpa(self.attn_layers[0].config, f"vision tower of {type(self.model).__name__}")
         self.score_at = reducer.score_layers(len(self.attn_layers), self.default_layer)
         self.reducer = reducer
 
@@ -186,13 +186,23 @@ class VLMAdapter(Adapter):
         self.patch = patch
         self.model.__dict__[PATCH_KEY] = patch
         swap_class(self.model, model_mixin(type(self.model)))
-        self.routing.on()
+        # only the scoring layers' attention goes through tokenprune_sdpa (records q/k when a LayerQK context
+        # comes with the call): each gets its own copy of the config naming it; the other layers are untouched
+        if self.score_at:
+            register_kernel()
+        for i in self.score_at:
+            attn = self.attn_layers[i]
+            own = copy.copy(attn.config)
+            own.__dict__["_attn_implementation_internal"] = KERNEL_NAME
+            self.configs.append((attn, attn.config))
+            attn.config = own
 
     def uninstall(self) -> None:
         restore_class(self.model)
         self.model.__dict__.pop(PATCH_KEY, None)
-        if self.routing is not None:
-            self.routing.off()
+        for attn, cfg in self.configs:
+            attn.config = cfg
+        self.configs = []
 
     def kept_count(self, n: int, grid) -> int:
         return self.patch.plan_for(n, grid).num_out
