@@ -144,6 +144,9 @@ class LlavaAdapter(VLMAdapter):
             raise ValueError("tokenprune: LLaVA-NeXT needs image_sizes (from the processor)")
         return {"image": self.next_lengths(a["image_sizes"])}
 
+    def item_grids(self, a, counts):
+        return {"image": [self.grid if self.kind == "llava" else None] * len(counts["image"])}
+
     def kept_count(self, n, grid):
         if self.kind == "llava":
             return super().kept_count(n, grid)

@@ -138,6 +138,7 @@ class VLMAdapter(Adapter):
 
     family = "vlm"
     methods = METHODS
+    num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
     rope_rows = 0  # rows of M-RoPE position ids (3 for Qwen); 0: 1D positions, made fresh after pruning
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
 
@@ -168,8 +169,9 @@ class VLMAdapter(Adapter):
         """Keyword arguments for the model forward carrying pruned companions (Qwen3-VL deepstack)."""
         return {}
 
-    def grid_of(self, n: int, grid):
-        return grid
+    def item_grids(self, a: dict, counts: dict) -> dict:
+        """``{modality: [grid of each item's non-prefix tokens, or None]}``."""
+        return {mod: [None] * len(full) for mod, full in counts.items()}
 
     # -- Adapter ---------------------------------------------------------------------------------------------
     def check(self, reducer) -> None:
@@ -226,11 +228,12 @@ class VLMAdapter(Adapter):
                 raise ValueError(
                     f"tokenprune: input_ids hold {have} {mod} placeholder tokens but the {len(full)} {mod}(s) need "
                     f"{sum(full)} ({full}); build the prompt with the model's processor")
+        grids = self.item_grids(a, counts)
+        p = self.num_prefix
+        if all(self.kept_count(n - p, g) >= n - p for mod, full in counts.items() for n, g in zip(full, grids[mod])):
+            return None  # nothing to prune (budget 1.0): the model's own path, untouched
         with torch.no_grad() if for_generate else contextlib.nullcontext():
             groups = self.encode(a, self.sink())
-        if all(self.kept_count(g.x.shape[1] - g.num_prefix, g.grid) >= g.x.shape[1] - g.num_prefix
-               for gs in groups.values() for g in gs):
-            return None
         mask = a.get("attention_mask")
         pos = self.positions(a, ids, mask)
         keep = torch.ones_like(ids, dtype=torch.bool)

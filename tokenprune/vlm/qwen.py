@@ -114,6 +114,11 @@ class QwenVLAdapter(VLMAdapter):
         m2 = self.merge ** 2
         return {mod: [int(t * h * w) // m2 for t, h, w in g.tolist()] for mod, g in self._grids(a).items()}
 
+    def item_grids(self, a, counts):
+        m = self.merge
+        return {mod: [(h // m, w // m) if t == 1 else (t, h // m, w // m) for t, h, w in g.tolist()]
+                for mod, g in self._grids(a).items()}
+
     def encode(self, a, sink):
         out = {}
         for mod, grid in self._grids(a).items():
@@ -130,8 +135,7 @@ class QwenVLAdapter(VLMAdapter):
             m = self.merge
             counts = [int(t * h * w) // m ** 2 for t, h, w in grid.tolist()]
             groups, start = [], 0
-            for (t, h, w), n in zip(grid.tolist(), counts):
-                g = (h // m, w // m) if t == 1 else (t, h // m, w // m)
+            for g, n in zip(self.item_grids(a, None)[mod], counts):
                 sl = slice(start, start + n)
                 groups.append(Group(feats[sl][None], 0, g, None if scores is None else scores[sl][None],
                                     [d[sl][None] for d in deep]))
