@@ -288,7 +288,7 @@ def _next_inputs(model):
     return torch.tensor(rows), mask, pv, sizes, n
 
 
-@pytest.mark.parametrize("method,budget", [("cls", 1.0), ("cls", 0.25), ("random", 0.05)])
+@pytest.mark.parametrize("method,budget", [("cls", 1.0), ("cls", 0.25), ("random", 0.05), ("apet", 0.25)])
 def test_next_generate_with_pruning(llava_next, next_inputs, method, budget):
     ids, mask, pv, sizes, n = next_inputs
     with tokenprune.applied(llava_next, budget=budget, method=method), LMInput(llava_next) as rec:

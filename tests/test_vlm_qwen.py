@@ -332,3 +332,17 @@ def test_unsupported_vlm_families_refused_at_apply():
         with pytest.raises(TypeError, match="does not support yet"):
             tokenprune.apply(m, budget=0.5, method="cls")
         assert not tokenprune.is_applied(m)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_beam_search_with_pruning(models, kind):
+    """generate() expands the pruned prompt (embeddings, 3D positions, Qwen3-VL's deepstack rows) for beams."""
+    m = models[kind]
+    inp = _inputs()
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with tokenprune.applied(m, budget=0.25, method="cls"):
+        out = m.generate(**inp, **kw)
+        greedy = m.generate(**inp, max_new_tokens=1, do_sample=False)
+    assert out.shape == (2, inp["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, :inp["input_ids"].shape[1]], inp["input_ids"].expand(2, -1))
+    assert out[0, inp["input_ids"].shape[1]] == greedy[0, -1]  # the best beam starts with the greedy token

@@ -10,7 +10,7 @@ Where: LLaVA reduces the projector's input (the selected vision hidden states, `
 projects the kept tokens; LLaVA-NeXT reduces each image's packed, projected tokens (base crop + unpadded
 high-resolution crops + one newline token per row, HF's own packing). Methods: LLaVA ``cls``, ``random``,
 ``pool`` (2D average pooling of the 24x24 grid to the grid nearest ``K``, CrossLMM's pooling), ``apet``;
-LLaVA-NeXT ``cls``, ``random``.
+LLaVA-NeXT ``cls``, ``random``, ``apet``.
 
 Scoring (``cls``) uses the vision layer the VLM reads its features from: ``vision_feature_layer`` (default -2;
 for a list, the deepest): hidden state ``f`` is the output of encoder layer ``f - 1``, so -2 scores with the
@@ -62,7 +62,7 @@ class LlavaAdapter(VLMAdapter):
         names = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
         self.kind = next(FAMILIES[n] for n in names if n in FAMILIES)
         if self.kind == "llava_next":
-            self.methods = ("cls", "random")
+            self.methods = ("cls", "random", "apet")  # packed crops + newline tokens: no grid for pool
         cfg = model.config
         tid = _image_token_id(cfg)
         if tid is None:

@@ -45,8 +45,15 @@ class _DeepstackText:
 
     def forward(self, *args, tokenprune=None, **kwargs):
         if isinstance(tokenprune, Deepstack):
-            kwargs["visual_pos_masks"] = tokenprune.mask
-            kwargs["deepstack_visual_embeds"] = tokenprune.embeds
+            mask, embeds = tokenprune.mask, tokenprune.embeds
+            emb = kwargs.get("inputs_embeds")
+            if emb is not None and emb.shape[0] != mask.shape[0]:  # rows expanded by generate (beams, samples)
+                r = emb.shape[0] // mask.shape[0]
+                counts = mask.sum(1).tolist()
+                embeds = [torch.cat([c for c in e.split(counts) for _ in range(r)]) for e in embeds]
+                mask = mask.repeat_interleave(r, 0)
+            kwargs["visual_pos_masks"] = mask
+            kwargs["deepstack_visual_embeds"] = embeds
         return super().forward(*args, **kwargs)
 
 
