@@ -346,3 +346,25 @@ def test_beam_search_with_pruning(models, kind):
     assert out.shape == (2, inp["input_ids"].shape[1] + 3)
     assert torch.equal(out[:, :inp["input_ids"].shape[1]], inp["input_ids"].expand(2, -1))
     assert out[0, inp["input_ids"].shape[1]] == greedy[0, -1]  # the best beam starts with the greedy token
+
+
+def test_qwen3_video_with_frame_timestamps(models):
+    """Qwen3-VL writes each temporal step as its own <vision_start> run after a timestamp: the video's
+    placeholders are not contiguous, and still shrink by exactly the pruned count with text positions kept."""
+    m = models["qwen3_vl"]
+    grid = (2, 8, 8)
+    per = 16
+    ids = [1, 5]
+    for f in range(2):
+        ids += [30 + f, 31, VS] + [VID] * per + [VE]
+    ids = torch.tensor([ids + [7, 8, 9]])
+    inp = dict(input_ids=ids, pixel_values_videos=_pixels([grid]), video_grid_thw=torch.tensor([grid]),
+               mm_token_type_ids=(ids == VID).int() * 2)
+    with LMInput(m) as ref:
+        m.generate(**inp, **GEN)
+    with tokenprune.applied(m, budget=0.25, method="cls"), LMInput(m) as rec:
+        out = m.generate(**inp, **GEN)
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+    assert rec.embeds[0].shape[1] == ids.shape[1] - (32 - _k(0.25, 32))
+    assert torch.equal(rec.pos[0][..., -3:], ref.pos[0][..., -3:])
+    assert torch.equal(rec.pos[1], ref.pos[1])

@@ -7,7 +7,7 @@ Shared here (import them from this module, never from another reducer's file):
   :func:`check_layers` (a ``layers=`` option checked against the encoder), :func:`default_blocks`;
 - :func:`ratio_schedule`: stages after those blocks with the same keep ratio at each (EViT-style),
   the schedule of ``cls``, ``random``, ``apet`` and ``threshold``;
-- :func:`patch_scores`: the [CLS] attention of every patch (``cls`` and the LLaVA adapter);
+- :func:`patch_scores`: the [CLS] attention of every patch (``cls``);
 - :func:`patch_valid`: which non-prefix slots hold a real token;
 - :func:`set_groups`: the tokens become groups of the old ones (sizes and source map follow).
 """
