@@ -180,8 +180,9 @@ class VLMAdapter(Adapter):
                 f"tokenprune: method {reducer.name!r} is not available for {type(self.model).__name__} (visual "
                 f"tokens are reduced once, between the vision tower and the language model); use one of: "
                 f"{', '.join(self.methods)}")
-        check_sdpa(self.attn_layers[0].config, f"vision tower of {type(self.model).__name__}")
         self.score_at = reducer.score_layers(len(self.attn_layers), self.default_layer)
+        if self.score_at:  # the scoring layers record their q/k on SDPA
+            check_sdpa(self.attn_layers[0].config, f"vision tower of {type(self.model).__name__}")
         self.reducer = reducer
 
     def install(self, patch) -> None:

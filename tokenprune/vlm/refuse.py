@@ -2,8 +2,9 @@
 
 Matched after the supported VLM families and before the encoder adapters, so a VLM is never patched as if
 it were a plain vision encoder (which would fail later, inside ``generate()``). A model counts as a VLM when
-its config has a ``vision_config`` and a ``text_config`` (Idefics3 / SmolVLM, InternVL, Mistral3, Llama 4,
-Mllama, LLaVA-OneVision, Gemma 3, PaliGemma, ...).
+its config has a ``vision_config``, a ``text_config`` and an image placeholder token id (Idefics3 / SmolVLM,
+InternVL, Mistral3, Llama 4, Mllama, LLaVA-OneVision, Gemma 3, PaliGemma, ...); CLIP / SigLIP dual encoders
+have no placeholder token and go to their own adapter.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ SUPPORTED_VLMS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGenerat
 def is_vlm(model) -> bool:
     cfg = getattr(model, "config", None)
     return (any(m.startswith("transformers.") for m, _ in class_names(model)) and cfg is not None
-            and getattr(cfg, "vision_config", None) is not None and getattr(cfg, "text_config", None) is not None)
+            and getattr(cfg, "vision_config", None) is not None and getattr(cfg, "text_config", None) is not None
+            and any(hasattr(cfg, n) for n in ("image_token_id", "image_token_index")))
 
 
 class UnsupportedVLM(Adapter):
