@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -151,46 +152,56 @@ def lm_len(model, kw) -> int:
 
 
 def bench(model, name, kind, kw, n, bs, args, device, rows):
-    text = args.text
-    tc = model.config.text_config
     runs = [("none", 1.0), ("cls", 1.0), ("cls", 0.25), ("cls", 0.1)]
     if bs == 1:
         runs += [("random", 0.1), ("pool", 0.1)]
     base = {}
-    reps = args.reps
-    tower_ms = time_fn(tower_fn(model, kw), device, 1, reps).median_ms
+    tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
     for method, budget in runs:
-        if method != "none":
-            tokenprune.apply(model, budget=budget, method=method)
         try:
-            length = lm_len(model, kw)
+            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms)
+        except Exception:  # one failing configuration must not lose the rest of a GPU run
+            traceback.print_exc()
+            rows.append({"model": name, "input": kind, "batch": bs, "method": method, "budget": budget,
+                         "error": traceback.format_exc(limit=3)})
+            if method == "none":
+                return
 
-            def first():
-                model.generate(**kw, max_new_tokens=1, do_sample=False)
 
-            def whole():
-                model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False)
+def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms):
+    text, reps = args.text, args.reps
+    tc = model.config.text_config
+    if method != "none":
+        tokenprune.apply(model, budget=budget, method=method)
+    try:
+        length = lm_len(model, kw)
 
-            ttft = time_fn(first, device, 1, reps).median_ms
-            total = time_fn(whole, device, 1, reps).median_ms
-            peak, _ = peak_memory(first, device)
-        finally:
-            if method != "none":
-                tokenprune.remove(model)
-        rate = bs * args.decode / max(total - ttft, 1e-6) * 1e3
-        if method == "none":
-            base = {"ttft": ttft, "rate": rate}
-        visual = length - text - (2 if name == "qwen" else 0)
-        full_len = text + n + (2 if name == "qwen" else 0)
-        bound = prefill_flops(tc, bs * full_len) / prefill_flops(tc, bs * length)
-        row = {"model": name, "input": kind, "batch": bs, "method": method, "budget": budget, "visual_tokens": n,
-               "visual_kept": visual, "lm_prefill_tokens": length, "tower_ms": tower_ms, "ttft_ms": ttft,
-               "ttft_speedup": base["ttft"] / ttft, "decode_tok_s": rate, "decode_speedup": rate / base["rate"],
-               "peak_mib": peak, "flop_bound_speedup": bound}
-        rows.append(row)
-        print(f"{name} {kind} bs={bs} {method:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
-              f"(x{row['ttft_speedup']:.2f}, LM FLOP bound x{bound:.2f}; tower {tower_ms:.1f} ms) decode "
-              f"{rate:8.1f} tok/s (x{row['decode_speedup']:.3f}) peak {peak or 0:.0f} MiB", flush=True)
+        def first():
+            model.generate(**kw, max_new_tokens=1, do_sample=False)
+
+        def whole():
+            model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False)
+
+        ttft = time_fn(first, device, 1, reps).median_ms
+        total = time_fn(whole, device, 1, reps).median_ms
+        peak, _ = peak_memory(first, device)
+    finally:
+        if method != "none":
+            tokenprune.remove(model)
+    rate = bs * args.decode / max(total - ttft, 1e-6) * 1e3
+    if method == "none":
+        base.update(ttft=ttft, rate=rate)
+    extra = 2 if name == "qwen" else 0  # <vision_start> / <vision_end>
+    visual = length - text - extra
+    bound = prefill_flops(tc, text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
+    row = {"model": name, "input": kind, "batch": bs, "method": method, "budget": budget, "visual_tokens": n,
+           "visual_kept": visual, "lm_prefill_tokens": length, "tower_ms": tower_ms, "ttft_ms": ttft,
+           "ttft_speedup": base["ttft"] / ttft, "decode_tok_s": rate, "decode_speedup": rate / base["rate"],
+           "peak_mib": peak, "flop_bound_speedup": bound}
+    rows.append(row)
+    print(f"{name} {kind} bs={bs} {method:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
+          f"(x{row['ttft_speedup']:.2f}, LM FLOP bound x{bound:.2f}; tower {tower_ms:.1f} ms) decode "
+          f"{rate:8.1f} tok/s (x{row['decode_speedup']:.3f}) peak {peak or 0:.0f} MiB", flush=True)
 
 
 def main():
@@ -246,6 +257,9 @@ def main():
              "LM prefill FLOP bound | decode tok/s | decode speed-up | peak MiB |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r['method']} | {r['budget']} | error |")
+            continue
         m = "unpatched" if r["method"] == "none" else r["method"]
         lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {m} | {r['budget']} | {r['visual_kept']}/"
                      f"{r['visual_tokens']} | {r['tower_ms']:.1f} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x | "
