@@ -139,7 +139,6 @@ class VLMAdapter(Adapter):
     family = "vlm"
     methods = METHODS
     num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
-    rope_rows = 0  # rows of M-RoPE position ids (3 for Qwen); 0: 1D positions, made fresh after pruning
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
 
     def __init__(self, model):
@@ -162,7 +161,7 @@ class VLMAdapter(Adapter):
         return x
 
     def positions(self, a: dict, ids, mask):
-        """Unpruned M-RoPE position ids ``[rope_rows, B, L]`` (None for 1D-position families)."""
+        """Unpruned M-RoPE position ids ``[3, B, L]`` (None for 1D-position families)."""
         return None
 
     def lm_extras(self, groups: dict, extras: dict, new_ids) -> dict:

@@ -60,7 +60,6 @@ class _DeepstackText:
 class QwenVLAdapter(VLMAdapter):
     family = "qwen_vl"
     description = "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video)"
-    rope_rows = 3
     text_row = True
 
     @classmethod
