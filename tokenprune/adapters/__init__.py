@@ -10,6 +10,8 @@ _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
+    ("tokenprune.vlm.qwen", "QwenVLAdapter"),
+    ("tokenprune.vlm.refuse", "UnsupportedVLM"),  # any other VLM: a clear refusal
     ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
@@ -22,6 +24,7 @@ SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
     "open_clip CLIP / VisionTransformer image towers (model.visual)",
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
+    "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
     "transformers CLIPModel / CLIPVisionModel(WithProjection) / SiglipModel / SiglipVisionModel (vision tower)",
     "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
     "transformers ASTForAudioClassification / ASTModel",

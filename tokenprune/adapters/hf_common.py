@@ -38,6 +38,18 @@ class KeyBias:
         self.bias = bias
 
 
+class LayerQK:
+    """Context for an encoder that runs its own layer loop unpatched (a VLM's vision tower): the q/k of the
+    listed attention modules are recorded, one :class:`QK` per attention call (towers that attend per
+    image or per window call SDPA once per chunk), in call order. Everything else is plain SDPA."""
+
+    __slots__ = ("layers", "qks")
+
+    def __init__(self, modules: dict):
+        self.layers = {id(m): i for i, m in modules.items()}  # id(attention module) -> layer index
+        self.qks: dict[int, list] = {i: [] for i in modules}
+
+
 def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -69,6 +81,9 @@ def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
     if isinstance(ctx, Forward) and ctx.want_qk:
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         ctx.qk = QK(query, key, scale, ctx.bias, out.transpose(1, 2) if heads is None else heads)
+    elif isinstance(ctx, LayerQK) and id(module) in ctx.layers:
+        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        ctx.qks[ctx.layers[id(module)]].append(QK(query, key, scale))
     return out, weights
 
 

@@ -7,7 +7,7 @@ Shared here (import them from this module, never from another reducer's file):
   :func:`check_layers` (a ``layers=`` option checked against the encoder), :func:`default_blocks`;
 - :func:`ratio_schedule`: stages after those blocks with the same keep ratio at each (EViT-style),
   the schedule of ``cls``, ``random``, ``apet`` and ``threshold``;
-- :func:`patch_scores`: the [CLS] attention of every patch (``cls`` and the LLaVA adapter);
+- :func:`patch_scores`: the [CLS] attention of every patch (``cls``);
 - :func:`patch_valid`: which non-prefix slots hold a real token;
 - :func:`set_groups`: the tokens become groups of the old ones (sizes and source map follow).
 """
@@ -31,7 +31,9 @@ class Reducer:
     - :meth:`qk_blocks` names the blocks whose q/k the reducer needs
       (captured from the block's own attention, never recomputed);
     - :meth:`observe` sees every block's q/k (e.g. to sum scores over layers);
-    - :meth:`attention_kernel` may replace SDPA on a block's attention path (MAELRE's switch).
+    - :meth:`attention_kernel` may replace SDPA on a block's attention path (MAELRE's switch);
+    - :meth:`score_layers`, :meth:`score_tokens` and :meth:`select`: one reduction outside a block loop
+      (a VLM's hand-off between its vision tower and its language model, ``tokenprune/vlm``).
     """
 
     name: ClassVar[str] = ""
@@ -67,6 +69,24 @@ class Reducer:
     def check(self, info: EncoderInfo) -> None:
         """Raise a clear error for options that make no sense on this encoder."""
         return None
+
+    # -- one reduction after a whole encoder (VLMs: between the vision tower and the language model) --------
+    # The caller runs the encoder, hands over the q/k of the layers named by ``score_layers``, and gets back
+    # a state with ``keep`` non-prefix tokens. Reducers that need no attention only implement ``reduce``.
+    def score_layers(self, depth: int, default: int) -> list[int]:
+        """Encoder layers (0-based, of ``depth``) whose q/k :meth:`score_tokens` needs for a single reduction
+        after the encoder; ``default`` is the layer the model's family suggests. Empty: no attention needed."""
+        return []
+
+    def score_tokens(self, state: TokenState, qk) -> torch.Tensor:
+        """Importance ``[B, N]`` of the state's non-prefix tokens from one layer's q/k (summed by the caller
+        over :meth:`score_layers`, and over groups of tokens that reach the next model as one)."""
+        raise NotImplementedError(f"{self.name} scores no tokens from attention")
+
+    def select(self, state: TokenState, keep: int, scores: torch.Tensor | None = None) -> TokenState:
+        """Reduce the state's non-prefix tokens to ``keep`` in one step. ``scores`` ``[B, N]``: the summed
+        :meth:`score_tokens` when :meth:`score_layers` named layers, else None."""
+        return self.reduce(state, Stage(0, keep, self.name), None)
 
     def plan(self, info: EncoderInfo, budget: float, overrides: Mapping[int, int] | None = None) -> Plan:
         self.check(info)

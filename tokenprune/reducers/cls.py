@@ -82,6 +82,21 @@ class ClsPrune(Reducer):
             acc = state.scratch.get("cls_sum")
             state.scratch["cls_sum"] = s if acc is None else acc + s
 
+    def score_layers(self, depth, default):
+        if self.threshold is not None:
+            raise ValueError("cls threshold= keeps a different number of tokens per sample; a single reduction "
+                             "to a fixed count (a VLM's visual tokens) needs a budget instead")
+        layers = check_layers(self.layers, depth) if self.layers is not None else None
+        if self.variant == "sum":
+            return layers if layers is not None else list(range(default + 1))
+        return [layers[-1]] if layers is not None else [default]
+
+    def score_tokens(self, state, qk):
+        return patch_scores(state, qk, self._has_cls, self.substitute)
+
+    def select(self, state, keep, scores=None):
+        return keep_top(state, scores, keep, patch_valid(state))
+
     def reduce(self, state, stage, qk):
         if self.variant == "sum":
             scores = state.scratch.pop("cls_sum")

@@ -1,0 +1,273 @@
+"""VLM visual-token pruning on the GPU: Qwen2.5-VL-7B and LLaVA-1.5-7B shapes, time-to-first-token and decode.
+
+Models are built from configs with random weights directly on the GPU in fp16 (no hub), SDPA everywhere:
+
+- ``qwen``: Qwen2.5-VL-7B (ViT 32 blocks x 1280, window 112 px, full attention at 7/15/23/31; LM 28 x 3584,
+  GQA 28/4, MLP 18944). Inputs: a 1008x1344 image (72x96 patches -> 1,728 visual tokens) and a 16-frame
+  448x448 video (8 temporal steps x 16x16 = 2,048 visual tokens);
+- ``llava``: LLaVA-1.5-7B (CLIP ViT-L/14-336, 576 visual tokens; Llama 7B).
+
+Prompt = the visual tokens + ``--text`` text tokens. For each model, input and batch size (1 and 8): the
+unpatched model, ``cls`` at budget 1.0 (patched, nothing pruned: the wrapper's cost), 0.25 and 0.1, and (bs 1)
+``random`` / ``pool`` at 0.1:
+
+- TTFT: ``generate(max_new_tokens=1)`` (vision tower + scoring + LM prefill + first token), median of ``--reps``
+  (``tokenprune.bench.time_fn``; generate() reads its tokens back, so the CUDA events span its wall time);
+- decode: ``generate(1 + D)`` minus TTFT, over ``D`` new tokens -> tokens/s (all sequences);
+- peak memory of the TTFT call (``tokenprune.bench.peak_memory``);
+- the LM prefill FLOP bound (``adapters.llava.prefill_flops``: linear layers + attention of the decoder);
+- once per input, the vision tower alone (unpatched), to show how much of TTFT pruning cannot touch.
+
+Writes ``vlm_gpu.json`` and ``vlm_gpu.md`` to ``--out``. ``--smoke``: tiny configs on CPU (checks the script).
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python scripts/bench_vlm.py --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
+
+import tokenprune  # noqa: E402
+from tokenprune.adapters.llava import prefill_flops  # noqa: E402
+from tokenprune.bench import peak_memory, time_fn  # noqa: E402
+
+IMG_Q, VID_Q, VS_Q, VE_Q = 151655, 151656, 151652, 151653
+IMG_L = 32000
+
+
+def _make(cls, cfg, device, dtype):
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # always the requested number of tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def build_qwen(smoke, device, dtype):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if smoke:
+        vc = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, temporal_patch_size=2,
+                  spatial_merge_size=2, window_size=56, out_hidden_size=64, fullatt_block_indexes=[1, 3],
+                  tokens_per_second=2)
+        tc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=152064, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+    else:
+        vc = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=112, out_hidden_size=3584,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+        tc = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    cfg = Qwen2_5_VLConfig(vision_config=vc, text_config=tc, image_token_id=IMG_Q, video_token_id=VID_Q,
+                           vision_start_token_id=VS_Q, vision_end_token_id=VE_Q)
+    return _make(Qwen2_5_VLForConditionalGeneration, cfg, device, dtype)
+
+
+def build_llava(smoke, device, dtype):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if smoke:
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+        tc = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=32064, max_position_embeddings=4096)
+    else:
+        vc = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+        tc = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG_L, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return _make(LlavaForConditionalGeneration, cfg, device, dtype)
+
+
+def qwen_inputs(kind, smoke, batch, text, device, dtype, seed=1):
+    """``(kwargs for generate, visual tokens per row)``: an image (1008x1344) or a 16-frame video (448x448)."""
+    if kind == "image":
+        grid = (1, 8, 12) if smoke else (1, 72, 96)
+        tok, pv_key, grid_key = IMG_Q, "pixel_values", "image_grid_thw"
+    else:
+        grid = (2, 8, 8) if smoke else (8, 32, 32)
+        tok, pv_key, grid_key = VID_Q, "pixel_values_videos", "video_grid_thw"
+    n = grid[0] * grid[1] * grid[2] // 4
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.randint(2, 150000, (batch, text), generator=g)
+    pre = 5
+    ids = torch.cat([txt[:, :pre], torch.full((batch, 1), VS_Q), torch.full((batch, n), tok),
+                     torch.full((batch, 1), VE_Q), txt[:, pre:]], 1).to(device)
+    pv = torch.randn(batch * grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14, generator=g).to(device, dtype)
+    kw = {"input_ids": ids, pv_key: pv, grid_key: torch.tensor([grid] * batch, device=device),
+          "mm_token_type_ids": (ids == tok).int() * (1 if kind == "image" else 2)}
+    if kind == "video":
+        kw["second_per_grid_ts"] = torch.ones(batch, device=device)
+    return kw, n
+
+
+def llava_inputs(model, batch, text, device, dtype, seed=1):
+    vc = model.config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    txt = torch.randint(2, 31000, (batch, text), generator=g)
+    ids = torch.cat([txt[:, :5], torch.full((batch, n), IMG_L), txt[:, 5:]], 1).to(device)
+    pv = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(device, dtype)
+    return {"input_ids": ids, "pixel_values": pv}, n
+
+
+def tower_fn(model, kw):
+    if "pixel_values" in kw and "image_grid_thw" in kw:
+        return lambda: model.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
+    if "pixel_values_videos" in kw:
+        return lambda: model.model.visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+    return lambda: model.model.vision_tower(kw["pixel_values"], output_hidden_states=True)
+
+
+def lm_len(model, kw) -> int:
+    seen = []
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda mod, a, k: seen.append(k["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model.generate(**kw, max_new_tokens=1, do_sample=False)
+    finally:
+        h.remove()
+    return seen[0]
+
+
+def bench(model, name, kind, kw, n, bs, args, device, rows):
+    runs = [("none", 1.0), ("cls", 1.0), ("cls", 0.25), ("cls", 0.1)]
+    if bs == 1:
+        runs += [("random", 0.1), ("pool", 0.1)]
+    base = {}
+    tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
+    for method, budget in runs:
+        try:
+            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms)
+        except Exception:  # one failing configuration must not lose the rest of a GPU run
+            traceback.print_exc()
+            rows.append({"model": name, "input": kind, "batch": bs, "method": method, "budget": budget,
+                         "error": traceback.format_exc(limit=3)})
+            if method == "none":
+                return
+
+
+def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms):
+    text, reps = args.text, args.reps
+    tc = model.config.text_config
+    if method != "none":
+        tokenprune.apply(model, budget=budget, method=method)
+    try:
+        length = lm_len(model, kw)
+
+        def first():
+            model.generate(**kw, max_new_tokens=1, do_sample=False)
+
+        def whole():
+            model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False)
+
+        ttft = time_fn(first, device, 1, reps).median_ms
+        total = time_fn(whole, device, 1, reps).median_ms
+        peak, _ = peak_memory(first, device)
+    finally:
+        if method != "none":
+            tokenprune.remove(model)
+    rate = bs * args.decode / max(total - ttft, 1e-6) * 1e3
+    if method == "none":
+        base.update(ttft=ttft, rate=rate)
+    extra = 2 if name == "qwen" else 0  # <vision_start> / <vision_end>
+    visual = length - text - extra
+    bound = prefill_flops(tc, text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
+    row = {"model": name, "input": kind, "batch": bs, "method": method, "budget": budget, "visual_tokens": n,
+           "visual_kept": visual, "lm_prefill_tokens": length, "tower_ms": tower_ms, "ttft_ms": ttft,
+           "ttft_speedup": base["ttft"] / ttft, "decode_tok_s": rate, "decode_speedup": rate / base["rate"],
+           "peak_mib": peak, "flop_bound_speedup": bound}
+    rows.append(row)
+    print(f"{name} {kind} bs={bs} {method:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
+          f"(x{row['ttft_speedup']:.2f}, LM FLOP bound x{bound:.2f}; tower {tower_ms:.1f} ms) decode "
+          f"{rate:8.1f} tok/s (x{row['decode_speedup']:.3f}) peak {peak or 0:.0f} MiB", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU, seconds")
+    ap.add_argument("--models", default="qwen,llava")
+    ap.add_argument("--inputs", default="image,video", help="qwen inputs")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--decode", type=int, default=16, help="new tokens timed for the decode rate")
+    ap.add_argument("--text", type=int, default=40, help="text tokens in the prompt")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: run with --smoke for the CPU check")
+    if device == "cpu":
+        torch.set_num_threads(1)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device,
+           "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype), "smoke": args.smoke}
+    print(env, flush=True)
+    rows = []
+    batches = [int(b) for b in args.batches.split(",")]
+    for name in args.models.split(","):
+        t0 = time.time()
+        model = (build_qwen if name == "qwen" else build_llava)(args.smoke, device, dtype)
+        print(f"built {name} in {time.time() - t0:.1f} s", flush=True)
+        kinds = args.inputs.split(",") if name == "qwen" else ["image"]
+        for kind in kinds:
+            for bs in batches:
+                if name == "qwen":
+                    kw, n = qwen_inputs(kind, args.smoke, bs, args.text, device, dtype)
+                else:
+                    kw, n = llava_inputs(model, bs, args.text, device, dtype)
+                bench(model, name, kind, kw, n, bs, args, device, rows)
+                del kw
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vlm_gpu.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=1))
+    lines = [f"VLM shapes (random weights, {env['dtype']}, SDPA) on {env['gpu']}; torch {env['torch']}, transformers "
+             f"{env['transformers']}; {args.text} text tokens; decode = {args.decode} new tokens; median of "
+             f"{args.reps}.", "",
+             "| model | input | batch | method | budget | visual to LM | tower ms | TTFT ms | TTFT speed-up | "
+             "LM prefill FLOP bound | decode tok/s | decode speed-up | peak MiB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r['method']} | {r['budget']} | error |")
+            continue
+        m = "unpatched" if r["method"] == "none" else r["method"]
+        lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {m} | {r['budget']} | {r['visual_kept']}/"
+                     f"{r['visual_tokens']} | {r['tower_ms']:.1f} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x | "
+                     f"{r['flop_bound_speedup']:.2f}x | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.3f}x | "
+                     f"{r['peak_mib'] or 0:.0f} |")
+    (out / "vlm_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""The VLM layer every vision-language family shares: visual tokens reduced between the vision tower and the LM.
+
+One call of ``forward`` / ``generate`` with pixel values goes, explicitly and in one direction:
+
+1. the family runs its vision tower, with a :class:`~tokenprune.adapters.hf_common.LayerQK` context passed as
+   the keyword ``tokenprune=`` so the attention modules of the scoring layers record the q/k they made (SDPA
+   stays the kernel); it returns, per image / video, the tokens at the hand-off point (:class:`Group`);
+2. the reducer, through its public interface only (``score_layers`` / ``score_tokens`` / ``select``,
+   ``reducers/base.py``), keeps ``K = plan.num_out`` tokens of each item (``budget`` = fraction of the item's
+   visual tokens, as everywhere; ``pool`` picks its nearest grid);
+3. :func:`shrink` keeps, of each item's placeholders in ``input_ids``, those of the kept tokens, drops the
+   others and the old padding, and re-pads the rows on the side they were padded on. ``attention_mask``,
+   ``labels`` and position ids follow. A kept token is placed at the placeholder of the original token it
+   stands for (for a merged/pooled token: its first member), so with M-RoPE it keeps the exact (t, h, w)
+   position it had before pruning (gathered from the unpruned position ids the model itself computes), and
+   the text after it keeps its positions; 1D-position families (LLaVA) get fresh consecutive positions, as
+   if the prompt had been written with ``K`` placeholders;
+4. the model's own forward / ``generate`` runs on ``inputs_embeds`` (the kept features scattered into the
+   kept placeholders) without pixel values. ``generate`` continues positions from the last prompt position
+   (its own rule for explicit position ids), so decoding steps run the model's unpatched path: no work is
+   added after prefill. ``generate`` returns the ORIGINAL prompt ids followed by the new tokens.
+
+Nothing about a call is stored on a module, a tensor or in a global. When no token of any item would be
+removed (budget 1.0), the call goes to the model untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.base import ORIGINAL, Adapter, restore_class, swap_class
+from ..adapters.hf_common import KERNEL_NAME, LayerQK, check_sdpa, register_kernel
+from ..plan import EncoderInfo
+from ..state import TokenState
+
+PATCH_KEY = "_tokenprune_patch"
+METHODS = ("cls", "random", "pool", "apet")
+VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
+                 "second_per_grid_ts", "mm_token_type_ids", "video_second_per_grid", "mm_encoder_outputs")
+
+
+@dataclass
+class Group:
+    """Tokens of ``x.shape[0]`` items of one modality with the same token count, at the hand-off point.
+
+    ``x`` ``[B, P + N, C]``; ``scores`` ``[B, N]`` (summed reducer scores, or None); ``grid`` of the N tokens;
+    ``extras``: per-token companions ``[B, N, D]`` that must follow the selection (Qwen3-VL's deepstack)."""
+
+    x: torch.Tensor
+    num_prefix: int = 0
+    grid: tuple | None = None
+    scores: torch.Tensor | None = None
+    extras: list = field(default_factory=list)
+
+
+def sum_scores(reducer, qks: dict, num_prefix: int) -> torch.Tensor | None:
+    """The reducer's scores summed over the recorded layers; each layer's chunks (one per attention call)
+    are scored separately and concatenated along the tokens."""
+    total = None
+    for layer_qks in qks.values():
+        parts = []
+        for qk in layer_qks:
+            state = TokenState(x=qk.q.new_empty(qk.q.shape[0], qk.q.shape[2], 0), num_prefix=num_prefix,
+                               num_input=qk.q.shape[2] - num_prefix)
+            parts.append(reducer.score_tokens(state, qk).float())
+        s = torch.cat(parts, 1)
+        total = s if total is None else total + s
+    return total
+
+
+def reduce_group(reducer, group: Group, keep: int):
+    """Select ``keep`` tokens of every item of ``group``. Returns per item ``(tokens [P + K, C], kept
+    placeholder indices [P + K], extras)``: tokens ordered by the original token they stand for."""
+    x, p = group.x, group.num_prefix
+    n = x.shape[1] - p
+    if keep >= n:
+        idx = torch.arange(x.shape[1], device=x.device)
+        return [(x[i], idx, [e[i] for e in group.extras]) for i in range(x.shape[0])]
+    state = TokenState.start(x, p, group.grid, track_source=True)
+    state.proportional = reducer.proportional
+    state = reducer.select(state, keep, group.scores)
+    out = []
+    ar = torch.arange(n, device=x.device)
+    for i in range(x.shape[0]):
+        src = state.source[i] - p  # original non-prefix token -> output slot (non-prefix), -1 - p if dropped
+        ok = src >= 0
+        # a group of original tokens stands at its first member's placeholder
+        anchor = torch.full((keep,), n, dtype=torch.long, device=x.device)
+        anchor = anchor.scatter_reduce(0, src[ok], ar[ok], "amin")
+        order = anchor.argsort()
+        tokens = torch.cat([x[i, :p], state.x[i, p:][order]], 0)
+        places = torch.cat([torch.arange(p, device=x.device), anchor[order] + p])
+        extras = []
+        for e in group.extras:  # companions: mean over each output token's members
+            ei = e[i]
+            acc = ei.new_zeros(keep, ei.shape[-1]).index_add_(0, src[ok], ei[ok])
+            cnt = torch.zeros(keep, device=x.device, dtype=ei.dtype).index_add_(0, src[ok], ei.new_ones(int(ok.sum())))
+            extras.append((acc / cnt.clamp_min(1)[:, None])[order])
+        out.append((tokens, places, extras))
+    return out
+
+
+def shrink(keep: torch.Tensor, attention_mask=None, tensors=(), pad_values=()):
+    """Keep the ``keep [B, L]`` columns of each row; rows are re-padded (left unless the mask says the batch
+    is right-padded) to the longest new row. ``tensors``: ``[..., B, L]`` each, filled with ``pad_values``.
+    Returns ``(new_mask, kept_rows, kept_src_cols, kept_dst_cols, moved tensors)``."""
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()
+    b = keep.shape[0]
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    right = attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) \
+        and not bool((attention_mask[:, 0] == 0).any())
+    col = keep.long().cumsum(1) - 1
+    if not right:
+        col = col + (width - lengths)[:, None]
+    r, src = keep.nonzero(as_tuple=True)
+    dst = col[r, src]
+    new_mask = torch.zeros(b, width, dtype=torch.long, device=keep.device)
+    new_mask[r, dst] = 1
+    moved = []
+    for t, fill in zip(tensors, pad_values):
+        o = torch.full((*t.shape[:-2], b, width), fill, dtype=t.dtype, device=t.device)
+        o[..., r, dst] = t[..., r, src]
+        moved.append(o)
+    return new_mask, r, src, dst, moved
+
+
+class VLMAdapter(Adapter):
+    """Base of the VLM family files. A family sets, in ``__init__``: ``inner`` (the model holding the tower),
+    ``token_ids`` (``{"image": id, "video": id}``), ``attn_layers`` (the tower's attention modules, by layer),
+    ``default_layer`` (scoring layer), ``has_cls``, ``pad_id``, and implements ``full_counts``, ``encode``
+    (and ``project``, ``positions``, ``lm_extras`` where it needs them)."""
+
+    family = "vlm"
+    methods = METHODS
+    num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
+    text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.reducer = None
+        self.patch = None
+        self.score_at: list[int] = []
+        self.configs: list = []  # (attention module, its own config) while installed
+
+    # -- what a family provides -----------------------------------------------------------------------------
+    def full_counts(self, a: dict) -> dict:
+        """``{modality: [tokens of each item]}`` of the call's visual inputs (empty without any)."""
+        raise NotImplementedError
+
+    def encode(self, a: dict, sink: LayerQK | None) -> dict:
+        """``{modality: [Group, ...]}`` in placeholder order, scores filled where the reducer asked."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def positions(self, a: dict, ids, mask):
+        """Unpruned M-RoPE position ids ``[3, B, L]`` (None for 1D-position families)."""
+        return None
+
+    def lm_extras(self, groups: dict, extras: dict, new_ids) -> dict:
+        """Keyword arguments for the model forward carrying pruned companions (Qwen3-VL deepstack)."""
+        return {}
+
+    def item_grids(self, a: dict, counts: dict) -> dict:
+        """``{modality: [grid of each item's non-prefix tokens, or None]}``."""
+        return {mod: [None] * len(full) for mod, full in counts.items()}
+
+    # -- Adapter ---------------------------------------------------------------------------------------------
+    def check(self, reducer) -> None:
+        if reducer.name not in self.methods:
+            raise ValueError(
+                f"tokenprune: method {reducer.name!r} is not available for {type(self.model).__name__} (visual "
+                f"tokens are reduced once, between the vision tower and the language model); use one of: "
+                f"{', '.join(self.methods)}")
+        self.score_at = reducer.score_layers(len(self.attn_layers), self.default_layer)
+        if self.score_at:  # the scoring layers record their q/k on SDPA
+            check_sdpa(self.attn_layers[0].config, f"vision tower of {type(self.model).__name__}")
+        self.reducer = reducer
+
+    def install(self, patch) -> None:
+        self.patch = patch
+        self.model.__dict__[PATCH_KEY] = patch
+        swap_class(self.model, model_mixin(type(self.model)))
+        # only the scoring layers' attention goes through tokenprune_sdpa (records q/k when a LayerQK context
+        # comes with the call): each gets its own copy of the config naming it; the other layers are untouched
+        if self.score_at:
+            register_kernel()
+        for i in self.score_at:
+            attn = self.attn_layers[i]
+            own = copy.copy(attn.config)
+            own.__dict__["_attn_implementation_internal"] = KERNEL_NAME
+            self.configs.append((attn, attn.config))
+            attn.config = own
+
+    def uninstall(self) -> None:
+        restore_class(self.model)
+        self.model.__dict__.pop(PATCH_KEY, None)
+        for attn, cfg in self.configs:
+            attn.config = cfg
+        self.configs = []
+
+    def kept_count(self, n: int, grid) -> int:
+        return self.patch.plan_for(n, grid).num_out
+
+    def sink(self) -> LayerQK | None:
+        return LayerQK({i: self.attn_layers[i] for i in self.score_at}) if self.score_at else None
+
+    # -- one call ------------------------------------------------------------------------------------------
+    def prepare(self, a: dict, for_generate: bool) -> dict | None:
+        """The call's keyword arguments with the visual tokens reduced, or None to leave the call as it is."""
+        counts = self.full_counts(a)
+        if not any(counts.values()):
+            return None
+        ids = a.get("input_ids")
+        if ids is None:
+            raise ValueError("tokenprune: a pruned VLM needs input_ids (from the processor) with images or videos; "
+                             "inputs_embeds cannot be shortened")
+        for mod, full in counts.items():
+            have = int((ids == self.token_ids[mod]).sum())
+            if have != sum(full):
+                raise ValueError(
+                    f"tokenprune: input_ids hold {have} {mod} placeholder tokens but the {len(full)} {mod}(s) need "
+                    f"{sum(full)} ({full}); build the prompt with the model's processor")
+        grids = self.item_grids(a, counts)
+        p = self.num_prefix
+        if all(self.kept_count(n - p, g) >= n - p for mod, full in counts.items() for n, g in zip(full, grids[mod])):
+            return None  # nothing to prune (budget 1.0): the model's own path, untouched
+        with torch.no_grad() if for_generate else contextlib.nullcontext():
+            groups = self.encode(a, self.sink())
+        mask = a.get("attention_mask")
+        pos = self.positions(a, ids, mask)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        feats, extras = {}, {}
+        for mod, gs in groups.items():
+            tid = self.token_ids[mod]
+            places, tokens, comp = [], [], []
+            base = 0
+            for g in gs:
+                n = g.x.shape[1] - g.num_prefix
+                for t, pl, ex in reduce_group(self.reducer, g, self.kept_count(n, g.grid)):
+                    places.append(pl + base)
+                    tokens.append(t)
+                    comp.append(ex)
+                    base += g.x.shape[1]
+            is_tok = ids == tid
+            flat = torch.zeros(base, dtype=torch.bool, device=ids.device)
+            flat[torch.cat(places)] = True
+            keep[is_tok] = flat
+            feats[mod] = self.project(torch.cat(tokens, 0))
+            if comp and comp[0]:
+                extras[mod] = [torch.cat([c[j] for c in comp], 0) for j in range(len(comp[0]))]
+        rows = [ids, *(t for t in (pos,) if t is not None), *(t for t in (a.get("labels"),) if t is not None)]
+        new_mask, _, _, _, moved = shrink(keep, mask, rows, [self.pad_id] + [1] * (pos is not None) + [-100] * (
+            a.get("labels") is not None))
+        new_ids = moved[0]
+        new_pos = moved[1] if pos is not None else None
+        labels = moved[-1] if a.get("labels") is not None else None
+        embeds = self.model.get_input_embeddings()(new_ids)
+        for mod, f in feats.items():
+            m = (new_ids == self.token_ids[mod])[..., None]
+            embeds = embeds.masked_scatter(m.to(embeds.device), f.to(embeds.device, embeds.dtype))
+        out = {k: v for k, v in a.items() if k not in VISUAL_KWARGS}
+        out.update(input_ids=None, inputs_embeds=embeds, attention_mask=new_mask)
+        if new_pos is not None:
+            text = (new_mask.cumsum(1) - 1).clamp(min=0)[None].to(new_pos.dtype)
+            out["position_ids"] = torch.cat([text, new_pos]) if self.text_row else new_pos
+        elif a.get("position_ids") is not None:
+            out["position_ids"] = (new_mask.cumsum(1) - 1).clamp(min=0).to(a["position_ids"].dtype)
+        if labels is not None:
+            out["labels"] = labels
+        out.update(self.lm_extras(groups, extras, new_ids))
+        if for_generate:
+            out["input_ids"] = new_ids
+        elif a.get("attention_mask") is None and bool(new_mask.all()):
+            out["attention_mask"] = None
+        return out
+
+
+class VLMModel:
+    """Mixin for the top-level ``...ForConditionalGeneration``: the visual tokens of calls with pixel values are
+    reduced before the model runs; calls without (every decoding step) go straight to the model."""
+
+    def forward(self, *args, **kwargs):
+        if not args and kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+            if kwargs.get("tokenprune") is not None and kwargs.get("inputs_embeds") is None:
+                kwargs.pop("tokenprune")  # a decoding step after a pruned prefill: the companions are in the cache
+            return super().forward(**kwargs)
+        adapter = self.__dict__[PATCH_KEY].adapter
+        a = _bind(super().forward, args, kwargs)
+        new = adapter.prepare(a, for_generate=False)
+        return super().forward(**(a if new is None else new))
+
+    def generate(self, inputs=None, *args, **kwargs):
+        adapter = self.__dict__[PATCH_KEY].adapter
+        if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+            return super().generate(inputs, *args, **kwargs)
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if args:
+            raise TypeError("tokenprune: pass generate()'s arguments by keyword to a pruned VLM")
+        a = dict(kwargs)
+        a["input_ids"] = ids
+        new = adapter.prepare(a, for_generate=True)
+        if new is None:
+            return super().generate(inputs, **kwargs)
+        out = super().generate(**new)
+        seq = out if torch.is_tensor(out) else out.sequences
+        reps = seq.shape[0] // ids.shape[0]
+        prompt = ids.repeat_interleave(reps, 0) if reps > 1 else ids
+        full = torch.cat([prompt.to(seq.device), seq[:, new["input_ids"].shape[1]:]], 1)
+        if torch.is_tensor(out):
+            return full
+        out.sequences = full
+        return out
+
+    def save_pretrained(self, *args, **kwargs):
+        """Save as the original class (HF writes ``type(self).__name__`` into ``config.architectures``)."""
+        patched = type(self)
+        self.__class__ = patched.__dict__.get(ORIGINAL) or patched
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+
+def _bind(fn, args, kwargs) -> dict:
+    a = dict(inspect.signature(fn).bind_partial(*args, **kwargs).arguments)
+    a.update(a.pop("kwargs", {}))
+    return a
+
+
+_MIXINS: dict[type, type] = {}
+
+
+def model_mixin(orig: type) -> type:
+    """:class:`VLMModel` with ``forward`` showing the original signature (plus ``tokenprune``): ``generate``
+    inspects it to decide which keyword arguments the model accepts."""
+    mixin = _MIXINS.get(orig)
+    if mixin is None:
+        def forward(self, *args, **kwargs):
+            return VLMModel.forward(self, *args, **kwargs)
+
+        sig = inspect.signature(orig.forward)
+        params = list(sig.parameters.values())
+        if "tokenprune" not in sig.parameters:
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter("tokenprune", inspect.Parameter.KEYWORD_ONLY, default=None))
+        forward.__signature__ = sig.replace(parameters=params)
+        mixin = type(f"VLM{orig.__name__}", (VLMModel,), {"forward": forward, "__module__": __name__})
+        _MIXINS[orig] = mixin
+    return mixin
+
+
+def encoder_info(depth, dim, heads, mlp, n, grid, has_cls, family, num_prefix=0) -> EncoderInfo:
+    return EncoderInfo(depth=depth, dim=dim, num_heads=heads, num_prefix=num_prefix, num_tokens=n, mlp_hidden=mlp,
+                       grid=grid, has_cls=has_cls, family=family)
