@@ -242,6 +242,8 @@ def main():
                     kw, n = llava_inputs(model, bs, args.text, device, dtype)
                 bench(model, name, kind, kw, n, bs, args, device, rows)
                 del kw
+                Path(args.out).mkdir(parents=True, exist_ok=True)  # partial results after every configuration
+                (Path(args.out) / "vlm_gpu.partial.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
         del model
         gc.collect()
         if device == "cuda":
