@@ -8,6 +8,7 @@ from .base import Adapter, class_names
 # (module of the adapter, class name in it); tried in order
 _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
+    ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
@@ -20,6 +21,7 @@ _ADAPTERS = [
 
 SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
+    "timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*)",
     "open_clip CLIP / VisionTransformer image towers (model.visual)",
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
     "transformers CLIPModel / CLIPVisionModel(WithProjection) / SiglipModel / SiglipVisionModel (vision tower)",
