@@ -107,6 +107,37 @@ def test_pruned_tokens_keep_their_rotary_positions(name, method):
     torch.testing.assert_close(tokens, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["cls", "random"])
+def test_hf_dinov3_pruned_tokens_keep_their_rotary_positions(method):
+    """The same for transformers' ``DINOv3ViTModel``: its own layers on the kept tokens at their (cos, sin) rows."""
+    dinov3 = pytest.importorskip("transformers.models.dinov3_vit")  # transformers >= 5.17
+    torch.manual_seed(0)
+    cfg = dinov3.DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                 image_size=32, patch_size=8, num_register_tokens=2)
+    m = dinov3.DINOv3ViTModel(cfg).eval().double()
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)  # a 4 x 6 grid
+    tokenprune.apply(m, 0.5, method, layers=[1])
+    try:
+        with torch.no_grad():
+            tokens, state = tokenprune.features(m, x)
+    finally:
+        tokenprune.remove(m)
+    kept, p = _kept(state), 3
+    assert kept.shape[1] == 12
+    with torch.no_grad():
+        h = m.embeddings(x)
+        cos, sin = m.rope_embeddings(x)
+        for i in range(2):
+            h = m.model.layer[i](h, position_embeddings=(cos, sin))
+        idx = torch.cat([torch.arange(p).expand(2, p), kept + p], 1)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+        rows = (torch.stack([cos[kept[b]] for b in range(2)])[:, None], torch.stack([sin[kept[b]] for b in range(2)])[:, None])
+        for i in range(2, 4):
+            h = m.model.layer[i](h, position_embeddings=rows)
+        want = m.norm(h)
+    torch.testing.assert_close(tokens, want, rtol=1e-10, atol=1e-10)
+
+
 def test_position_a_merged_token_carries():
     """Pruned: its own; merged: the held patch nearest the centroid of its patches (ties: lowest index)."""
     grid = (4, 4)

@@ -16,6 +16,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
     ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
     ("tokenprune.adapters.hf_vit", "HFViTAdapter"),
+    ("tokenprune.adapters.hf_dinov3", "HFDinov3Adapter"),
     ("tokenprune.adapters.hf_speech", "HFSpeechAdapter"),
 ]
 
@@ -29,6 +30,7 @@ SUPPORTED = [
     "transformers ASTForAudioClassification / ASTModel",
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
+    "transformers DINOv3ViTModel (RoPE)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 

@@ -53,19 +53,6 @@ def _rotate(x: torch.Tensor, emb: torch.Tensor, half: bool) -> torch.Tensor:
     return (x * cos + rot * sin).to(x.dtype)
 
 
-def rope_at(table: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor | None:
-    """Rows ``positions`` ``[B, N]`` of a rotary table ``[(H,) N0, E]`` (token axis second to last): ``[B, 1 | H, N, E]``.
-    ``positions=None``: the table itself (the tokens are the input's, in order)."""
-    if table is None or positions is None:
-        return table
-    b, n = positions.shape
-    lead = table.shape[:-2]
-    t = table.unsqueeze(0).expand(b, *table.shape)
-    index = positions.view(b, *(1,) * len(lead), n, 1).expand(b, *lead, n, table.shape[-1])
-    out = t.gather(-2, index)
-    return out.unsqueeze(1) if not lead else out  # one table for every head
-
-
 def _attention(attn, x: torch.Tensor, rope, fwd: Forward) -> torch.Tensor:
     """``EvaAttention.forward`` / ``AttentionRope.forward`` (fused path) with the key bias, q/k recording and
     kernel choice of ``fwd``; ``rope`` already at the tokens' positions."""
@@ -114,13 +101,13 @@ def _rope_for_block(rope, mixed: bool, fwd: Forward):
     state = fwd.state
     pos = state.positions()
     if mixed:  # per-block (depth, heads, N0, E) tables
-        return rope_at(rope[state.block + 1], pos)
+        return ops.position_rows(rope[state.block + 1], pos)
     if pos is None:
         return rope
     cached = state.scratch.get("_rope")
     if cached is not None and cached[0] is pos:
         return cached[1]
-    out = rope_at(rope, pos)
+    out = ops.position_rows(rope, pos)
     state.scratch["_rope"] = (pos, out)
     return out
 
