@@ -333,7 +333,8 @@ def test_base_models(maker):
                                       (make_dinov3, {})], ids=["vit", "dinov2", "dinov3"])
 def test_grid_is_read_from_the_input(maker, kw):
     """Non-square inputs: the grid is (H / patch, W / patch) of the pixels, never guessed from the token count."""
-    model = maker()["model"].base_model
+    model = maker()["model"]
+    model = model if maker is make_dinov3 else model.base_model  # DINOv3ViTModel's base_model is its encoder
     for shape, grid in (((32, 48), (4, 6)), ((48, 32), (6, 4))):
         x = torch.randn(2, 3, *shape)
         with torch.no_grad():
