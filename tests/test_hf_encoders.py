@@ -333,7 +333,8 @@ def test_base_models(maker):
                                       (make_dinov3, {})], ids=["vit", "dinov2", "dinov3"])
 def test_grid_is_read_from_the_input(maker, kw):
     """Non-square inputs: the grid is (H / patch, W / patch) of the pixels, never guessed from the token count."""
-    model = maker()["model"]
+    fam = maker()
+    model, p = fam["model"], fam["prefix"]
     model = model if maker is make_dinov3 else model.base_model  # DINOv3ViTModel's base_model is its encoder
     for shape, grid in (((32, 48), (4, 6)), ((48, 32), (6, 4))):
         x = torch.randn(2, 3, *shape)
@@ -354,7 +355,7 @@ def test_grid_is_read_from_the_input(maker, kw):
             finally:
                 tokenprune.remove(model)
         pooled = pooled_grid(grid, keep_count(0.5, 24))
-        assert state.grid == pooled and tokens.shape[1] == 1 + pooled[0] * pooled[1] == 1 + plan.num_out
+        assert state.grid == pooled and tokens.shape[1] == p + pooled[0] * pooled[1] == p + plan.num_out
 
 
 def test_wavlm_is_refused_with_the_reason():
