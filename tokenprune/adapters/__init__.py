@@ -11,6 +11,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
+    ("tokenprune.adapters.hf_siglip2", "HFSiglip2Adapter"),
     ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
@@ -31,6 +32,7 @@ SUPPORTED = [
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
     "transformers DINOv3ViTModel (RoPE)",
+    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, one spatial shape per batch)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 
