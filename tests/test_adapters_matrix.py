@@ -465,3 +465,24 @@ def test_budget_rounding_on_whisper_length():
     wh = make_whisper()["model"]
     for b in (0.75, 0.5, 0.25, 0.05):
         assert tokenprune.plan(wh, b, "merge").num_out == max(1, math.floor(b * 32 + 0.5))
+
+
+@pytest.mark.parametrize("variant", ["ParallelScalingBlock", "ParallelThingsBlock", "prr", "diff"])
+@pytest.mark.parametrize("method", ["merge", "maelre"])
+def test_timm_variants_refused_at_apply(variant, method):
+    """timm ViT variants the adapter cannot run are refused at apply() with the reason, never a raw crash, and the
+    model is left unpatched."""
+    timm = pytest.importorskip("timm")
+    from timm.models import vision_transformer as vt
+
+    tiny = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    if variant in ("ParallelScalingBlock", "ParallelThingsBlock"):
+        m, match = vt.VisionTransformer(block_fn=getattr(vt, variant), **tiny), variant
+    elif variant == "prr":
+        m, match = vt.VisionTransformer(global_pool="prr", **tiny), "AttentionPoolPrr"
+    else:
+        m, match = timm.create_model("vit_small_patch16_224", attn_layer="diff", **tiny), "DiffAttention"
+    with pytest.raises(TypeError, match=match):
+        tokenprune.apply(m.eval(), 0.5, method)
+    assert not tokenprune.is_applied(m)
+    m(torch.randn(1, 3, 32, 32))  # still the plain timm model
