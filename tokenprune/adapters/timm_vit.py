@@ -26,7 +26,7 @@ from torch import nn
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
+from .base import ORIGINAL, Adapter, has_class, image_grid, restore_class, swap_class
 
 _SIZED_POOLS = ("avg", "max", "avgmax")
 _UNSET = object()
@@ -222,6 +222,15 @@ class TimmViTAdapter(Adapter):
         if self._grid is not None and num_tokens == math.prod(self._grid):
             return self._grid
         return None
+
+    def input_grid(self, input_shape):
+        """The grid timm's patch embedding makes of an image of ``input_shape`` (padded up with ``dynamic_img_pad``)."""
+        pe = self.model.patch_embed
+        shape = tuple(input_shape)
+        if getattr(pe, "dynamic_img_pad", False):
+            ph, pw = pe.patch_size
+            shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
+        return image_grid(shape, pe.patch_size)
 
     def check(self, reducer) -> None:
         for i, blk in enumerate(self.model.blocks):
