@@ -14,6 +14,8 @@ patch grid of every image in ``spatial_shapes [B, 2]``.
 - Positions: absolute (resized per image) and added before the first layer.
 - Layers are HF's; attention keeps SDPA through ``tokenprune_sdpa`` (``Siglip2Attention`` does not pass keyword
   arguments on, so it gets :class:`.hf_common.ProjAttention`, as SigLIP does).
+- Reading ``spatial_shapes`` and checking the mask happen on the host (one sync per forward), so a compiled
+  SigLIP2 forward has a graph break there (``fullgraph=True`` is not available for this family).
 - Pooling: the MAP head weights keys by size (``log size``); ``Siglip2ForImageClassification``'s mean over tokens is
   size-weighted. No [CLS]: ``cls`` scores with its substitute (see :mod:`.hf_clip`).
 """
