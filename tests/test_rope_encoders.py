@@ -314,7 +314,7 @@ def test_compiles_fullgraph(method):
     """Positions are derived without host syncs: a reduced RoPE model compiles with no graph break."""
     model = make("eva02_tiny_patch14_224", depth=2)
     x = torch.randn(2, 3, 32, 32)
-    tokenprune.apply(model, 0.25, method)
+    tokenprune.apply(model, 0.5, method)  # maelre merges at most half per step: one step in two blocks
     try:
         torch._dynamo.reset()
         with torch.no_grad():
