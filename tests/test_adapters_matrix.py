@@ -486,3 +486,11 @@ def test_timm_variants_refused_at_apply(variant, method):
         tokenprune.apply(m.eval(), 0.5, method)
     assert not tokenprune.is_applied(m)
     m(torch.randn(1, 3, 32, 32))  # still the plain timm model
+
+
+@pytest.mark.parametrize("family", ["open_clip", "open_clip_siglip", "open_clip_pe"])
+def test_open_clip_plan_for_an_input_shape(family):
+    """``plan(model, input_shape=...)`` on open_clip towers (own ViT, and timm trunks through the timm adapters)."""
+    fam = FAMILIES[family]()
+    plan = tokenprune.plan(fam["model"], 0.5, "pool", input_shape=tuple(fam["x"].shape))
+    assert plan.info.grid == (4, 4) and plan.num_out == keep_count(0.5, 16)

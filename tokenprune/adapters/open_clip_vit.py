@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -179,6 +179,9 @@ class OpenClipViTAdapter(Adapter):
         return EncoderInfo(depth=len(blocks), dim=v.transformer.width, num_heads=blocks[0].attn.num_heads,
                            num_prefix=1, num_tokens=grid[0] * grid[1], mlp_hidden=blocks[0].mlp.c_fc.out_features,
                            grid=grid, has_cls=True, family=self.family)
+
+    def input_grid(self, input_shape):
+        return image_grid(input_shape, self.visual.patch_size)
 
     def grid_for(self, num_tokens: int):
         grid = tuple(self.visual.grid_size)
