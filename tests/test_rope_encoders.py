@@ -28,7 +28,8 @@ EVA = {
     "vit_pe_core_tiny_patch16_384": "Perception Encoder: AttentionRope, map pooling",
     "vit_base_patch16_rope_reg1_gap_256": "cat rope, 1 register, no [CLS]... avg pool",
 }
-METHODS = [("merge", {}), ("cls", {}), ("apet", {"k": 2}), ("random", {}), ("pool", {})]
+METHODS = [("merge", {}), ("cls", {}), ("apet", {"k": 2}), ("random", {}), ("pool", {}),
+           ("merge", {"placement": "attn"}), ("pitome", {})]
 
 
 @pytest.fixture(autouse=True)
@@ -327,3 +328,27 @@ def test_compiles_fullgraph(method):
     finally:
         tokenprune.remove(model)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_dinov3_merges_between_attention_and_mlp():
+    """placement='attn' (ToMe's) on HF DINOv3: the layer performs the merge between attention and MLP."""
+    dinov3 = pytest.importorskip("transformers.models.dinov3_vit")
+    torch.manual_seed(0)
+    cfg = dinov3.DINOv3ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                 image_size=32, patch_size=8, num_register_tokens=2)
+    m = dinov3.DINOv3ViTModel(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        block = None
+        for placement in ("block", "attn"):
+            tokenprune.apply(m, 0.25, "merge", placement=placement)
+            try:
+                tokens, state = tokenprune.features(m, x)
+                plan = tokenprune.plan(m)
+            finally:
+                tokenprune.remove(m)
+            assert tokens.shape[1] == 3 + keep_count(0.25, 16) and torch.isfinite(tokens).all()
+            assert all(s.mid == (placement == "attn") for s in plan.stages)
+            if block is None:
+                block = tokens
+        assert not torch.allclose(tokens, block, atol=1e-4)  # a different placement, a different computation

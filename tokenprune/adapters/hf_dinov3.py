@@ -48,7 +48,8 @@ def _block(layer, x, fwd: Forward, cos, sin):
     """``DINOv3ViTLayer.forward`` written out."""
     h = layer.attention(layer.norm1(x), position_embeddings=_rope(cos, sin, fwd), tokenprune=fwd)
     h = h[0] if isinstance(h, tuple) else h
-    x = x + layer.drop_path(layer.layer_scale1(h))
+    a = layer.drop_path(layer.layer_scale1(h))
+    x = fwd.reduce_mid(x, a) if fwd.mid else x + a  # stages inside the layer (placement='attn')
     y = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
     if fwd.slot:
         fwd.residual = y
@@ -90,6 +91,7 @@ class _Base:
 
 class HFDinov3Adapter(Adapter):
     family = "hf_dinov3"
+    mid_block = True
     description = "transformers DINOv3ViTModel (RoPE: rotary positions follow the kept tokens)"
 
     @classmethod

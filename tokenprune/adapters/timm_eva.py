@@ -118,11 +118,13 @@ def _block(blk, x: torch.Tensor, fwd: Forward, rope=None, mixed: bool = False) -
     r = _rope_for_block(rope, mixed, fwd)
     if hasattr(blk, "gamma_1"):  # pre-norm EvaBlock, optional LayerScale
         a = _attention(blk.attn, blk.norm1(x), r, fwd)
-        x = x + blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
+        a = blk.drop_path1(a if blk.gamma_1 is None else blk.gamma_1 * a)
+        x = fwd.reduce_mid(x, a) if fwd.mid else x + a  # stages inside the block (placement='attn')
         y = blk.mlp(blk.norm2(x))
         y = blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
     else:  # EvaBlockPostNorm
-        x = x + blk.drop_path1(blk.norm1(_attention(blk.attn, x, r, fwd)))
+        a = blk.drop_path1(blk.norm1(_attention(blk.attn, x, r, fwd)))
+        x = fwd.reduce_mid(x, a) if fwd.mid else x + a
         y = blk.drop_path2(blk.norm2(blk.mlp(x)))
     if fwd.slot:
         fwd.residual = y
@@ -215,6 +217,7 @@ def _mlp_hidden(mlp, dim: int) -> int:
 
 class TimmEvaAdapter(Adapter):
     family = "timm_eva"
+    mid_block = True  # the block function performs stages between attention and MLP (fwd.reduce_mid)
     description = ("timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*; rotary positions follow the "
                    "kept tokens)")
 
