@@ -61,6 +61,31 @@ def make_open_clip():
                 eager=None)
 
 
+def _open_clip_timm(trunk_name, pool, prefix):
+    """An open_clip tower that is a timm trunk (``TimmModel``), as ViT-B-16-SigLIP / SigLIP2 (timm ViT with map
+    pooling) and PE-Core (timm Eva) are: the tower is built by open_clip, its trunk swapped for a tiny one."""
+    open_clip = pytest.importorskip("open_clip")
+    import timm
+
+    _seed()
+    m = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(timm_model_name="vit_tiny_patch16_224",
+                                                           timm_model_pretrained=False, timm_pool=pool,
+                                                           timm_proj="none", image_size=32),
+                             text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=4, layers=1)).eval()
+    m.visual.trunk = timm.create_model(trunk_name, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4,
+                                       num_classes=16, global_pool=pool).eval()
+    return dict(model=m, x=torch.randn(2, 3, 32, 32), tokens=lambda model, x: tokenprune.features(model, x)[0],
+                prefix=prefix, n=16, out=lambda model, x: model.encode_image(x), eager=None)
+
+
+def make_open_clip_siglip():
+    return _open_clip_timm("vit_base_patch16_siglip_224", "map", 0)
+
+
+def make_open_clip_pe():
+    return _open_clip_timm("vit_pe_core_tiny_patch16_384", "map", 1)
+
+
 def _hf_vision_tower(config_cls, model_cls, prefix: int, module: str):
     """A tiny Hugging Face vision tower (CLIP / SigLIP): 32 px images, 8 px patches, 16 patch tokens."""
     _seed()
@@ -132,7 +157,8 @@ def make_videomae():
                 eager="transformers.models.videomae.modeling_videomae")
 
 
-FAMILIES = {"open_clip": make_open_clip, "hf_clip": make_hf_clip, "siglip": make_siglip, "whisper": make_whisper,
+FAMILIES = {"open_clip": make_open_clip, "open_clip_siglip": make_open_clip_siglip, "open_clip_pe": make_open_clip_pe,
+            "hf_clip": make_hf_clip, "siglip": make_siglip, "whisper": make_whisper,
             "ast": make_ast, "videomae": make_videomae}
 
 
@@ -207,6 +233,20 @@ def test_matrix(family, monkeypatch):
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(fam["out"](model, x), ref)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_budget_one_is_the_unpatched_model(family):
+    fam = FAMILIES[family]()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        for method in ("merge", "cls"):
+            tokenprune.apply(model, 1.0, method)
+            try:
+                torch.testing.assert_close(fam["out"](model, x), ref, rtol=1e-5, atol=1e-6)
+            finally:
+                tokenprune.remove(model)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -425,3 +465,32 @@ def test_budget_rounding_on_whisper_length():
     wh = make_whisper()["model"]
     for b in (0.75, 0.5, 0.25, 0.05):
         assert tokenprune.plan(wh, b, "merge").num_out == max(1, math.floor(b * 32 + 0.5))
+
+
+@pytest.mark.parametrize("variant", ["ParallelScalingBlock", "ParallelThingsBlock", "prr", "diff"])
+@pytest.mark.parametrize("method", ["merge", "maelre"])
+def test_timm_variants_refused_at_apply(variant, method):
+    """timm ViT variants the adapter cannot run are refused at apply() with the reason, never a raw crash, and the
+    model is left unpatched."""
+    timm = pytest.importorskip("timm")
+    from timm.models import vision_transformer as vt
+
+    tiny = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    if variant in ("ParallelScalingBlock", "ParallelThingsBlock"):
+        m, match = vt.VisionTransformer(block_fn=getattr(vt, variant), **tiny), variant
+    elif variant == "prr":
+        m, match = vt.VisionTransformer(global_pool="prr", **tiny), "AttentionPoolPrr"
+    else:
+        m, match = timm.create_model("vit_small_patch16_224", attn_layer="diff", **tiny), "DiffAttention"
+    with pytest.raises(TypeError, match=match):
+        tokenprune.apply(m.eval(), 0.5, method)
+    assert not tokenprune.is_applied(m)
+    m(torch.randn(1, 3, 32, 32))  # still the plain timm model
+
+
+@pytest.mark.parametrize("family", ["open_clip", "open_clip_siglip", "open_clip_pe"])
+def test_open_clip_plan_for_an_input_shape(family):
+    """``plan(model, input_shape=...)`` on open_clip towers (own ViT, and timm trunks through the timm adapters)."""
+    fam = FAMILIES[family]()
+    plan = tokenprune.plan(fam["model"], 0.5, "pool", input_shape=tuple(fam["x"].shape))
+    assert plan.info.grid == (4, 4) and plan.num_out == keep_count(0.5, 16)

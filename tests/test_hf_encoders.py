@@ -72,6 +72,17 @@ def make_dinov2_reg(depth=4):
                 eager=[_mod("dinov2_with_registers")], head=_dino_head)
 
 
+def make_dinov3(depth=4):
+    transformers_dinov3 = pytest.importorskip("transformers.models.dinov3_vit")  # transformers >= 5.17
+
+    _seed()
+    cfg = transformers_dinov3.DINOv3ViTConfig(intermediate_size=64, num_hidden_layers=depth, num_register_tokens=2,
+                                              **_VISION)
+    m = transformers_dinov3.DINOv3ViTModel(cfg)
+    return dict(model=m.eval(), x=torch.randn(2, 3, 32, 32), prefix=3, n=16,
+                out=lambda m, x: m(x).pooler_output, eager=[_mod("dinov3_vit")], head=None)
+
+
 def _clip_like(config_cls, model_cls, prefix, name, depth):
     _seed()
     cfg = config_cls(vision_config=dict(intermediate_size=64, num_hidden_layers=depth, **_VISION),
@@ -150,10 +161,10 @@ def make_hubert(depth=4):
     return _speech(HubertConfig, HubertModel, "hubert", depth)
 
 
-FAMILIES = {"vit": make_vit, "dinov2": make_dinov2, "dinov2_reg": make_dinov2_reg, "clip_cls": make_clip_cls,
+FAMILIES = {"vit": make_vit, "dinov2": make_dinov2, "dinov2_reg": make_dinov2_reg, "dinov3": make_dinov3, "clip_cls": make_clip_cls,
             "siglip_cls": make_siglip_cls, "whisper_cls": make_whisper_cls, "wav2vec2": make_wav2vec2,
             "wav2vec2_stable": make_wav2vec2_stable, "hubert": make_hubert}
-HEADS = [f for f in FAMILIES if f not in ("vit", "wav2vec2", "wav2vec2_stable", "hubert")]
+HEADS = [f for f in FAMILIES if f not in ("vit", "dinov3", "wav2vec2", "wav2vec2_stable", "hubert")]
 
 
 class _Spy:
@@ -318,11 +329,13 @@ def test_base_models(maker):
         assert torch.equal(base(x).last_hidden_state, ref.last_hidden_state)
 
 
-@pytest.mark.parametrize("maker,kw", [(make_vit, {"interpolate_pos_encoding": True}), (make_dinov2, {})],
-                         ids=["vit", "dinov2"])
+@pytest.mark.parametrize("maker,kw", [(make_vit, {"interpolate_pos_encoding": True}), (make_dinov2, {}),
+                                      (make_dinov3, {})], ids=["vit", "dinov2", "dinov3"])
 def test_grid_is_read_from_the_input(maker, kw):
     """Non-square inputs: the grid is (H / patch, W / patch) of the pixels, never guessed from the token count."""
-    model = maker()["model"].base_model
+    fam = maker()
+    model, p = fam["model"], fam["prefix"]
+    model = model if maker is make_dinov3 else model.base_model  # DINOv3ViTModel's base_model is its encoder
     for shape, grid in (((32, 48), (4, 6)), ((48, 32), (6, 4))):
         x = torch.randn(2, 3, *shape)
         with torch.no_grad():
@@ -342,7 +355,7 @@ def test_grid_is_read_from_the_input(maker, kw):
             finally:
                 tokenprune.remove(model)
         pooled = pooled_grid(grid, keep_count(0.5, 24))
-        assert state.grid == pooled and tokens.shape[1] == 1 + pooled[0] * pooled[1] == 1 + plan.num_out
+        assert state.grid == pooled and tokens.shape[1] == p + pooled[0] * pooled[1] == p + plan.num_out
 
 
 def test_wavlm_is_refused_with_the_reason():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
@@ -107,19 +108,32 @@ def remove(model):
 
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
-         schedule: Mapping[int, int] | None = None, **options) -> Plan:
+         input_shape=None, schedule: Mapping[int, int] | None = None, **options) -> Plan:
     """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one.
-    ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input)."""
+    ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input).
+    ``input_shape``: the shape of an input (e.g. ``(B, 3, H, W)``, image families): planned on the token grid that
+    input gives, as a forward on it runs."""
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
         raise ValueError(f"num_tokens must be a positive number of (non-prefix) input tokens, got {num_tokens!r}")
+    if input_shape is not None and num_tokens is not None:
+        raise ValueError("give num_tokens= or input_shape=, not both")
     patch = get_patch(model)
     if budget is None and method is None and not options and schedule is None:
         if patch is None:
             raise ValueError("model is not patched; give budget= and method= to plan a reduction")
-        return patch.plan_for(num_tokens)
+        return patch.plan_for(*_planned_input(patch, num_tokens, input_shape))
     budget = patch.budget if budget is None and patch is not None else (0.5 if budget is None else budget)
     method = method or (patch.reducer.name if patch is not None else "merge")
-    return _make_patch(model, budget, method, schedule, True, options).plan_for(num_tokens)
+    new = _make_patch(model, budget, method, schedule, True, options)
+    return new.plan_for(*_planned_input(new, num_tokens, input_shape))
+
+
+def _planned_input(patch, num_tokens, input_shape):
+    """``(num_tokens, grid)`` to plan for: the adapter's grid of ``input_shape``, else the count (grid: default)."""
+    if input_shape is None:
+        return num_tokens, None
+    grid = tuple(patch.adapter.input_grid(input_shape))
+    return math.prod(grid), grid
 
 
 @contextlib.contextmanager

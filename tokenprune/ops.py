@@ -256,3 +256,19 @@ def weighted_mean(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 def masked_max(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     return x.masked_fill((sizes <= 0)[..., None], float("-inf")).amax(1)
 
+
+
+# -- positions inside attention (RoPE) ----------------------------------------------------------
+def position_rows(table: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows ``positions`` (``[B, N]``, from :meth:`TokenState.positions`) of a per-position table ``[(H,) N0, E]``
+    whose token axis is second to last (a rotary cos / sin table): ``[B, 1, N, E]`` (``[B, H, N, E]`` for a
+    per-head table), which broadcasts against ``[B, H, N, E]`` queries and keys. ``positions=None`` (the input
+    tokens, in order) returns the table itself."""
+    if table is None or positions is None:
+        return table
+    b, n = positions.shape
+    lead = table.shape[:-2]
+    t = table.unsqueeze(0).expand(b, *table.shape)
+    index = positions.view(b, *(1,) * len(lead), n, 1).expand(b, *lead, n, table.shape[-1])
+    out = t.gather(-2, index)
+    return out if lead else out.unsqueeze(1)

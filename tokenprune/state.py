@@ -16,9 +16,15 @@ globals. Tokens are ``[B, P + N, C]`` with the ``P`` prefix tokens first.
 ``residual`` ``[B, P + N, C]`` or ``None``: when set, the tokens are ``x + residual``. A block
            whose final residual add is left to the reducer that follows it (``engine.run_blocks``)
            hands over both halves; :meth:`TokenState.materialize` adds them.
+``input_grid`` the grid of the encoder's input tokens (``grid`` may change, e.g. after ``pool``).
+
+Positions inside attention (RoPE): :meth:`TokenState.positions` says, for every current token, which
+input token's position it carries, derived from the source map, so every reducer serves these
+families without knowing about positions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +44,7 @@ class TokenState:
     tokens_per_block: list[int] = field(default_factory=list)  # tokens entering each block (prefix incl.)
     scratch: dict = field(default_factory=dict)  # per-forward accumulators of reducers (e.g. summed scores)
     residual: torch.Tensor | None = None  # tokens = x + residual while set (a block's deferred last add)
+    input_grid: tuple[int, ...] | None = None  # grid of the input tokens (``grid`` may be replaced by a reducer)
 
     @classmethod
     def start(cls, x: torch.Tensor, num_prefix: int, grid=None, track_source: bool = True) -> "TokenState":
@@ -46,7 +53,7 @@ class TokenState:
         source = None
         if track_source:
             source = torch.arange(num_prefix, n, device=x.device).expand(b, n0).contiguous()
-        return cls(x=x, num_prefix=num_prefix, num_input=n0, grid=grid, source=source)
+        return cls(x=x, num_prefix=num_prefix, num_input=n0, grid=grid, source=source, input_grid=grid)
 
     def materialize(self) -> "TokenState":
         """Do the deferred residual add, if any: afterwards ``x`` holds the tokens."""
@@ -78,6 +85,55 @@ class TokenState:
         if self.sizes is None:
             return torch.full((b,), self.num_tokens, dtype=torch.long, device=self.x.device)
         return (self.sizes[:, self.num_prefix:] > 0).sum(1)
+
+    def positions(self) -> torch.Tensor | None:
+        """``[B, N]`` long: for every non-prefix token, the input token (``0 .. N0 - 1``) whose position it
+        carries, for families that apply positions inside attention (RoPE); ``None`` while no block's reduction
+        has changed the tokens (they are the input's, in order).
+
+        A pruned token keeps its own position (an exact gather). A merged or pooled token takes the position of
+        the input token it holds that is nearest to the size-weighted centroid of all the input tokens it holds
+        (ties: the lowest index), so it is always a real grid position whose rotary table entry exists; the
+        centroid is taken on ``input_grid`` coordinates (a sequence: the token index). Padding slots get 0
+        (they are masked as keys). Needs the source map (``track_source=True``). One result per reduction.
+        """
+        if self.num_tokens == self.num_input:
+            return None
+        if self.source is None:
+            raise ValueError("tokenprune: token positions follow the source map; apply with track_source=True")
+        cached = self.scratch.get("_positions")
+        if cached is not None and cached[0] is self.source:
+            return cached[1]
+        pos = self._carried_positions()
+        self.scratch["_positions"] = (self.source, pos)
+        return pos
+
+    def _carried_positions(self) -> torch.Tensor:
+        src, p, n, n0 = self.source, self.num_prefix, self.num_tokens, self.num_input
+        b, dev = src.shape[0], src.device
+        idx = torch.arange(n0, device=dev)
+        grid = self.input_grid
+        if grid is not None and math.prod(grid) == n0:
+            coords = torch.stack(torch.unravel_index(idx, tuple(grid)), -1).to(torch.float64)  # [N0, D]
+        else:
+            coords = idx[:, None].to(torch.float64)
+        held = src >= p  # input tokens held by a non-prefix token (not dropped)
+        tok = (src - p).clamp(min=0)  # [B, N0]
+        # centroid of each token's input tokens (every input token weighs one, i.e. size-weighted)
+        w = held.to(torch.float64)
+        d = coords.shape[1]
+        total = torch.zeros(b, n, d, dtype=torch.float64, device=dev).scatter_add(
+            1, tok[..., None].expand(b, n0, d), w[..., None] * coords)
+        count = torch.zeros(b, n, dtype=torch.float64, device=dev).scatter_add(1, tok, w)
+        centroid = total / count.clamp(min=1)[..., None]
+        dist = (coords - centroid.gather(1, tok[..., None].expand(b, n0, d))).square().sum(-1)
+        dist = dist.masked_fill(~held, float("inf"))
+        best = torch.full((b, n), float("inf"), dtype=torch.float64, device=dev).scatter_reduce(
+            1, tok, dist, "amin", include_self=True)
+        cand = held & (dist <= best.gather(1, tok))
+        pick = torch.where(cand, idx.expand(b, n0), torch.full_like(tok, n0))
+        out = torch.full((b, n), n0, dtype=torch.long, device=dev).scatter_reduce(1, tok, pick, "amin", include_self=True)
+        return out.masked_fill_(out >= n0, 0)
 
     def sizes_or_ones(self) -> torch.Tensor:
         if self.sizes is not None:

@@ -8,20 +8,24 @@ from .base import Adapter, class_names
 # (module of the adapter, class name in it); tried in order
 _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
+    ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.vlm.qwen", "QwenVLAdapter"),
     ("tokenprune.vlm.refuse", "UnsupportedVLM"),  # any other VLM: a clear refusal
+    ("tokenprune.adapters.hf_siglip2", "HFSiglip2Adapter"),
     ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
     ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
     ("tokenprune.adapters.hf_vit", "HFViTAdapter"),
+    ("tokenprune.adapters.hf_dinov3", "HFDinov3Adapter"),
     ("tokenprune.adapters.hf_speech", "HFSpeechAdapter"),
 ]
 
 SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
+    "timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*)",
     "open_clip CLIP / VisionTransformer image towers (model.visual)",
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
     "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
@@ -30,6 +34,8 @@ SUPPORTED = [
     "transformers ASTForAudioClassification / ASTModel",
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
+    "transformers DINOv3ViTModel (RoPE)",
+    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, one spatial shape per batch)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 

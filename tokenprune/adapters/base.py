@@ -55,6 +55,18 @@ def restore_class(module: torch.nn.Module) -> None:
         module.__class__ = orig
 
 
+def image_grid(input_shape, patch) -> tuple[int, int]:
+    """``(H // ph, W // pw)`` of an image shape ``(..., H, W)`` and a patch size (int or pair)."""
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) < 2:
+        raise ValueError(f"tokenprune: input_shape {shape} needs at least (H, W)")
+    ph, pw = (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
+    grid = (shape[-2] // ph, shape[-1] // pw)
+    if min(grid) < 1:
+        raise ValueError(f"tokenprune: input_shape {shape} is smaller than one {ph}x{pw} patch")
+    return grid
+
+
 def class_names(model) -> set[tuple[str, str]]:
     """(module, name) of every class in the model's MRO: match families without importing them."""
     return {(c.__module__, c.__name__) for c in type(model).__mro__}
@@ -86,6 +98,12 @@ class Adapter:
     def check(self, reducer) -> None:
         """Raise if this model cannot give what the reducer needs."""
         return None
+
+    def input_grid(self, input_shape) -> tuple[int, ...]:
+        """The token grid an input of ``input_shape`` (what the model's forward takes, e.g. ``(B, C, H, W)`` or
+        ``(H, W)``) gives, for ``tokenprune.plan(model, input_shape=...)``."""
+        raise ValueError(f"tokenprune: plan(input_shape=...) is not known for the {self.family} family; give "
+                         "num_tokens= (the non-prefix tokens entering the encoder)")
 
     def install(self, patch) -> None:
         raise NotImplementedError

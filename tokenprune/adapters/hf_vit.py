@@ -31,7 +31,7 @@ import torch
 from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_common import AttentionRouting, no_extra_kwargs
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
@@ -175,6 +175,9 @@ class HFViTAdapter(Adapter):
         return EncoderInfo(depth=len(_layers(self.base)), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=1 + int(getattr(c, "num_register_tokens", 0) or 0), num_tokens=grid[0] * grid[1],
                            mlp_hidden=hidden, grid=grid, has_cls=True, family=self.family)
+
+    def input_grid(self, input_shape):
+        return image_grid(input_shape, self.base.config.patch_size)
 
     def check(self, reducer) -> None:
         self._routing.check()

@@ -11,9 +11,13 @@ text tower is untouched.
 - Positions: learned absolute embeddings added before the blocks.
 - Pooling: ``'tok'`` reads the class token (never reduced); ``'avg'`` is a size-weighted mean over the
   patch tokens (padding ignored); attentional poolers (CoCa) weight keys by size.
+- Towers that are a timm trunk (``TimmModel``: ViT-B-16-SigLIP, SigLIP2, PE-Core, ...) are handed to the timm
+  adapter of the trunk (:mod:`.timm_vit` or :mod:`.timm_eva`): ``apply(model)`` patches ``model.visual.trunk``,
+  whose own pooling (token / avg / map) becomes size-weighted; the tower's head (projection) is unchanged.
+  A head with its own attention pooling over the grid (``abs_attn`` / ``rot_attn``) is refused.
 - Refused with a clear error: ``CustomResidualAttentionBlock`` towers (qk-norm / scaled-cosine
-  attention), non-ViT towers (timm trunks, ModifiedResNet), open_clip < 3, ``attn_mask``, gradient
-  checkpointing, ``forward_intermediates``.
+  attention), ModifiedResNet towers, open_clip < 3, ``attn_mask``, gradient checkpointing,
+  ``forward_intermediates``.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ import torch.nn.functional as F
 from .. import ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, restore_class, swap_class
+from .timm_eva import TimmEvaAdapter
+from .timm_vit import TimmViTAdapter
 
 
 def _attention(mha, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
@@ -113,13 +119,29 @@ class _Visual:
                                   "or use the tower's forward")
 
 
+def _timm_trunk_adapter(model):
+    """The timm adapter of an open_clip ``TimmModel`` tower's trunk, or None for other towers."""
+    v = getattr(model, "visual", model)
+    trunk = getattr(v, "trunk", None)
+    if trunk is None or not has_class(v, "open_clip.", "TimmModel"):
+        return None
+    head = getattr(v, "head", None)
+    if head is not None and "pool" in getattr(head, "_modules", {}):
+        raise TypeError("tokenprune: this open_clip timm tower pools with its own attention pooling over the full "
+                        f"patch grid ({type(head.pool).__name__}), which cannot take reduced tokens")
+    for cls in (TimmViTAdapter, TimmEvaAdapter):
+        if cls.matches(trunk):
+            return cls(trunk)
+    raise TypeError(f"tokenprune: this open_clip tower's timm trunk is {type(trunk).__name__}; supported trunks are "
+                    "timm VisionTransformer and Eva models")
+
+
 def _visual(model):
     v = getattr(model, "visual", model)
     names = {c.__name__ for c in type(v).__mro__}
     if "VisionTransformer" not in names or not hasattr(v, "transformer"):
         raise TypeError(f"tokenprune: this open_clip model's image tower is {type(v).__name__}; only open_clip "
-                        "VisionTransformer towers are supported (for a timm-trunk tower, apply to "
-                        "model.visual.trunk, which the timm adapter handles)")
+                        "VisionTransformer towers and timm-trunk towers (timm VisionTransformer / Eva) are supported")
     if not all(hasattr(v, a) for a in ("_embeds", "_pool", "_global_pool")):
         raise TypeError("tokenprune: this open_clip version's VisionTransformer has no _embeds/_pool; "
                         "open_clip_torch >= 3.0 is required")
@@ -129,11 +151,16 @@ def _visual(model):
 class OpenClipViTAdapter(Adapter):
     mid_block = True
     family = "open_clip"
-    description = "open_clip CLIP / CustomTextCLIP / VisionTransformer image towers (model.visual)"
+    description = "open_clip CLIP / CustomTextCLIP / VisionTransformer image towers (model.visual), timm-trunk towers"
 
     @classmethod
     def matches(cls, model) -> bool:
-        return has_class(model, "open_clip.", "CLIP", "CustomTextCLIP", "VisionTransformer", "CoCa")
+        return has_class(model, "open_clip.", "CLIP", "CustomTextCLIP", "VisionTransformer", "CoCa", "TimmModel")
+
+    def __new__(cls, model):
+        """A tower that is a timm trunk gets the timm adapter of its trunk (``__init__`` below is then not run)."""
+        trunk = _timm_trunk_adapter(model)
+        return trunk if trunk is not None else super().__new__(cls)
 
     def __init__(self, model):
         super().__init__(model)
@@ -152,6 +179,9 @@ class OpenClipViTAdapter(Adapter):
         return EncoderInfo(depth=len(blocks), dim=v.transformer.width, num_heads=blocks[0].attn.num_heads,
                            num_prefix=1, num_tokens=grid[0] * grid[1], mlp_hidden=blocks[0].mlp.c_fc.out_features,
                            grid=grid, has_cls=True, family=self.family)
+
+    def input_grid(self, input_shape):
+        return image_grid(input_shape, self.visual.patch_size)
 
     def grid_for(self, num_tokens: int):
         grid = tuple(self.visual.grid_size)

@@ -26,7 +26,7 @@ from torch import nn
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
+from .base import ORIGINAL, Adapter, has_class, image_grid, restore_class, swap_class
 
 _SIZED_POOLS = ("avg", "max", "avgmax")
 _UNSET = object()
@@ -201,6 +201,7 @@ class TimmViTAdapter(Adapter):
         if own not in ("VisionTransformer.forward_features",):
             raise TypeError(f"tokenprune: {type(model).__name__} has its own forward_features; only timm's "
                             "VisionTransformer forward is supported")
+        self.check(None)  # before info(), which reads blk.attn
         self._grid = self.info().grid
         self.full_tokens = model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
 
@@ -222,12 +223,27 @@ class TimmViTAdapter(Adapter):
             return self._grid
         return None
 
+    def input_grid(self, input_shape):
+        """The grid timm's patch embedding makes of an image of ``input_shape`` (padded up with ``dynamic_img_pad``)."""
+        pe = self.model.patch_embed
+        shape = tuple(input_shape)
+        if getattr(pe, "dynamic_img_pad", False):
+            ph, pw = pe.patch_size
+            shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
+        return image_grid(shape, pe.patch_size)
+
     def check(self, reducer) -> None:
         for i, blk in enumerate(self.model.blocks):
             if not _standard_block(blk):
                 raise TypeError(f"tokenprune: block {i} of this timm model is {type(blk).__name__} with "
                                 f"{type(getattr(blk, 'attn', None)).__name__}; only timm's standard Block with "
-                                "Attention is supported (not ParallelScalingBlock, ResPostBlock, DiffAttention, ...)")
+                                "Attention is supported (not ParallelScalingBlock, ParallelThingsBlock, ResPostBlock, "
+                                "DiffAttention, ...)")
+        pool = getattr(self.model, "attn_pool", None)
+        if pool is not None and "attn_mask" not in inspect.signature(pool.forward).parameters:
+            raise TypeError(f"tokenprune: this timm model pools with {type(pool).__name__} (global_pool="
+                            f"{self.model.global_pool!r}), which takes no key mask, so it cannot weight merged tokens "
+                            "by size; use a model with global_pool 'token', 'avg', 'max', 'avgmax' or 'map'")
 
     def features(self, x):
         fwd = Forward(self.model._tokenprune_patch)
