@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 from tokenprune.cli import COMMANDS, build_parser, main
 from tokenprune.commands._common import BUDGET_MEANING
 
