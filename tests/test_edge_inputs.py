@@ -147,3 +147,55 @@ def test_hf_attention_mask_tensor_is_a_clear_error():
     tokenprune.apply(model, budget=0.5, method="merge")
     with pytest.raises(ValueError, match="attention_mask cannot be combined with token reduction"):
         model(input_values=x, attention_mask=torch.ones(x.shape[0], x.shape[1]))
+
+
+# -- schedule= and budget -----------------------------------------------------------------------------------
+def test_schedule_that_contradicts_the_budget_is_an_error():
+    """budget 0.1 of 64 tokens keeps 6; a schedule ending at 60 used to win silently while the plan said 0.1."""
+    model = tiny_vit()
+    for call in (tokenprune.apply, tokenprune.plan):
+        with pytest.raises(ValueError, match=r"ends at 60 non-prefix tokens but budget=0.1 keeps 6 of"):
+            call(model, budget=0.1, method="merge", schedule={0: 60})
+    assert not tokenprune.is_applied(model)
+
+
+def test_schedule_without_a_budget_sets_it_and_the_plan_says_so():
+    model = tiny_vit()
+    tokenprune.apply(model, method="merge", schedule={0: 60, 2: 30})
+    p = tokenprune.plan(model)
+    assert p.num_out == 30 and p.budget == 30 / 64 and p.tokens_per_block() == [64, 60, 60, 30]
+    with torch.no_grad():
+        tokens, _ = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + 30
+    # a consistent budget and schedule are accepted as before
+    assert tokenprune.plan(model, budget=30 / 64, method="cls", schedule={1: 40, 2: 30}).num_out == 30
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ({0: 6.7}, r"keep counts must be whole numbers \(int\), got 6.7 \(float\)"),
+    ({0: 60.0}, r"keep counts must be whole numbers \(int\), got 60.0 \(float\)"),
+    ({0: "60"}, r"keep counts must be whole numbers \(int\), got '60' \(str\)"),
+    ({"0": 60}, r"blocks must be whole numbers \(int\), got '0' \(str\)"),
+    ({0: True}, r"got True \(bool\)"),
+    ([(0, 60)], r"schedule must be a dict \{block: keep\}"),
+])
+def test_schedule_of_floats_or_strings_is_refused(schedule, match):
+    model = tiny_vit()
+    with pytest.raises(TypeError, match=match):
+        tokenprune.apply(model, method="merge", schedule=schedule)
+    with pytest.raises(TypeError, match=match):
+        tokenprune.plan(model, budget=0.25, method="merge", schedule=schedule)
+    assert not tokenprune.is_applied(model)
+
+
+def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
+    """`apply(model, recipe=..., budget=b)`: explicit arguments win, so the recipe's schedule (made for its own
+    budget) no longer decides the count; with the recipe's budget the schedule holds."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmethod: merge\nbudget: 0.5\nschedule: {0: 48, 1: 32}\noptions: {prop_attn: false}\n")
+    model = tiny_vit()
+    tokenprune.apply(model, recipe=str(recipe))
+    assert tokenprune.plan(model).tokens_per_block() == [64, 48, 32, 32]
+    tokenprune.apply(model, recipe=str(recipe), budget=0.25)
+    p = tokenprune.plan(model)
+    assert p.num_out == 16 and p.budget == 0.25
