@@ -199,3 +199,20 @@ def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
     tokenprune.apply(model, recipe=str(recipe), budget=0.25)
     p = tokenprune.plan(model)
     assert p.num_out == 16 and p.budget == 0.25
+
+
+@pytest.mark.parametrize("family", ["hf_clip", "whisper"])
+def test_patched_hf_model_can_be_planned_and_applied_again(family):
+    """A patched HF model's attention config names tokenprune's kernel: plan(budget=...) and a second apply
+    used to fail with 'uses attn_implementation=tokenprune_sdpa ... needs sdpa'."""
+    model, x, run = _families()[family]()
+    with torch.no_grad():
+        want = run(model, x)
+        tokenprune.apply(model, budget=0.5, method="merge")
+        assert tokenprune.plan(model, budget=0.25, method="cls").method == "cls"
+        tokenprune.apply(model, budget=0.25, method="cls")
+        assert tokenprune.plan(model).method == "cls"
+        alone = run(tokenprune.apply(_families()[family]()[0], budget=0.25, method="cls"), x)
+        torch.testing.assert_close(run(model, x), alone, rtol=0, atol=0)
+        tokenprune.remove(model)
+        torch.testing.assert_close(run(model, x), want, rtol=0, atol=0)
