@@ -216,3 +216,14 @@ def test_patched_hf_model_can_be_planned_and_applied_again(family):
         torch.testing.assert_close(run(model, x), alone, rtol=0, atol=0)
         tokenprune.remove(model)
         torch.testing.assert_close(run(model, x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [["merge", "cls"], ["merge", "random"]])
+def test_pruning_after_merging_is_not_padded(method):
+    """Merged sizes are not padding: a pruning step after a merge used to mark the batch padded (every later
+    step then took the masked path, and SDPA a mask), though every sample keeps the same count."""
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.5, method=method)
+    with torch.no_grad():
+        tokens, state = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + 32 and not state.padded and bool((state.sizes > 0).all())
