@@ -5,7 +5,7 @@
     tokenprune.plan(model)                                  # per-block schedule and FLOP ratio
     tokenprune.remove(model)                                # exact restore
 
-``budget`` is the fraction of non-prefix tokens kept (that leave the encoder).
+``budget`` is the fraction of the input's non-prefix tokens kept (that leave the encoder).
 
 The public names are loaded on first use (PEP 562 ``__getattr__``), so ``import tokenprune``
 and the ``tokenprune`` command's argument parsing (``--help``) do not import torch.

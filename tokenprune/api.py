@@ -43,8 +43,8 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
 
     Args:
         model: a supported model (see ``tokenprune.adapters.SUPPORTED``).
-        budget: the fraction of the input's non-prefix tokens that leave the
-            encoder, in (0, 1]. ``round(budget * N)`` tokens leave (halves
+        budget: the fraction of the input's non-prefix tokens kept (that leave
+            the encoder), in (0, 1]. ``round(budget * N)`` tokens leave (halves
             round up); prefix tokens ([CLS], registers) are always kept.
         method: a registered reducer (``tokenprune.methods()``).
         schedule: ``{block: keep}`` overriding the reducer's per-block plan

@@ -2,7 +2,7 @@
 
 ``budget`` has one meaning everywhere in tokenprune:
 
-    the fraction of the input's non-prefix tokens that leave the encoder.
+    the fraction of the input's non-prefix tokens kept (that leave the encoder).
 
 Prefix tokens ([CLS], distillation and register tokens) are never removed and
 are not counted. For an input with ``N`` non-prefix tokens the encoder emits
