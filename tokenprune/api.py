@@ -53,7 +53,8 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
         track_source: keep the map from original patches to current tokens
             (needed by ``unmerge`` and the visualisations).
         recipe: a named setting (``tokenprune.recipes.list_recipes()``) or a YAML path; it supplies
-            method, budget, schedule and options, and the arguments given explicitly override it.
+            method, budget, schedule and options, and the arguments given explicitly override it
+            (a budget other than the recipe's also replaces the recipe's schedule, made for its budget).
         **options: the reducer's own options.
 
     ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
