@@ -1,11 +1,13 @@
 """WER of Whisper tiny.en (real weights) with the encoder's tokens reduced, on the 116 labeled utterances.
 
     python scripts/whisper_wer.py --out results/whisper_wer [--methods merge cls random] [--budgets 0.75 0.5 0.25]
-                                  [--limit N] [--threads 1]
+                                  [--limit N] [--threads 1] [--num-beams 1 2]
 
-CPU, fp32, greedy decoding. Audio is padded to 30 s = 1500 encoder tokens, so
-a budget applies to all 1500 frames including the padding. Writes
-``wer.json`` (per configuration: WER, wall time, transcripts) and ``wer.md``.
+CPU, fp32; greedy decoding, or beam search for each ``--num-beams`` value (each
+decoding gets its own unreduced pass). Audio is padded to 30 s = 1500 encoder
+tokens, so a budget applies to all 1500 frames including the padding. Writes
+``wer.json`` (per configuration: WER, transcripts changed against the unreduced
+pass of the same decoding, wall time, transcripts) and ``wer.md``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="first N utterances only")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--num-beams", nargs="+", type=int, default=[1],
+                    help="decodings to run: 1 = greedy, k > 1 = beam search with k beams (default: 1)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unreduced pass")
     ap.add_argument("--options", default="{}", help='reducer options as JSON, e.g. \'{"substitute": "received"}\'')
     ap.add_argument("--time-encoder", action="store_true",
@@ -62,41 +66,52 @@ def main():
     if args.time_encoder:
         return time_encoder(model, methods, args, Path(args.out))
     configs = ([] if args.no_baseline else [("none", 1.0)]) + [(m, b) for m in methods for b in args.budgets]
+    configs = [(beams, m, b) for beams in args.num_beams for m, b in configs]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for method, budget in configs:
+    results, unreduced = [], {}
+    for beams, method, budget in configs:
         if method != "none":
             try:
                 tokenprune.apply(model, budget, method, **json.loads(args.options))
             except Exception as e:  # a method that cannot run on Whisper: record why
-                results.append(dict(method=method, budget=budget, error=f"{type(e).__name__}: {e}"))
+                results.append(dict(method=method, budget=budget, num_beams=beams, error=f"{type(e).__name__}: {e}"))
                 print(f"{method:>10} {budget:.2f}  skipped: {e}", flush=True)
                 continue
         t0 = time.time()  # wall time of the whole transcription (reported beside the WER, not a benchmark)
         try:
-            hyps = transcribe(model, proc, paths, batch_size=args.batch_size)
+            hyps = transcribe(model, proc, paths, batch_size=args.batch_size, num_beams=beams)
         except Exception as e:
             tokenprune.remove(model)
-            results.append(dict(method=method, budget=budget, error=f"{type(e).__name__}: {e}"))
+            results.append(dict(method=method, budget=budget, num_beams=beams, error=f"{type(e).__name__}: {e}"))
             print(f"{method:>10} {budget:.2f}  failed: {e}", flush=True)
             continue
         secs = time.time() - t0
         tokenprune.remove(model)
         keep = round(budget * 1500 + 1e-9) if method != "none" else 1500
-        r = dict(method=method + args.tag, budget=budget, tokens_out=keep, wer=wer(refs, hyps), seconds=secs, hyps=hyps)
+        if method == "none":
+            unreduced[beams] = hyps
+        base = unreduced.get(beams)
+        changed = None if base is None else sum(a != b for a, b in zip(hyps, base))
+        r = dict(method=method + args.tag, budget=budget, num_beams=beams, tokens_out=keep, wer=wer(refs, hyps),
+                 changed=changed, seconds=secs, hyps=hyps)
         results.append(r)
-        print(f"{method:>10} {budget:.2f}  tokens {keep:>4}  WER {100 * r['wer']:6.2f}%  {secs:7.1f} s", flush=True)
+        print(f"{method:>10} {budget:.2f}  beams {beams}  tokens {keep:>4}  WER {100 * r['wer']:6.2f}%  "
+              f"changed {changed}  {secs:7.1f} s", flush=True)
         (out_dir / "wer.json").write_text(json.dumps(dict(n_utterances=len(refs), threads=args.threads,
                                                           results=results), indent=1))
 
-    lines = [f"Whisper tiny.en, {len(refs)} utterances (hifitts-6097), greedy, CPU fp32, {args.threads} thread(s)", "",
-             "| method | budget | encoder tokens out | WER % | wall s (CPU) |", "|---|---|---|---|---|"]
+    lines = [f"Whisper tiny.en, {len(refs)} utterances (hifitts-6097), CPU fp32, {args.threads} thread(s)", "",
+             "| decoding | method | budget | encoder tokens out | WER % | transcripts changed vs unreduced | "
+             "wall s (CPU) |", "|---|---|---|---|---|---|---|"]
     for r in results:
+        dec = "greedy" if r["num_beams"] == 1 else f"{r['num_beams']} beams"
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['budget']} | - | not applicable: {r['error'][:80]} | - |")
+            lines.append(f"| {dec} | {r['method']} | {r['budget']} | - | not applicable: {r['error'][:80]} | - | - |")
         else:
-            lines.append(f"| {r['method']} | {r['budget']} | {r['tokens_out']} | {100 * r['wer']:.2f} | {r['seconds']:.0f} |")
+            changed = "-" if r["changed"] is None else f"{r['changed']} / {len(refs)}"
+            lines.append(f"| {dec} | {r['method']} | {r['budget']} | {r['tokens_out']} | {100 * r['wer']:.2f} | "
+                         f"{changed} | {r['seconds']:.0f} |")
     (out_dir / "wer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -147,3 +147,83 @@ def test_hf_attention_mask_tensor_is_a_clear_error():
     tokenprune.apply(model, budget=0.5, method="merge")
     with pytest.raises(ValueError, match="attention_mask cannot be combined with token reduction"):
         model(input_values=x, attention_mask=torch.ones(x.shape[0], x.shape[1]))
+
+
+# -- schedule= and budget -----------------------------------------------------------------------------------
+def test_schedule_that_contradicts_the_budget_is_an_error():
+    """budget 0.1 of 64 tokens keeps 6; a schedule ending at 60 used to win silently while the plan said 0.1."""
+    model = tiny_vit()
+    for call in (tokenprune.apply, tokenprune.plan):
+        with pytest.raises(ValueError, match=r"ends at 60 non-prefix tokens but budget=0.1 keeps 6 of"):
+            call(model, budget=0.1, method="merge", schedule={0: 60})
+    assert not tokenprune.is_applied(model)
+
+
+def test_schedule_without_a_budget_sets_it_and_the_plan_says_so():
+    model = tiny_vit()
+    tokenprune.apply(model, method="merge", schedule={0: 60, 2: 30})
+    p = tokenprune.plan(model)
+    assert p.num_out == 30 and p.budget == 30 / 64 and p.tokens_per_block() == [64, 60, 60, 30]
+    with torch.no_grad():
+        tokens, _ = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + 30
+    # a consistent budget and schedule are accepted as before
+    assert tokenprune.plan(model, budget=30 / 64, method="cls", schedule={1: 40, 2: 30}).num_out == 30
+
+
+@pytest.mark.parametrize("schedule,match", [
+    ({0: 6.7}, r"keep counts must be whole numbers \(int\), got 6.7 \(float\)"),
+    ({0: 60.0}, r"keep counts must be whole numbers \(int\), got 60.0 \(float\)"),
+    ({0: "60"}, r"keep counts must be whole numbers \(int\), got '60' \(str\)"),
+    ({"0": 60}, r"blocks must be whole numbers \(int\), got '0' \(str\)"),
+    ({0: True}, r"got True \(bool\)"),
+    ([(0, 60)], r"schedule must be a dict \{block: keep\}"),
+])
+def test_schedule_of_floats_or_strings_is_refused(schedule, match):
+    model = tiny_vit()
+    with pytest.raises(TypeError, match=match):
+        tokenprune.apply(model, method="merge", schedule=schedule)
+    with pytest.raises(TypeError, match=match):
+        tokenprune.plan(model, budget=0.25, method="merge", schedule=schedule)
+    assert not tokenprune.is_applied(model)
+
+
+def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
+    """`apply(model, recipe=..., budget=b)`: explicit arguments win, so the recipe's schedule (made for its own
+    budget) no longer decides the count; with the recipe's budget the schedule holds."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmethod: merge\nbudget: 0.5\nschedule: {0: 48, 1: 32}\noptions: {prop_attn: false}\n")
+    model = tiny_vit()
+    tokenprune.apply(model, recipe=str(recipe))
+    assert tokenprune.plan(model).tokens_per_block() == [64, 48, 32, 32]
+    tokenprune.apply(model, recipe=str(recipe), budget=0.25)
+    p = tokenprune.plan(model)
+    assert p.num_out == 16 and p.budget == 0.25
+
+
+@pytest.mark.parametrize("family", ["hf_clip", "whisper"])
+def test_patched_hf_model_can_be_planned_and_applied_again(family):
+    """A patched HF model's attention config names tokenprune's kernel: plan(budget=...) and a second apply
+    used to fail with 'uses attn_implementation=tokenprune_sdpa ... needs sdpa'."""
+    model, x, run = _families()[family]()
+    with torch.no_grad():
+        want = run(model, x)
+        tokenprune.apply(model, budget=0.5, method="merge")
+        assert tokenprune.plan(model, budget=0.25, method="cls").method == "cls"
+        tokenprune.apply(model, budget=0.25, method="cls")
+        assert tokenprune.plan(model).method == "cls"
+        alone = run(tokenprune.apply(_families()[family]()[0], budget=0.25, method="cls"), x)
+        torch.testing.assert_close(run(model, x), alone, rtol=0, atol=0)
+        tokenprune.remove(model)
+        torch.testing.assert_close(run(model, x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [["merge", "cls"], ["merge", "random"]])
+def test_pruning_after_merging_is_not_padded(method):
+    """Merged sizes are not padding: a pruning step after a merge used to mark the batch padded (every later
+    step then took the masked path, and SDPA a mask), though every sample keeps the same count."""
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.5, method=method)
+    with torch.no_grad():
+        tokens, state = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + 32 and not state.padded and bool((state.sizes > 0).all())

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
 from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied  # noqa: F401  (get_patch, is_applied: public)
-from .plan import Plan, check_budget
+from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
 
 
@@ -24,8 +24,12 @@ def _attach_module(model, patch) -> None:
 
 
 def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
-    check_budget(budget)
+    schedule = check_schedule(schedule)
+    if budget is not None:
+        check_budget(budget)
     adapter = adapters.for_model(model)
+    if budget is None:  # schedule= without a budget: the schedule's last count sets it
+        budget = schedule_budget(schedule, adapter.info().num_tokens)
     reducer = registry.make(method, **options)
     adapter.check(reducer)
     patch = Patch(model, adapter, reducer, float(budget), schedule, track_source)
@@ -40,19 +44,22 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
 
     Args:
         model: a supported model (see ``tokenprune.adapters.SUPPORTED``).
-        budget: the fraction of the input's non-prefix tokens that leave the
-            encoder, in (0, 1]. ``round(budget * N)`` tokens leave (halves
+        budget: the fraction of the input's non-prefix tokens kept (that leave
+            the encoder), in (0, 1]. ``round(budget * N)`` tokens leave (halves
             round up); prefix tokens ([CLS], registers) are always kept.
         method: a registered reducer (``tokenprune.methods()``).
         schedule: ``{block: keep}`` overriding the reducer's per-block plan
-            (non-prefix tokens left after that block).
+            (non-prefix tokens left after that block, whole numbers). Its last count must be
+            the budget's; without ``budget`` the schedule sets it (last count / N).
         track_source: keep the map from original patches to current tokens
             (needed by ``unmerge`` and the visualisations).
         recipe: a named setting (``tokenprune.recipes.list_recipes()``) or a YAML path; it supplies
-            method, budget, schedule and options, and the arguments given explicitly override it.
+            method, budget, schedule and options, and the arguments given explicitly override it
+            (a budget other than the recipe's also replaces the recipe's schedule, made for its budget).
         **options: the reducer's own options.
 
-    ``budget`` defaults to 0.5 and ``method`` to ``"merge"`` when neither they nor a recipe give one.
+    ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
+    recipe give one.
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
     """
     if recipe is not None:
@@ -62,9 +69,11 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
             kw = rec.apply_kwargs()  # a clear error if the recipe's method is not registered
             method = kw.pop("method")
             kw.pop("budget")
-            schedule = kw.pop("schedule", None) if schedule is None else schedule
+            recipe_schedule = kw.pop("schedule", None)
+            if schedule is None and budget == rec.budget:  # a budget given here replaces the recipe's schedule too
+                schedule = recipe_schedule
             options = {**kw, **options}
-    budget = 0.5 if budget is None else budget
+    budget = 0.5 if budget is None and schedule is None else budget
     method = "merge" if method is None else method
     _check_not_nested(model)
     patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
@@ -122,7 +131,8 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
         if patch is None:
             raise ValueError("model is not patched; give budget= and method= to plan a reduction")
         return patch.plan_for(*_planned_input(patch, num_tokens, input_shape))
-    budget = patch.budget if budget is None and patch is not None else (0.5 if budget is None else budget)
+    if budget is None and schedule is None:
+        budget = patch.budget if patch is not None else 0.5
     method = method or (patch.reducer.name if patch is not None else "merge")
     new = _make_patch(model, budget, method, schedule, True, options)
     return new.plan_for(*_planned_input(new, num_tokens, input_shape))

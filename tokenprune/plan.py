@@ -2,7 +2,7 @@
 
 ``budget`` has one meaning everywhere in tokenprune:
 
-    the fraction of the input's non-prefix tokens that leave the encoder.
+    the fraction of the input's non-prefix tokens kept (that leave the encoder).
 
 Prefix tokens ([CLS], distillation and register tokens) are never removed and
 are not counted. For an input with ``N`` non-prefix tokens the encoder emits
@@ -246,6 +246,35 @@ def _max_start(keep: int, steps: int, max_fraction: float) -> int:
             m -= 1
         n = m
     return n
+
+
+def check_schedule(schedule) -> dict[int, int] | None:
+    """``schedule`` as ``{block: keep}`` with int keys and values, after checking its types.
+
+    Raises ``TypeError`` for what is not a mapping of whole numbers (a float keep count such as 6.7
+    or 60.0, a string, a bool): keep counts are numbers of tokens, nothing is rounded or parsed.
+    """
+    if schedule is None:
+        return None
+    if not isinstance(schedule, Mapping):
+        raise TypeError(f"schedule must be a dict {{block: keep}} (non-prefix tokens left after that block), "
+                        f"got {type(schedule).__name__} {schedule!r:.80}")
+    out = {}
+    for b, k in schedule.items():
+        for what, v in (("block", b), ("keep count", k)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"schedule {what}s must be whole numbers (int), got {v!r} ({type(v).__name__}) in "
+                                f"schedule={{{b!r}: {k!r}}}; keep counts are numbers of non-prefix tokens, e.g. "
+                                f"{{2: 100, 5: 40}}")
+        out[int(b)] = int(k)
+    return out
+
+
+def schedule_budget(schedule: Mapping[int, int], num_tokens: int) -> float:
+    """The budget a schedule implies for an input of ``num_tokens`` non-prefix tokens: its last keep / N."""
+    if not schedule:
+        raise ValueError("schedule is empty; give {block: keep} or leave schedule= out")
+    return schedule[max(schedule)] / num_tokens
 
 
 def apply_overrides(stages: list[Stage], overrides: Mapping[int, int] | None, info: EncoderInfo,

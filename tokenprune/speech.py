@@ -1,7 +1,7 @@
 """Speech helpers for measuring what token reduction does to Whisper: transcription and WER.
 
-``transcribe`` decodes greedily (``model.generate`` with its own generation
-config; a reduced model is used exactly like an unreduced one).
+``transcribe`` decodes greedily or with beam search (``model.generate`` with its
+own generation config; a reduced model is used exactly like an unreduced one).
 ``normalize_text`` lowercases and strips punctuation (numbers stay as they
 are: "ten" vs "10" counts as an error). ``wer`` is word error rate over the
 whole set (total edits / total reference words), via ``jiwer`` when it is
@@ -76,10 +76,13 @@ def load_audio(path, sampling_rate: int = 16000):
 
 
 @torch.no_grad()
-def transcribe(model, processor, wav_paths, batch_size: int = 8, max_new_tokens: int = 128) -> list[str]:
-    """Greedy transcripts of ``wav_paths`` (one string per file, in order)."""
+def transcribe(model, processor, wav_paths, batch_size: int = 8, max_new_tokens: int = 128,
+               num_beams: int = 1) -> list[str]:
+    """Transcripts of ``wav_paths`` (one string per file, in order): greedy, or beam search with ``num_beams`` > 1."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     sr = processor.feature_extractor.sampling_rate
     param = next(model.parameters())
     out: list[str] = []
@@ -87,6 +90,7 @@ def transcribe(model, processor, wav_paths, batch_size: int = 8, max_new_tokens:
     for s in range(0, len(paths), batch_size):
         audio = [load_audio(p, sr) for p in paths[s:s + batch_size]]
         feats = processor(audio, sampling_rate=sr, return_tensors="pt").input_features
-        ids = model.generate(feats.to(device=param.device, dtype=param.dtype), max_new_tokens=max_new_tokens)
+        ids = model.generate(feats.to(device=param.device, dtype=param.dtype), max_new_tokens=max_new_tokens,
+                             num_beams=num_beams)
         out.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
     return out

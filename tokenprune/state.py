@@ -75,7 +75,7 @@ class TokenState:
     @property
     def valid(self) -> torch.Tensor | None:
         """``[B, P + N]`` bool, False for padding slots; ``None`` when there are none."""
-        if self.sizes is None:
+        if self.sizes is None or not self.padded:  # merged sizes alone are no padding
             return None
         return self.sizes > 0
 

@@ -106,7 +106,7 @@ def register_kernel() -> None:
 
 def check_sdpa(config, what: str) -> None:
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in (INNER, KERNEL_NAME):  # KERNEL_NAME: already patched (a plan for another budget), was "sdpa"
+    if impl not in (INNER, KERNEL_NAME):  # KERNEL_NAME: routed by the patch already on the model (apply again, plan)
         raise ValueError(
             f"tokenprune: the {what} uses attn_implementation={impl!r}; token reduction keeps fused SDPA and needs "
             f"'sdpa'. Load with from_pretrained(..., attn_implementation='sdpa') or call "

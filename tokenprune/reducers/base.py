@@ -94,6 +94,12 @@ class Reducer:
         stages = apply_overrides(self.schedule(info, keep), overrides, info, self.name)
         validate(stages, info)
         plan = Plan(self.name, budget, info, stages)
+        if overrides and plan.num_out != keep:
+            raise ValueError(
+                f"schedule={dict(overrides)} ends at {plan.num_out} non-prefix tokens but budget={budget:g} keeps "
+                f"{keep} of this input's {info.num_tokens}; a schedule must end at its budget's count: leave "
+                f"budget out (the schedule's last count / {info.num_tokens} tokens is then the budget) or change one "
+                f"of them (a schedule's counts hold for one input size)")
         if overrides is None and plan.num_out != keep:
             raise AssertionError(f"{self.name}: schedule ends at {plan.num_out} tokens, expected {keep}")
         return plan
