@@ -21,6 +21,7 @@ This module holds the command line only and imports nothing heavy.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -46,23 +47,23 @@ def run(args) -> int:
     if args.model_dir is not None and not (Path(args.model_dir) / "model.safetensors").is_file():
         raise UsageError(f"--model-dir {args.model_dir} has no model.safetensors (a folder with "
                          "model.safetensors and config.json is expected)")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise UsageError("tokenprune demo needs Gradio: pip install 'tokenprune[demo]'") from None
+    if importlib.util.find_spec("gradio") is None:
+        raise UsageError("tokenprune demo needs Gradio: pip install 'tokenprune[demo]'")
     set_threads(args.threads)
-    # imported here, not at the top: they import Gradio and torch, which `tokenprune demo --help` must not pay for
-    from .app import TINY_ENV, build_app, launch
+    # imported here, not at the top: they import torch (and .app Gradio), which `tokenprune demo --help` must
+    # not pay for; the warnings below come before the (slow) Gradio import
     from .models import RANDOM_LABEL, default_model_dir, model_choices
 
     if args.tiny:
-        os.environ[TINY_ENV] = "1"
+        os.environ["TOKENPRUNE_DEMO_TINY"] = "1"  # read by app.build_app
         warn("--tiny: the demo starts on a tiny ViT with RANDOM weights; its predictions mean nothing")
     elif model_choices(args.model_dir)[0] == RANDOM_LABEL:
         warn(f"no weights at {default_model_dir()} (from {assets_source()}): the demo runs a ViT-S/14 with RANDOM "
              "weights; its predictions and agreement numbers mean nothing. Pass --assets or --model-dir, or set "
              "$TOKENPRUNE_ASSETS.")
     info("tokenprune demo: loading the model and building the app")
+    from .app import build_app, launch
+
     app = build_app(args.model_dir, repeats=max(1, args.repeats))
     print(f"tokenprune demo on http://{args.host}:{args.port} (Ctrl+C to stop)", flush=True)
     try:
