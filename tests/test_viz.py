@@ -205,6 +205,21 @@ def test_audio_validation(tmp_path):
     assert wave.size == 16000 * 30 and any("30 s" in n for n in notes)
 
 
+def test_demo_reads_and_resamples_audio_like_the_wer_evaluation(tmp_path):
+    # one audio loader: the demo's waveform is the one tokenprune.speech gives eval and the scripts
+    import soundfile as sf
+
+    from tokenprune import speech
+
+    sr = 22050
+    t = np.arange(sr // 2) / sr
+    clip = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 1700 * t)], 1).astype(np.float32)
+    sf.write(tmp_path / "c.wav", clip, sr)
+    wave, notes = inputs.load_audio(tmp_path / "c.wav")
+    np.testing.assert_array_equal(wave, speech.load_audio(tmp_path / "c.wav", 16000))
+    assert any("22050 Hz" in n for n in notes)
+
+
 # -- the demo's comparison without the UI ----------------------------------------------------------------------
 def test_compare_image_counts_and_panels():
     entry = models.load_image_model(models.TINY_LABEL)
