@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from tokenprune.commands import demo
+    from tokenprune.commands.demo import app as demo
 
     torch.set_num_threads(1)
     with socket.socket() as s:

@@ -114,7 +114,7 @@ def _literals(tree):
 
 
 def test_budget_descriptions_in_cli_plots_and_demo_use_the_one_wording():
-    files = [PKG / "cli.py", PKG / "plots.py", PKG / "evaluate.py", *sorted((PKG / "commands").glob("*.py"))]
+    files = [PKG / "cli.py", PKG / "plots.py", PKG / "evaluate.py", *sorted((PKG / "commands").rglob("*.py"))]
     bad = []
     for f in files:
         for text in _literals(ast.parse(f.read_text())):

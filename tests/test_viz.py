@@ -6,7 +6,7 @@ from PIL import Image
 
 import tokenprune
 from tokenprune import viz
-from tokenprune.commands import demo
+from tokenprune.commands.demo import inputs, models, render
 
 from conftest import tiny_vit
 
@@ -132,14 +132,14 @@ def test_panel_figure():
 def test_non_image_file_is_a_readable_error(tmp_path):
     p = tmp_path / "notes.txt"
     p.write_text("not an image")
-    with pytest.raises(demo.InputError, match="not an image"):
-        demo.load_image(p)
+    with pytest.raises(inputs.InputError, match="not an image"):
+        inputs.load_image(p)
     e = tmp_path / "empty.png"
     e.write_bytes(b"")
-    with pytest.raises(demo.InputError, match="empty"):
-        demo.load_image(e)
-    with pytest.raises(demo.InputError, match="upload"):
-        demo.load_image(None)
+    with pytest.raises(inputs.InputError, match="empty"):
+        inputs.load_image(e)
+    with pytest.raises(inputs.InputError, match="upload"):
+        inputs.load_image(None)
 
 
 def test_truncated_image_is_a_readable_error(tmp_path):
@@ -147,38 +147,38 @@ def test_truncated_image_is_a_readable_error(tmp_path):
     buf = tmp_path / "full.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
     p.write_bytes(buf.read_bytes()[:200])
-    with pytest.raises(demo.InputError, match="cut.png"):
-        demo.load_image(p)
+    with pytest.raises(inputs.InputError, match="cut.png"):
+        inputs.load_image(p)
 
 
 def test_gray_alpha_and_16bit_images_become_rgb(tmp_path):
     Image.new("L", (20, 10), 77).save(tmp_path / "g.png")
-    im, notes = demo.load_image(tmp_path / "g.png")
+    im, notes = inputs.load_image(tmp_path / "g.png")
     assert im.mode == "RGB" and im.getpixel((0, 0)) == (77, 77, 77) and "grayscale" in notes[0]
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
-    im, notes = demo.load_image(tmp_path / "a.png")
+    im, notes = inputs.load_image(tmp_path / "a.png")
     assert im.getpixel((3, 3)) == (255, 255, 255) and "white" in notes[0]
     Image.fromarray(np.full((6, 6), 4000, dtype=np.uint16)).save(tmp_path / "d.png")
-    im, notes = demo.load_image(tmp_path / "d.png")
+    im, notes = inputs.load_image(tmp_path / "d.png")
     assert im.mode == "RGB" and im.getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_huge_images_are_downscaled_or_refused(tmp_path, monkeypatch):
     Image.new("RGB", (3000, 1500), (10, 20, 30)).save(tmp_path / "big.png")
-    im, notes = demo.load_image(tmp_path / "big.png")
-    assert im.size == (demo.MAX_SIDE, demo.MAX_SIDE // 2) and any("downscaled" in n for n in notes)
-    monkeypatch.setattr(demo, "MAX_PIXELS", 1_000_000)
-    with pytest.raises(demo.InputError, match="megapixels|MP"):
-        demo.load_image(tmp_path / "big.png")
-    monkeypatch.setattr(demo, "MAX_UPLOAD_BYTES", 10)
-    with pytest.raises(demo.InputError, match="MB"):
-        demo.load_image(tmp_path / "big.png")
+    im, notes = inputs.load_image(tmp_path / "big.png")
+    assert im.size == (inputs.MAX_SIDE, inputs.MAX_SIDE // 2) and any("downscaled" in n for n in notes)
+    monkeypatch.setattr(inputs, "MAX_PIXELS", 1_000_000)
+    with pytest.raises(inputs.InputError, match="megapixels|MP"):
+        inputs.load_image(tmp_path / "big.png")
+    monkeypatch.setattr(inputs, "MAX_UPLOAD_BYTES", 10)
+    with pytest.raises(inputs.InputError, match="MB"):
+        inputs.load_image(tmp_path / "big.png")
 
 
 def test_square_crop_centres():
     im = Image.new("RGB", (30, 10))
     im.paste((255, 0, 0), (10, 0, 20, 10))
-    sq = demo.square_crop(im)
+    sq = inputs.square_crop(im)
     assert sq.size == (10, 10) and sq.getpixel((5, 5)) == (255, 0, 0)
 
 
@@ -186,45 +186,60 @@ def test_audio_validation(tmp_path):
     import soundfile as sf
 
     (tmp_path / "x.wav").write_text("RIFF but not really")
-    with pytest.raises(demo.InputError, match="not an audio file"):
-        demo.load_audio(tmp_path / "x.wav")
+    with pytest.raises(inputs.InputError, match="not an audio file"):
+        inputs.load_audio(tmp_path / "x.wav")
     sf.write(tmp_path / "short.wav", np.zeros(100, dtype=np.float32), 16000)
-    with pytest.raises(demo.InputError, match="at least"):
-        demo.load_audio(tmp_path / "short.wav")
+    with pytest.raises(inputs.InputError, match="at least"):
+        inputs.load_audio(tmp_path / "short.wav")
     sr = 44100
     t = np.arange(sr) / sr
     tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
     sf.write(tmp_path / "st.wav", np.stack([tone, tone], 1), sr)
-    wave, notes = demo.load_audio(tmp_path / "st.wav")
+    wave, notes = inputs.load_audio(tmp_path / "st.wav")
     assert wave.dtype == np.float32 and wave.shape == (16000,)
     assert any("mono" in n for n in notes) and any("16000" in n for n in notes)
     spec = np.abs(np.fft.rfft(wave))
     assert abs(int(np.argmax(spec)) - 440) <= 1  # 1 s at 16 kHz: 1 Hz per bin; the tone survived
     sf.write(tmp_path / "long.wav", np.zeros(16000 * 31, dtype=np.float32), 16000)
-    wave, notes = demo.load_audio(tmp_path / "long.wav")
+    wave, notes = inputs.load_audio(tmp_path / "long.wav")
     assert wave.size == 16000 * 30 and any("30 s" in n for n in notes)
+
+
+def test_demo_reads_and_resamples_audio_like_the_wer_evaluation(tmp_path):
+    # one audio loader: the demo's waveform is the one tokenprune.speech gives eval and the scripts
+    import soundfile as sf
+
+    from tokenprune import speech
+
+    sr = 22050
+    t = np.arange(sr // 2) / sr
+    clip = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 1700 * t)], 1).astype(np.float32)
+    sf.write(tmp_path / "c.wav", clip, sr)
+    wave, notes = inputs.load_audio(tmp_path / "c.wav")
+    np.testing.assert_array_equal(wave, speech.load_audio(tmp_path / "c.wav", 16000))
+    assert any("22050 Hz" in n for n in notes)
 
 
 # -- the demo's comparison without the UI ----------------------------------------------------------------------
 def test_compare_image_counts_and_panels():
-    entry = demo.load_image_model(demo.TINY_LABEL)
-    img = Image.open(next(iter(demo.sample_images().values())))
-    ref, results = demo.compare_image(entry, img, 0.25, ["merge", "cls"], repeats=1, display=64)
+    entry = models.load_image_model(models.TINY_LABEL)
+    img = Image.open(next(iter(inputs.sample_images().values())))
+    ref, results = models.compare_image(entry, img, 0.25, ["merge", "cls"], repeats=1, display=64)
     k = tokenprune.keep_count(0.25, 64)
     assert ref.kept == 64 and [r.kept for r in results] == [k, k]
     assert all(not r.error and r.overlay.shape == (64, 64, 3) for r in results)
     assert results[1].stats["dropped"] == 64 - k
-    page = demo.results_html(ref, results, 0.25)
+    page = render.results_html(ref, results, 0.25)
     assert page.count('class="tp-card"') == 3 and f'data-kept="{k}"' in page
     assert not tokenprune.is_applied(entry.model)
-    with pytest.raises(demo.InputError, match="unknown method"):
-        demo.compare_image(entry, img, 0.25, ["nope"])
+    with pytest.raises(inputs.InputError, match="unknown method"):
+        models.compare_image(entry, img, 0.25, ["nope"])
     with pytest.raises(ValueError, match="budget"):
-        demo.compare_image(entry, img, 1.5, ["merge"])
+        models.compare_image(entry, img, 1.5, ["merge"])
 
 
 def test_bundled_samples_are_small_pngs():
-    samples = demo.sample_images()
+    samples = inputs.sample_images()
     assert len(samples) >= 3
     for p in samples.values():
         assert p.stat().st_size < 50 * 1024
@@ -255,8 +270,8 @@ def test_input_grid_ignores_a_pooled_grid():
 
 
 def test_usable_methods_leave_out_methods_that_need_options():
-    entry = demo.load_image_model(demo.TINY_LABEL)
-    usable = demo.usable_methods(entry.model)
+    entry = models.load_image_model(models.TINY_LABEL)
+    usable = models.usable_methods(entry.model)
     assert {"merge", "cls"} <= set(usable)
     for m in set(tokenprune.methods()) - set(usable):
         with pytest.raises(Exception):
@@ -265,12 +280,12 @@ def test_usable_methods_leave_out_methods_that_need_options():
 
 @pytest.mark.slow
 def test_compare_audio_on_the_jfk_clip(assets):
-    ok, why = demo.whisper_status()
+    ok, why = models.whisper_status()
     if not ok:
         pytest.skip(why)
-    wave, _ = demo.load_audio(assets / "speech-hifitts-6097" / "jfk.wav")
+    wave, _ = inputs.load_audio(assets / "speech-hifitts-6097" / "jfk.wav")
     wave = wave[: 16000 * 4]  # "And so, my fellow Americans": a short decode keeps the test fast
-    ref, rows = demo.compare_audio(wave, 0.5, ["merge"])
+    ref, rows = models.compare_audio(wave, 0.5, ["merge"])
     assert "fellow americans" in ref["text"].lower()
     (row,) = rows
     assert not row["error"] and row["kept"] == 750 and row["total"] == 1500
@@ -279,10 +294,10 @@ def test_compare_audio_on_the_jfk_clip(assets):
 
 
 def test_missing_weights_fall_back_to_random_with_a_warning(tmp_path):
-    assert demo.model_choices(tmp_path)[0] == demo.RANDOM_LABEL
-    entry = demo.load_image_model(demo.REAL_LABEL, tmp_path)  # asked for the real model, weights absent
-    assert entry.label == demo.RANDOM_LABEL
+    assert models.model_choices(tmp_path)[0] == models.RANDOM_LABEL
+    entry = models.load_image_model(models.REAL_LABEL, tmp_path)  # asked for the real model, weights absent
+    assert entry.label == models.RANDOM_LABEL
     assert "RANDOM weights" in entry.warning and str(tmp_path) in entry.warning
     assert entry.img_size == 224 and len(entry.class_names) == 10
-    with pytest.raises(demo.InputError, match="unknown model"):
-        demo.load_image_model("resnet?", tmp_path)
+    with pytest.raises(inputs.InputError, match="unknown model"):
+        models.load_image_model("resnet?", tmp_path)

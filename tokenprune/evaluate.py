@@ -22,7 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import api, consumer, registry
+from . import api, consumer, registry, speech
+from .data import to_tensor
+from .models import load_timm
+from .recipes import load_recipe
 from .plan import check_budget
 
 BASELINES = ("random", "pool")  # always evaluated beside the methods asked for
@@ -99,8 +102,6 @@ def load_model(spec: str, weights: str | None = None, model_args: dict | None = 
 
 
 def _load_timm(name, weights, model_args, num_classes, pretrained, seed, label) -> LoadedModel:
-    from .models import load_timm
-
     torch.manual_seed(seed)  # random weights are reproducible
     kwargs = dict(model_args)
     img_size = kwargs.pop("img_size", None)
@@ -199,8 +200,6 @@ def build_configs(methods: Sequence[str], budgets: Sequence[float], recipes: Seq
     Unknown methods and budgets outside (0, 1] raise at once; a baseline that
     is not registered is skipped with a note.
     """
-    from .recipes import load_recipe
-
     known = registry.methods()
     methods = list(methods)
     notes = []
@@ -311,8 +310,6 @@ def run_batches(fn: Callable[[int], torch.Tensor], num_batches: int, dist_: Dist
 
 def image_forward(lm: LoadedModel, images, batch_size: int, device: str, dtype: torch.dtype, features: bool):
     """``fn(j)`` running batch ``j`` of ``images`` through the model (logits or pooled features)."""
-    from .data import to_tensor
-
     size = lm.img_size[0] if lm.img_size else 224
     model = lm.model
 
@@ -421,11 +418,6 @@ def evaluate(lm: LoadedModel, configs: Sequence[Config], task: str, data: dict, 
 
 
 def _wer_row(lm, cfg, data, batch_size, dist_, show, ref) -> dict:
-    try:
-        from . import speech
-    except ImportError:
-        raise ValueError("WER needs tokenprune.speech (transcribe / normalize_text / wer), "
-                         "which is not in this install") from None
     wavs, texts = data["wavs"], data["texts"]
     nb = math.ceil(len(wavs) / batch_size)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import registry
+
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 _FIELDS = {"name", "description", "source", "model", "method", "budget", "schedule", "options"}
 
@@ -32,8 +34,6 @@ class Recipe:
 
     def apply_kwargs(self) -> dict:
         """``method``, ``budget``, ``schedule`` and the reducer options, as ``apply`` takes them."""
-        from . import registry
-
         if self.method not in registry.methods():
             raise ValueError(f"recipe {self.name!r} needs method {self.method!r}, which is not registered in this "
                              f"install; known methods: {', '.join(registry.methods())}")

@@ -57,22 +57,44 @@ def wer(refs: Sequence[str], hyps: Sequence[str], normalize: bool = True) -> flo
     return sum(_edits(r.split(), h.split()) for r, h in zip(refs, hyps)) / words
 
 
-def load_audio(path, sampling_rate: int = 16000):
-    """Mono float32 waveform at ``sampling_rate`` (read with soundfile)."""
-    import numpy as np
+def read_audio(path):
+    """``(samples [frames, channels] float32, sampling rate)`` of an audio file (read with soundfile)."""
     import soundfile as sf
 
-    audio, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    audio = audio.mean(1)
-    if sr != sampling_rate:
-        try:
-            import torchaudio.functional as AF
+    return sf.read(str(path), dtype="float32", always_2d=True)
 
-            audio = AF.resample(torch.from_numpy(audio), sr, sampling_rate).numpy()
-        except ImportError:  # linear interpolation fallback
-            n = int(round(len(audio) * sampling_rate / sr))
-            audio = np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio).astype("float32")
-    return audio
+
+def resample(audio, sr: int, target: int):
+    """A mono float32 waveform at ``sr`` Hz resampled to ``target`` Hz: torchaudio's resampler when it
+    is installed, else linear interpolation. The one resampler of the package (eval, scripts, demo)."""
+    import numpy as np
+
+    if sr == target:
+        return audio
+    try:
+        import torchaudio.functional as AF
+
+        return AF.resample(torch.from_numpy(np.ascontiguousarray(audio)), sr, target).numpy()
+    except ImportError:  # linear interpolation fallback
+        n = int(round(len(audio) * target / sr))
+        return np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio).astype("float32")
+
+
+def load_audio(path, sampling_rate: int = 16000):
+    """Mono float32 waveform at ``sampling_rate``: :func:`read_audio`, channels averaged, :func:`resample`."""
+    audio, sr = read_audio(path)
+    return resample(audio.mean(1), sr, sampling_rate)
+
+
+def transcribe_audio(model, processor, audio, max_new_tokens: int = 128, num_beams: int = 1) -> list[str]:
+    """Transcripts (greedy, or beam search with ``num_beams`` > 1) of waveforms at the processor's sampling
+    rate, one string per waveform."""
+    sr = processor.feature_extractor.sampling_rate
+    param = next(model.parameters())
+    feats = processor(list(audio), sampling_rate=sr, return_tensors="pt").input_features
+    ids = model.generate(feats.to(device=param.device, dtype=param.dtype), max_new_tokens=max_new_tokens,
+                         num_beams=num_beams)
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 @torch.no_grad()
@@ -84,13 +106,9 @@ def transcribe(model, processor, wav_paths, batch_size: int = 8, max_new_tokens:
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     sr = processor.feature_extractor.sampling_rate
-    param = next(model.parameters())
     out: list[str] = []
     paths = list(wav_paths)
     for s in range(0, len(paths), batch_size):
         audio = [load_audio(p, sr) for p in paths[s:s + batch_size]]
-        feats = processor(audio, sampling_rate=sr, return_tensors="pt").input_features
-        ids = model.generate(feats.to(device=param.device, dtype=param.dtype), max_new_tokens=max_new_tokens,
-                             num_beams=num_beams)
-        out.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+        out.extend(transcribe_audio(model, processor, audio, max_new_tokens, num_beams))
     return out

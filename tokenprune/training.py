@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import api
 from .plan import EncoderInfo
+from .reducers.maelre import linear_blocks
 
 # -- shared plumbing -------------------------------------------------------------------------
 
@@ -194,8 +195,6 @@ def _attention_module(block):
 
 def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     """The attention parameters of the blocks that run the linear approximation under the model's plan."""
-    from .reducers.maelre import linear_blocks
-
     patch = _patch(model, "maelre")
     blocks = getattr(patch.adapter, "blocks", None)
     blocks = blocks() if callable(blocks) else blocks

@@ -67,6 +67,18 @@ def image_grid(input_shape, patch) -> tuple[int, int]:
     return grid
 
 
+def attach(module: torch.nn.Module, mixin: type, patch) -> None:
+    """Swap ``module``'s class to ``(mixin, its class)`` and give it the patch its patched forward reads."""
+    swap_class(module, mixin)
+    module._tokenprune_patch = patch
+
+
+def detach(module: torch.nn.Module) -> None:
+    """Undo :func:`attach`: the original class back, the patch gone."""
+    restore_class(module)
+    module.__dict__.pop("_tokenprune_patch", None)
+
+
 def class_names(model) -> set[tuple[str, str]]:
     """(module, name) of every class in the model's MRO: match families without importing them."""
     return {(c.__module__, c.__name__) for c in type(model).__mro__}

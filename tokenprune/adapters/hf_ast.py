@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class
 from .hf_common import AttentionRouting, no_extra_kwargs, run
 
 
@@ -87,10 +87,8 @@ class HFASTAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.ast._tokenprune_patch = patch
-        swap_class(self.ast, _ASTModel)
+        attach(self.ast, _ASTModel, patch)
 
     def uninstall(self) -> None:
-        restore_class(self.ast)
-        self.ast.__dict__.pop("_tokenprune_patch", None)
+        detach(self.ast)
         self._routing.off()

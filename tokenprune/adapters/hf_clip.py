@@ -31,7 +31,7 @@ import math
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, restore_class, swap_class
 from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, run
 
 
@@ -154,21 +154,17 @@ class HFClipAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.tower._tokenprune_patch = patch
-        swap_class(self.tower, _Tower)
+        attach(self.tower, _Tower, patch)
         if self.siglip:  # SiglipAttention does not pass its keyword arguments on
             for layer in self.tower.encoder.layers:
                 swap_class(_attn(layer), ProjAttention)
         if self.head is not None:
-            self.head._tokenprune_patch = patch
-            swap_class(self.head, _Classifier)
+            attach(self.head, _Classifier, patch)
 
     def uninstall(self) -> None:
         if self.head is not None:
-            restore_class(self.head)
-            self.head.__dict__.pop("_tokenprune_patch", None)
+            detach(self.head)
         for layer in self.tower.encoder.layers:
             restore_class(_attn(layer))
-        restore_class(self.tower)
-        self.tower.__dict__.pop("_tokenprune_patch", None)
+        detach(self.tower)
         self._routing.off()

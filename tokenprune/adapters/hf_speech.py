@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class
 from .hf_common import AttentionRouting, no_extra_kwargs, run
 
 _CLASSES = ("Wav2Vec2Model", "HubertModel")
@@ -123,10 +123,8 @@ class HFSpeechAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.model._tokenprune_patch = patch
-        swap_class(self.model, _Model)
+        attach(self.model, _Model, patch)
 
     def uninstall(self) -> None:
-        restore_class(self.model)
-        self.model.__dict__.pop("_tokenprune_patch", None)
+        detach(self.model)
         self._routing.off()

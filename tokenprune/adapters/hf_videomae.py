@@ -21,7 +21,7 @@ from __future__ import annotations
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, restore_class, swap_class
 from .hf_common import AttentionRouting, no_extra_kwargs, run
 
 
@@ -122,20 +122,16 @@ class HFVideoMAEAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.videomae._tokenprune_patch = patch
-        swap_class(self.videomae, _Model)
+        attach(self.videomae, _Model, patch)
         for a in self._attentions():
             swap_class(a, _SelfAttention)
         if self.classifier is not None:
-            self.classifier._tokenprune_patch = patch
-            swap_class(self.classifier, _Classifier)
+            attach(self.classifier, _Classifier, patch)
 
     def uninstall(self) -> None:
         if self.classifier is not None:
-            restore_class(self.classifier)
-            self.classifier.__dict__.pop("_tokenprune_patch", None)
+            detach(self.classifier)
         for a in self._attentions():
             restore_class(a)
-        restore_class(self.videomae)
-        self.videomae.__dict__.pop("_tokenprune_patch", None)
+        detach(self.videomae)
         self._routing.off()

@@ -31,7 +31,7 @@ import torch
 from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, image_grid
 from .hf_common import AttentionRouting, no_extra_kwargs
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
@@ -190,16 +190,12 @@ class HFViTAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.base._tokenprune_patch = patch
-        swap_class(self.base, _Base)
+        attach(self.base, _Base, patch)
         if self.head is not None and self.dino:  # ViT's classifier reads [CLS]: its own forward is exact
-            self.head._tokenprune_patch = patch
-            swap_class(self.head, _Dinov2Classifier)
+            attach(self.head, _Dinov2Classifier, patch)
 
     def uninstall(self) -> None:
         if self.head is not None:
-            restore_class(self.head)
-            self.head.__dict__.pop("_tokenprune_patch", None)
-        restore_class(self.base)
-        self.base.__dict__.pop("_tokenprune_patch", None)
+            detach(self.head)
+        detach(self.base)
         self._routing.off()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, image_grid
 from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -192,9 +192,7 @@ class OpenClipViTAdapter(Adapter):
         return self.visual._tokenprune_tokens(x, fwd), fwd.state
 
     def install(self, patch) -> None:
-        self.visual._tokenprune_patch = patch
-        swap_class(self.visual, _Visual)
+        attach(self.visual, _Visual, patch)
 
     def uninstall(self) -> None:
-        restore_class(self.visual)
-        self.visual.__dict__.pop("_tokenprune_patch", None)
+        detach(self.visual)

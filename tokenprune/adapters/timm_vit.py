@@ -26,7 +26,7 @@ from torch import nn
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import ORIGINAL, Adapter, has_class, image_grid, restore_class, swap_class
+from .base import ORIGINAL, Adapter, attach, detach, has_class, image_grid
 
 _SIZED_POOLS = ("avg", "max", "avgmax")
 _UNSET = object()
@@ -250,9 +250,7 @@ class TimmViTAdapter(Adapter):
         return self.model._tokenprune_features(x, fwd), fwd.state
 
     def install(self, patch) -> None:
-        self.model._tokenprune_patch = patch
-        swap_class(self.model, _Model)
+        attach(self.model, _Model, patch)
 
     def uninstall(self) -> None:
-        restore_class(self.model)
-        self.model.__dict__.pop("_tokenprune_patch", None)
+        detach(self.model)

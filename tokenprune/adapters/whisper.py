@@ -39,7 +39,7 @@ from torch import nn
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, restore_class, swap_class
 from .hf_common import AttentionRouting, KeyBias, no_extra_kwargs, run
 
 BIAS_KEY = "tokenprune_key_bias"
@@ -167,21 +167,17 @@ class WhisperAdapter(Adapter):
 
     def install(self, patch) -> None:
         self._routing.on()
-        self.encoder._tokenprune_patch = patch
-        swap_class(self.encoder, _Encoder)
+        attach(self.encoder, _Encoder, patch)
         if self.base is not None:
             self.base._tokenprune_cross = tuple(layer.encoder_attn for layer in self.decoder.layers)
             swap_class(self.base, _Model)
         if self.head is not None:
-            self.head._tokenprune_patch = patch
-            swap_class(self.head, _AudioClassifier)
+            attach(self.head, _AudioClassifier, patch)
 
     def uninstall(self) -> None:
         if self.head is not None:
-            restore_class(self.head)
-            self.head.__dict__.pop("_tokenprune_patch", None)
-        restore_class(self.encoder)
-        self.encoder.__dict__.pop("_tokenprune_patch", None)
+            detach(self.head)
+        detach(self.encoder)
         if self.base is not None:
             restore_class(self.base)
             self.base.__dict__.pop("_tokenprune_cross", None)
