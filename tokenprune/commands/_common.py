@@ -111,7 +111,8 @@ def torch_dtype(name: str):
 
 def check_methods(methods) -> list[str]:
     """The method names, each checked against the registry (an unknown one: one line listing the known)."""
-    from .. import registry
+    from .. import reducers, registry  # noqa: F401  (importing reducers registers the built-in methods; imported
+    # on use, not at the top, so that the command's --help does not import torch)
 
     known = registry.methods()
     for m in methods:
