@@ -14,6 +14,8 @@ the launcher leaves None (``merge_step``'s source map without one, ...) is an em
 the dispatch functions in ``__init__.py`` turn it back into None (they know from their arguments when);
 ``gram`` returns G only, ``diag(G)`` is taken outside the op.
 """
+import sys
+
 import torch
 
 from . import reference as R
@@ -25,9 +27,9 @@ FAKE: dict = {}  # name -> the fake (meta) implementation
 
 
 def _t():
-    """The Triton kernel modules (``_t().merge.merge_step``), through the package's resolver (which tests may patch)."""
-    from . import _impl
-    return _impl()
+    """The Triton kernel modules (``_t().merge.merge_step``), through the package's resolver, looked up on the
+    package at call time (tests patch ``kernels._impl``; this module is imported by the package itself)."""
+    return sys.modules[__package__]._impl()
 
 
 def _define(name: str, schema: str, fake, family: str | None = None, launch=None, cpu=None):
