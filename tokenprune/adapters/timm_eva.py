@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import ORIGINAL, Adapter, has_class, image_grid, restore_class, swap_class
+from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
+from .timm_vit import _Model as _VitModel
+from .timm_vit import patch_grid, sized_pool
 
-_SIZED_POOLS = ("avg", "max", "avgmax")
-_UNSET = object()
 _BLOCKS = {"EvaBlock.forward", "EvaBlockPostNorm.forward"}
 _ATTENTIONS = {("EvaAttention.forward", "timm.models.eva"), ("AttentionRope.forward", "timm.layers.attention")}
 
@@ -136,18 +136,9 @@ def _own(fn, qualname: str, module: str) -> bool:
     return getattr(fn, "__qualname__", "") == qualname and getattr(fn, "__module__", "") == module
 
 
-class _Eva:
-    """Mixin for timm's ``Eva``."""
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        fwd = Forward(self._tokenprune_patch)
-        tokens = self._tokenprune_features(x, fwd, attn_mask, is_causal)
-        if fwd.sizes is None:
-            return super().forward_head(tokens)
-        return self.forward_head(tokens, sizes=fwd.sizes)
-
-    def forward_features(self, x, attn_mask=None, is_causal=False):
-        return self._tokenprune_features(x, Forward(self._tokenprune_patch), attn_mask, is_causal)
+class _Eva(_VitModel):
+    """Mixin for timm's ``Eva``: the timm ViT mixin's forward, ``forward_head`` and refusals, with Eva's own
+    features (rotary table per forward, blocks with rotary rows at the tokens' positions) and pooling."""
 
     def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
@@ -171,22 +162,6 @@ class _Eva:
         x = run_blocks(fwd, self.blocks, x, block, grid)
         return self.norm(x)
 
-    def forward_head(self, x, pre_logits: bool = False, sizes=_UNSET):
-        """timm's ``forward_head`` with size-weighted pooling; ``sizes=state.sizes`` from
-        :func:`tokenprune.features` (``None``: every token stands for one patch)."""
-        if sizes is None:
-            return super().forward_head(x, pre_logits)
-        if sizes is _UNSET:
-            sized = self.attn_pool is not None or self.global_pool in _SIZED_POOLS
-            if sized and x.shape[1] < self._tokenprune_patch.adapter.full_tokens:
-                raise ValueError(
-                    "tokenprune: forward_head got reduced tokens without their sizes, and this model's pooling "
-                    "weights tokens by size. Call model(x), or tokens, state = tokenprune.features(model, x); "
-                    "model.forward_head(tokens, sizes=state.sizes)")
-            return super().forward_head(x, pre_logits)
-        x = self.head_drop(self.fc_norm(self._tokenprune_pool(x, sizes)))
-        return x if pre_logits else self.head(x)
-
     def _tokenprune_pool(self, x, sizes):
         if self.attn_pool is not None:  # Eva's latent pooling attends over every token, prefix included
             return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
@@ -194,19 +169,7 @@ class _Eva:
         if not pool_type or pool_type == "token":
             return super().pool(x, pool_type)
         p = self.num_prefix_tokens
-        x, sizes = x[:, p:], sizes[:, p:]
-        if pool_type == "avg":
-            return ops.weighted_mean(x, sizes)
-        if pool_type == "max":
-            return ops.masked_max(x, sizes)
-        if pool_type == "avgmax":
-            return 0.5 * (ops.masked_max(x, sizes) + ops.weighted_mean(x, sizes))
-        raise ValueError(f"tokenprune: unknown pool type {pool_type!r}")
-
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            "tokenprune: forward_intermediates is not reduced (its outputs need the full grid at every block). "
-            "Use tokenprune.features(model, x) and tokenprune.unmerge for dense outputs, or tokenprune.remove(model)")
+        return sized_pool(x[:, p:], sizes[:, p:], pool_type)
 
 
 def _mlp_hidden(mlp, dim: int) -> int:
@@ -252,12 +215,7 @@ class TimmEvaAdapter(Adapter):
 
     def input_grid(self, input_shape):
         """The grid timm's patch embedding makes of an image of ``input_shape`` (padded up with ``dynamic_img_pad``)."""
-        pe = self.model.patch_embed
-        shape = tuple(input_shape)
-        if getattr(pe, "dynamic_img_pad", False):
-            ph, pw = pe.patch_size
-            shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
-        return image_grid(shape, pe.patch_size)
+        return patch_grid(self.model.patch_embed, input_shape)
 
     def check(self, reducer) -> None:
         for i, blk in enumerate(self.model.blocks):

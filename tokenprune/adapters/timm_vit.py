@@ -107,6 +107,27 @@ def _standard_block(blk) -> bool:
             and all(hasattr(blk, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")))
 
 
+def patch_grid(pe, input_shape) -> tuple[int, int]:
+    """The grid timm's patch embedding ``pe`` makes of an image of ``input_shape`` (padded up with
+    ``dynamic_img_pad``)."""
+    shape = tuple(input_shape)
+    if getattr(pe, "dynamic_img_pad", False):
+        ph, pw = pe.patch_size
+        shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
+    return image_grid(shape, pe.patch_size)
+
+
+def sized_pool(x, sizes, pool_type: str):
+    """timm's ``avg`` / ``max`` / ``avgmax`` pooling of ``x`` with each token weighted (or masked) by its size."""
+    if pool_type == "avg":
+        return ops.weighted_mean(x, sizes)
+    if pool_type == "max":
+        return ops.masked_max(x, sizes)
+    if pool_type == "avgmax":
+        return 0.5 * (ops.masked_max(x, sizes) + ops.weighted_mean(x, sizes))
+    raise ValueError(f"tokenprune: unknown pool type {pool_type!r}")
+
+
 class _Model:
     """Mixin for the ``VisionTransformer`` itself."""
 
@@ -164,13 +185,7 @@ class _Model:
             return super().pool(x, pool_type)
         if not self.pool_include_prefix:
             x, sizes = x[:, p:], sizes[:, p:]
-        if pool_type == "avg":
-            return ops.weighted_mean(x, sizes)
-        if pool_type == "max":
-            return ops.masked_max(x, sizes)
-        if pool_type == "avgmax":
-            return 0.5 * (ops.masked_max(x, sizes) + ops.weighted_mean(x, sizes))
-        raise ValueError(f"tokenprune: unknown pool type {pool_type!r}")
+        return sized_pool(x, sizes, pool_type)
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError(
@@ -225,12 +240,7 @@ class TimmViTAdapter(Adapter):
 
     def input_grid(self, input_shape):
         """The grid timm's patch embedding makes of an image of ``input_shape`` (padded up with ``dynamic_img_pad``)."""
-        pe = self.model.patch_embed
-        shape = tuple(input_shape)
-        if getattr(pe, "dynamic_img_pad", False):
-            ph, pw = pe.patch_size
-            shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
-        return image_grid(shape, pe.patch_size)
+        return patch_grid(self.model.patch_embed, input_shape)
 
     def check(self, reducer) -> None:
         for i, blk in enumerate(self.model.blocks):
