@@ -140,6 +140,7 @@ class VLMAdapter(Adapter):
     methods = METHODS
     num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
+    row_kwargs: dict = {}  # per-token call arguments shrunk with input_ids: {name: pad value} (Gemma's token_type_ids)
 
     def __init__(self, model):
         super().__init__(model)
@@ -257,12 +258,18 @@ class VLMAdapter(Adapter):
             if comp and comp[0]:
                 extras[mod] = [torch.cat([c[j] for c in comp], 0) for j in range(len(comp[0]))]
         rows = [ids, *(t for t in (pos,) if t is not None), *(t for t in (a.get("labels"),) if t is not None)]
-        new_mask, _, _, _, moved = shrink(keep, mask, rows, [self.pad_id] + [1] * (pos is not None) + [-100] * (
-            a.get("labels") is not None))
+        pads = [self.pad_id] + [1] * (pos is not None) + [-100] * (a.get("labels") is not None)
+        row_names = [k for k in self.row_kwargs if a.get(k) is not None]
+        rows += [a[k] for k in row_names]
+        pads += [self.row_kwargs[k] for k in row_names]
+        new_mask, _, _, _, moved = shrink(keep, mask, rows, pads)
+        moved, named = moved[:len(moved) - len(row_names)], moved[len(moved) - len(row_names):]
         new_ids = moved[0]
         new_pos = moved[1] if pos is not None else None
         labels = moved[-1] if a.get("labels") is not None else None
-        embeds = self.model.get_input_embeddings()(new_ids)
+        table = self.model.get_input_embeddings()
+        vocab = getattr(table, "num_embeddings", None)  # a placeholder id past the vocabulary embeds as id 0
+        embeds = table(new_ids if vocab is None else new_ids.masked_fill(new_ids >= vocab, 0))
         for mod, f in feats.items():
             m = (new_ids == self.token_ids[mod])[..., None]
             embeds = embeds.masked_scatter(m.to(embeds.device), f.to(embeds.device, embeds.dtype))
@@ -275,6 +282,7 @@ class VLMAdapter(Adapter):
             out["position_ids"] = (new_mask.cumsum(1) - 1).clamp(min=0).to(a["position_ids"].dtype)
         if labels is not None:
             out["labels"] = labels
+        out.update(zip(row_names, named))
         out.update(self.lm_extras(groups, extras, new_ids))
         if for_generate:
             out["input_ids"] = new_ids
@@ -318,6 +326,11 @@ class VLMModel:
             return full
         out.sequences = full
         return out
+
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+        """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then
+        refuses the pruned prompt's embeddings)."""
+        return super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
         """Save as the original class (HF writes ``type(self).__name__`` into ``config.architectures``)."""
