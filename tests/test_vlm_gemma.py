@@ -218,3 +218,21 @@ def test_cls_keeps_most_received(kind):
     kept = new["inputs_embeds"][0][new["input_ids"][0] == IMG]
     kept_idx = torch.cdist(kept.float(), feats.float()).argmin(1)
     assert torch.equal(kept_idx, received.topk(k).indices.sort().values)  # in original order
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_labels_and_beams(models, kind):
+    """labels shrink with the prompt (loss over the text targets unchanged in count); beam search expands the
+    pruned prompt and its token_type_ids."""
+    m = models[kind]
+    a = _inputs(kind)
+    labels = torch.where(a["input_ids"] == IMG, -100, a["input_ids"])
+    with tokenprune.applied(m, budget=0.25, method="cls"):
+        out = m(**a, labels=labels)
+        beams = m.generate(**a, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False)
+    with pytest.raises(ValueError, match="rounds to 0"):  # keeps 0.32 / 0.08 of an image's tokens
+        tokenprune.apply(m, budget=0.005, method="cls")
+    assert not tokenprune.is_applied(m)
+    assert out.logits.shape[1] == a["input_ids"].shape[1] - (n_tokens(kind) - round(0.25 * n_tokens(kind)))
+    assert torch.isfinite(out.loss)
+    assert beams.shape == (2, a["input_ids"].shape[1] + 2)
