@@ -236,3 +236,18 @@ def test_labels_and_beams(models, kind):
     assert out.logits.shape[1] == a["input_ids"].shape[1] - (n_tokens(kind) - round(0.25 * n_tokens(kind)))
     assert torch.isfinite(out.loss)
     assert beams.shape == (2, a["input_ids"].shape[1] + 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_call_is_a_prompt_with_k_placeholders(models, kind):
+    """Positions renumbered: the pruned forward equals the unpatched model run on the pruned prompt's embeddings
+    with token_type_ids built afresh for it (default, consecutive positions)."""
+    m = models[kind]
+    a = _inputs(kind, images=2)
+    with tokenprune.applied(m, budget=0.25, method="cls"):
+        new = m.__dict__["_tokenprune_patch"].adapter.prepare(dict(a), for_generate=True)
+        pruned = m(**a).logits
+    ids = new["input_ids"]
+    tt = (ids == IMG).long() if kind == "gemma3" else torch.zeros_like(ids)
+    ref = m(inputs_embeds=new["inputs_embeds"], attention_mask=new["attention_mask"], token_type_ids=tt).logits
+    assert torch.allclose(pruned, ref, atol=1e-5)
