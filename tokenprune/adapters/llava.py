@@ -33,7 +33,7 @@ from ..patch import get_patch
 from ..plan import keep_count
 from ..reducers.pool import GatedCrossAttention
 from ..vlm.core import Group, VLMAdapter, encoder_info, sum_scores
-from .base import class_names, restore_class, swap_class
+from .base import restore_class, swap_class
 from .hf_common import ProjAttention
 
 FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
@@ -50,17 +50,12 @@ def _image_token_id(config):
 
 class LlavaAdapter(VLMAdapter):
     family = "llava"
+    families = FAMILIES
     description = ("transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration "
                    "(visual tokens pruned between the vision tower and the language model)")
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        return any(m.startswith("transformers.") and n in FAMILIES for m, n in class_names(model))
-
     def __init__(self, model):
         super().__init__(model)
-        names = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
-        self.kind = next(FAMILIES[n] for n in names if n in FAMILIES)
         if self.kind == "llava_next":
             self.methods = ("cls", "random", "apet")  # packed crops + newline tokens: no grid for pool
         cfg = model.config

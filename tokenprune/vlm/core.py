@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters.base import ORIGINAL, Adapter, restore_class, swap_class
+from ..adapters.base import ORIGINAL, Adapter, class_names, restore_class, swap_class
 from ..adapters.hf_common import KERNEL_NAME, LayerQK, check_sdpa, register_kernel
 from ..plan import EncoderInfo
 from ..state import TokenState
@@ -137,13 +137,20 @@ class VLMAdapter(Adapter):
     (and ``project``, ``positions``, ``lm_extras`` where it needs them)."""
 
     family = "vlm"
+    families: dict = {}  # transformers class name -> kind, of the models the family file serves
     methods = METHODS
     num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
     row_kwargs: dict = {}  # per-token call arguments shrunk with input_ids: {name: pad value} (Gemma's token_type_ids)
 
+    @classmethod
+    def matches(cls, model) -> bool:
+        return any(m.startswith("transformers.") and n in cls.families for m, n in class_names(model))
+
     def __init__(self, model):
         super().__init__(model)
+        names = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
+        self.kind = next((self.families[n] for n in names if n in self.families), None)
         self.reducer = None
         self.patch = None
         self.score_at: list[int] = []

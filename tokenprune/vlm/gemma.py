@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import class_names, restore_class, swap_class
+from ..adapters.base import restore_class, swap_class
 from ..adapters.hf_common import ProjAttention
 from .core import Group, VLMAdapter, encoder_info, sum_scores
 
@@ -29,17 +29,12 @@ FAMILIES = {"PaliGemmaForConditionalGeneration": "paligemma", "Gemma3ForConditio
 
 class GemmaVLAdapter(VLMAdapter):
     family = "gemma_vl"
+    families = FAMILIES
     description = "transformers PaliGemmaForConditionalGeneration / Gemma3ForConditionalGeneration (images)"
     row_kwargs = {"token_type_ids": 0}
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        return any(m.startswith("transformers.") and n in FAMILIES for m, n in class_names(model))
-
     def __init__(self, model):
         super().__init__(model)
-        names = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
-        self.kind = next(FAMILIES[n] for n in names if n in FAMILIES)
         cfg = model.config
         tid = next((v for v in (getattr(cfg, n, None) for n in ("image_token_id", "image_token_index"))
                     if v is not None), None)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import class_names, restore_class, swap_class
+from ..adapters.base import restore_class, swap_class
 from .core import Group, VLMAdapter, encoder_info, sum_scores
 
 FAMILIES = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
@@ -59,17 +59,12 @@ class _DeepstackText:
 
 class QwenVLAdapter(VLMAdapter):
     family = "qwen_vl"
+    families = FAMILIES
     description = "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video)"
     text_row = True
 
-    @classmethod
-    def matches(cls, model) -> bool:
-        return any(m.startswith("transformers.") and n in FAMILIES for m, n in class_names(model))
-
     def __init__(self, model):
         super().__init__(model)
-        names = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")]
-        self.kind = next(FAMILIES[n] for n in names if n in FAMILIES)
         cfg = model.config
         self.token_ids = {"image": cfg.image_token_id, "video": cfg.video_token_id}
         pad = getattr(cfg, "pad_token_id", None)
