@@ -4,7 +4,7 @@ Per-forward data lives in one context object passed down explicitly (tokenprune.
 patched model compiles with fullgraph=True and gives each thread its own forward. These tests compile
 with Dynamo's "eager" backend: tracing is what graph breaks come from (Inductor's CPU code generation
 would add minutes and test nothing of ours; the GPU benchmark compiles with Inductor). Dynamo's tracing time
-grows with the block count: the compiled ViTs have 3 blocks (every method still reduces in two or more blocks,
+grows with the block count: the compiled ViTs and towers have 3 blocks (every method still reduces in two or more blocks,
 ``merge`` and ``pool`` keep unreduced blocks in the graph).
 """
 import copy
@@ -38,14 +38,14 @@ def test_timm_compiles_fullgraph(method, kw):
 def _hf_clip():
     from test_adapters_matrix import make_hf_clip
 
-    f = make_hf_clip()
+    f = make_hf_clip(layers=3)
     return f["model"], f["x"], lambda m: (lambda x: m(pixel_values=x).pooler_output)
 
 
 def _whisper_encoder():
     from test_adapters_matrix import make_whisper
 
-    f = make_whisper()
+    f = make_whisper(layers=3)
     return f["model"], f["x"], lambda m: (lambda x: m.model.encoder(x).last_hidden_state)
 
 
