@@ -4,8 +4,8 @@ Per-forward data lives in one context object passed down explicitly (tokenprune.
 patched model compiles with fullgraph=True and gives each thread its own forward. These tests compile
 with Dynamo's "eager" backend: tracing is what graph breaks come from (Inductor's CPU code generation
 would add minutes and test nothing of ours; the GPU benchmark compiles with Inductor). Dynamo's tracing time
-grows with the block count: the compiled ViTs and towers have 3 blocks (every method still reduces in two or more blocks,
-``merge`` and ``pool`` keep unreduced blocks in the graph).
+grows with the block count: the compiled ViTs and towers have 3 blocks (every method still reduces in two or
+more of them; ``merge`` and ``pool`` keep unreduced blocks in the graph).
 """
 import copy
 import threading
