@@ -86,20 +86,20 @@ def make_open_clip_pe():
     return _open_clip_timm("vit_pe_core_tiny_patch16_384", "map", 1)
 
 
-def _hf_vision_tower(config_cls, model_cls, prefix: int, module: str):
+def _hf_vision_tower(config_cls, model_cls, prefix: int, module: str, layers: int = 4):
     """A tiny Hugging Face vision tower (CLIP / SigLIP): 32 px images, 8 px patches, 16 patch tokens."""
     _seed()
-    cfg = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    cfg = config_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                      image_size=32, patch_size=8)
     m = model_cls(cfg).eval()
     return dict(model=m, x=torch.randn(2, 3, 32, 32), tokens=lambda model, x: model(x).last_hidden_state,
                 prefix=prefix, n=16, out=lambda model, x: model(x).pooler_output, eager=module)
 
 
-def make_hf_clip():
+def make_hf_clip(layers: int = 4):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    return _hf_vision_tower(CLIPVisionConfig, CLIPVisionModel, 1, "transformers.models.clip.modeling_clip")
+    return _hf_vision_tower(CLIPVisionConfig, CLIPVisionModel, 1, "transformers.models.clip.modeling_clip", layers)
 
 
 def make_siglip():
@@ -108,20 +108,20 @@ def make_siglip():
     return _hf_vision_tower(SiglipVisionConfig, SiglipVisionModel, 0, "transformers.models.siglip.modeling_siglip")
 
 
-def _whisper_cfg():
+def _whisper_cfg(layers: int = 4):
     from transformers import WhisperConfig
 
-    return WhisperConfig(vocab_size=60, d_model=32, encoder_layers=4, decoder_layers=2, encoder_attention_heads=4,
+    return WhisperConfig(vocab_size=60, d_model=32, encoder_layers=layers, decoder_layers=2, encoder_attention_heads=4,
                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=32,
                          max_target_positions=16, num_mel_bins=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None)
 
 
-def make_whisper():
+def make_whisper(layers: int = 4):
     from transformers import WhisperForConditionalGeneration
 
     _seed()
-    m = WhisperForConditionalGeneration(_whisper_cfg()).eval()
+    m = WhisperForConditionalGeneration(_whisper_cfg(layers)).eval()
     x = torch.randn(2, 8, 64)  # 64 mel frames -> 32 encoder tokens
     dec = torch.tensor([[1, 5, 7], [1, 5, 7]])  # same prompt for both rows, so row slices compare
 

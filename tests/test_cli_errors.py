@@ -1,5 +1,6 @@
 """CLI errors are one line on stderr with exit code 2 (devices too); a closed output pipe ends
-quietly, without a traceback."""
+quietly, without a traceback. (The method check in a fresh process is in test_cli_help.py, in the process
+that checks --help imports no torch.)"""
 import os
 import subprocess
 import sys
@@ -70,15 +71,3 @@ def test_closed_output_pipe_ends_quietly():
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
     assert "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.returncode in (0, 141), (proc.returncode, proc.stderr)
-
-
-def test_method_check_in_a_fresh_process_knows_the_built_in_methods():
-    """The CLI checks --method against the registry before anything else imported the reducers (a fresh
-    process, as `tokenprune quickstart` runs): the built-in methods must be registered by then."""
-    import subprocess
-    import sys
-
-    code = "from tokenprune.commands._common import check_methods; print(check_methods(['merge', 'cls']))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-500:]
-    assert "['merge', 'cls']" in out.stdout

@@ -52,7 +52,9 @@ def test_parsing_and_help_import_no_torch():
 
 def test_console_help_imports_no_torch():
     """The console script's path (the real package __init__, then tokenprune.cli) imports no torch for
-    any --help; the package's public names still load on first use."""
+    any --help; the CLI's method check, the first thing in the process to need the reducers (as in
+    `tokenprune quickstart`), knows the built-in methods; the package's public names still load on first use.
+    One fresh process for the three (each costs seconds of imports)."""
     proc = _run_python("""
         import contextlib, io, sys
         import tokenprune
@@ -61,7 +63,12 @@ def test_console_help_imports_no_torch():
             with contextlib.redirect_stdout(io.StringIO()):
                 assert main(argv) == 0, argv
         assert "torch" not in sys.modules, "torch imported"
-        assert callable(tokenprune.apply) and "torch" in sys.modules
+        loaded = sorted(m for m in sys.modules if m.startswith(("tokenprune.reducers", "tokenprune.api")))
+        assert not loaded, loaded  # the method check below is the first to need the reducers
+        from tokenprune.commands._common import check_methods
+        assert check_methods(["merge", "cls"]) == ["merge", "cls"]
+        assert "tokenprune.api" not in sys.modules
+        assert callable(tokenprune.apply) and "tokenprune.api" in sys.modules
         import tokenprune.plan  # the submodule of the same name does not shadow the function
         assert callable(tokenprune.plan) and tokenprune.plan.__module__ == "tokenprune.api"
         from tokenprune.plan import Plan

@@ -241,7 +241,7 @@ def test_timm_family(name, kw):
     torch.manual_seed(0)
     patch = 14 if "patch14" in name else 16
     size = patch * 6  # 36 patches keeps CPU time small
-    kw = dict(kw, img_size=size, num_classes=5)
+    kw = dict(kw, img_size=size, num_classes=5, depth=3)  # each family's widths and options; 3 blocks: both reduce
     if "dinov2" in name:
         kw["init_values"] = 1e-5
     model = timm.create_model(name, pretrained=False, **kw).eval()

@@ -48,7 +48,8 @@ def test_one_token_per_cluster():
     assert sorted(labels[chosen].tolist()) == [0, 1, 2]
 
 
-def test_reducer_keeps_budget_is_per_sample_and_compiles_fullgraph():
+def test_reducer_keeps_budget_and_is_per_sample():
+    """(Compiled with fullgraph=True against eager: test_forward_path.py's test_timm_compiles_fullgraph.)"""
     torch.set_num_threads(1)
     model = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
@@ -60,10 +61,6 @@ def test_reducer_keeps_budget_is_per_sample_and_compiles_fullgraph():
             one, st = tokenprune.features(model, x[i:i + 1])
             torch.testing.assert_close(one, toks[i:i + 1], rtol=1e-5, atol=1e-5)
             assert torch.equal(st.source, state.source[i:i + 1])
-        torch._dynamo.reset()
-        ref = model(x)
-        out = torch.compile(model, fullgraph=True, backend="eager")(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_text_conditioning_prefers_relevant_tokens():

@@ -354,11 +354,13 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     assert rel(out.x, ref.x) < 1e-3
 
 
-@pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 1500, 128), (4, 601, 129)])
+@pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 520, 128), (4, 601, 129)])
 def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
     """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes three launches, several tiles of
-    128 A tokens each, and equals the PyTorch path; above 128 merged tokens per step it leaves the step to
-    the PyTorch glue (matching + merge_rows), which equals it too."""
+    128 A tokens each (the last one partial: 300 and 260 A tokens here; the interpreter's time grows with N,
+    the tiling does not change above three tiles), and equals the PyTorch path; at exactly 128 merged tokens
+    it stays on the kernels, above 128 per step it leaves the step to the PyTorch glue (matching +
+    merge_rows), which equals it too."""
     g = gen(23)
     x = torch.randn(1, p + n, 16, generator=g).half()
     metric = torch.randn(1, p + n, 16, generator=g)  # float32: no ties at the merge boundary (the PyTorch path's

@@ -37,7 +37,8 @@ def test_redundant_tokens_merge_and_isolated_ones_are_kept_exactly(candidates):
         assert t >= 1 and (state.sizes[0, t] > 1 if j < 4 and not torch.equal(state.x[0, t], x[0, 1 + j]) else True)
 
 
-def test_reducer_is_per_sample_exact_count_and_compiles_fullgraph():
+def test_reducer_is_per_sample_with_exact_count():
+    """(Compiled with fullgraph=True against eager: test_forward_path.py's test_timm_compiles_fullgraph.)"""
     torch.set_num_threads(1)
     model = tiny_vit()
     x = torch.randn(3, 3, 32, 32)
@@ -49,10 +50,6 @@ def test_reducer_is_per_sample_exact_count_and_compiles_fullgraph():
         assert toks.shape == (3, 17, 48) and torch.equal(state.sizes.sum(1), torch.full((3,), 65.0))
         for i in range(3):
             torch.testing.assert_close(tokenprune.features(model, x[i:i + 1])[0], toks[i:i + 1], rtol=1e-5, atol=1e-5)
-        torch._dynamo.reset()
-        ref = model(x)
-        out = torch.compile(model, fullgraph=True, backend="eager")(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_options_are_refused():
