@@ -14,6 +14,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models: fastest, and fair on a shared machine); restored after.
+    Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def assets():
     if not ASSETS.exists():

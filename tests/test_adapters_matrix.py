@@ -22,19 +22,14 @@ from tokenprune.plan import keep_count
 
 transformers = pytest.importorskip("transformers")
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUDGETS = [0.5, 0.25]
 # options that make a method fit a 16..32-token toy encoder
 OPTIONS = {"apet": {"k": 2}, "pitome": {"placement": "block"}}  # placement="attn": timm/open_clip only (own tests)
 SKIP = {"pipeline"}  # a composition of the others, needs a list of reducers (tested by its own file)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _seed():

@@ -32,6 +32,9 @@ from tokenprune.plan import keep_count
 
 pytest.importorskip("transformers")
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow],
                 phases=[Phase.explicit, Phase.generate, Phase.shrink])  # no example database, no patch files
 
@@ -95,13 +98,6 @@ def family(name: str) -> dict:
         f["empty_ok"] = False
     return f
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_clean():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- reducers ---------------------------------------------------------------------------------------------

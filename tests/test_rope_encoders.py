@@ -19,6 +19,9 @@ from tokenprune.state import TokenState
 
 timm = pytest.importorskip("timm")
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, num_classes=5)
 # timm name -> what it exercises
 EVA = {
@@ -31,13 +34,6 @@ EVA = {
 METHODS = [("merge", {}), ("cls", {}), ("apet", {"k": 2}), ("random", {}), ("pool", {}),
            ("merge", {"placement": "attn"}), ("pitome", {})]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make(name, **kw):

@@ -17,17 +17,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.siglip2")
 
 H, W, L = 4, 6, 28  # a 4 x 6 grid padded to 28 patches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METHODS = [("merge", {}), ("cls", {}), ("apet", {"k": 2}), ("random", {}), ("pool", {})]
 _CFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, patch_size=4,
             num_patches=16)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(b=2, h=H, w=W):
