@@ -117,9 +117,11 @@ FAST_LAUNCH = True  # False: every launch takes Triton's own path (benchmarks co
 
 def fast(kernel) -> _Launcher:
     """The cached launcher of a ``@triton.jit`` kernel (see ``_Launcher``); ``fast(k)[grid](...)`` launches it."""
+    if not FAST_LAUNCH:
+        return kernel
     launcher = _LAUNCHERS.get(kernel)
-    if launcher is None or not FAST_LAUNCH:
-        if not FAST_LAUNCH or not hasattr(kernel, "fn"):  # not a JIT function (a test's stand-in): launched as it is
+    if launcher is None:
+        if not hasattr(kernel, "fn"):  # not a JIT function (a test's stand-in): launched as it is
             return kernel
         launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
     return launcher
