@@ -141,12 +141,7 @@ class _Eva(_VitModel):
     features (rotary table per forward, blocks with rotary rows at the tokens' positions) and pooling."""
 
     def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
-                             "(the token count changes between blocks); call tokenprune.remove(model) first")
-        if getattr(self, "grad_checkpointing", False):
-            raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced timm Eva model; "
-                               "call model.set_grad_checkpointing(False)")
+        self._tokenprune_refuse(attn_mask, is_causal, "timm Eva")
         if self.training and self.patch_drop is not None:
             raise RuntimeError("tokenprune: timm patch dropout (patch_drop_rate > 0) in training cannot be combined "
                                "with token reduction; call model.eval() or build the model with patch_drop_rate=0")

@@ -141,13 +141,17 @@ class _Model:
     def forward_features(self, x, attn_mask=None, is_causal=False):
         return self._tokenprune_features(x, Forward(self._tokenprune_patch), attn_mask, is_causal)
 
-    def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
+    def _tokenprune_refuse(self, attn_mask, is_causal, family: str) -> None:
+        """The forward arguments and model settings a reduced forward cannot honour, as clear errors."""
         if attn_mask is not None or is_causal:
             raise ValueError("tokenprune: attn_mask / is_causal cannot be combined with token reduction "
                              "(the token count changes between blocks); call tokenprune.remove(model) first")
         if getattr(self, "grad_checkpointing", False):
-            raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced timm model yet; "
-                               "call model.set_grad_checkpointing(False)")
+            raise RuntimeError(f"tokenprune: gradient checkpointing is not supported on a reduced {family} model "
+                               "yet; call model.set_grad_checkpointing(False)")
+
+    def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
+        self._tokenprune_refuse(attn_mask, is_causal, "timm")
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else None  # dynamic image size: NHWC, the real grid
         x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
