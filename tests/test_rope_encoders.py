@@ -301,6 +301,10 @@ def test_refusals():
             m(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(1, 1, 17, 17))
         with pytest.raises(NotImplementedError, match="forward_intermediates"):
             m.forward_intermediates(torch.randn(1, 3, 32, 32))
+        m.set_grad_checkpointing(True)
+        with pytest.raises(RuntimeError, match="reduced timm Eva model.*set_grad_checkpointing"):
+            m(torch.randn(1, 3, 32, 32))
+        m.set_grad_checkpointing(False)
         tokens, state = tokenprune.features(m, torch.randn(1, 3, 32, 32))
         with pytest.raises(ValueError, match="sizes"):
             m.forward_head(tokens)
