@@ -13,6 +13,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.vlm.qwen", "QwenVLAdapter"),
     ("tokenprune.vlm.gemma", "GemmaVLAdapter"),
+    ("tokenprune.vlm.onevision", "OneVisionAdapter"),
     ("tokenprune.vlm.refuse", "UnsupportedVLM"),  # any other VLM: a clear refusal
     ("tokenprune.adapters.hf_siglip2", "HFSiglip2Adapter"),
     ("tokenprune.adapters.hf_clip", "HFClipAdapter"),
@@ -31,6 +32,7 @@ SUPPORTED = [
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
     "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
     "transformers PaliGemmaForConditionalGeneration / Gemma3ForConditionalGeneration (images; visual tokens pruned between vision tower and LM)",
+    "transformers LlavaOnevisionForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
     "transformers CLIPModel / CLIPVisionModel(WithProjection) / SiglipModel / SiglipVisionModel (vision tower)",
     "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
     "transformers ASTForAudioClassification / ASTModel",

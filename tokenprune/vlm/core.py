@@ -48,13 +48,16 @@ class Group:
     """Tokens of ``x.shape[0]`` items of one modality with the same token count, at the hand-off point.
 
     ``x`` ``[B, P + N, C]``; ``scores`` ``[B, N]`` (summed reducer scores, or None); ``grid`` of the N tokens;
-    ``extras``: per-token companions ``[B, N, D]`` that must follow the selection (Qwen3-VL's deepstack)."""
+    ``extras``: per-token companions ``[B, N, D]`` that must follow the selection (Qwen3-VL's deepstack);
+    ``places`` ``[P + N]``: the placeholder (offset in the item) of each token of ``x`` when ``x`` is not in
+    placeholder order (prefix tokens that stand between the others: OneVision's newlines; not with ``extras``)."""
 
     x: torch.Tensor
     num_prefix: int = 0
     grid: tuple | None = None
     scores: torch.Tensor | None = None
     extras: list = field(default_factory=list)
+    places: torch.Tensor | None = None
 
 
 def sum_scores(reducer, qks: dict, num_prefix: int) -> torch.Tensor | None:
@@ -75,6 +78,18 @@ def sum_scores(reducer, qks: dict, num_prefix: int) -> torch.Tensor | None:
 def reduce_group(reducer, group: Group, keep: int):
     """Select ``keep`` tokens of every item of ``group``. Returns per item ``(tokens [P + K, C], kept
     placeholder indices [P + K], extras)``: tokens ordered by the original token they stand for."""
+    out = _select(reducer, group, keep)
+    if group.places is None:
+        return out
+    moved = []
+    for tokens, places, extras in out:  # to the placeholders' order
+        places = group.places.to(places.device)[places]
+        order = places.argsort()
+        moved.append((tokens[order], places[order], extras))
+    return moved
+
+
+def _select(reducer, group: Group, keep: int):
     x, p = group.x, group.num_prefix
     n = x.shape[1] - p
     if keep >= n:

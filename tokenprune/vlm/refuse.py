@@ -3,7 +3,7 @@
 Matched after the supported VLM families and before the encoder adapters, so a VLM is never patched as if
 it were a plain vision encoder (which would fail later, inside ``generate()``). A model counts as a VLM when
 its config has a ``vision_config``, a ``text_config`` and an image placeholder token id (Idefics3 / SmolVLM,
-InternVL, Mistral3, Llama 4, Mllama, LLaVA-OneVision, ...); CLIP / SigLIP dual encoders
+InternVL, Mistral3, Llama 4, Mllama, ...); CLIP / SigLIP dual encoders
 have no placeholder token and go to their own adapter.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from ..adapters.base import Adapter, class_names
 SUPPORTED_VLMS = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, "
                   "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
                   "Qwen3VLForConditionalGeneration, PaliGemmaForConditionalGeneration, "
-                  "Gemma3ForConditionalGeneration")
+                  "Gemma3ForConditionalGeneration, LlavaOnevisionForConditionalGeneration")
 
 
 def is_vlm(model) -> bool:
