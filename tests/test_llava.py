@@ -232,14 +232,15 @@ def test_errors(llava):
 
 
 def test_unsupported_vlm_family():
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, \
+    """A LLaVA relative that is not a subclass of the supported ones (LLaVA-NeXT-Video) is refused."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, Qwen2Config, \
         SiglipVisionConfig
 
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                             image_size=32, patch_size=8)
     tc = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                      num_key_value_heads=2, vocab_size=128)
-    m = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(vision_config=vc, text_config=tc,
+    m = LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(vision_config=vc, text_config=tc,
                                                                      image_token_id=120, video_token_id=121))
     with pytest.raises(TypeError, match="does not support yet"):
         tokenprune.apply(m, budget=0.5, method="cls")

@@ -328,3 +328,52 @@ def test_errors(model):
     with tokenprune.applied(model, budget=0.01, method="cls"):  # a crop keeps 0.64 -> 1 token, a video 0.32 -> 0
         with pytest.raises(ValueError, match="rounds to 0"):
             model.generate(**_video(), **GEN)
+
+
+def _processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, \
+        PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "<s>", "USER:", "ASSISTANT:", "what", "is", "this", "?"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({"<image>": IMG, "<video>": VID})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ftok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    ftok.padding_side = "left"
+    size = {"height": 16, "width": 16}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]]),
+        video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=ftok, num_image_tokens=64,
+        vision_feature_select_strategy="full", image_token="<image>", video_token="<video>")
+
+
+def test_processor_batch_equals_each_alone(model):
+    """``generate(**processor(...))``: a left-padded batch of a one-image prompt (AnyRes tiles) and a two-image
+    prompt (single crops, ``batch_num_images``) equals each prompt alone; then a video prompt."""
+    import numpy as np
+
+    proc = _processor()
+    imgs = [np.random.RandomState(i).randint(0, 255, s, dtype=np.uint8)
+            for i, s in enumerate([(20, 30, 3), (32, 32, 3), (30, 12, 3)])]
+    images = [[imgs[0]], [imgs[1], imgs[2]]]
+    texts = ["USER: <image> what is this ? ASSISTANT:", "USER: <image> <image> ? ASSISTANT:"]
+    batch = proc(images=images, text=texts, return_tensors="pt", padding=True)
+    alone = [proc(images=[im], text=[t], return_tensors="pt") for im, t in zip(images, texts)]
+    assert (batch.input_ids == IMG).sum(1).tolist() == [234, 130]
+    with tokenprune.applied(model, budget=0.25, method="cls"), LMInput(model) as rec:
+        out = model.generate(**batch, **GEN)
+        outs = [model.generate(**x, **GEN) for x in alone]
+    steps = GEN["max_new_tokens"]  # LM calls per generate(): the prefill, then one per further token
+    assert rec.seen[steps].shape[1] == alone[0].input_ids.shape[1] - (224 - 56)  # its 10 newlines kept
+    assert rec.seen[2 * steps].shape[1] == alone[1].input_ids.shape[1] - 2 * (64 - 16)
+    for i, x in enumerate(outs):
+        assert torch.equal(out[i, -GEN["max_new_tokens"]:], x[0, -GEN["max_new_tokens"]:])
+        assert torch.equal(out[i, :batch.input_ids.shape[1]], batch.input_ids[i])
+    vid = np.random.RandomState(5).randint(0, 255, (4, 20, 20, 3), dtype=np.uint8)
+    inp = proc(videos=[vid], text=["USER: <video> what is this ? ASSISTANT:"], return_tensors="pt")
+    with tokenprune.applied(model, budget=0.1, method="cls"), LMInput(model) as rec:
+        model.generate(**inp, **GEN)
+    assert rec.seen[0].shape[1] == inp.input_ids.shape[1] - (64 - 6)  # 4 frames x 16 pooled tokens, 1 newline
