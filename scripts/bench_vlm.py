@@ -5,7 +5,11 @@ Models are built from configs with random weights directly on the GPU in fp16 (n
 - ``qwen``: Qwen2.5-VL-7B (ViT 32 blocks x 1280, window 112 px, full attention at 7/15/23/31; LM 28 x 3584,
   GQA 28/4, MLP 18944). Inputs: a 1008x1344 image (72x96 patches -> 1,728 visual tokens) and a 16-frame
   448x448 video (8 temporal steps x 16x16 = 2,048 visual tokens);
-- ``llava``: LLaVA-1.5-7B (CLIP ViT-L/14-336, 576 visual tokens; Llama 7B).
+- ``llava``: LLaVA-1.5-7B (CLIP ViT-L/14-336, 576 visual tokens; Llama 7B);
+- ``onevision``: LLaVA-OneVision-7B (SigLIP-so400m 26 x 1152 at 384 px, 729 tokens per crop; LM Qwen2-7B, 28 x 3584,
+  GQA 28/4). Inputs: a 768x1152 image (AnyRes: base crop + 2x3 tiles -> 729 + 54 x 81 = 5,103 visual tokens and 54
+  newline tokens, always kept) and a 16-frame 384x384 video (16 x 14 x 14 = 3,136 visual tokens after the 2x2
+  pooling, 1 newline). Not in the default ``--models``.
 
 Prompt = the visual tokens + ``--text`` text tokens. For each model, input and batch size (1 and 8): the
 unpatched model, ``cls`` at budget 1.0 (patched, nothing pruned: the wrapper's cost), 0.25 and 0.1, and (bs 1)
@@ -22,12 +26,14 @@ unpatched model, ``cls`` at budget 1.0 (patched, nothing pruned: the wrapper's c
 Writes ``vlm_gpu.json`` and ``vlm_gpu.md`` to ``--out``. ``--smoke``: tiny configs on CPU (checks the script).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python scripts/bench_vlm.py --out $OUT
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python scripts/bench_vlm.py --models onevision --out $OUT
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import time
 import traceback
 from pathlib import Path
@@ -101,6 +107,49 @@ def build_llava(smoke, device, dtype):
     return _make(LlavaForConditionalGeneration, cfg, device, dtype)
 
 
+def build_onevision(smoke, device, dtype):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    side = 56 if smoke else 384  # crop size; AnyRes pinpoints: 1..6 x 1..6 crops, as the released checkpoints
+    if smoke:
+        vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+        tc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    else:
+        vc = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+        tc = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6)
+    vc.update(model_type="siglip_vision_model", image_size=side, patch_size=14, hidden_act="gelu_pytorch_tanh")
+    tc.update(model_type="qwen2", vocab_size=152064, max_position_embeddings=32768)
+    cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=IMG_Q, video_token_id=VID_Q,
+                               image_grid_pinpoints=[[i * side, j * side] for i in range(1, 7) for j in range(1, 7)])
+    return _make(LlavaOnevisionForConditionalGeneration, cfg, device, dtype)
+
+
+def onevision_inputs(model, kind, batch, text, device, dtype, seed=1):
+    """``(kwargs for generate, visual tokens per row, newline tokens per row)``: a 768x1152 image (2x3 tiles) or a
+    16-frame video (the smoke config: crops of 56 px, 4 frames)."""
+    side = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        sizes = torch.tensor([[2 * side, 3 * side]] * batch, device=device)
+        pv = torch.randn(batch, 7, 3, side, side, generator=g).to(device, dtype)
+        with torch.inference_mode():  # the placeholder count, from the model's own packing
+            packed = model.model.get_image_features(pv[:1], sizes[:1]).pooler_output[0]
+        newlines = int((packed == model.model.image_newline).all(-1).sum())
+        total, tok, kw = packed.shape[0], IMG_Q, {"pixel_values": pv, "image_sizes": sizes}
+    else:
+        frames = 4 if side == 56 else 16
+        total, newlines, tok = frames * math.ceil(side // 14 / 2) ** 2 + 1, 1, VID_Q
+        kw = {"pixel_values_videos": torch.randn(batch, frames, 3, side, side, generator=g).to(device, dtype)}
+    txt = torch.randint(2, 150000, (batch, text), generator=g)
+    kw["input_ids"] = torch.cat([txt[:, :5], torch.full((batch, total), tok), txt[:, 5:]], 1).to(device)
+    return kw, total - newlines, newlines
+
+
+BUILD = {"qwen": build_qwen, "llava": build_llava, "onevision": build_onevision}
+
+
 def qwen_inputs(kind, smoke, batch, text, device, dtype, seed=1):
     """``(kwargs for generate, visual tokens per row)``: an image (1008x1344) or a 16-frame video (448x448)."""
     if kind == "image":
@@ -136,9 +185,12 @@ def llava_inputs(model, batch, text, device, dtype, seed=1):
 def tower_fn(model, kw):
     if "pixel_values" in kw and "image_grid_thw" in kw:
         return lambda: model.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
-    if "pixel_values_videos" in kw:
+    if "video_grid_thw" in kw:
         return lambda: model.model.visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
-    return lambda: model.model.vision_tower(kw["pixel_values"], output_hidden_states=True)
+    pv = kw.get("pixel_values", kw.get("pixel_values_videos"))
+    if pv.dim() == 5:  # OneVision: crops / frames of each row
+        pv = pv.flatten(0, 1)
+    return lambda: model.model.vision_tower(pv, output_hidden_states=True)
 
 
 def lm_len(model, kw) -> int:
@@ -166,7 +218,7 @@ class _StepClock:
         return scores
 
 
-def bench(model, name, kind, kw, n, bs, args, device, rows):
+def bench(model, name, kind, kw, n, bs, args, device, rows, extra=0):
     runs = [("none", 1.0), ("cls", 1.0), ("cls", 0.25), ("cls", 0.1)]
     if bs == 1:
         runs += [("random", 0.1), ("pool", 0.1)]
@@ -174,7 +226,7 @@ def bench(model, name, kind, kw, n, bs, args, device, rows):
     tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
     for method, budget in runs:
         try:
-            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms)
+            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms, extra)
         except Exception:  # one failing configuration must not lose the rest of a GPU run
             traceback.print_exc()
             rows.append({"model": name, "input": kind, "batch": bs, "method": method, "budget": budget,
@@ -183,7 +235,9 @@ def bench(model, name, kind, kw, n, bs, args, device, rows):
                 return
 
 
-def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms):
+def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms, extra):
+    """``extra``: prompt tokens around the visual ones that pruning keeps (Qwen's <vision_start> / <vision_end>,
+    OneVision's newlines)."""
     text, reps = args.text, args.reps
     tc = model.config.text_config
     if method != "none":
@@ -208,7 +262,6 @@ def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, ba
     rate = sorted(rates)[len(rates) // 2]
     if method == "none":
         base.update(ttft=ttft, rate=rate)
-    extra = 2 if name == "qwen" else 0  # <vision_start> / <vision_end>
     visual = length - text - extra
     bound = prefill_flops(tc, text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
     row = {"model": name, "input": kind, "batch": bs, "method": method, "budget": budget, "visual_tokens": n,
@@ -225,8 +278,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny configs on CPU, seconds")
-    ap.add_argument("--models", default="qwen,llava")
-    ap.add_argument("--inputs", default="image,video", help="qwen inputs")
+    ap.add_argument("--models", default="qwen,llava", help="of qwen, llava, onevision")
+    ap.add_argument("--inputs", default="image,video", help="qwen and onevision inputs")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--decode", type=int, default=32, help="new tokens timed for the decode rate")
     ap.add_argument("--text", type=int, default=40, help="text tokens in the prompt")
@@ -248,16 +301,19 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
         t0 = time.time()
-        model = (build_qwen if name == "qwen" else build_llava)(args.smoke, device, dtype)
+        model = BUILD[name](args.smoke, device, dtype)
         print(f"built {name} in {time.time() - t0:.1f} s", flush=True)
-        kinds = args.inputs.split(",") if name == "qwen" else ["image"]
+        kinds = ["image"] if name == "llava" else args.inputs.split(",")
         for kind in kinds:
             for bs in batches:
+                extra = 2 if name == "qwen" else 0  # <vision_start> / <vision_end>
                 if name == "qwen":
                     kw, n = qwen_inputs(kind, args.smoke, bs, args.text, device, dtype)
+                elif name == "onevision":
+                    kw, n, extra = onevision_inputs(model, kind, bs, args.text, device, dtype)
                 else:
                     kw, n = llava_inputs(model, bs, args.text, device, dtype)
-                bench(model, name, kind, kw, n, bs, args, device, rows)
+                bench(model, name, kind, kw, n, bs, args, device, rows, extra)
                 del kw
                 Path(args.out).mkdir(parents=True, exist_ok=True)  # partial results after every configuration
                 (Path(args.out) / "vlm_gpu.partial.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))

@@ -153,7 +153,7 @@ class OneVisionAdapter(VLMAdapter):
             b, frames = pvv.shape[:2]
             feats = self.inner.get_video_features(pvv.to(self.inner.vision_tower.dtype), **kw).pooler_output
             n = frames * self.pooled ** 2
-            if feats.shape[1] == n:  # transformers < 5.2x appends the video's newline in forward, not here
+            if feats.shape[1] == n:  # transformers 5.17 appends the video's newline in forward (5.25: here)
                 nl = self.inner.image_newline.to(feats)
                 feats = torch.cat([feats, nl[None, None].expand(b, 1, -1)], 1)
             scores = self._scores(sink)
