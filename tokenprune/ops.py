@@ -112,7 +112,8 @@ def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Ten
 
 
 # -- merging: bipartite soft matching ----------------------------------------------------
-def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
+def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torch.Tensor | None = None,
+                    protect: int = 0) -> TokenState:
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
     ``metric`` ``[B, P + N, d]`` is the similarity feature (the block's keys,
@@ -121,25 +122,38 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int) -> TokenSta
     tokens with the highest similarity are merged into their partner with a
     size-weighted average; the rest of A is kept in spatial order. Output order:
     prefix, kept A tokens, B tokens. Padding slots (size 0) are merged first.
+
+    ``order`` ``[B, P + N]`` long (a permutation of each sample's rows, prefix first) with ``protect``:
+    the same step on the tokens taken in that order, its first ``protect`` non-prefix tokens kept as they
+    are (after the prefix, in that order) and the rest alternating into A and B (``pitome``). On CUDA the
+    kernels read the rows through ``order``; nothing is permuted in memory.
     """
     x, p = state.x, state.num_prefix
     b, n_all, c = x.shape
-    n = n_all - p
+    n = n_all - p - protect
     if r <= 0:
         return state.materialize()
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
-    if kernels.use_triton(x, state.residual) and kernels.merge_step_fits(n, r):  # CUDA: one to three launches
+    if kernels.use_triton(x, state.residual, order) and kernels.merge_step_fits(n, r):  # CUDA: one to three launches
         # a deferred residual add (state.residual) goes into the kernel that writes the rows
-        out = kernels.merge_step(x, metric, state.sizes, state.source, p, r, state.padded,
+        out = kernels.merge_step(x, metric, state.sizes, state.source, p + protect, r, state.padded,
                                  max_size=p + state.num_input, log_sizes=state.proportional,
-                                 residual=state.take_residual())
+                                 residual=state.take_residual(), perm=order)
         state.x, state.sizes, state.source = out[:3]
         if state.proportional:  # the kernel wrote log(size) too: the next blocks' bias, no extra launches
             state.set_attn_bias(out[3], x.dtype)
         return state
 
     x = state.materialize().x
+    if order is not None:  # the PyTorch path permutes: the tokens, their sizes and metric rows, the source map
+        x = kernels.gather_rows(x, order)
+        metric = metric.gather(1, order[..., None].expand(*order.shape, metric.shape[-1]))
+        if state.sizes is not None:
+            state.sizes = state.sizes.gather(1, order)
+        inverse = torch.empty_like(order).scatter_(1, order, torch.arange(n_all, device=x.device).expand(b, n_all))
+        state.source = remap_source(state.source, inverse)
+        p = p + protect
     sizes = state.sizes_or_ones()
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
     # cosine similarity of every A to every B token and its row max; the fused kernel (CUDA)

@@ -3,7 +3,8 @@
 Layout: this module dispatches; ``reference.py`` holds the one PyTorch implementation of every op (the CPU
 path and the tests' oracle); the Triton kernels and their launchers live by op family in ``attention.py``
 (linear and key-bias attention), ``scores.py`` (one query row), ``merge.py`` (ToMe matching, merged rows,
-merge step, row gather), ``keep.py`` (keep the k best) and ``apet.py`` (ApET), with shared helpers in
+merge step, row gather), ``keep.py`` (keep the k best), ``apet.py`` (ApET) and ``pitome.py`` (PiToMe's
+energies and step order), with shared helpers in
 ``_triton_common.py``; ``custom_ops.py`` wraps the launchers as ``torch.ops.tokenprune.*`` for
 ``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU. ``triton_impl.py`` is
 only a compatibility shim for the scripts.
@@ -41,6 +42,8 @@ bytes and FLOPs of each kernel.
   Gram matrix ``X X^T``: x is read once (the Gram kernel), then one program per sample does the
   farthest-point sampling and the k x k ridge solve (:func:`apet_stage_fits` says when it fits),
   and the cosine assignment to the kept tokens reads G again, not x.
+- :func:`pitome_order` -- PiToMe's energy of every token without the N x N matrix in memory, the energy
+  ranking and the row order in which :func:`merge_step` (``perm``) then merges, in one launch.
 """
 from __future__ import annotations
 
@@ -69,12 +72,13 @@ _FORCE_OP_FOR_TESTS: bool = False
 
 def _impl():
     """The Triton kernel modules by family, ``_impl().merge.merge_step`` and so on (``attention``, ``scores``,
-    ``merge``, ``keep``, ``apet``); False when they cannot be imported. Imported on first use only."""
+    ``merge``, ``keep``, ``apet``, ``pitome``); False when they cannot be imported. Imported on first use only."""
     global _triton
     if _triton is None:
         try:
-            from . import apet, attention, keep, merge, scores
-            _triton = types.SimpleNamespace(attention=attention, scores=scores, merge=merge, keep=keep, apet=apet)
+            from . import apet, attention, keep, merge, pitome, scores
+            _triton = types.SimpleNamespace(attention=attention, scores=scores, merge=merge, keep=keep, apet=apet,
+                                            pitome=pitome)
         except Exception:  # no triton, or a triton that cannot build for this platform
             _triton = False
     return _triton
@@ -205,20 +209,23 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None):
+               log_sizes: bool = False, residual=None, perm=None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
     ``ops.bipartite_merge`` is its reference, ``reference.merge_step`` the same on plain tensors). Returns
     ``(new_x, new_sizes, new_source)``, plus ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next
     blocks' attention bias: no separate log and cast launches). ``max_size``: an upper bound on any token size
     (the encoder's input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products.
     ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype (a block's final residual add
-    left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``)."""
+    left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``
+    ``[B, T]`` long: the step runs on the rows in that order, read through it (``pitome``; see
+    ``reference.merge_step``)."""
     if _via_op():
         out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
-                              residual)
+                              residual, perm)
         new_source = out[2] if source is not None else None
         return (out[0], out[1], new_source, out[3]) if log_sizes else (out[0], out[1], new_source)
-    return _impl().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual)
+    return _impl().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual,
+                                    perm)
 
 
 def keep_step_fits(n: int) -> bool:
@@ -259,6 +266,16 @@ def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: in
         nx, ns, nsrc = _ops.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
         return nx, ns, (nsrc if source is not None else None)
     return _impl().apet.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
+
+
+def pitome_order(metric, sizes, num_prefix: int, cand: int, margin: float, padded: bool):
+    """PiToMe's energies ``[B, N]`` float32 and the row order ``[B, P + N]`` long of one step; see
+    ``reference.pitome_order`` (one launch on CUDA)."""
+    if use_triton(metric, sizes if padded else None):
+        if _via_op():
+            return _ops.pitome_order(metric, sizes if padded else None, num_prefix, cand, float(margin), bool(padded))
+        return _impl().pitome.pitome_order(metric, sizes, num_prefix, cand, margin, padded)
+    return reference.pitome_order(metric, sizes, num_prefix, cand, margin, padded)
 
 
 def gather_rows(x, rows):
@@ -316,5 +333,5 @@ from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
            "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
-           "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign",
+           "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign", "pitome_order",
            "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]

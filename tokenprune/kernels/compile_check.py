@@ -27,7 +27,7 @@ import tempfile
 
 
 def _configs():
-    from . import apet as AP, attention as AT, keep as KP, merge as M, scores as S
+    from . import apet as AP, attention as AT, keep as KP, merge as M, pitome as PT, scores as S
 
     f16, f32 = "*fp16", "*fp32"
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
@@ -82,27 +82,45 @@ def _configs():
                                      "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},
                     dict(HAS_SIZES=True, HAS_SOURCE=True, LOWP=lowp, PP=1, BK=128, BI=64, BC=AP.APET_MERGE_BC,
                          BS=256), 8))
+    ms_types = {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32, "mt_ptr": "*i32", "ob_ptr": f16,
+                "rows_ptr": "*i32", "perm_ptr": "*i64"}
     for lowp in (True, False):
         for mode, bc, warps, has_y in ((0, 32, M.MERGE_STEP_WARPS, False), (0, 32, M.MERGE_STEP_WARPS, True),
                                        (2, 32, M.MERGE_STEP_SPLIT["mwarps"], False)):
             if lowp is False and mode != 0:
                 continue
-            out.append((M._merge_step, {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
-                                        "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
-                                        "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
+            out.append((M._merge_step, ms_types,
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
                              NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
-    out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
-                                "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32"},
-                dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=128, BT=32, BS=256,
-                     PP=1), 8))
-    for (lowp, rp, fbc), has_y in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
-                                                     (False, 16, 32)), (False, True)):
+    # pitome's steps (the rows read through its order; ViT-B at budget 0.25: 12-24 candidates, ~180 kept rows)
+    for mode, nap, warps in ((0, 16, M.MERGE_STEP_WARPS), (2, 16, M.MERGE_STEP_SPLIT["mwarps"]),
+                             (0, 64, M.MERGE_STEP_WARPS)):
+        out.append((M._merge_step, ms_types,
+                    dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False, LOWP=True, NAP=nap,
+                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True), warps))
+    for perm in (False, True):
+        out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
+                                    "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16,
+                                    "rows_ptr": "*i32", "perm_ptr": "*i64"},
+                    dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=128, BT=32, BS=256,
+                         PP=1, PERM=perm), 8))
+    for (lowp, rp, fbc), has_y, perm in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
+                                                           (False, 16, 32)), (False, True), (False, True)):
+        if perm and not (lowp and has_y):
+            continue
         out.append((M._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",
-                                      "ox_ptr": f16},
+                                      "ox_ptr": f16, "perm_ptr": "*i64"},
                     dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=128, RP=rp, RB=M.MERGE_STEP_SPLIT["rb"],
-                         BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc), M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
+                         BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc, PERM=perm),
+                    M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
+    cfg = PT.PITOME_ORDER_CONFIG
+    for is32, padded in ((False, False), (False, True), (True, False)):
+        out.append((PT._pitome_order, {"m_ptr": f32 if is32 else f16, "s_ptr": f32, "e_ptr": f32, "perm_ptr": "*i64",
+                                       "margin": "fp32"},
+                    dict(PADDED=padded, IS_F32=is32, DP=64, BR=cfg["br_f32" if is32 else "br"], BT=cfg["bt"], PP=1),
+                    cfg["warps"]))
     out.append((AP._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((AP._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills

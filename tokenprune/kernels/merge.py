@@ -35,6 +35,14 @@ def _cosine_tile(an, bt, IS_F32: tl.constexpr):
     return sim
 
 
+@triton.jit
+def _at(prm, v, mask, PERM: tl.constexpr):
+    # the stored row of place v: prm[v] when the step runs on the rows in the order ``perm`` (pitome), else v
+    if PERM:
+        return tl.load(prm + v, mask=mask, other=0).to(tl.int32)
+    return v
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
 # ---------------------------------------------------------------------------------------------------
@@ -179,11 +187,12 @@ def gather_rows(x, rows):
 #    large batches (the matching, then the row gather); NOTES.md sections 3 and 6, sessions 4-8
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
-                 PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr):
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa, row_a, prm,
+                 PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
+                 PERM: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
-    #    B in column tiles so no NA x NB matrix lives in registers
-    row_a = P + 2 * offs_a
+    #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
+    #    B tokens' rows come from the order ``prm`` too)
     ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
     an = _unit_rows(ma)
     best = tl.full([NAP], float("-inf"), tl.float32)
@@ -191,12 +200,12 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
     for j0 in range(0, NB, BT):
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
-        mt = tl.load(m_ptr + b * smb + (P + 2 * offs_t + 1)[:, None] * smn + offs_d[None, :],
-                     mask=tm[:, None] & dm[None, :], other=0.0)
+        rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
+        mt = tl.load(m_ptr + b * smb + rt[:, None] * smn + offs_d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         sim = _cosine_tile(an, mt, IS_F32)
         okt = tm
         if PADDED:
-            okt = okt & (tl.load(s_ptr + b * ssb + P + 2 * offs_t + 1, mask=tm, other=0.0) > 0)
+            okt = okt & (tl.load(s_ptr + b * ssb + rt, mask=tm, other=0.0) > 0)
         sim = tl.where(okt[None, :], sim, float("-inf"))
         best, arg = _argmax_update(sim, offs_t, best, arg)
     if PADDED:
@@ -213,12 +222,12 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
 
 @triton.jit
 def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
-                rows_ptr, P, NA, NB, R, C, D, N0, G,
-                sxb, sxn, syb, syn, smb, smn, ssb, srcb, oxb, oxn,
+                rows_ptr, perm_ptr, P, NA, NB, R, C, D, N0, G,
+                sxb, sxn, syb, syn, smb, smn, ssb, srcb, oxb, oxn, sprm,
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
-                LOG_SIZES: tl.constexpr):
+                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
@@ -228,6 +237,9 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
     # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
     # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
+    # PERM: the step runs on the rows in the order ``perm`` (place v holds row perm[v]; pitome's protected
+    # tokens are then part of the prefix, PT rows at a time in MODE 0): tokens, residual, sizes and metric are
+    # read at the rows, the source map's old index is the row; output rows follow the places
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs_p = tl.arange(0, PP)
@@ -238,12 +250,14 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     am = offs_a < NA
     bm = offs_b < NB
     dm = offs_d < D
-    row_a = P + 2 * offs_a  # token index of A token i in x
-    row_b = P + 2 * offs_b + 1
+    prm = perm_ptr + b * sprm
+    row_a = _at(prm, P + 2 * offs_a, am, PERM)  # token index of A token i in x
+    row_b = _at(prm, P + 2 * offs_b + 1, bm, PERM)
+    row_p = _at(prm, offs_p, pm, PERM)
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
-                             PADDED, IS_F32, NAP, BT)
+                             row_a, prm, PADDED, IS_F32, NAP, BT, PERM)
     is_src = (rank < R) & am
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
@@ -261,7 +275,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
         nrow = P + n_unm + NB
         tl.store(rows_ptr + b * nrow + out_a, row_a, mask=is_unm)
         tl.store(rows_ptr + b * nrow + out_b, row_b, mask=bm)
-        tl.store(rows_ptr + b * nrow + offs_p, offs_p, mask=pm)
+        tl.store(rows_ptr + b * nrow + offs_p, row_p, mask=pm)
         tl.debug_barrier()  # the B rows' entries above are written before the -1 below overwrites some
         tl.store(rows_ptr + b * nrow + P + n_unm + arg, tl.full([NAP], -1, tl.int32), mask=is_src)
     for c0 in range(g * BC, C if MODE == 0 else 0, G * BC):  # MODE 2: no rows (_merge_gather writes them)
@@ -281,13 +295,22 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
         tl.store(ox_ptr + b * oxb + out_a[:, None] * oxn + offs_c[None, :], xa, mask=is_unm[:, None] & cm[None, :])
         tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
                  mask=bm[:, None] & cm[None, :])
-        _copy_prefix(x_ptr + b * sxb, y_ptr + b * syb, ox_ptr + b * oxb, sxn, syn, oxn, offs_p, pm, offs_c, cm, HAS_Y)
+        if PERM:  # the prefix and protected rows, PT at a time
+            for p0 in range(0, P, PT):
+                o_p = p0 + tl.arange(0, PT)
+                m_p = (o_p < P)[:, None] & cm[None, :]
+                xp = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, _at(prm, o_p, o_p < P, PERM), offs_c, sxn, syn, m_p,
+                                HAS_Y)
+                tl.store(ox_ptr + b * oxb + o_p[:, None] * oxn + offs_c[None, :], xp, mask=m_p)
+        else:
+            _copy_prefix(x_ptr + b * sxb, y_ptr + b * syb, ox_ptr + b * oxb, sxn, syn, oxn, offs_p, pm, offs_c, cm,
+                         HAS_Y)
     if g == 0:  # sizes and source map: written once per sample, by program 0
         # -- sizes
         nout = P + n_unm + NB
         tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
         tl.store(os_ptr + b * nout + out_b, tot, mask=bm)
-        sp = _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES)
+        sp = _sizes_at(s_ptr + b * ssb, row_p, pm, HAS_SIZES)
         tl.store(os_ptr + b * nout + offs_p, sp, mask=pm)
         if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
             bt = ob_ptr.dtype.element_ty
@@ -299,20 +322,23 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
             nt = P + NA + NB
             tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
             tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+            tl.store(scr_ptr + b * nt + row_p, offs_p, mask=pm)
             tl.debug_barrier()  # the scratch map written above is read below by other threads of this program
             _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
 
 
 @triton.jit
-def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr,
-                P, NA, NB, R, N0, ssb, srcb,
+def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
+                P, NA, NB, R, N0, ssb, srcb, sprm,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
-                NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr):
+                NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
+                PERM: tl.constexpr = False):
     # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote
     # (best similarity [B, NA] fp32, partner [B, NA]), the ranking, the sizes (and their log), the source map,
-    # ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA, in spatial order
+    # ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA, in spatial order.
+    # PERM: as in _merge_step (the matching ran on the metric in that order), the prefix BS places at a time
     b = tl.program_id(0).to(tl.int64)
+    prm = perm_ptr + b * sprm
     n_unm = NA - R
     nout = P + n_unm + NB
     nt = P + NA + NB
@@ -321,20 +347,30 @@ def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt
         for a0 in range(0, NA, BA):
             offs = a0 + tl.arange(0, BA)
             m = offs < NA
-            sa = _sizes_at(s_ptr + b * ssb, P + 2 * offs, m, HAS_SIZES)
+            sa = _sizes_at(s_ptr + b * ssb, _at(prm, P + 2 * offs, m, PERM), m, HAS_SIZES)
             v = tl.load(best_row + offs, mask=m, other=float("-inf"))
             tl.store(best_row + offs, tl.where(sa <= 0, float("inf"), v), mask=m)
     # prefix and B rows: their sizes (the B ones before any merge), source rows and new indices
-    offs_p = tl.arange(0, PP)
-    pm = offs_p < P
-    tl.store(os_ptr + b * nout + offs_p, _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES), mask=pm)
-    tl.store(rows_ptr + b * nout + offs_p, offs_p, mask=pm)
-    if HAS_SOURCE:
-        tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
+    if PERM:
+        for p0 in range(0, P, BS):
+            o_p = p0 + tl.arange(0, BS)
+            m_p = o_p < P
+            r_p = _at(prm, o_p, m_p, PERM)
+            tl.store(os_ptr + b * nout + o_p, _sizes_at(s_ptr + b * ssb, r_p, m_p, HAS_SIZES), mask=m_p)
+            tl.store(rows_ptr + b * nout + o_p, r_p, mask=m_p)
+            if HAS_SOURCE:
+                tl.store(scr_ptr + b * nt + r_p, o_p, mask=m_p)
+    else:
+        offs_p = tl.arange(0, PP)
+        pm = offs_p < P
+        tl.store(os_ptr + b * nout + offs_p, _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES), mask=pm)
+        tl.store(rows_ptr + b * nout + offs_p, offs_p, mask=pm)
+        if HAS_SOURCE:
+            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
     for j0 in range(0, NB, BA):
         offs_b = j0 + tl.arange(0, BA)
         bm = offs_b < NB
-        row_b = P + 2 * offs_b + 1
+        row_b = _at(prm, P + 2 * offs_b + 1, bm, PERM)
         out_b = P + n_unm + offs_b
         tl.store(os_ptr + b * nout + out_b, _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES), mask=bm)
         tl.store(rows_ptr + b * nout + out_b, row_b, mask=bm)
@@ -353,7 +389,7 @@ def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt
         unm = is_unm.to(tl.int32)
         out_a = P + kept + tl.cumsum(unm, 0) - unm  # spatial order among kept A tokens
         kept += tl.sum(unm, 0)
-        row_a = P + 2 * offs_a
+        row_a = _at(prm, P + 2 * offs_a, am, PERM)
         sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg, mask=am)
         tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
@@ -375,9 +411,10 @@ def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt
 
 
 @triton.jit
-def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn, ssb,
-                  oxb, oxn, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr,
-                  RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr):
+def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn,
+                  ssb, oxb, oxn, sprm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr,
+                  NAP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr,
+                  PERM: tl.constexpr = False):
     # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
     # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
     # Programs (b, NG ..): column tile BCF of the B rows that receive merged tokens (row -1 in ``rows``).
@@ -385,7 +422,8 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NO
     # i' into j of s_i' x_i') / (s_j + sum s_i'), from W[i, i'] = s_i' where j(i') = j(i); A tokens with
     # the same partner write the same row with the same values.
     # HAS_Y: the tokens are x + y, the block's last residual add left to this kernel (rounded to the token
-    # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written
+    # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written.
+    # PERM: the merged A tokens and their partners are places of the order ``perm`` (their rows read from it)
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     if t < NG:
@@ -405,8 +443,8 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, P, NA, R, C, NO
         rm = offs_r < R
         ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
         arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
-        row_s = P + 2 * ia
-        row_b = P + 2 * arg + 1
+        row_s = _at(perm_ptr + b * sprm, P + 2 * ia, rm, PERM)
+        row_b = _at(perm_ptr + b * sprm, P + 2 * arg + 1, rm, PERM)
         ss = _sizes_at(s_ptr + b * ssb, row_s, rm, HAS_SIZES)
         sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
         xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, rm[:, None] & cm[None, :], HAS_Y)
@@ -456,11 +494,13 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None):
+               log_sizes: bool = False, residual=None, perm=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
     ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
-    that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum."""
+    that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum.
+    ``perm`` ``[B, T]`` long: the step runs on the rows in that order (``reference.merge_step``); the kernels
+    read every row through it, nothing is permuted in memory."""
     bsz, t, c = x.shape
     n = t - p
     na, nb = (n + 1) // 2, n // 2
@@ -478,6 +518,9 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
         x = x.contiguous()
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
+    if perm is not None and perm.stride(-1) != 1:
+        perm = perm.contiguous()
+    prm, sprm = (perm, perm.stride(0)) if perm is not None else (x, 0)  # (x: never read)
     nout = p + na - r + nb
     out = _alloc((bsz, nout, c), x.device, x.dtype)
     osz = _alloc((bsz, nout), x.device, torch.float32)
@@ -509,24 +552,28 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
 
     def launch(mode, grid, g, bc, warps, **extra):
         fast(_merge_step)[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
-                          rows, p, na, nb, r, c, d, n0, g,
+                          rows, prm, p, na, nb, r, c, d, n0, g,
                           x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
                           sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
-                          out.stride(0), out.stride(1),
+                          out.stride(0), out.stride(1), sprm,
                           HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0,
                           PADDED=bool(padded), HAS_SOURCE=source is not None,
                           IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
                           NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
-                          BT=32, MODE=mode, LOG_SIZES=log_sizes, num_warps=warps, **extra)
+                          BT=32, MODE=mode, LOG_SIZES=log_sizes, PERM=perm is not None, num_warps=warps, **extra)
 
     if large:
-        best, idx = _best_partners(metric[:, p:], (sizes[:, p + 1::2] > 0) if padded and sizes is not None else None)
+        m_in, s_in = metric, sizes
+        if perm is not None:  # the matching reads the metric in the step's order (a [B, T, d] copy: long inputs only)
+            m_in = metric.gather(1, perm[..., None].expand(bsz, t, d))
+            s_in = sizes.gather(1, perm) if sizes is not None else None
+        best, idx = _best_partners(m_in[:, p:], (s_in[:, p + 1::2] > 0) if padded and s_in is not None else None)
         fast(_merge_plan)[(bsz,)](best, idx, s_arg, source if source is not None else osz, osz, osrc, scr, mt, ob,
-                                  rows, p, na, nb, r, n0, sizes.stride(0) if sizes is not None else 0,
-                                  source.stride(0) if source is not None else 0,
+                                  rows, prm, p, na, nb, r, n0, sizes.stride(0) if sizes is not None else 0,
+                                  source.stride(0) if source is not None else 0, sprm,
                                   HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
                                   LOG_SIZES=log_sizes, NAP=nap, BA=128, BT=32, BS=256, PP=_p2(max(p, 1)),
-                                  num_warps=8)
+                                  PERM=perm is not None, num_warps=8)
     elif split:
         cap = split_cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
         launch(2, (bsz, 1), 1, MERGE_STEP_BC, split_cfg.get("mwarps", MERGE_STEP_WARPS),
@@ -539,10 +586,10 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
             fbc = 32
         ng = _cdiv(nout, rb)
         fast(_merge_gather)[(bsz, ng + _cdiv(c, fbc))](
-            x, y, s_arg, mt, rows, out, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1),
+            x, y, s_arg, mt, rows, out, prm, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0),
+            y.stride(1), sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1), sprm,
             HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
-            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc,
+            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
             num_warps=split_cfg["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)

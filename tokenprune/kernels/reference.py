@@ -183,6 +183,54 @@ def apet_assign(g: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
     return target.scatter(1, keep_idx, torch.arange(kk, device=g.device).expand(b, kk))
 
 
+# -- PiToMe: energy and the order of the merge step ----------------------------------------------------
+def pitome_energy(metric: torch.Tensor, margin: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """PiToMe's energy ``E`` ``[B, N]`` float32 of features ``metric`` ``[B, N, d]`` (Tran et al., NeurIPS 2024):
+
+        c_ij = cos(m_i, m_j)
+        f(c) = c if c >= margin, else exp(c - margin) - 1
+        E_i  = mean over the valid j != i of f(c_ij)
+
+    ``valid [B, N]`` bool marks real tokens (None: all); a padding token's energy is ``+inf`` (merged first).
+    Rows are scaled to unit norm (norm clamped at 1e-6, as in the matching); float32 arithmetic (float64 for
+    float64 input), the whole ``[B, N, N]`` matrix formed."""
+    m = metric.to(torch.promote_types(metric.dtype, torch.float32))
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    c = m @ m.transpose(-1, -2)
+    f = torch.where(c >= margin, c, torch.exp(c - margin) - 1.0)
+    b, n, _ = c.shape
+    pair = ~torch.eye(n, dtype=torch.bool, device=c.device).expand(b, n, n)  # j != i
+    if valid is not None:
+        pair = pair & valid[:, None, :]
+    e = (f * pair).sum(-1) / pair.sum(-1).clamp_min(1)
+    if valid is not None:
+        e = e.masked_fill(~valid, float("inf"))
+    return e.to(torch.promote_types(metric.dtype, torch.float32))
+
+
+def pitome_order(metric: torch.Tensor, sizes: torch.Tensor | None, p: int, cand: int, margin: float,
+                 padded: bool):
+    """The energies and the row order of one PiToMe step (``reducers.pitome``), over the non-prefix tokens of
+    ``metric`` ``[B, P + N, d]``: ``(energy [B, N] float32, perm [B, P + N] long)``.
+
+    Tokens are ranked by energy, highest first (ties: the lower index; padding, ``sizes`` 0 when ``padded``,
+    first). The ``cand`` first are the merge candidates: even ranks form A, odd ranks B. ``perm`` lists the
+    rows for :func:`merge_step` with ``p + N - cand`` kept prefix rows: the prefix, the protected tokens
+    (ranks ``>= cand``) in spatial order, then the candidates alternating A, B, A, B, ... with A in spatial
+    order and B in energy order (``perm[b, v]`` is the row of ``metric`` that goes to place ``v``)."""
+    b, t, _ = metric.shape
+    n = t - p
+    valid = (sizes[:, p:] > 0) if padded and sizes is not None else None
+    e = pitome_energy(metric[:, p:], margin, valid).float()
+    order = e.sort(dim=-1, descending=True, stable=True).indices  # energy rank -> token
+    a = order[:, 0:cand:2].sort(-1).values
+    ab = torch.empty((b, cand), dtype=torch.long, device=metric.device)
+    ab[:, 0::2], ab[:, 1::2] = a, order[:, 1:cand:2]
+    perm = torch.cat([torch.arange(p, device=metric.device).expand(b, p), p + order[:, cand:].sort(-1).values,
+                      p + ab], 1)
+    return e, perm
+
+
 # -- the one-launch steps: their PyTorch specification (the CPU implementation of the custom ops) --------
 def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[B, k]`` of the ``k`` best scores per row, ascending; ties go to the lower index (as in the
@@ -211,20 +259,40 @@ def keep_step(x: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor | None,
     return gather_rows(x, rows), new_sizes, _compose(source, old_to_new), idx
 
 
+def inverse_order(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` ``[B, T]`` with ``inv[b, perm[b, v]] = v``: the inverse of a per-sample row permutation."""
+    b, t = perm.shape
+    return torch.empty_like(perm).scatter_(1, perm, torch.arange(t, device=perm.device).expand(b, t))
+
+
+def permute_rows(perm: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x[b, perm[b, v]]`` for every row ``v`` of ``x`` ``[B, T]`` or ``[B, T, C]`` (None stays None)."""
+    if x is None:
+        return None
+    return x.gather(1, perm) if x.dim() == 2 else gather_rows(x, perm)
+
+
 def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None,
                p: int, r: int, padded: bool, max_size: int | None = None, log_sizes: bool = False,
-               residual: torch.Tensor | None = None):
+               residual: torch.Tensor | None = None, perm: torch.Tensor | None = None):
     """ToMe's whole merge step (``ops.bipartite_merge``) on plain tensors: A = even, B = odd non-prefix
     tokens; the ``r`` A tokens with the most similar B partner (ties: the lower index; padding A tokens,
     size 0, first when ``padded``) are merged into it, size-weighted; output rows: prefix, kept A tokens
     (spatial order), B tokens. Returns ``(x, sizes float32, source | None)`` and, with ``log_sizes``,
     ``log(sizes)`` in ``x``'s dtype. ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype.
-    ``max_size`` only lets the kernel choose exact low-precision products; the result does not depend on it."""
+    ``max_size`` only lets the kernel choose exact low-precision products; the result does not depend on it.
+    ``perm`` ``[B, T]`` long (a permutation of each sample's rows): the step runs on the rows in that order
+    (``x[b, perm[b, v]]`` is row ``v``; sizes, metric and residual alike, the source map follows), so its
+    first ``p`` rows are the kept prefix and the rest alternate into A and B (``pitome``'s protected tokens
+    and energy-ranked candidates)."""
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
         x = (x.float() + residual.float()).to(x.dtype)
+    if perm is not None:
+        x, metric, sizes = permute_rows(perm, x), permute_rows(perm, metric), permute_rows(perm, sizes)
+        source = _compose(source, inverse_order(perm))
     b, t, _ = x.shape
     dev = x.device
     s = sizes.float() if sizes is not None else torch.ones((b, t), dtype=torch.float32, device=dev)

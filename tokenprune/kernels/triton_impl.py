@@ -9,9 +9,9 @@ code imports those modules. Here ``T.name`` reads ``name`` from the module that 
 import sys
 import types
 
-from . import _triton_common, apet, attention, keep, merge, scores
+from . import _triton_common, apet, attention, keep, merge, pitome, scores
 
-_FAMILIES = (attention, scores, merge, keep, apet, _triton_common)
+_FAMILIES = (attention, scores, merge, keep, apet, pitome, _triton_common)
 
 
 def _owner(name: str):

@@ -33,81 +33,45 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .. import kernels
+from ..ops import bipartite_merge
 from ..plan import EncoderInfo, Stage, spread_schedule
 from ..registry import register
-from .base import Reducer, check_layers, default_blocks, set_groups
+from .base import Reducer, check_layers, default_blocks
 
 
 def energy(metric: torch.Tensor, margin: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """PiToMe's energy ``E_i`` ``[B, N]`` of features ``metric`` ``[B, N, d]`` (see the module docstring)."""
-    m = F.normalize(metric.float(), dim=-1)
-    c = m @ m.transpose(1, 2)
-    f = torch.where(c >= margin, c, torch.exp(c - margin) - 1.0)
-    n = c.shape[-1]
-    f = f.masked_fill(torch.eye(n, dtype=torch.bool, device=c.device), 0.0)
-    if valid is None:
-        return f.sum(-1) / max(n - 1, 1)
-    f = f * valid[:, None, :].to(f.dtype)
-    e = f.sum(-1) / (valid.sum(-1, keepdim=True) - 1).clamp_min(1).to(f.dtype)
-    return e.masked_fill(~valid, float("inf"))  # padding first
+    """PiToMe's energy ``E_i`` ``[B, N]`` (float32) of features ``metric`` ``[B, N, d]`` (see the module docstring;
+    ``valid`` False: padding, energy ``+inf``): the step's own computation, ``kernels.pitome_order``."""
+    sizes = None if valid is None else valid.to(torch.float32)
+    return kernels.pitome_order(metric, sizes, 0, 0, margin, valid is not None)[0]
 
 
 def protected_merge(state, metric: torch.Tensor, r: int, margin: float, candidates: float = 2.0):
     """Remove ``r`` non-prefix tokens: the ``c = candidates * r`` highest-energy ones split into A (even energy
     rank) and B (odd); the ``r`` A tokens with the most similar B partner merge into it (with ``c = 2 r``, as
-    PiToMe does, every A token); the rest are kept unchanged."""
-    state.materialize()
-    x, p = state.x, state.num_prefix
-    b, _, c = x.shape
-    n = state.num_tokens
+    PiToMe does, every A token); the rest are kept unchanged.
+
+    Two steps, each one launch on CUDA: ``kernels.pitome_order`` scores and ranks the tokens and writes the
+    order [prefix, protected, A0, B0, A1, B1, ...]; ToMe's merge step (``ops.bipartite_merge``) then runs on
+    the tokens in that order with the protected ones kept like the prefix (its kernels read the rows through
+    the order; on CPU the rows are permuted)."""
+    p, n = state.num_prefix, state.num_tokens
     if r <= 0:
-        return state
+        return state.materialize()
     if 2 * r > n:
         raise ValueError(f"pitome removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
-    sizes = state.sizes_or_ones()
-    s = sizes[:, p:]
-    valid = None if not state.padded else s > 0
-    met = metric[:, p:]
     cand = min(n, max(2 * r, math.ceil(min(candidates * r, n))))
-    order = energy(met, margin, valid).argsort(-1, descending=True)  # [B, N]
-    a_all, b_idx = order[:, 0:cand:2], order[:, 1:cand:2]  # A: ceil(cand / 2) >= r, B: floor(cand / 2) >= r
-    mn = F.normalize(met.float(), dim=-1)
-    ma = mn.gather(1, a_all[..., None].expand(b, a_all.shape[1], mn.shape[-1]))
-    mb = mn.gather(1, b_idx[..., None].expand(b, b_idx.shape[1], mn.shape[-1]))
-    sim = ma @ mb.transpose(1, 2)  # [B, |A|, |B|]
-    if valid is not None:  # a real A token never merges into a padding B token
-        sim = sim.masked_fill(~valid.gather(1, b_idx)[:, None, :], float("-inf"))
-    best, dst = sim.max(-1)  # [B, |A|]: best partner, its position in b_idx
-    if valid is not None:  # padding A slots go first
-        best = best.masked_fill(~valid.gather(1, a_all), float("inf"))
-    edge = best.argsort(-1, descending=True)
-    a_idx, dst = a_all.gather(1, edge[:, :r]), dst.gather(1, edge[:, :r])  # the r best-matched A tokens
-    keep_idx = torch.cat([order[:, cand:], a_all.gather(1, edge[:, r:])], 1).sort(-1).values  # spatial order
-    nb = b_idx.shape[1]
-    n_keep = keep_idx.shape[1]
-    # group of every old token: protected ones keep a slot each, B tokens the slots after them, A joins its B
-    group = torch.empty(b, n, dtype=torch.long, device=x.device)
-    group.scatter_(1, keep_idx, torch.arange(n_keep, device=x.device).expand(b, n_keep))
-    group.scatter_(1, b_idx, (n_keep + torch.arange(nb, device=x.device)).expand(b, nb))
-    group.scatter_(1, a_idx, n_keep + dst)
-    counts = torch.zeros(b, n_keep + nb, dtype=s.dtype, device=x.device).scatter_add_(1, group, s)
-    w = s[..., None].to(x.dtype)
-    summed = torch.zeros(b, n_keep + nb, c, dtype=x.dtype, device=x.device).scatter_add_(
-        1, group[..., None].expand(b, n, c), x[:, p:] * w)
-    patches = summed / counts.clamp_min(1e-12)[..., None].to(x.dtype)
-    kept_x = x[:, p:].gather(1, keep_idx[..., None].expand(b, n_keep, c))
-    patches = torch.cat([kept_x, patches[:, n_keep:]], 1)  # protected tokens exactly as they were
-    patches = torch.where((counts > 0)[..., None], patches, torch.zeros_like(patches))
-    state = set_groups(state, patches, sizes, counts, group)
-    state.padded = state.padded or bool(valid is not None)
-    return state
+    _, order = kernels.pitome_order(metric, state.sizes, p, cand, margin, state.padded)
+    return bipartite_merge(state, metric, r, order=order, protect=n - cand)
 
 
 @register("pitome")
 @dataclass
 class PiToMe(Reducer):
+    fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
+
     prop_attn: bool = True  # proportional attention (log-size key bias)
     margin: float = 0.9  # energy margin at block 0 (falls linearly to 0 at the last block)
     start: int = 0  # first block that merges
