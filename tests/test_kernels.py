@@ -24,7 +24,7 @@ from tokenprune.kernels import reference as R  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
-FAMILIES = ("attention", "scores", "merge", "keep", "apet")
+FAMILIES = ("attention", "scores", "merge", "keep", "apet", "pitome")
 
 
 @pytest.fixture(scope="module")
@@ -822,6 +822,7 @@ def op_cases():
     target = torch.randint(0, 4, (b, 12), generator=g).scatter(1, keep, torch.arange(4).expand(b, 4))
     xs = x[:, p:]
     gm = xs @ xs.transpose(1, 2)
+    perm = R.pitome_order(metric, sizes, p, 6, 0.3, True)[1]  # 5 protected tokens, then 3 A / 3 B
     return [
         ("efficient_attention", (q, k, v, bias)), ("efficient_attention", (q, k, v, None)),
         ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
@@ -835,6 +836,8 @@ def op_cases():
         ("gather_rows", (x, torch.randint(0, t, (b, 5), generator=g))),
         ("merge_step", (x, metric, sizes, source, p, 4, True, t, True, torch.randn(b, t, c, generator=g))),
         ("merge_step", (x, metric, None, None, 0, 6, False, None, False, None)),
+        ("merge_step", (x, metric, sizes, source, p + 6, 3, True, t, True, torch.randn(b, t, c, generator=g), perm)),
+        ("pitome_order", (metric, sizes, p, 6, 0.3, True)), ("pitome_order", (metric, None, p, 5, -0.2, False)),
         ("keep_step", (x, scores, sizes, source, p, 5)), ("keep_step", (x, scores, None, None, p, 5)),
         ("topk_sorted", (scores, 5)),
         ("apet_merge", (x, sizes, target, keep, source, p, t)), ("apet_merge", (x, None, target, keep, None, p, None)),
@@ -850,7 +853,8 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 def test_every_dispatching_kernel_is_a_custom_op():
     public = {"efficient_attention", "biased_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step",
-              "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign"}
+              "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign",
+              "pitome_order"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
     for name in public:
         assert getattr(torch.ops.tokenprune, name).default is not None
@@ -906,6 +910,9 @@ def call_every_kernel(c):
            kernels.gather_rows(c["x"], c["prim"]),
            *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p, 4, True, t, True, c["x"] * 0.5),
            *kernels.merge_step(c["x"], c["metric"], None, None, p, 3, False),
+           *kernels.pitome_order(c["metric"], c["sizes"], p, 8, 0.3, False),
+           *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p + 4, 4, False, t, True, c["x"] * 0.5,
+                               kernels.pitome_order(c["metric"], c["sizes"], p, 8, 0.3, False)[1]),
            *kernels.keep_step(c["x"], c["scores"], c["sizes"], None, p, 5),
            kernels.topk_sorted(c["scores"], 5),
            *kernels.apet_merge(c["x"], c["sizes"], c["target"], c["keep"], c["source"], p, t),

@@ -114,17 +114,17 @@ def _ms_pack(out, x, log_sizes):
     return out[0], out[1], _or_none(out[2], x), (out[3] if log_sizes else _none(x))
 
 
-def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm):
+def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
     out = _t().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm)
     return _ms_pack(out, x, log_sizes)
 
 
-def _ms_cpu(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm):
+def _ms_cpu(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
     out = R.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm)
     return _ms_pack(out, x, log_sizes)
 
 
-def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm):
+def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                          f"the tokens {tuple(x.shape)} {x.dtype}")
@@ -138,7 +138,7 @@ def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_size
 
 _define("merge_step",
         "(Tensor x, Tensor metric, Tensor? sizes, Tensor? source, int num_prefix, int r, bool padded, "
-        "int? max_size, bool log_sizes, Tensor? residual, Tensor? perm) -> (Tensor, Tensor, Tensor, Tensor)",
+        "int? max_size, bool log_sizes, Tensor? residual, Tensor? perm=None) -> (Tensor, Tensor, Tensor, Tensor)",
         _ms_fake, launch=_ms_launch, cpu=_ms_cpu)
 
 

@@ -211,24 +211,27 @@ def pitome_energy(metric: torch.Tensor, margin: float, valid: torch.Tensor | Non
 def pitome_order(metric: torch.Tensor, sizes: torch.Tensor | None, p: int, cand: int, margin: float,
                  padded: bool):
     """The energies and the row order of one PiToMe step (``reducers.pitome``), over the non-prefix tokens of
-    ``metric`` ``[B, P + N, d]``: ``(energy [B, N] float32, perm [B, P + N] long)``.
-
-    Tokens are ranked by energy, highest first (ties: the lower index; padding, ``sizes`` 0 when ``padded``,
-    first). The ``cand`` first are the merge candidates: even ranks form A, odd ranks B. ``perm`` lists the
-    rows for :func:`merge_step` with ``p + N - cand`` kept prefix rows: the prefix, the protected tokens
-    (ranks ``>= cand``) in spatial order, then the candidates alternating A, B, A, B, ... with A in spatial
-    order and B in energy order (``perm[b, v]`` is the row of ``metric`` that goes to place ``v``)."""
-    b, t, _ = metric.shape
-    n = t - p
+    ``metric`` ``[B, P + N, d]``: ``(energy [B, N] float32, perm [B, P + N] long)``; :func:`pitome_energy`
+    (``sizes`` 0 is padding when ``padded``), then :func:`pitome_perm`."""
     valid = (sizes[:, p:] > 0) if padded and sizes is not None else None
     e = pitome_energy(metric[:, p:], margin, valid).float()
-    order = e.sort(dim=-1, descending=True, stable=True).indices  # energy rank -> token
-    a = order[:, 0:cand:2].sort(-1).values
-    ab = torch.empty((b, cand), dtype=torch.long, device=metric.device)
-    ab[:, 0::2], ab[:, 1::2] = a, order[:, 1:cand:2]
-    perm = torch.cat([torch.arange(p, device=metric.device).expand(b, p), p + order[:, cand:].sort(-1).values,
-                      p + ab], 1)
-    return e, perm
+    return e, pitome_perm(e, p, cand)
+
+
+def pitome_perm(energy: torch.Tensor, p: int, cand: int) -> torch.Tensor:
+    """The row order ``[B, P + N]`` long of a PiToMe step from the energies ``[B, N]`` of the non-prefix tokens.
+
+    Tokens are ranked by energy, highest first (ties: the lower index). The ``cand`` first are the merge
+    candidates: even ranks form A, odd ranks B. The order lists the rows for :func:`merge_step` with
+    ``p + N - cand`` kept prefix rows: the prefix, the protected tokens (ranks ``>= cand``) in spatial order,
+    then the candidates alternating A, B, A, B, ... with A in spatial order and B in energy order
+    (``perm[b, v]`` is the row that goes to place ``v``)."""
+    b, n = energy.shape
+    dev = energy.device
+    order = energy.sort(dim=-1, descending=True, stable=True).indices  # energy rank -> token
+    ab = torch.empty((b, cand), dtype=torch.long, device=dev)
+    ab[:, 0::2], ab[:, 1::2] = order[:, 0:cand:2].sort(-1).values, order[:, 1:cand:2]
+    return torch.cat([torch.arange(p, device=dev).expand(b, p), p + order[:, cand:].sort(-1).values, p + ab], 1)
 
 
 # -- the one-launch steps: their PyTorch specification (the CPU implementation of the custom ops) --------
