@@ -58,3 +58,156 @@ def test_bad_options_are_refused():
                     ({"placement": "x"}, "placement must be")]:
         with pytest.raises(ValueError, match=msg):
             tokenprune.apply(model, budget=0.5, method="pitome", **kw)
+
+
+# -- the step's computation: energy and order (kernels.pitome_order), merge in that order (merge_step perm=) ------
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from test_kernels import T, _use_interpreted, gen, rel  # noqa: E402,F401  (T: the interpreted Triton kernels)
+from tokenprune import kernels  # noqa: E402
+from tokenprune.kernels import reference as R  # noqa: E402
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_reference_energy_is_the_papers_equation(padded):
+    """reference.pitome_energy, the one PyTorch reference, against the equation written out term by term."""
+    g = gen(50)
+    b, n, d, margin = 2, 7, 3, 0.4
+    m = torch.randn(b, n, d, generator=g, dtype=torch.float64)
+    valid = torch.rand(b, n, generator=g) > 0.3 if padded else torch.ones(b, n, dtype=torch.bool)
+    out = R.pitome_energy(m, margin, valid if padded else None)
+    for s in range(b):
+        for i in range(n):
+            if not valid[s, i]:
+                assert out[s, i] == float("inf")
+                continue
+            terms = []
+            for j in range(n):
+                if j == i or not valid[s, j]:
+                    continue
+                c = float(m[s, i] @ m[s, j]) / (float(m[s, i].norm()) * float(m[s, j].norm()))
+                terms.append(c if c >= margin else math.exp(c - margin) - 1.0)
+            assert abs(float(out[s, i]) - sum(terms) / max(len(terms), 1)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,p,n,cand,padded,br", [(2, 1, 37, 10, False, 256), (2, 0, 20, 20, True, 256),
+                                                  (1, 3, 130, 31, True, 32), (2, 1, 196, 26, False, 64)])
+def test_order_kernel_equals_reference(T, monkeypatch, b, p, n, cand, padded, br, dtype):
+    """The one-launch energy + order kernel (row tiles of ``br``: one, or several) against the reference: float32
+    energies to rounding and the same order; fp16 (cosines of fp16 unit keys) energies to a few 1e-3 -- a cosine
+    that rounds across the margin moves f by about ``margin`` -- and the order the reference gives those energies."""
+    monkeypatch.setitem(T.pitome.PITOME_ORDER_CONFIG, "br", br)
+    monkeypatch.setitem(T.pitome.PITOME_ORDER_CONFIG, "br_f32", min(br, 32))
+    g = gen(51)
+    m = torch.randn(b, p + n, 24, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    if padded:
+        sizes[0, p + 2:p + 9:3] = 0
+    e, perm = T.pitome.pitome_order(m, sizes, p, cand, 0.2, padded)
+    e_ref, perm_ref = R.pitome_order(m, sizes, p, cand, 0.2, padded)
+    fin = torch.isfinite(e_ref)
+    assert torch.equal(torch.isfinite(e), fin) and (not padded or not fin.all())
+    err = (e[fin] - e_ref[fin]).abs()
+    if dtype == torch.float32:
+        assert err.max() < 1e-5 and torch.equal(perm, perm_ref)
+    else:
+        assert err.mean() < 2e-3 and err.max() < 0.2 / (n - 1) * 4 + 2e-3
+        assert torch.equal(perm, R.pitome_perm(e, p, cand))
+    assert torch.equal(perm.sort(1).values, torch.arange(p + n).expand(b, p + n))  # a permutation
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+@pytest.mark.parametrize("mode", ["one", "split", "plan"])
+@pytest.mark.parametrize("b,p,n,cand,r,padded,residual", [(2, 1, 37, 10, 5, False, False), (2, 0, 20, 20, 7, True, True),
+                                                          (1, 3, 70, 31, 12, True, False), (2, 1, 50, 50, 20, False, True)])
+def test_merge_step_in_pitome_order_equals_reference(T, monkeypatch, mode, b, p, n, cand, r, padded, residual):
+    """ToMe's merge step reading the rows through the order (protected rows as prefix: more than one tile of
+    them in the one-launch kernel; the large-batch matching + row gather; the three-launch form for long
+    inputs) equals the reference, which permutes first: tokens, sizes, their log, the source map."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if mode == "plan" else 128)
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16,
+                                                      "fbc_many": 32} if mode == "split" else None)
+    g = gen(52)
+    x = torch.randn(b, p + n, 40, generator=g).half()
+    y = torch.randn(b, p + n, 40, generator=g).half() if residual else None
+    m = torch.randn(b, p + n, 24, generator=g).half()
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    if padded:
+        sizes[0, p + 2:p + 9:3] = 0
+    source = torch.randint(-1, p + n, (b, 60), generator=g)
+    perm = R.pitome_order(m, sizes, p, cand, 0.2, padded)[1]
+    args = (x, m, sizes, source, p + n - cand, r, padded, None, True, y, perm)
+    out, ref = T.merge.merge_step(*args), R.merge_step(*args)
+    assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+    assert torch.equal(out[0], ref[0])
+    fin = torch.isfinite(ref[3])
+    assert torch.equal(torch.isfinite(out[3]), fin) and torch.allclose(out[3][fin].float(), ref[3][fin].float())
+
+
+def previous_protected_merge(x, metric, p, r, margin, candidates):
+    """The step as tokenprune computed it before the kernels (float32 N x N energies, energy argsort, matching of
+    the gathered A and B rows, scatter-add merge), unpadded: ``(tokens, group of each input non-prefix token)``."""
+    b, t, c = x.shape
+    n = t - p
+    mn = F.normalize(metric[:, p:].float(), dim=-1)
+    cos = mn @ mn.transpose(1, 2)
+    f = torch.where(cos >= margin, cos, torch.exp(cos - margin) - 1.0).masked_fill(torch.eye(n, dtype=torch.bool), 0)
+    order = (f.sum(-1) / max(n - 1, 1)).argsort(-1, descending=True)
+    cand = min(n, max(2 * r, math.ceil(min(candidates * r, n))))
+    a_all, b_idx = order[:, 0:cand:2], order[:, 1:cand:2]
+    rows = lambda v, i: v.gather(1, i[..., None].expand(*i.shape, v.shape[-1]))  # noqa: E731
+    best, dst = (rows(mn, a_all) @ rows(mn, b_idx).transpose(1, 2)).max(-1)
+    edge = best.argsort(-1, descending=True)
+    a_idx, dst = a_all.gather(1, edge[:, :r]), dst.gather(1, edge[:, :r])
+    keep_idx = torch.cat([order[:, cand:], a_all.gather(1, edge[:, r:])], 1).sort(-1).values
+    nk, nb = keep_idx.shape[1], b_idx.shape[1]
+    group = torch.empty(b, n, dtype=torch.long)
+    group.scatter_(1, keep_idx, torch.arange(nk).expand(b, nk))
+    group.scatter_(1, b_idx, (nk + torch.arange(nb)).expand(b, nb))
+    group.scatter_(1, a_idx, nk + dst)
+    count = torch.zeros(b, nk + nb).scatter_add_(1, group, torch.ones(b, n))
+    summed = torch.zeros(b, nk + nb, c).scatter_add_(1, group[..., None].expand(b, n, c), x[:, p:])
+    return torch.cat([x[:, :p], summed / count[..., None]], 1), group
+
+
+@pytest.mark.parametrize("path", ["pytorch", "kernels"])
+@pytest.mark.parametrize("candidates", [2.0, 3.0, float("inf")])
+def test_selections_equal_the_previous_code(T, monkeypatch, path, candidates):
+    """On float32 inputs (ViT-B/16's 196 patches, keys of 64 dims) the step groups the same tokens as the code
+    before the kernels did, into the same merged tokens; with candidates 2 (PiToMe) and inf in the same output
+    order too (for the values between, the unmerged candidates now follow the protected tokens)."""
+    g = gen(53)
+    b, p, n, r, margin = 3, 1, 196, 13, 0.45
+    x = torch.randn(b, p + n, 32, generator=g)
+    metric = torch.randn(b, p + n, 64, generator=g) + 0.5 * torch.randn(b, 1, 64, generator=g)  # correlated keys
+    ref_x, ref_group = previous_protected_merge(x, metric, p, r, margin, candidates)
+    if path == "kernels":
+        _use_interpreted(monkeypatch, T)
+    state = protected_merge(TokenState.start(x.clone(), p), metric, r, margin, candidates)
+    group = state.source - p
+    for s in range(b):  # the same partition of the input tokens (one-to-one between old and new groups)
+        pairs = set(zip(ref_group[s].tolist(), group[s].tolist()))
+        assert len(pairs) == len(set(ref_group[s].tolist())) == len(set(group[s].tolist())) == n - r
+    if candidates != 3.0:
+        assert torch.equal(group, ref_group)
+    held = lambda v, gr: v[:, p:].gather(1, gr[..., None].expand(b, n, v.shape[-1]))  # noqa: E731
+    assert torch.allclose(held(state.x, group), held(ref_x, ref_group), atol=1e-6)
+    assert torch.equal(state.x[:, :p], x[:, :p]) and torch.equal(state.sizes.sum(1), torch.full((b,), p + n + 0.0))
+
+
+@pytest.mark.parametrize("candidates", [2.0, float("inf")])
+def test_model_through_the_kernels_equals_pytorch_path(T, monkeypatch, candidates):
+    """A reduced tiny ViT (pitome inside the blocks, the attention residual add left to the merge kernels) gives
+    the PyTorch path's logits and source map through the interpreted kernels."""
+    torch.set_num_threads(1)
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(54))
+    tokenprune.apply(model, budget=0.25, method="pitome", candidates=candidates)
+    with torch.no_grad():
+        ref, ref_state = tokenprune.features(model, x)
+        _use_interpreted(monkeypatch, T)
+        out, state = tokenprune.features(model, x)
+    assert torch.equal(state.source, ref_state.source) and rel(out, ref) < 1e-5
