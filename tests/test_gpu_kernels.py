@@ -302,6 +302,71 @@ def test_bipartite_merge_deferred_residual_is_bit_identical(T, b, n, c, r, dtype
     assert same_state(out, ref)
 
 
+@pytest.mark.parametrize("b,n,cand,dtype,padded", [
+    (256, 196, 26, F16, False), (1, 196, 26, F16, False), (64, 196, 196, F32, True), (4, 576, 40, F16, True),
+    (2, 1500, 48, BF16, False), (3, 37, 10, F32, False)], ids=dtype_id)
+def test_pitome_order(T, b, n, cand, dtype, padded):
+    """PiToMe's energies and step order in one launch against the reference (float32, the N x N matrix):
+    float32 energies to rounding and the same order; fp16 / bf16 energies to a few 1e-3 (a cosine that rounds
+    across the margin moves f by about the margin), and exactly the order the reference gives those energies."""
+    needs(dtype, b, n, n)
+    g = gen(31)
+    m = randn(b, 1 + n, 64, dtype=dtype, g=g) + randn(b, 1, 64, dtype=dtype, g=g)
+    sizes = torch.randint(1, 4, (b, 1 + n), device=DEV, generator=g).float()
+    if padded:
+        sizes[:, 3::7] = 0
+    with poisoned(T):
+        e, perm = kernels.pitome_order(m, sizes, 1, cand, 0.6, padded)
+    e_ref, perm_ref = R.pitome_order(m, sizes, 1, cand, 0.6, padded)
+    fin = torch.isfinite(e_ref)
+    assert torch.equal(torch.isfinite(e), fin)
+    err = (e[fin] - e_ref[fin]).abs()
+    if dtype == F32:
+        assert float(err.max()) < 1e-4 and float((perm == perm_ref).all(1).float().mean()) >= 0.9
+    else:
+        assert float(err.mean()) < 3e-3
+    assert torch.equal(perm, R.pitome_perm(e, 1, cand))
+
+
+@pytest.mark.parametrize("b,n,c,r,dtype,candidates", [
+    (256, 196, 768, 13, F16, 2.0), (64, 196, 768, 13, F32, 2.0), (256, 196, 768, 13, F16, float("inf")),
+    (1, 196, 768, 13, F16, 2.0), (8, 196, 768, 48, F32, 3.0), (2, 1500, 1280, 24, F16, 2.0), (2, 21, 32, 7, F32, 2.0),
+], ids=dtype_id)
+def test_pitome_step_kernels_vs_pytorch(T, b, n, c, r, dtype, candidates):
+    """One pitome step (order + ToMe's merge step through the order, residual left to it), kernels on vs off.
+    The merge through a given order: the same source maps (but for near-tied matches, >= 90%), tokens and sizes.
+    The whole step: in float32 the same order too, so >= 90% of the samples have the same source map; in fp16 a
+    cosine that rounds across the margin changes energies and the order (only checked at large batches)."""
+    from tokenprune.reducers.pitome import protected_merge
+
+    needs(dtype, b, n + 1, c)
+    g = gen(32)
+    x, y = randn(b, 1 + n, c, dtype=dtype, g=g), randn(b, 1 + n, c, dtype=dtype, g=g)
+    metric = randn(b, 1 + n, 64, dtype=dtype, g=g) + randn(b, 1, 64, dtype=dtype, g=g)
+    cand = min(n, max(2 * r, math.ceil(min(candidates * r, n))))
+    order = kernels.pitome_order(metric, None, 1, cand, 0.6, False)[1]
+
+    def state():
+        st = TokenState.start(x, 1)
+        st.residual = y
+        return st
+
+    for whole in (False, True):
+        outs = {}
+        for on in (False, True):
+            with kernels_on(on), poisoned(T):
+                outs[on] = (protected_merge(state(), metric, r, 0.6, candidates) if whole else
+                            ops.bipartite_merge(state(), metric, r, order=order, protect=n - cand))
+        same = (outs[True].source == outs[False].source).all(1)
+        if not whole or dtype == F32:
+            assert float(same.float().mean()) >= 0.9
+        elif b >= 64:
+            assert float(same.float().mean()) >= 0.3
+        if same.any():
+            assert rel(outs[True].x[same], outs[False].x[same]) < TOL[dtype]
+            assert torch.equal(outs[True].sizes[same], outs[False].sizes[same])
+
+
 # -- keeping --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("b,n,c,k", [(256, 196, 768, 98), (1, 196, 768, 98), (8, 16384, 768, 4096), (2, 64, 32, 20)])
 def test_gather_tokens_kernels_vs_pytorch(T, b, n, c, k):
@@ -441,7 +506,7 @@ def test_apet_stage_and_assign(T, b, n, c, k, dtype, padded):
 # -- whole forwards -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,batch,budget,kind", [
     ("merge", 64, 0.25, "base"), ("merge", 8, 0.1, "base"), ("maelre", 64, 0.25, "base"),
-    ("merge", 2, 0.25, "tiny"), ("maelre", 2, 0.25, "tiny")])
+    ("merge", 2, 0.25, "tiny"), ("maelre", 2, 0.25, "tiny"), ("pitome", 64, 0.25, "base"), ("pitome", 2, 0.25, "tiny")])
 def test_forward_fused_residual_is_bit_identical(T, method, batch, budget, kind):
     """A merged ViT with each merged block's last residual add left to the merge kernels gives the logits,
     bit for bit, of the same model with every block's own add (kernels on; row gather / one-launch step)."""
@@ -475,7 +540,7 @@ def vit_base_bs1():
 
 @pytest.mark.parametrize("on", [True, False], ids=["kernels", "pytorch"])
 @pytest.mark.parametrize("method,budget", [("none", 1.0), ("merge", 0.5), ("merge", 0.25), ("cls", 0.5),
-                                           ("cls", 0.25), ("apet", 0.5), ("apet", 0.25)])
+                                           ("cls", 0.25), ("apet", 0.5), ("apet", 0.25), ("pitome", 0.25)])
 def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
     """vit_base at bs 1, unreduced and reduced, kernels on and off: the forward can be captured in a CUDA
     graph (``tokenprune.cuda.graphed``), and replays on new inputs give the eager logits. The PyTorch path runs
