@@ -84,7 +84,8 @@ def checks(device, smoke):
                 e = kernels.pitome_order(metric, None, 1, 26, 0.6, False)[0]
                 outs[on] = (e, pitome_step(x, y, metric, 13))
         same = (outs[True][1].source == outs[False][1].source).all(1)
-        record(part="checks", what="step", dtype=str(dtype), energy_max_abs_err=float((outs[True][0] - outs[False][0]).abs().max()),
+        e_err = float((outs[True][0] - outs[False][0]).abs().max())
+        record(part="checks", what="step", dtype=str(dtype), energy_max_abs_err=e_err,
                same_source_share=float(same.float().mean()),
                tokens_rel_err_same=rel(outs[True][1].x[same], outs[False][1].x[same]) if same.any() else None,
                sizes_equal_same=bool(torch.equal(outs[True][1].sizes[same], outs[False][1].sizes[same])))
@@ -112,8 +113,8 @@ def step(device, smoke):
                 t_pitome = ms(lambda: pitome_step(x, y, metric, 13), device)
                 t_all = ms(lambda: pitome_step(x, y, metric, 13, candidates=float("inf")), device)
                 t_tome = ms(lambda: tome_step(x, y, metric, 13), device)
-            record(part="step", batch=b, kernels=on, pitome_order_ms=round(t_order, 4), pitome_step_ms=round(t_pitome, 4),
-                   pitome_all_step_ms=round(t_all, 4), tome_step_ms=round(t_tome, 4))
+            record(part="step", batch=b, kernels=on, pitome_order_ms=round(t_order, 4),
+                   pitome_step_ms=round(t_pitome, 4), pitome_all_step_ms=round(t_all, 4), tome_step_ms=round(t_tome, 4))
 
 
 def host_ms(fn, device, n=30):
@@ -172,8 +173,9 @@ def write(out: Path, device):
     fw = [r for r in ROWS if r["part"] == "forward"]
     if fw:
         lines += ["| mode | batch | variant | ms | speed-up | host ms | stages |", "|---|---|---|---|---|---|---|"]
+        blank = lambda v: "" if v is None else v  # noqa: E731
         lines += [f"| {r['mode']} | {r['batch']} | {r['variant']} | {r['ms']:.3f} | {r['speedup']:.3f}x | "
-                  f"{'' if r['host_ms'] is None else r['host_ms']} | {'' if r['stages'] is None else r['stages']} |" for r in fw]
+                  f"{blank(r['host_ms'])} | {blank(r['stages'])} |" for r in fw]
     for r in ROWS:
         if r["part"] != "forward":
             lines.append("- " + json.dumps(r))

@@ -22,10 +22,19 @@ tokenprune's choices (ours, not the paper's exact settings): the margin falls li
 ``margin = margin_start * (1 - block / depth)`` (later blocks have more similar tokens, so a lower
 margin keeps the energies spread); the merge placement and schedule are ``merge``'s, with
 ``placement="attn"`` (ToMe's: inside every block, between attention and MLP) as the default. Output
-order: prefix, protected tokens in spatial order, then the B tokens by energy rank. Padding slots
-(size 0) get the highest energy, so they are merged first, into other padding where possible.
-No host sync, no data-dependent Python: it compiles with ``fullgraph=True``. The ``[N, N]`` cosine
-matrix per sample is 4 times ToMe's ``[N/2, N/2]``.
+order: prefix, protected tokens in spatial order, the candidates that were not merged (only with
+``candidates > 2``; none when every token is a candidate) in spatial order, then the B tokens by energy
+rank. Padding slots (size 0) get the highest energy, so they are merged first.
+
+How it runs: ``kernels.pitome_order`` computes the energies and the step's row order (prefix, protected,
+then A, B, A, B, ...); ToMe's merge step (``ops.bipartite_merge`` with ``order``) then merges the
+candidates, keeping the protected tokens like the prefix. On CUDA these are one launch each (two for the
+merge from batch 32): the energy kernel never stores the ``[N, N]`` cosine matrix (``N^2 d`` multiply-adds
+per sample, 4 times ToMe's matching, on the tensor cores in the keys' dtype), and the merge kernels read
+the rows through the order, so nothing is permuted in memory and the block's last residual add is left to
+them as in ``merge``. The energy's reference (the equation above, float32) is
+``kernels.reference.pitome_energy``. No host sync, no data-dependent Python: it compiles with
+``fullgraph=True``.
 """
 from __future__ import annotations
 
