@@ -14,7 +14,8 @@ Parts (``--parts``, comma-separated; default ``checks,step,forward``):
   step (order + merge), kernels on and off, and ToMe's step (``ops.bipartite_merge``) for comparison.
 - ``forward``: ms per eager forward of ViT-B/16 (random weights, fp16, SDPA) at bs 256 and 1, budget 0.25:
   unreduced, ``merge`` (after the block), ``merge`` with ``placement="attn"`` (ToMe's place, as pitome), ``pitome``,
-  ``pitome-all`` (``candidates=inf``); every variant timed in 3 interleaved rounds, lowest median kept
+  ``pitome-all`` (``candidates=inf``), and ``merge`` attn / ``pitome`` with 3 steps (``layers`` at 1/4, 1/2, 3/4 of the depth); every
+  variant timed in 3 interleaved rounds, lowest median kept
   (``scripts/_common.ms``: CUDA events, median of 30 after 10 warm-up calls); at bs 1 also the host time to issue
   one forward.
 - ``compiled``: the same variants at bs 1 under ``torch.compile(mode="reduce-overhead", fullgraph=True)``.
@@ -41,7 +42,10 @@ from tokenprune.reducers.pitome import protected_merge  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 VARIANTS = [("unreduced", None, {}), ("merge", "merge", {}), ("merge attn", "merge", {"placement": "attn"}),
-            ("pitome", "pitome", {}), ("pitome-all", "pitome", {"candidates": float("inf")})]
+            ("pitome", "pitome", {}), ("pitome-all", "pitome", {"candidates": float("inf")}),
+            # fewer, larger steps (launches are what a bs-1 eager forward waits on)
+            ("merge attn 3 steps", "merge", {"placement": "attn", "layers": "quarters"}),
+            ("pitome 3 steps", "pitome", {"layers": "quarters"})]
 ROWS: list[dict] = []
 
 
@@ -139,6 +143,9 @@ def forward(device, smoke, mode="eager", rounds=3):
         m, plan = base_model, None
         if method:
             m = copy.deepcopy(base_model)
+            if opts.get("layers") == "quarters":
+                depth = len(m.blocks)
+                opts = {**opts, "layers": [depth // 4, depth // 2, 3 * depth // 4]}
             tokenprune.apply(m, budget=0.25, method=method, **opts)
             plan = tokenprune.plan(m)
         runs.append((label, m if mode == "eager" else torch.compile(m, mode=mode, fullgraph=True), plan))
