@@ -237,9 +237,8 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
     # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
     # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
-    # PERM: the step runs on the rows in the order ``perm`` (place v holds row perm[v]; pitome's protected
-    # tokens are then part of the prefix, PT rows at a time in MODE 0): tokens, residual, sizes and metric are
-    # read at the rows, the source map's old index is the row; output rows follow the places
+    # PERM: the step runs on the rows in the order ``perm`` (place v holds row perm[v]; pitome's protected tokens
+    # join the prefix, PT rows at a time in MODE 0): every input read and the source map go through it
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs_p = tl.arange(0, PP)
@@ -563,8 +562,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                           BT=32, MODE=mode, LOG_SIZES=log_sizes, PERM=perm is not None, num_warps=warps, **extra)
 
     if large:
-        m_in, s_in = metric, sizes
-        if perm is not None:  # the matching reads the metric in the step's order (a [B, T, d] copy: long inputs only)
+        m_in, s_in = metric, sizes  # with perm: the matching reads the metric in the step's order (a [B, T, d] copy)
+        if perm is not None:
             m_in = metric.gather(1, perm[..., None].expand(bsz, t, d))
             s_in = sizes.gather(1, perm) if sizes is not None else None
         best, idx = _best_partners(m_in[:, p:], (s_in[:, p + 1::2] > 0) if padded and s_in is not None else None)
