@@ -39,7 +39,7 @@ SUPPORTED = [
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
     "transformers DINOv3ViTModel (RoPE)",
-    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, one spatial shape per batch)",
+    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex; a batch may mix spatial shapes)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 
