@@ -152,9 +152,20 @@ def make_videomae():
                 eager="transformers.models.videomae.modeling_videomae")
 
 
+def make_timm_naflex():
+    """timm NaFlexVit on image input (its NaFlex patch dicts, mixed grids included: tests/test_naflexvit.py)."""
+    import timm
+
+    _seed()
+    m = timm.create_model("naflexvit_base_patch16_map", pretrained=False, patch_size=4, embed_dim=32, depth=4,
+                          num_heads=4, num_classes=10, pos_embed_grid_size=(4, 4)).eval()
+    return dict(model=m, x=torch.randn(2, 3, 16, 16), tokens=lambda model, x: tokenprune.features(model, x)[0],
+                prefix=1, n=16, out=lambda model, x: model(x), eager=None)
+
+
 FAMILIES = {"open_clip": make_open_clip, "open_clip_siglip": make_open_clip_siglip, "open_clip_pe": make_open_clip_pe,
             "hf_clip": make_hf_clip, "siglip": make_siglip, "whisper": make_whisper,
-            "ast": make_ast, "videomae": make_videomae}
+            "ast": make_ast, "videomae": make_videomae, "timm_naflex": make_timm_naflex}
 
 
 def _methods():

@@ -9,6 +9,7 @@ from .base import Adapter, class_names
 _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
     ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
+    ("tokenprune.adapters.timm_naflex", "TimmNaFlexAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.vlm.qwen", "QwenVLAdapter"),
@@ -28,6 +29,7 @@ _ADAPTERS = [
 SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
     "timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*)",
+    "timm NaFlexVit (naflexvit_*; images or NaFlex patch dicts, a batch may mix grids)",
     "open_clip CLIP / VisionTransformer image towers (model.visual)",
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
     "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
