@@ -151,11 +151,11 @@ def test_rope_one_grid(rope):
     img = torch.randn(2, 3, 16, 24)
     batch = naflex(list(img))
     with torch.no_grad():
-        ref, ref_d = model(img), model(batch)
+        ref = model(img)  # (timm 1.0.29's own NaFlex path fails with mixed RoPE: the image input is the reference)
         tokenprune.apply(model, 1.0, "merge")
         try:
             torch.testing.assert_close(model(img), ref, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(model(batch), ref_d, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(model(batch), ref, rtol=1e-5, atol=1e-5)
         finally:
             tokenprune.remove(model)
         for method in ("merge", "cls", "pool"):

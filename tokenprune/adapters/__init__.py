@@ -21,6 +21,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
     ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
+    ("tokenprune.adapters.hf_vivit", "HFVivitAdapter"),
     ("tokenprune.adapters.hf_vit", "HFViTAdapter"),
     ("tokenprune.adapters.hf_dinov3", "HFDinov3Adapter"),
     ("tokenprune.adapters.hf_speech", "HFSpeechAdapter"),
@@ -39,9 +40,10 @@ SUPPORTED = [
     "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
     "transformers ASTForAudioClassification / ASTModel",
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
+    "transformers VivitModel / VivitForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
     "transformers DINOv3ViTModel (RoPE)",
-    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex; a batch may mix spatial shapes)",
+    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, mixed shapes too)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 
