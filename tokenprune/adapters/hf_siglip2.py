@@ -28,7 +28,7 @@ import torch
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import run_mixed
 from .hf_common import AttentionRouting, ProjAttention, block_fn, no_extra_kwargs
@@ -113,6 +113,10 @@ class HFSiglip2Adapter(Adapter):
         return EncoderInfo(depth=len(self.tower.encoder.layers), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=0, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=False, family=self.family)
+
+    def input_grid(self, input_shape):
+        """The patch grid of an image of ``input_shape`` (``(..., H, W)`` pixels, as its ``spatial_shapes`` row)."""
+        return image_grid(input_shape, self.tower.config.patch_size)
 
     def check(self, reducer) -> None:
         self._routing.check()
