@@ -47,3 +47,20 @@ def test_timesformer_is_refused():
     with pytest.raises(TypeError, match="no adapter for .*Timesformer.*Supported model families"):
         tokenprune.apply(model, 0.5, "merge")
     assert tokenprune.get_patch(model) is None
+
+
+@pytest.mark.parametrize("method", ["merge", "cls", "pool"])
+def test_vivit_compiles_fullgraph(method):
+    from test_adapters_matrix import make_vivit
+
+    fam = make_vivit()
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, 0.25, method)
+    try:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = model(x).logits
+            out = torch.compile(lambda v: model(v).logits, fullgraph=True, backend="eager")(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    finally:
+        tokenprune.remove(model)

@@ -175,6 +175,8 @@ class TimmNaFlexAdapter(Adapter):
         if not isinstance(blocks, torch.nn.Sequential) or len(blocks) == 0:
             raise TypeError("tokenprune: this NaFlexVit has no blocks")
         self.eva = _eva_blocks(blocks)
+        # the default input (plan() without input_shape): the image size given at creation when the embedding kept
+        # it, else the position embedding's grid (naflexvit_*: 16 x 16); NaFlex inputs bring their own grids
         pe = model.embeds
         if getattr(pe, "default_img_size", None) is not None:
             self._grid = tuple(s // p for s, p in zip(pe.default_img_size, pe.patch_size))
