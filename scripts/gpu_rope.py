@@ -1,11 +1,16 @@
-"""GPU throughput of token reduction on RoPE ViTs and HF DINOv2 (random weights, fp16, SDPA).
+"""GPU throughput of token reduction on RoPE ViTs, HF DINOv2 and NaFlex encoders (random weights, fp16, SDPA).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python scripts/gpu_rope.py --out $OUT          # H200, about 2 minutes
     PYTHONPATH=. python scripts/gpu_rope.py --out /tmp/rope --smoke                # CPU, tiny sizes (checks the script)
 
 Models (default): timm ``eva02_base_patch14_224`` (EVA02-B/14: 256 patches + [CLS], rotary positions, SwiGLU),
 timm ``vit_base_patch16_dinov3`` (DINOv3-B: 196 patches + [CLS] + 4 registers, DINOv3 rotary positions) and
-transformers ``Dinov2Model`` with the dinov2-base shape (256 patches + [CLS], absolute positions). For each: batch 1
+transformers ``Dinov2Model`` with the dinov2-base shape (256 patches + [CLS], absolute positions). With ``--only``
+also: timm ``naflexvit_base_patch16_map`` on 384 px images (``naflexvit_b16``, 576 patches), and NaFlex batches mixing
+image shapes (``naflexvit_b16_mixed``: timm NaFlex patch dicts; ``hf_siglip2_b16_mixed``: transformers
+``Siglip2VisionModel``, the siglip2-base-patch16-naflex shape), where half the batch is a 16 x 16 patch grid and half
+a 12 x 20 one, padded to 256 patches (each image is reduced on its own grid; ``tokens out`` is the 16 x 16
+image's). A mixed batch of one image has one grid: batch 1 is the 16 x 16 image alone. For each: batch 1
 and 256, the unreduced model on SDPA, then each method x budget (default merge and cls at 0.5 / 0.25): ms per batch
 (median of CUDA-event-timed runs after warm-up, ``tokenprune.bench.time_fn``), items/s, speed-up against the
 unreduced model measured in the same process, tokens out and the plan's FLOP ratio. Checks on the way: budget 1.0
@@ -38,6 +43,60 @@ def timm_model(name: str, smoke: bool):
     return m, (lambda b: torch.randn(b, 3, size, size)), (lambda model, x: model(x))
 
 
+def _mixed_grids(b: int, smoke: bool):
+    """Half the batch a 16 x 16 patch grid, half 12 x 20 (smoke: 4 x 4 and 3 x 5)."""
+    big, other = ((4, 4), (3, 5)) if smoke else ((16, 16), (12, 20))
+    return [big if i % 2 == 0 else other for i in range(b)], big
+
+
+def naflex_mixed(smoke: bool):
+    """timm NaFlexVit on NaFlex patch dicts (as timm's collator makes them) mixing two grids."""
+    import timm
+
+    kw = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, pos_embed_grid_size=(4, 4)) if smoke else {}
+    m = timm.create_model("naflexvit_base_patch16_map", pretrained=False, num_classes=1000, **kw)
+    p = m.embeds.patch_size[0]
+
+    def make(b):
+        grids, big = _mixed_grids(b, smoke)
+        n = big[0] * big[1]
+        coord = torch.zeros(b, n, 2, dtype=torch.long)
+        valid = torch.zeros(b, n, dtype=torch.bool)
+        for i, (h, w) in enumerate(grids):
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            coord[i, : h * w] = torch.stack([yy.reshape(-1), xx.reshape(-1)], -1)
+            valid[i, : h * w] = True
+        return dict(patches=torch.randn(b, n, 3 * p * p), patch_coord=coord, patch_valid=valid)
+
+    big = _mixed_grids(1, smoke)[1]
+    return m, make, (lambda model, x: model(x)), (1, 3, big[0] * p, big[1] * p)
+
+
+def hf_siglip2_mixed(smoke: bool):
+    """transformers Siglip2VisionModel (NaFlex: pixel_attention_mask, spatial_shapes) mixing two grids."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    if smoke:
+        cfg = Siglip2VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                  patch_size=8, num_patches=16, attn_implementation="sdpa")
+    else:  # google/siglip2-base-patch16-naflex
+        cfg = Siglip2VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, patch_size=16, num_patches=256, attn_implementation="sdpa")
+
+    def make(b):
+        grids, big = _mixed_grids(b, smoke)
+        n = big[0] * big[1]
+        mask = torch.zeros(b, n, dtype=torch.long)
+        for i, (h, w) in enumerate(grids):
+            mask[i, : h * w] = 1
+        return dict(pixel_values=torch.randn(b, n, 3 * cfg.patch_size ** 2), pixel_attention_mask=mask,
+                    spatial_shapes=torch.tensor(grids))
+
+    big = _mixed_grids(1, smoke)[1]
+    shape = (1, 3, big[0] * cfg.patch_size, big[1] * cfg.patch_size)
+    return Siglip2VisionModel(cfg), make, (lambda model, x: model(**x).pooler_output), shape
+
+
 def hf_dinov2(smoke: bool):
     from transformers import Dinov2Config, Dinov2Model
 
@@ -53,7 +112,17 @@ def hf_dinov2(smoke: bool):
 
 MODELS = {"eva02_b14": lambda smoke: timm_model("eva02_base_patch14_224", smoke),
           "dinov3_b16": lambda smoke: timm_model("vit_base_patch16_dinov3", smoke),
-          "hf_dinov2_b14": hf_dinov2}
+          "hf_dinov2_b14": hf_dinov2,
+          "naflexvit_b16": lambda smoke: timm_model("naflexvit_base_patch16_map", smoke),
+          "naflexvit_b16_mixed": naflex_mixed, "hf_siglip2_b16_mixed": hf_siglip2_mixed}
+DEFAULT = ["eva02_b14", "dinov3_b16", "hf_dinov2_b14"]
+
+
+def _to(x, device, dtype):
+    """An input (tensor or dict of tensors) on ``device``; floating tensors in ``dtype``."""
+    if isinstance(x, dict):
+        return {k: _to(v, device, dtype) for k, v in x.items()}
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
 
 
 def row(table, **kw):
@@ -62,17 +131,18 @@ def row(table, **kw):
 
 
 def bench(name, factory, methods, budgets, batches, device, dtype, warmup, reps, table):
-    model, make_input, run = factory
+    model, make_input, run, *shape = factory
     model = model.to(device=device, dtype=dtype).eval()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for bs in batches:
-        x = make_input(bs).to(device=device, dtype=dtype)
+        x = _to(make_input(bs), device, dtype)
+        planned = dict(input_shape=shape[0] if shape else tuple(x.shape))  # the grid that runs (NaFlex: the 16 x 16)
         with torch.inference_mode():
             ref = run(model, x)
             base = timed(lambda: run(model, x), device, warmup, reps)
             tokenprune.apply(model, 1.0, "merge")
             same = torch.allclose(run(model, x).float(), ref.float(), rtol=tol, atol=tol)
-            n_in = tokenprune.plan(model).info.num_tokens
+            n_in = tokenprune.plan(model, **planned).info.num_tokens
             tokenprune.remove(model)
         row(table, model=name, method="none", budget=1.0, batch=bs, tokens_out=n_in, ms=base, per_s=1e3 * bs / base,
             speedup=1.0, flop_ratio=1.0, check="ok" if same else "budget 1.0 differs from the unreduced model")
@@ -80,7 +150,7 @@ def bench(name, factory, methods, budgets, batches, device, dtype, warmup, reps,
             for budget in budgets:
                 tokenprune.apply(model, budget, method)
                 try:
-                    plan = tokenprune.plan(model)
+                    plan = tokenprune.plan(model, **planned)
                     with torch.inference_mode():
                         finite = bool(torch.isfinite(run(model, x)).all())
                         t = timed(lambda: run(model, x), device, warmup, reps)
@@ -107,7 +177,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script in seconds")
     ap.add_argument("--methods", nargs="+", default=["merge", "cls"])
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25])
-    ap.add_argument("--only", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--only", nargs="+", default=DEFAULT, choices=list(MODELS))
     ap.add_argument("--batch", type=int, default=256, help="the large batch (batch 1 is always timed)")
     args = ap.parse_args()
     if args.smoke:
@@ -134,7 +204,8 @@ def main():
     except ImportError:
         pass
     (out / "rope.json").write_text(json.dumps(dict(env=env, rows=table), indent=1))
-    header = f"RoPE ViTs and HF DINOv2, {env['device']}, {env['dtype']}, random weights, SDPA (scripts/gpu_rope.py)"
+    header = (f"RoPE ViTs, HF DINOv2, NaFlex encoders, {env['device']}, {env['dtype']}, random weights, SDPA "
+              "(scripts/gpu_rope.py)")
     (out / "rope.md").write_text(markdown(table, header))
     print(markdown(table, header))
     print(f"wrote {out / 'rope.json'} and {out / 'rope.md'} in {env['seconds']} s")

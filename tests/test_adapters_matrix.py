@@ -152,9 +152,33 @@ def make_videomae():
                 eager="transformers.models.videomae.modeling_videomae")
 
 
+def make_vivit():
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    _seed()
+    cfg = VivitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=16,
+                      num_frames=4, tubelet_size=[2, 4, 4], num_labels=5)
+    m = VivitForVideoClassification(cfg).eval()
+    return dict(model=m, x=torch.randn(2, 4, 3, 16, 16), tokens=lambda model, x: model.vivit(x).last_hidden_state,
+                prefix=1, n=32, out=lambda model, x: model(x).logits,
+                eager="transformers.models.vivit.modeling_vivit")
+
+
+def make_timm_naflex():
+    """timm NaFlexVit on image input (its NaFlex patch dicts, mixed grids included: tests/test_naflexvit.py)."""
+    import timm
+
+    _seed()
+    m = timm.create_model("naflexvit_base_patch16_map", pretrained=False, patch_size=4, embed_dim=32, depth=4,
+                          num_heads=4, num_classes=10, pos_embed_grid_size=(4, 4)).eval()
+    return dict(model=m, x=torch.randn(2, 3, 16, 16), tokens=lambda model, x: tokenprune.features(model, x)[0],
+                prefix=1, n=16, out=lambda model, x: model(x), eager=None)
+
+
 FAMILIES = {"open_clip": make_open_clip, "open_clip_siglip": make_open_clip_siglip, "open_clip_pe": make_open_clip_pe,
             "hf_clip": make_hf_clip, "siglip": make_siglip, "whisper": make_whisper,
-            "ast": make_ast, "videomae": make_videomae}
+            "ast": make_ast, "videomae": make_videomae, "vivit": make_vivit,
+            "timm_naflex": make_timm_naflex}
 
 
 def _methods():

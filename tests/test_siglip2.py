@@ -1,7 +1,8 @@
 """SigLIP2 NaFlex towers (tiny random models, CPU): padded patch sequences with ``pixel_attention_mask`` and
 ``spatial_shapes``. Budget 1.0 equals the unpatched model on the real patches; exactly K tokens for merge / cls /
 apet / random / pool on the image's own (non-square) grid; ``remove`` bit-identical; eager attention never entered;
-a padded per-sample batch equals each sample alone; the classifier's mean is size-weighted; mixed shapes refused."""
+a padded per-sample batch equals each sample alone; the classifier's mean is size-weighted; a batch mixing spatial
+shapes equals each image alone (its own grid, its own K)."""
 from __future__ import annotations
 
 import importlib
@@ -142,18 +143,99 @@ def test_classifier_mean_is_size_weighted():
     assert not torch.allclose(got, plain, atol=1e-4)
 
 
+def _mixed(b_grid=(3, 4)):
+    """Two images of different shapes in one batch: a 4 x 6 grid and a ``b_grid`` one, padded to L patches."""
+    pv, mask, _ = _inputs()
+    pv = torch.stack([pv[0], 4 * pv[1].flip(-1)])
+    mask = mask.clone()
+    mask[1] = 0
+    mask[1, : b_grid[0] * b_grid[1]] = 1
+    return pv, mask, torch.tensor([[H, W], list(b_grid)])
+
+
+@pytest.mark.parametrize("maker", [make_tower, make_classifier], ids=["tower", "classifier"])
+def test_mixed_shapes_batch_equals_each_alone(maker, monkeypatch):
+    """A batch mixing spatial shapes: every image is reduced on its own grid to its own K, exactly as alone, the
+    pooling head sees only its tokens; budget 1.0 is the unpatched model; eager attention never runs."""
+    model = maker()
+    pv, mask, ss = _mixed()
+    counts = [H * W, 3 * 4]
+    tower = model if maker is make_tower else model.vision_model
+    with torch.no_grad():
+        ref = _out(model, (pv, mask, ss))
+        ref_tokens = tower(pv, mask, ss).last_hidden_state
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            torch.testing.assert_close(_out(model, (pv, mask, ss)), ref, rtol=1e-5, atol=1e-5)
+            tokens = tower(pv, mask, ss).last_hidden_state
+            for i, n in enumerate(counts):
+                torch.testing.assert_close(tokens[i, :n], ref_tokens[i, :n], rtol=1e-5, atol=1e-5)
+        finally:
+            tokenprune.remove(model)
+    monkeypatch.setattr(importlib.import_module("transformers.models.siglip2.modeling_siglip2"),
+                        "eager_attention_forward", lambda *a, **k: pytest.fail("eager attention was called"))
+    for method, kw in METHODS:
+        for budget in (0.5, 0.25):
+            tokenprune.apply(model, budget, method, **kw)
+            try:
+                with torch.no_grad():
+                    tokens, state = tokenprune.features(model, pv, mask, ss)
+                    both = _out(model, (pv, mask, ss))
+                    alone = [tokenprune.features(model, pv[i:i + 1], mask[i:i + 1], ss[i:i + 1]) for i in range(2)]
+                    alone_out = torch.cat([_out(model, (pv[i:i + 1], mask[i:i + 1], ss[i:i + 1])) for i in range(2)])
+                patch = tokenprune.get_patch(model)
+                want = [patch.plan_for(n, tuple(g)).num_out for n, g in zip(counts, ss.tolist())]
+                if method != "pool":
+                    assert want == [keep_count(budget, n) for n in counts]
+                assert state.kept_per_sample().tolist() == want, (method, budget)
+                assert tokens.shape[1] == max(want)
+                for i in range(2):
+                    k = want[i]
+                    assert alone[i][0].shape[1] == k
+                    torch.testing.assert_close(tokens[i, :k], alone[i][0][0], rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(state.sizes[i, :k], alone[i][1].sizes_or_ones()[0])
+                    assert (state.sizes[i, k:] == 0).all()
+                    got_src, want_src = state.source[i, : counts[i]], alone[i][1].source[0]
+                    assert torch.equal(got_src, want_src) and (state.source[i, counts[i]:] == -1).all()
+                torch.testing.assert_close(both, alone_out, rtol=1e-4, atol=1e-4)
+            finally:
+                tokenprune.remove(model)
+
+
+def test_mixed_shapes_same_count():
+    """Two grids with the same number of patches (4 x 6 and 6 x 4): no padding slot, each image on its own grid
+    (pool groups each image's own neighbours)."""
+    model = make_tower()
+    pv, mask, ss = _mixed((6, 4))
+    for method in ("pool", "merge"):
+        tokenprune.apply(model, 0.25, method)
+        try:
+            with torch.no_grad():
+                both = model(pv, mask, ss).pooler_output
+                alone = torch.cat([model(pv[i:i + 1], mask[i:i + 1], ss[i:i + 1]).pooler_output for i in range(2)])
+        finally:
+            tokenprune.remove(model)
+        torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+
+
 def test_refusals():
     model = make_tower()
     pv, mask, ss = _inputs()
     tokenprune.apply(model, 0.5, "merge")
     try:
-        with pytest.raises(ValueError, match="mixes spatial_shapes"):
-            model(pv, mask, torch.tensor([[4, 6], [6, 4]]))
         bad = mask.clone()
         bad[0, 0] = 0
         with pytest.raises(ValueError, match="first h\\*w patches"):
             model(pv, bad, ss)
+        with pytest.raises(ValueError, match="more than the 28 patches"):
+            model(pv, mask, torch.tensor([[4, 6], [6, 6]]))
         with pytest.raises(ValueError, match="output_hidden_states"):
             model(pv, mask, ss, output_hidden_states=True)
+    finally:
+        tokenprune.remove(model)
+    tokenprune.apply(model, 0.5, "maelre", switch_at=16)
+    try:
+        with pytest.raises(ValueError, match="switch attention kernels"):
+            model(*_mixed())
     finally:
         tokenprune.remove(model)

@@ -9,6 +9,7 @@ from .base import Adapter, class_names
 _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
     ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
+    ("tokenprune.adapters.timm_naflex", "TimmNaFlexAdapter"),
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.vlm.qwen", "QwenVLAdapter"),
@@ -20,6 +21,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.whisper", "WhisperAdapter"),
     ("tokenprune.adapters.hf_ast", "HFASTAdapter"),
     ("tokenprune.adapters.hf_videomae", "HFVideoMAEAdapter"),
+    ("tokenprune.adapters.hf_vivit", "HFVivitAdapter"),
     ("tokenprune.adapters.hf_vit", "HFViTAdapter"),
     ("tokenprune.adapters.hf_dinov3", "HFDinov3Adapter"),
     ("tokenprune.adapters.hf_speech", "HFSpeechAdapter"),
@@ -28,6 +30,7 @@ _ADAPTERS = [
 SUPPORTED = [
     "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)",
     "timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*)",
+    "timm NaFlexVit (naflexvit_*; images or NaFlex patch dicts, a batch may mix grids)",
     "open_clip CLIP / VisionTransformer image towers (model.visual)",
     "transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (visual tokens pruned between vision tower and LM)",
     "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video; visual tokens pruned between vision tower and LM)",
@@ -37,9 +40,10 @@ SUPPORTED = [
     "transformers WhisperForConditionalGeneration / WhisperModel / WhisperEncoder (encoder)",
     "transformers ASTForAudioClassification / ASTModel",
     "transformers VideoMAEModel / VideoMAEForVideoClassification",
+    "transformers VivitModel / VivitForVideoClassification",
     "transformers ViTModel / ViTForImageClassification / Dinov2(WithRegisters)Model / ...ForImageClassification",
     "transformers DINOv3ViTModel (RoPE)",
-    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, one spatial shape per batch)",
+    "transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex, mixed shapes too)",
     "transformers Wav2Vec2Model / HubertModel (encoder; WavLM refused: relative position bias inside attention)",
 ]
 

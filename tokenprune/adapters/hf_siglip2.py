@@ -4,20 +4,22 @@ tower untouched), ``Siglip2ForImageClassification``).
 NaFlex inputs are patch sequences ``pixel_values [B, L, C p p]`` padded to ``L`` with ``pixel_attention_mask`` and the
 patch grid of every image in ``spatial_shapes [B, 2]``.
 
-- Padding: in a batch whose images share one ``spatial_shapes`` (h, w) -- one image, or a batch of one
-  resolution/aspect -- the real patches are the first ``h w`` of every row and the mask is the same for all rows.
-  Those padding slots are dropped before the first layer (they are masked keys in HF's model, so the real tokens'
-  outputs are unchanged) and the encoder runs on the ``(h, w)`` grid, which grid-aware reducers (``pool``) use. The
-  outputs are the reduced tokens (no padding slots); ``pixel_attention_mask`` is consistent because no padding
-  enters the blocks. A batch mixing spatial shapes is refused with a clear error (reduce it image by image or
-  group the images by shape): each sample would need its own grid and its own budget.
+- Padding: row ``b``'s real patches are the first ``h_b w_b`` (its ``spatial_shapes``), as the processor makes them;
+  the mask is checked to say so. In a batch of one shape, those padding slots are dropped before the first layer
+  (they are masked keys in HF's model, so the real tokens' outputs are unchanged) and the encoder runs on the
+  ``(h, w)`` grid, which grid-aware reducers (``pool``) use; the outputs are the reduced tokens (no padding slots).
+  A batch mixing shapes runs through :func:`tokenprune.mixed.run_mixed`: every image is reduced on its own grid with
+  its own budget (``K_b = keep_count(budget, h_b w_b)``), exactly as alone, while the layers run once on the whole
+  batch, each row padded with masked slots of size 0. Its outputs are ``[B, K_max, C]``: row ``b``'s ``K_b`` tokens,
+  then padding slots (``tokenprune.features`` gives the sizes; 0 = padding).
 - Positions: absolute (resized per image) and added before the first layer.
 - Layers are HF's; attention keeps SDPA through ``tokenprune_sdpa`` (``Siglip2Attention`` does not pass keyword
   arguments on, so it gets :class:`.hf_common.ProjAttention`, as SigLIP does).
 - Reading ``spatial_shapes`` and checking the mask happen on the host (one sync per forward), so a compiled
   SigLIP2 forward has a graph break there (``fullgraph=True`` is not available for this family).
-- Pooling: the MAP head weights keys by size (``log size``); ``Siglip2ForImageClassification``'s mean over tokens is
-  size-weighted. No [CLS]: ``cls`` scores with its substitute (see :mod:`.hf_clip`).
+- Pooling: the MAP head weights keys by size (``log size``, so padding slots are masked keys);
+  ``Siglip2ForImageClassification``'s mean over tokens is size-weighted (padding weighs 0). No [CLS]: ``cls``
+  scores with its substitute (see :mod:`.hf_clip`).
 """
 from __future__ import annotations
 
@@ -26,28 +28,25 @@ import torch
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
-from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, run
+from ..mixed import run_mixed
+from .hf_common import AttentionRouting, ProjAttention, block_fn, no_extra_kwargs
 
 
-def _grid(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[int, int]:
-    """The one (h, w) of the batch; checks the mask marks exactly the first ``h w`` patches of every row."""
-    shapes = spatial_shapes.tolist()
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError("tokenprune: this SigLIP2 batch mixes spatial_shapes " f"{sorted(set(map(tuple, shapes)))}; "
-                         "token reduction needs one patch grid per batch. Run the images of each shape in their own "
-                         "batch (or one by one), or call tokenprune.remove(model) first")
-    h, w = int(shapes[0][0]), int(shapes[0][1])
-    if h * w > length:
-        raise ValueError(f"tokenprune: spatial_shapes {h}x{w} is more than the {length} patches given")
+def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
+    """The (h, w) of every image; checks the mask marks exactly the first ``h w`` patches of every row."""
+    grids = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    counts = [h * w for h, w in grids]
+    if max(counts) > length:
+        raise ValueError(f"tokenprune: spatial_shapes {grids[counts.index(max(counts))]} is more than the {length} "
+                         "patches given")
     if mask is not None:
-        want = torch.zeros(length, dtype=torch.bool, device=mask.device)
-        want[: h * w] = True
+        want = torch.arange(length, device=mask.device)[None, :] < torch.tensor(counts, device=mask.device)[:, None]
         if not bool((mask.bool() == want).all()):
             raise ValueError("tokenprune: pixel_attention_mask must mark the first h*w patches of every image (as the "
                              "SigLIP2 processor makes it); got another pattern")
-    return h, w
+    return grids
 
 
 class _Tower:
@@ -70,9 +69,9 @@ class _Tower:
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.encoder.layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced SigLIP2 in training; "
                                "call model.gradient_checkpointing_disable()")
-        h, w = _grid(spatial_shapes, pixel_attention_mask, pixel_values.shape[1])
-        hidden = self.embeddings(pixel_values, spatial_shapes)[:, : h * w]  # the padding slots never enter
-        return run(fwd, self.encoder.layers, hidden, (h, w), extra=(None,))
+        grids = _grids(spatial_shapes, pixel_attention_mask, pixel_values.shape[1])
+        hidden = self.embeddings(pixel_values, spatial_shapes)
+        return run_mixed(fwd, self.encoder.layers, hidden, grids, block_fn(None))
 
 
 class _Classifier:
@@ -94,8 +93,8 @@ class _Classifier:
 
 class HFSiglip2Adapter(Adapter):
     family = "hf_siglip2"
-    description = ("transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex; one "
-                   "spatial shape per batch)")
+    description = ("transformers Siglip2VisionModel / Siglip2Model / Siglip2ForImageClassification (NaFlex; a batch "
+                   "may mix spatial shapes)")
     _classes = ("Siglip2VisionModel", "Siglip2Model", "Siglip2ForImageClassification")
 
     @classmethod
@@ -114,6 +113,10 @@ class HFSiglip2Adapter(Adapter):
         return EncoderInfo(depth=len(self.tower.encoder.layers), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=0, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=False, family=self.family)
+
+    def input_grid(self, input_shape):
+        """The patch grid of an image of ``input_shape`` (``(..., H, W)`` pixels, as its ``spatial_shapes`` row)."""
+        return image_grid(input_shape, self.tower.config.patch_size)
 
     def check(self, reducer) -> None:
         self._routing.check()
