@@ -130,12 +130,15 @@ def test_generate_runs_and_lm_input_shrinks(models, kind, method, opts):
 @pytest.mark.parametrize("method", ["cls", "random"])
 def test_kept_tokens_and_text_keep_their_positions(models, kind, method):
     """Every column the LM receives after pruning (kept visual tokens and text) has the embedding AND the (t, h, w)
-    position of one column of the unpruned input; decoding continues at the unpruned model's positions."""
+    position of one column of the unpruned input; decoding continues at the unpruned model's positions. Pruned after
+    the tower's last block (``layers=[depth - 1]``), so kept tokens are exactly unpruned ones (in-tower pruning at
+    earlier blocks: tests/test_vlm_qwen_tower.py)."""
     m = models[kind]
     inp = _inputs(pre=(1, 5, 6), post=(7, 8, 9, 10))
+    last = len(m.model.visual.blocks) - 1
     with LMInput(m) as ref:
         m.generate(**inp, **GEN)
-    with tokenprune.applied(m, budget=0.25, method=method), LMInput(m) as rec:
+    with tokenprune.applied(m, budget=0.25, method=method, layers=[last]), LMInput(m) as rec:
         m.generate(**inp, **GEN)
     e_ref, e = ref.embeds[0][0], rec.embeds[0][0]
     assert e.shape[0] == e_ref.shape[0] - (24 - _k(0.25, 24))
@@ -205,7 +208,8 @@ def test_qwen2_5_video_prompt(models, method):
 
 def test_cls_scores_are_received_attention_of_merge_groups(models):
     """Qwen2.5-VL, cls: the kept tokens are the top-K merged tokens by the attention their 2x2 patches receive at
-    the last full-attention block (reference from that block's eager attention, in the original patch order)."""
+    the first full-attention block (here the last block; reference from that block's eager attention, in the
+    original patch order)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
 
@@ -238,7 +242,7 @@ def test_cls_scores_are_received_attention_of_merge_groups(models):
 
 def test_qwen3_deepstack_follows_the_selection(models):
     """Qwen3-VL: the LM output equals the text model run on the pruned input with the deepstack features of
-    exactly the kept tokens at the kept positions (and differs without them)."""
+    exactly the kept tokens at the kept positions (and differs without them). Pruned after the last block."""
     m = models["qwen3_vl"]
     inp = _inputs()
     with torch.no_grad():
@@ -248,7 +252,7 @@ def test_qwen3_deepstack_follows_the_selection(models):
     h = lm.register_forward_hook(lambda mod, a, kw, out: seen.append((kw["inputs_embeds"], kw["position_ids"],
                                                                        out.last_hidden_state)), with_kwargs=True)
     try:
-        with tokenprune.applied(m, budget=0.25, method="cls"), torch.no_grad():
+        with tokenprune.applied(m, budget=0.25, method="cls", layers=[2]), torch.no_grad():
             m(**inp)
     finally:
         h.remove()

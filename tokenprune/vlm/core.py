@@ -50,7 +50,10 @@ class Group:
     ``x`` ``[B, P + N, C]``; ``scores`` ``[B, N]`` (summed reducer scores, or None); ``grid`` of the N tokens;
     ``extras``: per-token companions ``[B, N, D]`` that must follow the selection (Qwen3-VL's deepstack);
     ``places`` ``[P + N]``: the placeholder (offset in the item) of each token of ``x`` when ``x`` is not in
-    placeholder order (prefix tokens that stand between the others: OneVision's newlines; not with ``extras``)."""
+    placeholder order (prefix tokens that stand between the others: OneVision's newlines; not with ``extras``).
+    ``kept`` ``[B, P + K]``: set by a family that reduced the items itself (Qwen, inside its tower): ``x`` holds the
+    kept tokens in placeholder order and ``kept`` the placeholder (offset in the item of ``size`` placeholders) of
+    each."""
 
     x: torch.Tensor
     num_prefix: int = 0
@@ -58,6 +61,8 @@ class Group:
     scores: torch.Tensor | None = None
     extras: list = field(default_factory=list)
     places: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    size: int = 0
 
 
 def sum_scores(reducer, qks: dict, num_prefix: int) -> torch.Tensor | None:
@@ -266,12 +271,17 @@ class VLMAdapter(Adapter):
             places, tokens, comp = [], [], []
             base = 0
             for g in gs:
-                n = g.x.shape[1] - g.num_prefix
-                for t, pl, ex in reduce_group(self.reducer, g, self.kept_count(n, g.grid)):
+                if g.kept is None:
+                    items = reduce_group(self.reducer, g, self.kept_count(g.x.shape[1] - g.num_prefix, g.grid))
+                    width = g.x.shape[1]
+                else:  # reduced by the family already
+                    items = [(g.x[i], g.kept[i], [e[i] for e in g.extras]) for i in range(g.x.shape[0])]
+                    width = g.size
+                for t, pl, ex in items:
                     places.append(pl + base)
                     tokens.append(t)
                     comp.append(ex)
-                    base += g.x.shape[1]
+                    base += width
             is_tok = ids == tid
             flat = torch.zeros(base, dtype=torch.bool, device=ids.device)
             flat[torch.cat(places)] = True

@@ -1,32 +1,46 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images and video) on the shared VLM layer (``vlm/core.py``).
 
-Where: the merged tokens (after the vision tower's 2x2 patch merger, what the LM receives), per image or per
-video. ``budget`` = fraction of each item's merged tokens kept. Methods: ``cls``, ``random``, ``pool`` (per
-frame, on the merged ``(h/2, w/2)`` grid), ``apet``.
+``budget`` = fraction of each image's / video's merged tokens (what the LM receives) kept. Where each method acts:
+
+- ``cls``, ``random``, ``pool``: INSIDE the vision tower (``vlm/qwen_tower.py``), once, after block ``L``, in units
+  of the 2x2 merge group, so the later blocks, the merger (and Qwen3-VL's later deepstack mergers) run on the kept
+  groups only. ``L``: ``cls`` the last of ``layers=`` (default: the first full-attention block of Qwen2.5-VL,
+  ``fullatt_block_indexes[0]``; Qwen2-VL / Qwen3-VL, whose blocks all attend fully, ``depth // 4 - 1``: block 7 of
+  32); ``random`` the last of ``layers=`` (same default; -1 = before the first block); ``pool`` its ``block=``
+  (default -1: the patch embeddings are pooled, per frame, on the merged grid). ``layers=[depth - 1]`` prunes after
+  the last block: the same tokens as pruning after the tower;
+- ``apet``: after the tower, on the merged tokens (its merging needs the final features).
+
+The tower runs through ``qwen_tower.run`` whenever tokens are pruned, with every block's attention in one fused
+launch (``adapter.attention``: ``"pad"`` default, ``"mask"``, ``"varlen"``); at budget 1.0 the call goes to the
+model untouched.
 
 Scoring (``cls``; Qwen's ViT has no [CLS]): the attention each patch RECEIVES (mean over queries and heads,
-``substitute="received"``; ``"mean_query"`` is cheaper) at a full-attention layer of the tower (default: the
-last one: Qwen2.5-VL ``fullatt_block_indexes[-1]``, Qwen2-VL / Qwen3-VL the last block), from the q/k that
-layer made on SDPA, per frame (the layer's own attention span). Patch scores are averaged over each 2x2 merge
-group, so a merged token's score is its patches' mean; Qwen2.5-VL's window order is undone with the tower's own
-window index. ``layers=[j]`` scores at tower block ``j`` (on Qwen2.5-VL a windowed block scores within windows).
+``substitute="received"``; ``"mean_query"`` is cheaper) at block ``L`` (``variant="sum"``: summed over blocks 0..L),
+from the q/k that block made, each image / frame (full attention) or window (windowed blocks) on its own; the
+patch scores are averaged over each 2x2 merge group.
 
 Positions (M-RoPE): the unpruned ``[3, B, L]`` position ids come from the model's own ``get_rope_index`` (with
 ``mm_token_type_ids`` from the processor, or built from the placeholder ids when absent); every kept token keeps
 its (t, h, w) position, text keeps its positions, and ``generate()`` continues from the last prompt position
 (its rule for explicit position ids, the same it applies to the unpruned model). A pooled or merged token takes
-the position of its first member.
+the position of its first member (in the tower too: that member's rotary rows and window).
 
-Qwen3-VL's deepstack features (added to the LM's first layers at the visual positions) are reduced with the same
-selection (for merged tokens: the mean over the members) and handed to the text model with the call.
+Qwen3-VL's deepstack features (added to the LM's first layers at the visual positions) follow the selection (taps
+before the reduction: the mean over each kept token's members; after it: computed on the kept groups) and are
+handed to the text model with the call.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..adapters.base import restore_class, swap_class
-from .core import Group, VLMAdapter, encoder_info, sum_scores
+from .core import Group, VLMAdapter, encoder_info
+from .qwen_tower import ATTENTION, Reduction, Tower, run
 
+IN_TOWER = ("cls", "random", "pool")  # reduced inside the tower; the others after it
 FAMILIES = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
             "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
@@ -73,20 +87,38 @@ class QwenVLAdapter(VLMAdapter):
         self.inner = model.model
         self.visual = self.inner.visual
         self.attn_layers = [blk.attn for blk in self.visual.blocks]
-        vc = cfg.vision_config
-        self.merge = vc.spatial_merge_size
-        full = getattr(vc, "fullatt_block_indexes", None)
-        self.windowed = bool(full) and self.kind == "qwen2_5_vl"
-        self.default_layer = full[-1] if self.windowed else len(self.attn_layers) - 1
+        self.merge = cfg.vision_config.spatial_merge_size
+        self.tower = Tower.of(self.visual, self.kind)
+        full = sorted(self.tower.full_blocks)
+        self.default_layer = full[0] if self.tower.windowed else max(0, self.tower.depth // 4 - 1)
         self.has_cls = False
         self.deepstack = self.kind == "qwen3_vl"
         self.swapped: list = []
+        self.at: int | None = None  # the block after which the tower reduces (None: after the tower)
+        self.score_blocks: tuple = ()
+        self.attention = "pad"  # how the tower's blocks run attention over windows / images (qwen_tower.ATTENTION)
 
     def info(self):
         vc = self.model.config.vision_config
         dim = self.attn_layers[0].qkv.in_features
         mlp = getattr(vc, "intermediate_size", None) or int(dim * getattr(vc, "mlp_ratio", 4))
         return encoder_info(len(self.attn_layers), dim, vc.num_heads, mlp, 16 * 16, (16, 16), False, self.kind)
+
+    def check(self, reducer) -> None:
+        super().check(reducer)
+        if self.attention not in ATTENTION:
+            raise ValueError(f"tokenprune: attention {self.attention!r} is not one of {ATTENTION}")
+        self.at, self.score_blocks = None, ()
+        if reducer.name in IN_TOWER:
+            if self.score_at:  # cls: the blocks it scores with; it prunes after the last of them
+                self.at, self.score_blocks = max(self.score_at), tuple(self.score_at)
+            elif getattr(reducer, "layers", None):  # random (checked by its own schedule at apply)
+                self.at = max(int(b) for b in reducer.layers)
+            elif reducer.name == "pool":
+                self.at = int(reducer.block)  # checked by pool (-1 .. depth - 1)
+            else:
+                self.at = self.default_layer
+        self.score_at = []  # the tower is run by qwen_tower: no attention module is routed
 
     def install(self, patch) -> None:
         super().install(patch)
@@ -124,39 +156,22 @@ class QwenVLAdapter(VLMAdapter):
         out = {}
         for mod, grid in self._grids(a).items():
             pv = a["pixel_values" if mod == "image" else "pixel_values_videos"]
-            kw = {"tokenprune": sink} if sink is not None else {}
-            vo = self.visual(pv.type(self.visual.dtype), grid_thw=grid, **kw)
-            feats = vo.pooler_output
-            deep = list(getattr(vo, "deepstack_features", None) or []) if self.deepstack else []
-            scores = None
-            if sink is not None:
-                scores = self.merged_scores(sink, grid)
-                for q in sink.qks.values():
-                    q.clear()  # the next modality records afresh
-            m = self.merge
-            counts = [int(t * h * w) // m ** 2 for t, h, w in grid.tolist()]
-            groups, start = [], 0
-            for g, n in zip(self.item_grids(a, None)[mod], counts):
-                sl = slice(start, start + n)
-                groups.append(Group(feats[sl][None], 0, g, None if scores is None else scores[sl][None],
-                                    [d[sl][None] for d in deep]))
-                start += n
+            grids = self.item_grids(a, None)[mod]
+            counts = [math.prod(g) for g in grids]
+            red = None
+            if self.at is not None:
+                red = Reduction(self.reducer, self.at, [(g, self.kept_count(n, g)) for g, n in zip(grids, counts)],
+                                self.score_blocks)
+            feats, anchor, deep = run(self.tower, pv.type(self.visual.dtype), grid, red, self.attention)
+            groups, start, first = [], 0, 0
+            for g, n in zip(grids, counts):
+                k = red.items[len(groups)][1] if red is not None else n  # pool: its plan's count is the grid's
+                sl = slice(start, start + k)
+                groups.append(Group(feats[sl][None], 0, g, extras=[d[sl][None] for d in deep],
+                                    kept=(anchor[sl] - first)[None] if red is not None else None, size=n))
+                start, first = start + k, first + n
             out[mod] = groups
         return out
-
-    def merged_scores(self, sink, grid) -> torch.Tensor:
-        """Score of every merged token ``[total]`` (tower order undone): the patch scores of each 2x2 group
-        averaged."""
-        s = sum_scores(self.reducer, sink.qks, 0)[0]  # chunks concatenated: every patch, in the tower's order
-        s = s.view(-1, self.merge ** 2).mean(1)
-        if self.windowed:
-            from transformers.vision_utils import get_vision_window_index
-
-            vc = self.model.config.vision_config
-            window_index, _ = get_vision_window_index(grid, spatial_merge_size=self.merge,
-                                                      window_size=vc.window_size, patch_size=vc.patch_size)
-            s = s[torch.argsort(window_index.to(s.device))]
-        return s
 
     def positions(self, a, ids, mask):
         tt = a.get("mm_token_type_ids")
