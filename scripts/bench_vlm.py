@@ -13,7 +13,10 @@ Models are built from configs with random weights directly on the GPU in fp16 (n
 
 Prompt = the visual tokens + ``--text`` text tokens. For each model, input and batch size (1 and 8): the
 unpatched model, ``cls`` at budget 1.0 (patched, nothing pruned: the wrapper's cost), 0.25 and 0.1, and (bs 1)
-``random`` / ``pool`` at 0.1:
+``random`` / ``pool`` at 0.1. Qwen's ``cls``, ``random`` and ``pool`` reduce INSIDE the vision tower (cls/random
+after block 7, the first full-attention block; pool before block 0); bs 1 adds ``cls`` at 0.1 after the last block
+(``layers=[31]``: the tokens of pruning between tower and LM, but the tower's attention in one launch per block) and
+``cls`` with ``substitute="mean_query"`` (cheap scoring) at 0.1:
 
 - TTFT: ``generate(max_new_tokens=1)`` (vision tower + scoring + LM prefill + first token), median of ``--reps``
   (``tokenprune.bench.time_fn``; generate() reads its tokens back, so the CUDA events span its wall time);
@@ -21,7 +24,11 @@ unpatched model, ``cls`` at budget 1.0 (patched, nothing pruned: the wrapper's c
   (all sequences);
 - peak memory of the TTFT call (``tokenprune.bench.peak_memory``);
 - the LM prefill FLOP bound (``adapters.llava.prefill_flops``: linear layers + attention of the decoder);
-- once per input, the vision tower alone (unpatched), to show how much of TTFT pruning cannot touch.
+- the vision tower alone, per row: the unpatched tower (transformers' loop over windows / images) for the unpatched
+  row, and for the Qwen rows tokenprune's tower pass with that row's in-tower reduction;
+- Qwen, once per input and batch: tokenprune's tower pass WITHOUT reduction for each attention layout ("pad",
+  "varlen", and at bs 1 "mask"), its time and largest difference from transformers' tower output: how much of the
+  speed-up is the one-launch attention alone (budget 1.0 still runs the model untouched).
 
 Writes ``vlm_gpu.json`` and ``vlm_gpu.md`` to ``--out``. ``--smoke``: tiny configs on CPU (checks the script).
 
@@ -46,6 +53,8 @@ from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 import tokenprune  # noqa: E402
 from tokenprune.adapters.llava import prefill_flops  # noqa: E402
 from tokenprune.bench import peak_memory, time_fn  # noqa: E402
+from tokenprune.patch import get_patch  # noqa: E402
+from tokenprune.vlm.qwen_tower import Reduction, Tower, run  # noqa: E402
 
 IMG_Q, VID_Q, VS_Q, VE_Q = 151655, 151656, 151652, 151653
 IMG_L = 32000
@@ -182,15 +191,56 @@ def llava_inputs(model, batch, text, device, dtype, seed=1):
     return {"input_ids": ids, "pixel_values": pv}, n
 
 
-def tower_fn(model, kw):
+def _qwen_pixels(kw):
     if "pixel_values" in kw and "image_grid_thw" in kw:
-        return lambda: model.model.visual(kw["pixel_values"], grid_thw=kw["image_grid_thw"])
-    if "video_grid_thw" in kw:
-        return lambda: model.model.visual(kw["pixel_values_videos"], grid_thw=kw["video_grid_thw"])
+        return kw["pixel_values"], kw["image_grid_thw"]
+    return kw["pixel_values_videos"], kw["video_grid_thw"]
+
+
+def tower_fn(model, kw):
+    """The unpatched vision tower on the call's pixels; for a model patched with a Qwen in-tower method, the
+    adapter's tower pass with the reduction that call gets."""
+    if "image_grid_thw" in kw or "video_grid_thw" in kw:
+        pv, grid = _qwen_pixels(kw)
+        patch = get_patch(model)
+        ad = patch.adapter if patch is not None else None
+        if ad is None or getattr(ad, "at", None) is None:
+            return lambda: model.model.visual(pv, grid_thw=grid)
+        m = ad.merge
+        grids = [(h // m, w // m) if t == 1 else (t, h // m, w // m) for t, h, w in grid.tolist()]
+        items = [(g, ad.kept_count(math.prod(g), g)) for g in grids]
+        if all(k >= math.prod(g) for g, k in items):  # nothing pruned: the call runs the model untouched
+            return lambda: model.model.visual(pv, grid_thw=grid)
+        red = Reduction(ad.reducer, ad.at, items, ad.score_blocks)
+        return lambda: run(ad.tower, pv, grid, red, ad.attention)
     pv = kw.get("pixel_values", kw.get("pixel_values_videos"))
     if pv.dim() == 5:  # OneVision: crops / frames of each row
         pv = pv.flatten(0, 1)
     return lambda: model.model.vision_tower(pv, output_hidden_states=True)
+
+
+def tower_layouts(model, name, kind, kw, bs, args, device, rows):
+    """Qwen: tokenprune's tower pass without reduction, per attention layout, against transformers' tower."""
+    pv, grid = _qwen_pixels(kw)
+    tower = Tower.of(model.model.visual, "qwen2_5_vl")
+    with torch.inference_mode():
+        ref = model.model.visual(pv, grid_thw=grid).pooler_output.float()
+    hf_ms = time_fn(lambda: model.model.visual(pv, grid_thw=grid), device, 1, args.reps).median_ms
+    for how in ("pad", "varlen") + (("mask",) if bs == 1 else ()):
+        try:
+            with torch.inference_mode():
+                out = run(tower, pv, grid, None, how)[0].float()
+                ms = time_fn(lambda: run(tower, pv, grid, None, how), device, 1, args.reps).median_ms
+        except Exception:
+            traceback.print_exc()
+            rows.append({"model": name, "input": kind, "batch": bs, "layout": how,
+                         "error": traceback.format_exc(limit=3)})
+            continue
+        diff = float((out - ref).abs().max() / ref.abs().max())
+        rows.append({"model": name, "input": kind, "batch": bs, "layout": how, "tower_ms": ms, "hf_tower_ms": hf_ms,
+                     "rel_max_diff": diff})
+        print(f"{name} {kind} bs={bs} tower without reduction, attention {how:>6}: {ms:8.1f} ms (transformers "
+              f"{hf_ms:.1f} ms); max |diff| / max |ref| = {diff:.2e}", flush=True)
 
 
 def lm_len(model, kw) -> int:
@@ -218,32 +268,38 @@ class _StepClock:
         return scores
 
 
-def bench(model, name, kind, kw, n, bs, args, device, rows, extra=0):
-    runs = [("none", 1.0), ("cls", 1.0), ("cls", 0.25), ("cls", 0.1)]
+def bench(model, name, kind, kw, n, bs, args, device, rows, layout_rows, extra=0):
+    runs = [("none", 1.0, {}), ("cls", 1.0, {}), ("cls", 0.25, {}), ("cls", 0.1, {})]
     if bs == 1:
-        runs += [("random", 0.1), ("pool", 0.1)]
+        runs += [("random", 0.1, {}), ("pool", 0.1, {})]
+        if name == "qwen":
+            runs += [("cls", 0.1, {"layers": [len(model.model.visual.blocks) - 1]}),
+                     ("cls", 0.1, {"substitute": "mean_query"})]
+    if name == "qwen":
+        tower_layouts(model, name, kind, kw, bs, args, device, layout_rows)
     base = {}
-    tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
-    for method, budget in runs:
+    for method, budget, opts in runs:
         try:
-            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms, extra)
+            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, opts, base, extra)
         except Exception:  # one failing configuration must not lose the rest of a GPU run
             traceback.print_exc()
             rows.append({"model": name, "input": kind, "batch": bs, "method": method, "budget": budget,
-                         "error": traceback.format_exc(limit=3)})
+                         "options": opts, "error": traceback.format_exc(limit=3)})
             if method == "none":
                 return
 
 
-def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, base, tower_ms, extra):
+def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, opts, base, extra):
     """``extra``: prompt tokens around the visual ones that pruning keeps (Qwen's <vision_start> / <vision_end>,
     OneVision's newlines)."""
     text, reps = args.text, args.reps
     tc = model.config.text_config
     if method != "none":
-        tokenprune.apply(model, budget=budget, method=method)
+        tokenprune.apply(model, budget=budget, method=method, **opts)
     try:
         length = lm_len(model, kw)
+        with torch.inference_mode():
+            tower_ms = time_fn(tower_fn(model, kw), device, 1, reps).median_ms
 
         def first():
             model.generate(**kw, max_new_tokens=1, do_sample=False)
@@ -264,12 +320,13 @@ def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, ba
         base.update(ttft=ttft, rate=rate)
     visual = length - text - extra
     bound = prefill_flops(tc, text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
-    row = {"model": name, "input": kind, "batch": bs, "method": method, "budget": budget, "visual_tokens": n,
+    label = method + "".join(f" {k}={v}" for k, v in opts.items())
+    row = {"model": name, "input": kind, "batch": bs, "method": label, "budget": budget, "visual_tokens": n,
            "visual_kept": visual, "lm_prefill_tokens": length, "tower_ms": tower_ms, "ttft_ms": ttft,
            "ttft_speedup": base["ttft"] / ttft, "decode_tok_s": rate, "decode_speedup": rate / base["rate"],
            "peak_mib": peak, "flop_bound_speedup": bound}
     rows.append(row)
-    print(f"{name} {kind} bs={bs} {method:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
+    print(f"{name} {kind} bs={bs} {label:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
           f"(x{row['ttft_speedup']:.2f}, LM FLOP bound x{bound:.2f}; tower {tower_ms:.1f} ms) decode "
           f"{rate:8.1f} tok/s (x{row['decode_speedup']:.3f}) peak {peak or 0:.0f} MiB", flush=True)
 
@@ -297,7 +354,7 @@ def main():
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device,
            "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype), "smoke": args.smoke}
     print(env, flush=True)
-    rows = []
+    rows, layout_rows = [], []
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.models.split(","):
         t0 = time.time()
@@ -313,10 +370,11 @@ def main():
                     kw, n, extra = onevision_inputs(model, kind, bs, args.text, device, dtype)
                 else:
                     kw, n = llava_inputs(model, bs, args.text, device, dtype)
-                bench(model, name, kind, kw, n, bs, args, device, rows, extra)
+                bench(model, name, kind, kw, n, bs, args, device, rows, layout_rows, extra)
                 del kw
                 Path(args.out).mkdir(parents=True, exist_ok=True)  # partial results after every configuration
-                (Path(args.out) / "vlm_gpu.partial.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+                partial = {"env": env, "rows": rows, "layouts": layout_rows}
+                (Path(args.out) / "vlm_gpu.partial.json").write_text(json.dumps(partial, indent=1))
         del model
         gc.collect()
         if device == "cuda":
@@ -324,7 +382,8 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vlm_gpu.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=1))
+    (out / "vlm_gpu.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows, "layouts": layout_rows},
+                                                      indent=1))
     lines = [f"VLM shapes (random weights, {env['dtype']}, SDPA) on {env['gpu']}; torch {env['torch']}, transformers "
              f"{env['transformers']}; {args.text} text tokens; decode = {args.decode} new tokens; median of "
              f"{args.reps}.", "",
@@ -340,6 +399,16 @@ def main():
                      f"{r['visual_tokens']} | {r['tower_ms']:.1f} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x | "
                      f"{r['flop_bound_speedup']:.2f}x | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.3f}x | "
                      f"{r['peak_mib'] or 0:.0f} |")
+    if layout_rows:
+        lines += ["", "Qwen tower without reduction (tokenprune's pass, one attention launch per block) against "
+                  "transformers' tower:", "", "| input | batch | attention | tower ms | transformers ms | "
+                  "max abs diff / max abs |", "|---|---:|---|---:|---:|---:|"]
+        for r in layout_rows:
+            if "error" in r:
+                lines.append(f"| {r['input']} | {r['batch']} | {r['layout']} | error | | |")
+            else:
+                lines.append(f"| {r['input']} | {r['batch']} | {r['layout']} | {r['tower_ms']:.1f} | "
+                             f"{r['hf_tower_ms']:.1f} | {r['rel_max_diff']:.1e} |")
     (out / "vlm_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

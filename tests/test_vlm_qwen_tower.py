@@ -355,7 +355,8 @@ def test_left_padded_batch_of_two_image_sizes_equals_each_alone(models):
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
     both = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([a["pixel_values"], b["pixel_values"]]),
-                image_grid_thw=torch.cat([a["image_grid_thw"], b["image_grid_thw"]]), mm_token_type_ids=(ids == IMG).int())
+                image_grid_thw=torch.cat([a["image_grid_thw"], b["image_grid_thw"]]),
+                mm_token_type_ids=(ids == IMG).int())
     kw = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with tokenprune.applied(m, budget=0.25, method="cls"):
         out = m.generate(**both, **kw)

@@ -96,6 +96,7 @@ class Segments:
             how = "pad"  # one segment: plain SDPA, no mask
         if how == "varlen" and varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) \
                 and scale == d ** -0.5:
+            q, k, v = (t.contiguous() for t in (q, k, v))  # v is a strided slice of the qkv projection
             return varlen_attn(q, k, v, self.cu, self.cu, self.width, self.width).reshape(n, h * d)
         if how == "mask":
             if self._mask is None:
