@@ -343,6 +343,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
+    if args.smoke:  # a check of the script, under a minute on CPU
+        args.reps, args.decode = min(args.reps, 2), min(args.decode, 4)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check")

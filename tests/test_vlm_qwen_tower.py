@@ -306,7 +306,8 @@ def test_one_launch_attention_equals_the_per_window_loop(models, lengths, how):
 def _lm_input(model, **inp):
     seen = []
     h = model.model.language_model.register_forward_pre_hook(
-        lambda mod, a, kw: seen.append((kw["inputs_embeds"], kw["position_ids"][-3:])), with_kwargs=True)
+        lambda mod, a, kw: seen.append((kw["inputs_embeds"], kw["position_ids"][-3:], kw.get("tokenprune"))),
+        with_kwargs=True)
     try:
         with torch.no_grad():
             model(**inp)
@@ -324,11 +325,16 @@ def test_lm_receives_the_kept_tokens_at_their_positions(models, kind, inp):
     grids = VIDEO if video else IMAGES
     a = _inputs(grids, video, post=(7, 8, 9, 10), per_frame=video and kind == "qwen3_vl")
     token = VID if video else IMG
-    emb_ref, pos_ref = _lm_input(m, **a)
+    emb_ref, pos_ref, _ = _lm_input(m, **a)
     out, anchor, _, ad, items = _run_patched(m, grids, video, "cls", 0.25)
-    ref, ref_anchor, _ = reference(m, kind, _pixels(grids), torch.tensor(grids), ad.at, [[i] for i in anchor.tolist()])
+    ref, ref_anchor, ref_deep = reference(m, kind, _pixels(grids), torch.tensor(grids), ad.at,
+                                          [[i] for i in anchor.tolist()])
     with tokenprune.applied(m, budget=0.25, method="cls"):
-        emb, pos = _lm_input(m, **a)
+        emb, pos, deep = _lm_input(m, **a)
+    if kind == "qwen3_vl":  # the deepstack features of exactly the kept tokens go to the text model
+        assert len(deep.embeds) == len(ref_deep) == 2
+        for d, r in zip(deep.embeds, ref_deep):
+            assert torch.allclose(d, r, atol=1e-10, rtol=0)
     ids = a["input_ids"][0]
     slots = torch.nonzero(ids == token)[:, 0]  # placeholder columns of the unpruned prompt
     k = sum(kk for _, kk in items)
