@@ -33,8 +33,6 @@ from ..patch import get_patch
 from ..plan import keep_count
 from ..reducers.pool import GatedCrossAttention
 from ..vlm.core import Group, VLMAdapter, encoder_info, sum_scores
-from .base import restore_class, swap_class
-from .hf_common import ProjAttention
 
 FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next"}
 XATTN_NAME = "tokenprune_cross_attention"  # submodule of the inner model holding the CrossLMM add-on
@@ -66,9 +64,6 @@ class LlavaAdapter(VLMAdapter):
                 "cannot be found; set it to the processor's image token id, e.g. model.config.image_token_id = "
                 "processor.tokenizer.convert_tokens_to_ids('<image>')")
         self.token_ids = {"image": tid}
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_id = int(pad) if pad is not None else 0
         self.inner = model.model
         tower = self.inner.vision_tower
         vm = getattr(tower, "vision_model", tower)
@@ -90,7 +85,7 @@ class LlavaAdapter(VLMAdapter):
         self.grid = (side, side)
         self.num_prefix = 1 if self.strategy != "default" and self.has_cls else 0
         self.cross_handles: list = []
-        self.swapped: list = []
+        self.proj_attention = not self.has_cls  # SigLIP towers
 
     def info(self):
         vc = self.model.config.vision_config
@@ -101,24 +96,8 @@ class LlavaAdapter(VLMAdapter):
     def grid_for(self, num_tokens: int):
         return self.grid if num_tokens == self.grid[0] * self.grid[1] else None
 
-    def check(self, reducer) -> None:
-        super().check(reducer)
-        if self.score_at and self.default_layer < 0 and getattr(reducer, "layers", None) is None:
-            raise ValueError("tokenprune: vision_feature_layer reads the patch embeddings (no attention layer "
-                             "before it); give layers=[j] to score with vision layer j")
-
-    def install(self, patch) -> None:
-        super().install(patch)
-        if not self.has_cls:  # SigLIP's attention does not pass its keyword arguments on
-            for i in self.score_at:
-                swap_class(self.attn_layers[i], ProjAttention)
-                self.swapped.append(self.attn_layers[i])
-
     def uninstall(self) -> None:
         remove_cross_attention(self.model)
-        for m in self.swapped:
-            restore_class(m)
-        self.swapped = []
         super().uninstall()
 
     @property

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..adapters.base import ORIGINAL, Adapter, class_names, restore_class, swap_class
-from ..adapters.hf_common import KERNEL_NAME, LayerQK, check_sdpa, register_kernel
+from ..adapters.hf_common import KERNEL_NAME, LayerQK, ProjAttention, check_sdpa, register_kernel
 from ..plan import EncoderInfo
 from ..state import TokenState
 
@@ -153,7 +153,7 @@ def shrink(keep: torch.Tensor, attention_mask=None, tensors=(), pad_values=()):
 class VLMAdapter(Adapter):
     """Base of the VLM family files. A family sets, in ``__init__``: ``inner`` (the model holding the tower),
     ``token_ids`` (``{"image": id, "video": id}``), ``attn_layers`` (the tower's attention modules, by layer),
-    ``default_layer`` (scoring layer), ``has_cls``, ``pad_id``, and implements ``full_counts``, ``encode``
+    ``default_layer`` (scoring layer), ``has_cls``, and implements ``full_counts``, ``encode``
     (and ``project``, ``positions``, ``lm_extras`` where it needs them)."""
 
     family = "vlm"
@@ -162,6 +162,7 @@ class VLMAdapter(Adapter):
     num_prefix = 0  # prefix tokens of every item (always kept, not counted in the budget)
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
     row_kwargs: dict = {}  # per-token call arguments shrunk with input_ids: {name: pad value} (Gemma's token_type_ids)
+    proj_attention = False  # the scoring layers' attention does not pass its keyword arguments on (SigLIP's)
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -175,6 +176,11 @@ class VLMAdapter(Adapter):
         self.patch = None
         self.score_at: list[int] = []
         self.configs: list = []  # (attention module, its own config) while installed
+        self.swapped: list = []  # modules whose class install() swapped (restored by uninstall())
+        cfg = model.config  # the id that fills the re-padded input_ids (the model's, else its LM's, else 0)
+        pad = getattr(cfg, "pad_token_id", None)
+        pad = getattr(getattr(cfg, "text_config", None), "pad_token_id", None) if pad is None else pad
+        self.pad_id = int(pad) if pad is not None else 0
 
     # -- what a family provides -----------------------------------------------------------------------------
     def full_counts(self, a: dict) -> dict:
@@ -208,6 +214,9 @@ class VLMAdapter(Adapter):
                 f"tokens are reduced once, between the vision tower and the language model); use one of: "
                 f"{', '.join(self.methods)}")
         self.score_at = reducer.score_layers(len(self.attn_layers), self.default_layer)
+        if self.score_at and self.default_layer < 0 and getattr(reducer, "layers", None) is None:
+            raise ValueError("tokenprune: vision_feature_layer reads the patch embeddings (no attention layer "
+                             "before it); give layers=[j] to score with vision layer j")
         if self.score_at:  # the scoring layers record their q/k on SDPA
             check_sdpa(self.attn_layers[0].config, f"vision tower of {type(self.model).__name__}")
         self.reducer = reducer
@@ -226,8 +235,18 @@ class VLMAdapter(Adapter):
             own.__dict__["_attn_implementation_internal"] = KERNEL_NAME
             self.configs.append((attn, attn.config))
             attn.config = own
+            if self.proj_attention:
+                self.swap(attn, ProjAttention)
+
+    def swap(self, module, mixin) -> None:
+        """Give ``module`` the class ``mixin`` adds to its own until :meth:`uninstall`."""
+        swap_class(module, mixin)
+        self.swapped.append(module)
 
     def uninstall(self) -> None:
+        for m in self.swapped:
+            restore_class(m)
+        self.swapped = []
         restore_class(self.model)
         self.model.__dict__.pop(PATCH_KEY, None)
         for attn, cfg in self.configs:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import restore_class, swap_class
-from ..adapters.hf_common import ProjAttention
 from .core import Group, VLMAdapter, encoder_info, sum_scores
 
 FAMILIES = {"PaliGemmaForConditionalGeneration": "paligemma", "Gemma3ForConditionalGeneration": "gemma3"}
@@ -32,6 +30,7 @@ class GemmaVLAdapter(VLMAdapter):
     families = FAMILIES
     description = "transformers PaliGemmaForConditionalGeneration / Gemma3ForConditionalGeneration (images)"
     row_kwargs = {"token_type_ids": 0}
+    proj_attention = True  # SigLIP tower
 
     def __init__(self, model):
         super().__init__(model)
@@ -42,9 +41,6 @@ class GemmaVLAdapter(VLMAdapter):
             raise ValueError("tokenprune: model.config.image_token_id is not set; set it to the processor's image "
                              "token id")
         self.token_ids = {"image": int(tid)}
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_id = int(pad) if pad is not None else 0
         self.inner = model.model
         vm = getattr(self.inner.vision_tower, "vision_model", self.inner.vision_tower)
         self.attn_layers = [lay.self_attn for lay in vm.encoder.layers]
@@ -54,24 +50,11 @@ class GemmaVLAdapter(VLMAdapter):
         self.patches = vc.image_size // vc.patch_size  # patch grid side
         side = int(round(cfg.mm_tokens_per_image ** 0.5)) if self.kind == "gemma3" else self.patches
         self.grid = (side, side)
-        self.swapped: list = []
 
     def info(self):
         vc = self.model.config.vision_config
         return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
                             self.grid[0] * self.grid[1], self.grid, False, self.kind)
-
-    def install(self, patch) -> None:
-        super().install(patch)
-        for i in self.score_at:  # SigLIP's attention does not pass its keyword arguments on
-            swap_class(self.attn_layers[i], ProjAttention)
-            self.swapped.append(self.attn_layers[i])
-
-    def uninstall(self) -> None:
-        for m in self.swapped:
-            restore_class(m)
-        self.swapped = []
-        super().uninstall()
 
     # -- the call ---------------------------------------------------------------------------------------------
     def full_counts(self, a):

@@ -33,8 +33,6 @@ import math
 
 import torch
 
-from ..adapters.base import restore_class, swap_class
-from ..adapters.hf_common import ProjAttention
 from ..plan import keep_count
 from .core import Group, VLMAdapter, encoder_info, sum_scores
 
@@ -46,14 +44,12 @@ class OneVisionAdapter(VLMAdapter):
     family = "llava_onevision"
     families = FAMILIES
     description = "transformers LlavaOnevisionForConditionalGeneration (images: AnyRes base + tiles; video)"
+    proj_attention = True  # SigLIP tower
 
     def __init__(self, model):
         super().__init__(model)
         cfg = model.config
         self.token_ids = {"image": int(cfg.image_token_id), "video": int(cfg.video_token_id)}
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_id = int(pad) if pad is not None else 0
         self.inner = model.model
         tower = self.inner.vision_tower
         vm = getattr(tower, "vision_model", tower)
@@ -68,30 +64,11 @@ class OneVisionAdapter(VLMAdapter):
         vc = cfg.vision_config
         self.side = vc.image_size // vc.patch_size  # patch grid of a crop / frame
         self.pooled = math.ceil(self.side / 2)  # a video frame's grid after the 2x2 pooling
-        self.swapped: list = []
 
     def info(self):
         vc = self.model.config.vision_config
         return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
                             self.side ** 2, (self.side, self.side), False, self.kind)
-
-    def check(self, reducer) -> None:
-        super().check(reducer)
-        if self.score_at and self.default_layer < 0 and getattr(reducer, "layers", None) is None:
-            raise ValueError("tokenprune: vision_feature_layer reads the patch embeddings (no attention layer "
-                             "before it); give layers=[j] to score with vision layer j")
-
-    def install(self, patch) -> None:
-        super().install(patch)
-        for i in self.score_at:  # SigLIP's attention does not pass its keyword arguments on
-            swap_class(self.attn_layers[i], ProjAttention)
-            self.swapped.append(self.attn_layers[i])
-
-    def uninstall(self) -> None:
-        for m in self.swapped:
-            restore_class(m)
-        self.swapped = []
-        super().uninstall()
 
     def kept_count(self, n, grid):
         return super().kept_count(n, grid) if grid is not None else keep_count(self.patch.budget, n)

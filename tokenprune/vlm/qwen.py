@@ -36,7 +36,6 @@ import math
 
 import torch
 
-from ..adapters.base import restore_class, swap_class
 from .core import Group, VLMAdapter, encoder_info
 from .qwen_tower import ATTENTION, Reduction, Tower, run
 
@@ -81,9 +80,6 @@ class QwenVLAdapter(VLMAdapter):
         super().__init__(model)
         cfg = model.config
         self.token_ids = {"image": cfg.image_token_id, "video": cfg.video_token_id}
-        pad = getattr(cfg, "pad_token_id", None)
-        pad = getattr(cfg.text_config, "pad_token_id", None) if pad is None else pad
-        self.pad_id = int(pad) if pad is not None else 0
         self.inner = model.model
         self.visual = self.inner.visual
         self.attn_layers = [blk.attn for blk in self.visual.blocks]
@@ -93,7 +89,6 @@ class QwenVLAdapter(VLMAdapter):
         self.default_layer = full[0] if self.tower.windowed else max(0, self.tower.depth // 4 - 1)
         self.has_cls = False
         self.deepstack = self.kind == "qwen3_vl"
-        self.swapped: list = []
         self.at: int | None = None  # the block after which the tower reduces (None: after the tower)
         self.score_blocks: tuple = ()
         self.attention = "pad"  # how the tower's blocks run attention over windows / images (qwen_tower.ATTENTION)
@@ -123,14 +118,7 @@ class QwenVLAdapter(VLMAdapter):
     def install(self, patch) -> None:
         super().install(patch)
         if self.deepstack:
-            swap_class(self.inner.language_model, _DeepstackText)
-            self.swapped.append(self.inner.language_model)
-
-    def uninstall(self) -> None:
-        for m in self.swapped:
-            restore_class(m)
-        self.swapped = []
-        super().uninstall()
+            self.swap(self.inner.language_model, _DeepstackText)
 
     # -- the call ---------------------------------------------------------------------------------------------
     def _grids(self, a):
