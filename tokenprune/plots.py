@@ -180,7 +180,7 @@ def speed_figure(rows: Sequence[dict], *, title: str = ""):
     sizes = sorted({r["batch_size"] for r in ok if r.get("batch_size")})
     big, small = (sizes[-1], sizes[0]) if sizes else (None, None)
     hi = 1.0
-    left, right = [], []
+    right = []
     for label, rs in sorted(_by_label(ok).items()):
         color = method_color(label)
         for bs, style in ((big, "-"), (small, "--")):

@@ -167,8 +167,3 @@ def build_app(model_dir: Path | str | None = None, default_model: str | None = N
 def launch(app, host: str = "127.0.0.1", port: int = 7860, **kwargs):
     return app.launch(server_name=host, server_port=port, css=CSS, max_file_size=MAX_UPLOAD_BYTES,
                       footer_links=[], quiet=True, **kwargs)
-
-
-def launch(app, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    return app.launch(server_name=host, server_port=port, css=CSS, max_file_size=MAX_UPLOAD_BYTES,
-                      footer_links=[], quiet=True, **kwargs)
