@@ -253,6 +253,193 @@ def check_fp32(smoke: bool):
     tokenprune.remove(m)
 
 
+# -- dryhost: the host time of each per-step piece, on CPU ------------------------------------------------------
+class _DryKernel:
+    """What the cached launcher keeps per key: ``run`` (the driver launch) does nothing, except the ``fix`` that
+    gives an output the harness's next op indexes with a valid value (``_apet_stage``'s basis)."""
+    function = packed_metadata = None
+
+    def __init__(self, fix=None):
+        self.fix = fix
+
+    def run(self, *a):
+        if self.fix is not None:
+            self.fix(a[9:])
+
+
+class _DryJit:
+    """Stands for a ``@triton.jit`` kernel on a cache miss of the launcher: no compile, a ``_DryKernel``."""
+
+    def __init__(self, fix=None):
+        self.fix = fix
+
+    def __getitem__(self, grid):
+        def first_launch(*args, **kwargs):
+            kernel = _DryKernel(self.fix)
+            kernel.run(*[None] * 9, *args)
+            return kernel
+        return first_launch
+
+
+def _dry_kernels(stack):
+    """Make the CUDA path of every op run on CPU tensors, everything but the driver launch itself: ``use_triton``
+    is the real function with its ``is_cuda`` test read as ``is_cpu`` (same cost), and every cached launcher
+    (``_triton_common._Launcher``: argument list, key, cache lookup) is the real one, its Triton path on a miss
+    a stub (``_DryJit``) whose kernel's launch does nothing."""
+    import types
+    from unittest import mock
+
+    from tokenprune import kernels
+    from tokenprune.kernels import _triton_common as tc
+
+    def on_cpu(co):  # the code object with ``is_cuda`` read as ``is_cpu``, nested code (a generator) included
+        consts = tuple(on_cpu(k) if isinstance(k, types.CodeType) else k for k in co.co_consts)
+        return co.replace(co_names=tuple("is_cpu" if n == "is_cuda" else n for n in co.co_names), co_consts=consts)
+
+    ut = kernels.use_triton
+    dry_ut = types.FunctionType(on_cpu(ut.__code__), ut.__globals__, ut.__name__)
+    stack.enter_context(mock.patch.object(kernels, "use_triton", dry_ut))
+    stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
+    stack.enter_context(mock.patch.object(tc, "_stream", lambda dev: 0))
+    stack.enter_context(mock.patch.dict(tc._LAUNCHERS, clear=True))
+    init = tc._Launcher.__init__
+
+    def dry_init(self, fn):
+        init(self, fn)
+        fix = None
+        if self.names[:3] == ["g_ptr", "v_ptr", "basis_ptr"]:  # _apet_stage: a valid basis for apet's scatter
+            fix = lambda a: a[2].zero_()  # noqa: E731
+        self.fn, self.interpreted = _DryJit(fix), False
+
+    stack.enter_context(mock.patch.object(tc._Launcher, "__init__", dry_init))
+
+
+def _us(fn, n, runs=5):
+    """Best of ``runs`` loops of ``n`` calls, microseconds per call of this thread's CPU time (``thread_time``:
+    on a shared machine the time other processes take the core is not counted; on an idle one it is the wall time)."""
+    for _ in range(max(n // 20, 5)):
+        fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.thread_time() - t0) / n * 1e6)
+    return best
+
+
+def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
+    """CPU only: microseconds of host time per piece of one eager batch-1 reduction step on ViT-L/16 shapes
+    (fp16, 197 tokens, 16 heads of 64), the CUDA path's Python with every Triton launch a no-op (``_dry_kernels``).
+    Aten ops inside a step (the key mean, apet's glue) run for real on CPU, compute included. Reducer steps
+    build a fresh ``TokenState`` per call; that construction is timed alone and subtracted."""
+    import contextlib
+
+    import tokenprune.reducers  # noqa: F401 -- registers the reducers
+    from tokenprune import kernels, ops
+    from tokenprune.engine import QK
+    from tokenprune.plan import Stage
+    from tokenprune.registry import make
+    from tokenprune.state import TokenState
+
+    torch.set_num_threads(1)
+    n_it = 200 if smoke else 60 * repeats  # calls per timed loop
+    b, t, c, h, d, dt = 1, 197, 1024, 16, 64, torch.float16
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+
+    def put(name, us, note=""):
+        rows[name] = round(us, 2)
+        record(case="dryhost", piece=name, us=round(us, 2), **({"note": note} if note else {}))
+
+    x = torch.randn(b, t, c, generator=g).to(dt)
+    q, k, v = (torch.randn(b, h, t, d, generator=g).to(dt) for _ in range(3))
+    # the state after a first merge step (sizes, source), as every later step sees it (PyTorch path)
+    st0 = ops.bipartite_merge(TokenState.start(x, 1), k.float().mean(1), 7)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())  # as the timed forwards (host_ms) run
+        _dry_kernels(stack)
+        t1 = st0.x.shape[1]
+        x1 = torch.randn(b, t1, c, generator=g).to(dt)
+        q1, k1, v1 = (torch.randn(b, h, t1, d, generator=g).to(dt) for _ in range(3))
+        bias1 = st0.sizes.log().to(dt)[:, None, None, :]
+        res1 = torch.randn(b, t1, c, generator=g).to(dt)
+
+        def merged_state():
+            return TokenState(x=x1, num_prefix=1, num_input=t - 1, sizes=st0.sizes, source=st0.source, residual=res1)
+
+        def start_state():
+            return TokenState(x=x, num_prefix=1, num_input=t - 1, source=st0.source)
+
+        put("TokenState construction (subtracted below)", _us(merged_state, n_it))
+        base = _us(merged_state, n_it)
+        # the key mean of one head: the aten op's dispatch, not its CPU compute (on a GPU the mean is one launch)
+        qk1 = QK(q1, k1[:, :1].contiguous(), d ** -0.5, bias1)
+        qk0 = QK(q, k, d ** -0.5, None)
+        merge = make("merge")
+        cls = make("cls")
+        cls._has_cls = True
+        rnd = make("random")
+        apet = make("apet")
+        r = 7
+        m1 = qk1.key_mean()
+        # merge: the reducer's step, then its parts
+        s_merge = Stage(0, t1 - 1 - r, "merge")
+        put("merge step (Merge.reduce: key mean + bipartite_merge)",
+            _us(lambda: merge.reduce(merged_state(), s_merge, qk1), n_it) - base)
+        put("  key mean qk.key_mean() (one head: the op's dispatch)", _us(qk1.key_mean, n_it))
+        put("  ops.bipartite_merge (kernels: one launch)", _us(lambda: ops.bipartite_merge(merged_state(), m1, r), n_it)
+            - base)
+        put("  kernels.merge_step", _us(lambda: kernels.merge_step(x1, m1, st0.sizes, st0.source, 1, r, False, t,
+                                                                   True, res1), n_it))
+        st = merged_state()
+        ls = torch.zeros(b, t1, dtype=dt)
+        put("  TokenState.set_attn_bias", _us(lambda: st.set_attn_bias(ls, dt), n_it))
+        put("  torch.empty (one [1, 190, 1024] fp16)", _us(lambda: torch.empty((1, 190, 1024), dtype=dt), n_it))
+        # cls: one query row's scores (two launches), then keep the best (one launch)
+        s_keep = Stage(0, 123, "cls")
+        put("cls step (ClsPrune.reduce: query_scores + keep_step)",
+            _us(lambda: cls.reduce(start_state(), s_keep, qk0), n_it) - base)
+        put("  kernels.query_scores", _us(lambda: kernels.query_scores(q[:, :, 0], k, d ** -0.5), n_it))
+        sc = torch.rand(b, t - 1, generator=g)
+        put("  kernels.keep_step", _us(lambda: kernels.keep_step(x, sc, None, st0.source, 1, 123), n_it))
+        put("random step (RandomDrop.reduce: cached scores + keep_step)",
+            _us(lambda: rnd.reduce(start_state(), s_keep, None), n_it) - base)
+        s_apet = Stage(0, 123, "apet")
+        put("apet step (Apet.reduce: gram, stage, topk, assign, merge + aten glue)",
+            _us(lambda: apet.reduce(start_state(), s_apet, None), n_it // 3) - base)
+        # every block after the first merge: the key bias, and attention with it
+        put("per block: state.attn_bias (cached)", _us(lambda: st0.attn_bias(dt), n_it))
+        put("per block: kernels.biased_attention_applies", _us(lambda: kernels.biased_attention_applies(
+            bias1, t1, d), n_it))
+        qs, ks, vs = (z[:, :, :8].float() for z in (q1, k1, v1))  # (fp16 SDPA on a CPU: a slow path)
+        bs = bias1[..., :8].float()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        put("per block: SDPA, no mask (8 tokens fp32: CPU kernel)", _us(lambda: sdpa(qs, ks, vs), n_it))
+        put("per block: SDPA with the key bias (8 tokens fp32: CPU kernel)", _us(lambda: sdpa(qs, ks, vs, attn_mask=bs),
+                                                                               n_it))
+        put("per block: kernels.biased_attention (bs 1: SDPA + bias, as above)",
+            _us(lambda: kernels.biased_attention(qs, ks, vs, bs), n_it))
+        ba = kernels._impl().attention.biased_attention
+        put("bs >= 32 only: the key-bias Triton kernel's launcher", _us(lambda: ba(q1, k1, v1, bias1), n_it))
+        if profile:
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n_it):
+                merge.reduce(merged_state(), s_merge, qk1)
+            prof.disable()
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+            (out / "dryhost_merge_cprofile.txt").write_text(buf.getvalue())
+    print(f"\n{'dry host time per piece (CPU, us)':72} {'us':>8}")
+    for name, us in rows.items():
+        print(f"{name:72} {us:8.2f}")
+
+
 def main():
     global DEV, DTYPE, SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,6 +457,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     parts = args.parts.split(",")
     t0 = time.time()
+    if "dryhost" in parts:  # CPU only: host time per piece of a reduction step, Triton launches as no-ops
+        dry_host(args.out, args.smoke, args.profile, args.repeats)
     if "eager" in parts:
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
@@ -319,6 +508,8 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
+        if r["case"] == "dryhost":
+            continue
         if "same_tokens" in r:
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} rel err {r['rel_err_vs_eager']:.2e}, "
                   f"same tokens kept: {r['same_tokens']}")
