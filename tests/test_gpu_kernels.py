@@ -597,4 +597,5 @@ def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):
     for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     launcher = tc.fast(T.merge._merge_step)
-    assert len({k[3] for k in launcher.cache}) >= 2  # aligned and misaligned specializations both cached
+    aligns = {k[5] for k in launcher.cache if len(k) == 6}  # (the tensors' addresses modulo 16)
+    assert any(any(a) for a in aligns) and any(not any(a) for a in aligns)  # aligned and misaligned both cached

@@ -1003,6 +1003,58 @@ def test_compile_fullgraph_default_dispatch_on_cpu(T, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_cached_launcher_compiles_anew_for_what_triton_specializes_on(T, monkeypatch):
+    """The cached launcher (``_triton_common.fast``: a compiled kernel per key, called directly) reuses a kernel
+    only for arguments Triton compiles the same way: a tensor that is not 16-byte aligned, another dtype, another
+    integer (Triton specializes ``== 1`` and ``% 16``), another flag or launch option, or None in a tensor's place
+    each take Triton's own path (a compile) once, then the cache; the same kinds of arguments at other aligned
+    addresses run the cached kernel with every argument in signature order. Triton's path and the driver launch
+    are stand-ins here (the interpreter has no compiled kernels); the key, cache and argument list are the
+    launcher's own."""
+    tc = sys.modules["tokenprune.kernels._triton_common"]
+    compiles, runs = [], []
+
+    class Compiled:  # what Triton's launch returns; run() is the driver launch
+        function = packed_metadata = None
+
+        def run(self, *a):
+            runs.append(a)
+
+    class Jit:  # the @triton.jit function's own launch path
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiles.append(args)
+                return Compiled()
+            return launch
+
+    launcher = tc._Launcher(T.scores._qs_reduce)  # (lg, pm, ps, w, out, N, H, NB, swb, swh, swn, HAS_W, NBP, BLOCK_N)
+    launcher.fn, launcher.interpreted = Jit(), False
+    monkeypatch.setattr(tc, "_hooks_active", lambda: False)
+    monkeypatch.setattr(tc, "_stream", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def bufs(dtype=torch.float32, offset=0):  # five buffers; the first ``offset`` elements into a larger one
+        return [torch.zeros(64 + offset, dtype=dtype)[offset:] for _ in range(5)]
+
+    def call(ts, n=20, has_w=False, warps=4):
+        launcher[(1, 2)](*ts, n, 3, 2, 0, 0, 0, HAS_W=has_w, NBP=2, BLOCK_N=128, num_warps=warps)
+        return len(compiles), len(runs)
+
+    assert call(bufs()) == (1, 0)
+    ts = bufs()
+    assert call(ts) == (1, 1)  # other tensors, same dtypes and alignment: the cached kernel
+    assert runs[-1][:3] == (1, 2, 1) and list(runs[-1][9:]) == [*ts, 20, 3, 2, 0, 0, 0, False, 2, 128]
+    mis = bufs(offset=1)  # 4 bytes in: not 16-byte aligned
+    assert mis[0].data_ptr() % 16 != 0
+    assert call(mis) == (2, 1) and call(bufs(offset=1)) == (2, 2)
+    assert call(bufs(offset=4)) == (2, 3)  # 16 bytes in: aligned again
+    assert call(bufs(torch.float16)) == (3, 3)
+    assert call(bufs(), n=16) == (4, 3) and call(bufs(), n=1) == (5, 3) and call(bufs(), n=16) == (5, 4)
+    assert call(bufs(), has_w=True) == (6, 4) and call(bufs(), warps=8) == (7, 4)
+    assert call([None, *bufs()[1:]]) == (8, 4) and call([None, *bufs()[1:]]) == (8, 5)
+    assert call(bufs()) == (8, 6)
+
+
 def test_eager_calls_the_launcher_not_the_op(T, monkeypatch):
     """Eager dispatch skips the custom op (its dispatcher overhead): only compiling goes through it."""
     _use_interpreted(monkeypatch, T)

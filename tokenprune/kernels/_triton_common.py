@@ -10,6 +10,7 @@ These modules import ``triton`` at import time: the package imports them lazily 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 
@@ -21,9 +22,10 @@ POISON = False  # fill every buffer a kernel writes with NaN / -7 first (correct
 
 
 def _alloc(shape, device, dtype):
-    """An output buffer (NaN / -7 filled with ``POISON``: the tests then see any element a kernel left unwritten)."""
+    """An output buffer (NaN / -7 filled with ``POISON``: the tests then see any element a kernel left unwritten).
+    The sizes go to ``torch.empty`` one by one: a tuple costs its argument parser about 0.7 us more per call."""
     if not POISON:
-        return torch.empty(shape, device=device, dtype=dtype)
+        return torch.empty(*shape, device=device, dtype=dtype)
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, device=device, dtype=dtype)
 
 
@@ -33,10 +35,14 @@ class _Launcher:
     Triton's own launch binds and specializes every argument on each call (tens of microseconds for these
     kernels' 20-40 arguments; at batch 1 a forward is bound by such host time). This keeps, per key, the
     compiled kernel Triton chose, and calls its launcher directly. The key holds everything Triton
-    specializes on, and more: each tensor's dtype and 16-byte alignment, every other argument's value
-    (ints, flags, constexprs), the launch options and the device. A new key takes Triton's own path once
+    specializes on, and more: each tensor's dtype and address modulo 16 (Triton: 16-byte aligned or not),
+    every other argument's value (ints, so ``== 1`` and ``% 16``; flags, floats, constexprs), the launch
+    options (every keyword argument), the grid and the device. A new key takes Triton's own path once
     (compiling if needed, and checking its globals), which returns the compiled kernel for the cache.
-    Launch hooks (profilers such as proton) and the interpreter always take Triton's path."""
+    Which arguments are tensors is learnt from the first call; a later call with something else in a tensor's
+    place (None, a number) is keyed on every value as it is. Values are compared as Python compares them, so a
+    call site passes each argument as one type (``1``, ``1.0`` and ``True`` are one key; Triton would type them
+    apart). Launch hooks (profilers such as proton) and the interpreter always take Triton's path."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -44,32 +50,37 @@ class _Launcher:
         params = list(inspect.signature(fn.fn).parameters.values())
         self.names = [p.name for p in params]
         self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        self.split = None  # (tensor positions, other positions) as itemgetters, from the first call
+        self.rest: dict = {}  # number of positional arguments -> getter of the others from the keyword dict
+        self.split = None  # (tensor positions, other positions) as getters, from the first call
         self.cache: dict = {}
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(grid, args, kwargs)
 
-    def _key(self, dev, grid, full, kwargs):
-        if self.split is None:
+    def _full(self, args, kwargs) -> tuple:
+        """Every argument in signature order: the positional ones, then the keywords and defaults."""
+        rest = self.rest.get(len(args))
+        if rest is None:
+            rest = self.rest[len(args)] = _getter(self.names[len(args):])
+        return args + rest({**self.defaults, **kwargs} if self.defaults else kwargs)
+
+    def _key(self, dev, grid, full, kwargs) -> tuple:
+        split = self.split
+        if split is None:
             tpos = [i for i, a in enumerate(full) if isinstance(a, torch.Tensor)]
-            spos = [i for i in range(len(full)) if i not in tpos]
-            self.split = (_getter(tpos), _getter(spos))
-        tensors = self.split[0](full)
-        if not all(isinstance(t, torch.Tensor) for t in tensors):  # a tensor slot got something else:
-            tensors = ()                                          # key on every value as it is
-            scalars = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in full)
-        else:
-            scalars = self.split[1](full)
-        return (dev, tuple(grid), tuple(kwargs.items()), scalars, tuple([t.dtype for t in tensors]),
-                tuple([t.data_ptr() % 16 == 0 for t in tensors]))
+            split = self.split = (_getter(tpos), _getter([i for i in range(len(full)) if i not in tpos]))
+        tensors = split[0](full)
+        try:
+            return (dev, tuple(grid), tuple(kwargs.items()), split[1](full), tuple([t.dtype for t in tensors]),
+                    tuple([t.data_ptr() & 15 for t in tensors]))
+        except AttributeError:  # a tensor's place holds something else: key on every value as it is
+            return (dev, tuple(grid), tuple(kwargs.items()),
+                    tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in full]))
 
     def launch(self, grid, args, kwargs):
         if self.interpreted or _hooks_active():
             return self.fn[grid](*args, **kwargs)
-        full = list(args)
-        for name in self.names[len(args):]:
-            full.append(kwargs[name] if name in kwargs else self.defaults[name])
+        full = self._full(args, kwargs)
         dev = torch.cuda.current_device()
         key = self._key(dev, grid, full, kwargs)
         kernel = self.cache.get(key)
@@ -86,7 +97,8 @@ class _Launcher:
 
 
 def _getter(positions):
-    """A function returning the items at ``positions`` of a list as a tuple (also for 0 or 1 positions)."""
+    """A function returning the items at ``positions`` (indices or keys) of a sequence or dict as a tuple (also
+    for 0 or 1 positions)."""
     if not positions:
         return lambda seq: ()
     if len(positions) == 1:
@@ -119,11 +131,11 @@ def fast(kernel) -> _Launcher:
     """The cached launcher of a ``@triton.jit`` kernel (see ``_Launcher``); ``fast(k)[grid](...)`` launches it."""
     if not FAST_LAUNCH:
         return kernel
-    launcher = _LAUNCHERS.get(kernel)
+    launcher = _LAUNCHERS.get(id(kernel))  # by id: a JIT function's own hash is Python code (about 0.5 us)
     if launcher is None:
         if not hasattr(kernel, "fn"):  # not a JIT function (a test's stand-in): launched as it is
             return kernel
-        launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+        launcher = _LAUNCHERS[id(kernel)] = _Launcher(kernel)  # holds the kernel: its id is never reused
     return launcher
 
 
@@ -210,9 +222,11 @@ def _compose_source(src_row, map_row, out_row, N0, BS: tl.constexpr):
         tl.store(out_row + offs_s, tl.where(old >= 0, new, -1).to(tl.int64), mask=sm_)
 
 
+@functools.lru_cache(maxsize=1024)
 def _column_groups(c: int, bc: int, bsz: int, programs_per_sm: int, device) -> int:
     """Programs per sample for kernels that split a sample's ``c`` columns (tiles of ``bc``): enough
-    for about ``programs_per_sm`` programs per SM, each with an even share of the tiles."""
+    for about ``programs_per_sm`` programs per SM, each with an even share of the tiles. Cached: the
+    arithmetic and the device lookup cost about 2 us of host time per call, the cache 0.3."""
     tiles = _cdiv(c, bc)
     groups = min(tiles, max(1, _cdiv(programs_per_sm * _num_sms(device), bsz)))
     return _cdiv(tiles, _cdiv(tiles, groups))
@@ -231,6 +245,16 @@ def _key_bias(bias, b: int, n: int, dummy):
         return dummy, 0, 0
     bias2 = bias.reshape(bias.shape[0], bias.shape[-1]).expand(b, n)
     return (bias2, *bias2.stride())
+
+
+def _rows_contiguous(t):
+    """``(t, t.stride())`` with ``t``'s last dim contiguous (a copy if it is not): the strides read once, as one
+    tuple (each ``t.stride(i)`` call costs about 0.3 us of host time)."""
+    st = t.stride()
+    if st[-1] != 1:
+        t = t.contiguous()
+        st = t.stride()
+    return t, st
 
 
 def _require_contiguous_head_dim(name: str, *tensors) -> None:
