@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _compose_source, _copy_prefix,
-                             _exact_lowp, _interpreted, _num_sms, _p2, _rank_desc, _sizes_at, _tokens_at, fast)
+                             _exact_lowp, _interpreted, _num_sms, _p2, _rank_desc, _rows_contiguous, _sizes_at,
+                             _tokens_at, fast)
 
 
 @triton.jit
@@ -507,59 +508,64 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: three launches
     split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
     split_cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
+    dev = x.device
+    # each tensor's strides read once (a .stride(i) call costs about 0.3 us of host time; batch 1 is host-bound)
+    x, sx = _rows_contiguous(x)
+    metric, sm = _rows_contiguous(metric)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
-        if residual.stride(-1) != 1:
-            residual = residual.contiguous()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if metric.stride(-1) != 1:
-        metric = metric.contiguous()
-    if perm is not None and perm.stride(-1) != 1:
-        perm = perm.contiguous()
-    prm, sprm = (perm, perm.stride(0)) if perm is not None else (x, 0)  # (x: never read)
-    nout = p + na - r + nb
-    out = _alloc((bsz, nout, c), x.device, x.dtype)
-    osz = _alloc((bsz, nout), x.device, torch.float32)
-    if sizes is not None and sizes.stride(-1) != 1:
-        sizes = sizes.contiguous()
-    if source is not None:
-        source = source if source.stride(-1) == 1 else source.contiguous()
-        n0 = source.shape[1]
-        osrc = _alloc((bsz, n0), x.device, torch.long)
-        scr = torch.empty((bsz, t), device=x.device, dtype=torch.int32)
+        y, sy = _rows_contiguous(residual)
     else:
-        n0, osrc, scr = 0, osz, osz
+        y, sy = x, sx
+    if perm is not None:
+        perm, sp = _rows_contiguous(perm)
+        prm, sprm = perm, sp[0]
+    else:
+        prm, sprm = x, 0  # (x: never read)
+    nout = p + na - r + nb
+    out = _alloc((bsz, nout, c), dev, x.dtype)  # contiguous: strides (nout * c, c, 1)
+    osz = _alloc((bsz, nout), dev, torch.float32)
+    if sizes is not None:
+        sizes, ss = _rows_contiguous(sizes)
+        ssb = ss[0]
+    else:
+        ssb = 0
+    if source is not None:
+        source, ssrc = _rows_contiguous(source)
+        n0, srcb = source.shape[1], ssrc[0]
+        osrc = _alloc((bsz, n0), dev, torch.long)
+        scr = torch.empty(bsz, t, device=dev, dtype=torch.int32)
+    else:
+        n0, srcb, osrc, scr = 0, 0, osz, osz
     # sizes never exceed the input token count; products in the token dtype are exact while sizes are
     # (without a bound from the caller or a source map, sizes are unbounded: fp32 products)
     if sizes is None:
         max_size = 1
     elif max_size is None:
-        max_size = source.shape[1] if source is not None else float("inf")
+        max_size = n0 if source is not None else float("inf")
     lowp = _exact_lowp(x.dtype, max_size)
     s_arg = sizes if sizes is not None else osz
+    src_arg = source if source is not None else osz
     nap = max(16, _p2(na))
-    groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
-    bst = osz if large else torch.empty((bsz * groups, nap), device=x.device, dtype=torch.float32)
-    mt = torch.empty((bsz, 2, nap), device=x.device, dtype=torch.int32) if split else bst
-    rows = torch.empty((bsz, nout), device=x.device, dtype=torch.int32) if split else mt
-    ob = _alloc((bsz, nout), x.device, x.dtype) if log_sizes else osz
-
-    y = residual if residual is not None else x
+    groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, dev)
+    bst = osz if large else torch.empty(bsz * groups, nap, device=dev, dtype=torch.float32)
+    mt = torch.empty(bsz, 2, nap, device=dev, dtype=torch.int32) if split else bst
+    rows = torch.empty(bsz, nout, device=dev, dtype=torch.int32) if split else mt
+    ob = _alloc((bsz, nout), dev, x.dtype) if log_sizes else osz
+    has_sizes, has_source, has_perm = sizes is not None, source is not None, perm is not None
+    padded = bool(padded)
 
     def launch(mode, grid, g, bc, warps, **extra):
-        fast(_merge_step)[grid](x, y, metric, s_arg, source if source is not None else osz, out, osz, osrc, scr, bst, mt, ob,
-                          rows, prm, p, na, nb, r, c, d, n0, g,
-                          x.stride(0), x.stride(1), y.stride(0), y.stride(1), metric.stride(0), metric.stride(1),
-                          sizes.stride(0) if sizes is not None else 0, source.stride(0) if source is not None else 0,
-                          out.stride(0), out.stride(1), sprm,
-                          HAS_SIZES=sizes is not None, HAS_Y=residual is not None and mode == 0,
-                          PADDED=bool(padded), HAS_SOURCE=source is not None,
-                          IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
-                          NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
-                          BT=32, MODE=mode, LOG_SIZES=log_sizes, PERM=perm is not None, num_warps=warps, **extra)
+        fast(_merge_step)[grid](x, y, metric, s_arg, src_arg, out, osz, osrc, scr, bst, mt, ob, rows, prm,
+                                p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[1], ssb, srcb,
+                                nout * c, c, sprm,
+                                HAS_SIZES=has_sizes, HAS_Y=residual is not None and mode == 0,
+                                PADDED=padded, HAS_SOURCE=has_source,
+                                IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
+                                NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
+                                BT=32, MODE=mode, LOG_SIZES=log_sizes, PERM=has_perm, num_warps=warps, **extra)
 
     if large:
         m_in, s_in = metric, sizes  # with perm: the matching reads the metric in the step's order (a [B, T, d] copy)
@@ -567,14 +573,12 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
             m_in = metric.gather(1, perm[..., None].expand(bsz, t, d))
             s_in = sizes.gather(1, perm) if sizes is not None else None
         best, idx = _best_partners(m_in[:, p:], (s_in[:, p + 1::2] > 0) if padded and s_in is not None else None)
-        fast(_merge_plan)[(bsz,)](best, idx, s_arg, source if source is not None else osz, osz, osrc, scr, mt, ob,
-                                  rows, prm, p, na, nb, r, n0, sizes.stride(0) if sizes is not None else 0,
-                                  source.stride(0) if source is not None else 0, sprm,
-                                  HAS_SIZES=sizes is not None, PADDED=bool(padded), HAS_SOURCE=source is not None,
+        fast(_merge_plan)[(bsz,)](best, idx, s_arg, src_arg, osz, osrc, scr, mt, ob, rows, prm, p, na, nb, r, n0,
+                                  ssb, srcb, sprm, HAS_SIZES=has_sizes, PADDED=padded, HAS_SOURCE=has_source,
                                   LOG_SIZES=log_sizes, NAP=nap, BA=128, BT=32, BS=256, PP=_p2(max(p, 1)),
-                                  PERM=perm is not None, num_warps=8)
+                                  PERM=has_perm, num_warps=8)
     elif split:
-        cap = split_cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
+        cap = split_cfg.get("mmaxnreg") if bsz > _num_sms(dev) else None
         launch(2, (bsz, 1), 1, MERGE_STEP_BC, split_cfg.get("mwarps", MERGE_STEP_WARPS),
                **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))
     if split:
@@ -585,10 +589,9 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
             fbc = 32
         ng = _cdiv(nout, rb)
         fast(_merge_gather)[(bsz, ng + _cdiv(c, fbc))](
-            x, y, s_arg, mt, rows, out, prm, p, na, r, c, nout, ng, x.stride(0), x.stride(1), y.stride(0),
-            y.stride(1), sizes.stride(0) if sizes is not None else 0, out.stride(0), out.stride(1), sprm,
-            HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
-            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
+            x, y, s_arg, mt, rows, out, prm, p, na, r, c, nout, ng, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm,
+            HAS_SIZES=has_sizes, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
+            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc, PERM=has_perm,
             num_warps=split_cfg["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
     else:
         launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
