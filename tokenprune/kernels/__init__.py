@@ -129,11 +129,20 @@ def needs_grad(tensors) -> bool:
 
 
 def use_triton(*tensors) -> bool:
-    """Whether the Triton kernel runs for these tensors (see the module docstring)."""
-    if not _ENABLED or needs_grad(tensors):
+    """Whether the Triton kernel runs for these tensors (see the module docstring). One pass over them (it runs
+    several times per reduction step and once per block: batch-1 forwards are bound by such host time)."""
+    if not _ENABLED:
         return False
-    if not (_FORCE_OP_FOR_TESTS or all(t is None or (isinstance(t, torch.Tensor) and t.is_cuda) for t in tensors)):
-        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            if _FORCE_OP_FOR_TESTS:
+                continue
+            return False
+        if (grad and t.requires_grad) or not (t.is_cuda or _FORCE_OP_FOR_TESTS):
+            return False
     return _have_triton()
 
 
@@ -158,11 +167,11 @@ def biased_attention_applies(bias, n: int, d: int) -> bool:
     on CUDA, kernels on, a sequence short enough: see ``attention.BA_CONFIG``). In eager mode small
     batches keep SDPA with the bias as its mask: a Triton launch costs several times an aten op's host
     time, and at small batches host time is what a forward takes. Compiled, the kernel always applies."""
-    if bias is None or not use_triton(bias) or not _impl().attention.biased_attention_fits(n, d):
+    if bias is None:
         return False
-    if torch.compiler.is_compiling():
-        return bias.shape[0] >= BA_MIN_BATCH_COMPILED
-    return bias.shape[0] >= BA_MIN_BATCH_EAGER
+    # the batch test first: it decides at batch 1 in eager mode, which runs this once per block
+    min_batch = BA_MIN_BATCH_COMPILED if torch.compiler.is_compiling() else BA_MIN_BATCH_EAGER
+    return bias.shape[0] >= min_batch and use_triton(bias) and _impl().attention.biased_attention_fits(n, d)
 
 
 def biased_attention(q, k, v, bias=None):
