@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix, _exact_lowp, _p2,
-                             _sizes_at, fast)
+                             _rows_contiguous, _sizes_at, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -112,12 +112,13 @@ def gram(x):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()
     is32 = x.dtype == torch.float32
-    g = _alloc((bsz, n, n), x.device, torch.float32)
+    g = _alloc((bsz, n, n), x.device, torch.float32)  # strides (n n, n, 1)
     bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
     bk = 16 if is32 else 32
     t = _cdiv(n, bm)
-    fast(_gram)[(bsz, t * t)](x, g, n, c, t, x.stride(0), x.stride(1), x.stride(2), g.stride(0), g.stride(1),
-                        IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
+    sx = x.stride()
+    fast(_gram)[(bsz, t * t)](x, g, n, c, t, sx[0], sx[1], sx[2], n * n, n,
+                              IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
     return g, g.diagonal(dim1=1, dim2=2)
 
 
@@ -212,19 +213,17 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
                          f"k <= {APET_STAGE_MAX_K}, k <= N)")
     if g.dtype != torch.float32:
         g = g.float()
-    if g.stride(-1) != 1:
-        g = g.contiguous()
-    basis = _alloc((bsz, k), g.device, torch.long)
-    err = _alloc((bsz, n), g.device, torch.float32)
+    g, sg = _rows_contiguous(g)
+    dev = g.device
+    basis = _alloc((bsz, k), dev, torch.long)
+    err = _alloc((bsz, n), dev, torch.float32)
     if valid is not None:
-        v = valid.to(torch.uint8)
-        if v.stride(-1) != 1:
-            v = v.contiguous()
-        svb = v.stride(0)
+        v, sv = _rows_contiguous(valid.to(torch.uint8))
+        svb = sv[0]
     else:
         v, svb = basis, 0
     np_ = max(16, _p2(n))
-    fast(_apet_stage)[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), g.stride(0), g.stride(1), svb,
+    fast(_apet_stage)[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), sg[0], sg[1], svb,
                         HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
                         BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
     return basis, err
@@ -260,12 +259,11 @@ def apet_assign(g, keep_idx):
     kn = keep_idx.shape[1]
     if g.dtype != torch.float32:
         g = g.float()
-    if g.stride(-1) != 1:
-        g = g.contiguous()
+    g, sg = _rows_contiguous(g)
     keep = keep_idx.contiguous()
     out = _alloc((bsz, n), g.device, torch.long)
     bm = min(64, max(16, _p2(n)))
-    fast(_apet_assign)[(bsz, _cdiv(n, bm))](g, keep, out, n, kn, g.stride(0), g.stride(1),
+    fast(_apet_assign)[(bsz, _cdiv(n, bm))](g, keep, out, n, kn, sg[0], sg[1],
                                             BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
     return out
 
@@ -350,26 +348,27 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     bsz, t, c = x.shape
     n = t - p
     k = keep_idx.shape[1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if sizes is not None and sizes.stride(-1) != 1:
-        sizes = sizes.contiguous()
+    dev = x.device
+    x, sx = _rows_contiguous(x)
+    ssb = srcb = 0
+    if sizes is not None:
+        sizes, ss = _rows_contiguous(sizes)
+        ssb = ss[0]
     target, keep_idx = target.contiguous(), keep_idx.contiguous()
-    if source is not None and source.stride(-1) != 1:
-        source = source.contiguous()
+    if source is not None:
+        source, ssrc = _rows_contiguous(source)
+        srcb = ssrc[0]
     bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
     lowp = _exact_lowp(x.dtype, bound)
-    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, x.device)
+    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, dev)
     bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
-    out = _alloc((bsz, p + k, c), x.device, x.dtype)
-    osz = _alloc((bsz, p + k), x.device, torch.float32)
+    out = _alloc((bsz, p + k, c), dev, x.dtype)  # strides ((p + k) c, c, 1)
+    osz = _alloc((bsz, p + k), dev, torch.float32)
     n0 = source.shape[1] if source is not None else 0
-    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else osz
+    osrc = _alloc((bsz, n0), dev, torch.long) if source is not None else osz
     fast(_apet_merge)[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
                                source if source is not None else osz, out, osz, osrc,
-                               p, n, k, c, n0, groups, x.stride(0), x.stride(1),
-                               sizes.stride(0) if sizes is not None else 0,
-                               source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
+                               p, n, k, c, n0, groups, sx[0], sx[1], ssb, srcb, (p + k) * c, c,
                                HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=lowp,
                                PP=_p2(max(p, 1)), BK=bk, BI=64, BC=APET_MERGE_BC, BS=256,
                                num_warps=8 if bk >= 128 else 4)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _key_bias, _num_sms, _p2, _require_contiguous_head_dim, fast
+from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _num_sms, _p2, fast
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -207,7 +207,7 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.efficient_attention``. ``split``:
     chunks of N for pass 1 (None: enough for one wave of programs, chunks of at least ``min_chunk`` tokens)."""
     b, h, n, d = q.shape
-    _require_contiguous_head_dim("efficient_attention", q, k, v)
+    sq, sk, sv = _head_strides("efficient_attention", q, k, v)
     dp = max(16, _p2(d))
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     bh = b * h
@@ -229,8 +229,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
     else:
         part = mpart = lpart = ctx
     fast(_ea_context)[(bh, split)](k, v, bias2, ctx, part, mpart, lpart, n, h, d, chunk, split,
-                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                             sbb, sbn, HAS_BIAS=bias is not None, SPLIT=split > 1,
+                             sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sbb, sbn,
+                             HAS_BIAS=bias is not None, SPLIT=split > 1,
                              IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn1,
                              ONES_L=bool(_cfg(EA_CONFIG["ones_l"], dp)), num_warps=w1)
     if split > 1:
@@ -239,9 +239,8 @@ def efficient_attention(q, k, v, bias=None, split: int | None = None):
         fast(_ea_combine)[(bh, dp // rb)](part, mpart, lpart, ctx, split, DP=dp, SP=_p2(split), RB=rb, SC=sc,
                                     num_warps=4)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
-    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
-    fast(_ea_apply)[(bh, _cdiv(n, bn2))](q, ctx, out, n, h, d, q.stride(0), q.stride(1), q.stride(2),
-                                         out.stride(0), out.stride(1), out.stride(2),
+    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
+    fast(_ea_apply)[(bh, _cdiv(n, bn2))](q, ctx, out, n, h, d, sq[0], sq[1], sq[2], n * h * d, d, h * d,
                                          IS_F32=dt == torch.float32, DP=dp, BLOCK_N=bn2, num_warps=w2)
     return out
 
@@ -322,7 +321,7 @@ def biased_attention_fits(n: int, d: int) -> bool:
 def biased_attention(q, k, v, bias=None):
     """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``."""
     b, h, n, d = q.shape
-    _require_contiguous_head_dim("biased_attention", q, k, v)
+    sq, sk, sv = _head_strides("biased_attention", q, k, v)
     dp = max(16, _p2(d))
     is_f32 = q.dtype == torch.float32
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
@@ -333,11 +332,10 @@ def biased_attention(q, k, v, bias=None):
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
-    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)
+    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
     fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
-                                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                         v.stride(0), v.stride(1), v.stride(2), sbb, sbn,
-                                         out.stride(0), out.stride(1), out.stride(2),
+                                         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sbb, sbn,
+                                         n * h * d, d, h * d,
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
                                          num_warps=warps)
     return out

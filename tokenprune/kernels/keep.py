@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc, fast
+from ._triton_common import (_alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc,
+                             _rows_contiguous, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
@@ -62,7 +63,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
 
 def topk_sorted(scores, k: int):
     """Indices ``[B, k]`` of the k best scores per row in ascending order (ties: lowest index first)."""
-    return keep_step(scores[..., None], scores, None, None, 0, k, write_x=False)[3]
+    return keep_step(scores.unsqueeze(2), scores, None, None, 0, k, write_x=False)[3]
 
 
 KEEP_STEP_MAX_N = 1024  # non-prefix tokens one program ranks
@@ -78,31 +79,31 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
     returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``."""
     bsz, t, c = x.shape
     n = t - p
-    if scores.stride(-1) != 1:
-        scores = scores.contiguous()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if sizes is not None and sizes.stride(-1) != 1:
-        sizes = sizes.contiguous()
-    if source is not None and source.stride(-1) != 1:
-        source = source.contiguous()
+    dev = x.device
+    scores, ssc = _rows_contiguous(scores)
+    x, sx = _rows_contiguous(x)
+    ssb = srcb = 0
+    if sizes is not None:
+        sizes, ss = _rows_contiguous(sizes)
+        ssb = ss[0]
+    if source is not None:
+        source, ssrc = _rows_contiguous(source)
+        srcb = ssrc[0]
     np_, pp = max(16, _p2(n)), _p2(max(p, 1))
-    groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, x.device) if write_x else 1
-    out = _alloc((bsz, p + k, c), x.device, x.dtype) if write_x else x
-    osz = _alloc((bsz, p + k), x.device, sizes.dtype) if sizes is not None else scores
+    groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, dev) if write_x else 1
+    out = _alloc((bsz, p + k, c), dev, x.dtype) if write_x else x
+    osz = _alloc((bsz, p + k), dev, sizes.dtype) if sizes is not None else scores
     n0 = source.shape[1] if source is not None else 0
-    osrc = _alloc((bsz, n0), x.device, torch.long) if source is not None else scores
-    idx = _alloc((bsz, k), x.device, torch.long)
-    scr = torch.empty((bsz * groups, pp + np_), device=x.device, dtype=torch.int32)
+    osrc = _alloc((bsz, n0), dev, torch.long) if source is not None else scores
+    idx = _alloc((bsz, k), dev, torch.long)
+    scr = torch.empty(bsz * groups, pp + np_, device=dev, dtype=torch.int32)
+    so = ((p + k) * c, c) if write_x else sx  # out: contiguous when written
     fast(_keep_step)[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
-                              source if source is not None else scores, out, osz, osrc, idx, scr,
-                              p, n, k, c, n0, groups,
-                              x.stride(0), x.stride(1), scores.stride(0),
-                              sizes.stride(0) if sizes is not None else 0,
-                              source.stride(0) if source is not None else 0, out.stride(0), out.stride(1),
-                              WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
-                              NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
-                              num_warps=8 if np_ >= 512 else 4)
+                                    source if source is not None else scores, out, osz, osrc, idx, scr,
+                                    p, n, k, c, n0, groups, sx[0], sx[1], ssc[0], ssb, srcb, so[0], so[1],
+                                    WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
+                                    NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
+                                    num_warps=8 if np_ >= 512 else 4)
     return (out if write_x else None, osz if sizes is not None else None, osrc if source is not None else None,
             idx)
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _key_bias, _p2, _require_contiguous_head_dim, fast
+from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _p2, fast
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -77,25 +77,26 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     """``q_row [B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.query_scores``.
     ``block_n``: keys per program (None: from ``QS_CONFIG``)."""
     b, h, n, d = k.shape
-    _require_contiguous_head_dim("query_scores", q_row, k)
+    sq, sk = _head_strides("query_scores", q_row, k)
+    dev = k.device
     dp = _p2(d)
     block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
     nb = _cdiv(n, block_n)
-    lg = _alloc((b, h, n), k.device, torch.float32)
-    pm = _alloc((b, h, nb), k.device, torch.float32)
-    ps = _alloc((b, h, nb), k.device, torch.float32)
+    lg = _alloc((b, h, n), dev, torch.float32)
+    pm = _alloc((b, h, nb), dev, torch.float32)
+    ps = _alloc((b, h, nb), dev, torch.float32)
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
     fast(_qs_logits)[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
-                           q_row.stride(0), q_row.stride(1), k.stride(0), k.stride(1), k.stride(2), sbb, sbn,
-                           HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
-    out = _alloc((b, n), k.device, torch.float32)
+                                 sq[0], sq[1], sk[0], sk[1], sk[2], sbb, sbn,
+                                 HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
+    out = _alloc((b, n), dev, torch.float32)
     if head_weights is not None:
         w = torch.broadcast_to(head_weights, (b, h, n))
         sw = w.stride()
     else:
         w, sw = lg, (0, 0, 0)
     fast(_qs_reduce)[(b, nb)](lg, pm, ps, w, out, n, h, nb, sw[0], sw[1], sw[2],
-                        HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4)
+                              HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4)
     return out
 
 
