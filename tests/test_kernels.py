@@ -716,6 +716,7 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape
         s = TokenState.start(x.clone(), p)
         if sized:
             s.sizes = sizes.clone()
+        s.padded = sized == "padded"  # size-0 slots come with the flag (TokenState; the kernel path reads it)
         return s
 
     red = Apet(k=4)

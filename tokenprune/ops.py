@@ -211,7 +211,7 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: in
     stays on fused SDPA. Returns ``[B, N]`` (float32) over all tokens.
     """
     if isinstance(query, int):
-        qr = q[:, :, query]
+        qr = q.select(2, query)  # (q[:, :, query] costs 0.7 us more of host time)
     else:
         qr = query
     return kernels.query_scores(qr, k, scale, bias, head_weights)  # fused on CUDA (K read once); else the reference

@@ -46,7 +46,7 @@ from .. import kernels
 from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
-from .base import Reducer, ratio_schedule, set_groups
+from .base import Reducer, patch_valid, ratio_schedule, set_groups
 
 
 def farthest_point_basis(x: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,17 +120,18 @@ class Apet(Reducer):
         if keep >= n:
             return state
         xs = x[:, p:]
-        sizes = state.sizes_or_ones()
-        valid = sizes[:, p:] > 0
         # GPU: x is read once, into the per-sample Gram matrix G = X X^T (float32); the basis search,
         # the errors and the cosine assignment then work on G (tokenprune/kernels, section 5)
         g = kernels.gram(xs)[0] if kernels.use_triton(x) and kernels.apet_stage_fits(n, self.k) else None
         if g is not None:
+            valid = patch_valid(state)  # None without padding slots: the kernel masks nothing, as if all were valid
             basis, err = kernels.apet_stage(g, valid, self.k, self.eps)
         else:
+            valid = state.sizes_or_ones()[:, p:] > 0
             basis = farthest_point_basis(xs, self.k, valid)
             err = reconstruction_error(xs, xs.gather(1, basis[..., None].expand(b, self.k, c)), self.eps)
-        err = err.masked_fill(~valid, float("-inf"))  # padding is never kept over a real token
+        if valid is not None:
+            err = err.masked_fill(~valid, float("-inf"))  # padding is never kept over a real token
         err = err.scatter(1, basis, float("inf"))  # the basis is always kept
         keep_idx = kernels.topk_sorted(err, keep)  # [B, K], spatial order
 
@@ -148,6 +149,7 @@ class Apet(Reducer):
             state.x, state.sizes, state.source = kernels.apet_merge(x, state.sizes, target, keep_idx, state.source, p,
                                                                     max_size=p + state.num_input)
             return state
+        sizes = state.sizes_or_ones()
         s = sizes[:, p:].to(x.dtype)
         den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
         new_patches = None

@@ -50,7 +50,7 @@ class RandomDrop(Reducer):
         in the graph."""
         if torch.compiler.is_compiling():
             return hash_scores(b, n, key, device)
-        k = (b, n, key, str(device))
+        k = (b, n, key, device)
         scores = self._cache.get(k)
         if scores is None:
             if len(self._cache) > 64:
