@@ -136,6 +136,27 @@ def test_sdpa_only_no_eager_path(method, monkeypatch):
         assert calls[0] is None and all(m is not None and m.dtype.is_floating_point for m in calls[1:])
 
 
+@pytest.mark.parametrize("b", [1, 3])
+def test_key_bias_is_log_size_laid_out_for_sdpa(b):
+    """The key bias ``[B, 1, 1, N]`` a state hands the blocks (built from the sizes, or the log sizes a merge kernel
+    wrote) holds log(size); at batch 1 every stride but the last is a multiple of 8, as CUDA SDPA's memory-efficient
+    kernel wants (it pads a copy of any other bias, in every block); attention with it equals attention with the
+    bias built the plain way."""
+    g = torch.Generator().manual_seed(0)
+    n = 13
+    sizes = torch.randint(1, 5, (b, n), generator=g).float()
+    plain = sizes.log()[:, None, None, :]
+    q = torch.randn(b, 2, n, 4, generator=g)
+    made = TokenState(x=torch.randn(b, n, 8), num_prefix=1, num_input=n - 1, sizes=sizes)
+    from_kernel = TokenState(x=torch.randn(b, n, 8), num_prefix=1, num_input=n - 1, sizes=sizes)
+    from_kernel.set_attn_bias(sizes.log(), torch.float32)
+    for bias in (made.attn_bias(torch.float32), from_kernel.attn_bias(torch.float32)):
+        assert bias.shape == (b, 1, 1, n) and torch.equal(bias, plain)
+        assert bias.stride(-1) == 1 and (b > 1 or all(s % 8 == 0 for s in bias.stride()[:-1]))
+        assert torch.equal(F.scaled_dot_product_attention(q, q, q, attn_mask=bias),
+                           F.scaled_dot_product_attention(q, q, q, attn_mask=plain))
+
+
 # -- merging ------------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 3), n=st.integers(2, 40), p=st.integers(0, 2), c=st.integers(1, 8),

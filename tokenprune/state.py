@@ -161,8 +161,7 @@ class TokenState:
         sizes, as the bias :meth:`attn_bias` returns for these sizes (proportional attention only)."""
         if not self.proportional:
             raise ValueError("set_attn_bias: the bias is log(size) only with proportional attention")
-        b, n = log_sizes.shape
-        self.scratch["_bias"] = (self.sizes, dtype, log_sizes.view(b, 1, 1, n))  # (a view: half a None-index's cost)
+        self.scratch["_bias"] = (self.sizes, dtype, key_bias_view(log_sizes))
 
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         if self.proportional:
@@ -171,4 +170,15 @@ class TokenState:
             bias = torch.zeros_like(self.sizes).masked_fill_(self.sizes <= 0, float("-inf"))
         else:
             return None
-        return bias.to(dtype)[:, None, None, :]
+        return key_bias_view(bias.to(dtype))
+
+
+def key_bias_view(v: torch.Tensor) -> torch.Tensor:
+    """A per-key bias ``[B, N]`` as the ``[B, 1, 1, N]`` view attention takes (a view: half a None-index's host
+    time). At batch 1 its leading strides are 0: CUDA SDPA's memory-efficient kernel wants every stride but the
+    last to be a multiple of 8 and otherwise pads a copy of the bias first (two more ops and two launches in
+    every block), and a token count rarely is one. Same values, same results."""
+    b, n = v.shape
+    if b == 1:
+        return v.as_strided((1, 1, 1, n), (0, 0, 0, v.stride(1)))
+    return v.view(b, 1, 1, n)
