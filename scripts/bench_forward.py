@@ -11,7 +11,11 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default).
+eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``dryhost`` (CPU only, no GPU
+needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
+Triton launch a no-op; ``--profile`` adds the merge step's cProfile):
+
+    OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost --out /tmp/dh
 """
 from __future__ import annotations
 
@@ -332,7 +336,9 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     """CPU only: microseconds of host time per piece of one eager batch-1 reduction step on ViT-L/16 shapes
     (fp16, 197 tokens, 16 heads of 64), the CUDA path's Python with every Triton launch a no-op (``_dry_kernels``).
     Aten ops inside a step (the key mean, apet's glue) run for real on CPU, compute included. Reducer steps
-    build a fresh ``TokenState`` per call; that construction is timed alone and subtracted."""
+    build a fresh ``TokenState`` per call; that construction is timed alone and subtracted. Each piece runs alone
+    in a loop (warm caches): a whole step costs more than the sum of its parts, and in a forward, between blocks,
+    more again (an H200 host took ~125 us for a merge step this counted as ~78 us + one launch)."""
     import contextlib
 
     import tokenprune.reducers  # noqa: F401 -- registers the reducers
@@ -408,7 +414,13 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         s_apet = Stage(0, 123, "apet")
         put("apet step (Apet.reduce: gram, stage, topk, assign, merge + aten glue)",
             _us(lambda: apet.reduce(start_state(), s_apet, None), n_it // 3) - base)
-        # every block after the first merge: the key bias, and attention with it
+        # every block after the first merge: the key bias, and attention with it. CUDA SDPA's memory-efficient kernel
+        # pads a copy of a bias whose strides but the last are not multiples of 8 (two ops, two launches per block)
+        bias_st = st0.attn_bias(dt).stride()
+        aligned = bias_st[-1] == 1 and all(z % 8 == 0 for z in bias_st[:-1])
+        record(case="dryhost", piece="per block: key bias needs no pad copy in CUDA SDPA", aligned=aligned,
+               strides=list(bias_st))
+        rows[f"per block: key bias strides {tuple(bias_st)}: CUDA SDPA pads a copy"] = "no" if aligned else "yes"
         put("per block: state.attn_bias (cached)", _us(lambda: st0.attn_bias(dt), n_it))
         put("per block: kernels.biased_attention_applies", _us(lambda: kernels.biased_attention_applies(
             bias1, t1, d), n_it))
@@ -437,7 +449,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
             (out / "dryhost_merge_cprofile.txt").write_text(buf.getvalue())
     print(f"\n{'dry host time per piece (CPU, us)':72} {'us':>8}")
     for name, us in rows.items():
-        print(f"{name:72} {us:8.2f}")
+        print(f"{name:72} {us:>8}")
 
 
 def main():
