@@ -1,5 +1,6 @@
 """`tokenprune demo` on the terminal: a WARNING line on stderr when it falls back to random weights,
 and a one-line error for a --model-dir that holds no model (instead of a silent random model)."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("gradio")
+# both tests run the demo in a subprocess: gradio is looked up, not imported here (its import costs seconds in
+# every pytest-xdist worker that collects this module)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
 
 
 def _free_port():

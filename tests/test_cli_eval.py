@@ -68,7 +68,7 @@ def test_wer_evaluation_has_no_retained_column(assets, tmp_path, capsys):
         pytest.skip("whisper-tiny.en not in the assets")
     args = ["eval", "--model", str(whisper), "--task", "wer", "--data", str(assets / "speech-hifitts-6097"),
             "--limit", "2", "--methods", "merge", "--budgets", "0.5", "--batch-size", "2", "--out", str(tmp_path),
-            "--no-progress", "--threads", "2"]
+            "--no-progress", "--threads", "1"]
     assert main(args) == 0
     cap = capsys.readouterr()
     assert "retained" not in cap.out
