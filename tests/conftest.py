@@ -2,23 +2,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    # Triton reads this when a kernel is decorated: every test module then gets the interpreted kernels,
-    # whichever of them imports tokenprune.kernels first (CPU tensors never reach a kernel otherwise)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Inductor (read when torch._inductor is first imported, which `import torch` does not do) compiles in this
-    # process instead of starting a pool of compile workers that each import torch again: same generated code,
-    # seconds less CPU for the CPU test that compiles with it
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
-# Under pytest-xdist (two worker processes, see pytest_cmdline_main below) each worker uses one intra-op thread, so
-# the two workers fill two cores; one process on its own (``-n 0`` or ``-p no:xdist``) uses up to two.
-XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
-
-WORKERS = 2  # CI's machine has two cores
+WORKERS = 2  # pytest-xdist worker processes: CI's machine has two cores
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1" in a worker, None elsewhere
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -34,10 +20,13 @@ def pytest_cmdline_main(config):
         opt.numprocesses = WORKERS
         if opt.dist == "no":
             opt.dist = "loadgroup"  # tests marked xdist_group share a worker (the browser tests share one page)
-    workerinput = getattr(config, "workerinput", {})
-    if workerinput.get("tokenprune_loadgroup"):
-        # a worker parses the original command line again, where the line above did not run: tell it here, so that
-        # it names its tests by group as xdist's loadgroup scheduler expects
+    if getattr(opt, "numprocesses", None) and XDIST_WORKER is None:
+        # the workers and the processes the tests start inherit this: one OpenMP/BLAS thread per process, so
+        # that the workers do not fight over the cores (a test that wants more threads sets them itself)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if getattr(config, "workerinput", {}).get("tokenprune_loadgroup"):
+        # a worker parses the original command line again, where the lines above did not run: tell it here, so
+        # that it names its tests by group as xdist's loadgroup scheduler expects
         opt.loadgroup = True
 
 
@@ -46,6 +35,27 @@ def pytest_configure_node(node):
     """pytest-xdist, on the controller, before starting a worker: pass on the distribution mode chosen above."""
     node.workerinput["tokenprune_loadgroup"] = node.config.option.dist == "loadgroup"
 
+
+def pytest_configure(config):
+    """Set up torch in each process that runs tests. The xdist controller runs none: it skips this and never
+    imports torch (seconds sooner to start the workers)."""
+    if getattr(config.option, "numprocesses", None) and XDIST_WORKER is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        # Triton reads this when a kernel is decorated: every test module then gets the interpreted kernels,
+        # whichever of them imports tokenprune.kernels first (CPU tensors never reach a kernel otherwise)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        # Inductor (read when torch._inductor is first imported, which `import torch` does not do) compiles in
+        # this process instead of starting a pool of compile workers that each import torch again: same
+        # generated code, seconds less CPU for the CPU test that compiles with it
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    # an xdist worker uses one intra-op thread, so that the two workers fill two cores; one process on its own
+    # (``-n 0`` or ``-p no:xdist``) uses up to two
+    torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
+
+
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
 
 
@@ -53,6 +63,8 @@ ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().paren
 def one_thread():
     """One intra-op thread for the test (tiny models: fastest, and fair on a shared machine); restored after.
     Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -69,6 +81,7 @@ def assets():
 def tiny_vit(**kw):
     """A small timm ViT for fast CPU tests (random weights, fixed seed)."""
     import timm
+    import torch
 
     torch.manual_seed(0)
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
