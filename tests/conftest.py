@@ -1,3 +1,4 @@
+import gc
 import os
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def pytest_configure(config):
     imports torch (seconds sooner to start the workers)."""
     if getattr(config.option, "numprocesses", None) and XDIST_WORKER is None:
         return
+    # Dynamo's tracing and Triton's interpreter allocate millions of short-lived containers: with Python's default
+    # thresholds (700, 10, 10) the cyclic collector takes about 8% of the suite's CPU, half of that with these
+    gc.set_threshold(20_000, 50, 50)
     import torch
 
     if not torch.cuda.is_available():
