@@ -10,14 +10,15 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1" in a worker
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """Run the suite in WORKERS pytest-xdist processes unless told otherwise.
+    """Run the suite in WORKERS pytest-xdist processes unless told otherwise (on a machine without an NVIDIA GPU).
 
     Set here rather than as ``-n 2`` in ``addopts`` so that ``python3 -m pytest -q tests -p no:xdist`` (or a
     checkout without pytest-xdist) still runs, in one process; ``-n 0`` does the same, ``-n N`` picks N workers.
     Only the initial conftest gets this hook, which is the case for ``pytest tests`` and ``pytest tests/test_x.py``."""
     opt = config.option
+    gpu = os.path.exists("/dev/nvidiactl")  # the GPU tests stay in one process (torch is not imported here)
     if (config.pluginmanager.hasplugin("xdist") and getattr(opt, "numprocesses", 0) is None and not opt.tx
-            and not opt.usepdb and not opt.collectonly and XDIST_WORKER is None):
+            and not opt.usepdb and not opt.collectonly and not gpu and XDIST_WORKER is None):
         opt.numprocesses = WORKERS
         if opt.dist == "no":
             opt.dist = "loadgroup"  # tests marked xdist_group share a worker (the browser tests share one page)
