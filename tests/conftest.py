@@ -64,6 +64,12 @@ def pytest_configure(config):
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (seconds each: real weights, fresh Python processes) run first, the rest in file order:
+    the two xdist workers then both end on short tests, within a fraction of a second of each other."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each part
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session):
     """After the last test: one collection (pytest would run five at exit, each walking every object the imports

@@ -213,6 +213,7 @@ def test_recipes_load_and_apply(tmp_path):
     assert not tokenprune.is_applied(model)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     """Batches are dealt round-robin to 2 gloo ranks and gathered: the metrics must equal one process's
     (random drop included, whose choice depends on the batch)."""

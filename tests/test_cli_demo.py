@@ -36,6 +36,7 @@ def test_missing_model_dir_is_a_one_line_error(tmp_path):
     assert len(err.splitlines()) == 1 and err.startswith("tokenprune demo: error: --model-dir"), err
 
 
+@pytest.mark.slow
 def test_random_weights_fallback_warns_on_stderr(tmp_path):
     empty = tmp_path / "assets"
     empty.mkdir()

@@ -57,6 +57,7 @@ def test_cuda_index_beyond_the_devices_is_one_line(capsys, tmp_path):
     assert "CUDA" in err
 
 
+@pytest.mark.slow
 def test_closed_output_pipe_ends_quietly():
     """`tokenprune plan ... | head -0`: the reader has gone before the output is written."""
     read_end, write_end = os.pipe()

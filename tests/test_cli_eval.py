@@ -59,6 +59,7 @@ def test_wer_rows_report_points_not_retained(wer, ref):
     assert f"WER {wer:.2%}" in text and f"{100 * (wer - ref):+.2f} points" in text
 
 
+@pytest.mark.slow
 def test_wer_evaluation_has_no_retained_column(assets, tmp_path, capsys):
     """Whisper tiny.en on 2 utterances: WER and its change in points, no "retained" anywhere."""
     pytest.importorskip("transformers")

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tokenprune.cli import COMMANDS, build_parser, main
 from tokenprune.commands._common import BUDGET_MEANING
 
@@ -50,6 +52,7 @@ def test_parsing_and_help_import_no_torch():
     assert "HEAVY []" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_console_help_imports_no_torch():
     """The console script's path (the real package __init__, then tokenprune.cli) imports no torch for
     any --help; the CLI's method check, the first thing in the process to need the reducers (as in

@@ -99,6 +99,7 @@ def test_patched_model_pickles_and_stays_patched(family):
         torch.testing.assert_close(run(copy_, x), run(model, x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_patched_hf_model_loads_in_a_fresh_process(tmp_path):
     """torch.save / torch.load of a patched HF model: a new process must get the attention function back
     (tolerance: the other process may sum with another number of CPU threads)."""

@@ -66,6 +66,7 @@ def test_explain_reports_no_graph_break():
     assert report.graph_break_count == 0 and report.graph_count == 1, report.break_reasons
 
 
+@pytest.mark.slow
 def test_data_dependent_reducer_compiles_with_documented_breaks():
     """``cls`` with ``threshold=`` keeps a data-dependent count: it compiles (not fullgraph) and matches eager."""
     model = tiny_vit(depth=3)

@@ -77,6 +77,7 @@ def models_and_images(assets):
     return timm_model, hf_model, to_tensor(images, 224), torch.tensor(labels)
 
 
+@pytest.mark.slow
 def test_hf_conversion_reproduces_timm_logits(models_and_images):
     timm_model, hf_model, x, labels = models_and_images
     before = torch.get_num_threads()

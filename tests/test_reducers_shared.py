@@ -104,6 +104,7 @@ def test_registry_is_a_leaf_and_reducers_never_import_api_or_adapters():
             assert not re.search(r"\b(api|adapters|patch)\b", line), f"{path.name}: {line}"
 
 
+@pytest.mark.slow
 def test_built_in_reducers_are_registered_whatever_is_imported_first():
     import subprocess
     import sys
