@@ -20,9 +20,9 @@ def pytest_cmdline_main(config):
     if (config.pluginmanager.hasplugin("xdist") and getattr(opt, "numprocesses", 0) is None and not opt.tx
             and not opt.usepdb and not opt.collectonly and not gpu and XDIST_WORKER is None):
         opt.numprocesses = WORKERS
-        if opt.dist == "no":
-            opt.dist = "loadgroup"  # tests marked xdist_group share a worker (the browser tests share one page)
     if getattr(opt, "numprocesses", None) and XDIST_WORKER is None:
+        if opt.dist == "no":  # also for an explicit -n N
+            opt.dist = "loadgroup"  # tests marked xdist_group share a worker (the browser tests share one page)
         # the workers and the processes the tests start inherit this: one OpenMP/BLAS thread per process, so
         # that the workers do not fight over the cores (a test that wants more threads sets them itself)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
