@@ -30,21 +30,24 @@ def _text(**kw):
     return d
 
 
-def build(kind):
+def build(kind, depth=None, full=(1,), deepstack=(0, 1)):
+    """A tiny Qwen VLM: ``depth`` vision blocks (default 2, Qwen3-VL 3), Qwen2.5-VL's full-attention blocks
+    ``full`` (its other blocks attend in windows of 8 px = 2x2 merged tokens), Qwen3-VL's deepstack taps."""
     torch.manual_seed(0)
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
-    if kind == "qwen2_5_vl":  # window 8 px = 2x2 merged tokens per window; block 1 attends fully
-        vc = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2, window_size=8, out_hidden_size=32, fullatt_block_indexes=[1],
-                  tokens_per_second=2)
+    if kind == "qwen2_5_vl":
+        vc = dict(depth=depth or 2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=32,
+                  fullatt_block_indexes=list(full), tokens_per_second=2)
         m = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vc, text_config=_text(), **ids))
     elif kind == "qwen2_vl":
-        vc = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2)
+        vc = dict(depth=depth or 2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=2,
+                  temporal_patch_size=2, spatial_merge_size=2)
         m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vc, text_config=_text(), **ids))
     else:
-        vc = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        vc = dict(depth=depth or 3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64,
+                  deepstack_visual_indexes=list(deepstack))
         t = _text(head_dim=16)
         t["rope_parameters"]["mrope_interleaved"] = True
         m = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vc, text_config=t, **ids))

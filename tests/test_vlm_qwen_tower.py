@@ -17,50 +17,20 @@ from tokenprune.vlm.qwen_tower import Reduction, Segments, block, qkv, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,  # noqa: E402
-                          Qwen2VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
-IMG, VID, VS, VE = 120, 121, 122, 123
+from test_vlm_qwen import IMG, VID, VS, VE, build as build_qwen  # noqa: E402
+
 KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 IMAGES = ((1, 8, 12), (1, 6, 10))  # 4x6 and 3x5 merge groups: Qwen2.5-VL's 2x2-group windows of 16, 8 and 4 patches
 VIDEO = ((2, 8, 8),)  # 2 temporal steps of 8x8 patches
-
-
-def _text(**kw):
-    d = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-             vocab_size=128, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-             initializer_range=0.2,
-             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    d.update(kw)
-    return d
 
 
 def build(kind):
     """4 vision blocks. Qwen2.5-VL: windows of 2x2 merge groups, full attention in blocks 1 and 3 (in-tower default:
     after block 1, then a windowed and a full block on the kept groups); Qwen2-VL / Qwen3-VL: default after block 0;
     Qwen3-VL taps deepstack features after blocks 0 (before the reduction) and 2 (after it)."""
-    torch.manual_seed(0)
-    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
-    if kind == "qwen2_5_vl":
-        vc = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2, window_size=8, out_hidden_size=32, fullatt_block_indexes=[1, 3],
-                  tokens_per_second=2)
-        m = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vc, text_config=_text(), **ids))
-    elif kind == "qwen2_vl":
-        vc = dict(depth=4, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2)
-        m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vc, text_config=_text(), **ids))
-    else:
-        vc = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 2])
-        t = _text(head_dim=16)
-        t["rope_parameters"]["mrope_interleaved"] = True
-        m = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vc, text_config=t, **ids))
-    m = m.double().eval()
-    m.generation_config.pad_token_id = 0
-    m.generation_config.eos_token_id = None
-    return m
+    return build_qwen(kind, depth=4, full=(1, 3), deepstack=(0, 2)).double()
 
 
 @pytest.fixture(scope="module")
