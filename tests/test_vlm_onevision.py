@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration  # noqa: E402
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches  # noqa: E402
+from test_llava import LMInput  # noqa: E402  (records what the language model receives)
 
 IMG, VID = 120, 121
 GEN = dict(max_new_tokens=3, do_sample=False)
@@ -93,20 +94,6 @@ def _pruned(budget, method, items):
     return out
 
 
-class LMInput:
-    """Records the inputs_embeds the language model receives in each call."""
-
-    def __init__(self, model):
-        self.lm = model.model.language_model
-        self.seen = []
-
-    def __enter__(self):
-        self.h = self.lm.register_forward_pre_hook(
-            lambda mod, a, kw: self.seen.append(kw["inputs_embeds"].detach().clone()), with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.h.remove()
 
 
 @pytest.mark.parametrize("method,opts", METHODS, ids=lambda v: str(v))
