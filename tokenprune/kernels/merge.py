@@ -235,9 +235,8 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     # alone spends most of its time waiting on the serial column loop).
     # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
     # the sizes and the source map, and leaves each A token's partner and the merged A tokens in rank
-    # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows. (MODE 1, the same
-    # without ``rows``, fed session 5's _merge_apply, which wrote the rows per column tile: 99-110 us
-    # against 81-82 for the gather at bs 256 N=196, docs/gpu/profile_h100_run28_ms.json)
+    # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows
+    # (session 5's per-column-tile MODE 1 lost to it: NOTES.md, session 7).
     # PERM: the step runs on the rows in the order ``perm`` (place v holds row perm[v]; pitome's protected tokens
     # join the prefix, PT rows at a time in MODE 0): every input read and the source map go through it
     b = tl.program_id(0).to(tl.int64)
@@ -483,8 +482,7 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 
 
 MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
-MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] weight tile: more merged tokens per step take the
-                          # PyTorch glue of ops.bipartite_merge
+MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
