@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenprune, not an installed one
 
 import tokenprune  # noqa: E402
-from tokenprune.bench import time_fn  # noqa: E402
+from tokenprune.bench import host_time_ms, time_fn  # noqa: E402
 
 BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
        ("merge-3-stages", {"method": "merge", "layers": "thirds"}),
@@ -99,21 +99,6 @@ def timed(fn, x, repeats):
     return t.median_ms, t.p10_ms, t.p90_ms
 
 
-def host_ms(fn, x, n=30):
-    """CPU time to issue one forward (the device is idle at the start of each): host time, which CUDA events
-    (time_fn) cannot see, hence perf_counter."""
-    out = []
-    with torch.inference_mode():
-        for _ in range(n):
-            if DEV == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(x)
-            out.append((time.perf_counter() - t0) * 1e3)
-    out.sort()
-    return out[len(out) // 2]
-
-
 def rel_err(a, b):
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -174,7 +159,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             base = ms if base is None else base
             row["speedup"] = round(base / ms, 3)
             if host and mode == "eager":
-                row["host_ms"] = round(host_ms(e["fn"], x), 4)
+                row["host_ms"] = round(host_time_ms(lambda: e["fn"](x), DEV), 4)
                 row["stages"] = 0 if plan is None else len(plan.stages)
             record(**row)
             if profile is not None and mode == "eager" and e["variant"] in ("unreduced", "merge"):

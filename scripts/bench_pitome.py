@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from _common import make_vit, ms  # noqa: E402
 
 import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
+from tokenprune.bench import host_time_ms  # noqa: E402
 from tokenprune.reducers.pitome import protected_merge  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
@@ -121,18 +121,6 @@ def step(device, smoke):
                    pitome_step_ms=round(t_pitome, 4), pitome_all_step_ms=round(t_all, 4), tome_step_ms=round(t_tome, 4))
 
 
-def host_ms(fn, device, n=30):
-    out = []
-    with torch.inference_mode():
-        for _ in range(n):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return sorted(out)[n // 2]
-
-
 def forward(device, smoke, mode="eager", rounds=3):
     import copy
 
@@ -158,7 +146,7 @@ def forward(device, smoke, mode="eager", rounds=3):
                 with torch.inference_mode():
                     times[label].append(ms(lambda: fn(x), device))
                     if rnd == 0 and b == 1 and mode == "eager":
-                        hosts[label] = host_ms(lambda: fn(x), device)
+                        hosts[label] = host_time_ms(lambda: fn(x), device)
         base = min(times["unreduced"])
         for label, _, plan in runs:
             t = min(times[label])

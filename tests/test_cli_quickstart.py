@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tokenprune
-from tokenprune.bench import time_fn
+from tokenprune.bench import host_time_ms, time_fn
 from tokenprune.cli import main
 from tokenprune.commands.quickstart import speed_report
 
@@ -69,6 +69,18 @@ def test_speed_report_compares_medians_with_the_flop_bound():
     assert not any(line.startswith("note:") for line in below)
     m = re.search(r"speed-up ([\d.]+)x", below[1])
     assert float(m.group(1)) == pytest.approx(fast.median_ms / slow.median_ms, abs=0.006)
+
+
+def test_host_time_is_the_median_of_the_calls():
+    calls = []
+
+    def fn():  # every third call takes 20 ms, the others 1 ms: the median is a 1 ms call
+        calls.append(None)
+        time.sleep(0.020 if len(calls) % 3 == 0 else 0.001)
+
+    t = host_time_ms(fn, "cpu", repeats=9)
+    assert len(calls) == 9
+    assert 1.0 <= t < 15.0
 
 
 def test_unknown_method_fails_before_loading_anything(tiny_assets, capsys):

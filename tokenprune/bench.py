@@ -58,6 +58,21 @@ def time_fn(fn: Callable[[], object], device: str | torch.device, warmup: int = 
     return Timing(statistics.median(times), _quantile(times, 0.1), _quantile(times, 0.9), repeats)
 
 
+
+@torch.inference_mode()
+def host_time_ms(fn: Callable[[], object], device: str | torch.device, repeats: int = 30) -> float:
+    """Median host (CPU) time to issue one ``fn()``, the device idle at the start of each call: what CUDA
+    events cannot see, and what bounds a batch-1 eager forward."""
+    cuda = torch.device(device).type == "cuda"
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
 def _proc_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
