@@ -466,6 +466,83 @@ def test_merge_forward_with_row_gather_and_deferred_residual(T, monkeypatch, fus
     assert type(model.blocks[0]) is cls0
 
 
+def qkv_keys(b, t, h, d, g, dtype=torch.float32):
+    """A block's keys ``[B, H, T, d]`` as an attention module leaves them: a strided view of its ``[B, T, 3, H, d]``
+    qkv output (no head or token dim contiguous but the last)."""
+    qkv = torch.randn(b, t, 3, h, d, generator=g).to(dtype)
+    return qkv.permute(2, 0, 3, 1, 4)[1]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
+@pytest.mark.parametrize("variant", ["plain", "padded", "perm"])
+@pytest.mark.parametrize("heads", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["one", "gather", "plan"])
+def test_merge_step_averages_the_keys_over_heads(T, monkeypatch, path, dtype, heads, variant):
+    """merge_step given a block's keys [B, H, T, d] (a strided view of its qkv output) averages them over heads as
+    it loads the metric rows: the same outputs, bit for bit, as the same kernels given the reference's mean
+    (``reference.key_mean``, i.e. ``k.mean(1)``; 20 heads: a CPU's float32 order of 16 heads at a time), and the
+    reference step's tokens, sizes, source map and log sizes; with sizes and padding, a deferred residual and a row
+    order (pitome's ``perm``), in the one-launch form, the large-batch row gather and the three-launch form."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if path == "plan" else 128)
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16}
+                        if path == "gather" else None)
+    g = gen(29)
+    b, p, n, c, r = 2, 1, 41, 24, 12
+    t = p + n
+    x = torch.randn(b, t, c, generator=g).to(dtype)
+    k = qkv_keys(b, t, heads, 16, g, dtype)
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    sizes = source = residual = perm = None
+    step_p, padded = p, variant == "padded"
+    if variant != "plain":
+        sizes = torch.randint(1, 4, (b, t), generator=g).float()
+        source = torch.randint(-1, t, (b, 30), generator=g)
+        residual = torch.randn(b, t, c, generator=g).to(dtype)
+    if padded:
+        sizes[1, p + 3:p + 11:2] = 0
+    if variant == "perm":  # the prefix first, then 4 protected tokens, then the rest in a random order
+        perm = torch.cat([torch.arange(p).expand(b, p), p + torch.stack([torch.randperm(n, generator=g)
+                                                                        for _ in range(b)])], 1)
+        step_p = p + 4
+    args = (sizes, source, step_p, r, padded, t, True, residual, perm)
+    out = T.merge.merge_step(x, k, *args)
+    mean = T.merge.merge_step(x, R.key_mean(k.contiguous()), *args)
+    ref = R.merge_step(x, k, *args)
+    for o, m in zip(out, mean):
+        assert (o is None and m is None) or torch.equal(o, m)
+    # the mean itself, bit for bit: the matching's best similarities (float32) from the keys and from their mean
+    # (float32 sums of more than 16 heads: the order of a CPU's mean of contiguous keys; a strided view's differs)
+    assert all(torch.equal(u, v) for u, v in zip(T.merge._best_partners(k[:, :, p:]),
+                                                 T.merge._best_partners(R.key_mean(k.contiguous())[:, p:])))
+    assert (out[2] is None) == (source is None) and (source is None or torch.equal(out[2], ref[2]))
+    assert torch.equal(out[1], ref[1])
+    assert rel(out[0], ref[0]) < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(torch.isinf(out[3]), torch.isinf(ref[3]))
+
+
+def test_merge_reducer_hands_the_keys_to_the_kernels(T, monkeypatch):
+    """Merge.reduce passes the block's keys to the merge step (no key mean of its own on the kernel path): a
+    reduced timm ViT through the (interpreted) kernels gives the PyTorch path's logits, and every merge step got
+    4-D keys."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(31))
+    tokenprune.apply(model, budget=0.25, method="merge")
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        seen, real = [], T.merge.merge_step
+        monkeypatch.setattr(T.merge, "merge_step", lambda x, metric, *a, **kw: seen.append(metric.dim()) or
+                            real(x, metric, *a, **kw))
+        out = model(x)
+    tokenprune.remove(model)
+    assert seen and set(seen) == {4}
+    assert rel(out, ref) < 1e-4
+
+
 # -- 4. keep the k best (kernels/keep.py) --------------------------------------------------------------------
 @pytest.mark.parametrize("p,n,k,b,c,sizes,source", [
     (1, 196, 49, 1, 100, False, True),  # one sample: columns split over programs, source tracked
@@ -838,6 +915,7 @@ def op_cases():
         ("merge_step", (x, metric, sizes, source, p, 4, True, t, True, torch.randn(b, t, c, generator=g))),
         ("merge_step", (x, metric, None, None, 0, 6, False, None, False, None)),
         ("merge_step", (x, metric, sizes, source, p + 6, 3, True, t, True, torch.randn(b, t, c, generator=g), perm)),
+        ("merge_step", (x, qkv_keys(b, t, 3, 6, g), sizes, source, p + 6, 3, True, t, True, None, perm)),
         ("pitome_order", (metric, sizes, p, 6, 0.3, True)), ("pitome_order", (metric, None, p, 5, -0.2, False)),
         ("keep_step", (x, scores, sizes, source, p, 5)), ("keep_step", (x, scores, None, None, p, 5)),
         ("topk_sorted", (scores, 5)),
@@ -911,6 +989,7 @@ def call_every_kernel(c):
            kernels.gather_rows(c["x"], c["prim"]),
            *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p, 4, True, t, True, c["x"] * 0.5),
            *kernels.merge_step(c["x"], c["metric"], None, None, p, 3, False),
+           *kernels.merge_step(c["x"], c["keys"], c["sizes"], c["source"], p, 4, False, t, True, c["x"] * 0.5),
            *kernels.pitome_order(c["metric"], c["sizes"], p, 8, 0.3, False),
            *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p + 4, 4, False, t, True, c["x"] * 0.5,
                                kernels.pitome_order(c["metric"], c["sizes"], p, 8, 0.3, False)[1]),
@@ -935,7 +1014,8 @@ def compile_inputs():
             "prim": torch.randint(0, t, (b, 6), generator=g), "members": torch.randint(0, t, (b, 4), generator=g),
             "owner": torch.randint(0, 6, (b, 4), generator=g), "source": torch.randint(-1, t, (b, 12), generator=g),
             "scores": torch.randperm(b * 12, generator=g).reshape(b, 12).float(), "keep": keep,
-            "target": torch.randint(0, 4, (b, 12), generator=g).scatter(1, keep, torch.arange(4).expand(b, 4))}
+            "target": torch.randint(0, 4, (b, 12), generator=g).scatter(1, keep, torch.arange(4).expand(b, 4)),
+            "keys": qkv_keys(b, t, 3, 6, g)}
 
 
 class GraphRecorder:

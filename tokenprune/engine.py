@@ -32,6 +32,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .kernels.reference import key_mean
 from .state import TokenState
 
 
@@ -46,8 +47,9 @@ class QK:
     out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when the adapter records it
 
     def key_mean(self) -> torch.Tensor:
-        """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric)."""
-        return self.k.mean(1)
+        """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric; ``ops.bipartite_merge`` takes the
+        keys ``k`` themselves, so that its kernels average them as they read them)."""
+        return key_mean(self.k)
 
 
 def fuse_residual_enabled() -> bool:

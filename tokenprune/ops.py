@@ -116,8 +116,8 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
                     protect: int = 0) -> TokenState:
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
-    ``metric`` ``[B, P + N, d]`` is the similarity feature (the block's keys,
-    averaged over heads). Non-prefix tokens alternate into sets A (even) and B
+    ``metric`` ``[B, P + N, d]`` is the similarity feature, or the block's keys ``[B, H, P + N, d]``, whose
+    head mean (``reference.key_mean``) it then is: the kernels average them as they read them. Non-prefix tokens alternate into sets A (even) and B
     (odd); each A token finds its most cosine-similar B token; the ``r`` A
     tokens with the highest similarity are merged into their partner with a
     size-weighted average; the rest of A is kept in spatial order. Output order:
@@ -146,6 +146,8 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
         return state
 
     x = state.materialize().x
+    if metric.dim() == 4:
+        metric = kernels.reference.key_mean(metric)
     if order is not None:  # the PyTorch path permutes: the tokens, their sizes and metric rows, the source map
         x = kernels.gather_rows(x, order)
         metric = metric.gather(1, order[..., None].expand(*order.shape, metric.shape[-1]))

@@ -226,7 +226,9 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
     ``ops.bipartite_merge`` is its reference, ``reference.merge_step`` the same on plain tensors). Returns
     ``(new_x, new_sizes, new_source)``, plus ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next
-    blocks' attention bias: no separate log and cast launches). ``max_size``: an upper bound on any token size
+    blocks' attention bias: no separate log and cast launches). ``metric``: ``[B, T, d]``, or a block's keys
+    ``[B, H, T, d]`` (a strided view is fine), averaged over heads as the kernels read them (``reference.key_mean``:
+    no mean launch). ``max_size``: an upper bound on any token size
     (the encoder's input token count); small bounds let the kernel take exact fp16/bf16 tensor-core products.
     ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype (a block's final residual add
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``

@@ -123,6 +123,47 @@ def _hooks_active() -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+class Slot(int):
+    """In a :class:`LaunchPlan`'s arguments: the tensor at this index of the tuple the plan is called with."""
+
+
+class LaunchPlan:
+    """One launch with its grid, launch options and every argument but the tensors fixed: what a launcher works out
+    from an input signature (shapes, strides, dtypes, flags) once, kept by the launcher per signature (batch 1 is
+    bound by host time: a launch through ``fast`` rebuilds and hashes a 60-value key per call).
+
+    ``plan(t)`` launches ``kernel`` with its leading tensor parameters taken from the tuple ``t`` at the indices
+    ``take`` and the rest from ``args`` / ``kwargs`` (ints, flags, constexprs, launch options). The compiled kernel is
+    looked up by the 16-byte alignment of the tensors at the indices ``check`` only (the inputs): the others are fresh
+    outputs of ``_alloc`` (the caching allocator's blocks are aligned), trusted. Without ``fast``'s cached launcher
+    (``FAST_LAUNCH`` off, a stand-in kernel), interpreted, or with a launch hook, it takes ``fast``'s path."""
+
+    __slots__ = ("kernel", "grid", "g3", "take", "args", "kwargs", "check", "launcher", "kernels", "tail")
+
+    def __init__(self, kernel, grid, take, args, kwargs, check):
+        self.kernel, self.grid, self.args, self.kwargs, self.check = kernel, tuple(grid), tuple(args), kwargs, check
+        self.g3 = (self.grid + (1, 1))[:3]
+        self.take = _getter(list(take))
+        self.launcher, self.kernels, self.tail = None, {}, None
+
+    def __call__(self, t):
+        tensors = self.take(t)
+        launcher = fast(self.kernel)
+        if type(launcher) is not _Launcher or launcher.interpreted or _hooks_active():
+            return launcher[self.grid](*tensors, *self.args, **self.kwargs)
+        if launcher is not self.launcher:  # (a new launcher: FAST_LAUNCH toggled, the dry-host harness)
+            self.launcher, self.kernels = launcher, {}
+            self.tail = launcher._full(tensors + self.args, self.kwargs)[len(tensors):]
+        key = tuple([t[i].data_ptr() & 15 for i in self.check])
+        kernel = self.kernels.get(key)
+        if kernel is None:  # fast's path: compiles if needed, launches, returns the kernel
+            self.kernels[key] = launcher.launch(self.grid, tensors + self.args, self.kwargs)
+            return
+        g = self.g3
+        kernel.run(g[0], g[1], g[2], _stream(torch.cuda.current_device()), kernel.function, kernel.packed_metadata,
+                   None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *tensors, *self.tail)
+
+
 _LAUNCHERS: dict = {}
 FAST_LAUNCH = True  # False: every launch takes Triton's own path (benchmarks compare the two)
 
@@ -283,3 +324,49 @@ def _argmax_update(vals, cols, best, arg):
     targ = tl.min(tl.where(vals == tmax[:, None], cols[None, :], 2147483647), 1)
     better = tmax > best
     return tl.where(better, tmax, best), tl.where(better, targ, arg)
+
+
+# -- ToMe's matching (merge.py): metric rows, unit rows, cosine tiles, rows read through an order -----------------
+@triton.jit
+def _unit_rows(t):
+    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division)
+    tf = t.to(tl.float32)
+    nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
+    return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
+
+
+@triton.jit
+def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H):
+    # the metric's rows ``rows`` of one sample (columns offs_d; 0 where masked off). H > 1: the keys of H heads
+    # (stride smh) averaged as the reference's ``k.mean(1)``: float32 sums (in the order of a CPU's mean of contiguous
+    # keys: 16 heads at a time in order, then those partial sums; other orders differ by an ulp of float32), divided by
+    # H (IEEE division) and rounded to the keys' dtype
+    ptrs = m_row + rows[:, None] * smn + offs_d[None, :]
+    tot = tl.zeros(ptrs.shape, tl.float32)
+    for h0 in range(0, H, 16):
+        part = tl.load(ptrs + h0 * smh, mask=mask, other=0.0).to(tl.float32)
+        for h in range(h0 + 1, tl.minimum(h0 + 16, H)):
+            part += tl.load(ptrs + h * smh, mask=mask, other=0.0).to(tl.float32)
+        tot += part
+    return tl.math.div_rn(tot, tot * 0.0 + H).to(m_row.dtype.element_ty)
+
+
+@triton.jit
+def _cosine_tile(an, bt, IS_F32: tl.constexpr):
+    # cosine similarities [A rows, B rows] of the unit rows ``an`` with the rows ``bt`` (normalised here), in
+    # float32 rounded to the metric's dtype like the reference's matmul (float32: IEEE products, no tf32, so
+    # the same partners as the float32 reference)
+    bn_ = _unit_rows(bt)
+    if IS_F32:
+        sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
+    else:
+        sim = tl.dot(an, tl.trans(bn_)).to(bt.dtype).to(tl.float32)
+    return sim
+
+
+@triton.jit
+def _at(prm, v, mask, PERM: tl.constexpr):
+    # the stored row of place v: prm[v] when the step runs on the rows in the order ``perm`` (pitome), else v
+    if PERM:
+        return tl.load(prm + v, mask=mask, other=0).to(tl.int32)
+    return v

@@ -10,45 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _compose_source, _copy_prefix,
-                             _exact_lowp, _interpreted, _num_sms, _p2, _rank_desc, _rows_contiguous, _sizes_at,
-                             _tokens_at, fast)
-
-
-@triton.jit
-def _unit_rows(t):
-    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division)
-    tf = t.to(tl.float32)
-    nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
-    return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
-
-
-@triton.jit
-def _cosine_tile(an, bt, IS_F32: tl.constexpr):
-    # cosine similarities [A rows, B rows] of the unit rows ``an`` with the rows ``bt`` (normalised here), in
-    # float32 rounded to the metric's dtype like the reference's matmul (float32: IEEE products, no tf32, so
-    # the same partners as the float32 reference)
-    bn_ = _unit_rows(bt)
-    if IS_F32:
-        sim = tl.dot(an, tl.trans(bn_), input_precision="ieee")
-    else:
-        sim = tl.dot(an, tl.trans(bn_)).to(bt.dtype).to(tl.float32)
-    return sim
-
-
-@triton.jit
-def _at(prm, v, mask, PERM: tl.constexpr):
-    # the stored row of place v: prm[v] when the step runs on the rows in the order ``perm`` (pitome), else v
-    if PERM:
-        return tl.load(prm + v, mask=mask, other=0).to(tl.int32)
-    return v
+from ._triton_common import (LaunchPlan, _alloc, _argmax_update, _at, _cdiv, _column_groups, _compose_source,
+                             _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows, _num_sms, _p2,
+                             _rank_desc, _sizes_at, _tokens_at, _unit_rows, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, smh, H, svb,
              HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pa = tl.program_id(1)
@@ -57,15 +28,14 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, svb,
     offs_a = pa * BM + tl.arange(0, BM)
     amask = offs_a < NA
     base = m_ptr + b * smb
-    a = tl.load(base + (2 * offs_a)[:, None] * smn + offs_d[None, :], mask=amask[:, None] & dmask[None, :], other=0.0)
-    an = _unit_rows(a)  # normalised in the metric's dtype, like the reference
+    # normalised in the metric's dtype, like the reference
+    an = _unit_rows(_metric_rows(base, 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
     for b0 in range(0, NB, BN):
         offs_b = b0 + tl.arange(0, BN)
         bmask = offs_b < NB
-        bt = tl.load(base + (2 * offs_b + 1)[:, None] * smn + offs_d[None, :], mask=bmask[:, None] & dmask[None, :],
-                     other=0.0)
+        bt = _metric_rows(base, 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
         sim = _cosine_tile(an, bt, IS_F32)
         ok = bmask
         if HAS_VALID:
@@ -83,26 +53,24 @@ def bipartite_best(metric, valid_b=None):
 
 
 def _best_partners(metric, valid_b=None):
-    """``bipartite_best`` with the best similarities in float32 (their values are the metric dtype's)."""
-    bsz, n, d = metric.shape
+    """``bipartite_best`` with the best similarities in float32 (their values are the metric dtype's); ``metric`` may
+    be keys ``[B, H, N, d]``, averaged over heads (``merge_step``)."""
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
+    shape, sm = metric.shape, metric.stride()
+    bsz, n, d = shape[0], shape[-2], shape[-1]
+    heads, smh = (shape[1], sm[1]) if len(shape) == 4 else (1, 0)
     na, nbb = (n + 1) // 2, n // 2
-    dp = max(16, _p2(d))
     best = _alloc((bsz, na), metric.device, torch.float32)
     idx = _alloc((bsz, na), metric.device, torch.long)
-    bm = 64 if na > 32 else (32 if na > 16 else 16)
-    bn = 64
+    bm, bn = (64 if na > 32 else (32 if na > 16 else 16)), 64
     if metric.dtype == torch.float32:  # float32 products on the FMA units: smaller tiles, or they spill
         bm, bn = min(bm, 32), 32
-    if valid_b is not None:
-        vb = valid_b.to(torch.uint8)
-        svb = vb.stride(0)
-    else:
-        vb, svb = best, 0
-    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, metric.stride(0), metric.stride(1), svb,
-                                         HAS_VALID=valid_b is not None,
-                                         IS_F32=metric.dtype == torch.float32, DP=dp, BM=bm, BN=bn, num_warps=4)
+    vb = valid_b.to(torch.uint8) if valid_b is not None else best
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, sm[0], sm[-2], smh, heads,
+                                         vb.stride(0) if valid_b is not None else 0, HAS_VALID=valid_b is not None,
+                                         IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
+                                         num_warps=4)
     return best, idx
 
 
@@ -164,13 +132,8 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
     else:
         mem = cnt = start = prim32  # not read
     out = _alloc((bsz, n_out, c), x.device, x.dtype)
-    if sizes is not None:
-        s, ssb = sizes, sizes.stride(0)
-        if sizes.stride(1) != 1:
-            s = sizes.contiguous()
-            ssb = s.stride(0)
-    else:
-        s, ssb = x, 0
+    s = (sizes if sizes.stride(1) == 1 else sizes.contiguous()) if sizes is not None else x
+    ssb = s.stride(0) if sizes is not None else 0
     fast(_merge_rows)[(bsz * n_out,)](x, s, prim32, start, cnt, mem, out, n_out, max(r, 1), c,
                                 x.stride(0), x.stride(1), ssb, out.stride(0), out.stride(1),
                                 HAS_SIZES=sizes is not None, HAS_MEMBERS=r > 0, PRIM_IN_SUM=include_prim,
@@ -188,21 +151,20 @@ def gather_rows(x, rows):
 #    large batches (the matching, then the row gather); NOTES.md sections 3 and 6, sessions 4-8
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa, row_a, prm,
-                 PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d, am, dm, sa, row_a,
+                 prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
                  PERM: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
     #    B tokens' rows come from the order ``prm`` too)
-    ma = tl.load(m_ptr + b * smb + row_a[:, None] * smn + offs_d[None, :], mask=am[:, None] & dm[None, :], other=0.0)
-    an = _unit_rows(ma)
+    an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
     for j0 in range(0, NB, BT):
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
-        mt = tl.load(m_ptr + b * smb + rt[:, None] * smn + offs_d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        mt = _metric_rows(m_ptr + b * smb, rt, offs_d, tm[:, None] & dm[None, :], smn, smh, H)
         sim = _cosine_tile(an, mt, IS_F32)
         okt = tm
         if PADDED:
@@ -224,7 +186,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_
 @triton.jit
 def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
                 rows_ptr, perm_ptr, P, NA, NB, R, C, D, N0, G,
-                sxb, sxn, syb, syn, smb, smn, ssb, srcb, oxb, oxn, sprm,
+                sxb, sxn, syb, syn, smb, smn, smh, H, ssb, srcb, oxb, oxn, sprm,
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
@@ -255,8 +217,8 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     row_p = _at(prm, offs_p, pm, PERM)
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
-    arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, ssb, offs_a, offs_d, am, dm, sa,
-                             row_a, prm, PADDED, IS_F32, NAP, BT, PERM)
+    arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d, am, dm,
+                             sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM)
     is_src = (rank < R) & am
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
@@ -495,106 +457,141 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
                log_sizes: bool = False, residual=None, perm=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
+    ``metric`` ``[B, T, d]``, or a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous): the
+    matching averages them over heads as it loads them (``reference.key_mean``; no mean in memory).
     ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
     that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum.
     ``perm`` ``[B, T]`` long: the step runs on the rows in that order (``reference.merge_step``); the kernels
-    read every row through it, nothing is permuted in memory."""
-    bsz, t, c = x.shape
-    n = t - p
-    na, nb = (n + 1) // 2, n // 2
-    d = metric.shape[-1]
-    large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: three launches
-    split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
-    split_cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
-    dev = x.device
-    # each tensor's strides read once (a .stride(i) call costs about 0.3 us of host time; batch 1 is host-bound)
-    x, sx = _rows_contiguous(x)
-    metric, sm = _rows_contiguous(metric)
-    if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+    read every row through it, nothing is permuted in memory.
+    Host time (batch 1 is bound by it): everything but the tensors is worked out once per input signature
+    (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
+    key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
+           _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _StepPlan(x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm)
+    return plan(x, metric, sizes, source, residual, perm)
+
+
+_PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
+
+
+def _sig(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+class _StepPlan:
+    """One signature's merge step: output shapes, and its launches as ``LaunchPlan``s over the tuple of tensors
+    ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm)``
+    (then the matching's best and partner on the three-launch path), absent ones stood for by another."""
+
+    def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
-        y, sy = _rows_contiguous(residual)
-    else:
-        y, sy = x, sx
+        args = (x, metric, sizes, source, residual, perm)
+        self.copy = any(a is not None and a.stride(-1) != 1 for a in args)  # copied per call (rare)
+        x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in args]
+        bsz, t, c = x.shape
+        n = t - p
+        na, nb = (n + 1) // 2, n // 2
+        nout = p + na - r + nb
+        heads, d = (metric.shape[1] if metric.dim() == 4 else 1), metric.shape[-1]
+        sm, sx = metric.stride(), x.stride()
+        smh = sm[1] if heads > 1 else 0
+        sy = residual.stride() if residual is not None else sx
+        self.large = large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: three launches
+        self.split_cfg = MERGE_STEP_SPLIT  # (the key holds its id)
+        split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
+        cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
+        self.dev, self.dtype, self.p, self.padded, self.log_sizes = x.device, x.dtype, p, bool(padded), log_sizes
+        n0 = source.shape[1] if source is not None else 0
+        ssb = sizes.stride(0) if sizes is not None else 0
+        srcb = source.stride(0) if source is not None else 0
+        sprm = perm.stride(0) if perm is not None else 0
+        # sizes never exceed the input token count; products in the token dtype are exact while sizes are
+        # (without a bound from the caller or a source map, sizes are unbounded: fp32 products)
+        if sizes is None:
+            max_size = 1
+        elif max_size is None:
+            max_size = n0 if source is not None else float("inf")
+        lowp = _exact_lowp(x.dtype, max_size)
+        nap = max(16, _p2(na))
+        groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
+        self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0), (bsz, t), None if large else (bsz * groups, nap),
+                       (bsz, 2, nap) if split else None, (bsz, nout) if split else None)
+        # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
+        inputs = {0, 2} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
+        flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
+                     LOG_SIZES=log_sizes, PERM=perm is not None)
+
+        def plan(kernel, grid, take, args, **kw):
+            return LaunchPlan(kernel, grid, take, args, kw, tuple(i for i in take if i in inputs))
+
+        def step(mode, grid, g, warps, **extra):
+            return plan(_merge_step, grid, range(14),
+                        (p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[-2], smh, heads,
+                         ssb, srcb, nout * c, c, sprm),
+                        HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
+                        NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
+                        BT=32, MODE=mode, num_warps=warps, **flags, **extra)
+
+        if large:  # the matching (_best_partners, per call), then _merge_plan
+            self.launches = [plan(_merge_plan, (bsz,), (14, 15, 3, 4, 6, 7, 8, 10, 11, 12, 13),
+                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=128, BT=32, BS=256,
+                                  PP=_p2(max(p, 1)), num_warps=8, **flags)]
+        elif split:
+            cap = cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
+            self.launches = [step(2, (bsz, 1), 1, cfg.get("mwarps", MERGE_STEP_WARPS),
+                                  **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))]
+        else:
+            self.launches = [step(0, (bsz, groups), groups, MERGE_STEP_WARPS)]
+        if split:
+            fbc = 32 if not lowp else cfg.get("fbc_many", cfg["fbc"]) if r > 32 else cfg["fbc"]  # fp32: or it spills
+            ng = _cdiv(nout, cfg["rb"])
+            self.launches.append(plan(
+                _merge_gather, (bsz, ng + _cdiv(c, fbc)), (0, 1, 3, 10, 12, 5, 13),
+                (p, na, r, c, nout, ng, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm),
+                HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)),
+                RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
+                num_warps=cfg["gwarps"] if r <= 64 else 8))  # 4 warps spill a [128, 128] fix-up tile
+
+    def __call__(self, x, metric, sizes, source, residual, perm):
+        if self.copy:
+            x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in (x, metric, sizes, source,
+                                                                                      residual, perm)]
+        dev, (so, ssz, ssrc, sscr, sbst, smt, srows) = self.dev, self.shapes
+        out = _alloc(so, dev, self.dtype)
+        osz = _alloc(ssz, dev, torch.float32)
+        osrc = _alloc(ssrc, dev, torch.long) if source is not None else osz
+        scr = torch.empty(*sscr, device=dev, dtype=torch.int32) if source is not None else osz  # scratch:
+        bst = torch.empty(*sbst, device=dev, dtype=torch.float32) if sbst else osz  # never poisoned
+        mt = torch.empty(*smt, device=dev, dtype=torch.int32) if smt else bst
+        rows = torch.empty(*srows, device=dev, dtype=torch.int32) if srows else mt
+        ob = _alloc(ssz, dev, self.dtype) if self.log_sizes else osz
+        t = (x, x if residual is None else residual, metric, osz if sizes is None else sizes,
+             osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm)
+        if self.large:
+            t += _large_match(metric, sizes, perm, self.p, self.padded)
+        for launch in self.launches:
+            launch(t)
+        if self.log_sizes:
+            return out, osz, (osrc if source is not None else None), ob
+        return out, osz, (osrc if source is not None else None)
+
+
+def _large_match(metric, sizes, perm, p, padded):
+    """The matching of the three-launch path: best similarity and partner of every A token (with ``perm``, on a copy
+    of the metric rows in the step's order)."""
     if perm is not None:
-        perm, sp = _rows_contiguous(perm)
-        prm, sprm = perm, sp[0]
-    else:
-        prm, sprm = x, 0  # (x: never read)
-    nout = p + na - r + nb
-    out = _alloc((bsz, nout, c), dev, x.dtype)  # contiguous: strides (nout * c, c, 1)
-    osz = _alloc((bsz, nout), dev, torch.float32)
-    if sizes is not None:
-        sizes, ss = _rows_contiguous(sizes)
-        ssb = ss[0]
-    else:
-        ssb = 0
-    if source is not None:
-        source, ssrc = _rows_contiguous(source)
-        n0, srcb = source.shape[1], ssrc[0]
-        osrc = _alloc((bsz, n0), dev, torch.long)
-        scr = torch.empty(bsz, t, device=dev, dtype=torch.int32)
-    else:
-        n0, srcb, osrc, scr = 0, 0, osz, osz
-    # sizes never exceed the input token count; products in the token dtype are exact while sizes are
-    # (without a bound from the caller or a source map, sizes are unbounded: fp32 products)
-    if sizes is None:
-        max_size = 1
-    elif max_size is None:
-        max_size = n0 if source is not None else float("inf")
-    lowp = _exact_lowp(x.dtype, max_size)
-    s_arg = sizes if sizes is not None else osz
-    src_arg = source if source is not None else osz
-    nap = max(16, _p2(na))
-    groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, dev)
-    bst = osz if large else torch.empty(bsz * groups, nap, device=dev, dtype=torch.float32)
-    mt = torch.empty(bsz, 2, nap, device=dev, dtype=torch.int32) if split else bst
-    rows = torch.empty(bsz, nout, device=dev, dtype=torch.int32) if split else mt
-    ob = _alloc((bsz, nout), dev, x.dtype) if log_sizes else osz
-    has_sizes, has_source, has_perm = sizes is not None, source is not None, perm is not None
-    padded = bool(padded)
-
-    def launch(mode, grid, g, bc, warps, **extra):
-        fast(_merge_step)[grid](x, y, metric, s_arg, src_arg, out, osz, osrc, scr, bst, mt, ob, rows, prm,
-                                p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[1], ssb, srcb,
-                                nout * c, c, sprm,
-                                HAS_SIZES=has_sizes, HAS_Y=residual is not None and mode == 0,
-                                PADDED=padded, HAS_SOURCE=has_source,
-                                IS_F32=metric.dtype == torch.float32, LOWP=lowp, NAP=nap,
-                                NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=bc, BS=256, PP=_p2(max(p, 1)),
-                                BT=32, MODE=mode, LOG_SIZES=log_sizes, PERM=has_perm, num_warps=warps, **extra)
-
-    if large:
-        m_in, s_in = metric, sizes  # with perm: the matching reads the metric in the step's order (a [B, T, d] copy)
-        if perm is not None:
-            m_in = metric.gather(1, perm[..., None].expand(bsz, t, d))
-            s_in = sizes.gather(1, perm) if sizes is not None else None
-        best, idx = _best_partners(m_in[:, p:], (s_in[:, p + 1::2] > 0) if padded and s_in is not None else None)
-        fast(_merge_plan)[(bsz,)](best, idx, s_arg, src_arg, osz, osrc, scr, mt, ob, rows, prm, p, na, nb, r, n0,
-                                  ssb, srcb, sprm, HAS_SIZES=has_sizes, PADDED=padded, HAS_SOURCE=has_source,
-                                  LOG_SIZES=log_sizes, NAP=nap, BA=128, BT=32, BS=256, PP=_p2(max(p, 1)),
-                                  PERM=has_perm, num_warps=8)
-    elif split:
-        cap = split_cfg.get("mmaxnreg") if bsz > _num_sms(dev) else None
-        launch(2, (bsz, 1), 1, MERGE_STEP_BC, split_cfg.get("mwarps", MERGE_STEP_WARPS),
-               **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))
-    if split:
-        rb, fbc = split_cfg["rb"], split_cfg["fbc"]
-        if r > 32:
-            fbc = split_cfg.get("fbc_many", fbc)
-        if not lowp:  # float32 products: smaller tiles, or they spill
-            fbc = 32
-        ng = _cdiv(nout, rb)
-        fast(_merge_gather)[(bsz, ng + _cdiv(c, fbc))](
-            x, y, s_arg, mt, rows, out, prm, p, na, r, c, nout, ng, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm,
-            HAS_SIZES=has_sizes, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)), RB=rb,
-            BC=min(split_cfg["gbc"], _p2(c)), BCF=fbc, PERM=has_perm,
-            num_warps=split_cfg["gwarps"] if r <= 64 else 8)  # 4 warps spill a [128, 128] fix-up tile
-    else:
-        launch(0, (bsz, groups), groups, MERGE_STEP_BC, MERGE_STEP_WARPS)
-    if log_sizes:
-        return out, osz, (osrc if source is not None else None), ob
-    return out, osz, (osrc if source is not None else None)
+        idx = perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]
+        metric = metric.gather(-2, idx.expand(*metric.shape[:-1], metric.shape[-1]))
+        sizes = sizes.gather(1, perm) if sizes is not None else None
+    return _best_partners(metric[..., p:, :], (sizes[:, p + 1::2] > 0) if padded and sizes is not None else None)
 
 
+def _last_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()

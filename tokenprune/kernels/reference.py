@@ -55,6 +55,12 @@ def query_scores(q_row: torch.Tensor, k: torch.Tensor, scale: float, bias: torch
     return attn.mean(1)
 
 
+def key_mean(k: torch.Tensor) -> torch.Tensor:
+    """The keys ``[B, H, N, d]`` averaged over heads, ``[B, N, d]`` in their dtype: ToMe's matching metric
+    (``merge_step`` and ``ops.bipartite_merge`` take the keys themselves; the merge kernels average while loading)."""
+    return k.mean(1)
+
+
 def bipartite_best(metric: torch.Tensor, valid_b: torch.Tensor | None = None):
     """Best B partner of every A token (ToMe's matching), ``metric [B, N, d]`` over the non-prefix tokens.
 
@@ -287,7 +293,9 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     ``perm`` ``[B, T]`` long (a permutation of each sample's rows): the step runs on the rows in that order
     (``x[b, perm[b, v]]`` is row ``v``; sizes, metric and residual alike, the source map follows), so its
     first ``p`` rows are the kept prefix and the rest alternate into A and B (``pitome``'s protected tokens
-    and energy-ranked candidates)."""
+    and energy-ranked candidates). ``metric`` may be a block's keys ``[B, H, T, d]``: their :func:`key_mean`."""
+    if metric.dim() == 4:
+        metric = key_mean(metric)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "

@@ -104,7 +104,7 @@ class Maelre(Reducer):
         r = state.num_tokens - stage.keep
         if r <= 0:
             return state  # the attention-switch marker before block 0
-        return bipartite_merge(state, qk.key_mean(), r)
+        return bipartite_merge(state, qk.k, r)  # the keys: the kernels average them over heads
 
     def attention_kernel(self, path):
         return efficient_attention if path == "linear" else None

@@ -82,7 +82,7 @@ class Merge(Reducer):
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
         if r <= state.num_tokens // 2:
-            return bipartite_merge(state, qk.key_mean(), r)
+            return bipartite_merge(state, qk.k, r)  # the keys: the kernels average them over heads
         # more than half in one stage (a schedule override, e.g. one merge after the last block): repeated
         # matching rounds of at most half each; the key mean is carried as extra channels of the tokens, so
         # later rounds match on the size-weighted mean key of each merged group
