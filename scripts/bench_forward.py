@@ -320,7 +320,7 @@ def _us(fn, n, runs=5):
 def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     """CPU only: microseconds of host time per piece of one eager batch-1 reduction step on ViT-L/16 shapes
     (fp16, 197 tokens, 16 heads of 64), the CUDA path's Python with every Triton launch a no-op (``_dry_kernels``).
-    Aten ops inside a step (the key mean, apet's glue) run for real on CPU, compute included. Reducer steps
+    Aten ops inside a step (apet's glue) run for real on CPU, compute included. Reducer steps
     build a fresh ``TokenState`` per call; that construction is timed alone and subtracted. Each piece runs alone
     in a loop (warm caches): a whole step costs more than the sum of its parts, and in a forward, between blocks,
     more again (an H200 host took ~125 us for a merge step this counted as ~78 us + one launch)."""
@@ -364,8 +364,10 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
 
         put("TokenState construction (subtracted below)", _us(merged_state, n_it))
         base = _us(merged_state, n_it)
-        # the key mean of one head: the aten op's dispatch, not its CPU compute (on a GPU the mean is one launch)
-        qk1 = QK(q1, k1[:, :1].contiguous(), d ** -0.5, bias1)
+        # merge hands the block's keys to its kernels, which average them over heads (no key mean); the key mean
+        # (pitome's metric) of one head: the aten op's dispatch, not its CPU compute (on a GPU it is one launch)
+        qk1 = QK(q1, k1, d ** -0.5, bias1)
+        qk1_one = QK(q1, k1[:, :1].contiguous(), d ** -0.5, bias1)
         qk0 = QK(q, k, d ** -0.5, None)
         merge = make("merge")
         cls = make("cls")
@@ -373,16 +375,16 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         rnd = make("random")
         apet = make("apet")
         r = 7
-        m1 = qk1.key_mean()
+        m1 = qk1.k
         # merge: the reducer's step, then its parts
         s_merge = Stage(0, t1 - 1 - r, "merge")
-        put("merge step (Merge.reduce: key mean + bipartite_merge)",
+        put("merge step (Merge.reduce: bipartite_merge on the keys)",
             _us(lambda: merge.reduce(merged_state(), s_merge, qk1), n_it) - base)
-        put("  key mean qk.key_mean() (one head: the op's dispatch)", _us(qk1.key_mean, n_it))
+        put("  (not in merge's step: key mean qk.key_mean(), one head: the dispatch)", _us(qk1_one.key_mean, n_it))
         put("  ops.bipartite_merge (kernels: one launch)", _us(lambda: ops.bipartite_merge(merged_state(), m1, r), n_it)
             - base)
-        put("  kernels.merge_step", _us(lambda: kernels.merge_step(x1, m1, st0.sizes, st0.source, 1, r, False, t,
-                                                                   True, res1), n_it))
+        put("  kernels.merge_step (the keys [1, 16, 190, 64])",
+            _us(lambda: kernels.merge_step(x1, m1, st0.sizes, st0.source, 1, r, False, t, True, res1), n_it))
         st = merged_state()
         ls = torch.zeros(b, t1, dtype=dt)
         put("  TokenState.set_attn_bias", _us(lambda: st.set_attn_bias(ls, dt), n_it))

@@ -304,6 +304,16 @@ def _rows_contiguous(t):
     return t, st
 
 
+def _sig(t):
+    """What a launch plan's key holds of a tensor argument (or None): shape, strides, dtype."""
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _last_contiguous(t):
+    """``t`` (or None) with its last dim contiguous (a copy if it is not)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _head_strides(name: str, *tensors) -> list:
     """The strides of each tensor (one tuple each), which must have a contiguous last (head) dim."""
     out = []

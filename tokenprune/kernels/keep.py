@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _column_groups, _compose_source, _copy_prefix, _p2, _rank_desc,
-                             _rows_contiguous, fast)
+from ._triton_common import (LaunchPlan, _alloc, _column_groups, _compose_source, _copy_prefix, _last_contiguous, _p2,
+                             _rank_desc, _sig)
 
 # ---------------------------------------------------------------------------------------------------
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
@@ -76,35 +76,58 @@ def keep_step_fits(n: int) -> bool:
 
 def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
     """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one launch:
-    returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``."""
-    bsz, t, c = x.shape
-    n = t - p
-    dev = x.device
-    scores, ssc = _rows_contiguous(scores)
-    x, sx = _rows_contiguous(x)
-    ssb = srcb = 0
-    if sizes is not None:
-        sizes, ss = _rows_contiguous(sizes)
-        ssb = ss[0]
-    if source is not None:
-        source, ssrc = _rows_contiguous(source)
-        srcb = ssrc[0]
-    np_, pp = max(16, _p2(n)), _p2(max(p, 1))
-    groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, dev) if write_x else 1
-    out = _alloc((bsz, p + k, c), dev, x.dtype) if write_x else x
-    osz = _alloc((bsz, p + k), dev, sizes.dtype) if sizes is not None else scores
-    n0 = source.shape[1] if source is not None else 0
-    osrc = _alloc((bsz, n0), dev, torch.long) if source is not None else scores
-    idx = _alloc((bsz, k), dev, torch.long)
-    scr = torch.empty(bsz * groups, pp + np_, device=dev, dtype=torch.int32)
-    so = ((p + k) * c, c) if write_x else sx  # out: contiguous when written
-    fast(_keep_step)[(bsz, groups)](x, scores, sizes if sizes is not None else scores,
-                                    source if source is not None else scores, out, osz, osrc, idx, scr,
-                                    p, n, k, c, n0, groups, sx[0], sx[1], ssc[0], ssb, srcb, so[0], so[1],
-                                    WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
-                                    NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
-                                    num_warps=8 if np_ >= 512 else 4)
-    return (out if write_x else None, osz if sizes is not None else None, osrc if source is not None else None,
-            idx)
+    returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``. Everything but the tensors is
+    worked out once per input signature (a :class:`_KeepPlan`: batch 1 is bound by host time)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, scores.shape, scores.stride(), scores.dtype, _sig(sizes),
+           _sig(source), p, k, write_x, KEEP_STEP_BC)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _KeepPlan(x, scores, sizes, source, p, k, write_x)
+    return plan(x, scores, sizes, source)
 
 
+_PLANS: dict = {}  # keep_step's input signature -> its _KeepPlan
+
+
+class _KeepPlan:
+    """One signature's keep step: output shapes and the launch over ``(x, scores, sizes, source, out, out sizes,
+    out source, kept indices, scratch)``, absent ones stood for by another."""
+
+    def __init__(self, x, scores, sizes, source, p, k, write_x):
+        args = (x, scores, sizes, source)
+        self.copy = any(a is not None and a.stride(-1) != 1 for a in args)  # copied per call (rare)
+        x, scores, sizes, source = [_last_contiguous(a) for a in args]
+        bsz, t, c = x.shape
+        n = t - p
+        self.dev, self.dtype, self.write_x = x.device, x.dtype, write_x
+        np_, pp = max(16, _p2(n)), _p2(max(p, 1))
+        groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, x.device) if write_x else 1
+        n0 = source.shape[1] if source is not None else 0
+        self.shapes = ((bsz, p + k, c), (bsz, p + k), (bsz, n0), (bsz, k), (bsz * groups, pp + np_))
+        self.sizes_dtype = sizes.dtype if sizes is not None else None
+        sx = x.stride()
+        so = ((p + k) * c, c) if write_x else sx  # out: contiguous when written
+        inputs = (0, 1) + ((2,) if sizes is not None else ()) + ((3,) if source is not None else ())
+        self.launch = LaunchPlan(_keep_step, (bsz, groups), range(9),
+                                 (p, n, k, c, n0, groups, sx[0], sx[1], scores.stride(0),
+                                  sizes.stride(0) if sizes is not None else 0,
+                                  source.stride(0) if source is not None else 0, so[0], so[1]),
+                                 dict(WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
+                                      NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
+                                      num_warps=8 if np_ >= 512 else 4), inputs)
+
+    def __call__(self, x, scores, sizes, source):
+        if self.copy:
+            x, scores, sizes, source = [_last_contiguous(a) for a in (x, scores, sizes, source)]
+        dev, (so, ssz, ssrc, sidx, sscr) = self.dev, self.shapes
+        out = _alloc(so, dev, self.dtype) if self.write_x else x
+        osz = _alloc(ssz, dev, self.sizes_dtype) if sizes is not None else scores
+        osrc = _alloc(ssrc, dev, torch.long) if source is not None else scores
+        idx = _alloc(sidx, dev, torch.long)
+        scr = torch.empty(*sscr, device=dev, dtype=torch.int32)
+        self.launch((x, scores, osz if sizes is None else sizes, scores if source is None else source, out, osz, osrc,
+                     idx, scr))
+        return (out if self.write_x else None, osz if sizes is not None else None,
+                osrc if source is not None else None, idx)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ._triton_common import (LaunchPlan, _alloc, _argmax_update, _at, _cdiv, _column_groups, _compose_source,
                              _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows, _num_sms, _p2,
-                             _rank_desc, _sizes_at, _tokens_at, _unit_rows, fast)
+                             _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,10 +479,6 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
 _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
 
 
-def _sig(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype)
-
-
 class _StepPlan:
     """One signature's merge step: output shapes, and its launches as ``LaunchPlan``s over the tuple of tensors
     ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm)``
@@ -591,7 +587,3 @@ def _large_match(metric, sizes, perm, p, padded):
         metric = metric.gather(-2, idx.expand(*metric.shape[:-1], metric.shape[-1]))
         sizes = sizes.gather(1, perm) if sizes is not None else None
     return _best_partners(metric[..., p:, :], (sizes[:, p + 1::2] > 0) if padded and sizes is not None else None)
-
-
-def _last_contiguous(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()

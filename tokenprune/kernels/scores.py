@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _p2, fast
+from ._triton_common import LaunchPlan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -75,28 +75,50 @@ QS_CONFIG = {"short": 128, "long": 256, "long_n": 4096}
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
     """``q_row [B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.query_scores``.
-    ``block_n``: keys per program (None: from ``QS_CONFIG``)."""
-    b, h, n, d = k.shape
-    sq, sk = _head_strides("query_scores", q_row, k)
-    dev = k.device
-    dp = _p2(d)
-    block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
-    nb = _cdiv(n, block_n)
-    lg = _alloc((b, h, n), dev, torch.float32)
-    pm = _alloc((b, h, nb), dev, torch.float32)
-    ps = _alloc((b, h, nb), dev, torch.float32)
-    bias2, sbb, sbn = _key_bias(bias, b, n, k)
-    fast(_qs_logits)[(b, nb, h)](q_row, k, bias2, lg, pm, ps, n, h, d, nb, float(scale),
-                                 sq[0], sq[1], sk[0], sk[1], sk[2], sbb, sbn,
-                                 HAS_BIAS=bias is not None, DP=dp, BLOCK_N=block_n, num_warps=4)
-    out = _alloc((b, n), dev, torch.float32)
-    if head_weights is not None:
-        w = torch.broadcast_to(head_weights, (b, h, n))
-        sw = w.stride()
-    else:
-        w, sw = lg, (0, 0, 0)
-    fast(_qs_reduce)[(b, nb)](lg, pm, ps, w, out, n, h, nb, sw[0], sw[1], sw[2],
-                              HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4)
-    return out
+    ``block_n``: keys per program (None: from ``QS_CONFIG``). Everything but the tensors is worked out once per
+    input signature (a :class:`_ScoresPlan`: batch 1 is bound by host time)."""
+    key = (q_row.shape, q_row.stride(), q_row.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias),
+           _sig(head_weights), scale, block_n, *QS_CONFIG.values())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _ScoresPlan(q_row, k, scale, bias, head_weights, block_n)
+    return plan(q_row, k, bias, head_weights)
 
 
+_PLANS: dict = {}  # query_scores' input signature -> its _ScoresPlan
+
+
+class _ScoresPlan:
+    """One signature's scores: the two launches over ``(q_row, k, bias, logits, block maxima, block sums, head
+    weights, out)``, absent ones stood for by another."""
+
+    def __init__(self, q_row, k, scale, bias, head_weights, block_n):
+        b, h, n, d = k.shape
+        sq, sk = _head_strides("query_scores", q_row, k)
+        self.dev = k.device
+        block_n = block_n or QS_CONFIG["long" if n >= QS_CONFIG["long_n"] else "short"]
+        nb = _cdiv(n, block_n)
+        self.shapes = ((b, h, n), (b, h, nb), (b, n))
+        bias2, sbb, sbn = _key_bias(bias, b, n, k)
+        self.bias_as_is = bias2 is bias  # else reshaped per call (a layout _key_bias does not take as it is)
+        sw = torch.broadcast_to(head_weights, (b, h, n)).stride() if head_weights is not None else (0, 0, 0)
+        self.launches = (
+            LaunchPlan(_qs_logits, (b, nb, h), range(6), (n, h, d, nb, float(scale), sq[0], sq[1], sk[0], sk[1], sk[2],
+                                                          sbb, sbn),
+                       dict(HAS_BIAS=bias is not None, DP=_p2(d), BLOCK_N=block_n, num_warps=4),
+                       (0, 1, 2) if bias is not None else (0, 1)),
+            LaunchPlan(_qs_reduce, (b, nb), (3, 4, 5, 6, 7), (n, h, nb, sw[0], sw[1], sw[2]),
+                       dict(HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4),
+                       (6,) if head_weights is not None else ()))
+
+    def __call__(self, q_row, k, bias, head_weights):
+        dev, (slg, sp, so) = self.dev, self.shapes
+        lg = _alloc(slg, dev, torch.float32)
+        t = (q_row, k, k if bias is None else bias if self.bias_as_is else _key_bias(bias, so[0], so[1], k)[0], lg,
+             _alloc(sp, dev, torch.float32), _alloc(sp, dev, torch.float32),
+             lg if head_weights is None else torch.broadcast_to(head_weights, slg), _alloc(so, dev, torch.float32))
+        for launch in self.launches:
+            launch(t)
+        return t[7]
