@@ -99,7 +99,8 @@ def _configs():
                              (0, 64, M.MERGE_STEP_WARPS)):
         out.append((M._merge_step, ms_types,
                     dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False, LOWP=True, NAP=nap,
-                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True), warps))
+                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True, H=1),
+                    warps))  # H=1: pitome's metric is the key mean (a launch specializes H == 1); merge's, keys
     for perm in (False, True):
         out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
                                     "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16,
