@@ -11,7 +11,9 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``dryhost`` (CPU only, no GPU
+eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``keymean`` (ToMe's key mean
+inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
+bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge step's cProfile):
 
@@ -442,7 +444,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
 def main():
     global DEV, DTYPE, SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large")
+    ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large, keymean, ...")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
@@ -462,6 +464,18 @@ def main():
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
         run_case("vit_l", 1, ["eager"], BS1[:4] + [M3, PATCHED], 0.25, reps, args.smoke, host=True, profile=prof)
+    if "keymean" in parts:  # ToMe's key mean inside the merge kernels against one op before them (KEY_MEAN_IN_KERNEL)
+        from tokenprune import kernels
+
+        for flag in (True, False):
+            kernels.KEY_MEAN_IN_KERNEL = flag
+            tag = f"key mean {'in the kernel' if flag else 'as an op'}"
+            for case in ("vit_b", "vit_l"):
+                run_case(case, 1, ["eager"], [("merge", {}), M3], 0.25, reps, args.smoke, host=True, tag=tag)
+            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke, tag=tag)
+            run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
+            run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
+        kernels.KEY_MEAN_IN_KERNEL = True
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 

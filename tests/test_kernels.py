@@ -354,6 +354,25 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     assert rel(out.x, ref.x) < 1e-3
 
 
+def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
+    """``kernels.KEY_MEAN_IN_KERNEL = False`` (the key mean as one op before the kernels, for the GPU comparison):
+    the same step as the kernels reading the keys per head."""
+    _use_interpreted(monkeypatch, T)
+    g = gen(31)
+    keys = torch.randn(2, 4, 30, 16, generator=g).half()
+    x = torch.randn(2, 30, 24, generator=g).half()
+    means = []
+    mean = R.key_mean
+    monkeypatch.setattr(R, "key_mean", lambda k: means.append(k.shape) or mean(k))  # counts the mean ops
+    outs = []
+    for flag in (True, False):
+        monkeypatch.setattr(kernels, "KEY_MEAN_IN_KERNEL", flag)
+        outs.append(kernels.merge_step(x, keys, None, None, 1, 8, False))
+        assert means == ([] if flag else [keys.shape])
+    for a, b in zip(*outs):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 520, 128), (4, 601, 129)])
 def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
     """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes three launches, several tiles of
@@ -447,7 +466,7 @@ def test_merge_step_with_deferred_residual_equals_merge_of_the_sum(T, monkeypatc
 def test_merge_forward_with_row_gather_and_deferred_residual(T, monkeypatch, fuse):
     """A reduced timm ViT with LayerScale through the large-batch merge (row gather), with each merged block's
     last residual add left to the gather or not, gives the PyTorch path's logits; timm's blocks keep their class."""
-    import tokenprune
+    import tokenprune.engine  # (run alone, nothing else has imported it yet)
     from conftest import tiny_vit
 
     monkeypatch.setattr(tokenprune.engine, "_FUSE", fuse == "1")

@@ -221,6 +221,13 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
     return _have_triton() and _impl().merge.merge_step_fits(n, r)
 
 
+# ToMe's key mean (metric = keys per head [B, H, T, d]) read by the merge kernels, or one op before them. Inside:
+# one aten op, one allocation and (on the GPU) one launch fewer per step (with the launch plans: a merge step's host
+# time 75.7 -> 22.7 us on the CPU harness, bench_forward.py --parts dryhost); the matching then reads H times the
+# metric's bytes, which batch 1 under CUDA graphs may feel. Timed both ways by bench_forward.py --parts keymean.
+KEY_MEAN_IN_KERNEL = True
+
+
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
                log_sizes: bool = False, residual=None, perm=None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
@@ -234,6 +241,8 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``
     ``[B, T]`` long: the step runs on the rows in that order, read through it (``pitome``; see
     ``reference.merge_step``)."""
+    if metric.dim() == 4 and not KEY_MEAN_IN_KERNEL:
+        metric = reference.key_mean(metric)
     if _via_op():
         out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
                               residual, perm)
