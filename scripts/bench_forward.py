@@ -11,7 +11,8 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``keymean`` (ToMe's key mean
+eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``kernels_b`` (the GPU kernels of a
+compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables), ``keymean`` (ToMe's key mean
 inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
@@ -186,6 +187,43 @@ def prof_table(fn, x, path):
             if DEV == "cuda":
                 torch.cuda.synchronize()
     path.write_text(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+
+
+def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
+    """GPU kernels of one bs-1 forward compiled with ``torch.compile`` (default mode, no CUDA graphs: the kernels a
+    ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, and the table of the top 40
+    (``kernels_<case>_<variant>.txt``). Shows what each reduction adds against blocks that cost the same at any
+    token count at batch 1."""
+    import copy
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    m, x = model_and_input(case, 1, smoke)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    kind = DeviceType.CUDA if DEV == "cuda" else DeviceType.CPU
+    for name, kw in [("unreduced", None)] + BS1[:6] + [M3]:
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        run = torch.compile(forward_fn(case, mv), fullgraph=True)
+        with torch.inference_mode():
+            for _ in range(3):
+                run(x)
+            with profile(activities=acts) as p:
+                for _ in range(5):
+                    run(x)
+                if DEV == "cuda":
+                    torch.cuda.synchronize()
+        evs = [e for e in p.events() if e.device_type == kind and (DEV == "cuda" or e.name.startswith("aten::"))]
+        record(case=case, bs=1, mode="default", variant=name, part="kernels", kernels_per_forward=len(evs) / 5,
+               kernel_ms_per_forward=round(sum(e.device_time if DEV == "cuda" else e.cpu_time for e in evs)
+                                           / 5 / 1e3, 4))
+        sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
+        (out / f"kernels_{case}_{name.replace(' ', '_').replace(',', '')}.txt").write_text(
+            p.key_averages().table(sort_by=sort, row_limit=40))
+        del mv, run
+        torch._dynamo.reset()
 
 
 def python_profile(out: Path, smoke: bool):
@@ -501,6 +539,8 @@ def main():
         check_fp32(args.smoke)
     if "pyprof" in parts:
         python_profile(args.out, args.smoke)
+    if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
+        kernel_census(args.out, args.smoke)
     if "compiled" in parts or "compiled_b" in parts:
         run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
     if "compiled" in parts or "compiled_l" in parts:
@@ -522,6 +562,10 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"] == "dryhost":
+            continue
+        if r.get("part") == "kernels":
+            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
+                  f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward")
             continue
         if "same_tokens" in r:
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} rel err {r['rel_err_vs_eager']:.2e}, "
