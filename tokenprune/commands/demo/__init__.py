@@ -15,8 +15,9 @@ app runs a randomly initialised ViT and says so on the page and in a WARNING
 line on stderr. Analytics are off and the server binds to 127.0.0.1 unless
 ``--host`` says otherwise.
 
-Modules: ``inputs`` (upload checks), ``models`` (loading through the CLI's loader, the
-comparisons), ``render`` (HTML panels), ``app`` (the Gradio page; the only one importing Gradio).
+Modules: ``choices`` (the models offered; no torch), ``inputs`` (upload checks), ``models`` (loading
+through the CLI's loader, the comparisons), ``render`` (HTML panels), ``app`` (the Gradio page; the
+only one importing Gradio).
 This module holds the command line only and imports nothing heavy.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from ...data import assets_source
 from .._common import UsageError, info, nonnegative_int, port_arg, positive_int, set_threads, warn
+from .choices import RANDOM_LABEL, default_model_dir, model_choices
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -49,11 +51,7 @@ def run(args) -> int:
                          "model.safetensors and config.json is expected)")
     if importlib.util.find_spec("gradio") is None:
         raise UsageError("tokenprune demo needs Gradio: pip install 'tokenprune[demo]'")
-    set_threads(args.threads)
-    # imported here, not at the top: they import torch (and .app Gradio), which `tokenprune demo --help` must
-    # not pay for; the warnings below come before the (slow) Gradio import
-    from .models import RANDOM_LABEL, default_model_dir, model_choices
-
+    # the warnings come at once, before anything imports torch (set_threads does) or Gradio: seconds
     if args.tiny:
         os.environ["TOKENPRUNE_DEMO_TINY"] = "1"  # read by app.build_app
         warn("--tiny: the demo starts on a tiny ViT with RANDOM weights; its predictions mean nothing")
@@ -61,7 +59,9 @@ def run(args) -> int:
         warn(f"no weights at {default_model_dir()} (from {assets_source()}): the demo runs a ViT-S/14 with RANDOM "
              "weights; its predictions and agreement numbers mean nothing. Pass --assets or --model-dir, or set "
              "$TOKENPRUNE_ASSETS.")
+    set_threads(args.threads)
     info("tokenprune demo: loading the model and building the app")
+    # imported here, not at the top: they import torch and Gradio, which `tokenprune demo --help` must not pay for
     from .app import build_app, launch
 
     app = build_app(args.model_dir, repeats=max(1, args.repeats))

@@ -18,6 +18,7 @@ from ...evaluate import load_model
 from ...plan import check_budget
 from ...speech import transcribe_audio
 from .inputs import AUDIO_RATE, InputError, square_crop
+from .choices import RANDOM_LABEL, REAL_LABEL, TINY_LABEL, default_model_dir, model_choices
 
 
 @dataclass
@@ -31,21 +32,7 @@ class ImageModel:
     warning: str = ""  # shown in the UI (random weights)
 
 
-REAL_LABEL = "ViT-S/14 CIFAR-10 (real weights)"
-TINY_LABEL = "tiny ViT (random weights, fast)"
-RANDOM_LABEL = "ViT-S/14 (RANDOM weights: no weights found)"
 TINY_ARGS = dict(img_size=64, patch_size=8, embed_dim=48, depth=4, num_heads=3)
-
-
-def default_model_dir() -> Path:
-    return default_asset("vit-s14-cifar10")
-
-
-def model_choices(model_dir: Path | str | None = None) -> list[str]:
-    """Labels of the models the demo can offer, default first."""
-    d = Path(model_dir) if model_dir else default_model_dir()
-    first = REAL_LABEL if (d / "model.safetensors").is_file() else RANDOM_LABEL
-    return [first, TINY_LABEL]
 
 
 def load_image_model(label: str, model_dir: Path | str | None = None) -> ImageModel:
