@@ -266,7 +266,6 @@ def test_timm_family(name, kw):
     if "dinov2" in name:
         kw["init_values"] = 1e-5
     model = timm.create_model(name, pretrained=False, **kw).eval()
-    pristine = copy.deepcopy(model)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref = model(x)
