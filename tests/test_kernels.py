@@ -832,6 +832,116 @@ def test_apet_reduce_fused_path_equals_pytorch_path(T, monkeypatch, sized, shape
         assert torch.equal(out.sizes.sum(1), sizes.sum(1))
 
 
+def apet_inputs(b, p, n, c, dtype, sized, seed):
+    """Tokens ``[b, p + n, c]`` with sizes (``sized``: True, "padded" with the padding at the largest norms, or False)
+    and a source map; padding slots where ``sized == "padded"``."""
+    g = gen(seed)
+    x = torch.randn(b, p + n, c, generator=g)
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float() if sized else None
+    if sized == "padded":
+        sizes[0, p + 2::3] = 0
+        sizes[-1, p + n - n // 3:] = 0
+        x[:, p:] = torch.where(sizes[:, p:, None] > 0, x[:, p:], 10 * x[:, p:])
+    source = torch.randint(-1, p + n, (b, 2 * n), generator=g)
+    return x.to(dtype), sizes, source
+
+
+@pytest.mark.parametrize("b,p,n,c,k,keep,dtype,sized", [
+    (2, 1, 40, 32, 4, 15, torch.float32, False), (2, 1, 40, 32, 4, 15, torch.float32, "padded"),
+    (1, 2, 150, 136, 10, 70, torch.float16, True),  # several row / slot / column tiles
+    (2, 0, 33, 24, 3, 33, torch.float32, "padded"),  # keep everything: more kept than real tokens (padding ranked last)
+])
+def test_apet_step_equals_reference(T, b, p, n, c, k, keep, dtype, sized):
+    """The four-launch stage (the selection folded into the stage kernel) against ``reference.apet_step``: the same
+    kept tokens and assignment (source maps and sizes equal), the merged rows within rounding."""
+    x, sizes, source = apet_inputs(b, p, n, c, dtype, sized, 50 + n)
+    for src in (source, None):
+        out = T.apet.apet_step(x, sizes, src, p, k, keep, 1e-5, sized == "padded", p + n)
+        ref = R.apet_step(x, sizes, src, p, k, keep, 1e-5, sized == "padded", p + n)
+        assert out[0].shape == ref[0].shape == (b, p + keep, c) and out[0].dtype == dtype
+        assert torch.equal(out[1], ref[1].float())
+        assert (out[2] is None) == (src is None) and (src is None or torch.equal(out[2], ref[2]))
+        assert rel(out[0], ref[0]) < tol(dtype)
+        if sized == "padded" and keep < n:  # no padding slot is kept over a real token, no size is lost
+            assert (out[1][:, p:] > 0).all() and torch.equal(out[1].sum(1), sizes.sum(1))
+
+
+def test_apet_step_plan_reused_across_inputs_and_new_per_signature(T):
+    """One plan per input signature: other inputs of one signature reuse it (nothing of the first inputs kept in it:
+    each call equals the reference on its own inputs, and a fresh plan's result); another signature (keep, a source
+    map or not, a stride) gets a new plan."""
+    plans = T.apet._PLANS
+    plans.clear()
+    x1, s1, src1 = apet_inputs(2, 1, 40, 32, torch.float32, True, 61)
+    x2, s2, src2 = apet_inputs(2, 1, 40, 32, torch.float32, True, 62)
+    out1 = T.apet.apet_step(x1, s1, src1, 1, 4, 15, 1e-5, False, 41)
+    plan = next(iter(plans.values()))
+    out2 = T.apet.apet_step(x2, s2, src2, 1, 4, 15, 1e-5, False, 41)
+    assert len(plans) == 1 and next(iter(plans.values())) is plan
+    for (x, s, src), out in (((x1, s1, src1), out1), ((x2, s2, src2), out2)):
+        ref = R.apet_step(x, s, src, 1, 4, 15, 1e-5, False, 41)
+        assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2]) and rel(out[0], ref[0]) < 1e-5
+    assert not torch.equal(out1[2], out2[2])
+    plans.clear()
+    fresh = T.apet.apet_step(x2, s2, src2, 1, 4, 15, 1e-5, False, 41)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, out2))
+    T.apet.apet_step(x2, s2, src2, 1, 4, 16, 1e-5, False, 41)
+    T.apet.apet_step(x2, s2, None, 1, 4, 15, 1e-5, False, 41)
+    wide = torch.zeros(2, 41, 40)
+    wide[..., :32] = x2
+    out_w = T.apet.apet_step(wide[..., :32], s2, src2, 1, 4, 15, 1e-5, False, 41)  # a strided view
+    assert len(plans) == 4 and torch.equal(out_w[2], out2[2]) and rel(out_w[0], out2[0]) < 1e-6
+    with pytest.raises(ValueError, match="does not fit"):
+        T.apet.apet_step(x2, s2, src2, 1, 4, 3, 1e-5, False, 41)  # keep < k
+
+
+def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, monkeypatch):
+    """``LaunchPlan`` (the launches of apet_step, merge_step, keep_step, query_scores): a call with other tensors of
+    the planned signature runs the compiled kernel with those tensors and the planned arguments; an input (an index
+    in ``check``) at an address that is not 16-byte aligned takes Triton's path (a compile) once, a fresh output
+    never does. Triton's path and the driver launch are stand-ins (the interpreter has no compiled kernels)."""
+    tc = sys.modules["tokenprune.kernels._triton_common"]
+    compiles, runs = [], []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def run(self, *a):
+            runs.append(a)
+
+    class Jit:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: compiles.append((grid, args, kwargs)) or Compiled()
+
+    kernel = T.apet._apet_assign  # (g, keep, t, N, KN, sgb, sgn, BM, BK)
+    launcher = tc._Launcher(kernel)
+    launcher.fn, launcher.interpreted = Jit(), False
+    monkeypatch.setitem(tc._LAUNCHERS, id(kernel), launcher)
+    monkeypatch.setattr(tc, "_hooks_active", lambda: False)
+    monkeypatch.setattr(tc, "_stream", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    plan = tc.LaunchPlan(kernel, (2, 3), (2, 0, 1), (40, 15, 1600, 40), dict(BM=16, BK=16, num_warps=4), (2,))
+
+    def tensors(offset=0):  # (keep, out, g): g the input, the first ``offset`` elements into a larger buffer
+        return (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.zeros(64 + offset)[offset:])
+
+    t1 = tensors()
+    plan(t1)
+    assert len(compiles) == 1 and not runs and compiles[0][1][:3] == (t1[2], t1[0], t1[1])
+    t2 = tensors()
+    plan(t2)
+    assert len(compiles) == 1 and runs[-1][:3] == (2, 3, 1)
+    assert list(runs[-1][9:]) == [t2[2], t2[0], t2[1], 40, 15, 1600, 40, 16, 16]
+    plan(tensors(offset=1))  # the input 4 bytes in: another compiled kernel
+    t5 = tensors(offset=1)
+    plan(t5)
+    assert len(compiles) == 2 and len(runs) == 2 and runs[-1][9] is t5[2]
+    t4 = tensors()
+    t4 = (t4[0][1:], t4[1][1:], t4[2])  # outputs off 16 bytes: trusted, not checked
+    plan(t4)
+    assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == (t4[2], t4[0], t4[1])
+
+
 # -- 6. whole reduced forwards -------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])
 def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, budget):
@@ -948,6 +1058,8 @@ def op_cases():
         ("gram", (xs,)),
         ("apet_stage", (gm, sizes[:, p:] > 0, 3, 1e-5)), ("apet_stage", (gm, None, 3, 1e-5)),
         ("apet_assign", (gm, keep)),
+        ("apet_step", (x, sizes, source, p, 3, 5, 1e-5, True, t)),
+        ("apet_step", (x, None, None, 0, 2, 6, 1e-5, False, None)),
     ]
 
 
@@ -957,7 +1069,7 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 def test_every_dispatching_kernel_is_a_custom_op():
     public = {"efficient_attention", "biased_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step",
               "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign",
-              "pitome_order"}
+              "pitome_order", "apet_step"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
     for name in public:
         assert getattr(torch.ops.tokenprune, name).default is not None
@@ -1023,7 +1135,8 @@ def call_every_kernel(c):
            kernels.apet_errors(c["x"][:, p:], c["x"][:, p:p + 3]),
            *kernels.gram(c["x"][:, p:])]
     g = out[-2]
-    out += [*kernels.apet_stage(g, c["sizes"][:, p:] > 0, 3), kernels.apet_assign(g, c["keep"])]
+    out += [*kernels.apet_stage(g, c["sizes"][:, p:] > 0, 3), kernels.apet_assign(g, c["keep"]),
+            *kernels.apet_step(c["x"], c["sizes"], c["source"], p, 3, 5, 1e-5, True, t)]
     return [o for o in out if o is not None]
 
 
@@ -1103,7 +1216,7 @@ def test_compile_fullgraph_default_dispatch_on_cpu(T, monkeypatch):
     c = compile_inputs()
     rec = GraphRecorder()
     out = torch.compile(call_every_kernel, backend=rec, fullgraph=True)(c)
-    assert rec.graphs == 1 and rec.ops() == {"merge_step", "keep_step", "apet_merge"}
+    assert rec.graphs == 1 and rec.ops() == {"merge_step", "keep_step", "apet_merge", "apet_step"}
     assert_same_outputs(out, call_every_kernel(c))
     torch._dynamo.reset()
 

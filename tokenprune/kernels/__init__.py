@@ -20,8 +20,9 @@ reference in ``reference.py`` runs (CPU, no Triton, or kernels switched off). Ho
   op ``torch.ops.tokenprune.<name>`` (``custom_ops.py``), whose CUDA implementation is that launcher and
   whose fake implementation gives the output shapes, so ``fullgraph=True``, Inductor and CUDA graphs work;
 - the ops' CPU implementation is the reference (tests check and compile the op path on CPU with
-  ``_FORCE_OP_FOR_TESTS``). ``merge_step`` / ``keep_step`` / ``apet_merge`` are CUDA-only in eager (their
-  callers check :func:`use_triton`); their references are ``reference.merge_step`` / ``keep_step`` / ``apet_merge``.
+  ``_FORCE_OP_FOR_TESTS``). ``merge_step`` / ``keep_step`` / ``apet_merge`` / ``apet_step`` are CUDA-only in eager
+  (their callers check :func:`use_triton`); their references are ``reference.merge_step`` / ``keep_step`` /
+  ``apet_merge`` / ``apet_step``.
 
 The decision functions (:func:`use_triton`, the ``*_fits``) read module flags only, so Dynamo traces them
 without a graph break. The references are the oracle in ``tests/test_kernels.py``; NOTES.md counts the
@@ -41,7 +42,8 @@ bytes and FLOPs of each kernel.
 - :func:`gram` / :func:`apet_stage` / :func:`apet_assign` -- one ApET stage from the per-sample
   Gram matrix ``X X^T``: x is read once (the Gram kernel), then one program per sample does the
   farthest-point sampling and the k x k ridge solve (:func:`apet_stage_fits` says when it fits),
-  and the cosine assignment to the kept tokens reads G again, not x.
+  and the cosine assignment to the kept tokens reads G again, not x. :func:`apet_step`: the whole stage (those,
+  the selection and :func:`apet_merge`) in four launches, planned once per input signature (batch 1).
 - :func:`pitome_order` -- PiToMe's energy of every token without the N x N matrix in memory, the energy
   ranking and the row order in which :func:`merge_step` (``perm``) then merges, in one launch.
 """
@@ -292,6 +294,22 @@ def apet_merge(x, sizes, target, keep_idx, source, num_prefix: int, max_size: in
     return _impl().apet.apet_merge(x, sizes, target, keep_idx, source, num_prefix, max_size)
 
 
+def apet_step_fits(batch: int, n: int, k: int, dtype) -> bool:
+    """Whether :func:`apet_step` runs a stage of ``batch`` samples, ``n`` non-prefix tokens, ``k`` basis tokens."""
+    return _have_triton() and _impl().apet.apet_step_fits(batch, n, k, dtype)
+
+
+def apet_step(x, sizes, source, num_prefix: int, k: int, keep: int, eps: float = 1e-5, padded: bool = False,
+              max_size: int | None = None):
+    """One ApET stage from the Gram matrix in four Triton launches (CUDA only, small batches: :func:`apet_step_fits`;
+    reference ``reference.apet_step``): keep ``keep`` tokens, merge the others into them; returns
+    ``(x, sizes, source)``."""
+    if _via_op():
+        nx, ns, nsrc = _ops.apet_step(x, sizes, source, num_prefix, k, keep, float(eps), padded, max_size)
+        return nx, ns, (nsrc if source is not None else None)
+    return _impl().apet.apet_step(x, sizes, source, num_prefix, k, keep, eps, padded, max_size)
+
+
 def pitome_order(metric, sizes, num_prefix: int, cand: int, margin: float, padded: bool):
     """PiToMe's energies ``[B, N]`` float32 and the row order ``[B, P + N]`` long of one step; see
     ``reference.pitome_order`` (one launch on CUDA)."""
@@ -357,5 +375,6 @@ from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
            "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
+           "apet_step", "apet_step_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign", "pitome_order",
            "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]

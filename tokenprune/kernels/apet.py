@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (_alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix, _exact_lowp, _p2,
-                             _rows_contiguous, _sizes_at, fast)
+from ._triton_common import (LaunchPlan, _alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix, _exact_lowp,
+                             _last_contiguous, _p2, _rank_desc, _rows_contiguous, _sig, _sizes_at, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -75,9 +75,9 @@ def apet_errors(x, basis, eps: float = 1e-5):
 #    two candidates tie within that rounding.
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _gram(x_ptr, g_ptr, N, C, T, sxb, sxn, sxc, sgb, sgn,
+def _gram(x_ptr, g_ptr, N, C, T, P, sxb, sxn, sxc, sgb, sgn,
           IS_F32: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    # one BM x BM tile (ti, tj), tj >= ti, of G = X X^T; the mirror tile is stored transposed
+    # one BM x BM tile (ti, tj), tj >= ti, of G = X X^T over the rows P.. of x; the mirror tile is stored transposed
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     ti = t // T
@@ -88,7 +88,7 @@ def _gram(x_ptr, g_ptr, N, C, T, sxb, sxn, sxc, sgb, sgn,
         mi = ri < N
         mj = rj < N
         offs_k = tl.arange(0, BK)
-        xb = x_ptr + b * sxb
+        xb = x_ptr + b * sxb + P * sxn
         acc = tl.zeros([BM, BM], tl.float32)
         for k0 in range(0, C, BK):
             kk = k0 + offs_k
@@ -113,26 +113,33 @@ def gram(x):
         x = x.float()
     is32 = x.dtype == torch.float32
     g = _alloc((bsz, n, n), x.device, torch.float32)  # strides (n n, n, 1)
-    bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
-    bk = 16 if is32 else 32
-    t = _cdiv(n, bm)
+    t, kw = _gram_config(n, is32)
     sx = x.stride()
-    fast(_gram)[(bsz, t * t)](x, g, n, c, t, sx[0], sx[1], sx[2], n * n, n,
-                              IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
+    fast(_gram)[(bsz, t * t)](x, g, n, c, t, 0, sx[0], sx[1], sx[2], n * n, n, **kw)
     return g, g.diagonal(dim1=1, dim2=2)
 
 
+def _gram_config(n: int, is32: bool):
+    """``(tiles per side, launch constants)`` of ``_gram`` for ``n`` tokens."""
+    bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
+    return _cdiv(n, bm), dict(IS_F32=is32, BM=bm, BK=16 if is32 else 32, num_warps=8 if bm >= 128 else 4)
+
+
 @triton.jit
-def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
-                HAS_VALID: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr):
-    # one program per sample; G row-major (last stride 1)
+def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, idx_ptr, N, K, KN, eps, pmin, sgb, sgn, svb, vo,
+                HAS_VALID: tl.constexpr, SELECT: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                BR: tl.constexpr):
+    # one program per sample; G row-major (last stride 1). Valid tokens: v[b, vo + i] > 0 (a bool mask, or the
+    # sizes with vo = P). SELECT (apet_step): e holds ApET's selection scores instead (the error; +inf for the
+    # basis, always kept; -inf for padding), and the KN best of them go to idx in spatial order (topk_sorted's
+    # ranking); the basis is not stored
     b = tl.program_id(0).to(tl.int64)
     gb = g_ptr + b * sgb
     offs = tl.arange(0, NP)
     nm = offs < N
     sq = tl.load(gb + offs * (sgn + 1), mask=nm, other=0.0)
     if HAS_VALID:
-        ok = nm & (tl.load(v_ptr + b * svb + offs, mask=nm, other=0) != 0)
+        ok = nm & (tl.load(v_ptr + b * svb + vo + offs, mask=nm, other=0) > 0)
     else:
         ok = nm
     w = ok.to(tl.float32)
@@ -142,7 +149,7 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
         cj = j0 + tl.arange(0, BT)
         cm = cj < N
         if HAS_VALID:
-            wj = (tl.load(v_ptr + b * svb + cj, mask=cm, other=0) != 0).to(tl.float32)
+            wj = (tl.load(v_ptr + b * svb + vo + cj, mask=cm, other=0) > 0).to(tl.float32)
         else:
             wj = cm.to(tl.float32)
         tile = tl.load(gb + offs[:, None] * sgn + cj[None, :], mask=nm[:, None] & cm[None, :], other=0.0)
@@ -166,7 +173,8 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
         d = sq - 2.0 * gc + sqc
         dist = tl.where(j == 0, d, tl.minimum(dist, d))
         dist = tl.where(ok & (~taken), dist, float("-inf"))
-    tl.store(basis_ptr + b * K + offs_k, chosen.to(tl.int64), mask=km)
+    if not SELECT:
+        tl.store(basis_ptr + b * K + offs_k, chosen.to(tl.int64), mask=km)
     # -- G_S^-1 by Gauss-Jordan on the k x k ridge matrix (SPD: no pivoting); padded rows are I
     eye = offs_k[:, None] == offs_k[None, :]
     g0 = tl.load(gb + chosen[:, None].to(tl.int64) * sgn + chosen[None, :], mask=km[:, None] & km[None, :], other=0.0)
@@ -194,7 +202,19 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, N, K, eps, pmin, sgb, sgn, svb,
         cf = tl.dot(bt, inv_t, input_precision="ieee")
         q = tl.dot(cf, g0, input_precision="ieee")
         e2 = sqi - 2.0 * tl.sum(cf * bt, 1) + tl.sum(q * cf, 1)
-        tl.store(e_ptr + b * N + ri, tl.sqrt(tl.maximum(e2, 0.0)), mask=rm)
+        e = tl.sqrt(tl.maximum(e2, 0.0))
+        if SELECT:
+            if HAS_VALID:
+                e = tl.where(tl.load(v_ptr + b * svb + vo + ri, mask=rm, other=0) > 0, e, float("-inf"))
+            basis_row = tl.sum(((ri[:, None] == chosen[None, :]) & km[None, :]).to(tl.int32), 1) > 0
+            e = tl.where(basis_row, float("inf"), e)
+        tl.store(e_ptr + b * N + ri, e, mask=rm)
+    if SELECT:  # -- the KN best scores in spatial order (rank by score desc, index asc, as topk_sorted)
+        tl.debug_barrier()  # the scores stored above are read below by other threads of this program
+        sc = tl.load(e_ptr + b * N + offs, mask=nm, other=float("-inf"))
+        keep = nm & (_rank_desc(sc, offs, e_ptr + b * N, N, BT) < KN)
+        ki = keep.to(tl.int32)
+        tl.store(idx_ptr + b * KN + tl.cumsum(ki, 0) - ki, offs.to(tl.int64), mask=keep)
 
 
 APET_STAGE_MAX_N = 1024  # tokens one program holds (vectors of N in registers, G rows streamed)
@@ -222,11 +242,16 @@ def apet_stage(g, valid, k: int, eps: float = 1e-5):
         svb = sv[0]
     else:
         v, svb = basis, 0
-    np_ = max(16, _p2(n))
-    fast(_apet_stage)[(bsz,)](g, v, basis, err, n, k, float(eps), max(float(eps), 1e-30), sg[0], sg[1], svb,
-                        HAS_VALID=valid is not None, NP=np_, KP=max(16, _p2(k)),
-                        BT=min(np_, max(4, 8192 // np_)), BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
+    fast(_apet_stage)[(bsz,)](g, v, basis, err, basis, n, k, 0, float(eps), max(float(eps), 1e-30), sg[0], sg[1], svb,
+                              0, **_stage_config(n, k, valid is not None, False))
     return basis, err
+
+
+def _stage_config(n: int, k: int, has_valid: bool, select: bool) -> dict:
+    """The launch constants of ``_apet_stage`` for ``n`` tokens and ``k`` basis tokens."""
+    np_ = max(16, _p2(n))
+    return dict(HAS_VALID=has_valid, SELECT=select, NP=np_, KP=max(16, _p2(k)), BT=min(np_, max(4, 8192 // np_)),
+                BR=min(np_, 64), num_warps=8 if np_ >= 256 else 4)
 
 
 @triton.jit
@@ -262,10 +287,15 @@ def apet_assign(g, keep_idx):
     g, sg = _rows_contiguous(g)
     keep = keep_idx.contiguous()
     out = _alloc((bsz, n), g.device, torch.long)
-    bm = min(64, max(16, _p2(n)))
-    fast(_apet_assign)[(bsz, _cdiv(n, bm))](g, keep, out, n, kn, sg[0], sg[1],
-                                            BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
+    tiles, kw = _assign_config(n, kn)
+    fast(_apet_assign)[(bsz, tiles)](g, keep, out, n, kn, sg[0], sg[1], **kw)
     return out
+
+
+def _assign_config(n: int, kn: int):
+    """``(row tiles, launch constants)`` of ``_apet_assign`` for ``n`` tokens and ``kn`` kept ones."""
+    bm = min(64, max(16, _p2(n)))
+    return _cdiv(n, bm), dict(BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,7 +376,6 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     """ApET's merge step: returns ``(new_x [B, P + K, C], new_sizes [B, P + K] float32, new_source)``;
     see ``Apet.reduce`` (its PyTorch path) for the meaning. ``target [B, N]``: slot of each token."""
     bsz, t, c = x.shape
-    n = t - p
     k = keep_idx.shape[1]
     dev = x.device
     x, sx = _rows_contiguous(x)
@@ -358,18 +387,102 @@ def apet_merge(x, sizes, target, keep_idx, source, p: int, max_size: int | None 
     if source is not None:
         source, ssrc = _rows_contiguous(source)
         srcb = ssrc[0]
-    bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
-    lowp = _exact_lowp(x.dtype, bound)
-    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, dev)
-    bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
     out = _alloc((bsz, p + k, c), dev, x.dtype)  # strides ((p + k) c, c, 1)
     osz = _alloc((bsz, p + k), dev, torch.float32)
     n0 = source.shape[1] if source is not None else 0
     osrc = _alloc((bsz, n0), dev, torch.long) if source is not None else osz
+    groups, args, kw = _merge_config(x, sx, sizes, ssb, srcb, source, p, k, max_size)
     fast(_apet_merge)[(bsz, groups)](x, sizes if sizes is not None else osz, target, keep_idx,
-                               source if source is not None else osz, out, osz, osrc,
-                               p, n, k, c, n0, groups, sx[0], sx[1], ssb, srcb, (p + k) * c, c,
-                               HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=lowp,
-                               PP=_p2(max(p, 1)), BK=bk, BI=64, BC=APET_MERGE_BC, BS=256,
-                               num_warps=8 if bk >= 128 else 4)
+                                     source if source is not None else osz, out, osz, osrc, *args, **kw)
     return out, osz, (osrc if source is not None else None)
+
+
+def _merge_config(x, sx, sizes, ssb: int, srcb: int, source, p: int, k: int, max_size):
+    """``(column groups, int arguments, launch constants)`` of ``_apet_merge`` (tokens ``x`` with strides ``sx``)."""
+    bsz, t, c = x.shape
+    n0 = source.shape[1] if source is not None else 0
+    bound = 1 if sizes is None else (max_size if max_size is not None else float("inf"))
+    groups = _column_groups(c, APET_MERGE_BC, bsz, APET_MERGE_PROGRAMS_PER_SM, x.device)
+    bk = min(APET_MERGE_BK, max(16, _p2(k)))  # slots per tile: every token tile is read once per slot tile
+    return groups, (p, t - p, k, c, n0, groups, sx[0], sx[1], ssb, srcb, (p + k) * c, c), dict(
+        HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, LOWP=_exact_lowp(x.dtype, bound), PP=_p2(max(p, 1)),
+        BK=bk, BI=64, BC=APET_MERGE_BC, BS=256, num_warps=8 if bk >= 128 else 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. the whole stage in four launches (small batches: batch 1 is bound by host time): Gram matrix, basis + errors +
+#    selection, assignment, merge; everything but the tensors worked out once per input signature
+# ---------------------------------------------------------------------------------------------------
+APET_STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def apet_step_fits(batch: int, n: int, k: int, dtype) -> bool:
+    """Whether :func:`apet_step` runs ``batch`` samples of ``n`` non-prefix tokens of ``dtype`` with ``k`` basis tokens."""
+    return apet_stage_fits(n, k) and apet_merge_fits(batch) and dtype in APET_STEP_DTYPES
+
+
+def apet_step(x, sizes, source, p: int, k: int, keep: int, eps: float = 1e-5, padded: bool = False,
+              max_size: int | None = None):
+    """One ApET stage (``Apet.reduce`` on the Gram path; ``reference.apet_step``): returns ``(new_x [B, P + keep, C],
+    new_sizes [B, P + keep] float32, new_source | None)``. ``padded``: size-0 slots are padding (``TokenState.padded``).
+    Launches ``_gram`` (rows P.. of x), ``_apet_stage`` with the selection folded in (the scores' masking and the
+    ranking: no aten op between the kernels), ``_apet_assign`` and ``_apet_merge``, planned once per input signature
+    (an :class:`_ApetPlan`)."""
+    key = (x.shape, x.stride(), x.dtype, x.device, _sig(sizes), _sig(source), p, k, keep, eps, padded, max_size,
+           APET_MERGE_BC, APET_MERGE_BK, APET_MERGE_PROGRAMS_PER_SM)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _ApetPlan(x, sizes, source, p, k, keep, eps, padded, max_size)
+    return plan(x, sizes, source)
+
+
+_PLANS: dict = {}  # apet_step's input signature -> its _ApetPlan
+
+
+class _ApetPlan:
+    """One signature's ApET stage: output and scratch shapes and the four launches over the tuple ``(x, sizes, source,
+    G, scores, kept indices, target, out, out sizes, out source)``, absent ones stood for by another."""
+
+    def __init__(self, x, sizes, source, p, k, keep, eps, padded, max_size):
+        bsz, t, c = x.shape
+        n = t - p
+        if not apet_step_fits(bsz, n, k, x.dtype) or not k <= keep <= n:
+            raise ValueError(f"apet_step: batch {bsz}, N={n}, k={k}, keep={keep}, {x.dtype} does not fit (batch <= "
+                             f"{APET_MERGE_MAX_BATCH}, k <= keep <= N <= {APET_STAGE_MAX_N}, k <= {APET_STAGE_MAX_K}, "
+                             f"fp16 / bf16 / fp32); use the separate kernels (Apet.reduce)")
+        self.copy = any(a is not None and a.stride(-1) != 1 for a in (x, sizes, source))  # copied per call (rare)
+        x, sizes, source = [_last_contiguous(a) for a in (x, sizes, source)]
+        sx = x.stride()
+        valid = padded and sizes is not None
+        ssb = sizes.stride(0) if sizes is not None else 0
+        srcb = source.stride(0) if source is not None else 0
+        n0 = source.shape[1] if source is not None else 0
+        self.dev, self.dtype, self.has_source = x.device, x.dtype, source is not None
+        self.shapes = ((bsz, n, n), (bsz, n), (bsz, keep), (bsz, n), (bsz, p + keep, c), (bsz, p + keep), (bsz, n0))
+        tg, kg = _gram_config(n, x.dtype == torch.float32)
+        ta, ka = _assign_config(n, keep)
+        groups, am, km = _merge_config(x, sx, sizes, ssb, srcb, source, p, keep, max_size)
+        self.launches = (
+            LaunchPlan(_gram, (bsz, tg * tg), (0, 3), (n, c, tg, p, sx[0], sx[1], sx[2], n * n, n), kg, (0,)),
+            LaunchPlan(_apet_stage, (bsz,), (3, 1 if valid else 4, 4, 4, 5),
+                       (n, k, keep, float(eps), max(float(eps), 1e-30), n * n, n, ssb if valid else 0, p),
+                       _stage_config(n, k, valid, True), (1,) if valid else ()),
+            LaunchPlan(_apet_assign, (bsz, ta), (3, 5, 6), (n, keep, n * n, n), ka, ()),
+            LaunchPlan(_apet_merge, (bsz, groups), (0, 1, 6, 5, 2, 7, 8, 9), am, km,
+                       (0,) + ((1,) if sizes is not None else ()) + ((2,) if source is not None else ())))
+
+    def __call__(self, x, sizes, source):
+        if self.copy:
+            x, sizes, source = [_last_contiguous(a) for a in (x, sizes, source)]
+        dev, (sg, se, si, st, so, ssz, ssrc) = self.dev, self.shapes
+        f32 = torch.float32
+        osz = _alloc(ssz, dev, f32)
+        osrc = _alloc(ssrc, dev, torch.long) if self.has_source else osz
+        t = (x, osz if sizes is None else sizes, osz if source is None else source, _alloc(sg, dev, f32),
+             _alloc(se, dev, f32), _alloc(si, dev, torch.long), _alloc(st, dev, torch.long), _alloc(so, dev, self.dtype),
+             osz, osrc)
+        for launch in self.launches:
+            launch(t)
+        return t[7], osz, (osrc if self.has_source else None)

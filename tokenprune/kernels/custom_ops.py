@@ -186,6 +186,19 @@ _define("apet_merge",
         cpu=lambda x, *args: _am_pack(R.apet_merge(x, *args), x))
 
 
+def _ap_fake(x, sizes, source, num_prefix, k, keep, eps, padded, max_size):
+    b, _, c = x.shape
+    return (x.new_empty((b, num_prefix + keep, c)), x.new_empty((b, num_prefix + keep), dtype=torch.float32),
+            x.new_empty((b, source.shape[1]), dtype=torch.long) if source is not None else _none(x))
+
+
+_define("apet_step",
+        "(Tensor x, Tensor? sizes, Tensor? source, int num_prefix, int k, int keep, float eps, bool padded, int? max_size) "
+        "-> (Tensor, Tensor, Tensor)",
+        _ap_fake, launch=lambda x, *args: _am_pack(_t().apet.apet_step(x, *args), x),
+        cpu=lambda x, *args: _am_pack(R.apet_step(x, *args), x))
+
+
 def _ae_fake(x, basis, eps):
     return x.new_empty(x.shape[:2], dtype=torch.float32)
 

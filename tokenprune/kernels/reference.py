@@ -355,3 +355,19 @@ def apet_merge(x: torch.Tensor, sizes: torch.Tensor | None, target: torch.Tensor
     new_x = torch.cat([x[:, :p], merged], 1)
     old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
     return new_x, torch.cat([s[:, :p], den], 1), _compose(source, old_to_new)
+
+
+def apet_step(x: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None, p: int, k: int, keep: int,
+              eps: float = 1e-5, padded: bool = False, max_size: int | None = None):
+    """One ApET stage from the Gram matrix (``Apet.reduce``'s GPU path, which ``kernels.apet_step`` runs in four
+    launches): :func:`gram` of the non-prefix tokens, :func:`apet_stage` (padding slots, size 0 with ``padded``,
+    masked), selection scores = the errors with padding at -inf and the basis at +inf, the ``keep`` best
+    (:func:`topk_sorted`), :func:`apet_assign`, :func:`apet_merge`. Returns ``(x, sizes float32, source | None)``."""
+    g = gram(x[:, p:])[0]
+    valid = sizes[:, p:] > 0 if padded and sizes is not None else None
+    basis, err = apet_stage(g, valid, k, eps)
+    if valid is not None:
+        err = err.masked_fill(~valid, float("-inf"))
+    keep_idx = topk_sorted(err.scatter(1, basis, float("inf")), keep)
+    return apet_merge(x, sizes, apet_assign(g, keep_idx), keep_idx, source, p, max_size)
+

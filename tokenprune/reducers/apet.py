@@ -119,6 +119,12 @@ class Apet(Reducer):
         n, keep = n_all - p, stage.keep
         if keep >= n:
             return state
+        if kernels.use_triton(x) and kernels.apet_step_fits(b, n, self.k, x.dtype):
+            # small GPU batches: the stage below on the Gram path (gram, apet_stage with the selection, apet_assign,
+            # apet_merge) in four launches and no other op (batch 1 is bound by host time)
+            state.x, state.sizes, state.source = kernels.apet_step(x, state.sizes, state.source, p, self.k, keep,
+                                                                   self.eps, state.padded, p + state.num_input)
+            return state
         xs = x[:, p:]
         # GPU: x is read once, into the per-sample Gram matrix G = X X^T (float32); the basis search,
         # the errors and the cosine assignment then work on G (tokenprune/kernels, section 5)
