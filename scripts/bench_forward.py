@@ -16,7 +16,7 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables), ``keym
 inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
-Triton launch a no-op; ``--profile`` adds the merge step's cProfile):
+Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles):
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost --out /tmp/dh
 """
@@ -370,6 +370,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     from tokenprune import kernels, ops
     from tokenprune.engine import QK
     from tokenprune.plan import Stage
+    from tokenprune.reducers.pitome import protected_merge
     from tokenprune.registry import make
     from tokenprune.state import TokenState
 
@@ -438,9 +439,20 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         put("  kernels.keep_step", _us(lambda: kernels.keep_step(x, sc, None, st0.source, 1, 123), n_it))
         put("random step (RandomDrop.reduce: cached scores + keep_step)",
             _us(lambda: rnd.reduce(start_state(), s_keep, None), n_it) - base)
+        pit = make("pitome")
+        pit._depth = 24  # (what plan() sets)
+        s_pit = Stage(4, t1 - 1 - r, "pitome", mid=True)
+        put("pitome step (PiToMe.reduce: pitome_order + merge_step, both on the keys)",
+            _us(lambda: pit.reduce(merged_state(), s_pit, qk1), n_it) - base)
+        put("  (the step as it was: the key mean first, one head: the dispatch)",
+            _us(lambda: protected_merge(merged_state(), qk1_one.key_mean(), r, 0.5), n_it) - base)
+        put("  kernels.pitome_order (the keys [1, 16, 190, 64])",
+            _us(lambda: kernels.pitome_order(m1, st0.sizes, 1, 2 * r, 0.5, False), n_it))
         s_apet = Stage(0, 123, "apet")
-        put("apet step (Apet.reduce: gram, stage, topk, assign, merge + aten glue)",
+        put("apet step (Apet.reduce: kernels.apet_step, four launches)",
             _us(lambda: apet.reduce(start_state(), s_apet, None), n_it // 3) - base)
+        put("  kernels.apet_step (gram, stage + selection, assign, merge)",
+            _us(lambda: kernels.apet_step(x, None, st0.source, 1, apet.k, 123, apet.eps, False, t), n_it))
         # every block after the first merge: the key bias, and attention with it. CUDA SDPA's memory-efficient kernel
         # pads a copy of a bias whose strides but the last are not multiples of 8 (two ops, two launches per block)
         bias_st = st0.attn_bias(dt).stride()
@@ -466,14 +478,16 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
             import io
             import pstats
 
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(n_it):
-                merge.reduce(merged_state(), s_merge, qk1)
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-            (out / "dryhost_merge_cprofile.txt").write_text(buf.getvalue())
+            for name, step in (("merge", lambda: merge.reduce(merged_state(), s_merge, qk1)),
+                               ("apet", lambda: apet.reduce(start_state(), s_apet, None))):
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(n_it):
+                    step()
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+                (out / f"dryhost_{name}_cprofile.txt").write_text(buf.getvalue())
     print(f"\n{'dry host time per piece (CPU, us)':72} {'us':>8}")
     for name, us in rows.items():
         print(f"{name:72} {us:>8}")

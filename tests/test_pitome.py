@@ -65,7 +65,7 @@ import math  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from test_kernels import T, _use_interpreted, gen, rel  # noqa: E402,F401  (T: the interpreted Triton kernels)
+from test_kernels import T, _use_interpreted, gen, qkv_keys, rel  # noqa: E402,F401  (T: the interpreted Triton kernels)
 from tokenprune import kernels  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
 
@@ -117,6 +117,49 @@ def test_order_kernel_equals_reference(T, monkeypatch, b, p, n, cand, padded, br
         assert err.mean() < 2e-3 and err.max() < 0.2 / (n - 1) * 4 + 2e-3
         assert torch.equal(perm, R.pitome_perm(e, p, cand))
     assert torch.equal(perm.sort(1).values, torch.arange(p + n).expand(b, p + n))  # a permutation
+
+
+@pytest.mark.parametrize("dtype,heads,padded", [(torch.float32, 20, True), (torch.float16, 3, False),
+                                                (torch.float16, 1, True)])
+def test_order_kernel_averages_the_keys_over_heads(T, dtype, heads, padded):
+    """pitome_order given a block's keys [B, H, T, d] (a strided view of its qkv output) averages them over heads as
+    it loads them: energies and order bit for bit those of the same kernel given the reference's mean
+    (``reference.key_mean``; 20 heads: a CPU's float32 order of 16 heads at a time), and the reference's order."""
+    g = gen(57)
+    b, p, n, cand = 2, 1, 45, 16
+    k = qkv_keys(b, p + n, heads, 32, g, dtype)  # (d = 24: a CPU's mean sums 20 heads in another order)
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    sizes = torch.randint(1, 4, (b, p + n), generator=g).float()
+    if padded:
+        sizes[1, p + 3:p + 11:2] = 0
+    e, perm = T.pitome.pitome_order(k, sizes, p, cand, 0.3, padded)
+    e_mean, perm_mean = T.pitome.pitome_order(R.key_mean(k.contiguous()), sizes, p, cand, 0.3, padded)
+    assert torch.equal(e, e_mean) and torch.equal(perm, perm_mean)
+    e_ref, perm_ref = R.pitome_order(k, sizes, p, cand, 0.3, padded)
+    if dtype == torch.float32:
+        assert torch.equal(perm, perm_ref)
+    else:  # fp16 cosines: the order the reference gives the kernel's energies
+        assert torch.equal(perm, R.pitome_perm(e, p, cand))
+
+
+def test_reducer_hands_the_keys_to_both_kernels(T, monkeypatch):
+    """PiToMe.reduce passes the block's keys to pitome_order and to the merge step (no key mean of its own): a reduced
+    tiny ViT through the interpreted kernels gives the PyTorch path's logits, and every call got 4-D keys."""
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(58))
+    tokenprune.apply(model, budget=0.25, method="pitome")
+    with torch.no_grad():
+        ref = model(x)
+        _use_interpreted(monkeypatch, T)
+        seen = []
+        order, step = T.pitome.pitome_order, T.merge.merge_step
+        monkeypatch.setattr(T.pitome, "pitome_order", lambda m, *a: seen.append(("pitome_order", m.dim())) or order(m, *a))
+        monkeypatch.setattr(T.merge, "merge_step", lambda x, m, *a, **kw: seen.append(("merge_step", m.dim())) or
+                            step(x, m, *a, **kw))
+        out = model(x)
+    tokenprune.remove(model)
+    assert seen and set(seen) == {("pitome_order", 4), ("merge_step", 4)}
+    assert rel(out, ref) < 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")

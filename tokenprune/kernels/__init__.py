@@ -312,7 +312,10 @@ def apet_step(x, sizes, source, num_prefix: int, k: int, keep: int, eps: float =
 
 def pitome_order(metric, sizes, num_prefix: int, cand: int, margin: float, padded: bool):
     """PiToMe's energies ``[B, N]`` float32 and the row order ``[B, P + N]`` long of one step; see
-    ``reference.pitome_order`` (one launch on CUDA)."""
+    ``reference.pitome_order`` (one launch on CUDA). ``metric``: ``[B, T, d]``, or a block's keys ``[B, H, T, d]``
+    averaged over heads as the kernel reads them (as :func:`merge_step`)."""
+    if metric.dim() == 4 and not KEY_MEAN_IN_KERNEL:
+        metric = reference.key_mean(metric)
     if use_triton(metric, sizes if padded else None):
         if _via_op():
             return _ops.pitome_order(metric, sizes if padded else None, num_prefix, cand, float(margin), bool(padded))

@@ -99,8 +99,8 @@ def _configs():
                              (0, 64, M.MERGE_STEP_WARPS)):
         out.append((M._merge_step, ms_types,
                     dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False, LOWP=True, NAP=nap,
-                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True, H=1),
-                    warps))  # H=1: pitome's metric is the key mean (a launch specializes H == 1); merge's, keys
+                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True),
+                    warps))  # pitome's metric: the keys per head, as merge's
     for perm in (False, True):
         out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
                                     "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16,
@@ -126,10 +126,11 @@ def _configs():
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((AP._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
     out.append((AP._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
-    for np_, kp, w in ((256, 16, 8), (256, 32, 8), (1024, 32, 8)):  # 4 warps at NP=256 spill
-        out.append((AP._apet_stage, {"g_ptr": f32, "v_ptr": "*u8", "basis_ptr": "*i64", "e_ptr": f32, "eps": "fp32",
-                                     "pmin": "fp32"},
-                    dict(HAS_VALID=True, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
+    for (np_, kp, w), select in itertools.product(((256, 16, 8), (256, 32, 8), (1024, 32, 8)),  # 4 warps at 256 spill
+                                                  (False, True)):  # True: apet_step's (valid from the sizes)
+        out.append((AP._apet_stage, {"g_ptr": f32, "v_ptr": f32 if select else "*u8", "basis_ptr": "*i64",
+                                     "e_ptr": f32, "idx_ptr": "*i64", "eps": "fp32", "pmin": "fp32"},
+                    dict(HAS_VALID=True, SELECT=select, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
     return [(*c, False) for c in out] + [(*c, True) for c in sweep]
 

@@ -238,7 +238,7 @@ _define("apet_assign", "(Tensor g, Tensor keep_idx) -> Tensor", _aa_fake, "apet"
 
 # -- PiToMe ----------------------------------------------------------------------------------------------
 def _po_fake(metric, sizes, num_prefix, cand, margin, padded):
-    b, t, _ = metric.shape
+    b, t = metric.shape[0], metric.shape[-2]
     return (metric.new_empty((b, t - num_prefix), dtype=torch.float32), metric.new_empty((b, t), dtype=torch.long))
 
 

@@ -2,7 +2,8 @@
 row order that hands the step to the merge kernels (``merge.merge_step`` with ``perm``), in one launch.
 Reference: ``reference.pitome_order`` (energy: ``reference.pitome_energy``); NOTES.md section 7.
 
-One program per sample. Pass 1: the unit-norm keys of a tile of ``BR`` rows (normalised once per tile, in the
+One program per sample. The metric may be a block's keys per head, averaged while loading (``_metric_rows``).
+Pass 1: the unit-norm keys of a tile of ``BR`` rows (normalised once per tile, in the
 metric's dtype) against column tiles of ``BT`` (one tensor-core product each, float32 sums), the margin
 function and the row sums, so the ``N x N`` cosine matrix never reaches memory; the energies go to the
 ``[B, N]`` output. Pass 2: each token's rank among them (``_rank_desc``: energy descending, ties to the lower
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _p2, _rank_desc, fast
+from ._triton_common import _alloc, _metric_rows, _p2, _rank_desc, fast
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _unit(t):
 
 
 @triton.jit
-def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn, ssb,
+def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn, smh, H, ssb,
                   PADDED: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
                   BT: tl.constexpr, PP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -49,13 +50,12 @@ def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn
     for r0 in range(0, N, BR):
         rows = r0 + tl.arange(0, BR)
         rm = rows < N
-        an = _unit(tl.load(m_row + rows[:, None] * smn + offs_d[None, :], mask=rm[:, None] & dm[None, :], other=0.0))
+        an = _unit(_metric_rows(m_row, rows, offs_d, rm[:, None] & dm[None, :], smn, smh, H))
         acc = tl.zeros([BR], tl.float32)
         for c0 in range(0, N, BT):
             cols = c0 + tl.arange(0, BT)
             cm = cols < N
-            bn = _unit(tl.load(m_row + cols[:, None] * smn + offs_d[None, :], mask=cm[:, None] & dm[None, :],
-                               other=0.0))
+            bn = _unit(_metric_rows(m_row, cols, offs_d, cm[:, None] & dm[None, :], smn, smh, H))
             if IS_F32:
                 c = tl.dot(an, tl.trans(bn), input_precision="ieee")
             else:
@@ -100,11 +100,15 @@ PITOME_ORDER_CONFIG = {"br": 256, "br_f32": 32, "bt": 32, "warps": 8}
 
 
 def pitome_order(metric, sizes, p: int, cand: int, margin: float, padded: bool):
-    """``(energy [B, N] float32, perm [B, P + N] long)``; see ``reference.pitome_order``."""
-    bsz, t, d = metric.shape
-    n = t - p
+    """``(energy [B, N] float32, perm [B, P + N] long)``; see ``reference.pitome_order``. ``metric`` ``[B, T, d]``, or
+    a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous), averaged over heads as they are loaded
+    (``reference.key_mean``, as the merge kernels do: no mean in memory)."""
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
+    shape, sm = metric.shape, metric.stride()
+    bsz, t, d = shape[0], shape[-2], shape[-1]
+    heads, smh = (shape[1], sm[1]) if len(shape) == 4 else (1, 0)
+    n = t - p
     has_s = bool(padded) and sizes is not None
     if has_s and sizes.stride(-1) != 1:
         sizes = sizes.contiguous()
@@ -114,7 +118,7 @@ def pitome_order(metric, sizes, p: int, cand: int, margin: float, padded: bool):
     is32 = metric.dtype == torch.float32
     br = max(16, min(cfg["br_f32" if is32 else "br"], _p2(n)))
     fast(_pitome_order)[(bsz,)](metric, sizes if has_s else e, e, perm, p, n, d, cand, float(margin),
-                                metric.stride(0), metric.stride(1), sizes.stride(0) if has_s else 0,
+                                sm[0], sm[-2], smh, heads, sizes.stride(0) if has_s else 0,
                                 PADDED=has_s, IS_F32=is32, DP=max(16, _p2(d)), BR=br, BT=cfg["bt"],
                                 PP=_p2(max(p, 1)), num_warps=cfg["warps"])
     return e, perm

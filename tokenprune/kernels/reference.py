@@ -218,7 +218,10 @@ def pitome_order(metric: torch.Tensor, sizes: torch.Tensor | None, p: int, cand:
                  padded: bool):
     """The energies and the row order of one PiToMe step (``reducers.pitome``), over the non-prefix tokens of
     ``metric`` ``[B, P + N, d]``: ``(energy [B, N] float32, perm [B, P + N] long)``; :func:`pitome_energy`
-    (``sizes`` 0 is padding when ``padded``), then :func:`pitome_perm`."""
+    (``sizes`` 0 is padding when ``padded``), then :func:`pitome_perm`. ``metric`` may be a block's keys
+    ``[B, H, P + N, d]``: their :func:`key_mean`."""
+    if metric.dim() == 4:
+        metric = key_mean(metric)
     valid = (sizes[:, p:] > 0) if padded and sizes is not None else None
     e = pitome_energy(metric[:, p:], margin, valid).float()
     return e, pitome_perm(e, p, cand)

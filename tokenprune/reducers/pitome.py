@@ -113,7 +113,7 @@ class PiToMe(Reducer):
     def reduce(self, state, stage, qk):
         depth = max(self._depth, 1)
         margin = self.margin * (1.0 - stage.block / depth)
-        return protected_merge(state, qk.key_mean(), state.num_tokens - stage.keep, margin, self.candidates)
+        return protected_merge(state, qk.k, state.num_tokens - stage.keep, margin, self.candidates)
 
     def plan(self, info, budget, overrides=None):
         self._depth = info.depth
