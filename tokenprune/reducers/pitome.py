@@ -65,7 +65,8 @@ def protected_merge(state, metric: torch.Tensor, r: int, margin: float, candidat
     Two steps, each one launch on CUDA: ``kernels.pitome_order`` scores and ranks the tokens and writes the
     order [prefix, protected, A0, B0, A1, B1, ...]; ToMe's merge step (``ops.bipartite_merge``) then runs on
     the tokens in that order with the protected ones kept like the prefix (its kernels read the rows through
-    the order; on CPU the rows are permuted)."""
+    the order; on CPU the rows are permuted). ``metric``: ``[B, P + N, d]``, or the block's keys ``[B, H, P + N, d]``,
+    averaged over heads (the kernels average them as they load them)."""
     p, n = state.num_prefix, state.num_tokens
     if r <= 0:
         return state.materialize()
