@@ -25,7 +25,8 @@ At each stage, per sample, on the non-prefix tokens ``X`` ``[N, C]``:
 On CUDA (Triton kernels on, at most 1024 non-prefix tokens and k <= 32) a stage reads the tokens
 once, into the per-sample Gram matrix ``G = X X^T`` (float32), and steps 1, 2 and 4 work on ``G``:
 distances ``sq_i - 2 G_ij + sq_j``, errors ``sq_i - 2 c.b + c^T G_S c``, cosines
-``G_ij / (|x_i| |x_j|)`` (``kernels.gram`` / ``apet_stage`` / ``apet_assign``). Same choices as the
+``G_ij / (|x_i| |x_j|)`` (``kernels.gram`` / ``apet_stage`` / ``apet_assign``; up to batch 32 the whole
+stage, merge included, is ``kernels.apet_step``: four launches, nothing between them). Same choices as the
 code below except where candidates tie within rounding (this path computes them in float32 from G,
 the x-based path rounds its dot products to the token dtype); errors far below a token's norm are
 resolved only to ~3e-4 |x_i| (cancellation in float32), which the ranking of the largest does not
