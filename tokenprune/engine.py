@@ -27,7 +27,7 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -79,6 +79,13 @@ class Program:
     slot: tuple  # per block: bool, the block may leave its last residual add to the reducer
     mid: tuple = ()  # per block: stages inside it, between attention and MLP
     mid_fuse: bool = False  # the inside stages add the attention branch themselves (like `slot`)
+    # per block: (kernel, want_qk, slot, mid, stages), the fields above as one tuple (what run_blocks reads: one
+    # unpacking per block is cheaper to run, and for torch.compile to trace, than five lookups)
+    steps: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        mid = self.mid or ((),) * len(self.stages)
+        object.__setattr__(self, "steps", tuple(zip(self.kernel, self.want_qk, self.slot, mid, self.stages)))
 
     @classmethod
     def build(cls, plan, reducer, mid_block: bool = False) -> "Program":
@@ -92,10 +99,12 @@ class Program:
         qk = reducer.qk_blocks(plan)
         fuse = getattr(reducer, "fuses_residual", False) and fuse_residual_enabled()
         paths = plan.attention_per_block()
-        return cls(plan, tuple(at.get(-1, ())), tuple(tuple(at.get(i, ())) for i in range(depth)),
-                   tuple(i in qk for i in range(depth)), tuple(reducer.attention_kernel(p) for p in paths),
-                   tuple(fuse and i in at for i in range(depth)), tuple(tuple(mid.get(i, ())) for i in range(depth)),
-                   fuse)
+        stages = tuple(tuple(at.get(i, ())) for i in range(depth))
+        want_qk = tuple(i in qk for i in range(depth))
+        kernel = tuple(reducer.attention_kernel(p) for p in paths)
+        slot = tuple(fuse and i in at for i in range(depth))
+        inside = tuple(tuple(mid.get(i, ())) for i in range(depth))
+        return cls(plan, tuple(at.get(-1, ())), stages, want_qk, kernel, slot, inside, fuse)
 
 
 class Forward:
@@ -148,23 +157,23 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     state = TokenState.start(x, patch.num_prefix, grid, track_source=patch.track_source)
     state.proportional = reducer.proportional
     prog = patch.program_for(state.num_input, grid)
-    fwd.state = state
+    fwd.state, fwd.mid_fuse = state, prog.mid_fuse
     for stage in prog.before:
         state = reducer.reduce(state, stage, None)
-    for i, blk in enumerate(blocks):
-        state.tokens_per_block.append(state.x.shape[1])
-        fwd.bias = state.attn_bias(state.x.dtype)
-        fwd.kernel, fwd.want_qk, fwd.slot = prog.kernel[i], prog.want_qk[i], prog.slot[i]
-        fwd.qk, fwd.residual, fwd.mid, fwd.mid_fuse = None, None, prog.mid[i], prog.mid_fuse
-        state.x = block_fn(blk, state.x, fwd)
+    i = 0
+    for blk, (kernel, want_qk, slot, mid, stages) in zip(blocks, prog.steps, strict=True):  # one step per block
+        x = state.x
+        state.tokens_per_block.append(x.shape[1])
+        fwd.bias = state.attn_bias(x.dtype)
+        fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid = kernel, want_qk, slot, mid
+        x = block_fn(blk, x, fwd)
         state = fwd.state  # a stage inside the block may have replaced it
-        qk, state.residual = fwd.qk, fwd.residual
+        qk, state.x, state.residual, state.block = fwd.qk, x, fwd.residual, i
         fwd.qk, fwd.residual = None, None
-        state.block = i
         reducer.observe(state, i, qk)
-        for stage in prog.stages[i]:
+        for stage in stages:
             state = reducer.reduce(state, stage, qk)
-        state.materialize()  # a stage that reduced nothing leaves the add to do
-        fwd.state = state
+        fwd.state = state.materialize()  # a stage that reduced nothing leaves the add to do
+        i += 1
     fwd.bias, fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid = None, None, False, False, ()
     return state.x

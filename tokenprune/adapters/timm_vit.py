@@ -30,26 +30,27 @@ from .base import ORIGINAL, Adapter, attach, detach, has_class, image_grid
 
 _SIZED_POOLS = ("avg", "max", "avgmax")
 _UNSET = object()
-
-
-def _noop(m, training: bool) -> bool:
-    """A submodule that returns its input: ``Identity``, or dropout / drop-path in eval mode."""
-    t = type(m)
-    return t is nn.Identity or (not training and (t is nn.Dropout or t.__name__ == "DropPath"))
+# module classes as globals: one lookup each where _call runs (and where torch.compile traces it)
+_Identity, _Linear, _LayerNorm, _Dropout, _GELU = nn.Identity, nn.Linear, nn.LayerNorm, nn.Dropout, nn.GELU
 
 
 def _call(m, x, training: bool):
-    """``m(x)`` without ``nn.Module.__call__``'s cost where ``m`` is a no-op, a Linear, a LayerNorm or a GELU
-    (batch-1 forwards are bound by host time; the arithmetic is the module's own, so results are identical)."""
+    """``m(x)`` without ``nn.Module.__call__``'s cost where ``m`` is a no-op, a Linear, a LayerNorm (torch's, or
+    timm's without its fast-norm option) or a GELU (batch-1 forwards are bound by host time; the arithmetic is
+    the module's own, so results are identical). The checks are ordered by how often a ViT block meets them, and
+    kept inline: ``torch.compile`` traces this function some 20 times per block."""
     t = type(m)
-    if t is nn.Linear:
-        return F.linear(x, m.weight, m.bias)
-    if t is nn.LayerNorm:
-        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-    if t is nn.GELU:
-        return F.gelu(x, approximate=m.approximate)
-    if _noop(m, training):
+    if t is _Identity:
         return x
+    if t is _Linear:
+        return F.linear(x, m.weight, m.bias)
+    if t is _LayerNorm or (t.__name__ == "LayerNorm" and t.__module__ == "timm.layers.norm"
+                           and getattr(m, "_fast_norm", True) is False):
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    if not training and (t is _Dropout or t.__name__ == "DropPath"):
+        return x
+    if t is _GELU:
+        return F.gelu(x, approximate=m.approximate)
     return m(x)
 
 

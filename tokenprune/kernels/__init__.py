@@ -136,10 +136,11 @@ def needs_grad(tensors) -> bool:
 
 def use_triton(*tensors) -> bool:
     """Whether the Triton kernel runs for these tensors (see the module docstring). One pass over them (it runs
-    several times per reduction step and once per block: batch-1 forwards are bound by such host time)."""
+    several times per reduction step and once per block: batch-1 forwards are bound by such host time, and
+    torch.compile traces every call): the device first, so a CPU tensor answers at once, and the grad mode
+    only for a tensor that requires grad."""
     if not _ENABLED:
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
@@ -147,7 +148,7 @@ def use_triton(*tensors) -> bool:
             if _FORCE_OP_FOR_TESTS:
                 continue
             return False
-        if (grad and t.requires_grad) or not (t.is_cuda or _FORCE_OP_FOR_TESTS):
+        if not (t.is_cuda or _FORCE_OP_FOR_TESTS) or (t.requires_grad and torch.is_grad_enabled()):
             return False
     return _have_triton()
 
