@@ -158,6 +158,7 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     state.proportional = reducer.proportional
     prog = patch.program_for(state.num_input, grid)
     fwd.state, fwd.mid_fuse = state, prog.mid_fuse
+    observes = getattr(reducer, "observes", True)
     for stage in prog.before:
         state = reducer.reduce(state, stage, None)
     i = 0
@@ -170,7 +171,8 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
         state = fwd.state  # a stage inside the block may have replaced it
         qk, state.x, state.residual, state.block = fwd.qk, x, fwd.residual, i
         fwd.qk, fwd.residual = None, None
-        reducer.observe(state, i, qk)
+        if observes:
+            reducer.observe(state, i, qk)
         for stage in stages:
             state = reducer.reduce(state, stage, qk)
         fwd.state = state.materialize()  # a stage that reduced nothing leaves the add to do

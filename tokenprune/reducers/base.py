@@ -42,6 +42,11 @@ class Reducer:
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
+    observes: ClassVar[bool] = False  # overrides observe (set by __init_subclass__): the block loop skips the call if not
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.observes = cls.observe is not Reducer.observe
 
     @property
     def proportional(self) -> bool:
