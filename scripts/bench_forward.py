@@ -174,7 +174,8 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
     del m
 
 
-def prof_table(fn, x, path):
+def profiled(fn, x, calls=5):
+    """The torch profiler over ``calls`` calls of ``fn(x)`` (CPU, and CUDA on a GPU), after 3 untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
@@ -182,11 +183,15 @@ def prof_table(fn, x, path):
         for _ in range(3):
             fn(x)
         with profile(activities=acts) as p:
-            for _ in range(5):
+            for _ in range(calls):
                 fn(x)
             if DEV == "cuda":
                 torch.cuda.synchronize()
-    path.write_text(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    return p
+
+
+def prof_table(fn, x, path):
+    path.write_text(profiled(fn, x).key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
@@ -197,24 +202,15 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
     import copy
 
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     m, x = model_and_input(case, 1, smoke)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
     kind = DeviceType.CUDA if DEV == "cuda" else DeviceType.CPU
     for name, kw in [("unreduced", None)] + BS1[:6] + [M3]:
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), 0.25)
         run = torch.compile(forward_fn(case, mv), fullgraph=True)
-        with torch.inference_mode():
-            for _ in range(3):
-                run(x)
-            with profile(activities=acts) as p:
-                for _ in range(5):
-                    run(x)
-                if DEV == "cuda":
-                    torch.cuda.synchronize()
+        p = profiled(run, x)
         evs = [e for e in p.events() if e.device_type == kind and (DEV == "cuda" or e.name.startswith("aten::"))]
         record(case=case, bs=1, mode="default", variant=name, part="kernels", kernels_per_forward=len(evs) / 5,
                kernel_ms_per_forward=round(sum(e.device_time if DEV == "cuda" else e.cpu_time for e in evs)

@@ -110,6 +110,17 @@ def _gr_fake(x, rows):
 _define("gather_rows", "(Tensor x, Tensor rows) -> Tensor", _gr_fake, "merge")
 
 
+def _source_out(x, source):
+    """A fake's new source map: ``[B, N0]`` long like ``source``, or the None stand-in."""
+    return x.new_empty((x.shape[0], source.shape[1]), dtype=torch.long) if source is not None else _none(x)
+
+
+def _merged_out(x, nout, source):
+    """A fake's ``(tokens [B, nout, C], sizes [B, nout] float32, source)``: what every merge step returns."""
+    b, _, c = x.shape
+    return x.new_empty((b, nout, c)), x.new_empty((b, nout), dtype=torch.float32), _source_out(x, source)
+
+
 def _ms_pack(out, x, log_sizes):
     return out[0], out[1], _or_none(out[2], x), (out[3] if log_sizes else _none(x))
 
@@ -128,12 +139,9 @@ def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_size
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                          f"the tokens {tuple(x.shape)} {x.dtype}")
-    b, t, c = x.shape
-    n = t - num_prefix
+    n = x.shape[1] - num_prefix
     nout = num_prefix + (n + 1) // 2 - r + n // 2
-    src = x.new_empty((b, source.shape[1]), dtype=torch.long) if source is not None else _none(x)
-    return (x.new_empty((b, nout, c)), x.new_empty((b, nout), dtype=torch.float32), src,
-            x.new_empty((b, nout)) if log_sizes else _none(x))
+    return (*_merged_out(x, nout, source), x.new_empty((x.shape[0], nout)) if log_sizes else _none(x))
 
 
 _define("merge_step",
@@ -150,8 +158,7 @@ def _ks_pack(out, x):
 def _ks_fake(x, scores, sizes, source, num_prefix, k):
     b, _, c = x.shape
     return (x.new_empty((b, num_prefix + k, c)),
-            sizes.new_empty((b, num_prefix + k)) if sizes is not None else _none(x),
-            x.new_empty((b, source.shape[1]), dtype=torch.long) if source is not None else _none(x))
+            sizes.new_empty((b, num_prefix + k)) if sizes is not None else _none(x), _source_out(x, source))
 
 
 _define("keep_step",
@@ -173,10 +180,7 @@ def _am_pack(out, x):
 
 
 def _am_fake(x, sizes, target, keep_idx, source, num_prefix, max_size):
-    b, _, c = x.shape
-    nout = num_prefix + keep_idx.shape[1]
-    return (x.new_empty((b, nout, c)), x.new_empty((b, nout), dtype=torch.float32),
-            x.new_empty((b, source.shape[1]), dtype=torch.long) if source is not None else _none(x))
+    return _merged_out(x, num_prefix + keep_idx.shape[1], source)
 
 
 _define("apet_merge",
@@ -187,9 +191,7 @@ _define("apet_merge",
 
 
 def _ap_fake(x, sizes, source, num_prefix, k, keep, eps, padded, max_size):
-    b, _, c = x.shape
-    return (x.new_empty((b, num_prefix + keep, c)), x.new_empty((b, num_prefix + keep), dtype=torch.float32),
-            x.new_empty((b, source.shape[1]), dtype=torch.long) if source is not None else _none(x))
+    return _merged_out(x, num_prefix + keep, source)
 
 
 _define("apet_step",
