@@ -164,6 +164,19 @@ class LaunchPlan:
                    None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *tensors, *self.tail)
 
 
+MAX_PLANS = 1024  # launch plans kept per op (then all dropped: a model sees a handful of input signatures)
+
+
+def cached_plan(plans: dict, key, build, *args):
+    """The plan for the input signature ``key`` in ``plans`` (one dict per op), built as ``build(*args)`` on a miss."""
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = build(*args)
+    return plan
+
+
 _LAUNCHERS: dict = {}
 FAST_LAUNCH = True  # False: every launch takes Triton's own path (benchmarks compare the two)
 

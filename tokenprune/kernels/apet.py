@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LaunchPlan, _alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix, _exact_lowp,
-                             _last_contiguous, _p2, _rank_desc, _rows_contiguous, _sig, _sizes_at, fast)
+from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix,
+                             _exact_lowp, _last_contiguous, _p2, _rank_desc, _rows_contiguous, _sig, _sizes_at, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -430,12 +430,7 @@ def apet_step(x, sizes, source, p: int, k: int, keep: int, eps: float = 1e-5, pa
     (an :class:`_ApetPlan`)."""
     key = (x.shape, x.stride(), x.dtype, x.device, _sig(sizes), _sig(source), p, k, keep, eps, padded, max_size,
            APET_MERGE_BC, APET_MERGE_BK, APET_MERGE_PROGRAMS_PER_SM)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 1024:
-            _PLANS.clear()
-        plan = _PLANS[key] = _ApetPlan(x, sizes, source, p, k, keep, eps, padded, max_size)
-    return plan(x, sizes, source)
+    return cached_plan(_PLANS, key, _ApetPlan, x, sizes, source, p, k, keep, eps, padded, max_size)(x, sizes, source)
 
 
 _PLANS: dict = {}  # apet_step's input signature -> its _ApetPlan

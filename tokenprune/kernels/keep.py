@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LaunchPlan, _alloc, _column_groups, _compose_source, _copy_prefix, _last_contiguous, _p2,
-                             _rank_desc, _sig)
+from ._triton_common import (LaunchPlan, cached_plan, _alloc, _column_groups, _compose_source, _copy_prefix,
+                             _last_contiguous, _p2, _rank_desc, _sig)
 
 # ---------------------------------------------------------------------------------------------------
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
@@ -80,12 +80,7 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
     worked out once per input signature (a :class:`_KeepPlan`: batch 1 is bound by host time)."""
     key = (x.shape, x.stride(), x.dtype, x.device, scores.shape, scores.stride(), scores.dtype, _sig(sizes),
            _sig(source), p, k, write_x, KEEP_STEP_BC)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 1024:
-            _PLANS.clear()
-        plan = _PLANS[key] = _KeepPlan(x, scores, sizes, source, p, k, write_x)
-    return plan(x, scores, sizes, source)
+    return cached_plan(_PLANS, key, _KeepPlan, x, scores, sizes, source, p, k, write_x)(x, scores, sizes, source)
 
 
 _PLANS: dict = {}  # keep_step's input signature -> its _KeepPlan

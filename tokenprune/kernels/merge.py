@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LaunchPlan, _alloc, _argmax_update, _at, _cdiv, _column_groups, _compose_source,
-                             _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows, _num_sms, _p2,
-                             _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows, fast)
+from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
+                             _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -468,11 +468,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT))
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 1024:
-            _PLANS.clear()
-        plan = _PLANS[key] = _StepPlan(x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm)
+    plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
+                       perm)
     return plan(x, metric, sizes, source, residual, perm)
 
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LaunchPlan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig
+from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -79,11 +79,7 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | N
     input signature (a :class:`_ScoresPlan`: batch 1 is bound by host time)."""
     key = (q_row.shape, q_row.stride(), q_row.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias),
            _sig(head_weights), scale, block_n, *QS_CONFIG.values())
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 1024:
-            _PLANS.clear()
-        plan = _PLANS[key] = _ScoresPlan(q_row, k, scale, bias, head_weights, block_n)
+    plan = cached_plan(_PLANS, key, _ScoresPlan, q_row, k, scale, bias, head_weights, block_n)
     return plan(q_row, k, bias, head_weights)
 
 
