@@ -117,11 +117,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
     ``metric`` ``[B, P + N, d]`` is the similarity feature, or the block's keys ``[B, H, P + N, d]``, whose
-    head mean (``reference.key_mean``) it then is: the kernels average them as they read them. Non-prefix tokens alternate into sets A (even) and B
-    (odd); each A token finds its most cosine-similar B token; the ``r`` A
-    tokens with the highest similarity are merged into their partner with a
-    size-weighted average; the rest of A is kept in spatial order. Output order:
-    prefix, kept A tokens, B tokens. Padding slots (size 0) are merged first.
+    head mean (``reference.key_mean``) it then is: the kernels average them as they read them. Non-prefix
+    tokens alternate into sets A (even) and B (odd); each A token finds its most cosine-similar B token; the
+    ``r`` A tokens with the highest similarity are merged into their partner with a size-weighted average;
+    the rest of A is kept in spatial order. Output order: prefix, kept A tokens, B tokens. Padding slots
+    (size 0) are merged first.
 
     ``order`` ``[B, P + N]`` long (a permutation of each sample's rows, prefix first) with ``protect``:
     the same step on the tokens taken in that order, its first ``protect`` non-prefix tokens kept as they
