@@ -224,11 +224,22 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
     return _have_triton() and _impl().merge.merge_step_fits(n, r)
 
 
-# ToMe's key mean (metric = keys per head [B, H, T, d]) read by the merge kernels, or one op before them. Inside:
-# one aten op, one allocation and (on the GPU) one launch fewer per step (with the launch plans: a merge step's host
-# time 75.7 -> 22.7 us on the CPU harness, bench_forward.py --parts dryhost); the matching then reads H times the
-# metric's bytes, which batch 1 under CUDA graphs may feel. Timed both ways by bench_forward.py --parts keymean.
+# ToMe's key mean (metric = keys per head [B, H, T, d]): read by the merge kernels in eager calls, one op before them
+# while compiling. Inside, a step has one aten op, one allocation and one launch fewer (host time: a merge step
+# 75.7 -> 22.7 us on the CPU harness, bench_forward.py --parts dryhost), which eager batch 1 is bound by. But the
+# matching then reads H times the metric's bytes: on an H200 (2026-12-05, --parts keymean and kernels_b) the ViT-B
+# bs-1 merge step took 19.0 us of GPU time against ~12.7 with the mean first, and reduce-overhead merge ran 1.093 vs
+# 1.079 ms (bs 256 eager: 17.41 vs 17.39 ms). Under CUDA graphs host time is free, so compiled calls take the op.
+# False: the op everywhere (for the comparison).
 KEY_MEAN_IN_KERNEL = True
+
+
+def _mean_first(metric):
+    """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
+    their mean (one op) while compiling or with ``KEY_MEAN_IN_KERNEL`` off."""
+    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or torch.compiler.is_compiling()):
+        return reference.key_mean(metric)
+    return metric
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
@@ -244,8 +255,7 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``
     ``[B, T]`` long: the step runs on the rows in that order, read through it (``pitome``; see
     ``reference.merge_step``)."""
-    if metric.dim() == 4 and not KEY_MEAN_IN_KERNEL:
-        metric = reference.key_mean(metric)
+    metric = _mean_first(metric)
     if _via_op():
         out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
                               residual, perm)
@@ -315,8 +325,7 @@ def pitome_order(metric, sizes, num_prefix: int, cand: int, margin: float, padde
     """PiToMe's energies ``[B, N]`` float32 and the row order ``[B, P + N]`` long of one step; see
     ``reference.pitome_order`` (one launch on CUDA). ``metric``: ``[B, T, d]``, or a block's keys ``[B, H, T, d]``
     averaged over heads as the kernel reads them (as :func:`merge_step`)."""
-    if metric.dim() == 4 and not KEY_MEAN_IN_KERNEL:
-        metric = reference.key_mean(metric)
+    metric = _mean_first(metric)
     if use_triton(metric, sizes if padded else None):
         if _via_op():
             return _ops.pitome_order(metric, sizes if padded else None, num_prefix, cand, float(margin), bool(padded))
