@@ -329,6 +329,30 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     assert torch.allclose(b_out[fin].float(), b_ref[fin].float(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pitome", [False, True])
+def test_bipartite_merge_breaks_exact_ties_as_the_kernels(T, monkeypatch, dtype, pitome):
+    """Identical tokens (a flat image region) have exactly equal best similarities, more of them than are merged:
+    the PyTorch path ranks them as the kernels and ``reference.merge_step`` do (best desc, then the lower index), so
+    all three merge the same tokens; also through a PiToMe order with every token a candidate (protect 0)."""
+    g = gen(8)
+    b, p, n, c, r = 2, 1, 60, 32, 7
+    x = torch.randn(b, p + n, c, generator=g).to(dtype)
+    metric = torch.randn(b, p + n, 16, generator=g)
+    # 20 A and 20 B tokens alike, entries +-1 (unit rows +-1/4: their cosine is exactly 1 in any summation order),
+    # so 20 A tokens tie at best = 1 for r = 7
+    metric[:, p:p + 40] = metric[:, p:p + 1].sign()
+    metric = metric.to(dtype)
+    order = R.pitome_perm(R.pitome_energy(metric[:, p:], 0.5), p, n) if pitome else None
+    source = TokenState.start(x, p).source
+    spec = R.merge_step(x, metric, None, source, p, r, False, perm=order)
+    ref = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r, order=order)
+    _use_interpreted(monkeypatch, T)
+    out = ops.bipartite_merge(TokenState.start(x.clone(), p), metric, r, order=order)
+    assert torch.equal(ref.source, spec[2]) and torch.equal(out.source, ref.source)
+    assert torch.equal(out.sizes, ref.sizes) and rel(out.x, ref.x) < tol(dtype)
+
+
 # matching and rows in two launches (large batches): whole rows gathered through the row map, 4 or 16
 # rows and 16 or 32 columns at a time; 64 columns per fix-up program above 32 merged tokens
 @pytest.mark.parametrize("split", [False, (4, 16), (16, 32), "plan"])

@@ -119,9 +119,9 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
     ``metric`` ``[B, P + N, d]`` is the similarity feature, or the block's keys ``[B, H, P + N, d]``, whose
     head mean (``reference.key_mean``) it then is: the kernels average them as they read them. Non-prefix
     tokens alternate into sets A (even) and B (odd); each A token finds its most cosine-similar B token; the
-    ``r`` A tokens with the highest similarity are merged into their partner with a size-weighted average;
-    the rest of A is kept in spatial order. Output order: prefix, kept A tokens, B tokens. Padding slots
-    (size 0) are merged first.
+    ``r`` A tokens with the highest similarity (ties: the lower index, as the kernels) are merged into their
+    partner with a size-weighted average; the rest of A is kept in spatial order. Output order: prefix, kept
+    A tokens, B tokens. Padding slots (size 0) are merged first.
 
     ``order`` ``[B, P + N]`` long (a permutation of each sample's rows, prefix first) with ``protect``:
     the same step on the tokens taken in that order, its first ``protect`` non-prefix tokens kept as they
@@ -163,7 +163,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
     best, best_b = kernels.bipartite_best(metric[:, p:], (sb > 0) if state.padded else None)  # [B, Na]
     if state.padded:
         best = best.masked_fill(sa <= 0, float("inf"))
-    edge = best.argsort(-1, descending=True)
+    edge = best.argsort(dim=-1, descending=True, stable=True)
     src_idx = edge[:, :r]  # A tokens merged away
     unm_idx = edge[:, r:].sort(-1).values  # A tokens kept, spatial order
     dst_idx = best_b.gather(1, src_idx)
