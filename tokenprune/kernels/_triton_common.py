@@ -29,6 +29,20 @@ def _alloc(shape, device, dtype):
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, device=device, dtype=dtype)
 
 
+def _workspace(scratch, key, device, numel: int, dtypes) -> tuple:
+    """Scratch buffers of a step's kernels (written before they are read, never returned): one flat tensor of at least
+    ``numel`` elements per dtype. Kept in ``scratch`` (the caller's dict for one forward, ``TokenState.scratch``) under
+    ``key``, so the later steps of that forward reuse them: batch 1 is bound by host time, and an allocation costs
+    microseconds of it. A forward's kernels run in stream order, so one step's launches never overlap the next one's.
+    Without a dict, fresh ones."""
+    ws = scratch.get(key) if scratch is not None else None
+    if ws is None or ws[0] < numel or ws[1] != device:
+        ws = (numel, device, *[torch.empty(numel, device=device, dtype=dt) for dt in dtypes])
+        if scratch is not None:
+            scratch[key] = ws
+    return ws[2:]
+
+
 class _Launcher:
     """``fast(kernel)[grid](*args, **kwargs)``: ``kernel[grid](...)`` with less host time per call.
 

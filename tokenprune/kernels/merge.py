@@ -6,15 +6,14 @@ section 3, and for the merge step also section 6 and the notes of sessions 4, 5,
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
-                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows, fast)
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows,
+                             _workspace, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,10 +76,9 @@ def _best_partners(metric, valid_b=None):
 
 
 def _bm_tiles(na: int, dtype) -> tuple:
-    """``_bm_best``'s A rows per program and B rows per tile."""
-    if dtype == torch.float32:  # float32 products on the FMA units: smaller tiles, or they spill
-        return min(64 if na > 32 else (32 if na > 16 else 16), 32), 32
-    return (64 if na > 32 else (32 if na > 16 else 16)), 64
+    """``_bm_best``'s A rows per program, B rows per tile (float32 on the FMA units: smaller, or they spill)."""
+    bm = 64 if na > 32 else (32 if na > 16 else 16)
+    return (min(bm, 32), 32) if dtype == torch.float32 else (bm, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,9 +301,9 @@ def _merge_plan(best_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
                 NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
                 PERM: tl.constexpr = False):
-    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote
-    # (best similarity [B, NA] fp32; each A token's partner in ``mt``, where MODE 2 leaves it), the ranking, the sizes (and their log), the source map,
-    # ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA, in spatial order.
+    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote (best
+    # similarity [B, NA] fp32; each A token's partner in ``mt``, where MODE 2 leaves it), the ranking, the sizes (and
+    # their log), the source map, ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA.
     # PERM: as in _merge_step (the matching ran on the metric in that order), the prefix BS places at a time
     b = tl.program_id(0).to(tl.int64)
     prm = perm_ptr + b * sprm
@@ -462,7 +460,7 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None, perm=None):
+               log_sizes: bool = False, residual=None, perm=None, scratch=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
     ``metric`` ``[B, T, d]``, or a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous): the
@@ -470,7 +468,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
     that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum.
     ``perm`` ``[B, T]`` long: the step runs on the rows in that order (``reference.merge_step``); the kernels
-    read every row through it, nothing is permuted in memory.
+    read every row through it, nothing is permuted in memory. ``scratch``: a dict for one forward in which the step
+    keeps its scratch buffers for the next steps (``_workspace``).
     Host time (batch 1 is bound by it): everything but the tensors is worked out once per input signature
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
@@ -478,7 +477,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT))
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
-    return plan(x, metric, sizes, source, residual, perm)
+    return plan(x, metric, sizes, source, residual, perm, scratch)
 
 
 _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
@@ -487,10 +486,8 @@ _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
 class _StepPlan:
     """One signature's merge step: output shapes, and its launches as ``LaunchPlan``s over the tuple of tensors
     ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm)``
-    (then, on the three-launch path, the metric and the sizes in the step's order: with ``perm`` copies gathered per
-    call, else the caller's), absent ones stood for by another. The three-launch path's matching (``_bm_best``) is
-    one of the planned launches: it reads the keys from row ``p`` on and the padding from the sizes, and leaves its
-    best similarities in the scratch best and the partners in ``mt``, where ``_merge_plan`` reads them."""
+    (three launches: then the metric and sizes the matching ``_bm_best`` reads, with ``perm`` copies in that order;
+    it leaves the best similarities in scratch best, the partners in ``mt``), absent ones stood for by another."""
 
     def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -525,8 +522,9 @@ class _StepPlan:
         lowp = _exact_lowp(x.dtype, max_size)
         nap = max(16, _p2(na))
         groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
-        self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0), (bsz, t), (bsz, na) if large else (bsz * groups, nap),
-                       (bsz, 2, nap) if split else None, (bsz, nout) if split else None)
+        self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0))
+        # scratch: the old -> new row map, best similarities, and (split) mt and the row map: the largest of them
+        self.work = bsz * max(t, na if large else groups * nap, 2 * nap if split else 0, nout if split else 0)
         # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
         inputs = {0, 2, 14, 15} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
         flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
@@ -545,13 +543,13 @@ class _StepPlan:
 
         if large:  # the matching (_bm_best), then _merge_plan
             self.valid = valid = bool(padded) and sizes is not None  # B tokens of size 0 (padding): no partners
-            smm, svb = sm, ssb
+            smb, smn, smh_, svb = sm[0], sm[-2], smh, ssb
             if perm is not None:  # the matching reads copies gathered in the step's order (contiguous)
-                smm, svb = tuple(math.prod(metric.shape[i + 1:]) for i in range(metric.dim())), t
+                smb, smn, smh_, svb = metric.shape[1:].numel(), d, t * d if heads > 1 else 0, t
             bm, bn = _bm_tiles(na, metric.dtype)
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm)), (14, 15, 9, 10),
-                                  (na, nb, d, p, smm[0], smm[-2], smm[1] if heads > 1 else 0, heads,
-                                   svb if valid else 0, 2 if valid else 0, p + 1 if valid else 0, 2 * nap),
+                                  (na, nb, d, p, smb, smn, smh_, heads, svb if valid else 0, 2 if valid else 0,
+                                   p + 1 if valid else 0, 2 * nap),
                                   HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
                                   BN=bn, num_warps=4),
                              plan(_merge_plan, (bsz,), (9, 3, 4, 6, 7, 8, 10, 11, 12, 13),
@@ -573,32 +571,28 @@ class _StepPlan:
                 RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
                 num_warps=cfg["gwarps"] if r <= 64 else 8))  # 4 warps spill a [128, 128] fix-up tile
 
-    def __call__(self, x, metric, sizes, source, residual, perm):
+    def __call__(self, x, metric, sizes, source, residual, perm, scratch):
         if self.copy:
             x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in (x, metric, sizes, source,
                                                                                       residual, perm)]
-        dev, (so, ssz, ssrc, sscr, sbst, smt, srows) = self.dev, self.shapes
+        dev, (so, ssz, ssrc) = self.dev, self.shapes
         out = _alloc(so, dev, self.dtype)
         osz = _alloc(ssz, dev, torch.float32)
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else osz
-        scr = torch.empty(*sscr, device=dev, dtype=torch.int32) if source is not None else osz  # scratch:
-        bst = torch.empty(*sbst, device=dev, dtype=torch.float32) if sbst else osz  # never poisoned
-        mt = torch.empty(*smt, device=dev, dtype=torch.int32) if smt else bst
-        rows = torch.empty(*srows, device=dev, dtype=torch.int32) if srows else mt
+        scr, bst, mt, rows = _workspace(scratch, "_merge_step", dev, self.work,  # never poisoned
+                                        (torch.int32, torch.float32, torch.int32, torch.int32))
         ob = _alloc(ssz, dev, self.dtype) if self.log_sizes else osz
         t = (x, x if residual is None else residual, metric, osz if sizes is None else sizes,
              osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm)
-        if self.large:  # the matching's metric and sizes: with perm, copies in the step's order
-            t += _in_order(metric, sizes if self.valid else None, perm) if perm is not None else (metric, t[3])
+        if self.large and perm is not None:  # the matching reads copies of the metric and sizes in the step's order
+            metric = metric.gather(-2, (perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]).expand(
+                *metric.shape[:-1], metric.shape[-1]))
+            t += (metric, sizes.gather(1, perm) if self.valid else metric)
+        elif self.large:
+            t += (metric, t[3])
         for launch in self.launches:
             launch(t)
         if self.log_sizes:
             return out, osz, (osrc if source is not None else None), ob
         return out, osz, (osrc if source is not None else None)
 
-
-def _in_order(metric, sizes, perm):
-    """The metric rows (and the sizes) in the order ``perm`` (copies): what the three-launch path's matching reads."""
-    idx = perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]
-    metric = metric.gather(-2, idx.expand(*metric.shape[:-1], metric.shape[-1]))
-    return metric, (sizes.gather(1, perm) if sizes is not None else metric)
