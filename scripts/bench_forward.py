@@ -16,9 +16,12 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables), ``keym
 inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
-Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles):
+Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
+Whisper-large merge step, the three-launch path, and the blocks around it: the block loop at the real token counts, the
+``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel times, SDPA with
+and without the key bias, one linear at changing token counts):
 
-    OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost --out /tmp/dh
+    OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
 from __future__ import annotations
 
@@ -191,7 +194,11 @@ def profiled(fn, x, calls=5):
 
 
 def prof_table(fn, x, path):
-    path.write_text(profiled(fn, x).key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    avg = profiled(fn, x).key_averages()
+    text = avg.table(sort_by="self_cpu_time_total", row_limit=40)
+    if DEV == "cuda":  # and where the GPU time goes (the Triton kernels have no CPU time of their own)
+        text += "\n" + avg.table(sort_by="self_cuda_time_total", row_limit=25)
+    path.write_text(text)
 
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
@@ -634,6 +641,55 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         print(f"{name:88} {us:>8}")
 
 
+def whisper_step(out: Path, smoke: bool, repeats: int):
+    """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
+    three-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
+    time (profiler), host time per eager call (the forward's scratch dict reused, as in a forward). Per block: SDPA
+    with and without the log-size key bias at that token count (host and GPU time), and the host time of one linear
+    (1280 -> 5120) when the token count changes every call (a merged forward's 31 counts) against a fixed one."""
+    from tokenprune import kernels, ops
+    from tokenprune.cuda import graphed
+    from tokenprune.state import TokenState, key_bias_view
+
+    b, t, c, h, d, r = 1, (64 if smoke else 1500), (32 if smoke else 1280), (4 if smoke else 20), 16 if smoke else 64, 8 if smoke else 25
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, t, c, generator=g).to(DEV, DTYPE)
+    k = torch.randn(b, h, t, d, generator=g).to(DEV, DTYPE)
+    with torch.inference_mode():
+        st = ops.bipartite_merge(TokenState.start(x, 0), k.float().mean(1), r)  # the state after one step
+        n = st.x.shape[1]
+        x1 = torch.randn(b, n, c, generator=g).to(DEV, DTYPE)
+        q1, k1, v1 = (torch.randn(b, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+        bias = key_bias_view(st.sizes.log().to(DTYPE))
+        scratch = {}
+        on_gpu = DEV == "cuda" and kernels.use_triton(x1) and kernels.merge_step_fits(n, r)
+        step = (lambda: kernels.merge_step(x1, k1, st.sizes, st.source, 0, r, False, t, True, scratch=scratch)) \
+            if on_gpu else (lambda: ops.bipartite_merge(TokenState(x=x1, num_prefix=0, num_input=t, sizes=st.sizes,
+                                                                   source=st.source), k1, r))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        row = dict(case="whisper_step", bs=b, tokens=n, r=r, kernels=on_gpu,
+                   step_host_us=round(host_time_ms(step, DEV, repeats) * 1e3, 1),
+                   sdpa_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1), DEV, repeats) * 1e3, 1),
+                   sdpa_bias_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1, attn_mask=bias), DEV, repeats) * 1e3, 1))
+        if DEV == "cuda":
+            row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+            row["sdpa_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1)), DEV, 10, repeats).median_ms * 1e3, 1)
+            row["sdpa_bias_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1, attn_mask=bias)), DEV, 10,
+                                                      repeats).median_ms * 1e3, 1)
+            p = profiled(lambda _: step(), None, calls=20)
+            (out / "whisper_step_kernels.txt").write_text(p.key_averages().table(sort_by="self_cuda_time_total",
+                                                                                 row_limit=15))
+        # one linear over a forward's token counts: the same count 31 times, or the 31 counts of a merge @0.5
+        w = torch.randn(4 * c, c, generator=g).to(DEV, DTYPE)
+        counts = [t - i * ((t // 2) // 31) for i in range(31)]
+        xs = {m: torch.randn(b, m, c, generator=g).to(DEV, DTYPE) for m in counts}
+        fixed = host_time_ms(lambda: [torch.nn.functional.linear(xs[t], w) for _ in counts], DEV, repeats)
+        varied = host_time_ms(lambda: [torch.nn.functional.linear(xs[m], w) for m in counts], DEV, repeats)
+        row.update(linear_host_us_fixed_count=round(fixed * 1e3 / 31, 2), linear_host_us_varied_counts=round(
+            varied * 1e3 / 31, 2))
+    record(**row)
+
+
 def main():
     global DEV, DTYPE, SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -655,6 +711,8 @@ def main():
         dry_host(args.out, args.smoke, args.profile, args.repeats)
     if "dryhost_whisper" in parts:  # the same for a Whisper-large merge step and the blocks around it
         dry_whisper(args.out, args.smoke, args.repeats)
+    if "whisper_step" in parts:  # GPU: a Whisper-large merge step (host, graph, kernels) and SDPA / linear per block
+        whisper_step(args.out, args.smoke, args.repeats)
     if "eager" in parts:
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
@@ -718,7 +776,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost"):
+        if r["case"].startswith("dryhost") or r["case"] == "whisper_step":
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
