@@ -522,6 +522,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
     only hands the reducer keys of the right shape, so the loop's bookkeeping and the 31 reducer calls."""
     import contextlib
     import copy
+    import inspect
 
     from transformers import WhisperConfig
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -576,8 +577,9 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         put("merge step (Merge.reduce, 1475 tokens, r 25)", _us(lambda: merge.reduce(merged_state(), step, qk1), n_it)
             - base)
         put("  ops.bipartite_merge", _us(lambda: ops.bipartite_merge(merged_state(), k1, r), n_it) - base)
-        put("  kernels.merge_step (three launches)", _us(lambda: kernels.merge_step(
-            x1, k1, st0.sizes, st0.source, 0, r, False, t, True), n_it))
+        kw = {"scratch": {}} if "scratch" in inspect.signature(kernels.merge_step).parameters else {}  # (older code)
+        put("  kernels.merge_step (three launches; a forward's scratch dict)", _us(lambda: kernels.merge_step(
+            x1, k1, st0.sizes, st0.source, 0, r, False, t, True, **kw), n_it))
         if hasattr(kmerge, "_large_match"):  # the matching as a call of its own (before the launch plans held it)
             put("    the matching alone (_large_match)", _us(lambda: kmerge._large_match(k1, st0.sizes, None, 0, False),
                                                           n_it))
