@@ -416,8 +416,11 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         bias1 = st0.sizes.log().to(dt)[:, None, None, :]
         res1 = torch.randn(b, t1, c, generator=g).to(dt)
 
+        fwd_scratch = {}  # the scratch of one forward's state: a step's kernels keep their buffers there for the next
+
         def merged_state():
-            return TokenState(x=x1, num_prefix=1, num_input=t - 1, sizes=st0.sizes, source=st0.source, residual=res1)
+            return TokenState(x=x1, num_prefix=1, num_input=t - 1, sizes=st0.sizes, source=st0.source, residual=res1,
+                              scratch=fwd_scratch)
 
         def start_state():
             return TokenState(x=x, num_prefix=1, num_input=t - 1, source=st0.source)
@@ -443,7 +446,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         put("  (not in merge's step: key mean qk.key_mean(), one head: the dispatch)", _us(qk1_one.key_mean, n_it))
         put("  ops.bipartite_merge (kernels: one launch)", _us(lambda: ops.bipartite_merge(merged_state(), m1, r), n_it)
             - base)
-        put("  kernels.merge_step (the keys [1, 16, 190, 64])",
+        put("  kernels.merge_step (the keys [1, 16, 190, 64]; no scratch dict: fresh scratch buffers)",
             _us(lambda: kernels.merge_step(x1, m1, st0.sizes, st0.source, 1, r, False, t, True, res1), n_it))
         st = merged_state()
         ls = torch.zeros(b, t1, dtype=dt)
@@ -567,8 +570,11 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         x1 = torch.randn(b, t1, c, generator=g).to(dt)
         k1 = torch.randn(b, h, t1, d, generator=g).to(dt)  # HF's keys: [B, H, N, d] contiguous
 
+        fwd_scratch = {}  # one forward's state's scratch (a step's kernels keep their buffers there for the next)
+
         def merged_state():
-            return TokenState(x=x1, num_prefix=0, num_input=t, grid=(1, t), sizes=st0.sizes, source=st0.source)
+            return TokenState(x=x1, num_prefix=0, num_input=t, grid=(1, t), sizes=st0.sizes, source=st0.source,
+                              scratch=fwd_scratch)
 
         base = _us(merged_state, n_it)
         qk1 = QK(k1, k1, 1.0, None)

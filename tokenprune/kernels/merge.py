@@ -523,8 +523,9 @@ class _StepPlan:
         nap = max(16, _p2(na))
         groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
         self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0))
-        # scratch: the old -> new row map, best similarities, and (split) mt and the row map: the largest of them
-        self.work = bsz * max(t, na if large else groups * nap, 2 * nap if split else 0, nout if split else 0)
+        # scratch: the old -> new row map (with a source map), best similarities, and (split) mt and the row map
+        self.work = (bsz * t if source is not None else 0, bsz * (na if large else groups * nap),
+                     bsz * 2 * nap if split else 0, bsz * nout if split else 0)
         # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
         inputs = {0, 2, 14, 15} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
         flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
