@@ -16,9 +16,12 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables), ``keym
 inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
-Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles):
+Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
+Whisper-large merge step, the three-launch path, and the blocks around it: the block loop at the real token counts, the
+``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel times, SDPA with
+and without the key bias, one linear at changing token counts):
 
-    OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost --out /tmp/dh
+    OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
 from __future__ import annotations
 
@@ -191,7 +194,11 @@ def profiled(fn, x, calls=5):
 
 
 def prof_table(fn, x, path):
-    path.write_text(profiled(fn, x).key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    avg = profiled(fn, x).key_averages()
+    text = avg.table(sort_by="self_cpu_time_total", row_limit=40)
+    if DEV == "cuda":  # and where the GPU time goes (the Triton kernels have no CPU time of their own)
+        text += "\n" + avg.table(sort_by="self_cuda_time_total", row_limit=25)
+    path.write_text(text)
 
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
@@ -353,6 +360,22 @@ def _us(fn, n, runs=5):
     return best
 
 
+def _us_paired(fns: dict, n, runs=5) -> dict:
+    """``_us`` of several functions timed in the same rounds (one loop of each per round, best round kept): pieces
+    compared by their difference drift together on a shared machine."""
+    for fn in fns.values():
+        for _ in range(max(n // 20, 5)):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.thread_time() - t0) / n * 1e6)
+    return best
+
+
 def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     """CPU only: microseconds of host time per piece of one eager batch-1 reduction step on ViT-L/16 shapes
     (fp16, 197 tokens, 16 heads of 64), the CUDA path's Python with every Triton launch a no-op (``_dry_kernels``).
@@ -393,8 +416,11 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         bias1 = st0.sizes.log().to(dt)[:, None, None, :]
         res1 = torch.randn(b, t1, c, generator=g).to(dt)
 
+        fwd_scratch = {}  # the scratch of one forward's state: a step's kernels keep their buffers there for the next
+
         def merged_state():
-            return TokenState(x=x1, num_prefix=1, num_input=t - 1, sizes=st0.sizes, source=st0.source, residual=res1)
+            return TokenState(x=x1, num_prefix=1, num_input=t - 1, sizes=st0.sizes, source=st0.source, residual=res1,
+                              scratch=fwd_scratch)
 
         def start_state():
             return TokenState(x=x, num_prefix=1, num_input=t - 1, source=st0.source)
@@ -420,7 +446,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         put("  (not in merge's step: key mean qk.key_mean(), one head: the dispatch)", _us(qk1_one.key_mean, n_it))
         put("  ops.bipartite_merge (kernels: one launch)", _us(lambda: ops.bipartite_merge(merged_state(), m1, r), n_it)
             - base)
-        put("  kernels.merge_step (the keys [1, 16, 190, 64])",
+        put("  kernels.merge_step (the keys [1, 16, 190, 64]; no scratch dict: fresh scratch buffers)",
             _us(lambda: kernels.merge_step(x1, m1, st0.sizes, st0.source, 1, r, False, t, True, res1), n_it))
         st = merged_state()
         ls = torch.zeros(b, t1, dtype=dt)
@@ -489,6 +515,189 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
         print(f"{name:72} {us:>8}")
 
 
+def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
+    """CPU only: host microseconds of the pieces of one eager batch-1 ``merge`` step of the Whisper-large-v3 encoder
+    (1500 tokens, 20 heads of 64, fp16, budget 0.5: 31 steps of about 25 tokens; the three-launch path of
+    ``kernels.merge_step``) and of the blocks around it, the CUDA path's Python with every Triton launch a no-op
+    (``_dry_kernels``). The HF layer itself runs on CPU at a tiny width (16 tokens, d 80, 20 heads, fp16): there its
+    aten ops compute, so only its differences (the ``tokenprune_sdpa`` routing, the key bias, recording q/k) are host
+    time. ``block loop``: ``run_blocks`` over the 32 planned blocks at the real token counts, each block a stub that
+    only hands the reducer keys of the right shape, so the loop's bookkeeping and the 31 reducer calls."""
+    import contextlib
+    import copy
+    import inspect
+
+    from transformers import WhisperConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    import tokenprune.reducers  # noqa: F401 -- registers the reducers
+    from tokenprune import kernels, ops
+    from tokenprune.adapters import hf_common
+    from tokenprune.engine import QK, Forward, run_blocks
+    from tokenprune.kernels import merge as kmerge
+    from tokenprune.patch import get_patch
+    from tokenprune.plan import Stage
+    from tokenprune.registry import make
+    from tokenprune.state import TokenState
+
+    torch.set_num_threads(1)
+    n_it = 100 if smoke else 40 * repeats
+    b, t, c, h, d, dt, r = 1, 1500, 1280, 20, 64, torch.float16, 25
+    g = torch.Generator().manual_seed(0)
+    rows = {}
+
+    def put(name, us):
+        rows[name] = round(us, 2)
+        record(case="dryhost_whisper", piece=name, us=round(us, 2))
+
+    def large(layers, budget, device="meta"):  # the Whisper-large encoder (meta: no weights), patched
+        cfg = WhisperConfig(d_model=c, encoder_layers=layers, encoder_attention_heads=h, encoder_ffn_dim=4 * c,
+                            num_mel_bins=128, max_source_positions=t)
+        cfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            m = WhisperEncoder(cfg).to(dt).eval()
+        tokenprune.apply(m, budget=budget, method="merge")
+        return get_patch(m)
+
+    x = torch.randn(b, t, c, generator=g).to(dt)
+    k = torch.randn(b, h, t, d, generator=g).to(dt)
+    st0 = ops.bipartite_merge(TokenState.start(x, 0), k.float().mean(1), r)  # after a first step (PyTorch path)
+    t1 = st0.x.shape[1]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        _dry_kernels(stack)
+        x1 = torch.randn(b, t1, c, generator=g).to(dt)
+        k1 = torch.randn(b, h, t1, d, generator=g).to(dt)  # HF's keys: [B, H, N, d] contiguous
+
+        fwd_scratch = {}  # one forward's state's scratch (a step's kernels keep their buffers there for the next)
+
+        def merged_state():
+            return TokenState(x=x1, num_prefix=0, num_input=t, grid=(1, t), sizes=st0.sizes, source=st0.source,
+                              scratch=fwd_scratch)
+
+        base = _us(merged_state, n_it)
+        qk1 = QK(k1, k1, 1.0, None)
+        merge = make("merge")
+        step = Stage(1, t1 - r, "merge")
+        put("merge step (Merge.reduce, 1475 tokens, r 25)", _us(lambda: merge.reduce(merged_state(), step, qk1), n_it)
+            - base)
+        put("  ops.bipartite_merge", _us(lambda: ops.bipartite_merge(merged_state(), k1, r), n_it) - base)
+        kw = {"scratch": {}} if "scratch" in inspect.signature(kernels.merge_step).parameters else {}  # (older code)
+        put("  kernels.merge_step (three launches; a forward's scratch dict)", _us(lambda: kernels.merge_step(
+            x1, k1, st0.sizes, st0.source, 0, r, False, t, True, **kw), n_it))
+        if hasattr(kmerge, "_large_match"):  # the matching as a call of its own (before the launch plans held it)
+            put("    the matching alone (_large_match)", _us(lambda: kmerge._large_match(k1, st0.sizes, None, 0, False),
+                                                          n_it))
+        put("    torch.empty (one [1, 1475] fp32; the step allocates its outputs and scratch)",
+            _us(lambda: torch.empty(1, t1, dtype=torch.float32), n_it))
+        st = merged_state()
+        put("  TokenState.set_attn_bias", _us(lambda: st.set_attn_bias(st0.sizes, dt), n_it))
+
+        # the block loop at the real token counts: stub blocks that only record keys of the right shape
+        keys = {}
+
+        def stub(blk, x, fwd):
+            if fwd.want_qk:
+                n = x.shape[1]
+                if n not in keys:
+                    keys[n] = torch.randn(b, h, n, d, generator=g).to(dt)
+                fwd.qk = QK(keys[n], keys[n], 1.0, fwd.bias)
+            return x
+
+        loops = {}
+        for budget in (1.0, 0.5):
+            patch = large(32, budget)
+            blocks = [None] * 32
+            steps = len(patch.plan_for(t, (1, t)).stages)
+            loops[budget] = _us(lambda: run_blocks(Forward(patch), blocks, x, stub, (1, t)), max(n_it // 40, 5))
+            put(f"block loop, 32 stub blocks, budget {budget} ({steps} steps), per forward", loops[budget])
+        put("  per step: (budget 0.5 - budget 1.0) / 31", (loops[0.5] - loops[1.0]) / 31)
+
+        # per block: the key bias, the tokenprune_sdpa routing and the HF layer (tiny width, fp32: its aten ops
+        # compute on the CPU; each patched variant against the unpatched one timed in the same rounds)
+        put("per block: state.attn_bias (cached)", _us(lambda: st0.attn_bias(dt), n_it))
+        cfg = WhisperConfig(d_model=h, encoder_layers=2, encoder_attention_heads=h, encoder_ffn_dim=h, num_mel_bins=8,
+                            max_source_positions=4)
+        cfg._attn_implementation = "sdpa"
+        m = WhisperEncoder(cfg).eval()
+        plain = copy.deepcopy(m)
+        tokenprune.apply(m, budget=0.5, method="merge")
+        fwd = Forward(get_patch(m))
+        layer, attn, layer0 = m.layers[1], m.layers[1].self_attn, plain.layers[1]
+        xs = torch.randn(1, 4, h, generator=g)
+        q, kk, v = (torch.randn(1, h, 4, 1, generator=g) for _ in range(3))
+        bias = TokenState(x=xs, num_prefix=0, num_input=4, sizes=torch.full((1, 4), 2.0)).attn_bias(torch.float32)
+        kern = hf_common._kernel
+        for what, fb, want in (("no bias", None, False), ("key bias", bias, False),
+                               ("key bias, q/k recorded (the block before a step)", bias, True)):
+            fwd.bias, fwd.want_qk = fb, want
+            us = _us_paired({"layer": lambda: layer(xs, None, tokenprune=fwd), "plain": lambda: layer0(xs, fb),
+                             "route": lambda: kern(attn, q, kk, v, None, dropout=0.0, scaling=1.0, tokenprune=fwd),
+                             "sdpa": lambda: sdpa_attention_forward(attn, q, kk, v, fb, dropout=0.0, scaling=1.0)},
+                            n_it)
+            if fb is None:
+                put("per block: HF WhisperEncoderLayer, unpatched (4 tokens, d 20, fp32: CPU kernels)", us["plain"])
+                put("per block: transformers' sdpa_attention_forward, no mask (the same q/k/v)", us["sdpa"])
+            put(f"per block: patched layer, {what}: + us over the unpatched one given the same mask",
+                us["layer"] - us["plain"])
+            put(f"per block:   tokenprune_sdpa, {what}: + us over sdpa_attention_forward given the same mask",
+                us["route"] - us["sdpa"])
+        fwd.bias, fwd.want_qk = None, False
+    print(f"\n{'dry host time per piece, Whisper-large merge (CPU, us)':88} {'us':>8}")
+    for name, us in rows.items():
+        print(f"{name:88} {us:>8}")
+
+
+def whisper_step(out: Path, smoke: bool, repeats: int):
+    """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
+    three-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
+    time (profiler), host time per eager call (the forward's scratch dict reused, as in a forward). Per block: SDPA
+    with and without the log-size key bias at that token count (host and GPU time), and the host time of one linear
+    (1280 -> 5120) when the token count changes every call (a merged forward's 31 counts) against a fixed one."""
+    from tokenprune import kernels, ops
+    from tokenprune.cuda import graphed
+    from tokenprune.state import TokenState, key_bias_view
+
+    b, t, c, h, d, r = 1, (64 if smoke else 1500), (32 if smoke else 1280), (4 if smoke else 20), 16 if smoke else 64, 8 if smoke else 25
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, t, c, generator=g).to(DEV, DTYPE)
+    k = torch.randn(b, h, t, d, generator=g).to(DEV, DTYPE)
+    with torch.inference_mode():
+        st = ops.bipartite_merge(TokenState.start(x, 0), k.float().mean(1), r)  # the state after one step
+        n = st.x.shape[1]
+        x1 = torch.randn(b, n, c, generator=g).to(DEV, DTYPE)
+        q1, k1, v1 = (torch.randn(b, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+        bias = key_bias_view(st.sizes.log().to(DTYPE))
+        scratch = {}
+        on_gpu = DEV == "cuda" and kernels.use_triton(x1) and kernels.merge_step_fits(n, r)
+        step = (lambda: kernels.merge_step(x1, k1, st.sizes, st.source, 0, r, False, t, True, scratch=scratch)) \
+            if on_gpu else (lambda: ops.bipartite_merge(TokenState(x=x1, num_prefix=0, num_input=t, sizes=st.sizes,
+                                                                   source=st.source), k1, r))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        row = dict(case="whisper_step", bs=b, tokens=n, r=r, kernels=on_gpu,
+                   step_host_us=round(host_time_ms(step, DEV, repeats) * 1e3, 1),
+                   sdpa_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1), DEV, repeats) * 1e3, 1),
+                   sdpa_bias_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1, attn_mask=bias), DEV, repeats) * 1e3, 1))
+        if DEV == "cuda":
+            row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+            row["sdpa_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1)), DEV, 10, repeats).median_ms * 1e3, 1)
+            row["sdpa_bias_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1, attn_mask=bias)), DEV, 10,
+                                                      repeats).median_ms * 1e3, 1)
+            p = profiled(lambda _: step(), None, calls=20)
+            (out / "whisper_step_kernels.txt").write_text(p.key_averages().table(sort_by="self_cuda_time_total",
+                                                                                 row_limit=15))
+        # one linear over a forward's token counts: the same count 31 times, or the 31 counts of a merge @0.5
+        w = torch.randn(4 * c, c, generator=g).to(DEV, DTYPE)
+        counts = [t - i * ((t // 2) // 31) for i in range(31)]
+        xs = {m: torch.randn(b, m, c, generator=g).to(DEV, DTYPE) for m in counts}
+        fixed = host_time_ms(lambda: [torch.nn.functional.linear(xs[t], w) for _ in counts], DEV, repeats)
+        varied = host_time_ms(lambda: [torch.nn.functional.linear(xs[m], w) for m in counts], DEV, repeats)
+        row.update(linear_host_us_fixed_count=round(fixed * 1e3 / 31, 2), linear_host_us_varied_counts=round(
+            varied * 1e3 / 31, 2))
+    record(**row)
+
+
 def main():
     global DEV, DTYPE, SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -508,6 +717,10 @@ def main():
     t0 = time.time()
     if "dryhost" in parts:  # CPU only: host time per piece of a reduction step, Triton launches as no-ops
         dry_host(args.out, args.smoke, args.profile, args.repeats)
+    if "dryhost_whisper" in parts:  # the same for a Whisper-large merge step and the blocks around it
+        dry_whisper(args.out, args.smoke, args.repeats)
+    if "whisper_step" in parts:  # GPU: a Whisper-large merge step (host, graph, kernels) and SDPA / linear per block
+        whisper_step(args.out, args.smoke, args.repeats)
     if "eager" in parts:
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
@@ -571,7 +784,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"] == "dryhost":
+        if r["case"].startswith("dryhost") or r["case"] == "whisper_step":
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

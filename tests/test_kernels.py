@@ -421,6 +421,45 @@ def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
     assert rel(out.x, ref.x) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
+@pytest.mark.parametrize("path", ["one", "gather", "plan"])
+def test_merge_steps_of_one_forward_reuse_their_scratch(T, monkeypatch, path):
+    """Successive steps handed one ``scratch`` dict (a forward's ``TokenState.scratch``) allocate their scratch buffers
+    once and reuse them (batch 1 pays host time per allocation); filled with garbage before each step (the kernels must
+    write them before reading them), the steps give, bit for bit, what steps with fresh buffers give. With padding, keys
+    per head and a row order (the three-launch path gathers copies in that order)."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if path == "plan" else 128)
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16}
+                        if path == "gather" else None)
+    g, junk = gen(41), gen(42)
+    b, p, n, c = 2, 1, 48, 24
+    x = torch.randn(b, p + n, c, generator=g).half()
+    sizes = torch.randint(1, 3, (b, p + n), generator=g).float()
+    sizes[0, p + 2:p + 12:3] = 0
+    source = torch.arange(p, p + n).expand(b, n).contiguous()
+    fresh = (x, sizes, source)
+    scratch, kept = {}, None
+    for step in range(3):
+        t = x.shape[1]
+        keys = torch.randn(b, 3, t, 16, generator=g).half()
+        perm = torch.cat([torch.arange(p).expand(b, p), p + torch.stack([torch.randperm(t - p, generator=g)
+                                                                        for _ in range(b)])], 1) if step == 1 else None
+        r = (t - p - 2) // 4
+        for buf in scratch["_merge_step"][2] if scratch else ():
+            buf.copy_(torch.randint(-3, 1000, buf.shape, generator=junk).to(buf.dtype))
+        out = T.merge.merge_step(x, keys, sizes, source, p + (2 if perm is not None else 0), r, True, p + n, True,
+                                 None, perm, scratch)
+        ref = T.merge.merge_step(*fresh[:1], keys, *fresh[1:], p + (2 if perm is not None else 0), r, True, p + n, True,
+                                 None, perm)
+        for o, e in zip(out, ref):
+            assert torch.equal(o.view(torch.uint8), e.view(torch.uint8))
+        bufs = scratch["_merge_step"][2]
+        assert kept is None or all(u is v for u, v in zip(bufs, kept))  # allocated at the first step only
+        kept = bufs
+        x, sizes, source = out[:3]
+        fresh = ref[:3]
+
+
 @pytest.mark.parametrize("p,n,r", [(1, 61, 20), (0, 30, 15), (2, 50, 10)])
 def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p, n, r):
     """The row map the matching hands to _merge_gather: every output row that one input token alone
@@ -446,8 +485,8 @@ def test_merge_gather_row_map_leaves_merged_rows_to_the_fixup(T, monkeypatch, p,
     _use_interpreted(monkeypatch, T)
     out = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
     assert len(maps) == 1 and torch.equal(out.source, ref.source)
-    rows = maps[0]
     nout = ref.x.shape[1]
+    rows = maps[0].flatten()[:b * nout].view(b, nout)  # (the step's scratch buffer, kept for the forward's next steps)
     for i in range(b):
         counts = torch.bincount(ref.source[i], minlength=nout)
         merged = counts > 1

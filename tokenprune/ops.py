@@ -139,7 +139,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
         # a deferred residual add (state.residual) goes into the kernel that writes the rows
         out = kernels.merge_step(x, metric, state.sizes, state.source, p + protect, r, state.padded,
                                  max_size=p + state.num_input, log_sizes=state.proportional,
-                                 residual=state.take_residual(), perm=order)
+                                 residual=state.take_residual(), perm=order, scratch=state.scratch)
         state.x, state.sizes, state.source = out[:3]
         if state.proportional:  # the kernel wrote log(size) too: the next blocks' bias, no extra launches
             state.set_attn_bias(out[3], x.dtype)

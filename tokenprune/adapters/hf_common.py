@@ -25,6 +25,7 @@ from ..engine import QK, Forward, run_blocks
 KERNEL_NAME = "tokenprune_sdpa"
 INNER = "sdpa"
 _REGISTERED = False
+_FUNCTIONS = None  # transformers' ALL_ATTENTION_FUNCTIONS, where tokenprune_sdpa looks "sdpa" up (set on registering)
 
 
 class KeyBias:
@@ -50,17 +51,17 @@ class LayerQK:
         self.qks: dict[int, list] = {i: [] for i in modules}
 
 
-def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ctx = kwargs.pop("tokenprune", None)
+def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, **kwargs):
+    # runs in every attention call (batch 1 is bound by host time): no import, no op that would change nothing
+    ctx = tokenprune
     bias, kernel = None, None
     if isinstance(ctx, Forward):
         bias, kernel = ctx.bias, ctx.kernel
     elif isinstance(ctx, KeyBias) and any(module is m for m in ctx.modules):
         bias = ctx.bias
     if bias is not None:
-        bias = bias.to(query.dtype)
+        if bias.dtype != query.dtype:  # (the state's bias is in the tokens' dtype; autocast's q may not be)
+            bias = bias.to(query.dtype)
         if bias.shape[0] != query.shape[0]:  # beams of an encoder output that was not expanded with them
             bias = bias.repeat_interleave(query.shape[0] // bias.shape[0], 0)
         attention_mask = bias if attention_mask is None else attention_mask + bias
@@ -76,7 +77,7 @@ def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
         if kwargs.get("output_attentions"):
             raise ValueError("tokenprune: output_attentions=True needs eager attention; a reduced model keeps SDPA. "
                              "Call tokenprune.remove(model) to get attention maps")
-        out, weights = ALL_ATTENTION_FUNCTIONS[INNER](module, query, key, value, attention_mask, *args, **kwargs)
+        out, weights = _FUNCTIONS[INNER](module, query, key, value, attention_mask, *args, **kwargs)
         heads = None
     if isinstance(ctx, Forward) and ctx.want_qk:
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
@@ -89,11 +90,12 @@ def _kernel(module, query, key, value, attention_mask, *args, **kwargs):
 
 def register_kernel() -> None:
     """Register ``tokenprune_sdpa`` (attention and mask interfaces) once per process."""
-    global _REGISTERED
+    global _REGISTERED, _FUNCTIONS
     if _REGISTERED:
         return
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+    _FUNCTIONS = ALL_ATTENTION_FUNCTIONS
     AttentionInterface.register(KERNEL_NAME, _kernel)
     try:  # causal/bidirectional mask builders dispatch on the same name (decoders, AST)
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

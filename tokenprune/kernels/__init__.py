@@ -243,7 +243,7 @@ def _mean_first(metric):
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None, perm=None):
+               log_sizes: bool = False, residual=None, perm=None, scratch: dict | None = None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
     ``ops.bipartite_merge`` is its reference, ``reference.merge_step`` the same on plain tensors). Returns
     ``(new_x, new_sizes, new_source)``, plus ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next
@@ -254,7 +254,8 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
     ``residual``: the tokens are ``x + residual`` rounded to ``x``'s dtype (a block's final residual add
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``
     ``[B, T]`` long: the step runs on the rows in that order, read through it (``pitome``; see
-    ``reference.merge_step``)."""
+    ``reference.merge_step``). ``scratch``: the caller's dict for one forward (``TokenState.scratch``), where the
+    eager launcher keeps its scratch buffers from one step to the next (allocated once per forward, not per step)."""
     metric = _mean_first(metric)
     if _via_op():
         out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
@@ -262,7 +263,7 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
         new_source = out[2] if source is not None else None
         return (out[0], out[1], new_source, out[3]) if log_sizes else (out[0], out[1], new_source)
     return _impl().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual,
-                                    perm)
+                                    perm, scratch)
 
 
 def keep_step_fits(n: int) -> bool:

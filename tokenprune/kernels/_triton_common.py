@@ -29,6 +29,27 @@ def _alloc(shape, device, dtype):
     return torch.full(shape, float("nan") if dtype.is_floating_point else -7, device=device, dtype=dtype)
 
 
+def _workspace(scratch, key, device, needs: tuple, dtypes: tuple) -> tuple:
+    """Scratch buffers of a step's kernels (written before they are read, never returned): flat tensors of at least
+    ``needs[i]`` elements of ``dtypes[i]`` (0: not needed, another buffer stands in). Kept in ``scratch`` (the caller's
+    dict for one forward, ``TokenState.scratch``) under ``key``, so the later steps of that forward reuse them: batch 1
+    is bound by host time, and an allocation costs microseconds of it. A forward's kernels run in stream order, so one
+    step's launches never overlap the next one's. Without a dict, fresh ones."""
+    ws = scratch.get(key) if scratch is not None else None
+    if ws is not None and ws[0] == device and all(map(operator.le, needs, ws[1])):
+        return ws[2]
+    old = ws is not None and ws[0] == device
+    caps, bufs, stand = list(ws[1]) if old else [0] * len(needs), list(ws[3]) if old else [None] * len(needs), None
+    for i in range(len(needs)):
+        if needs[i] > caps[i]:
+            bufs[i], caps[i] = torch.empty(needs[i], device=device, dtype=dtypes[i]), needs[i]
+        stand = bufs[i] if stand is None else stand
+    out = tuple([stand if b is None else b for b in bufs])
+    if scratch is not None:
+        scratch[key] = (device, tuple(caps), out, bufs)
+    return out
+
+
 class _Launcher:
     """``fast(kernel)[grid](*args, **kwargs)``: ``kernel[grid](...)`` with less host time per call.
 

@@ -68,6 +68,9 @@ def _configs():
     for is32 in (False, True):
         out.append((M._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
                     dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
+    # merge_step's three-launch matching: padding read off the sizes, partners into its int32 scratch
+    out.append((M._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
+                dict(HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
     for hs in (True, False):
         out.append((M._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
@@ -102,7 +105,7 @@ def _configs():
                          NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True),
                     warps))  # pitome's metric: the keys per head, as merge's
     for perm in (False, True):
-        out.append((M._merge_plan, {"best_ptr": f32, "idx_ptr": "*i64", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
+        out.append((M._merge_plan, {"best_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
                                     "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16,
                                     "rows_ptr": "*i32", "perm_ptr": "*i64"},
                     dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=128, BT=32, BS=256,

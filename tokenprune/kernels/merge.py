@@ -12,15 +12,18 @@ import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
-                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows, fast)
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows,
+                             _workspace, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, smh, H, svb,
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, svb, svn, VOFF, sib,
              HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # A token i is metric row P + 2i, B token j row P + 2j + 1; B token j is valid where vb[VOFF + j svn] > 0 (flags,
+    # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype
     b = tl.program_id(0).to(tl.int64)
     pa = tl.program_id(1)
     offs_d = tl.arange(0, DP)
@@ -29,21 +32,21 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, smb, smn, smh, H, svb,
     amask = offs_a < NA
     base = m_ptr + b * smb
     # normalised in the metric's dtype, like the reference
-    an = _unit_rows(_metric_rows(base, 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
+    an = _unit_rows(_metric_rows(base, P + 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
     for b0 in range(0, NB, BN):
         offs_b = b0 + tl.arange(0, BN)
         bmask = offs_b < NB
-        bt = _metric_rows(base, 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
+        bt = _metric_rows(base, P + 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
         sim = _cosine_tile(an, bt, IS_F32)
         ok = bmask
         if HAS_VALID:
-            ok = ok & (tl.load(vb_ptr + b * svb + offs_b, mask=bmask, other=0) != 0)
+            ok = ok & (tl.load(vb_ptr + b * svb + VOFF + offs_b * svn, mask=bmask, other=0) > 0)
         sim = tl.where(ok[None, :], sim, float("-inf"))
         best, arg = _argmax_update(sim, offs_b, best, arg)  # ties: the lowest index, as torch.max
     tl.store(best_ptr + b * NA + offs_a, best, mask=amask)
-    tl.store(idx_ptr + b * NA + offs_a, arg.to(tl.int64), mask=amask)
+    tl.store(idx_ptr + b * sib + offs_a, arg.to(idx_ptr.dtype.element_ty), mask=amask)
 
 
 def bipartite_best(metric, valid_b=None):
@@ -63,15 +66,19 @@ def _best_partners(metric, valid_b=None):
     na, nbb = (n + 1) // 2, n // 2
     best = _alloc((bsz, na), metric.device, torch.float32)
     idx = _alloc((bsz, na), metric.device, torch.long)
-    bm, bn = (64 if na > 32 else (32 if na > 16 else 16)), 64
-    if metric.dtype == torch.float32:  # float32 products on the FMA units: smaller tiles, or they spill
-        bm, bn = min(bm, 32), 32
+    bm, bn = _bm_tiles(na, metric.dtype)
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
-    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, sm[0], sm[-2], smh, heads,
-                                         vb.stride(0) if valid_b is not None else 0, HAS_VALID=valid_b is not None,
-                                         IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
-                                         num_warps=4)
+    sv = vb.stride() if valid_b is not None else (0, 0)
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, heads, sv[0], sv[1],
+                                         0, na, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
+                                         DP=max(16, _p2(d)), BM=bm, BN=bn, num_warps=4)
     return best, idx
+
+
+def _bm_tiles(na: int, dtype) -> tuple:
+    """``_bm_best``'s A rows per program, B rows per tile (float32 on the FMA units: smaller, or they spill)."""
+    bm = 64 if na > 32 else (32 if na > 16 else 16)
+    return (min(bm, 32), 32) if dtype == torch.float32 else (bm, 64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,14 +296,14 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
 
 
 @triton.jit
-def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
+def _merge_plan(best_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
                 P, NA, NB, R, N0, ssb, srcb, sprm,
                 HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
                 NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
                 PERM: tl.constexpr = False):
-    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote
-    # (best similarity [B, NA] fp32, partner [B, NA]), the ranking, the sizes (and their log), the source map,
-    # ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA, in spatial order.
+    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote (best
+    # similarity [B, NA] fp32; each A token's partner in ``mt``, where MODE 2 leaves it), the ranking, the sizes (and
+    # their log), the source map, ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA.
     # PERM: as in _merge_step (the matching ran on the metric in that order), the prefix BS places at a time
     b = tl.program_id(0).to(tl.int64)
     prm = perm_ptr + b * sprm
@@ -344,7 +351,7 @@ def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt
         am = offs_a < NA
         best = tl.load(best_row + offs_a, mask=am, other=float("-inf"))
         rank = _rank_desc(best, offs_a, best_row, NA, BT)  # the R best-matched A tokens are merged away
-        arg = tl.load(idx_ptr + b * NA + offs_a, mask=am, other=0).to(tl.int32)
+        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=0)
         is_src = (rank < R) & am
         is_unm = am & (rank >= R)
         unm = is_unm.to(tl.int32)
@@ -352,7 +359,6 @@ def _merge_plan(best_ptr, idx_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt
         kept += tl.sum(unm, 0)
         row_a = _at(prm, P + 2 * offs_a, am, PERM)
         sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
-        tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg, mask=am)
         tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
         tl.store(rows_ptr + b * nout + out_a, row_a, mask=is_unm)
         tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
@@ -454,7 +460,7 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None, perm=None):
+               log_sizes: bool = False, residual=None, perm=None, scratch=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
     ``metric`` ``[B, T, d]``, or a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous): the
@@ -462,7 +468,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     ``residual``: the tokens are ``x + residual`` (a block's last residual add, left undone); the kernel
     that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum.
     ``perm`` ``[B, T]`` long: the step runs on the rows in that order (``reference.merge_step``); the kernels
-    read every row through it, nothing is permuted in memory.
+    read every row through it, nothing is permuted in memory. ``scratch``: a dict for one forward in which the step
+    keeps its scratch buffers for the next steps (``_workspace``).
     Host time (batch 1 is bound by it): everything but the tensors is worked out once per input signature
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
@@ -470,7 +477,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT))
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
-    return plan(x, metric, sizes, source, residual, perm)
+    return plan(x, metric, sizes, source, residual, perm, scratch)
 
 
 _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
@@ -479,7 +486,8 @@ _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
 class _StepPlan:
     """One signature's merge step: output shapes, and its launches as ``LaunchPlan``s over the tuple of tensors
     ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm)``
-    (then the matching's best and partner on the three-launch path), absent ones stood for by another."""
+    (three launches: then the metric and sizes the matching ``_bm_best`` reads, with ``perm`` copies in that order;
+    it leaves the best similarities in scratch best, the partners in ``mt``), absent ones stood for by another."""
 
     def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -500,7 +508,7 @@ class _StepPlan:
         self.split_cfg = MERGE_STEP_SPLIT  # (the key holds its id)
         split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
         cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
-        self.dev, self.dtype, self.p, self.padded, self.log_sizes = x.device, x.dtype, p, bool(padded), log_sizes
+        self.dev, self.dtype, self.log_sizes = x.device, x.dtype, log_sizes
         n0 = source.shape[1] if source is not None else 0
         ssb = sizes.stride(0) if sizes is not None else 0
         srcb = source.stride(0) if source is not None else 0
@@ -514,10 +522,12 @@ class _StepPlan:
         lowp = _exact_lowp(x.dtype, max_size)
         nap = max(16, _p2(na))
         groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
-        self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0), (bsz, t), None if large else (bsz * groups, nap),
-                       (bsz, 2, nap) if split else None, (bsz, nout) if split else None)
+        self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0))
+        # scratch: the old -> new row map (with a source map), best similarities, and (split) mt and the row map
+        self.work = (bsz * t if source is not None else 0, bsz * (na if large else groups * nap),
+                     bsz * 2 * nap if split else 0, bsz * nout if split else 0)
         # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
-        inputs = {0, 2} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
+        inputs = {0, 2, 14, 15} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
         flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
                      LOG_SIZES=log_sizes, PERM=perm is not None)
 
@@ -532,8 +542,18 @@ class _StepPlan:
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
                         BT=32, MODE=mode, num_warps=warps, **flags, **extra)
 
-        if large:  # the matching (_best_partners, per call), then _merge_plan
-            self.launches = [plan(_merge_plan, (bsz,), (14, 15, 3, 4, 6, 7, 8, 10, 11, 12, 13),
+        if large:  # the matching (_bm_best), then _merge_plan
+            self.valid = valid = bool(padded) and sizes is not None  # B tokens of size 0 (padding): no partners
+            smb, smn, smh_, svb = sm[0], sm[-2], smh, ssb
+            if perm is not None:  # the matching reads copies gathered in the step's order (contiguous)
+                smb, smn, smh_, svb = metric.shape[1:].numel(), d, t * d if heads > 1 else 0, t
+            bm, bn = _bm_tiles(na, metric.dtype)
+            self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm)), (14, 15, 9, 10),
+                                  (na, nb, d, p, smb, smn, smh_, heads, svb if valid else 0, 2 if valid else 0,
+                                   p + 1 if valid else 0, 2 * nap),
+                                  HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
+                                  BN=bn, num_warps=4),
+                             plan(_merge_plan, (bsz,), (9, 3, 4, 6, 7, 8, 10, 11, 12, 13),
                                   (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=128, BT=32, BS=256,
                                   PP=_p2(max(p, 1)), num_warps=8, **flags)]
         elif split:
@@ -552,35 +572,28 @@ class _StepPlan:
                 RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
                 num_warps=cfg["gwarps"] if r <= 64 else 8))  # 4 warps spill a [128, 128] fix-up tile
 
-    def __call__(self, x, metric, sizes, source, residual, perm):
+    def __call__(self, x, metric, sizes, source, residual, perm, scratch):
         if self.copy:
             x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in (x, metric, sizes, source,
                                                                                       residual, perm)]
-        dev, (so, ssz, ssrc, sscr, sbst, smt, srows) = self.dev, self.shapes
+        dev, (so, ssz, ssrc) = self.dev, self.shapes
         out = _alloc(so, dev, self.dtype)
         osz = _alloc(ssz, dev, torch.float32)
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else osz
-        scr = torch.empty(*sscr, device=dev, dtype=torch.int32) if source is not None else osz  # scratch:
-        bst = torch.empty(*sbst, device=dev, dtype=torch.float32) if sbst else osz  # never poisoned
-        mt = torch.empty(*smt, device=dev, dtype=torch.int32) if smt else bst
-        rows = torch.empty(*srows, device=dev, dtype=torch.int32) if srows else mt
+        scr, bst, mt, rows = _workspace(scratch, "_merge_step", dev, self.work,  # never poisoned
+                                        (torch.int32, torch.float32, torch.int32, torch.int32))
         ob = _alloc(ssz, dev, self.dtype) if self.log_sizes else osz
         t = (x, x if residual is None else residual, metric, osz if sizes is None else sizes,
              osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm)
-        if self.large:
-            t += _large_match(metric, sizes, perm, self.p, self.padded)
+        if self.large and perm is not None:  # the matching reads copies of the metric and sizes in the step's order
+            metric = metric.gather(-2, (perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]).expand(
+                *metric.shape[:-1], metric.shape[-1]))
+            t += (metric, sizes.gather(1, perm) if self.valid else metric)
+        elif self.large:
+            t += (metric, t[3])
         for launch in self.launches:
             launch(t)
         if self.log_sizes:
             return out, osz, (osrc if source is not None else None), ob
         return out, osz, (osrc if source is not None else None)
 
-
-def _large_match(metric, sizes, perm, p, padded):
-    """The matching of the three-launch path: best similarity and partner of every A token (with ``perm``, on a copy
-    of the metric rows in the step's order)."""
-    if perm is not None:
-        idx = perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]
-        metric = metric.gather(-2, idx.expand(*metric.shape[:-1], metric.shape[-1]))
-        sizes = sizes.gather(1, perm) if sizes is not None else None
-    return _best_partners(metric[..., p:, :], (sizes[:, p + 1::2] > 0) if padded and sizes is not None else None)
