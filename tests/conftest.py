@@ -1,5 +1,7 @@
 import gc
+import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,55 @@ def pytest_configure(config):
     # an xdist worker uses one intra-op thread, so that the two workers fill two cores; one process on its own
     # (``-n 0`` or ``-p no:xdist``) uses up to two
     torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
+    if importlib.util.find_spec("triton") is not None:
+        share_language_patch()
+
+
+def share_language_patch():
+    """Triton's interpreter, in a kernel launch, patches ``triton.language`` once for the kernel and again, and never
+    undoes it, at EVERY call of a jitted helper (``tl.sum``, ``tl.max``, our own ``@triton.jit`` functions): each
+    time it walks all the module's members (``inspect.getmembers``), a quarter of the interpreted kernels' CPU time.
+    The second patch finds what the first one set (a helper that needs another language module, ``tl.core``, still
+    gets it, once per launch). Here a helper call inside a launch skips the patch when the launch's patch covers its
+    language modules: the same functions run, the kernels compute the same. Other interpreters: left as they are."""
+    from triton.runtime import interpreter as ti
+
+    patch = getattr(ti, "_patch_lang", None)
+    if patch is None or getattr(patch, "shared", False) or not hasattr(ti, "GridExecutor"):
+        return
+    done = threading.local()  # the language modules patched in the launch running in this thread (None: none)
+    langs = {}  # function -> the ids of the triton.language modules its globals use (as _patch_lang picks them)
+
+    class Kept:
+        def restore(self):
+            pass
+
+    def uses(fn):
+        if fn not in langs:
+            langs[fn] = {id(v) for v in fn.__globals__.values() if isinstance(v, type(ti)) and v in (ti.tl, ti.tl.core)}
+        return langs[fn]
+
+    def shared(fn):
+        patched = getattr(done, "langs", None)
+        if patched is not None:  # a helper called inside a launch
+            if uses(fn) <= patched:
+                return Kept()
+            patched |= uses(fn)
+            return patch(fn)
+        scope = patch(fn)  # a launch: GridExecutor restores this scope when its programs have run
+        restore = getattr(scope, "restore", None)
+        if restore is None:
+            return scope
+        done.langs = set(uses(fn))
+
+        def finish():
+            done.langs = None
+            restore()
+        scope.restore = finish
+        return scope
+
+    shared.shared = True
+    ti._patch_lang = shared
 
 
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
