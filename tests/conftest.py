@@ -157,3 +157,61 @@ def tiny_vit(**kw):
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
     args.update(kw)
     return timm.create_model("vit_small_patch16_224", pretrained=False, **args).eval()
+
+
+def compile_cases(request, builders):
+    """Dynamo's fullgraph cases of one test module, traced together. ``builders``: test function name ->
+    ``build(**its parametrize arguments) -> (fn, x)``. Each test of this module named there and selected in this
+    session is one case; returns ``{nodeid: (fn(x) eager, fn(x) compiled)}``, or the exception its case raised.
+
+    The cases are compiled with ``fullgraph=True`` (Dynamo's "eager" backend: tracing is where graph breaks come
+    from) as ONE function that calls each: every case is still traced whole and any graph break raises, for about
+    30% less tracing time than one compile per case. If that trace fails, each case is compiled alone, so that the
+    test whose case breaks fails with its own error. The tests carry ``pytest.mark.xdist_group``: one worker builds
+    and traces a module's cases, once (the fixture that calls this is module-scoped)."""
+    import torch
+
+    cases, results = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests' one_thread fixture (this module-scoped fixture runs before it)
+    for item in request.session.items:
+        if item.module is request.module and item.originalname in builders:
+            try:
+                fn, x = builders[item.originalname](**item.callspec.params)
+                with torch.no_grad():
+                    cases[item.nodeid] = (fn, x, fn(x))
+            except Exception as e:  # noqa: BLE001 - raised by the test of this case
+                results[item.nodeid] = e
+    names = list(cases)
+
+    def every(*xs):
+        return [cases[name][0](x) for name, x in zip(names, xs)]
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            outs = torch.compile(every, fullgraph=True, backend="eager")(*[cases[name][1] for name in names])
+        results.update({name: (cases[name][2], out) for name, out in zip(names, outs)})
+    except Exception:  # noqa: BLE001 - find the case(s) that break
+        for name in names:
+            fn, x, ref = cases[name]
+            torch._dynamo.reset()
+            try:
+                with torch.no_grad():
+                    results[name] = (ref, torch.compile(fn, fullgraph=True, backend="eager")(x))
+            except Exception as e:  # noqa: BLE001 - raised by the test of this case
+                results[name] = e
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+    return results
+
+
+def compiled_equals_eager(results, request, rtol=1e-5, atol=1e-5):
+    """The check of one test of ``compile_cases``: its case compiled whole and gave the eager output."""
+    import torch
+
+    got = results[request.node.nodeid]
+    if isinstance(got, Exception):
+        raise got
+    ref, out = got
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
