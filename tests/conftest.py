@@ -1,5 +1,7 @@
 import gc
+import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,83 @@ def pytest_configure(config):
     # an xdist worker uses one intra-op thread, so that the two workers fill two cores; one process on its own
     # (``-n 0`` or ``-p no:xdist``) uses up to two
     torch.set_num_threads(1 if XDIST_WORKER else max(1, min(2, os.cpu_count() or 1)))
+    if importlib.util.find_spec("triton") is not None:
+        share_language_patch()
+        memoize_numpy_dtypes()
+
+
+def share_language_patch():
+    """Triton's interpreter, in a kernel launch, patches ``triton.language`` once for the kernel and again, and never
+    undoes it, at EVERY call of a jitted helper (``tl.sum``, ``tl.max``, our own ``@triton.jit`` functions): each
+    time it walks all the module's members (``inspect.getmembers``), a quarter of the interpreted kernels' CPU time.
+    The second patch finds what the first one set (a helper that needs another language module, ``tl.core``, still
+    gets it, once per launch). Here a helper call inside a launch skips the patch when the launch's patch covers its
+    language modules: the same functions run, the kernels compute the same. Other interpreters: left as they are."""
+    from triton.runtime import interpreter as ti
+
+    patch = getattr(ti, "_patch_lang", None)
+    if patch is None or getattr(patch, "shared", False) or not hasattr(ti, "GridExecutor"):
+        return
+    done = threading.local()  # the language modules patched in the launch running in this thread (None: none)
+    langs = {}  # function -> the ids of the triton.language modules its globals use (as _patch_lang picks them)
+
+    class Kept:
+        def restore(self):
+            pass
+
+    def uses(fn):
+        if fn not in langs:
+            langs[fn] = {id(v) for v in fn.__globals__.values() if isinstance(v, type(ti)) and v in (ti.tl, ti.tl.core)}
+        return langs[fn]
+
+    def shared(fn):
+        patched = getattr(done, "langs", None)
+        if patched is not None:  # a helper called inside a launch
+            if uses(fn) <= patched:
+                return Kept()
+            patched |= uses(fn)
+            return patch(fn)
+        scope = patch(fn)  # a launch: GridExecutor restores this scope when its programs have run
+        restore = getattr(scope, "restore", None)
+        if restore is None:
+            return scope
+        done.langs = set(uses(fn))
+
+        def finish():
+            done.langs = None
+            restore()
+        scope.restore = finish
+        return scope
+
+    shared.shared = True
+    ti._patch_lang = shared
+
+
+def memoize_numpy_dtypes():
+    """Triton's interpreter maps a Triton dtype to a numpy one (``_get_np_dtype``) for nearly every operation, each
+    time building its table of 19 numpy dtypes: a tenth of the interpreted kernels' CPU time. The answer depends only
+    on the scalar dtype (a block's is its element's: a pointer's is the same for all), so it is computed once per
+    scalar dtype (its class and name) by the interpreter's own function."""
+    from triton.runtime import interpreter as ti
+
+    get = getattr(ti, "_get_np_dtype", None)
+    if get is None or getattr(get, "memo", None) is not None:
+        return
+    memo = {}
+
+    def np_dtype(tt):
+        if isinstance(tt, ti.tl.block_type):
+            tt = tt.element_ty
+        name = getattr(tt, "name", None)
+        if isinstance(tt, ti.tl.pointer_type) or not isinstance(name, str):
+            return get(tt)
+        key = (type(tt), name)
+        if key not in memo:
+            memo[key] = get(tt)
+        return memo[key]
+
+    np_dtype.memo = memo
+    ti._get_np_dtype = np_dtype
 
 
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
@@ -106,3 +185,61 @@ def tiny_vit(**kw):
     args = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
     args.update(kw)
     return timm.create_model("vit_small_patch16_224", pretrained=False, **args).eval()
+
+
+def compile_cases(request, builders):
+    """Dynamo's fullgraph cases of one test module, traced together. ``builders``: test function name ->
+    ``build(**its parametrize arguments) -> (fn, x)``. Each test of this module named there and selected in this
+    session is one case; returns ``{nodeid: (fn(x) eager, fn(x) compiled)}``, or the exception its case raised.
+
+    The cases are compiled with ``fullgraph=True`` (Dynamo's "eager" backend: tracing is where graph breaks come
+    from) as ONE function that calls each: every case is still traced whole and any graph break raises, for about
+    30% less tracing time than one compile per case. If that trace fails, each case is compiled alone, so that the
+    test whose case breaks fails with its own error. The tests carry ``pytest.mark.xdist_group``: one worker builds
+    and traces a module's cases, once (the fixture that calls this is module-scoped)."""
+    import torch
+
+    cases, results = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests' one_thread fixture (this module-scoped fixture runs before it)
+    for item in request.session.items:
+        if item.module is request.module and item.originalname in builders:
+            try:
+                fn, x = builders[item.originalname](**item.callspec.params)
+                with torch.no_grad():
+                    cases[item.nodeid] = (fn, x, fn(x))
+            except Exception as e:  # noqa: BLE001 - raised by the test of this case
+                results[item.nodeid] = e
+    names = list(cases)
+
+    def every(*xs):
+        return [cases[name][0](x) for name, x in zip(names, xs)]
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            outs = torch.compile(every, fullgraph=True, backend="eager")(*[cases[name][1] for name in names])
+        results.update({name: (cases[name][2], out) for name, out in zip(names, outs)})
+    except Exception:  # noqa: BLE001 - find the case(s) that break
+        for name in names:
+            fn, x, ref = cases[name]
+            torch._dynamo.reset()
+            try:
+                with torch.no_grad():
+                    results[name] = (ref, torch.compile(fn, fullgraph=True, backend="eager")(x))
+            except Exception as e:  # noqa: BLE001 - raised by the test of this case
+                results[name] = e
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+    return results
+
+
+def compiled_equals_eager(results, request, rtol=1e-5, atol=1e-5):
+    """The check of one test of ``compile_cases``: its case compiled whole and gave the eager output."""
+    import torch
+
+    got = results[request.node.nodeid]
+    if isinstance(got, Exception):
+        raise got
+    ref, out = got
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)

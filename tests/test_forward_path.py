@@ -5,7 +5,9 @@ patched model compiles with fullgraph=True and gives each thread its own forward
 with Dynamo's "eager" backend: tracing is what graph breaks come from (Inductor's CPU code generation
 would add minutes and test nothing of ours; the GPU benchmark compiles with Inductor). Dynamo's tracing time
 grows with the block count: the compiled ViTs and towers have 3 blocks (every method still reduces in two or
-more of them; ``merge`` and ``pool`` keep unreduced blocks in the graph).
+more of them; ``merge`` and ``pool`` keep unreduced blocks in the graph). The fullgraph cases are traced as one
+function that calls each (``conftest.compile_cases``: a graph break in any case still raises, and then each case is
+compiled alone so that its own test fails).
 """
 import copy
 import threading
@@ -14,25 +16,22 @@ import pytest
 import torch
 
 import tokenprune
-from conftest import tiny_vit
+from conftest import compile_cases, compiled_equals_eager, tiny_vit
 
 STATIC = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {"k": 4}), ("pool", {}), ("maelre", {}),
           (["cls", "merge"], {}), ("merge", {"placement": "attn"}), ("diverse", {}), ("pitome", {})]
 
 
-def _compiled_equals_eager(fn, x):
-    torch._dynamo.reset()
-    with torch.no_grad():
-        ref = fn(x)
-        out = torch.compile(fn, fullgraph=True, backend="eager")(x)  # fullgraph: any graph break raises
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
+@pytest.mark.xdist_group("fullgraph-forward_path")
 @pytest.mark.parametrize("method,kw", STATIC, ids=[str(m) for m, _ in STATIC])
-def test_timm_compiles_fullgraph(method, kw):
+def test_timm_compiles_fullgraph(method, kw, fullgraph, request):
+    compiled_equals_eager(fullgraph, request)
+
+
+def _timm(method, kw):
     model = tiny_vit(depth=3)
     tokenprune.apply(model, budget=0.25, method=method, **kw)
-    _compiled_equals_eager(model, torch.randn(2, 3, 32, 32))
+    return model, torch.randn(2, 3, 32, 32)
 
 
 def _hf_clip():
@@ -49,12 +48,24 @@ def _whisper_encoder():
     return f["model"], f["x"], lambda m: (lambda x: m.model.encoder(x).last_hidden_state)
 
 
+@pytest.mark.xdist_group("fullgraph-forward_path")
 @pytest.mark.parametrize("family", [_hf_clip, _whisper_encoder], ids=["hf_clip", "whisper"])
 @pytest.mark.parametrize("method", ["merge", "cls", "random", "maelre", ["cls", "merge"]], ids=str)
-def test_hf_towers_compile_fullgraph(family, method):
+def test_hf_towers_compile_fullgraph(family, method, fullgraph, request):
+    compiled_equals_eager(fullgraph, request)
+
+
+def _hf_tower(family, method):
     model, x, fn = family()
     tokenprune.apply(model, budget=0.25, method=method)
-    _compiled_equals_eager(fn(model), x)
+    return fn(model), x
+
+
+@pytest.fixture(scope="module")
+def fullgraph(request):
+    """The selected cases of the two tests above, compiled with fullgraph=True in one trace (conftest)."""
+    return compile_cases(request, {"test_timm_compiles_fullgraph": _timm,
+                                   "test_hf_towers_compile_fullgraph": _hf_tower})
 
 
 def test_explain_reports_no_graph_break():

@@ -19,6 +19,8 @@ import tokenprune
 from tokenprune.plan import keep_count
 from tokenprune.reducers.pool import pooled_grid
 
+from conftest import compile_cases, compiled_equals_eager
+
 transformers = pytest.importorskip("transformers")
 
 BUDGETS = [0.5, 0.25]
@@ -269,22 +271,24 @@ def test_padded_batch_matches_single(family):
     pytest.fail(f"{family}: no threshold gave the two samples different counts")
 
 
+@pytest.mark.xdist_group("fullgraph-hf_encoders")
 @pytest.mark.parametrize("method", ["merge", "cls"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_compiles_fullgraph(family, method):
+def test_compiles_fullgraph(family, method, fullgraph, request):
+    compiled_equals_eager(fullgraph, request)
+
+
+def _compile_case(family, method):
     fam = FAMILIES[family](depth=2)  # Dynamo's tracing time grows with depth; two blocks cover the loop
-    model, x = fam["model"], fam["x"]
+    model = fam["model"]
     tokenprune.apply(model, 0.25, method)
+    return (lambda v: fam["out"](model, v)), fam["x"]
 
-    def fn(v):
-        return fam["out"](model, v)
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        ref = fn(x)
-        got = torch.compile(fn, fullgraph=True, backend="eager")(x)  # any graph break raises
-    torch._dynamo.reset()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+@pytest.fixture(scope="module")
+def fullgraph(request):
+    """The selected cases of test_compiles_fullgraph, compiled with fullgraph=True in one trace (conftest)."""
+    return compile_cases(request, {"test_compiles_fullgraph": _compile_case})
 
 
 @pytest.mark.parametrize("family", HEADS)

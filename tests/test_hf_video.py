@@ -9,6 +9,8 @@ import torch
 
 import tokenprune
 
+from conftest import compile_cases, compiled_equals_eager
+
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,18 +51,22 @@ def test_timesformer_is_refused():
     assert tokenprune.get_patch(model) is None
 
 
+@pytest.mark.xdist_group("fullgraph-hf_video")
 @pytest.mark.parametrize("method", ["merge", "cls", "pool"])
-def test_vivit_compiles_fullgraph(method):
+def test_vivit_compiles_fullgraph(method, fullgraph, request):
+    compiled_equals_eager(fullgraph, request)
+
+
+def _compile_case(method):
     from test_adapters_matrix import make_vivit
 
     fam = make_vivit()
-    model, x = fam["model"], fam["x"]
+    model = fam["model"]
     tokenprune.apply(model, 0.25, method)
-    try:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = model(x).logits
-            out = torch.compile(lambda v: model(v).logits, fullgraph=True, backend="eager")(x)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    finally:
-        tokenprune.remove(model)
+    return (lambda v: model(v).logits), fam["x"]
+
+
+@pytest.fixture(scope="module")
+def fullgraph(request):
+    """The selected cases of test_vivit_compiles_fullgraph, compiled with fullgraph=True in one trace (conftest)."""
+    return compile_cases(request, {"test_vivit_compiles_fullgraph": _compile_case})

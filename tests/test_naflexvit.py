@@ -11,6 +11,8 @@ import torch
 import tokenprune
 from tokenprune.plan import keep_count
 
+from conftest import compile_cases, compiled_equals_eager
+
 timm = pytest.importorskip("timm")
 naflexvit = pytest.importorskip("timm.models.naflexvit")
 
@@ -196,17 +198,20 @@ def test_refusals():
         tokenprune.remove(model)
 
 
+@pytest.mark.xdist_group("fullgraph-naflexvit")
 @pytest.mark.parametrize("method", ["merge", "cls", "pool"])
-def test_image_input_compiles_fullgraph(method):
+def test_image_input_compiles_fullgraph(method, fullgraph, request):
     """Image input has one grid, known from the shape: no host sync, so the patched forward compiles whole."""
+    compiled_equals_eager(fullgraph, request)
+
+
+def _compile_case(method):
     model = make(depth=3)
-    x = torch.randn(2, 3, 16, 16)
     tokenprune.apply(model, 0.25, method)
-    try:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = model(x)
-            out = torch.compile(model, fullgraph=True, backend="eager")(x)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    finally:
-        tokenprune.remove(model)
+    return model, torch.randn(2, 3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def fullgraph(request):
+    """The selected cases of test_image_input_compiles_fullgraph, compiled with fullgraph=True in one trace."""
+    return compile_cases(request, {"test_image_input_compiles_fullgraph": _compile_case})

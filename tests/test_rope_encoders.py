@@ -17,6 +17,8 @@ import tokenprune
 from tokenprune.plan import keep_count
 from tokenprune.state import TokenState
 
+from conftest import compile_cases, compiled_equals_eager
+
 timm = pytest.importorskip("timm")
 
 
@@ -313,21 +315,23 @@ def test_refusals():
         tokenprune.remove(m)
 
 
+@pytest.mark.xdist_group("fullgraph-rope_encoders")
 @pytest.mark.parametrize("method", ["merge", "cls", "random", "pool", "maelre"])
-def test_compiles_fullgraph(method):
+def test_compiles_fullgraph(method, fullgraph, request):
     """Positions are derived without host syncs: a reduced RoPE model compiles with no graph break."""
+    compiled_equals_eager(fullgraph, request)
+
+
+def _compile_case(method):
     model = make("eva02_tiny_patch14_224", depth=2)
-    x = torch.randn(2, 3, 32, 32)
     tokenprune.apply(model, 0.5, method)  # maelre merges at most half per step: one step in two blocks
-    try:
-        torch._dynamo.reset()
-        with torch.no_grad():
-            ref = model(x)
-            got = torch.compile(model, fullgraph=True, backend="eager")(x)
-        torch._dynamo.reset()
-    finally:
-        tokenprune.remove(model)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    return model, torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def fullgraph(request):
+    """The selected cases of test_compiles_fullgraph, compiled with fullgraph=True in one trace (conftest)."""
+    return compile_cases(request, {"test_compiles_fullgraph": _compile_case})
 
 
 def test_hf_dinov3_merges_between_attention_and_mlp():
