@@ -676,17 +676,24 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
                                                                    source=st.source), k1, r))
         sdpa = torch.nn.functional.scaled_dot_product_attention
         row = dict(case="whisper_step", bs=b, tokens=n, r=r, kernels=on_gpu,
-                   step_host_us=round(host_time_ms(step, DEV, repeats) * 1e3, 1),
                    sdpa_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1), DEV, repeats) * 1e3, 1),
                    sdpa_bias_host_us=round(host_time_ms(lambda: sdpa(q1, k1, v1, attn_mask=bias), DEV, repeats) * 1e3, 1))
+        # the key mean as one op before the kernels (the default above KEY_MEAN_IN_KERNEL_MAX_TOKENS), and the
+        # kernels reading the keys per head
+        default_max = kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS
+        for tag, max_tokens in (("mean_op", default_max), ("per_head", 1 << 30)):
+            kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = max_tokens
+            row[f"step_host_us_{tag}"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
+            if DEV == "cuda":
+                row[f"step_graph_us_{tag}"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                p = profiled(lambda _: step(), None, calls=20)
+                (out / f"whisper_step_kernels_{tag}.txt").write_text(
+                    p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+        kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
         if DEV == "cuda":
-            row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
             row["sdpa_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1)), DEV, 10, repeats).median_ms * 1e3, 1)
             row["sdpa_bias_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1, attn_mask=bias)), DEV, 10,
                                                       repeats).median_ms * 1e3, 1)
-            p = profiled(lambda _: step(), None, calls=20)
-            (out / "whisper_step_kernels.txt").write_text(p.key_averages().table(sort_by="self_cuda_time_total",
-                                                                                 row_limit=15))
         # one linear over a forward's token counts: the same count 31 times, or the 31 counts of a merge @0.5
         w = torch.randn(4 * c, c, generator=g).to(DEV, DTYPE)
         counts = [t - i * ((t // 2) // 31) for i in range(31)]
@@ -758,6 +765,12 @@ def main():
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
                  host=True, profile=prof)
+        from tokenprune import kernels  # merge with the matching reading the keys per head (the default to run 11)
+
+        default_max, kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS, 1 << 30
+        run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
+                 tag="keys per head")
+        kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
     if "check32" in parts:
         check_fp32(args.smoke)
     if "pyprof" in parts:

@@ -403,6 +403,19 @@ def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def test_long_inputs_take_the_key_mean_as_an_op(monkeypatch):
+    """Eager calls above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens take the key mean as one op (the long-input
+    matching's programs would each read every head's keys); at the bound the kernels still read the keys per head."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    bound = kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS
+    for t, per_head in ((bound, True), (bound + 1, False), (1500, False)):
+        keys = torch.randn(1, 3, t, 8)
+        got = kernels._mean_first(keys)
+        assert (got is keys) == per_head
+        if not per_head:
+            assert torch.equal(got, R.key_mean(keys))
+
+
 @pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 520, 128), (4, 601, 129)])
 def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
     """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes three launches, several tiles of

@@ -232,12 +232,19 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 # 1.079 ms (bs 256 eager: 17.41 vs 17.39 ms). Under CUDA graphs host time is free, so compiled calls take the op.
 # False: the op everywhere (for the comparison).
 KEY_MEAN_IN_KERNEL = True
+# Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, three-launch
+# merge step; pitome's one-program order) has each of its programs read every B key of every head, one head after the
+# other (the head loop's bound is a run-time value): H x the bytes, serially. One mean op reads the keys once. Run 11
+# (H200, Whisper-large bs 1, keys per head): 16.4 ms of GPU time per merged forward against 8.0 unreduced.
+KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling or with ``KEY_MEAN_IN_KERNEL`` off."""
-    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or torch.compiler.is_compiling()):
+    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with
+    ``KEY_MEAN_IN_KERNEL`` off."""
+    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
+                              or torch.compiler.is_compiling()):
         return reference.key_mean(metric)
     return metric
 
