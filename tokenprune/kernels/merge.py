@@ -451,6 +451,9 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 
 MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
 MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
+# _merge_plan (one program per sample): A tokens per tile, the ranking's compare tile, warps. H100 (2026-12-05,
+# bench_forward --parts whisper_step, Whisper-large bs 1, 1475 tokens): 69.7 us at (128, 32, 8), the step's largest part
+MERGE_PLAN_TILES = (128, 32, 8)
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
@@ -474,7 +477,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
-           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT))
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
     return plan(x, metric, sizes, source, residual, perm, scratch)
@@ -554,8 +557,9 @@ class _StepPlan:
                                   HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
                                   BN=bn, num_warps=4),
                              plan(_merge_plan, (bsz,), (9, 3, 4, 6, 7, 8, 10, 11, 12, 13),
-                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=128, BT=32, BS=256,
-                                  PP=_p2(max(p, 1)), num_warps=8, **flags)]
+                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=MERGE_PLAN_TILES[0],
+                                  BT=MERGE_PLAN_TILES[1], BS=256, PP=_p2(max(p, 1)), num_warps=MERGE_PLAN_TILES[2],
+                                  **flags)]
         elif split:
             cap = cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
             self.launches = [step(2, (bsz, 1), 1, cfg.get("mwarps", MERGE_STEP_WARPS),
