@@ -1,8 +1,7 @@
 """Triton kernels of ToMe's bipartite merging: the matching without the Na x Nb similarity matrix in
 memory (``bipartite_best``), the size-weighted merged rows in one pass (``merge_rows``, also the row gather
 ``gather_rows``), and the whole merge step in one launch, or two at large batches (``merge_step``).
-References: ``reference.bipartite_best`` / ``merge_rows`` / ``gather_rows`` / ``merge_step``; NOTES.md
-section 3, and for the merge step also section 6 and the notes of sessions 4, 5, 7 and 8.
+References: ``reference.bipartite_best`` / ``merge_rows`` / ``gather_rows`` / ``merge_step``; NOTES.md sections 3, 6.
 """
 from __future__ import annotations
 
@@ -451,9 +450,7 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 
 MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
 MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
-# _merge_plan (one program per sample): A tokens per tile, the ranking's compare tile, warps. H100 (2026-12-05,
-# bench_forward --parts whisper_step, Whisper-large bs 1, 1475 tokens): 69.7 us at (128, 32, 8), the step's largest part
-MERGE_PLAN_TILES = (128, 32, 8)
+MERGE_PLAN_TILES = (128, 32, 8)  # _merge_plan's A tile, ranking compare tile, warps (bench_forward --parts whisper_step)
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
@@ -600,4 +597,3 @@ class _StepPlan:
         if self.log_sizes:
             return out, osz, (osrc if source is not None else None), ob
         return out, osz, (osrc if source is not None else None)
-
