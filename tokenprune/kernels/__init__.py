@@ -235,7 +235,8 @@ KEY_MEAN_IN_KERNEL = True
 # Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, three-launch
 # merge step; pitome's one-program order) has each of its programs read every B key of every head, one head after the
 # other (the head loop's bound is a run-time value): H x the bytes, serially. One mean op reads the keys once. Run 11
-# (H200, Whisper-large bs 1, keys per head): 16.4 ms of GPU time per merged forward against 8.0 unreduced.
+# (H200, Whisper-large bs 1, keys per head): 16.4 ms of GPU time per merged forward against 8.0 unreduced. 256: the
+# one-launch merge step's bound (2 x merge.MERGE_STEP_MAX_A; that module needs Triton, this one does not).
 KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 
 
