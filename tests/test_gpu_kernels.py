@@ -227,6 +227,23 @@ def test_query_scores(T, b, h, n, d, dtype, weights):
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("extra", ["none", "bias", "bias+valid"])
+@pytest.mark.parametrize("b,h,n,d,dtype", [
+    (1, 20, 1500, 64, F16), (2, 16, 729, 72, BF16), (2, 12, 197, 64, F16), (2, 3, 50, 16, F32)], ids=dtype_id)
+def test_received_scores(T, b, h, n, d, dtype, extra):
+    """Whisper-large (1500 frames, 20 heads), SigLIP-so400m/14@384 (729 patches, head dim 72), ViT-B, fp32."""
+    needs(dtype, b, h, n, n)
+    g = gen(3)
+    q, k = randn(b, h, n, d, dtype=dtype, g=g), randn(b, h, n, d, dtype=dtype, g=g)
+    bias = None if extra == "none" else size_bias(b, n, dtype, g)
+    valid = torch.rand(b, n, generator=g, device=DEV) > 0.2 if extra == "bias+valid" else None
+    assert kernels.use_triton(q, k, bias, valid)
+    with poisoned(T):
+        out = kernels.received_scores(q, k, d ** -0.5, bias, valid)
+    ref = R.received_scores(q.double(), k.double(), d ** -0.5, None if bias is None else bias.double(), valid)
+    assert rel(out, ref) < 1e-5
+
+
 # -- merging --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("valid", [False, True])
 @pytest.mark.parametrize("b,n,d,dtype", [(256, 196, 64, F16), (2, 16384, 64, F16), (4, 333, 64, F32),

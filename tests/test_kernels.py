@@ -223,6 +223,50 @@ def test_query_scores(T, dtype, weights, long, monkeypatch):
         assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("valid", [False, True])
+def test_received_scores(T, dtype, bias, valid):
+    """Two flash-style passes (each query's log-sum-exp, then each key's column sum) against the chunked reference:
+    N = 150 is 2 tiles of 64 + 22; masked keys (log 0) and padding queries (``valid``) left out; a sample whose
+    queries are all padding scores 0."""
+    g = gen(5)
+    b, h, n, d = 3, 2, 150, 24
+    q = torch.randn(b, h, n, d, generator=g).to(dtype)
+    k = torch.randn(b, h, n, d, generator=g).to(dtype)
+    bb = size_bias(b, n, g, dtype) if bias else None
+    vq = None
+    if valid:
+        vq = torch.rand(b, n, generator=g) > 0.3
+        vq[2] = False
+    out = T.scores.received_scores(q, k, 0.2, bb, vq)
+    ref = R.received_scores(q.double(), k.double(), 0.2, None if bb is None else bb.double(), vq, chunk=64)
+    assert out.shape == (b, n) and out.dtype == torch.float32
+    assert rel(out, ref) < 1e-5
+    if valid:
+        assert bool((out[2] == 0).all())
+    if bias:
+        assert bool((out[:, 2::5] == 0).all()), "a masked key receives no attention"
+
+
+def test_received_attention_dispatch(T, monkeypatch):
+    g = gen(9)
+    q, k = torch.randn(2, 3, 70, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)
+    bias = size_bias(2, 70, g, torch.float32)
+    ref = ops.received_attention(q, k, 0.25, bias=bias)
+    calls = []
+    _use_interpreted(monkeypatch, T)
+    monkeypatch.setattr(T.scores, "received_scores", lambda *a: calls.append(1) or R.received_scores(*a) * 0)
+    ops.received_attention(q, k, 0.25, bias=bias)
+    assert calls, "the kernel path was not taken"
+    monkeypatch.undo()
+    _use_interpreted(monkeypatch, T)
+    assert rel(ops.received_attention(q, k, 0.25, bias=bias), ref) < 1e-5
+    full = torch.zeros(2, 1, 70, 70)  # not a key bias: the reference, whatever the device
+    monkeypatch.setattr(T.scores, "received_scores", None)
+    assert rel(ops.received_attention(q, k, 0.25, bias=full), R.received_scores(q, k, 0.25)) < 1e-6
+
+
 def test_query_attention_dispatch(T, monkeypatch):
     g = gen(8)
     q, k = torch.randn(2, 3, 40, 16, generator=g), torch.randn(2, 3, 40, 16, generator=g)
@@ -1124,6 +1168,8 @@ def op_cases():
         ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
         ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g))),
         ("query_scores", (q[:, :, 0], k, 0.3, None, None)),
+        ("received_scores", (q, k, 0.3, bias, torch.rand(b, n, generator=g) > 0.3)),
+        ("received_scores", (q, k, 0.3, None, None)),
         ("bipartite_best", (metric[:, p:], torch.rand(b, 6, generator=g) > 0.3)), ("bipartite_best", (metric, None)),
         ("merge_rows", (x, sizes, torch.randperm(t, generator=g)[:6].expand(b, 6).contiguous(),
                         torch.randperm(t, generator=g)[:4].expand(b, 4).contiguous(),
@@ -1151,7 +1197,7 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 
 def test_every_dispatching_kernel_is_a_custom_op():
-    public = {"efficient_attention", "biased_attention", "query_scores", "bipartite_best", "merge_rows", "merge_step",
+    public = {"efficient_attention", "biased_attention", "query_scores", "received_scores", "bipartite_best", "merge_rows", "merge_step",
               "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign",
               "pitome_order", "apet_step"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
@@ -1204,6 +1250,7 @@ def call_every_kernel(c):
     out = [kernels.efficient_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.biased_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None),
+           kernels.received_scores(c["q"], c["k"], 0.3, c["bias"], None),
            *kernels.bipartite_best(c["metric"][:, p:], c["valid_b"]),
            kernels.merge_rows(c["x"], c["sizes"], c["prim"], c["members"], c["owner"]),
            kernels.gather_rows(c["x"], c["prim"]),

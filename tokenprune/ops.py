@@ -220,26 +220,13 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: in
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
-    """Mean attention each key receives over all queries (column mean), averaged over heads.
+                       valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean attention each key receives over all queries (column mean), averaged over heads ``[B, N]``.
 
-    For encoders without a class token. Exact, computed in query chunks so at
-    most ``[B, H, chunk, N]`` exists at a time; costs as much as one attention
-    pass (O(N^2 d)). Padding queries (``valid`` False) are left out.
+    For encoders without a class token. Exact; costs two attention passes' FLOPs and no N x N matrix in
+    memory on CUDA (``kernels.received_scores``). Padding queries (``valid`` False) are left out.
     """
-    b, h, n, _ = q.shape
-    total = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
-    kf = k.float()
-    for s in range(0, n, chunk):
-        logits = torch.einsum("bhqd,bhnd->bhqn", q[:, :, s:s + chunk].float(), kf) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        a = logits.softmax(-1)
-        if valid is not None:
-            a = a * valid[:, None, s:s + chunk, None]
-        total += a.sum(2)
-    count = valid.sum(1).clamp(min=1)[:, None, None] if valid is not None else n
-    return (total / count).mean(1)
+    return kernels.received_scores(q, k, scale, bias, valid)
 
 
 # -- un-merging -------------------------------------------------------------------------------

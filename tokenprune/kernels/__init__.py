@@ -33,6 +33,7 @@ bytes and FLOPs of each kernel.
 - :func:`biased_attention` -- softmax attention with the per-key log-size bias of proportional
   attention, for short sequences (SDPA drops to a slower masked kernel when given a bias);
 - :func:`query_scores` -- attention of one query row per head, head mean or weighting.
+- :func:`received_scores` -- the attention each key receives over all queries, head mean.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
   Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
   :func:`merge_step` -- the whole ToMe step (matching, ranking, merge, sizes, source map) in one
@@ -198,6 +199,17 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None):
             return _ops.query_scores(q_row, k, float(scale), bias, head_weights)
         return _impl().scores.query_scores(q_row, k, scale, bias, head_weights)
     return reference.query_scores(q_row, k, scale, bias, head_weights)
+
+
+def received_scores(q, k, scale, bias=None, valid=None):
+    """The attention each key receives, mean over the (valid) queries and the heads: ``q, k [B, H, N, d]`` ->
+    ``[B, N]`` float32. The kernel takes a key bias (``[B or 1, 1, 1, N]``) or none; another bias, the reference."""
+    key_bias = bias is None or (bias.dim() == 4 and bias.shape[1] == bias.shape[2] == 1)
+    if key_bias and q.shape == k.shape and use_triton(q, k, bias, valid):
+        if _via_op():
+            return _ops.received_scores(q, k, float(scale), bias, valid)
+        return _impl().scores.received_scores(q, k, scale, bias, valid)
+    return reference.received_scores(q, k, scale, bias, valid)
 
 
 def bipartite_best(metric, valid_b=None):
@@ -395,8 +407,8 @@ def apet_assign(g, keep_idx):
 
 from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs _impl above)
 
-__all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "bipartite_best",
-           "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
+__all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "received_scores",
+           "bipartite_best", "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
            "apet_step", "apet_step_fits",
            "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign", "pitome_order",
            "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]

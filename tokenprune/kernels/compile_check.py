@@ -65,6 +65,12 @@ def _configs():
                                    "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=bn), 4))
     out.append((S._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
                 dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
+    bm, bn, w = S.RS_TILES
+    for dp in (64, 128):  # Whisper / ViT heads; SigLIP-so400m's 72 pads to 128
+        rs = {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lse_ptr": f32, "scale": "fp32"}
+        out.append((S._rs_lse, rs, dict(HAS_BIAS=True, IS_F32=False, DP=dp, BM=bm, BN=bn), w))
+        out.append((S._rs_cols, {**rs, "valid_ptr": "*u8", "out_ptr": f32},
+                    dict(HAS_BIAS=True, HAS_VALID=True, IS_F32=False, DP=dp, BM=bm, BN=bn), w))
     for is32 in (False, True):
         out.append((M._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
                     dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))

@@ -84,6 +84,14 @@ _define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Ten
         _qs_fake, "scores", cpu=lambda *args: R.query_scores(*args).float())
 
 
+def _rs_fake(q, k, scale, bias, valid):
+    return k.new_empty((k.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+_define("received_scores", "(Tensor q, Tensor k, float scale, Tensor? bias, Tensor? valid) -> Tensor", _rs_fake,
+        "scores")
+
+
 # -- ToMe: matching, merged rows, the one-launch step ----------------------------------------------------------
 def _bb_fake(metric, valid_b):
     b, n, _ = metric.shape

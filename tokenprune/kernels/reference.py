@@ -55,6 +55,27 @@ def query_scores(q_row: torch.Tensor, k: torch.Tensor, scale: float, bias: torch
     return attn.mean(1)
 
 
+def received_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
+                    valid: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
+    """The attention each key receives, averaged over the queries and the heads: ``q, k [B, H, N, d]`` ->
+    ``[B, N]`` float32. ``bias`` an additive key bias broadcast to ``[B, 1, 1, N]`` (log sizes, ``-inf`` = masked
+    key); ``valid [B, N]`` False leaves a query out (padding). Computed in query chunks, so at most
+    ``[B, H, chunk, N]`` exists at a time (the kernel keeps no N x N tile in memory at all)."""
+    b, h, n, _ = q.shape
+    total = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for s in range(0, n, chunk):
+        logits = torch.einsum("bhqd,bhnd->bhqn", q[:, :, s:s + chunk].float(), kf) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        a = logits.softmax(-1)
+        if valid is not None:
+            a = a * valid[:, None, s:s + chunk, None]
+        total += a.sum(2)
+    count = valid.sum(1).clamp(min=1)[:, None, None] if valid is not None else n
+    return (total / count).mean(1)
+
+
 def key_mean(k: torch.Tensor) -> torch.Tensor:
     """The keys ``[B, H, N, d]`` averaged over heads, ``[B, N, d]`` in their dtype: ToMe's matching metric
     (``merge_step`` and ``ops.bipartite_merge`` take the keys themselves; the merge kernels average while loading)."""

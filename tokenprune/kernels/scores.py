@@ -1,6 +1,7 @@
-"""Triton kernels of the one-query-row scores ([CLS] attention, a query vector): two launches, the
-per-head logits with per-block max and sum, then the head mean or weighting. Reference:
-``reference.query_scores``; NOTES.md section 2.
+"""Triton kernels of attention scores without the N x N matrix in memory: the one-query-row scores ([CLS]
+attention, a query vector; two launches, the per-head logits with per-block max and sum, then the head mean or
+weighting) and the attention each key receives over all queries (two flash-style passes: each query's log-sum-exp,
+then each key's column sum). References: ``reference.query_scores`` / ``received_scores``; NOTES.md section 2.
 """
 from __future__ import annotations
 
@@ -118,3 +119,118 @@ class _ScoresPlan:
         for launch in self.launches:
             launch(t)
         return t[7]
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention received: scores [B, N] = mean_h mean_{valid q} softmax_N(q_h . k_h * scale + bias)[q, :]
+# ---------------------------------------------------------------------------------------------------
+@triton.jit
+def _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, offs_n, offs_d, N, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb,
+             sbn, HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr):
+    # the logits of queries offs_m against keys offs_n of head h, float32 [BM, BN]; -inf at keys past N
+    dm = offs_d < D
+    qt = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                 mask=(offs_m < N)[:, None] & dm[None, :], other=0.0)
+    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
+                 mask=(offs_n < N)[:, None] & dm[None, :], other=0.0)
+    if IS_F32:
+        s = tl.dot(qt, tl.trans(kt), input_precision="ieee")
+    else:  # fp16 / bf16 products are exact in the float32 accumulator
+        s = tl.dot(qt, tl.trans(kt))
+    s = s * scale
+    if HAS_BIAS:
+        s = s + tl.load(bias_ptr + b * sbb + offs_n * sbn, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return tl.where((offs_n < N)[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _rs_lse(q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb, sbn,
+            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # program (b h, query block): each query's log-sum-exp over all keys (online max and sum); +inf for a
+    # query whose keys are all masked, so that it adds nothing below
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, DP)
+    mx = tl.full([BM], float("-inf"), tl.float32)
+    tot = tl.zeros([BM], tl.float32)
+    for n0 in range(0, N, BN):
+        s = _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, n0 + tl.arange(0, BN), offs_d, N, D, scale, sqb, sqh, sqn,
+                     skb, skh, skn, sbb, sbn, HAS_BIAS, IS_F32)
+        new = tl.maximum(mx, tl.max(s, 1))
+        shift = tl.where(new == float("-inf"), 0.0, new)
+        tot = tot * tl.exp(mx - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+        mx = new
+    lse = tl.where(tot > 0, tl.where(mx == float("-inf"), 0.0, mx) + tl.log(tot), float("inf"))
+    tl.store(lse_ptr + bh * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb,
+             sbn, svb, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr):
+    # program (b h, key block): each key's attention summed over the valid queries, over their count
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    acc = tl.zeros([BN], tl.float32)
+    cnt = tl.zeros([BM], tl.float32)
+    for m0 in range(0, N, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mm = offs_m < N
+        if HAS_VALID:
+            mm = mm & (tl.load(valid_ptr + b * svb + offs_m, mask=mm, other=0) != 0)
+        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mm, other=float("inf"))
+        lse = tl.where(mm, lse, float("inf"))
+        s = _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, offs_n, offs_d, N, D, scale, sqb, sqh, sqn, skb, skh, skn,
+                     sbb, sbn, HAS_BIAS, IS_F32)
+        acc += tl.sum(tl.exp(s - lse[:, None]), 0)
+        cnt += mm.to(tl.float32)
+    tl.store(out_ptr + bh * N + offs_n, acc / tl.maximum(tl.sum(cnt, 0), 1.0), mask=offs_n < N)
+
+
+RS_TILES = (64, 64, 4)  # received_scores: queries per tile, keys per tile, warps
+
+
+def received_scores(q, k, scale, bias=None, valid=None):
+    """``q, k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.received_scores`` (``bias`` a key bias
+    ``[B or 1, 1, 1, N]``, ``valid`` ``[B, N]`` bool for the queries). Plans cached per input signature."""
+    key = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias), _sig(valid), scale,
+           RS_TILES)
+    plan = cached_plan(_RS_PLANS, key, _ReceivedPlan, q, k, scale, bias, valid)
+    return plan(q, k, bias, valid)
+
+
+_RS_PLANS: dict = {}
+
+
+class _ReceivedPlan:
+    """The two launches over ``(q, k, bias, lse, valid, per-head scores)``, absent ones stood for by another; the
+    head mean is one op after them."""
+
+    def __init__(self, q, k, scale, bias, valid):
+        b, h, n, d = k.shape
+        sq, sk = _head_strides("received_scores", q, k)
+        bm, bn, warps = RS_TILES
+        self.dev, self.shape = k.device, (b, h, n)
+        bias2, sbb, sbn = _key_bias(bias, b, n, k)
+        self.bias_as_is = bias2 is bias
+        common = (n, h, d, float(scale), sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sbb, sbn)
+        flags = dict(HAS_BIAS=bias is not None, IS_F32=k.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
+                     num_warps=warps)
+        inputs = (0, 1, 2) if bias is not None else (0, 1)
+        self.launches = (
+            LaunchPlan(_rs_lse, (b * h, _cdiv(n, bm)), range(4), common, flags, inputs),
+            LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (valid.stride(0) if valid is not None else 0,),
+                       dict(flags, HAS_VALID=valid is not None), inputs + ((4,) if valid is not None else ())))
+
+    def __call__(self, q, k, bias, valid):
+        b, h, n = self.shape
+        lse = _alloc(self.shape, self.dev, torch.float32)
+        out = _alloc(self.shape, self.dev, torch.float32)
+        bias = k if bias is None else bias if self.bias_as_is else _key_bias(bias, b, n, k)[0]
+        t = (q, k, bias, lse, lse if valid is None else valid.view(torch.uint8), out)
+        for launch in self.launches:
+            launch(t)
+        return out.mean(1)
