@@ -18,10 +18,13 @@ after block 7, the first full-attention block; pool before block 0); bs 1 adds `
 (``layers=[31]``: the tokens of pruning between tower and LM, but the tower's attention in one launch per block) and
 ``cls`` with ``substitute="mean_query"`` (cheap scoring) at 0.1:
 
-- TTFT: ``generate(max_new_tokens=1)`` (vision tower + scoring + LM prefill + first token), median of ``--reps``
+- TTFT: ``generate(max_new_tokens=1)`` (vision tower + scoring + LM prefill + first token)
   (``tokenprune.bench.time_fn``; generate() reads its tokens back, so the CUDA events span its wall time);
 - decode: ``D`` new tokens after the first, timed inside one ``generate(1 + D)`` (a clock at each step) -> tokens/s
   (all sequences);
+- both in ``--reps`` interleaved rounds, each configuration once per round after the unpatched model: the value is
+  the median over rounds, the speed-up the median of the ratios within a round (the hosts' speed drifts by up to
+  2x within a run: run 13's decode rates moved between 28 and 56 tokens/s for one LM length);
 - peak memory of the TTFT call (``tokenprune.bench.peak_memory``);
 - the LM prefill FLOP bound (``adapters.llava.prefill_flops``: linear layers + attention of the decoder);
 - the vision tower alone, per row: the unpatched tower (transformers' loop over windows / images) for the unpatched
@@ -277,58 +280,76 @@ def bench(model, name, kind, kw, n, bs, args, device, rows, layout_rows, extra=0
                      ("cls", 0.1, {"substitute": "mean_query"})]
     if name == "qwen":
         tower_layouts(model, name, kind, kw, bs, args, device, layout_rows)
-    base = {}
+    # per configuration once: LM input length, tower time, peak memory (and a warm-up of its generate())
+    done = []
     for method, budget, opts in runs:
         try:
-            run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, opts, base, extra)
+            done.append(prepare(model, name, kind, kw, n, bs, args, device, method, budget, opts, extra))
         except Exception:  # one failing configuration must not lose the rest of a GPU run
             traceback.print_exc()
             rows.append({"model": name, "input": kind, "batch": bs, "method": method, "budget": budget,
                          "options": opts, "error": traceback.format_exc(limit=3)})
             if method == "none":
                 return
+    # TTFT and decode in interleaved rounds (every configuration once per round, the unpatched model first): the
+    # hosts' speed drifts by up to 2x within a run, and a ratio taken within one round cancels that drift
+    for _ in range(args.reps):
+        for row in done:
+            row["samples"].append(sample(model, kw, bs, args, device, row))
+    base = done[0]["samples"]
+    for row in done:
+        ttfts, rates = [t for t, _ in row["samples"]], [r for _, r in row["samples"]]
+        row.update(ttft_ms=_median(ttfts), decode_tok_s=_median(rates),
+                   ttft_speedup=_median([b[0] / t for b, t in zip(base, ttfts)]),
+                   decode_speedup=_median([r / b[1] for b, r in zip(base, rates)]))
+        del row["apply"], row["samples"]
+        rows.append(row)
+        print(f"{name} {kind} bs={bs} {row['method']:>6} b={row['budget']:<4} visual {row['visual_kept']:>5}/{n} "
+              f"TTFT {row['ttft_ms']:8.1f} ms (x{row['ttft_speedup']:.2f}, LM FLOP bound "
+              f"x{row['flop_bound_speedup']:.2f}; tower {row['tower_ms']:.1f} ms) decode {row['decode_tok_s']:8.1f} "
+              f"tok/s (x{row['decode_speedup']:.3f}) peak {row['peak_mib'] or 0:.0f} MiB", flush=True)
 
 
-def run_one(model, name, kind, kw, n, bs, args, device, rows, method, budget, opts, base, extra):
-    """``extra``: prompt tokens around the visual ones that pruning keeps (Qwen's <vision_start> / <vision_end>,
-    OneVision's newlines)."""
-    text, reps = args.text, args.reps
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def prepare(model, name, kind, kw, n, bs, args, device, method, budget, opts, extra):
+    """One configuration's fixed facts: LM input length, tower time, peak memory, FLOP bound. ``extra``: prompt
+    tokens around the visual ones that pruning keeps (Qwen's <vision_start> / <vision_end>, OneVision's newlines)."""
     tc = model.config.text_config
     if method != "none":
         tokenprune.apply(model, budget=budget, method=method, **opts)
     try:
         length = lm_len(model, kw)
         with torch.inference_mode():
-            tower_ms = time_fn(tower_fn(model, kw), device, 1, reps).median_ms
-
-        def first():
-            model.generate(**kw, max_new_tokens=1, do_sample=False)
-
-        ttft = time_fn(first, device, 1, reps).median_ms
-        rates = []
-        for _ in range(reps):  # decode timed inside one generate(): a clock at every step's logits, after the
-            clock = _StepClock(device)  # first token (a TTFT measured apart would be subtracted, noise and all)
-            model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False,
-                           logits_processor=LogitsProcessorList([clock]))
-            rates.append(bs * (len(clock.t) - 1) / max(clock.t[-1] - clock.t[0], 1e-9))
-        peak, _ = peak_memory(first, device)
+            tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
+        peak, _ = peak_memory(lambda: model.generate(**kw, max_new_tokens=1, do_sample=False), device)
     finally:
         if method != "none":
             tokenprune.remove(model)
-    rate = sorted(rates)[len(rates) // 2]
-    if method == "none":
-        base.update(ttft=ttft, rate=rate)
-    visual = length - text - extra
-    bound = prefill_flops(tc, text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
+    bound = prefill_flops(tc, args.text + n + extra) / prefill_flops(tc, length)  # per row (rows are alike)
     label = method + "".join(f" {k}={v}" for k, v in opts.items())
-    row = {"model": name, "input": kind, "batch": bs, "method": label, "budget": budget, "visual_tokens": n,
-           "visual_kept": visual, "lm_prefill_tokens": length, "tower_ms": tower_ms, "ttft_ms": ttft,
-           "ttft_speedup": base["ttft"] / ttft, "decode_tok_s": rate, "decode_speedup": rate / base["rate"],
-           "peak_mib": peak, "flop_bound_speedup": bound}
-    rows.append(row)
-    print(f"{name} {kind} bs={bs} {label:>6} b={budget:<4} visual {visual:>5}/{n} TTFT {ttft:8.1f} ms "
-          f"(x{row['ttft_speedup']:.2f}, LM FLOP bound x{bound:.2f}; tower {tower_ms:.1f} ms) decode "
-          f"{rate:8.1f} tok/s (x{row['decode_speedup']:.3f}) peak {peak or 0:.0f} MiB", flush=True)
+    return {"model": name, "input": kind, "batch": bs, "method": label, "budget": budget, "visual_tokens": n,
+            "visual_kept": length - args.text - extra, "lm_prefill_tokens": length, "tower_ms": tower_ms,
+            "peak_mib": peak, "flop_bound_speedup": bound, "apply": (method, budget, opts), "samples": []}
+
+
+def sample(model, kw, bs, args, device, row):
+    """One TTFT (``generate(max_new_tokens=1)``) and one decode rate (a clock at every step's logits inside one
+    ``generate(1 + D)``, after the first token: a TTFT measured apart would be subtracted, noise and all)."""
+    method, budget, opts = row["apply"]
+    if method != "none":
+        tokenprune.apply(model, budget=budget, method=method, **opts)
+    try:
+        ttft = time_fn(lambda: model.generate(**kw, max_new_tokens=1, do_sample=False), device, 0, 1).median_ms
+        clock = _StepClock(device)
+        model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+    finally:
+        if method != "none":
+            tokenprune.remove(model)
+    return ttft, bs * (len(clock.t) - 1) / max(clock.t[-1] - clock.t[0], 1e-9)
 
 
 def main():
