@@ -20,6 +20,7 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
@@ -265,6 +266,27 @@ def test_received_attention_dispatch(T, monkeypatch):
     full = torch.zeros(2, 1, 70, 70)  # not a key bias: the reference, whatever the device
     monkeypatch.setattr(T.scores, "received_scores", None)
     assert rel(ops.received_attention(q, k, 0.25, bias=full), R.received_scores(q, k, 0.25)) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["cls", ["cls", "merge"]], ids=str)
+def test_encoder_without_class_token_through_the_kernels(T, monkeypatch, method):
+    """Whisper's encoder (no [CLS]: ``cls`` scores by the attention each token receives) gives the PyTorch path's
+    tokens through the interpreted kernels (received scores, keep / merge steps)."""
+    from test_adapters_matrix import make_whisper
+
+    torch.set_num_threads(1)
+    f = make_whisper(layers=3)
+    model, x = f["model"], f["x"]
+    tokenprune.apply(model, budget=0.25, method=method)
+    calls = []
+    real = T.scores.received_scores
+    with torch.no_grad():
+        ref = f["tokens"](model, x)
+        _use_interpreted(monkeypatch, T)
+        monkeypatch.setattr(T.scores, "received_scores", lambda *a: calls.append(1) or real(*a))
+        out = f["tokens"](model, x)
+    assert calls, "the received-scores kernel did not run"
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
 
 
 def test_query_attention_dispatch(T, monkeypatch):
