@@ -240,6 +240,8 @@ def test_received_scores(T, dtype, bias, valid):
     if valid:
         vq = torch.rand(b, n, generator=g) > 0.3
         vq[2] = False
+    if valid:  # a strided view (the kernel reads the tokens with stride 1)
+        vq = torch.stack([vq, ~vq], 2)[..., 0]
     out = T.scores.received_scores(q, k, 0.2, bb, vq)
     ref = R.received_scores(q.double(), k.double(), 0.2, None if bb is None else bb.double(), vq, chunk=64)
     assert out.shape == (b, n) and out.dtype == torch.float32

@@ -196,6 +196,8 @@ RS_TILES = (64, 64, 4)  # received_scores: queries per tile, keys per tile, warp
 def received_scores(q, k, scale, bias=None, valid=None):
     """``q, k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.received_scores`` (``bias`` a key bias
     ``[B or 1, 1, 1, N]``, ``valid`` ``[B, N]`` bool for the queries). Plans cached per input signature."""
+    if valid is not None and valid.stride(-1) != 1:
+        valid = valid.contiguous()
     key = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias), _sig(valid), scale,
            RS_TILES)
     plan = cached_plan(_RS_PLANS, key, _ReceivedPlan, q, k, scale, bias, valid)
