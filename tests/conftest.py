@@ -64,6 +64,7 @@ def pytest_configure(config):
     if importlib.util.find_spec("triton") is not None:
         share_language_patch()
         memoize_numpy_dtypes()
+        skip_dead_overflow_checks()
 
 
 def share_language_patch():
@@ -138,6 +139,23 @@ def memoize_numpy_dtypes():
 
     np_dtype.memo = memo
     ti._get_np_dtype = np_dtype
+
+
+def skip_dead_overflow_checks():
+    """Triton's interpreter options have ``sanitize_overflow`` on and ``debug`` off: for every integer ``+``, ``-``
+    and ``*`` a kernel runs, the interpreter redoes the operation in int64, compares it with the type's bounds and
+    hands the result to ``device_assert``, which returns at once without ``debug`` (the check's result is never
+    read): a fifth of the interpreted kernels' CPU. With ``debug`` off the check is skipped: the kernels compute the
+    same, and no assertion that could fire is lost. With ``debug`` on (the assertions live), nothing changes."""
+    import dataclasses
+
+    from triton.runtime import interpreter as ti
+
+    builder = getattr(ti, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if (dataclasses.is_dataclass(options) and getattr(options, "sanitize_overflow", False)
+            and getattr(options, "debug", True) is False):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
 
 
 ASSETS = Path(os.environ.get("TOKENPRUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
