@@ -194,6 +194,35 @@ def assets():
     return ASSETS
 
 
+@pytest.fixture(scope="session")
+def real_vit_s14(assets):
+    """The shipped ViT-S/14 CIFAR-10 classifier (timm layout, ``load_timm(None, folder)``), 4 CIFAR-10 test images
+    at 224 px, their labels and the model's unreduced logits on them (one thread), loaded once per process for the
+    tests of the real weights (test_core.py, test_real_weights_hf.py: xdist group ``real-vit-s14``, one worker).
+    Read-only: a test that patches the model works on a copy or removes its patch (``tokenprune.applied``)."""
+    import types
+
+    import torch
+
+    from tokenprune.data import load_image_folder, to_tensor
+    from tokenprune.models import load_timm
+
+    folder, data = assets / "vit-s14-cifar10", assets / "cifar10" / "cifar10_jpeg_test.tar.gz"
+    if not (folder / "model.safetensors").exists() or not data.exists():
+        pytest.skip("vit-s14-cifar10 weights or CIFAR-10 test images not in the shared assets")
+    model = load_timm(None, folder).float().eval()
+    images, labels, _ = load_image_folder(data, limit=4)  # ~0.15 s per image and forward on one core
+    x = to_tensor(images, 224)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(model=model, x=x, labels=torch.tensor(labels), ref=ref)
+
+
 def tiny_vit(**kw):
     """A small timm ViT for fast CPU tests (random weights, fixed seed)."""
     import timm

@@ -310,16 +310,11 @@ def test_clear_errors():
 
 # -- the real pretrained classifier from the shared assets ---------------------------------------
 @pytest.mark.slow
-def test_real_vit_s14_cifar10(assets):
-    from tokenprune.data import load_image_folder, to_tensor
-    from tokenprune.models import load_timm
-
-    model = load_timm("vit_small_patch14_dinov2", weights=assets / "vit-s14-cifar10").eval()
-    images, labels, _ = load_image_folder(assets / "cifar10" / "cifar10_jpeg_test.tar.gz", limit=4)
-    x = to_tensor(images, 224)
+@pytest.mark.xdist_group("real-vit-s14")  # shares the loaded model with test_real_weights_hf.py
+def test_real_vit_s14_cifar10(real_vit_s14, one_thread):
+    model, x, ref = copy.deepcopy(real_vit_s14.model), real_vit_s14.x, real_vit_s14.ref  # ref: model(x), unpatched
+    assert (ref.argmax(1) == real_vit_s14.labels).float().mean() >= 0.75  # the weights really loaded
     with torch.no_grad():
-        ref = model(x)
-        assert (ref.argmax(1) == torch.tensor(labels)).float().mean() >= 0.75  # the weights really loaded
         for budget in BUDGETS:
             tokenprune.apply(model, budget=budget, method="merge")
             n, feats = out_tokens(model, x)
@@ -327,7 +322,7 @@ def test_real_vit_s14_cifar10(assets):
             if budget == 1.0:
                 torch.testing.assert_close(model.forward_head(feats), ref, rtol=1e-5, atol=1e-5)
         tokenprune.remove(model)
-        assert torch.equal(model(x), ref)  # ref: the same model's forward before any patch
+        assert torch.equal(model(x), ref)  # the same weights' forward before any patch
 
 
 @pytest.mark.parametrize("method,init_values,drop_path", [("merge", 0.5, 0.0), ("merge", None, 0.2),

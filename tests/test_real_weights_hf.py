@@ -10,13 +10,9 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.data import load_image_folder, to_tensor
-from tokenprune.models import load_timm
 
 pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
-
-NUM_IMAGES = 4  # ~0.5 s per image and forward on one core
 
 
 def timm_to_hf_dinov2(timm_model):
@@ -65,26 +61,20 @@ def timm_to_hf_dinov2(timm_model):
 
 
 @pytest.fixture(scope="module")
-def models_and_images(assets):
-    folder = assets / "vit-s14-cifar10"
-    data = assets / "cifar10" / "cifar10_jpeg_test.tar.gz"
-    if not (folder / "model.safetensors").exists() or not data.exists():
-        pytest.skip("vit-s14-cifar10 weights or CIFAR-10 test images not in the shared assets")
-    torch.manual_seed(0)
-    timm_model = load_timm(None, folder).float().eval()
-    hf_model = timm_to_hf_dinov2(timm_model)
-    images, labels, _ = load_image_folder(data, limit=NUM_IMAGES)
-    return timm_model, hf_model, to_tensor(images, 224), torch.tensor(labels)
+def models_and_images(real_vit_s14):
+    """The shared timm model (conftest.real_vit_s14), its HF conversion, the images, labels and timm's logits."""
+    return real_vit_s14.model, timm_to_hf_dinov2(real_vit_s14.model), real_vit_s14.x, real_vit_s14.labels, \
+        real_vit_s14.ref
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("real-vit-s14")  # shares the loaded model with test_core.py
 def test_hf_conversion_reproduces_timm_logits(models_and_images):
-    timm_model, hf_model, x, labels = models_and_images
+    timm_model, hf_model, x, labels, ref = models_and_images  # ref: timm_model(x), one thread
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            ref = timm_model(x)
             got = hf_model(pixel_values=x).logits
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert (ref.argmax(1) == labels).float().mean() >= 0.75  # the real classifier (96% top-1)
