@@ -98,7 +98,7 @@ def test_unknown_method_fails_before_loading_anything(tiny_assets, capsys):
 def test_missing_assets_warn_of_random_weights_on_stderr(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    argv = ["quickstart", "--assets", str(empty), "--images", "2", "--batch-size", "2", "--repeats", "1",
+    argv = ["quickstart", "--assets", str(empty), "--images", "1", "--batch-size", "1", "--repeats", "1",
             "--threads", "1"]
     assert main(argv) == 0
     cap = capsys.readouterr()
