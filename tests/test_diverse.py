@@ -88,3 +88,29 @@ def test_bad_options_are_refused_at_apply():
     with pytest.raises(ValueError, match="text_weight must be >= 0"):
         tokenprune.apply(model, budget=0.5, method="diverse", text_weight=-1.0)
     assert not tokenprune.api.is_applied(model)
+
+
+def test_compiled_selection_is_one_op():
+    """Under torch.compile the greedy loop is one opaque op (``tokenprune::max_min_select``), not ``k`` unrolled
+    steps: its schema, fake and AOT dispatch check out, and a compiled reduced ViT equals eager."""
+    from tokenprune.reducers.diverse import _max_min_select_op
+
+    torch.manual_seed(3)
+    f = torch.randn(2, 10, 6)
+    valid = torch.rand(2, 10) > 0.2
+    args = (cosine_distance(f), 4, valid, torch.rand(2, 10))
+    res = torch.library.opcheck(_max_min_select_op, args,
+                                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert set(res.values()) == {"SUCCESS"}, res
+    assert torch.equal(_max_min_select_op(*args), max_min_select(*args))
+    model = tiny_vit(depth=3)
+    tokenprune.apply(model, budget=0.25, method="diverse")
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        report = torch._dynamo.explain(model)(x)
+        ref = model(x)
+    assert report.graph_break_count == 0
+    ops = [str(n.target) for g in report.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert ops.count("tokenprune.max_min_select.default") == 3 and len(ops) < 200, len(ops)  # 3 stages
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), ref, rtol=0, atol=0)

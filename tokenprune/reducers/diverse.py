@@ -72,6 +72,19 @@ def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None
     return chosen
 
 
+@torch.library.custom_op("tokenprune::max_min_select", mutates_args=())
+def _max_min_select_op(dist: torch.Tensor, k: int, valid: torch.Tensor | None,
+                       weight: torch.Tensor | None) -> torch.Tensor:
+    """:func:`max_min_select` as one opaque op for ``torch.compile``: Dynamo would otherwise unroll its ``k`` greedy
+    steps (about 7 ops each: a thousand ops for a ViT-B schedule) into the graph."""
+    return max_min_select(dist, k, valid, weight)
+
+
+@_max_min_select_op.register_fake
+def _(dist, k, valid, weight):
+    return dist.new_empty(dist.shape[:2], dtype=torch.bool)
+
+
 def text_relevance(f: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine similarity of each token to the text embedding, rescaled per sample to [0, 1] ``[B, N]``."""
     t = torch.nn.functional.normalize(text.to(f.device, torch.float32), dim=-1)
@@ -116,5 +129,6 @@ class Diverse(Reducer):
                 raise ValueError(f"diverse: text has {self.text.shape[0]} rows for a batch of {f.shape[0]}; "
                                  "give one embedding per sample or one for all")
             weight = (_EPS + text_relevance(f, self.text, valid)) ** self.text_weight
-        chosen = max_min_select(cosine_distance(f), stage.keep, valid, weight)
+        select = _max_min_select_op if torch.compiler.is_compiling() else max_min_select  # eager: no dispatcher
+        chosen = select(cosine_distance(f), stage.keep, valid, weight)
         return keep_top(state, chosen.float(), stage.keep, valid)
