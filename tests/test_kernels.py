@@ -270,25 +270,49 @@ def test_received_attention_dispatch(T, monkeypatch):
     assert rel(ops.received_attention(q, k, 0.25, bias=full), R.received_scores(q, k, 0.25)) < 1e-6
 
 
-@pytest.mark.parametrize("method", ["cls", ["cls", "merge"]], ids=str)
-def test_encoder_without_class_token_through_the_kernels(T, monkeypatch, method):
+@pytest.mark.parametrize("method,kw", [("cls", {}), (["cls", "merge"], {}), ("cls", {"threshold": 0.033})],
+                         ids=["cls", "cls+merge", "cls-threshold"])
+def test_encoder_without_class_token_through_the_kernels(T, monkeypatch, method, kw):
     """Whisper's encoder (no [CLS]: ``cls`` scores by the attention each token receives) gives the PyTorch path's
-    tokens through the interpreted kernels (received scores, keep / merge steps)."""
+    tokens through the interpreted kernels (received scores, keep / merge steps). With ``threshold=`` the samples
+    keep different counts, so the later stages score padded batches (the kernel's padding-query mask)."""
     from test_adapters_matrix import make_whisper
 
     torch.set_num_threads(1)
     f = make_whisper(layers=3)
     model, x = f["model"], f["x"]
-    tokenprune.apply(model, budget=0.25, method=method)
-    calls = []
+    tokenprune.apply(model, budget=0.25, method=method, **kw)
+    masks = []
     real = T.scores.received_scores
     with torch.no_grad():
         ref = f["tokens"](model, x)
         _use_interpreted(monkeypatch, T)
-        monkeypatch.setattr(T.scores, "received_scores", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(T.scores, "received_scores", lambda *a: masks.append(a[4] is not None) or real(*a))
         out = f["tokens"](model, x)
-    assert calls, "the received-scores kernel did not run"
+    assert masks, "the received-scores kernel did not run"
     assert out.shape == ref.shape and rel(out, ref) < 1e-5
+    if kw:
+        assert True in masks, "no stage scored a padded batch"
+
+
+def test_mixed_siglip2_batch_cls_through_the_kernels(T, monkeypatch):
+    """A SigLIP2 batch mixing grids: each image's rows are cut out of the batch's q/k (strided views) and scored
+    by the received-scores kernel on its own grid; the tokens and source maps are the PyTorch path's."""
+    from test_siglip2 import _mixed, make_tower
+
+    torch.set_num_threads(1)
+    model = make_tower()
+    pv, mask, ss = _mixed()
+    tokenprune.apply(model, 0.25, "cls")
+    seen = []
+    real = T.scores.received_scores
+    with torch.no_grad():
+        ref, ref_state = tokenprune.features(model, pv, mask, ss)
+        _use_interpreted(monkeypatch, T)
+        monkeypatch.setattr(T.scores, "received_scores", lambda *a: seen.append(a[0].shape) or real(*a))
+        out, state = tokenprune.features(model, pv, mask, ss)
+    assert len(seen) == 6, seen  # 3 stages x 2 images
+    assert torch.equal(state.source, ref_state.source) and rel(out, ref) < 1e-5
 
 
 def test_query_attention_dispatch(T, monkeypatch):
