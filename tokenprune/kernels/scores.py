@@ -125,14 +125,15 @@ class _ScoresPlan:
 # attention received: scores [B, N] = mean_h mean_{valid q} softmax_N(q_h . k_h * scale + bias)[q, :]
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, offs_n, offs_d, N, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb,
-             sbn, HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr):
-    # the logits of queries offs_m against keys offs_n of head h, float32 [BM, BN]; -inf at keys past N
-    dm = offs_d < D
-    qt = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                 mask=(offs_m < N)[:, None] & dm[None, :], other=0.0)
-    kt = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :],
-                 mask=(offs_n < N)[:, None] & dm[None, :], other=0.0)
+def _rs_rows(ptr, b, h, offs, offs_d, N, D, sb, sh, sn):
+    # rows ``offs`` of head h of one sample's q or k, [len(offs), DP] in their dtype; 0 past N and D
+    return tl.load(ptr + b * sb + h * sh + offs[:, None] * sn + offs_d[None, :],
+                   mask=(offs < N)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _rs_logits(qt, kt, bias_ptr, b, offs_n, N, scale, sbb, sbn, HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr):
+    # the logits of the query rows qt against the key rows kt (keys offs_n), float32 [BM, BN]; -inf past N
     if IS_F32:
         s = tl.dot(qt, tl.trans(kt), input_precision="ieee")
     else:  # fp16 / bf16 products are exact in the float32 accumulator
@@ -152,11 +153,13 @@ def _rs_lse(q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale, sqb, sqh, sqn, skb,
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, DP)
+    qt = _rs_rows(q_ptr, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn)
     mx = tl.full([BM], float("-inf"), tl.float32)
     tot = tl.zeros([BM], tl.float32)
     for n0 in range(0, N, BN):
-        s = _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, n0 + tl.arange(0, BN), offs_d, N, D, scale, sqb, sqh, sqn,
-                     skb, skh, skn, sbb, sbn, HAS_BIAS, IS_F32)
+        offs_n = n0 + tl.arange(0, BN)
+        kt = _rs_rows(k_ptr, b, h, offs_n, offs_d, N, D, skb, skh, skn)
+        s = _rs_logits(qt, kt, bias_ptr, b, offs_n, N, scale, sbb, sbn, HAS_BIAS, IS_F32)
         new = tl.maximum(mx, tl.max(s, 1))
         shift = tl.where(new == float("-inf"), 0.0, new)
         tot = tot * tl.exp(mx - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
@@ -174,6 +177,7 @@ def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
+    kt = _rs_rows(k_ptr, b, h, offs_n, offs_d, N, D, skb, skh, skn)
     acc = tl.zeros([BN], tl.float32)
     cnt = tl.zeros([BM], tl.float32)
     for m0 in range(0, N, BM):
@@ -181,10 +185,9 @@ def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale
         mm = offs_m < N
         if HAS_VALID:
             mm = mm & (tl.load(valid_ptr + b * svb + offs_m, mask=mm, other=0) != 0)
-        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mm, other=float("inf"))
-        lse = tl.where(mm, lse, float("inf"))
-        s = _rs_tile(q_ptr, k_ptr, bias_ptr, b, h, offs_m, offs_n, offs_d, N, D, scale, sqb, sqh, sqn, skb, skh, skn,
-                     sbb, sbn, HAS_BIAS, IS_F32)
+        lse = tl.where(mm, tl.load(lse_ptr + bh * N + offs_m, mask=mm, other=float("inf")), float("inf"))
+        qt = _rs_rows(q_ptr, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn)
+        s = _rs_logits(qt, kt, bias_ptr, b, offs_n, N, scale, sbb, sbn, HAS_BIAS, IS_F32)
         acc += tl.sum(tl.exp(s - lse[:, None]), 0)
         cnt += mm.to(tl.float32)
     tl.store(out_ptr + bh * N + offs_n, acc / tl.maximum(tl.sum(cnt, 0), 1.0), mask=offs_n < N)
