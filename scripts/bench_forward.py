@@ -773,22 +773,18 @@ def main():
                 run_case(case, 1, ["eager"], [("merge", {}), ("cls", {}), ("apet", {})], 0.25, reps, args.smoke,
                          host=True, tag=f"fast launch {'on' if flag else 'off'}")
         tc.FAST_LAUNCH = True
-    if "ba" in parts:  # compiled bs 1: the key-bias attention kernel against SDPA with the bias as its mask
-        from tokenprune import kernels
-
-        for min_batch in (1, 2):
-            kernels.BA_MIN_BATCH_COMPILED = min_batch
-            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), PATCHED], 0.25, reps, args.smoke,
-                     tag="bias kernel" if min_batch == 1 else "SDPA + bias")
-        kernels.BA_MIN_BATCH_COMPILED = 1
-    if "ba_long" in parts:  # the same on the long inputs: SigLIP's head dim 72 runs the kernel padded to 128
-        from tokenprune import kernels
+    if "ba" in parts or "ba_long" in parts:  # compiled bs 1: the key-bias attention kernel against SDPA with the bias
+        from tokenprune import kernels  # as its mask; ba_long on the long inputs (SigLIP's head dim 72 pads to 128)
 
         for min_batch in (1, 2):
             kernels.BA_MIN_BATCH_COMPILED = min_batch
             tag = "bias kernel" if min_batch == 1 else "SDPA + bias"
-            run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke, tag=tag)
-            run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {})], 0.5, reps, args.smoke, tag=tag)
+            if "ba" in parts:
+                run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), PATCHED], 0.25, reps, args.smoke,
+                         tag=tag)
+            if "ba_long" in parts:
+                run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke, tag=tag)
+                run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {})], 0.5, reps, args.smoke, tag=tag)
         kernels.BA_MIN_BATCH_COMPILED = 1
     if "whisper_eager" in parts:
         prof = args.out if args.profile else None

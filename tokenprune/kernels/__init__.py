@@ -408,7 +408,7 @@ def apet_assign(g, keep_idx):
 from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs _impl above)
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "received_scores",
-           "bipartite_best", "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted", "apet_merge", "apet_merge_fits",
-           "apet_step", "apet_step_fits",
-           "apet_errors", "gram", "apet_stage", "apet_stage_fits", "apet_assign", "pitome_order",
-           "use_triton", "needs_grad", "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]
+           "bipartite_best", "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted",
+           "apet_merge", "apet_merge_fits", "apet_step", "apet_step_fits", "apet_errors", "gram", "apet_stage",
+           "apet_stage_fits", "apet_assign", "pitome_order", "use_triton", "needs_grad", "kernels_enabled",
+           "set_kernels_enabled", "kernels_on", "reference"]

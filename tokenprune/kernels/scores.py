@@ -1,7 +1,7 @@
 """Triton kernels of attention scores without the N x N matrix in memory: the one-query-row scores ([CLS]
 attention, a query vector; two launches, the per-head logits with per-block max and sum, then the head mean or
 weighting) and the attention each key receives over all queries (two flash-style passes: each query's log-sum-exp,
-then each key's column sum). References: ``reference.query_scores`` / ``received_scores``; NOTES.md section 2.
+then each key's column sum). References: ``reference.query_scores`` / ``received_scores``; NOTES.md sections 2, 2b.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _rs_lse(q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale, sqb, sqh, sqn, skb,
         shift = tl.where(new == float("-inf"), 0.0, new)
         tot = tot * tl.exp(mx - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
         mx = new
-    lse = tl.where(tot > 0, tl.where(mx == float("-inf"), 0.0, mx) + tl.log(tot), float("inf"))
+    lse = tl.where(tot > 0, mx + tl.log(tot), float("inf"))  # tot > 0: some key unmasked, mx finite
     tl.store(lse_ptr + bh * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -185,7 +185,7 @@ def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale
         mm = offs_m < N
         if HAS_VALID:
             mm = mm & (tl.load(valid_ptr + b * svb + offs_m, mask=mm, other=0) != 0)
-        lse = tl.where(mm, tl.load(lse_ptr + bh * N + offs_m, mask=mm, other=float("inf")), float("inf"))
+        lse = tl.load(lse_ptr + bh * N + offs_m, mask=mm, other=float("inf"))  # left-out queries add exp(-inf)
         qt = _rs_rows(q_ptr, b, h, offs_m, offs_d, N, D, sqb, sqh, sqn)
         s = _rs_logits(qt, kt, bias_ptr, b, offs_n, N, scale, sbb, sbn, HAS_BIAS, IS_F32)
         acc += tl.sum(tl.exp(s - lse[:, None]), 0)
@@ -225,9 +225,10 @@ class _ReceivedPlan:
         flags = dict(HAS_BIAS=bias is not None, IS_F32=k.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
                      num_warps=warps)
         inputs = (0, 1, 2) if bias is not None else (0, 1)
+        svb = valid.stride(0) if valid is not None else 0
         self.launches = (
             LaunchPlan(_rs_lse, (b * h, _cdiv(n, bm)), range(4), common, flags, inputs),
-            LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (valid.stride(0) if valid is not None else 0,),
+            LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (svb,),
                        dict(flags, HAS_VALID=valid is not None), inputs + ((4,) if valid is not None else ())))
 
     def __call__(self, q, k, bias, valid):
