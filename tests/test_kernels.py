@@ -240,8 +240,7 @@ def test_received_scores(T, dtype, bias, valid):
     if valid:
         vq = torch.rand(b, n, generator=g) > 0.3
         vq[2] = False
-    if valid:  # a strided view (the kernel reads the tokens with stride 1)
-        vq = torch.stack([vq, ~vq], 2)[..., 0]
+        vq = torch.stack([vq, ~vq], 2)[..., 0]  # a strided view (the kernel reads the tokens with stride 1)
     out = T.scores.received_scores(q, k, 0.2, bb, vq)
     ref = R.received_scores(q.double(), k.double(), 0.2, None if bb is None else bb.double(), vq, chunk=64)
     assert out.shape == (b, n) and out.dtype == torch.float32
@@ -1245,9 +1244,9 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 
 def test_every_dispatching_kernel_is_a_custom_op():
-    public = {"efficient_attention", "biased_attention", "query_scores", "received_scores", "bipartite_best", "merge_rows", "merge_step",
-              "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors", "gram", "apet_stage", "apet_assign",
-              "pitome_order", "apet_step"}
+    public = {"efficient_attention", "biased_attention", "query_scores", "received_scores", "bipartite_best",
+              "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors",
+              "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
     for name in public:
         assert getattr(torch.ops.tokenprune, name).default is not None
