@@ -701,15 +701,17 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
                 (out / f"whisper_step_kernels_{tag}.txt").write_text(
                     p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
         kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
-        if on_gpu:  # _merge_plan's tiles (A tokens, ranking compare tile, warps)
+        if on_gpu:  # _bm_best's B-token splits; _merge_rank's tiles (A tokens, compare tile, warps)
             from tokenprune.kernels import merge as kmerge
 
-            default_tiles = kmerge.MERGE_PLAN_TILES
-            for tiles in ((128, 32, 8), (128, 64, 8), (128, 128, 8), (256, 64, 8), (128, 128, 16), (256, 128, 16)):
-                kmerge.MERGE_PLAN_TILES = tiles
-                row["step_graph_us_plan_" + "_".join(map(str, tiles))] = round(
+            defaults = kmerge.MERGE_BEST_SPLIT, kmerge.MERGE_RANK_TILES
+            for split, tiles in ((1, defaults[1]), (2, defaults[1]), (4, defaults[1]), (8, defaults[1]),
+                                 (defaults[0], (16, 64, 4)), (defaults[0], (32, 32, 4)), (defaults[0], (64, 64, 4)),
+                                 (defaults[0], (32, 128, 4)), (defaults[0], (64, 64, 8))):
+                kmerge.MERGE_BEST_SPLIT, kmerge.MERGE_RANK_TILES = split, tiles
+                row[f"step_graph_us_split{split}_rank_" + "_".join(map(str, tiles))] = round(
                     time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
-            kmerge.MERGE_PLAN_TILES = default_tiles
+            kmerge.MERGE_BEST_SPLIT, kmerge.MERGE_RANK_TILES = defaults
         if DEV == "cuda":
             row["sdpa_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1)), DEV, 10, repeats).median_ms * 1e3, 1)
             row["sdpa_bias_graph_us"] = round(time_fn(graphed(lambda: sdpa(q1, k1, v1, attn_mask=bias)), DEV, 10,

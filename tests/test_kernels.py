@@ -379,13 +379,27 @@ def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
-@pytest.mark.parametrize("one_launch", [False, True, "gather", "plan"])
+def _split_matching(T, monkeypatch):
+    """merge_step's long-input form with small tiles: the matching split over three programs of B tokens (4 each,
+    as on a GPU with idle SMs), ranks counted in tiles of 4 by programs of 8 A tokens."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0)
+    monkeypatch.setattr(T.merge, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(T.merge, "_bm_tiles", lambda na, dtype: (16, 4))
+    monkeypatch.setattr(T.merge, "MERGE_RANK_TILES", (8, 4, 4))
+    monkeypatch.setattr(T.merge, "MERGE_BEST_SPLIT", 3)
+
+
+@pytest.mark.parametrize("one_launch", [False, True, "gather", "plan", "plan_split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, dtype, one_launch):
     """ops.bipartite_merge through the kernels (one-launch merge_step, its two-launch large-batch form,
-    its three-launch form for long inputs ("plan": matching, then _merge_plan in tiles of 128 A tokens, then
-    the row gather), or matching + merge_rows) gives the same tokens, sizes and source map as its PyTorch path."""
+    its four-launch form for long inputs ("plan": matching, ranking, then _merge_plan in tiles of 128 A tokens, then
+    the row gather; "plan_split": the matching split over B tokens), or matching + merge_rows) gives the same tokens,
+    sizes and source map as its PyTorch path."""
+    if one_launch == "plan_split":
+        _split_matching(T, monkeypatch)
+        assert T.merge._best_split(2, 11, 10, dtype, x_device := torch.device("cpu")) == (3, 4), x_device
     monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 128 if one_launch in (True, "gather") else 0)
     monkeypatch.setattr(T.merge, "MERGE_PLAN_MAX_A", 0 if one_launch is False else 8192)
     # gather (large batches): matching with a row map, then whole rows copied (4 rows, 16 columns at a
@@ -423,10 +437,14 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("pitome", [False, True])
-def test_bipartite_merge_breaks_exact_ties_as_the_kernels(T, monkeypatch, dtype, pitome):
+@pytest.mark.parametrize("split", [False, True])
+def test_bipartite_merge_breaks_exact_ties_as_the_kernels(T, monkeypatch, dtype, pitome, split):
     """Identical tokens (a flat image region) have exactly equal best similarities, more of them than are merged:
     the PyTorch path ranks them as the kernels and ``reference.merge_step`` do (best desc, then the lower index), so
-    all three merge the same tokens; also through a PiToMe order with every token a candidate (protect 0)."""
+    all three merge the same tokens; also through a PiToMe order with every token a candidate (protect 0), and with
+    the long-input matching split over B tokens (equal partners in two splits: the earlier one's, as torch.max)."""
+    if split:
+        _split_matching(T, monkeypatch)
     g = gen(8)
     b, p, n, c, r = 2, 1, 60, 32, 7
     x = torch.randn(b, p + n, c, generator=g).to(dtype)

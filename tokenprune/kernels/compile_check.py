@@ -111,11 +111,15 @@ def _configs():
                          NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True),
                     warps))  # pitome's metric: the keys per head, as merge's
     for perm in (False, True):
-        out.append((M._merge_plan, {"best_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
+        out.append((M._merge_plan, {"rk_ptr": "*i32", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
                                     "osrc_ptr": "*i64", "scr_ptr": "*i32", "mt_ptr": "*i32", "ob_ptr": f16,
                                     "rows_ptr": "*i32", "perm_ptr": "*i64"},
-                    dict(HAS_SIZES=True, PADDED=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=128, BT=32, BS=256,
-                         PP=1, PERM=perm), 8))
+                    dict(HAS_SIZES=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=M.MERGE_PLAN_TILES[0], BS=256,
+                         PP=1, PERM=perm), M.MERGE_PLAN_TILES[1]))
+        br, bt, rw = M.MERGE_RANK_TILES
+        out.append((M._merge_rank, {"bp_ptr": f32, "ip_ptr": "*i32", "s_ptr": f32, "perm_ptr": "*i64",
+                                    "rk_ptr": "*i32", "mt_ptr": "*i32"},
+                    dict(HAS_SIZES=True, PADDED=True, PERM=perm, NAP=1024, BR=br, BT=bt), rw))
     for (lowp, rp, fbc), has_y, perm in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
                                                            (False, 16, 32)), (False, True), (False, True)):
         if perm and not (lowp and has_y):

@@ -19,12 +19,17 @@ from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _a
 # 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, svb, svn, VOFF, sib,
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, svb, svn, VOFF, sib, NBS, sps,
              HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # A token i is metric row P + 2i, B token j row P + 2j + 1; B token j is valid where vb[VOFF + j svn] > 0 (flags,
-    # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype
+    # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype.
+    # Program (b, pa, s) searches the B tokens [s NBS, (s + 1) NBS) (NBS a multiple of BN) and writes its best and
+    # partner sps elements on per s (long inputs at small batch: the splits fill the SMs; _merge_rank combines them)
     b = tl.program_id(0).to(tl.int64)
     pa = tl.program_id(1)
+    s = tl.program_id(2)
+    best_ptr += s * sps
+    idx_ptr += s * sps
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
     offs_a = pa * BM + tl.arange(0, BM)
@@ -34,7 +39,7 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, s
     an = _unit_rows(_metric_rows(base, P + 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
-    for b0 in range(0, NB, BN):
+    for b0 in range(s * NBS, tl.minimum(s * NBS + NBS, NB), BN):
         offs_b = b0 + tl.arange(0, BN)
         bmask = offs_b < NB
         bt = _metric_rows(base, P + 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
@@ -69,7 +74,7 @@ def _best_partners(metric, valid_b=None):
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
     sv = vb.stride() if valid_b is not None else (0, 0)
     fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, heads, sv[0], sv[1],
-                                         0, na, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
+                                         0, na, nbb, 0, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
                                          DP=max(16, _p2(d)), BM=bm, BN=bn, num_warps=4)
     return best, idx
 
@@ -295,28 +300,62 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
 
 
 @triton.jit
-def _merge_plan(best_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
+def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES: tl.constexpr, PADDED: tl.constexpr,
+             PERM: tl.constexpr):
+    # the best similarity and partner of A tokens ``offs`` of sample b over _bm_best's S splits (ties: the earlier
+    # split, whose B tokens come first, as torch.max); padding slots (size 0) +inf, merged first; -inf where masked
+    best = tl.load(bp_ptr + b * NA + offs, mask=m, other=float("-inf"))
+    arg = tl.load(ip_ptr + b * NA + offs, mask=m, other=0)
+    for s in range(1, S):
+        v = tl.load(bp_ptr + s * sps + b * NA + offs, mask=m, other=float("-inf"))
+        i = tl.load(ip_ptr + s * sps + b * NA + offs, mask=m, other=0)
+        better = v > best
+        best = tl.where(better, v, best)
+        arg = tl.where(better, i, arg)
+    if PADDED:
+        best = tl.where(_sizes_at(s_row, _at(prm, P + 2 * offs, m, PERM), m, HAS_SIZES) <= 0, float("inf"), best)
+    return tl.where(m, best, float("-inf")), arg
+
+
+@triton.jit
+def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, S, sps, ssb, sprm,
+                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, PERM: tl.constexpr, NAP: tl.constexpr,
+                BR: tl.constexpr, BT: tl.constexpr):
+    # program (b, t): A tokens [t BR, (t + 1) BR) of sample b. Their best similarity and partner (_best_of), and
+    # their rank by (best desc, index asc) among all NA, counted against tiles of BT (the R first are merged away):
+    # ranks to rk [B, NA], partners to row 2b of mt (where _merge_plan and _merge_gather read them)
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BR + tl.arange(0, BR)
+    m = offs < NA
+    s_row = s_ptr + b * ssb
+    prm = perm_ptr + b * sprm
+    best, arg = _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES, PADDED, PERM)
+    rank = tl.zeros([BR], tl.int32)
+    for t0 in range(0, NA, BT):
+        ot = t0 + tl.arange(0, BT)
+        om = ot < NA
+        st, _ = _best_of(bp_ptr, ip_ptr, s_row, prm, b, ot, om, P, NA, S, sps, HAS_SIZES, PADDED, PERM)
+        ahead = (st[None, :] > best[:, None]) | ((st[None, :] == best[:, None]) & (ot[None, :] < offs[:, None]))
+        rank += tl.sum((ahead & om[None, :]).to(tl.int32), 1)
+    tl.store(rk_ptr + b * NA + offs, rank, mask=m)
+    tl.store(mt_ptr + (2 * b) * NAP + offs, arg, mask=m)
+
+
+@triton.jit
+def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
                 P, NA, NB, R, N0, ssb, srcb, sprm,
-                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
-                NAP: tl.constexpr, BA: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
+                HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
+                NAP: tl.constexpr, BA: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
                 PERM: tl.constexpr = False):
-    # _merge_step MODE 2 for any token count, one program per sample: from the matching _bm_best wrote (best
-    # similarity [B, NA] fp32; each A token's partner in ``mt``, where MODE 2 leaves it), the ranking, the sizes (and
-    # their log), the source map, ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA.
+    # _merge_step MODE 2 for any token count, one program per sample: from the ranks and partners _merge_rank wrote
+    # (rk [B, NA]; each A token's partner in ``mt``, where MODE 2 leaves it), the sizes (and their log), the source
+    # map, ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA.
     # PERM: as in _merge_step (the matching ran on the metric in that order), the prefix BS places at a time
     b = tl.program_id(0).to(tl.int64)
     prm = perm_ptr + b * sprm
     n_unm = NA - R
     nout = P + n_unm + NB
     nt = P + NA + NB
-    best_row = best_ptr + b * NA
-    if PADDED:  # padding slots (size 0) are merged first
-        for a0 in range(0, NA, BA):
-            offs = a0 + tl.arange(0, BA)
-            m = offs < NA
-            sa = _sizes_at(s_ptr + b * ssb, _at(prm, P + 2 * offs, m, PERM), m, HAS_SIZES)
-            v = tl.load(best_row + offs, mask=m, other=float("-inf"))
-            tl.store(best_row + offs, tl.where(sa <= 0, float("inf"), v), mask=m)
     # prefix and B rows: their sizes (the B ones before any merge), source rows and new indices
     if PERM:
         for p0 in range(0, P, BS):
@@ -343,13 +382,12 @@ def _merge_plan(best_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_
         tl.store(rows_ptr + b * nout + out_b, row_b, mask=bm)
         if HAS_SOURCE:
             tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-    tl.debug_barrier()  # the padded best values and the B rows' entries are written before they are read below
+    tl.debug_barrier()  # the B rows' entries are written before some are overwritten below
     kept = 0
     for a0 in range(0, NA, BA):
         offs_a = a0 + tl.arange(0, BA)
         am = offs_a < NA
-        best = tl.load(best_row + offs_a, mask=am, other=float("-inf"))
-        rank = _rank_desc(best, offs_a, best_row, NA, BT)  # the R best-matched A tokens are merged away
+        rank = tl.load(rk_ptr + b * NA + offs_a, mask=am, other=0)  # the R best-matched A tokens are merged away
         arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=0)
         is_src = (rank < R) & am
         is_unm = am & (rank >= R)
@@ -450,7 +488,21 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 
 MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
 MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
-MERGE_PLAN_TILES = (128, 32, 8)  # _merge_plan's A tile, ranking compare tile, warps (bench_forward --parts whisper_step)
+MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
+# long inputs (four launches): _bm_best's B tokens split over up to MERGE_BEST_SPLIT programs per A tile while the
+# batch leaves SMs idle; _merge_rank's A tile, compare tile and warps (bench_forward --parts whisper_step sweeps both)
+MERGE_BEST_SPLIT = 4
+MERGE_RANK_TILES = (32, 64, 4)
+
+
+def _best_split(bsz: int, na: int, nb: int, dtype, device) -> tuple:
+    """``_bm_best``'s B-token splits in ``merge_step``'s long-input form, and the B tokens per split: up to
+    MERGE_BEST_SPLIT while the A tiles alone leave SMs idle (batch 1), none empty."""
+    bm, bn = _bm_tiles(na, dtype)
+    tiles = _cdiv(nb, bn)
+    want = max(1, min(MERGE_BEST_SPLIT, tiles, _num_sms(device) // (bsz * _cdiv(na, bm))))
+    nbs = _cdiv(tiles, want) * bn
+    return _cdiv(nb, nbs), nbs
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
@@ -474,7 +526,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
-           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES)
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES,
+           MERGE_BEST_SPLIT, MERGE_RANK_TILES)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
     return plan(x, metric, sizes, source, residual, perm, scratch)
@@ -524,10 +577,12 @@ class _StepPlan:
         groups = 1 if split else _column_groups(c, MERGE_STEP_BC, bsz, MERGE_STEP_PROGRAMS_PER_SM, x.device)
         self.shapes = ((bsz, nout, c), (bsz, nout), (bsz, n0))
         # scratch: the old -> new row map (with a source map), best similarities, and (split) mt and the row map
-        self.work = (bsz * t if source is not None else 0, bsz * (na if large else groups * nap),
-                     bsz * 2 * nap if split else 0, bsz * nout if split else 0)
+        nsplit, nbs = _best_split(bsz, na, nb, metric.dtype, x.device) if large else (1, 0)
+        self.work = (bsz * t if source is not None else 0, bsz * (nsplit * na if large else groups * nap),
+                     bsz * 2 * nap if split else 0, bsz * nout if split else 0,
+                     nsplit * bsz * na if large else 0, bsz * na if large else 0)
         # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
-        inputs = {0, 2, 14, 15} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
+        inputs = {0, 2, 16, 17} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
         flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
                      LOG_SIZES=log_sizes, PERM=perm is not None)
 
@@ -548,15 +603,20 @@ class _StepPlan:
             if perm is not None:  # the matching reads copies gathered in the step's order (contiguous)
                 smb, smn, smh_, svb = metric.shape[1:].numel(), d, t * d if heads > 1 else 0, t
             bm, bn = _bm_tiles(na, metric.dtype)
-            self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm)), (14, 15, 9, 10),
+            br, bt, rwarps = MERGE_RANK_TILES
+            sps = bsz * na  # one split's best / partner block
+            self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
                                   (na, nb, d, p, smb, smn, smh_, heads, svb if valid else 0, 2 if valid else 0,
-                                   p + 1 if valid else 0, 2 * nap),
+                                   p + 1 if valid else 0, na, nbs, sps),
                                   HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
                                   BN=bn, num_warps=4),
-                             plan(_merge_plan, (bsz,), (9, 3, 4, 6, 7, 8, 10, 11, 12, 13),
-                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=MERGE_PLAN_TILES[0],
-                                  BT=MERGE_PLAN_TILES[1], BS=256, PP=_p2(max(p, 1)), num_warps=MERGE_PLAN_TILES[2],
-                                  **flags)]
+                             plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
+                                  (p, na, nsplit, sps, ssb, sprm), HAS_SIZES=sizes is not None, PADDED=bool(padded),
+                                  PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),
+                             plan(_merge_plan, (bsz,), (15, 3, 4, 6, 7, 8, 10, 11, 12, 13),
+                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=MERGE_PLAN_TILES[0], BS=256,
+                                  PP=_p2(max(p, 1)), num_warps=MERGE_PLAN_TILES[1],
+                                  **{k: v for k, v in flags.items() if k != "PADDED"})]
         elif split:
             cap = cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
             self.launches = [step(2, (bsz, 1), 1, cfg.get("mwarps", MERGE_STEP_WARPS),
@@ -581,11 +641,13 @@ class _StepPlan:
         out = _alloc(so, dev, self.dtype)
         osz = _alloc(ssz, dev, torch.float32)
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else osz
-        scr, bst, mt, rows = _workspace(scratch, "_merge_step", dev, self.work,  # never poisoned
-                                        (torch.int32, torch.float32, torch.int32, torch.int32))
+        scr, bst, mt, rows, ip, rk = _workspace(scratch, "_merge_step", dev, self.work,  # never poisoned
+                                                (torch.int32, torch.float32, torch.int32, torch.int32, torch.int32,
+                                                 torch.int32))
         ob = _alloc(ssz, dev, self.dtype) if self.log_sizes else osz
         t = (x, x if residual is None else residual, metric, osz if sizes is None else sizes,
-             osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm)
+             osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm,
+             ip, rk)
         if self.large and perm is not None:  # the matching reads copies of the metric and sizes in the step's order
             metric = metric.gather(-2, (perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]).expand(
                 *metric.shape[:-1], metric.shape[-1]))
