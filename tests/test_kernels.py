@@ -26,7 +26,7 @@ from tokenprune.kernels import reference as R  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
-FAMILIES = ("attention", "scores", "merge", "keep", "apet", "pitome")
+FAMILIES = ("attention", "scores", "match", "merge", "keep", "apet", "pitome")
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +330,7 @@ def test_bipartite_best_same_partners(T, dtype, n):
     metric = torch.randn(2, n + 1, 20, generator=g).to(dtype)[:, 1:]  # a strided view, like metric[:, p:]
     valid_b = torch.rand(2, n // 2, generator=g) > 0.2
     for vb in (None, valid_b):
-        best, idx = T.merge.bipartite_best(metric, vb)
+        best, idx = T.match.bipartite_best(metric, vb)
         rbest, ridx = R.bipartite_best(metric, vb)
         assert best.dtype == rbest.dtype
         assert torch.equal(idx, ridx)
@@ -730,8 +730,8 @@ def test_merge_step_averages_the_keys_over_heads(T, monkeypatch, path, dtype, he
         assert (o is None and m is None) or torch.equal(o, m)
     # the mean itself, bit for bit: the matching's best similarities (float32) from the keys and from their mean
     # (float32 sums of more than 16 heads: the order of a CPU's mean of contiguous keys; a strided view's differs)
-    assert all(torch.equal(u, v) for u, v in zip(T.merge._best_partners(k[:, :, p:]),
-                                                 T.merge._best_partners(R.key_mean(k.contiguous())[:, p:])))
+    assert all(torch.equal(u, v) for u, v in zip(T.match._best_partners(k[:, :, p:]),
+                                                 T.match._best_partners(R.key_mean(k.contiguous())[:, p:])))
     assert (out[2] is None) == (source is None) and (source is None or torch.equal(out[2], ref[2]))
     assert torch.equal(out[1], ref[1])
     assert rel(out[0], ref[0]) < (1e-6 if dtype == torch.float32 else 1e-3)

@@ -2,8 +2,8 @@
 
 Layout: this module dispatches; ``reference.py`` holds the one PyTorch implementation of every op (the CPU
 path and the tests' oracle); the Triton kernels and their launchers live by op family in ``attention.py``
-(linear and key-bias attention), ``scores.py`` (one query row), ``merge.py`` (ToMe matching, merged rows,
-merge step, row gather), ``keep.py`` (keep the k best), ``apet.py`` (ApET) and ``pitome.py`` (PiToMe's
+(linear and key-bias attention), ``scores.py`` (one query row), ``match.py`` (ToMe matching, the long
+inputs' ranking), ``merge.py`` (merged rows, merge step, row gather), ``keep.py`` (keep the k best), ``apet.py`` (ApET) and ``pitome.py`` (PiToMe's
 energies and step order), with shared helpers in
 ``_triton_common.py``; ``custom_ops.py`` wraps the launchers as ``torch.ops.tokenprune.*`` for
 ``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU. ``triton_impl.py`` is
@@ -75,13 +75,14 @@ _FORCE_OP_FOR_TESTS: bool = False
 
 def _impl():
     """The Triton kernel modules by family, ``_impl().merge.merge_step`` and so on (``attention``, ``scores``,
-    ``merge``, ``keep``, ``apet``, ``pitome``); False when they cannot be imported. Imported on first use only."""
+    ``match``, ``merge``, ``keep``, ``apet``, ``pitome``); False when they cannot be imported. Imported on first use
+    only."""
     global _triton
     if _triton is None:
         try:
-            from . import apet, attention, keep, merge, pitome, scores
-            _triton = types.SimpleNamespace(attention=attention, scores=scores, merge=merge, keep=keep, apet=apet,
-                                            pitome=pitome)
+            from . import apet, attention, keep, match, merge, pitome, scores
+            _triton = types.SimpleNamespace(attention=attention, scores=scores, match=match, merge=merge, keep=keep,
+                                            apet=apet, pitome=pitome)
         except Exception:  # no triton, or a triton that cannot build for this platform
             _triton = False
     return _triton
@@ -217,7 +218,7 @@ def bipartite_best(metric, valid_b=None):
     if use_triton(metric, valid_b):
         if _via_op():
             return _ops.bipartite_best(metric, valid_b)
-        return _impl().merge.bipartite_best(metric, valid_b)
+        return _impl().match.bipartite_best(metric, valid_b)
     return reference.bipartite_best(metric, valid_b)
 
 

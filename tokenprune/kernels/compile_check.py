@@ -27,7 +27,7 @@ import tempfile
 
 
 def _configs():
-    from . import apet as AP, attention as AT, keep as KP, merge as M, pitome as PT, scores as S
+    from . import apet as AP, attention as AT, keep as KP, match as MT, merge as M, pitome as PT, scores as S
 
     f16, f32 = "*fp16", "*fp32"
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
@@ -72,10 +72,10 @@ def _configs():
         out.append((S._rs_cols, {**rs, "valid_ptr": "*u8", "out_ptr": f32},
                     dict(HAS_BIAS=True, HAS_VALID=True, IS_F32=False, DP=dp, BM=bm, BN=bn), w))
     for is32 in (False, True):
-        out.append((M._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
+        out.append((MT._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
                     dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
     # merge_step's three-launch matching: padding read off the sizes, partners into its int32 scratch
-    out.append((M._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
+    out.append((MT._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
                 dict(HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
     for hs in (True, False):
         out.append((M._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
@@ -117,7 +117,7 @@ def _configs():
                     dict(HAS_SIZES=True, HAS_SOURCE=True, LOG_SIZES=True, NAP=1024, BA=M.MERGE_PLAN_TILES[0], BS=256,
                          PP=1, PERM=perm), M.MERGE_PLAN_TILES[1]))
         br, bt, rw = M.MERGE_RANK_TILES
-        out.append((M._merge_rank, {"bp_ptr": f32, "ip_ptr": "*i32", "s_ptr": f32, "perm_ptr": "*i64",
+        out.append((MT._merge_rank, {"bp_ptr": f32, "ip_ptr": "*i32", "s_ptr": f32, "perm_ptr": "*i64",
                                     "rk_ptr": "*i32", "mt_ptr": "*i32"},
                     dict(HAS_SIZES=True, PADDED=True, PERM=perm, NAP=1024, BR=br, BT=bt), rw))
     for (lowp, rp, fbc), has_y, perm in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),

@@ -99,7 +99,7 @@ def _bb_fake(metric, valid_b):
     return metric.new_empty((b, na)), metric.new_empty((b, na), dtype=torch.long)
 
 
-_define("bipartite_best", "(Tensor metric, Tensor? valid_b) -> (Tensor, Tensor)", _bb_fake, "merge")
+_define("bipartite_best", "(Tensor metric, Tensor? valid_b) -> (Tensor, Tensor)", _bb_fake, "match")
 
 
 def _mr_fake(x, sizes, prim, members, owner, include_prim):

@@ -1,7 +1,7 @@
 """Compatibility shim for the scripts under ``scripts/``: nothing in the package or the tests uses it.
 
 The Triton kernels used to live in this one module. They are now split by op family: ``attention.py``,
-``scores.py``, ``merge.py``, ``keep.py``, ``apet.py``, with shared helpers in ``_triton_common.py``. New
+``scores.py``, ``match.py``, ``merge.py``, ``keep.py``, ``apet.py``, with shared helpers in ``_triton_common.py``. New
 code imports those modules. Here ``T.name`` reads ``name`` from the module that defines it (for example
 ``T.EA_CONFIG``, ``T.merge_step``). ``T.name = value`` assigns it in that module too, so that the scripts'
 ``T.MERGE_STEP_SPLIT = ...`` still changes what the launcher reads.
@@ -9,9 +9,9 @@ code imports those modules. Here ``T.name`` reads ``name`` from the module that 
 import sys
 import types
 
-from . import _triton_common, apet, attention, keep, merge, pitome, scores
+from . import _triton_common, apet, attention, keep, match, merge, pitome, scores
 
-_FAMILIES = (attention, scores, merge, keep, apet, pitome, _triton_common)
+_FAMILIES = (attention, scores, match, merge, keep, apet, pitome, _triton_common)
 
 
 def _owner(name: str):
