@@ -385,12 +385,15 @@ def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H):
     # (stride smh) averaged as the reference's ``k.mean(1)``: float32 sums (in the order of a CPU's mean of contiguous
     # keys: 16 heads at a time in order, then those partial sums; other orders differ by an ulp of float32), divided by
     # H (IEEE division) and rounded to the keys' dtype
+    # H is a compile-time constant: the loop unrolls, so the H loads are in flight together (a loop over a runtime
+    # H waited for each head's load in turn: at batch 1 a serial chain of H load latencies per tile)
     ptrs = m_row + rows[:, None] * smn + offs_d[None, :]
     tot = tl.zeros(ptrs.shape, tl.float32)
-    for h0 in range(0, H, 16):
+    for h0 in tl.static_range(0, H, 16):
         part = tl.load(ptrs + h0 * smh, mask=mask, other=0.0).to(tl.float32)
-        for h in range(h0 + 1, tl.minimum(h0 + 16, H)):
-            part += tl.load(ptrs + h * smh, mask=mask, other=0.0).to(tl.float32)
+        for h in tl.static_range(1, 16):
+            if h0 + h < H:
+                part += tl.load(ptrs + (h0 + h) * smh, mask=mask, other=0.0).to(tl.float32)
         tot += part
     return tl.math.div_rn(tot, tot * 0.0 + H).to(m_row.dtype.element_ty)
 

@@ -73,10 +73,10 @@ def _configs():
                     dict(HAS_BIAS=True, HAS_VALID=True, IS_F32=False, DP=dp, BM=bm, BN=bn), w))
     for is32 in (False, True):
         out.append((MT._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
-                    dict(HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
+                    dict(H=1, HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
     # merge_step's three-launch matching: padding read off the sizes, partners into its int32 scratch
     out.append((MT._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
-                dict(HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
+                dict(H=1, HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
     for hs in (True, False):
         out.append((M._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
@@ -102,13 +102,13 @@ def _configs():
             out.append((M._merge_step, ms_types,
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
                              NAP=128, NBP=128,
-                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True), warps))
+                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True, H=12), warps))
     # pitome's steps (the rows read through its order; ViT-B at budget 0.25: 12-24 candidates, ~180 kept rows)
     for mode, nap, warps in ((0, 16, M.MERGE_STEP_WARPS), (2, 16, M.MERGE_STEP_SPLIT["mwarps"]),
                              (0, 64, M.MERGE_STEP_WARPS)):
         out.append((M._merge_step, ms_types,
                     dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False, LOWP=True, NAP=nap,
-                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True),
+                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True, H=12),
                     warps))  # pitome's metric: the keys per head, as merge's
     for perm in (False, True):
         out.append((M._merge_plan, {"rk_ptr": "*i32", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,
@@ -133,7 +133,8 @@ def _configs():
     for is32, padded in ((False, False), (False, True), (True, False)):
         out.append((PT._pitome_order, {"m_ptr": f32 if is32 else f16, "s_ptr": f32, "e_ptr": f32, "perm_ptr": "*i64",
                                        "margin": "fp32"},
-                    dict(PADDED=padded, IS_F32=is32, DP=64, BR=cfg["br_f32" if is32 else "br"], BT=cfg["bt"], PP=1),
+                    dict(PADDED=padded, IS_F32=is32, DP=64, BR=cfg["br_f32" if is32 else "br"], BT=cfg["bt"], PP=1,
+                         H=12),
                     cfg["warps"]))
     out.append((AP._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)

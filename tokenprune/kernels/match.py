@@ -17,8 +17,8 @@ from ._triton_common import (_alloc, _argmax_update, _at, _cdiv, _cosine_tile, _
 # 1. bipartite matching: best B partner of every A token without the Na x Nb matrix in memory
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, svb, svn, VOFF, sib, NBS, sps,
-             HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb, svn, VOFF, sib, NBS, sps,
+             H: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # A token i is metric row P + 2i, B token j row P + 2j + 1; B token j is valid where vb[VOFF + j svn] > 0 (flags,
     # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype.
     # Program (b, pa, s) searches the B tokens [s NBS, (s + 1) NBS) (NBS a multiple of BN) and writes its best and
@@ -37,7 +37,7 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, H, s
     an = _unit_rows(_metric_rows(base, P + 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
-    for b0 in range(s * NBS, tl.minimum(s * NBS + NBS, NB), BN):
+    for b0 in tl.range(s * NBS, tl.minimum(s * NBS + NBS, NB), BN, num_stages=1):  # as _merge_match
         offs_b = b0 + tl.arange(0, BN)
         bmask = offs_b < NB
         bt = _metric_rows(base, P + 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
@@ -71,8 +71,8 @@ def _best_partners(metric, valid_b=None):
     bm, bn = _bm_tiles(na, metric.dtype)
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
     sv = vb.stride() if valid_b is not None else (0, 0)
-    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, heads, sv[0], sv[1],
-                                         0, na, nbb, 0, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, sv[0], sv[1],
+                                         0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
                                          DP=max(16, _p2(d)), BM=bm, BN=bn, num_warps=4)
     return best, idx
 

@@ -93,7 +93,7 @@ def gather_rows(x, rows):
 #    large batches (the matching, then the row gather); NOTES.md sections 3 and 6, sessions 4-8
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d, am, dm, sa, row_a,
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am, dm, sa, row_a,
                  prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
                  PERM: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
@@ -102,7 +102,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ss
     an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
-    for j0 in range(0, NB, BT):
+    for j0 in tl.range(0, NB, BT, num_stages=1):  # no async prefetch: H loads per tile, shared memory stays small
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
@@ -128,7 +128,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ss
 @triton.jit
 def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, scr_ptr, bst_ptr, mt_ptr, ob_ptr,
                 rows_ptr, perm_ptr, P, NA, NB, R, C, D, N0, G,
-                sxb, sxn, syb, syn, smb, smn, smh, H, ssb, srcb, oxb, oxn, sprm,
+                sxb, sxn, syb, syn, smb, smn, smh, ssb, srcb, oxb, oxn, sprm, H: tl.constexpr,
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
@@ -480,11 +480,11 @@ class _StepPlan:
 
         def step(mode, grid, g, warps, **extra):
             return plan(_merge_step, grid, range(14),
-                        (p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[-2], smh, heads,
+                        (p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[-2], smh,
                          ssb, srcb, nout * c, c, sprm),
                         HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
-                        BT=32, MODE=mode, num_warps=warps, **flags, **extra)
+                        BT=32, MODE=mode, H=heads, num_warps=warps, **flags, **extra)
 
         if large:  # the matching (_bm_best), then _merge_plan
             self.valid = valid = bool(padded) and sizes is not None  # B tokens of size 0 (padding): no partners
@@ -495,10 +495,10 @@ class _StepPlan:
             br, bt, rwarps = MERGE_RANK_TILES
             sps = bsz * na  # one split's best / partner block
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
-                                  (na, nb, d, p, smb, smn, smh_, heads, svb if valid else 0, 2 if valid else 0,
+                                  (na, nb, d, p, smb, smn, smh_, svb if valid else 0, 2 if valid else 0,
                                    p + 1 if valid else 0, na, nbs, sps),
-                                  HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
-                                  BN=bn, num_warps=4),
+                                  H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
+                                  BM=bm, BN=bn, num_warps=4),
                              plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
                                   (p, na, nsplit, sps, ssb, sprm), HAS_SIZES=sizes is not None, PADDED=bool(padded),
                                   PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),

@@ -28,8 +28,8 @@ def _unit(t):
 
 
 @triton.jit
-def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn, smh, H, ssb,
-                  PADDED: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
+def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn, smh, ssb,
+                  H: tl.constexpr, PADDED: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr,
                   BT: tl.constexpr, PP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, DP)
@@ -52,7 +52,7 @@ def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn
         rm = rows < N
         an = _unit(_metric_rows(m_row, rows, offs_d, rm[:, None] & dm[None, :], smn, smh, H))
         acc = tl.zeros([BR], tl.float32)
-        for c0 in range(0, N, BT):
+        for c0 in tl.range(0, N, BT, num_stages=1):  # as the merge kernels: no async prefetch
             cols = c0 + tl.arange(0, BT)
             cm = cols < N
             bn = _unit(_metric_rows(m_row, cols, offs_d, cm[:, None] & dm[None, :], smn, smh, H))
@@ -120,7 +120,7 @@ def pitome_order(metric, sizes, p: int, cand: int, margin: float, padded: bool):
     is32 = metric.dtype == torch.float32
     br = max(16, min(cfg["br_f32" if is32 else "br"], _p2(n)))
     fast(_pitome_order)[(bsz,)](metric, sizes if has_s else e, e, perm, p, n, d, cand, float(margin),
-                                sm[0], sm[-2], smh, heads, sizes.stride(0) if has_s else 0,
-                                PADDED=has_s, IS_F32=is32, DP=max(16, _p2(d)), BR=br, BT=cfg["bt"],
+                                sm[0], sm[-2], smh, sizes.stride(0) if has_s else 0,
+                                H=heads, PADDED=has_s, IS_F32=is32, DP=max(16, _p2(d)), BR=br, BT=cfg["bt"],
                                 PP=_p2(max(p, 1)), num_warps=cfg["warps"])
     return e, perm
