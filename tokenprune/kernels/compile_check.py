@@ -64,7 +64,7 @@ def _configs():
         out.append((S._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
                                    "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=bn), 4))
     out.append((S._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
-                dict(HAS_W=True, NBP=2, BLOCK_N=128), 4))
+                dict(H=12, HAS_W=True, NBP=2, BLOCK_N=128), 4))
     bm, bn, w = S.RS_TILES
     for dp in (64, 128):  # Whisper / ViT heads; SigLIP-so400m's 72 pads to 128
         rs = {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lse_ptr": f32, "scale": "fp32"}

@@ -42,8 +42,9 @@ def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scal
 
 
 @triton.jit
-def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
-               HAS_W: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, NB, swb, swh, swn,
+               H: tl.constexpr, HAS_W: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr):
+    # H a compile-time constant: the head loop unrolls and its loads are in flight together
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,7 +52,7 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, H, NB, swb, swh, swn,
     offs_b = tl.arange(0, NBP)
     bmask = offs_b < NB
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for h in range(0, H):
+    for h in tl.static_range(H):
         pm = tl.load(pm_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=float("-inf"))
         ps = tl.load(ps_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=0.0)
         mx = tl.max(pm, 0)
@@ -106,8 +107,8 @@ class _ScoresPlan:
                                                           sbb, sbn),
                        dict(HAS_BIAS=bias is not None, DP=_p2(d), BLOCK_N=block_n, num_warps=4),
                        (0, 1, 2) if bias is not None else (0, 1)),
-            LaunchPlan(_qs_reduce, (b, nb), (3, 4, 5, 6, 7), (n, h, nb, sw[0], sw[1], sw[2]),
-                       dict(HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4),
+            LaunchPlan(_qs_reduce, (b, nb), (3, 4, 5, 6, 7), (n, nb, sw[0], sw[1], sw[2]),
+                       dict(H=h, HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4),
                        (6,) if head_weights is not None else ()))
 
     def __call__(self, q_row, k, bias, head_weights):
