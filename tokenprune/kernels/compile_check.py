@@ -103,6 +103,10 @@ def _configs():
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
                              NAP=128, NBP=128,
                              DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True, H=12), warps))
+    # compiled calls: the key mean as an op first (H 1: the B tiles prefetched)
+    out.append((M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False,
+                                              LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, BT=32, MODE=0,
+                                              LOG_SIZES=True, H=1), M.MERGE_STEP_WARPS))
     # pitome's steps (the rows read through its order; ViT-B at budget 0.25: 12-24 candidates, ~180 kept rows)
     for mode, nap, warps in ((0, 16, M.MERGE_STEP_WARPS), (2, 16, M.MERGE_STEP_SPLIT["mwarps"]),
                              (0, 64, M.MERGE_STEP_WARPS)):

@@ -102,7 +102,8 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
     an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
-    for j0 in tl.range(0, NB, BT, num_stages=1):  # no async prefetch: H loads per tile, shared memory stays small
+    for j0 in tl.range(0, NB, BT, num_stages=1 if H > 1 else 3):  # H > 1: no prefetch (the H loads per tile in flight
+        # together; prefetched, they took twice the shared memory)
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
