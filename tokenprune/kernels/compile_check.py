@@ -123,7 +123,7 @@ def _configs():
         br, bt, rw = M.MERGE_RANK_TILES
         out.append((MT._merge_rank, {"bp_ptr": f32, "ip_ptr": "*i32", "s_ptr": f32, "perm_ptr": "*i64",
                                     "rk_ptr": "*i32", "mt_ptr": "*i32"},
-                    dict(HAS_SIZES=True, PADDED=True, PERM=perm, NAP=1024, BR=br, BT=bt), rw))
+                    dict(S=M.MERGE_BEST_SPLIT, HAS_SIZES=True, PADDED=True, PERM=perm, NAP=1024, BR=br, BT=bt), rw))
     for (lowp, rp, fbc), has_y, perm in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
                                                            (False, 16, 32)), (False, True), (False, True)):
         if perm and not (lowp and has_y):

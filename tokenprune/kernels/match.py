@@ -18,7 +18,8 @@ from ._triton_common import (_alloc, _argmax_update, _at, _cdiv, _cosine_tile, _
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb, svn, VOFF, sib, NBS, sps,
-             H: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+             H: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr):
     # A token i is metric row P + 2i, B token j row P + 2j + 1; B token j is valid where vb[VOFF + j svn] > 0 (flags,
     # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype.
     # Program (b, pa, s) searches the B tokens [s NBS, (s + 1) NBS) (NBS a multiple of BN) and writes its best and
@@ -72,8 +73,9 @@ def _best_partners(metric, valid_b=None):
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
     sv = vb.stride() if valid_b is not None else (0, 0)
     fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, sv[0], sv[1],
-                                         0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None, IS_F32=metric.dtype == torch.float32,
-                                         DP=max(16, _p2(d)), BM=bm, BN=bn, num_warps=4)
+                                         0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None,
+                                         IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
+                                         num_warps=4)
     return best, idx
 
 
@@ -84,13 +86,13 @@ def _bm_tiles(na: int, dtype) -> tuple:
 
 
 @triton.jit
-def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES: tl.constexpr, PADDED: tl.constexpr,
-             PERM: tl.constexpr):
+def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S: tl.constexpr, sps, HAS_SIZES: tl.constexpr,
+             PADDED: tl.constexpr, PERM: tl.constexpr):
     # the best similarity and partner of A tokens ``offs`` of sample b over _bm_best's S splits (ties: the earlier
     # split, whose B tokens come first, as torch.max); padding slots (size 0) +inf, merged first; -inf where masked
     best = tl.load(bp_ptr + b * NA + offs, mask=m, other=float("-inf"))
     arg = tl.load(ip_ptr + b * NA + offs, mask=m, other=0)
-    for s in range(1, S):
+    for s in tl.static_range(1, S):
         v = tl.load(bp_ptr + s * sps + b * NA + offs, mask=m, other=float("-inf"))
         i = tl.load(ip_ptr + s * sps + b * NA + offs, mask=m, other=0)
         better = v > best
@@ -102,8 +104,8 @@ def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES: t
 
 
 @triton.jit
-def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, S, sps, ssb, sprm,
-                HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, PERM: tl.constexpr, NAP: tl.constexpr,
+def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, sps, ssb, sprm,
+                S: tl.constexpr, HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, PERM: tl.constexpr, NAP: tl.constexpr,
                 BR: tl.constexpr, BT: tl.constexpr):
     # program (b, t): A tokens [t BR, (t + 1) BR) of sample b. Their best similarity and partner (_best_of), and
     # their rank by (best desc, index asc) among all NA, counted against tiles of BT (the R first are merged away):
@@ -115,7 +117,7 @@ def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, S, sps, 
     prm = perm_ptr + b * sprm
     best, arg = _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES, PADDED, PERM)
     rank = tl.zeros([BR], tl.int32)
-    for t0 in range(0, NA, BT):
+    for t0 in tl.range(0, NA, BT, loop_unroll_factor=4):  # as _rank_desc: 4 tiles of loads in flight
         ot = t0 + tl.arange(0, BT)
         om = ot < NA
         st, _ = _best_of(bp_ptr, ip_ptr, s_row, prm, b, ot, om, P, NA, S, sps, HAS_SIZES, PADDED, PERM)

@@ -93,8 +93,8 @@ def gather_rows(x, rows):
 #    large batches (the matching, then the row gather); NOTES.md sections 3 and 6, sessions 4-8
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am, dm, sa, row_a,
-                 prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
+def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am,
+                 dm, sa, row_a, prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
                  PERM: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
@@ -501,7 +501,7 @@ class _StepPlan:
                                   H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
                                   BM=bm, BN=bn, num_warps=4),
                              plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
-                                  (p, na, nsplit, sps, ssb, sprm), HAS_SIZES=sizes is not None, PADDED=bool(padded),
+                                  (p, na, sps, ssb, sprm), S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded),
                                   PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),
                              plan(_merge_plan, (bsz,), (15, 3, 4, 6, 7, 8, 10, 11, 12, 13),
                                   (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=MERGE_PLAN_TILES[0], BS=256,
