@@ -38,7 +38,7 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb,
     an = _unit_rows(_metric_rows(base, P + 2 * offs_a, offs_d, amask[:, None] & dmask[None, :], smn, smh, H))
     best = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.zeros([BM], tl.int32)
-    for b0 in tl.range(s * NBS, tl.minimum(s * NBS + NBS, NB), BN, num_stages=1):  # as _merge_match
+    for b0 in tl.range(s * NBS, tl.minimum(s * NBS + NBS, NB), BN, num_stages=1):  # no prefetch, as _merge_match
         offs_b = b0 + tl.arange(0, BN)
         bmask = offs_b < NB
         bt = _metric_rows(base, P + 2 * offs_b + 1, offs_d, bmask[:, None] & dmask[None, :], smn, smh, H)
@@ -85,6 +85,9 @@ def _bm_tiles(na: int, dtype) -> tuple:
     return (min(bm, 32), 32) if dtype == torch.float32 else (bm, 64)
 
 
+# ---------------------------------------------------------------------------------------------------
+# 2. the long inputs' ranking (merge_step's second launch): the splits combined, each A token's rank
+# ---------------------------------------------------------------------------------------------------
 @triton.jit
 def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S: tl.constexpr, sps, HAS_SIZES: tl.constexpr,
              PADDED: tl.constexpr, PERM: tl.constexpr):
