@@ -17,7 +17,7 @@ inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 e
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
-Whisper-large merge step, the three-launch path, and the blocks around it: the block loop at the real token counts, the
+Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
 ``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel times, SDPA with
 and without the key bias, one linear at changing token counts):
 
@@ -528,7 +528,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
 
 def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
     """CPU only: host microseconds of the pieces of one eager batch-1 ``merge`` step of the Whisper-large-v3 encoder
-    (1500 tokens, 20 heads of 64, fp16, budget 0.5: 31 steps of about 25 tokens; the three-launch path of
+    (1500 tokens, 20 heads of 64, fp16, budget 0.5: 31 steps of about 25 tokens; the four-launch path of
     ``kernels.merge_step``) and of the blocks around it, the CUDA path's Python with every Triton launch a no-op
     (``_dry_kernels``). The HF layer itself runs on CPU at a tiny width (16 tokens, d 80, 20 heads, fp16): there its
     aten ops compute, so only its differences (the ``tokenprune_sdpa`` routing, the key bias, recording q/k) are host
@@ -595,7 +595,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
             - base)
         put("  ops.bipartite_merge", _us(lambda: ops.bipartite_merge(merged_state(), k1, r), n_it) - base)
         kw = {"scratch": {}} if "scratch" in inspect.signature(kernels.merge_step).parameters else {}  # (older code)
-        put("  kernels.merge_step (three launches; a forward's scratch dict)", _us(lambda: kernels.merge_step(
+        put("  kernels.merge_step (four launches; a forward's scratch dict)", _us(lambda: kernels.merge_step(
             x1, k1, st0.sizes, st0.source, 0, r, False, t, True, **kw), n_it))
         if hasattr(kmerge, "_large_match"):  # the matching as a call of its own (before the launch plans held it)
             put("    the matching alone (_large_match)", _us(lambda: kmerge._large_match(k1, st0.sizes, None, 0, False),
@@ -662,7 +662,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
-    three-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
+    four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
     time (profiler), host time per eager call (the forward's scratch dict reused, as in a forward). Per block: SDPA
     with and without the log-size key bias at that token count (host and GPU time), and the host time of one linear
     (1280 -> 5120) when the token count changes every call (a merged forward's 31 counts) against a fixed one."""

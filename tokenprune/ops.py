@@ -135,7 +135,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
         return state.materialize()
     if r > n // 2:
         raise ValueError(f"bipartite merging removes at most half the tokens per step ({n // 2} of {n}), asked for {r}")
-    if kernels.use_triton(x, state.residual, order) and kernels.merge_step_fits(n, r):  # CUDA: one to three launches
+    if kernels.use_triton(x, state.residual, order) and kernels.merge_step_fits(n, r):  # CUDA: one to four launches
         # a deferred residual add (state.residual) goes into the kernel that writes the rows
         out = kernels.merge_step(x, metric, state.sizes, state.source, p + protect, r, state.padded,
                                  max_size=p + state.num_input, log_sizes=state.proportional,

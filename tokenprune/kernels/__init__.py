@@ -233,7 +233,7 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
     """Whether :func:`merge_step` handles ``n`` non-prefix tokens with ``r`` of them merged away (one program per
-    sample up to 256 tokens; above, three launches for up to 16k tokens and 128 merged per step)."""
+    sample up to 256 tokens; above, four launches for up to 16k tokens and 128 merged per step)."""
     return _have_triton() and _impl().merge.merge_step_fits(n, r)
 
 
@@ -245,7 +245,7 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 # 1.079 ms (bs 256 eager: 17.41 vs 17.39 ms). Under CUDA graphs host time is free, so compiled calls take the op.
 # False: the op everywhere (for the comparison).
 KEY_MEAN_IN_KERNEL = True
-# Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, three-launch
+# Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, four-launch
 # merge step; pitome's one-program order) has each of its programs read every B key of every head, one head after the
 # other (the head loop's bound is a run-time value): H x the bytes, serially. One mean op reads the keys once. Run 11
 # (H200, Whisper-large bs 1, keys per head): 16.4 ms of GPU time per merged forward against 8.0 unreduced. 256: the

@@ -376,7 +376,7 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 # MERGE_STEP_SPLIT is None (tests switch the large-batch split off; above MERGE_STEP_MAX_A there is no one launch)
 
 
-MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_plan and _merge_gather (three launches)
+MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_rank, _merge_plan and _merge_gather (four launches)
 MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
 MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
 # long inputs (four launches): _bm_best's B tokens split over up to MERGE_BEST_SPLIT programs per A tile while the
@@ -428,9 +428,10 @@ _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
 
 class _StepPlan:
     """One signature's merge step: output shapes, and its launches as ``LaunchPlan``s over the tuple of tensors
-    ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm)``
-    (three launches: then the metric and sizes the matching ``_bm_best`` reads, with ``perm`` copies in that order;
-    it leaves the best similarities in scratch best, the partners in ``mt``), absent ones stood for by another."""
+    ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm,
+    split partners, ranks)`` (four launches: then the metric and sizes the matching ``_bm_best`` reads, with ``perm``
+    copies in that order; it leaves each B-token split's best similarities in scratch best and partners in split
+    partners, and ``_merge_rank`` the ranks and, in ``mt``, the partners), absent ones stood for by another."""
 
     def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -447,7 +448,7 @@ class _StepPlan:
         sm, sx = metric.stride(), x.stride()
         smh = sm[1] if heads > 1 else 0
         sy = residual.stride() if residual is not None else sx
-        self.large = large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: three launches
+        self.large = large = na > MERGE_STEP_MAX_A  # one program cannot hold the matching: four launches
         self.split_cfg = MERGE_STEP_SPLIT  # (the key holds its id)
         split = large or (MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"])
         cfg = MERGE_STEP_SPLIT or _LARGE_SPLIT
