@@ -12,7 +12,8 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
 eager and reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``kernels_b`` (the GPU kernels of a
-compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables), ``keymean`` (ToMe's key mean
+compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
+SigLIP with cls, merge-3-stages and merge), ``keymean`` (ToMe's key mean
 inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
 bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
@@ -201,7 +202,7 @@ def prof_table(fn, x, path):
     path.write_text(text)
 
 
-def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
+def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25):
     """GPU kernels of one bs-1 forward compiled with ``torch.compile`` (default mode, no CUDA graphs: the kernels a
     ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, and the table of the top 40
     (``kernels_<case>_<variant>.txt``). Shows what each reduction adds against blocks that cost the same at any
@@ -212,10 +213,10 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b"):
 
     m, x = model_and_input(case, 1, smoke)
     kind = DeviceType.CUDA if DEV == "cuda" else DeviceType.CPU
-    for name, kw in [("unreduced", None)] + BS1[:6] + [M3]:
+    for name, kw in [("unreduced", None)] + (variants if variants is not None else BS1[:6] + [M3]):
         mv = copy.deepcopy(m)
         if kw is not None:
-            apply_variant(mv, (name, kw), 0.25)
+            apply_variant(mv, (name, kw), budget)
         run = torch.compile(forward_fn(case, mv), fullgraph=True)
         p = profiled(run, x)
         evs = [e for e in p.events() if e.device_type == kind and (DEV == "cuda" or e.name.startswith("aten::"))]
@@ -806,6 +807,9 @@ def main():
         python_profile(args.out, args.smoke)
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
+    if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
+        kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
+        kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
     if "compiled" in parts or "compiled_b" in parts:
         run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
     if "compiled" in parts or "compiled_l" in parts:
