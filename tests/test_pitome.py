@@ -163,14 +163,20 @@ def test_reducer_hands_the_keys_to_both_kernels(T, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
-@pytest.mark.parametrize("mode", ["one", "split", "plan"])
+@pytest.mark.parametrize("mode", ["one", "split", "plan", "plan_split"])
 @pytest.mark.parametrize("b,p,n,cand,r,padded,residual", [(2, 1, 37, 10, 5, False, False), (2, 0, 20, 20, 7, True, True),
                                                           (1, 3, 70, 31, 12, True, False), (2, 1, 50, 50, 20, False, True)])
 def test_merge_step_in_pitome_order_equals_reference(T, monkeypatch, mode, b, p, n, cand, r, padded, residual):
     """ToMe's merge step reading the rows through the order (protected rows as prefix: more than one tile of
-    them in the one-launch kernel; the large-batch matching + row gather; the three-launch form for long
-    inputs) equals the reference, which permutes first: tokens, sizes, their log, the source map."""
-    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if mode == "plan" else 128)
+    them in the one-launch kernel; the large-batch matching + row gather; the four-launch form for long
+    inputs, also with the matching split over B tokens as on a GPU with idle SMs) equals the reference, which
+    permutes first: tokens, sizes, their log, the source map."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if mode.startswith("plan") else 128)
+    if mode == "plan_split":  # B tokens in tiles of 4, split over up to 3 programs; ranks in programs of 8
+        monkeypatch.setattr(T.merge, "_num_sms", lambda device: 132)
+        monkeypatch.setattr(T.merge, "_bm_tiles", lambda na, dtype: (16, 4))
+        monkeypatch.setattr(T.merge, "MERGE_RANK_TILES", (8, 4, 4))
+        monkeypatch.setattr(T.merge, "MERGE_BEST_SPLIT", 3)
     monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16,
                                                       "fbc_many": 32} if mode == "split" else None)
     g = gen(52)
