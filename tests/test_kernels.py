@@ -930,6 +930,18 @@ def test_apet_stage_large_eps_and_fewer_valid_than_k(T):
     assert torch.isfinite(err).all()
 
 
+def test_apet_stage_arg_max_over_negative_distances(T):
+    """The kernel's one-reduction arg-max orders negative distances as floats: a G (not a Gram matrix) whose
+    distances after the first pick are all below 0, as rounding gives for near-duplicate tokens, picks as
+    torch.argmax does (an int order of the raw float bits would take -0.4 over -0.1)."""
+    g = torch.tensor([[100.0, 40.2, 40.05], [40.2, -20.0, 0.0], [40.05, 0.0, -20.0]], dtype=torch.float64)[None]
+    # first pick: token 0 (distance to the mean -20.2 against -33.5 / -33.4); then d_i = G_ii - 2 G_i0 + G_00:
+    # -0.4 and -0.1
+    basis, _ = T.apet.apet_stage(g.float(), None, 2, eps=1e-5)
+    rbasis, _ = R.apet_stage(g, None, 2, eps=1e-5)
+    assert rbasis[0].tolist() == [0, 2] and torch.equal(basis, rbasis)
+
+
 def test_apet_stage_collinear_basis_stays_finite(T):
     """Two basis tokens on one line: G_S is singular but for eps; float32 pivots are clamped at eps."""
     x, _ = separated(1, 20, 16, gen(30), False)

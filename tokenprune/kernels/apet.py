@@ -158,18 +158,21 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, idx_ptr, N, K, KN, eps, pmin, sg
     s = tl.sum(r * w, 0)
     dist = sq - 2.0 * r / nv + s / (nv * nv)
     dist = tl.where(ok, dist, float("-inf"))
-    # -- farthest-point sampling: one row of G per step
+    # -- farthest-point sampling: one row of G per step. The arg-max is one reduction: each distance as an int32 in
+    #    the float order, in the high half of an int64 whose low half is NP - 1 - index, so the max is the first
+    #    index of the max, as torch.argmax; |c|^2 = G_cc is loaded with its row (no second reduction per step)
     offs_k = tl.arange(0, KP)
     km = offs_k < K
     chosen = tl.zeros([KP], tl.int32)
     taken = offs < 0
     for j in range(0, K):
-        m = tl.max(dist, 0)
-        c = tl.min(tl.where(dist == m, offs, NP), 0)  # first index of the max, as torch.argmax
+        bits = dist.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # negative floats: reversed order
+        c = NP - 1 - (tl.max((key << 32) | (NP - 1 - offs).to(tl.int64), 0) & 0xFFFFFFFF).to(tl.int32)
         chosen = tl.where(offs_k == j, c, chosen)
         taken = taken | (offs == c)
         gc = tl.load(gb + c.to(tl.int64) * sgn + offs, mask=nm, other=0.0)
-        sqc = tl.sum(tl.where(offs == c, sq, 0.0), 0)
+        sqc = tl.load(gb + c.to(tl.int64) * (sgn + 1))
         d = sq - 2.0 * gc + sqc
         dist = tl.where(j == 0, d, tl.minimum(dist, d))
         dist = tl.where(ok & (~taken), dist, float("-inf"))
