@@ -243,11 +243,12 @@ def _interpreted(kernel) -> bool:
 
 
 @triton.jit
-def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
+def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr, UNROLL: tl.constexpr = 4):
     # rank of each value among the N values at row_ptr: how many come first by (value desc, index asc);
-    # vals[i] is the value at index offs[i] of that row, counted against it in tiles of BT
+    # vals[i] is the value at index offs[i] of that row, counted against it in tiles of BT, UNROLL tiles at a time
+    # (their loads in flight together; 1 where registers are capped)
     rank = tl.zeros(vals.shape, tl.int32)
-    for t0 in tl.range(0, N, BT, loop_unroll_factor=4):  # unrolled: the loads of 4 tiles in flight together
+    for t0 in tl.range(0, N, BT, loop_unroll_factor=UNROLL):
         ot = t0 + tl.arange(0, BT)
         om = ot < N
         st = tl.load(row_ptr + ot, mask=om, other=float("-inf")).to(tl.float32)
@@ -380,21 +381,29 @@ def _unit_rows(t):
 
 
 @triton.jit
-def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H):
+def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: tl.constexpr = True):
     # the metric's rows ``rows`` of one sample (columns offs_d; 0 where masked off). H > 1: the keys of H heads
     # (stride smh) averaged as the reference's ``k.mean(1)``: float32 sums (in the order of a CPU's mean of contiguous
     # keys: 16 heads at a time in order, then those partial sums; other orders differ by an ulp of float32), divided by
     # H (IEEE division) and rounded to the keys' dtype
-    # H is a compile-time constant: the loop unrolls, so the H loads are in flight together (a loop over a runtime
-    # H waited for each head's load in turn: at batch 1 a serial chain of H load latencies per tile)
+    # UNROLL (batch 1): the head loop unrolls, so the H loads are in flight together (a loop waits for each head's
+    # load in turn: a serial chain of H load latencies per tile). Large batches hide that latency with other
+    # programs, and the unrolled loads spill under merge_step's register cap: there the loop stays a loop
     ptrs = m_row + rows[:, None] * smn + offs_d[None, :]
     tot = tl.zeros(ptrs.shape, tl.float32)
-    for h0 in tl.static_range(0, H, 16):
-        part = tl.load(ptrs + h0 * smh, mask=mask, other=0.0).to(tl.float32)
-        for h in tl.static_range(1, 16):
-            if h0 + h < H:
-                part += tl.load(ptrs + (h0 + h) * smh, mask=mask, other=0.0).to(tl.float32)
-        tot += part
+    if UNROLL:
+        for h0 in tl.static_range(0, H, 16):
+            part = tl.load(ptrs + h0 * smh, mask=mask, other=0.0).to(tl.float32)
+            for h in tl.static_range(1, 16):
+                if h0 + h < H:
+                    part += tl.load(ptrs + (h0 + h) * smh, mask=mask, other=0.0).to(tl.float32)
+            tot += part
+    else:
+        for h0 in range(0, H, 16):
+            part = tl.load(ptrs + h0 * smh, mask=mask, other=0.0).to(tl.float32)
+            for h in range(h0 + 1, tl.minimum(h0 + 16, H)):
+                part += tl.load(ptrs + h * smh, mask=mask, other=0.0).to(tl.float32)
+            tot += part
     return tl.math.div_rn(tot, tot * 0.0 + H).to(m_row.dtype.element_ty)
 
 

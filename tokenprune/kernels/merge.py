@@ -95,19 +95,20 @@ def gather_rows(x, rows):
 @triton.jit
 def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am,
                  dm, sa, row_a, prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
-                 PERM: tl.constexpr):
+                 PERM: tl.constexpr, UNROLL: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
-    #    B tokens' rows come from the order ``prm`` too)
-    an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H))
+    #    B tokens' rows come from the order ``prm`` too); UNROLL (MODE 0, small batches): as _metric_rows, and with
+    #    the mean given (H 1) the B tiles prefetched
+    an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H, UNROLL))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
-    for j0 in tl.range(0, NB, BT, num_stages=1 if H > 1 else 3):  # H > 1: no prefetch (the H loads per tile in flight
-        # together; prefetched, they took twice the shared memory)
+    for j0 in tl.range(0, NB, BT, num_stages=3 if UNROLL and H == 1 else 1):  # H > 1: no prefetch (prefetching the
+        # H loads per tile took twice the shared memory)
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
-        mt = _metric_rows(m_ptr + b * smb, rt, offs_d, tm[:, None] & dm[None, :], smn, smh, H)
+        mt = _metric_rows(m_ptr + b * smb, rt, offs_d, tm[:, None] & dm[None, :], smn, smh, H, UNROLL)
         sim = _cosine_tile(an, mt, IS_F32)
         okt = tm
         if PADDED:
@@ -122,7 +123,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
     bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
     tl.store(bst_row + offs_a, best)
     tl.debug_barrier()
-    rank = _rank_desc(best, offs_a, bst_row, NA, BT)
+    rank = _rank_desc(best, offs_a, bst_row, NA, BT, 4 if UNROLL else 1)
     return arg, rank
 
 
@@ -161,7 +162,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
     arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d, am, dm,
-                             sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM)
+                             sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0)
     is_src = (rank < R) & am
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
