@@ -103,8 +103,8 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
     an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H, UNROLL))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
-    for j0 in tl.range(0, NB, BT, num_stages=3 if UNROLL and H == 1 else 1):  # H > 1: no prefetch (prefetching the
-        # H loads per tile took twice the shared memory)
+    for j0 in tl.range(0, NB, BT, num_stages=(3 if H == 1 else 1) if UNROLL else 1):  # H > 1: no prefetch
+        # (prefetching the H loads per tile took twice the shared memory)
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
