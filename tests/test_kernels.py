@@ -1206,7 +1206,12 @@ def test_kernels_compile_for_sm90_without_spills():
     rows = json.loads(res.stdout.strip().splitlines()[-1])
     # the fp16/bf16 tensor-core paths that run by default (float32-product variants may spill a little, and
     # so may the variants only gpu_profile.py sweeps)
-    half = [r for r in rows if not r["config"].get("IS_F32") and r["config"].get("LOWP", True) and not r["sweep_only"]]
+    half = [r for r in rows if not r["config"].get("IS_F32") and r["config"].get("LOWP", True) and not r["sweep_only"]
+            and "maxnreg" not in r["config"]]
+    # merge_step's large-batch build under its register cap spills, but no more than before session 8 (46; 72-78 when
+    # its head loop was unrolled)
+    capped = [r for r in rows if "maxnreg" in r["config"]]
+    assert len(capped) == 2 and all(r.get("local_ld_st", 0) <= 60 for r in capped), capped
     assert {(r["kernel"], r["config"].get("DP")) for r in half} >= {("_ea_context", 64), ("_ea_context", 128)}
     # (sessions 1-6 compiled without the runtime's alignment hints and saw 5-12 local loads / stores in the
     # d = 128 pass 1; built as launched, with its loads pipelined, no default spills)

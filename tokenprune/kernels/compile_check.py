@@ -107,6 +107,12 @@ def _configs():
     out.append((M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False,
                                               LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, BT=32, MODE=0,
                                               LOG_SIZES=True, H=1), M.MERGE_STEP_WARPS))
+    # large batches above the SM count: MODE 2 under merge_step's register cap ("maxnreg" is a compiler option, not a
+    # constant; it spills: 46 local ld/st before session 8, 72-78 with the head loop unrolled, 50 / 54 now)
+    capped = [(M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=False, PADDED=True, HAS_SOURCE=True, IS_F32=False,
+                                             LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, BT=32, MODE=2,
+                                             LOG_SIZES=True, H=h, maxnreg=M.MERGE_STEP_SPLIT["mmaxnreg"]),
+               M.MERGE_STEP_SPLIT["mwarps"]) for h in (12, 1)]
     # pitome's steps (the rows read through its order; ViT-B at budget 0.25: 12-24 candidates, ~180 kept rows)
     for mode, nap, warps in ((0, 16, M.MERGE_STEP_WARPS), (2, 16, M.MERGE_STEP_SPLIT["mwarps"]),
                              (0, 64, M.MERGE_STEP_WARPS)):
@@ -150,7 +156,7 @@ def _configs():
                                      "e_ptr": f32, "idx_ptr": "*i64", "eps": "fp32", "pmin": "fp32"},
                     dict(HAS_VALID=True, SELECT=select, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
-    return [(*c, False) for c in out] + [(*c, True) for c in sweep]
+    return [(*c, False) for c in out + capped] + [(*c, True) for c in sweep]
 
 
 def check(arch: int = 90, verbose: bool = True) -> list[dict]:
@@ -165,12 +171,13 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
     rows = []
     for fn, types, consts, warps, sweep_only in _configs():
         consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+        opts = {"num_warps": warps, **({"maxnreg": consts.pop("maxnreg")} if "maxnreg" in consts else {})}
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if a not in consts and (sig[a].startswith("*") or ALIGNED.match(a))}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                           options={"num_warps": warps})
-        row = {"kernel": fn.__name__, "config": dict(consts, num_warps=warps), "shared": k.metadata.shared,
+                           options=opts)
+        row = {"kernel": fn.__name__, "config": dict(consts, **opts), "shared": k.metadata.shared,
                "sweep_only": sweep_only}
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
