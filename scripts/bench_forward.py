@@ -767,6 +767,10 @@ def main():
             run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
             run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
         kernels.KEY_MEAN_IN_KERNEL = True
+        kernels.KEY_MEAN_IN_KERNEL_COMPILED = True  # compiled calls reading the keys per head as well
+        run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke,
+                 tag="key mean in the kernel, compiled too")
+        kernels.KEY_MEAN_IN_KERNEL_COMPILED = False
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 

@@ -501,12 +501,14 @@ def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
     monkeypatch.setattr(R, "key_mean", lambda k: means.append(k.shape) or mean(k))  # counts the mean ops
     monkeypatch.setattr(kernels, "_via_op", lambda: False)  # the launcher itself (the CPU op runs the reference)
     outs = []
-    for flag, compiling in ((True, False), (False, False), (True, True)):
+    for flag, compiling, in_compiled in ((True, False, False), (False, False, False), (True, True, False),
+                                         (True, True, True)):
         means.clear()
         monkeypatch.setattr(kernels, "KEY_MEAN_IN_KERNEL", flag)
+        monkeypatch.setattr(kernels, "KEY_MEAN_IN_KERNEL_COMPILED", in_compiled)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
         outs.append(kernels.merge_step(x, keys, None, None, 1, 8, False))
-        assert means == ([] if flag and not compiling else [keys.shape])
+        assert means == ([] if flag and (in_compiled or not compiling) else [keys.shape])
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert (a is None and b is None) or torch.equal(a, b)
@@ -527,7 +529,7 @@ def test_long_inputs_take_the_key_mean_as_an_op(monkeypatch):
 
 @pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 520, 128), (4, 601, 129)])
 def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
-    """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes three launches, several tiles of
+    """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes four launches, several tiles of
     128 A tokens each (the last one partial: 300 and 260 A tokens here; the interpreter's time grows with N,
     the tiling does not change above three tiles), and equals the PyTorch path; at exactly 128 merged tokens
     it stays on the kernels, above 128 per step it leaves the step to the PyTorch glue (matching +

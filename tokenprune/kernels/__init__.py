@@ -245,6 +245,10 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 # 1.079 ms (bs 256 eager: 17.41 vs 17.39 ms). Under CUDA graphs host time is free, so compiled calls take the op.
 # False: the op everywhere (for the comparison).
 KEY_MEAN_IN_KERNEL = True
+# Compiled calls reading the keys per head too (not the default). Since session 8 the kernels' head loop is unrolled
+# at batch 1 (its loads were serial: the 19.0 us above); whether the one kernel then beats the op + kernel under CUDA
+# graphs (about 2.7 us per kernel) is what bench_forward.py --parts keymean measures next.
+KEY_MEAN_IN_KERNEL_COMPILED = False
 # Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, four-launch
 # merge step; pitome's one-program order) has each of its programs read every B key of every head, one head after the
 # other (the head loop's bound is a run-time value): H x the bytes, serially. One mean op reads the keys once. Run 11
@@ -255,10 +259,10 @@ KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with
-    ``KEY_MEAN_IN_KERNEL`` off."""
+    their mean (one op) while compiling (unless ``KEY_MEAN_IN_KERNEL_COMPILED``), above
+    ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with ``KEY_MEAN_IN_KERNEL`` off."""
     if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
-                              or torch.compiler.is_compiling()):
+                              or (torch.compiler.is_compiling() and not KEY_MEAN_IN_KERNEL_COMPILED)):
         return reference.key_mean(metric)
     return metric
 
