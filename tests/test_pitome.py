@@ -65,7 +65,8 @@ import math  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from test_kernels import T, _use_interpreted, gen, qkv_keys, rel  # noqa: E402,F401  (T: the interpreted Triton kernels)
+# T: the interpreted Triton kernels
+from test_kernels import T, _split_matching, _use_interpreted, gen, qkv_keys, rel  # noqa: E402,F401
 from tokenprune import kernels  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
 
@@ -172,11 +173,8 @@ def test_merge_step_in_pitome_order_equals_reference(T, monkeypatch, mode, b, p,
     inputs, also with the matching split over B tokens as on a GPU with idle SMs) equals the reference, which
     permutes first: tokens, sizes, their log, the source map."""
     monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0 if mode.startswith("plan") else 128)
-    if mode == "plan_split":  # B tokens in tiles of 4, split over up to 3 programs; ranks in programs of 8
-        monkeypatch.setattr(T.merge, "_num_sms", lambda device: 132)
-        monkeypatch.setattr(T.merge, "_bm_tiles", lambda na, dtype: (16, 4))
-        monkeypatch.setattr(T.merge, "MERGE_RANK_TILES", (8, 4, 4))
-        monkeypatch.setattr(T.merge, "MERGE_BEST_SPLIT", 3)
+    if mode == "plan_split":
+        _split_matching(T, monkeypatch)
     monkeypatch.setattr(T.merge, "MERGE_STEP_SPLIT", {"min_batch": 1, "rb": 4, "gbc": 16, "gwarps": 4, "fbc": 16,
                                                       "fbc_many": 32} if mode == "split" else None)
     g = gen(52)

@@ -489,7 +489,7 @@ class _StepPlan:
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
                         BT=32, MODE=mode, H=heads, num_warps=warps, **flags, **extra)
 
-        if large:  # the matching (_bm_best), then _merge_plan
+        if large:  # the matching (_bm_best), the ranking (_merge_rank), then _merge_plan
             self.valid = valid = bool(padded) and sizes is not None  # B tokens of size 0 (padding): no partners
             smb, smn, smh_, svb = sm[0], sm[-2], smh, ssb
             if perm is not None:  # the matching reads copies gathered in the step's order (contiguous)

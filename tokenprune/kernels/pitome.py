@@ -96,8 +96,9 @@ def _pitome_order(m_ptr, s_ptr, e_ptr, perm_ptr, P, N, D, CAND, margin, smb, smn
 # rows per tile (at most; float32 products run on the FMA units and spill above 32), columns per tile, warps.
 # sm_90 build (compile_check), the mean as input: fp16 BR=256 117 registers, no spills (two programs per SM, so bs 256
 # runs in one wave on an H200, and N <= 256 is one row tile); fp32 BR=64 spilled (71 local ld/st). The keys per head
-# (averaged while loading, eager calls only: kernels._mean_first): fp16 BR=256 216 registers (one program per SM),
-# fp32 BR=32 14 local ld/st; not timed on a GPU alone (the merge step's per-head reads cost GPU time: NOTES.md)
+# (averaged while loading, eager calls only: kernels._mean_first; the head count a compile-time constant since session
+# 8, its loads unrolled): fp16 BR=256 184 registers (one program per SM), fp32 BR=32 48 registers, no spills (14 local
+# ld/st before); not timed on a GPU alone
 PITOME_ORDER_CONFIG = {"br": 256, "br_f32": 32, "bt": 32, "warps": 8}
 
 
