@@ -399,7 +399,7 @@ def test_bipartite_merge_fused_path_equals_pytorch_path(T, monkeypatch, padded, 
     sizes and source map as its PyTorch path."""
     if one_launch == "plan_split":
         _split_matching(T, monkeypatch)
-        assert T.merge._best_split(2, 11, 10, dtype, x_device := torch.device("cpu")) == (3, 4), x_device
+        assert T.merge._best_split(2, 11, 10, dtype, torch.device("cpu")) == (3, 4)  # 3 splits of 4 B tokens
     monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 128 if one_launch in (True, "gather") else 0)
     monkeypatch.setattr(T.merge, "MERGE_PLAN_MAX_A", 0 if one_launch is False else 8192)
     # gather (large batches): matching with a row map, then whole rows copied (4 rows, 16 columns at a
