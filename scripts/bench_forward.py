@@ -758,15 +758,14 @@ def main():
     if "keymean" in parts:  # ToMe's key mean inside the merge kernels against one op before them (KEY_MEAN_IN_KERNEL)
         from tokenprune import kernels
 
-        for flag in (True, False):  # compiled calls too (by default they take the op either way)
-            kernels.KEY_MEAN_IN_KERNEL = kernels.KEY_MEAN_IN_KERNEL_COMPILED = flag
+        for flag in (True, False):  # compiled calls take the op either way
+            kernels.KEY_MEAN_IN_KERNEL = flag
             tag = f"key mean {'in the kernel' if flag else 'as an op'}"
             for case in ("vit_b", "vit_l"):
                 run_case(case, 1, ["eager"], [("merge", {}), M3], 0.25, reps, args.smoke, host=True, tag=tag)
-            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke, tag=tag)
             run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
             run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
-        kernels.KEY_MEAN_IN_KERNEL, kernels.KEY_MEAN_IN_KERNEL_COMPILED = True, False
+        kernels.KEY_MEAN_IN_KERNEL = True
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 

@@ -243,12 +243,10 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 # matching then reads H times the metric's bytes: on an H200 (2026-12-05, --parts keymean and kernels_b) the ViT-B
 # bs-1 merge step took 19.0 us of GPU time against ~12.7 with the mean first, and reduce-overhead merge ran 1.093 vs
 # 1.079 ms (bs 256 eager: 17.41 vs 17.39 ms). Under CUDA graphs host time is free, so compiled calls take the op.
+# With the head loop unrolled (session 8) reading the keys per head in compiled calls still lost: ViT-B bs-1
+# reduce-overhead merge 1.014 vs 0.982 ms (run 15, H200, --parts keymean); that switch was removed.
 # False: the op everywhere (for the comparison).
 KEY_MEAN_IN_KERNEL = True
-# Compiled calls reading the keys per head too (not the default). Since session 8 the kernels' head loop is unrolled
-# at batch 1 (its loads were serial: the 19.0 us above); whether the one kernel then beats the op + kernel under CUDA
-# graphs (about 2.7 us per kernel) is what bench_forward.py --parts keymean measures next.
-KEY_MEAN_IN_KERNEL_COMPILED = False
 # Above this many tokens the mean is one op in eager calls too: the matching of a long input (_bm_best, four-launch
 # merge step; pitome's one-program order) has each of its programs read every B key of every head: H x the bytes.
 # One mean op reads the keys once. Run 11 (H200, Whisper-large bs 1, keys per head, the head loads then serial): 16.4
@@ -260,10 +258,10 @@ KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling (unless ``KEY_MEAN_IN_KERNEL_COMPILED``), above
-    ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with ``KEY_MEAN_IN_KERNEL`` off."""
+    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with
+    ``KEY_MEAN_IN_KERNEL`` off."""
     if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
-                              or (torch.compiler.is_compiling() and not KEY_MEAN_IN_KERNEL_COMPILED)):
+                              or torch.compiler.is_compiling()):
         return reference.key_mean(metric)
     return metric
 

@@ -264,7 +264,7 @@ def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_pt
         tl.store(rows_ptr + b * nout + offs_p, offs_p, mask=pm)
         if HAS_SOURCE:
             tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
-    for j0 in tl.range(0, NB, BA, loop_unroll_factor=4):  # (unrolled: independent tiles, their loads in flight)
+    for j0 in range(0, NB, BA):
         offs_b = j0 + tl.arange(0, BA)
         bm = offs_b < NB
         row_b = _at(prm, P + 2 * offs_b + 1, bm, PERM)
@@ -296,7 +296,7 @@ def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_pt
             tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
     tl.debug_barrier()  # sizes and the scratch map are complete before they are read below
     if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
-        for o0 in tl.range(0, nout, BS, loop_unroll_factor=4):
+        for o0 in range(0, nout, BS):
             offs_o = o0 + tl.arange(0, BS)
             om = offs_o < nout
             sz = tl.load(os_ptr + b * nout + offs_o, mask=om, other=1.0)
