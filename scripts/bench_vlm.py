@@ -25,7 +25,8 @@ after block 7, the first full-attention block; pool before block 0); bs 1 adds `
 - both in ``--reps`` interleaved rounds, each configuration once per round after the unpatched model: the value is
   the median over rounds, the speed-up the median of the ratios within a round (the hosts' speed drifts by up to
   2x within a run: run 13's decode rates moved between 28 and 56 tokens/s for one LM length);
-- peak memory of the TTFT call (``tokenprune.bench.peak_memory``);
+- peak memory of the TTFT call (``tokenprune.bench.peak_memory``), and its GPU busy time
+  (``tokenprune.bench.device_busy_ms``: the kernels' summed time; TTFT minus it is the host's share);
 - the LM prefill FLOP bound (``adapters.llava.prefill_flops``: linear layers + attention of the decoder);
 - the vision tower alone, per row: the unpatched tower (transformers' loop over windows / images) for the unpatched
   row, and for the Qwen rows tokenprune's tower pass with that row's in-tower reduction;
@@ -55,7 +56,7 @@ from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 import tokenprune  # noqa: E402
 from tokenprune.adapters.llava import prefill_flops  # noqa: E402
-from tokenprune.bench import peak_memory, time_fn  # noqa: E402
+from tokenprune.bench import device_busy_ms, peak_memory, time_fn  # noqa: E402
 from tokenprune.patch import get_patch  # noqa: E402
 from tokenprune.vlm.qwen_tower import Reduction, Tower, run  # noqa: E402
 
@@ -306,8 +307,13 @@ def bench(model, name, kind, kw, n, bs, args, device, rows, layout_rows, extra=0
         rows.append(row)
         print(f"{name} {kind} bs={bs} {row['method']:>6} b={row['budget']:<4} visual {row['visual_kept']:>5}/{n} "
               f"TTFT {row['ttft_ms']:8.1f} ms (x{row['ttft_speedup']:.2f}, LM FLOP bound "
-              f"x{row['flop_bound_speedup']:.2f}; tower {row['tower_ms']:.1f} ms) decode {row['decode_tok_s']:8.1f} "
+              f"x{row['flop_bound_speedup']:.2f}; tower {row['tower_ms']:.1f} ms; GPU busy {_ms(row['gpu_busy_ms'])}) "
+              f"decode {row['decode_tok_s']:8.1f} "
               f"tok/s (x{row['decode_speedup']:.3f}) peak {row['peak_mib'] or 0:.0f} MiB", flush=True)
+
+
+def _ms(v):
+    return "-" if v is None else f"{v:.1f}"
 
 
 def _median(xs):
@@ -324,7 +330,9 @@ def prepare(model, name, kind, kw, n, bs, args, device, method, budget, opts, ex
         length = lm_len(model, kw)
         with torch.inference_mode():
             tower_ms = time_fn(tower_fn(model, kw), device, 1, args.reps).median_ms
-        peak, _ = peak_memory(lambda: model.generate(**kw, max_new_tokens=1, do_sample=False), device)
+        ttft_call = lambda: model.generate(**kw, max_new_tokens=1, do_sample=False)  # noqa: E731
+        peak, _ = peak_memory(ttft_call, device)
+        busy = device_busy_ms(ttft_call, device)  # the GPU's share of a TTFT: the rest is host time
     finally:
         if method != "none":
             tokenprune.remove(model)
@@ -332,7 +340,8 @@ def prepare(model, name, kind, kw, n, bs, args, device, method, budget, opts, ex
     label = method + "".join(f" {k}={v}" for k, v in opts.items())
     return {"model": name, "input": kind, "batch": bs, "method": label, "budget": budget, "visual_tokens": n,
             "visual_kept": length - args.text - extra, "lm_prefill_tokens": length, "tower_ms": tower_ms,
-            "peak_mib": peak, "flop_bound_speedup": bound, "apply": (method, budget, opts), "samples": []}
+            "peak_mib": peak, "gpu_busy_ms": busy, "flop_bound_speedup": bound, "apply": (method, budget, opts),
+            "samples": []}
 
 
 def sample(model, kw, bs, args, device, row):
@@ -410,16 +419,17 @@ def main():
     lines = [f"VLM shapes (random weights, {env['dtype']}, SDPA) on {env['gpu']}; torch {env['torch']}, transformers "
              f"{env['transformers']}; {args.text} text tokens; decode = {args.decode} new tokens; median of "
              f"{args.reps}.", "",
-             "| model | input | batch | method | budget | visual to LM | tower ms | TTFT ms | TTFT speed-up | "
-             "LM prefill FLOP bound | decode tok/s | decode speed-up | peak MiB |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | input | batch | method | budget | visual to LM | tower ms | TTFT ms | GPU busy ms | "
+             "TTFT speed-up | LM prefill FLOP bound | decode tok/s | decode speed-up | peak MiB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r['method']} | {r['budget']} | error |")
             continue
         m = "unpatched" if r["method"] == "none" else r["method"]
         lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {m} | {r['budget']} | {r['visual_kept']}/"
-                     f"{r['visual_tokens']} | {r['tower_ms']:.1f} | {r['ttft_ms']:.1f} | {r['ttft_speedup']:.2f}x | "
+                     f"{r['visual_tokens']} | {r['tower_ms']:.1f} | {r['ttft_ms']:.1f} | {_ms(r['gpu_busy_ms'])} | "
+                     f"{r['ttft_speedup']:.2f}x | "
                      f"{r['flop_bound_speedup']:.2f}x | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.3f}x | "
                      f"{r['peak_mib'] or 0:.0f} |")
     if layout_rows:

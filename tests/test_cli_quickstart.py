@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import tokenprune
-from tokenprune.bench import host_time_ms, time_fn
+from tokenprune.bench import device_busy_ms, host_time_ms, time_fn
 from tokenprune.cli import main
 from tokenprune.commands.quickstart import speed_report
 
@@ -81,6 +82,29 @@ def test_host_time_is_the_median_of_the_calls():
     t = host_time_ms(fn, "cpu", repeats=9)
     assert len(calls) == 9
     assert 1.0 <= t < 15.0
+
+
+def test_device_busy_time_is_none_off_cuda():
+    assert device_busy_ms(lambda: torch.ones(4) @ torch.ones(4), "cpu") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_busy_time_counts_kernels_not_host_waits():
+    """A call that sleeps on the host between two matmuls: its wall time holds the sleep, its busy time only the
+    kernels (here twice one matmul's time, within the profiler's rounding)."""
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    one = time_fn(lambda: a @ a, "cuda", warmup=3, repeats=10).median_ms
+
+    def call():
+        a @ a
+        torch.cuda.synchronize()
+        time.sleep(0.050)
+        a @ a
+
+    busy = device_busy_ms(call, "cuda")
+    assert 1.0 * one <= busy <= 4 * one + 0.05
+    assert busy < 25.0  # the 50 ms sleep is not in it
 
 
 def test_unknown_method_fails_before_loading_anything(tiny_assets, capsys):

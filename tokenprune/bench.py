@@ -73,6 +73,23 @@ def host_time_ms(fn: Callable[[], object], device: str | torch.device, repeats: 
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
+def device_busy_ms(fn: Callable[[], object], device: str | torch.device) -> float | None:
+    """GPU time of the kernels (and copies) that one ``fn()`` runs, summed over the profiler's device events,
+    after one untimed call. Against the call's wall time it says how much of it the device was busy: a call
+    whose wall time is well above it is bound by the host. ``None`` off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(e.device_time for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+
+
 def _proc_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
