@@ -137,6 +137,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
                     record(case=case, bs=bs, mode=mode, variant=variant[0], error=f"{type(e).__name__}: {e}")
                     continue
             fn = forward_fn(case, mv)
+            t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     ref = fn(x).clone()
@@ -148,6 +149,9 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             except Exception as e:  # noqa: BLE001 -- reported in the table, the other variants still run
                 record(case=case, bs=bs, mode=mode, variant=variant[0], error=f"{type(e).__name__}: {str(e)[:300]}")
                 continue
+            # progress in the log: a part cut off by its time limit still says how far it got (run 15 lost two
+            # parts whose compiles ran past 170 s on a fresh machine, with nothing printed)
+            print(f"# {case} bs {bs} {mode} {variant[0]}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
             entries.append(dict(variant=variant[0], run=run, fn=fn, plan=plan, err=err, ms=[]))
         for _ in range(rounds):
             for e in entries:
