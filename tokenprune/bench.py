@@ -73,6 +73,7 @@ def host_time_ms(fn: Callable[[], object], device: str | torch.device, repeats: 
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
+
 def device_busy_ms(fn: Callable[[], object], device: str | torch.device) -> float | None:
     """GPU time of the kernels (and copies) that one ``fn()`` runs, summed over the profiler's device events,
     after one untimed call. Against the call's wall time it says how much of it the device was busy: a call
