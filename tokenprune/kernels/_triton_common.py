@@ -243,12 +243,12 @@ def _interpreted(kernel) -> bool:
 
 
 @triton.jit
-def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr, UNROLL: tl.constexpr = 4):
+def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
     # rank of each value among the N values at row_ptr: how many come first by (value desc, index asc);
-    # vals[i] is the value at index offs[i] of that row, counted against it in tiles of BT, UNROLL tiles at a time
-    # (their loads in flight together; 1 where registers are capped)
+    # vals[i] is the value at index offs[i] of that row, counted against it in tiles of BT (unrolled by 4 in
+    # session 8: nothing measurable in run 15, reverted)
     rank = tl.zeros(vals.shape, tl.int32)
-    for t0 in tl.range(0, N, BT, loop_unroll_factor=UNROLL):
+    for t0 in range(0, N, BT):
         ot = t0 + tl.arange(0, BT)
         om = ot < N
         st = tl.load(row_ptr + ot, mask=om, other=float("-inf")).to(tl.float32)
@@ -290,7 +290,7 @@ def _copy_prefix(x_row0, y_row0, o_row0, sxn, syn, oxn, offs_p, pm, offs_c, cm, 
 def _compose_source(src_row, map_row, out_row, N0, BS: tl.constexpr):
     # out[s] = map[src[s]] (-1 stays -1): the source map after one reduction step, whose old -> new
     # row map was written to map_row by this program (a CTA barrier must separate the two)
-    for s0 in tl.range(0, N0, BS, loop_unroll_factor=2):  # two chains of dependent loads in flight
+    for s0 in range(0, N0, BS):
         offs_s = s0 + tl.arange(0, BS)
         sm_ = offs_s < N0
         old = tl.load(src_row + offs_s, mask=sm_, other=-1)

@@ -121,7 +121,7 @@ def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, sps, ssb
     prm = perm_ptr + b * sprm
     best, arg = _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S, sps, HAS_SIZES, PADDED, PERM)
     rank = tl.zeros([BR], tl.int32)
-    for t0 in tl.range(0, NA, BT, loop_unroll_factor=4):  # as _rank_desc: 4 tiles of loads in flight
+    for t0 in tl.range(0, NA, BT, loop_unroll_factor=4):  # 4 tiles of loads in flight (run 15: 13.3 -> 11.1 us)
         ot = t0 + tl.arange(0, BT)
         om = ot < NA
         st, _ = _best_of(bp_ptr, ip_ptr, s_row, prm, b, ot, om, P, NA, S, sps, HAS_SIZES, PADDED, PERM)

@@ -123,7 +123,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
     bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
     tl.store(bst_row + offs_a, best)
     tl.debug_barrier()
-    rank = _rank_desc(best, offs_a, bst_row, NA, BT, 4 if UNROLL else 1)
+    rank = _rank_desc(best, offs_a, bst_row, NA, BT)
     return arg, rank
 
 
