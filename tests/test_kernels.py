@@ -378,7 +378,6 @@ def test_gather_tokens_fused_path_equals_pytorch_path(T, monkeypatch):
     assert torch.equal(out.x, ref.x) and torch.equal(out.source, ref.source)
 
 
-@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
 def _split_matching(T, monkeypatch):
     """merge_step's long-input form with small tiles: the matching split over three programs of B tokens (4 each,
     as on a GPU with idle SMs), ranks counted in tiles of 4 by programs of 8 A tokens."""
@@ -389,6 +388,7 @@ def _split_matching(T, monkeypatch):
     monkeypatch.setattr(T.merge, "MERGE_BEST_SPLIT", 3)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
 @pytest.mark.parametrize("one_launch", [False, True, "gather", "plan", "plan_split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
