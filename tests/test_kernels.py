@@ -804,6 +804,22 @@ def test_topk_sorted_kernel_ties_and_infinities(T, monkeypatch):
     assert kernels.topk_sorted(s, 6).tolist() == [[0, 1, 2, 4, 5, 6]]
 
 
+@pytest.mark.parametrize("n,k,b", [(7, 3, 2), (300, 240, 2), (1500, 750, 1), (4096, 3000, 1)])
+def test_topk_sorted_kernel_equals_reference_on_hard_values(T, monkeypatch, n, k, b):
+    """The in-register sort picks the reference's set on any row: many exact ties, negative values, +0.0 and
+    -0.0 (equal), infinities and NaN (first, as torch.topk), up to the kernel's largest row."""
+    g = gen(n)
+    s = (torch.randint(-6, 7, (b, n), generator=g).float() / 4).where(torch.rand(b, n, generator=g) > 0.5,
+                                                                       torch.randn(b, n, generator=g))
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), -float("nan")])
+    pick = torch.rand(b, n, generator=g) < 0.1
+    s = torch.where(pick, special[torch.randint(0, 6, (b, n), generator=g)], s)
+    ref = R.topk_sorted(s, k)
+    _use_interpreted(monkeypatch, T)
+    assert kernels.keep_step_fits(n)
+    assert torch.equal(kernels.topk_sorted(s, k), ref)
+
+
 # -- 5. ApET (kernels/apet.py): errors, Gram stage, assignment, merge ----------------------------------------
 @pytest.mark.parametrize("n,c,k", [(70, 40, 5), (33, 96, 10)])
 def test_apet_errors(T, n, c, k):

@@ -258,6 +258,23 @@ def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
 
 
 @triton.jit
+def _top_k_mask(vals, offs, K):
+    # which of the values (one row, in registers; -inf at padding, whose offs are past the row) are among the K
+    # first by (value desc, index asc), without reading the row back: each value becomes a 64-bit key that sorts
+    # ascending in that order (the float's bits made order-preserving and inverted, the index below them), the
+    # keys are sorted in registers (bitonic) and the K-th smallest is the threshold. Same set as _rank_desc(...) < K;
+    # -0.0 counts as 0.0, NaN (either sign) first, as torch.topk
+    v = vals.to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, tl.where(v != v, float("nan"), v))
+    i = v.to(tl.int32, bitcast=True)
+    asc = tl.where(i < 0, i ^ 0x7FFFFFFF, i)  # signed order of these ints = the floats' order
+    key = ((~asc).to(tl.int64) << 32) | offs.to(tl.int64)  # ~: descending in the value, then the index
+    first = tl.arange(0, key.shape[0]) < K
+    kth = tl.max(tl.where(first, tl.sort(key), -9223372036854775807), 0)
+    return (key <= kth) & (K > 0)
+
+
+@triton.jit
 def _sizes_at(s_row, idx, mask, HAS_SIZES: tl.constexpr):
     # token sizes at rows idx of one sample's size row, in fp32 (1 without sizes); 0 where masked off
     if HAS_SIZES:

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix,
-                             _exact_lowp, _last_contiguous, _p2, _rank_desc, _rows_contiguous, _sig, _sizes_at, fast)
+                             _exact_lowp, _last_contiguous, _p2, _rows_contiguous, _sig, _sizes_at, _top_k_mask, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -215,7 +215,7 @@ def _apet_stage(g_ptr, v_ptr, basis_ptr, e_ptr, idx_ptr, N, K, KN, eps, pmin, sg
     if SELECT:  # -- the KN best scores in spatial order (rank by score desc, index asc, as topk_sorted)
         tl.debug_barrier()  # the scores stored above are read below by other threads of this program
         sc = tl.load(e_ptr + b * N + offs, mask=nm, other=float("-inf"))
-        keep = nm & (_rank_desc(sc, offs, e_ptr + b * N, N, BT) < KN)
+        keep = nm & _top_k_mask(sc, offs, KN)
         ki = keep.to(tl.int32)
         tl.store(idx_ptr + b * KN + tl.cumsum(ki, 0) - ki, offs.to(tl.int64), mask=keep)
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _column_groups, _compose_source, _copy_prefix,
-                             _last_contiguous, _p2, _rank_desc, _sig)
+                             _last_contiguous, _p2, _sig, _top_k_mask)
 
 # ---------------------------------------------------------------------------------------------------
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
@@ -19,18 +19,16 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
                P, N, K, C, N0, G,
                sxb, sxn, scb, ssb, srcb, oxb, oxn,
                WRITE_X: tl.constexpr, HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, NP: tl.constexpr,
-               PP: tl.constexpr, BT: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
-    # program (b, g). Every program ranks sample b's scores (by score desc, index asc: counted
-    # against tiles of the scores; NaN ranks like the reference's topk is not guaranteed) and keeps
-    # rank < K; the kept tokens go out in spatial order. Program g writes the column tiles g, g + G, ...
+               PP: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+    # program (b, g). Every program selects sample b's K best scores (by score desc, index asc: a sort of
+    # the row in registers) and keeps them in spatial order. Program g writes the column tiles g, g + G, ...
     # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, NP)
     nm = offs < N
     sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
-    rank = _rank_desc(sc, offs, sc_ptr + b * scb, N, BT)
-    keep = nm & (rank < K)
+    keep = nm & _top_k_mask(sc, offs, K)
     ki = keep.to(tl.int32)
     pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
     orow = tl.where(keep, P + pos, -1)  # output row of every non-prefix token, -1 if dropped
@@ -66,7 +64,7 @@ def topk_sorted(scores, k: int):
     return keep_step(scores.unsqueeze(2), scores, None, None, 0, k, write_x=False)[3]
 
 
-KEEP_STEP_MAX_N = 1024  # non-prefix tokens one program ranks
+KEEP_STEP_MAX_N = 4096  # non-prefix tokens one program sorts (in registers)
 KEEP_STEP_BC = 64  # output columns per tile
 
 
@@ -110,8 +108,8 @@ class _KeepPlan:
                                   sizes.stride(0) if sizes is not None else 0,
                                   source.stride(0) if source is not None else 0, so[0], so[1]),
                                  dict(WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
-                                      NP=np_, PP=pp, BT=16 if np_ >= 512 else 32, RT=64, BC=KEEP_STEP_BC, BS=256,
-                                      num_warps=8 if np_ >= 512 else 4), inputs)
+                                      NP=np_, PP=pp, RT=64, BC=KEEP_STEP_BC, BS=256,
+                                      num_warps=16 if np_ >= 4096 else 8 if np_ >= 512 else 4), inputs)
 
     def __call__(self, x, scores, sizes, source):
         if self.copy:
