@@ -11,8 +11,8 @@ import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
-                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _unit_rows,
-                             _workspace, fast)
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask,
+                             _unit_rows, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
 
 
@@ -95,7 +95,7 @@ def gather_rows(x, rows):
 @triton.jit
 def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am,
                  dm, sa, row_a, prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
-                 PERM: tl.constexpr, UNROLL: tl.constexpr):
+                 PERM: tl.constexpr, UNROLL: tl.constexpr, R, RANK: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
     #    B tokens' rows come from the order ``prm`` too); UNROLL (MODE 0, small batches): as _metric_rows, and with
@@ -117,14 +117,17 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         best, arg = _argmax_update(sim, offs_t, best, arg)
     if PADDED:
         best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
-    # -- the R best-matched A tokens are merged away: rank by (best desc, index asc), counted
-    #    against tiles of the other A tokens read back from scratch
+    # -- the R best-matched A tokens are merged away, by (best desc, index asc). RANK (MODE 2, which writes them
+    #    in rank order): each one's rank, counted against tiles of the A tokens read back from scratch; else
+    #    only which ones, by a sort in registers
     best = tl.where(am, best, float("-inf"))
-    bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
-    tl.store(bst_row + offs_a, best)
-    tl.debug_barrier()
-    rank = _rank_desc(best, offs_a, bst_row, NA, BT)
-    return arg, rank
+    if RANK:
+        bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
+        tl.store(bst_row + offs_a, best)
+        tl.debug_barrier()
+        rank = _rank_desc(best, offs_a, bst_row, NA, BT)
+        return arg, rank, (rank < R) & am
+    return arg, arg, _top_k_mask(best, offs_a, R) & am
 
 
 @triton.jit
@@ -161,13 +164,12 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     row_p = _at(prm, offs_p, pm, PERM)
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
-    arg, rank = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d, am, dm,
-                             sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0)
-    is_src = (rank < R) & am
+    arg, rank, is_src = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d,
+                                     am, dm, sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0, R, MODE == 2)
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
         tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
-    is_unm = am & (rank >= R)
+    is_unm = am & ~is_src
     pos = tl.cumsum(is_unm.to(tl.int32), 0) - is_unm.to(tl.int32)  # spatial order among kept A tokens
     n_unm = NA - R
     out_a = P + pos
