@@ -172,7 +172,7 @@ def test_efficient_attention(T, b, h, n, d, dtype, bias):
 
 @pytest.mark.parametrize("b,h,n,d,dtype", [
     (3, 5, 197, 64, F16), (2, 3, 99, 64, BF16), (1, 2, 1000, 64, F16), (4, 3, 257, 128, BF16),
-    (2, 2, 50, 80, F16), (1, 2, 333, 64, F32), (1, 2, 37, 16, F32)], ids=dtype_id)
+    (2, 2, 50, 80, F16), (1, 2, 333, 64, F32), (1, 2, 37, 16, F32), (1, 16, 729, 72, F16)], ids=dtype_id)
 def test_biased_attention(T, monkeypatch, b, h, n, d, dtype):
     needs(dtype, b, h, n, d)
     monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)  # small batches take the kernel too (eager: SDPA)
@@ -247,7 +247,7 @@ def test_received_scores(T, b, h, n, d, dtype, extra):
 # -- merging --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("valid", [False, True])
 @pytest.mark.parametrize("b,n,d,dtype", [(256, 196, 64, F16), (2, 16384, 64, F16), (4, 333, 64, F32),
-                                         (8, 1001, 64, BF16), (2, 51, 16, F32)], ids=dtype_id)
+                                         (8, 1001, 64, BF16), (2, 51, 16, F32), (1, 729, 72, F16)], ids=dtype_id)
 def test_bipartite_best(T, b, n, d, dtype, valid):
     """The best partner of each A token; a different partner than the reference's only where the two
     similarities tie within 2 ulp of the metric dtype."""
@@ -438,7 +438,8 @@ def test_gather_tokens_kernels_vs_pytorch(T, b, n, c, k):
 
 
 @pytest.mark.parametrize("b,n,c,k", [(256, 196, 768, 98), (1, 196, 768, 98), (1, 576, 1024, 58),
-                                     (16, 576, 1024, 144), (4, 1000, 384, 250), (2, 64, 32, 20)])
+                                     (16, 576, 1024, 144), (4, 1000, 384, 250), (2, 64, 32, 20),
+                                     (1, 1500, 1280, 750), (1, 3000, 64, 1000)])
 def test_keep_top_kernels_vs_pytorch(T, b, n, c, k):
     """The whole keep step (top-k in spatial order, gather, sizes, source map; one launch on CUDA):
     identical to topk / sort / gather / cat / scatter (distinct scores)."""

@@ -147,6 +147,44 @@ def test_biased_attention(T, shape, dtype, bias):
     assert rel(out, ref) < tol(dtype)
 
 
+def test_vector_width_for_sizes_not_multiples_of_16():
+    """``_vec``: kernels take a head dim / strides of 72 (SigLIP) divided by 8 so that Triton proves 16-byte loads;
+    sizes that are multiples of 16 already, or not of the vector, stay as they are (1)."""
+    from tokenprune.kernels._triton_common import _vec
+    assert _vec(torch.float16, 72, 3 * 1152, 72, 0) == 8
+    assert _vec(torch.bfloat16, 72, 52488) == 8
+    assert _vec(torch.float32, 72, 36) == 4
+    assert _vec(torch.float16, 64, 768, 0) == 1
+    assert _vec(torch.float16, 72, 100) == 1
+
+
+def _qkv_views(b, h, n, d, g, dtype):
+    """q, k, v ``[B, H, N, d]`` as views of one ``[B, N, 3, H, d]`` projection (a block's qkv): head stride d, token
+    stride 3 H d, all multiples of 8 but not of 16 for d = 72."""
+    qkv = torch.randn(b, n, 3, h, d, generator=g).to(dtype)
+    return [t.transpose(1, 2) for t in qkv.unbind(2)]
+
+
+def test_biased_attention_head_dim_72_loads_in_vectors(T):
+    """SigLIP's head dim 72 takes the 8-element path (``VEC``): every stride scaled back right (q, k, v and out)."""
+    g = gen(14)
+    q, k, v = _qkv_views(2, 3, 70, 72, g, torch.float16)
+    from tokenprune.kernels._triton_common import _vec
+    assert _vec(torch.float16, 72, *q.stride()[:3]) == 8
+    bb = size_bias(2, 70, g, torch.float16)
+    out = T.attention.biased_attention(q, k, v, bb)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bb.double())
+    assert rel(out, ref) < tol(torch.float16)
+
+
+def test_received_scores_head_dim_72(T):
+    g = gen(15)
+    q, k, _ = _qkv_views(2, 3, 90, 72, g, torch.float16)
+    out = T.scores.received_scores(q, k, 72 ** -0.5)
+    ref = R.received_scores(q.double(), k.double(), 72 ** -0.5, None, None, chunk=64)
+    assert rel(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("tiles", [(64, 32, 4), (128, 32, 8)])
 def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, tiles):
     """Logits that grow key tile after key tile (so the running max moves, far for some rows and little
@@ -337,6 +375,20 @@ def test_bipartite_best_same_partners(T, dtype, n):
         assert torch.equal(best, rbest) if dtype == torch.float16 else rel(best, rbest) < 1e-5
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+def test_bipartite_best_head_dim_72(T, heads):
+    """The matching on a metric of SigLIP's width (72: the 8-element path), given as the key mean or per head (keys of
+    a qkv view), finds the reference's partners."""
+    g = gen(16)
+    if heads == 1:
+        metric = torch.randn(2, 91, 72, generator=g).half()[:, 1:]
+    else:
+        metric = _qkv_views(2, heads, 91, 72, g, torch.float16)[1][:, :, 1:]
+    best, idx = T.match._best_partners(metric)
+    rbest, ridx = R.bipartite_best(R.key_mean(metric) if heads > 1 else metric)
+    assert torch.equal(idx, ridx) and torch.equal(best.half(), rbest)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_merge_rows(T, dtype):
     g = gen(5)
@@ -525,8 +577,8 @@ def test_long_inputs_take_the_key_mean_as_an_op(monkeypatch):
             assert torch.equal(got, R.key_mean(keys))
 
 
-@pytest.mark.parametrize("p,n,r", [(1, 600, 40), (0, 520, 128), (4, 601, 129)])
-def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
+@pytest.mark.parametrize("p,n,r,d", [(1, 600, 40, 16), (0, 520, 128, 16), (4, 601, 129, 16), (0, 300, 40, 72)])
+def test_merge_step_long_inputs(T, monkeypatch, p, n, r, d):
     """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes four launches, several tiles of
     128 A tokens each (the last one partial: 300 and 260 A tokens here; the interpreter's time grows with N,
     the tiling does not change above three tiles), and equals the PyTorch path; at exactly 128 merged tokens
@@ -534,8 +586,8 @@ def test_merge_step_long_inputs(T, monkeypatch, p, n, r):
     merge_rows), which equals it too."""
     g = gen(23)
     x = torch.randn(1, p + n, 16, generator=g).half()
-    metric = torch.randn(1, p + n, 16, generator=g)  # float32: no ties at the merge boundary (the PyTorch path's
-    # argsort breaks ties in no defined order; the kernels by index)
+    metric = torch.randn(1, p + n, d, generator=g)  # float32: no ties at the merge boundary (the PyTorch path's
+    # argsort breaks ties in no defined order; the kernels by index); d = 72: SigLIP's width (vector loads of 4)
     ref = ops.bipartite_merge(TokenState.start(x.clone(), p, track_source=True), metric, r)
     _use_interpreted(monkeypatch, T)
     assert kernels.merge_step_fits(n, r) == (r <= 128)
@@ -1236,6 +1288,11 @@ def test_kernels_compile_for_sm90_without_spills():
     assert all(r["async_copies"] > 0 for r in half if r["kernel"] == "_ea_context"), \
         [r for r in half if r["kernel"] == "_ea_context"]
     assert all(r["hgmma"] > 0 for r in half if r["kernel"] in ("_ea_context", "_ea_apply", "_bm_best"))
+    # SigLIP's head dim 72 (no size or stride a multiple of 16): the q / k / metric rows still load 16 bytes at a
+    # time (VEC = 8); with VEC = 1, 128-136 two-byte loads per kernel. The key bias stays two-byte (8 in _ba_fwd)
+    d72 = {r["kernel"]: r for r in rows if r["config"].get("D72")}
+    assert set(d72) == {"_ba_fwd", "_rs_lse", "_bm_best"}
+    assert all(r["wide_loads"] >= 8 and r["narrow_loads"] <= 8 for r in d72.values()), d72
 
 
 # -- 8. the kernels as custom ops (torch.compile) ------------------------------------------------------------

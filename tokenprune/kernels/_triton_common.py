@@ -325,6 +325,15 @@ def _column_groups(c: int, bc: int, bsz: int, programs_per_sm: int, device) -> i
     return _cdiv(tiles, _cdiv(tiles, groups))
 
 
+def _vec(dtype, *ints) -> int:
+    """Elements per 16-byte vector for a kernel that takes these sizes and strides divided by it (its ``VEC``) and
+    multiplies them back: Triton proves a load 16-byte aligned only from values divisible by 16, so a head dim or
+    stride of 72 (SigLIP) loaded 2 bytes at a time (sm_90 build of ``_bm_best``: 128 ``LDG.E.U16`` per tile against
+    16 ``LDG.E.128``). 1 (the values as they are) where all are multiples of 16, or one is not of the vector."""
+    v = 16 // dtype.itemsize
+    return 1 if all(i % 16 == 0 for i in ints) or any(i % v for i in ints) else v
+
+
 def _exact_lowp(dtype, max_size) -> bool:
     """Whether integer token sizes up to ``max_size`` are exact in ``dtype`` (fp16: 2048, bf16: 256), so
     size-weighted sums may take tensor-core products in the token dtype."""

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _num_sms, _p2, fast
+from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _num_sms, _p2, _vec, fast
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -267,7 +267,10 @@ BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "
 def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1):
+    # D and the q / k / v / out strides come divided by VEC (_triton_common._vec)
+    D, sqb, sqh, sqn, skb, skh, skn = D * VEC, sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
+    svb, svh, svn, sob, soh, son = svb * VEC, svh * VEC, svn * VEC, sob * VEC, soh * VEC, son * VEC
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -333,11 +336,13 @@ def biased_attention(q, k, v, bias=None):
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
-    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, d, d ** -0.5,
-                                         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], sbb, sbn,
-                                         n * h * d, d, h * d,
+    so = (n * h * d, d, h * d)
+    st = (*sq[:3], *sk[:3], *sv[:3])
+    vec = _vec(q.dtype, d, *st, *so)
+    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, d // vec, d ** -0.5,
+                                         *[s // vec for s in st], sbb, sbn, *[s // vec for s in so],
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=warps)
+                                         VEC=vec, num_warps=warps)
     return out
 
 

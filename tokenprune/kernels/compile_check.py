@@ -155,6 +155,17 @@ def _configs():
                                      "e_ptr": f32, "idx_ptr": "*i64", "eps": "fp32", "pmin": "fp32"},
                     dict(HAS_VALID=True, SELECT=select, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
+    # SigLIP's head dim 72: D and the strides are not multiples of 16, so no int is compiled aligned ("D72"); the
+    # kernels take them divided by VEC = 8 (_triton_common._vec) and must still load 16 bytes at a time
+    bm, bn, w = AT.BA_CONFIG["short"]
+    out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
+                             "qk_scale": "fp32"},
+                dict(HAS_BIAS=True, IS_F32=False, DP=128, BLOCK_M=bm, BLOCK_N=bn, VEC=8, D72=True), w))
+    bm, bn, w = S.RS_TILES
+    out.append((S._rs_lse, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lse_ptr": f32, "scale": "fp32"},
+                dict(HAS_BIAS=False, IS_F32=False, DP=128, BM=bm, BN=bn, VEC=8, D72=True), w))
+    out.append((MT._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
+                dict(H=1, HAS_VALID=False, IS_F32=False, DP=128, BM=64, BN=64, VEC=8, D72=True), 4))
     return [(*c, False) for c in out + capped] + [(*c, True) for c in sweep]
 
 
@@ -170,14 +181,15 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
     rows = []
     for fn, types, consts, warps, sweep_only in _configs():
         consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
+        d72 = consts.pop("D72", False)
         opts = {"num_warps": warps, **({"maxnreg": consts.pop("maxnreg")} if "maxnreg" in consts else {})}
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                 if a not in consts and (sig[a].startswith("*") or ALIGNED.match(a))}
+                 if a not in consts and (sig[a].startswith("*") or (ALIGNED.match(a) and not d72))}
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                            options=opts)
-        row = {"kernel": fn.__name__, "config": dict(consts, **opts), "shared": k.metadata.shared,
-               "sweep_only": sweep_only}
+        row = {"kernel": fn.__name__, "config": dict(consts, **opts, **({"D72": True} if d72 else {})),
+               "shared": k.metadata.shared, "sweep_only": sweep_only}
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(k.asm["cubin"])
@@ -190,11 +202,14 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
             row["hgmma"] = sass.count("HGMMA")
             row["async_copies"] = sass.count("LDGSTS")
             row["local_ld_st"] = sass.count("LDL") + sass.count("STL")
+            row["wide_loads"] = len(re.findall(r"\bLDG(?:STS)?\.E(?:\.BYPASS)?\.128\b", sass))
+            row["narrow_loads"] = len(re.findall(r"\bLDG\.E\.(?:U16|16|U8|8)\b", sass))
         rows.append(row)
         if verbose:
             print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
                   f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDGSTS {row.get('async_copies')}  "
-                  f"LDL/STL {row.get('local_ld_st')}"
+                  f"LDL/STL {row.get('local_ld_st')}  16-byte / 2-byte loads {row.get('wide_loads')} / "
+                  f"{row.get('narrow_loads')}"
                   + ("  (sweep variant)" if sweep_only else ""))
     return rows
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (_alloc, _argmax_update, _at, _cdiv, _cosine_tile, _metric_rows, _p2, _sizes_at,
-                             _unit_rows, fast)
+                             _unit_rows, _vec, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -19,11 +19,13 @@ from ._triton_common import (_alloc, _argmax_update, _at, _cdiv, _cosine_tile, _
 @triton.jit
 def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb, svn, VOFF, sib, NBS, sps,
              H: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-             BN: tl.constexpr):
+             BN: tl.constexpr, VEC: tl.constexpr = 1):
     # A token i is metric row P + 2i, B token j row P + 2j + 1; B token j is valid where vb[VOFF + j svn] > 0 (flags,
     # or merge_step's sizes: 0 marks a padding slot); the partner of A token i goes to idx[b sib + i] in idx's dtype.
     # Program (b, pa, s) searches the B tokens [s NBS, (s + 1) NBS) (NBS a multiple of BN) and writes its best and
-    # partner sps elements on per s (long inputs at small batch: the splits fill the SMs; _merge_rank combines them)
+    # partner sps elements on per s (long inputs at small batch: the splits fill the SMs; _merge_rank combines them).
+    # D and the metric strides come divided by VEC (_triton_common._vec)
+    D, smb, smn, smh = D * VEC, smb * VEC, smn * VEC, smh * VEC
     b = tl.program_id(0).to(tl.int64)
     pa = tl.program_id(1)
     s = tl.program_id(2)
@@ -73,10 +75,11 @@ def _best_partners(metric, valid_b=None):
     bm, bn = _bm_tiles(na, metric.dtype)
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
     sv = vb.stride() if valid_b is not None else (0, 0)
-    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d, 0, sm[0], sm[-2], smh, sv[0], sv[1],
-                                         0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None,
+    v = _vec(metric.dtype, d, sm[0], sm[-2], smh)
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d // v, 0, sm[0] // v, sm[-2] // v, smh // v,
+                                         sv[0], sv[1], 0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None,
                                          IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
-                                         num_warps=4)
+                                         VEC=v, num_warps=4)
     return best, idx
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
                              _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask,
-                             _unit_rows, _workspace, fast)
+                             _unit_rows, _vec, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
 
 
@@ -499,11 +499,12 @@ class _StepPlan:
             bm, bn = _bm_tiles(na, metric.dtype)
             br, bt, rwarps = MERGE_RANK_TILES
             sps = bsz * na  # one split's best / partner block
+            v = _vec(metric.dtype, d, smb, smn, smh_)
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
-                                  (na, nb, d, p, smb, smn, smh_, svb if valid else 0, 2 if valid else 0,
-                                   p + 1 if valid else 0, na, nbs, sps),
+                                  (na, nb, d // v, p, smb // v, smn // v, smh_ // v, svb if valid else 0,
+                                   2 if valid else 0, p + 1 if valid else 0, na, nbs, sps),
                                   H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
-                                  BM=bm, BN=bn, num_warps=4),
+                                  BM=bm, BN=bn, VEC=v, num_warps=4),
                              plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
                                   (p, na, sps, ssb, sprm), S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded),
                                   PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig
+from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig, _vec
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -147,9 +147,11 @@ def _rs_logits(qt, kt, bias_ptr, b, offs_n, N, scale, sbb, sbn, HAS_BIAS: tl.con
 
 @triton.jit
 def _rs_lse(q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb, sbn,
-            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+            HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            VEC: tl.constexpr = 1):
     # program (b h, query block): each query's log-sum-exp over all keys (online max and sum); +inf for a
-    # query whose keys are all masked, so that it adds nothing below
+    # query whose keys are all masked, so that it adds nothing below. D and the q / k strides come divided by VEC
+    D, sqb, sqh, sqn, skb, skh, skn = D * VEC, sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -172,8 +174,10 @@ def _rs_lse(q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale, sqb, sqh, sqn, skb,
 @triton.jit
 def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale, sqb, sqh, sqn, skb, skh, skn, sbb,
              sbn, svb, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr):
-    # program (b h, key block): each key's attention summed over the valid queries, over their count
+             BM: tl.constexpr, BN: tl.constexpr, VEC: tl.constexpr = 1):
+    # program (b h, key block): each key's attention summed over the valid queries, over their count (D and the
+    # q / k strides divided by VEC, as in _rs_lse)
+    D, sqb, sqh, sqn, skb, skh, skn = D * VEC, sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -222,9 +226,10 @@ class _ReceivedPlan:
         self.dev, self.shape = k.device, (b, h, n)
         bias2, sbb, sbn = _key_bias(bias, b, n, k)
         self.bias_as_is = bias2 is bias
-        common = (n, h, d, float(scale), sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sbb, sbn)
+        vec = _vec(k.dtype, d, *sq[:3], *sk[:3])
+        common = (n, h, d // vec, float(scale), *[s // vec for s in (*sq[:3], *sk[:3])], sbb, sbn)
         flags = dict(HAS_BIAS=bias is not None, IS_F32=k.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
-                     num_warps=warps)
+                     VEC=vec, num_warps=warps)
         inputs = (0, 1, 2) if bias is not None else (0, 1)
         svb = valid.stride(0) if valid is not None else 0
         self.launches = (
