@@ -577,7 +577,8 @@ def test_long_inputs_take_the_key_mean_as_an_op(monkeypatch):
             assert torch.equal(got, R.key_mean(keys))
 
 
-@pytest.mark.parametrize("p,n,r,d", [(1, 600, 40, 16), (0, 520, 128, 16), (4, 601, 129, 16), (0, 300, 40, 72)])
+@pytest.mark.parametrize("p,n,r,d", [(1, 600, 40, 16), (0, 520, 128, 16), (4, 601, 129, 16), (0, 300, 40, 72),
+                                     (1, 100, 20, 72)])  # the last: SigLIP's width on the one-launch step
 def test_merge_step_long_inputs(T, monkeypatch, p, n, r, d):
     """Above 256 tokens (Whisper's 1500, SigLIP's 729) the kernel path takes four launches, several tiles of
     128 A tokens each (the last one partial: 300 and 260 A tokens here; the interpreter's time grows with N,

@@ -137,7 +137,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
-                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32):
+                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
@@ -147,7 +147,9 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows
     # (session 5's per-column-tile MODE 1 lost to it: NOTES.md, session 7).
     # PERM: the step runs on the rows in the order ``perm`` (place v holds row perm[v]; pitome's protected tokens
-    # join the prefix, PT rows at a time in MODE 0): every input read and the source map go through it
+    # join the prefix, PT rows at a time in MODE 0): every input read and the source map go through it.
+    # D and the metric strides come divided by VEC (_triton_common._vec)
+    D, smb, smn, smh = D * VEC, smb * VEC, smn * VEC, smh * VEC
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs_p = tl.arange(0, PP)
@@ -484,9 +486,10 @@ class _StepPlan:
             return LaunchPlan(kernel, grid, take, args, kw, tuple(i for i in take if i in inputs))
 
         def step(mode, grid, g, warps, **extra):
+            v = _vec(metric.dtype, d, sm[0], sm[-2], smh)
             return plan(_merge_step, grid, range(14),
-                        (p, na, nb, r, c, d, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0], sm[-2], smh,
-                         ssb, srcb, nout * c, c, sprm),
+                        (p, na, nb, r, c, d // v, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0] // v, sm[-2] // v, smh // v,
+                         ssb, srcb, nout * c, c, sprm), VEC=v,
                         HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
                         BT=32, MODE=mode, H=heads, num_warps=warps, **flags, **extra)
