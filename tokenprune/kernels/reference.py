@@ -58,16 +58,18 @@ def query_scores(q_row: torch.Tensor, k: torch.Tensor, scale: float, bias: torch
 def received_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
                     valid: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
     """The attention each key receives, averaged over the queries and the heads: ``q, k [B, H, N, d]`` ->
-    ``[B, N]`` float32. ``bias`` an additive key bias broadcast to ``[B, 1, 1, N]`` (log sizes, ``-inf`` = masked
-    key); ``valid [B, N]`` False leaves a query out (padding). Computed in query chunks, so at most
+    ``[B, N]`` float32 (float64 for float64 inputs: near ties between tokens are then ranked as the model's own
+    float64 attention ranks them). ``bias`` an additive key bias broadcast to ``[B, 1, 1, N]`` (log sizes, ``-inf`` =
+    masked key); ``valid [B, N]`` False leaves a query out (padding). Computed in query chunks, so at most
     ``[B, H, chunk, N]`` exists at a time (the kernel keeps no N x N tile in memory at all)."""
     b, h, n, _ = q.shape
-    total = torch.zeros(b, h, n, dtype=torch.float32, device=q.device)
-    kf = k.float()
+    ct = torch.promote_types(q.dtype, torch.float32)
+    total = torch.zeros(b, h, n, dtype=ct, device=q.device)
+    kf = k.to(ct)
     for s in range(0, n, chunk):
-        logits = torch.einsum("bhqd,bhnd->bhqn", q[:, :, s:s + chunk].float(), kf) * scale
+        logits = torch.einsum("bhqd,bhnd->bhqn", q[:, :, s:s + chunk].to(ct), kf) * scale
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias.to(ct)
         a = logits.softmax(-1)
         if valid is not None:
             a = a * valid[:, None, s:s + chunk, None]

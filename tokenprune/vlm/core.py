@@ -74,7 +74,8 @@ def sum_scores(reducer, qks: dict, num_prefix: int) -> torch.Tensor | None:
         for qk in layer_qks:
             state = TokenState(x=qk.q.new_empty(qk.q.shape[0], qk.q.shape[2], 0), num_prefix=num_prefix,
                                num_input=qk.q.shape[2] - num_prefix)
-            parts.append(reducer.score_tokens(state, qk).float())
+            sc = reducer.score_tokens(state, qk)
+            parts.append(sc.to(torch.promote_types(sc.dtype, torch.float32)))  # float64 models: float64
         s = torch.cat(parts, 1)
         total = s if total is None else total + s
     return total

@@ -273,7 +273,8 @@ def _score(reducer, q, k, layout: Segments, scale: float) -> torch.Tensor:
     s, w = qb.shape[0], qb.shape[2]
     sizes = layout.valid.float() if layout.padded else None
     state = TokenState(x=q.new_empty(s, w, 0), num_prefix=0, num_input=w, sizes=sizes, padded=layout.padded)
-    scores = reducer.score_tokens(state, QK(qb, kb, scale, layout.key_bias(q.dtype))).float()  # [S, W]
+    scores = reducer.score_tokens(state, QK(qb, kb, scale, layout.key_bias(q.dtype)))  # [S, W]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # (a float64 model's scores stay float64)
     return layout.unbatch(scores[..., None])[:, 0].view(-1, 4).mean(1)
 
 
