@@ -204,7 +204,8 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None):
 
 def received_scores(q, k, scale, bias=None, valid=None):
     """The attention each key receives, mean over the (valid) queries and the heads: ``q, k [B, H, N, d]`` ->
-    ``[B, N]`` float32. The kernel takes a key bias (``[B or 1, 1, 1, N]``) or none; another bias, the reference."""
+    ``[B, N]`` float32 (float64 for float64 inputs). The kernel takes a key bias (``[B or 1, 1, 1, N]``) or none;
+    another bias, the reference."""
     key_bias = bias is None or (bias.dim() == 4 and bias.shape[1] == bias.shape[2] == 1)
     if key_bias and q.shape == k.shape and use_triton(q, k, bias, valid):
         if _via_op():
