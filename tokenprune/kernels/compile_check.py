@@ -84,7 +84,8 @@ def _configs():
     for np_, w in ((256, 4), (1024, 8), (2048, 8), (4096, 16)):
         out.append((KP._keep_step, {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                                     "os_ptr": f32, "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32"},
-                    dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, NP=np_, PP=1, RT=64, BC=KP.KEEP_STEP_BC, BS=256), w))
+                    dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, NP=np_, PP=1, RT=64, BC=KP.KEEP_STEP_BC,
+                         BS=256), w))
     for lowp in (True, False):
         out.append((AP._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",
                                      "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},

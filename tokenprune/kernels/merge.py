@@ -127,7 +127,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         tl.debug_barrier()
         rank = _rank_desc(best, offs_a, bst_row, NA, BT)
         return arg, rank, (rank < R) & am
-    return arg, arg, _top_k_mask(best, offs_a, R) & am
+    return arg, arg, _top_k_mask(best, offs_a, R) & am  # (no ranks: arg stands in for them, unused)
 
 
 @triton.jit
