@@ -334,6 +334,12 @@ def _vec(dtype, *ints) -> int:
     return 1 if all(i % 16 == 0 for i in ints) or any(i % v for i in ints) else v
 
 
+def _in_vectors(dtype, *ints) -> tuple[int, list[int]]:
+    """``(VEC, the ints divided by it)``: what a kernel with a ``VEC`` parameter takes (see :func:`_vec`)."""
+    v = _vec(dtype, *ints)
+    return v, [i // v for i in ints]
+
+
 def _exact_lowp(dtype, max_size) -> bool:
     """Whether integer token sizes up to ``max_size`` are exact in ``dtype`` (fp16: 2048, bf16: 256), so
     size-weighted sums may take tensor-core products in the token dtype."""

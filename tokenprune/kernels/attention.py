@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _head_strides, _key_bias, _num_sms, _p2, _vec, fast
+from ._triton_common import _alloc, _cdiv, _head_strides, _in_vectors, _key_bias, _num_sms, _p2, fast
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -336,11 +336,8 @@ def biased_attention(q, k, v, bias=None):
         bm, bn, warps = 32, 32, 4
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
-    so = (n * h * d, d, h * d)
-    st = (*sq[:3], *sk[:3], *sv[:3])
-    vec = _vec(q.dtype, d, *st, *so)
-    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, d // vec, d ** -0.5,
-                                         *[s // vec for s in st], sbb, sbn, *[s // vec for s in so],
+    vec, (dv, *st) = _in_vectors(q.dtype, d, *sq[:3], *sk[:3], *sv[:3], n * h * d, d, h * d)  # q k v out strides
+    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn, *st[9:],
                                          HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
                                          VEC=vec, num_warps=warps)
     return out

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import (_alloc, _argmax_update, _at, _cdiv, _cosine_tile, _metric_rows, _p2, _sizes_at,
-                             _unit_rows, _vec, fast)
+                             _unit_rows, _in_vectors, fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,8 +75,8 @@ def _best_partners(metric, valid_b=None):
     bm, bn = _bm_tiles(na, metric.dtype)
     vb = valid_b.to(torch.uint8) if valid_b is not None else best
     sv = vb.stride() if valid_b is not None else (0, 0)
-    v = _vec(metric.dtype, d, sm[0], sm[-2], smh)
-    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, d // v, 0, sm[0] // v, sm[-2] // v, smh // v,
+    v, (dv, smb, smn, smh) = _in_vectors(metric.dtype, d, sm[0], sm[-2], smh)
+    fast(_bm_best)[(bsz, _cdiv(na, bm))](metric, vb, best, idx, na, nbb, dv, 0, smb, smn, smh,
                                          sv[0], sv[1], 0, na, nbb, 0, H=heads, HAS_VALID=valid_b is not None,
                                          IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
                                          VEC=v, num_warps=4)

@@ -12,7 +12,7 @@ import triton.language as tl
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
                              _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask,
-                             _unit_rows, _vec, _workspace, fast)
+                             _unit_rows, _in_vectors, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
 
 
@@ -486,9 +486,9 @@ class _StepPlan:
             return LaunchPlan(kernel, grid, take, args, kw, tuple(i for i in take if i in inputs))
 
         def step(mode, grid, g, warps, **extra):
-            v = _vec(metric.dtype, d, sm[0], sm[-2], smh)
+            v, (dv, smb, smn, smh_) = _in_vectors(metric.dtype, d, sm[0], sm[-2], smh)
             return plan(_merge_step, grid, range(14),
-                        (p, na, nb, r, c, d // v, n0, g, sx[0], sx[1], sy[0], sy[1], sm[0] // v, sm[-2] // v, smh // v,
+                        (p, na, nb, r, c, dv, n0, g, sx[0], sx[1], sy[0], sy[1], smb, smn, smh_,
                          ssb, srcb, nout * c, c, sprm), VEC=v,
                         HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
@@ -502,9 +502,9 @@ class _StepPlan:
             bm, bn = _bm_tiles(na, metric.dtype)
             br, bt, rwarps = MERGE_RANK_TILES
             sps = bsz * na  # one split's best / partner block
-            v = _vec(metric.dtype, d, smb, smn, smh_)
+            v, (dv, smb, smn, smh_) = _in_vectors(metric.dtype, d, smb, smn, smh_)
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
-                                  (na, nb, d // v, p, smb // v, smn // v, smh_ // v, svb if valid else 0,
+                                  (na, nb, dv, p, smb, smn, smh_, svb if valid else 0,
                                    2 if valid else 0, p + 1 if valid else 0, na, nbs, sps),
                                   H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
                                   BM=bm, BN=bn, VEC=v, num_warps=4),

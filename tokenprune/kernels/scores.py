@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig, _vec
+from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig, _in_vectors
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -226,8 +226,8 @@ class _ReceivedPlan:
         self.dev, self.shape = k.device, (b, h, n)
         bias2, sbb, sbn = _key_bias(bias, b, n, k)
         self.bias_as_is = bias2 is bias
-        vec = _vec(k.dtype, d, *sq[:3], *sk[:3])
-        common = (n, h, d // vec, float(scale), *[s // vec for s in (*sq[:3], *sk[:3])], sbb, sbn)
+        vec, (dv, *st) = _in_vectors(k.dtype, d, *sq[:3], *sk[:3])
+        common = (n, h, dv, float(scale), *st, sbb, sbn)
         flags = dict(HAS_BIAS=bias is not None, IS_F32=k.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
                      VEC=vec, num_warps=warps)
         inputs = (0, 1, 2) if bias is not None else (0, 1)
