@@ -813,6 +813,8 @@ def main():
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
         kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
+    if "kernels_siglip" in parts:  # the SigLIP half of kernels_long (head dim 72: the 16-byte loads)
+        kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
     if "kernels_keep" in parts:  # the selection by sort (keep step, bs-1 merge step) in the kernel census
         kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("random", {}), ("merge", {})], 0.25)
         kernel_census(args.out, args.smoke, "siglip", [("cls", {})], 0.25)
@@ -827,6 +829,9 @@ def main():
                  args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5,
                  reps, args.smoke, host=True)
+    if "long_siglip" in parts:  # the SigLIP half of long
+        run_case("siglip", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.25, reps,
+                 args.smoke, host=True)
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
