@@ -627,6 +627,47 @@ def test_forward_captures_in_cuda_graph(vit_base_bs1, method, budget, on):
     assert max(errs) < (3e-3 if on else 1e-4), errs
 
 
+@pytest.mark.skipif(ON_CPU, reason="CUDA's synchronization check needs CUDA")
+@pytest.mark.parametrize("kind,method", [("vit", m) for m in ("merge", "cls", "random", "apet", "pool", "maelre",
+                                                             "pitome", "diverse")]
+                         + [("whisper", "merge"), ("whisper", "cls")])
+def test_eager_forward_never_waits_for_the_gpu(kind, method):
+    """A batch-1 eager forward of a reduced model (static plan) issues its kernels without once waiting for the GPU:
+    no ``.item()``, no data-dependent shape, no copy to the host. Batch-1 eager forwards are bound by host time, and a
+    wait in each step would add the GPU's queue to it. ``whisper``: 600 tokens, over the one-launch merge step's 256
+    (the four-launch path) and the received-attention scores (no class token)."""
+    if kind == "vit":
+        model, dtype, side = vit("base")
+        x = torch.randn(1, 3, side, side, device=DEV, generator=gen(12)).to(dtype)
+        budget = 0.25
+    else:
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        cfg = WhisperConfig(d_model=128, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=256,
+                            num_mel_bins=16, max_source_positions=600)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = WhisperEncoder(cfg).to(DEV, F16).eval()
+        x = torch.randn(1, 16, 1200, device=DEV, generator=gen(12)).to(F16)
+        budget = 0.5
+    tokenprune.apply(model, budget=budget, method=method)
+    try:
+        with torch.inference_mode():
+            ref = model(x)  # compiles the kernels (the compile may wait)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = model(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        tokenprune.remove(model)
+    if kind == "whisper":
+        ref, out = ref.last_hidden_state, out.last_hidden_state
+    assert rel(out, ref) < 1e-3
+
+
 # -- the cached launcher ----------------------------------------------------------------------------------
 @pytest.mark.skipif(ON_CPU, reason="the interpreter always takes Triton's own launch path")
 def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):
