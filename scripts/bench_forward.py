@@ -648,7 +648,9 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         for what, fb, want in (("no bias", None, False), ("key bias", bias, False),
                                ("key bias, q/k recorded (the block before a step)", bias, True)):
             fwd.bias, fwd.want_qk = fb, want
-            us = _us_paired({"layer": lambda: layer(xs, None, tokenprune=fwd), "plain": lambda: layer0(xs, fb),
+            # (the block loop drops the recorded q/k after each block; kept here, they would hold their buffers)
+            us = _us_paired({"layer": lambda: (layer(xs, None, tokenprune=fwd), setattr(fwd, "qk", None)),
+                             "plain": lambda: layer0(xs, fb),
                              "route": lambda: kern(attn, q, kk, v, None, dropout=0.0, scaling=1.0, tokenprune=fwd),
                              "sdpa": lambda: sdpa_attention_forward(attn, q, kk, v, fb, dropout=0.0, scaling=1.0)},
                             n_it)
