@@ -272,6 +272,7 @@ def test_bipartite_best(T, b, n, d, dtype, valid):
     (128, 196, 768, 48, F16),  # row gather with 128-column fix-up tiles
     (3, 101, 384, 50, F32), (8, 255, 256, 100, BF16), (2, 21, 32, 7, F32),
     (1, 1500, 1280, 24, F32), (2, 728, 1152, 21, F32), (4, 1500, 384, 128, F32),  # long inputs: four launches
+    (1, 1500, 1280, 250, F32), (1, 728, 1152, 182, F32),  # three-step merges: the fix-up in tiles (> 128 merged)
 ], ids=dtype_id)
 def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
     """ops.bipartite_merge, kernels on vs off, on the same sized state. Both break equal scores to the lower

@@ -234,7 +234,7 @@ def merge_rows(x, sizes, prim, members=None, owner=None, include_prim: bool = Tr
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
     """Whether :func:`merge_step` handles ``n`` non-prefix tokens with ``r`` of them merged away (one program per
-    sample up to 256 tokens; above, four launches for up to 16k tokens and 128 merged per step)."""
+    sample up to 256 tokens; above, four launches for up to 16k tokens and 512 merged per step)."""
     return _have_triton() and _impl().merge.merge_step_fits(n, r)
 
 

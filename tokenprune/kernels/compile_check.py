@@ -130,15 +130,18 @@ def _configs():
         out.append((MT._merge_rank, {"bp_ptr": f32, "ip_ptr": "*i32", "s_ptr": f32, "perm_ptr": "*i64",
                                     "rk_ptr": "*i32", "mt_ptr": "*i32"},
                     dict(S=M.MERGE_BEST_SPLIT, HAS_SIZES=True, PADDED=True, PERM=perm, NAP=1024, BR=br, BT=bt), rw))
-    for (lowp, rp, fbc), has_y, perm in itertools.product(((True, 16, 64), (True, 64, 128), (True, 128, 128),
-                                                           (False, 16, 32)), (False, True), (False, True)):
+    # (ONE False: above 128 merged tokens, the fix-up in tiles of MERGE_GATHER_TILE)
+    for (lowp, rp, fbc, one), has_y, perm in itertools.product(
+            ((True, 16, 64, True), (True, 64, 128, True), (True, 128, 128, True), (False, 16, 32, True),
+             (True, M.MERGE_GATHER_TILE, 128, False), (False, M.MERGE_GATHER_TILE, 32, False)),
+            (False, True), (False, True)):
         if perm and not (lowp and has_y):
             continue
         out.append((M._merge_gather, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "mt_ptr": "*i32", "rows_ptr": "*i32",
                                       "ox_ptr": f16, "perm_ptr": "*i64"},
-                    dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=128, RP=rp, RB=M.MERGE_STEP_SPLIT["rb"],
-                         BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc, PERM=perm),
-                    M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 else 8))
+                    dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=1024 if not one else 128, RP=rp,
+                         RB=M.MERGE_STEP_SPLIT["rb"], BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc, PERM=perm, ONE=one),
+                    M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 and one else 8))
     cfg = PT.PITOME_ORDER_CONFIG
     for is32, padded in ((False, False), (False, True), (True, False)):
         out.append((PT._pitome_order, {"m_ptr": f32 if is32 else f16, "s_ptr": f32, "e_ptr": f32, "perm_ptr": "*i64",

@@ -310,16 +310,37 @@ def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_pt
 
 
 @triton.jit
-def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA, R, C, NOUT, NG, sxb, sxn, syb, syn,
-                  ssb, oxb, oxn, sprm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr,
+def _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb, sprm, arg, offs_k, offs_c,
+                cm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, PERM: tl.constexpr):
+    # _merge_gather's fix-up over the merged A tokens i' of rank offs_k: sum over i' of W[i, i'] x_i' (columns
+    # offs_c) for the merged A tokens i whose partners are ``arg``, with W[i, i'] = s_i' where j(i') = j(i); and the
+    # sum of W's rows
+    km = offs_k < R
+    ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0)  # A token of rank offs_k
+    argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1)  # its B partner
+    row_s = _at(perm_ptr + b * sprm, P + 2 * ik, km, PERM)
+    ss = _sizes_at(s_ptr + b * ssb, row_s, km, HAS_SIZES)
+    xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, km[:, None] & cm[None, :], HAS_Y)
+    w = tl.where((arg[:, None] == argk[None, :]) & km[None, :], ss[None, :], 0.0)  # [RP, RP]
+    if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
+        part = tl.dot(w.to(xs.dtype), xs)
+    else:
+        part = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
+    return part, tl.sum(w, 1)
+
+
+@triton.jit
+def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA, R, C, NOUT, NG, NCF, sxb, sxn,
+                  syb, syn, ssb, oxb, oxn, sprm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr,
                   NAP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr,
-                  PERM: tl.constexpr = False):
+                  PERM: tl.constexpr = False, ONE: tl.constexpr = True):
     # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
     # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
-    # Programs (b, NG ..): column tile BCF of the B rows that receive merged tokens (row -1 in ``rows``).
-    # For the R merged A tokens i (rank order) with partner j(i): row j = (s_j x_j + sum over A tokens
-    # i' into j of s_i' x_i') / (s_j + sum s_i'), from W[i, i'] = s_i' where j(i') = j(i); A tokens with
-    # the same partner write the same row with the same values.
+    # Programs (b, NG ..): RP merged A tokens (a tile of the rank order) x column tile BCF (NCF tiles) of the
+    # B rows that receive merged tokens (row -1 in ``rows``). For the R merged A tokens i (rank order) with
+    # partner j(i): row j = (s_j x_j + sum over A tokens i' into j of s_i' x_i') / (s_j + sum s_i'), from
+    # W[i, i'] = s_i' where j(i') = j(i), summed over the i' in tiles of RP; A tokens with the same partner
+    # write the same row with the same values (the same tiles in the same order).
     # HAS_Y: the tokens are x + y, the block's last residual add left to this kernel (rounded to the token
     # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written.
     # PERM: the merged A tokens and their partners are places of the order ``perm`` (their rows read from it)
@@ -336,23 +357,27 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA
             xt = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, src, offs_c, sxn, syn, m, HAS_Y)
             tl.store(ox_ptr + b * oxb + offs_o[:, None] * oxn + offs_c[None, :], xt, mask=m)
     else:
-        offs_c = (t - NG) * BCF + tl.arange(0, BCF)
+        f = t - NG
+        offs_c = (f % NCF) * BCF + tl.arange(0, BCF)
         cm = offs_c < C
-        offs_r = tl.arange(0, RP)
+        offs_r = (f // NCF) * RP + tl.arange(0, RP)
         rm = offs_r < R
         ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
         arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
-        row_s = _at(perm_ptr + b * sprm, P + 2 * ia, rm, PERM)
         row_b = _at(perm_ptr + b * sprm, P + 2 * arg + 1, rm, PERM)
-        ss = _sizes_at(s_ptr + b * ssb, row_s, rm, HAS_SIZES)
         sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
-        xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, rm[:, None] & cm[None, :], HAS_Y)
-        w = tl.where((arg[:, None] == arg[None, :]) & rm[None, :], ss[None, :], 0.0)  # [RP, RP]
-        if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
-            acc = tl.dot(w.to(xs.dtype), xs)
-        else:
-            acc = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
-        tot = sb + tl.sum(w, 1)
+        if ONE:  # up to 128 merged tokens: all of them in one [RP, RP] tile
+            acc, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb, sprm,
+                                  arg, offs_r, offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
+            tot = sb + ws
+        else:  # in tiles of RP (a loop-carried accumulator: the one-tile form's [128, 128] tiles would spill in it)
+            acc = tl.zeros([RP, BCF], tl.float32)
+            tot = sb
+            for k0 in tl.range(0, R, RP, num_stages=1):
+                part, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb,
+                                       sprm, arg, k0 + tl.arange(0, RP), offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
+                acc += part
+                tot += ws
         xbf = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, rm[:, None] & cm[None, :],
                          HAS_Y).to(tl.float32)
         xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
@@ -382,7 +407,10 @@ _LARGE_SPLIT = {"rb": 16, "gbc": 256, "gwarps": 4, "fbc": 64, "fbc_many": 128}  
 
 
 MERGE_PLAN_MAX_A = 8192  # above MERGE_STEP_MAX_A: _bm_best, _merge_rank, _merge_plan and _merge_gather (four launches)
-MERGE_GATHER_MAX_R = 128  # _merge_gather's fix-up holds an [R, R] tile; above: ops.bipartite_merge's PyTorch glue
+MERGE_GATHER_TILE = 64  # above 128 merged tokens, _merge_gather's fix-up takes them in [64, 64] tiles (up to 128:
+# one [R, R] tile, as tuned at batch 256 in runs 25-28)
+MERGE_GATHER_MAX_R = 512  # the fix-up's work grows as R^2 x C (every merged token against every other: which share a
+# partner); above, ops.bipartite_merge's PyTorch glue (scatter-adds, linear in R: maelre's steps of thousands)
 MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
 # long inputs (four launches): _bm_best's B tokens split over up to MERGE_BEST_SPLIT programs per A tile while the
 # batch leaves SMs idle; _merge_rank's A tile, compare tile and warps (bench_forward --parts whisper_step sweeps both)
@@ -422,7 +450,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES,
-           MERGE_BEST_SPLIT, MERGE_RANK_TILES)
+           MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE,
+           MERGE_GATHER_MAX_R)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
     return plan(x, metric, sizes, source, residual, perm, scratch)
@@ -523,13 +552,15 @@ class _StepPlan:
             self.launches = [step(0, (bsz, groups), groups, MERGE_STEP_WARPS)]
         if split:
             fbc = 32 if not lowp else cfg.get("fbc_many", cfg["fbc"]) if r > 32 else cfg["fbc"]  # fp32: or it spills
-            ng = _cdiv(nout, cfg["rb"])
+            ng, ncf = _cdiv(nout, cfg["rb"]), _cdiv(c, fbc)
+            rp = max(16, _p2(r)) if r <= 128 else MERGE_GATHER_TILE  # the fix-up's tile of merged tokens
             self.launches.append(plan(
-                _merge_gather, (bsz, ng + _cdiv(c, fbc)), (0, 1, 3, 10, 12, 5, 13),
-                (p, na, r, c, nout, ng, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm),
-                HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=max(16, _p2(r)),
+                _merge_gather, (bsz, ng + _cdiv(r, rp) * ncf), (0, 1, 3, 10, 12, 5, 13),
+                (p, na, r, c, nout, ng, ncf, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm),
+                HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=rp, ONE=r <= rp,
                 RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
-                num_warps=cfg["gwarps"] if r <= 64 else 8))  # 4 warps spill a [128, 128] fix-up tile
+                num_warps=cfg["gwarps"] if rp <= 64 and r <= rp else 8))  # 4 warps spill a [128, 128] fix-up tile
+            # (and the tiled fix-up's [64, 128] accumulator and tile at 4 warps take 231-255 registers)
 
     def __call__(self, x, metric, sizes, source, residual, perm, scratch):
         if self.copy:
