@@ -814,8 +814,7 @@ def main():
         kernel_census(args.out, args.smoke)
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
-        kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
-    if "kernels_siglip" in parts:  # the SigLIP half of kernels_long (head dim 72: the 16-byte loads)
+    if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
         kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
     if "kernels_keep" in parts:  # the selection by sort (keep step, bs-1 merge step) in the kernel census
         kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("random", {}), ("merge", {})], 0.25)

@@ -310,14 +310,11 @@ def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_pt
 
 
 @triton.jit
-def _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb, sprm, arg, offs_k, offs_c,
-                cm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, PERM: tl.constexpr):
-    # _merge_gather's fix-up over the merged A tokens i' of rank offs_k: sum over i' of W[i, i'] x_i' (columns
-    # offs_c) for the merged A tokens i whose partners are ``arg``, with W[i, i'] = s_i' where j(i') = j(i); and the
-    # sum of W's rows
-    km = offs_k < R
-    ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0)  # A token of rank offs_k
-    argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1)  # its B partner
+def _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ik, argk, km, offs_c, cm,
+                HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, PERM: tl.constexpr):
+    # _merge_gather's fix-up over a tile of merged A tokens i' (``ik``, their partners ``argk``, ``km`` the valid
+    # ones): sum over them of W[i, i'] x_i' (columns offs_c) for the merged A tokens i whose partners are ``arg``,
+    # with W[i, i'] = s_i' where j(i') = j(i); and the sum of W's rows
     row_s = _at(perm_ptr + b * sprm, P + 2 * ik, km, PERM)
     ss = _sizes_at(s_ptr + b * ssb, row_s, km, HAS_SIZES)
     xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, km[:, None] & cm[None, :], HAS_Y)
@@ -366,16 +363,20 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA
         arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
         row_b = _at(perm_ptr + b * sprm, P + 2 * arg + 1, rm, PERM)
         sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
-        if ONE:  # up to 128 merged tokens: all of them in one [RP, RP] tile
-            acc, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb, sprm,
-                                  arg, offs_r, offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
+        if ONE:  # up to 128 merged tokens: all of them in one [RP, RP] tile, the row tile itself
+            acc, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ia, arg, rm,
+                                  offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
             tot = sb + ws
         else:  # in tiles of RP (a loop-carried accumulator: the one-tile form's [128, 128] tiles would spill in it)
             acc = tl.zeros([RP, BCF], tl.float32)
             tot = sb
             for k0 in tl.range(0, R, RP, num_stages=1):
-                part, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, mt_ptr, perm_ptr, b, P, R, NAP, sxb, sxn, syb, syn, ssb,
-                                       sprm, arg, k0 + tl.arange(0, RP), offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
+                offs_k = k0 + tl.arange(0, RP)
+                km = offs_k < R
+                ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0)
+                argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1)
+                part, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ik,
+                                       argk, km, offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
                 acc += part
                 tot += ws
         xbf = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, rm[:, None] & cm[None, :],
