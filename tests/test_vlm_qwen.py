@@ -375,3 +375,19 @@ def test_qwen3_video_with_frame_timestamps(models):
     assert rec.embeds[0].shape[1] == ids.shape[1] - (32 - _k(0.25, 32))
     assert torch.equal(rec.pos[0][..., -3:], ref.pos[0][..., -3:])
     assert torch.equal(rec.pos[1], ref.pos[1])
+
+
+def test_output_hidden_states_while_patched(models):
+    """Qwen3-VL's text model gets a swapped class (deepstack); transformers looks its output recorders up by class
+    name, so the swapped class must be known there too, or output_hidden_states silently returns None."""
+    m = models["qwen3_vl"]
+    inp = _inputs()
+    ref = m(**inp, output_hidden_states=True).hidden_states
+    assert ref is not None
+    with tokenprune.applied(m, budget=1.0, method="cls"):
+        same = m(**inp, output_hidden_states=True).hidden_states
+    assert same is not None and len(same) == len(ref) and all(torch.equal(a, b) for a, b in zip(same, ref))
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        out = m(**inp, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == len(ref)
+    assert out.hidden_states[-1].shape[1] == out.logits.shape[1]
