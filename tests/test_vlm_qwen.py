@@ -391,3 +391,21 @@ def test_output_hidden_states_while_patched(models):
         out = m(**inp, output_hidden_states=True)
     assert out.hidden_states is not None and len(out.hidden_states) == len(ref)
     assert out.hidden_states[-1].shape[1] == out.logits.shape[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_then_cached_step_continues_at_the_unpruned_positions(models, kind):
+    """A pruned forward (prefill) followed by the user's own cached step (no position ids: the model adds its
+    stored rope_deltas) gives the same next-token logits as generate()'s second step, whose positions are the
+    unpruned model's (test_kept_tokens_and_text_keep_their_positions)."""
+    m = models[kind]
+    inp = _inputs()
+    m.model.rope_deltas = None
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        gen = m.generate(**inp, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        m(**_inputs(((1, 4, 8),)))  # an unrelated earlier call: its rope_deltas must not be used
+        out = m(**inp, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = m(input_ids=nxt, cache=out.cache, use_cache=True)
+    assert torch.equal(nxt[0, 0], gen.sequences[0, inp["input_ids"].shape[1]])
+    assert torch.allclose(step.logits[0, -1], gen.scores[1][0], atol=1e-5)

@@ -171,6 +171,17 @@ class QwenVLAdapter(VLMAdapter):
         pos, _ = self.inner.get_rope_index(ids, mm_token_type_ids=tt, attention_mask=mask, **kw)
         return pos
 
+    def prepare(self, a, for_generate):
+        out = super().prepare(a, for_generate)
+        if out is not None:
+            # the model keeps rope_deltas (last position + 1 - prompt length) from its prefill for later cached steps
+            # without position ids; the pruned prompt is shorter than its positions, so give the model its deltas
+            pos, mask = out["position_ids"][-3:], out["attention_mask"]
+            valid = torch.ones_like(pos[0], dtype=torch.bool) if mask is None else mask.bool()
+            last = pos.masked_fill(~valid[None], torch.iinfo(pos.dtype).min).amax((0, 2))
+            self.inner.rope_deltas = (last + 1 - valid.sum(1)).to(torch.long)[:, None]
+        return out
+
     def lm_extras(self, groups, extras, new_ids):
         if not self.deepstack or not extras:
             return {}
