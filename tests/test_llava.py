@@ -444,3 +444,23 @@ def test_processor_usual_call(llava):
         out = llava.generate(**inputs, **GEN)
     assert torch.equal(out[:, :inputs.input_ids.shape[1]], inputs.input_ids)
     assert rec.seen[0].shape[1] == inputs.input_ids.shape[1] - (N - _k(0.1))
+
+
+def test_continuing_generate_from_a_pruned_cache(llava):
+    """The cache of a pruned generate() holds the PRUNED prompt while the returned sequences hold the original one:
+    continuing from it with text only would feed the LM misaligned tokens. It is refused, and the advised call (the
+    images again, with the cache) gives the tokens of a fresh generate() on the whole conversation."""
+    ids, pv = _prompt(), _pixels()
+    with tokenprune.applied(llava, budget=0.25, method="cls"):
+        out = llava.generate(input_ids=ids, pixel_values=pv, return_dict_in_generate=True, **GEN)
+        turn = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
+        with pytest.raises(ValueError, match="pixel_values"):
+            llava.generate(input_ids=turn, cache=out.cache, **GEN)
+        fresh = llava.generate(input_ids=turn, pixel_values=pv, **GEN)
+        again = llava.generate(input_ids=turn, pixel_values=pv, cache=out.cache, **GEN)
+        # text-only prompts with a cache are the model's own path
+        text = torch.tensor([[1, 5, 6, 7]])
+        t1 = llava.generate(input_ids=text, return_dict_in_generate=True, **GEN)
+        t2 = llava.generate(input_ids=torch.cat([t1.sequences, text], 1), cache=t1.cache, **GEN)
+    assert torch.equal(again, fresh)
+    assert t2.shape[1] == 2 * text.shape[1] + 2 * GEN["max_new_tokens"]

@@ -359,9 +359,19 @@ class VLMModel:
 
     def generate(self, inputs=None, *args, **kwargs):
         adapter = self.__dict__[PATCH_KEY].adapter
-        if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
-            return super().generate(inputs, *args, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and torch.is_tensor(ids) and adapter.patch.budget < 1 \
+                    and bool(sum((ids == t).sum() for t in adapter.token_ids.values()) > 0) \
+                    and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+                raise ValueError(
+                    "tokenprune: generate() got a cache and input_ids with image/video placeholders but no pixel "
+                    "values; a pruned call's cache holds the PRUNED prompt (the returned sequences hold the original "
+                    "one), so the tokens after it cannot be found. Pass the images again (pixel_values and the "
+                    "processor's other visual inputs) with the cache: the prompt is pruned the same way and only the "
+                    "new tokens run (method='random' needs a fixed seed)")
+            return super().generate(inputs, *args, **kwargs)
         if args:
             raise TypeError("tokenprune: pass generate()'s arguments by keyword to a pruned VLM")
         a = dict(kwargs)
