@@ -409,3 +409,21 @@ def test_forward_then_cached_step_continues_at_the_unpruned_positions(models, ki
         step = m(input_ids=nxt, cache=out.cache, use_cache=True)
     assert torch.equal(nxt[0, 0], gen.sequences[0, inp["input_ids"].shape[1]])
     assert torch.allclose(step.logits[0, -1], gen.scores[1][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuing_generate_from_a_pruned_cache_with_the_images_again(models, kind):
+    """The next turn of a chat: generate() on the whole conversation with the images again and the cache of the
+    pruned first turn runs only the new tokens (Qwen3-VL: its deepstack rows follow generate()'s slicing of the
+    cached prefix) and gives the tokens of a fresh generate(); text only with that cache is refused."""
+    m = models[kind]
+    inp = _inputs()
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        out = m.generate(**inp, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
+        turn = dict(inp, input_ids=ids, mm_token_type_ids=(ids == IMG).int())
+        fresh = m.generate(**turn, **GEN)
+        again = m.generate(**turn, cache=out.cache, **GEN)
+        with pytest.raises(ValueError, match="pixel_values"):
+            m.generate(input_ids=ids, cache=out.cache, **GEN)
+    assert torch.equal(again, fresh)

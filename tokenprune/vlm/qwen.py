@@ -65,6 +65,12 @@ class _DeepstackText:
                 counts = mask.sum(1).tolist()
                 embeds = [torch.cat([c for c in e.split(counts) for _ in range(r)]) for e in embeds]
                 mask = mask.repeat_interleave(r, 0)
+            if emb is not None and emb.shape[1] < mask.shape[1]:  # generate() dropped the cached prefix
+                tail = torch.zeros_like(mask)
+                tail[:, mask.shape[1] - emb.shape[1]:] = True
+                take = tail[mask]
+                embeds = [e[take.to(e.device)] for e in embeds]
+                mask = mask[:, mask.shape[1] - emb.shape[1]:]
             kwargs["visual_pos_masks"] = mask
             kwargs["deepstack_visual_embeds"] = embeds
         return super().forward(*args, **kwargs)
