@@ -379,6 +379,12 @@ class VLMModel:
         new = adapter.prepare(a, for_generate=True)
         if new is None:
             return super().generate(inputs, **kwargs)
+        shift = ids.shape[1] - new["input_ids"].shape[1]
+        for total, fresh in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            # lengths the user set count the prompt they passed: the LM's prompt is `shift` tokens shorter
+            have = self._generation_setting(kwargs, total)
+            if shift and have is not None and self._generation_setting(kwargs, fresh) is None:
+                new[total] = max(int(have) - shift, 0)
         out = super().generate(**new)
         seq = out if torch.is_tensor(out) else out.sequences
         reps = seq.shape[0] // ids.shape[0]
@@ -388,6 +394,16 @@ class VLMModel:
             return full
         out.sequences = full
         return out
+
+    def _generation_setting(self, kwargs, name):
+        """``name`` as generate() resolves it: the call's keyword, else its ``generation_config``'s, else the
+        model's (None when unset)."""
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        for gc in (kwargs.get("generation_config"), self.generation_config):
+            if getattr(gc, name, None) is not None:
+                return getattr(gc, name)
+        return None
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then
