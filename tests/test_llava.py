@@ -444,3 +444,43 @@ def test_processor_usual_call(llava):
         out = llava.generate(**inputs, **GEN)
     assert torch.equal(out[:, :inputs.input_ids.shape[1]], inputs.input_ids)
     assert rec.seen[0].shape[1] == inputs.input_ids.shape[1] - (N - _k(0.1))
+
+
+def test_continuing_generate_from_a_pruned_cache(llava):
+    """The cache of a pruned generate() holds the PRUNED prompt while the returned sequences hold the original one:
+    continuing from it with text only would feed the LM misaligned tokens. It is refused, and the advised call (the
+    images again, with the cache) gives the tokens of a fresh generate() on the whole conversation."""
+    ids, pv = _prompt(), _pixels()
+    with tokenprune.applied(llava, budget=0.25, method="cls"):
+        out = llava.generate(input_ids=ids, pixel_values=pv, return_dict_in_generate=True, **GEN)
+        turn = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
+        with pytest.raises(ValueError, match="pixel_values"):
+            llava.generate(input_ids=turn, cache=out.cache, **GEN)
+        fresh = llava.generate(input_ids=turn, pixel_values=pv, **GEN)
+        again = llava.generate(input_ids=turn, pixel_values=pv, cache=out.cache, **GEN)
+        # text-only prompts with a cache are the model's own path
+        text = torch.tensor([[1, 5, 6, 7]])
+        t1 = llava.generate(input_ids=text, return_dict_in_generate=True, **GEN)
+        t2 = llava.generate(input_ids=torch.cat([t1.sequences, text], 1), cache=t1.cache, **GEN)
+    assert torch.equal(again, fresh)
+    assert t2.shape[1] == 2 * text.shape[1] + 2 * GEN["max_new_tokens"]
+
+
+def test_max_length_and_min_length_count_the_prompt_the_user_passed(llava):
+    """generate()'s max_length / min_length count the prompt as passed (with all its placeholders), not the pruned
+    prompt the LM sees: the pruned model returns as many tokens as the unpatched one."""
+    from transformers import GenerationConfig
+
+    ids, pv = _prompt(), _pixels()
+    length = ids.shape[1]
+    with tokenprune.applied(llava, budget=0.25, method="cls"):
+        out = llava.generate(input_ids=ids, pixel_values=pv, max_length=length + 5, do_sample=False)
+        assert out.shape == (1, length + 5)
+        out = llava.generate(input_ids=ids, pixel_values=pv,
+                             generation_config=GenerationConfig(max_length=length + 3, do_sample=False))
+        assert out.shape == (1, length + 3)
+        first = int(llava.generate(input_ids=ids, pixel_values=pv, max_new_tokens=1, do_sample=False)[0, -1])
+        # min_length: the first token is EOS, held back until the sequence has length + 3 tokens (= 3 new ones)
+        kw = dict(input_ids=ids, pixel_values=pv, max_new_tokens=6, eos_token_id=first, do_sample=False)
+        out = llava.generate(min_length=length + 3, **kw)
+        assert torch.equal(out, llava.generate(min_new_tokens=3, **kw))

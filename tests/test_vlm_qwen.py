@@ -375,3 +375,55 @@ def test_qwen3_video_with_frame_timestamps(models):
     assert rec.embeds[0].shape[1] == ids.shape[1] - (32 - _k(0.25, 32))
     assert torch.equal(rec.pos[0][..., -3:], ref.pos[0][..., -3:])
     assert torch.equal(rec.pos[1], ref.pos[1])
+
+
+def test_output_hidden_states_while_patched(models):
+    """Qwen3-VL's text model gets a swapped class (deepstack); transformers looks its output recorders up by class
+    name, so the swapped class must be known there too, or output_hidden_states silently returns None."""
+    m = models["qwen3_vl"]
+    inp = _inputs()
+    ref = m(**inp, output_hidden_states=True).hidden_states
+    assert ref is not None
+    with tokenprune.applied(m, budget=1.0, method="cls"):
+        same = m(**inp, output_hidden_states=True).hidden_states
+    assert same is not None and len(same) == len(ref) and all(torch.equal(a, b) for a, b in zip(same, ref))
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        out = m(**inp, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == len(ref)
+    assert out.hidden_states[-1].shape[1] == out.logits.shape[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_then_cached_step_continues_at_the_unpruned_positions(models, kind):
+    """A pruned forward (prefill) followed by the user's own cached step (no position ids: the model adds its
+    stored rope_deltas) gives the same next-token logits as generate()'s second step, whose positions are the
+    unpruned model's (test_kept_tokens_and_text_keep_their_positions)."""
+    m = models[kind]
+    inp = _inputs()
+    m.model.rope_deltas = None
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        gen = m.generate(**inp, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        m(**_inputs(((1, 4, 8),)))  # an unrelated earlier call: its rope_deltas must not be used
+        out = m(**inp, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = m(input_ids=nxt, cache=out.cache, use_cache=True)
+    assert torch.equal(nxt[0, 0], gen.sequences[0, inp["input_ids"].shape[1]])
+    assert torch.allclose(step.logits[0, -1], gen.scores[1][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuing_generate_from_a_pruned_cache_with_the_images_again(models, kind):
+    """The next turn of a chat: generate() on the whole conversation with the images again and the cache of the
+    pruned first turn runs only the new tokens (Qwen3-VL: its deepstack rows follow generate()'s slicing of the
+    cached prefix) and gives the tokens of a fresh generate(); text only with that cache is refused."""
+    m = models[kind]
+    inp = _inputs()
+    with tokenprune.applied(m, budget=0.5, method="cls"):
+        out = m.generate(**inp, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
+        turn = dict(inp, input_ids=ids, mm_token_type_ids=(ids == IMG).int())
+        fresh = m.generate(**turn, **GEN)
+        again = m.generate(**turn, cache=out.cache, **GEN)
+        with pytest.raises(ValueError, match="pixel_values"):
+            m.generate(input_ids=ids, cache=out.cache, **GEN)
+    assert torch.equal(again, fresh)

@@ -7,6 +7,7 @@ keys never change) and swapping back restores the model exactly.
 """
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import torch
@@ -24,6 +25,17 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
         raise ValueError(f"tokenprune: this {orig.__name__} is already patched by another tokenprune.apply (on an "
                          "enclosing model or a submodule); call tokenprune.remove on that model first")
     module.__class__ = swapped_class(mixin, orig)
+    _register_outputs(module)
+
+
+def _register_outputs(module) -> None:
+    """transformers (5.x) finds a model's output recorders (``output_hidden_states`` / ``output_attentions``) in a
+    registry keyed on the class name, filled at ``__init__``: a swapped class must be entered too, or those outputs
+    silently come back None."""
+    reg = getattr(sys.modules.get("transformers.utils.output_capturing"), "_CAN_RECORD_REGISTRY", None)
+    can = getattr(module, "_can_record_outputs", None)
+    if reg is not None and can is not None and not reg.get(module):
+        reg[module] = can
 
 
 def swapped_class(mixin: type, orig: type) -> type:

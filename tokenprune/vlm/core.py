@@ -359,9 +359,19 @@ class VLMModel:
 
     def generate(self, inputs=None, *args, **kwargs):
         adapter = self.__dict__[PATCH_KEY].adapter
-        if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
-            return super().generate(inputs, *args, **kwargs)
         ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None and torch.is_tensor(ids) and adapter.patch.budget < 1 \
+                    and bool(sum((ids == t).sum() for t in adapter.token_ids.values()) > 0) \
+                    and getattr(cache, "get_seq_length", lambda: 0)() > 0:
+                raise ValueError(
+                    "tokenprune: generate() got a cache and input_ids with image/video placeholders but no pixel "
+                    "values; a pruned call's cache holds the PRUNED prompt (the returned sequences hold the original "
+                    "one), so the tokens after it cannot be found. Pass the images again (pixel_values and the "
+                    "processor's other visual inputs) with the cache: the prompt is pruned the same way and only the "
+                    "new tokens run (method='random' needs a fixed seed)")
+            return super().generate(inputs, *args, **kwargs)
         if args:
             raise TypeError("tokenprune: pass generate()'s arguments by keyword to a pruned VLM")
         a = dict(kwargs)
@@ -369,6 +379,12 @@ class VLMModel:
         new = adapter.prepare(a, for_generate=True)
         if new is None:
             return super().generate(inputs, **kwargs)
+        shift = ids.shape[1] - new["input_ids"].shape[1]
+        for total, fresh in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            # lengths the user set count the prompt they passed: the LM's prompt is `shift` tokens shorter
+            have = self._generation_setting(kwargs, total)
+            if shift and have is not None and self._generation_setting(kwargs, fresh) is None:
+                new[total] = max(int(have) - shift, 0)
         out = super().generate(**new)
         seq = out if torch.is_tensor(out) else out.sequences
         reps = seq.shape[0] // ids.shape[0]
@@ -378,6 +394,16 @@ class VLMModel:
             return full
         out.sequences = full
         return out
+
+    def _generation_setting(self, kwargs, name):
+        """``name`` as generate() resolves it: the call's keyword, else its ``generation_config``'s, else the
+        model's (None when unset)."""
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        for gc in (kwargs.get("generation_config"), self.generation_config):
+            if getattr(gc, name, None) is not None:
+                return getattr(gc, name)
+        return None
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then

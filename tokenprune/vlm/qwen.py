@@ -65,6 +65,12 @@ class _DeepstackText:
                 counts = mask.sum(1).tolist()
                 embeds = [torch.cat([c for c in e.split(counts) for _ in range(r)]) for e in embeds]
                 mask = mask.repeat_interleave(r, 0)
+            if emb is not None and emb.shape[1] < mask.shape[1]:  # generate() dropped the cached prefix
+                tail = torch.zeros_like(mask)
+                tail[:, mask.shape[1] - emb.shape[1]:] = True
+                take = tail[mask]
+                embeds = [e[take.to(e.device)] for e in embeds]
+                mask = mask[:, mask.shape[1] - emb.shape[1]:]
             kwargs["visual_pos_masks"] = mask
             kwargs["deepstack_visual_embeds"] = embeds
         return super().forward(*args, **kwargs)
@@ -170,6 +176,17 @@ class QwenVLAdapter(VLMAdapter):
         kw = {k: a.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
         pos, _ = self.inner.get_rope_index(ids, mm_token_type_ids=tt, attention_mask=mask, **kw)
         return pos
+
+    def prepare(self, a, for_generate):
+        out = super().prepare(a, for_generate)
+        if out is not None:
+            # the model keeps rope_deltas (last position + 1 - prompt length) from its prefill for later cached steps
+            # without position ids; the pruned prompt is shorter than its positions, so give the model its deltas
+            pos, mask = out["position_ids"][-3:], out["attention_mask"]
+            valid = torch.ones_like(pos[0], dtype=torch.bool) if mask is None else mask.bool()
+            last = pos.masked_fill(~valid[None], torch.iinfo(pos.dtype).min).amax((0, 2))
+            self.inner.rope_deltas = (last + 1 - valid.sum(1)).to(torch.long)[:, None]
+        return out
 
     def lm_extras(self, groups, extras, new_ids):
         if not self.deepstack or not extras:
