@@ -282,6 +282,26 @@ def test_timm_family(name, kw):
         assert torch.equal(model(x), ref)  # ref: the same model's forward before any patch
 
 
+@pytest.mark.parametrize("method", ["merge", "pool"])
+def test_distilled_deit_reduced_logits_average_both_heads(method):
+    """DeiT distilled: timm's head averages the [CLS] head and the distillation head. A reduction with sizes (merge,
+    pool) must keep that head, not pool the [CLS] token into ``head`` alone."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_distilled_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method=method)
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+        assert state.sizes is not None  # the path that pools with sizes
+        own = timm.models.deit.VisionTransformerDistilled.forward_head  # timm's own head on the same tokens
+        torch.testing.assert_close(model(x), own(model, feats))
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True, sizes=state.sizes),
+                                   own(model, feats, pre_logits=True))
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 def test_clear_errors():
     model = tiny_vit()

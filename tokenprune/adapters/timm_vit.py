@@ -164,7 +164,8 @@ class _Model:
     def forward_head(self, x, pre_logits: bool = False, sizes=_UNSET):
         """timm's ``forward_head`` with size-weighted pooling; ``sizes=state.sizes`` from
         :func:`tokenprune.features` (``None``: every token stands for one patch)."""
-        if sizes is None:
+        if sizes is None or (self.attn_pool is None and self.global_pool not in _SIZED_POOLS):
+            # 'token' / '' read tokens as they are: the model's own head (DeiT distilled: both heads averaged)
             return super().forward_head(x, pre_logits)
         if sizes is _UNSET:
             pool_type = self.global_pool
