@@ -211,6 +211,21 @@ def test_avg_pool_is_size_weighted():
     torch.testing.assert_close(pooled, model.fc_norm(full.mean(1)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_forward_head_without_sizes_refused_on_a_larger_input(global_pool):
+    """dynamic_img_size: an input larger than the default keeps more tokens than the default grid has; its reduced
+    tokens without sizes must still be refused by a size-weighted pooling, not pooled unweighted."""
+    model = tiny_vit(class_token=False, global_pool=global_pool, dynamic_img_size=True)  # default: 8 x 8 patches
+    tokenprune.apply(model, budget=0.5, method="merge")
+    x = torch.randn(2, 3, 48, 48)  # 144 patches -> 72 tokens, more than the default 64
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+        assert feats.shape[1] == 72 > 64
+        torch.testing.assert_close(model.forward_head(feats, sizes=state.sizes), model(x))
+        with pytest.raises(ValueError, match="sizes"):
+            model.forward_head(feats)
+
+
 def test_unmerge_marks_dropped_patches():
     model = tiny_vit(img_size=40)
     tokenprune.apply(model, budget=0.25, method="cls")

@@ -169,8 +169,10 @@ class _Model:
             return super().forward_head(x, pre_logits)
         if sizes is _UNSET:
             pool_type = self.global_pool
-            if (self.attn_pool is not None or pool_type in _SIZED_POOLS) and \
-                    x.shape[1] < self._tokenprune_patch.adapter.full_tokens:
+            patch = self._tokenprune_patch
+            # a budget below 1 reduces every input (one larger than the default keeps more tokens than the default
+            # grid has, so the count alone cannot tell); at budget 1 only a count below the full grid's is reduced
+            if patch.budget < 1.0 or x.shape[1] < patch.adapter.full_tokens:
                 raise ValueError(
                     "tokenprune: forward_head got reduced tokens without their sizes, and this model's pooling "
                     f"({'map' if self.attn_pool is not None else pool_type}) weights tokens by size. Call model(x), "
