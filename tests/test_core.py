@@ -343,6 +343,24 @@ def test_clear_errors():
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_timm_patch_dropout_in_training_refused(dynamic):
+    """timm's patch dropout keeps a random subset of the patches in training: they no longer form the grid (with
+    dynamic_img_size the adapter read the full grid for them). Refused as for Eva / NaFlexVit; eval is unaffected."""
+    model = tiny_vit(patch_drop_rate=0.5, dynamic_img_size=dynamic)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    tokenprune.apply(model, budget=1.0, method="merge")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)  # eval: patch dropout is off
+    model.train()
+    for method in ["merge", "pool"]:
+        tokenprune.apply(model, budget=0.5, method=method)
+        with pytest.raises(RuntimeError, match="patch dropout"):
+            model(x)
+
+
 # -- the real pretrained classifier from the shared assets ---------------------------------------
 @pytest.mark.slow
 @pytest.mark.xdist_group("real-vit-s14")  # shares the loaded model with test_real_weights_hf.py

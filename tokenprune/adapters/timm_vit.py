@@ -153,6 +153,9 @@ class _Model:
 
     def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
         self._tokenprune_refuse(attn_mask, is_causal, "timm")
+        if self.training and getattr(self.patch_drop, "prob", 0.0) > 0:  # its random subset is no grid of patches
+            raise RuntimeError("tokenprune: timm patch dropout (patch_drop_rate > 0) in training cannot be combined "
+                               "with token reduction; call model.eval() or build the model with patch_drop_rate=0")
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else None  # dynamic image size: NHWC, the real grid
         x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
