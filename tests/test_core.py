@@ -317,6 +317,26 @@ def test_distilled_deit_reduced_logits_average_both_heads(method):
                                    own(model, feats, pre_logits=True))
 
 
+@pytest.mark.parametrize("method", ["merge", "pool"])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_rope_reg1_gap_256"])
+def test_timm_set_input_size_after_apply(name, method):
+    """timm's ``model.set_input_size(img_size=...)`` after apply: the forward and ``plan(model)`` use the new grid
+    (the adapter read the grid at apply: pool found no grid, and plan() reported the old input)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3,
+                              num_classes=5).eval()  # 8 x 8 patches
+    tokenprune.apply(model, budget=0.5, method=method)
+    model.set_input_size(img_size=(48, 48))  # 12 x 12
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+    assert state.input_grid == (12, 12)
+    plan = tokenprune.plan(model)
+    assert plan.info.num_tokens == 144 and feats.shape[1] - model.num_prefix_tokens == plan.num_out
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 def test_clear_errors():
     model = tiny_vit()

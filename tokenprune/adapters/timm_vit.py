@@ -228,8 +228,16 @@ class TimmViTAdapter(Adapter):
             raise TypeError(f"tokenprune: {type(model).__name__} has its own forward_features; only timm's "
                             "VisionTransformer forward is supported")
         self.check(None)  # before info(), which reads blk.attn
-        self._grid = self.info().grid
-        self.full_tokens = model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
+
+    @property
+    def _grid(self):
+        """The patch embedding's grid, read when asked (``model.set_input_size`` may change it after apply)."""
+        grid = getattr(self.model.patch_embed, "grid_size", None)
+        return tuple(grid) if grid is not None else None
+
+    @property
+    def full_tokens(self) -> int:
+        return self.model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
 
     def info(self) -> EncoderInfo:
         m = self.model
