@@ -90,6 +90,23 @@ def test_eval_knn_on_feature_extractor(tiny, tmp_path):
     assert (tmp_path / "eval_knn.png").exists()
 
 
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_knn_features_of_a_size_weighted_pool(global_pool):
+    """kNN features (pre-logits) of a reduced timm model whose pooling weights tokens by size: the same as the
+    model's own forward (num_classes=0: the pre-logits), not a refusal of forward_head without sizes."""
+    from tokenprune.evaluate import LoadedModel, image_forward
+
+    model = tiny_vit(num_classes=0, class_token=False, global_pool=global_pool)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    lm = LoadedModel(model=model, name="tiny", family="timm", img_size=(32, 32))
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        feats = image_forward(lm, images, 3, "cpu", torch.float32, features=True)(0)
+        x = tokenprune.data.to_tensor(images, 32)
+        torch.testing.assert_close(feats, model(x))
+
+
 def test_knn_predict_weighted_vote():
     from tokenprune.evaluate import knn_predict
 

@@ -211,6 +211,21 @@ def test_avg_pool_is_size_weighted():
     torch.testing.assert_close(pooled, model.fc_norm(full.mean(1)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_forward_head_without_sizes_refused_on_a_larger_input(global_pool):
+    """dynamic_img_size: an input larger than the default keeps more tokens than the default grid has; its reduced
+    tokens without sizes must still be refused by a size-weighted pooling, not pooled unweighted."""
+    model = tiny_vit(class_token=False, global_pool=global_pool, dynamic_img_size=True)  # default: 8 x 8 patches
+    tokenprune.apply(model, budget=0.5, method="merge")
+    x = torch.randn(2, 3, 48, 48)  # 144 patches -> 72 tokens, more than the default 64
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+        assert feats.shape[1] == 72 > 64
+        torch.testing.assert_close(model.forward_head(feats, sizes=state.sizes), model(x))
+        with pytest.raises(ValueError, match="sizes"):
+            model.forward_head(feats)
+
+
 def test_unmerge_marks_dropped_patches():
     model = tiny_vit(img_size=40)
     tokenprune.apply(model, budget=0.25, method="cls")
@@ -282,6 +297,46 @@ def test_timm_family(name, kw):
         assert torch.equal(model(x), ref)  # ref: the same model's forward before any patch
 
 
+@pytest.mark.parametrize("method", ["merge", "pool"])
+def test_distilled_deit_reduced_logits_average_both_heads(method):
+    """DeiT distilled: timm's head averages the [CLS] head and the distillation head. A reduction with sizes (merge,
+    pool) must keep that head, not pool the [CLS] token into ``head`` alone."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_distilled_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              embed_dim=48, depth=3, num_heads=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method=method)
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+        assert state.sizes is not None  # the path that pools with sizes
+        own = timm.models.deit.VisionTransformerDistilled.forward_head  # timm's own head on the same tokens
+        torch.testing.assert_close(model(x), own(model, feats))
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True, sizes=state.sizes),
+                                   own(model, feats, pre_logits=True))
+
+
+@pytest.mark.parametrize("method", ["merge", "pool"])
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_rope_reg1_gap_256"])
+def test_timm_set_input_size_after_apply(name, method):
+    """timm's ``model.set_input_size(img_size=...)`` after apply: the forward and ``plan(model)`` use the new grid
+    (the adapter read the grid at apply: pool found no grid, and plan() reported the old input)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=3, num_heads=3,
+                              num_classes=5).eval()  # 8 x 8 patches
+    tokenprune.apply(model, budget=0.5, method=method)
+    model.set_input_size(img_size=(48, 48))  # 12 x 12
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+    assert state.input_grid == (12, 12)
+    plan = tokenprune.plan(model)
+    assert plan.info.num_tokens == 144 and feats.shape[1] - model.num_prefix_tokens == plan.num_out
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 def test_clear_errors():
     model = tiny_vit()
@@ -306,6 +361,34 @@ def test_clear_errors():
         model.forward_features(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(1, 1, 65, 65))
     with pytest.raises(NotImplementedError, match="forward_intermediates"):
         model.forward_intermediates(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_timm_patch_dropout_in_training_refused(dynamic):
+    """timm's patch dropout keeps a random subset of the patches in training: they no longer form the grid (with
+    dynamic_img_size the adapter read the full grid for them). Refused as for Eva / NaFlexVit; eval is unaffected."""
+    model = tiny_vit(patch_drop_rate=0.5, dynamic_img_size=dynamic)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    tokenprune.apply(model, budget=1.0, method="merge")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)  # eval: patch dropout is off
+    model.train()
+    for method in ["merge", "pool"]:
+        tokenprune.apply(model, budget=0.5, method=method)
+        with pytest.raises(RuntimeError, match="patch dropout"):
+            model(x)
+
+
+def test_apply_to_a_torch_compile_wrapper_says_what_to_do():
+    """``torch.compile(model)`` returns a wrapper (OptimizedModule); apply refuses it naming the fix, not as an
+    unknown model family, and leaves the model unpatched."""
+    model = tiny_vit()
+    compiled = torch.compile(model)  # lazy: nothing is traced until it is called
+    with pytest.raises(TypeError, match=r"torch\.compile.*tokenprune\.apply\(model.*then"):
+        tokenprune.apply(compiled, budget=0.5)
+    assert not tokenprune.is_applied(compiled) and not tokenprune.is_applied(model)
 
 
 # -- the real pretrained classifier from the shared assets ---------------------------------------

@@ -316,6 +316,9 @@ def image_forward(lm: LoadedModel, images, batch_size: int, device: str, dtype: 
     def fn(j):
         x = to_tensor(images[j * batch_size:(j + 1) * batch_size], size, lm.mean, lm.std).to(device, dtype)
         if lm.family == "timm":
+            if features and api.is_applied(model):  # the pooling weights reduced tokens by their sizes
+                tokens, state = api.features(model, x)
+                return model.forward_head(tokens, pre_logits=True, sizes=state.sizes)
             if features:
                 return model.forward_head(model.forward_features(x), pre_logits=True)
             return model(x)

@@ -32,7 +32,7 @@ class Patch:
         return self.program_for(num_tokens, grid).plan
 
     def program_for(self, num_tokens: int | None = None, grid=None) -> Program:
-        n = self.info.num_tokens if num_tokens is None else num_tokens
+        n = self.adapter.info().num_tokens if num_tokens is None else num_tokens  # the model's default input now
         if grid is None:
             grid = self.adapter.grid_for(n)
         key = (n, grid)

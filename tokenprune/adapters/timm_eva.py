@@ -195,8 +195,15 @@ class TimmEvaAdapter(Adapter):
         if not isinstance(blocks, torch.nn.ModuleList) and not isinstance(blocks, torch.nn.Sequential) \
                 or len(blocks) == 0:
             raise TypeError("tokenprune: this timm Eva model has no blocks")
-        self._grid = tuple(model.patch_embed.grid_size)
-        self.full_tokens = model.num_prefix_tokens + math.prod(self._grid)
+
+    @property
+    def _grid(self):
+        """The patch embedding's grid, read when asked (``model.set_input_size`` may change it after apply)."""
+        return tuple(self.model.patch_embed.grid_size)
+
+    @property
+    def full_tokens(self) -> int:
+        return self.model.num_prefix_tokens + math.prod(self._grid)
 
     def info(self) -> EncoderInfo:
         m = self.model

@@ -153,6 +153,9 @@ class _Model:
 
     def _tokenprune_features(self, x, fwd: Forward, attn_mask=None, is_causal=False):
         self._tokenprune_refuse(attn_mask, is_causal, "timm")
+        if self.training and getattr(self.patch_drop, "prob", 0.0) > 0:  # its random subset is no grid of patches
+            raise RuntimeError("tokenprune: timm patch dropout (patch_drop_rate > 0) in training cannot be combined "
+                               "with token reduction; call model.eval() or build the model with patch_drop_rate=0")
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if x.ndim == 4 else None  # dynamic image size: NHWC, the real grid
         x = self.norm_pre(self.patch_drop(self._pos_embed(x)))
@@ -164,12 +167,15 @@ class _Model:
     def forward_head(self, x, pre_logits: bool = False, sizes=_UNSET):
         """timm's ``forward_head`` with size-weighted pooling; ``sizes=state.sizes`` from
         :func:`tokenprune.features` (``None``: every token stands for one patch)."""
-        if sizes is None:
+        if sizes is None or (self.attn_pool is None and self.global_pool not in _SIZED_POOLS):
+            # 'token' / '' read tokens as they are: the model's own head (DeiT distilled: both heads averaged)
             return super().forward_head(x, pre_logits)
         if sizes is _UNSET:
             pool_type = self.global_pool
-            if (self.attn_pool is not None or pool_type in _SIZED_POOLS) and \
-                    x.shape[1] < self._tokenprune_patch.adapter.full_tokens:
+            patch = self._tokenprune_patch
+            # a budget below 1 reduces every input (one larger than the default keeps more tokens than the default
+            # grid has, so the count alone cannot tell); at budget 1 only a count below the full grid's is reduced
+            if patch.budget < 1.0 or x.shape[1] < patch.adapter.full_tokens:
                 raise ValueError(
                     "tokenprune: forward_head got reduced tokens without their sizes, and this model's pooling "
                     f"({'map' if self.attn_pool is not None else pool_type}) weights tokens by size. Call model(x), "
@@ -222,8 +228,16 @@ class TimmViTAdapter(Adapter):
             raise TypeError(f"tokenprune: {type(model).__name__} has its own forward_features; only timm's "
                             "VisionTransformer forward is supported")
         self.check(None)  # before info(), which reads blk.attn
-        self._grid = self.info().grid
-        self.full_tokens = model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
+
+    @property
+    def _grid(self):
+        """The patch embedding's grid, read when asked (``model.set_input_size`` may change it after apply)."""
+        grid = getattr(self.model.patch_embed, "grid_size", None)
+        return tuple(grid) if grid is not None else None
+
+    @property
+    def full_tokens(self) -> int:
+        return self.model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
 
     def info(self) -> EncoderInfo:
         m = self.model
