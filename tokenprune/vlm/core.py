@@ -38,7 +38,7 @@ from ..plan import EncoderInfo
 from ..state import TokenState
 
 PATCH_KEY = "_tokenprune_patch"
-METHODS = ("cls", "random", "pool", "apet")
+METHODS = ("cls", "random", "pool", "apet", "diverse")
 VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
                  "second_per_grid_ts", "mm_token_type_ids", "video_second_per_grid", "mm_encoder_outputs")
 

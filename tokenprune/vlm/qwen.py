@@ -9,7 +9,7 @@
   32); ``random`` the last of ``layers=`` (same default; -1 = before the first block); ``pool`` its ``block=``
   (default -1: the patch embeddings are pooled, per frame, on the merged grid). ``layers=[depth - 1]`` prunes after
   the last block: the same tokens as pruning after the tower;
-- ``apet``: after the tower, on the merged tokens (its merging needs the final features).
+- ``apet``, ``diverse``: after the tower, on the merged tokens (they need the final features).
 
 The tower runs through ``qwen_tower.run`` whenever tokens are pruned, with every block's attention in one fused
 launch (``adapter.attention``: ``"pad"`` default, ``"mask"``, ``"varlen"``); at budget 1.0 the call goes to the
