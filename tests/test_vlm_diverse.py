@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tokenprune
+from tokenprune.patch import get_patch
 
 torch.set_num_threads(1)
 
@@ -23,6 +24,7 @@ LM = 48  # the language model's width; every vision tower here is 32 wide
 VISION = 32
 GEN = dict(max_new_tokens=3, do_sample=False)
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "paligemma", "gemma3", "onevision"]
+SPACE = {"llava": VISION}  # width of the tokens diverse selects from (text= must match); LM elsewhere
 
 
 def build(family):
@@ -192,3 +194,39 @@ def test_left_padded_batch_equals_each_prompt_alone(models, family):
     for i, x in enumerate(alone):
         assert torch.equal(out[i, -GEN["max_new_tokens"]:], x[0, -GEN["max_new_tokens"]:]), (family, i)
         assert torch.allclose(logits[i, -1], logits_alone[i][0, -1], atol=1e-5), (family, i)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_in_the_selected_space_conditions_the_selection(models, family):
+    m = model(models, family)
+    a, _ = _inputs(m, family)
+    width = SPACE.get(family, LM)
+    text = torch.randn(width, generator=torch.Generator().manual_seed(5))
+    with tokenprune.applied(m, budget=0.25, method="diverse"), LMInput(m) as plain:
+        m(**a)
+    with tokenprune.applied(m, budget=0.25, method="diverse", text=text, text_weight=4.0), LMInput(m) as cond:
+        out = m.generate(**a, **GEN)
+        m(**a)
+    assert out.shape[1] == a["input_ids"].shape[1] + GEN["max_new_tokens"]
+    assert cond.seen[-1].shape == plain.seen[0].shape  # the same count, other tokens
+    assert not torch.equal(cond.seen[-1], plain.seen[0]), family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_of_another_width_names_the_width_to_give(models, family):
+    m = model(models, family)
+    width = SPACE.get(family, LM)
+    wrong = VISION if width == LM else LM
+    with pytest.raises(ValueError, match=rf"text has {wrong} features.*give an embedding of {width} features"):
+        tokenprune.apply(m, budget=0.25, method="diverse", text=torch.randn(wrong))
+    assert get_patch(m) is None  # refused before any change
+
+
+def test_text_with_several_rows_is_refused_on_a_vlm(models):
+    """The tokens are selected per image, not per prompt row: a [B, C] text would be matched to images."""
+    m = model(models, "paligemma")
+    with pytest.raises(ValueError, match="one embedding \\[C\\] for every image"):
+        tokenprune.apply(m, budget=0.25, method="diverse", text=torch.randn(2, LM))
+    assert get_patch(m) is None
+    with tokenprune.applied(m, budget=0.25, method="diverse", text=torch.randn(1, LM)):
+        m(**_inputs(m, "paligemma")[0])

@@ -87,9 +87,17 @@ class LlavaAdapter(VLMAdapter):
         self.cross_handles: list = []
         self.proj_attention = not self.has_cls  # SigLIP towers
 
+    @property
+    def space(self):
+        if self.kind == "llava_next":
+            return "the packed, projected tokens the language model receives, as wide as its input embeddings"
+        return ("the vision tower's hidden states at vision_feature_layer, the projector's input: "
+                "vision_config.hidden_size wide, times the number of feature layers")
+
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size * len(self.feature_layers), vc.num_attention_heads,
+        dim = vc.hidden_size * len(self.feature_layers) if self.kind == "llava" else self.lm_width()
+        return encoder_info(len(self.attn_layers), dim, vc.num_attention_heads,
                             vc.intermediate_size, self.grid[0] * self.grid[1], self.grid, self.has_cls, self.kind,
                             self.num_prefix)
 

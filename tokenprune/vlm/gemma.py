@@ -53,7 +53,7 @@ class GemmaVLAdapter(VLMAdapter):
 
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
+        return encoder_info(len(self.attn_layers), self.lm_width(), vc.num_attention_heads, vc.intermediate_size,
                             self.grid[0] * self.grid[1], self.grid, False, self.kind)
 
     # -- the call ---------------------------------------------------------------------------------------------

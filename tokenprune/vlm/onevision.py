@@ -67,7 +67,7 @@ class OneVisionAdapter(VLMAdapter):
 
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
+        return encoder_info(len(self.attn_layers), self.lm_width(), vc.num_attention_heads, vc.intermediate_size,
                             self.side ** 2, (self.side, self.side), False, self.kind)
 
     def kept_count(self, n, grid):
