@@ -484,3 +484,21 @@ def test_max_length_and_min_length_count_the_prompt_the_user_passed(llava):
         kw = dict(input_ids=ids, pixel_values=pv, max_new_tokens=6, eos_token_id=first, do_sample=False)
         out = llava.generate(min_length=length + 3, **kw)
         assert torch.equal(out, llava.generate(min_new_tokens=3, **kw))
+
+
+def test_bare_model_without_lm_head_says_which_model_to_patch():
+    """LlavaModel / Qwen2VLModel / Gemma3Model are supported families without the LM head: the error names the
+    ...ForConditionalGeneration class to patch, not "not supported yet"."""
+    from test_vlm_gemma import build as gemma
+    from test_vlm_qwen import build as qwen
+    from transformers import LlavaModel
+
+    vc, tc = _configs()
+    for m, want in ((LlavaModel(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMG)),
+                     "LlavaForConditionalGeneration"),
+                    (qwen("qwen2_vl").model, "Qwen2VLForConditionalGeneration"),
+                    (gemma("gemma3").model, "Gemma3ForConditionalGeneration")):
+        with pytest.raises(TypeError, match=f"patch the {want}") as e:
+            tokenprune.apply(m, budget=0.5, method="cls")
+        assert "not support yet" not in str(e.value)
+        assert not tokenprune.is_applied(m)

@@ -9,8 +9,8 @@ image, ``N = 576`` for LLaVA-1.5. With strategy "full" and a [CLS] token, that t
 Where: LLaVA reduces the projector's input (the selected vision hidden states, ``[images, N, C]``), then
 projects the kept tokens; LLaVA-NeXT reduces each image's packed, projected tokens (base crop + unpadded
 high-resolution crops + one newline token per row, HF's own packing). Methods: LLaVA ``cls``, ``random``,
-``pool`` (2D average pooling of the 24x24 grid to the grid nearest ``K``, CrossLMM's pooling), ``apet``;
-LLaVA-NeXT ``cls``, ``random``, ``apet``.
+``pool`` (2D average pooling of the 24x24 grid to the grid nearest ``K``, CrossLMM's pooling), ``apet``,
+``diverse``; LLaVA-NeXT ``cls``, ``random``, ``apet``, ``diverse``.
 
 Scoring (``cls``) uses the vision layer the VLM reads its features from: ``vision_feature_layer`` (default -2;
 for a list, the deepest): hidden state ``f`` is the output of encoder layer ``f - 1``, so -2 scores with the
@@ -55,7 +55,7 @@ class LlavaAdapter(VLMAdapter):
     def __init__(self, model):
         super().__init__(model)
         if self.kind == "llava_next":
-            self.methods = ("cls", "random", "apet")  # packed crops + newline tokens: no grid for pool
+            self.methods = ("cls", "random", "apet", "diverse")  # packed crops + newline tokens: no grid for pool
         cfg = model.config
         tid = _image_token_id(cfg)
         if tid is None:
@@ -87,9 +87,17 @@ class LlavaAdapter(VLMAdapter):
         self.cross_handles: list = []
         self.proj_attention = not self.has_cls  # SigLIP towers
 
+    @property
+    def space(self):
+        if self.kind == "llava_next":
+            return "the packed, projected tokens the language model receives, as wide as its input embeddings"
+        return ("the vision tower's hidden states at vision_feature_layer, the projector's input: "
+                "vision_config.hidden_size wide, times the number of feature layers")
+
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size * len(self.feature_layers), vc.num_attention_heads,
+        dim = vc.hidden_size * len(self.feature_layers) if self.kind == "llava" else self.lm_width()
+        return encoder_info(len(self.attn_layers), dim, vc.num_attention_heads,
                             vc.intermediate_size, self.grid[0] * self.grid[1], self.grid, self.has_cls, self.kind,
                             self.num_prefix)
 

@@ -23,7 +23,8 @@ Conditional Diversity for Token Pruning in MLLMs", NeurIPS 2025) weights diversi
 relevance to the instruction. Here, as a max-min analogue of that idea (our own choice, not CDPruner's
 DPP): with ``r_i`` the cosine similarity of token ``i`` to the text embedding, rescaled per sample to
 [0, 1], every greedy step maximises ``min_{j in S} d(i, j) * (eps + r_i) ** text_weight``. ``text`` is
-``[C]`` or ``[B, C]`` in the space of the tokens being selected (for LLaVA: the vision tower's output).
+``[C]`` or ``[B, C]`` in the space of the tokens being selected (VLMs: one ``[C]`` for all images, in the space
+of their hand-off point, ``EncoderInfo.dim`` wide: LLaVA-1.5 the vision tower's output, the others the LM's input).
 
 Schedule: the stages of ``cls`` / ``random`` (the same keep ratio after blocks depth/4, depth/2,
 3 depth/4; ``layers=`` to change, -1 = before the first block), so the three compare at equal FLOPs.
@@ -115,7 +116,7 @@ class Diverse(Reducer):
     def check(self, info: EncoderInfo) -> None:
         if self.text is not None and self.text.shape[-1] != info.dim:
             raise ValueError(f"diverse: text has {self.text.shape[-1]} features but the tokens have {info.dim}; "
-                             "pass an embedding in the space of the tokens being selected")
+                             f"give an embedding of {info.dim} features, in the space of the tokens being selected")
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         return ratio_schedule(self.name, info, keep, self.layers, before_first=True)

@@ -38,7 +38,7 @@ from ..plan import EncoderInfo
 from ..state import TokenState
 
 PATCH_KEY = "_tokenprune_patch"
-METHODS = ("cls", "random", "pool", "apet")
+METHODS = ("cls", "random", "pool", "apet", "diverse")
 VISUAL_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "image_sizes",
                  "second_per_grid_ts", "mm_token_type_ids", "video_second_per_grid", "mm_encoder_outputs")
 
@@ -155,7 +155,9 @@ class VLMAdapter(Adapter):
     """Base of the VLM family files. A family sets, in ``__init__``: ``inner`` (the model holding the tower),
     ``token_ids`` (``{"image": id, "video": id}``), ``attn_layers`` (the tower's attention modules, by layer),
     ``default_layer`` (scoring layer), ``has_cls``, and implements ``full_counts``, ``encode``
-    (and ``project``, ``positions``, ``lm_extras`` where it needs them)."""
+    (and ``project``, ``positions``, ``lm_extras`` where it needs them). Its ``info().dim`` is the width of the
+    tokens the reducer selects from at the hand-off point, which ``space`` names (a reducer's options in feature
+    space, such as ``diverse``'s ``text=``, are checked against it)."""
 
     family = "vlm"
     families: dict = {}  # transformers class name -> kind, of the models the family file serves
@@ -164,6 +166,7 @@ class VLMAdapter(Adapter):
     text_row = False  # generate() position ids carry a leading 1D text row ([4, B, L], Qwen in transformers 5)
     row_kwargs: dict = {}  # per-token call arguments shrunk with input_ids: {name: pad value} (Gemma's token_type_ids)
     proj_attention = False  # the scoring layers' attention does not pass its keyword arguments on (SigLIP's)
+    space = "the projected visual tokens the language model receives, as wide as its input embeddings"
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -203,6 +206,10 @@ class VLMAdapter(Adapter):
         """Keyword arguments for the model forward carrying pruned companions (Qwen3-VL deepstack)."""
         return {}
 
+    def lm_width(self) -> int:
+        """Width of the language model's input embeddings (what the projected visual tokens have)."""
+        return int(self.model.get_input_embeddings().weight.shape[-1])
+
     def item_grids(self, a: dict, counts: dict) -> dict:
         """``{modality: [grid of each item's non-prefix tokens, or None]}``."""
         return {mod: [None] * len(full) for mod, full in counts.items()}
@@ -214,6 +221,15 @@ class VLMAdapter(Adapter):
                 f"tokenprune: method {reducer.name!r} is not available for {type(self.model).__name__} (visual "
                 f"tokens are reduced once, between the vision tower and the language model); use one of: "
                 f"{', '.join(self.methods)}")
+        text = getattr(reducer, "text", None)
+        if torch.is_tensor(text) and text.ndim == 2 and text.shape[0] != 1:
+            raise ValueError(
+                f"tokenprune: text= has {text.shape[0]} rows; on a VLM it is one embedding [C] for every image of a "
+                "call (the tokens are selected per image, not per prompt row): give one, or call each prompt alone")
+        try:  # options in feature space are checked against the tokens the reducer selects from
+            reducer.check(self.info())
+        except ValueError as e:
+            raise ValueError(f"{e}; {type(self.model).__name__} selects from {self.space}") from None
         self.score_at = reducer.score_layers(len(self.attn_layers), self.default_layer)
         if self.score_at and self.default_layer < 0 and getattr(reducer, "layers", None) is None:
             raise ValueError("tokenprune: vision_feature_layer reads the patch embeddings (no attention layer "

@@ -3,7 +3,7 @@
 Where: the projected tokens, what the language model receives, per image: PaliGemma's ``(S/p)^2`` (one per
 SigLIP patch, linear projector), Gemma 3's fixed ``mm_tokens_per_image`` (after the projector's average pool
 of the patch grid). ``budget`` = fraction of each image's tokens kept. Methods: ``cls``, ``random``, ``pool``
-(2D average pooling of the token grid), ``apet``.
+(2D average pooling of the token grid), ``apet``, ``diverse``.
 
 Scoring (``cls``; SigLIP has no [CLS]): the attention each patch RECEIVES (``substitute="received"``) at the
 tower's last layer (``layers=[j]`` picks another), from the q/k that layer made on SDPA; on Gemma 3 the patch
@@ -53,7 +53,7 @@ class GemmaVLAdapter(VLMAdapter):
 
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
+        return encoder_info(len(self.attn_layers), self.lm_width(), vc.num_attention_heads, vc.intermediate_size,
                             self.grid[0] * self.grid[1], self.grid, False, self.kind)
 
     # -- the call ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ row of tiles, the end of an image or a video), not image content, and there are 
 tile grid). In ``core``'s terms they are the item's prefix tokens, standing at their own placeholders
 (``Group.places``). A kept row with all its tokens pruned keeps its newline.
 
-Methods: ``cls``, ``random``, ``apet`` select once per item over all its visual tokens (an image's base crop and
+Methods: ``cls``, ``random``, ``apet``, ``diverse`` select once per item over all its visual tokens (an image's base crop and
 tiles ranked together); ``pool`` needs a grid: an image's base crop and its tile grid are pooled separately, each
 to the grid nearest its share of ``K`` (as everywhere, ``pool``'s count is its nearest grid's), a video per frame
 on the pooled ``(h/2, w/2)`` grid.
@@ -67,7 +67,7 @@ class OneVisionAdapter(VLMAdapter):
 
     def info(self):
         vc = self.model.config.vision_config
-        return encoder_info(len(self.attn_layers), vc.hidden_size, vc.num_attention_heads, vc.intermediate_size,
+        return encoder_info(len(self.attn_layers), self.lm_width(), vc.num_attention_heads, vc.intermediate_size,
                             self.side ** 2, (self.side, self.side), False, self.kind)
 
     def kept_count(self, n, grid):

@@ -9,7 +9,7 @@
   32); ``random`` the last of ``layers=`` (same default; -1 = before the first block); ``pool`` its ``block=``
   (default -1: the patch embeddings are pooled, per frame, on the merged grid). ``layers=[depth - 1]`` prunes after
   the last block: the same tokens as pruning after the tower;
-- ``apet``: after the tower, on the merged tokens (its merging needs the final features).
+- ``apet``, ``diverse``: after the tower, on the merged tokens (they need the final features).
 
 The tower runs through ``qwen_tower.run`` whenever tokens are pruned, with every block's attention in one fused
 launch (``adapter.attention``: ``"pad"`` default, ``"mask"``, ``"varlen"``); at budget 1.0 the call goes to the
@@ -81,6 +81,7 @@ class QwenVLAdapter(VLMAdapter):
     families = FAMILIES
     description = "transformers Qwen2VL / Qwen2_5_VL / Qwen3VLForConditionalGeneration (images and video)"
     text_row = True
+    space = "the merged tokens the language model receives (after the merger), as wide as its input embeddings"
 
     def __init__(self, model):
         super().__init__(model)
@@ -103,7 +104,9 @@ class QwenVLAdapter(VLMAdapter):
         vc = self.model.config.vision_config
         dim = self.attn_layers[0].qkv.in_features
         mlp = getattr(vc, "intermediate_size", None) or int(dim * getattr(vc, "mlp_ratio", 4))
-        return encoder_info(len(self.attn_layers), dim, vc.num_heads, mlp, 16 * 16, (16, 16), False, self.kind)
+        # dim: the merged tokens' (those after the tower: apet, diverse select from them)
+        return encoder_info(len(self.attn_layers), self.lm_width(), vc.num_heads, mlp, 16 * 16, (16, 16), False,
+                            self.kind)
 
     def check(self, reducer) -> None:
         super().check(reducer)

@@ -1,4 +1,5 @@
-"""VLM families not supported yet: refused at ``apply()`` with an error that says so.
+"""VLM families not supported yet: refused at ``apply()`` with an error that says so (the bare ``...Model`` of
+a supported family, without its LM head: an error naming the ``...ForConditionalGeneration`` to patch).
 
 Matched after the supported VLM families and before the encoder adapters, so a VLM is never patched as if
 it were a plain vision encoder (which would fail later, inside ``generate()``). A model counts as a VLM when
@@ -32,6 +33,14 @@ class UnsupportedVLM(Adapter):
 
     def __init__(self, model):
         mt = getattr(model.config, "model_type", "?")
+        name = next((c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")), "")
+        full = name[:-len("Model")] + "ForConditionalGeneration" if name.endswith("Model") else ""
+        if full in [s.strip() for s in SUPPORTED_VLMS.split(",")]:  # a supported family without its LM head
+            raise TypeError(
+                f"tokenprune: {type(model).__name__} is the {full} model without its language-model head; the "
+                f"visual tokens are pruned on the way into the language model, in the top-level model's forward and "
+                f"generate(): patch the {full} (tokenprune.apply(model, ...) on the model that holds this one as "
+                f"its .model)")
         raise TypeError(
             f"tokenprune: {type(model).__name__} (model_type={mt!r}) is a vision-language model family tokenprune "
             f"does not support yet; supported VLMs: {SUPPORTED_VLMS}. Applying tokenprune to its vision tower "
