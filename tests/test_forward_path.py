@@ -103,6 +103,27 @@ def test_data_dependent_reducer_compiles_with_documented_breaks():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("method,kw", [("cls", {"threshold": 0.01}), ("threshold", {})], ids=["cls-threshold",
+                                                                                                "threshold"])
+def test_export_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw, strict):
+    """torch.export cannot record a kept count that depends on the data: say so, not a symbolic-shapes error
+    from deep inside torch (with the whole graph printed)."""
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method=method, **kw)
+    with pytest.raises(Exception, match=r"tokenprune: torch\.export .*depends on the data.*fixed"):
+        torch.export.export(model, (torch.randn(2, 3, 32, 32),), strict=strict)
+
+
+def test_export_of_a_fixed_count_reducer_matches_eager():
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 # -- threads ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,kw", [("cls", {}), ("merge", {}), ("maelre", {}), ("threshold", {}),
                                        ("cls", {"variant": "sum"})], ids=["cls", "merge", "maelre", "threshold",
