@@ -296,6 +296,11 @@ def test_clear_errors():
         tokenprune.apply(model, budget=0.5, method="tome")
     with pytest.raises(TypeError, match="no option.*ratio.*its options are"):
         tokenprune.apply(model, budget=0.5, method="merge", ratio=3)
+    for typo, meant in [("mrege", "merge"), ("MERGE", "merge"), ("tome", "merge"), ("ToMe", "merge"), ("divprune", "diverse"), ("treshold", "threshold"), ("ranom", "random")]:
+        with pytest.raises(ValueError, match=f"unknown method '{typo}'; did you mean '{meant}'\\?"):
+            tokenprune.apply(model, budget=0.5, method=typo)
+    with pytest.raises(TypeError, match="no option.*layres; did you mean 'layers'\\?"):
+        tokenprune.apply(model, budget=0.5, method="merge", layres=[1])
     with pytest.raises(TypeError, match="no adapter for .*Linear.*Supported model families: timm"):
         tokenprune.apply(torch.nn.Linear(2, 2), budget=0.5)
     with pytest.raises(ValueError, match="outside the encoder's blocks"):
