@@ -283,6 +283,22 @@ def test_timm_family(name, kw):
 
 
 # -- errors ---------------------------------------------------------------------------------------------
+def test_registry_and_recipes_know_the_built_in_methods_on_their_own():
+    """``tokenprune.recipes`` / ``tokenprune.registry`` used first in a fresh interpreter (the package imports
+    lazily): the built-in methods are registered, not an empty list making every recipe "not registered"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from tokenprune.recipes import load_recipe\n"
+            "assert load_recipe('default-vit').apply_kwargs()['method'] == 'merge'\n"
+            "from tokenprune import registry\n"
+            "assert 'merge' in registry.methods() and registry.make('cls').name == 'cls'\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_clear_errors():
     model = tiny_vit()
     for bad in [0, -0.1, 1.5, float("nan")]:

@@ -1,8 +1,9 @@
 """Name -> reducer class. Reducers register themselves with :func:`register`.
 
-This module imports nothing from tokenprune: the reducers import it, and ``tokenprune.api`` imports
-``tokenprune.reducers`` once, which registers the built-in ones (importing any part of tokenprune
-runs the package ``__init__``, which imports ``api``).
+This module imports nothing from tokenprune at import time: the reducers import it. The built-in
+reducers register themselves when ``tokenprune.reducers`` is imported, which ``tokenprune.api`` does,
+and so does the first lookup here (:func:`methods`, :func:`get`): the package imports lazily, so
+code that starts with ``tokenprune.recipes`` or this module would otherwise find no methods.
 
 :func:`make` checks options before the reducer exists: unknown names, and values that do not have
 the type the reducer's dataclass field declares (``layers: list[int] | None`` takes a list or tuple
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import numbers
 import types
 import typing
@@ -30,8 +32,13 @@ def register(name: str):
     return deco
 
 
+def _load_builtins() -> None:
+    importlib.import_module(f"{__package__}.reducers")  # registers the built-in reducers (once)
+
+
 def methods() -> list[str]:
     """Names of the registered reducers."""
+    _load_builtins()
     return sorted(_REDUCERS)
 
 
