@@ -107,6 +107,22 @@ def test_plan_override_and_flop_ratio():
     assert p.flop_ratio < tokenprune.plan(model, budget=1.0, method="cls").flop_ratio == 1.0
 
 
+def test_plan_at_another_budget_keeps_the_installed_methods_options():
+    """``plan(model, budget=b)`` on a patched model: the installed method as configured (its options, a
+    composition's reducers) at budget ``b`` -- what ``apply`` with that budget and the same options gives."""
+    model = tiny_vit(depth=12)
+    for method, options in [("merge", {"layers": [2, 5, 8]}), (["cls", "merge"], {}),
+                            ("cls", {"variant": "sum", "layers": [3, 7]})]:
+        tokenprune.apply(model, budget=0.25, method=method, **options)
+        got = tokenprune.plan(model, budget=0.5)
+        tokenprune.apply(model, budget=0.5, method=method, **options)
+        assert got.to_dict() == tokenprune.plan(model).to_dict(), (method, options)
+    tokenprune.apply(model, budget=0.25, method="merge", layers=[2, 5, 8])
+    assert [s.block for s in tokenprune.plan(model, budget=0.5, method="merge", layers=[4]).stages] == [4]
+    assert len(tokenprune.plan(model, budget=0.5, method="cls").stages) == 3  # another method: its own defaults
+    tokenprune.remove(model)
+
+
 # -- fused attention stays fused --------------------------------------------------------------
 @pytest.mark.parametrize("method", ["merge", "cls", "random"])
 def test_sdpa_only_no_eager_path(method, monkeypatch):

@@ -33,6 +33,7 @@ def _make_patch(model, budget, method, schedule, track_source, options) -> Patch
     reducer = registry.make(method, **options)
     adapter.check(reducer)
     patch = Patch(model, adapter, reducer, float(budget), schedule, track_source)
+    patch.method, patch.options = method, dict(options)  # as given: plan(model, budget=...) plans them again
     patch.plan_for()  # validate budget and options now, not at the first forward
     return patch
 
@@ -118,7 +119,8 @@ def remove(model):
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
          input_shape=None, schedule: Mapping[int, int] | None = None, **options) -> Plan:
-    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one.
+    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one (on a patched
+    model, without ``method=`` or with the same method: the installed method with its options, at ``budget``).
     ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input).
     ``input_shape``: the shape of an input (e.g. ``(B, 3, H, W)``, image families): planned on the token grid that
     input gives, as a forward on it runs."""
@@ -133,7 +135,12 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
         return patch.plan_for(*_planned_input(patch, num_tokens, input_shape))
     if budget is None and schedule is None:
         budget = patch.budget if patch is not None else 0.5
-    method = method or (patch.reducer.name if patch is not None else "merge")
+    installed = getattr(patch, "method", None) if patch is not None else None  # None: a patch pickled before
+    if installed is not None and (method is None or method == installed):  # the installed method as configured
+        method, options = installed, {**patch.options, **options}
+    elif patch is not None and method is None:
+        method = patch.reducer.name
+    method = "merge" if method is None else method
     new = _make_patch(model, budget, method, schedule, True, options)
     return new.plan_for(*_planned_input(new, num_tokens, input_shape))
 
