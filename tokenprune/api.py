@@ -77,7 +77,14 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     budget = 0.5 if budget is None and schedule is None else budget
     method = "merge" if method is None else method
     _check_not_nested(model)
-    patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
+    try:
+        patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
+    except ValueError as e:
+        if recipe is None:
+            raise
+        made_for = f", made for {rec.model}" if rec.model else ""
+        raise ValueError(f"{e} (from recipe {rec.name!r}{made_for}: give schedule= / layers= for this model, "
+                         "or another recipe)") from e
     previous = get_patch(model)
     remove(model)
     try:
