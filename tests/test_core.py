@@ -335,6 +335,10 @@ def test_clear_errors():
         tokenprune.apply(model, budget=0.5, method="merge", layres=[1])
     with pytest.raises(TypeError, match="no adapter for .*Linear.*Supported model families: timm"):
         tokenprune.apply(torch.nn.Linear(2, 2), budget=0.5)
+    for flag in ["no", 0, None]:  # a string is truthy: "no" was track_source=True
+        with pytest.raises(TypeError, match="track_source must be True or False"):
+            tokenprune.apply(model, budget=0.5, track_source=flag)
+    assert not tokenprune.is_applied(model)
     with pytest.raises(ValueError, match="outside the encoder's blocks"):
         tokenprune.apply(model, budget=0.5, method="cls", layers=[7])
     assert not tokenprune.is_applied(model)

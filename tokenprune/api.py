@@ -25,6 +25,8 @@ def _attach_module(model, patch) -> None:
 
 def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
     schedule = check_schedule(schedule)
+    if not isinstance(track_source, bool):
+        raise TypeError(f"track_source must be True or False, got {track_source!r}")
     if budget is not None:
         check_budget(budget)
     adapter = adapters.for_model(model)
