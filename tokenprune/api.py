@@ -6,7 +6,7 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
-from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied  # noqa: F401  (get_patch, is_applied: public)
+from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied, unwrap  # noqa: F401  (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
 
@@ -64,7 +64,10 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
     recipe give one.
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
+    A ``torch.compile`` wrapper may be given for the model: the module it runs is patched (here and in
+    ``remove``, ``plan``, ``applied``, ``features``).
     """
+    given, model = model, unwrap(model)
     if recipe is not None:
         rec = load_recipe(recipe)
         budget = rec.budget if budget is None else budget
@@ -96,7 +99,7 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
         if previous is not None:
             _install(model, previous)
         raise
-    return model
+    return given
 
 
 def _install(model, patch) -> None:
@@ -117,13 +120,16 @@ def _check_not_nested(model) -> None:
 
 def remove(model):
     """Undo :func:`apply`: the model's classes and attributes are restored exactly. No-op if unpatched."""
+    given, model = model, unwrap(model)
+    if not hasattr(model, "named_modules"):
+        raise TypeError(f"tokenprune.remove takes a model object (torch.nn.Module), got {type(model).__name__}")
     patch = model.__dict__.get(PATCH_ATTR)
     if patch is not None:
         patch.adapter.uninstall()
         del model.__dict__[PATCH_ATTR]
         if getattr(patch.reducer, "module", None) is not None:
             model._modules.pop(MODULE_ATTR, None)
-    return model
+    return given
 
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
@@ -137,6 +143,7 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
         raise ValueError(f"num_tokens must be a positive number of (non-prefix) input tokens, got {num_tokens!r}")
     if input_shape is not None and num_tokens is not None:
         raise ValueError("give num_tokens= or input_shape=, not both")
+    model = unwrap(model)
     patch = get_patch(model)
     if budget is None and method is None and not options and schedule is None:
         if patch is None:
@@ -173,7 +180,7 @@ def applied(model, budget: float | None = None, method: str | None = None, **kwa
     finally:
         remove(model)
         if previous is not None:
-            _install(model, previous)
+            _install(unwrap(model), previous)
 
 
 def features(model, *args, **kwargs):
