@@ -230,6 +230,30 @@ def test_recipes_load_and_apply(tmp_path):
     assert not tokenprune.is_applied(model)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("method: merge\nbudget: abc\n", r"budget.*number in \(0, 1\].*'abc'"),
+    ("method: merge\nbudget: null\n", r"budget.*number in \(0, 1\].*None"),
+    ("method: merge\nbudget: true\n", r"budget.*number in \(0, 1\].*True"),  # not float(True) == 1.0
+    ("method: merge\nbudget: 2\n", r"budget must be in \(0, 1\]"),
+    ("method: cls\nbudget: 0.5\nschedule: [1, 2]\n", r"schedule must be a dict"),
+    ("method: cls\nbudget: 0.5\nschedule: {a: 3}\n", r"schedule blocks must be whole numbers.*'a'"),
+    ("method: cls\nbudget: 0.5\nschedule: {1: 2.7}\n", r"keep counts must be whole numbers.*2\.7"),  # not int(2.7)
+    ("method: merge\nbudget: 0.5\noptions: [1]\n", r"options must be a mapping"),
+    ("method: merge\nbudget: 0.5\noptions: abc\n", r"options must be a mapping"),
+    ("method: null\nbudget: 0.5\n", r"method must be.*name"),
+    ("method: [cls, merge]\nbudget: 0.5\n", r"method must be.*pipeline"),
+    ("method: [merge\n", r"not valid YAML"),
+])
+def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
+    """Every field is checked when the recipe loads, and the error names the file: nothing converted silently
+    (``budget: true`` was budget 1.0, a keep count 2.7 was 2), no bare float() / dict() / YAML parser errors."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises((ValueError, TypeError), match=message) as err:
+        load_recipe(str(path))
+    assert str(path) in str(err.value)
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     """Batches are dealt round-robin to 2 gloo ranks and gathered: the metrics must equal one process's

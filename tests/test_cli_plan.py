@@ -58,7 +58,8 @@ def test_model_args_are_taken_as_in_eval(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--input-size", "30"], "not a multiple of"),
-    (["--method", "tome"], "unknown method 'tome'; known methods:"),
+    (["--method", "tome"], "unknown method 'tome'; did you mean 'merge'? known methods:"),
+    (["--method", "mrege"], "unknown method 'mrege'; did you mean 'merge'? known methods:"),
     (["--model", "./no/such/folder"], "does not exist"),
 ])
 def test_plan_bad_arguments(tiny, capsys, argv, message):  # noqa: F811

@@ -107,6 +107,22 @@ def test_plan_override_and_flop_ratio():
     assert p.flop_ratio < tokenprune.plan(model, budget=1.0, method="cls").flop_ratio == 1.0
 
 
+def test_plan_at_another_budget_keeps_the_installed_methods_options():
+    """``plan(model, budget=b)`` on a patched model: the installed method as configured (its options, a
+    composition's reducers) at budget ``b`` -- what ``apply`` with that budget and the same options gives."""
+    model = tiny_vit(depth=12)
+    for method, options in [("merge", {"layers": [2, 5, 8]}), (["cls", "merge"], {}),
+                            ("cls", {"variant": "sum", "layers": [3, 7]})]:
+        tokenprune.apply(model, budget=0.25, method=method, **options)
+        got = tokenprune.plan(model, budget=0.5)
+        tokenprune.apply(model, budget=0.5, method=method, **options)
+        assert got.to_dict() == tokenprune.plan(model).to_dict(), (method, options)
+    tokenprune.apply(model, budget=0.25, method="merge", layers=[2, 5, 8])
+    assert [s.block for s in tokenprune.plan(model, budget=0.5, method="merge", layers=[4]).stages] == [4]
+    assert len(tokenprune.plan(model, budget=0.5, method="cls").stages) == 3  # another method: its own defaults
+    tokenprune.remove(model)
+
+
 # -- fused attention stays fused --------------------------------------------------------------
 @pytest.mark.parametrize("method", ["merge", "cls", "random"])
 def test_sdpa_only_no_eager_path(method, monkeypatch):
@@ -338,6 +354,22 @@ def test_timm_set_input_size_after_apply(name, method):
 
 
 # -- errors ---------------------------------------------------------------------------------------------
+def test_registry_and_recipes_know_the_built_in_methods_on_their_own():
+    """``tokenprune.recipes`` / ``tokenprune.registry`` used first in a fresh interpreter (the package imports
+    lazily): the built-in methods are registered, not an empty list making every recipe "not registered"."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from tokenprune.recipes import load_recipe\n"
+            "assert load_recipe('default-vit').apply_kwargs()['method'] == 'merge'\n"
+            "from tokenprune import registry\n"
+            "assert 'merge' in registry.methods() and registry.make('cls').name == 'cls'\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_clear_errors():
     model = tiny_vit()
     for bad in [0, -0.1, 1.5, float("nan")]:
@@ -351,8 +383,17 @@ def test_clear_errors():
         tokenprune.apply(model, budget=0.5, method="tome")
     with pytest.raises(TypeError, match="no option.*ratio.*its options are"):
         tokenprune.apply(model, budget=0.5, method="merge", ratio=3)
+    for typo, meant in [("mrege", "merge"), ("MERGE", "merge"), ("tome", "merge"), ("ToMe", "merge"), ("divprune", "diverse"), ("treshold", "threshold"), ("ranom", "random")]:
+        with pytest.raises(ValueError, match=f"unknown method '{typo}'; did you mean '{meant}'\\?"):
+            tokenprune.apply(model, budget=0.5, method=typo)
+    with pytest.raises(TypeError, match="no option.*layres; did you mean 'layers'\\?"):
+        tokenprune.apply(model, budget=0.5, method="merge", layres=[1])
     with pytest.raises(TypeError, match="no adapter for .*Linear.*Supported model families: timm"):
         tokenprune.apply(torch.nn.Linear(2, 2), budget=0.5)
+    for flag in ["no", 0, None]:  # a string is truthy: "no" was track_source=True
+        with pytest.raises(TypeError, match="track_source must be True or False"):
+            tokenprune.apply(model, budget=0.5, track_source=flag)
+    assert not tokenprune.is_applied(model)
     with pytest.raises(ValueError, match="outside the encoder's blocks"):
         tokenprune.apply(model, budget=0.5, method="cls", layers=[7])
     assert not tokenprune.is_applied(model)

@@ -202,6 +202,17 @@ def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
     assert p.num_out == 16 and p.budget == 0.25
 
 
+@pytest.mark.parametrize("recipe, message", [("tome-vit-b", "schedule block 4 is outside"),
+                                             ("merge-3-stages", r"layers \[5, 8\] are outside")])
+def test_recipe_that_does_not_fit_the_model_says_which_recipe(recipe, message):
+    """A shipped recipe made for a 12-block ViT-B on a 4-block model: the error names the recipe and the model it
+    was made for, not only a schedule or layers the user never wrote."""
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=message + f".*recipe '{recipe}'.*made for vit_base_patch16_224"):
+        tokenprune.apply(model, recipe=recipe)
+    assert not tokenprune.is_applied(model)
+
+
 @pytest.mark.parametrize("family", ["hf_clip", "whisper"])
 def test_patched_hf_model_can_be_planned_and_applied_again(family):
     """A patched HF model's attention config names tokenprune's kernel: plan(budget=...) and a second apply

@@ -103,6 +103,55 @@ def test_data_dependent_reducer_compiles_with_documented_breaks():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("method,kw", [("cls", {"threshold": 0.01}), ("threshold", {})], ids=["cls-threshold",
+                                                                                                "threshold"])
+def test_export_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw, strict):
+    """torch.export cannot record a kept count that depends on the data: say so, not a symbolic-shapes error
+    from deep inside torch (with the whole graph printed)."""
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method=method, **kw)
+    with pytest.raises(Exception, match=r"tokenprune: torch\.export .*depends on the data.*fixed"):
+        torch.export.export(model, (torch.randn(2, 3, 32, 32),), strict=strict)
+
+
+def test_export_of_a_fixed_count_reducer_matches_eager():
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_wrapper_is_the_model_to_every_entry_point():
+    """``cm = torch.compile(model)``, then ``tokenprune.remove(cm)``: the model was left patched (the wrapper holds no
+    patch) and ``cm`` went on returning reduced outputs; ``plan(cm)`` said "not patched", ``apply(cm)`` "no adapter".
+    Every entry point acts on the module the wrapper runs."""
+    model = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x)
+        tokenprune.apply(model, budget=0.25, method="merge")
+        reduced = model(x)
+        compiled = torch.compile(model, backend="eager")
+        assert tokenprune.is_applied(compiled) and tokenprune.plan(compiled).num_out == 16
+        torch.testing.assert_close(compiled(x), reduced)
+        assert tokenprune.remove(compiled) is compiled
+        assert not tokenprune.is_applied(model)
+        torch.testing.assert_close(compiled(x), ref, rtol=0, atol=0)
+        assert tokenprune.apply(compiled, budget=0.25, method="merge") is compiled and tokenprune.is_applied(model)
+        torch.testing.assert_close(compiled(x), reduced)
+        with tokenprune.applied(compiled, budget=0.5, method="cls"):
+            assert tokenprune.plan(model).method == "cls"
+            tokens, state = tokenprune.features(compiled, x)
+            assert tokens.shape[1] == 1 + 32
+        assert tokenprune.plan(model).method == "merge"
+        tokenprune.remove(compiled)
+        torch.testing.assert_close(compiled(x), ref, rtol=0, atol=0)
+
+
 # -- threads ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,kw", [("cls", {}), ("merge", {}), ("maelre", {}), ("threshold", {}),
                                        ("cls", {"variant": "sum"})], ids=["cls", "merge", "maelre", "threshold",

@@ -85,3 +85,19 @@ def test_input_shape_errors():
         tokenprune.plan(model, 0.5, "merge", num_tokens=16, input_shape=(32, 32))
     with pytest.raises(ValueError, match="smaller than one"):
         tokenprune.plan(model, 0.5, "merge", input_shape=(4, 4))
+
+
+def test_input_shape_the_model_cannot_take_is_refused():
+    """A timm model without ``dynamic_img_size`` takes its own image size only: a plan for another size would
+    describe a forward that cannot run (timm asserts on the size), so ``plan`` says how to get one."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fixed = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4,
+                              num_classes=5).eval()
+    assert tokenprune.plan(fixed, 0.5, "merge", input_shape=(1, 3, 32, 32)).info.grid == (4, 4)
+    with pytest.raises(ValueError, match=r"32x32.*dynamic_img_size=True"):
+        tokenprune.plan(fixed, 0.5, "merge", input_shape=SHAPE)
+    model, _ = _timm_vit()  # dynamic_img_size: any multiple of the patch size, but not a partial patch
+    assert tokenprune.plan(model, 0.5, "merge", input_shape=SHAPE).info.grid == GRID
+    with pytest.raises(ValueError, match=r"multiple of the patch size.*dynamic_img_pad=True"):
+        tokenprune.plan(model, 0.5, "merge", input_shape=(1, 3, 36, 32))

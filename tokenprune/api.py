@@ -6,7 +6,7 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
-from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied  # noqa: F401  (get_patch, is_applied: public)
+from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied, unwrap  # noqa: F401  (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
 
@@ -25,6 +25,8 @@ def _attach_module(model, patch) -> None:
 
 def _make_patch(model, budget, method, schedule, track_source, options) -> Patch:
     schedule = check_schedule(schedule)
+    if not isinstance(track_source, bool):
+        raise TypeError(f"track_source must be True or False, got {track_source!r}")
     if budget is not None:
         check_budget(budget)
     adapter = adapters.for_model(model)
@@ -33,6 +35,7 @@ def _make_patch(model, budget, method, schedule, track_source, options) -> Patch
     reducer = registry.make(method, **options)
     adapter.check(reducer)
     patch = Patch(model, adapter, reducer, float(budget), schedule, track_source)
+    patch.method, patch.options = method, dict(options)  # as given: plan(model, budget=...) plans them again
     patch.plan_for()  # validate budget and options now, not at the first forward
     return patch
 
@@ -61,7 +64,10 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
     recipe give one.
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
+    A ``torch.compile`` wrapper may be given for the model: the module it runs is patched (here and in
+    ``remove``, ``plan``, ``applied``, ``features``).
     """
+    given, model = model, unwrap(model)
     if recipe is not None:
         rec = load_recipe(recipe)
         budget = rec.budget if budget is None else budget
@@ -76,7 +82,14 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     budget = 0.5 if budget is None and schedule is None else budget
     method = "merge" if method is None else method
     _check_not_nested(model)
-    patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
+    try:
+        patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
+    except ValueError as e:
+        if recipe is None:
+            raise
+        made_for = f", made for {rec.model}" if rec.model else ""
+        raise ValueError(f"{e} (from recipe {rec.name!r}{made_for}: give schedule= / layers= for this model, "
+                         "or another recipe)") from e
     previous = get_patch(model)
     remove(model)
     try:
@@ -86,7 +99,7 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
         if previous is not None:
             _install(model, previous)
         raise
-    return model
+    return given
 
 
 def _install(model, patch) -> None:
@@ -107,18 +120,22 @@ def _check_not_nested(model) -> None:
 
 def remove(model):
     """Undo :func:`apply`: the model's classes and attributes are restored exactly. No-op if unpatched."""
+    given, model = model, unwrap(model)
+    if not hasattr(model, "named_modules"):
+        raise TypeError(f"tokenprune.remove takes a model object (torch.nn.Module), got {type(model).__name__}")
     patch = model.__dict__.get(PATCH_ATTR)
     if patch is not None:
         patch.adapter.uninstall()
         del model.__dict__[PATCH_ATTR]
         if getattr(patch.reducer, "module", None) is not None:
             model._modules.pop(MODULE_ATTR, None)
-    return model
+    return given
 
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
          input_shape=None, schedule: Mapping[int, int] | None = None, **options) -> Plan:
-    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one.
+    """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one (on a patched
+    model, without ``method=`` or with the same method: the installed method with its options, at ``budget``).
     ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input).
     ``input_shape``: the shape of an input (e.g. ``(B, 3, H, W)``, image families): planned on the token grid that
     input gives, as a forward on it runs."""
@@ -126,6 +143,7 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
         raise ValueError(f"num_tokens must be a positive number of (non-prefix) input tokens, got {num_tokens!r}")
     if input_shape is not None and num_tokens is not None:
         raise ValueError("give num_tokens= or input_shape=, not both")
+    model = unwrap(model)
     patch = get_patch(model)
     if budget is None and method is None and not options and schedule is None:
         if patch is None:
@@ -133,7 +151,12 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
         return patch.plan_for(*_planned_input(patch, num_tokens, input_shape))
     if budget is None and schedule is None:
         budget = patch.budget if patch is not None else 0.5
-    method = method or (patch.reducer.name if patch is not None else "merge")
+    installed = getattr(patch, "method", None) if patch is not None else None  # None: a patch pickled before
+    if installed is not None and (method is None or method == installed):  # the installed method as configured
+        method, options = installed, {**patch.options, **options}
+    elif patch is not None and method is None:
+        method = patch.reducer.name
+    method = "merge" if method is None else method
     new = _make_patch(model, budget, method, schedule, True, options)
     return new.plan_for(*_planned_input(new, num_tokens, input_shape))
 
@@ -157,7 +180,7 @@ def applied(model, budget: float | None = None, method: str | None = None, **kwa
     finally:
         remove(model)
         if previous is not None:
-            _install(model, previous)
+            _install(unwrap(model), previous)
 
 
 def features(model, *args, **kwargs):

@@ -99,6 +99,11 @@ def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Ten
     Samples keep different counts; the batch is padded to the largest count
     (rectangular), with padding slots marked invalid. Returns ``(idx, idx_valid)``.
     """
+    if torch.compiler.is_exporting():
+        raise RuntimeError("tokenprune: torch.export cannot record this reducer: the number of tokens it keeps "
+                           "depends on the data (a score threshold). Export a method with a fixed count (e.g. "
+                           "method='cls' without threshold=), use torch.compile, or export after "
+                           "tokenprune.remove(model)")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     above = s > threshold
     counts = above.sum(1).clamp(min=1, max=k_max)

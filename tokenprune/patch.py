@@ -44,10 +44,18 @@ class Patch:
         return prog
 
 
+def unwrap(model):
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs, which is what tokenprune patches; any
+    other object as it is. (Matched by name: importing ``torch._dynamo`` to check the type costs seconds.)"""
+    if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
+        return model._orig_mod
+    return model
+
+
 def get_patch(model) -> Patch | None:
     """The :class:`Patch` installed on ``model`` by ``tokenprune.apply``, or None."""
-    return model.__dict__.get(PATCH_ATTR)
+    return getattr(unwrap(model), "__dict__", {}).get(PATCH_ATTR)
 
 
 def is_applied(model) -> bool:
-    return PATCH_ATTR in model.__dict__
+    return get_patch(model) is not None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
+from .plan import check_budget, check_schedule
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 _FIELDS = {"name", "description", "source", "model", "method", "budget", "schedule", "options"}
@@ -58,7 +59,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not path.exists():
         raise ValueError(f"unknown recipe {str(name_or_path)!r}; known recipes: {', '.join(list_recipes())} "
                          "(or give the path of a .yaml file)")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping")
     unknown = sorted(set(data) - _FIELDS)
@@ -68,10 +72,17 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for key in ("method", "budget"):
         if key not in data:
             raise ValueError(f"recipe {path} has no {key!r}")
-    schedule = data.get("schedule")
-    if schedule is not None:
-        schedule = {int(b): int(k) for b, k in schedule.items()}
-    return Recipe(name=str(data.get("name", path.stem)), method=str(data["method"]), budget=float(data["budget"]),
+    method, options = data["method"], data.get("options") or {}
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"recipe {path}: method must be the name of one method (tokenprune.methods()), got "
+                         f"{method!r}; for a composition write method: pipeline and options: {{reducers: [...]}}")
+    if not isinstance(options, dict):
+        raise ValueError(f"recipe {path}: options must be a mapping of the method's options, got {options!r:.80}")
+    try:  # checked as apply() checks them: nothing converted (a budget of true, a keep count of 2.7)
+        budget = check_budget(data["budget"])
+        schedule = check_schedule(data.get("schedule"))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"recipe {path}: {e}") from None
+    return Recipe(name=str(data.get("name", path.stem)), method=method, budget=budget,
                   description=str(data.get("description", "")), source=str(data.get("source", "")),
-                  model=str(data.get("model", "")), schedule=schedule, options=dict(data.get("options") or {}),
-                  path=str(path))
+                  model=str(data.get("model", "")), schedule=schedule, options=dict(options), path=str(path))

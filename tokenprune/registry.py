@@ -1,8 +1,9 @@
 """Name -> reducer class. Reducers register themselves with :func:`register`.
 
-This module imports nothing from tokenprune: the reducers import it, and ``tokenprune.api`` imports
-``tokenprune.reducers`` once, which registers the built-in ones (importing any part of tokenprune
-runs the package ``__init__``, which imports ``api``).
+This module imports nothing from tokenprune at import time: the reducers import it. The built-in
+reducers register themselves when ``tokenprune.reducers`` is imported, which ``tokenprune.api`` does,
+and so does the first lookup here (:func:`methods`, :func:`get`): the package imports lazily, so
+code that starts with ``tokenprune.recipes`` or this module would otherwise find no methods.
 
 :func:`make` checks options before the reducer exists: unknown names, and values that do not have
 the type the reducer's dataclass field declares (``layers: list[int] | None`` takes a list or tuple
@@ -12,6 +13,8 @@ of integers or None). What a type cannot say (ranges, choices) the reducer check
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import numbers
 import types
 import typing
@@ -29,16 +32,38 @@ def register(name: str):
     return deco
 
 
+def _load_builtins() -> None:
+    importlib.import_module(f"{__package__}.reducers")  # registers the built-in reducers (once)
+
+
 def methods() -> list[str]:
     """Names of the registered reducers."""
+    _load_builtins()
     return sorted(_REDUCERS)
 
 
 def get(name: str) -> type:
     known = methods()
     if not isinstance(name, str) or name not in _REDUCERS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+        raise ValueError(f"unknown method {name!r}; {_did_you_mean(name, known)}known methods: {', '.join(known)}")
     return _REDUCERS[name]
+
+
+# papers' names of the built-in methods (docs/methods.md), for the hint in an unknown-method error
+_PAPER_NAMES = {"tome": "merge", "fastervlm": "cls", "vtc-cls": "cls", "divprune": "diverse", "crosslmm": "pool",
+                "asvit": "threshold", "as-vit": "threshold"}
+
+
+def _did_you_mean(name, known) -> str:
+    """``"did you mean 'merge'? "`` for a near miss of one of ``known`` (case ignored), else ``""``."""
+    if not isinstance(name, str):
+        return ""
+    alias = _PAPER_NAMES.get(name.lower().replace("_", "-"))
+    if alias in known:
+        return f"did you mean {alias!r}? "
+    lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.7)
+    return f"did you mean {lower[close[0]]!r}? " if close else ""
 
 
 def make(name, **options):
@@ -48,7 +73,7 @@ def make(name, **options):
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise TypeError(f"method {name!r} has no option(s) {', '.join(unknown)}; "
+        raise TypeError(f"method {name!r} has no option(s) {', '.join(unknown)}; {_did_you_mean(unknown[0], fields)}"
                         f"its options are: {', '.join(sorted(fields)) or '(none)'}")
     check_option_types(cls, options)
     return cls(**options)

@@ -111,9 +111,20 @@ def _standard_block(blk) -> bool:
 def patch_grid(pe, input_shape) -> tuple[int, int]:
     """The grid timm's patch embedding ``pe`` makes of an image of ``input_shape`` (padded up with
     ``dynamic_img_pad``)."""
-    shape = tuple(input_shape)
+    shape = tuple(int(v) for v in input_shape)
+    ph, pw = pe.patch_size
+    img = getattr(pe, "img_size", None)
+    if len(shape) >= 2 and img is not None:  # what timm's PatchEmbed asserts at the forward
+        if getattr(pe, "strict_img_size", False) and tuple(shape[-2:]) != tuple(img):
+            raise ValueError(f"tokenprune: this timm model takes {img[0]}x{img[1]} images only, not "
+                             f"{shape[-2]}x{shape[-1]}; create it with dynamic_img_size=True (timm.create_model) "
+                             "to plan and run other sizes")
+        if not getattr(pe, "dynamic_img_pad", False):
+            image_grid(shape, pe.patch_size)  # an image smaller than one patch: that error first
+        if not getattr(pe, "dynamic_img_pad", False) and (shape[-2] % ph or shape[-1] % pw):
+            raise ValueError(f"tokenprune: a {shape[-2]}x{shape[-1]} image is not a multiple of the patch size "
+                             f"{ph}x{pw}; resize it, or create the model with dynamic_img_pad=True to pad it")
     if getattr(pe, "dynamic_img_pad", False):
-        ph, pw = pe.patch_size
         shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
     return image_grid(shape, pe.patch_size)
 

@@ -114,10 +114,11 @@ def check_methods(methods) -> list[str]:
     from .. import reducers, registry  # noqa: F401  (importing reducers registers the built-in methods; imported
     # on use, not at the top, so that the command's --help does not import torch)
 
-    known = registry.methods()
     for m in methods:
-        if m not in known:
-            raise UsageError(f"unknown method {m!r}; known methods: {', '.join(known)}")
+        try:
+            registry.get(m)
+        except ValueError as e:  # the registry's message: the known methods, and a near miss if there is one
+            raise UsageError(str(e)) from None
     return list(methods)
 
 
