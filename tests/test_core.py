@@ -422,16 +422,6 @@ def test_timm_patch_dropout_in_training_refused(dynamic):
             model(x)
 
 
-def test_apply_to_a_torch_compile_wrapper_says_what_to_do():
-    """``torch.compile(model)`` returns a wrapper (OptimizedModule); apply refuses it naming the fix, not as an
-    unknown model family, and leaves the model unpatched."""
-    model = tiny_vit()
-    compiled = torch.compile(model)  # lazy: nothing is traced until it is called
-    with pytest.raises(TypeError, match=r"torch\.compile.*tokenprune\.apply\(model.*then"):
-        tokenprune.apply(compiled, budget=0.5)
-    assert not tokenprune.is_applied(compiled) and not tokenprune.is_applied(model)
-
-
 # -- the real pretrained classifier from the shared assets ---------------------------------------
 @pytest.mark.slow
 @pytest.mark.xdist_group("real-vit-s14")  # shares the loaded model with test_real_weights_hf.py

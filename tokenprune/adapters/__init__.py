@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from .base import Adapter, class_names
 
 # (module of the adapter, class name in it); tried in order
@@ -62,9 +60,6 @@ def adapter_classes() -> list[type]:
 
 
 def for_model(model) -> Adapter:
-    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's wrapper
-        raise TypeError("tokenprune: this model is a torch.compile wrapper (OptimizedModule); patch the model itself, "
-                        "then compile it: tokenprune.apply(model, ...), then model = torch.compile(model)")
     for cls in adapter_classes():
         if cls.matches(model):
             return cls(model)
