@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, run
+from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -56,6 +56,7 @@ class _Tower:
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
         hidden = self._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
         if hasattr(self, "pre_layrnorm"):  # CLIP: the [CLS] token, normed
@@ -63,7 +64,7 @@ class _Tower:
         else:  # SigLIP: norm, then the MAP head over the (size-weighted) tokens
             hidden = self.post_layernorm(hidden)
             pooled = _map_head(self.head, hidden, fwd.sizes) if getattr(self, "use_head", False) else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, **kwargs):
         kwargs.pop("return_dict", None)
@@ -86,6 +87,7 @@ class _Classifier:
     def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=False, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         tower = vision_tower(self)
         fwd = Forward(self._tokenprune_patch)
         seq = tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
@@ -96,7 +98,7 @@ class _Classifier:
         pooled = ops.weighted_mean(seq, sizes[:, p:]) if sizes is not None else seq.mean(1)
         logits = self.classifier(pooled)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 def vision_tower(model):

@@ -192,6 +192,14 @@ def run(fwd: Forward, layers, x, grid=None, extra: tuple = ()):
     return run_blocks(fwd, layers, x, block_fn(*extra), grid)
 
 
+def returned(module, out, return_dict):
+    """What a transformers forward returns (its ``can_return_tuple``): ``out``, or ``out.to_tuple()`` when
+    ``return_dict=False`` is passed, or is the config's and none is passed."""
+    if return_dict is None:
+        return_dict = getattr(module.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
 def no_extra_kwargs(kwargs, what: str) -> None:
     bad = [k for k, v in kwargs.items() if v is not None and v is not False  # a tensor mask too
            and k in ("output_attentions", "output_hidden_states", "attention_mask", "head_mask")]

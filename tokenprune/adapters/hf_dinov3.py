@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
-from .hf_common import AttentionRouting, no_extra_kwargs
+from .hf_common import AttentionRouting, no_extra_kwargs, returned
 
 _PARTS = ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
 
@@ -63,9 +63,10 @@ class _Base:
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         seq = self.norm(self._tokenprune_tokens(Forward(self._tokenprune_patch), pixel_values, bool_masked_pos,
                                                 **kwargs))
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :])
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :]), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, bool_masked_pos=None, **kwargs):
         kwargs.pop("return_dict", None)

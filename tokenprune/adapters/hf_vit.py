@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, image_grid
-from .hf_common import AttentionRouting, no_extra_kwargs
+from .hf_common import AttentionRouting, no_extra_kwargs, returned
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
 _HEADS = ("ViTForImageClassification", "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
@@ -91,6 +91,7 @@ class _Base:
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         seq = self.layernorm(self._tokenprune_tokens(fwd, pixel_values, bool_masked_pos, interpolate_pos_encoding,
                                                      **kwargs))
@@ -98,7 +99,7 @@ class _Base:
             pooled = self.pooler(seq) if self.pooler is not None else None
         else:  # DINOv2: [CLS]
             pooled = seq[:, 0, :]
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=None, **kwargs):
         kwargs.pop("return_dict", None)
@@ -134,15 +135,16 @@ class _Dinov2Classifier:
     def forward(self, pixel_values=None, labels=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
-        seq = self.base_model(pixel_values, tokenprune=fwd, **kwargs).last_hidden_state
+        seq = self.base_model(pixel_values, tokenprune=fwd, return_dict=True, **kwargs).last_hidden_state
         p = fwd.patch.num_prefix
         patches = seq[:, p:]
         sizes = fwd.sizes
         mean = ops.weighted_mean(patches, sizes[:, p:]) if sizes is not None else patches.mean(1)
         logits = self.classifier(torch.cat([seq[:, 0], mean], dim=1))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 class HFViTAdapter(Adapter):

@@ -18,7 +18,7 @@ import math
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, run
+from .hf_common import AttentionRouting, no_extra_kwargs, returned, run
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -36,11 +36,12 @@ class _Model:
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         seq = self.layernorm(self._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, attention_mask,
                                                      **kwargs))
         pooled = self.pooler(seq) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, attention_mask=None, **kwargs):
         kwargs.pop("return_dict", None)
