@@ -458,3 +458,26 @@ def test_return_dict_false_gives_hf_tuples():
         finally:
             tokenprune.remove(tower)
     assert isinstance(out, tuple) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, ref))
+
+
+def test_save_pretrained_while_patched_saves_the_original_model(tmp_path):
+    """A patched model saves as itself unpatched: the original class in ``config.architectures`` (transformers writes
+    ``type(model).__name__``; inference servers pick the class by it), the original weights, and a model that
+    ``from_pretrained`` loads to the same outputs; the patch stays on."""
+    import json
+
+    for name, (model, args) in _return_dict_cases().items():
+        cls = type(model)
+        with torch.no_grad():
+            ref = model(*args, return_dict=False)[0]
+        tokenprune.apply(model, 0.5, "merge")
+        try:
+            patched = type(model)
+            model.save_pretrained(tmp_path / name)
+            assert type(model) is patched and tokenprune.is_applied(model), name
+        finally:
+            tokenprune.remove(model)
+        assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == [cls.__name__], name
+        loaded = cls.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(*args, return_dict=False)[0], ref), name

@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -40,7 +40,7 @@ def ast_grid(config) -> tuple[int, int]:
     return f, t
 
 
-class _ASTModel:
+class _ASTModel(SaveAsOriginal):
     """Mixin for ``ASTModel``: the same forward with the reduced layer loop."""
 
     def forward(self, input_values=None, attention_mask=None, **kwargs):

@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -49,7 +49,7 @@ def _map_head(head, hidden, sizes):
     return h[:, 0]
 
 
-class _Tower:
+class _Tower(SaveAsOriginal):
     """Mixin for the vision tower (the module with ``embeddings`` and ``encoder``): its forward with the
     reduced layer loop; the pooling head gets the final sizes."""
 
@@ -79,7 +79,7 @@ class _Tower:
         return run(fwd, self.encoder.layers, hidden, grid, extra=(None,))
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``CLIPForImageClassification`` / ``SiglipForImageClassification``: the classifier over the
     size-weighted mean of the tower's ``last_hidden_state`` (CLIP: the patch tokens, before the post-layernorm as in
     HF; SigLIP: every token, after it)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import QK, Forward, run_blocks
+from .base import ORIGINAL
 
 KERNEL_NAME = "tokenprune_sdpa"
 INNER = "sdpa"
@@ -153,6 +154,19 @@ class AttentionRouting:
             if d.get("_attn_implementation_internal") == KERNEL_NAME:
                 d["_attn_implementation_internal"] = saved
         self._saved = []
+
+
+class SaveAsOriginal:
+    """Base of the mixins swapped onto transformers models: ``save_pretrained`` saves the model as its original class
+    (transformers writes ``type(self).__name__`` into ``config.architectures``; the weights are the original ones)."""
+
+    def save_pretrained(self, *args, **kwargs):
+        patched = type(self)
+        self.__class__ = patched.__dict__.get(ORIGINAL) or patched
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
 
 
 class ProjAttention:

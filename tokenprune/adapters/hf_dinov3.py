@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
-from .hf_common import AttentionRouting, no_extra_kwargs, returned
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _PARTS = ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
 
@@ -57,7 +57,7 @@ def _block(layer, x, fwd: Forward, cos, sin):
     return x + y
 
 
-class _Base:
+class _Base(SaveAsOriginal):
     """Mixin for ``DINOv3ViTModel``."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):

@@ -31,7 +31,7 @@ from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import run_mixed
-from .hf_common import AttentionRouting, ProjAttention, block_fn, no_extra_kwargs, returned
+from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
 
 
 def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
@@ -49,7 +49,7 @@ def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int)
     return grids
 
 
-class _Tower:
+class _Tower(SaveAsOriginal):
     """Mixin for ``Siglip2VisionModel``."""
 
     def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, **kwargs):
@@ -75,7 +75,7 @@ class _Tower:
         return run_mixed(fwd, self.encoder.layers, hidden, grids, block_fn(None))
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``Siglip2ForImageClassification``: the classifier over the size-weighted mean of the tower's
     (normed) tokens, i.e. HF's masked mean over the real patches."""
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 _CLASSES = ("Wav2Vec2Model", "HubertModel")
 NOMINAL_SAMPLES = 160_000  # 10 s at 16 kHz: the count tokenprune.plan(model) shows without an input
@@ -41,7 +41,7 @@ def frames(config, samples: int) -> int:
     return n
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``Wav2Vec2Model`` / ``HubertModel``: the same forward with the reduced layer loop."""
 
     def forward(self, input_values=None, attention_mask=None, mask_time_indices=None, tokenprune=None, **kwargs):

@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -53,7 +53,7 @@ class _SelfAttention:
         return out.reshape(*out.shape[:-2], self.all_head_size), probs
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``VideoMAEModel``: its forward with the reduced layer loop (the context is passed on)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, tokenprune=None, **kwargs):
@@ -70,7 +70,7 @@ class _Model:
         return returned(self, BaseModelOutput(last_hidden_state=x), return_dict)
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``VideoMAEForVideoClassification``: size-weighted mean pooling."""
 
     def forward(self, pixel_values=None, labels=None, **kwargs):

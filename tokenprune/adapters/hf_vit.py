@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, image_grid
-from .hf_common import AttentionRouting, no_extra_kwargs, returned
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
 _HEADS = ("ViTForImageClassification", "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
@@ -83,7 +83,7 @@ def _dino_block(layer, x, fwd):
     return _last_add(x, layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))), fwd)
 
 
-class _Base:
+class _Base(SaveAsOriginal):
     """Mixin for ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``: embeddings, the reduced layer loop,
     the final norm and HF's pooling ([CLS]). A classifier passes its own context as ``tokenprune=``."""
 
@@ -128,7 +128,7 @@ class _Base:
         return run_blocks(fwd, layers, x, block, grid)
 
 
-class _Dinov2Classifier:
+class _Dinov2Classifier(SaveAsOriginal):
     """Mixin for ``Dinov2(WithRegisters)ForImageClassification``: [CLS] concatenated with the size-weighted mean of
     the patch tokens (registers excluded, as in HF)."""
 

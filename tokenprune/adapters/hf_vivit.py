@@ -18,7 +18,7 @@ import math
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -29,7 +29,7 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``VivitModel``: embeddings, the reduced layer loop, the final norm and the [CLS] pooler."""
 
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, attention_mask=None, tokenprune=None,

@@ -42,7 +42,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, KeyBias, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, no_extra_kwargs, returned, run
 
 BIAS_KEY = "tokenprune_key_bias"
 
@@ -51,7 +51,7 @@ def _attn(layer):
     return layer.self_attn
 
 
-class _Encoder:
+class _Encoder(SaveAsOriginal):
     """Mixin for ``WhisperEncoder``: same stem and final norm, reduced layer loop."""
 
     def forward(self, input_features, attention_mask=None, **kwargs):
@@ -83,7 +83,7 @@ class _Encoder:
         return run(fwd, self.layers, x, (1, x.shape[1]), extra=(None,))
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``WhisperModel``: the decoder's cross-attention gets the encoder tokens' size bias."""
 
     def forward(self, input_features=None, *args, encoder_outputs=None, **kwargs):
@@ -95,7 +95,7 @@ class _Model:
         return super().forward(input_features, *args, encoder_outputs=encoder_outputs, **kwargs)
 
 
-class _AudioClassifier:
+class _AudioClassifier(SaveAsOriginal):
     """Mixin for ``WhisperForAudioClassification``: projector, then the size-weighted mean over the encoder frames."""
 
     def forward(self, input_features=None, encoder_outputs=None, labels=None, **kwargs):
