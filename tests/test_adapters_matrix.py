@@ -415,6 +415,44 @@ def test_whisper_cross_attention_gets_size_bias():
         tokenprune.remove(model)
 
 
+def test_whisper_training_keeps_spec_augment():
+    """In training, ``WhisperModel`` masks the input features (SpecAugment, ``apply_spec_augment=True``) before its
+    encoder; the patched model does too: at budget 1.0 its loss and gradients are the unpatched model's."""
+    import numpy as np
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    model.config.update(dict(apply_spec_augment=True, mask_time_prob=0.3, mask_time_length=4,
+                             mask_feature_prob=0.3, mask_feature_length=2))
+    model.train()
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+
+    def step():
+        np.random.seed(0)  # SpecAugment draws its masks with numpy
+        model.zero_grad(set_to_none=True)
+        loss = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+        loss.backward()
+        return loss.detach(), model.model.encoder.conv1.weight.grad.clone()
+
+    ref_loss, ref_grad = step()
+    np.random.seed(0)
+    with torch.no_grad():  # the masks matter here: unmasked features give another loss
+        plain = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+    model.config.apply_spec_augment = False
+    with torch.no_grad():
+        unmasked = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+    model.config.apply_spec_augment = True
+    assert torch.allclose(plain, ref_loss) and not torch.allclose(unmasked, ref_loss)
+    tokenprune.apply(model, 1.0, "merge")
+    try:
+        loss, grad = step()
+    finally:
+        tokenprune.remove(model)
+        model.eval()
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss - ref_loss).item()
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_text_towers_untouched():
     from transformers import CLIPConfig, CLIPModel
 

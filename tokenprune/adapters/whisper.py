@@ -87,7 +87,8 @@ class _Model(SaveAsOriginal):
     """Mixin for ``WhisperModel``: the decoder's cross-attention gets the encoder tokens' size bias."""
 
     def forward(self, input_features=None, *args, encoder_outputs=None, **kwargs):
-        if encoder_outputs is None and input_features is not None:
+        if encoder_outputs is None and input_features is not None:  # as HF: SpecAugment (training), then the encoder
+            input_features = self._mask_input_features(input_features, attention_mask=kwargs.get("attention_mask"))
             encoder_outputs = self.encoder(input_features, return_dict=True)
         bias = encoder_outputs.get(BIAS_KEY) if isinstance(encoder_outputs, dict) else None
         if bias is not None:
