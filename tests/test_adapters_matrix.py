@@ -415,6 +415,21 @@ def test_whisper_cross_attention_gets_size_bias():
         tokenprune.remove(model)
 
 
+def test_whisper_output_hidden_states_is_refused_not_dropped():
+    """``WhisperForConditionalGeneration(..., output_hidden_states=True)``: the encoder's per-layer states cannot be
+    given once tokens are reduced between layers; a clear error, not ``encoder_hidden_states=None`` (the decoder's
+    states alone would look like a complete answer)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+    tokenprune.apply(model, 0.5, "merge")
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="output_hidden_states"):
+            model(input_features=x, decoder_input_ids=dec, output_hidden_states=True)
+    finally:
+        tokenprune.remove(model)
+
+
 def test_whisper_training_keeps_spec_augment():
     """In training, ``WhisperModel`` masks the input features (SpecAugment, ``apply_spec_augment=True``) before its
     encoder; the patched model does too: at budget 1.0 its loss and gradients are the unpatched model's."""

@@ -89,7 +89,8 @@ class _Model(SaveAsOriginal):
     def forward(self, input_features=None, *args, encoder_outputs=None, **kwargs):
         if encoder_outputs is None and input_features is not None:  # as HF: SpecAugment (training), then the encoder
             input_features = self._mask_input_features(input_features, attention_mask=kwargs.get("attention_mask"))
-            encoder_outputs = self.encoder(input_features, return_dict=True)
+            asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+            encoder_outputs = self.encoder(input_features, return_dict=True, **asked)  # refused there, clearly
         bias = encoder_outputs.get(BIAS_KEY) if isinstance(encoder_outputs, dict) else None
         if bias is not None:
             kwargs["tokenprune"] = KeyBias(self._tokenprune_cross, bias)
