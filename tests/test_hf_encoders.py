@@ -481,3 +481,22 @@ def test_save_pretrained_while_patched_saves_the_original_model(tmp_path):
         loaded = cls.from_pretrained(tmp_path / name).eval()
         with torch.no_grad():
             assert torch.equal(loaded(*args, return_dict=False)[0], ref), name
+
+
+def test_output_hidden_states_from_the_config_is_refused():
+    """``config.output_hidden_states = True`` asks transformers for every layer's states as the keyword does; a patched
+    model refuses it as it refuses the keyword (it returned ``hidden_states=None`` silently). An explicit
+    ``output_hidden_states=False`` still runs."""
+    for name, (model, args) in _return_dict_cases().items():
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        for c in configs.values():
+            c.output_hidden_states = True
+        with torch.no_grad():
+            assert model(*args).hidden_states is not None, name  # what transformers does with that config
+            tokenprune.apply(model, 0.5, "merge")
+            try:
+                with pytest.raises(ValueError, match="output_hidden_states"):
+                    model(*args)
+                model(*args, output_hidden_states=False)
+            finally:
+                tokenprune.remove(model)

@@ -54,7 +54,7 @@ class _ASTModel(SaveAsOriginal):
 
     def _tokenprune_tokens(self, fwd, input_values, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "AST encoder")
+        no_extra_kwargs(kwargs, "AST encoder", self.config)
         x = self.embeddings(input_values)
         return run(fwd, _layers(self), x, fwd.patch.adapter.grid_for(x.shape[1] - fwd.patch.num_prefix))
 

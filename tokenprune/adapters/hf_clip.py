@@ -68,7 +68,7 @@ class _Tower(SaveAsOriginal):
 
     def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "vision tower")
+        no_extra_kwargs(kwargs, "vision tower", self.config)
         hidden = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if hasattr(self, "pre_layrnorm"):
             hidden = self.pre_layrnorm(hidden)

@@ -214,7 +214,12 @@ def returned(module, out, return_dict):
     return out if return_dict else out.to_tuple()
 
 
-def no_extra_kwargs(kwargs, what: str) -> None:
+def no_extra_kwargs(kwargs, what: str, config=None) -> None:
+    """Refuse the per-layer outputs and masks; ``output_hidden_states`` / ``output_attentions`` not passed (or None)
+    are read from ``config`` as transformers does."""
+    if config is not None:
+        kwargs = {**{k: getattr(config, k, None) for k in ("output_attentions", "output_hidden_states")},
+                  **{k: v for k, v in kwargs.items() if v is not None}}
     bad = [k for k, v in kwargs.items() if v is not None and v is not False  # a tensor mask too
            and k in ("output_attentions", "output_hidden_states", "attention_mask", "head_mask")]
     if bad:

@@ -66,14 +66,15 @@ class _Base(SaveAsOriginal):
         return_dict = kwargs.pop("return_dict", None)
         seq = self.norm(self._tokenprune_tokens(Forward(self._tokenprune_patch), pixel_values, bool_masked_pos,
                                                 **kwargs))
-        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :]), return_dict)
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :])
+        return returned(self, out, return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, bool_masked_pos=None, **kwargs):
         kwargs.pop("return_dict", None)
         if kwargs.pop("attention_mask", None) is not None:
             raise ValueError("tokenprune: attention_mask cannot be combined with token reduction in DINOv3ViTModel; "
                              "call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, "DINOv3ViTModel encoder")
+        no_extra_kwargs(kwargs, "DINOv3ViTModel encoder", self.config)
         layers = self.model.layer
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced DINOv3 in training; "

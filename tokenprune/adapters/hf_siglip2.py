@@ -64,7 +64,7 @@ class _Tower(SaveAsOriginal):
 
     def _tokenprune_tokens(self, fwd, pixel_values, pixel_attention_mask=None, spatial_shapes=None, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "SigLIP2 vision tower")
+        no_extra_kwargs(kwargs, "SigLIP2 vision tower", self.config)
         if spatial_shapes is None:
             raise ValueError("tokenprune: SigLIP2 needs spatial_shapes (as the processor returns it)")
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.encoder.layers):

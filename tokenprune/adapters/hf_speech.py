@@ -61,7 +61,7 @@ class _Model(SaveAsOriginal):
             raise ValueError(f"tokenprune: attention_mask (a padded batch) cannot be combined with token reduction in "
                              f"the {type(self).__name__} encoder; run equal-length utterances or one at a time, or "
                              "call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder")
+        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder", self.config)
         features = self.feature_extractor(input_values).transpose(1, 2)
         hidden = self.feature_projection(features)
         extract = None

@@ -61,7 +61,7 @@ class _Model(SaveAsOriginal):
 
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         return_dict = kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "VideoMAE encoder")
+        no_extra_kwargs(kwargs, "VideoMAE encoder", self.config)
         x = self.embeddings(pixel_values, bool_masked_pos)
         grid = fwd.patch.adapter.grid_for(x.shape[1]) if bool_masked_pos is None else None
         x = run(fwd, self.encoder.layer, x, grid)

@@ -107,7 +107,7 @@ class _Base(SaveAsOriginal):
             raise ValueError(f"tokenprune: attention_mask cannot be combined with token reduction in the "
                              f"{type(self).__name__} encoder (the token count changes between layers); call "
                              "tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder")
+        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder", self.config)
         layers = _layers(self)
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced ViT / DINOv2 in "

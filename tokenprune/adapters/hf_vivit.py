@@ -48,7 +48,7 @@ class _Model(SaveAsOriginal):
         if attention_mask is not None:
             raise ValueError("tokenprune: attention_mask cannot be combined with token reduction in the ViViT encoder "
                              "(the token count changes between layers); call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, "ViViT encoder")
+        no_extra_kwargs(kwargs, "ViViT encoder", self.config)
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced ViViT in training; "
                                "call model.gradient_checkpointing_disable()")

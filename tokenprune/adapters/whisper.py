@@ -71,7 +71,7 @@ class _Encoder(SaveAsOriginal):
     def _tokenprune_tokens(self, fwd, input_features, **kwargs):
         # like Whisper itself, attention_mask is accepted and ignored (inputs are always 30 s)
         kwargs.pop("return_dict", None)
-        no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder")
+        no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder", self.config)
         expected = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] != expected:
             raise ValueError(f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}; "
