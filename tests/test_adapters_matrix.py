@@ -468,6 +468,36 @@ def test_whisper_training_keeps_spec_augment():
     assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_attention_switched_away_from_sdpa_while_patched_is_a_clear_error():
+    """Whisper's ``generate(return_token_timestamps=True)`` sets ``config._attn_implementation = "eager"`` itself (and
+    a user may call ``set_attn_implementation``) on a patched model: its attention then bypasses tokenprune's kernel
+    (no size bias, no q/k for the reducer). Every later forward says so and what to do, instead of failing inside a
+    reducer ('NoneType' object has no attribute 'k') or running on without the size bias."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    gc = model.generation_config
+    gc.no_timestamps_token_id, gc.max_initial_timestamp_index, gc.alignment_heads = 40, 5, [[0, 0], [1, 1]]
+    for method in ("merge", "pool"):
+        tokenprune.apply(model, 0.5, method)
+        try:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="return_token_timestamps"):  # refused: eager now
+                model.generate(x, max_new_tokens=3, return_token_timestamps=True)
+            with torch.no_grad(), pytest.raises(RuntimeError, match="set_attn_implementation\\('sdpa'\\)"):
+                fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+        model.set_attn_implementation("sdpa")
+    tower = make_hf_clip()
+    model, x = tower["model"], tower["x"]
+    tokenprune.apply(model, 0.5, "random")
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad(), pytest.raises(RuntimeError, match="eager"):
+            model(x)
+    finally:
+        tokenprune.remove(model)
+
+
 def test_text_towers_untouched():
     from transformers import CLIPConfig, CLIPModel
 

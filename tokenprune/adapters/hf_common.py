@@ -216,8 +216,16 @@ def returned(module, out, return_dict):
 
 def no_extra_kwargs(kwargs, what: str, config=None) -> None:
     """Refuse the per-layer outputs and masks; ``output_hidden_states`` / ``output_attentions`` not passed (or None)
-    are read from ``config`` as transformers does."""
+    are read from ``config`` as transformers does. Also refuse a ``config`` whose attention was switched away from
+    ``tokenprune_sdpa`` while patched: its layers would bypass the kernel (no size bias, no q/k for the reducer)."""
     if config is not None:
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != KERNEL_NAME:
+            raise RuntimeError(
+                f"tokenprune: the {what}'s attention implementation was switched to {impl!r} while the model is patched "
+                "(model.set_attn_implementation, or transformers itself: Whisper's generate(return_token_timestamps="
+                "True) switches to 'eager'); token reduction runs on SDPA. Call tokenprune.remove(model), "
+                "model.set_attn_implementation('sdpa'), then tokenprune.apply again")
         kwargs = {**{k: getattr(config, k, None) for k in ("output_attentions", "output_hidden_states")},
                   **{k: v for k, v in kwargs.items() if v is not None}}
     bad = [k for k, v in kwargs.items() if v is not None and v is not False  # a tensor mask too
