@@ -415,6 +415,89 @@ def test_whisper_cross_attention_gets_size_bias():
         tokenprune.remove(model)
 
 
+def test_whisper_output_hidden_states_is_refused_not_dropped():
+    """``WhisperForConditionalGeneration(..., output_hidden_states=True)``: the encoder's per-layer states cannot be
+    given once tokens are reduced between layers; a clear error, not ``encoder_hidden_states=None`` (the decoder's
+    states alone would look like a complete answer)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+    tokenprune.apply(model, 0.5, "merge")
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="output_hidden_states"):
+            model(input_features=x, decoder_input_ids=dec, output_hidden_states=True)
+    finally:
+        tokenprune.remove(model)
+
+
+def test_whisper_training_keeps_spec_augment():
+    """In training, ``WhisperModel`` masks the input features (SpecAugment, ``apply_spec_augment=True``) before its
+    encoder; the patched model does too: at budget 1.0 its loss and gradients are the unpatched model's."""
+    import numpy as np
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    model.config.update(dict(apply_spec_augment=True, mask_time_prob=0.3, mask_time_length=4,
+                             mask_feature_prob=0.3, mask_feature_length=2))
+    model.train()
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+
+    def step():
+        np.random.seed(0)  # SpecAugment draws its masks with numpy
+        model.zero_grad(set_to_none=True)
+        loss = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+        loss.backward()
+        return loss.detach(), model.model.encoder.conv1.weight.grad.clone()
+
+    ref_loss, ref_grad = step()
+    np.random.seed(0)
+    with torch.no_grad():  # the masks matter here: unmasked features give another loss
+        plain = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+    model.config.apply_spec_augment = False
+    with torch.no_grad():
+        unmasked = model(input_features=x.clone(), decoder_input_ids=dec, labels=dec).loss
+    model.config.apply_spec_augment = True
+    assert torch.allclose(plain, ref_loss) and not torch.allclose(unmasked, ref_loss)
+    tokenprune.apply(model, 1.0, "merge")
+    try:
+        loss, grad = step()
+    finally:
+        tokenprune.remove(model)
+        model.eval()
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss - ref_loss).item()
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_switched_away_from_sdpa_while_patched_is_a_clear_error():
+    """Whisper's ``generate(return_token_timestamps=True)`` sets ``config._attn_implementation = "eager"`` itself (and
+    a user may call ``set_attn_implementation``) on a patched model: its attention then bypasses tokenprune's kernel
+    (no size bias, no q/k for the reducer). Every later forward says so and what to do, instead of failing inside a
+    reducer ('NoneType' object has no attribute 'k') or running on without the size bias."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    gc = model.generation_config
+    gc.no_timestamps_token_id, gc.max_initial_timestamp_index, gc.alignment_heads = 40, 5, [[0, 0], [1, 1]]
+    for method in ("merge", "pool"):
+        tokenprune.apply(model, 0.5, method)
+        try:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="return_token_timestamps"):  # refused: eager now
+                model.generate(x, max_new_tokens=3, return_token_timestamps=True)
+            with torch.no_grad(), pytest.raises(RuntimeError, match="set_attn_implementation\\('sdpa'\\)"):
+                fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+        model.set_attn_implementation("sdpa")
+    tower = make_hf_clip()
+    model, x = tower["model"], tower["x"]
+    tokenprune.apply(model, 0.5, "random")
+    try:
+        model.set_attn_implementation("eager")
+        with torch.no_grad(), pytest.raises(RuntimeError, match="eager"):
+            model(x)
+    finally:
+        tokenprune.remove(model)
+
+
 def test_text_towers_untouched():
     from transformers import CLIPConfig, CLIPModel
 

@@ -403,3 +403,100 @@ def test_refused_configurations_and_inputs():
             fam["model"](fam["x"], output_hidden_states=True)
     finally:
         tokenprune.remove(fam["model"])
+
+
+def _return_dict_cases():
+    """(model, positional inputs) of every patched transformers forward: bases, heads and bare encoders."""
+    import test_adapters_matrix as mx
+    import test_siglip2 as s2
+
+    fams = {k: FAMILIES[k]() for k in ("vit", "dinov2", "dinov3", "clip_cls", "siglip_cls", "whisper_cls", "wav2vec2",
+                                       "hubert")}
+    cases = {k: (f["model"], (f["x"],)) for k, f in fams.items()}
+    cases["vit_base"] = (fams["vit"]["model"].base_model, (fams["vit"]["x"],))
+    cases["dinov2_base"] = (fams["dinov2"]["model"].base_model, (fams["dinov2"]["x"],))
+    for k, maker in (("clip_tower", mx.make_hf_clip), ("siglip_tower", mx.make_siglip),
+                     ("videomae_cls", mx.make_videomae), ("vivit_cls", mx.make_vivit), ("ast_cls", mx.make_ast)):
+        f = maker()
+        cases[k] = (f["model"], (f["x"],))
+    cases["videomae_base"] = (cases["videomae_cls"][0].videomae, cases["videomae_cls"][1])
+    cases["vivit_base"] = (cases["vivit_cls"][0].vivit, cases["vivit_cls"][1])
+    cases["ast_base"] = (cases["ast_cls"][0].audio_spectrogram_transformer, cases["ast_cls"][1])
+    wh = mx.make_whisper()
+    cases["whisper_encoder"] = (wh["model"].model.encoder, (wh["x"],))
+    cases["siglip2_tower"] = (s2.make_tower(), s2._inputs())
+    cases["siglip2_cls"] = (s2.make_classifier(), s2._inputs())
+    return cases
+
+
+def test_return_dict_false_gives_hf_tuples():
+    """``return_dict=False`` (the keyword, or the config's) returns what transformers returns: a tuple, not a
+    ModelOutput (whose iteration yields its keys: ``hidden, pooled = model(x, return_dict=False)`` would unpack
+    two strings). At budget 1.0 the tuple equals the unpatched one; reduced, it has the same entries."""
+    for name, (model, args) in _return_dict_cases().items():
+        with torch.no_grad():
+            ref = model(*args, return_dict=False)
+            assert isinstance(ref, tuple), name
+            for budget in (1.0, 0.5):
+                tokenprune.apply(model, budget, "merge")
+                try:
+                    out = model(*args, return_dict=False)
+                finally:
+                    tokenprune.remove(model)
+                assert isinstance(out, tuple) and len(out) == len(ref), (name, budget, type(out).__name__)
+                if budget == 1.0:
+                    for a, b in zip(out, ref):
+                        b = b[:, : a.shape[1]] if name == "siglip2_tower" and b.dim() == 3 else b  # padding dropped
+                        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    tower, args = _return_dict_cases()["clip_tower"]
+    tower.config.return_dict = False  # the config's default, as transformers reads it
+    with torch.no_grad():
+        ref = tower(*args)
+        tokenprune.apply(tower, 1.0, "merge")
+        try:
+            out = tower(*args)
+        finally:
+            tokenprune.remove(tower)
+    assert isinstance(out, tuple) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, ref))
+
+
+def test_save_pretrained_while_patched_saves_the_original_model(tmp_path):
+    """A patched model saves as itself unpatched: the original class in ``config.architectures`` (transformers writes
+    ``type(model).__name__``; inference servers pick the class by it), the original weights, and a model that
+    ``from_pretrained`` loads to the same outputs; the patch stays on."""
+    import json
+
+    for name, (model, args) in _return_dict_cases().items():
+        cls = type(model)
+        with torch.no_grad():
+            ref = model(*args, return_dict=False)[0]
+        tokenprune.apply(model, 0.5, "merge")
+        try:
+            patched = type(model)
+            model.save_pretrained(tmp_path / name)
+            assert type(model) is patched and tokenprune.is_applied(model), name
+        finally:
+            tokenprune.remove(model)
+        assert json.loads((tmp_path / name / "config.json").read_text())["architectures"] == [cls.__name__], name
+        loaded = cls.from_pretrained(tmp_path / name).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(*args, return_dict=False)[0], ref), name
+
+
+def test_output_hidden_states_from_the_config_is_refused():
+    """``config.output_hidden_states = True`` asks transformers for every layer's states as the keyword does; a patched
+    model refuses it as it refuses the keyword (it returned ``hidden_states=None`` silently). An explicit
+    ``output_hidden_states=False`` still runs."""
+    for name, (model, args) in _return_dict_cases().items():
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        for c in configs.values():
+            c.output_hidden_states = True
+        with torch.no_grad():
+            assert model(*args).hidden_states is not None, name  # what transformers does with that config
+            tokenprune.apply(model, 0.5, "merge")
+            try:
+                with pytest.raises(ValueError, match="output_hidden_states"):
+                    model(*args)
+                model(*args, output_hidden_states=False)
+            finally:
+                tokenprune.remove(model)

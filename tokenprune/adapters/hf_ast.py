@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -40,20 +40,21 @@ def ast_grid(config) -> tuple[int, int]:
     return f, t
 
 
-class _ASTModel:
+class _ASTModel(SaveAsOriginal):
     """Mixin for ``ASTModel``: the same forward with the reduced layer loop."""
 
     def forward(self, input_values=None, attention_mask=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         seq = self.layernorm(self._tokenprune_tokens(Forward(self._tokenprune_patch), input_values,
                                                      attention_mask=attention_mask, **kwargs))
         pooled = (seq[:, 0] + seq[:, 1]) / 2
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, input_values, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "AST encoder")
+        no_extra_kwargs(kwargs, "AST encoder", self.config)
         x = self.embeddings(input_values)
         return run(fwd, _layers(self), x, fwd.patch.adapter.grid_for(x.shape[1] - fwd.patch.num_prefix))
 

@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, ProjAttention, no_extra_kwargs, run
+from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -49,13 +49,14 @@ def _map_head(head, hidden, sizes):
     return h[:, 0]
 
 
-class _Tower:
+class _Tower(SaveAsOriginal):
     """Mixin for the vision tower (the module with ``embeddings`` and ``encoder``): its forward with the
     reduced layer loop; the pooling head gets the final sizes."""
 
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
         hidden = self._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
         if hasattr(self, "pre_layrnorm"):  # CLIP: the [CLS] token, normed
@@ -63,11 +64,11 @@ class _Tower:
         else:  # SigLIP: norm, then the MAP head over the (size-weighted) tokens
             hidden = self.post_layernorm(hidden)
             pooled = _map_head(self.head, hidden, fwd.sizes) if getattr(self, "use_head", False) else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "vision tower")
+        no_extra_kwargs(kwargs, "vision tower", self.config)
         hidden = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         if hasattr(self, "pre_layrnorm"):
             hidden = self.pre_layrnorm(hidden)
@@ -78,7 +79,7 @@ class _Tower:
         return run(fwd, self.encoder.layers, hidden, grid, extra=(None,))
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``CLIPForImageClassification`` / ``SiglipForImageClassification``: the classifier over the
     size-weighted mean of the tower's ``last_hidden_state`` (CLIP: the patch tokens, before the post-layernorm as in
     HF; SigLIP: every token, after it)."""
@@ -86,6 +87,7 @@ class _Classifier:
     def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=False, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         tower = vision_tower(self)
         fwd = Forward(self._tokenprune_patch)
         seq = tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, **kwargs)
@@ -96,7 +98,7 @@ class _Classifier:
         pooled = ops.weighted_mean(seq, sizes[:, p:]) if sizes is not None else seq.mean(1)
         logits = self.classifier(pooled)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 def vision_tower(model):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import QK, Forward, run_blocks
+from .base import ORIGINAL
 
 KERNEL_NAME = "tokenprune_sdpa"
 INNER = "sdpa"
@@ -155,6 +156,19 @@ class AttentionRouting:
         self._saved = []
 
 
+class SaveAsOriginal:
+    """Base of the mixins swapped onto transformers models: ``save_pretrained`` saves the model as its original class
+    (transformers writes ``type(self).__name__`` into ``config.architectures``; the weights are the original ones)."""
+
+    def save_pretrained(self, *args, **kwargs):
+        patched = type(self)
+        self.__class__ = patched.__dict__.get(ORIGINAL) or patched
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = patched
+
+
 class ProjAttention:
     """Mixin for HF attention modules with ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` whose forward
     does not pass its keyword arguments on to the attention function (SigLIP): the same forward, with the
@@ -192,7 +206,28 @@ def run(fwd: Forward, layers, x, grid=None, extra: tuple = ()):
     return run_blocks(fwd, layers, x, block_fn(*extra), grid)
 
 
-def no_extra_kwargs(kwargs, what: str) -> None:
+def returned(module, out, return_dict):
+    """What a transformers forward returns (its ``can_return_tuple``): ``out``, or ``out.to_tuple()`` when
+    ``return_dict=False`` is passed, or is the config's and none is passed."""
+    if return_dict is None:
+        return_dict = getattr(module.config, "return_dict", True)
+    return out if return_dict else out.to_tuple()
+
+
+def no_extra_kwargs(kwargs, what: str, config=None) -> None:
+    """Refuse the per-layer outputs and masks; ``output_hidden_states`` / ``output_attentions`` not passed (or None)
+    are read from ``config`` as transformers does. Also refuse a ``config`` whose attention was switched away from
+    ``tokenprune_sdpa`` while patched: its layers would bypass the kernel (no size bias, no q/k for the reducer)."""
+    if config is not None:
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != KERNEL_NAME:
+            raise RuntimeError(
+                f"tokenprune: the {what}'s attention implementation was switched to {impl!r} while the model is patched "
+                "(model.set_attn_implementation, or transformers itself: Whisper's generate(return_token_timestamps="
+                "True) switches to 'eager'); token reduction runs on SDPA. Call tokenprune.remove(model), "
+                "model.set_attn_implementation('sdpa'), then tokenprune.apply again")
+        kwargs = {**{k: getattr(config, k, None) for k in ("output_attentions", "output_hidden_states")},
+                  **{k: v for k, v in kwargs.items() if v is not None}}
     bad = [k for k, v in kwargs.items() if v is not None and v is not False  # a tensor mask too
            and k in ("output_attentions", "output_hidden_states", "attention_mask", "head_mask")]
     if bad:

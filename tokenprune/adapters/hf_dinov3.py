@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
-from .hf_common import AttentionRouting, no_extra_kwargs
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _PARTS = ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
 
@@ -57,22 +57,24 @@ def _block(layer, x, fwd: Forward, cos, sin):
     return x + y
 
 
-class _Base:
+class _Base(SaveAsOriginal):
     """Mixin for ``DINOv3ViTModel``."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         seq = self.norm(self._tokenprune_tokens(Forward(self._tokenprune_patch), pixel_values, bool_masked_pos,
                                                 **kwargs))
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :])
+        out = BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=seq[:, 0, :])
+        return returned(self, out, return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, bool_masked_pos=None, **kwargs):
         kwargs.pop("return_dict", None)
         if kwargs.pop("attention_mask", None) is not None:
             raise ValueError("tokenprune: attention_mask cannot be combined with token reduction in DINOv3ViTModel; "
                              "call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, "DINOv3ViTModel encoder")
+        no_extra_kwargs(kwargs, "DINOv3ViTModel encoder", self.config)
         layers = self.model.layer
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced DINOv3 in training; "

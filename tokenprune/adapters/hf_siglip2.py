@@ -31,7 +31,7 @@ from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import run_mixed
-from .hf_common import AttentionRouting, ProjAttention, block_fn, no_extra_kwargs
+from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
 
 
 def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
@@ -49,21 +49,22 @@ def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int)
     return grids
 
 
-class _Tower:
+class _Tower(SaveAsOriginal):
     """Mixin for ``Siglip2VisionModel``."""
 
     def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
         hidden = self.post_layernorm(self._tokenprune_tokens(fwd, pixel_values, pixel_attention_mask, spatial_shapes,
                                                              **kwargs))
         pooled = _map_head(self.head, hidden, fwd.sizes) if self.use_head else None
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, pixel_attention_mask=None, spatial_shapes=None, **kwargs):
         kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "SigLIP2 vision tower")
+        no_extra_kwargs(kwargs, "SigLIP2 vision tower", self.config)
         if spatial_shapes is None:
             raise ValueError("tokenprune: SigLIP2 needs spatial_shapes (as the processor returns it)")
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.encoder.layers):
@@ -74,13 +75,14 @@ class _Tower:
         return run_mixed(fwd, self.encoder.layers, hidden, grids, block_fn(None))
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``Siglip2ForImageClassification``: the classifier over the size-weighted mean of the tower's
     (normed) tokens, i.e. HF's masked mean over the real patches."""
 
     def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         tower = self.vision_model
         fwd = Forward(self._tokenprune_patch)
         seq = tower.post_layernorm(tower._tokenprune_tokens(fwd, pixel_values, pixel_attention_mask, spatial_shapes,
@@ -88,7 +90,7 @@ class _Classifier:
         pooled = ops.weighted_mean(seq, fwd.sizes) if fwd.sizes is not None else seq.mean(1)
         logits = self.classifier(pooled)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 class HFSiglip2Adapter(Adapter):

@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 _CLASSES = ("Wav2Vec2Model", "HubertModel")
 NOMINAL_SAMPLES = 160_000  # 10 s at 16 kHz: the count tokenprune.plan(model) shows without an input
@@ -41,17 +41,19 @@ def frames(config, samples: int) -> int:
     return n
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``Wav2Vec2Model`` / ``HubertModel``: the same forward with the reduced layer loop."""
 
     def forward(self, input_values=None, attention_mask=None, mask_time_indices=None, tokenprune=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput, Wav2Vec2BaseModelOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         hidden, extract = self._tokenprune_tokens(fwd, input_values, attention_mask, mask_time_indices, **kwargs)
         if extract is not None:  # Wav2Vec2: also the normed features (for quantization)
-            return Wav2Vec2BaseModelOutput(last_hidden_state=hidden, extract_features=extract)
-        return BaseModelOutput(last_hidden_state=hidden)
+            return returned(self, Wav2Vec2BaseModelOutput(last_hidden_state=hidden, extract_features=extract),
+                            return_dict)
+        return returned(self, BaseModelOutput(last_hidden_state=hidden), return_dict)
 
     def _tokenprune_tokens(self, fwd, input_values, attention_mask=None, mask_time_indices=None, **kwargs):
         kwargs.pop("return_dict", None)
@@ -59,7 +61,7 @@ class _Model:
             raise ValueError(f"tokenprune: attention_mask (a padded batch) cannot be combined with token reduction in "
                              f"the {type(self).__name__} encoder; run equal-length utterances or one at a time, or "
                              "call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder")
+        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder", self.config)
         features = self.feature_extractor(input_values).transpose(1, 2)
         hidden = self.feature_projection(features)
         extract = None

@@ -22,7 +22,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, no_extra_kwargs, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _attn(layer):
@@ -53,35 +53,36 @@ class _SelfAttention:
         return out.reshape(*out.shape[:-2], self.all_head_size), probs
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``VideoMAEModel``: its forward with the reduced layer loop (the context is passed on)."""
 
     def forward(self, pixel_values=None, bool_masked_pos=None, tokenprune=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
-        kwargs.pop("return_dict", None)
-        no_extra_kwargs(kwargs, "VideoMAE encoder")
+        return_dict = kwargs.pop("return_dict", None)
+        no_extra_kwargs(kwargs, "VideoMAE encoder", self.config)
         x = self.embeddings(pixel_values, bool_masked_pos)
         grid = fwd.patch.adapter.grid_for(x.shape[1]) if bool_masked_pos is None else None
         x = run(fwd, self.encoder.layer, x, grid)
         if self.layernorm is not None:
             x = self.layernorm(x)
-        return BaseModelOutput(last_hidden_state=x)
+        return returned(self, BaseModelOutput(last_hidden_state=x), return_dict)
 
 
-class _Classifier:
+class _Classifier(SaveAsOriginal):
     """Mixin for ``VideoMAEForVideoClassification``: size-weighted mean pooling."""
 
     def forward(self, pixel_values=None, labels=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
-        seq = self.videomae(pixel_values, tokenprune=fwd, **kwargs).last_hidden_state
+        seq = self.videomae(pixel_values, tokenprune=fwd, return_dict=True, **kwargs).last_hidden_state
         pooled = ops.weighted_mean(seq, fwd.sizes) if fwd.sizes is not None else seq.mean(1)
         logits = self.classifier(self.fc_norm(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 class HFVideoMAEAdapter(Adapter):
@@ -115,7 +116,7 @@ class HFVideoMAEAdapter(Adapter):
     def features(self, pixel_values):
         """Encoder tokens (``VideoMAEModel``'s ``last_hidden_state``) and the final state."""
         fwd = Forward(self.videomae._tokenprune_patch)
-        return self.videomae(pixel_values, tokenprune=fwd).last_hidden_state, fwd.state
+        return self.videomae(pixel_values, tokenprune=fwd, return_dict=True).last_hidden_state, fwd.state
 
     def _attentions(self):
         return [_attn(layer) for layer in self.videomae.encoder.layer]

@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, image_grid
-from .hf_common import AttentionRouting, no_extra_kwargs
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
 _HEADS = ("ViTForImageClassification", "Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
@@ -83,7 +83,7 @@ def _dino_block(layer, x, fwd):
     return _last_add(x, layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))), fwd)
 
 
-class _Base:
+class _Base(SaveAsOriginal):
     """Mixin for ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``: embeddings, the reduced layer loop,
     the final norm and HF's pooling ([CLS]). A classifier passes its own context as ``tokenprune=``."""
 
@@ -91,6 +91,7 @@ class _Base:
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         seq = self.layernorm(self._tokenprune_tokens(fwd, pixel_values, bool_masked_pos, interpolate_pos_encoding,
                                                      **kwargs))
@@ -98,7 +99,7 @@ class _Base:
             pooled = self.pooler(seq) if self.pooler is not None else None
         else:  # DINOv2: [CLS]
             pooled = seq[:, 0, :]
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=None, **kwargs):
         kwargs.pop("return_dict", None)
@@ -106,7 +107,7 @@ class _Base:
             raise ValueError(f"tokenprune: attention_mask cannot be combined with token reduction in the "
                              f"{type(self).__name__} encoder (the token count changes between layers); call "
                              "tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder")
+        no_extra_kwargs(kwargs, f"{type(self).__name__} encoder", self.config)
         layers = _layers(self)
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced ViT / DINOv2 in "
@@ -127,22 +128,23 @@ class _Base:
         return run_blocks(fwd, layers, x, block, grid)
 
 
-class _Dinov2Classifier:
+class _Dinov2Classifier(SaveAsOriginal):
     """Mixin for ``Dinov2(WithRegisters)ForImageClassification``: [CLS] concatenated with the size-weighted mean of
     the patch tokens (registers excluded, as in HF)."""
 
     def forward(self, pixel_values=None, labels=None, **kwargs):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
-        seq = self.base_model(pixel_values, tokenprune=fwd, **kwargs).last_hidden_state
+        seq = self.base_model(pixel_values, tokenprune=fwd, return_dict=True, **kwargs).last_hidden_state
         p = fwd.patch.num_prefix
         patches = seq[:, p:]
         sizes = fwd.sizes
         mean = ops.weighted_mean(patches, sizes[:, p:]) if sizes is not None else patches.mean(1)
         logits = self.classifier(torch.cat([seq[:, 0], mean], dim=1))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        return returned(self, ImageClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 class HFViTAdapter(Adapter):

@@ -18,7 +18,7 @@ import math
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class
-from .hf_common import AttentionRouting, no_extra_kwargs, run
+from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -29,25 +29,26 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``VivitModel``: embeddings, the reduced layer loop, the final norm and the [CLS] pooler."""
 
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, attention_mask=None, tokenprune=None,
                 **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = tokenprune if tokenprune is not None else Forward(self._tokenprune_patch)
         seq = self.layernorm(self._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding, attention_mask,
                                                      **kwargs))
         pooled = self.pooler(seq) if self.pooler is not None else None
-        return BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled)
+        return returned(self, BaseModelOutputWithPooling(last_hidden_state=seq, pooler_output=pooled), return_dict)
 
     def _tokenprune_tokens(self, fwd, pixel_values, interpolate_pos_encoding=False, attention_mask=None, **kwargs):
         kwargs.pop("return_dict", None)
         if attention_mask is not None:
             raise ValueError("tokenprune: attention_mask cannot be combined with token reduction in the ViViT encoder "
                              "(the token count changes between layers); call tokenprune.remove(model) first")
-        no_extra_kwargs(kwargs, "ViViT encoder")
+        no_extra_kwargs(kwargs, "ViViT encoder", self.config)
         if self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced ViViT in training; "
                                "call model.gradient_checkpointing_disable()")

@@ -25,7 +25,9 @@ once per utterance and cached, so every decoding step gets cheaper too).
   same ``tokenprune_sdpa`` kernel. The encoder returns the bias as a field of
   its output (``encoder_outputs["tokenprune_key_bias"]``), so ``generate()``
   keeps it and expands it with the beams like every other encoder output; the
-  ``WhisperModel`` forward hands it to the decoder layers (``tokenprune=``).
+  ``WhisperModel`` forward hands it to the decoder layers (``tokenprune=``). The encoder called with
+  ``return_dict=False`` returns ``(last_hidden_state,)`` as HF's does, without the bias: encoder outputs
+  handed back to the decoder as a tuple give its cross-attention no size bias.
 - Measured (tiny.en, 116 utterances, ``scripts/whisper_wer.py``): ``cls``
   with ``substitute="received"`` (the default) keeps WER near the unreduced
   one where ``"mean_query"`` loses 3-5 points.
@@ -40,7 +42,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, KeyBias, no_extra_kwargs, run
+from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, no_extra_kwargs, returned, run
 
 BIAS_KEY = "tokenprune_key_bias"
 
@@ -49,15 +51,18 @@ def _attn(layer):
     return layer.self_attn
 
 
-class _Encoder:
+class _Encoder(SaveAsOriginal):
     """Mixin for ``WhisperEncoder``: same stem and final norm, reduced layer loop."""
 
     def forward(self, input_features, attention_mask=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
         hidden = self.layer_norm(self._tokenprune_tokens(fwd, input_features, **kwargs))
         out = BaseModelOutput(last_hidden_state=hidden)
+        if not (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)):
+            return returned(self, out, False)  # (hidden,) as HF's: the size bias is a field of the dict form only
         bias = fwd.state.attn_bias(hidden.dtype)
         if bias is not None:  # for the decoder's cross-attention; generate() expands it with the beams
             out[BIAS_KEY] = bias
@@ -66,7 +71,7 @@ class _Encoder:
     def _tokenprune_tokens(self, fwd, input_features, **kwargs):
         # like Whisper itself, attention_mask is accepted and ignored (inputs are always 30 s)
         kwargs.pop("return_dict", None)
-        no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder")
+        no_extra_kwargs({k: v for k, v in kwargs.items() if k != "attention_mask"}, "Whisper encoder", self.config)
         expected = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] != expected:
             raise ValueError(f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}; "
@@ -78,19 +83,21 @@ class _Encoder:
         return run(fwd, self.layers, x, (1, x.shape[1]), extra=(None,))
 
 
-class _Model:
+class _Model(SaveAsOriginal):
     """Mixin for ``WhisperModel``: the decoder's cross-attention gets the encoder tokens' size bias."""
 
     def forward(self, input_features=None, *args, encoder_outputs=None, **kwargs):
-        if encoder_outputs is None and input_features is not None:
-            encoder_outputs = self.encoder(input_features)
+        if encoder_outputs is None and input_features is not None:  # as HF: SpecAugment (training), then the encoder
+            input_features = self._mask_input_features(input_features, attention_mask=kwargs.get("attention_mask"))
+            asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+            encoder_outputs = self.encoder(input_features, return_dict=True, **asked)  # refused there, clearly
         bias = encoder_outputs.get(BIAS_KEY) if isinstance(encoder_outputs, dict) else None
         if bias is not None:
             kwargs["tokenprune"] = KeyBias(self._tokenprune_cross, bias)
         return super().forward(input_features, *args, encoder_outputs=encoder_outputs, **kwargs)
 
 
-class _AudioClassifier:
+class _AudioClassifier(SaveAsOriginal):
     """Mixin for ``WhisperForAudioClassification``: projector, then the size-weighted mean over the encoder frames."""
 
     def forward(self, input_features=None, encoder_outputs=None, labels=None, **kwargs):
@@ -102,6 +109,7 @@ class _AudioClassifier:
                 raise ValueError("tokenprune: encoder_outputs of a reduced Whisper encoder carry no token sizes for "
                                  "the classifier's mean; pass input_features instead")
             return super().forward(input_features, encoder_outputs=encoder_outputs, labels=labels, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
         fwd = Forward(self._tokenprune_patch)
         hidden = self.projector(self.encoder.layer_norm(self.encoder._tokenprune_tokens(fwd, input_features, **kwargs)))
         pooled = ops.weighted_mean(hidden, fwd.sizes) if fwd.sizes is not None else hidden.mean(1)
@@ -109,7 +117,7 @@ class _AudioClassifier:
         loss = None
         if labels is not None:
             loss = CrossEntropyLoss()(logits.view(-1, self.config.num_labels), labels.to(logits.device).view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return returned(self, SequenceClassifierOutput(loss=loss, logits=logits), return_dict)
 
 
 def _parts(model):
