@@ -173,6 +173,17 @@ def test_key_bias_is_log_size_laid_out_for_sdpa(b):
                            F.scaled_dot_product_attention(q, q, q, attn_mask=plain))
 
 
+
+def test_key_bias_of_a_float64_model_is_float64_log_size():
+    """A float64 model's proportional attention adds log(size) to float64 precision: the bias was the float32 log
+    cast up, 1e-8 off (a float64 ToMe forward written from the equations differed from the patched one by 1e-8)."""
+    sizes = torch.tensor([[1.0, 2.0, 3.0, 7.0, 0.0]])  # sizes stay float32, as the reducers keep them
+    for padded in (False, True):
+        state = TokenState(x=torch.randn(1, 5, 4, dtype=torch.float64), num_prefix=1, num_input=4, sizes=sizes,
+                           padded=padded)
+        assert torch.equal(state.attn_bias(torch.float64)[0, 0, 0], sizes[0].double().log())
+        assert torch.equal(state.attn_bias(torch.float32)[0, 0, 0], sizes[0].log())  # float32 unchanged
+
 # -- merging ------------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(b=st.integers(1, 3), n=st.integers(2, 40), p=st.integers(0, 2), c=st.integers(1, 8),

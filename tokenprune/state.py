@@ -164,8 +164,8 @@ class TokenState:
         self.scratch["_bias"] = (self.sizes, dtype, key_bias_view(log_sizes))
 
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.proportional:
-            bias = self.sizes.log()
+        if self.proportional:  # the log in the model's precision when it is finer than the sizes' (float64)
+            bias = self.sizes.to(torch.promote_types(self.sizes.dtype, dtype)).log()
         elif self.padded:
             bias = torch.zeros_like(self.sizes).masked_fill_(self.sizes <= 0, float("-inf"))
         else:
