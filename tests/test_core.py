@@ -480,3 +480,19 @@ def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, method, in
             outs[fuse] = model(x)
         assert deferred and all(d == (fuse == "1") for d in deferred)
     assert torch.equal(outs["1"], outs["0"])
+
+
+@pytest.mark.parametrize("pool", ["map"])
+def test_attention_pool_of_a_float64_model_takes_a_float64_log_size(pool):
+    """The attention pool's key bias is log(size); a float64 model takes the log in float64 (the sizes are float32:
+    a float32 log cast up is off by about 1e-8)."""
+    model = tiny_vit(global_pool=pool).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tokenprune.apply(model, budget=0.3, method="merge")
+    tokens, state = tokenprune.features(model, x)
+    p = model.num_prefix_tokens
+    xs, sizes = (tokens, state.sizes) if model.pool_include_prefix else (tokens[:, p:], state.sizes[:, p:])
+    want = model.attn_pool(xs, attn_mask=sizes.double().log()[:, None, None, :])
+    got = model.forward_head(tokens, pre_logits=True, sizes=state.sizes)
+    assert not torch.equal(sizes.double().log(), sizes.log().double())  # the two logs differ on these sizes
+    torch.testing.assert_close(got, model.fc_norm(want), rtol=0, atol=1e-14)

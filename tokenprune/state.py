@@ -164,13 +164,19 @@ class TokenState:
         self.scratch["_bias"] = (self.sizes, dtype, key_bias_view(log_sizes))
 
     def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if self.proportional:  # the log in the model's precision when it is finer than the sizes' (float64)
-            bias = self.sizes.to(torch.promote_types(self.sizes.dtype, dtype)).log()
-        elif self.padded:
+        if self.proportional:
+            return key_bias_view(log_sizes(self.sizes, dtype))
+        if self.padded:
             bias = torch.zeros_like(self.sizes).masked_fill_(self.sizes <= 0, float("-inf"))
         else:
             return None
         return key_bias_view(bias.to(dtype))
+
+
+def log_sizes(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``log(sizes)`` in ``dtype``, the log taken in the finer of the two precisions (a float64 model's bias in
+    float64: the sizes are float32)."""
+    return sizes.to(torch.promote_types(sizes.dtype, dtype)).log().to(dtype)
 
 
 def key_bias_view(v: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import math
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
+from ..state import log_sizes
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, no_extra_kwargs, returned, run
 
@@ -44,7 +45,7 @@ def _map_head(head, hidden, sizes):
     if sizes is None:
         return head(hidden)
     probe = head.probe.repeat(hidden.shape[0], 1, 1)
-    h = head.attention(probe, hidden, hidden, key_padding_mask=sizes.log().to(hidden.dtype), need_weights=False)[0]
+    h = head.attention(probe, hidden, hidden, key_padding_mask=log_sizes(sizes, hidden.dtype), need_weights=False)[0]
     h = h + head.mlp(head.layernorm(h))
     return h[:, 0]
 

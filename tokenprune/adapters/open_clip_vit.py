@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
+from ..state import log_sizes
 from .base import Adapter, attach, detach, has_class, image_grid
 from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
@@ -69,7 +70,7 @@ def _attn_pool(pooler, x: torch.Tensor, sizes) -> torch.Tensor:
         return pooler(x)
     x = pooler.ln_k(x)
     q = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-    return pooler.attn(q, x, x, key_padding_mask=sizes.log().to(x.dtype), need_weights=False)[0]
+    return pooler.attn(q, x, x, key_padding_mask=log_sizes(sizes, x.dtype), need_weights=False)[0]
 
 
 class _Visual:

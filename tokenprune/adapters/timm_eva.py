@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
+from ..state import log_sizes
 from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
 from .timm_vit import _Model as _VitModel
 from .timm_vit import patch_grid, sized_pool
@@ -161,7 +162,7 @@ class _Eva(_VitModel):
 
     def _tokenprune_pool(self, x, sizes):
         if self.attn_pool is not None:  # Eva's latent pooling attends over every token, prefix included
-            return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
+            return self.attn_pool(x, attn_mask=log_sizes(sizes, x.dtype)[:, None, None, :])
         pool_type = self.global_pool
         if not pool_type or pool_type == "token":
             return super().pool(x, pool_type)

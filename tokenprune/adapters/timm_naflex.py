@@ -30,6 +30,7 @@ import torch
 from ..engine import Forward, run_blocks
 from ..mixed import run_mixed
 from ..plan import EncoderInfo
+from ..state import log_sizes
 from .base import Adapter, attach, detach, has_class
 from .timm_eva import _ATTENTIONS, _BLOCKS, _mlp_hidden, _own
 from .timm_eva import _block as _eva_block
@@ -143,7 +144,7 @@ class _NaFlex:
         p = self.num_prefix_tokens
         xs, ss = (x, sizes) if self.pool_include_prefix else (x[:, p:], sizes[:, p:])
         if self.attn_pool is not None:
-            return self.attn_pool(xs, attn_mask=ss.log().to(x.dtype)[:, None, None, :])
+            return self.attn_pool(xs, attn_mask=log_sizes(ss, x.dtype)[:, None, None, :])
         if self.global_pool in _SIZED_POOLS:
             return sized_pool(xs, ss, self.global_pool)
         return super()._pool(x)  # 'token' / '': no weighting

@@ -26,6 +26,7 @@ from torch import nn
 from .. import kernels, ops
 from ..engine import QK, Forward, run_blocks
 from ..plan import EncoderInfo
+from ..state import log_sizes
 from .base import ORIGINAL, Adapter, attach, detach, has_class, image_grid
 
 _SIZED_POOLS = ("avg", "max", "avgmax")
@@ -201,7 +202,7 @@ class _Model:
         if self.attn_pool is not None:
             if not self.pool_include_prefix:
                 x, sizes = x[:, p:], sizes[:, p:]
-            return self.attn_pool(x, attn_mask=sizes.log().to(x.dtype)[:, None, None, :])
+            return self.attn_pool(x, attn_mask=log_sizes(sizes, x.dtype)[:, None, None, :])
         pool_type = self.global_pool
         if not pool_type or pool_type == "token":
             return super().pool(x, pool_type)
