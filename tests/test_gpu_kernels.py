@@ -493,6 +493,24 @@ def test_apet_reduce_step_kernels_vs_pytorch_fp32(T, b, n, c, keep):
     assert rel(out.x[same], ref32.x[same]) < 1e-2
 
 
+@pytest.mark.parametrize("dtype,n,exact", [(BF16, 700, 256), (F16, 6000, 2048)], ids=dtype_id)
+def test_apet_large_batch_sizes_are_exact_counts(T, dtype, n, exact):
+    """Above the one-launch merge's batch, Apet.reduce counts the merged sizes with a scatter-add: in float32
+    (bf16 atomics stop counting at 256, fp16 at 2048), so every sample's sizes still sum to its token count."""
+    from tokenprune.reducers.apet import Apet
+
+    b, c = T.apet.APET_MERGE_MAX_BATCH + 8, 16
+    needs(dtype, b, n + 1, c)
+    assert not kernels.apet_merge_fits(b) and not kernels.apet_step_fits(b, n, 3, dtype)  # the scatter-add path
+    g = gen(5)
+    x = randn(b, 1 + n, c, dtype=torch.float32, g=g)
+    x[:, 1:] += 4 * randn(b, 1, c, dtype=torch.float32, g=g)  # one shared direction: large groups
+    with poisoned(T):
+        out = Apet(k=3).reduce(TokenState.start(x.to(dtype), 1), Stage(0, 4, "apet"), None)
+    assert out.sizes.dtype == torch.float32 and float(out.sizes[:, 1:].max()) > exact  # past the dtype's counting
+    assert torch.equal(out.sizes[:, 1:].sum(1), torch.full((b,), float(n), device=x.device))
+
+
 @pytest.mark.parametrize("b,n,c,k,dtype", [(256, 196, 768, 98, F16), (1, 196, 768, 98, F16),
                                            (3, 500, 384, 200, BF16), (2, 77, 96, 30, F32)], ids=dtype_id)
 def test_apet_merge(T, b, n, c, k, dtype):

@@ -188,3 +188,4 @@ def test_pool_first_in_a_composition_runs():
     with torch.no_grad():
         tokens, state = tokenprune.features(model, torch.randn(2, 3, 32, 32))
     assert tokens.shape[1] == 1 + tokenprune.plan(model).num_out == 17
+

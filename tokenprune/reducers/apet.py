@@ -157,18 +157,19 @@ class Apet(Reducer):
                                                                     max_size=p + state.num_input)
             return state
         sizes = state.sizes_or_ones()
-        s = sizes[:, p:].to(x.dtype)
-        den = torch.zeros(b, keep, dtype=s.dtype, device=x.device).scatter_add_(1, target, s)
+        wide = torch.promote_types(x.dtype, torch.float32)  # sizes are counts: summed exactly (bf16 stops at 256)
+        s = sizes[:, p:].to(wide)
+        den = torch.zeros(b, keep, dtype=wide, device=x.device).scatter_add_(1, target, s)
         new_patches = None
         if kernels.use_triton(x):  # one pass: each kept row averages the tokens mapped to it (tokenprune/kernels)
             rows = torch.cat([torch.arange(p, device=x.device).expand(b, p), keep_idx + p], 1)
             members = torch.arange(p, n_all, device=x.device).expand(b, n)
             state.x = kernels.merge_rows(x, state.sizes, rows, members, target + p, include_prim=False)
         else:
-            num = torch.zeros(b, keep, c, dtype=x.dtype, device=x.device).scatter_add_(
-                1, target[..., None].expand(b, n, c), xs * s[..., None])
+            num = torch.zeros(b, keep, c, dtype=wide, device=x.device).scatter_add_(
+                1, target[..., None].expand(b, n, c), xs.to(wide) * s[..., None])
             kept_x = xs.gather(1, keep_idx[..., None].expand(b, keep, c))
-            new_patches = torch.where(den[..., None] > 0, num / den.clamp_min(1e-12)[..., None], kept_x)
+            new_patches = torch.where(den[..., None] > 0, (num / den.clamp_min(1e-12)[..., None]).to(x.dtype), kept_x)
         # sizes always set (no host sync, so the forward can be captured in a CUDA graph); with
         # prop_attn=False they weight later merges and pooling but add no attention bias
         return set_groups(state, new_patches, sizes, den, target)
