@@ -590,6 +590,22 @@ def test_timm_variants_refused_at_apply(variant, method):
     m(torch.randn(1, 3, 32, 32))  # still the plain timm model
 
 
+
+@pytest.mark.parametrize("name,feature_cls", [("vit_small_patch16_224", "getter"), ("eva02_tiny_patch14_224", "getter"),
+                                              ("vit_small_patch16_224", "hook")])
+def test_timm_features_only_refused_with_what_works(name, feature_cls):
+    """``timm.create_model(name, features_only=True)`` (FeatureGetterNet, FeatureHookNet) got "no adapter for
+    FeatureGetterNet": its per-block feature maps at the full grid are what a reduced model cannot give. The refusal
+    says so and names what works: the model without features_only, tokenprune.features and unmerge."""
+    timm = pytest.importorskip("timm")
+    m = timm.create_model(name, pretrained=False, features_only=True, feature_cls=feature_cls, img_size=32,
+                          patch_size=8, embed_dim=32, depth=3, num_heads=4).eval()
+    with pytest.raises(TypeError, match=r"features_only=True.*without features_only.*tokenprune\.features\(model, x\)"
+                                        r".*tokenprune\.unmerge"):
+        tokenprune.apply(m, 0.5, "merge")
+    assert not any(tokenprune.is_applied(mod) for mod in m.modules())
+    m(torch.randn(1, 3, 32, 32))  # still the plain timm feature extractor
+
 @pytest.mark.parametrize("family", ["open_clip", "open_clip_siglip", "open_clip_pe"])
 def test_open_clip_plan_for_an_input_shape(family):
     """``plan(model, input_shape=...)`` on open_clip towers (own ViT, and timm trunks through the timm adapters)."""

@@ -92,6 +92,17 @@ def test_description_is_whole_sentences(capsys):
         assert sub.description and sub.description.rstrip().endswith((".", ")")), name
 
 
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_command_help_has_no_developer_notes(name, capsys):
+    """``tokenprune demo --help`` printed the module docstring's notes for contributors ("Modules: ``choices`` ...,
+    imports nothing heavy"). A command's --help says what it does and how to use it: no module layout, import
+    rules or internal function names."""
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    for note in (r"\bModules?:", r"\bimports? (nothing|no torch)", r"``tokenprune\.[\w.]+``", r"\bthis module\b"):
+        assert not re.search(note, out, re.IGNORECASE), (name, note)
+
 def test_every_option_has_help_and_shows_its_default():
     for name, sub in _subparsers(build_parser()).items():
         formatter = sub._get_formatter()

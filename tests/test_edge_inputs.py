@@ -67,7 +67,7 @@ def test_whisper_beam_search_keeps_the_token_sizes():
 
 # -- saving a patched model ---------------------------------------------------------------------------------
 def _families():
-    from test_adapters_matrix import make_hf_clip, make_whisper
+    from test_adapters_matrix import make_hf_clip, make_open_clip, make_whisper
 
     def timm_():
         return tiny_vit(), torch.randn(2, 3, 32, 32), lambda m, x: m(x)
@@ -80,11 +80,17 @@ def _families():
         f = make_whisper()
         return f["model"], f["x"], lambda m, x: m.model.encoder(x).last_hidden_state
 
-    return {"timm": timm_, "hf_clip": clip_, "whisper": whisper_}
+    def open_clip_():  # its adapter class has its own __new__ (a timm trunk gets the timm adapter)
+        f = make_open_clip()
+        return f["model"], f["x"], lambda m, x: m.encode_image(x)
+
+    return {"timm": timm_, "hf_clip": clip_, "whisper": whisper_, "open_clip": open_clip_}
 
 
-@pytest.mark.parametrize("family", ["timm", "hf_clip", "whisper"])
+@pytest.mark.parametrize("family", ["timm", "hf_clip", "whisper", "open_clip"])
 def test_patched_model_pickles_and_stays_patched(family):
+    """pickle (so torch.save and copy.deepcopy) keeps the patch: a patched open_clip model failed with
+    "OpenClipViTAdapter.__new__() missing 1 required positional argument"."""
     import pickle
 
     model, x, run = _families()[family]()

@@ -152,6 +152,77 @@ def test_the_compiled_wrapper_is_the_model_to_every_entry_point():
         torch.testing.assert_close(compiled(x), ref, rtol=0, atol=0)
 
 
+
+def test_data_parallel_wrapper_is_the_model_to_every_entry_point(monkeypatch):
+    """``tokenprune.apply(torch.nn.DataParallel(model), ...)`` said "no adapter for DataParallel". Every entry point
+    now acts on the module the wrapper runs, as for the torch.compile wrapper. Without GPUs DataParallel calls that
+    module; on GPUs it copies it onto each device at every forward (``replicate``: the class and ``__dict__`` copied,
+    the weights broadcast). That copy is made here on CPU, each replica with its own (scaled) weights: a replica's
+    reduced forward must be the patched forward, computed with the replica's weights, not the original's."""
+    import sys
+
+    import torch.nn.parallel.replicate  # noqa: F401  (the module; the package exports the function of that name)
+    rep_mod = sys.modules["torch.nn.parallel.replicate"]
+    model = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    dp = torch.nn.DataParallel(model)
+    with torch.no_grad():
+        ref = model(x)
+        assert tokenprune.apply(dp, budget=0.25, method="merge") is dp and tokenprune.is_applied(model)
+        reduced = model(x)
+        assert not torch.allclose(reduced, ref)
+        torch.testing.assert_close(dp(x), reduced, rtol=0, atol=0)
+        assert tokenprune.is_applied(dp) and tokenprune.plan(dp).num_out == 16
+        tokens, state = tokenprune.features(dp, x)
+        assert tokens.shape[1] == 1 + 16 and state.sizes is not None
+
+        scales = (1.5, 0.5)
+        monkeypatch.setattr(rep_mod, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+            [t.detach() * s if t.is_floating_point() else t.clone() for t in tensors] for s in scales])
+        for s, replica in zip(scales, rep_mod.replicate(model, [0, 1])):
+            scaled = copy.deepcopy(model)
+            for t in list(scaled.parameters()) + list(scaled.buffers()):
+                t.mul_(s)
+            torch.testing.assert_close(replica(x), scaled(x))
+        monkeypatch.undo()
+
+        assert tokenprune.remove(dp) is dp and not tokenprune.is_applied(model)
+        torch.testing.assert_close(dp(x), ref, rtol=0, atol=0)
+        with tokenprune.applied(dp, budget=0.5, method="cls"):
+            assert tokenprune.plan(model).method == "cls"
+        assert not tokenprune.is_applied(model)
+
+
+def test_distributed_data_parallel_is_patched_before_wrapping(tmp_path):
+    """DistributedDataParallel registers the model's parameters when it wraps it (and a reducer with learned
+    parameters, ``threshold``, adds some): ``apply`` on the wrapper is refused, saying to apply to the model before
+    wrapping; a model patched before wrapping runs reduced through DDP, and the other entry points take the wrapper.
+    One process (gloo, world size 1) on CPU."""
+    import torch.distributed as dist
+
+    model = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_vit(depth=2))
+        with pytest.raises(TypeError, match=r"before wrapping it in DistributedDataParallel.*model\.module"):
+            tokenprune.apply(ddp, budget=0.25, method="merge")
+        assert not tokenprune.is_applied(ddp.module)
+        tokenprune.apply(model, budget=0.25, method="merge")
+        with torch.no_grad():
+            reduced = model(x)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert tokenprune.is_applied(ddp) and tokenprune.plan(ddp).num_out == 16
+        with torch.no_grad():
+            torch.testing.assert_close(ddp(x), reduced, rtol=0, atol=0)
+        assert tokenprune.remove(ddp) is ddp and not tokenprune.is_applied(model)
+        with torch.no_grad():
+            torch.testing.assert_close(ddp(x), ref, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
 # -- threads ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,kw", [("cls", {}), ("merge", {}), ("maelre", {}), ("threshold", {}),
                                        ("cls", {"variant": "sum"})], ids=["cls", "merge", "maelre", "threshold",

@@ -6,7 +6,8 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
-from .patch import MODULE_ATTR, PATCH_ATTR, Patch, get_patch, is_applied, unwrap  # noqa: F401  (get_patch, is_applied: public)
+from .patch import (MODULE_ATTR, PATCH_ATTR, Patch, check_wrapper_for_apply, get_patch, is_applied,  # noqa: F401
+                    unwrap)  # (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
 
@@ -64,9 +65,11 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
     recipe give one.
     Applying again replaces the earlier patch; ``tokenprune.remove`` restores the model exactly.
-    A ``torch.compile`` wrapper may be given for the model: the module it runs is patched (here and in
-    ``remove``, ``plan``, ``applied``, ``features``).
+    A ``torch.compile`` or ``torch.nn.DataParallel`` wrapper may be given for the model: the module it runs is
+    patched (here and in ``remove``, ``plan``, ``applied``, ``features``). ``DistributedDataParallel`` / FSDP: apply
+    before wrapping (refused on the wrapper); ``remove``, ``plan`` and ``features`` take it.
     """
+    check_wrapper_for_apply(model)
     given, model = model, unwrap(model)
     if recipe is not None:
         rec = load_recipe(recipe)

@@ -44,12 +44,52 @@ class Patch:
         return prog
 
 
+# torch's wrappers that run their model as ``.module`` (matched by class, subclasses too, without importing them)
+_DATA_PARALLEL = {("torch.nn.parallel.data_parallel", "DataParallel")}
+_DISTRIBUTED = {("torch.nn.parallel.distributed", "DistributedDataParallel"),
+                ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")}
+
+
+def _wrapper_kind(model) -> str | None:
+    """``"dp"`` for ``torch.nn.DataParallel``, ``"distributed"`` for DDP / FSDP, else None."""
+    names = {(c.__module__, c.__name__) for c in type(model).__mro__}
+    if "module" not in getattr(model, "_modules", {}):
+        return None
+    return "dp" if names & _DATA_PARALLEL else "distributed" if names & _DISTRIBUTED else None
+
+
 def unwrap(model):
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs, which is what tokenprune patches; any
-    other object as it is. (Matched by name: importing ``torch._dynamo`` to check the type costs seconds.)"""
-    if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
-        return model._orig_mod
-    return model
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``), ``torch.nn.DataParallel`` or
+    ``DistributedDataParallel`` runs, which is what tokenprune patches; any other object as it is. (Matched by
+    name: importing ``torch._dynamo`` to check the type costs seconds.) DataParallel's per-device copies of the
+    module keep its patched class and patch, and compute with their own weights."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
+            model = model._orig_mod
+        elif _wrapper_kind(model) is not None:
+            model = model.module
+        else:
+            return model
+
+
+def check_wrapper_for_apply(model) -> None:
+    """DDP / FSDP collect the model's parameters when they wrap it (and a reducer with learned parameters adds
+    some at apply): tokenprune is applied to the model before it is wrapped."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
+            model = model._orig_mod
+            continue
+        kind = _wrapper_kind(model)
+        if kind == "distributed":
+            name = type(model).__name__
+            raise TypeError(
+                f"tokenprune: apply tokenprune to the model before wrapping it in {name} "
+                f"(tokenprune.apply(model, ...); model = {name}(model, ...)), not to the wrapper or its "
+                f"model.module: {name} registers the model's parameters when it wraps it, and a reducer with learned "
+                "parameters (threshold) adds some. tokenprune.remove, plan and features take the wrapper")
+        if kind is None:
+            return
+        model = model.module
 
 
 def get_patch(model) -> Patch | None:

@@ -10,6 +10,7 @@ _ADAPTERS = [
     ("tokenprune.adapters.timm_vit", "TimmViTAdapter"),
     ("tokenprune.adapters.timm_eva", "TimmEvaAdapter"),
     ("tokenprune.adapters.timm_naflex", "TimmNaFlexAdapter"),
+    ("tokenprune.adapters.timm_features", "TimmFeaturesRefused"),  # features_only=True: a clear refusal
     ("tokenprune.adapters.open_clip_vit", "OpenClipViTAdapter"),
     ("tokenprune.adapters.llava", "LlavaAdapter"),  # VLMs before the HF encoder adapters
     ("tokenprune.vlm.qwen", "QwenVLAdapter"),

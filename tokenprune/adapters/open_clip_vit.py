@@ -158,9 +158,10 @@ class OpenClipViTAdapter(Adapter):
     def matches(cls, model) -> bool:
         return has_class(model, "open_clip.", "CLIP", "CustomTextCLIP", "VisionTransformer", "CoCa", "TimmModel")
 
-    def __new__(cls, model):
-        """A tower that is a timm trunk gets the timm adapter of its trunk (``__init__`` below is then not run)."""
-        trunk = _timm_trunk_adapter(model)
+    def __new__(cls, model=None):
+        """A tower that is a timm trunk gets the timm adapter of its trunk (``__init__`` below is then not run).
+        No model: unpickling (``torch.load``, ``copy.deepcopy`` of a patched model), which then sets the state."""
+        trunk = _timm_trunk_adapter(model) if model is not None else None
         return trunk if trunk is not None else super().__new__(cls)
 
     def __init__(self, model):

@@ -9,9 +9,10 @@ images, and says so in a WARNING line on stderr. Progress lines go to stderr, re
 Timing: each model first runs once over all the images, untimed (the outputs compared, and the
 warm-up); then ``--warmup`` more untimed batches and ``--repeats`` timed forwards of one batch
 (``--batch-size`` images). Both models are timed the same way, warm; the median and the p10-p90
-spread are reported (``tokenprune.bench.time_fn``), with the FLOP bound ``1 / flop_ratio`` beside
-the speed-up and a note when the measured figure is above it.
+spread are reported, with the FLOP bound ``1 / flop_ratio`` beside the speed-up and a note when
+the measured figure is above it.
 """
+# (This docstring is the command's --help.) The timing is tokenprune.bench.time_fn's.
 from __future__ import annotations
 
 import argparse

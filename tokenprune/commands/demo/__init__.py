@@ -14,12 +14,10 @@ next to the tokenprune checkout), or the one in ``--model-dir``; without it the
 app runs a randomly initialised ViT and says so on the page and in a WARNING
 line on stderr. Analytics are off and the server binds to 127.0.0.1 unless
 ``--host`` says otherwise.
-
-Modules: ``choices`` (the models offered; no torch), ``inputs`` (upload checks), ``models`` (loading
-through the CLI's loader, the comparisons), ``render`` (HTML panels), ``app`` (the Gradio page; the
-only one importing Gradio).
-This module holds the command line only and imports nothing heavy.
 """
+# (This docstring is the command's --help.) Modules: ``choices`` (the models offered; no torch), ``inputs`` (upload
+# checks), ``models`` (loading through the CLI's loader, the comparisons), ``render`` (HTML panels), ``app`` (the
+# Gradio page; the only one importing Gradio). This module holds the command line only and imports nothing heavy.
 from __future__ import annotations
 
 import importlib.util
