@@ -11,7 +11,7 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead; ``long_siglip``: SigLIP alone, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``kernels_b`` (the GPU kernels of a
+eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``kernels_b`` (the GPU kernels of a
 compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager, ViT-B bs 1 reduce-overhead and
@@ -832,6 +832,8 @@ def main():
                  reps, args.smoke, host=True)
     if "long_siglip" in parts:  # the SigLIP half of long, reduce-overhead only
         run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.25, reps, args.smoke)
+    if "long_whisper" in parts:  # the Whisper half of long, reduce-overhead only
+        run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5, reps, args.smoke)
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)

@@ -126,12 +126,15 @@ class Pool(Reducer):
         cells = math.prod(out)
         idx = cell_index(grid, out, x.device).expand(b, n)
         sizes = state.sizes_or_ones()
-        s = sizes[:, p:].to(x.dtype)
-        den = torch.zeros(b, cells, dtype=s.dtype, device=x.device).scatter_add_(1, idx, s)
+        # sums in float32 (fp16 / bf16 atomics round every add, in whatever order the GPU runs them: two calls
+        # differed by 1.5e-3 on a fp16 ViT-B), one rounding to the token dtype at the end
+        wide = torch.promote_types(x.dtype, torch.float32)
+        s = sizes[:, p:].to(wide)
+        den = torch.zeros(b, cells, dtype=wide, device=x.device).scatter_add_(1, idx, s)
         if self.mode == "avg":
-            num = torch.zeros(b, cells, c, dtype=x.dtype, device=x.device).scatter_add_(
-                1, idx[..., None].expand(b, n, c), x[:, p:] * s[..., None])
-            pooled = num / den.clamp_min(1e-12)[..., None]
+            num = torch.zeros(b, cells, c, dtype=wide, device=x.device).scatter_add_(
+                1, idx[..., None].expand(b, n, c), x[:, p:].to(wide) * s[..., None])
+            pooled = (num / den.clamp_min(1e-12)[..., None]).to(x.dtype)
         else:
             *frames, h, w = grid
             t = math.prod(frames) if frames else 1
