@@ -239,3 +239,19 @@ def test_refusals():
             model(*_mixed())
     finally:
         tokenprune.remove(model)
+
+
+def test_apet_default_k_on_an_image_of_fewer_tokens():
+    """apet's basis (k=10 by default) bounds what a stage may keep, not the input: at budget 1.0 a batch mixing a
+    4 x 6 image with a 2 x 4 one (8 patches < k) runs and reduces nothing (the unpatched model's tokens)."""
+    model = make_tower()
+    pv, mask, ss = _mixed((2, 4))
+    with torch.no_grad():
+        ref = model(pv, mask, ss).last_hidden_state
+        tokenprune.apply(model, 1.0, "apet")
+        try:
+            got = model(pv, mask, ss).last_hidden_state
+        finally:
+            tokenprune.remove(model)
+    for i, n in enumerate([H * W, 8]):
+        torch.testing.assert_close(got[i, :n], ref[i, :n], rtol=1e-5, atol=1e-5)
