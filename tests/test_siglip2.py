@@ -255,3 +255,20 @@ def test_apet_default_k_on_an_image_of_fewer_tokens():
             tokenprune.remove(model)
     for i, n in enumerate([H * W, 8]):
         torch.testing.assert_close(got[i, :n], ref[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_apet_default_k_is_checked_per_input():
+    """SigLIP2's default grid (num_patches, the position table) is a placeholder: apply() with apet's default
+    basis (k=10) at budget 0.5 is not refused for it; the 4 x 6 image runs, and a batch with a 2 x 4 image (which
+    would have to keep 4 < k tokens) gets an error naming that input's size and what to do."""
+    model = make_tower()
+    pv, mask, ss = _mixed((2, 4))
+    tokenprune.apply(model, 0.5, "apet")
+    try:
+        with torch.no_grad():
+            tokens, state = tokenprune.features(model, pv[:1], mask[:1], ss[:1])
+            assert tokens.shape[1] == H * W // 2
+            with pytest.raises(ValueError, match=r"input of 8 tokens.*k=10.*use k <= 4 or a larger budget"):
+                model(pv, mask, ss)
+    finally:
+        tokenprune.remove(model)

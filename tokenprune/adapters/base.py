@@ -104,6 +104,9 @@ class Adapter:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""  # what the adapter supports, for error messages
     mid_block: ClassVar[bool] = False  # its block function calls fwd.reduce_mid between attention and MLP
+    # the default input (info()) is only a placeholder: inputs bring their own sizes (NaFlex), so apply() does not
+    # refuse options for being too large for it; each input size is checked at its first forward
+    placeholder_input: bool = False
 
     def __init__(self, model):
         self.model = model

@@ -110,7 +110,8 @@ class Apet(Reducer):
         plan = super().plan(info, budget, overrides)
         small = [s for s in plan.stages if s.keep < self.k]
         if small:
-            self._too_few(info.num_tokens, small[0].keep, f"the stage after block {small[0].block}")
+            last = small[-1]  # the fewest: use k <= that
+            self._too_few(info.num_tokens, last.keep, f"the stage after block {last.block}")
         return plan
 
     def _too_few(self, n: int, keep: int, where: str):
