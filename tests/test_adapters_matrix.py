@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUDGETS = [0.5, 0.25]
 # options that make a method fit a 16..32-token toy encoder
-OPTIONS = {"apet": {"k": 2}, "pitome": {"placement": "block"}}  # placement="attn": timm/open_clip only (own tests)
+OPTIONS = {"apet": {"k": 2}}  # pitome's default placement: inside the blocks where the family can, else after them
 SKIP = {"pipeline"}  # a composition of the others, needs a list of reducers (tested by its own file)
 
 

@@ -241,3 +241,23 @@ def test_default_grid_is_a_placeholder_options_are_checked_per_input():
     assert not tokenprune.is_applied(model)
     with pytest.raises(ValueError, match=r"input of 16 tokens.*k=10"):
         tokenprune.plan(model, 0.5, "apet")  # planning the default input itself says why it does not fit
+
+
+def test_pitome_default_runs_on_a_batch_mixing_grids():
+    """pitome's default placement on NaFlexVit is after the block (inside it is not available for a batch mixing
+    grids, and an image must get what it gets alone): a mixed batch equals each image alone, with its own K_b."""
+    model = make()
+    batch = naflex(_images())
+    tokenprune.apply(model, 0.5, "pitome")
+    try:
+        assert not any(s.mid for s in tokenprune.plan(model).stages)
+        with torch.no_grad():
+            tokens, state = tokenprune.features(model, batch)
+            alone = [tokenprune.features(model, naflex([im]))[0] for im in _images()]
+        p = model.num_prefix_tokens
+        for i, n in enumerate([24, 12]):
+            k = keep_count(0.5, n)
+            assert alone[i].shape[1] == p + k
+            torch.testing.assert_close(tokens[i, :p + k], alone[i][0], rtol=1e-4, atol=1e-4)
+    finally:
+        tokenprune.remove(model)

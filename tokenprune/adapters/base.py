@@ -118,6 +118,12 @@ class Adapter:
     def info(self) -> EncoderInfo:
         raise NotImplementedError
 
+    @property
+    def inside_blocks(self) -> bool:
+        """Whether stages may run inside the blocks on every input the model takes (``EncoderInfo.inside_blocks``:
+        where a reducer's placement "auto" puts them): ``mid_block`` unless the adapter says otherwise."""
+        return self.mid_block
+
     def grid_for(self, num_tokens: int):
         info = self.info()
         return info.grid if info.grid is not None and num_tokens == info.num_tokens else None
