@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUDGETS = [0.5, 0.25]
 # options that make a method fit a 16..32-token toy encoder
-OPTIONS = {"apet": {"k": 2}, "pitome": {"placement": "block"}}  # placement="attn": timm/open_clip only (own tests)
+OPTIONS = {"apet": {"k": 2}}  # pitome's default placement: inside the blocks where the family can, else after them
 SKIP = {"pipeline"}  # a composition of the others, needs a list of reducers (tested by its own file)
 
 
@@ -612,3 +612,22 @@ def test_open_clip_plan_for_an_input_shape(family):
     fam = FAMILIES[family]()
     plan = tokenprune.plan(fam["model"], 0.5, "pool", input_shape=tuple(fam["x"].shape))
     assert plan.info.grid == (4, 4) and plan.num_out == keep_count(0.5, 16)
+
+
+@pytest.mark.parametrize("family", ["hf_clip", "siglip"])
+def test_hf_clip_siglip_plan_for_an_input_shape(family):
+    """``plan(model, input_shape=...)`` on HF CLIP / SigLIP towers: the grid of another image size, which a forward
+    with ``interpolate_pos_encoding=True`` runs (its plan, its token count)."""
+    fam = FAMILIES[family]()
+    model, shape = fam["model"], (2, 3, 48, 64)  # 8 px patches: a 6 x 8 grid
+    plan = tokenprune.plan(model, 0.5, "pool", input_shape=shape)
+    assert plan.info.grid == (6, 8) and plan.num_out == 24
+    tokenprune.apply(model, 0.25, "cls")
+    try:
+        planned = tokenprune.plan(model, input_shape=shape)
+        assert planned.info.num_tokens == 48 and planned.num_out == keep_count(0.25, 48)
+        with torch.no_grad():
+            out = model(torch.randn(shape), interpolate_pos_encoding=True).last_hidden_state
+        assert out.shape[1] == fam["prefix"] + planned.num_out
+    finally:
+        tokenprune.remove(model)

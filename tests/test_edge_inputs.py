@@ -245,3 +245,15 @@ def test_pruning_after_merging_is_not_padded(method):
     with torch.no_grad():
         tokens, state = tokenprune.features(model, torch.randn(2, 3, 32, 32))
     assert tokens.shape[1] == 1 + 32 and not state.padded and bool((state.sizes > 0).all())
+
+
+def test_apet_budget_one_on_an_input_of_fewer_tokens_than_its_basis():
+    """A ViT taking any image size (dynamic_img_size): apet with its default basis (k=10) at budget 1.0 reduces
+    nothing on a 1-patch or a 4-patch image (the unpatched output), and keeps working on the default size."""
+    model = tiny_vit(patch_size=8, dynamic_img_size=True)  # 32 x 32: 16 patches
+    with torch.no_grad():
+        xs = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)]
+        want = [model(x) for x in xs]
+        tokenprune.apply(model, budget=1.0, method="apet")
+        for x, w in zip(xs, want):
+            torch.testing.assert_close(model(x), w, rtol=1e-5, atol=1e-5)

@@ -215,3 +215,49 @@ def _compile_case(method):
 def fullgraph(request):
     """The selected cases of test_image_input_compiles_fullgraph, compiled with fullgraph=True in one trace."""
     return compile_cases(request, {"test_image_input_compiles_fullgraph": _compile_case})
+
+
+def test_default_grid_is_a_placeholder_options_are_checked_per_input():
+    """This NaFlexVit's default grid (4 x 4, its position table; no img_size given) is a placeholder: apply() does
+    not refuse apet's default basis (k=10) at budget 0.5 because 16 tokens would be too few; each input is checked
+    at its forward, with an error naming its size. Options wrong for every input are still refused at apply()."""
+    model = make()
+    tokenprune.apply(model, 0.5, "apet")
+    try:
+        with torch.no_grad():
+            img = torch.randn(2, 3, 32, 40)  # 8 x 10 patches
+            tokens, _ = tokenprune.features(model, img)
+            assert tokens.shape[1] - model.num_prefix_tokens == keep_count(0.5, 80)
+            tokens, _ = tokenprune.features(model, naflex(_images()[:1]))  # a NaFlex dict: 4 x 6 patches
+            assert tokens.shape[1] - model.num_prefix_tokens == 12
+            with pytest.raises(ValueError, match=r"input of 12 tokens.*k=10.*use k <= \d+ or a larger budget"):
+                model(naflex(_images()[1:]))  # 3 x 4 patches
+    finally:
+        tokenprune.remove(model)
+    with pytest.raises(ValueError, match=r"outside the encoder's blocks"):
+        tokenprune.apply(model, 0.5, "apet", layers=[9])
+    with pytest.raises(ValueError, match="k \\(basis tokens\\) must be a positive integer"):
+        tokenprune.apply(model, 0.5, "apet", k=0)
+    assert not tokenprune.is_applied(model)
+    with pytest.raises(ValueError, match=r"input of 16 tokens.*k=10"):
+        tokenprune.plan(model, 0.5, "apet")  # planning the default input itself says why it does not fit
+
+
+def test_pitome_default_runs_on_a_batch_mixing_grids():
+    """pitome's default placement on NaFlexVit is after the block (inside it is not available for a batch mixing
+    grids, and an image must get what it gets alone): a mixed batch equals each image alone, with its own K_b."""
+    model = make()
+    batch = naflex(_images())
+    tokenprune.apply(model, 0.5, "pitome")
+    try:
+        assert not any(s.mid for s in tokenprune.plan(model).stages)
+        with torch.no_grad():
+            tokens, state = tokenprune.features(model, batch)
+            alone = [tokenprune.features(model, naflex([im]))[0] for im in _images()]
+        p = model.num_prefix_tokens
+        for i, n in enumerate([24, 12]):
+            k = keep_count(0.5, n)
+            assert alone[i].shape[1] == p + k
+            torch.testing.assert_close(tokens[i, :p + k], alone[i][0], rtol=1e-4, atol=1e-4)
+    finally:
+        tokenprune.remove(model)

@@ -4,6 +4,7 @@ import torch
 
 import tokenprune
 from conftest import tiny_vit
+from tokenprune.plan import keep_count
 from tokenprune.reducers.pitome import energy, protected_merge
 from tokenprune.state import TokenState
 
@@ -258,3 +259,30 @@ def test_model_through_the_kernels_equals_pytorch_path(T, monkeypatch, candidate
         _use_interpreted(monkeypatch, T)
         out, state = tokenprune.features(model, x)
     assert torch.equal(state.source, ref_state.source) and rel(out, ref) < 1e-5
+
+
+def test_default_placement_is_inside_the_blocks_where_the_model_can_else_after_them():
+    """pitome's default (placement='auto'): ToMe's place (between attention and MLP) on timm ViT, after the block on a
+    Hugging Face family, whose layers cannot reduce inside; the plan's summary says which. An explicit
+    placement='attn' there is still refused with the way out."""
+    torch.set_num_threads(1)
+    from test_adapters_matrix import make_hf_clip
+
+    fam = make_hf_clip()
+    hf, x = fam["model"], fam["x"]
+    tokenprune.apply(hf, budget=0.25, method="pitome")
+    try:
+        plan = tokenprune.plan(hf)
+        assert plan.stages and not any(s.mid for s in plan.stages) and "inside" not in plan.summary()
+        with torch.no_grad():
+            assert hf(x).last_hidden_state.shape[1] == 1 + keep_count(0.25, fam["n"])
+    finally:
+        tokenprune.remove(hf)
+    with pytest.raises(ValueError, match="use placement='block'"):
+        tokenprune.apply(hf, budget=0.25, method="pitome", placement="attn")
+    vit = tiny_vit()
+    tokenprune.apply(vit, budget=0.25, method="pitome")
+    plan = tokenprune.plan(vit)
+    assert all(s.mid for s in plan.stages) and "inside block" in plan.summary()
+    tokenprune.apply(vit, budget=0.25, method="pitome", placement="block")
+    assert not any(s.mid for s in tokenprune.plan(vit).stages)

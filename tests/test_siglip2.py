@@ -239,3 +239,36 @@ def test_refusals():
             model(*_mixed())
     finally:
         tokenprune.remove(model)
+
+
+def test_apet_default_k_on_an_image_of_fewer_tokens():
+    """apet's basis (k=10 by default) bounds what a stage may keep, not the input: at budget 1.0 a batch mixing a
+    4 x 6 image with a 2 x 4 one (8 patches < k) runs and reduces nothing (the unpatched model's tokens)."""
+    model = make_tower()
+    pv, mask, ss = _mixed((2, 4))
+    with torch.no_grad():
+        ref = model(pv, mask, ss).last_hidden_state
+        tokenprune.apply(model, 1.0, "apet")
+        try:
+            got = model(pv, mask, ss).last_hidden_state
+        finally:
+            tokenprune.remove(model)
+    for i, n in enumerate([H * W, 8]):
+        torch.testing.assert_close(got[i, :n], ref[i, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_apet_default_k_is_checked_per_input():
+    """SigLIP2's default grid (num_patches, the position table) is a placeholder: apply() with apet's default
+    basis (k=10) at budget 0.5 is not refused for it; the 4 x 6 image runs, and a batch with a 2 x 4 image (which
+    would have to keep 4 < k tokens) gets an error naming that input's size and what to do."""
+    model = make_tower()
+    pv, mask, ss = _mixed((2, 4))
+    tokenprune.apply(model, 0.5, "apet")
+    try:
+        with torch.no_grad():
+            tokens, state = tokenprune.features(model, pv[:1], mask[:1], ss[:1])
+            assert tokens.shape[1] == H * W // 2
+            with pytest.raises(ValueError, match=r"input of 8 tokens.*k=10.*use k <= 4 or a larger budget"):
+                model(pv, mask, ss)
+    finally:
+        tokenprune.remove(model)

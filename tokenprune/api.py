@@ -37,8 +37,25 @@ def _make_patch(model, budget, method, schedule, track_source, options) -> Patch
     adapter.check(reducer)
     patch = Patch(model, adapter, reducer, float(budget), schedule, track_source)
     patch.method, patch.options = method, dict(options)  # as given: plan(model, budget=...) plans them again
-    patch.plan_for()  # validate budget and options now, not at the first forward
+    try:
+        patch.plan_for()  # validate budget and options now, not at the first forward
+    except ValueError:
+        # a default input that is only a placeholder (NaFlex): what fails for its size alone is checked per input
+        # at the forward (the error names the input's size); what fails on a larger input too is refused now
+        if not adapter.placeholder_input or not _plans_larger_input(patch):
+            raise
     return patch
+
+
+def _plans_larger_input(patch) -> bool:
+    """Whether the patch plans an input of 8 times the default's sides (64 times its tokens without a grid)."""
+    info = patch.info
+    grid = None if info.grid is None else tuple(8 * g for g in info.grid)
+    try:
+        patch.plan_for(math.prod(grid) if grid else 64 * info.num_tokens, grid)
+    except ValueError:
+        return False
+    return True
 
 
 def apply(model, budget: float | None = None, method: str | None = None, *,

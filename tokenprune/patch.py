@@ -5,6 +5,7 @@ add-on such as LLaVA's cross-attention) reads it with :func:`get_patch` from her
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 from .engine import Program
@@ -24,7 +25,7 @@ class Patch:
         self.budget = budget
         self.schedule = dict(schedule) if schedule else None
         self.track_source = track_source
-        self.info = adapter.info()
+        self.info = replace(adapter.info(), inside_blocks=adapter.inside_blocks)
         self.num_prefix = self.info.num_prefix
         self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
 

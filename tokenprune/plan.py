@@ -16,6 +16,7 @@ those blocks. The schedule is a :class:`Plan`; it is inspectable
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -35,10 +36,12 @@ class EncoderInfo:
     grid: tuple[int, ...] | None = None  # patch grid of the N tokens, if they form one
     has_cls: bool = True  # whether token 0 is a class token whose attention is meaningful
     family: str = ""
+    # the model reduces inside its blocks (between attention and MLP) on every input it takes: where a reducer's
+    # placement "auto" (pitome's default) puts its stages; else after the blocks
+    inside_blocks: bool = False
 
     def with_tokens(self, num_tokens: int, grid: tuple[int, ...] | None) -> "EncoderInfo":
-        return EncoderInfo(self.depth, self.dim, self.num_heads, self.num_prefix, num_tokens,
-                           self.mlp_hidden, grid, self.has_cls, self.family)
+        return dataclasses.replace(self, num_tokens=num_tokens, grid=grid)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class Adapter:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""  # what the adapter supports, for error messages
     mid_block: ClassVar[bool] = False  # its block function calls fwd.reduce_mid between attention and MLP
+    # the default input (info()) is only a placeholder: inputs bring their own sizes (NaFlex), so apply() does not
+    # refuse options for being too large for it; each input size is checked at its first forward
+    placeholder_input: bool = False
 
     def __init__(self, model):
         self.model = model
@@ -114,6 +117,12 @@ class Adapter:
 
     def info(self) -> EncoderInfo:
         raise NotImplementedError
+
+    @property
+    def inside_blocks(self) -> bool:
+        """Whether stages may run inside the blocks on every input the model takes (``EncoderInfo.inside_blocks``:
+        where a reducer's placement "auto" puts them): ``mid_block`` unless the adapter says otherwise."""
+        return self.mid_block
 
     def grid_for(self, num_tokens: int):
         info = self.info()

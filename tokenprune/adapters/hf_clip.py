@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from ..state import log_sizes
-from .base import Adapter, attach, detach, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, image_grid, restore_class, swap_class
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
@@ -146,6 +146,11 @@ class HFClipAdapter(Adapter):
     def grid_for(self, num_tokens: int):
         grid = self.info().grid
         return grid if math.prod(grid) == num_tokens else None
+
+    def input_grid(self, input_shape):
+        """The patch grid of ``pixel_values`` of ``input_shape`` (``(..., H, W)``; a size other than the config's
+        runs with ``interpolate_pos_encoding=True``, as in transformers)."""
+        return image_grid(input_shape, self.tower.config.patch_size)
 
     def check(self, reducer) -> None:
         self._routing.check()

@@ -103,6 +103,8 @@ class HFSiglip2Adapter(Adapter):
     def matches(cls, model) -> bool:
         return has_class(model, "transformers.", *cls._classes)
 
+    placeholder_input = True  # num_patches is the position table's size; every input brings its spatial_shapes
+
     def __init__(self, model):
         super().__init__(model)
         self.tower = model if has_class(model, "transformers.", "Siglip2VisionModel") else model.vision_model

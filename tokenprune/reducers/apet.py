@@ -35,7 +35,8 @@ need. The code below is the specification and the CPU path.
 Kept tokens stay in spatial order. Stages: by default after blocks depth/4,
 depth/2, 3 depth/4 with the same keep ratio at each (as ``cls``, so the two
 compare at equal FLOPs); ``layers=[j]`` gives one stage (the paper prunes once,
-after the vision encoder). Each stage must keep at least ``k`` tokens.
+after the vision encoder). Each stage must keep at least ``k`` tokens (checked per input size; an input of
+fewer than ``k`` tokens at a budget that keeps all of them is left as it is).
 """
 from __future__ import annotations
 
@@ -99,9 +100,8 @@ class Apet(Reducer):
             raise ValueError(f"k (basis tokens) must be a positive integer, got {self.k!r}")
         if not self.eps > 0:
             raise ValueError(f"eps (the ridge term of the Gram matrix) must be > 0, got {self.eps!r}")
-        if self.k > info.num_tokens:
-            raise ValueError(f"k={self.k} basis tokens is more than the {info.num_tokens} tokens of the input; "
-                             f"use k <= {info.num_tokens}")
+        # k against the input's size: per input, where a stage must keep fewer than k (plan / reduce); an input
+        # of fewer than k tokens at a budget that keeps all of them is left as it is
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         return ratio_schedule(self.name, info, keep, self.layers)
@@ -110,9 +110,14 @@ class Apet(Reducer):
         plan = super().plan(info, budget, overrides)
         small = [s for s in plan.stages if s.keep < self.k]
         if small:
-            raise ValueError(f"apet: the stage after block {small[0].block} keeps {small[0].keep} tokens, fewer than "
-                             f"the k={self.k} basis tokens it must keep; use k <= {small[0].keep} or a larger budget")
+            last = small[-1]  # the fewest: use k <= that
+            self._too_few(info.num_tokens, last.keep, f"the stage after block {last.block}")
         return plan
+
+    def _too_few(self, n: int, keep: int, where: str):
+        raise ValueError(f"apet: on an input of {n} tokens, {where} keeps {keep} tokens, fewer than the k={self.k} "
+                         f"basis tokens it must keep; use k <= {keep} or a larger budget (one that keeps every token "
+                         f"of this input, e.g. 1.0, leaves it as it is)")
 
     def reduce(self, state: TokenState, stage: Stage, qk) -> TokenState:
         x, p = state.x, state.num_prefix
@@ -120,6 +125,8 @@ class Apet(Reducer):
         n, keep = n_all - p, stage.keep
         if keep >= n:
             return state
+        if keep < self.k:  # planned stages never are (plan); a single selection (VLMs: select) is checked here
+            self._too_few(n, keep, "the selection")
         if kernels.use_triton(x) and kernels.apet_step_fits(b, n, self.k, x.dtype):
             # small GPU batches: the stage below on the Gram path (gram, apet_stage with the selection, apet_assign,
             # apet_merge) in four launches and no other op (batch 1 is bound by host time)

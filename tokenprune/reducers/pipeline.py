@@ -22,7 +22,7 @@ from. ``schedule=`` overrides are not supported: set each reducer's own options.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from torch import nn
 
@@ -124,8 +124,7 @@ class Pipeline(Reducer):
             last = i == len(self.subs) - 1
             target = keep if last else max(keep, math.floor(info.num_tokens * budget ** acc + 0.5))
             target = min(target, n)
-            sub_info = EncoderInfo(b - a, info.dim, info.num_heads, info.num_prefix, n, info.mlp_hidden,
-                                   grid, info.has_cls, info.family)
+            sub_info = replace(info, depth=b - a, num_tokens=n, grid=grid)
             sub_plan = sub.plan(sub_info, target / n)
             subplans.append((a, sub_plan))
             for s in sub_plan.stages:

@@ -20,8 +20,10 @@ token -- the low-energy, isolated, informative ones -- is protected and kept as 
 
 tokenprune's choices (ours, not the paper's exact settings): the margin falls linearly with depth,
 ``margin = margin_start * (1 - block / depth)`` (later blocks have more similar tokens, so a lower
-margin keeps the energies spread); the merge placement and schedule are ``merge``'s, with
-``placement="attn"`` (ToMe's: inside every block, between attention and MLP) as the default. Output
+margin keeps the energies spread); the merge placement and schedule are ``merge``'s; the default
+``placement="auto"`` is ToMe's (``"attn"``: inside every block, between attention and MLP) where the model's
+adapter can do it for every input (``EncoderInfo.inside_blocks``: timm ViT / Eva, open_clip, HF DINOv3), else
+``"block"`` (after the block; every other family, and timm NaFlexVit, whose batches may mix grids). Output
 order: prefix, protected tokens in spatial order, the candidates that were not merged (only with
 ``candidates > 2``; none when every token is a candidate) in spatial order, then the B tokens by energy
 rank. Padding slots (size 0) get the highest energy, so they are merged first.
@@ -86,21 +88,23 @@ class PiToMe(Reducer):
     margin: float = 0.9  # energy margin at block 0 (falls linearly to 0 at the last block)
     start: int = 0  # first block that merges
     layers: list[int] | None = None  # merge only in/after these blocks (default: every block from `start`)
-    placement: str = "attn"  # "attn": between attention and MLP (ToMe's); "block": after the block
+    # "attn": between attention and MLP (ToMe's); "block": after the block; "auto": "attn" where the model can (timm
+    # ViT / Eva, open_clip, HF DINOv3: EncoderInfo.inside_blocks), "block" elsewhere
+    placement: str = "auto"
     candidates: float = 2.0  # merge candidates per step, in units of r (2: PiToMe; larger: ToMe's best-r rule
     #                          among them; float("inf"): every token is a candidate, split by energy rank)
 
     def __post_init__(self):
-        if self.placement not in ("block", "attn"):
-            raise ValueError(f"pitome: placement must be 'attn' (between attention and MLP) or 'block' (after "
-                             f"it), got {self.placement!r}")
+        if self.placement not in ("auto", "block", "attn"):
+            raise ValueError(f"pitome: placement must be 'attn' (between attention and MLP), 'block' (after it) or "
+                             f"'auto' (the default: 'attn' where the model can, else 'block'), got {self.placement!r}")
         if not self.candidates >= 2.0:
             raise ValueError(f"pitome: candidates must be >= 2 (2 r tokens pair up to remove r), got {self.candidates!r}")
         if not -1.0 <= self.margin <= 1.0:
             raise ValueError(f"pitome: margin is a cosine similarity in [-1, 1], got {self.margin!r}")
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        mid = self.placement == "attn"
+        mid = self.placement == "attn" or (self.placement == "auto" and info.inside_blocks)
         if self.layers is not None:
             blocks = check_layers(self.layers, info.depth)
         else:
