@@ -80,3 +80,13 @@ def test_wer_evaluation_has_no_retained_column(assets, tmp_path, capsys):
             ref = next(u for u in res["rows"] if u["method"] is None)
             assert r["wer_delta"] == pytest.approx(r["wer"] - ref["wer"])
             assert f"{100 * r['wer_delta']:+.2f} points" in cap.out
+
+
+def test_eval_non_square_model_input(tiny, tmp_path):  # noqa: F811
+    """A model built for a non-square input (img_size [h, w]) gets images resized to h x w, not h x h."""
+    args = _random_args(tiny, tmp_path, "--allow-random")
+    i = args.index("--model-args")
+    args[i + 1] = json.dumps({**TINY_ARGS, "img_size": [32, 16]})
+    assert main(args) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "eval_top1.json").read_text())["rows"]}
+    assert rows["unreduced"]["agreement"] == 1.0 and 0 < rows["merge@0.5"]["flop_ratio"] < 1

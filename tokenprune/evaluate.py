@@ -310,7 +310,7 @@ def run_batches(fn: Callable[[int], torch.Tensor], num_batches: int, dist_: Dist
 
 def image_forward(lm: LoadedModel, images, batch_size: int, device: str, dtype: torch.dtype, features: bool):
     """``fn(j)`` running batch ``j`` of ``images`` through the model (logits or pooled features)."""
-    size = lm.img_size[0] if lm.img_size else 224
+    size = lm.img_size or 224  # (height, width): a model may be built for a non-square input
     model = lm.model
 
     def fn(j):

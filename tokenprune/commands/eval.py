@@ -256,7 +256,7 @@ def _consumer_setup(args, lm, configs, data, device, dtype, say):
     imgs, labels = data["train_images"], torch.tensor(data["train_labels"])
     say(f"output tokens of {len(imgs)} train images (unreduced), then the readout")
     bs = args.batch_size
-    size = lm.img_size[0] if lm.img_size else 224
+    size = lm.img_size or 224  # (height, width): a model may be built for a non-square input
     toks = []
     with torch.no_grad():
         for j in range(math.ceil(len(imgs) / bs)):
