@@ -90,3 +90,19 @@ def test_eval_non_square_model_input(tiny, tmp_path):  # noqa: F811
     assert main(args) == 0
     rows = {r["config"]: r for r in json.loads((tmp_path / "eval_top1.json").read_text())["rows"]}
     assert rows["unreduced"]["agreement"] == 1.0 and 0 < rows["merge@0.5"]["flop_ratio"] < 1
+
+
+def test_bad_speedups_file_is_refused_before_evaluating(tiny, tmp_path, capsys):  # noqa: F811
+    """--speedups that is not a bench JSON fails at once, not after the whole evaluation (whose results
+    would then be lost: nothing written)."""
+    other = tmp_path / "not_bench.json"
+    other.write_text(json.dumps({"rows": [{"config": "unreduced", "top1": 0.5}]}))
+    capsys.readouterr()
+    assert main(_eval_args(tiny, tmp_path / "out", "--speedups", str(other), methods="merge", budgets="0.5")) == 2
+    cap = capsys.readouterr()
+    assert "holds no speed-up rows" in cap.err and "unreduced" not in cap.out, cap.out
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(_eval_args(tiny, tmp_path / "out", "--speedups", str(broken), methods="merge", budgets="0.5")) == 2
+    cap = capsys.readouterr()
+    assert len(cap.err.strip().splitlines()) == 1 and "unreduced" not in cap.out, cap.err

@@ -478,7 +478,10 @@ def attach_speedups(rows: list[dict], bench_json) -> int:
     path = Path(bench_json)
     if not path.exists():
         raise FileNotFoundError(f"--speedups file {path} does not exist")
-    bench_rows = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("speedup")]
+    try:
+        bench_rows = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("speedup")]
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"--speedups {path} is not a results JSON (give the .json `tokenprune bench` wrote)") from None
     if not bench_rows:
         raise ValueError(f"--speedups {path} holds no speed-up rows (is it a tokenprune bench JSON?)")
     big = max(r["batch_size"] for r in bench_rows)

@@ -95,6 +95,8 @@ def run(args):
     check_path(args.train_data, "--train-data")
     check_path(args.speedups, "--speedups")
     check_path(args.reuse, "--reuse")
+    if args.speedups:  # a file that is no bench JSON: refused now, not after the whole evaluation
+        ev.attach_speedups([], args.speedups)
     budgets = ev.parse_list(args.budgets, float)
     methods = ev.parse_list(args.methods)
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
