@@ -291,3 +291,35 @@ def test_eval_reuse_runs_only_new_configurations(tiny, tmp_path, capsys):
     # a results file of another task/data cannot be reused
     bad = _eval_args(tiny, second, "--reuse", str(first / "eval_top1.json"), "--limit", "9")
     assert main(bad) == 2
+
+
+def test_eval_reuse_refuses_other_samples(tiny, tmp_path, capsys):
+    """--reuse compares the samples, not only their number: another --seed (other images drawn by --limit) or
+    another --data folder of as many images would compare reused rows and the reused unreduced predictions
+    with other images (agreement against the wrong samples); refused, one line."""
+    first = tmp_path / "a"
+    assert main(_eval_args(tiny, first, "--limit", "6", methods="merge", budgets="0.5")) == 0
+    prev = str(first / "eval_top1.json")
+    capsys.readouterr()
+    assert main(_eval_args(tiny, tmp_path / "b", "--limit", "6", "--seed", "5", "--reuse", prev,
+                           methods="cls", budgets="0.5")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be combined" in err and "seed" in err, err
+    other = tmp_path / "other_data"
+    import shutil
+
+    shutil.copytree(tiny["data"], other)
+    args = _eval_args(tiny, tmp_path / "c", "--limit", "6", "--reuse", prev, methods="cls", budgets="0.5")
+    args[args.index("--data") + 1] = str(other)
+    assert main(args) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+    # the same samples again: reused
+    assert main(_eval_args(tiny, tmp_path / "d", "--limit", "6", "--reuse", prev, methods="cls", budgets="0.5")) == 0
+    assert "reusing 3 configuration(s)" in capsys.readouterr().out
+    # a file of an older tokenprune (no record of its samples) is still reused, with a warning
+    old = json.loads(Path(prev).read_text())
+    del old["samples"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(_eval_args(tiny, tmp_path / "e", "--limit", "6", "--reuse", str(tmp_path / "old.json"),
+                           methods="cls", budgets="0.5")) == 0
+    assert "does not record which samples" in capsys.readouterr().err

@@ -508,7 +508,8 @@ def reference_to_json(ref: dict) -> dict:
     return out
 
 
-def load_reusable(path, task: str, model: str, num_samples: int, dtype: str) -> tuple[dict[str, dict], dict | None]:
+def load_reusable(path, task: str, model: str, num_samples: int, dtype: str,
+                  samples: dict | None = None) -> tuple[dict[str, dict], dict | None]:
     """Rows of an earlier run (``--reuse``) by configuration name, and its unreduced predictions
     (``None`` if that run did not store them: the unreduced model then runs again)."""
     path = Path(path)
@@ -516,9 +517,16 @@ def load_reusable(path, task: str, model: str, num_samples: int, dtype: str) -> 
         raise FileNotFoundError(f"--reuse file {path} does not exist")
     prev = json.loads(path.read_text())
     want = {"task": task, "model": model, "num_samples": num_samples, "dtype": dtype}
+    if samples is not None and "samples" in prev:  # which samples (data path, seed, train set): the same
+        # number is not enough. A file of an older tokenprune does not record them (the command warns)
+        want["samples"] = samples
     got = {k: prev.get(k) for k in want}
     if got != want:
-        raise ValueError(f"--reuse {path} was made with {got}, this run is {want}; they cannot be combined")
+        flat_got = {**{k: v for k, v in got.items() if k != "samples"}, **(got.get("samples") or {})}
+        flat_want = {**{k: v for k, v in want.items() if k != "samples"}, **(want.get("samples") or {})}
+        diff = [k for k in flat_want if flat_got.get(k) != flat_want[k]]
+        raise ValueError(f"--reuse {path} was made with {', '.join(f'{k}={flat_got.get(k)!r}' for k in diff)}, "
+                         f"this run has {', '.join(f'{k}={flat_want[k]!r}' for k in diff)}; they cannot be combined")
     ref = prev.get("reference")
     if ref and ref.get("pred") is not None:
         ref = {"metric": ref["metric"], "pred": torch.tensor(ref["pred"])}

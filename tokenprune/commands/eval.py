@@ -69,8 +69,8 @@ def add_arguments(p):
                    help="a `tokenprune bench` JSON of the same model: also plot accuracy retained against its "
                         "measured speed-ups (<name>_speedup.png) (default: none)")
     p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
-                   help="results JSON of an earlier run (same model, task, data, dtype): its configurations are "
-                        "kept, not run again; the output holds both (default: none)")
+                   help="results JSON of an earlier run (same model, task, data, seed, dtype; checked): its "
+                        "configurations are kept, not run again; the output holds both (default: none)")
 
 
 def pick_task(task: str, lm) -> str:
@@ -178,8 +178,22 @@ def _run(args, configs, notes, dist_, device):
     for note in notes:
         log(f"note: {note}")
     reused, reference = {}, None
+    # which samples were evaluated (--reuse compares them): the data's path and, where --limit draws
+    # images at random, the seed; for kNN / consumer also the train set and the settings of the readout
+    samples = {"data": str(Path(folder if task == "wer" else path).resolve())}
+    if task != "wer":
+        samples["seed"] = args.seed
+    if task in ("knn", "consumer"):
+        samples.update(train_data=str(Path(tpath).resolve()), train_samples=len(data["train_images"]))
+        samples.update({"k": args.k} if task == "knn" else
+                       {"readout_epochs": args.readout_epochs, "after_encoder": args.after_encoder})
     if args.reuse:
-        reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype)
+        reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype, samples)
+        import json
+
+        if "samples" not in json.loads(Path(args.reuse).read_text()) and dist_.main:
+            warn(f"--reuse {args.reuse} does not record which samples it ran on (an older tokenprune): "
+                 "its rows are combined on trust that --data, --seed and the train set are the same")
     todo = [c for c in configs if c.name not in reused or (c.method is None and reference is None)]
     if reused:
         log(f"reusing {len(configs) - len(todo)} configuration(s) from {args.reuse}")
@@ -202,7 +216,8 @@ def _run(args, configs, notes, dist_, device):
         return 0
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
             "warnings": warnings, "random_weights": lm.random_weights,
-            "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
+            "data": args.data, "samples": samples,
+            "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
             "reference": ev.reference_to_json(reference)}
