@@ -323,3 +323,41 @@ def test_eval_reuse_refuses_other_samples(tiny, tmp_path, capsys):
     assert main(_eval_args(tiny, tmp_path / "e", "--limit", "6", "--reuse", str(tmp_path / "old.json"),
                            methods="cls", budgets="0.5")) == 0
     assert "does not record which samples" in capsys.readouterr().err
+
+
+def _hf_folder(root, kind):
+    """A tiny random Hugging Face video / speech encoder saved as a local folder."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "vivit":
+        model = tf.VivitModel(tf.VivitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=16, num_frames=4,
+                                             tubelet_size=[2, 4, 4]))
+    else:
+        model = tf.Wav2Vec2Model(tf.Wav2Vec2Config(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                   num_hidden_layers=2, conv_dim=(16, 16), conv_kernel=(10, 3),
+                                                   conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                                                   num_conv_pos_embedding_groups=4))
+    model.save_pretrained(root / kind)
+    return root / kind, model.eval()
+
+
+@pytest.mark.parametrize("kind", ["vivit", "wav2vec2"])
+def test_bench_and_plan_on_hf_video_and_speech_folders(kind, tmp_path, capsys):
+    """A ViViT or Wav2Vec2 folder is a video / speech model, not an image model: bench feeds it input of its
+    own kind (it crashed on an image-shaped input), plan's --input-size counts its tokens."""
+    pytest.importorskip("transformers")
+    path, model = _hf_folder(tmp_path, kind)
+    args = ["bench", "--model", str(path), "--methods", "merge", "--budgets", "0.5", "--batch-sizes", "1",
+            "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "out"), "--no-progress", "--threads", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = {r["config"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    plan = tokenprune.plan(model, budget=0.5, method="merge")
+    assert rows["merge@0.5"]["flop_ratio"] == pytest.approx(plan.flop_ratio)
+    assert rows["merge@0.5"]["tokens_out"] == plan.num_out
+    capsys.readouterr()
+    assert main(["plan", "--model", str(path), "--budget", "0.5", "--input-size", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens in=20 out=10" in out, out

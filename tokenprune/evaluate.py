@@ -147,7 +147,8 @@ def _load_hf(spec, model_args, announce=None, description: str = "") -> LoadedMo
     encoder = getattr(model, "vision_model", None) or getattr(model, "vision_tower", None) or model
     vcfg = getattr(cfg, "vision_config", cfg)
     size = getattr(vcfg, "image_size", None)
-    modality = {"audio-spectrogram-transformer": "audio", "videomae": "video"}.get(kind, "image")
+    modality = {"audio-spectrogram-transformer": "audio", "wav2vec2": "audio", "hubert": "audio",
+                "videomae": "video", "vivit": "video"}.get(kind, "image")
     processor = None
     try:
         processor = transformers.AutoProcessor.from_pretrained(spec)
