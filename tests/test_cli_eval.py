@@ -106,3 +106,20 @@ def test_bad_speedups_file_is_refused_before_evaluating(tiny, tmp_path, capsys):
     assert main(_eval_args(tiny, tmp_path / "out", "--speedups", str(broken), methods="merge", budgets="0.5")) == 2
     cap = capsys.readouterr()
     assert len(cap.err.strip().splitlines()) == 1 and "unreduced" not in cap.out, cap.err
+
+
+def test_eval_refuses_video_and_audio_encoders_with_one_line(tiny, tmp_path, capsys):  # noqa: F811
+    """eval measures image models (top-1, kNN, consumer) and Whisper (WER): a video or audio encoder is refused
+    before any data is read, in one line, not fed images (it failed on the missing train archive or the
+    image-shaped input)."""
+    pytest.importorskip("transformers")
+    from test_cli import _hf_folder
+
+    path, _ = _hf_folder(tmp_path, "vivit")
+    args = _eval_args(tiny, tmp_path / "out", "--train-data", str(tiny["data"]), methods="merge", budgets="0.5")
+    args[args.index("--model") + 1] = str(path)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tokenprune eval: error:") and "video" in err[-1] and "bench" in err[-1], err
+    assert not any(line.startswith("reading") for line in err), err

@@ -74,6 +74,10 @@ def add_arguments(p):
 
 
 def pick_task(task: str, lm) -> str:
+    if lm.modality in ("audio", "video"):  # every task reads images (or Whisper's speech)
+        raise UsageError(f"eval measures image models (top-1, kNN, consumer) and Whisper (WER); {lm.name} is a "
+                         f"{lm.modality} encoder, which it has no data or metric for: use tokenprune bench or plan "
+                         "for it, or tokenprune.apply() in your own evaluation")
     if task != "auto":
         if task == "wer" and lm.modality != "speech":
             raise ValueError(f"--task wer needs a speech model (Whisper); {lm.name} is {lm.modality}")
