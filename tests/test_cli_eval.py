@@ -123,3 +123,17 @@ def test_eval_refuses_video_and_audio_encoders_with_one_line(tiny, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tokenprune eval: error:") and "video" in err[-1] and "bench" in err[-1], err
     assert not any(line.startswith("reading") for line in err), err
+
+
+def test_missing_default_data_names_the_assets_folder(tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Without --data the default test data lives in the assets folder; when it is missing the one line says so
+    (where the folder came from, and --data / --assets), not '--data X does not exist' for a flag not given."""
+    monkeypatch.setenv("TOKENPRUNE_ASSETS", str(tmp_path / "no_assets"))
+    args = _eval_args(tiny, tmp_path / "out", methods="merge", budgets="0.5")
+    i = args.index("--data")
+    del args[i:i + 2]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "$TOKENPRUNE_ASSETS" in err and "--data" in err and "--assets" in err, err
+    assert "--data " + str(tmp_path) not in err, err

@@ -87,9 +87,16 @@ def pick_task(task: str, lm) -> str:
     return "top1" if lm.num_classes > 0 else "knn"
 
 
-def check_path(path, what):
+def check_path(path, what, given=True):
+    """``given``: the path came from ``what`` on the command line; else it is ``what``'s default in the assets
+    folder, and the message says where that folder came from."""
     if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        if given:
+            raise FileNotFoundError(f"{what} {path} does not exist")
+        from ..data import assets_dir, assets_source
+
+        raise UsageError(f"no {what} given, and its default {path} does not exist (assets folder {assets_dir()}, "
+                         f"from {assets_source()}); give {what} PATH, or --assets DIR")
 
 
 def run(args):
@@ -139,7 +146,7 @@ def _run(args, configs, notes, dist_, device):
         from ..data import load_speech_manifest
 
         folder = args.data or str(default_asset("speech-hifitts-6097"))
-        check_path(folder, "--data")
+        check_path(folder, "--data", given=args.data is not None)
         say(f"reading speech clips from {folder}")
         rows = load_speech_manifest(folder, limit)
         data = {"wavs": [str(w) for w, _ in rows], "texts": [t for _, t in rows]}
@@ -148,13 +155,13 @@ def _run(args, configs, notes, dist_, device):
         from ..data import load_image_folder
 
         path = args.data or str(default_asset("cifar10", "cifar10_jpeg_test.tar.gz"))
-        check_path(path, "--data")
+        check_path(path, "--data", given=args.data is not None)
         say(f"reading {'all' if limit is None else limit} test images from {path}")
         data["images"], data["labels"], classes = load_image_folder(path, limit=limit, seed=args.seed)
         n = len(data["images"])
         if task in ("knn", "consumer"):
             tpath = args.train_data or str(default_asset("cifar10", "cifar10_jpeg_train.tar.gz"))
-            check_path(tpath, "--train-data")
+            check_path(tpath, "--train-data", given=args.train_data is not None)
             say(f"reading the {'kNN bank' if task == 'knn' else 'readout training set'} from {tpath}")
             data["train_images"], data["train_labels"], tclasses = load_image_folder(
                 tpath, limit=args.train_limit or None, seed=args.seed)
