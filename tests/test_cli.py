@@ -361,3 +361,25 @@ def test_bench_and_plan_on_hf_video_and_speech_folders(kind, tmp_path, capsys):
     assert main(["plan", "--model", str(path), "--budget", "0.5", "--input-size", "20"]) == 0
     out = capsys.readouterr().out
     assert "tokens in=20 out=10" in out, out
+
+
+def test_eval_speedups_of_another_model_are_not_attached(tiny, tmp_path, capsys):
+    """A bench JSON whose configurations have other FLOP ratios than this evaluation's was timed on another
+    model or input: its speed-ups are not attached to those rows (they would be plotted as this model's), and a
+    warning says so. Rows whose FLOP ratios agree get theirs."""
+    assert main(_eval_args(tiny, tmp_path / "first", methods="merge", budgets="0.5")) == 0
+    ratio = {r["config"]: r["flop_ratio"]
+             for r in json.loads((tmp_path / "first" / "eval_top1.json").read_text())["rows"]}
+    bench = {"rows": [{"config": "unreduced", "batch_size": 8, "speedup": 1.0, "flop_ratio": 1.0},
+                      {"config": "merge@0.5", "batch_size": 8, "speedup": 1.5, "flop_ratio": ratio["merge@0.5"]},
+                      {"config": "random@0.5", "batch_size": 8, "speedup": 1.3,
+                       "flop_ratio": ratio["random@0.5"] * 0.8}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    capsys.readouterr()
+    args = _eval_args(tiny, tmp_path, "--speedups", str(tmp_path / "bench.json"), methods="merge", budgets="0.5")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    rows = {r["config"]: r for r in json.loads((tmp_path / "eval_top1.json").read_text())["rows"]}
+    assert rows["merge@0.5"]["speedup"] == 1.5
+    assert "speedup" not in rows["random@0.5"]
+    assert "random@0.5" in err and "FLOP ratio" in err, err

@@ -473,9 +473,11 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> dic
     return paths
 
 
-def attach_speedups(rows: list[dict], bench_json) -> int:
+def attach_speedups(rows: list[dict], bench_json, mismatched: list | None = None) -> int:
     """Add ``speedup`` (measured by ``tokenprune bench``, at its largest batch) to the rows of the
-    same configurations; returns how many rows got one."""
+    same configurations; returns how many rows got one. A configuration whose FLOP ratio in the bench
+    file differs from the row's was timed on another model or input: it gets none, and its name is
+    appended to ``mismatched``."""
     path = Path(bench_json)
     if not path.exists():
         raise FileNotFoundError(f"--speedups file {path} does not exist")
@@ -487,8 +489,14 @@ def attach_speedups(rows: list[dict], bench_json) -> int:
         raise ValueError(f"--speedups {path} holds no speed-up rows (is it a tokenprune bench JSON?)")
     big = max(r["batch_size"] for r in bench_rows)
     speed = {r["config"]: r["speedup"] for r in bench_rows if r["batch_size"] == big}
+    ratio = {r["config"]: r.get("flop_ratio") for r in bench_rows if r["batch_size"] == big}
     n = 0
     for r in rows:
+        theirs, ours = ratio.get(r["config"]), r.get("flop_ratio")
+        if theirs is not None and ours is not None and not math.isclose(theirs, ours, rel_tol=1e-6):
+            if mismatched is not None:
+                mismatched.append(r["config"])
+            continue
         if r["config"] in speed:
             r["speedup"] = speed[r["config"]]
             r["speedup_batch"] = big

@@ -238,8 +238,12 @@ def _run(args, configs, notes, dist_, device):
         prev = json.loads(Path(args.reuse).read_text())
         meta["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
     if args.speedups:
-        matched = ev.attach_speedups(rows, args.speedups)
+        mismatched = []
+        matched = ev.attach_speedups(rows, args.speedups, mismatched)
         log(f"speed-ups from {args.speedups} for {matched} configuration(s)")
+        if mismatched:
+            warn(f"--speedups {args.speedups} has other FLOP ratios for {', '.join(mismatched)} (timed on another "
+                 "model or input size); their speed-ups are left out")
         meta["speedups"] = args.speedups
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
