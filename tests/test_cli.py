@@ -383,3 +383,22 @@ def test_eval_speedups_of_another_model_are_not_attached(tiny, tmp_path, capsys)
     assert rows["merge@0.5"]["speedup"] == 1.5
     assert "speedup" not in rows["random@0.5"]
     assert "random@0.5" in err and "FLOP ratio" in err, err
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_unusable_out_folder_is_refused_before_running(command, tiny, tmp_path, capsys):
+    """--out that is a file (or cannot be created) is refused in one line before anything runs, not after the
+    whole timing / evaluation (whose results were then lost)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    if command == "eval":
+        args = _eval_args(tiny, blocker, methods="merge", budgets="0.5")
+    else:
+        args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps(TINY_ARGS), "--methods",
+                "merge", "--budgets", "0.5", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--out",
+                str(blocker), "--no-progress", "--threads", "1"]
+    capsys.readouterr()
+    assert main(args) == 2
+    cap = capsys.readouterr()
+    assert "unreduced" not in cap.out, cap.out
+    assert len(cap.err.strip().splitlines()) == 1 and "--out" in cap.err, cap.err

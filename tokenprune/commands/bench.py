@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import check_device, info, warn, nonnegative_int, positive_int, set_threads, torch_dtype
+from ._common import (check_device, info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype,
+                      warn)
 from .eval import add_model_arguments
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -72,6 +73,7 @@ def run(args):
         raise ValueError("--cuda-graph and --compile are alternatives (--compile reduce-overhead captures CUDA graphs "
                          "itself); give one of them")
     device = torch.device(check_device(args.device))
+    make_out_dir(args.out)
     set_threads(args.threads)
     sizes = ev.parse_list(args.batch_sizes or ("1,256" if cuda else "1,8"), int)
     if not sizes or min(sizes) < 1:

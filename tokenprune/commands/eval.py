@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ._common import (BUDGET_HELP, DTYPE_NAMES, UsageError, add_model_source_arguments, check_device, device_arg,
-                      info, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
+                      info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
 
 DEFAULT_MODEL = ("vit-s14-cifar10",)
 
@@ -112,6 +112,7 @@ def run(args):
     methods = ev.parse_list(args.methods)
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
     check_device(args.device)
+    make_out_dir(args.out)
     set_threads(args.threads)
     dist_, device = ev.setup_distributed(args.device)
     try:
