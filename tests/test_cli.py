@@ -402,3 +402,24 @@ def test_unusable_out_folder_is_refused_before_running(command, tiny, tmp_path, 
     cap = capsys.readouterr()
     assert "unreduced" not in cap.out, cap.out
     assert len(cap.err.strip().splitlines()) == 1 and "--out" in cap.err, cap.err
+
+
+def test_bench_drift_note_on_cpu_does_not_blame_a_gpu(tmp_path, monkeypatch):
+    """The note on the unreduced model's drift over the run names the device it ran on (here the CPU), and a
+    speed-up at the end reads as faster, not '-20% longer'."""
+    from tokenprune import bench as B
+
+    times = iter([10.0, 5.0, 8.0, 4.0])  # unreduced, merge, then the unreduced at the end: 20% faster
+
+    def fake_time_fn(fn, device, warmup, repeats):  # the timer, not what is tested: the note's wording
+        fn()
+        return B.Timing(next(times), 1.0, 1.0, repeats)
+
+    monkeypatch.setattr(B, "time_fn", fake_time_fn)
+    args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps(TINY_ARGS), "--methods",
+            "merge", "--budgets", "0.5", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--out",
+            str(tmp_path), "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    notes = [n for n in json.loads((tmp_path / "bench.json").read_text())["notes"] if "at the end" in n]
+    assert len(notes) == 1 and "GPU" not in notes[0] and "cpu" in notes[0], notes
+    assert "faster" in notes[0] and "-20" not in notes[0], notes

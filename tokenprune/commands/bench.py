@@ -176,8 +176,10 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
              if ref and len(configs) > 1 else {})
     for bs, d in drift.items():
         if abs(d["drift_pct"]) > 2:
-            notes.append(f"the unreduced model at batch {bs} took {d['drift_pct']:+.1f}% longer at the end of the run "
-                         "than at the start: the GPU's clocks moved, so ratios carry about that much noise")
+            how = f"{d['drift_pct']:.1f}% longer" if d["drift_pct"] > 0 else f"{-d['drift_pct']:.1f}% less time"
+            notes.append(f"the unreduced model at batch {bs} took {how} at the end of the run than at the start "
+                         f"(it ran {'slower' if d['drift_pct'] > 0 else 'faster'}): the speed of {device} moved "
+                         "(clocks, heat, other work), so ratios carry about that much noise")
 
     _print_table(rows)
     for bs, d in drift.items():
