@@ -64,6 +64,7 @@ def test_eval_end_to_end_writes_json_csv_png(tiny, tmp_path):
     assert res["task"] == "top1" and res["num_samples"] == 18
     ref = rows["unreduced"]
     assert ref["flop_ratio"] == 1.0 and ref["agreement"] == 1.0
+    assert ref["tokens_out"] == 64 and rows["merge@0.5"]["tokens_out"] == 32  # as bench counts them (prefix not)
     # the loaded checkpoint is the saved model: same predictions as running it directly
     x = tokenprune.data.to_tensor(tokenprune.data.load_image_folder(tiny["data"])[0], 32)
     labels = torch.tensor(tokenprune.data.load_image_folder(tiny["data"])[1])

@@ -348,8 +348,12 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
 def plan_info(model) -> dict:
     try:
         p = api.plan(model)
-    except ValueError:  # unreduced
-        return {"flop_ratio": 1.0, "tokens_out": None}
+    except ValueError:  # unreduced: every token leaves the encoder (as bench reports it)
+        try:
+            tokens = api.plan(model, budget=1.0, method="random").info.num_tokens
+        except (ValueError, TypeError, NotImplementedError):  # a model tokenprune cannot reduce
+            tokens = None
+        return {"flop_ratio": 1.0, "tokens_out": tokens}
     return {"flop_ratio": p.flop_ratio, "tokens_out": p.num_out}
 
 
