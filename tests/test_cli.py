@@ -64,6 +64,7 @@ def test_eval_end_to_end_writes_json_csv_png(tiny, tmp_path):
     assert res["task"] == "top1" and res["num_samples"] == 18
     ref = rows["unreduced"]
     assert ref["flop_ratio"] == 1.0 and ref["agreement"] == 1.0
+    assert ref["tokens_out"] == 64 and rows["merge@0.5"]["tokens_out"] == 32  # as bench counts them (prefix not)
     # the loaded checkpoint is the saved model: same predictions as running it directly
     x = tokenprune.data.to_tensor(tokenprune.data.load_image_folder(tiny["data"])[0], 32)
     labels = torch.tensor(tokenprune.data.load_image_folder(tiny["data"])[1])
@@ -291,3 +292,135 @@ def test_eval_reuse_runs_only_new_configurations(tiny, tmp_path, capsys):
     # a results file of another task/data cannot be reused
     bad = _eval_args(tiny, second, "--reuse", str(first / "eval_top1.json"), "--limit", "9")
     assert main(bad) == 2
+
+
+def test_eval_reuse_refuses_other_samples(tiny, tmp_path, capsys):
+    """--reuse compares the samples, not only their number: another --seed (other images drawn by --limit) or
+    another --data folder of as many images would compare reused rows and the reused unreduced predictions
+    with other images (agreement against the wrong samples); refused, one line."""
+    first = tmp_path / "a"
+    assert main(_eval_args(tiny, first, "--limit", "6", methods="merge", budgets="0.5")) == 0
+    prev = str(first / "eval_top1.json")
+    capsys.readouterr()
+    assert main(_eval_args(tiny, tmp_path / "b", "--limit", "6", "--seed", "5", "--reuse", prev,
+                           methods="cls", budgets="0.5")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be combined" in err and "seed" in err, err
+    other = tmp_path / "other_data"
+    import shutil
+
+    shutil.copytree(tiny["data"], other)
+    args = _eval_args(tiny, tmp_path / "c", "--limit", "6", "--reuse", prev, methods="cls", budgets="0.5")
+    args[args.index("--data") + 1] = str(other)
+    assert main(args) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+    # the same samples again: reused
+    assert main(_eval_args(tiny, tmp_path / "d", "--limit", "6", "--reuse", prev, methods="cls", budgets="0.5")) == 0
+    assert "reusing 3 configuration(s)" in capsys.readouterr().out
+    # a file of an older tokenprune (no record of its samples) is still reused, with a warning
+    old = json.loads(Path(prev).read_text())
+    del old["samples"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(_eval_args(tiny, tmp_path / "e", "--limit", "6", "--reuse", str(tmp_path / "old.json"),
+                           methods="cls", budgets="0.5")) == 0
+    assert "does not record which samples" in capsys.readouterr().err
+
+
+def _hf_folder(root, kind):
+    """A tiny random Hugging Face video / speech encoder saved as a local folder."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "vivit":
+        model = tf.VivitModel(tf.VivitConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=16, num_frames=4,
+                                             tubelet_size=[2, 4, 4]))
+    else:
+        model = tf.Wav2Vec2Model(tf.Wav2Vec2Config(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                   num_hidden_layers=2, conv_dim=(16, 16), conv_kernel=(10, 3),
+                                                   conv_stride=(5, 2), num_conv_pos_embeddings=16,
+                                                   num_conv_pos_embedding_groups=4))
+    model.save_pretrained(root / kind)
+    return root / kind, model.eval()
+
+
+@pytest.mark.parametrize("kind", ["vivit", "wav2vec2"])
+def test_bench_and_plan_on_hf_video_and_speech_folders(kind, tmp_path, capsys):
+    """A ViViT or Wav2Vec2 folder is a video / speech model, not an image model: bench feeds it input of its
+    own kind (it crashed on an image-shaped input), plan's --input-size counts its tokens."""
+    pytest.importorskip("transformers")
+    path, model = _hf_folder(tmp_path, kind)
+    args = ["bench", "--model", str(path), "--methods", "merge", "--budgets", "0.5", "--batch-sizes", "1",
+            "--warmup", "0", "--repeats", "1", "--out", str(tmp_path / "out"), "--no-progress", "--threads", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = {r["config"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    plan = tokenprune.plan(model, budget=0.5, method="merge")
+    assert rows["merge@0.5"]["flop_ratio"] == pytest.approx(plan.flop_ratio)
+    assert rows["merge@0.5"]["tokens_out"] == plan.num_out
+    capsys.readouterr()
+    assert main(["plan", "--model", str(path), "--budget", "0.5", "--input-size", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens in=20 out=10" in out, out
+
+
+def test_eval_speedups_of_another_model_are_not_attached(tiny, tmp_path, capsys):
+    """A bench JSON whose configurations have other FLOP ratios than this evaluation's was timed on another
+    model or input: its speed-ups are not attached to those rows (they would be plotted as this model's), and a
+    warning says so. Rows whose FLOP ratios agree get theirs."""
+    assert main(_eval_args(tiny, tmp_path / "first", methods="merge", budgets="0.5")) == 0
+    ratio = {r["config"]: r["flop_ratio"]
+             for r in json.loads((tmp_path / "first" / "eval_top1.json").read_text())["rows"]}
+    bench = {"rows": [{"config": "unreduced", "batch_size": 8, "speedup": 1.0, "flop_ratio": 1.0},
+                      {"config": "merge@0.5", "batch_size": 8, "speedup": 1.5, "flop_ratio": ratio["merge@0.5"]},
+                      {"config": "random@0.5", "batch_size": 8, "speedup": 1.3,
+                       "flop_ratio": ratio["random@0.5"] * 0.8}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    capsys.readouterr()
+    args = _eval_args(tiny, tmp_path, "--speedups", str(tmp_path / "bench.json"), methods="merge", budgets="0.5")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    rows = {r["config"]: r for r in json.loads((tmp_path / "eval_top1.json").read_text())["rows"]}
+    assert rows["merge@0.5"]["speedup"] == 1.5
+    assert "speedup" not in rows["random@0.5"]
+    assert "random@0.5" in err and "FLOP ratio" in err, err
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_unusable_out_folder_is_refused_before_running(command, tiny, tmp_path, capsys):
+    """--out that is a file (or cannot be created) is refused in one line before anything runs, not after the
+    whole timing / evaluation (whose results were then lost)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    if command == "eval":
+        args = _eval_args(tiny, blocker, methods="merge", budgets="0.5")
+    else:
+        args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps(TINY_ARGS), "--methods",
+                "merge", "--budgets", "0.5", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--out",
+                str(blocker), "--no-progress", "--threads", "1"]
+    capsys.readouterr()
+    assert main(args) == 2
+    cap = capsys.readouterr()
+    assert "unreduced" not in cap.out, cap.out
+    assert len(cap.err.strip().splitlines()) == 1 and "--out" in cap.err, cap.err
+
+
+def test_bench_drift_note_on_cpu_does_not_blame_a_gpu(tmp_path, monkeypatch):
+    """The note on the unreduced model's drift over the run names the device it ran on (here the CPU), and a
+    speed-up at the end reads as faster, not '-20% longer'."""
+    from tokenprune import bench as B
+
+    times = iter([10.0, 5.0, 8.0, 4.0])  # unreduced, merge, then the unreduced at the end: 20% faster
+
+    def fake_time_fn(fn, device, warmup, repeats):  # the timer, not what is tested: the note's wording
+        fn()
+        return B.Timing(next(times), 1.0, 1.0, repeats)
+
+    monkeypatch.setattr(B, "time_fn", fake_time_fn)
+    args = ["bench", "--model", "vit_small_patch16_224", "--model-args", json.dumps(TINY_ARGS), "--methods",
+            "merge", "--budgets", "0.5", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--out",
+            str(tmp_path), "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    notes = [n for n in json.loads((tmp_path / "bench.json").read_text())["notes"] if "at the end" in n]
+    assert len(notes) == 1 and "GPU" not in notes[0] and "cpu" in notes[0], notes
+    assert "faster" in notes[0] and "-20" not in notes[0], notes

@@ -142,6 +142,11 @@ def synthetic_forward(lm, batch_size: int, device, dtype) -> Callable[[], object
     if lm.modality == "speech":  # Whisper: log-mel features of 30 s
         x = rand(batch_size, cfg.num_mel_bins, 2 * cfg.max_source_positions)
         return lambda: enc(input_features=x)
+    if lm.modality == "audio" and hasattr(cfg, "conv_kernel"):  # Wav2Vec2 / HuBERT: [B, samples] of waveform
+        from .adapters.hf_speech import NOMINAL_SAMPLES  # the length tokenprune.plan(model) counts (10 s)
+
+        x = rand(batch_size, NOMINAL_SAMPLES)
+        return lambda: enc(input_values=x)
     if lm.modality == "audio":  # AST: [B, frames, mel bins]
         x = rand(batch_size, cfg.max_length, cfg.num_mel_bins)
         return lambda: enc(input_values=x)

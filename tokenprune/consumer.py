@@ -140,7 +140,7 @@ def train_readout(tokens: torch.Tensor, labels: torch.Tensor, num_classes: int, 
 def image_forward(lm, images, readout: Readout, batch_size: int, device, dtype):
     """``fn(j)``: the readout's logits on batch ``j`` of ``images`` (PIL) through ``lm.model``, reduced or not
     (``evaluate.evaluate``'s task ``consumer``)."""
-    size = lm.img_size[0] if lm.img_size else 224
+    size = lm.img_size or 224  # (height, width): a model may be built for a non-square input
 
     def fn(j):
         x = to_tensor(images[j * batch_size:(j + 1) * batch_size], size, lm.mean, lm.std).to(device, dtype)

@@ -110,16 +110,18 @@ def load_image_folder(path, limit: int | None = None, seed: int = 0):
     raise FileNotFoundError(f"{path} is neither an image archive (.tar.gz) nor an ImageFolder directory")
 
 
-def to_tensor(images, size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """PIL images -> ``[B, 3, size, size]`` float tensor (bicubic resize, normalised)."""
+def to_tensor(images, size: int | tuple[int, int] = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """PIL images -> ``[B, 3, size, size]`` float tensor (bicubic resize, normalised); ``size`` may be
+    ``(height, width)`` for a model built for a non-square input."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if x.shape[-2] != h or x.shape[-1] != w:
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp_(0, 1)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s

@@ -147,7 +147,8 @@ def _load_hf(spec, model_args, announce=None, description: str = "") -> LoadedMo
     encoder = getattr(model, "vision_model", None) or getattr(model, "vision_tower", None) or model
     vcfg = getattr(cfg, "vision_config", cfg)
     size = getattr(vcfg, "image_size", None)
-    modality = {"audio-spectrogram-transformer": "audio", "videomae": "video"}.get(kind, "image")
+    modality = {"audio-spectrogram-transformer": "audio", "wav2vec2": "audio", "hubert": "audio",
+                "videomae": "video", "vivit": "video"}.get(kind, "image")
     processor = None
     try:
         processor = transformers.AutoProcessor.from_pretrained(spec)
@@ -310,7 +311,7 @@ def run_batches(fn: Callable[[int], torch.Tensor], num_batches: int, dist_: Dist
 
 def image_forward(lm: LoadedModel, images, batch_size: int, device: str, dtype: torch.dtype, features: bool):
     """``fn(j)`` running batch ``j`` of ``images`` through the model (logits or pooled features)."""
-    size = lm.img_size[0] if lm.img_size else 224
+    size = lm.img_size or 224  # (height, width): a model may be built for a non-square input
     model = lm.model
 
     def fn(j):
@@ -347,8 +348,12 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
 def plan_info(model) -> dict:
     try:
         p = api.plan(model)
-    except ValueError:  # unreduced
-        return {"flop_ratio": 1.0, "tokens_out": None}
+    except ValueError:  # unreduced: every token leaves the encoder (as bench reports it)
+        try:
+            tokens = api.plan(model, budget=1.0, method="random").info.num_tokens
+        except (ValueError, TypeError, NotImplementedError):  # a model tokenprune cannot reduce
+            tokens = None
+        return {"flop_ratio": 1.0, "tokens_out": tokens}
     return {"flop_ratio": p.flop_ratio, "tokens_out": p.num_out}
 
 
@@ -472,19 +477,30 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> dic
     return paths
 
 
-def attach_speedups(rows: list[dict], bench_json) -> int:
+def attach_speedups(rows: list[dict], bench_json, mismatched: list | None = None) -> int:
     """Add ``speedup`` (measured by ``tokenprune bench``, at its largest batch) to the rows of the
-    same configurations; returns how many rows got one."""
+    same configurations; returns how many rows got one. A configuration whose FLOP ratio in the bench
+    file differs from the row's was timed on another model or input: it gets none, and its name is
+    appended to ``mismatched``."""
     path = Path(bench_json)
     if not path.exists():
         raise FileNotFoundError(f"--speedups file {path} does not exist")
-    bench_rows = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("speedup")]
+    try:
+        bench_rows = [r for r in json.loads(path.read_text()).get("rows", []) if r.get("speedup")]
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise ValueError(f"--speedups {path} is not a results JSON (give the .json `tokenprune bench` wrote)") from None
     if not bench_rows:
         raise ValueError(f"--speedups {path} holds no speed-up rows (is it a tokenprune bench JSON?)")
     big = max(r["batch_size"] for r in bench_rows)
     speed = {r["config"]: r["speedup"] for r in bench_rows if r["batch_size"] == big}
+    ratio = {r["config"]: r.get("flop_ratio") for r in bench_rows if r["batch_size"] == big}
     n = 0
     for r in rows:
+        theirs, ours = ratio.get(r["config"]), r.get("flop_ratio")
+        if theirs is not None and ours is not None and not math.isclose(theirs, ours, rel_tol=1e-6):
+            if mismatched is not None:
+                mismatched.append(r["config"])
+            continue
         if r["config"] in speed:
             r["speedup"] = speed[r["config"]]
             r["speedup_batch"] = big
@@ -505,7 +521,8 @@ def reference_to_json(ref: dict) -> dict:
     return out
 
 
-def load_reusable(path, task: str, model: str, num_samples: int, dtype: str) -> tuple[dict[str, dict], dict | None]:
+def load_reusable(path, task: str, model: str, num_samples: int, dtype: str,
+                  samples: dict | None = None) -> tuple[dict[str, dict], dict | None]:
     """Rows of an earlier run (``--reuse``) by configuration name, and its unreduced predictions
     (``None`` if that run did not store them: the unreduced model then runs again)."""
     path = Path(path)
@@ -513,9 +530,16 @@ def load_reusable(path, task: str, model: str, num_samples: int, dtype: str) -> 
         raise FileNotFoundError(f"--reuse file {path} does not exist")
     prev = json.loads(path.read_text())
     want = {"task": task, "model": model, "num_samples": num_samples, "dtype": dtype}
+    if samples is not None and "samples" in prev:  # which samples (data path, seed, train set): the same
+        # number is not enough. A file of an older tokenprune does not record them (the command warns)
+        want["samples"] = samples
     got = {k: prev.get(k) for k in want}
     if got != want:
-        raise ValueError(f"--reuse {path} was made with {got}, this run is {want}; they cannot be combined")
+        flat_got = {**{k: v for k, v in got.items() if k != "samples"}, **(got.get("samples") or {})}
+        flat_want = {**{k: v for k, v in want.items() if k != "samples"}, **(want.get("samples") or {})}
+        diff = [k for k in flat_want if flat_got.get(k) != flat_want[k]]
+        raise ValueError(f"--reuse {path} was made with {', '.join(f'{k}={flat_got.get(k)!r}' for k in diff)}, "
+                         f"this run has {', '.join(f'{k}={flat_want[k]!r}' for k in diff)}; they cannot be combined")
     ref = prev.get("reference")
     if ref and ref.get("pred") is not None:
         ref = {"metric": ref["metric"], "pred": torch.tensor(ref["pred"])}

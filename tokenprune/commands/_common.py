@@ -84,6 +84,15 @@ def add_assets_argument(p) -> None:
 
 
 # -- run-time checks (after parsing; these may import torch) ----------------------------------------
+def make_out_dir(out: str) -> None:
+    """Create the ``--out`` folder now: one that cannot be made (a file of that name, no permission) is a
+    usage error before anything runs, not after a whole run whose results would be lost."""
+    try:
+        Path(out).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be used as the output folder: {e.strerror or e}") from None
+
+
 def check_device(device: str) -> str:
     """``device`` if this machine has it; a :class:`UsageError` naming what is missing otherwise."""
     import torch

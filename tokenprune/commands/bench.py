@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import check_device, info, warn, nonnegative_int, positive_int, set_threads, torch_dtype
+from ._common import (check_device, info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype,
+                      warn)
 from .eval import add_model_arguments
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -72,6 +73,7 @@ def run(args):
         raise ValueError("--cuda-graph and --compile are alternatives (--compile reduce-overhead captures CUDA graphs "
                          "itself); give one of them")
     device = torch.device(check_device(args.device))
+    make_out_dir(args.out)
     set_threads(args.threads)
     sizes = ev.parse_list(args.batch_sizes or ("1,256" if cuda else "1,8"), int)
     if not sizes or min(sizes) < 1:
@@ -174,8 +176,10 @@ def _run(args, configs, notes, device, cuda, sizes, warmup, repeats, dtype, cudn
              if ref and len(configs) > 1 else {})
     for bs, d in drift.items():
         if abs(d["drift_pct"]) > 2:
-            notes.append(f"the unreduced model at batch {bs} took {d['drift_pct']:+.1f}% longer at the end of the run "
-                         "than at the start: the GPU's clocks moved, so ratios carry about that much noise")
+            how = f"{d['drift_pct']:.1f}% longer" if d["drift_pct"] > 0 else f"{-d['drift_pct']:.1f}% less time"
+            notes.append(f"the unreduced model at batch {bs} took {how} at the end of the run than at the start "
+                         f"(it ran {'slower' if d['drift_pct'] > 0 else 'faster'}): the speed of {device} moved "
+                         "(clocks, heat, other work), so ratios carry about that much noise")
 
     _print_table(rows)
     for bs, d in drift.items():

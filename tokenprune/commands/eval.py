@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ._common import (BUDGET_HELP, DTYPE_NAMES, UsageError, add_model_source_arguments, check_device, device_arg,
-                      info, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
+                      info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
 
 DEFAULT_MODEL = ("vit-s14-cifar10",)
 
@@ -69,11 +69,15 @@ def add_arguments(p):
                    help="a `tokenprune bench` JSON of the same model: also plot accuracy retained against its "
                         "measured speed-ups (<name>_speedup.png) (default: none)")
     p.add_argument("--reuse", default=None, metavar="RESULTS_JSON",
-                   help="results JSON of an earlier run (same model, task, data, dtype): its configurations are "
-                        "kept, not run again; the output holds both (default: none)")
+                   help="results JSON of an earlier run (same model, task, data, seed, dtype; checked): its "
+                        "configurations are kept, not run again; the output holds both (default: none)")
 
 
 def pick_task(task: str, lm) -> str:
+    if lm.modality in ("audio", "video"):  # every task reads images (or Whisper's speech)
+        raise UsageError(f"eval measures image models (top-1, kNN, consumer) and Whisper (WER); {lm.name} is a "
+                         f"{lm.modality} encoder, which it has no data or metric for: use tokenprune bench or plan "
+                         "for it, or tokenprune.apply() in your own evaluation")
     if task != "auto":
         if task == "wer" and lm.modality != "speech":
             raise ValueError(f"--task wer needs a speech model (Whisper); {lm.name} is {lm.modality}")
@@ -83,9 +87,16 @@ def pick_task(task: str, lm) -> str:
     return "top1" if lm.num_classes > 0 else "knn"
 
 
-def check_path(path, what):
+def check_path(path, what, given=True):
+    """``given``: the path came from ``what`` on the command line; else it is ``what``'s default in the assets
+    folder, and the message says where that folder came from."""
     if path is not None and not Path(path).exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        if given:
+            raise FileNotFoundError(f"{what} {path} does not exist")
+        from ..data import assets_dir, assets_source
+
+        raise UsageError(f"no {what} given, and its default {path} does not exist (assets folder {assets_dir()}, "
+                         f"from {assets_source()}); give {what} PATH, or --assets DIR")
 
 
 def run(args):
@@ -95,10 +106,13 @@ def run(args):
     check_path(args.train_data, "--train-data")
     check_path(args.speedups, "--speedups")
     check_path(args.reuse, "--reuse")
+    if args.speedups:  # a file that is no bench JSON: refused now, not after the whole evaluation
+        ev.attach_speedups([], args.speedups)
     budgets = ev.parse_list(args.budgets, float)
     methods = ev.parse_list(args.methods)
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
     check_device(args.device)
+    make_out_dir(args.out)
     set_threads(args.threads)
     dist_, device = ev.setup_distributed(args.device)
     try:
@@ -133,7 +147,7 @@ def _run(args, configs, notes, dist_, device):
         from ..data import load_speech_manifest
 
         folder = args.data or str(default_asset("speech-hifitts-6097"))
-        check_path(folder, "--data")
+        check_path(folder, "--data", given=args.data is not None)
         say(f"reading speech clips from {folder}")
         rows = load_speech_manifest(folder, limit)
         data = {"wavs": [str(w) for w, _ in rows], "texts": [t for _, t in rows]}
@@ -142,13 +156,13 @@ def _run(args, configs, notes, dist_, device):
         from ..data import load_image_folder
 
         path = args.data or str(default_asset("cifar10", "cifar10_jpeg_test.tar.gz"))
-        check_path(path, "--data")
+        check_path(path, "--data", given=args.data is not None)
         say(f"reading {'all' if limit is None else limit} test images from {path}")
         data["images"], data["labels"], classes = load_image_folder(path, limit=limit, seed=args.seed)
         n = len(data["images"])
         if task in ("knn", "consumer"):
             tpath = args.train_data or str(default_asset("cifar10", "cifar10_jpeg_train.tar.gz"))
-            check_path(tpath, "--train-data")
+            check_path(tpath, "--train-data", given=args.train_data is not None)
             say(f"reading the {'kNN bank' if task == 'knn' else 'readout training set'} from {tpath}")
             data["train_images"], data["train_labels"], tclasses = load_image_folder(
                 tpath, limit=args.train_limit or None, seed=args.seed)
@@ -176,8 +190,22 @@ def _run(args, configs, notes, dist_, device):
     for note in notes:
         log(f"note: {note}")
     reused, reference = {}, None
+    # which samples were evaluated (--reuse compares them): the data's path and, where --limit draws
+    # images at random, the seed; for kNN / consumer also the train set and the settings of the readout
+    samples = {"data": str(Path(folder if task == "wer" else path).resolve())}
+    if task != "wer":
+        samples["seed"] = args.seed
+    if task in ("knn", "consumer"):
+        samples.update(train_data=str(Path(tpath).resolve()), train_samples=len(data["train_images"]))
+        samples.update({"k": args.k} if task == "knn" else
+                       {"readout_epochs": args.readout_epochs, "after_encoder": args.after_encoder})
     if args.reuse:
-        reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype)
+        reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype, samples)
+        import json
+
+        if "samples" not in json.loads(Path(args.reuse).read_text()) and dist_.main:
+            warn(f"--reuse {args.reuse} does not record which samples it ran on (an older tokenprune): "
+                 "its rows are combined on trust that --data, --seed and the train set are the same")
     todo = [c for c in configs if c.name not in reused or (c.method is None and reference is None)]
     if reused:
         log(f"reusing {len(configs) - len(todo)} configuration(s) from {args.reuse}")
@@ -200,7 +228,8 @@ def _run(args, configs, notes, dist_, device):
         return 0
     meta = {"command": "tokenprune " + " ".join(sys.argv[1:]), "task": task, "model": lm.name,
             "warnings": warnings, "random_weights": lm.random_weights,
-            "data": args.data, "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
+            "data": args.data, "samples": samples,
+            "num_samples": n, "train_samples": len(data.get("train_images", [])) or None,
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
             "reference": ev.reference_to_json(reference)}
@@ -210,8 +239,12 @@ def _run(args, configs, notes, dist_, device):
         prev = json.loads(Path(args.reuse).read_text())
         meta["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
     if args.speedups:
-        matched = ev.attach_speedups(rows, args.speedups)
+        mismatched = []
+        matched = ev.attach_speedups(rows, args.speedups, mismatched)
         log(f"speed-ups from {args.speedups} for {matched} configuration(s)")
+        if mismatched:
+            warn(f"--speedups {args.speedups} has other FLOP ratios for {', '.join(mismatched)} (timed on another "
+                 "model or input size); their speed-ups are left out")
         meta["speedups"] = args.speedups
     paths = ev.write_results(rows, meta, Path(args.out), stem)
     from ..plots import pareto_plot
@@ -256,7 +289,7 @@ def _consumer_setup(args, lm, configs, data, device, dtype, say):
     imgs, labels = data["train_images"], torch.tensor(data["train_labels"])
     say(f"output tokens of {len(imgs)} train images (unreduced), then the readout")
     bs = args.batch_size
-    size = lm.img_size[0] if lm.img_size else 224
+    size = lm.img_size or 224  # (height, width): a model may be built for a non-square input
     toks = []
     with torch.no_grad():
         for j in range(math.ceil(len(imgs) / bs)):
