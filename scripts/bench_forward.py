@@ -667,6 +667,42 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         print(f"{name:88} {us:>8}")
 
 
+def merge_shapes(out: Path, smoke: bool, repeats: int):
+    """GPU: one batch-1 merge step (the key mean given, as compiled calls give it) at the long inputs' shapes and
+    at the same shapes with another head dim: graph-replay time of the step and each kernel's GPU time. Run 17's
+    census had ``_bm_best`` at 29-31 us per call at SigLIP (729 tokens, head dim 72) against 12-13 at Whisper's
+    1500 tokens (64): which of the head dim (72 pads to 128 lanes), the width or the token count costs it."""
+    from tokenprune import kernels
+    from tokenprune.cuda import graphed
+    from tokenprune.state import TokenState
+
+    shapes = [("siglip_r24", 729, 72, 1152, 24), ("siglip_r182", 729, 72, 1152, 182), ("siglip_d64", 729, 64, 1152, 24),
+              ("siglip_d80", 729, 80, 1152, 24), ("siglip_d128", 729, 128, 1152, 24),
+              ("whisper_r25", 1500, 64, 1280, 25), ("whisper_d72", 1500, 72, 1280, 25), ("siglip_n364", 364, 72, 1152, 24)]
+    if smoke:
+        shapes = [(n, 64, d // 4 if d % 4 == 0 else 16, 32, 8) for n, _, d, _, _ in shapes[:2]]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for name, t, d, c, r in shapes:
+        x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
+        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
+        with torch.inference_mode():
+            st = TokenState.start(x, 0)
+            sizes = torch.ones(1, t, device=DEV)
+            source = torch.arange(t, device=DEV)[None]
+            on_gpu = DEV == "cuda" and kernels.use_triton(x) and kernels.merge_step_fits(t, r)
+            row = dict(case="merge_shapes", shape=name, tokens=t, head_dim=d, width=c, r=r, kernels=on_gpu)
+            if on_gpu:
+                step = lambda: kernels.merge_step(x, m, sizes, source, 0, r, False, t, True)  # noqa: E731
+                row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                avg = profiled(lambda _: step(), None, calls=20).key_averages()
+                for e in avg:
+                    if e.key.startswith("_") and e.count:  # the Triton kernels (_bm_best, _merge_rank, ...)
+                        row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
+            del st
+        ROWS.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
     four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
@@ -804,6 +840,8 @@ def main():
         run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
                  tag="keys per head")
         kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
+    if "merge_shapes" in parts:
+        merge_shapes(args.out, args.smoke, reps)
     if "check32" in parts:
         check_fp32(args.smoke)
     if "check32_whisper" in parts:  # fp16 reduce-overhead rows above differ from eager by O(1): flips, or a bug?
@@ -847,7 +885,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] == "whisper_step":
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
