@@ -392,8 +392,15 @@ def test_refused_configurations_and_inputs():
     model, x = fam["model"], fam["x"]
     tokenprune.apply(model, 0.5, "merge")
     try:
+        # a mask with padding is refused; an all-ones one (what a stable-layer-norm processor returns for one
+        # utterance) masks nothing and is accepted: the same output as without it
+        pad = torch.ones_like(x, dtype=torch.long)
+        pad[-1, -x.shape[1] // 4:] = 0
         with pytest.raises(ValueError, match="attention_mask"):
-            model(x, attention_mask=torch.ones_like(x, dtype=torch.long))
+            model(x, attention_mask=pad)
+        with torch.no_grad():
+            ones = model(x, attention_mask=torch.ones_like(x, dtype=torch.long)).last_hidden_state
+            assert torch.equal(ones, model(x).last_hidden_state)
     finally:
         tokenprune.remove(model)
     fam = make_dinov2()

@@ -14,7 +14,8 @@
   pre-norm encoder (large models: the encoder's norm after the last layer). HF's layers run as they are;
   they pass keyword arguments on to their attention function, so the ``tokenprune_sdpa`` kernel of
   :mod:`.hf_common` adds the size bias, records q/k and keeps SDPA (no mixin on the layers).
-- Not reduced: ``attention_mask`` (padded batches; run equal-length batches or one utterance at a time),
+- Not reduced: ``attention_mask`` with padding (padded batches; run equal-length batches or one utterance at a
+  time; an all-ones mask, what a stable-layer-norm processor returns for one utterance, is accepted and dropped),
   ``output_hidden_states`` / ``output_attentions`` (clear errors); ``Wav2Vec2Model`` with
   ``add_adapter=True`` (its strided convolutions over time need the full frame sequence) is refused.
   LayerDrop (training only) is not applied in the reduced forward.
@@ -23,6 +24,8 @@
   to follow the kept tokens (and has no single distance for a merged token).
 """
 from __future__ import annotations
+
+import torch
 
 from ..engine import Forward
 from ..plan import EncoderInfo
@@ -41,6 +44,15 @@ def frames(config, samples: int) -> int:
     return n
 
 
+def _masks_nothing(mask: torch.Tensor) -> bool:
+    """Whether an ``attention_mask`` is all ones (what stable-layer-norm processors return for one utterance): then it
+    is dropped. Reading it waits for the GPU once, in eager calls only (HF's own mask handling waits too); compiled
+    or captured calls cannot read it and refuse any mask."""
+    if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    return bool(mask.all())
+
+
 class _Model(SaveAsOriginal):
     """Mixin for ``Wav2Vec2Model`` / ``HubertModel``: the same forward with the reduced layer loop."""
 
@@ -57,7 +69,7 @@ class _Model(SaveAsOriginal):
 
     def _tokenprune_tokens(self, fwd, input_values, attention_mask=None, mask_time_indices=None, **kwargs):
         kwargs.pop("return_dict", None)
-        if attention_mask is not None:  # (a tensor: no_extra_kwargs cannot compare it with None / False)
+        if attention_mask is not None and not _masks_nothing(attention_mask):
             raise ValueError(f"tokenprune: attention_mask (a padded batch) cannot be combined with token reduction in "
                              f"the {type(self).__name__} encoder; run equal-length utterances or one at a time, or "
                              "call tokenprune.remove(model) first")
