@@ -127,20 +127,7 @@ def _k(budget, n):
     return max(1, math.floor(budget * n + 0.5))
 
 
-class LMInput:
-    """What the language model receives (inputs_embeds of every call)."""
-
-    def __init__(self, m):
-        self.lm = m.model.language_model
-        self.seen = []
-
-    def __enter__(self):
-        self.h = self.lm.register_forward_pre_hook(
-            lambda mod, a, kw: self.seen.append(kw["inputs_embeds"].detach().clone()), with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self.h.remove()
+LMInput = L.LMInput  # what the language model receives (inputs_embeds of every call)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters.base import ORIGINAL, Adapter, class_names, restore_class, swap_class
-from ..adapters.hf_common import KERNEL_NAME, LayerQK, ProjAttention, check_sdpa, register_kernel
+from ..adapters.base import Adapter, class_names, restore_class, swap_class
+from ..adapters.hf_common import KERNEL_NAME, LayerQK, ProjAttention, SaveAsOriginal, check_sdpa, register_kernel
 from ..plan import EncoderInfo
 from ..state import TokenState
 
@@ -359,7 +359,7 @@ class VLMAdapter(Adapter):
         return out
 
 
-class VLMModel:
+class VLMModel(SaveAsOriginal):
     """Mixin for the top-level ``...ForConditionalGeneration``: the visual tokens of calls with pixel values are
     reduced before the model runs; calls without (every decoding step) go straight to the model."""
 
@@ -425,15 +425,6 @@ class VLMModel:
         """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then
         refuses the pruned prompt's embeddings)."""
         return super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
-
-    def save_pretrained(self, *args, **kwargs):
-        """Save as the original class (HF writes ``type(self).__name__`` into ``config.architectures``)."""
-        patched = type(self)
-        self.__class__ = patched.__dict__.get(ORIGINAL) or patched
-        try:
-            return self.save_pretrained(*args, **kwargs)
-        finally:
-            self.__class__ = patched
 
 
 def _bind(fn, args, kwargs) -> dict:
