@@ -308,6 +308,24 @@ def test_threshold_training_mask_equals_inference_and_flops_push_thresholds():
     assert not model.training and not model.tokenprune_params.training
 
 
+def test_threshold_training_mask_leaks_at_most_eps_and_gives_theta_a_finite_task_gradient():
+    # dropped tokens get size MASK_EPS, not 0: log(0) = -inf would make the weight exactly 0 but the backward of
+    # the log 0 * inf = NaN, and with a NaN-safe log the dropped tokens would carry no gradient to theta at all
+    from tokenprune.reducers import threshold as thr_mod
+
+    model = _thresholded()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        infer = model(x)  # dropped tokens gathered away: weight exactly 0
+    model.tokenprune_params.train()
+    out = model(x)
+    assert thr_mod.MASK_EPS <= 1e-6
+    torch.testing.assert_close(out, infer, atol=1e-5, rtol=1e-5)  # the leak of dropped tokens is invisible
+    out.logsumexp(-1).sum().backward()  # a task loss only (no FLOP term): the gradient comes through attention
+    g = model.tokenprune_params.theta.grad
+    assert torch.isfinite(g).all() and (g != 0).all(), g
+
+
 # -- pool ---------------------------------------------------------------------------------------------
 def test_pool_equals_average_pooling_per_frame():
     torch.manual_seed(0)

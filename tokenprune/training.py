@@ -115,6 +115,9 @@ def train_thresholds(model, loader: Iterable, *, epochs: int = 1, target: float 
     The token KL compares the softmax over channels of each final token with
     the teacher's, weighted by the student's keep mask. ``target`` (rho)
     defaults to the FLOP ratio of the cap plan at the patch's budget.
+    The FLOP term is the spec's ``|FLOPs - rho FLOPs_full|`` divided by
+    ``FLOPs_full``: scale-free, so one weight fits every model (docs/methods.md
+    section 5 gives the ``flops_weight`` that matches the spec's weighting).
 
     Trains the thresholds with Adam at ``lr`` (they live on the score scale,
     about 1/N); with ``lr_backbone > 0`` also every model weight (AdamW), in

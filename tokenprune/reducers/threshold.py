@@ -46,7 +46,11 @@ estimator of ``soft = sigmoid((score - theta) / tau)``; the running product
 of the masks becomes the token sizes (``1`` kept, ``eps`` dropped), so the
 ``log size`` key bias masks dropped tokens out of attention in every later
 block (and out of size-weighted pooling) while gradients reach ``theta``
-through both the attention and the FLOP count (``state.scratch``).
+through both the attention and the FLOP count (``state.scratch``). ``eps``
+(``MASK_EPS``), not 0, on purpose: ``log 0`` makes theta's gradient NaN
+(``0 * inf`` in the log's backward) and exact zeros would give dropped tokens
+no gradient; with eps the backward is the multiplicative mask's derivative
+(docs/methods.md section 5).
 """
 from __future__ import annotations
 
