@@ -263,6 +263,36 @@ def test_unmerge_marks_dropped_patches():
     assert float(full[~present].abs().sum()) == 0.0
 
 
+def test_unmerge_refuses_tokens_that_do_not_belong_to_the_state():
+    """The source map indexes the state's tokens (prefix included): other tokens are refused, not gathered from --
+    the unreduced model's tokens (longer) would otherwise give a dense map silently, and other shapes an index error."""
+    model = tiny_vit(img_size=40)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        unreduced = model.forward_features(x)  # [2, 101, 48]
+        tokenprune.apply(model, budget=0.25, method="merge")
+        feats, state = tokenprune.features(model, x)  # [2, 26, 48]
+    for bad in (unreduced, feats[:, 1:], feats[:1], feats[0]):
+        with pytest.raises(ValueError, match="tokenprune.features"):
+            tokenprune.unmerge(bad, state)
+    full, present = tokenprune.unmerge(feats, state)
+    assert full.shape == (2, 100, 48) and bool(present.all())
+
+
+def test_unmerge_dense_map_on_the_input_grid_after_pool():
+    """The README's dense map: ``full.view(B, *state.input_grid, C)``; ``state.grid`` is the pooled grid after pool."""
+    model = tiny_vit(img_size=(32, 48))  # 8 x 12 patches
+    tokenprune.apply(model, budget=0.25, method="pool")
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, torch.randn(2, 3, 32, 48))
+    full, present = tokenprune.unmerge(feats, state)
+    assert state.input_grid == (8, 12) and state.grid != state.input_grid
+    dense = full.view(2, *state.input_grid, 48)
+    # every patch of a pooled cell gets that cell's token
+    src = state.source.view(2, 8, 12)
+    assert torch.equal(dense[1, 3, 5], feats[1, src[1, 3, 5]]) and bool(present.all())
+
+
 # -- different counts per sample -------------------------------------------------------------------
 def test_threshold_batch_equals_each_sample_alone():
     torch.manual_seed(1)

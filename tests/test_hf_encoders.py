@@ -108,10 +108,7 @@ def make_siglip_cls(depth=4):
     from transformers import SiglipConfig, SiglipForImageClassification
 
     fam = _clip_like(SiglipConfig, SiglipForImageClassification, 0, "siglip", depth)
-    from tokenprune.adapters.hf_clip import vision_tower
-
-    post = vision_tower(fam["model"]).post_layernorm  # per token: commutes with unmerge
-    fam["head"] = lambda model, tokens, full: model.classifier(post(full).mean(1))
+    fam["head"] = lambda model, tokens, full: model.classifier(full.mean(1))  # features: after post-layernorm
     return fam
 
 
@@ -126,8 +123,8 @@ def make_whisper_cls(depth=4):
                         classifier_proj_size=16)
     m = WhisperForAudioClassification(cfg)
 
-    def head(model, tokens, full):  # features: before the encoder's final layer norm
-        return model.classifier(model.projector(model.encoder.layer_norm(full)).mean(1))
+    def head(model, tokens, full):  # features: the encoder's final layer norm applied
+        return model.classifier(model.projector(full).mean(1))
 
     return dict(model=m.eval(), x=torch.randn(2, 8, 64), prefix=0, n=32, out=lambda m, x: m(x).logits,
                 eager=[_mod("whisper")], head=head)
@@ -289,6 +286,41 @@ def _compile_case(family, method):
 def fullgraph(request):
     """The selected cases of test_compiles_fullgraph, compiled with fullgraph=True in one trace (conftest)."""
     return compile_cases(request, {"test_compiles_fullgraph": _compile_case})
+
+
+def make_ast_cls(depth=4):
+    from transformers import ASTConfig, ASTForAudioClassification
+
+    _seed()
+    cfg = ASTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=depth, num_attention_heads=4, patch_size=4,
+                    frequency_stride=4, time_stride=4, num_mel_bins=16, max_length=32, num_labels=5)
+    return dict(model=ASTForAudioClassification(cfg).eval(), x=torch.randn(2, 32, 16))
+
+
+# the unpatched model's own last_hidden_state (its final norm applied, as transformers gives it)
+_LAST_HIDDEN = {
+    "vit": lambda m, x: m.vit(x).last_hidden_state, "dinov2": lambda m, x: m.dinov2(x).last_hidden_state,
+    "dinov3": lambda m, x: m(x).last_hidden_state, "clip_cls": lambda m, x: m.vision_model(x).last_hidden_state,
+    "siglip_cls": lambda m, x: m.vision_model(x).last_hidden_state,
+    "whisper_cls": lambda m, x: m.encoder(x).last_hidden_state, "wav2vec2": lambda m, x: m(x).last_hidden_state,
+    "wav2vec2_stable": lambda m, x: m(x).last_hidden_state,
+    "ast": lambda m, x: m.audio_spectrogram_transformer(x).last_hidden_state,
+}
+
+
+@pytest.mark.parametrize("family", list(_LAST_HIDDEN))
+def test_features_at_budget_one_are_the_last_hidden_state(family):
+    """tokenprune.features returns the output tokens with the encoder's final norm applied, as its documentation
+    says: at budget 1 exactly the unpatched model's last_hidden_state (SigLIP's post-layernorm, Whisper's and AST's
+    final layer norm included; CLIP's post-layernorm is for the pooled output only, and so is left out as in CLIP)."""
+    fam = make_ast_cls() if family == "ast" else FAMILIES[family]()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad():
+        want = _LAST_HIDDEN[family](model, x)
+        with tokenprune.applied(model, 1.0, "merge"):
+            got, state = tokenprune.features(model, x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", HEADS)

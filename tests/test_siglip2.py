@@ -125,6 +125,18 @@ def test_padded_batch_matches_single():
     pytest.fail("no threshold gave the two samples different counts")
 
 
+def test_features_at_budget_one_are_the_last_hidden_state():
+    """tokenprune.features: the output tokens with the final norm applied, i.e. the tower's last_hidden_state."""
+    model = make_tower()
+    inputs = _inputs()
+    with torch.no_grad():
+        want = model(*inputs).last_hidden_state
+        with tokenprune.applied(model, 1.0, "merge"):
+            got, state = tokenprune.features(model, *inputs)
+    assert got.shape[1] == H * W  # the real patches (the processor's padding slots are left out)
+    torch.testing.assert_close(got, want[:, :H * W], atol=1e-5, rtol=1e-5)
+
+
 def test_classifier_mean_is_size_weighted():
     model = make_classifier()
     inputs = _inputs()
@@ -133,9 +145,9 @@ def test_classifier_mean_is_size_weighted():
         with torch.no_grad():
             got = model(*inputs).logits
             tokens, state = tokenprune.features(model, *inputs)
-            full, present = tokenprune.unmerge(model.vision_model.post_layernorm(tokens), state)
+            full, present = tokenprune.unmerge(tokens, state)  # features: after the post-layernorm
             want = model.classifier(full.mean(1))
-            plain = model.classifier(model.vision_model.post_layernorm(tokens).mean(1))
+            plain = model.classifier(tokens.mean(1))
     finally:
         tokenprune.remove(model)
     assert present.all()

@@ -269,6 +269,18 @@ def test_input_grid_ignores_a_pooled_grid():
     assert viz.input_grid(same) == (4, 4)
 
 
+@pytest.mark.parametrize("method", ["pool", ["pool", "merge"]])
+def test_overlay_after_pooling_a_non_square_grid(method):
+    m = tiny_vit(img_size=(32, 48), patch_size=4)  # 8 x 12 grid: no square to fall back on
+    x = torch.rand(2, 3, 32, 48)
+    with tokenprune.applied(m, budget=0.25, method=method), torch.no_grad():
+        feats, state = tokenprune.features(m, x)
+    assert state.grid != (8, 12)  # pooled
+    assert viz.input_grid(state) == (8, 12)
+    img = viz.overlay_from_state(x[1], state, index=1)
+    assert img.shape == (32, 48, 3)
+
+
 def test_usable_methods_leave_out_methods_that_need_options():
     entry = models.load_image_model(models.TINY_LABEL)
     usable = models.usable_methods(entry.model)

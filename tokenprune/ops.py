@@ -247,6 +247,11 @@ def unmerge(x: torch.Tensor, state: TokenState, fill: float = 0.0):
         raise ValueError("this forward ran without source tracking; apply with track_source=True to un-merge")
     src = state.source
     b, n0 = src.shape
+    want = (b, state.x.shape[1])  # the state's tokens, prefix included: what the source map indexes
+    if x.dim() != 3 or tuple(x.shape[:2]) != want:
+        raise ValueError(f"unmerge: the tokens must be the [B, P + N, C] = [{want[0]}, {want[1]}, C] tokens of this "
+                         f"state (prefix included), got shape {tuple(x.shape)}; pass the tokens that "
+                         "tokenprune.features(model, x) returned with it")
     c = x.shape[-1]
     full = x.gather(1, src.clamp(min=0)[..., None].expand(b, n0, c))
     present = src >= 0

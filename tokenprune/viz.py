@@ -9,7 +9,7 @@ original patch, the index of the token that now holds it, ``-1`` where the
 patch was dropped. :func:`tokenprune.features` returns the final state of a forward::
 
     feats, state = tokenprune.features(model, x)
-    img = tokenprune.viz.token_overlay(image, state.source[0], state.grid)
+    img = tokenprune.viz.token_overlay(image, state.source[0], state.input_grid)
 
 In the overlay, dropped patches are dimmed and desaturated, patches that were
 merged into one token share a tint (one colour per token), and a thin line
@@ -191,12 +191,13 @@ def overlay_from_state(image, state, index: int = 0, **kwargs) -> np.ndarray:
 
 
 def input_grid(state):
-    """The patch grid of the encoder's *input* (what the source map indexes). Reducers that pool
-    tokens on a grid update ``state.grid`` to the pooled grid; then a square grid is assumed."""
+    """The patch grid of the encoder's *input* (what the source map indexes): ``state.input_grid``.
+    Reducers that pool tokens on a grid update ``state.grid`` to the pooled grid, so that is used only
+    when it still holds the input's patches; ``None`` (a square grid is assumed) when neither does."""
     n0 = state.source.shape[-1] if state.source is not None else state.num_input
-    grid = state.grid
-    if grid is not None and int(np.prod(grid)) == n0:
-        return tuple(grid)
+    for grid in (getattr(state, "input_grid", None), state.grid):
+        if grid is not None and int(np.prod(grid)) == n0:
+            return tuple(grid)
     return None
 
 

@@ -83,8 +83,8 @@ class HFASTAdapter(Adapter):
         self._routing.check()
 
     def features(self, input_values):
-        fwd = Forward(self.ast._tokenprune_patch)
-        return self.ast._tokenprune_tokens(fwd, input_values), fwd.state
+        fwd = Forward(self.ast._tokenprune_patch)  # last_hidden_state: the final layer norm applied
+        return self.ast.layernorm(self.ast._tokenprune_tokens(fwd, input_values)), fwd.state
 
     def install(self, patch) -> None:
         self._routing.on()

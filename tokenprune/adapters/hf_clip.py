@@ -156,9 +156,11 @@ class HFClipAdapter(Adapter):
         self._routing.check()
 
     def features(self, pixel_values, interpolate_pos_encoding=False):
-        """Tokens after the encoder's last layer (before SigLIP's post-layernorm) and the final state."""
+        """The tower's ``last_hidden_state`` (SigLIP: after its post-layernorm; CLIP: before it, as in transformers,
+        where it norms the pooled [CLS] only) and the final state."""
         fwd = Forward(self.tower._tokenprune_patch)
-        return self.tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding), fwd.state
+        x = self.tower._tokenprune_tokens(fwd, pixel_values, interpolate_pos_encoding)
+        return (x if hasattr(self.tower, "pre_layrnorm") else self.tower.post_layernorm(x)), fwd.state
 
     def install(self, patch) -> None:
         self._routing.on()

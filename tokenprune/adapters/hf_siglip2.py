@@ -126,10 +126,10 @@ class HFSiglip2Adapter(Adapter):
         self._routing.check()
 
     def features(self, pixel_values, pixel_attention_mask=None, spatial_shapes=None):
-        """Tokens after the encoder's last layer (before the post-layernorm) and the final state."""
+        """The tower's ``last_hidden_state`` (after the post-layernorm, as in transformers) and the final state."""
         fwd = Forward(self.tower._tokenprune_patch)
         x = self.tower._tokenprune_tokens(fwd, pixel_values, pixel_attention_mask, spatial_shapes)
-        return x, fwd.state
+        return self.tower.post_layernorm(x), fwd.state
 
     def install(self, patch) -> None:
         self._routing.on()

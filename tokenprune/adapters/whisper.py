@@ -169,9 +169,10 @@ class WhisperAdapter(Adapter):
         self._routing.check()
 
     def features(self, input_features):
-        """Encoder tokens after the last layer (before the final layer norm) and the final state."""
+        """The encoder's ``last_hidden_state`` (its final layer norm applied, as in transformers) and the final
+        state."""
         fwd = Forward(self.encoder._tokenprune_patch)
-        return self.encoder._tokenprune_tokens(fwd, input_features), fwd.state
+        return self.encoder.layer_norm(self.encoder._tokenprune_tokens(fwd, input_features)), fwd.state
 
     def install(self, patch) -> None:
         self._routing.on()
