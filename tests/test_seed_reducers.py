@@ -409,3 +409,24 @@ def test_apet_farthest_point_basis_matches_direct_definition():
     assert got.tolist() == [direct(x[b], valid[b], 8) for b in range(3)]
     ones = torch.ones_like(valid)
     assert farthest_point_basis(x, 8).tolist() == [direct(x[b], ones[b], 8) for b in range(3)]
+
+
+def test_train_thresholds_warns_when_the_thresholds_get_no_gradient():
+    """At the default thresholds (1e-3, 2e-3, 3e-3) a tiny ViT's scores (about 1/N) sit far above them, where the
+    soft mask is flat: training would report losses and change nothing. It says so after the first step; thresholds
+    started near the scores train without the warning."""
+    import warnings
+
+    from tokenprune.training import train_thresholds
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    data = [(x, torch.randint(0, 10, (4,)))] * 2
+    flat = tiny_vit()
+    tokenprune.apply(flat, budget=0.5, method="threshold")
+    with pytest.warns(UserWarning, match="no gradient"):
+        train_thresholds(flat, data, target=0.2, ce_weight=0, distill_weight=0)
+    near = _thresholded()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_thresholds(near, data, target=0.2, ce_weight=0, distill_weight=0)
