@@ -260,14 +260,6 @@ def finetune_linear_attention(model, loader: Iterable, *, epochs: int = 1, lr: f
             loss = ce_weight * ce + distill_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if not history and not any(p.grad is not None and bool(p.grad.any()) for p in thresholds.parameters()):
-                warnings.warn(
-                    "train_thresholds: the thresholds got no gradient in the first step: every token's score is far "
-                    "from its stage's threshold, where the soft mask sigmoid((score - threshold) / tau) is flat, so "
-                    f"training cannot move them (scores are about 1/N = {1 / max(info.num_tokens, 1):.2g} here; "
-                    f"thresholds {[round(float(t), 6) for t in thresholds.theta.detach()]}, tau "
-                    f"{getattr(patch.reducer, 'tau', '?')}). Start them near the scores (apply(..., "
-                    "method='threshold', init=[...])) or raise tau", stacklevel=2)
             opt.step()
             sched.step()
             rec = {"step": step, "loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach())}
