@@ -20,15 +20,15 @@ N = 64  # visual tokens per image (8 x 8 grid, [CLS] dropped by the "default" st
 GEN = dict(max_new_tokens=4, do_sample=False)
 
 
-def _configs(**vision):
+def _configs(text=None, **vision):
     v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
              patch_size=4)
     v.update(vision)
     vc = CLIPVisionConfig(**v)
-    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=0,
-                     initializer_range=0.2)
-    return vc, tc
+    t = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=1024, pad_token_id=0, initializer_range=0.2)
+    t.update(text or {})
+    return vc, LlamaConfig(**t)
 
 
 @pytest.fixture(scope="module")

@@ -28,64 +28,21 @@ SPACE = {"llava": VISION}  # width of the tokens diverse selects from (text= mus
 
 
 def build(family):
-    torch.manual_seed(0)
-    if family in ("llava", "llava_next"):
-        vc, _ = L._configs()
-        tc = L.LlamaConfig(hidden_size=LM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=1024, pad_token_id=0,
-                           initializer_range=0.2)
-        if family == "llava":
-            return L.LlavaForConditionalGeneration(L.LlavaConfig(vision_config=vc, text_config=tc,
-                                                                 image_token_id=L.IMG)).eval()
-        cfg = L.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=L.IMG,
-                                image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
-        return L.LlavaNextForConditionalGeneration(cfg).eval()
+    """Each family's tiny model (its own test file's), the language model LM wide."""
     if family.startswith("qwen"):
-        ids = dict(image_token_id=Q.IMG, video_token_id=Q.VID, vision_start_token_id=Q.VS, vision_end_token_id=Q.VE)
-        text = Q._text(hidden_size=LM, num_attention_heads=3, num_key_value_heads=3, head_dim=16)
-        if family == "qwen2_5_vl":
-            vc = dict(depth=2, hidden_size=VISION, intermediate_size=64, num_heads=2, patch_size=2,
-                      temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=LM,
-                      fullatt_block_indexes=[1], tokens_per_second=2)
-            m = Q.Qwen2_5_VLForConditionalGeneration(Q.Qwen2_5_VLConfig(vision_config=vc, text_config=text, **ids))
-        elif family == "qwen2_vl":
-            vc = dict(depth=2, embed_dim=VISION, hidden_size=LM, mlp_ratio=2, num_heads=2, patch_size=2,
-                      temporal_patch_size=2, spatial_merge_size=2)
-            m = Q.Qwen2VLForConditionalGeneration(Q.Qwen2VLConfig(vision_config=vc, text_config=text, **ids))
-        else:
-            vc = dict(depth=3, hidden_size=VISION, intermediate_size=64, num_heads=2, patch_size=2,
-                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=LM, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0, 1])
-            text["rope_parameters"]["mrope_interleaved"] = True
-            m = Q.Qwen3VLForConditionalGeneration(Q.Qwen3VLConfig(vision_config=vc, text_config=text, **ids))
-    elif family in ("paligemma", "gemma3"):
-        text = dict(hidden_size=LM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=16, vocab_size=128, pad_token_id=0, bos_token_id=1,
-                    eos_token_id=None)
-        if family == "gemma3":
-            cfg = G.Gemma3Config(vision_config=dict(G.VISION), text_config=dict(text, sliding_window=8),
-                                 mm_tokens_per_image=16, image_token_id=G.IMG, boi_token_index=G.BOI,
-                                 eoi_token_index=G.EOI)
-            m = G.Gemma3ForConditionalGeneration(cfg)
-            with torch.no_grad():  # initialised to zeros: every image token would be the same
-                m.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
-        else:
-            cfg = G.PaliGemmaConfig(vision_config=dict(G.VISION, projection_dim=LM), text_config=text,
-                                    image_token_id=G.IMG, projection_dim=LM)
-            m = G.PaliGemmaForConditionalGeneration(cfg)
-    else:
-        vc = dict(model_type="siglip_vision_model", hidden_size=VISION, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=16, patch_size=2)
-        tc = dict(model_type="qwen2", hidden_size=LM, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=3, num_key_value_heads=1, vocab_size=128, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=None)
-        cfg = O.LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=O.IMG, video_token_id=O.VID,
-                                     image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
-        m = O.LlavaOnevisionForConditionalGeneration(cfg)
-    m = m.eval()
-    m.generation_config.pad_token_id = 0
-    m.generation_config.eos_token_id = None
-    return m
+        return Q.build(family, lm=LM)
+    if family in ("paligemma", "gemma3"):
+        return G.build(family, lm=LM)
+    if family == "onevision":
+        return O.build(lm=LM)
+    torch.manual_seed(0)
+    vc, tc = L._configs(text=dict(hidden_size=LM))
+    if family == "llava":
+        return L.LlavaForConditionalGeneration(L.LlavaConfig(vision_config=vc, text_config=tc,
+                                                             image_token_id=L.IMG)).eval()
+    cfg = L.LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=L.IMG,
+                            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    return L.LlavaNextForConditionalGeneration(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,10 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
               patch_size=2)  # 8x8 patches
 
 
-def build(kind):
+def build(kind, lm=32):
+    """A tiny Gemma 3 / PaliGemma; ``lm``: the language model's width (the vision tower's is 32)."""
     torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    text = dict(hidden_size=lm, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, vocab_size=128, pad_token_id=0, bos_token_id=1,
                 eos_token_id=None)
     if kind == "gemma3":
@@ -33,8 +34,8 @@ def build(kind):
         with torch.no_grad():  # initialised to zeros: every image token would be the same
             m.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     else:
-        cfg = PaliGemmaConfig(vision_config=dict(VISION, projection_dim=32), text_config=dict(text),
-                              image_token_id=IMG, projection_dim=32)
+        cfg = PaliGemmaConfig(vision_config=dict(VISION, projection_dim=lm), text_config=dict(text),
+                              image_token_id=IMG, projection_dim=lm)
         m = PaliGemmaForConditionalGeneration(cfg)
     m = m.eval()
     m.generation_config.pad_token_id = 0

@@ -26,12 +26,13 @@ METHODS = [("cls", {}), ("random", {}), ("pool", {}), ("apet", {"k": 2})]
 SIZES = [[20, 30], [32, 32], [30, 12]]  # 1x2 tiles unpadded to 10 rows; 2x2 tiles, 16 rows; 2x1 tiles
 
 
-def build():
+def build(lm=32):
+    """A tiny LLaVA-OneVision; ``lm``: the language model's width (heads of 16; the vision tower's is 32)."""
     torch.manual_seed(0)
     vc = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=2, image_size=16, patch_size=2)
-    tc = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    tc = dict(model_type="qwen2", hidden_size=lm, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=lm // 16, num_key_value_heads=1, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     cfg = LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=IMG, video_token_id=VID,
                                image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
     m = LlavaOnevisionForConditionalGeneration(cfg).eval()

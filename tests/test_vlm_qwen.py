@@ -30,25 +30,27 @@ def _text(**kw):
     return d
 
 
-def build(kind, depth=None, full=(1,), deepstack=(0, 1)):
+def build(kind, depth=None, full=(1,), deepstack=(0, 1), lm=32):
     """A tiny Qwen VLM: ``depth`` vision blocks (default 2, Qwen3-VL 3), Qwen2.5-VL's full-attention blocks
-    ``full`` (its other blocks attend in windows of 8 px = 2x2 merged tokens), Qwen3-VL's deepstack taps."""
+    ``full`` (its other blocks attend in windows of 8 px = 2x2 merged tokens), Qwen3-VL's deepstack taps; ``lm``:
+    the language model's width, which the merger projects to (heads of 16; the vision blocks are 32 wide)."""
     torch.manual_seed(0)
     ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS, vision_end_token_id=VE)
+    text = _text(hidden_size=lm, num_attention_heads=lm // 16, num_key_value_heads=lm // 16)
     if kind == "qwen2_5_vl":
         vc = dict(depth=depth or 2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
-                  temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=32,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=8, out_hidden_size=lm,
                   fullatt_block_indexes=list(full), tokens_per_second=2)
-        m = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vc, text_config=_text(), **ids))
+        m = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vc, text_config=text, **ids))
     elif kind == "qwen2_vl":
-        vc = dict(depth=depth or 2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=2,
+        vc = dict(depth=depth or 2, embed_dim=32, hidden_size=lm, mlp_ratio=2, num_heads=2, patch_size=2,
                   temporal_patch_size=2, spatial_merge_size=2)
-        m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vc, text_config=_text(), **ids))
+        m = Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vc, text_config=text, **ids))
     else:
         vc = dict(depth=depth or 3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
-                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=lm, num_position_embeddings=64,
                   deepstack_visual_indexes=list(deepstack))
-        t = _text(head_dim=16)
+        t = dict(text, head_dim=16)
         t["rope_parameters"]["mrope_interleaved"] = True
         m = Qwen3VLForConditionalGeneration(Qwen3VLConfig(vision_config=vc, text_config=t, **ids))
     m = m.eval()
