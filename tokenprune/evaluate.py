@@ -535,8 +535,10 @@ def load_reusable(path, task: str, model: str, num_samples: int, dtype: str,
         want["samples"] = samples
     got = {k: prev.get(k) for k in want}
     if got != want:
-        flat_got = {**{k: v for k, v in got.items() if k != "samples"}, **(got.get("samples") or {})}
-        flat_want = {**{k: v for k, v in want.items() if k != "samples"}, **(want.get("samples") or {})}
+        def flat(d):  # the sample record's fields beside the others
+            return {**{k: v for k, v in d.items() if k != "samples"}, **(d.get("samples") or {})}
+
+        flat_got, flat_want = flat(got), flat(want)
         diff = [k for k in flat_want if flat_got.get(k) != flat_want[k]]
         raise ValueError(f"--reuse {path} was made with {', '.join(f'{k}={flat_got.get(k)!r}' for k in diff)}, "
                          f"this run has {', '.join(f'{k}={flat_want[k]!r}' for k in diff)}; they cannot be combined")

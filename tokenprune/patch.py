@@ -59,38 +59,35 @@ def _wrapper_kind(model) -> str | None:
     return "dp" if names & _DATA_PARALLEL else "distributed" if names & _DISTRIBUTED else None
 
 
+def _inner(model):
+    """The module one wrapper layer runs: a ``torch.compile`` wrapper's (``OptimizedModule``; matched by name:
+    importing ``torch._dynamo`` to check the type costs seconds), DataParallel's, DDP's or FSDP's; else None."""
+    if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
+        return model._orig_mod
+    return model.module if _wrapper_kind(model) is not None else None
+
+
 def unwrap(model):
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``), ``torch.nn.DataParallel`` or
-    ``DistributedDataParallel`` runs, which is what tokenprune patches; any other object as it is. (Matched by
-    name: importing ``torch._dynamo`` to check the type costs seconds.) DataParallel's per-device copies of the
-    module keep its patched class and patch, and compute with their own weights."""
-    while True:
-        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
-            model = model._orig_mod
-        elif _wrapper_kind(model) is not None:
-            model = model.module
-        else:
-            return model
+    """The module a ``torch.compile`` wrapper, ``torch.nn.DataParallel`` or ``DistributedDataParallel`` runs
+    (through nested wrappers), which is what tokenprune patches; any other object as it is. DataParallel's
+    per-device copies of the module keep its patched class and patch, and compute with their own weights."""
+    while (inner := _inner(model)) is not None:
+        model = inner
+    return model
 
 
 def check_wrapper_for_apply(model) -> None:
     """DDP / FSDP collect the model's parameters when they wrap it (and a reducer with learned parameters adds
     some at apply): tokenprune is applied to the model before it is wrapped."""
-    while True:
-        if type(model).__name__ == "OptimizedModule" and "_orig_mod" in getattr(model, "_modules", {}):
-            model = model._orig_mod
-            continue
-        kind = _wrapper_kind(model)
-        if kind == "distributed":
+    while model is not None:
+        if _wrapper_kind(model) == "distributed":
             name = type(model).__name__
             raise TypeError(
                 f"tokenprune: apply tokenprune to the model before wrapping it in {name} "
                 f"(tokenprune.apply(model, ...); model = {name}(model, ...)), not to the wrapper or its "
                 f"model.module: {name} registers the model's parameters when it wraps it, and a reducer with learned "
                 "parameters (threshold) adds some. tokenprune.remove, plan and features take the wrapper")
-        if kind is None:
-            return
-        model = model.module
+        model = _inner(model)
 
 
 def get_patch(model) -> Patch | None:

@@ -39,7 +39,7 @@ from ..plan import EncoderInfo
 from ..state import log_sizes
 from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
 from .timm_vit import _Model as _VitModel
-from .timm_vit import patch_grid, sized_pool
+from .timm_vit import PatchEmbedGrid, patch_grid, sized_pool
 
 _BLOCKS = {"EvaBlock.forward", "EvaBlockPostNorm.forward"}
 _ATTENTIONS = {("EvaAttention.forward", "timm.models.eva"), ("AttentionRope.forward", "timm.layers.attention")}
@@ -176,7 +176,7 @@ def _mlp_hidden(mlp, dim: int) -> int:
     return max(1, round(n / (2 * dim)))
 
 
-class TimmEvaAdapter(Adapter):
+class TimmEvaAdapter(PatchEmbedGrid, Adapter):
     family = "timm_eva"
     mid_block = True  # the block function performs stages between attention and MLP (fwd.reduce_mid)
     description = ("timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*; rotary positions follow the "
@@ -196,15 +196,6 @@ class TimmEvaAdapter(Adapter):
         if not isinstance(blocks, torch.nn.ModuleList) and not isinstance(blocks, torch.nn.Sequential) \
                 or len(blocks) == 0:
             raise TypeError("tokenprune: this timm Eva model has no blocks")
-
-    @property
-    def _grid(self):
-        """The patch embedding's grid, read when asked (``model.set_input_size`` may change it after apply)."""
-        return tuple(self.model.patch_embed.grid_size)
-
-    @property
-    def full_tokens(self) -> int:
-        return self.model.num_prefix_tokens + math.prod(self._grid)
 
     def info(self) -> EncoderInfo:
         m = self.model

@@ -122,9 +122,9 @@ def patch_grid(pe, input_shape) -> tuple[int, int]:
                              "to plan and run other sizes")
         if not getattr(pe, "dynamic_img_pad", False):
             image_grid(shape, pe.patch_size)  # an image smaller than one patch: that error first
-        if not getattr(pe, "dynamic_img_pad", False) and (shape[-2] % ph or shape[-1] % pw):
-            raise ValueError(f"tokenprune: a {shape[-2]}x{shape[-1]} image is not a multiple of the patch size "
-                             f"{ph}x{pw}; resize it, or create the model with dynamic_img_pad=True to pad it")
+            if shape[-2] % ph or shape[-1] % pw:
+                raise ValueError(f"tokenprune: a {shape[-2]}x{shape[-1]} image is not a multiple of the patch "
+                                 f"size {ph}x{pw}; resize it, or create the model with dynamic_img_pad=True to pad it")
     if getattr(pe, "dynamic_img_pad", False):
         shape = (*shape[:-2], -(-shape[-2] // ph) * ph, -(-shape[-1] // pw) * pw)
     return image_grid(shape, pe.patch_size)
@@ -216,7 +216,21 @@ class _Model:
             "Use tokenprune.features(model, x) and tokenprune.unmerge for dense outputs, or tokenprune.remove(model)")
 
 
-class TimmViTAdapter(Adapter):
+class PatchEmbedGrid:
+    """``_grid`` and ``full_tokens`` of a timm adapter, read from the model's patch embedding when asked
+    (``model.set_input_size`` may change them after apply)."""
+
+    @property
+    def _grid(self):
+        grid = getattr(self.model.patch_embed, "grid_size", None)
+        return tuple(grid) if grid is not None else None
+
+    @property
+    def full_tokens(self) -> int:
+        return self.model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
+
+
+class TimmViTAdapter(PatchEmbedGrid, Adapter):
     family = "timm"
     description = "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)"
     mid_block = True
@@ -240,16 +254,6 @@ class TimmViTAdapter(Adapter):
             raise TypeError(f"tokenprune: {type(model).__name__} has its own forward_features; only timm's "
                             "VisionTransformer forward is supported")
         self.check(None)  # before info(), which reads blk.attn
-
-    @property
-    def _grid(self):
-        """The patch embedding's grid, read when asked (``model.set_input_size`` may change it after apply)."""
-        grid = getattr(self.model.patch_embed, "grid_size", None)
-        return tuple(grid) if grid is not None else None
-
-    @property
-    def full_tokens(self) -> int:
-        return self.model.num_prefix_tokens + (math.prod(self._grid) if self._grid else 0)
 
     def info(self) -> EncoderInfo:
         m = self.model
