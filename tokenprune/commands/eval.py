@@ -199,11 +199,13 @@ def _run(args, configs, notes, dist_, device):
         samples.update(train_data=str(Path(tpath).resolve()), train_samples=len(data["train_images"]))
         samples.update({"k": args.k} if task == "knn" else
                        {"readout_epochs": args.readout_epochs, "after_encoder": args.after_encoder})
+    prev = None  # the --reuse file, read once here
     if args.reuse:
         reused, reference = ev.load_reusable(args.reuse, task, lm.name, n, args.dtype, samples)
         import json
 
-        if "samples" not in json.loads(Path(args.reuse).read_text()) and dist_.main:
+        prev = json.loads(Path(args.reuse).read_text())
+        if "samples" not in prev and dist_.main:
             warn(f"--reuse {args.reuse} does not record which samples it ran on (an older tokenprune): "
                  "its rows are combined on trust that --data, --seed and the train set are the same")
     todo = [c for c in configs if c.name not in reused or (c.method is None and reference is None)]
@@ -233,10 +235,7 @@ def _run(args, configs, notes, dist_, device):
             "device": device, "dtype": args.dtype, "world_size": dist_.world, "batch_size": args.batch_size,
             "torch": torch.__version__, "python": platform.python_version(), "notes": notes + run_notes,
             "reference": ev.reference_to_json(reference)}
-    if args.reuse:  # keep the provenance of the reused rows
-        import json
-
-        prev = json.loads(Path(args.reuse).read_text())
+    if prev is not None:  # keep the provenance of the reused rows
         meta["earlier_commands"] = prev.get("earlier_commands", []) + [prev.get("command")]
     if args.speedups:
         mismatched = []
