@@ -43,6 +43,9 @@ BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), (
        ("merge-3-stages", {"method": "merge", "layers": "thirds"}),
        ("patched, budget 1.0", {"method": "merge", "budget": 1.0})]  # the patch's own cost: no reduction
 M3, PATCHED = BS1[-2], BS1[-1]
+# the same schedules with no reduction cost (cut_blocks): how far from the best its schedule allows each reducer is
+CUTS = [("cut: cls", {"method": "cls", "cut": True}),
+        ("cut: merge-3-stages", {"method": "merge", "layers": "thirds", "cut": True})]
 
 
 def timm_model(name, smoke, **kw):
@@ -87,11 +90,44 @@ def forward_fn(case, m):
     return m
 
 
+class _Cut(torch.nn.Module):
+    """A block whose output keeps its first ``n`` token rows (a view: no kernel)."""
+
+    def __init__(self, block, n):
+        super().__init__()
+        self.block, self.n = block, n
+
+    def forward(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0][:, :self.n],) + tuple(out[1:])
+        return out[:, :self.n]
+
+
+def cut_blocks(m, plan):
+    """The reduction at no cost: the unpatched model whose token rows are cut to ``plan``'s counts after its stage
+    blocks (``x[:, :prefix + keep]``). What a reducer with this schedule could reach at best. A stage inside a block
+    (``mid``, ToMe's placement) is cut after that block: its MLP runs on the larger count, so this bound is a little
+    low there. Bench-only: the stage blocks are wrapped (a module of another class, so a compiled copy of the
+    unreduced model is not reused for it, as it was with forward hooks on a timm Sequential)."""
+    info = tokenprune.adapters.for_model(m).info()
+    blocks = m.blocks if hasattr(m, "blocks") else m.layers
+    for st in plan.stages:
+        blocks[st.block] = _Cut(blocks[st.block], info.num_prefix + st.keep)
+
+
 def apply_variant(m, variant, budget):
     name, kw = variant
     kw = dict(kw)
     method = kw.pop("method", name)
     budget = kw.pop("budget", budget)
+    if kw.pop("cut", False):  # the schedule of `method` with no reduction cost (cut_blocks)
+        import copy
+        probe = copy.deepcopy(m)
+        plan = apply_variant(probe, (method, kw), budget)
+        del probe
+        cut_blocks(m, plan)
+        return plan
     if kw.get("layers") == "thirds":
         depth = tokenprune.adapters.for_model(m).info().depth
         kw["layers"] = [depth // 4 - 1 + depth // 4 * i for i in range(3)] if depth >= 8 else [0, 1, 2]
@@ -871,9 +907,10 @@ def main():
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5,
                  reps, args.smoke, host=True)
     if "long_siglip" in parts:  # the SigLIP half of long, reduce-overhead only
-        run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.25, reps, args.smoke)
+        run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3] + CUTS, 0.25, reps, args.smoke)
     if "long_whisper" in parts:  # the Whisper half of long, reduce-overhead only
-        run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5, reps, args.smoke)
+        run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3] + CUTS, 0.5, reps,
+                 args.smoke)
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
