@@ -238,6 +238,38 @@ def test_avg_pool_is_size_weighted():
     torch.testing.assert_close(pooled, model.fc_norm(full.mean(1)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,global_pool", [("vit_small_patch16_224", "avg"), ("vit_small_patch16_224", "map"),
+                                              ("vit_small_patch16_224", "avgmax"), ("vit_small_patch16_dinov3", "avg")])
+def test_pool_method_is_size_weighted_or_refused(name, global_pool):
+    """timm's public ``model.pool(tokens)`` (what ``forward_head`` calls) on reduced tokens: with ``sizes=`` it pools
+    as the patched forward does; without them a size-weighted pooling refuses, as ``forward_head`` does (it returned
+    the unweighted pooling of the reduced tokens, silently). 'token' pooling and pruning without merging (no sizes)
+    still run as before."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                              num_classes=10, global_pool=global_pool).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method="merge")
+    with torch.no_grad():
+        feats, state = tokenprune.features(model, x)
+        full, _ = tokenprune.unmerge(feats, state)
+        p = model.num_prefix_tokens
+        unpatched = type(model).__dict__["_tokenprune_original_class"]
+        want = unpatched.pool(model, torch.cat([feats[:, :p], full], 1))  # the unreduced pooling of the unmerged tokens
+        torch.testing.assert_close(model.pool(feats, sizes=state.sizes), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True, sizes=state.sizes),
+                                   model.fc_norm(want), rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="sizes"):
+            model.pool(feats)
+        tokenprune.apply(model, budget=0.25, method="cls")  # pruning: no sizes, the forward pools the kept tokens
+        feats, state = tokenprune.features(model, x)
+        torch.testing.assert_close(model(x), model.forward_head(feats, sizes=state.sizes))
+        model.reset_classifier(10, "token")
+        torch.testing.assert_close(model.pool(feats), feats[:, 0])
+
+
 @pytest.mark.parametrize("global_pool", ["avg", "map"])
 def test_forward_head_without_sizes_refused_on_a_larger_input(global_pool):
     """dynamic_img_size: an input larger than the default keeps more tokens than the default grid has; its reduced

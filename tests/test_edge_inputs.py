@@ -257,3 +257,36 @@ def test_apet_budget_one_on_an_input_of_fewer_tokens_than_its_basis():
         tokenprune.apply(model, budget=1.0, method="apet")
         for x, w in zip(xs, want):
             torch.testing.assert_close(model(x), w, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_removed_after_apply_is_a_clear_error():
+    """timm's ``prune_intermediate_layers`` (or popping layers off an HF encoder, as done for penultimate-layer
+    features) after ``apply`` changes the depth the plan was made for: the forward, ``features`` and ``plan`` say so
+    and how to fix it (it was ``zip() argument 2 is longer than argument 1`` after running the blocks; a SigLIP2
+    batch mixing shapes silently skipped the missing blocks' stages). Applying again plans the model as it is now."""
+    from test_adapters_matrix import make_hf_clip
+    from test_siglip2 import _mixed, make_tower
+
+    x = torch.randn(2, 3, 32, 32)
+    timm_model = tiny_vit(depth=6)
+    clip = make_hf_clip()
+    siglip2 = make_tower()
+    cases = [(timm_model, lambda m: m.prune_intermediate_layers(indices=[1]), lambda m: m(x), lambda m: (x,)),
+             (clip["model"], lambda m: getattr(m, "vision_model", m).encoder.layers.__delitem__(-1),
+              lambda m: m(pixel_values=clip["x"]), lambda m: (clip["x"],)),
+             (siglip2, lambda m: getattr(m, "vision_model", m).encoder.layers.__delitem__(-1), lambda m: m(*_mixed()),
+              lambda m: _mixed())]
+    for model, cut, run, args in cases:
+        tokenprune.apply(model, budget=0.25, method="merge")
+        cut(model)
+        with torch.no_grad():
+            with pytest.raises(RuntimeError, match="blocks.*apply.*again"):
+                run(model)
+            with pytest.raises(RuntimeError, match="blocks.*apply.*again"):
+                tokenprune.features(model, *args(model))
+        with pytest.raises(RuntimeError, match="blocks.*apply.*again"):
+            tokenprune.plan(model)
+        tokenprune.apply(model, budget=0.25, method="merge")  # planned on the model as it is now
+        with torch.no_grad():
+            run(model)
+        tokenprune.remove(model)

@@ -6,6 +6,7 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
+from .engine import check_depth
 from .patch import (MODULE_ATTR, PATCH_ATTR, Patch, check_wrapper_for_apply, get_patch, is_applied,  # noqa: F401
                     unwrap)  # (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
@@ -168,6 +169,7 @@ def plan(model, budget: float | None = None, method: str | None = None, *, num_t
     if budget is None and method is None and not options and schedule is None:
         if patch is None:
             raise ValueError("model is not patched; give budget= and method= to plan a reduction")
+        check_depth(patch.adapter.info().depth, patch.info.depth)
         return patch.plan_for(*_planned_input(patch, num_tokens, input_shape))
     if budget is None and schedule is None:
         budget = patch.budget if patch is not None else 0.5

@@ -145,6 +145,15 @@ class Forward:
         return None if self.state is None else self.state.sizes
 
 
+def check_depth(depth: int, planned: int) -> None:
+    """Refuse a model whose encoder has another number of blocks than the patch was planned for."""
+    if depth != planned:
+        raise RuntimeError(
+            f"tokenprune: this model's encoder now has {depth} blocks, but tokenprune.apply planned {planned} (blocks "
+            "were removed or added after apply, e.g. by timm's prune_intermediate_layers or by editing the layer "
+            "list); call tokenprune.apply(model, ...) again to plan the model as it is now")
+
+
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,
                grid=None) -> torch.Tensor:
     """Run ``blocks`` on ``x`` with the patch's reducer between them; the final state is ``fwd.state``."""
@@ -157,6 +166,7 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     state = TokenState.start(x, patch.num_prefix, grid, track_source=patch.track_source)
     state.proportional = reducer.proportional
     prog = patch.program_for(state.num_input, grid)
+    check_depth(len(blocks), len(prog.steps))
     fwd.state, fwd.mid_fuse = state, prog.mid_fuse
     observes = getattr(reducer, "observes", True)
     for stage in prog.before:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .engine import QK, Forward, run_blocks
+from .engine import QK, Forward, check_depth, run_blocks
 from .state import TokenState
 
 
@@ -70,6 +70,7 @@ def run_mixed(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, 
         state.proportional = reducer.proportional
         groups.append(_Group(grid, start, start + len(rows), state, patch.program_for(n, grid)))
         start += len(rows)
+    check_depth(len(blocks), len(groups[0].prog.stages))
     _check_programs(groups)
     for g in groups:
         for stage in g.prog.before:

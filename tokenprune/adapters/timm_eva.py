@@ -160,12 +160,10 @@ class _Eva(_VitModel):
         x = run_blocks(fwd, self.blocks, x, block, grid)
         return self.norm(x)
 
-    def _tokenprune_pool(self, x, sizes):
+    def _tokenprune_pool(self, x, sizes, pool_type=None):
         if self.attn_pool is not None:  # Eva's latent pooling attends over every token, prefix included
             return self.attn_pool(x, attn_mask=log_sizes(sizes, x.dtype)[:, None, None, :])
-        pool_type = self.global_pool
-        if not pool_type or pool_type == "token":
-            return super().pool(x, pool_type)
+        pool_type = pool_type or self.global_pool
         p = self.num_prefix_tokens
         return sized_pool(x[:, p:], sizes[:, p:], pool_type)
 

@@ -11,8 +11,9 @@ patched model's own blocks cheaper to issue than timm's (same arithmetic, identi
 Attention is always SDPA (or the fused key-bias kernel, or MAELRE's linear kernel), never N x N.
 
 Pooling ('avg', 'avgmax', 'max', 'map') weights tokens by their sizes and ignores padding; 'token'
-reads the class token. ``model.forward_head(tokens)`` called on its own gets no sizes: pass them
-(``tokens, state = tokenprune.features(model, x); model.forward_head(tokens, sizes=state.sizes)``).
+reads the class token. ``model.forward_head(tokens)`` or ``model.pool(tokens)`` called on its own gets no sizes:
+pass them (``tokens, state = tokenprune.features(model, x); model.forward_head(tokens, sizes=state.sizes)``);
+without them a size-weighted pooling of reduced tokens is refused.
 """
 from __future__ import annotations
 
@@ -147,8 +148,6 @@ class _Model:
     def forward(self, x, attn_mask=None, is_causal=False):
         fwd = Forward(self._tokenprune_patch)
         tokens = self._tokenprune_features(x, fwd, attn_mask, is_causal)
-        if fwd.sizes is None:  # every token stands for one patch: timm's own pooling is exact
-            return super().forward_head(tokens)
         return self.forward_head(tokens, sizes=fwd.sizes)
 
     def forward_features(self, x, attn_mask=None, is_causal=False):
@@ -179,33 +178,43 @@ class _Model:
     def forward_head(self, x, pre_logits: bool = False, sizes=_UNSET):
         """timm's ``forward_head`` with size-weighted pooling; ``sizes=state.sizes`` from
         :func:`tokenprune.features` (``None``: every token stands for one patch)."""
-        if sizes is None or (self.attn_pool is None and self.global_pool not in _SIZED_POOLS):
+        if not self._tokenprune_sized(None):
             # 'token' / '' read tokens as they are: the model's own head (DeiT distilled: both heads averaged)
             return super().forward_head(x, pre_logits)
+        x = self.head_drop(self.fc_norm(self.pool(x, sizes=sizes, _what="forward_head")))
+        return x if pre_logits else self.head(x)
+
+    def pool(self, x, pool_type=None, sizes=_UNSET, _what: str = "pool"):
+        """timm's ``pool`` with size-weighted pooling; ``sizes=state.sizes`` from :func:`tokenprune.features`
+        (``None``: every token stands for one patch)."""
+        if not self._tokenprune_sized(pool_type):
+            return super().pool(x, pool_type)
         if sizes is _UNSET:
-            pool_type = self.global_pool
             patch = self._tokenprune_patch
             # a budget below 1 reduces every input (one larger than the default keeps more tokens than the default
             # grid has, so the count alone cannot tell); at budget 1 only a count below the full grid's is reduced
             if patch.budget < 1.0 or x.shape[1] < patch.adapter.full_tokens:
+                kind = "map" if self.attn_pool is not None else pool_type or self.global_pool
                 raise ValueError(
-                    "tokenprune: forward_head got reduced tokens without their sizes, and this model's pooling "
-                    f"({'map' if self.attn_pool is not None else pool_type}) weights tokens by size. Call model(x), "
-                    "or tokens, state = tokenprune.features(model, x); model.forward_head(tokens, sizes=state.sizes)")
-            return super().forward_head(x, pre_logits)
-        x = self._tokenprune_pool(x, sizes)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+                    f"tokenprune: {_what} got reduced tokens without their sizes, and this model's pooling ({kind}) "
+                    "weights tokens by size. Call model(x), or tokens, state = tokenprune.features(model, x); "
+                    f"model.{_what}(tokens, sizes=state.sizes)")
+            sizes = None
+        if sizes is None:  # every token stands for one patch: timm's own pooling is exact
+            return super().pool(x, pool_type)
+        return self._tokenprune_pool(x, sizes, pool_type)
 
-    def _tokenprune_pool(self, x, sizes):
+    def _tokenprune_sized(self, pool_type) -> bool:
+        """Whether the pooling (``pool_type``, else the model's) weights tokens by their sizes."""
+        return self.attn_pool is not None or (pool_type or self.global_pool) in _SIZED_POOLS
+
+    def _tokenprune_pool(self, x, sizes, pool_type=None):
         p = self.num_prefix_tokens
         if self.attn_pool is not None:
             if not self.pool_include_prefix:
                 x, sizes = x[:, p:], sizes[:, p:]
             return self.attn_pool(x, attn_mask=log_sizes(sizes, x.dtype)[:, None, None, :])
-        pool_type = self.global_pool
-        if not pool_type or pool_type == "token":
-            return super().pool(x, pool_type)
+        pool_type = pool_type or self.global_pool
         if not self.pool_include_prefix:
             x, sizes = x[:, p:], sizes[:, p:]
         return sized_pool(x, sizes, pool_type)
