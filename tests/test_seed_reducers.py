@@ -128,6 +128,23 @@ def test_efficient_attention_matches_float64_reference():
     torch.testing.assert_close(out[:, :, keep], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_efficient_attention_of_float64_is_float64_and_a_float64_model_gradchecks():
+    """A float64 model runs MAELRE's linear attention in float64 (it used to run in float32: outputs off by ~1e-7
+    relative and finite-difference gradient checks of the patched model failing), as SDPA does in its blocks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64) for _ in range(3))
+    bias = (torch.rand(2, 17, dtype=torch.float64) + 0.5).log()[:, None, None, :]
+    for bb in (None, bias):
+        out = maelre_mod.efficient_attention(q, k, v, bb)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, _reference_efficient_attention(q, k, v, bb), atol=1e-12, rtol=1e-12)
+    model = tiny_vit(img_size=16, embed_dim=12, num_heads=2, num_classes=3).double()
+    tokenprune.apply(model, budget=0.5, method="maelre", switch_at=4)
+    assert "linear" in tokenprune.plan(model).attention_per_block()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_maelre_switches_exactly_where_n_exceeds_threshold(monkeypatch):
     model = tiny_vit(depth=6)
     x = torch.randn(2, 3, 32, 32)
