@@ -200,6 +200,18 @@ def test_maelre_finetune_trains_only_linear_attention():
         assert torch.equal(v, after[n]) == (n not in names), n
 
 
+def test_maelre_finetune_of_a_model_patched_with_another_method_says_so():
+    """It used to answer 'every block has N <= switch_at', which sends a user patched with merge after switch_at."""
+    from tokenprune.training import finetune_linear_attention, linear_attention_parameters
+
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method="merge")
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    for call in (lambda: finetune_linear_attention(model, data), lambda: linear_attention_parameters(model)):
+        with pytest.raises(ValueError, match=r"method='maelre'.*patched with 'merge'"):
+            call()
+
+
 # -- apet ---------------------------------------------------------------------------------------------
 def test_apet_reconstruction_error_matches_float64_lstsq():
     torch.manual_seed(0)

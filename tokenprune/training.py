@@ -208,6 +208,9 @@ def _attention_module(block):
 def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     """The attention parameters of the blocks that run the linear approximation under the model's plan."""
     patch = _patch(model, "maelre")
+    if not getattr(patch.reducer, "uses_attention_kernel", False):
+        raise ValueError(f"fine-tuning linear attention needs a model patched with method='maelre' (or a pipeline "
+                         f"containing it); this one is patched with {getattr(patch, 'method', patch.reducer.name)!r}")
     blocks = getattr(patch.adapter, "blocks", None)
     blocks = blocks() if callable(blocks) else blocks
     if blocks is None:
