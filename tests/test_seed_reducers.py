@@ -459,3 +459,21 @@ def test_train_thresholds_warns_when_the_thresholds_get_no_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_thresholds(near, data, target=0.2, ce_weight=0, distill_weight=0)
+
+
+def test_training_loaders_of_the_wrong_shape_are_clear_errors():
+    """A loader must give image batches or (images, labels) pairs. Giving one (x, y) pair as the loader, a tensor of
+    images, or dict batches used to fail inside the model ('not enough values to unpack', 'dict' has no 'shape')."""
+    from tokenprune.training import finetune_linear_attention, train_thresholds
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    thr = _thresholded()
+    lin = tiny_vit()
+    tokenprune.apply(lin, budget=0.25, method="maelre", switch_at=40)
+    for train, model in ((train_thresholds, thr), (finetune_linear_attention, lin)):
+        for loader, match in (((x, y), r"batch 1 .*1-D tensor.*wrap a single \(inputs, labels\) pair in a list"),
+                              (x, r"batch 0 .*3-D tensor.*\[B, C, H, W\]"),
+                              ([{"pixel_values": x, "labels": y}], r"batch 0 .*dict.*\(inputs, labels\)"),
+                              ([(x, y[:1])], r"batch 0: 1 labels for 2 inputs")):
+            with pytest.raises((TypeError, ValueError), match=match):
+                train(model, loader, ce_weight=0)
