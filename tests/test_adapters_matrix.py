@@ -631,3 +631,32 @@ def test_hf_clip_siglip_plan_for_an_input_shape(family):
         assert out.shape[1] == fam["prefix"] + planned.num_out
     finally:
         tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("method,kw", [("merge", {}), ("threshold", {}), ("cls", {"threshold": 0.05})],
+                         ids=["merge", "threshold", "cls-threshold"])
+@pytest.mark.parametrize("family", ["hf_clip", "siglip", "whisper", "ast", "videomae"])
+def test_hf_gradient_checkpointing_in_training_gives_the_gradients_without_it(family, method, kw):
+    """transformers' gradient checkpointing reruns each layer's forward in the backward. The rerun must see the
+    context of its own block (its key bias, its kernel), not the one the forward left behind: it used to get the
+    last block's, and the backward failed with torch's CheckpointError (or could compute other gradients)."""
+    import warnings
+
+    fam = FAMILIES[family]()
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, 0.5, method, **kw)
+    model.train()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        fam["out"](model, x).float().pow(2).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable: a deprecated alias in 5.x
+        model.gradient_checkpointing_enable()
+    got = grads()
+    assert got.keys() == ref.keys() and len(ref) > 10
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -128,6 +128,23 @@ def test_efficient_attention_matches_float64_reference():
     torch.testing.assert_close(out[:, :, keep], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_efficient_attention_of_float64_is_float64_and_a_float64_model_gradchecks():
+    """A float64 model runs MAELRE's linear attention in float64 (it used to run in float32: outputs off by ~1e-7
+    relative and finite-difference gradient checks of the patched model failing), as SDPA does in its blocks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64) for _ in range(3))
+    bias = (torch.rand(2, 17, dtype=torch.float64) + 0.5).log()[:, None, None, :]
+    for bb in (None, bias):
+        out = maelre_mod.efficient_attention(q, k, v, bb)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, _reference_efficient_attention(q, k, v, bb), atol=1e-12, rtol=1e-12)
+    model = tiny_vit(img_size=16, embed_dim=12, num_heads=2, num_classes=3).double()
+    tokenprune.apply(model, budget=0.5, method="maelre", switch_at=4)
+    assert "linear" in tokenprune.plan(model).attention_per_block()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(model, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_maelre_switches_exactly_where_n_exceeds_threshold(monkeypatch):
     model = tiny_vit(depth=6)
     x = torch.randn(2, 3, 32, 32)
@@ -181,6 +198,18 @@ def test_maelre_finetune_trains_only_linear_attention():
     after = model.state_dict()
     for n, v in before.items():
         assert torch.equal(v, after[n]) == (n not in names), n
+
+
+def test_maelre_finetune_of_a_model_patched_with_another_method_says_so():
+    """It used to answer 'every block has N <= switch_at', which sends a user patched with merge after switch_at."""
+    from tokenprune.training import finetune_linear_attention, linear_attention_parameters
+
+    model = tiny_vit()
+    tokenprune.apply(model, budget=0.25, method="merge")
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+    for call in (lambda: finetune_linear_attention(model, data), lambda: linear_attention_parameters(model)):
+        with pytest.raises(ValueError, match=r"method='maelre'.*patched with 'merge'"):
+            call()
 
 
 # -- apet ---------------------------------------------------------------------------------------------
@@ -430,3 +459,21 @@ def test_train_thresholds_warns_when_the_thresholds_get_no_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train_thresholds(near, data, target=0.2, ce_weight=0, distill_weight=0)
+
+
+def test_training_loaders_of_the_wrong_shape_are_clear_errors():
+    """A loader must give image batches or (images, labels) pairs. Giving one (x, y) pair as the loader, a tensor of
+    images, or dict batches used to fail inside the model ('not enough values to unpack', 'dict' has no 'shape')."""
+    from tokenprune.training import finetune_linear_attention, train_thresholds
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    thr = _thresholded()
+    lin = tiny_vit()
+    tokenprune.apply(lin, budget=0.25, method="maelre", switch_at=40)
+    for train, model in ((train_thresholds, thr), (finetune_linear_attention, lin)):
+        for loader, match in (((x, y), r"batch 1 .*1-D tensor.*wrap a single \(inputs, labels\) pair in a list"),
+                              (x, r"batch 0 .*3-D tensor.*\[B, C, H, W\]"),
+                              ([{"pixel_values": x, "labels": y}], r"batch 0 .*dict.*\(inputs, labels\)"),
+                              ([(x, y[:1])], r"batch 0: 1 labels for 2 inputs")):
+            with pytest.raises((TypeError, ValueError), match=match):
+                train(model, loader, ce_weight=0)

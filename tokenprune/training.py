@@ -63,8 +63,24 @@ def _batches(loader, epochs: int, max_steps: int | None):
             if max_steps is not None and step >= max_steps:
                 return
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            _check_batch(step, x, y)
             yield step, x, y
             step += 1
+
+
+def _check_batch(step: int, x, y) -> None:
+    """The models trained here are timm image encoders: inputs ``[B, C, H, W]``, labels ``[B]`` (or ``[B, classes]``)."""
+    what = "image batches or (inputs, labels) pairs (a DataLoader, or a list [(x, y), ...])"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"tokenprune.training: batch {step} is a {type(x).__name__}; the loader must give {what}")
+    if x.dim() != 4:
+        hint = "; wrap a single (inputs, labels) pair in a list: [(x, y)]" if x.dim() < 3 else ""
+        raise ValueError(f"tokenprune.training: batch {step} has inputs that are a {x.dim()}-D tensor "
+                         f"{tuple(x.shape)}, not images [B, C, H, W]; the loader must give {what}{hint}")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]):
+        got = f"{y.shape[0]} labels" if isinstance(y, torch.Tensor) and y.dim() else f"labels {y!r:.40}"
+        raise ValueError(f"tokenprune.training: batch {step}: {got} for {x.shape[0]} inputs; labels must be a tensor "
+                         "[B] of class indices (or [B, classes] of probabilities)")
 
 
 def _patch(model, method: str):
@@ -208,6 +224,9 @@ def _attention_module(block):
 def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     """The attention parameters of the blocks that run the linear approximation under the model's plan."""
     patch = _patch(model, "maelre")
+    if not getattr(patch.reducer, "uses_attention_kernel", False):
+        raise ValueError(f"fine-tuning linear attention needs a model patched with method='maelre' (or a pipeline "
+                         f"containing it); this one is patched with {getattr(patch, 'method', patch.reducer.name)!r}")
     blocks = getattr(patch.adapter, "blocks", None)
     blocks = blocks() if callable(blocks) else blocks
     if blocks is None:

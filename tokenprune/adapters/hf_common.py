@@ -192,10 +192,20 @@ class ProjAttention:
 def block_fn(*extra):
     """A block function for ``run_blocks``: the HF layer runs as usual (``layer(x, *extra)``, e.g.
     ``extra=(None,)`` for layers whose ``attention_mask`` argument is required) with the context passed
-    as ``tokenprune=``, which the layer hands to its attention function."""
+    as ``tokenprune=``, which the layer hands to its attention function.
+
+    Under transformers' gradient checkpointing (a layer in training with ``gradient_checkpointing`` set) the backward
+    reruns the layer's forward, after the loop has moved ``fwd`` on to later blocks: the layer then gets a context
+    of its own with this block's key bias and kernel, and the q/k it records are handed on to ``fwd``."""
 
     def call(layer, x, fwd):
-        out = layer(x, *extra, tokenprune=fwd)
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            ctx = Forward(fwd.patch)
+            ctx.bias, ctx.kernel, ctx.want_qk = fwd.bias, fwd.kernel, fwd.want_qk
+            out = layer(x, *extra, tokenprune=ctx)
+            fwd.qk = ctx.qk
+        else:
+            out = layer(x, *extra, tokenprune=fwd)
         return out[0] if isinstance(out, tuple) else out
 
     return call

@@ -26,12 +26,13 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keys runs per feature column over the N tokens; ``bias`` ``[B, 1, 1, N]``
     (log sizes, ``-inf`` = masked key) is added to every column of the keys
     before it. A column whose keys are all masked gives a zero context row (not
-    NaN). Float32 arithmetic, the result in ``q``'s dtype; never forms an
+    NaN). Float32 arithmetic (float64 for float64 inputs), the result in ``q``'s dtype; never forms an
     ``N x N`` matrix.
     """
-    qf, kf, vf = q.float(), k.float(), v.float()
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)
     if bias is not None:
-        kf = kf + bias.float()[:, :, 0, :, None]  # [B, 1, N, 1]
+        kf = kf + bias.to(ct)[:, :, 0, :, None]  # [B, 1, N, 1]
     m = kf.detach().amax(2, keepdim=True)  # a shift per column: the softmax does not change, no gradient through it
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # every key masked: exp(-inf) = 0, a zero row
     e = (kf - m).exp()  # [B, H, N, d]
