@@ -298,6 +298,28 @@ def test_nested_apply_is_a_clear_error_and_changes_nothing():
     assert tokenprune.plan(model).budget == 0.5
 
 
+def test_refused_apply_on_a_part_of_a_patched_model_leaves_the_patch_working():
+    """``apply(model.model.encoder)`` on a patched Whisper was refused only when installing, and the cleanup of that
+    refusal swapped the encoder's class back: the enclosing model still said it was patched, but ran unreduced (and
+    other families raised AttributeError at the next forward). It is refused before anything changes."""
+    from test_adapters_matrix import make_whisper
+
+    f = make_whisper(layers=2)
+    model, x = f["model"], f["x"]
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        reduced = model.model.encoder(x).last_hidden_state
+    classes = {name: type(m) for name, m in model.named_modules()}
+    for part in (model.model.encoder, model.model):
+        with pytest.raises(ValueError, match=r"part of a model patched by tokenprune.*tokenprune\.remove"):
+            tokenprune.apply(part, budget=0.25, method="cls")
+        assert {name: type(m) for name, m in model.named_modules()} == classes
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.encoder(x).last_hidden_state, reduced, rtol=0, atol=0)
+    tokenprune.remove(model)
+    assert not any(type(m).__name__.startswith("TokenPruned") for m in model.modules())
+
+
 # -- weights edited in place are seen by the next forward ------------------------------------------------------
 @pytest.mark.parametrize("method", ["merge", "maelre"])
 def test_in_place_weight_edit_through_data_shows_in_next_forward(method):

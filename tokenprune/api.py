@@ -6,10 +6,12 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
+from .adapters.base import ORIGINAL
 from .patch import (MODULE_ATTR, PATCH_ATTR, Patch, check_wrapper_for_apply, get_patch, is_applied,  # noqa: F401
                     unwrap)  # (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
+from .stem import _ConvAsGemm
 
 
 def _attach_module(model, patch) -> None:
@@ -132,10 +134,17 @@ def _check_not_nested(model) -> None:
     if not hasattr(model, "named_modules"):
         raise TypeError(f"tokenprune.apply takes a model object (torch.nn.Module), got {type(model).__name__} "
                         f"{model!r:.60}; create the model first, e.g. timm.create_model(name)")
+    own = PATCH_ATTR in model.__dict__
     for name, m in model.named_modules():
         if name and PATCH_ATTR in m.__dict__:
             raise ValueError(f"tokenprune: the submodule {name!r} of this model is already patched; call "
                              f"tokenprune.remove(model.{name}) first, or apply to that submodule only")
+        # patched by an apply on a model that encloses this one (fast_patch_embed's swap is no patch: it composes)
+        if not own and ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm):
+            where = f"its submodule {name!r}" if name else "it"
+            raise ValueError(f"tokenprune: this {type(model).__name__} is part of a model patched by tokenprune "
+                             f"({where} is patched); call tokenprune.remove on that model first, then apply to the "
+                             "one you want reduced")
 
 
 def remove(model):
