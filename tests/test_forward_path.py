@@ -115,6 +115,20 @@ def test_export_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw, stric
         torch.export.export(model, (torch.randn(2, 3, 32, 32),), strict=strict)
 
 
+@pytest.mark.parametrize("method,kw", [("cls", {"threshold": 0.01}), ("threshold", {})], ids=["cls-threshold",
+                                                                                                "threshold"])
+def test_fullgraph_compile_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw):
+    """``torch.compile(fullgraph=True)`` of a data-dependent count raised Dynamo's "Could not guard on data-dependent
+    expression" from a line of tokenprune (as if it were a bug there): say what it is and what to do instead."""
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method=method, **kw)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match=r"tokenprune: torch\.compile\(fullgraph=True\) .*depends "
+                                                         r"on the data.*without fullgraph=True"):
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
+
+
 def test_export_of_a_fixed_count_reducer_matches_eager():
     model = tiny_vit(depth=2)
     tokenprune.apply(model, budget=0.5, method="merge")
