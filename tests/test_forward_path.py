@@ -334,6 +334,40 @@ def test_refused_apply_on_a_part_of_a_patched_model_leaves_the_patch_working():
     assert not any(type(m).__name__.startswith("TokenPruned") for m in model.modules())
 
 
+def _hook_forward_like_accelerate(module):
+    """What ``accelerate.hooks.add_hook_to_module`` does to a module (``from_pretrained(device_map=...)`` over several
+    devices or with offloading, ``cpu_offload``): ``forward`` becomes an instance attribute that calls the forward the
+    module had then, kept as ``_old_forward``."""
+    import functools
+
+    module._old_forward = module.forward
+    module.forward = functools.update_wrapper(functools.partial(lambda m, *a, **k: m._old_forward(*a, **k), module),
+                                              module._old_forward)
+
+
+@pytest.mark.parametrize("method", ["merge", "threshold"])
+def test_a_forward_replaced_on_the_instance_is_refused_at_apply(method):
+    """tokenprune patches classes: a forward set on the instance (accelerate's hooks) shadows the patched one, and the
+    model ran unreduced while plan() reported the reduction (HF towers, every VLM). apply() says so, and the model is
+    left as it was (no patch, classes, no learned parameters)."""
+    from test_adapters_matrix import make_hf_clip
+
+    f = make_hf_clip(layers=2)
+    model, x = f["model"], f["x"]
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    _hook_forward_like_accelerate(model)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"forward .*replaced on the instance.*accelerate.*bypass"):
+        tokenprune.apply(model, budget=0.25, method=method)
+    assert not tokenprune.is_applied(model) and list(model.state_dict()) == keys
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, ref, rtol=0, atol=0)
+
+
 # -- weights edited in place are seen by the next forward ------------------------------------------------------
 @pytest.mark.parametrize("method", ["merge", "maelre"])
 def test_in_place_weight_edit_through_data_shows_in_next_forward(method):

@@ -116,12 +116,30 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     remove(model)
     try:
         _install(model, patch)
+        _check_class_forward(model)
     except BaseException:
-        patch.adapter.uninstall()
+        if model.__dict__.get(PATCH_ATTR) is patch:
+            remove(model)
+        else:
+            patch.adapter.uninstall()
         if previous is not None:
             _install(model, previous)
         raise
     return given
+
+
+def _check_class_forward(model) -> None:
+    """A patched module whose ``forward`` was set on the instance (accelerate's hooks) would never run the patched
+    class's forward: refused (``apply`` then restores the model)."""
+    for name, m in model.named_modules():
+        if ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm) and "forward" in m.__dict__:
+            raise ValueError(
+                f"tokenprune: the forward of {f'model.{name}' if name else 'the model'} "
+                f"({type(m).__dict__[ORIGINAL].__name__}) was replaced on the instance (accelerate's hooks do this: "
+                "from_pretrained(device_map=...) over several devices or with offloading, cpu_offload); tokenprune "
+                "patches the class, and that forward would bypass the patched one (unreduced outputs). Load it on one "
+                "device without device_map (model.to(device)), or call "
+                "accelerate.hooks.remove_hook_from_module(model, recurse=True), before tokenprune.apply")
 
 
 def _install(model, patch) -> None:
