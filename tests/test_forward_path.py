@@ -115,6 +115,20 @@ def test_export_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw, stric
         torch.export.export(model, (torch.randn(2, 3, 32, 32),), strict=strict)
 
 
+@pytest.mark.parametrize("method,kw", [("cls", {"threshold": 0.01}), ("threshold", {})], ids=["cls-threshold",
+                                                                                                "threshold"])
+def test_fullgraph_compile_of_a_data_dependent_reducer_is_a_clear_refusal(method, kw):
+    """``torch.compile(fullgraph=True)`` of a data-dependent count raised Dynamo's "Could not guard on data-dependent
+    expression" from a line of tokenprune (as if it were a bug there): say what it is and what to do instead."""
+    model = tiny_vit(depth=2)
+    tokenprune.apply(model, budget=0.5, method=method, **kw)
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match=r"tokenprune: torch\.compile\(fullgraph=True\) .*depends "
+                                                         r"on the data.*without fullgraph=True"):
+        torch.compile(model, fullgraph=True, backend="eager")(torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
+
+
 def test_export_of_a_fixed_count_reducer_matches_eager():
     model = tiny_vit(depth=2)
     tokenprune.apply(model, budget=0.5, method="merge")
@@ -296,6 +310,62 @@ def test_nested_apply_is_a_clear_error_and_changes_nothing():
     with pytest.raises(ValueError, match="already patched"):
         tokenprune.apply(wrapper[0].vision_model if hasattr(wrapper[0], "vision_model") else wrapper, 0.25)
     assert tokenprune.plan(model).budget == 0.5
+
+
+def test_refused_apply_on_a_part_of_a_patched_model_leaves_the_patch_working():
+    """``apply(model.model.encoder)`` on a patched Whisper was refused only when installing, and the cleanup of that
+    refusal swapped the encoder's class back: the enclosing model still said it was patched, but ran unreduced (and
+    other families raised AttributeError at the next forward). It is refused before anything changes."""
+    from test_adapters_matrix import make_whisper
+
+    f = make_whisper(layers=2)
+    model, x = f["model"], f["x"]
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        reduced = model.model.encoder(x).last_hidden_state
+    classes = {name: type(m) for name, m in model.named_modules()}
+    for part in (model.model.encoder, model.model):
+        with pytest.raises(ValueError, match=r"part of a model patched by tokenprune.*tokenprune\.remove"):
+            tokenprune.apply(part, budget=0.25, method="cls")
+        assert {name: type(m) for name, m in model.named_modules()} == classes
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.encoder(x).last_hidden_state, reduced, rtol=0, atol=0)
+    tokenprune.remove(model)
+    assert not any(type(m).__name__.startswith("TokenPruned") for m in model.modules())
+
+
+def _hook_forward_like_accelerate(module):
+    """What ``accelerate.hooks.add_hook_to_module`` does to a module (``from_pretrained(device_map=...)`` over several
+    devices or with offloading, ``cpu_offload``): ``forward`` becomes an instance attribute that calls the forward the
+    module had then, kept as ``_old_forward``."""
+    import functools
+
+    module._old_forward = module.forward
+    module.forward = functools.update_wrapper(functools.partial(lambda m, *a, **k: m._old_forward(*a, **k), module),
+                                              module._old_forward)
+
+
+@pytest.mark.parametrize("method", ["merge", "threshold"])
+def test_a_forward_replaced_on_the_instance_is_refused_at_apply(method):
+    """tokenprune patches classes: a forward set on the instance (accelerate's hooks) shadows the patched one, and the
+    model ran unreduced while plan() reported the reduction (HF towers, every VLM). apply() says so, and the model is
+    left as it was (no patch, classes, no learned parameters)."""
+    from test_adapters_matrix import make_hf_clip
+
+    f = make_hf_clip(layers=2)
+    model, x = f["model"], f["x"]
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    _hook_forward_like_accelerate(model)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"forward .*replaced on the instance.*accelerate.*bypass"):
+        tokenprune.apply(model, budget=0.25, method=method)
+    assert not tokenprune.is_applied(model) and list(model.state_dict()) == keys
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, ref, rtol=0, atol=0)
 
 
 # -- weights edited in place are seen by the next forward ------------------------------------------------------

@@ -143,6 +143,26 @@ def test_forward_features_dict_and_head():
         tokenprune.remove(model)
 
 
+def test_patch_dict_fullgraph_compile_is_a_clear_refusal_and_compiles_with_breaks():
+    """NaFlex patch dicts: the grids are read on the host. fullgraph=True says so and what to do (it raised Dynamo's
+    "Could not guard on data-dependent expression" at a tokenprune line); without fullgraph it equals eager."""
+    model = make(depth=2)
+    batch = naflex([_images()[0]])
+    tokenprune.apply(model, 0.25, "merge")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = model(batch)
+            with pytest.raises(Exception, match=r"tokenprune: torch\.compile\(fullgraph=True\) .*NaFlex patch dicts"
+                                                r".*read on the host.*without fullgraph=True"):
+                torch.compile(model, fullgraph=True, backend="eager")(batch)
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(model, backend="eager")(batch), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        tokenprune.remove(model)
+
+
 @pytest.mark.parametrize("rope", [dict(rope_type="axial"), dict(rope_type="mixed"),
                                   dict(rope_type="dinov3", rope_rotate_half=True)], ids=["axial", "mixed", "dinov3"])
 def test_rope_one_grid(rope):

@@ -284,3 +284,24 @@ def test_apet_default_k_is_checked_per_input():
                 model(pv, mask, ss)
     finally:
         tokenprune.remove(model)
+
+
+def test_fullgraph_compile_is_a_clear_refusal_and_compiles_with_breaks():
+    """The unpatched tower compiles with fullgraph=True; the patched one reads the grids on the host, and Dynamo's
+    "Could not guard on data-dependent expression" pointing at a tokenprune line read like a bug there. It says what
+    it is and what to do; without fullgraph the compiled forward equals eager."""
+    model = make_tower()
+    tokenprune.apply(model, 0.25, "merge")
+    inputs = _inputs()
+    fn = lambda *a: model(*a).last_hidden_state  # noqa: E731
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = fn(*inputs)
+            with pytest.raises(Exception, match=r"tokenprune: torch\.compile\(fullgraph=True\) .*SigLIP2.*read on "
+                                                r"the host.*without fullgraph=True"):
+                torch.compile(fn, fullgraph=True, backend="eager")(*inputs)
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(fn, backend="eager")(*inputs), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()

@@ -6,11 +6,13 @@ import math
 from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
+from .adapters.base import ORIGINAL
 from .engine import check_depth
 from .patch import (MODULE_ATTR, PATCH_ATTR, Patch, check_wrapper_for_apply, get_patch, is_applied,  # noqa: F401
                     unwrap)  # (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
 from .recipes import load_recipe
+from .stem import _ConvAsGemm
 
 
 def _attach_module(model, patch) -> None:
@@ -115,12 +117,30 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     remove(model)
     try:
         _install(model, patch)
+        _check_class_forward(model)
     except BaseException:
-        patch.adapter.uninstall()
+        if model.__dict__.get(PATCH_ATTR) is patch:
+            remove(model)
+        else:
+            patch.adapter.uninstall()
         if previous is not None:
             _install(model, previous)
         raise
     return given
+
+
+def _check_class_forward(model) -> None:
+    """A patched module whose ``forward`` was set on the instance (accelerate's hooks) would never run the patched
+    class's forward: refused (``apply`` then restores the model)."""
+    for name, m in model.named_modules():
+        if ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm) and "forward" in m.__dict__:
+            raise ValueError(
+                f"tokenprune: the forward of {f'model.{name}' if name else 'the model'} "
+                f"({type(m).__dict__[ORIGINAL].__name__}) was replaced on the instance (accelerate's hooks do this: "
+                "from_pretrained(device_map=...) over several devices or with offloading, cpu_offload); tokenprune "
+                "patches the class, and that forward would bypass the patched one (unreduced outputs). Load it on one "
+                "device without device_map (model.to(device)), or call "
+                "accelerate.hooks.remove_hook_from_module(model, recurse=True), before tokenprune.apply")
 
 
 def _install(model, patch) -> None:
@@ -133,10 +153,17 @@ def _check_not_nested(model) -> None:
     if not hasattr(model, "named_modules"):
         raise TypeError(f"tokenprune.apply takes a model object (torch.nn.Module), got {type(model).__name__} "
                         f"{model!r:.60}; create the model first, e.g. timm.create_model(name)")
+    own = PATCH_ATTR in model.__dict__
     for name, m in model.named_modules():
         if name and PATCH_ATTR in m.__dict__:
             raise ValueError(f"tokenprune: the submodule {name!r} of this model is already patched; call "
                              f"tokenprune.remove(model.{name}) first, or apply to that submodule only")
+        # patched by an apply on a model that encloses this one (fast_patch_embed's swap is no patch: it composes)
+        if not own and ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm):
+            where = f"its submodule {name!r}" if name else "it"
+            raise ValueError(f"tokenprune: this {type(model).__name__} is part of a model patched by tokenprune "
+                             f"({where} is patched); call tokenprune.remove on that model first, then apply to the "
+                             "one you want reduced")
 
 
 def remove(model):

@@ -28,6 +28,16 @@ from .engine import QK, Forward, check_depth, run_blocks
 from .state import TokenState
 
 
+def grids_read_on_host(what: str) -> None:
+    """Called where ``what`` (a NaFlex batch's per-image grids) is read on the host: under ``torch.compile`` that is
+    a graph break, and with ``fullgraph=True`` this says so instead of a data-dependent guard error."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=f"tokenprune: torch.compile(fullgraph=True) cannot trace a reduced forward on "
+                                  f"{what}: the patch grids are read on the host (one sync). Compile it without "
+                                  "fullgraph=True (one graph break here), or give an image batch (one grid, known "
+                                  "from its shape) where the model takes one")
+
+
 class _Group:
     __slots__ = ("grid", "start", "end", "state", "prog")
 

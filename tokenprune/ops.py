@@ -104,6 +104,11 @@ def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Ten
                            "depends on the data (a score threshold). Export a method with a fixed count (e.g. "
                            "method='cls' without threshold=), use torch.compile, or export after "
                            "tokenprune.remove(model)")
+    if torch.compiler.is_compiling():  # the documented break; its message is fullgraph=True's error
+        torch._dynamo.graph_break(msg="tokenprune: torch.compile(fullgraph=True) cannot trace this reducer without a "
+                                  "graph break: the number of tokens it keeps depends on the data (a score "
+                                  "threshold). Compile it without fullgraph=True, or use a method with a fixed count "
+                                  "(e.g. method='cls' without threshold=)")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     above = s > threshold
     counts = above.sum(1).clamp(min=1, max=k_max)

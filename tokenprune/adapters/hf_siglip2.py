@@ -30,12 +30,13 @@ from ..engine import Forward
 from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
-from ..mixed import run_mixed
+from ..mixed import grids_read_on_host, run_mixed
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
 
 
 def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
     """The (h, w) of every image; checks the mask marks exactly the first ``h w`` patches of every row."""
+    grids_read_on_host("SigLIP2 patch sequences (spatial_shapes)")
     grids = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     counts = [h * w for h, w in grids]
     if max(counts) > length:

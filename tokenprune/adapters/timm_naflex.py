@@ -28,7 +28,7 @@ import math
 import torch
 
 from ..engine import Forward, run_blocks
-from ..mixed import run_mixed
+from ..mixed import grids_read_on_host, run_mixed
 from ..plan import EncoderInfo
 from ..state import log_sizes
 from .base import Adapter, attach, detach, has_class
@@ -44,6 +44,7 @@ _UNSET = object()
 def naflex_grids(patch_coord: torch.Tensor, patch_valid: torch.Tensor) -> list[tuple[int, int]]:
     """The ``(h, w)`` of every row of a NaFlex batch; checks that the valid patches are the row's first ``h w`` and
     their coordinates the row-major ``(h, w)`` grid."""
+    grids_read_on_host("NaFlex patch dicts (patch_coord, patch_valid)")
     valid = patch_valid.bool()
     b, n = valid.shape
     y, x = patch_coord[..., 0].long(), patch_coord[..., 1].long()
