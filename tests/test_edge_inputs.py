@@ -52,14 +52,17 @@ def test_whisper_beam_search_keeps_the_token_sizes():
         return real(module, query, key, value, attention_mask, *args, **kwargs)
 
     tokenprune.apply(model, budget=0.5, method="merge")
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import AttentionInterface
 
-    ALL_ATTENTION_FUNCTIONS[hf_common.KERNEL_NAME] = spy
+    # registered as hf_common registers it: item assignment on ALL_ATTENTION_FUNCTIONS would write that instance's
+    # local mapping, which outlives the test and shadows every later registration (test_adapters_matrix's spy)
+    AttentionInterface.register(hf_common.KERNEL_NAME, spy)
     try:
         with torch.no_grad():
             out = model.generate(input_features=x, num_beams=2, max_new_tokens=3, do_sample=False)
     finally:
-        ALL_ATTENTION_FUNCTIONS[hf_common.KERNEL_NAME] = real
+        AttentionInterface.register(hf_common.KERNEL_NAME, real)
+        tokenprune.remove(model)
     assert out.shape[0] == x.shape[0] and seen
     assert all(s is not None and s[0] == s[1] and s[2] == s[3] for s in seen), seen[:4]
     assert any(s[1] == 2 * x.shape[0] for s in seen)  # the beams' batch, with its own bias rows
