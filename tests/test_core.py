@@ -137,11 +137,12 @@ def test_sdpa_only_no_eager_path(method, monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
 
-    def eager_entered(*_):
-        raise AssertionError("eager attention path entered")
+    class EagerEntered(torch.nn.Module):  # only the eager branch calls attn_drop (a hook there would be refused)
+        def forward(self, x):
+            raise AssertionError("eager attention path entered")
 
     for blk in model.blocks:
-        blk.attn.attn_drop.register_forward_hook(eager_entered)  # only the eager branch calls attn_drop
+        blk.attn.attn_drop = EagerEntered()
     tokenprune.apply(model, budget=0.25, method=method)
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))

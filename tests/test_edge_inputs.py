@@ -293,3 +293,33 @@ def test_blocks_removed_after_apply_is_a_clear_error():
         with torch.no_grad():
             run(model)
         tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("where", ["block", "attn.qkv", "mlp.fc1", "norm1", "pre"])
+def test_hooks_the_written_out_blocks_would_skip_are_a_clear_error(where):
+    """timm / open_clip blocks run written out (no nn.Module.__call__), so a hook on a block or its submodules would
+    silently never run: the forward refuses it, and runs again once the hook is removed. Hooks outside the blocks
+    still run."""
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    ref = model(x)  # a clean scan first: the next registration must trigger a new one
+    calls = []
+    mod = model.blocks[1] if where in ("block", "pre") else model.blocks[1].get_submodule(where)
+    if where == "pre":
+        h = mod.register_forward_pre_hook(lambda *a: calls.append(1))
+    else:
+        h = mod.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(RuntimeError, match="hook is registered on block 1"):
+        model(x)
+    h.remove()
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    outside = model.patch_embed.register_forward_hook(lambda *a: calls.append(2))
+    model(x)
+    outside.remove()
+    assert calls == [2]
+    tokenprune.remove(model)
+    h = model.blocks[1].register_forward_hook(lambda *a: calls.append(3))
+    model(x)  # the unpatched model runs its hooks as always
+    assert calls == [2, 3]

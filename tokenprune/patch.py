@@ -28,6 +28,7 @@ class Patch:
         self.info = replace(adapter.info(), inside_blocks=adapter.inside_blocks)
         self.num_prefix = self.info.num_prefix
         self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
+        self.hooks_clean_at = None  # engine.check_no_hooks: the hook-handle count at the last scan that found none
 
     def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
         return self.program_for(num_tokens, grid).plan

@@ -104,6 +104,9 @@ class Adapter:
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""  # what the adapter supports, for error messages
     mid_block: ClassVar[bool] = False  # its block function calls fwd.reduce_mid between attention and MLP
+    # its block function writes the block out (no nn.Module.__call__ on the block and most submodules): module hooks
+    # there would not run, so engine.check_no_hooks refuses them
+    writes_blocks: ClassVar[bool] = False
     # the default input (info()) is only a placeholder: inputs bring their own sizes (NaFlex), so apply() does not
     # refuse options for being too large for it; each input size is checked at its first forward
     placeholder_input: bool = False

@@ -150,6 +150,7 @@ def _visual(model):
 
 
 class OpenClipViTAdapter(Adapter):
+    writes_blocks = True  # hooks on the blocks are refused (engine.check_no_hooks)
     mid_block = True
     family = "open_clip"
     description = "open_clip CLIP / CustomTextCLIP / VisionTransformer image towers (model.visual), timm-trunk towers"

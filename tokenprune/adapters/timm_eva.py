@@ -176,6 +176,7 @@ def _mlp_hidden(mlp, dim: int) -> int:
 
 class TimmEvaAdapter(PatchEmbedGrid, Adapter):
     family = "timm_eva"
+    writes_blocks = True  # hooks on the blocks are refused (engine.check_no_hooks)
     mid_block = True  # the block function performs stages between attention and MLP (fwd.reduce_mid)
     description = ("timm Eva (RoPE ViTs: eva02_*, vit_*_dinov3, vit_*_rope_*, vit_pe_*; rotary positions follow the "
                    "kept tokens)")

@@ -164,6 +164,7 @@ def _eva_blocks(blocks) -> bool:
 
 class TimmNaFlexAdapter(Adapter):
     family = "timm_naflex"
+    writes_blocks = True  # hooks on the blocks are refused (engine.check_no_hooks)
     mid_block = True  # one grid per batch: the timm block functions reduce between attention and MLP
     inside_blocks = False  # not for a batch mixing grids: placement "auto" reduces after the block on every input
     placeholder_input = True  # the default grid is the position table's (or img_size's): inputs bring their own

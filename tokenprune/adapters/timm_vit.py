@@ -242,6 +242,7 @@ class PatchEmbedGrid:
 class TimmViTAdapter(PatchEmbedGrid, Adapter):
     family = "timm"
     description = "timm VisionTransformer family (vit_*, deit_*, dinov2, ...)"
+    writes_blocks = True  # hooks on the blocks are refused (engine.check_no_hooks)
     mid_block = True
 
     @classmethod
