@@ -1621,21 +1621,3 @@ def test_triton_resolved_while_tracing_without_graph_break(monkeypatch, importab
     assert rec.graphs == 1 and torch.equal(out, torch.full((1, 10), 1.0 if importable else -1.0))
     assert bool(kernels._triton) is importable
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("d", [72, 80, 24])
-def test_head_dims_off_a_power_of_two_take_a_padded_key_mean(monkeypatch, d):
-    """At a head dim that is not a power of two the merge kernels get the key mean (an op, at any token count)
-    padded with zero columns to the next power of two: their loads then need no mask (run 17: ``_bm_best`` 34.5 us
-    at d 72 against 16.5 at 128). The zero columns change no cosine: the same merge as the unpadded mean."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    keys = torch.randn(2, 3, 41, d)
-    got = kernels._mean_first(keys)
-    width = 1 << (d - 1).bit_length()
-    assert got.shape == (2, 41, width)
-    assert torch.equal(got[..., :d], R.key_mean(keys)) and not got[..., d:].any()
-    assert kernels._mean_first(torch.randn(2, 3, 41, 64)).dim() == 4  # a power of two: the kernels average
-    x = torch.randn(2, 41, 16)
-    a = R.merge_step(x, got, None, None, 1, 8, False)
-    b = R.merge_step(x, R.key_mean(keys), None, None, 1, 8, False)
-    assert all(torch.equal(u, v) for u, v in zip(a, b) if u is not None)

@@ -259,20 +259,12 @@ KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens, with ``KEY_MEAN_IN_KERNEL``
-    off, or at a head dim that is not a power of two; the mean then padded with zero columns to a power of two.
-
-    Why the padding: the matching kernels hold a head dim d in 2^k register lanes and mask the loads past d. Run 17
-    (H100, ``bench_forward.py --parts merge_shapes``, one bs-1 step at 729 tokens): ``_bm_best`` took 34.5 us at
-    d = 72 and 34.7 at 80 against 16.5 at 128 (twice the bytes of 64, no mask) and 10.3 at 64; Whisper's 1500
-    tokens 46.1 us at 72 against 13.1 at 64. Zero columns change no norm and no dot product: the same partners."""
-    d = metric.shape[-1]
-    pow2 = d & (d - 1) == 0
-    if metric.dim() == 4 and (not pow2 or not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
+    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with
+    ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a power of two was tried and removed: run 18,
+    kernels/NOTES.md.)"""
+    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
                               or torch.compiler.is_compiling()):
-        metric = reference.key_mean(metric)
-    if not pow2:
-        metric = torch.nn.functional.pad(metric, (0, (1 << (d - 1).bit_length()) - d))
+        return reference.key_mean(metric)
     return metric
 
 
