@@ -129,11 +129,16 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     return given
 
 
+def _class_patched(m) -> bool:
+    """Whether ``m``'s class is one an apply swapped in (fast_patch_embed's convolution is no patch: it composes)."""
+    return ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm)
+
+
 def _check_class_forward(model) -> None:
     """A patched module whose ``forward`` was set on the instance (accelerate's hooks) would never run the patched
     class's forward: refused (``apply`` then restores the model)."""
     for name, m in model.named_modules():
-        if ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm) and "forward" in m.__dict__:
+        if _class_patched(m) and "forward" in m.__dict__:
             raise ValueError(
                 f"tokenprune: the forward of {f'model.{name}' if name else 'the model'} "
                 f"({type(m).__dict__[ORIGINAL].__name__}) was replaced on the instance (accelerate's hooks do this: "
@@ -158,8 +163,8 @@ def _check_not_nested(model) -> None:
         if name and PATCH_ATTR in m.__dict__:
             raise ValueError(f"tokenprune: the submodule {name!r} of this model is already patched; call "
                              f"tokenprune.remove(model.{name}) first, or apply to that submodule only")
-        # patched by an apply on a model that encloses this one (fast_patch_embed's swap is no patch: it composes)
-        if not own and ORIGINAL in type(m).__dict__ and not isinstance(m, _ConvAsGemm):
+        # patched by an apply on a model that encloses this one
+        if not own and _class_patched(m):
             where = f"its submodule {name!r}" if name else "it"
             raise ValueError(f"tokenprune: this {type(model).__name__} is part of a model patched by tokenprune "
                              f"({where} is patched); call tokenprune.remove on that model first, then apply to the "

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+from torch.nn.modules import module as _module
+from torch.utils.hooks import RemovableHandle
 
 from .kernels.reference import key_mean
 from .state import TokenState
@@ -166,9 +168,6 @@ def check_no_hooks(patch, blocks) -> None:
     each forward would cost host time at batch 1, so the scan runs again only when a hook was registered somewhere
     since the last clean one (torch numbers every hook handle: ``RemovableHandle.next_id``); a model found with hooks
     is scanned every forward until they are gone. Not while compiling (the scan would be traced)."""
-    from torch.nn.modules import module as _module
-    from torch.utils.hooks import RemovableHandle
-
     if torch.compiler.is_compiling():
         return
     stamp = RemovableHandle.next_id
