@@ -498,6 +498,37 @@ def test_attention_switched_away_from_sdpa_while_patched_is_a_clear_error():
         tokenprune.remove(model)
 
 
+def test_two_models_built_from_one_config_are_patched_and_restored_independently():
+    """``m1 = Model(cfg); m2 = Model(cfg)`` share one config object. Patching one must not route the other's attention,
+    and removing one must leave the other patched and working (the routing once wrote the shared config: remove(m1)
+    switched m2 back to plain SDPA under its patch, and m2's later remove left the config naming tokenprune's
+    kernel)."""
+    from transformers import CLIPVisionModel, WhisperForConditionalGeneration
+
+    clip = make_hf_clip()
+    whisper = make_whisper()
+    for fam, cls in ((clip, CLIPVisionModel), (whisper, WhisperForConditionalGeneration)):
+        m1, x = fam["model"], fam["x"]
+        _seed()
+        m2 = cls(m1.config).eval()
+        assert m2.config is m1.config
+        with torch.no_grad():
+            ref1, ref2 = fam["out"](m1, x), fam["out"](m2, x)
+            tokenprune.apply(m1, 0.5, "merge")
+            assert torch.equal(fam["out"](m2, x), ref2)  # m2 untouched by m1's patch
+            tokenprune.apply(m2, 0.5, "merge")
+            red2 = fam["out"](m2, x)
+            assert not torch.allclose(red2, ref2)
+            tokenprune.remove(m1)
+            assert torch.equal(fam["out"](m1, x), ref1)
+            assert torch.equal(fam["out"](m2, x), red2)  # still patched, still reducing
+            tokenprune.remove(m2)
+            assert torch.equal(fam["out"](m2, x), ref2)
+        assert m1.config._attn_implementation == "sdpa"
+        for m in (m1, m2):
+            assert all(mod.config is m1.config for mod in m.modules() if hasattr(mod, "config"))
+
+
 def test_text_towers_untouched():
     from transformers import CLIPConfig, CLIPModel
 

@@ -2,7 +2,7 @@
 
 HF attention modules look their kernel up by name on every call
 (``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``) and pass the layer's keyword arguments
-through to it. On install, the patched model's attention configs are switched to
+through to it. On install, the patched model's attention modules get copies of their configs naming
 ``"tokenprune_sdpa"``: a registered function that receives the per-forward context as the keyword
 ``tokenprune=`` (the adapter's block function calls ``layer(x, ..., tokenprune=fwd)``), and then
 
@@ -12,11 +12,13 @@ through to it. On install, the patched model's attention configs are switched to
 
 and otherwise calls the registered ``"sdpa"`` function, so SDPA stays the kernel (the eager path,
 ``output_attentions``, is never used). Called without ``tokenprune=`` it is exactly ``"sdpa"``.
-Nothing is kept between calls: the context travels with the call. Uninstall puts the configs'
-original values back. Only models loaded with ``attn_implementation="sdpa"`` (transformers 5's default)
-are accepted: a clear error says how to switch otherwise.
+Nothing is kept between calls: the context travels with the call. Uninstall gives the modules their
+own configs back (the model's configs are never written). Only models loaded with
+``attn_implementation="sdpa"`` (transformers 5's default) are accepted: a clear error says how to switch otherwise.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -117,42 +119,46 @@ def check_sdpa(config, what: str) -> None:
 
 
 class AttentionRouting:
-    """Switch the configs of a model's attention modules to ``tokenprune_sdpa`` and back, exactly.
+    """Route a model's attention modules through ``tokenprune_sdpa`` and back, exactly.
 
-    ``modules``: the attention modules whose kernel lookup must go through ``tokenprune_sdpa``
-    (several may share one config object; each config is switched once).
+    ``modules``: the attention modules whose kernel lookup must go through ``tokenprune_sdpa``. Each gets its own
+    copy of its config naming the kernel (modules that shared one config share one copy); the model's configs are
+    never written, so two models built from one config object are patched and restored independently, and a config
+    switched away from SDPA while patched (``set_attn_implementation``) is still seen (:func:`no_extra_kwargs`).
     """
 
     def __init__(self, modules, what: str):
-        self.configs = []
-        for m in modules:
-            if not any(m.config is c for c in self.configs):
-                self.configs.append(m.config)
+        self.modules = list(modules)
         self.what = what
-        self._saved: list = []
+        self._saved: list = []  # (module, its own config) while routed
 
-    def __setstate__(self, state):  # unpickled in a new process: the configs name tokenprune_sdpa
+    def __setstate__(self, state):  # unpickled in a new process: the copies name tokenprune_sdpa
         self.__dict__.update(state)
         if self._saved:
             register_kernel()
 
     def check(self) -> None:
-        for c in self.configs:
-            check_sdpa(c, self.what)
+        seen = []
+        for m in self.modules:
+            if not any(m.config is c for c in seen):
+                seen.append(m.config)
+                check_sdpa(m.config, self.what)
 
     def on(self) -> None:
         register_kernel()
+        copies: dict = {}
         self._saved = []
-        for c in self.configs:
-            d = c.__dict__
-            self._saved.append(d.get("_attn_implementation_internal", None))
-            d["_attn_implementation_internal"] = KERNEL_NAME
+        for m in self.modules:
+            own = copies.get(id(m.config))
+            if own is None:
+                own = copies[id(m.config)] = copy.copy(m.config)
+                own.__dict__["_attn_implementation_internal"] = KERNEL_NAME
+            self._saved.append((m, m.config))
+            m.config = own
 
     def off(self) -> None:
-        for c, saved in zip(self.configs, self._saved):
-            d = c.__dict__
-            if d.get("_attn_implementation_internal") == KERNEL_NAME:
-                d["_attn_implementation_internal"] = saved
+        for m, config in self._saved:
+            m.config = config
         self._saved = []
 
 
@@ -230,7 +236,7 @@ def no_extra_kwargs(kwargs, what: str, config=None) -> None:
     ``tokenprune_sdpa`` while patched: its layers would bypass the kernel (no size bias, no q/k for the reducer)."""
     if config is not None:
         impl = getattr(config, "_attn_implementation", None)
-        if impl != KERNEL_NAME:
+        if impl not in (INNER, KERNEL_NAME):  # the attention modules' own copies name KERNEL_NAME (AttentionRouting)
             raise RuntimeError(
                 f"tokenprune: the {what}'s attention implementation was switched to {impl!r} while the model is patched "
                 "(model.set_attn_implementation, or transformers itself: Whisper's generate(return_token_timestamps="
