@@ -1621,3 +1621,17 @@ def test_triton_resolved_while_tracing_without_graph_break(monkeypatch, importab
     assert rec.graphs == 1 and torch.equal(out, torch.full((1, 10), 1.0 if importable else -1.0))
     assert bool(kernels._triton) is importable
     torch._dynamo.reset()
+
+
+def test_float64_takes_the_reference(monkeypatch):
+    """The kernels compute in float32 at most: a float64 call (what a user runs to check precision) takes the
+    reference's float64 arithmetic, on CUDA too (forced here as on CUDA; the kernel path once took it and
+    returned float32-accurate results in a float64 tensor)."""
+    monkeypatch.setattr(kernels, "_FORCE_OP_FOR_TESTS", True)
+    monkeypatch.setattr(kernels, "_have_triton", lambda: True)
+    q = torch.randn(1, 2, 8, 4)
+    assert kernels.use_triton(q, q)
+    assert not kernels.use_triton(q.double(), q.double())
+    assert not kernels.use_triton(q, torch.zeros(1, 1, 1, 8, dtype=torch.float64))
+    q64 = q.double()
+    assert torch.equal(kernels.efficient_attention(q64, q64, q64), R.efficient_attention(q64, q64, q64))

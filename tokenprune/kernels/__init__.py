@@ -10,7 +10,8 @@ best), ``apet.py`` (ApET) and ``pitome.py`` (PiToMe's energies and step order), 
 only a compatibility shim for the scripts.
 
 Dispatch: the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
-(the kernels have no backward), ``triton`` imports, and the kernels are on (``TOKENPRUNE_KERNELS`` not
+(the kernels have no backward) or is float64 (the kernels compute in float32 at most; float64 is what a user runs
+to check precision, so it gets the reference's float64 arithmetic), ``triton`` imports, and the kernels are on (``TOKENPRUNE_KERNELS`` not
 ``0`` / ``off`` / ``false`` / ``no`` at import, or :func:`set_kernels_enabled`); otherwise the PyTorch
 reference in ``reference.py`` runs (CPU, no Triton, or kernels switched off). How the kernel is called:
 
@@ -151,6 +152,8 @@ def use_triton(*tensors) -> bool:
                 continue
             return False
         if not (t.is_cuda or _FORCE_OP_FOR_TESTS) or (t.requires_grad and torch.is_grad_enabled()):
+            return False
+        if t.dtype is torch.float64:
             return False
     return _have_triton()
 
