@@ -667,10 +667,14 @@ def test_hf_clip_siglip_plan_for_an_input_shape(family):
 @pytest.mark.parametrize("method,kw", [("merge", {}), ("threshold", {}), ("cls", {"threshold": 0.05})],
                          ids=["merge", "threshold", "cls-threshold"])
 @pytest.mark.parametrize("family", ["hf_clip", "siglip", "whisper", "ast", "videomae"])
-def test_hf_gradient_checkpointing_in_training_gives_the_gradients_without_it(family, method, kw):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_hf_gradient_checkpointing_in_training_gives_the_gradients_without_it(family, method, kw, reentrant):
     """transformers' gradient checkpointing reruns each layer's forward in the backward. The rerun must see the
     context of its own block (its key bias, its kernel), not the one the forward left behind: it used to get the
-    last block's, and the backward failed with torch's CheckpointError (or could compute other gradients)."""
+    last block's, and the backward failed with torch's CheckpointError (or could compute other gradients).
+    Reentrant checkpointing passes gradients only through a layer's positional tensors: hard selections (merge, cls)
+    give the same gradients; threshold's soft mask (a key bias that needs its gradient) is refused with what to do
+    (it failed in the backward with 'Trying to backward through the graph a second time')."""
     import warnings
 
     fam = FAMILIES[family]()
@@ -686,7 +690,11 @@ def test_hf_gradient_checkpointing_in_training_gives_the_gradients_without_it(fa
     ref = grads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable: a deprecated alias in 5.x
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant and method == "threshold":
+        with pytest.raises(RuntimeError, match="use_reentrant': False"):
+            grads()
+        return
     got = grads()
     assert got.keys() == ref.keys() and len(ref) > 10
     for n in ref:

@@ -206,6 +206,13 @@ def block_fn(*extra):
 
     def call(layer, x, fwd):
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            if fwd.bias is not None and fwd.bias.requires_grad and _reentrant(layer):
+                raise RuntimeError(
+                    "tokenprune: this model uses reentrant gradient checkpointing (use_reentrant=True), which passes "
+                    "gradients only through a layer's positional tensors; the reducer's soft token mask (method="
+                    "'threshold' in training) reaches the layers as a key bias in the context, so its gradient "
+                    "would be lost. Call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False}) (or turn checkpointing off)")
             ctx = Forward(fwd.patch)
             ctx.bias, ctx.kernel, ctx.want_qk = fwd.bias, fwd.kernel, fwd.want_qk
             out = layer(x, *extra, tokenprune=ctx)
@@ -215,6 +222,13 @@ def block_fn(*extra):
         return out[0] if isinstance(out, tuple) else out
 
     return call
+
+
+def _reentrant(layer) -> bool:
+    """Whether transformers checkpoints ``layer`` with ``use_reentrant=True`` (its ``_gradient_checkpointing_func``
+    is a ``partial`` of ``torch.utils.checkpoint.checkpoint`` with the user's keyword arguments)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(func, "keywords", {}).get("use_reentrant") is True
 
 
 def run(fwd: Forward, layers, x, grid=None, extra: tuple = ()):
