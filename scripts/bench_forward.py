@@ -586,6 +586,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
     import tokenprune.reducers  # noqa: F401 -- registers the reducers
     from tokenprune import kernels, ops
     from tokenprune.adapters import hf_common
+    from tokenprune.adapters import whisper as whisper_adapter
     from tokenprune.engine import QK, Forward, run_blocks
     from tokenprune.kernels import merge as kmerge
     from tokenprune.patch import get_patch
@@ -686,6 +687,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
             fwd.bias, fwd.want_qk = fb, want
             # (the block loop drops the recorded q/k after each block; kept here, they would hold their buffers)
             us = _us_paired({"layer": lambda: (layer(xs, None, tokenprune=fwd), setattr(fwd, "qk", None)),
+                             "written": lambda: (whisper_adapter._layer(layer, xs, fwd), setattr(fwd, "qk", None)),
                              "plain": lambda: layer0(xs, fb),
                              "route": lambda: kern(attn, q, kk, v, None, dropout=0.0, scaling=1.0, tokenprune=fwd),
                              "sdpa": lambda: sdpa_attention_forward(attn, q, kk, v, fb, dropout=0.0, scaling=1.0)},
@@ -695,6 +697,8 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
                 put("per block: transformers' sdpa_attention_forward, no mask (the same q/k/v)", us["sdpa"])
             put(f"per block: patched layer, {what}: + us over the unpatched one given the same mask",
                 us["layer"] - us["plain"])
+            put(f"per block: patched layer written out (eager inference), {what}: + us over the unpatched one",
+                us["written"] - us["plain"])
             put(f"per block:   tokenprune_sdpa, {what}: + us over sdpa_attention_forward given the same mask",
                 us["route"] - us["sdpa"])
         fwd.bias, fwd.want_qk = None, False

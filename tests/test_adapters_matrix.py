@@ -377,6 +377,51 @@ def test_whisper_generate_with_fewer_cross_attention_keys():
         hook.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch):
+    """In eager inference the encoder layers run written out (batch 1 waits on transformers' call chain): the same
+    outputs, bit for bit, as the layers called through transformers with tokenprune_sdpa, for every reducer
+    (MAELRE's kernel, threshold's padding bias, cls's recorded attention outputs) and in fp16 (the layer's clamp).
+    A layer adapted after apply (a wrapped fc1, as LoRA does) or hooked runs through transformers: its hook runs."""
+    from tokenprune.adapters import whisper as W
+
+    fam = make_whisper()
+    model, x = fam["model"].to(dtype), fam["x"].to(dtype)
+    with torch.no_grad():
+        for method in ("merge", "cls", "maelre", "threshold", "random", "pool", ["cls", "merge"]):
+            tokenprune.apply(model, 0.5, method)
+            try:
+                got = fam["out"](model, x)
+                with monkeypatch.context() as mp:
+                    mp.setattr(W, "_layer", W._CALL)
+                    ref = fam["out"](model, x)
+            finally:
+                tokenprune.remove(model)
+            assert torch.equal(got, ref), method
+        tokenprune.apply(model, 0.5, "merge")
+        try:
+            ran = []
+            enc = model.model.encoder
+            layer_calls = []
+            real_call = W._CALL
+            monkeypatch.setattr(W, "_CALL", lambda layer, h, fwd: (layer_calls.append(layer), real_call(layer, h, fwd))[1])
+            fam["out"](model, x)
+            assert layer_calls == []  # every layer written out
+            inner = enc.layers[1].fc1
+            enc.layers[1].fc1 = torch.nn.Sequential(inner, torch.nn.Identity())  # same arithmetic, another module
+            adapted = fam["out"](model, x)
+            assert layer_calls == [enc.layers[1]]
+            enc.layers[1].fc1 = inner
+            assert torch.equal(adapted, fam["out"](model, x))
+            handle = enc.layers[2].register_forward_hook(lambda *a: ran.append(1))
+            layer_calls.clear()
+            fam["out"](model, x)
+            handle.remove()
+            assert ran == [1] and len(layer_calls) == len(enc.layers)
+        finally:
+            tokenprune.remove(model)
+
+
 def test_whisper_cross_attention_gets_size_bias():
     """The decoder's cross-attention weights merged encoder tokens by their sizes (proportional attention)."""
     from tokenprune.adapters import hf_common

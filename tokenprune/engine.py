@@ -159,35 +159,53 @@ def check_depth(depth: int, planned: int) -> None:
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _hooked(patch, blocks):
+    """Where a module hook is set on ``blocks`` (``"global"``, or ``(block index, submodule name)``), or ``None``.
+    The scan runs again only when a hook was registered somewhere since the last clean one (torch numbers every hook
+    handle: ``RemovableHandle.next_id``); a model found with hooks is scanned every forward until they are gone."""
+    stamp = RemovableHandle.next_id
+    if patch.hooks_clean_at == stamp:
+        return None
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return "global"
+    for i, blk in enumerate(blocks):
+        for name, mod in blk.named_modules():
+            if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+                return i, name
+    patch.hooks_clean_at = stamp
+    return None
+
+
+def hooks_free(patch, blocks) -> bool:
+    """Whether no module hook is set on ``blocks`` (nor a global one): an adapter that can run a block written out
+    or through ``nn.Module.__call__`` writes it out only then (Whisper). Scans as :func:`check_no_hooks`."""
+    return _hooked(patch, blocks) is None
+
+
 def check_no_hooks(patch, blocks) -> None:
     """Refuse module hooks that a written-out block would skip without a word.
 
-    Adapters whose blocks are written out (``Adapter.writes_blocks``: timm ViT / Eva / NaFlex, open_clip) run a
+    Adapters whose blocks are always written out (``Adapter.writes_blocks``: timm ViT / Eva / NaFlex, open_clip) run a
     block's computation without ``nn.Module.__call__`` on the block, its attention and most of its submodules, so a
     hook registered there (a common way to read intermediate features) would never run. Scanning every submodule
-    each forward would cost host time at batch 1, so the scan runs again only when a hook was registered somewhere
-    since the last clean one (torch numbers every hook handle: ``RemovableHandle.next_id``); a model found with hooks
-    is scanned every forward until they are gone. Not while compiling (the scan would be traced)."""
+    each forward would cost host time at batch 1, so the scan is cached (:func:`_hooked`). Not while compiling (the
+    scan would be traced)."""
     if torch.compiler.is_compiling():
         return
-    stamp = RemovableHandle.next_id
-    if patch.hooks_clean_at == stamp:
-        return
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    where = _hooked(patch, blocks)
+    if where == "global":
         raise RuntimeError("tokenprune: global module forward hooks (torch.nn.modules.module."
                            "register_module_forward_hook / _pre_hook) are set, and this patched model's blocks run "
                            "without nn.Module.__call__, so they would not run there; remove them, or call "
                            "tokenprune.remove(model) first")
-    for i, blk in enumerate(blocks):
-        for name, mod in blk.named_modules():
-            if any(getattr(mod, d, None) for d in _HOOK_DICTS):
-                where = f"block {i}" + (f" ({name})" if name else "")
-                raise RuntimeError(
-                    f"tokenprune: a module hook is registered on {where}; this patched model runs its blocks "
-                    "written out (without nn.Module.__call__), so the hook would silently not run. Remove the hook; "
-                    "for intermediate tokens use tokenprune.features(model, x) or hooks on modules outside the "
-                    "blocks, or call tokenprune.remove(model) first")
-    patch.hooks_clean_at = stamp
+    if where is not None:
+        i, name = where
+        where = f"block {i}" + (f" ({name})" if name else "")
+        raise RuntimeError(
+            f"tokenprune: a module hook is registered on {where}; this patched model runs its blocks "
+            "written out (without nn.Module.__call__), so the hook would silently not run. Remove the hook; "
+            "for intermediate tokens use tokenprune.features(model, x) or hooks on modules outside the "
+            "blocks, or call tokenprune.remove(model) first")
 
 
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,

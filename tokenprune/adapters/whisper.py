@@ -36,19 +36,82 @@ once per utterance and cached, so every decoding step gets cheaper too).
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..engine import Forward
+from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, no_extra_kwargs, returned, run
+from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, block_fn, no_extra_kwargs, returned
 
 BIAS_KEY = "tokenprune_key_bias"
 
 
 def _attn(layer):
     return layer.self_attn
+
+
+_STANDARD_CLASSES: dict = {}  # (layer class, attention class) -> whether their forwards are transformers' own
+_Linear, _LayerNorm = nn.Linear, nn.LayerNorm
+
+
+def _own(fn, qualname: str) -> bool:
+    return (getattr(fn, "__qualname__", "") == qualname
+            and getattr(fn, "__module__", "") == "transformers.models.whisper.modeling_whisper")
+
+
+def _standard_classes(layer_cls, attn_cls) -> bool:
+    key = (layer_cls, attn_cls)
+    ok = _STANDARD_CLASSES.get(key)
+    if ok is None:
+        ok = _STANDARD_CLASSES[key] = (_own(layer_cls.forward, "WhisperEncoderLayer.forward")
+                                       and _own(attn_cls.forward, "WhisperAttention.forward"))
+    return ok
+
+
+def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
+    """``WhisperEncoderLayer.forward`` in inference (dropout off), written out with the context's key bias, kernel and
+    q/k recording: the same aten ops, without transformers' call chain (module calls, kwargs handling, the attention
+    interface lookup), which is what a batch-1 eager forward waits on. Only transformers' own layer and attention
+    forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and the GELU activation are written out (checked
+    on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, runs through transformers);
+    ``tests/test_adapters_matrix.py`` checks the result against the layer itself."""
+    a = layer.self_attn
+    d = a.__dict__["_modules"]
+    qp, kp, vp, op = d["q_proj"], d["k_proj"], d["v_proj"], d["out_proj"]
+    d = layer.__dict__["_modules"]
+    ln1, ln2, fc1, fc2, act = (d["self_attn_layer_norm"], d["final_layer_norm"], d["fc1"], d["fc2"],
+                               d["activation_fn"])
+    if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
+            and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
+            and getattr(act, "act", None) is F.gelu and not getattr(a, "is_causal", False)
+            and _standard_classes(type(layer), type(a))):
+        return _CALL(layer, x, fwd)
+    b, n, c = x.shape
+    h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
+    shape = (b, n, a.num_heads, a.head_dim)
+    q = (F.linear(h, qp.weight, qp.bias) * a.scaling).view(shape).transpose(1, 2)
+    k = F.linear(h, kp.weight, kp.bias).view(shape).transpose(1, 2)
+    v = F.linear(h, vp.weight, vp.bias).view(shape).transpose(1, 2)
+    bias = fwd.bias
+    if fwd.kernel is not None:  # MAELRE's linear attention: q in the standard convention (Whisper pre-scales it)
+        heads = fwd.kernel(q * a.head_dim ** 0.5, k, v, bias)
+    else:
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    if fwd.want_qk:
+        fwd.qk = QK(q, k, 1.0, bias, heads)
+    x = x + F.linear(heads.transpose(1, 2).reshape(b, n, c), op.weight, op.bias)
+    h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+    x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    if x.dtype == torch.float16:  # as the layer: keep fp16 activations finite
+        clamp = torch.finfo(x.dtype).max - 1000
+        x = torch.clamp(x, min=-clamp, max=clamp)
+    return x
+
+
+_CALL = block_fn(None)  # the layer through transformers (training, compiling, hooks, or a layer of another kind)
 
 
 class _Encoder(SaveAsOriginal):
@@ -80,7 +143,8 @@ class _Encoder(SaveAsOriginal):
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
         x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
-        return run(fwd, self.layers, x, (1, x.shape[1]), extra=(None,))
+        written = not self.training and not torch.compiler.is_compiling() and hooks_free(fwd.patch, self.layers)
+        return run_blocks(fwd, self.layers, x, _layer if written else _CALL, (1, x.shape[1]))
 
 
 class _Model(SaveAsOriginal):
