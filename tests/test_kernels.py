@@ -566,11 +566,12 @@ def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
 
 def test_long_inputs_take_the_key_mean_as_an_op(monkeypatch):
     """Eager calls above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens take the key mean as one op (the long-input
-    matching's programs would each read every head's keys); at the bound the kernels still read the keys per head."""
+    matching's programs would each read every head's keys) from batch 2 on; at the bound, and at batch 1 (bound by
+    the host, where the op is one launch more), the kernels read the keys per head."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     bound = kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS
-    for t, per_head in ((bound, True), (bound + 1, False), (1500, False)):
-        keys = torch.randn(1, 3, t, 8)
+    for t, bs, per_head in ((bound, 2, True), (bound + 1, 2, False), (1500, 2, False), (1500, 1, True)):
+        keys = torch.randn(bs, 3, t, 8)
         got = kernels._mean_first(keys)
         assert (got is keys) == per_head
         if not per_head:

@@ -104,10 +104,12 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
         fwd.qk = QK(q, k, 1.0, bias, heads)
     x = x + F.linear(heads.transpose(1, 2).reshape(b, n, c), op.weight, op.bias)
     h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
-    x = x + F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    y = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+    grad = torch.is_grad_enabled()  # without autograd the last add and the clamp write in place (one allocation less)
+    x = x + y if grad else x.add_(y)
     if x.dtype == torch.float16:  # as the layer: keep fp16 activations finite
         clamp = torch.finfo(x.dtype).max - 1000
-        x = torch.clamp(x, min=-clamp, max=clamp)
+        x = torch.clamp(x, min=-clamp, max=clamp) if grad else x.clamp_(min=-clamp, max=clamp)
     return x
 
 

@@ -258,15 +258,21 @@ KEY_MEAN_IN_KERNEL = True
 # against 51.4 with the op. 256: the one-launch merge step's bound (2 x merge.MERGE_STEP_MAX_A; that module needs
 # Triton, this one does not).
 KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
+# ... except at batch 1 (up to this batch): an eager batch-1 forward waits on the host, and the op is one more launch
+# per step (the kernels' extra reads cost GPU time the host hides there). Run 19 (H100, Whisper-large bs 1 eager, layers
+# written out): merge 0.928x of the unreduced model with the op, 0.994x with the keys per head. Larger batches are
+# bound by the GPU, where the op's single read pays.
+KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = 1
 
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens or with
-    ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a power of two was tried and removed: run 18,
-    kernels/NOTES.md.)"""
-    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
-                              or torch.compiler.is_compiling()):
+    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over
+    ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
+    power of two was tried and removed: run 18, kernels/NOTES.md.)"""
+    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or torch.compiler.is_compiling()
+                              or (metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
+                                  and metric.shape[0] > KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH)):
         return reference.key_mean(metric)
     return metric
 
