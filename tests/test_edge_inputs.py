@@ -323,3 +323,27 @@ def test_hooks_the_written_out_blocks_would_skip_are_a_clear_error(where):
     h = model.blocks[1].register_forward_hook(lambda *a: calls.append(3))
     model(x)  # the unpatched model runs its hooks as always
     assert calls == [2, 3]
+
+
+def test_hooks_on_written_out_blocks_are_refused_when_compiled_too():
+    """Compiling a patched timm model traced its written-out blocks without a word about a hook set on them (the
+    scan was skipped while tracing): the scan now runs once at trace time, and compiling refuses the hook as eager
+    calls do (fullgraph=True: Dynamo's error carries the message). Without hooks the graph stays whole."""
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    try:
+        h = model.blocks[2].register_forward_hook(lambda *a: None)
+        for fullgraph in (False, True):
+            torch._dynamo.reset()
+            with torch.no_grad(), pytest.raises(Exception, match="hook is registered on block 2"):
+                torch.compile(model, backend="eager", fullgraph=fullgraph)(x)
+        h.remove()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+    finally:
+        torch._dynamo.reset()
+        tokenprune.remove(model)

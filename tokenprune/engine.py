@@ -176,6 +176,14 @@ def _hooked(patch, blocks):
     return None
 
 
+@torch._dynamo.assume_constant_result
+def _hooked_when_traced(patch, blocks):
+    """:func:`_hooked` while torch.compile traces a forward: run as plain Python at trace time, its answer a constant
+    of the graph (a hook set then is refused at compile time; like torch.compile itself, which does not guard on
+    module hooks, a hook added after compiling is not seen)."""
+    return _hooked(patch, blocks)
+
+
 def hooks_free(patch, blocks) -> bool:
     """Whether no module hook is set on ``blocks`` (nor a global one): an adapter that can run a block written out
     or through ``nn.Module.__call__`` writes it out only then (Whisper). Scans as :func:`check_no_hooks`."""
@@ -188,11 +196,9 @@ def check_no_hooks(patch, blocks) -> None:
     Adapters whose blocks are always written out (``Adapter.writes_blocks``: timm ViT / Eva / NaFlex, open_clip) run a
     block's computation without ``nn.Module.__call__`` on the block, its attention and most of its submodules, so a
     hook registered there (a common way to read intermediate features) would never run. Scanning every submodule
-    each forward would cost host time at batch 1, so the scan is cached (:func:`_hooked`). Not while compiling (the
-    scan would be traced)."""
-    if torch.compiler.is_compiling():
-        return
-    where = _hooked(patch, blocks)
+    each forward would cost host time at batch 1, so the scan is cached (:func:`_hooked`). While torch.compile traces,
+    the scan runs once at trace time (:func:`_hooked_when_traced`)."""
+    where = _hooked_when_traced(patch, blocks) if torch.compiler.is_compiling() else _hooked(patch, blocks)
     if where == "global":
         raise RuntimeError("tokenprune: global module forward hooks (torch.nn.modules.module."
                            "register_module_forward_hook / _pre_hook) are set, and this patched model's blocks run "
