@@ -176,12 +176,20 @@ def _hooked(patch, blocks):
     return None
 
 
-@torch._dynamo.assume_constant_result
 def _hooked_when_traced(patch, blocks):
     """:func:`_hooked` while torch.compile traces a forward: run as plain Python at trace time, its answer a constant
     of the graph (a hook set then is refused at compile time; like torch.compile itself, which does not guard on
-    module hooks, a hook added after compiling is not seen)."""
+    module hooks, a hook added after compiling is not seen). Marked so by :func:`mark_traced_scan`."""
     return _hooked(patch, blocks)
+
+
+def mark_traced_scan() -> None:
+    """Mark :func:`_hooked_when_traced` for torch.compile (``assume_constant_result``). Called by ``apply`` for adapters
+    that write blocks out, not at import: the marking imports ``torch._dynamo``, about a second (timm has imported
+    it by then anyway)."""
+    if not getattr(_hooked_when_traced, "_tokenprune_marked", False):
+        torch.compiler.assume_constant_result(_hooked_when_traced)
+        _hooked_when_traced._tokenprune_marked = True
 
 
 def hooks_free(patch, blocks) -> bool:
