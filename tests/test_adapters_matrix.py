@@ -422,6 +422,23 @@ def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch
             tokenprune.remove(model)
 
 
+def test_whisper_under_autocast_equals_unpatched_at_budget_1():
+    """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
+    run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another
+    result at budget 1.0, and a bf16 last_hidden_state)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_enc = fam["out"](model, x), fam["tokens"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got, got_enc = fam["out"](model, x), fam["tokens"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert got_enc.dtype == ref_enc.dtype and torch.equal(got_enc, ref_enc)
+    assert torch.equal(got, ref)
+
+
 def test_whisper_cross_attention_gets_size_bias():
     """The decoder's cross-attention weights merged encoder tokens by their sizes (proportional attention)."""
     from tokenprune.adapters import hf_common

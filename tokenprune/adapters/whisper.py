@@ -143,7 +143,9 @@ class _Encoder(SaveAsOriginal):
                              "pad them with the WhisperFeatureExtractor")
         x = nn.functional.gelu(self.conv1(input_features))
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
-        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        # (not cast to x's dtype: under autocast transformers adds the float32 positions to the bf16/fp16 stem output,
+        # and its layers run on a float32 residual stream)
+        x = x + self.embed_positions.weight[: x.shape[1]]
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
         written = not self.training and not torch.compiler.is_compiling() and hooks_free(fwd.patch, self.layers)
         return run_blocks(fwd, self.layers, x, _layer if written else _CALL, (1, x.shape[1]))
