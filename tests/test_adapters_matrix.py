@@ -422,6 +422,28 @@ def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch
             tokenprune.remove(model)
 
 
+def test_whisper_written_out_layer_keeps_a_custom_activation():
+    """A layer whose activation is a subclass of transformers' GELUActivation with a forward of its own (its ``act`` is
+    still F.gelu) runs that forward: at budget 1.0 the patched model equals the unpatched one."""
+    from transformers.activations import GELUActivation
+
+    class ScaledGELU(GELUActivation):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    model.model.encoder.layers[1].activation_fn = ScaledGELU()
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another

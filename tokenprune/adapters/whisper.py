@@ -53,21 +53,22 @@ def _attn(layer):
     return layer.self_attn
 
 
-_STANDARD_CLASSES: dict = {}  # (layer class, attention class) -> whether their forwards are transformers' own
+_STANDARD_CLASSES: dict = {}  # (layer, attention, activation class) -> whether their forwards are transformers' own
 _Linear, _LayerNorm = nn.Linear, nn.LayerNorm
+_WHISPER = "transformers.models.whisper.modeling_whisper"
 
 
-def _own(fn, qualname: str) -> bool:
-    return (getattr(fn, "__qualname__", "") == qualname
-            and getattr(fn, "__module__", "") == "transformers.models.whisper.modeling_whisper")
+def _own(fn, qualname: str, module: str = _WHISPER) -> bool:
+    return getattr(fn, "__qualname__", "") == qualname and getattr(fn, "__module__", "") == module
 
 
-def _standard_classes(layer_cls, attn_cls) -> bool:
-    key = (layer_cls, attn_cls)
+def _standard_classes(layer_cls, attn_cls, act_cls) -> bool:
+    key = (layer_cls, attn_cls, act_cls)
     ok = _STANDARD_CLASSES.get(key)
     if ok is None:
         ok = _STANDARD_CLASSES[key] = (_own(layer_cls.forward, "WhisperEncoderLayer.forward")
-                                       and _own(attn_cls.forward, "WhisperAttention.forward"))
+                                       and _own(attn_cls.forward, "WhisperAttention.forward")
+                                       and _own(act_cls.forward, "GELUActivation.forward", "transformers.activations"))
     return ok
 
 
@@ -75,8 +76,8 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """``WhisperEncoderLayer.forward`` in inference (dropout off), written out with the context's key bias, kernel and
     q/k recording: the same aten ops, without transformers' call chain (module calls, kwargs handling, the attention
     interface lookup), which is what a batch-1 eager forward waits on. Only transformers' own layer and attention
-    forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and the GELU activation are written out (checked
-    on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, runs through transformers);
+    forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and transformers' GELU activation are written out
+    (checked on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, runs through transformers);
     ``tests/test_adapters_matrix.py`` checks the result against the layer itself."""
     a = layer.self_attn
     d = a.__dict__["_modules"]
@@ -87,7 +88,7 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
             and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
             and getattr(act, "act", None) is F.gelu and not getattr(a, "is_causal", False)
-            and _standard_classes(type(layer), type(a))):
+            and _standard_classes(type(layer), type(a), type(act))):
         return _CALL(layer, x, fwd)
     b, n, c = x.shape
     h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
