@@ -444,6 +444,34 @@ def test_whisper_written_out_layer_keeps_a_custom_activation():
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_whisper_written_out_layers_see_a_replaced_class_forward(wrapped, monkeypatch):
+    """A forward replaced on transformers' layer class after a first patched call (the check is cached), plain or
+    as a functools.wraps wrapper (which copies the original's name and module), runs: at budget 1.0 the patched
+    model equals the unpatched one with that forward."""
+    import functools
+
+    from transformers.models.whisper import modeling_whisper as MW
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    orig = MW.WhisperEncoderLayer.forward
+
+    def doubled(self, *args, **kwargs):
+        return orig(self, *args, **kwargs) * 2
+
+    with torch.no_grad():
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            fam["out"](model, x)
+            monkeypatch.setattr(MW.WhisperEncoderLayer, "forward", functools.wraps(orig)(doubled) if wrapped else doubled)
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+        ref = fam["out"](model, x)
+    assert torch.equal(got, ref)
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another

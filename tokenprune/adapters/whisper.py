@@ -53,22 +53,38 @@ def _attn(layer):
     return layer.self_attn
 
 
-_STANDARD_CLASSES: dict = {}  # (layer, attention, activation class) -> whether their forwards are transformers' own
+# (layer, attention, activation classes' forward functions) -> whether they are transformers' own. Keyed by the
+# functions, not the classes: a forward replaced on a class after a first call is checked again
+_STANDARD_FORWARDS: dict = {}
 _Linear, _LayerNorm = nn.Linear, nn.LayerNorm
 _WHISPER = "transformers.models.whisper.modeling_whisper"
 
 
 def _own(fn, qualname: str, module: str = _WHISPER) -> bool:
+    """Whether ``fn`` is transformers' ``module.qualname``, bare or under transformers' own decorators (which wrap
+    the layers' forwards): every function of its ``__wrapped__`` chain must be transformers' code, since a wrapper
+    made elsewhere with ``functools.wraps`` carries the original's name and module."""
+    import transformers
+
+    root = transformers.__file__.rpartition("__init__.py")[0]
+    while True:
+        code = getattr(fn, "__code__", None)
+        if code is None or not code.co_filename.startswith(root):
+            return False
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None:
+            break
+        fn = inner
     return getattr(fn, "__qualname__", "") == qualname and getattr(fn, "__module__", "") == module
 
 
-def _standard_classes(layer_cls, attn_cls, act_cls) -> bool:
-    key = (layer_cls, attn_cls, act_cls)
-    ok = _STANDARD_CLASSES.get(key)
+def _standard_forwards(layer_fwd, attn_fwd, act_fwd) -> bool:
+    key = (layer_fwd, attn_fwd, act_fwd)
+    ok = _STANDARD_FORWARDS.get(key)
     if ok is None:
-        ok = _STANDARD_CLASSES[key] = (_own(layer_cls.forward, "WhisperEncoderLayer.forward")
-                                       and _own(attn_cls.forward, "WhisperAttention.forward")
-                                       and _own(act_cls.forward, "GELUActivation.forward", "transformers.activations"))
+        ok = _STANDARD_FORWARDS[key] = (_own(layer_fwd, "WhisperEncoderLayer.forward")
+                                        and _own(attn_fwd, "WhisperAttention.forward")
+                                        and _own(act_fwd, "GELUActivation.forward", "transformers.activations"))
     return ok
 
 
@@ -88,7 +104,7 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
             and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
             and getattr(act, "act", None) is F.gelu and not getattr(a, "is_causal", False)
-            and _standard_classes(type(layer), type(a), type(act))):
+            and _standard_forwards(type(layer).forward, type(a).forward, type(act).forward)):
         return _CALL(layer, x, fwd)
     b, n, c = x.shape
     h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
