@@ -472,6 +472,32 @@ def test_whisper_written_out_layers_see_a_replaced_class_forward(wrapped, monkey
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("where", ["layer", "self_attn", "q_proj", "fc1", "final_layer_norm", "activation_fn"])
+def test_whisper_written_out_layers_run_an_instance_forward(where):
+    """A forward set on the module instance (as accelerate's device_map / offload hooks do: ``module.forward =
+    wrapper``) on a layer, its attention or a submodule runs: at budget 1.0 the patched model equals the unpatched
+    one."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    layer = model.model.encoder.layers[1]
+    mod = layer.get_submodule({"layer": "", "q_proj": "self_attn.q_proj"}.get(where, where))
+    inner = mod.forward
+
+    def doubled(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
+
+    mod.forward = doubled
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another

@@ -93,7 +93,8 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     q/k recording: the same aten ops, without transformers' call chain (module calls, kwargs handling, the attention
     interface lookup), which is what a batch-1 eager forward waits on. Only transformers' own layer and attention
     forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and transformers' GELU activation are written out
-    (checked on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, runs through transformers);
+    (checked on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, or with a forward set on an
+    instance of it or its modules, e.g. accelerate's hooks, runs through transformers);
     ``tests/test_adapters_matrix.py`` checks the result against the layer itself."""
     a = layer.self_attn
     d = a.__dict__["_modules"]
@@ -101,6 +102,9 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     d = layer.__dict__["_modules"]
     ln1, ln2, fc1, fc2, act = (d["self_attn_layer_norm"], d["final_layer_norm"], d["fc1"], d["fc2"],
                                d["activation_fn"])
+    for m in (layer, a, qp, kp, vp, op, ln1, ln2, fc1, fc2, act):
+        if "forward" in m.__dict__:  # a forward set on the instance (accelerate's device_map / offload hooks): run it
+            return _CALL(layer, x, fwd)
     if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
             and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
             and getattr(act, "act", None) is F.gelu and not getattr(a, "is_causal", False)
