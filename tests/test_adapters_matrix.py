@@ -498,6 +498,32 @@ def test_whisper_written_out_layers_run_an_instance_forward(where):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("where", ["layer", "self_attn"])
+def test_whisper_written_out_layers_keep_a_layer_in_training_mode(where):
+    """An encoder in eval mode with one layer (or its attention) switched to training mode (Monte Carlo dropout) runs
+    that layer's dropout as transformers does: at budget 1.0 the patched model equals the unpatched one."""
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = _whisper_cfg()
+    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.3
+    _seed()
+    model = WhisperForConditionalGeneration(cfg).eval()
+    x = make_whisper()["x"]
+    layer = model.model.encoder.layers[1]
+    (layer if where == "layer" else layer.self_attn).train()
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ref = model(input_features=x, decoder_input_ids=dec).logits
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            torch.manual_seed(1)
+            got = model(input_features=x, decoder_input_ids=dec).logits
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another

@@ -102,6 +102,8 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     d = layer.__dict__["_modules"]
     ln1, ln2, fc1, fc2, act = (d["self_attn_layer_norm"], d["final_layer_norm"], d["fc1"], d["fc2"],
                                d["activation_fn"])
+    if layer.training or a.training:  # a layer of an eval-mode encoder switched to training (its dropout runs)
+        return _CALL(layer, x, fwd)
     for m in (layer, a, qp, kp, vp, op, ln1, ln2, fc1, fc2, act):
         if "forward" in m.__dict__:  # a forward set on the instance (accelerate's device_map / offload hooks): run it
             return _CALL(layer, x, fwd)
