@@ -524,6 +524,35 @@ def test_whisper_written_out_layers_keep_a_layer_in_training_mode(where):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: hooks on modules that return a ModelOutput
+def test_whisper_global_backward_hooks_run_on_the_layers():
+    """A global module backward hook (torch.nn.modules.module.register_module_full_backward_hook, as profilers and
+    gradient inspectors set) runs on the encoder layers' modules as in the unpatched model: the layers go through
+    transformers while one is set (the written-out layers ran it only on the stem)."""
+    from torch.nn.modules import module as nn_module
+
+    fam = make_whisper()
+    enc, x = fam["model"].model.encoder, fam["x"]
+
+    def run():
+        seen = []
+        handle = nn_module.register_module_full_backward_hook(lambda mod, gin, gout: seen.append(id(mod)))
+        try:
+            inp = x.clone().requires_grad_(True)
+            enc(inp).last_hidden_state.sum().backward()
+        finally:
+            handle.remove()
+        return sorted(seen), inp.grad
+
+    ref = run()
+    tokenprune.apply(enc, 1.0, "merge")
+    try:
+        got = run()
+    finally:
+        tokenprune.remove(enc)
+    assert got[0] == ref[0] and torch.equal(got[1], ref[1])
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another
