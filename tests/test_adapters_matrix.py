@@ -553,6 +553,33 @@ def test_whisper_global_backward_hooks_run_on_the_layers():
     assert got[0] == ref[0] and torch.equal(got[1], ref[1])
 
 
+def test_whisper_layers_compiled_in_place_stay_compiled():
+    """Regional compilation (``layer.compile()`` on each encoder layer, as transformers and diffusers recommend) keeps
+    working on a patched model: the compiled graphs run (the written-out path ran the layers eagerly, uncompiled)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    graph_calls = []
+
+    def backend(gm, inputs):  # counts the calls of the compiled graphs
+        return lambda *args: graph_calls.append(1) or gm(*args)
+
+    for layer in model.model.encoder.layers:
+        layer.compile(backend=backend)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = fam["out"](model, x)
+            tokenprune.apply(model, 1.0, "merge")
+            try:
+                graph_calls.clear()
+                got = fam["out"](model, x)
+            finally:
+                tokenprune.remove(model)
+    finally:
+        torch._dynamo.reset()
+    assert len(graph_calls) >= len(model.model.encoder.layers) and torch.equal(got, ref)
+
+
 def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
     run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another

@@ -94,7 +94,7 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     interface lookup), which is what a batch-1 eager forward waits on. Only transformers' own layer and attention
     forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and transformers' GELU activation are written out
     (checked on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, or with a forward set on an
-    instance of it or its modules, e.g. accelerate's hooks, runs through transformers);
+    instance of it or its modules, e.g. accelerate's hooks, or compiled in place, runs through transformers);
     ``tests/test_adapters_matrix.py`` checks the result against the layer itself."""
     a = layer.self_attn
     d = a.__dict__["_modules"]
@@ -105,7 +105,8 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     if layer.training or a.training:  # a layer of an eval-mode encoder switched to training (its dropout runs)
         return _CALL(layer, x, fwd)
     for m in (layer, a, qp, kp, vp, op, ln1, ln2, fc1, fc2, act):
-        if "forward" in m.__dict__:  # a forward set on the instance (accelerate's device_map / offload hooks): run it
+        d = m.__dict__  # a forward set on the instance (accelerate's device_map / offload hooks), or the module
+        if "forward" in d or d.get("_compiled_call_impl") is not None:  # compiled in place (module.compile()): run it
             return _CALL(layer, x, fwd)
     if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
             and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
