@@ -597,6 +597,27 @@ def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     assert torch.equal(got, ref)
 
 
+def test_whisper_written_out_layers_under_autocast_equal_transformers_layers(monkeypatch):
+    """Under autocast the residual stream is float32 and q bf16: the written-out layer hands the key bias to MAELRE's
+    kernel in q's dtype, as tokenprune_sdpa does (it passed the float32 bias: other outputs than the layers called
+    through transformers)."""
+    from tokenprune.adapters import whisper as W
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for method, options in (("maelre", {"switch_at": 0}), ("merge", {}), ("threshold", {})):
+            tokenprune.apply(model, 0.5, method, **options)
+            try:
+                got = fam["out"](model, x)
+                with monkeypatch.context() as mp:
+                    mp.setattr(W, "_layer", W._CALL)
+                    ref = fam["out"](model, x)
+            finally:
+                tokenprune.remove(model)
+            assert torch.equal(got, ref), method
+
+
 def test_whisper_cross_attention_gets_size_bias():
     """The decoder's cross-attention weights merged encoder tokens by their sizes (proportional attention)."""
     from tokenprune.adapters import hf_common

@@ -120,12 +120,14 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     k = F.linear(h, kp.weight, kp.bias).view(shape).transpose(1, 2)
     v = F.linear(h, vp.weight, vp.bias).view(shape).transpose(1, 2)
     bias = fwd.bias
+    if bias is not None and bias.dtype != q.dtype:  # as tokenprune_sdpa (autocast: float32 tokens, bf16 q)
+        bias = bias.to(q.dtype)
     if fwd.kernel is not None:  # MAELRE's linear attention: q in the standard convention (Whisper pre-scales it)
         heads = fwd.kernel(q * a.head_dim ** 0.5, k, v, bias)
     else:
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if fwd.want_qk:
-        fwd.qk = QK(q, k, 1.0, bias, heads)
+        fwd.qk = QK(q, k, 1.0, fwd.bias, heads)
     x = x + F.linear(heads.transpose(1, 2).reshape(b, n, c), op.weight, op.bias)
     h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
     y = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
