@@ -422,6 +422,202 @@ def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch
             tokenprune.remove(model)
 
 
+def test_whisper_written_out_layer_keeps_a_custom_activation():
+    """A layer whose activation is a subclass of transformers' GELUActivation with a forward of its own (its ``act`` is
+    still F.gelu) runs that forward: at budget 1.0 the patched model equals the unpatched one."""
+    from transformers.activations import GELUActivation
+
+    class ScaledGELU(GELUActivation):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    model.model.encoder.layers[1].activation_fn = ScaledGELU()
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_whisper_written_out_layers_see_a_replaced_class_forward(wrapped, monkeypatch):
+    """A forward replaced on transformers' layer class after a first patched call (the check is cached), plain or
+    as a functools.wraps wrapper (which copies the original's name and module), runs: at budget 1.0 the patched
+    model equals the unpatched one with that forward."""
+    import functools
+
+    from transformers.models.whisper import modeling_whisper as MW
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    orig = MW.WhisperEncoderLayer.forward
+
+    def doubled(self, *args, **kwargs):
+        return orig(self, *args, **kwargs) * 2
+
+    with torch.no_grad():
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            fam["out"](model, x)
+            monkeypatch.setattr(MW.WhisperEncoderLayer, "forward", functools.wraps(orig)(doubled) if wrapped else doubled)
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+        ref = fam["out"](model, x)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("where", ["layer", "self_attn", "q_proj", "fc1", "final_layer_norm", "activation_fn"])
+def test_whisper_written_out_layers_run_an_instance_forward(where):
+    """A forward set on the module instance (as accelerate's device_map / offload hooks do: ``module.forward =
+    wrapper``) on a layer, its attention or a submodule runs: at budget 1.0 the patched model equals the unpatched
+    one."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    layer = model.model.encoder.layers[1]
+    mod = layer.get_submodule({"layer": "", "q_proj": "self_attn.q_proj"}.get(where, where))
+    inner = mod.forward
+
+    def doubled(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        return (out[0] * 2, *out[1:]) if isinstance(out, tuple) else out * 2
+
+    mod.forward = doubled
+    with torch.no_grad():
+        ref = fam["out"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("where", ["layer", "self_attn"])
+def test_whisper_written_out_layers_keep_a_layer_in_training_mode(where):
+    """An encoder in eval mode with one layer (or its attention) switched to training mode (Monte Carlo dropout) runs
+    that layer's dropout as transformers does: at budget 1.0 the patched model equals the unpatched one."""
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = _whisper_cfg()
+    cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.3
+    _seed()
+    model = WhisperForConditionalGeneration(cfg).eval()
+    x = make_whisper()["x"]
+    layer = model.model.encoder.layers[1]
+    (layer if where == "layer" else layer.self_attn).train()
+    dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        ref = model(input_features=x, decoder_input_ids=dec).logits
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            torch.manual_seed(1)
+            got = model(input_features=x, decoder_input_ids=dec).logits
+        finally:
+            tokenprune.remove(model)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: hooks on modules that return a ModelOutput
+def test_whisper_global_backward_hooks_run_on_the_layers():
+    """A global module backward hook (torch.nn.modules.module.register_module_full_backward_hook, as profilers and
+    gradient inspectors set) runs on the encoder layers' modules as in the unpatched model: the layers go through
+    transformers while one is set (the written-out layers ran it only on the stem)."""
+    from torch.nn.modules import module as nn_module
+
+    fam = make_whisper()
+    enc, x = fam["model"].model.encoder, fam["x"]
+
+    def run():
+        seen = []
+        handle = nn_module.register_module_full_backward_hook(lambda mod, gin, gout: seen.append(id(mod)))
+        try:
+            inp = x.clone().requires_grad_(True)
+            enc(inp).last_hidden_state.sum().backward()
+        finally:
+            handle.remove()
+        return sorted(seen), inp.grad
+
+    ref = run()
+    tokenprune.apply(enc, 1.0, "merge")
+    try:
+        got = run()
+    finally:
+        tokenprune.remove(enc)
+    assert got[0] == ref[0] and torch.equal(got[1], ref[1])
+
+
+def test_whisper_layers_compiled_in_place_stay_compiled():
+    """Regional compilation (``layer.compile()`` on each encoder layer, as transformers and diffusers recommend) keeps
+    working on a patched model: the compiled graphs run (the written-out path ran the layers eagerly, uncompiled)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    graph_calls = []
+
+    def backend(gm, inputs):  # counts the calls of the compiled graphs
+        return lambda *args: graph_calls.append(1) or gm(*args)
+
+    for layer in model.model.encoder.layers:
+        layer.compile(backend=backend)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ref = fam["out"](model, x)
+            tokenprune.apply(model, 1.0, "merge")
+            try:
+                graph_calls.clear()
+                got = fam["out"](model, x)
+            finally:
+                tokenprune.remove(model)
+    finally:
+        torch._dynamo.reset()
+    assert len(graph_calls) >= len(model.model.encoder.layers) and torch.equal(got, ref)
+
+
+def test_whisper_under_autocast_equals_unpatched_at_budget_1():
+    """Under CPU autocast (bf16) the unpatched encoder adds its float32 positions to the bf16 stem output, so its layers
+    run on a float32 residual stream; the patched encoder must do the same (it cast the positions to bf16: another
+    result at budget 1.0, and a bf16 last_hidden_state)."""
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_enc = fam["out"](model, x), fam["tokens"](model, x)
+        tokenprune.apply(model, 1.0, "merge")
+        try:
+            got, got_enc = fam["out"](model, x), fam["tokens"](model, x)
+        finally:
+            tokenprune.remove(model)
+    assert got_enc.dtype == ref_enc.dtype and torch.equal(got_enc, ref_enc)
+    assert torch.equal(got, ref)
+
+
+def test_whisper_written_out_layers_under_autocast_equal_transformers_layers(monkeypatch):
+    """Under autocast the residual stream is float32 and q bf16: the written-out layer hands the key bias to MAELRE's
+    kernel in q's dtype, as tokenprune_sdpa does (it passed the float32 bias: other outputs than the layers called
+    through transformers)."""
+    from tokenprune.adapters import whisper as W
+
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for method, options in (("maelre", {"switch_at": 0}), ("merge", {}), ("threshold", {})):
+            tokenprune.apply(model, 0.5, method, **options)
+            try:
+                got = fam["out"](model, x)
+                with monkeypatch.context() as mp:
+                    mp.setattr(W, "_layer", W._CALL)
+                    ref = fam["out"](model, x)
+            finally:
+                tokenprune.remove(model)
+            assert torch.equal(got, ref), method
+
+
 def test_whisper_cross_attention_gets_size_bias():
     """The decoder's cross-attention weights merged encoder tokens by their sizes (proportional attention)."""
     from tokenprune.adapters import hf_common

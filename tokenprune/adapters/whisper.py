@@ -53,21 +53,38 @@ def _attn(layer):
     return layer.self_attn
 
 
-_STANDARD_CLASSES: dict = {}  # (layer class, attention class) -> whether their forwards are transformers' own
+# (layer, attention, activation classes' forward functions) -> whether they are transformers' own. Keyed by the
+# functions, not the classes: a forward replaced on a class after a first call is checked again
+_STANDARD_FORWARDS: dict = {}
 _Linear, _LayerNorm = nn.Linear, nn.LayerNorm
+_WHISPER = "transformers.models.whisper.modeling_whisper"
 
 
-def _own(fn, qualname: str) -> bool:
-    return (getattr(fn, "__qualname__", "") == qualname
-            and getattr(fn, "__module__", "") == "transformers.models.whisper.modeling_whisper")
+def _own(fn, qualname: str, module: str = _WHISPER) -> bool:
+    """Whether ``fn`` is transformers' ``module.qualname``, bare or under transformers' own decorators (which wrap
+    the layers' forwards): every function of its ``__wrapped__`` chain must be transformers' code, since a wrapper
+    made elsewhere with ``functools.wraps`` carries the original's name and module."""
+    import transformers
+
+    root = transformers.__file__.rpartition("__init__.py")[0]
+    while True:
+        code = getattr(fn, "__code__", None)
+        if code is None or not code.co_filename.startswith(root):
+            return False
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None:
+            break
+        fn = inner
+    return getattr(fn, "__qualname__", "") == qualname and getattr(fn, "__module__", "") == module
 
 
-def _standard_classes(layer_cls, attn_cls) -> bool:
-    key = (layer_cls, attn_cls)
-    ok = _STANDARD_CLASSES.get(key)
+def _standard_forwards(layer_fwd, attn_fwd, act_fwd) -> bool:
+    key = (layer_fwd, attn_fwd, act_fwd)
+    ok = _STANDARD_FORWARDS.get(key)
     if ok is None:
-        ok = _STANDARD_CLASSES[key] = (_own(layer_cls.forward, "WhisperEncoderLayer.forward")
-                                       and _own(attn_cls.forward, "WhisperAttention.forward"))
+        ok = _STANDARD_FORWARDS[key] = (_own(layer_fwd, "WhisperEncoderLayer.forward")
+                                        and _own(attn_fwd, "WhisperAttention.forward")
+                                        and _own(act_fwd, "GELUActivation.forward", "transformers.activations"))
     return ok
 
 
@@ -75,8 +92,9 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """``WhisperEncoderLayer.forward`` in inference (dropout off), written out with the context's key bias, kernel and
     q/k recording: the same aten ops, without transformers' call chain (module calls, kwargs handling, the attention
     interface lookup), which is what a batch-1 eager forward waits on. Only transformers' own layer and attention
-    forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and the GELU activation are written out (checked
-    on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, runs through transformers);
+    forwards with plain ``nn.Linear`` / ``nn.LayerNorm`` submodules and transformers' GELU activation are written out
+    (checked on every call, as they are read: a layer adapted after ``apply``, e.g. LoRA, or with a forward set on an
+    instance of it or its modules, e.g. accelerate's hooks, or compiled in place, runs through transformers);
     ``tests/test_adapters_matrix.py`` checks the result against the layer itself."""
     a = layer.self_attn
     d = a.__dict__["_modules"]
@@ -84,10 +102,16 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     d = layer.__dict__["_modules"]
     ln1, ln2, fc1, fc2, act = (d["self_attn_layer_norm"], d["final_layer_norm"], d["fc1"], d["fc2"],
                                d["activation_fn"])
+    if layer.training or a.training:  # a layer of an eval-mode encoder switched to training (its dropout runs)
+        return _CALL(layer, x, fwd)
+    for m in (layer, a, qp, kp, vp, op, ln1, ln2, fc1, fc2, act):
+        d = m.__dict__  # a forward set on the instance (accelerate's device_map / offload hooks), or the module
+        if "forward" in d or d.get("_compiled_call_impl") is not None:  # compiled in place (module.compile()): run it
+            return _CALL(layer, x, fwd)
     if not (type(qp) is _Linear and type(kp) is _Linear and type(vp) is _Linear and type(op) is _Linear
             and type(fc1) is _Linear and type(fc2) is _Linear and type(ln1) is _LayerNorm and type(ln2) is _LayerNorm
             and getattr(act, "act", None) is F.gelu and not getattr(a, "is_causal", False)
-            and _standard_classes(type(layer), type(a))):
+            and _standard_forwards(type(layer).forward, type(a).forward, type(act).forward)):
         return _CALL(layer, x, fwd)
     b, n, c = x.shape
     h = F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps)
@@ -96,12 +120,14 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     k = F.linear(h, kp.weight, kp.bias).view(shape).transpose(1, 2)
     v = F.linear(h, vp.weight, vp.bias).view(shape).transpose(1, 2)
     bias = fwd.bias
+    if bias is not None and bias.dtype != q.dtype:  # as tokenprune_sdpa (autocast: float32 tokens, bf16 q)
+        bias = bias.to(q.dtype)
     if fwd.kernel is not None:  # MAELRE's linear attention: q in the standard convention (Whisper pre-scales it)
         heads = fwd.kernel(q * a.head_dim ** 0.5, k, v, bias)
     else:
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if fwd.want_qk:
-        fwd.qk = QK(q, k, 1.0, bias, heads)
+        fwd.qk = QK(q, k, 1.0, fwd.bias, heads)
     x = x + F.linear(heads.transpose(1, 2).reshape(b, n, c), op.weight, op.bias)
     h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
     y = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
@@ -143,7 +169,9 @@ class _Encoder(SaveAsOriginal):
                              "pad them with the WhisperFeatureExtractor")
         x = nn.functional.gelu(self.conv1(input_features))
         x = nn.functional.gelu(self.conv2(x)).permute(0, 2, 1)
-        x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        # (not cast to x's dtype: under autocast transformers adds the float32 positions to the bf16/fp16 stem output,
+        # and its layers run on a float32 residual stream)
+        x = x + self.embed_positions.weight[: x.shape[1]]
         x = nn.functional.dropout(x, p=self.dropout, training=self.training)
         written = not self.training and not torch.compiler.is_compiling() and hooks_free(fwd.patch, self.layers)
         return run_blocks(fwd, self.layers, x, _layer if written else _CALL, (1, x.shape[1]))
