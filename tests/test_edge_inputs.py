@@ -347,3 +347,27 @@ def test_hooks_on_written_out_blocks_are_refused_when_compiled_too():
     finally:
         torch._dynamo.reset()
         tokenprune.remove(model)
+
+
+def test_hooks_on_a_patched_model_loaded_in_another_process_are_refused(monkeypatch):
+    """The hook scan is cached on the count of hook handles torch has made in this process
+    (``RemovableHandle.next_id``). A patched model saved after a clean forward, with a hook set on a block since,
+    carried that count with it; loaded in a fresh process whose own count happened to equal it (0 for a script that
+    registers no hook before its forward), the forward skipped the scan and ran without the hook, without a word.
+    The fresh process's count is set here; a real one: torch.save in one script, torch.load and call in another."""
+    import pickle
+
+    from torch.utils.hooks import RemovableHandle
+
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        model(x)  # a clean scan
+    stamp = tokenprune.get_patch(model).hooks_clean_at
+    model.blocks[1].register_forward_pre_hook(print)  # picklable
+    data = pickle.dumps(model)
+    monkeypatch.setattr(RemovableHandle, "next_id", stamp)  # the other process's count of hook handles
+    loaded = pickle.loads(data)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hook is registered on block 1"):
+        loaded(x)
