@@ -371,3 +371,26 @@ def test_hooks_on_a_patched_model_loaded_in_another_process_are_refused(monkeypa
     loaded = pickle.loads(data)
     with torch.no_grad(), pytest.raises(RuntimeError, match="hook is registered on block 1"):
         loaded(x)
+
+
+def test_global_backward_hooks_are_refused_as_global_forward_hooks_are():
+    """torch's global module backward hooks (register_module_full_backward_hook / _pre_hook) run for every module
+    called through nn.Module.__call__; the written-out blocks skip them (a quarter of the calls on this model), so
+    they are refused like the global forward hooks, instead of silently firing for the other modules only."""
+    from torch.nn.modules.module import register_module_full_backward_hook, register_module_full_backward_pre_hook
+
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    try:
+        ref = model(x)
+        for register in (register_module_full_backward_hook, register_module_full_backward_pre_hook):
+            h = register(lambda *a: None)
+            try:
+                with pytest.raises(RuntimeError, match="global module .*hooks"):
+                    model(x)
+            finally:
+                h.remove()
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    finally:
+        tokenprune.remove(model)

@@ -166,7 +166,8 @@ def _hooked(patch, blocks):
     stamp = RemovableHandle.next_id
     if patch.hooks_clean_at == stamp:
         return None
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
         return "global"
     for i, blk in enumerate(blocks):
         for name, mod in blk.named_modules():
@@ -208,10 +209,10 @@ def check_no_hooks(patch, blocks) -> None:
     the scan runs once at trace time (:func:`_hooked_when_traced`)."""
     where = _hooked_when_traced(patch, blocks) if torch.compiler.is_compiling() else _hooked(patch, blocks)
     if where == "global":
-        raise RuntimeError("tokenprune: global module forward hooks (torch.nn.modules.module."
-                           "register_module_forward_hook / _pre_hook) are set, and this patched model's blocks run "
-                           "without nn.Module.__call__, so they would not run there; remove them, or call "
-                           "tokenprune.remove(model) first")
+        raise RuntimeError("tokenprune: global module hooks (torch.nn.modules.module.register_module_forward_hook"
+                           " / _pre_hook, register_module_full_backward_hook / _pre_hook) are set, and this patched "
+                           "model's blocks run without nn.Module.__call__, so they would not run there; remove them, "
+                           "or call tokenprune.remove(model) first")
     if where is not None:
         i, name = where
         where = f"block {i}" + (f" ({name})" if name else "")
