@@ -394,3 +394,29 @@ def test_global_backward_hooks_are_refused_as_global_forward_hooks_are():
             torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
     finally:
         tokenprune.remove(model)
+
+
+def test_hooks_on_the_module_holding_the_written_out_blocks_are_refused():
+    """timm's ``model.blocks`` (``self.blocks(x)``) and open_clip's ``visual.transformer`` are called by the unpatched
+    forward, so a hook there (a common way to read the last block's tokens) runs; the patched forward loops over the
+    blocks itself and the hook silently did not run. Refused like hooks on the blocks."""
+    from test_adapters_matrix import make_open_clip
+
+    oc = make_open_clip()
+    cases = [(tiny_vit(), torch.randn(1, 3, 32, 32), lambda m: m.blocks, lambda m, x: m(x)),
+             (oc["model"], oc["x"], lambda m: m.visual.transformer, lambda m, x: m.encode_image(x))]
+    for model, x, holder, run in cases:
+        calls = []
+        h = holder(model).register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            run(model, x)
+        assert calls == [1]  # the unpatched model runs it
+        tokenprune.apply(model, budget=0.5, method="merge")
+        try:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="hook is registered on the module holding"):
+                run(model, x)
+            h.remove()
+            with torch.no_grad():
+                run(model, x)
+        finally:
+            tokenprune.remove(model)
