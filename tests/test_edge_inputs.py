@@ -347,3 +347,76 @@ def test_hooks_on_written_out_blocks_are_refused_when_compiled_too():
     finally:
         torch._dynamo.reset()
         tokenprune.remove(model)
+
+
+def test_hooks_on_a_patched_model_loaded_in_another_process_are_refused(monkeypatch):
+    """The hook scan is cached on the count of hook handles torch has made in this process
+    (``RemovableHandle.next_id``). A patched model saved after a clean forward, with a hook set on a block since,
+    carried that count with it; loaded in a fresh process whose own count happened to equal it (0 for a script that
+    registers no hook before its forward), the forward skipped the scan and ran without the hook, without a word.
+    The fresh process's count is set here; a real one: torch.save in one script, torch.load and call in another."""
+    import pickle
+
+    from torch.utils.hooks import RemovableHandle
+
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    with torch.no_grad():
+        model(x)  # a clean scan
+    stamp = tokenprune.get_patch(model).hooks_clean_at
+    model.blocks[1].register_forward_pre_hook(print)  # picklable
+    data = pickle.dumps(model)
+    monkeypatch.setattr(RemovableHandle, "next_id", stamp)  # the other process's count of hook handles
+    loaded = pickle.loads(data)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="hook is registered on block 1"):
+        loaded(x)
+
+
+def test_global_backward_hooks_are_refused_as_global_forward_hooks_are():
+    """torch's global module backward hooks (register_module_full_backward_hook / _pre_hook) run for every module
+    called through nn.Module.__call__; the written-out blocks skip them (a quarter of the calls on this model), so
+    they are refused like the global forward hooks, instead of silently firing for the other modules only."""
+    from torch.nn.modules.module import register_module_full_backward_hook, register_module_full_backward_pre_hook
+
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    try:
+        ref = model(x)
+        for register in (register_module_full_backward_hook, register_module_full_backward_pre_hook):
+            h = register(lambda *a: None)
+            try:
+                with pytest.raises(RuntimeError, match="global module .*hooks"):
+                    model(x)
+            finally:
+                h.remove()
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    finally:
+        tokenprune.remove(model)
+
+
+def test_hooks_on_the_module_holding_the_written_out_blocks_are_refused():
+    """timm's ``model.blocks`` (``self.blocks(x)``) and open_clip's ``visual.transformer`` are called by the unpatched
+    forward, so a hook there (a common way to read the last block's tokens) runs; the patched forward loops over the
+    blocks itself and the hook silently did not run. Refused like hooks on the blocks."""
+    from test_adapters_matrix import make_open_clip
+
+    oc = make_open_clip()
+    cases = [(tiny_vit(), torch.randn(1, 3, 32, 32), lambda m: m.blocks, lambda m, x: m(x)),
+             (oc["model"], oc["x"], lambda m: m.visual.transformer, lambda m, x: m.encode_image(x))]
+    for model, x, holder, run in cases:
+        calls = []
+        h = holder(model).register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            run(model, x)
+        assert calls == [1]  # the unpatched model runs it
+        tokenprune.apply(model, budget=0.5, method="merge")
+        try:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="hook is registered on the module holding"):
+                run(model, x)
+            h.remove()
+            with torch.no_grad():
+                run(model, x)
+        finally:
+            tokenprune.remove(model)

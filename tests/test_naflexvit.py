@@ -220,6 +220,24 @@ def test_refusals():
         tokenprune.remove(model)
 
 
+def test_hooks_on_the_blocks_are_refused_on_a_batch_mixing_grids():
+    """The blocks run written out on a batch mixing grids too (its own loop), so a hook on one would not run: it is
+    refused there as on one grid (the mixed-grid loop skipped the scan and ran without the hook, silently)."""
+    model = make()
+    batch = naflex(_images())
+    tokenprune.apply(model, 0.5, "merge")
+    try:
+        with torch.no_grad():
+            ref = model(batch)
+            h = model.blocks[1].mlp.fc1.register_forward_hook(lambda *a: None)
+            with pytest.raises(RuntimeError, match="hook is registered on block 1 \\(mlp.fc1\\)"):
+                model(batch)
+            h.remove()
+            torch.testing.assert_close(model(batch), ref, rtol=0, atol=0)
+    finally:
+        tokenprune.remove(model)
+
+
 @pytest.mark.xdist_group("fullgraph-naflexvit")
 @pytest.mark.parametrize("method", ["merge", "cls", "pool"])
 def test_image_input_compiles_fullgraph(method, fullgraph, request):

@@ -160,7 +160,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 def _hooked(patch, blocks):
-    """Where a module hook is set on ``blocks`` (``"global"``, or ``(block index, submodule name)``), or ``None``.
+    """Where a module hook is set on ``blocks`` (``"global"``, ``(None, name)`` for a module holding them that the
+    unpatched forward calls (``Adapter.block_holders``), or ``(block index, submodule name)``), or ``None``.
     The scan runs again only when a hook was registered somewhere since the last clean one (torch numbers every hook
     handle: ``RemovableHandle.next_id``); a model found with hooks is scanned every forward until they are gone."""
     stamp = RemovableHandle.next_id
@@ -169,6 +170,9 @@ def _hooked(patch, blocks):
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
             or _module._global_backward_pre_hooks):
         return "global"
+    for name, mod in patch.adapter.block_holders():
+        if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+            return None, name
     for i, blk in enumerate(blocks):
         for name, mod in blk.named_modules():
             if any(getattr(mod, d, None) for d in _HOOK_DICTS):
@@ -209,14 +213,14 @@ def check_no_hooks(patch, blocks) -> None:
     the scan runs once at trace time (:func:`_hooked_when_traced`)."""
     where = _hooked_when_traced(patch, blocks) if torch.compiler.is_compiling() else _hooked(patch, blocks)
     if where == "global":
-        raise RuntimeError("tokenprune: global module hooks (torch.nn.modules.module.register_module_forward_hook / "
-                           "_forward_pre_hook / _full_backward_hook / _full_backward_pre_hook) are set, and this "
-                           "patched model's blocks run without nn.Module.__call__, so they would not run there; "
-                           "remove them, or call "
-                           "tokenprune.remove(model) first")
+        raise RuntimeError("tokenprune: global module hooks (torch.nn.modules.module.register_module_forward_hook"
+                           " / _pre_hook, register_module_full_backward_hook / _pre_hook) are set, and this patched "
+                           "model's blocks run without nn.Module.__call__, so they would not run there; remove them, "
+                           "or call tokenprune.remove(model) first")
     if where is not None:
         i, name = where
-        where = f"block {i}" + (f" ({name})" if name else "")
+        where = (f"the module holding the blocks ({name})" if i is None
+                 else f"block {i}" + (f" ({name})" if name else ""))
         raise RuntimeError(
             f"tokenprune: a module hook is registered on {where}; this patched model runs its blocks "
             "written out (without nn.Module.__call__), so the hook would silently not run. Remove the hook; "

@@ -30,6 +30,12 @@ class Patch:
         self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
         self.hooks_clean_at = None  # engine.check_no_hooks: the hook-handle count at the last scan that found none
 
+    def __setstate__(self, state):
+        # unpickled (torch.load, deepcopy): the hook-handle count is another process's (or of the model as it was then),
+        # so the copy scans for hooks again at its first forward
+        self.__dict__.update(state)
+        self.hooks_clean_at = None
+
     def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
         return self.program_for(num_tokens, grid).plan
 

@@ -127,6 +127,11 @@ class Adapter:
         where a reducer's placement "auto" puts them): ``mid_block`` unless the adapter says otherwise."""
         return self.mid_block
 
+    def block_holders(self) -> tuple:
+        """``(name, module)`` of the modules holding the blocks that the unpatched forward calls and the patched one
+        does not (``writes_blocks`` adapters: a hook there would not run, so it is refused with the blocks')."""
+        return ()
+
     def grid_for(self, num_tokens: int):
         info = self.info()
         return info.grid if info.grid is not None and num_tokens == info.num_tokens else None

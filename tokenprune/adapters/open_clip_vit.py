@@ -183,6 +183,9 @@ class OpenClipViTAdapter(Adapter):
                            num_prefix=1, num_tokens=grid[0] * grid[1], mlp_hidden=blocks[0].mlp.c_fc.out_features,
                            grid=grid, has_cls=True, family=self.family)
 
+    def block_holders(self) -> tuple:
+        return (("transformer", self.visual.transformer),)  # open_clip runs self.transformer(x)
+
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.visual.patch_size)
 

@@ -283,6 +283,9 @@ class TimmViTAdapter(PatchEmbedGrid, Adapter):
             return self._grid
         return None
 
+    def block_holders(self) -> tuple:
+        return (("blocks", self.model.blocks),)  # timm runs self.blocks(x)
+
     def input_grid(self, input_shape):
         """The grid timm's patch embedding makes of an image of ``input_shape`` (padded up with ``dynamic_img_pad``)."""
         return patch_grid(self.model.patch_embed, input_shape)
