@@ -420,3 +420,26 @@ def test_hooks_on_the_module_holding_the_written_out_blocks_are_refused():
                 run(model, x)
         finally:
             tokenprune.remove(model)
+
+
+def test_blocks_compiled_in_place_are_refused_on_written_out_blocks():
+    """Regional compilation (``block.compile()`` on each block) of a patched timm model silently ran the blocks
+    uncompiled (they run written out, without nn.Module.__call__): a clear error names the block and what to do;
+    compiling the whole patched model works."""
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            model.blocks[1].compile(backend="eager")
+            with pytest.raises(RuntimeError, match="block 1 was compiled in place"):
+                model(x)
+            model.blocks[1]._compiled_call_impl = None  # (nn.Module keeps no public way to undo compile())
+            torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+            torch._dynamo.reset()
+            torch.testing.assert_close(torch.compile(model, backend="eager")(x), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+        tokenprune.remove(model)

@@ -210,8 +210,20 @@ def check_no_hooks(patch, blocks) -> None:
     block's computation without ``nn.Module.__call__`` on the block, its attention and most of its submodules, so a
     hook registered there (a common way to read intermediate features) would never run. Scanning every submodule
     each forward would cost host time at batch 1, so the scan is cached (:func:`_hooked`). While torch.compile traces,
-    the scan runs once at trace time (:func:`_hooked_when_traced`)."""
-    where = _hooked_when_traced(patch, blocks) if torch.compiler.is_compiling() else _hooked(patch, blocks)
+    the scan runs once at trace time (:func:`_hooked_when_traced`). A block compiled in place (``block.compile()``,
+    regional compilation) would run uncompiled the same way: refused too (checked every eager forward: one dict
+    lookup per block, no hook handle marks it)."""
+    if torch.compiler.is_compiling():
+        where = _hooked_when_traced(patch, blocks)
+    else:
+        for i, blk in enumerate(blocks):
+            if blk.__dict__.get("_compiled_call_impl") is not None:
+                raise RuntimeError(
+                    f"tokenprune: block {i} was compiled in place (module.compile()); this patched model runs its "
+                    "blocks written out (without nn.Module.__call__), so the compiled block would not be used. "
+                    "Compile the whole patched model instead (torch.compile(model), or model.compile()), or call "
+                    "tokenprune.remove(model) first")
+        where = _hooked(patch, blocks)
     if where == "global":
         raise RuntimeError("tokenprune: global module hooks (torch.nn.modules.module.register_module_forward_hook"
                            " / _pre_hook, register_module_full_backward_hook / _pre_hook) are set, and this patched "
