@@ -10,6 +10,7 @@ the heads that average tokens weight them by size. WavLM is refused with the rea
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -539,3 +540,76 @@ def test_output_hidden_states_from_the_config_is_refused():
                 model(*args, output_hidden_states=False)
             finally:
                 tokenprune.remove(model)
+
+
+def _siglip2(classifier: bool):
+    import test_siglip2 as s2
+
+    model = (s2.make_classifier if classifier else s2.make_tower)()
+    pv, mask, shapes = s2._inputs()
+    mask[1, 16:] = 0  # row 1: a 4 x 4 grid (two grids in one batch: the mixed-grid loop)
+    shapes[1] = torch.tensor([4, 4])
+    return dict(model=model, x=(pv, mask, shapes))
+
+
+def _matrix(name):
+    def make():
+        import test_adapters_matrix as m
+
+        return getattr(m, name)()
+    return make
+
+
+# family: (tiny model, the modules holding the layers that the unpatched forward calls (outermost first), whether the
+# patched forward writes the layers out (hooks then go on a submodule of the layer, which still runs))
+_HOLDERS = {
+    "hf_clip": (_matrix("make_hf_clip"), ["encoder"], False),
+    "siglip": (_matrix("make_siglip"), ["encoder"], False),
+    "clip_cls": (make_clip_cls, ["vision_model", "vision_model.encoder"], False),
+    "siglip_cls": (make_siglip_cls, ["vision_model", "vision_model.encoder"], False),
+    "siglip2": (lambda: _siglip2(False), ["encoder"], False),
+    "siglip2_cls": (lambda: _siglip2(True), ["vision_model", "vision_model.encoder"], False),
+    "whisper_cls": (make_whisper_cls, ["encoder"], False),
+    "dinov2": (make_dinov2, ["dinov2.encoder"], True),
+    "dinov2_reg": (make_dinov2_reg, ["dinov2_with_registers.encoder"], True),
+    "dinov3": (make_dinov3, ["model"], True),
+    "wav2vec2": (make_wav2vec2, ["encoder"], False),
+    "hubert": (make_hubert, ["encoder"], False),
+    "videomae": (_matrix("make_videomae"), ["videomae.encoder"], False),
+}
+
+
+@pytest.mark.parametrize("family", list(_HOLDERS))
+def test_hooks_on_the_module_holding_the_layers_are_a_clear_error(family):
+    """The patched forward runs the layers itself, without calling the module that holds them in transformers (the
+    encoder; a classifier's vision tower): a forward hook there ran unpatched and was silently skipped patched. It is
+    refused with what to do; a hook on a layer runs as before, and the model runs again once the hook is removed."""
+    maker, holders, written = _HOLDERS[family]
+    fam = maker()
+    model, x = fam["model"], fam["x"]
+    args = x if isinstance(x, tuple) else (x,)
+    mods = dict(model.named_modules())
+    layer = next(n for n in mods if re.fullmatch(re.escape(holders[-1]) + r"\.layers?\.1", n))
+    layer += ".mlp" if written else ""
+    with torch.no_grad():
+        for name in holders:  # the unpatched forward calls each of them: its hook runs
+            ran = []
+            h = mods[name].register_forward_hook(lambda *a: ran.append(1))
+            model(*args)
+            h.remove()
+            assert ran == [1], name
+        tokenprune.apply(model, 0.5, "merge")
+        ref = model(*args)[0]
+        for name in holders:
+            h = mods[name].register_forward_hook(lambda *a: None)
+            with pytest.raises(RuntimeError, match=rf"hook is registered on the module holding the layers "
+                                                   rf"\({re.escape(name)}\).*would silently not run.*remove"):
+                model(*args)
+            h.remove()
+        ran = []
+        h = mods[layer].register_forward_hook(lambda *a: ran.append(1))
+        out = model(*args)[0]
+        h.remove()
+        assert ran == [1] and torch.equal(out, ref)
+        assert torch.equal(model(*args)[0], ref)
+    tokenprune.remove(model)

@@ -240,6 +240,20 @@ def check_no_hooks(patch, blocks) -> None:
             "blocks, or call tokenprune.remove(model) first")
 
 
+def check_holders(patch) -> None:
+    """Refuse module hooks on the modules holding the blocks that the patched forward no longer calls
+    (``Adapter.block_holders``), for adapters that call each block through ``nn.Module.__call__`` (transformers'
+    layers: hooks on them run as usual, and are not scanned). A few dict lookups per forward (batch 1 is bound by
+    host time); global hooks run on the layers and are not refused."""
+    for name, mod in patch.adapter.block_holders():
+        if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+            raise RuntimeError(
+                f"tokenprune: a module hook is registered on the module holding the layers ({name}); this patched "
+                "model runs the layers itself, without calling that module, so the hook would silently not run. "
+                "Remove the hook: hook the layers (or the modules before / after them) instead, use "
+                "tokenprune.features(model, x) for the output tokens, or call tokenprune.remove(model) first")
+
+
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,
                grid=None) -> torch.Tensor:
     """Run ``blocks`` on ``x`` with the patch's reducer between them; the final state is ``fwd.state``."""
@@ -255,6 +269,8 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     check_depth(len(blocks), len(prog.steps))
     if patch.adapter.writes_blocks:
         check_no_hooks(patch, blocks)
+    else:
+        check_holders(patch)
     fwd.state, fwd.mid_fuse = state, prog.mid_fuse
     observes = getattr(reducer, "observes", True)
     for stage in prog.before:

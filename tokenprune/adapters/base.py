@@ -79,6 +79,12 @@ def image_grid(input_shape, patch) -> tuple[int, int]:
     return grid
 
 
+def named_holders(model: torch.nn.Module, *modules) -> tuple:
+    """``(name in model, module)`` of ``modules`` (``None`` left out), for :meth:`Adapter.block_holders`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return tuple((names.get(id(m)) or type(m).__name__, m) for m in modules if m is not None)
+
+
 def attach(module: torch.nn.Module, mixin: type, patch) -> None:
     """Swap ``module``'s class to ``(mixin, its class)`` and give it the patch its patched forward reads."""
     swap_class(module, mixin)
@@ -129,7 +135,9 @@ class Adapter:
 
     def block_holders(self) -> tuple:
         """``(name, module)`` of the modules holding the blocks that the unpatched forward calls and the patched one
-        does not (``writes_blocks`` adapters: a hook there would not run, so it is refused with the blocks')."""
+        does not (it runs the blocks itself): a hook there would not run, so the forward refuses it
+        (``writes_blocks`` adapters: with the blocks', :func:`engine.check_no_hooks`; others:
+        :func:`engine.check_holders`, a few lookups per forward: return a tuple made once)."""
         return ()
 
     def grid_for(self, num_tokens: int):

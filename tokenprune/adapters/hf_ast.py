@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, attach, detach, has_class
+from .base import Adapter, named_holders, attach, detach, has_class
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
@@ -71,6 +71,8 @@ class HFASTAdapter(Adapter):
         super().__init__(model)
         self.ast = getattr(model, "audio_spectrogram_transformer", model)
         self._routing = AttentionRouting([_attn(layer) for layer in _layers(self.ast)], "AST model")
+        encoder = self.ast.encoder if getattr(self.ast, "layers", None) is None else None  # older layout
+        self._holders = named_holders(model, encoder)
 
     def info(self) -> EncoderInfo:
         c = self.ast.config
@@ -78,6 +80,9 @@ class HFASTAdapter(Adapter):
         return EncoderInfo(depth=len(_layers(self.ast)), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=2, num_tokens=grid[0] * grid[1], mlp_hidden=c.intermediate_size, grid=grid,
                            has_cls=True, family=self.family)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()

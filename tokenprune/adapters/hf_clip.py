@@ -32,7 +32,7 @@ from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
 from ..state import log_sizes
-from .base import Adapter, attach, detach, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, image_grid, named_holders, restore_class, swap_class
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
@@ -134,6 +134,9 @@ class HFClipAdapter(Adapter):
         self.siglip = "siglip" in type(self.tower.encoder).__name__.lower()
         self.head = model if has_class(model, "transformers.", *self._heads) else None
         self._routing = AttentionRouting([_attn(layer) for layer in self.tower.encoder.layers], "vision tower")
+        # the encoder runs the layers in transformers; a classifier calls the tower's forward too
+        bypassed = self.tower if self.head is not None and self.tower is not model else None
+        self._holders = named_holders(model, bypassed, self.tower.encoder)
 
     def info(self) -> EncoderInfo:
         c = self.tower.config
@@ -142,6 +145,9 @@ class HFClipAdapter(Adapter):
         return EncoderInfo(depth=len(self.tower.encoder.layers), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=p, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=not self.siglip, family=self.family)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def grid_for(self, num_tokens: int):
         grid = self.info().grid

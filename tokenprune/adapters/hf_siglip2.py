@@ -28,7 +28,7 @@ import torch
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, named_holders, has_class, image_grid, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import grids_read_on_host, run_mixed
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
@@ -111,6 +111,8 @@ class HFSiglip2Adapter(Adapter):
         self.tower = model if has_class(model, "transformers.", "Siglip2VisionModel") else model.vision_model
         self.head = model if has_class(model, "transformers.", "Siglip2ForImageClassification") else None
         self._routing = AttentionRouting([layer.self_attn for layer in self.tower.encoder.layers], "SigLIP2 tower")
+        # the encoder runs the layers in transformers; a classifier calls the tower's forward too
+        self._holders = named_holders(model, self.tower if self.tower is not model else None, self.tower.encoder)
 
     def info(self) -> EncoderInfo:
         c = self.tower.config
@@ -118,6 +120,9 @@ class HFSiglip2Adapter(Adapter):
         return EncoderInfo(depth=len(self.tower.encoder.layers), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=0, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=False, family=self.family)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def input_grid(self, input_shape):
         """The patch grid of an image of ``input_shape`` (``(..., H, W)`` pixels, as its ``spatial_shapes`` row)."""

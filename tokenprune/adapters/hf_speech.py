@@ -29,7 +29,7 @@ import torch
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, attach, detach, has_class
+from .base import Adapter, named_holders, attach, detach, has_class
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 _CLASSES = ("Wav2Vec2Model", "HubertModel")
@@ -116,6 +116,7 @@ class HFSpeechAdapter(Adapter):
                 raise TypeError(f"tokenprune: {type(model).__name__} has no {name}; is it a Wav2Vec2Model/HubertModel?")
         self._routing = AttentionRouting([layer.attention for layer in model.encoder.layers],
                                          type(model).__name__)
+        self._holders = named_holders(model, model.encoder)  # runs the layers in transformers
 
     def info(self) -> EncoderInfo:
         c = self.model.config
@@ -126,6 +127,9 @@ class HFSpeechAdapter(Adapter):
 
     def grid_for(self, num_tokens: int):
         return (1, num_tokens)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()

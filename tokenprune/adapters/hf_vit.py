@@ -31,7 +31,7 @@ import torch
 from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, attach, detach, has_class, image_grid
+from .base import Adapter, named_holders, attach, detach, has_class, image_grid
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
@@ -168,6 +168,8 @@ class HFViTAdapter(Adapter):
                 raise TypeError(f"tokenprune: layer {i} ({type(layer).__name__}) has no {', '.join(missing)}; this "
                                 "transformers version lays out ViT/DINOv2 layers differently (5.17 and 5.25 are known)")
         self._routing = AttentionRouting([_routed(layer) for layer in _layers(self.base)], type(self.base).__name__)
+        encoder = self.base.encoder if getattr(self.base, "layers", None) is None else None  # DINOv2: encoder.layer
+        self._holders = named_holders(model, encoder)
 
     def info(self) -> EncoderInfo:
         c = self.base.config
@@ -177,6 +179,9 @@ class HFViTAdapter(Adapter):
         return EncoderInfo(depth=len(_layers(self.base)), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=1 + int(getattr(c, "num_register_tokens", 0) or 0), num_tokens=grid[0] * grid[1],
                            mlp_hidden=hidden, grid=grid, has_cls=True, family=self.family)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.base.config.patch_size)

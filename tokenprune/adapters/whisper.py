@@ -43,7 +43,7 @@ from torch import nn
 from .. import ops
 from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, attach, detach, has_class, restore_class, swap_class
+from .base import Adapter, named_holders, attach, detach, has_class, restore_class, swap_class
 from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, block_fn, no_extra_kwargs, returned
 
 BIAS_KEY = "tokenprune_key_bias"
@@ -248,6 +248,8 @@ class WhisperAdapter(Adapter):
         if self.decoder is not None:  # cross-attention reads the reduced encoder output
             attention += [layer.encoder_attn for layer in self.decoder.layers]
         self._routing = AttentionRouting(attention, "Whisper model")
+        # the encoder's own forward is the patched one, but the audio classifier runs its tokens without calling it
+        self._holders = named_holders(model, self.encoder if self.head is not None else None)
 
     def info(self) -> EncoderInfo:
         c = self.encoder.config
@@ -258,6 +260,9 @@ class WhisperAdapter(Adapter):
 
     def grid_for(self, num_tokens: int):
         return (1, num_tokens)
+
+    def block_holders(self) -> tuple:
+        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()
