@@ -613,3 +613,57 @@ def test_hooks_on_the_module_holding_the_layers_are_a_clear_error(family):
         assert ran == [1] and torch.equal(out, ref)
         assert torch.equal(model(*args)[0], ref)
     tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("maker", [make_vit, make_dinov2, make_dinov2_reg, make_dinov3],
+                         ids=["vit", "dinov2", "dinov2_reg", "dinov3"])
+def test_hooks_on_written_out_hf_layers_are_a_clear_error(maker):
+    """HF ViT / DINOv2 / DINOv3 layers run written out (their attention and MLP are called, the layer module is not):
+    a forward or pre-hook on a layer ran unpatched and was silently skipped patched. It is refused with what to do;
+    a hook on the layer's mlp still runs, and the model runs again once the hook is removed."""
+    fam = maker()
+    model, x = fam["model"], fam["x"]
+    mods = dict(model.named_modules())
+    layer = next(n for n in mods if re.fullmatch(r"(.*\.)?layers?\.1", n))
+    with torch.no_grad():
+        ran = []
+        h = mods[layer].register_forward_hook(lambda *a: ran.append(1))
+        model(x)
+        h.remove()
+        assert ran == [1]  # the unpatched forward calls the layer
+        tokenprune.apply(model, 0.5, "merge")
+        ref = model(x)[0]
+        for register in (mods[layer].register_forward_hook, mods[layer].register_forward_pre_hook):
+            h = register(lambda *a: None)
+            with pytest.raises(RuntimeError, match=rf"hook is registered on the layer {re.escape(layer)}.*"
+                                                   r"silently not run"):
+                model(x)
+            h.remove()
+        ran = []
+        h = mods[layer + ".mlp"].register_forward_hook(lambda *a: ran.append(1))
+        assert torch.equal(model(x)[0], ref) and ran == [1]
+        h.remove()
+        assert torch.equal(model(x)[0], ref)
+    tokenprune.remove(model)
+
+
+@pytest.mark.parametrize("maker", [make_vit, make_dinov2], ids=["vit", "dinov2"])
+def test_transformers_output_capturing_hooks_are_not_user_hooks(maker):
+    """transformers 5 installs output-capturing forward hooks on layers and attention modules at the first call with
+    output_hidden_states and keeps them (inactive without a collector). They are not a user's hooks: a model once
+    asked for its hidden states is patched and runs as any other (it was refused as 'a module hook is registered')."""
+    fam = maker()
+    model, x = fam["model"], fam["x"]
+    with torch.no_grad():
+        n0 = model(x, output_hidden_states=True)[0].shape[1]
+        kept = [n for n, m in model.named_modules() if m._forward_hooks]
+        tokenprune.apply(model, 0.5, "merge")
+        try:
+            assert model(x)[0].shape[1] < n0  # reduced
+            user = dict(model.named_modules())[kept[0]].register_forward_hook(lambda *a: None) if kept else None
+            if user is not None and re.fullmatch(r"(.*\.)?layers?\.\d+", kept[0]):
+                with pytest.raises(RuntimeError, match="hook is registered"):
+                    model(x)
+                user.remove()
+        finally:
+            tokenprune.remove(model)

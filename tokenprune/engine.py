@@ -157,6 +157,19 @@ def check_depth(depth: int, planned: int) -> None:
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# hooks that do nothing unless their library asks for what a patched model refuses anyway: transformers 5 installs
+# output-capturing hooks on layers and attention modules at the first output_hidden_states / output_attentions call
+# and keeps them (inactive without a collector); tokenprune refuses those outputs with their own error
+_INERT_HOOKS = ("transformers.utils.output_capturing",)
+
+
+def _has_hooks(mod) -> bool:
+    """Whether ``mod`` has a module hook of its own that would run (not one of ``_INERT_HOOKS``)."""
+    for d in _HOOK_DICTS:
+        hooks = getattr(mod, d, None)
+        if hooks and any(getattr(h, "__module__", None) not in _INERT_HOOKS for h in hooks.values()):
+            return True
+    return False
 
 
 def _hooked(patch, blocks):
@@ -171,11 +184,11 @@ def _hooked(patch, blocks):
             or _module._global_backward_pre_hooks):
         return "global"
     for name, mod in patch.adapter.block_holders():
-        if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+        if _has_hooks(mod):
             return None, name
     for i, blk in enumerate(blocks):
         for name, mod in blk.named_modules():
-            if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+            if _has_hooks(mod):
                 return i, name
     patch.hooks_clean_at = stamp
     return None
@@ -243,15 +256,23 @@ def check_no_hooks(patch, blocks) -> None:
 def check_holders(patch) -> None:
     """Refuse module hooks on the modules holding the blocks that the patched forward no longer calls
     (``Adapter.block_holders``), for adapters that call each block through ``nn.Module.__call__`` (transformers'
-    layers: hooks on them run as usual, and are not scanned). A few dict lookups per forward (batch 1 is bound by
-    host time); global hooks run on the layers and are not refused."""
+    layers: hooks on them run as usual, and are not scanned), and on blocks written out around submodules that are
+    called (``Adapter.shell_blocks``: the block's own hooks only). A few dict lookups per block and forward (batch 1
+    is bound by host time); global hooks run on the layers' submodules and are not refused."""
     for name, mod in patch.adapter.block_holders():
-        if any(getattr(mod, d, None) for d in _HOOK_DICTS):
+        if _has_hooks(mod):
             raise RuntimeError(
                 f"tokenprune: a module hook is registered on the module holding the layers ({name}); this patched "
                 "model runs the layers itself, without calling that module, so the hook would silently not run. "
                 "Remove the hook: hook the layers (or the modules before / after them) instead, use "
                 "tokenprune.features(model, x) for the output tokens, or call tokenprune.remove(model) first")
+    for name, mod in patch.adapter.shell_blocks():
+        if _has_hooks(mod):
+            raise RuntimeError(
+                f"tokenprune: a module hook is registered on the layer {name}; this patched model runs that layer "
+                "written out (its attention and MLP are called, the layer module itself is not), so the hook would "
+                "silently not run. Remove the hook: hook the layer's attention or mlp (or the modules around the "
+                "layers) instead, use tokenprune.features(model, x), or call tokenprune.remove(model) first")
 
 
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,

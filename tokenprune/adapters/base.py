@@ -133,6 +133,12 @@ class Adapter:
         where a reducer's placement "auto" puts them): ``mid_block`` unless the adapter says otherwise."""
         return self.mid_block
 
+    def shell_blocks(self) -> tuple:
+        """``(name, module)`` of blocks that the patched forward writes out while calling their submodules through
+        ``nn.Module.__call__`` (HF ViT / DINOv2 / DINOv3 layers): hooks on those submodules run, a hook on the block
+        itself would not, so it is refused (:func:`engine.check_holders`)."""
+        return ()
+
     def block_holders(self) -> tuple:
         """``(name, module)`` of the modules holding the blocks that the unpatched forward calls and the patched one
         does not (it runs the blocks itself): a hook there would not run, so the forward refuses it

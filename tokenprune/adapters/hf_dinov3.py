@@ -110,6 +110,7 @@ class HFDinov3Adapter(Adapter):
                                 "version lays out DINOv3 differently (5.17 and 5.25 are known)")
         self._routing = AttentionRouting([layer.attention for layer in layers], "DINOv3ViTModel")
         self._holders = named_holders(model, model.model)  # runs model.layer in transformers
+        self._shells = named_holders(model, *layers)  # _block writes the layers out
 
     def info(self) -> EncoderInfo:
         c = self.model.config
@@ -123,6 +124,9 @@ class HFDinov3Adapter(Adapter):
 
     def block_holders(self) -> tuple:
         return self._holders
+
+    def shell_blocks(self) -> tuple:
+        return self._shells
 
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.model.config.patch_size)

@@ -170,6 +170,7 @@ class HFViTAdapter(Adapter):
         self._routing = AttentionRouting([_routed(layer) for layer in _layers(self.base)], type(self.base).__name__)
         encoder = self.base.encoder if getattr(self.base, "layers", None) is None else None  # DINOv2: encoder.layer
         self._holders = named_holders(model, encoder)
+        self._shells = named_holders(model, *_layers(self.base))  # _vit_block / _dino_block write the layers out
 
     def info(self) -> EncoderInfo:
         c = self.base.config
@@ -182,6 +183,9 @@ class HFViTAdapter(Adapter):
 
     def block_holders(self) -> tuple:
         return self._holders
+
+    def shell_blocks(self) -> tuple:
+        return self._shells
 
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.base.config.patch_size)
