@@ -502,3 +502,23 @@ def test_bare_model_without_lm_head_says_which_model_to_patch():
             tokenprune.apply(m, budget=0.5, method="cls")
         assert "not support yet" not in str(e.value)
         assert not tokenprune.is_applied(m)
+
+
+def test_cached_step_with_a_mask_grown_from_the_original_prompt_is_refused(llava):
+    """A pruned forward (prefill) of a left-padded batch drops the old padding, so its cache holds the pruned rows;
+    a step mask grown from the original mask (what a hand-written decoding loop does) would mask real tokens of the
+    cache (transformers reads its first columns): refused with what to do. A mask that fits the cache runs."""
+    ids, pv = _prompt(), _pixels()
+    rows = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1).repeat(2, 1)
+    mask = torch.ones_like(rows)
+    mask[:, :3] = 0
+    with tokenprune.applied(llava, budget=0.25, method="cls"):
+        gen = llava.generate(input_ids=ids, pixel_values=pv, max_new_tokens=2, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        out = llava(input_ids=rows, pixel_values=pv.repeat(2, 1, 1, 1), attention_mask=mask, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        with pytest.raises(ValueError, match="PRUNED prompt"):
+            llava(input_ids=nxt, cache=out.cache, attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
+        past = out.cache.get_seq_length()
+        step = llava(input_ids=nxt, cache=out.cache, attention_mask=torch.ones(2, past + 1).long())
+    assert torch.allclose(step.logits[:, -1], gen.scores[1][0].expand(2, -1), atol=1e-5)

@@ -367,6 +367,7 @@ class VLMModel(SaveAsOriginal):
         if not args and kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None:
             if kwargs.get("tokenprune") is not None and kwargs.get("inputs_embeds") is None:
                 kwargs.pop("tokenprune")  # a decoding step after a pruned prefill: the companions are in the cache
+            _check_step_mask(kwargs)
             return super().forward(**kwargs)
         adapter = self.__dict__[PATCH_KEY].adapter
         a = _bind(super().forward, args, kwargs)
@@ -425,6 +426,26 @@ class VLMModel(SaveAsOriginal):
         """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then
         refuses the pruned prompt's embeddings)."""
         return super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _check_step_mask(kwargs) -> None:
+    """A cached step whose 2D ``attention_mask`` is longer than the cache plus its new tokens: after a pruned
+    forward the cache holds the PRUNED prompt, so a mask grown from the original one would be read against the
+    wrong positions (transformers reads its first columns, silently masking real tokens of padded rows)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    mask = kwargs.get("attention_mask")
+    if cache is None or not torch.is_tensor(mask) or mask.ndim != 2:
+        return
+    past = getattr(cache, "get_seq_length", lambda: 0)()
+    x = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if not past or x is None or mask.shape[1] <= past + x.shape[1]:
+        return
+    raise ValueError(
+        f"tokenprune: attention_mask has {mask.shape[1]} columns but the cache holds {past} tokens and this call "
+        f"adds {x.shape[1]}; after a pruned forward the cache holds the PRUNED prompt (its visual tokens reduced), "
+        "so a mask grown from the original prompt's does not fit it. Use generate() (it keeps track of the pruned "
+        "prompt), or run the prefill one prompt at a time without padding and give each step "
+        "torch.ones(batch, cache length + new tokens) (or no attention_mask)")
 
 
 def _bind(fn, args, kwargs) -> dict:
