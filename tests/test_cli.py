@@ -189,6 +189,14 @@ def test_eval_plots_against_bench_speedups(tiny, tmp_path):
     (["eval", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["bench", "--batch-sizes", "0"], "--batch-sizes"),
     (["bench", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs --device cuda"),
+    # an empty list (e.g. an unset shell variable) compared only the unreduced model, with exit code 0
+    (["bench", "--budgets", ""], "--budgets gives no budget"),
+    (["eval", "--budgets", " , "], "--budgets gives no budget"),
+    (["bench", "--methods", ""], "--methods gives no method"),
+    (["eval", "--methods", ","], "--methods gives no method"),
+    # a method that cannot run with its default options: every configuration used to be skipped, exit code 0
+    (["bench", "--methods", "pipeline"], "method 'pipeline' cannot run with its default options"),
+    (["eval", "--methods", "merge,pipeline"], "method 'pipeline' cannot run with its default options"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_line(argv, message, capsys, tiny):
     # model/data defaults point at the tiny checkpoint so only the bad argument can fail

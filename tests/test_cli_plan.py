@@ -37,6 +37,22 @@ def test_input_size_in_pixels_plans_that_image(tiny, capsys, size):  # noqa: F81
     assert out["input_size"] == size and f"{size}x{size} px" in out["input"]
 
 
+@pytest.mark.parametrize("size", [64, 16])
+def test_input_size_in_pixels_plans_that_grid(tiny, capsys, size):  # noqa: F811
+    """pool needs the input's patch grid: --input-size plans on its grid, as a forward on that image runs; it used to
+    pass the token count only and pool was refused ("cannot arrange in a grid") for any size but the model's."""
+    out, _ = _plan_json(capsys, "--model", str(tiny["ckpt"]), "--input-size", str(size), "--method", "pool",
+                        "--budget", "0.3")
+    model = tiny_vit(num_classes=3, img_size=size)
+    want = tokenprune.plan(model, budget=0.3, method="pool").to_dict()
+    assert out["num_in"] == want["num_in"] and out["tokens_per_block"] == want["tokens_per_block"]
+    assert out["num_out"] == want["num_out"]
+    tokenprune.apply(model, budget=0.3, method="pool")
+    with torch.no_grad():
+        tokens, _ = tokenprune.features(model, torch.randn(1, 3, size, size))
+    assert tokens.shape[1] == 1 + out["num_out"]
+
+
 def test_dinov2_planned_at_the_quickstart_size(capsys):
     import timm  # not at module level: importing timm imports triton, which must happen after
     # test_kernels sets TRITON_INTERPRET at its collection

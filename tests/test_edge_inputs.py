@@ -211,6 +211,22 @@ def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
     assert p.num_out == 16 and p.budget == 0.25
 
 
+def test_schedule_given_with_a_recipe_sets_the_budget(tmp_path):
+    """`apply(model, recipe=..., schedule=s)` without a budget: the explicit schedule wins and sets the budget (its
+    last count / N), as it does without a recipe; the recipe's budget, made for its own schedule, used to be kept
+    and the schedule refused with "leave budget out" (which the user had done)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmethod: merge\nbudget: 0.5\nschedule: {0: 48, 1: 32}\noptions: {prop_attn: false}\n")
+    model = tiny_vit()
+    tokenprune.apply(model, recipe=str(recipe), schedule={1: 40, 2: 20})
+    p = tokenprune.plan(model)
+    assert p.tokens_per_block() == [64, 64, 40, 20] and p.num_out == 20 and p.budget == 20 / 64
+    assert tokenprune.get_patch(model).reducer.prop_attn is False  # the recipe's options still hold
+    with torch.no_grad():
+        tokens, _ = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert tokens.shape[1] == 1 + 20
+
+
 @pytest.mark.parametrize("recipe, message", [("tome-vit-b", "schedule block 4 is outside"),
                                              ("merge-3-stages", r"layers \[5, 8\] are outside")])
 def test_recipe_that_does_not_fit_the_model_says_which_recipe(recipe, message):

@@ -296,6 +296,20 @@ def test_threshold_is_a_cap_at_the_budget():
     assert st.kept_per_sample().tolist() == [16, 16]
 
 
+def test_threshold_schedule_override_must_name_its_stage_blocks():
+    """schedule= for threshold: each stage has its own learned threshold, so an override after a block that is
+    not a stage block (layers) is refused at apply() with the stage blocks; it used to be accepted and fail at
+    the first forward with "2 is not in list"."""
+    model = tiny_vit()  # depth 4: stages after blocks 1, 2, 3
+    with pytest.raises(ValueError, match=r"threshold: schedule= block\(s\) \[0\] .*stage blocks \[1, 2, 3\]"):
+        tokenprune.apply(model, method="threshold", schedule={0: 40, 2: 16})
+    assert not tokenprune.is_applied(model)
+    tokenprune.apply(model, method="threshold", schedule={1: 40, 3: 16}, init=[0.0, 0.0, 0.0])  # stage blocks: fine
+    with torch.no_grad():
+        _, st = tokenprune.features(model, torch.randn(2, 3, 32, 32))
+    assert st.kept_per_sample().tolist() == [16, 16] == [tokenprune.plan(model).num_out] * 2
+
+
 def test_threshold_state_dict_save_load_and_remove():
     model = _thresholded()
     with torch.no_grad():

@@ -79,7 +79,8 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
             (needed by ``unmerge`` and the visualisations).
         recipe: a named setting (``tokenprune.recipes.list_recipes()``) or a YAML path; it supplies
             method, budget, schedule and options, and the arguments given explicitly override it
-            (a budget other than the recipe's also replaces the recipe's schedule, made for its budget).
+            (a budget other than the recipe's also replaces the recipe's schedule, made for its budget;
+            a schedule without a budget replaces both, as it sets the budget).
         **options: the reducer's own options.
 
     ``budget`` defaults to 0.5 (or the schedule's) and ``method`` to ``"merge"`` when neither they nor a
@@ -93,7 +94,8 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     given, model = model, unwrap(model)
     if recipe is not None:
         rec = load_recipe(recipe)
-        budget = rec.budget if budget is None else budget
+        if budget is None and schedule is None:  # an explicit schedule sets the budget (its last count / N)
+            budget = rec.budget
         if method is None or method == rec.method:  # the recipe's options belong to its method
             kw = rec.apply_kwargs()  # a clear error if the recipe's method is not registered
             method = kw.pop("method")

@@ -216,6 +216,11 @@ def build_configs(methods: Sequence[str], budgets: Sequence[float], recipes: Seq
     methods = list(dict.fromkeys(methods))
     for m in methods:
         registry.get(m)  # unknown method -> ValueError listing the known ones
+        try:  # each runs with its default options: one that cannot (a pipeline without reducers) is refused now
+            registry.make(m)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"method {m!r} cannot run with its default options ({e}); give it as a recipe "
+                             "(--recipe FILE.yaml with its method and options)") from None
     for b in budgets:
         check_budget(b)
     configs = [Config("unreduced")]

@@ -131,6 +131,16 @@ def check_methods(methods) -> list[str]:
     return list(methods)
 
 
+def check_lists(methods, budgets, recipes) -> None:
+    """An empty ``--methods`` / ``--budgets`` list (an unset shell variable, a stray comma) would compare nothing but
+    the unreduced model: refused."""
+    if methods and not budgets:
+        raise UsageError("--budgets gives no budget (an empty list); give at least one, e.g. --budgets 0.5,0.25")
+    if not methods and not recipes:
+        raise UsageError("--methods gives no method (an empty list); give at least one, e.g. --methods merge,cls, "
+                         "or a --recipe")
+
+
 def set_threads(threads: int) -> None:
     if threads:
         import torch

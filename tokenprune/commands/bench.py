@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (check_device, info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype,
-                      warn)
+from ._common import (check_device, check_lists, info, make_out_dir, nonnegative_int, positive_int, set_threads,
+                      torch_dtype, warn)
 from .eval import add_model_arguments
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -65,6 +65,7 @@ def run(args):
 
     budgets = ev.parse_list(args.budgets, float)
     methods = ev.parse_list(args.methods)
+    check_lists(methods, budgets, args.recipe)
     configs, notes = ev.build_configs(methods, budgets, args.recipe, baselines=())
     cuda = args.device.startswith("cuda")
     if args.cuda_graph and not cuda:

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from ._common import (BUDGET_HELP, DTYPE_NAMES, UsageError, add_model_source_arguments, check_device, device_arg,
-                      info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
+from ._common import (BUDGET_HELP, DTYPE_NAMES, UsageError, add_model_source_arguments, check_device, check_lists,
+                      device_arg, info, make_out_dir, nonnegative_int, positive_int, set_threads, torch_dtype, warn)
 
 DEFAULT_MODEL = ("vit-s14-cifar10",)
 
@@ -110,6 +110,7 @@ def run(args):
         ev.attach_speedups([], args.speedups)
     budgets = ev.parse_list(args.budgets, float)
     methods = ev.parse_list(args.methods)
+    check_lists(methods, budgets, args.recipe)
     configs, notes = ev.build_configs(methods, budgets, args.recipe)  # bad method/budget/recipe: fail now
     check_device(args.device)
     make_out_dir(args.out)

@@ -35,8 +35,11 @@ def run(args):
     spec, _ = resolve_model(args.model, DEFAULT_MODEL)
     # a random-weight timm model is built on the meta device: the plan needs its shapes only
     lm = load_model(spec, args, what="plan", weights_matter=False, device="meta" if random_timm(spec, args) else None)
-    num_tokens, described, fields = _input(lm, args.input_size)
-    plan = api.plan(lm.model, args.budget, args.method, num_tokens=num_tokens)
+    num_tokens, grid, described, fields = _input(lm, args.input_size)
+    if grid is None:
+        plan = api.plan(lm.model, args.budget, args.method, num_tokens=num_tokens)
+    else:  # planned on the image's patch grid, as a forward on it runs (pool needs the grid, not the count only)
+        plan = api._make_patch(lm.model, args.budget, args.method, None, True, {}).plan_for(num_tokens, grid)
     if not described:
         described, fields = f"{plan.info.num_tokens} tokens", f"input_tokens={plan.info.num_tokens}"
     info(f"plan for {lm.name}, input {described}")
@@ -69,19 +72,20 @@ def _image(side: tuple[int, int], patch: tuple[int, int]) -> tuple[str, str]:
             f"input={side[0]}x{side[1]}px grid={g[0]}x{g[1]} patch={patch[0]}")
 
 
-def _input(lm, size: int | None) -> tuple[int | None, str, str]:
-    """``(non-prefix tokens, or None for the model's own; description; key=value form)`` of the
-    input the plan is for."""
+def _input(lm, size: int | None) -> tuple[int | None, tuple[int, int] | None, str, str]:
+    """``(non-prefix tokens, or None for the model's own; patch grid of an image of another size, else None;
+    description; key=value form)`` of the input the plan is for."""
     patch = _patch_size(lm) if lm.modality == "image" else None
     if size is None:
         if lm.img_size and patch:
-            return (None, *_image(lm.img_size, patch))
-        return None, "", ""
+            return (None, None, *_image(lm.img_size, patch))
+        return None, None, "", ""
     if lm.modality != "image":
-        return size, f"{size} tokens", f"input_tokens={size}"
+        return size, None, f"{size} tokens", f"input_tokens={size}"
     if patch is None:
         raise UsageError(f"cannot tell the patch size of {lm.name}, so --input-size {size} px cannot be turned "
                          "into tokens")
     if size % patch[0] or size % patch[1]:
         raise UsageError(f"--input-size {size} px is not a multiple of {lm.name}'s patch size {patch[0]} px")
-    return ((size // patch[0]) * (size // patch[1]), *_image((size, size), patch))
+    grid = (size // patch[0], size // patch[1])
+    return grid[0] * grid[1], grid, *_image((size, size), patch)

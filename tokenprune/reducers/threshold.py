@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ..ops import gather_tokens, query_attention, threshold_keep
-from ..plan import EncoderInfo, Stage
+from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
 from .base import Reducer, patch_valid, ratio_schedule, stage_layers
@@ -110,6 +110,15 @@ class Threshold(Reducer):
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
         return ratio_schedule(self.name, info, keep, self._layers, every_layer=True)  # caps, one per threshold
+
+    def plan(self, info: EncoderInfo, budget: float, overrides=None) -> Plan:
+        plan = super().plan(info, budget, overrides)
+        bad = sorted({s.block for s in plan.stages} - set(self._layers))
+        if bad:  # a schedule= override after a block that has no threshold
+            raise ValueError(f"threshold: schedule= block(s) {bad} are not stage blocks; each stage has its own "
+                             f"threshold, at the stage blocks {self._layers} (layers=): give schedule counts for "
+                             f"those blocks, or set layers= to the blocks you want")
+        return plan
 
     def qk_blocks(self, plan):
         return {s.block for s in plan.stages}
