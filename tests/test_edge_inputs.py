@@ -459,3 +459,32 @@ def test_blocks_compiled_in_place_are_refused_on_written_out_blocks():
     finally:
         torch._dynamo.reset()
         tokenprune.remove(model)
+
+
+def test_torch_flop_counter_runs_on_a_patched_model():
+    """torch.utils.flop_counter.FlopCounterMode tracks modules with global module hooks (ModuleTracker); those only
+    attribute work to modules, so a patched model (written-out blocks) runs under it instead of refusing it as a
+    user's global hook, and counts fewer FLOPs than unpatched, near the plan's ratio. A user's global hook is still
+    refused."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    full = counter.get_total_flops()
+    tokenprune.apply(model, budget=0.5, method="cls")
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        ratio = counter.get_total_flops() / full
+        assert abs(ratio - tokenprune.plan(model).flop_ratio) < 0.05, ratio
+        h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            with torch.no_grad(), pytest.raises(RuntimeError, match="global module hooks"):
+                model(x)
+        finally:
+            h.remove()
+    finally:
+        tokenprune.remove(model)

@@ -163,13 +163,19 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 _INERT_HOOKS = ("transformers.utils.output_capturing",)
 
 
+# global hooks that only track which module runs (torch's ModuleTracker, used by FlopCounterMode): the written-out
+# blocks' work is then counted under the module around them, the totals unchanged
+_TRACKING_HOOKS = ("torch.utils.module_tracker",)
+
+
+def _user_hooks(hooks, inert: tuple = _INERT_HOOKS + _TRACKING_HOOKS) -> bool:
+    """Whether the hook dict ``hooks`` holds a hook that would matter (not from the modules in ``inert``)."""
+    return bool(hooks) and any(getattr(h, "__module__", None) not in inert for h in hooks.values())
+
+
 def _has_hooks(mod) -> bool:
     """Whether ``mod`` has a module hook of its own that would run (not one of ``_INERT_HOOKS``)."""
-    for d in _HOOK_DICTS:
-        hooks = getattr(mod, d, None)
-        if hooks and any(getattr(h, "__module__", None) not in _INERT_HOOKS for h in hooks.values()):
-            return True
-    return False
+    return any(_user_hooks(getattr(mod, d, None), _INERT_HOOKS) for d in _HOOK_DICTS)
 
 
 def _hooked(patch, blocks):
@@ -180,8 +186,8 @@ def _hooked(patch, blocks):
     stamp = RemovableHandle.next_id
     if patch.hooks_clean_at == stamp:
         return None
-    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
-            or _module._global_backward_pre_hooks):
+    if any(_user_hooks(d) for d in (_module._global_forward_hooks, _module._global_forward_pre_hooks,
+                                     _module._global_backward_hooks, _module._global_backward_pre_hooks)):
         return "global"
     for name, mod in patch.adapter.block_holders():
         if _has_hooks(mod):
