@@ -227,6 +227,24 @@ def test_schedule_given_with_a_recipe_sets_the_budget(tmp_path):
     assert tokens.shape[1] == 1 + 20
 
 
+def test_plan_takes_a_recipe_as_apply_does(tmp_path):
+    """`tokenprune.plan(model, recipe=...)` plans what `apply(model, recipe=...)` installs, explicit arguments over
+    the recipe's (it was refused: "method 'merge' has no option(s) recipe"); an unpatched model stays unpatched."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmethod: merge\nbudget: 0.5\nschedule: {0: 48, 1: 32}\noptions: {prop_attn: false}\n")
+    model = tiny_vit()
+    planned = tokenprune.plan(model, recipe=str(recipe))
+    planned_b = tokenprune.plan(model, recipe=str(recipe), budget=0.25)
+    assert not tokenprune.is_applied(model)
+    tokenprune.apply(model, recipe=str(recipe))
+    assert tokenprune.plan(model).tokens_per_block() == planned.tokens_per_block() == [64, 48, 32, 32]
+    tokenprune.apply(model, recipe=str(recipe), budget=0.25)
+    assert tokenprune.plan(model).tokens_per_block() == planned_b.tokens_per_block() and planned_b.num_out == 16
+    with pytest.raises(ValueError, match="from recipe 'tome-vit-b'"):
+        tokenprune.plan(model, recipe="tome-vit-b")  # made for 12 blocks: the error names the recipe
+    tokenprune.remove(model)
+
+
 @pytest.mark.parametrize("recipe, message", [("tome-vit-b", "schedule block 4 is outside"),
                                              ("merge-3-stages", r"layers \[5, 8\] are outside")])
 def test_recipe_that_does_not_fit_the_model_says_which_recipe(recipe, message):

@@ -92,29 +92,11 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
     """
     check_wrapper_for_apply(model)
     given, model = model, unwrap(model)
-    if recipe is not None:
-        rec = load_recipe(recipe)
-        if budget is None and schedule is None:  # an explicit schedule sets the budget (its last count / N)
-            budget = rec.budget
-        if method is None or method == rec.method:  # the recipe's options belong to its method
-            kw = rec.apply_kwargs()  # a clear error if the recipe's method is not registered
-            method = kw.pop("method")
-            kw.pop("budget")
-            recipe_schedule = kw.pop("schedule", None)
-            if schedule is None and budget == rec.budget:  # a budget given here replaces the recipe's schedule too
-                schedule = recipe_schedule
-            options = {**kw, **options}
+    budget, method, schedule, options, rec = _with_recipe(recipe, budget, method, schedule, options)
     budget = 0.5 if budget is None and schedule is None else budget
     method = "merge" if method is None else method
     _check_not_nested(model)
-    try:
-        patch = _make_patch(model, budget, method, schedule, track_source, options)  # raises before any change
-    except ValueError as e:
-        if recipe is None:
-            raise
-        made_for = f", made for {rec.model}" if rec.model else ""
-        raise ValueError(f"{e} (from recipe {rec.name!r}{made_for}: give schedule= / layers= for this model, "
-                         "or another recipe)") from e
+    patch = _recipe_patch(rec, model, budget, method, schedule, track_source, options)  # raises before any change
     previous = get_patch(model)
     remove(model)
     try:
@@ -129,6 +111,37 @@ def apply(model, budget: float | None = None, method: str | None = None, *,
             _install(model, previous)
         raise
     return given
+
+
+def _with_recipe(recipe, budget, method, schedule, options):
+    """``(budget, method, schedule, options, recipe or None)``: the recipe's settings under the explicit ones (see
+    :func:`apply`)."""
+    if recipe is None:
+        return budget, method, schedule, options, None
+    rec = load_recipe(recipe)
+    if budget is None and schedule is None:  # an explicit schedule sets the budget (its last count / N)
+        budget = rec.budget
+    if method is None or method == rec.method:  # the recipe's options belong to its method
+        kw = rec.apply_kwargs()  # a clear error if the recipe's method is not registered
+        method = kw.pop("method")
+        kw.pop("budget")
+        recipe_schedule = kw.pop("schedule", None)
+        if schedule is None and budget == rec.budget:  # a budget given here replaces the recipe's schedule too
+            schedule = recipe_schedule
+        options = {**kw, **options}
+    return budget, method, schedule, options, rec
+
+
+def _recipe_patch(rec, model, budget, method, schedule, track_source, options) -> Patch:
+    """:func:`_make_patch`, its error naming the recipe the settings came from."""
+    try:
+        return _make_patch(model, budget, method, schedule, track_source, options)
+    except ValueError as e:
+        if rec is None:
+            raise
+        made_for = f", made for {rec.model}" if rec.model else ""
+        raise ValueError(f"{e} (from recipe {rec.name!r}{made_for}: give schedule= / layers= for this model, "
+                         "or another recipe)") from e
 
 
 def _class_patched(m) -> bool:
@@ -190,18 +203,23 @@ def remove(model):
 
 
 def plan(model, budget: float | None = None, method: str | None = None, *, num_tokens: int | None = None,
-         input_shape=None, schedule: Mapping[int, int] | None = None, **options) -> Plan:
+         input_shape=None, schedule: Mapping[int, int] | None = None, recipe: str | None = None, **options) -> Plan:
     """The per-block schedule: of the installed patch (no budget given) or of a hypothetical one (on a patched
     model, without ``method=`` or with the same method: the installed method with its options, at ``budget``).
     ``num_tokens``: non-prefix tokens of the input to plan for (default: the model's default input).
     ``input_shape``: the shape of an input (e.g. ``(B, 3, H, W)``, image families): planned on the token grid that
-    input gives, as a forward on it runs."""
+    input gives, as a forward on it runs. ``recipe``: as in :func:`apply` (the explicit arguments override it)."""
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1):
         raise ValueError(f"num_tokens must be a positive number of (non-prefix) input tokens, got {num_tokens!r}")
     if input_shape is not None and num_tokens is not None:
         raise ValueError("give num_tokens= or input_shape=, not both")
     model = unwrap(model)
     patch = get_patch(model)
+    if recipe is not None:
+        budget, method, schedule, options, rec = _with_recipe(recipe, budget, method, schedule, options)
+        budget = 0.5 if budget is None and schedule is None else budget
+        new = _recipe_patch(rec, model, budget, method or "merge", schedule, True, options)
+        return new.plan_for(*_planned_input(new, num_tokens, input_shape))
     if budget is None and method is None and not options and schedule is None:
         if patch is None:
             raise ValueError("model is not patched; give budget= and method= to plan a reduction")
