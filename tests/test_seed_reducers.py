@@ -529,3 +529,21 @@ def test_training_takes_the_compiled_or_data_parallel_wrapper_as_apply_does(tmp_
             train_thresholds(ddp, data)
     finally:
         dist.destroy_process_group()
+
+
+def test_linear_attention_fine_tuning_outside_timm_is_a_clear_error():
+    """README advised ``finetune_linear_attention`` for Whisper's MAELRE WER, but the helper runs timm's
+    ``forward_features`` / ``forward_head`` on image batches: on Whisper it failed with "cannot find the encoder blocks
+    of this model to fine-tune", which says nothing of what to do. The error says which models it takes and where the
+    linear blocks are listed for a loop of one's own."""
+    from test_adapters_matrix import make_whisper
+
+    from tokenprune.training import finetune_linear_attention, linear_attention_parameters
+
+    w = make_whisper()
+    model = tokenprune.apply(w["model"], budget=0.25, method="maelre", switch_at=8)
+    assert "linear" in tokenprune.plan(model).attention_per_block()
+    for call in (lambda: linear_attention_parameters(model),
+                 lambda: finetune_linear_attention(model, [(w["x"], None)])):
+        with pytest.raises(TypeError, match=r"timm .*WhisperForConditionalGeneration.*attention_per_block\(\)"):
+            call()

@@ -250,7 +250,9 @@ def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     if blocks is None:
         blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise TypeError("cannot find the encoder blocks of this model to fine-tune")
+        raise TypeError(f"tokenprune.training fine-tunes timm image models (model.blocks, forward_features / forward_head); "
+                        f"for this {type(model).__name__}, train the attention of the blocks that "
+                        "tokenprune.plan(model).attention_per_block() marks 'linear' in a loop of your own")
     idx = linear_blocks(patch.plan_for())
     return [p for i in idx for p in _attention_module(blocks[i]).parameters()]
 
