@@ -491,3 +491,59 @@ def test_training_loaders_of_the_wrong_shape_are_clear_errors():
                               ([(x, y[:1])], r"batch 0: 1 labels for 2 inputs")):
             with pytest.raises((TypeError, ValueError), match=match):
                 train(model, loader, ce_weight=0)
+
+
+def test_training_takes_the_compiled_or_data_parallel_wrapper_as_apply_does(tmp_path):
+    """``apply`` / ``remove`` / ``plan`` / ``features`` take a ``torch.compile`` or ``DataParallel`` wrapper; the training
+    helpers did not: ``train_thresholds(torch.compile(model))`` froze the thresholds with the backbone (their names
+    carry the wrapper's ``_orig_mod.`` prefix) and failed in backward with "element 0 of tensors does not require
+    grad", and a DataParallel model was refused as not timm / "cannot find the encoder blocks". They train the module
+    the wrapper runs, as on the model itself. DistributedDataParallel is refused clearly (training around its forward
+    would skip its gradient synchronisation)."""
+    import torch.distributed as dist
+
+    from tokenprune.training import finetune_linear_attention, train_thresholds
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    data = [(x, torch.randint(0, 10, (4,)))] * 2
+    for wrap in (torch.compile, torch.nn.DataParallel):
+        plain, wrapped = _thresholded(), _thresholded()
+        want = train_thresholds(plain, data, target=0.2, ce_weight=0)
+        got = train_thresholds(wrap(wrapped), data, target=0.2, ce_weight=0)
+        assert [r["thresholds"] for r in got] == [r["thresholds"] for r in want], wrap
+        torch.testing.assert_close(wrapped.tokenprune_params.theta, plain.tokenprune_params.theta, rtol=0, atol=0)
+        assert all(p.requires_grad for p in wrapped.parameters())
+        plain, wrapped = tiny_vit(), tiny_vit()
+        for m in (plain, wrapped):
+            tokenprune.apply(m, budget=0.25, method="maelre", switch_at=40)
+        want = finetune_linear_attention(plain, data, lr=1e-2)
+        got = finetune_linear_attention(wrap(wrapped), data, lr=1e-2)
+        assert [r["loss"] for r in got] == [r["loss"] for r in want], wrap
+        for (n, p), q in zip(wrapped.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(_thresholded())
+        with pytest.raises(TypeError, match="DistributedDataParallel.*gradient"):
+            train_thresholds(ddp, data)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_linear_attention_fine_tuning_outside_timm_is_a_clear_error():
+    """README advised ``finetune_linear_attention`` for Whisper's MAELRE WER, but the helper runs timm's
+    ``forward_features`` / ``forward_head`` on image batches: on Whisper it failed with "cannot find the encoder blocks
+    of this model to fine-tune", which says nothing of what to do. The error says which models it takes and where the
+    linear blocks are listed for a loop of one's own."""
+    from test_adapters_matrix import make_whisper
+
+    from tokenprune.training import finetune_linear_attention, linear_attention_parameters
+
+    w = make_whisper()
+    model = tokenprune.apply(w["model"], budget=0.25, method="maelre", switch_at=8)
+    assert "linear" in tokenprune.plan(model).attention_per_block()
+    for call in (lambda: linear_attention_parameters(model),
+                 lambda: finetune_linear_attention(model, [(w["x"], None)])):
+        with pytest.raises(TypeError, match=r"timm .*WhisperForConditionalGeneration.*attention_per_block\(\)"):
+            call()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import api
+from .patch import _inner, _wrapper_kind, unwrap
 from .plan import EncoderInfo
 from .reducers.maelre import linear_blocks
 
@@ -83,6 +84,21 @@ def _check_batch(step: int, x, y) -> None:
                          "[B] of class indices (or [B, classes] of probabilities)")
 
 
+def _trained(model):
+    """The module to train: the one a ``torch.compile`` or ``DataParallel`` wrapper runs (as ``apply`` takes them;
+    training calls its ``forward_features`` / ``forward_head``). DDP / FSDP are refused: training around their forward
+    would skip their gradient synchronisation."""
+    m = model
+    while m is not None:
+        if _wrapper_kind(m) == "distributed":
+            name = type(m).__name__
+            raise TypeError(f"tokenprune.training does not train through {name}: it runs the model's forward_features / "
+                            f"forward_head itself, which would skip {name}'s gradient synchronisation; train the "
+                            "model (model.module) in one process, or write the loop around the wrapper yourself")
+        m = _inner(m)
+    return unwrap(model)
+
+
 def _patch(model, method: str):
     patch = api.get_patch(model)
     if patch is None:
@@ -141,6 +157,7 @@ def train_thresholds(model, loader: Iterable, *, epochs: int = 1, target: float 
     train mode; otherwise the backbone is frozen and stays in eval mode.
     Returns one record per step: loss parts, mean FLOP ratio, thresholds.
     """
+    model = _trained(model)
     patch = _patch(model, "threshold")
     thresholds = getattr(patch.reducer, "module", None)
     if thresholds is None or not hasattr(thresholds, "theta"):
@@ -223,6 +240,7 @@ def _attention_module(block):
 
 def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     """The attention parameters of the blocks that run the linear approximation under the model's plan."""
+    model = _trained(model)
     patch = _patch(model, "maelre")
     if not getattr(patch.reducer, "uses_attention_kernel", False):
         raise ValueError(f"fine-tuning linear attention needs a model patched with method='maelre' (or a pipeline "
@@ -232,7 +250,9 @@ def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     if blocks is None:
         blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise TypeError("cannot find the encoder blocks of this model to fine-tune")
+        raise TypeError(f"tokenprune.training fine-tunes timm image models (model.blocks, forward_features / forward_head); "
+                        f"for this {type(model).__name__}, train the attention of the blocks that "
+                        "tokenprune.plan(model).attention_per_block() marks 'linear' in a loop of your own")
     idx = linear_blocks(patch.plan_for())
     return [p for i in idx for p in _attention_module(blocks[i]).parameters()]
 
@@ -247,6 +267,7 @@ def finetune_linear_attention(model, loader: Iterable, *, epochs: int = 1, lr: f
     input size. A few hundred steps recover most of what the softmax -> linear swap costs (see
     BENCHMARKS.md); the model stays in eval mode (no dropout) while training.
     """
+    model = _trained(model)
     params = linear_attention_parameters(model)
     if not params:
         raise ValueError("no block runs linear attention under this plan (every block has N <= switch_at); "
