@@ -715,3 +715,21 @@ def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):
     launcher = tc.fast(T.merge._merge_step)
     aligns = {k[5] for k in launcher.cache if len(k) == 6}  # (the tensors' addresses modulo 16)
     assert any(any(a) for a in aligns) and any(not any(a) for a in aligns)  # aligned and misaligned both cached
+
+
+
+@pytest.mark.skipif(ON_CPU, reason="CUDA graphs need CUDA")
+def test_graphed_refuses_inputs_unlike_the_example():
+    """``tokenprune.cuda.graphed``'s replay copies the inputs into the captured buffers: an input of batch 1 for a
+    graph captured at batch 4 was broadcast into all 4 rows and the replay returned 4 rows of one sample's result,
+    silently; a missing input was skipped (the last call's stayed). Both are refused with the example's shapes."""
+    from tokenprune.cuda import graphed
+
+    w = torch.randn(8, 5, device=DEV)
+    x = torch.randn(4, 8, device=DEV)
+    run = graphed(lambda v: v @ w, x)
+    torch.testing.assert_close(run(x), x @ w)
+    with pytest.raises(ValueError, match=r"captured for inputs of shapes \[\(4, 8\)\].*\(1, 8\)"):
+        run(x[:1])
+    with pytest.raises(ValueError, match=r"1 input.*got 0"):
+        run()

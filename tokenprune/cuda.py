@@ -36,7 +36,14 @@ def graphed(fn, *example_inputs, warmup: int = 3):
         raise RuntimeError("this forward cannot be captured in a CUDA graph (a reducer whose kept count "
                            f"depends on the data, such as a score threshold, needs a host sync): {e}") from e
 
+    shapes = [tuple(x.shape) for x in static]
+
     def run(*inputs):
+        if len(inputs) != len(static) or any(x.shape != buf.shape for buf, x in zip(static, inputs)):
+            # copy_ would broadcast a smaller input into the buffer (a replay of repeated rows), silently
+            raise ValueError(f"this CUDA graph was captured for inputs of shapes {shapes} ({len(static)} input(s)); "
+                             f"got {len(inputs)}: {[tuple(getattr(x, 'shape', ())) for x in inputs]}; capture "
+                             "another graph (graphed(fn, *example_inputs)) for each input shape")
         for buf, x in zip(static, inputs):
             buf.copy_(x)
         graph.replay()
