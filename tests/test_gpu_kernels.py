@@ -717,7 +717,6 @@ def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):
     assert any(any(a) for a in aligns) and any(not any(a) for a in aligns)  # aligned and misaligned both cached
 
 
-
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs need CUDA")
 def test_graphed_refuses_inputs_unlike_the_example():
     """``tokenprune.cuda.graphed``'s replay copies the inputs into the captured buffers: an input of batch 1 for a
