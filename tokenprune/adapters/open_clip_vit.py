@@ -16,8 +16,8 @@ text tower is untouched.
   whose own pooling (token / avg / map) becomes size-weighted; the tower's head (projection) is unchanged.
   A head with its own attention pooling over the grid (``abs_attn`` / ``rot_attn``) is refused.
 - Refused with a clear error: ``CustomResidualAttentionBlock`` towers (qk-norm / scaled-cosine
-  attention), ModifiedResNet towers, open_clip < 3, ``attn_mask``, gradient checkpointing,
-  ``forward_intermediates``.
+  attention), ModifiedResNet towers, open_clip < 3, ``attn_mask``, gradient checkpointing, patch dropout in
+  training, ``forward_intermediates``.
 """
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ class _Visual:
         if t.grad_checkpointing:
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced open_clip tower; "
                                "call model.set_grad_checkpointing(False)")
+        if self.training and getattr(self.patch_dropout, "prob", 0.0) > 0:  # its random subset is no grid of patches
+            raise RuntimeError("tokenprune: open_clip patch dropout (patch_dropout > 0) in training cannot be combined "
+                               "with token reduction; call model.eval() or build the tower with patch_dropout=0")
         x = self._embeds(x)
         grid = fwd.patch.adapter.grid_for(x.shape[1] - 1)
         return run_blocks(fwd, t.resblocks, x, _block, grid)
