@@ -886,6 +886,16 @@ def test_open_clip_plan_for_an_input_shape(family):
     assert plan.info.grid == (4, 4) and plan.num_out == keep_count(0.5, 16)
 
 
+def test_open_clip_plan_for_an_input_shape_the_tower_cannot_take_is_refused():
+    """open_clip's own ViT tower adds a fixed positional embedding (no interpolation at the forward): a plan for
+    another grid describes a forward that cannot run (it fails in ``_embeds``), so ``plan`` refuses it and names the
+    size it takes, as for a timm model without ``dynamic_img_size`` (it returned a plan for the other grid)."""
+    fam = make_open_clip()
+    with pytest.raises(ValueError, match=r"32x32.*not 48x64"):
+        tokenprune.plan(fam["model"], 0.5, "merge", input_shape=(1, 3, 48, 64))
+    assert tokenprune.plan(fam["model"], 0.5, "merge", input_shape=(1, 3, 35, 33)).info.grid == (4, 4)  # conv floors
+
+
 def test_open_clip_patch_dropout_in_training_refused():
     """open_clip's ``patch_dropout`` keeps a random subset of patches in training, which is no grid of patches (the
     source map then indexes the subset, ``pool`` found no grid): refused with what to do, as the timm adapters refuse

@@ -190,7 +190,13 @@ class OpenClipViTAdapter(Adapter):
         return (("transformer", self.visual.transformer),)  # open_clip runs self.transformer(x)
 
     def input_grid(self, input_shape):
-        return image_grid(input_shape, self.visual.patch_size)
+        grid, own = image_grid(input_shape, self.visual.patch_size), tuple(self.visual.grid_size)
+        if grid != own:  # its positional embedding is added as it is: another grid fails in open_clip's _embeds
+            h, w = (int(v) for v in tuple(input_shape)[-2:])
+            ih, iw = self.visual.image_size
+            raise ValueError(f"tokenprune: this open_clip tower takes {ih}x{iw} images only (its positional embedding "
+                             f"has {own[0]}x{own[1]} patches), not {h}x{w}; resize the image to {ih}x{iw}")
+        return grid
 
     def grid_for(self, num_tokens: int):
         grid = tuple(self.visual.grid_size)
