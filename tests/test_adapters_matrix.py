@@ -886,6 +886,42 @@ def test_open_clip_plan_for_an_input_shape(family):
     assert plan.info.grid == (4, 4) and plan.num_out == keep_count(0.5, 16)
 
 
+def test_open_clip_plan_for_an_input_shape_the_tower_cannot_take_is_refused():
+    """open_clip's own ViT tower adds a fixed positional embedding (no interpolation at the forward): a plan for
+    another grid describes a forward that cannot run (it fails in ``_embeds``), so ``plan`` refuses it and names the
+    size it takes, as for a timm model without ``dynamic_img_size`` (it returned a plan for the other grid)."""
+    fam = make_open_clip()
+    with pytest.raises(ValueError, match=r"32x32.*not 48x64"):
+        tokenprune.plan(fam["model"], 0.5, "merge", input_shape=(1, 3, 48, 64))
+    assert tokenprune.plan(fam["model"], 0.5, "merge", input_shape=(1, 3, 35, 33)).info.grid == (4, 4)  # conv floors
+
+
+def test_open_clip_patch_dropout_in_training_refused():
+    """open_clip's ``patch_dropout`` keeps a random subset of patches in training, which is no grid of patches (the
+    source map then indexes the subset, ``pool`` found no grid): refused with what to do, as the timm adapters refuse
+    timm's patch dropout (it ran, or failed in ``pool`` with an error about the image shape). Eval is unaffected."""
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    m = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=4,
+                                                           head_width=8, patch_dropout=0.5),
+                             text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=4, layers=1)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m.encode_image(x)
+    for method in ("merge", "pool"):
+        tokenprune.apply(m, 0.5, method)
+        m.train()
+        with pytest.raises(RuntimeError, match="patch dropout.*model.eval()"):
+            m.encode_image(x)
+        with pytest.raises(RuntimeError, match="patch dropout"):
+            tokenprune.features(m, x)
+        m.eval()
+        tokenprune.apply(m, 1.0, method)
+        with torch.no_grad():
+            torch.testing.assert_close(m.encode_image(x), ref, rtol=1e-5, atol=1e-6)
+        tokenprune.remove(m)
+
+
 @pytest.mark.parametrize("family", ["hf_clip", "siglip"])
 def test_hf_clip_siglip_plan_for_an_input_shape(family):
     """``plan(model, input_shape=...)`` on HF CLIP / SigLIP towers: the grid of another image size, which a forward

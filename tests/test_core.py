@@ -286,6 +286,24 @@ def test_forward_head_without_sizes_refused_on_a_larger_input(global_pool):
             model.forward_head(feats)
 
 
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_forward_head_without_sizes_at_budget_one_on_a_smaller_input(global_pool):
+    """dynamic_img_size at budget 1.0: an input smaller than the default has fewer tokens than the default grid, yet
+    none is reduced, so timm's forward_head(forward_features(x)) runs and equals the unpatched model (it was refused
+    as 'reduced tokens without their sizes'). A reducer that drops tokens at budget 1.0 (threshold) still refuses."""
+    model = tiny_vit(class_token=False, global_pool=global_pool, dynamic_img_size=True)  # default: 8 x 8 patches
+    x = torch.randn(2, 3, 24, 16)  # 6 x 4 patches
+    with torch.no_grad():
+        ref = model.forward_head(model.forward_features(x))
+        tokenprune.apply(model, budget=1.0, method="merge")
+        torch.testing.assert_close(model.forward_head(model.forward_features(x)), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.pool(model.forward_features(x)), model.pool(model.forward_features(x),
+                                   sizes=None))
+        tokenprune.apply(model, budget=1.0, method="threshold")
+        with pytest.raises(ValueError, match="sizes"):
+            model.forward_head(model.forward_features(x))
+
+
 def test_unmerge_marks_dropped_patches():
     model = tiny_vit(img_size=40)
     tokenprune.apply(model, budget=0.25, method="cls")

@@ -16,8 +16,8 @@ text tower is untouched.
   whose own pooling (token / avg / map) becomes size-weighted; the tower's head (projection) is unchanged.
   A head with its own attention pooling over the grid (``abs_attn`` / ``rot_attn``) is refused.
 - Refused with a clear error: ``CustomResidualAttentionBlock`` towers (qk-norm / scaled-cosine
-  attention), ModifiedResNet towers, open_clip < 3, ``attn_mask``, gradient checkpointing,
-  ``forward_intermediates``.
+  attention), ModifiedResNet towers, open_clip < 3, ``attn_mask``, gradient checkpointing, patch dropout in
+  training, ``forward_intermediates``.
 """
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ class _Visual:
         if t.grad_checkpointing:
             raise RuntimeError("tokenprune: gradient checkpointing is not supported on a reduced open_clip tower; "
                                "call model.set_grad_checkpointing(False)")
+        if self.training and getattr(self.patch_dropout, "prob", 0.0) > 0:  # its random subset is no grid of patches
+            raise RuntimeError("tokenprune: open_clip patch dropout (patch_dropout > 0) in training cannot be combined "
+                               "with token reduction; call model.eval() or build the tower with patch_dropout=0")
         x = self._embeds(x)
         grid = fwd.patch.adapter.grid_for(x.shape[1] - 1)
         return run_blocks(fwd, t.resblocks, x, _block, grid)
@@ -187,7 +190,13 @@ class OpenClipViTAdapter(Adapter):
         return (("transformer", self.visual.transformer),)  # open_clip runs self.transformer(x)
 
     def input_grid(self, input_shape):
-        return image_grid(input_shape, self.visual.patch_size)
+        grid, own = image_grid(input_shape, self.visual.patch_size), tuple(self.visual.grid_size)
+        if grid != own:  # its positional embedding is added as it is: another grid fails in open_clip's _embeds
+            h, w = (int(v) for v in tuple(input_shape)[-2:])
+            ih, iw = self.visual.image_size
+            raise ValueError(f"tokenprune: this open_clip tower takes {ih}x{iw} images only (its positional embedding "
+                             f"has {own[0]}x{own[1]} patches), not {h}x{w}; resize the image to {ih}x{iw}")
+        return grid
 
     def grid_for(self, num_tokens: int):
         grid = tuple(self.visual.grid_size)

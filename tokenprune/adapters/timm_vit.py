@@ -192,8 +192,10 @@ class _Model:
         if sizes is _UNSET:
             patch = self._tokenprune_patch
             # a budget below 1 reduces every input (one larger than the default keeps more tokens than the default
-            # grid has, so the count alone cannot tell); at budget 1 only a count below the full grid's is reduced
-            if patch.budget < 1.0 or x.shape[1] < patch.adapter.full_tokens:
+            # grid has, so the count alone cannot tell); at budget 1 only a reducer with stages (threshold: K is a
+            # cap) drops tokens, and then a count below the full grid's is reduced (a smaller dynamic-size input's
+            # full grid has fewer tokens too: with no stages nothing is reduced)
+            if patch.budget < 1.0 or (x.shape[1] < patch.adapter.full_tokens and patch.plan_for().stages):
                 kind = "map" if self.attn_pool is not None else pool_type or self.global_pool
                 raise ValueError(
                     f"tokenprune: {_what} got reduced tokens without their sizes, and this model's pooling ({kind}) "
