@@ -377,6 +377,23 @@ def test_whisper_generate_with_fewer_cross_attention_keys():
         hook.remove()
 
 
+def _assert_written_equals_transformers(fam, model, x, monkeypatch, methods):
+    """For each ``(method, options)`` at budget 0.5: the Whisper encoder with its layers written out gives the same
+    outputs, bit for bit, as with every layer called through transformers (``whisper._layer`` replaced by ``_CALL``)."""
+    from tokenprune.adapters import whisper as W
+
+    for method, options in methods:
+        tokenprune.apply(model, 0.5, method, **options)
+        try:
+            got = fam["out"](model, x)
+            with monkeypatch.context() as mp:
+                mp.setattr(W, "_layer", W._CALL)
+                ref = fam["out"](model, x)
+        finally:
+            tokenprune.remove(model)
+        assert torch.equal(got, ref), method
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch):
     """In eager inference the encoder layers run written out (batch 1 waits on transformers' call chain): the same
@@ -388,16 +405,8 @@ def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch
     fam = make_whisper()
     model, x = fam["model"].to(dtype), fam["x"].to(dtype)
     with torch.no_grad():
-        for method in ("merge", "cls", "maelre", "threshold", "random", "pool", ["cls", "merge"]):
-            tokenprune.apply(model, 0.5, method)
-            try:
-                got = fam["out"](model, x)
-                with monkeypatch.context() as mp:
-                    mp.setattr(W, "_layer", W._CALL)
-                    ref = fam["out"](model, x)
-            finally:
-                tokenprune.remove(model)
-            assert torch.equal(got, ref), method
+        _assert_written_equals_transformers(fam, model, x, monkeypatch, [
+            (m, {}) for m in ("merge", "cls", "maelre", "threshold", "random", "pool", ["cls", "merge"])])
         tokenprune.apply(model, 0.5, "merge")
         try:
             ran = []
@@ -601,21 +610,11 @@ def test_whisper_written_out_layers_under_autocast_equal_transformers_layers(mon
     """Under autocast the residual stream is float32 and q bf16: the written-out layer hands the key bias to MAELRE's
     kernel in q's dtype, as tokenprune_sdpa does (it passed the float32 bias: other outputs than the layers called
     through transformers)."""
-    from tokenprune.adapters import whisper as W
-
     fam = make_whisper()
     model, x = fam["model"], fam["x"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for method, options in (("maelre", {"switch_at": 0}), ("merge", {}), ("threshold", {})):
-            tokenprune.apply(model, 0.5, method, **options)
-            try:
-                got = fam["out"](model, x)
-                with monkeypatch.context() as mp:
-                    mp.setattr(W, "_layer", W._CALL)
-                    ref = fam["out"](model, x)
-            finally:
-                tokenprune.remove(model)
-            assert torch.equal(got, ref), method
+        _assert_written_equals_transformers(fam, model, x, monkeypatch,
+                                            [("maelre", {"switch_at": 0}), ("merge", {}), ("threshold", {})])
 
 
 def test_whisper_cross_attention_gets_size_bias():

@@ -259,26 +259,36 @@ def check_no_hooks(patch, blocks) -> None:
             "blocks, or call tokenprune.remove(model) first")
 
 
+_HOLDER_REFUSALS = (
+    ("block_holders", "the module holding the layers ({name}); this patched model runs the layers itself, without "
+     "calling that module, so the hook would silently not run. Remove the hook: hook the layers (or the modules "
+     "before / after them) instead, use tokenprune.features(model, x) for the output tokens"),
+    ("shell_blocks", "the layer {name}; this patched model runs that layer written out (its attention and MLP are "
+     "called, the layer module itself is not), so the hook would silently not run. Remove the hook: hook the layer's "
+     "attention or mlp (or the modules around the layers) instead, use tokenprune.features(model, x)"),
+)
+
+
 def check_holders(patch) -> None:
     """Refuse module hooks on the modules holding the blocks that the patched forward no longer calls
     (``Adapter.block_holders``), for adapters that call each block through ``nn.Module.__call__`` (transformers'
     layers: hooks on them run as usual, and are not scanned), and on blocks written out around submodules that are
     called (``Adapter.shell_blocks``: the block's own hooks only). A few dict lookups per block and forward (batch 1
     is bound by host time); global hooks run on the layers' submodules and are not refused."""
-    for name, mod in patch.adapter.block_holders():
-        if _has_hooks(mod):
-            raise RuntimeError(
-                f"tokenprune: a module hook is registered on the module holding the layers ({name}); this patched "
-                "model runs the layers itself, without calling that module, so the hook would silently not run. "
-                "Remove the hook: hook the layers (or the modules before / after them) instead, use "
-                "tokenprune.features(model, x) for the output tokens, or call tokenprune.remove(model) first")
-    for name, mod in patch.adapter.shell_blocks():
-        if _has_hooks(mod):
-            raise RuntimeError(
-                f"tokenprune: a module hook is registered on the layer {name}; this patched model runs that layer "
-                "written out (its attention and MLP are called, the layer module itself is not), so the hook would "
-                "silently not run. Remove the hook: hook the layer's attention or mlp (or the modules around the "
-                "layers) instead, use tokenprune.features(model, x), or call tokenprune.remove(model) first")
+    for kind, message in _HOLDER_REFUSALS:
+        for name, mod in getattr(patch.adapter, kind)():
+            if _has_hooks(mod):
+                raise RuntimeError(f"tokenprune: a module hook is registered on {message.format(name=name)}, or call "
+                                   "tokenprune.remove(model) first")
+
+
+def check_hooks(patch, blocks) -> None:
+    """The hook check of a forward: :func:`check_no_hooks` where the adapter writes its blocks out, else
+    :func:`check_holders` (``run_blocks``, ``mixed.run_mixed``)."""
+    if patch.adapter.writes_blocks:
+        check_no_hooks(patch, blocks)
+    else:
+        check_holders(patch)
 
 
 def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, block_fn: Callable,
@@ -294,10 +304,7 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     state.proportional = reducer.proportional
     prog = patch.program_for(state.num_input, grid)
     check_depth(len(blocks), len(prog.steps))
-    if patch.adapter.writes_blocks:
-        check_no_hooks(patch, blocks)
-    else:
-        check_holders(patch)
+    check_hooks(patch, blocks)
     fwd.state, fwd.mid_fuse = state, prog.mid_fuse
     observes = getattr(reducer, "observes", True)
     for stage in prog.before:

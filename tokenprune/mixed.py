@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .engine import QK, Forward, check_depth, check_holders, check_no_hooks, run_blocks
+from .engine import QK, Forward, check_depth, check_hooks, run_blocks
 from .state import TokenState
 
 
@@ -81,10 +81,7 @@ def run_mixed(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor, 
         groups.append(_Group(grid, start, start + len(rows), state, patch.program_for(n, grid)))
         start += len(rows)
     check_depth(len(blocks), len(groups[0].prog.stages))
-    if patch.adapter.writes_blocks:  # as run_blocks: a hook on a written-out block would not run
-        check_no_hooks(patch, blocks)
-    else:
-        check_holders(patch)
+    check_hooks(patch, blocks)  # as run_blocks: a hook the forward would skip is refused
     _check_programs(groups)
     for g in groups:
         for stage in g.prog.before:
