@@ -54,6 +54,16 @@ class LayerQK:
         self.qks: dict[int, list] = {i: [] for i in modules}
 
 
+def bias_for(bias: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """The context's key bias as an attention call on ``query`` takes it: in q's dtype (the state's bias is in the
+    tokens' dtype; autocast's q may not be) and repeated over beams of an encoder output not expanded with them."""
+    if bias.dtype != query.dtype:
+        bias = bias.to(query.dtype)
+    if bias.shape[0] != query.shape[0]:
+        bias = bias.repeat_interleave(query.shape[0] // bias.shape[0], 0)
+    return bias
+
+
 def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, **kwargs):
     # runs in every attention call (batch 1 is bound by host time): no import, no op that would change nothing
     ctx = tokenprune
@@ -63,10 +73,7 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
     elif isinstance(ctx, KeyBias) and any(module is m for m in ctx.modules):
         bias = ctx.bias
     if bias is not None:
-        if bias.dtype != query.dtype:  # (the state's bias is in the tokens' dtype; autocast's q may not be)
-            bias = bias.to(query.dtype)
-        if bias.shape[0] != query.shape[0]:  # beams of an encoder output that was not expanded with them
-            bias = bias.repeat_interleave(query.shape[0] // bias.shape[0], 0)
+        bias = bias_for(bias, query)
         attention_mask = bias if attention_mask is None else attention_mask + bias
     scaling = kwargs.get("scaling")
     if kernel is not None:

@@ -44,7 +44,7 @@ from .. import ops
 from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, named_holders, attach, detach, has_class, restore_class, swap_class
-from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, block_fn, no_extra_kwargs, returned
+from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, bias_for, block_fn, no_extra_kwargs, returned
 
 BIAS_KEY = "tokenprune_key_bias"
 
@@ -119,9 +119,7 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     q = (F.linear(h, qp.weight, qp.bias) * a.scaling).view(shape).transpose(1, 2)
     k = F.linear(h, kp.weight, kp.bias).view(shape).transpose(1, 2)
     v = F.linear(h, vp.weight, vp.bias).view(shape).transpose(1, 2)
-    bias = fwd.bias
-    if bias is not None and bias.dtype != q.dtype:  # as tokenprune_sdpa (autocast: float32 tokens, bf16 q)
-        bias = bias.to(q.dtype)
+    bias = fwd.bias if fwd.bias is None else bias_for(fwd.bias, q)  # as tokenprune_sdpa (autocast: bf16 q)
     if fwd.kernel is not None:  # MAELRE's linear attention: q in the standard convention (Whisper pre-scales it)
         heads = fwd.kernel(q * a.head_dim ** 0.5, k, v, bias)
     else:
