@@ -321,8 +321,11 @@ def test_next_cls_selects_within_packed_order(llava_next, next_inputs):
         assert bool((pos[1:] > pos[:-1]).all())
 
 
-def test_rows_with_different_image_counts_equal_each_alone(llava):
-    """Row 0 has two images, row 1 one (left padded): rows shrink by different amounts and are re-padded."""
+@pytest.mark.parametrize("method", ["cls", "random"])
+def test_rows_with_different_image_counts_equal_each_alone(llava, method):
+    """Row 0 has two images, row 1 one (left padded): rows shrink by different amounts and are re-padded.
+    ``random``: an image keeps the same tokens wherever it stands in the batch of images (row 1's image is the
+    third image of the batch, the first alone)."""
     r0 = [1, 5] + [IMG] * N + [9] + [IMG] * N + [7]
     pad = len(r0) - (N + 3)
     r1 = [0] * pad + [1, 5] + [IMG] * N + [7]
@@ -330,7 +333,7 @@ def test_rows_with_different_image_counts_equal_each_alone(llava):
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
     pv = torch.cat([_pixels(2, seed=4), _pixels(1, seed=5)])
-    with tokenprune.applied(llava, budget=0.25, method="cls"), LMInput(llava) as rec:
+    with tokenprune.applied(llava, budget=0.25, method=method), LMInput(llava) as rec:
         out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **GEN)
         a = llava.generate(input_ids=ids[:1], pixel_values=pv[:2], **GEN)
         b = llava.generate(input_ids=ids[1:, pad:], pixel_values=pv[2:], **GEN)

@@ -3,9 +3,12 @@
 Keeps a uniformly random subset of the non-prefix tokens (spatial order
 kept) at the same stages as ``cls`` by default, so the two compare at equal
 FLOPs. ``seed`` makes the choice reproducible across calls (and devices):
-scores come from an integer hash of (seed, stage, sample, position) computed
-on the tokens' device, so no generator is created and the forward can be
-captured in a CUDA graph. ``seed=None`` draws from torch's global generator.
+scores come from an integer hash of (seed, stage, position) computed on the
+tokens' device, so no generator is created and the forward can be captured
+in a CUDA graph. The sample's place in the batch does not enter: a sample
+keeps the same tokens alone, in any batch, and as any image of a VLM prompt
+(every sample of a call keeps the same positions; a new seed draws new ones).
+``seed=None`` draws from torch's global generator, per sample.
 """
 from __future__ import annotations
 
@@ -20,17 +23,18 @@ from .base import Reducer, patch_valid, ratio_schedule
 
 
 def hash_scores(b: int, n: int, key: int, device) -> torch.Tensor:
-    """Deterministic pseudo-random values in [0, 1) of shape [b, n] (a 32-bit integer mix in int64).
+    """Deterministic pseudo-random values in [0, 1) of shape [b, n], one row repeated (a 32-bit integer mix in
+    int64 of the position and ``key``; the row does not depend on ``b``).
 
     The position is first xor-ed with the key: a compiler cannot fold an xor into its (32-bit) index
     arithmetic, so every later product is an int64 tensor operation, exact in eager and compiled code."""
     m = (1 << 32) - 1
-    h = torch.arange(b * n, device=device, dtype=torch.int64).view(b, n) ^ (key * 0x85EBCA77 & 0x7FFFFFFF)
+    h = torch.arange(n, device=device, dtype=torch.int64) ^ (key * 0x85EBCA77 & 0x7FFFFFFF)
     h = (h * 0x9E3779B1) & m
     for mul in (0x85EBCA6B, 0xC2B2AE35):
         h = ((h ^ (h >> 16)) * mul) & m
     h = h ^ (h >> 16)
-    return h.to(torch.float32) / float(1 << 32)
+    return (h.to(torch.float32) / float(1 << 32)).expand(b, n)
 
 
 @register("random")
@@ -38,6 +42,8 @@ def hash_scores(b: int, n: int, key: int, device) -> torch.Tensor:
 class RandomDrop(Reducer):
     layers: list[int] | None = None  # blocks after which to drop (default: as `cls`); -1 = before block 0
     seed: int | None = 0
+
+    before_first = True  # needs no attention: a stage may come before block 0 (-1)
 
     def __post_init__(self):
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -59,7 +65,7 @@ class RandomDrop(Reducer):
         return scores
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        return ratio_schedule(self.name, info, keep, self.layers, before_first=True)
+        return ratio_schedule(self.name, info, keep, self.layers, before_first=self.before_first)
 
     def reduce(self, state, stage, qk):
         b, n = state.x.shape[0], state.num_tokens
