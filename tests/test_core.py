@@ -107,6 +107,29 @@ def test_plan_override_and_flop_ratio():
     assert p.flop_ratio < tokenprune.plan(model, budget=1.0, method="cls").flop_ratio == 1.0
 
 
+@pytest.mark.parametrize("method", ["random", "diverse"])
+def test_schedule_before_the_first_block_as_layers_says(method):
+    """``schedule={-1: k}`` is ``layers=[-1]`` for reducers that need no attention (-1: before block 0);
+    a reducer that scores with a block's attention refuses -1 saying why."""
+    model = tiny_vit(img_size=40)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        tokenprune.apply(model, budget=0.3, method=method, layers=[-1])
+        by_layers, plan = model.forward_features(x), tokenprune.plan(model)
+        tokenprune.apply(model, budget=0.3, method=method, schedule={-1: 30})
+        by_schedule = model.forward_features(x)
+    assert plan.to_dict() == tokenprune.plan(model).to_dict() and plan.tokens_per_block() == [30, 30, 30, 30]
+    torch.testing.assert_close(by_schedule, by_layers, rtol=0, atol=0)
+    for other in ("merge", "cls"):
+        with pytest.raises(ValueError, match=rf"schedule block -1 \(before the first block\) is not possible for "
+                                             rf"{other}.*follow block 0"):
+            tokenprune.apply(model, budget=0.3, method=other, schedule={-1: 30})
+        assert tokenprune.plan(model).to_dict() == plan.to_dict()  # the failed apply kept the earlier patch
+    with pytest.raises(ValueError, match=r"outside the encoder's blocks -1\.\.3 \(-1 = before the first block\)"):
+        tokenprune.apply(model, budget=0.3, method=method, schedule={-2: 30})
+    tokenprune.remove(model)
+
+
 def test_plan_at_another_budget_keeps_the_installed_methods_options():
     """``plan(model, budget=b)`` on a patched model: the installed method as configured (its options, a
     composition's reducers) at budget ``b`` -- what ``apply`` with that budget and the same options gives."""

@@ -281,15 +281,21 @@ def schedule_budget(schedule: Mapping[int, int], num_tokens: int) -> float:
 
 
 def apply_overrides(stages: list[Stage], overrides: Mapping[int, int] | None, info: EncoderInfo,
-                    op: str) -> list[Stage]:
-    """Replace a reducer's default schedule by ``{block: keep}`` from the user."""
+                    op: str, before_first: bool = False) -> list[Stage]:
+    """Replace a reducer's default schedule by ``{block: keep}`` from the user. ``before_first``: the reducer
+    needs no attention, so block -1 (before the first block) is allowed, as in its ``layers=``."""
     if not overrides:
         return stages
     out = []
+    lowest = -1 if before_first else 0
     for b, k in sorted(overrides.items()):
         b, k = int(b), int(k)
-        if not 0 <= b < info.depth:
-            raise ValueError(f"schedule block {b} is outside the encoder's blocks 0..{info.depth - 1}")
+        if not lowest <= b < info.depth:
+            if b == -1:
+                raise ValueError(f"schedule block -1 (before the first block) is not possible for {op}: it scores "
+                                 f"tokens with a block's attention; the first stage can follow block 0")
+            where = " (-1 = before the first block)" if before_first else ""
+            raise ValueError(f"schedule block {b} is outside the encoder's blocks {lowest}..{info.depth - 1}{where}")
         out.append(Stage(b, k, op))
     return out
 

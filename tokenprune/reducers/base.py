@@ -43,6 +43,9 @@ class Reducer:
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
     observes: ClassVar[bool] = False  # overrides observe (set by __init_subclass__): the block loop skips the call if not
+    # can reduce before the first block (stage block -1: no attention yet), as its ``layers=[-1]`` and
+    # ``schedule={-1: keep}`` say
+    before_first: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -96,7 +99,7 @@ class Reducer:
     def plan(self, info: EncoderInfo, budget: float, overrides: Mapping[int, int] | None = None) -> Plan:
         self.check(info)
         keep = keep_count(budget, info.num_tokens)
-        stages = apply_overrides(self.schedule(info, keep), overrides, info, self.name)
+        stages = apply_overrides(self.schedule(info, keep), overrides, info, self.name, self.before_first)
         validate(stages, info)
         plan = Plan(self.name, budget, info, stages)
         if overrides and plan.num_out != keep:

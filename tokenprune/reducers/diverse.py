@@ -105,6 +105,8 @@ class Diverse(Reducer):
     text: torch.Tensor | None = None  # [C] or [B, C] text embedding to condition on (VLMs); None: plain DivPrune
     text_weight: float = 1.0  # exponent of the relevance weight
 
+    before_first = True  # needs no attention: a stage may come before block 0 (-1)
+
     def __post_init__(self):
         if self.text is not None:
             if not isinstance(self.text, torch.Tensor) or self.text.ndim not in (1, 2) or self.text.is_complex():
@@ -119,7 +121,7 @@ class Diverse(Reducer):
                              f"give an embedding of {info.dim} features, in the space of the tokens being selected")
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
-        return ratio_schedule(self.name, info, keep, self.layers, before_first=True)
+        return ratio_schedule(self.name, info, keep, self.layers, before_first=self.before_first)
 
     def reduce(self, state, stage, qk):
         f = state.x[:, state.num_prefix:]
