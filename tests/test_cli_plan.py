@@ -72,11 +72,28 @@ def test_model_args_are_taken_as_in_eval(capsys):
     assert out["tokens_per_block"] == want["tokens_per_block"]
 
 
+def test_recipe_and_composition_planned_as_the_api_plans_them(tiny, capsys, tmp_path):  # noqa: F811
+    """--recipe: a named recipe, and a YAML composition (method: pipeline), planned as tokenprune.plan(recipe=...)
+    plans them on the model; --budget overrides the recipe's."""
+    yaml = tmp_path / "cls-then-merge.yaml"
+    yaml.write_text("name: cls-then-merge\nmethod: pipeline\nbudget: 0.3\n"
+                    "options: {reducers: [cls, merge]}\n")
+    model = tiny_vit(num_classes=3)
+    for argv, recipe, budget in [(["--recipe", "default-vit", "--budget", "0.3"], "default-vit", 0.3),
+                                 (["--recipe", str(yaml)], str(yaml), None)]:
+        out, _ = _plan_json(capsys, "--model", str(tiny["ckpt"]), *argv)
+        want = tokenprune.plan(model, budget=budget, recipe=recipe).to_dict()
+        assert {k: out[k] for k in want} == want, argv
+    assert {s["op"] for s in out["stages"]} == {"0.cls", "1.merge"} and out["num_out"] == round(0.3 * want["num_in"])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--input-size", "30"], "not a multiple of"),
     (["--method", "tome"], "unknown method 'tome'; did you mean 'merge'? known methods:"),
     (["--method", "mrege"], "unknown method 'mrege'; did you mean 'merge'? known methods:"),
     (["--model", "./no/such/folder"], "does not exist"),
+    (["--recipe", "no-such-recipe"], "no-such-recipe"),
+    (["--recipe", "merge-3-stages"], "outside the encoder's blocks 0..3 (from recipe 'merge-3-stages', made for"),
 ])
 def test_plan_bad_arguments(tiny, capsys, argv, message):  # noqa: F811
     assert main(["plan", "--model", str(tiny["ckpt"]), *argv]) == 2

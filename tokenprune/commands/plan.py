@@ -18,9 +18,13 @@ DEFAULT_MODEL = ("vit-s14-cifar10",)
 
 def add_arguments(p):
     add_model_source_arguments(p, "vit-s14-cifar10 in the assets folder (the quickstart's ViT-S/14 at 224 px)")
-    p.add_argument("--method", default="merge",
-                   help="reduction method (tokenprune.methods(); an unknown name is refused with the list)")
-    p.add_argument("--budget", type=budget_arg, default=0.25, help=BUDGET_HELP)
+    p.add_argument("--method", default=None,
+                   help="reduction method (tokenprune.methods(); an unknown name is refused with the list) "
+                        "(default: merge, or the recipe's)")
+    p.add_argument("--budget", type=budget_arg, default=None, help=BUDGET_HELP + " (default: 0.25, or the recipe's)")
+    p.add_argument("--recipe", default=None, metavar="NAME_OR_YAML",
+                   help="plan a named recipe or a recipe YAML file, as eval / bench run it (a composition: "
+                        "method: pipeline with its reducers); --method / --budget override its settings (default: none)")
     p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
                    help="image models: side of the square input image in pixels; speech/audio/video models: "
                         "non-prefix tokens entering the encoder (default: the model's own input size)")
@@ -31,15 +35,20 @@ def run(args):
     from .. import api
     from ._common import load_model, random_timm, resolve_model
 
-    check_methods([args.method])  # before loading anything
+    if args.method is not None:
+        check_methods([args.method])  # before loading anything
+    try:  # the recipe's settings under the explicit ones, as tokenprune.plan(recipe=...) takes them
+        budget, method, schedule, options, rec = api._with_recipe(args.recipe, args.budget, args.method, None, {})
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    budget = 0.25 if budget is None and schedule is None else budget
     spec, _ = resolve_model(args.model, DEFAULT_MODEL)
     # a random-weight timm model is built on the meta device: the plan needs its shapes only
     lm = load_model(spec, args, what="plan", weights_matter=False, device="meta" if random_timm(spec, args) else None)
     num_tokens, grid, described, fields = _input(lm, args.input_size)
-    if grid is None:
-        plan = api.plan(lm.model, args.budget, args.method, num_tokens=num_tokens)
-    else:  # planned on the image's patch grid, as a forward on it runs (pool needs the grid, not the count only)
-        plan = api._make_patch(lm.model, args.budget, args.method, None, True, {}).plan_for(num_tokens, grid)
+    # planned on the image's patch grid when --input-size gives one, as a forward on it runs (pool needs the grid)
+    patch = api._recipe_patch(rec, lm.model, budget, method or "merge", schedule, True, options)
+    plan = patch.plan_for(num_tokens, grid)
     if not described:
         described, fields = f"{plan.info.num_tokens} tokens", f"input_tokens={plan.info.num_tokens}"
     info(f"plan for {lm.name}, input {described}")
