@@ -383,6 +383,34 @@ def test_hooks_on_written_out_blocks_are_refused_when_compiled_too():
         tokenprune.remove(model)
 
 
+def test_a_copied_patched_model_compiles_and_refuses_hooks_on_its_own_blocks():
+    """The trace-time scan finds a patch through an int token (torch 2.11's Dynamo passes only constants to it; the
+    patch itself failed with "UserDefinedObjectVariable(Patch) is not a constant"). A deep copy (as pickling) gets a
+    token of its own: it compiles, and a hook on the copy's block is refused, one on the original's block is not."""
+    import copy
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    tokenprune.apply(model, budget=0.5, method="merge")
+    twin = copy.deepcopy(model)
+    assert twin._tokenprune_patch.scan_token != model._tokenprune_patch.scan_token
+    try:
+        h = model.blocks[1].register_forward_hook(lambda *a: None)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(twin, backend="eager", fullgraph=True)(x)
+            torch.testing.assert_close(compiled, twin(x), rtol=1e-5, atol=1e-5)
+        h.remove()
+        h = twin.blocks[3].register_forward_hook(lambda *a: None)
+        torch._dynamo.reset()
+        with torch.no_grad(), pytest.raises(Exception, match="hook is registered on block 3"):
+            torch.compile(twin, backend="eager", fullgraph=True)(x)
+        h.remove()
+    finally:
+        torch._dynamo.reset()
+
+
 def test_hooks_on_a_patched_model_loaded_in_another_process_are_refused(monkeypatch):
     """The hook scan is cached on the count of hook handles torch has made in this process
     (``RemovableHandle.next_id``). A patched model saved after a clean forward, with a hook set on a block since,

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from . import adapters, reducers, registry  # noqa: F401  (importing reducers registers the built-in ones)
 from .adapters.base import ORIGINAL
-from .engine import check_depth, mark_traced_scan
+from .engine import check_depth, traced_scan_token
 from .patch import (MODULE_ATTR, PATCH_ATTR, Patch, check_wrapper_for_apply, get_patch, is_applied,  # noqa: F401
                     unwrap)  # (get_patch, is_applied: public)
 from .plan import Plan, check_budget, check_schedule, schedule_budget
@@ -165,7 +165,7 @@ def _check_class_forward(model) -> None:
 
 def _install(model, patch) -> None:
     if patch.adapter.writes_blocks:
-        mark_traced_scan()
+        patch.scan_token = traced_scan_token(patch)
     patch.adapter.install(patch)
     setattr(model, PATCH_ATTR, patch)
     _attach_module(model, patch)

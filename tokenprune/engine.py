@@ -26,7 +26,9 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
 """
 from __future__ import annotations
 
+import itertools
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -200,20 +202,33 @@ def _hooked(patch, blocks):
     return None
 
 
-def _hooked_when_traced(patch, blocks):
-    """:func:`_hooked` while torch.compile traces a forward: run as plain Python at trace time, its answer a constant
-    of the graph (a hook set then is refused at compile time; like torch.compile itself, which does not guard on
-    module hooks, a hook added after compiling is not seen). Marked so by :func:`mark_traced_scan`."""
-    return _hooked(patch, blocks)
+def _hooked_when_traced(token: int):
+    """:func:`_hooked` of the patch registered under ``token`` (:func:`traced_scan_token`) and its adapter's blocks,
+    while torch.compile traces a forward: run as plain Python at trace time, its answer a constant of the graph (a
+    hook set then is refused at compile time; like torch.compile itself, which does not guard on module hooks, a hook
+    added after compiling is not seen). Marked so by :func:`traced_scan_token`. It takes an int, not the patch:
+    torch.compile (2.11) passes only Python constants to such a function."""
+    patch = _TRACED_SCANS[token]
+    return _hooked(patch, patch.adapter.written_blocks())
 
 
-def mark_traced_scan() -> None:
-    """Mark :func:`_hooked_when_traced` for torch.compile (``assume_constant_result``). Called by ``apply`` for adapters
-    that write blocks out, not at import: the marking imports ``torch._dynamo``, about a second (timm has imported
-    it by then anyway)."""
+# the patches of adapters that write their blocks out, by token (Patch.scan_token), for _hooked_when_traced; weak:
+# a removed patch leaves. Per patch, not per forward.
+_TRACED_SCANS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SCAN_TOKENS = itertools.count(1)
+
+
+def traced_scan_token(patch) -> int:
+    """Register ``patch`` for :func:`_hooked_when_traced` and return its token (``Patch.scan_token``). Called when a
+    patch of an adapter that writes blocks out is installed or unpickled. The first call marks that function for
+    torch.compile (``assume_constant_result``), not the import: the marking imports ``torch._dynamo``, about a
+    second (timm has imported it by then anyway)."""
     if not getattr(_hooked_when_traced, "_tokenprune_marked", False):
         torch.compiler.assume_constant_result(_hooked_when_traced)
         _hooked_when_traced._tokenprune_marked = True
+    token = next(_SCAN_TOKENS)
+    _TRACED_SCANS[token] = patch
+    return token
 
 
 def hooks_free(patch, blocks) -> bool:
@@ -233,7 +248,7 @@ def check_no_hooks(patch, blocks) -> None:
     regional compilation) would run uncompiled the same way: refused too (checked every eager forward: one dict
     lookup per block, no hook handle marks it)."""
     if torch.compiler.is_compiling():
-        where = _hooked_when_traced(patch, blocks)
+        where = _hooked_when_traced(patch.scan_token)
     else:
         for i, blk in enumerate(blocks):
             if blk.__dict__.get("_compiled_call_impl") is not None:

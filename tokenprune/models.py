@@ -32,7 +32,9 @@ def load_timm(name: str, weights: str | Path | None = None, num_classes: int | N
             weights = weights / "model.safetensors"
         if not weights.exists():
             raise FileNotFoundError(f"weights file {weights} does not exist")
-        overlay = dict(file=str(weights))
+        # custom_load off: a name whose hub weights are a JAX .npz (vit_small_patch16_224's augreg) made timm 1.0.29
+        # read the local safetensors / .pth file with that loader ("expected an original JAX/Flax NumPy .npz")
+        overlay = dict(file=str(weights), custom_load=str(weights).endswith(".npz"))
         if num_classes is not None:
             overlay["num_classes"] = num_classes
         if num_classes is not None:

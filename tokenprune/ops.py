@@ -99,12 +99,19 @@ def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Ten
     Samples keep different counts; the batch is padded to the largest count
     (rectangular), with padding slots marked invalid. Returns ``(idx, idx_valid)``.
     """
-    if torch.compiler.is_exporting():
+    exporting = torch.compiler.is_exporting()
+    if exporting and not torch.compiler.is_dynamo_compiling():  # torch.export's default (non-strict): no Dynamo
         raise RuntimeError("tokenprune: torch.export cannot record this reducer: the number of tokens it keeps "
                            "depends on the data (a score threshold). Export a method with a fixed count (e.g. "
                            "method='cls' without threshold=), use torch.compile, or export after "
                            "tokenprune.remove(model)")
-    if torch.compiler.is_compiling():  # the documented break; its message is fullgraph=True's error
+    if torch.compiler.is_compiling():
+        if exporting:  # strict export, or any torch.compile on torch 2.11 (its Dynamo answers True there): one message
+            raise RuntimeError("tokenprune: torch.compile(fullgraph=True) and torch.export cannot trace this reducer "
+                               "whole: the number of tokens it keeps depends on the data (a score threshold). Compile "
+                               "it without fullgraph=True (a graph break here), or use a method with a fixed count "
+                               "(e.g. method='cls' without threshold=), which also exports")
+        # the documented break; its message is fullgraph=True's error
         torch._dynamo.graph_break(msg="tokenprune: torch.compile(fullgraph=True) cannot trace this reducer without a "
                                   "graph break: the number of tokens it keeps depends on the data (a score "
                                   "threshold). Compile it without fullgraph=True, or use a method with a fixed count "

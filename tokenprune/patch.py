@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Mapping
 
-from .engine import Program
+from .engine import Program, traced_scan_token
 from .plan import Plan
 
 PATCH_ATTR = "_tokenprune"
@@ -29,12 +29,15 @@ class Patch:
         self.num_prefix = self.info.num_prefix
         self._programs: dict[tuple, Program] = {}  # per (input tokens, grid); filled once per input size
         self.hooks_clean_at = None  # engine.check_no_hooks: the hook-handle count at the last scan that found none
+        self.scan_token = None  # engine.traced_scan_token (adapters that write blocks out): set when installed
 
     def __setstate__(self, state):
         # unpickled (torch.load, deepcopy): the hook-handle count is another process's (or of the model as it was then),
-        # so the copy scans for hooks again at its first forward
+        # so the copy scans for hooks again at its first forward, and registers for the scan at trace time
         self.__dict__.update(state)
         self.hooks_clean_at = None
+        if self.__dict__.get("scan_token") is not None:
+            self.scan_token = traced_scan_token(self)
 
     def plan_for(self, num_tokens: int | None = None, grid=None) -> Plan:
         return self.program_for(num_tokens, grid).plan

@@ -146,6 +146,11 @@ class Adapter:
         :func:`engine.check_holders`, a few lookups per forward: return a tuple made once)."""
         return ()
 
+    def written_blocks(self):
+        """The blocks its forward hands to ``engine.run_blocks`` (``writes_blocks`` adapters: the hook scan while
+        torch.compile traces, ``engine._hooked_when_traced``, finds them here)."""
+        raise NotImplementedError(f"{type(self).__name__} writes its blocks out but does not name them")
+
     def grid_for(self, num_tokens: int):
         info = self.info()
         return info.grid if info.grid is not None and num_tokens == info.num_tokens else None

@@ -206,6 +206,9 @@ class OpenClipViTAdapter(Adapter):
         fwd = Forward(self.visual._tokenprune_patch)
         return self.visual._tokenprune_tokens(x, fwd), fwd.state
 
+    def written_blocks(self):
+        return self.visual.transformer.resblocks
+
     def install(self, patch) -> None:
         attach(self.visual, _Visual, patch)
 
