@@ -34,8 +34,11 @@ def _register_outputs(module) -> None:
     silently come back None."""
     reg = getattr(sys.modules.get("transformers.utils.output_capturing"), "_CAN_RECORD_REGISTRY", None)
     can = getattr(module, "_can_record_outputs", None)
-    if reg is not None and can is not None and not reg.get(module):
-        reg[module] = can
+    if reg is None or can is None:
+        return
+    key = str(type(module)) if type(reg) is dict else module  # transformers 5.17: a dict keyed on str(class)
+    if not reg.get(key):
+        reg[key] = can
 
 
 def swapped_class(mixin: type, orig: type) -> type:

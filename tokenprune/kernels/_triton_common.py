@@ -406,15 +406,10 @@ def _argmax_update(vals, cols, best, arg):
 # -- ToMe's matching (merge.py): metric rows, unit rows, cosine tiles, rows read through an order -----------------
 @triton.jit
 def _unit_rows(t):
-    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division). A zero
-    # dividend sends the IEEE division down its slow path (FCHK, a called subroutine per element): the masked-off
-    # lanes of a head dim off a power of two (SigLIP's 72 in 128 lanes) took it on every tile, _bm_best 34 us
-    # against 16 at head dim 128 (run 19: 128 with its last 56 columns zero took 34 too). Zeros divide 1 instead
-    # and are put back as they were (0 / n is 0, its sign kept): the same bits.
+    # rows scaled to unit norm in t's own dtype, like the references (norm rounded, then the division)
     tf = t.to(tl.float32)
     nrm = tl.sqrt(tl.sum(tf * tf, 1)).to(t.dtype).to(tl.float32)
-    zero = tf == 0.0
-    return tl.where(zero, tf, tl.where(zero, 1.0, tf) / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
+    return (tf / tl.maximum(nrm, 1e-6)[:, None]).to(t.dtype)
 
 
 @triton.jit
