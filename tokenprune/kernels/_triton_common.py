@@ -436,6 +436,8 @@ def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: t
             for h in range(h0 + 1, tl.minimum(h0 + 16, H)):
                 part += tl.load(ptrs + h * smh, mask=mask, other=0.0).to(tl.float32)
             tot += part
+    if H == 1:  # the mean of one head is the row itself (a division by 1 is exact): no IEEE division per element
+        return tot.to(m_row.dtype.element_ty)
     return tl.math.div_rn(tot, tot * 0.0 + H).to(m_row.dtype.element_ty)
 
 

@@ -208,12 +208,13 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
             row["local_ld_st"] = sass.count("LDL") + sass.count("STL")
             row["wide_loads"] = len(re.findall(r"\bLDG(?:STS)?\.E(?:\.BYPASS)?\.128\b", sass))
             row["narrow_loads"] = len(re.findall(r"\bLDG\.E\.(?:U16|16|U8|8)\b", sass))
+            row["div_checks"] = sass.count("FCHK")  # IEEE divisions' range checks: a called slow path where they flag
         rows.append(row)
         if verbose:
             print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
                   f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDGSTS {row.get('async_copies')}  "
                   f"LDL/STL {row.get('local_ld_st')}  16-byte / 2-byte loads {row.get('wide_loads')} / "
-                  f"{row.get('narrow_loads')}"
+                  f"{row.get('narrow_loads')}  FCHK {row.get('div_checks')}"
                   + ("  (sweep variant)" if sweep_only else ""))
     return rows
 
