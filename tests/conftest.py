@@ -290,3 +290,13 @@ def compiled_equals_eager(results, request, rtol=1e-5, atol=1e-5):
         raise got
     ref, out = got
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+
+
+def cache_of(out):
+    """The KV cache an HF output carries: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (5.17)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def cache_kw(out) -> dict:
+    """The keyword that passes ``out``'s cache back to a model or ``generate`` under the same transformers."""
+    return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokenprune
+from conftest import cache_kw, cache_of  # transformers' two cache names
 
 torch.set_num_threads(1)
 
@@ -458,13 +459,13 @@ def test_continuing_generate_from_a_pruned_cache(llava):
         out = llava.generate(input_ids=ids, pixel_values=pv, return_dict_in_generate=True, **GEN)
         turn = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
         with pytest.raises(ValueError, match="pixel_values"):
-            llava.generate(input_ids=turn, cache=out.cache, **GEN)
+            llava.generate(input_ids=turn, **cache_kw(out), **GEN)
         fresh = llava.generate(input_ids=turn, pixel_values=pv, **GEN)
-        again = llava.generate(input_ids=turn, pixel_values=pv, cache=out.cache, **GEN)
+        again = llava.generate(input_ids=turn, pixel_values=pv, **cache_kw(out), **GEN)
         # text-only prompts with a cache are the model's own path
         text = torch.tensor([[1, 5, 6, 7]])
         t1 = llava.generate(input_ids=text, return_dict_in_generate=True, **GEN)
-        t2 = llava.generate(input_ids=torch.cat([t1.sequences, text], 1), cache=t1.cache, **GEN)
+        t2 = llava.generate(input_ids=torch.cat([t1.sequences, text], 1), **cache_kw(t1), **GEN)
     assert torch.equal(again, fresh)
     assert t2.shape[1] == 2 * text.shape[1] + 2 * GEN["max_new_tokens"]
 
@@ -521,7 +522,7 @@ def test_cached_step_with_a_mask_grown_from_the_original_prompt_is_refused(llava
         out = llava(input_ids=rows, pixel_values=pv.repeat(2, 1, 1, 1), attention_mask=mask, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         with pytest.raises(ValueError, match="PRUNED prompt"):
-            llava(input_ids=nxt, cache=out.cache, attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
-        past = out.cache.get_seq_length()
-        step = llava(input_ids=nxt, cache=out.cache, attention_mask=torch.ones(2, past + 1).long())
+            llava(input_ids=nxt, **cache_kw(out), attention_mask=torch.cat([mask, torch.ones(2, 1).long()], 1))
+        past = cache_of(out).get_seq_length()
+        step = llava(input_ids=nxt, **cache_kw(out), attention_mask=torch.ones(2, past + 1).long())
     assert torch.allclose(step.logits[:, -1], gen.scores[1][0].expand(2, -1), atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokenprune
+from conftest import cache_kw  # transformers' two cache names
 
 torch.set_num_threads(1)
 
@@ -408,7 +409,7 @@ def test_forward_then_cached_step_continues_at_the_unpruned_positions(models, ki
         m(**_inputs(((1, 4, 8),)))  # an unrelated earlier call: its rope_deltas must not be used
         out = m(**inp, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        step = m(input_ids=nxt, cache=out.cache, use_cache=True)
+        step = m(input_ids=nxt, **cache_kw(out), use_cache=True)
     assert torch.equal(nxt[0, 0], gen.sequences[0, inp["input_ids"].shape[1]])
     assert torch.allclose(step.logits[0, -1], gen.scores[1][0], atol=1e-5)
 
@@ -425,7 +426,7 @@ def test_continuing_generate_from_a_pruned_cache_with_the_images_again(models, k
         ids = torch.cat([out.sequences, torch.tensor([[20, 21, 22]])], 1)
         turn = dict(inp, input_ids=ids, mm_token_type_ids=(ids == IMG).int())
         fresh = m.generate(**turn, **GEN)
-        again = m.generate(**turn, cache=out.cache, **GEN)
+        again = m.generate(**turn, **cache_kw(out), **GEN)
         with pytest.raises(ValueError, match="pixel_values"):
-            m.generate(input_ids=ids, cache=out.cache, **GEN)
+            m.generate(input_ids=ids, **cache_kw(out), **GEN)
     assert torch.equal(again, fresh)

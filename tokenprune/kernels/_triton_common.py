@@ -438,7 +438,10 @@ def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: t
             tot += part
     if H == 1:  # the mean of one head is the row itself (a division by 1 is exact): no IEEE division per element
         return tot.to(m_row.dtype.element_ty)
-    return tl.math.div_rn(tot, tot * 0.0 + H).to(m_row.dtype.element_ty)
+    # a zero dividend takes the IEEE division's slow path: the masked-off lanes (a head dim off a power of two)
+    # divide H instead and are 0 again after (the same bits)
+    h = tot * 0.0 + H
+    return tl.where(mask, tl.math.div_rn(tl.where(mask, tot, h), h), 0.0).to(m_row.dtype.element_ty)
 
 
 @triton.jit
