@@ -151,8 +151,9 @@ class Adapter:
 
     def written_blocks(self):
         """The blocks its forward hands to ``engine.run_blocks`` (``writes_blocks`` adapters: the hook scan while
-        torch.compile traces, ``engine._hooked_when_traced``, finds them here)."""
-        raise NotImplementedError(f"{type(self).__name__} writes its blocks out but does not name them")
+        torch.compile traces, ``engine._hooked_when_traced``, finds them here); timm's layout, ``model.blocks``, unless
+        the adapter says otherwise (open_clip)."""
+        return self.model.blocks
 
     def grid_for(self, num_tokens: int):
         info = self.info()

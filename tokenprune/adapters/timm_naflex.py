@@ -222,9 +222,6 @@ class TimmNaFlexAdapter(Adapter):
         fwd = Forward(self.model._tokenprune_patch)
         return self.model._tokenprune_features(fwd, x, patch_coord, patch_valid), fwd.state
 
-    def written_blocks(self):
-        return self.model.blocks
-
     def install(self, patch) -> None:
         if self.model.rope is not None and not patch.track_source:
             raise ValueError("tokenprune: rotary positions follow the source map of the kept tokens; this NaFlexVit "

@@ -309,9 +309,6 @@ class TimmViTAdapter(PatchEmbedGrid, Adapter):
         fwd = Forward(self.model._tokenprune_patch)
         return self.model._tokenprune_features(x, fwd), fwd.state
 
-    def written_blocks(self):
-        return self.model.blocks
-
     def install(self, patch) -> None:
         attach(self.model, _Model, patch)
 
