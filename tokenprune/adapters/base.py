@@ -136,18 +136,23 @@ class Adapter:
         where a reducer's placement "auto" puts them): ``mid_block`` unless the adapter says otherwise."""
         return self.mid_block
 
+    # what shell_blocks() / block_holders() return: adapters set them once at __init__ (named_holders), as the hook
+    # checks read them every forward
+    _shells: tuple = ()
+    _holders: tuple = ()
+
     def shell_blocks(self) -> tuple:
         """``(name, module)`` of blocks that the patched forward writes out while calling their submodules through
         ``nn.Module.__call__`` (HF ViT / DINOv2 / DINOv3 layers): hooks on those submodules run, a hook on the block
         itself would not, so it is refused (:func:`engine.check_holders`)."""
-        return ()
+        return self._shells
 
     def block_holders(self) -> tuple:
         """``(name, module)`` of the modules holding the blocks that the unpatched forward calls and the patched one
         does not (it runs the blocks itself): a hook there would not run, so the forward refuses it
         (``writes_blocks`` adapters: with the blocks', :func:`engine.check_no_hooks`; others:
-        :func:`engine.check_holders`, a few lookups per forward: return a tuple made once)."""
-        return ()
+        :func:`engine.check_holders`, a few lookups per forward)."""
+        return self._holders
 
     def written_blocks(self):
         """The blocks its forward hands to ``engine.run_blocks`` (``writes_blocks`` adapters: the hook scan while

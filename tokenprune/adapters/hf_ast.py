@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, attach, detach, has_class
+from .base import Adapter, attach, detach, has_class, named_holders
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
@@ -80,9 +80,6 @@ class HFASTAdapter(Adapter):
         return EncoderInfo(depth=len(_layers(self.ast)), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=2, num_tokens=grid[0] * grid[1], mlp_hidden=c.intermediate_size, grid=grid,
                            has_cls=True, family=self.family)
-
-    def block_holders(self) -> tuple:
-        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()

@@ -146,9 +146,6 @@ class HFClipAdapter(Adapter):
                            num_prefix=p, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=not self.siglip, family=self.family)
 
-    def block_holders(self) -> tuple:
-        return self._holders
-
     def grid_for(self, num_tokens: int):
         grid = self.info().grid
         return grid if math.prod(grid) == num_tokens else None

@@ -21,7 +21,7 @@ import math
 from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, named_holders, restore_class, swap_class
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _PARTS = ("norm1", "attention", "layer_scale1", "drop_path", "norm2", "mlp", "layer_scale2")
@@ -121,12 +121,6 @@ class HFDinov3Adapter(Adapter):
         return EncoderInfo(depth=len(self.model.model.layer), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=1 + int(c.num_register_tokens or 0), num_tokens=math.prod(grid),
                            mlp_hidden=hidden, grid=grid, has_cls=True, family=self.family)
-
-    def block_holders(self) -> tuple:
-        return self._holders
-
-    def shell_blocks(self) -> tuple:
-        return self._shells
 
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.model.config.patch_size)

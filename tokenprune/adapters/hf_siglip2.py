@@ -28,7 +28,7 @@ import torch
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, has_class, image_grid, restore_class, swap_class
+from .base import Adapter, has_class, image_grid, named_holders, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import grids_read_on_host, run_mixed
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
@@ -120,9 +120,6 @@ class HFSiglip2Adapter(Adapter):
         return EncoderInfo(depth=len(self.tower.encoder.layers), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=0, num_tokens=side * side, mlp_hidden=c.intermediate_size, grid=(side, side),
                            has_cls=False, family=self.family)
-
-    def block_holders(self) -> tuple:
-        return self._holders
 
     def input_grid(self, input_shape):
         """The patch grid of an image of ``input_shape`` (``(..., H, W)`` pixels, as its ``spatial_shapes`` row)."""

@@ -29,7 +29,7 @@ import torch
 
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, attach, detach, has_class
+from .base import Adapter, attach, detach, has_class, named_holders
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 _CLASSES = ("Wav2Vec2Model", "HubertModel")
@@ -127,9 +127,6 @@ class HFSpeechAdapter(Adapter):
 
     def grid_for(self, num_tokens: int):
         return (1, num_tokens)
-
-    def block_holders(self) -> tuple:
-        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from .. import ops
 from ..engine import Forward
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, attach, detach, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, named_holders, restore_class, swap_class
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned, run
 
 
@@ -110,9 +110,6 @@ class HFVideoMAEAdapter(Adapter):
         return EncoderInfo(depth=len(self.videomae.encoder.layer), dim=c.hidden_size,
                            num_heads=c.num_attention_heads, num_prefix=0, num_tokens=grid[0] * grid[1] * grid[2],
                            mlp_hidden=c.intermediate_size, grid=grid, has_cls=False, family=self.family)
-
-    def block_holders(self) -> tuple:
-        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()

@@ -31,7 +31,7 @@ import torch
 from .. import ops
 from ..engine import Forward, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, attach, detach, has_class, image_grid
+from .base import Adapter, attach, detach, has_class, image_grid, named_holders
 from .hf_common import AttentionRouting, SaveAsOriginal, no_extra_kwargs, returned
 
 _BASES = ("ViTModel", "Dinov2Model", "Dinov2WithRegistersModel")
@@ -180,12 +180,6 @@ class HFViTAdapter(Adapter):
         return EncoderInfo(depth=len(_layers(self.base)), dim=c.hidden_size, num_heads=c.num_attention_heads,
                            num_prefix=1 + int(getattr(c, "num_register_tokens", 0) or 0), num_tokens=grid[0] * grid[1],
                            mlp_hidden=hidden, grid=grid, has_cls=True, family=self.family)
-
-    def block_holders(self) -> tuple:
-        return self._holders
-
-    def shell_blocks(self) -> tuple:
-        return self._shells
 
     def input_grid(self, input_shape):
         return image_grid(input_shape, self.base.config.patch_size)

@@ -43,7 +43,7 @@ from torch import nn
 from .. import ops
 from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
-from .base import Adapter, named_holders, attach, detach, has_class, restore_class, swap_class
+from .base import Adapter, attach, detach, has_class, named_holders, restore_class, swap_class
 from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, bias_for, block_fn, no_extra_kwargs, returned
 
 BIAS_KEY = "tokenprune_key_bias"
@@ -258,9 +258,6 @@ class WhisperAdapter(Adapter):
 
     def grid_for(self, num_tokens: int):
         return (1, num_tokens)
-
-    def block_holders(self) -> tuple:
-        return self._holders
 
     def check(self, reducer) -> None:
         self._routing.check()
