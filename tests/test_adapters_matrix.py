@@ -377,6 +377,17 @@ def test_whisper_generate_with_fewer_cross_attention_keys():
         hook.remove()
 
 
+def _unpatched_then_at_budget_1(model, run):
+    """``(run(), run())``: the unpatched model's result, then the same call with ``model`` patched at budget 1.0
+    (merge: nothing reduced), the patch removed after."""
+    ref = run()
+    tokenprune.apply(model, 1.0, "merge")
+    try:
+        return ref, run()
+    finally:
+        tokenprune.remove(model)
+
+
 def _assert_written_equals_transformers(fam, model, x, monkeypatch, methods):
     """For each ``(method, options)`` at budget 0.5: the Whisper encoder with its layers written out gives the same
     outputs, bit for bit, as with every layer called through transformers (``whisper._layer`` replaced by ``_CALL``)."""
@@ -444,12 +455,7 @@ def test_whisper_written_out_layer_keeps_a_custom_activation():
     model, x = fam["model"], fam["x"]
     model.model.encoder.layers[1].activation_fn = ScaledGELU()
     with torch.no_grad():
-        ref = fam["out"](model, x)
-        tokenprune.apply(model, 1.0, "merge")
-        try:
-            got = fam["out"](model, x)
-        finally:
-            tokenprune.remove(model)
+        ref, got = _unpatched_then_at_budget_1(model, lambda: fam["out"](model, x))
     assert torch.equal(got, ref)
 
 
@@ -498,12 +504,7 @@ def test_whisper_written_out_layers_run_an_instance_forward(where):
 
     mod.forward = doubled
     with torch.no_grad():
-        ref = fam["out"](model, x)
-        tokenprune.apply(model, 1.0, "merge")
-        try:
-            got = fam["out"](model, x)
-        finally:
-            tokenprune.remove(model)
+        ref, got = _unpatched_then_at_budget_1(model, lambda: fam["out"](model, x))
     assert torch.equal(got, ref)
 
 
@@ -521,15 +522,13 @@ def test_whisper_written_out_layers_keep_a_layer_in_training_mode(where):
     layer = model.model.encoder.layers[1]
     (layer if where == "layer" else layer.self_attn).train()
     dec = torch.tensor([[1, 5, 7], [1, 5, 7]])
+
+    def run():
+        torch.manual_seed(1)  # the same dropout masks in both calls
+        return model(input_features=x, decoder_input_ids=dec).logits
+
     with torch.no_grad():
-        torch.manual_seed(1)
-        ref = model(input_features=x, decoder_input_ids=dec).logits
-        tokenprune.apply(model, 1.0, "merge")
-        try:
-            torch.manual_seed(1)
-            got = model(input_features=x, decoder_input_ids=dec).logits
-        finally:
-            tokenprune.remove(model)
+        ref, got = _unpatched_then_at_budget_1(model, run)
     assert torch.equal(got, ref)
 
 
@@ -553,12 +552,7 @@ def test_whisper_global_backward_hooks_run_on_the_layers():
             handle.remove()
         return sorted(seen), inp.grad
 
-    ref = run()
-    tokenprune.apply(enc, 1.0, "merge")
-    try:
-        got = run()
-    finally:
-        tokenprune.remove(enc)
+    ref, got = _unpatched_then_at_budget_1(enc, run)
     assert got[0] == ref[0] and torch.equal(got[1], ref[1])
 
 
@@ -576,14 +570,12 @@ def test_whisper_layers_compiled_in_place_stay_compiled():
         layer.compile(backend=backend)
     torch._dynamo.reset()
     try:
+        def run():
+            graph_calls.clear()  # left with the patched call's graph calls
+            return fam["out"](model, x)
+
         with torch.no_grad():
-            ref = fam["out"](model, x)
-            tokenprune.apply(model, 1.0, "merge")
-            try:
-                graph_calls.clear()
-                got = fam["out"](model, x)
-            finally:
-                tokenprune.remove(model)
+            ref, got = _unpatched_then_at_budget_1(model, run)
     finally:
         torch._dynamo.reset()
     assert len(graph_calls) >= len(model.model.encoder.layers) and torch.equal(got, ref)
@@ -596,12 +588,8 @@ def test_whisper_under_autocast_equals_unpatched_at_budget_1():
     fam = make_whisper()
     model, x = fam["model"], fam["x"]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, ref_enc = fam["out"](model, x), fam["tokens"](model, x)
-        tokenprune.apply(model, 1.0, "merge")
-        try:
-            got, got_enc = fam["out"](model, x), fam["tokens"](model, x)
-        finally:
-            tokenprune.remove(model)
+        (ref, ref_enc), (got, got_enc) = _unpatched_then_at_budget_1(
+            model, lambda: (fam["out"](model, x), fam["tokens"](model, x)))
     assert got_enc.dtype == ref_enc.dtype and torch.equal(got_enc, ref_enc)
     assert torch.equal(got, ref)
 
