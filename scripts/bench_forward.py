@@ -747,6 +747,99 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
         print(json.dumps(row), flush=True)
 
 
+def configs_b(out: Path, smoke: bool, repeats: int):
+    """GPU: launch-constant sweeps of the batch-1 ViT-B reduction steps that cost more than they save under CUDA
+    graphs (run 27: apet 0.851x, merge 0.898x at ``reduce-overhead``). ApET's three stages (196 -> 123 -> 78 -> 49
+    tokens, C 768, k 10) through ``kernels.apet_step`` with other warps / tiles per kernel, and the one-launch merge
+    step (head dim 64, mean given) with other warps / column tiles: graph-replay time of the step, each kernel's GPU
+    time, and whether the output is bit-equal to the default's."""
+    from tokenprune import kernels
+    from tokenprune.cuda import graphed
+    from tokenprune.kernels import apet as ka, merge as km
+
+    def over(fn, **kw):  # a config function whose launch constants are replaced by kw
+        def f(*a):
+            r = fn(*a)
+            d = r if isinstance(r, dict) else r[-1]
+            d.update(kw)
+            return r
+        return f
+
+    c, k = (32, 4) if smoke else (768, 10)
+    apet_shapes = [(196, 123), (123, 78), (78, 49)] if not smoke else [(40, 24)]
+    apet_variants = [("default", {}), ("stage_w1", {"_stage_config": dict(num_warps=1)}),
+                     ("stage_w2", {"_stage_config": dict(num_warps=2)}), ("stage_w4", {"_stage_config": dict(num_warps=4)}),
+                     ("gram_64", {"_gram_config": dict(BM=64, num_warps=4)}),
+                     ("gram_64_k64", {"_gram_config": dict(BM=64, BK=64, num_warps=4)}),
+                     ("assign_w2", {"_assign_config": dict(num_warps=2)}), ("assign_w4", {"_assign_config": dict(num_warps=4)}),
+                     ("merge_w2", {"_merge_config": dict(num_warps=2)}), ("merge_w8", {"_merge_config": dict(num_warps=8)})]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    saved = {n: getattr(ka, n) for n in ("_stage_config", "_gram_config", "_assign_config", "_merge_config")}
+    for n, keep in apet_shapes:
+        x = torch.randn(1, 1 + n, c, generator=g).to(DEV, DTYPE)
+        sizes = torch.ones(1, 1 + n, device=DEV)
+        source = torch.arange(1 + n, device=DEV)[None]
+        ref = None
+        for name, patch in apet_variants:
+            for fn_name, kw in patch.items():
+                setattr(ka, fn_name, over(saved[fn_name], **kw))
+            ka._PLANS.clear()
+            row = dict(case="configs_b", step="apet", variant=name, tokens=n, keep=keep)
+            try:
+                with torch.inference_mode():
+                    step = lambda: kernels.apet_step(x, sizes, source, 1, k, keep)  # noqa: E731
+                    o = step()
+                    ref = ref if ref is not None else o
+                    row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if a is not None)
+                    if DEV == "cuda":
+                        row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                        for e in profiled(lambda _: step(), None, calls=20).key_averages():
+                            if e.key.startswith("_") and e.count:
+                                row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
+            except Exception as e:  # a config that does not build: say so, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            finally:
+                for fn_name in saved:
+                    setattr(ka, fn_name, saved[fn_name])
+                ka._PLANS.clear()
+            ROWS.append(row)
+            print(json.dumps(row), flush=True)
+    d = 16 if smoke else 64
+    merge_shapes_b = [(197, 14), (102, 13)] if not smoke else [(41, 4)]
+    merge_variants = [("default", {}), ("w4", {"MERGE_STEP_WARPS": 4}), ("w2", {"MERGE_STEP_WARPS": 2}),
+                      ("pps2", {"MERGE_STEP_PROGRAMS_PER_SM": 2}), ("bc16", {"MERGE_STEP_BC": 16}),
+                      ("w4_pps2", {"MERGE_STEP_WARPS": 4, "MERGE_STEP_PROGRAMS_PER_SM": 2})]
+    for t, r in merge_shapes_b:
+        x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
+        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
+        sizes = torch.ones(1, t, device=DEV)
+        source = torch.arange(t, device=DEV)[None]
+        ref = None
+        for name, consts in merge_variants:
+            old = {n: getattr(km, n) for n in consts}
+            for n_, v in consts.items():
+                setattr(km, n_, v)
+            row = dict(case="configs_b", step="merge", variant=name, tokens=t, r=r)
+            try:
+                with torch.inference_mode():
+                    step = lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True)  # noqa: E731
+                    o = step()
+                    ref = ref if ref is not None else o
+                    row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
+                    if DEV == "cuda":
+                        row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                        for e in profiled(lambda _: step(), None, calls=20).key_averages():
+                            if e.key.startswith("_") and e.count:
+                                row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            finally:
+                for n_, v in old.items():
+                    setattr(km, n_, v)
+            ROWS.append(row)
+            print(json.dumps(row), flush=True)
+
+
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
     four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
@@ -886,6 +979,8 @@ def main():
         kernels.KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = default_max
     if "merge_shapes" in parts:
         merge_shapes(args.out, args.smoke, reps)
+    if "configs_b" in parts:  # launch-constant sweeps of ViT-B's batch-1 apet stages and merge step
+        configs_b(args.out, args.smoke, reps)
     if "check32" in parts:
         check_fp32(args.smoke)
     if "check32_whisper" in parts:  # fp16 reduce-overhead rows above differ from eager by O(1): flips, or a bug?
@@ -932,7 +1027,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
