@@ -765,6 +765,23 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             return r
         return f
 
+    def timed(row, step, ref):  # the step's output against ref (the default's), graph-replay and kernel times
+        try:
+            with torch.inference_mode():
+                o = step()
+                ref = ref if ref is not None else o
+                row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
+                if DEV == "cuda":
+                    row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                    for e in profiled(lambda _: step(), None, calls=20).key_averages():
+                        if e.key.startswith("_") and e.count:
+                            row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
+        except Exception as e:  # a config that does not build: say so, go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        ROWS.append(row)
+        print(json.dumps(row), flush=True)
+        return ref
+
     c, k = (32, 4) if smoke else (768, 10)
     apet_shapes = [(196, 123), (123, 78), (78, 49)] if not smoke else [(40, 24)]
     apet_variants = [("default", {}), ("stage_w1", {"_stage_config": dict(num_warps=1)}),
@@ -786,24 +803,11 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             ka._PLANS.clear()
             row = dict(case="configs_b", step="apet", variant=name, tokens=n, keep=keep)
             try:
-                with torch.inference_mode():
-                    step = lambda: kernels.apet_step(x, sizes, source, 1, k, keep)  # noqa: E731
-                    o = step()
-                    ref = ref if ref is not None else o
-                    row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if a is not None)
-                    if DEV == "cuda":
-                        row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
-                        for e in profiled(lambda _: step(), None, calls=20).key_averages():
-                            if e.key.startswith("_") and e.count:
-                                row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
-            except Exception as e:  # a config that does not build: say so, go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                ref = timed(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep), ref)
             finally:
                 for fn_name in saved:
                     setattr(ka, fn_name, saved[fn_name])
                 ka._PLANS.clear()
-            ROWS.append(row)
-            print(json.dumps(row), flush=True)
     d = 16 if smoke else 64
     merge_shapes_b = [(197, 14), (102, 13)] if not smoke else [(41, 4)]
     merge_variants = [("default", {}), ("w4", {"MERGE_STEP_WARPS": 4}), ("w2", {"MERGE_STEP_WARPS": 2}),
@@ -821,23 +825,10 @@ def configs_b(out: Path, smoke: bool, repeats: int):
                 setattr(km, n_, v)
             row = dict(case="configs_b", step="merge", variant=name, tokens=t, r=r)
             try:
-                with torch.inference_mode():
-                    step = lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True)  # noqa: E731
-                    o = step()
-                    ref = ref if ref is not None else o
-                    row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
-                    if DEV == "cuda":
-                        row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
-                        for e in profiled(lambda _: step(), None, calls=20).key_averages():
-                            if e.key.startswith("_") and e.count:
-                                row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                ref = timed(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True), ref)
             finally:
                 for n_, v in old.items():
                     setattr(km, n_, v)
-            ROWS.append(row)
-            print(json.dumps(row), flush=True)
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
