@@ -155,9 +155,10 @@ def record(**row):
     print(json.dumps(row), flush=True)
 
 
-def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=2, tag=None):
+def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
-    interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run)."""
+    interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 5 at
+    batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above."""
     import copy
 
     m, x = model_and_input(case, bs, smoke)
@@ -189,7 +190,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             # parts whose compiles ran past 170 s on a fresh machine, with nothing printed)
             print(f"# {case} bs {bs} {mode} {variant[0]}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
             entries.append(dict(variant=variant[0], run=run, fn=fn, plan=plan, err=err, ms=[]))
-        for _ in range(rounds):
+        for _ in range(rounds or (5 if bs == 1 else 2)):
             for e in entries:
                 with torch.inference_mode():
                     e["ms"].append(timed(e["run"], x, repeats))
