@@ -794,9 +794,12 @@ def configs_b(out: Path, smoke: bool, repeats: int):
     g = torch.Generator(device="cpu").manual_seed(0)
     saved = {n: getattr(ka, n) for n in ("_stage_config", "_gram_config", "_assign_config", "_merge_config")}
     for n, keep in apet_shapes:
+        # as in a forward: no sizes before the first stage, a source map over the input's tokens, and the size
+        # bound (run 28 left it out: _apet_merge then took its float32 path, not the forward's fp16 one)
+        n0 = apet_shapes[0][0]
         x = torch.randn(1, 1 + n, c, generator=g).to(DEV, DTYPE)
-        sizes = torch.ones(1, 1 + n, device=DEV)
-        source = torch.arange(1 + n, device=DEV)[None]
+        sizes = None if n == n0 else torch.ones(1, 1 + n, device=DEV)
+        source = (torch.arange(n0, device=DEV) % n + 1)[None]
         ref = None
         for name, patch in apet_variants:
             for fn_name, kw in patch.items():
@@ -804,7 +807,7 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             ka._PLANS.clear()
             row = dict(case="configs_b", step="apet", variant=name, tokens=n, keep=keep)
             try:
-                ref = timed(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep), ref)
+                ref = timed(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep, max_size=1 + n0), ref)
             finally:
                 for fn_name in saved:
                     setattr(ka, fn_name, saved[fn_name])
