@@ -300,3 +300,26 @@ def cache_of(out):
 def cache_kw(out) -> dict:
     """The keyword that passes ``out``'s cache back to a model or ``generate`` under the same transformers."""
     return {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
+
+
+class SDPASpy:
+    """Counts calls of ``F.scaled_dot_product_attention``; the ``eager_attention_forward`` of each module named in
+    ``eager_modules`` (None, one name or several) raises if it is ever entered (the fused path must stay fused)."""
+
+    def __init__(self, monkeypatch, eager_modules=None):
+        import torch
+
+        self.calls = 0
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        def boom(*a, **k):
+            raise AssertionError("eager attention was called")
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        names = [eager_modules] if isinstance(eager_modules, str) else list(eager_modules or ())
+        for name in names:
+            monkeypatch.setattr(importlib.import_module(name), "eager_attention_forward", boom)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import tokenprune
 from tokenprune.plan import keep_count
 
+from conftest import SDPASpy
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -185,29 +187,6 @@ def _methods():
     return [m for m in tokenprune.methods() if m not in SKIP]
 
 
-class _SDPASpy:
-    """Counts SDPA calls; makes the family's eager attention function fail loudly."""
-
-    def __init__(self, monkeypatch, eager_module):
-        self.calls = 0
-        real = F.scaled_dot_product_attention
-
-        def spy(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        if eager_module is not None:
-            import importlib
-
-            mod = importlib.import_module(eager_module)
-
-            def boom(*a, **k):
-                raise AssertionError("eager attention was called")
-
-            monkeypatch.setattr(mod, "eager_attention_forward", boom)
-
-
 def _class_map(model):
     return {name: type(mod) for name, mod in model.named_modules()}
 
@@ -220,7 +199,7 @@ def test_matrix(family, monkeypatch):
     with torch.no_grad():
         ref = fam["out"](model, x)
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    spy = _SDPASpy(monkeypatch, fam["eager"])
+    spy = SDPASpy(monkeypatch, fam["eager"])
     ran = 0
     for method in _methods():
         for budget in BUDGETS:

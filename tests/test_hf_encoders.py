@@ -9,18 +9,16 @@ the heads that average tokens weight them by size. WavLM is refused with the rea
 """
 from __future__ import annotations
 
-import importlib
 import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tokenprune
 from tokenprune.plan import keep_count
 from tokenprune.reducers.pool import pooled_grid
 
-from conftest import compile_cases, compiled_equals_eager
+from conftest import SDPASpy, compile_cases, compiled_equals_eager
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,25 +165,6 @@ FAMILIES = {"vit": make_vit, "dinov2": make_dinov2, "dinov2_reg": make_dinov2_re
 HEADS = [f for f in FAMILIES if f not in ("vit", "dinov3", "wav2vec2", "wav2vec2_stable", "hubert")]
 
 
-class _Spy:
-    """Counts SDPA calls; the families' ``eager_attention_forward`` raises if it is ever entered."""
-
-    def __init__(self, monkeypatch, modules):
-        self.calls = 0
-        real = F.scaled_dot_product_attention
-
-        def spy(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
-
-        def boom(*a, **k):
-            raise AssertionError("eager attention was called")
-
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-        for name in modules:
-            monkeypatch.setattr(importlib.import_module(name), "eager_attention_forward", boom)
-
-
 def _snapshot(model):
     classes = {name: type(mod) for name, mod in model.named_modules()}
     impls = {name: mod.config.__dict__.get("_attn_implementation_internal")
@@ -214,7 +193,7 @@ def test_counts_sdpa_and_exact_remove(family, monkeypatch):
     before = _snapshot(model)
     with torch.no_grad():
         ref = fam["out"](model, x)
-    spy = _Spy(monkeypatch, fam["eager"])
+    spy = SDPASpy(monkeypatch, fam["eager"])
     for method, kw in METHODS:
         for budget in BUDGETS:
             tokenprune.apply(model, budget, method, **kw)

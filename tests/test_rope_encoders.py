@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tokenprune
 from tokenprune.plan import keep_count
 from tokenprune.state import TokenState
 
-from conftest import compile_cases, compiled_equals_eager
+from conftest import SDPASpy, compile_cases, compiled_equals_eager
 
 timm = pytest.importorskip("timm")
 
@@ -174,17 +173,12 @@ def _families():
 FAMILIES = _families()
 
 
-class _Spy:
+class _Spy(SDPASpy):
     def __init__(self, monkeypatch):
         from timm.layers.attention import AttentionRope
         from timm.models.eva import EvaAttention
 
-        self.calls = 0
-        real = F.scaled_dot_product_attention
-
-        def spy(*a, **k):
-            self.calls += 1
-            return real(*a, **k)
+        super().__init__(monkeypatch)
 
         def boom(cls):
             def forward(*a, **k):
@@ -193,7 +187,6 @@ class _Spy:
             forward.__qualname__, forward.__module__ = cls.forward.__qualname__, cls.forward.__module__
             return forward
 
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
         monkeypatch.setattr(EvaAttention, "forward", boom(EvaAttention))
         monkeypatch.setattr(AttentionRope, "forward", boom(AttentionRope))
 
