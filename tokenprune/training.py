@@ -245,10 +245,7 @@ def linear_attention_parameters(model) -> list[torch.nn.Parameter]:
     if not getattr(patch.reducer, "uses_attention_kernel", False):
         raise ValueError(f"fine-tuning linear attention needs a model patched with method='maelre' (or a pipeline "
                          f"containing it); this one is patched with {getattr(patch, 'method', patch.reducer.name)!r}")
-    blocks = getattr(patch.adapter, "blocks", None)
-    blocks = blocks() if callable(blocks) else blocks
-    if blocks is None:
-        blocks = getattr(model, "blocks", None)
+    blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"tokenprune.training fine-tunes timm image models (model.blocks, forward_features / forward_head); "
                         f"for this {type(model).__name__}, train the attention of the blocks that "
