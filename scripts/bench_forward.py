@@ -721,13 +721,18 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
               ("siglip_d80", 729, 80, 1152, 24), ("siglip_d128", 729, 128, 1152, 24),
               ("whisper_r25", 1500, 64, 1280, 25), ("whisper_d72", 1500, 72, 1280, 25), ("siglip_n364", 364, 72, 1152, 24),
               # head dim 128 whose last 56 columns are zero: what the padded key mean of head dim 72 hands the kernels
-              ("siglip_d128_zero56", 729, 128, 1152, 24)]
+              ("siglip_d128_zero56", 729, 128, 1152, 24),
+              # the keys per head, as eager batch-1 calls hand them (the kernels average the heads: the division by H)
+              ("whisper_heads20", 1500, 64, 1280, 25, 20), ("siglip_heads16", 729, 72, 1152, 24, 16)]
     if smoke:
-        shapes = [(n, 64, d // 4 if d % 4 == 0 else 16, 32, 8) for n, _, d, _, _ in shapes[:2]]
+        shapes = [(n, 64, d // 4 if d % 4 == 0 else 16, 32, 8, *h) for n, _, d, _, _, *h in shapes[:2] + shapes[-1:]]
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name, t, d, c, r in shapes:
+    for name, t, d, c, r, *heads in shapes:
         x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
-        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
+        if heads:  # a strided view of a [B, T, 3, H, d] qkv output, as a block hands the keys over
+            m = torch.randn(1, t, 3, heads[0], d, generator=g).to(DEV, DTYPE).permute(2, 0, 3, 1, 4)[1]
+        else:
+            m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
         if name.endswith("_zero56"):
             m[..., 72:] = 0
         with torch.inference_mode():
@@ -735,7 +740,8 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
             sizes = torch.ones(1, t, device=DEV)
             source = torch.arange(t, device=DEV)[None]
             on_gpu = DEV == "cuda" and kernels.use_triton(x) and kernels.merge_step_fits(t, r)
-            row = dict(case="merge_shapes", shape=name, tokens=t, head_dim=d, width=c, r=r, kernels=on_gpu)
+            row = dict(case="merge_shapes", shape=name, tokens=t, head_dim=d, width=c, r=r, kernels=on_gpu,
+                       heads=heads[0] if heads else 1)
             if on_gpu:
                 step = lambda: kernels.merge_step(x, m, sizes, source, 0, r, False, t, True)  # noqa: E731
                 row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)

@@ -299,6 +299,48 @@ def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
     assert torch.allclose(b_on, b_off, rtol=1e-3, atol=1e-6)
 
 
+def _head_mean_kernel(m_ptr, o_ptr, N, D, smn, smh, H: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    # the merge kernels' key mean (_metric_rows) of rows pid * BN.. over H heads, stored [N, D]
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    mask = (rows[:, None] < N) & (offs_d[None, :] < D)
+    tl.store(o_ptr + rows[:, None] * D + offs_d[None, :], _metric_rows(m_ptr, rows, offs_d, mask, smn, smh, H),
+             mask=mask)
+
+
+@pytest.mark.parametrize("h", [2, 3, 12, 16, 20, 64, 72])
+@pytest.mark.parametrize("d,dtype", [(64, F16), (72, F16), (64, BF16), (64, F32)], ids=dtype_id)
+def test_key_mean_in_the_kernels_is_the_ieee_mean_bit_for_bit(T, h, d, dtype):
+    """The key mean the merge kernels take while loading the keys per head (``_metric_rows``) against float32 sums in
+    its order (16 heads at a time, then those sums) divided by H as IEEE divides and rounded to the keys' dtype: the
+    same bits. On the GPU, up to 64 heads, it divides by H without the division instruction (kernels/NOTES.md,
+    session 16); the interpreter and more heads take the division. Zeros, cancelling rows and large values included."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    from tokenprune.kernels import _triton_common as common
+
+    needs(dtype, h, 300, d)
+    # decorated here, in the mode the T fixture checked, with the helper it calls among its globals
+    fn = triton.jit(types.FunctionType(_head_mean_kernel.__code__, {"tl": tl, "_metric_rows": common._metric_rows}))
+    g = gen(11)
+    k = randn(h, 300, d, dtype=dtype, g=g) * torch.logspace(-6, 4, 300, device=DEV)[:, None].to(dtype)
+    k[:, :5] = 0  # exact zeros
+    k[1::2, 5:10] = -k[0:(h // 2) * 2:2, 5:10]  # rows whose heads cancel
+    out = torch.full((300, d), float("nan"), device=DEV, dtype=dtype)
+    fn[(triton.cdiv(300, 64),)](k, out, 300, d, k.stride(1), k.stride(0), H=h, BN=64, DP=triton.next_power_of_2(d))
+    k32 = k.float().cpu()
+    tot = None
+    for h0 in range(0, h, 16):
+        part = k32[h0]
+        for j in range(h0 + 1, min(h0 + 16, h)):
+            part = part + k32[j]
+        tot = part if tot is None else tot + part
+    assert torch.equal(out.cpu(), (tot / h).to(dtype))
+
+
 @pytest.mark.parametrize("b,n,h,c,r,dtype", [
     (1, 196, 16, 1024, 13, F16), (256, 196, 12, 768, 13, F16), (64, 196, 12, 768, 48, BF16),
     (8, 196, 16, 1024, 13, F32), (4, 1500, 20, 1280, 24, F16), (4, 728, 16, 1152, 21, BF16), (2, 21, 3, 32, 7, F32),

@@ -257,6 +257,10 @@ def _rank_desc(vals, offs, row_ptr, N, BT: tl.constexpr):
     return rank
 
 
+# whether this module's kernels run in the interpreter (TRITON_INTERPRET=1 when it was imported); kernels read it
+_INTERPRETED: tl.constexpr = tl.constexpr(_interpreted(_rank_desc))
+
+
 @triton.jit
 def _top_k_mask(vals, offs, K):
     # which of the values (one row, in registers; -inf at padding, whose offs are past the row) are among the K
@@ -438,10 +442,21 @@ def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: t
             tot += part
     if H == 1:  # the mean of one head is the row itself (a division by 1 is exact): no IEEE division per element
         return tot.to(m_row.dtype.element_ty)
-    # a zero dividend takes the IEEE division's slow path: the masked-off lanes (a head dim off a power of two)
-    # divide H instead and are 0 again after (the same bits)
     h = tot * 0.0 + H
-    return tl.where(mask, tl.math.div_rn(tl.where(mask, tot, h), h), 0.0).to(m_row.dtype.element_ty)
+    if _INTERPRETED or H > 64:
+        # the IEEE division; a zero dividend takes its slow path, so the masked-off lanes (a head dim off a power of
+        # two) divide H instead and are 0 again after (the same bits)
+        q = tl.math.div_rn(tl.where(mask, tot, h), h)
+    else:
+        # tot / H correctly rounded without the division's instruction sequence (session 16): q0 = RN(tot RN(1/H)),
+        # the remainder tot - q0 H is exact in one FMA, and one more FMA corrects q0. Checked against the IEEE
+        # quotient for H = 2..64 on every float32 significand (kernels/NOTES.md); 1 / H is folded in double, whose
+        # float32 rounding is RN(1/H) for those H. The interpreter's fma rounds twice, so it keeps the division.
+        # A zero sum stays itself (the sign of -0.0, as the division keeps it)
+        rh = 1.0 / H
+        q0 = tot * rh
+        q = tl.where(tot == 0.0, tot, tl.math.fma(tl.math.fma(-q0, h, tot), rh, q0))
+    return tl.where(mask, q, 0.0).to(m_row.dtype.element_ty)
 
 
 @triton.jit
