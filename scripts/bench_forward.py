@@ -946,6 +946,11 @@ def main():
             run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
             run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
         kernels.KEY_MEAN_IN_KERNEL = True
+        for flag in (True, False):  # compiled bs 1 under CUDA graphs: the keys per head against the mean op
+            kernels.KEY_MEAN_IN_KERNEL_COMPILED = flag
+            tag = f"compiled, key mean {'in the kernel' if flag else 'as an op'}"
+            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke, tag=tag)
+        kernels.KEY_MEAN_IN_KERNEL_COMPILED = False
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 
