@@ -74,9 +74,11 @@ def _configs():
     for is32 in (False, True):
         out.append((MT._bm_best, {"m_ptr": f32 if is32 else f16, "vb_ptr": "*u8", "best_ptr": f32, "idx_ptr": "*i64"},
                     dict(H=1, HAS_VALID=True, IS_F32=is32, DP=64, BM=32 if is32 else 64, BN=32 if is32 else 64), 4))
-    # merge_step's four-launch matching: padding read off the sizes, partners into its int32 scratch
-    out.append((MT._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
-                dict(H=1, HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
+    # merge_step's four-launch matching: padding read off the sizes, partners into its int32 scratch; with the keys
+    # of Whisper-large's 20 heads (eager batch 1 reads them per head: the head mean's division by H)
+    for h in (1, 20):
+        out.append((MT._bm_best, {"m_ptr": f16, "vb_ptr": f32, "best_ptr": f32, "idx_ptr": "*i32"},
+                    dict(H=h, HAS_VALID=True, IS_F32=False, DP=64, BM=64, BN=64), 4))
     for hs in (True, False):
         out.append((M._merge_rows, {"x_ptr": f16, "s_ptr": f32, "prim_ptr": "*i32", "start_ptr": "*i32",
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
