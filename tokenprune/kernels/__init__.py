@@ -271,8 +271,9 @@ KEY_MEAN_IN_KERNEL_COMPILED = False
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling (unless ``KEY_MEAN_IN_KERNEL_COMPILED``), above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over
-    ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
+    their mean (one op) while compiling (unless ``KEY_MEAN_IN_KERNEL_COMPILED``), above
+    ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with
+    ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
     power of two was tried and removed: run 18, kernels/NOTES.md.)"""
     if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL
                               or (torch.compiler.is_compiling() and not KEY_MEAN_IN_KERNEL_COMPILED)
