@@ -324,7 +324,9 @@ def test_key_mean_in_the_kernels_is_the_ieee_mean_bit_for_bit(T, h, d, dtype):
 
     needs(dtype, h, 300, d)
     # decorated here, in the mode the T fixture checked, with the helper it calls among its globals
-    fn = triton.jit(types.FunctionType(_head_mean_kernel.__code__, {"tl": tl, "_metric_rows": common._metric_rows}))
+    body = types.FunctionType(_head_mean_kernel.__code__, {"tl": tl, "_metric_rows": common._metric_rows})
+    body.__annotations__ = dict(_head_mean_kernel.__annotations__)  # the constexpr parameters (not in the code object)
+    fn = triton.jit(body)
     g = gen(11)
     k = randn(h, 300, d, dtype=dtype, g=g) * torch.logspace(-6, 4, 300, device=DEV)[:, None].to(dtype)
     k[:, :5] = 0  # exact zeros
