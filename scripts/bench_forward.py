@@ -15,7 +15,7 @@ eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, redu
 compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
-bs 256; ``keymean_compiled``: ViT-B bs 1 reduce-overhead with the keys per head against the mean op), ``dryhost`` (CPU only, no GPU
+bs 256), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
@@ -946,14 +946,6 @@ def main():
             run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
             run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
         kernels.KEY_MEAN_IN_KERNEL = True
-    if "keymean_compiled" in parts:
-        from tokenprune import kernels
-
-        for flag in (True, False):  # compiled bs 1 under CUDA graphs: the keys per head against the mean op
-            kernels.KEY_MEAN_IN_KERNEL_COMPILED = flag
-            tag = f"compiled, key mean {'in the kernel' if flag else 'as an op'}"
-            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke, tag=tag)
-        kernels.KEY_MEAN_IN_KERNEL_COMPILED = False
     if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
         from tokenprune.kernels import _triton_common as tc
 

@@ -543,7 +543,7 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
 def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
     """The key mean as one op before the kernels (while compiling: CUDA graphs pay no host time for it and the
     kernels' per-head reads cost GPU time; or ``kernels.KEY_MEAN_IN_KERNEL = False``) gives the same step as the
-    kernels reading the keys per head (eager calls, and compiled ones with ``KEY_MEAN_IN_KERNEL_COMPILED``)."""
+    kernels reading the keys per head (eager calls)."""
     _use_interpreted(monkeypatch, T)
     g = gen(31)
     keys = torch.randn(2, 4, 30, 16, generator=g).half()
@@ -553,14 +553,12 @@ def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
     monkeypatch.setattr(R, "key_mean", lambda k: means.append(k.shape) or mean(k))  # counts the mean ops
     monkeypatch.setattr(kernels, "_via_op", lambda: False)  # the launcher itself (the CPU op runs the reference)
     outs = []
-    for flag, compiling, compiled_flag in ((True, False, False), (False, False, False), (True, True, False),
-                                           (True, True, True)):
+    for flag, compiling in ((True, False), (False, False), (True, True)):
         means.clear()
         monkeypatch.setattr(kernels, "KEY_MEAN_IN_KERNEL", flag)
-        monkeypatch.setattr(kernels, "KEY_MEAN_IN_KERNEL_COMPILED", compiled_flag)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
         outs.append(kernels.merge_step(x, keys, None, None, 1, 8, False))
-        assert means == ([] if flag and (compiled_flag or not compiling) else [keys.shape])
+        assert means == ([] if flag and not compiling else [keys.shape])
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert (a is None and b is None) or torch.equal(a, b)

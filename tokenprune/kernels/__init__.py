@@ -263,20 +263,18 @@ KEY_MEAN_IN_KERNEL_MAX_TOKENS = 256
 # written out): merge 0.928x of the unreduced model with the op, 0.994x with the keys per head. Larger batches are
 # bound by the GPU, where the op's single read pays.
 KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = 1
-# Compiled calls read the keys per head too (an experiment pending its timing, session 16): since the head mean divides
-# by H without the IEEE division (kernels/NOTES.md), the kernels' extra reads may cost less than the mean op and its
-# CUDA-graph gap (~5 us per step at ViT-B bs 1). `bench_forward.py --parts keymean` times both; the losing one goes.
-KEY_MEAN_IN_KERNEL_COMPILED = False
+# Compiled calls always take the op: CUDA graphs hide its launch, and reading the keys per head there gained nothing
+# (run 30, H100, ViT-B bs 1 reduce-overhead merge @0.25: 0.889x per head, 0.894x with the op; kernels/NOTES.md).
 
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling (unless ``KEY_MEAN_IN_KERNEL_COMPILED``), above
+    their mean (one op) while compiling, above
     ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with
     ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
     power of two was tried and removed: run 18, kernels/NOTES.md.)"""
     if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL
-                              or (torch.compiler.is_compiling() and not KEY_MEAN_IN_KERNEL_COMPILED)
+                              or torch.compiler.is_compiling()
                               or (metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
                                   and metric.shape[0] > KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH)):
         return reference.key_mean(metric)
