@@ -15,7 +15,8 @@ eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, redu
 compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
-bs 256), ``dryhost`` (CPU only, no GPU
+bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
+threshold at bs 1 eager), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
@@ -1018,6 +1019,12 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
+        others = [("pitome", {}), ("diverse", {})]
+        run_case("vit_b", 1, ["eager"], others + [("threshold", {})], 0.25, reps, args.smoke, host=True)
+        run_case("vit_b", 1, ["reduce-overhead"], others, 0.25, reps, args.smoke)
+        bs = 8 if args.smoke else 256
+        run_case("vit_b", bs, ["eager", "default"], others, 0.25, min(reps, 30), args.smoke)
     if "large" in parts:
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager"], [("merge", {}), ("cls", {})], 0.27, min(reps, 30), args.smoke)
