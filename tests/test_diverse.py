@@ -4,7 +4,8 @@ import torch
 
 import tokenprune
 from conftest import tiny_vit
-from tokenprune.reducers.diverse import cosine_distance, max_min_select
+from tokenprune.kernels.reference import max_min_select
+from tokenprune.reducers.diverse import cosine_distance
 
 
 def _naive_greedy(d, k, valid=None):
@@ -93,7 +94,7 @@ def test_bad_options_are_refused_at_apply():
 def test_compiled_selection_is_one_op():
     """Under torch.compile the greedy loop is one opaque op (``tokenprune::max_min_select``), not ``k`` unrolled
     steps: its schema, fake and AOT dispatch check out, and a compiled reduced ViT equals eager."""
-    from tokenprune.reducers.diverse import _max_min_select_op
+    _max_min_select_op = torch.ops.tokenprune.max_min_select
 
     torch.manual_seed(3)
     f = torch.randn(2, 10, 6)
@@ -112,5 +113,5 @@ def test_compiled_selection_is_one_op():
         ref = model(x)
     assert report.graph_break_count == 0
     ops = [str(n.target) for g in report.graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert ops.count("tokenprune.max_min_select.default") == 3 and len(ops) < 200, len(ops)  # 3 stages
+    assert ops.count("tokenprune.max_min_select") == 3 and len(ops) < 200, len(ops)  # 3 stages
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), ref, rtol=0, atol=0)

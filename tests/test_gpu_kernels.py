@@ -615,6 +615,26 @@ def test_apet_stage_and_assign(T, b, n, c, k, dtype, padded):
     assert float((slots == R.apet_assign(g64, keep)).float().mean()) >= 0.999
 
 
+# -- DivPrune's selection ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("b,n,c,k,dtype,padded,weighted", [
+    (256, 196, 768, 123, F16, False, False), (1, 196, 768, 49, F16, True, True), (2, 2048, 3584, 512, BF16, True, True),
+    (1, 4096, 64, 100, F32, False, False), (3, 37, 16, 36, F32, True, False)], ids=dtype_id)
+def test_max_min_select(T, b, n, c, k, dtype, padded, weighted):
+    """The whole greedy loop in one program per sample (``kernels.max_min_select``, the diverse reducer's
+    selection) against the reference on the same distances: the same tokens, bit for bit (min, argmax and one
+    multiply are exact), at ViT-B bs 256, Qwen2.5-VL's 2048 visual tokens and the one-program limit."""
+    from tokenprune.reducers.diverse import cosine_distance
+
+    needs(dtype, b, n, n)
+    g = gen(12)
+    dist = cosine_distance(randn(b, n, c, dtype=dtype, g=g))
+    valid = (torch.rand(b, n, generator=g, device=DEV) > 0.2) if padded else None
+    weight = torch.rand(b, n, generator=g, device=DEV) if weighted else None
+    with poisoned(T):
+        got = kernels.max_min_select(dist, k, valid, weight)
+    assert torch.equal(got, R.max_min_select(dist, k, valid, weight))
+
+
 # -- whole forwards -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,batch,budget,kind", [
     ("merge", 64, 0.25, "base"), ("merge", 8, 0.1, "base"), ("maelre", 64, 0.25, "base"),

@@ -26,7 +26,7 @@ from tokenprune.kernels import reference as R  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
-FAMILIES = ("attention", "scores", "match", "merge", "keep", "apet", "pitome")
+FAMILIES = ("attention", "scores", "match", "merge", "keep", "apet", "pitome", "select")
 
 
 @pytest.fixture(scope="module")
@@ -1219,8 +1219,65 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
     assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == (t4[2], t4[0], t4[1])
 
 
+# -- 5b. DivPrune's max-min selection (kernels/select.py) -----------------------------------------------------
+def _cos_dist(f):
+    f = torch.nn.functional.normalize(f.float(), dim=-1)
+    return 1.0 - f @ f.transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,n,k,padding,weighted", [
+    (2, 7, 3, False, False), (3, 37, 20, True, False), (2, 37, 36, True, True),  # k above a sample's valid count
+    (1, 130, 60, False, True), (2, 300, 40, True, False),  # BN 256: 16 columns a tile; 512 with 8
+])
+def test_max_min_select_equals_the_reference(T, b, n, k, padding, weighted):
+    """The whole greedy loop in one program per sample chooses exactly the reference's tokens (min, argmax with
+    the lowest index on ties and one float32 multiply are exact), padding slots never chosen."""
+    g = gen(41)
+    dist = _cos_dist(torch.randn(b, n, 8, generator=g))
+    valid = torch.rand(b, n, generator=g) > 0.3 if padding else None
+    if padding:
+        valid[0, : n // 2] = False  # sample 0 has fewer valid tokens than some k
+    weight = torch.rand(b, n, generator=g) if weighted else None
+    got = T.select.max_min_select(dist, k, valid, weight)
+    ref = R.max_min_select(dist, k, valid, weight)
+    assert got.dtype == torch.bool and torch.equal(got, ref)
+    assert (got.sum(1) == (k if valid is None else torch.clamp(valid.sum(1), max=k))).all()
+    if valid is not None:
+        assert not (got & ~valid).any()
+
+
+def test_max_min_select_ties_and_lone_tokens(T):
+    """Duplicate tokens give bit-equal distances: the lower index wins, as with torch.argmax; a sample with one
+    valid token picks it (its nearest other token does not exist: distance 1); k = 0 chooses nothing."""
+    g = gen(43)
+    f = torch.randn(2, 12, 6, generator=g)
+    f[:, 9], f[:, 2] = f[:, 5].clone(), f[:, 5].clone()  # three copies of one token
+    dist = _cos_dist(f)
+    for k in (0, 1, 4, 12):
+        assert torch.equal(T.select.max_min_select(dist, k), R.max_min_select(dist, k))
+    valid = torch.zeros(2, 12, dtype=torch.bool)
+    valid[:, 7] = True
+    got = T.select.max_min_select(dist, 3, valid)
+    assert torch.equal(got, R.max_min_select(dist, 3, valid)) and got.sum() == 2 and got[:, 7].all()
+
+
+def test_diverse_takes_the_kernel_when_it_fits(T, monkeypatch):
+    """``kernels.max_min_select`` runs the kernel for kernel tensors up to ``select.MAX_N`` tokens and the
+    reference above (same answer)."""
+    _use_interpreted(monkeypatch, T)
+    calls = []
+    launch = T.select.max_min_select
+    monkeypatch.setattr(T.select, "max_min_select", lambda *a: calls.append(a[0].shape[1]) or launch(*a))
+    monkeypatch.setattr(T.select, "MAX_N", 20)
+    for n in (20, 21):
+        dist = _cos_dist(torch.randn(1, n, 4, generator=gen(n)))
+        assert torch.equal(kernels.max_min_select(dist, 5), R.max_min_select(dist, 5))
+    assert calls == [20]
+
+
 # -- 6. whole reduced forwards -------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25)])
+@pytest.mark.parametrize("method,budget", [("merge", 0.25), ("cls", 0.25), ("apet", 0.5), ("maelre", 0.25),
+                                           ("diverse", 0.25)])
 def test_model_forward_with_kernels_equals_pytorch_path(T, monkeypatch, method, budget):
     """A whole reduced forward (tiny timm ViT) gives the same logits through the kernels."""
     import tokenprune
@@ -1349,6 +1406,9 @@ def op_cases():
         ("apet_assign", (gm, keep)),
         ("apet_step", (x, sizes, source, p, 3, 5, 1e-5, True, t)),
         ("apet_step", (x, None, None, 0, 2, 6, 1e-5, False, None)),
+        ("max_min_select", (1.0 - gm / gm.diagonal(dim1=1, dim2=2)[:, None], 5, sizes[:, p:] > 0,
+                            torch.rand(b, 12, generator=g))),
+        ("max_min_select", (1.0 - gm / 10, 4, None, None)),
     ]
 
 
@@ -1358,7 +1418,7 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 def test_every_dispatching_kernel_is_a_custom_op():
     public = {"efficient_attention", "biased_attention", "query_scores", "received_scores", "bipartite_best",
               "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors",
-              "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step"}
+              "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step", "max_min_select"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
     for name in public:
         assert getattr(torch.ops.tokenprune, name).default is not None
@@ -1426,7 +1486,8 @@ def call_every_kernel(c):
            *kernels.gram(c["x"][:, p:])]
     g = out[-2]
     out += [*kernels.apet_stage(g, c["sizes"][:, p:] > 0, 3), kernels.apet_assign(g, c["keep"]),
-            *kernels.apet_step(c["x"], c["sizes"], c["source"], p, 3, 5, 1e-5, True, t)]
+            *kernels.apet_step(c["x"], c["sizes"], c["source"], p, 3, 5, 1e-5, True, t),
+            kernels.max_min_select(1.0 - g / 40, 4, c["sizes"][:, p:] > 0, c["sizes"][:, p:] / 3)]
     return [o for o in out if o is not None]
 
 
@@ -1515,13 +1576,14 @@ def assert_same_outputs(out, ref):
 def test_compile_fullgraph_default_dispatch_on_cpu(T, monkeypatch):
     """Not forced: on CPU the decision functions (use_triton, the *_fits) trace without a graph break and
     choose the references; the CUDA-only steps are their ops (CPU implementation: the references; eager
-    runs their launchers, here interpreted)."""
+    runs their launchers, here interpreted), and so is the max-min selection on every device (Dynamo would unroll
+    its k steps)."""
     torch._dynamo.reset()
     monkeypatch.setattr(kernels, "_impl", lambda: T)
     c = compile_inputs()
     rec = GraphRecorder()
     out = torch.compile(call_every_kernel, backend=rec, fullgraph=True)(c)
-    assert rec.graphs == 1 and rec.ops() == {"merge_step", "keep_step", "apet_merge", "apet_step"}
+    assert rec.graphs == 1 and rec.ops() == {"merge_step", "keep_step", "apet_merge", "apet_step", "max_min_select"}
     assert_same_outputs(out, call_every_kernel(c))
     torch._dynamo.reset()
 

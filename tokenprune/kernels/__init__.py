@@ -4,7 +4,8 @@ Layout: this module dispatches; ``reference.py`` holds the one PyTorch implement
 path and the tests' oracle); the Triton kernels and their launchers live by op family in ``attention.py``
 (linear and key-bias attention), ``scores.py`` (one query row, attention received), ``match.py`` (ToMe
 matching, the long inputs' ranking), ``merge.py`` (merged rows, merge step, row gather), ``keep.py`` (keep the k
-best), ``apet.py`` (ApET) and ``pitome.py`` (PiToMe's energies and step order), with shared helpers in
+best), ``apet.py`` (ApET), ``pitome.py`` (PiToMe's energies and step order) and ``select.py`` (DivPrune's
+max-min selection), with shared helpers in
 ``_triton_common.py``; ``custom_ops.py`` wraps the launchers as ``torch.ops.tokenprune.*`` for
 ``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU. ``triton_impl.py`` is
 only a compatibility shim for the scripts.
@@ -48,6 +49,9 @@ bytes and FLOPs of each kernel.
   the selection and :func:`apet_merge`) in four launches, planned once per input signature (batch 1).
 - :func:`pitome_order` -- PiToMe's energy of every token without the N x N matrix in memory, the energy
   ranking and the row order in which :func:`merge_step` (``perm``) then merges, in one launch.
+- :func:`max_min_select` -- DivPrune's greedy max-min diversity selection, its ``k`` dependent steps in one
+  program per sample (one launch instead of ``6 k``); while compiling always the op (on CPU too: Dynamo would
+  otherwise unroll the ``k`` steps into the graph).
 """
 from __future__ import annotations
 
@@ -76,14 +80,14 @@ _FORCE_OP_FOR_TESTS: bool = False
 
 def _impl():
     """The Triton kernel modules by family, ``_impl().merge.merge_step`` and so on (``attention``, ``scores``,
-    ``match``, ``merge``, ``keep``, ``apet``, ``pitome``); False when they cannot be imported. Imported on first use
+    ``match``, ``merge``, ``keep``, ``apet``, ``pitome``, ``select``); False when they cannot be imported. Imported on first use
     only."""
     global _triton
     if _triton is None:
         try:
-            from . import apet, attention, keep, match, merge, pitome, scores
+            from . import apet, attention, keep, match, merge, pitome, scores, select
             _triton = types.SimpleNamespace(attention=attention, scores=scores, match=match, merge=merge, keep=keep,
-                                            apet=apet, pitome=pitome)
+                                            apet=apet, pitome=pitome, select=select)
         except Exception:  # no triton, or a triton that cannot build for this platform
             _triton = False
     return _triton
@@ -424,10 +428,20 @@ def apet_assign(g, keep_idx):
     return reference.apet_assign(g, keep_idx)
 
 
+def max_min_select(dist, k: int, valid=None, weight=None):
+    """``[B, N]`` bool: ``k`` tokens per sample by greedy max-min diversity over ``dist [B, N, N]`` (float32), with
+    optional ``valid [B, N]`` bool and ``weight [B, N]``; see ``reference.max_min_select``."""
+    if _via_op():
+        return _ops.max_min_select(dist, k, valid, weight)
+    if use_triton(dist, valid, weight) and _impl().select.max_min_select_fits(dist.shape[1]):
+        return _impl().select.max_min_select(dist, k, valid, weight)
+    return reference.max_min_select(dist, k, valid, weight)
+
+
 from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs _impl above)
 
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "received_scores",
            "bipartite_best", "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted",
            "apet_merge", "apet_merge_fits", "apet_step", "apet_step_fits", "apet_errors", "gram", "apet_stage",
-           "apet_stage_fits", "apet_assign", "pitome_order", "use_triton", "needs_grad", "kernels_enabled",
+           "apet_stage_fits", "apet_assign", "pitome_order", "max_min_select", "use_triton", "needs_grad", "kernels_enabled",
            "set_kernels_enabled", "kernels_on", "reference"]

@@ -28,6 +28,7 @@ import tempfile
 
 def _configs():
     from . import apet as AP, attention as AT, keep as KP, match as MT, merge as M, pitome as PT, scores as S
+    from . import select as SL
 
     f16, f32 = "*fp16", "*fp32"
     ea_ctx = {"k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "ctx_ptr": f16, "part_ptr": f32, "m_ptr": f32,
@@ -161,6 +162,10 @@ def _configs():
                                      "e_ptr": f32, "idx_ptr": "*i64", "eps": "fp32", "pmin": "fp32"},
                     dict(HAS_VALID=True, SELECT=select, NP=np_, KP=kp, BT=min(np_, max(4, 8192 // np_)), BR=64), w))
     out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
+    # DivPrune's max-min selection: ViT-B's 196 tokens (BN 256), Qwen2.5-VL's up to 2048, the one-program limit
+    for bn in (256, 2048, SL.MAX_N):
+        out.append((SL._max_min, {"d_ptr": f32, "v_ptr": "*i8", "w_ptr": f32, "o_ptr": "*i8"},
+                    dict(HAS_VALID=True, HAS_W=True, BN=bn, BJ=max(1, 4096 // bn)), 4 if bn <= 1024 else 8))
     # SigLIP's head dim 72: D and the strides are not multiples of 16, so no int is compiled aligned ("D72"); the
     # kernels take them divided by VEC = 8 (_triton_common._vec) and must still load 16 bytes at a time
     bm, bn, w = AT.BA_CONFIG["short"]

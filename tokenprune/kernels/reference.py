@@ -2,8 +2,8 @@
 path with autograd) of the dispatch functions in ``__init__.py``, and the oracle in tests.
 
 Each function computes exactly what its Triton twin in the family modules (``attention.py``, ``scores.py``,
-``merge.py``, ``keep.py``, ``apet.py``) computes (same arguments, same output shapes and dtypes), with plain
-tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
+``merge.py``, ``keep.py``, ``apet.py``, ``pitome.py``, ``select.py``) computes (same arguments, same output shapes
+and dtypes), with plain tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
 PyTorch copy of their own.
 """
 from __future__ import annotations
@@ -398,3 +398,29 @@ def apet_step(x: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor 
     keep_idx = topk_sorted(err.scatter(1, basis, float("inf")), keep)
     return apet_merge(x, sizes, apet_assign(g, keep_idx), keep_idx, source, p, max_size)
 
+
+
+def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min diversity (DivPrune; ``reducers/diverse.py``): ``[B, N]`` bool, ``k`` tokens chosen per row
+    (fewer real ones where a row has fewer ``valid`` tokens). ``dist`` ``[B, N, N]`` float32; ``weight`` ``[B, N]``
+    multiplies each candidate's distance to the chosen set (conditioning). The first pick is the token whose nearest
+    other valid token is farthest (a lone token counts 1), then each step the candidate farthest from the chosen set
+    (ties: the lower index); the chosen set's distance to every token is the only state carried between steps."""
+    b, n, _ = dist.shape
+    eye = torch.eye(n, dtype=torch.bool, device=dist.device)
+    d = dist.masked_fill(eye, float("inf"))
+    if valid is not None:  # padding slots are neither neighbours nor candidates
+        d = d.masked_fill(~valid[:, None, :], float("inf"))
+    blocked = torch.zeros(b, n, dtype=torch.bool, device=dist.device) if valid is None else ~valid
+    nearest = d.min(-1).values  # first pick: the token whose nearest other token is farthest
+    nearest = torch.where(torch.isinf(nearest), torch.ones_like(nearest), nearest)  # a lone token: distance 1
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
+    for step in range(k):
+        score = nearest if weight is None else nearest * weight
+        score = score.masked_fill(chosen | blocked, float("-inf"))
+        pick = score.argmax(-1, keepdim=True)  # [B, 1]
+        chosen = chosen.scatter(1, pick, torch.ones_like(pick, dtype=torch.bool)) & ~blocked
+        row = dist.gather(1, pick[..., None].expand(b, 1, n))[:, 0]  # distance of the new pick to every token
+        nearest = row if step == 0 else torch.minimum(nearest, row)
+    return chosen

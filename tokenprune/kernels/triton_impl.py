@@ -1,17 +1,18 @@
-"""Compatibility shim for the scripts under ``scripts/``: nothing in the package or the tests uses it.
+"""Compatibility shim for the scripts under ``scripts/`` and ``tests/test_gpu_kernels.py`` (its ``T``); nothing in
+the package uses it.
 
 The Triton kernels used to live in this one module. They are now split by op family: ``attention.py``,
-``scores.py``, ``match.py``, ``merge.py``, ``keep.py``, ``apet.py``, with shared helpers in ``_triton_common.py``. New
-code imports those modules. Here ``T.name`` reads ``name`` from the module that defines it (for example
-``T.EA_CONFIG``, ``T.merge_step``). ``T.name = value`` assigns it in that module too, so that the scripts'
-``T.MERGE_STEP_SPLIT = ...`` still changes what the launcher reads.
+``scores.py``, ``match.py``, ``merge.py``, ``keep.py``, ``apet.py``, ``pitome.py``, ``select.py``, with shared
+helpers in ``_triton_common.py``. New code imports those modules. Here ``T.name`` reads ``name`` from the module
+that defines it (for example ``T.EA_CONFIG``, ``T.merge_step``). ``T.name = value`` assigns it in that module too,
+so that the scripts' ``T.MERGE_STEP_SPLIT = ...`` still changes what the launcher reads.
 """
 import sys
 import types
 
-from . import _triton_common, apet, attention, keep, match, merge, pitome, scores
+from . import _triton_common, apet, attention, keep, match, merge, pitome, scores, select
 
-_FAMILIES = (attention, scores, match, merge, keep, apet, pitome, _triton_common)
+_FAMILIES = (attention, scores, match, merge, keep, apet, pitome, select, _triton_common)
 
 
 def _owner(name: str):

@@ -12,8 +12,10 @@ solved greedily: the first token is the one whose nearest other token is farthes
 ``argmax_i min_{j != i} d(i, j)``; then, ``K - 1`` times, the token farthest from everything kept so far,
 ``argmax_{i not in S} min_{j in S} d(i, j)``, joins ``S``. Only the kept set's distance to every token is
 carried between steps (one row of ``d`` is read per step), so the loop is a fixed number of
-``min`` / ``argmax`` steps: no host sync, no data-dependent Python, ``torch.compile(fullgraph=True)``
-traces it. Every operation works per row, so a sample selects the same tokens in a batch as alone.
+``min`` / ``argmax`` steps: no host sync, no data-dependent Python. That loop is ``kernels.max_min_select``
+(``reference.max_min_select`` in PyTorch; on CUDA one Triton program per sample runs all ``K`` steps, where
+PyTorch would launch six kernels per step; one opaque op under ``torch.compile``). Every operation works per row,
+so a sample selects the same tokens in a batch as alone.
 
 It needs no attention: the features are the tokens themselves after the stage's block (``f_i = x_i``).
 The kept tokens are returned in spatial order.
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..ops import keep_top
 from ..plan import EncoderInfo, Stage
 from ..registry import register
@@ -47,43 +50,6 @@ def cosine_distance(f: torch.Tensor) -> torch.Tensor:
     """``1 - cos(f_i, f_j)`` ``[B, N, N]`` in float32 for features ``f`` ``[B, N, C]``."""
     f = torch.nn.functional.normalize(f.float(), dim=-1)
     return 1.0 - f @ f.transpose(1, 2)
-
-
-def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy max-min diversity: ``[B, N]`` bool, ``k`` tokens chosen per row (fewer real ones where a
-    row has fewer ``valid`` tokens). ``dist`` ``[B, N, N]``; ``weight`` ``[B, N]`` multiplies each
-    candidate's distance to the chosen set (conditioning)."""
-    b, n, _ = dist.shape
-    eye = torch.eye(n, dtype=torch.bool, device=dist.device)
-    d = dist.masked_fill(eye, float("inf"))
-    if valid is not None:  # padding slots are neither neighbours nor candidates
-        d = d.masked_fill(~valid[:, None, :], float("inf"))
-    blocked = torch.zeros(b, n, dtype=torch.bool, device=dist.device) if valid is None else ~valid
-    nearest = d.min(-1).values  # first pick: the token whose nearest other token is farthest
-    nearest = torch.where(torch.isinf(nearest), torch.ones_like(nearest), nearest)  # a lone token: distance 1
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
-    for step in range(k):
-        score = nearest if weight is None else nearest * weight
-        score = score.masked_fill(chosen | blocked, float("-inf"))
-        pick = score.argmax(-1, keepdim=True)  # [B, 1]
-        chosen = chosen.scatter(1, pick, torch.ones_like(pick, dtype=torch.bool)) & ~blocked
-        row = dist.gather(1, pick[..., None].expand(b, 1, n))[:, 0]  # distance of the new pick to every token
-        nearest = row if step == 0 else torch.minimum(nearest, row)
-    return chosen
-
-
-@torch.library.custom_op("tokenprune::max_min_select", mutates_args=())
-def _max_min_select_op(dist: torch.Tensor, k: int, valid: torch.Tensor | None,
-                       weight: torch.Tensor | None) -> torch.Tensor:
-    """:func:`max_min_select` as one opaque op for ``torch.compile``: Dynamo would otherwise unroll its ``k`` greedy
-    steps (about 7 ops each: a thousand ops for a ViT-B schedule) into the graph."""
-    return max_min_select(dist, k, valid, weight)
-
-
-@_max_min_select_op.register_fake
-def _(dist, k, valid, weight):
-    return dist.new_empty(dist.shape[:2], dtype=torch.bool)
 
 
 def text_relevance(f: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,6 +98,5 @@ class Diverse(Reducer):
                 raise ValueError(f"diverse: text has {self.text.shape[0]} rows for a batch of {f.shape[0]}; "
                                  "give one embedding per sample or one for all")
             weight = (_EPS + text_relevance(f, self.text, valid)) ** self.text_weight
-        select = _max_min_select_op if torch.compiler.is_compiling() else max_min_select  # eager: no dispatcher
-        chosen = select(cosine_distance(f), stage.keep, valid, weight)
+        chosen = kernels.max_min_select(cosine_distance(f), stage.keep, valid, weight)  # the greedy max-min above
         return keep_top(state, chosen.float(), stage.keep, valid)
