@@ -16,7 +16,7 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kerne
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
 bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
-threshold at bs 1 eager), ``dryhost`` (CPU only, no GPU
+threshold at bs 1 eager), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``dryhost`` (CPU only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
@@ -755,6 +755,39 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
         print(json.dumps(row), flush=True)
 
 
+def configs_select(smoke: bool):
+    """GPU: ``_max_min`` (diverse's selection, one program per sample) at ViT-B's three stages, bs 1 and 256, with 1,
+    2, 4 and 8 warps (the first pick's column tile scaled to keep the tile's elements per thread): kernel GPU time
+    (profiler) and whether the selection equals the default's."""
+    from tokenprune import kernels
+    from tokenprune.kernels import select as ks
+    from tokenprune.reducers.diverse import cosine_distance
+
+    saved = ks._config
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for bs in (1, 8 if smoke else 256):
+        for n, keep in ([(40, 24)] if smoke else [(196, 123), (123, 78), (78, 49)]):
+            dist = cosine_distance(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))
+            ref = kernels.max_min_select(dist, keep)
+            for warps in (None, 1, 2, 4, 8):
+                if warps is not None:
+                    ks._config = lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))
+                row = dict(case="configs_select", bs=bs, tokens=n, keep=keep, warps=warps or "default")
+                try:
+                    with torch.inference_mode():
+                        row["same"] = torch.equal(kernels.max_min_select(dist, keep), ref)
+                        if DEV == "cuda":
+                            for e in profiled(lambda _: kernels.max_min_select(dist, keep), None, calls=20).key_averages():
+                                if e.key == "_max_min" and e.count:
+                                    row["_max_min_us"] = round(e.self_device_time_total / e.count, 1)
+                except Exception as e:  # noqa: BLE001 -- a config that does not build: say so, go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                finally:
+                    ks._config = saved
+                ROWS.append(row)
+                print(json.dumps(row), flush=True)
+
+
 def configs_b(out: Path, smoke: bool, repeats: int):
     """GPU: launch-constant sweeps of the batch-1 ViT-B reduction steps that cost more than they save under CUDA
     graphs (run 27: apet 0.851x, merge 0.898x at ``reduce-overhead``). ApET's three stages (196 -> 123 -> 78 -> 49
@@ -1019,6 +1052,8 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "configs_select" in parts:
+        configs_select(args.smoke)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
         others = [("pitome", {}), ("diverse", {})]
         run_case("vit_b", 1, ["eager"], others + [("threshold", {})], 0.25, reps, args.smoke, host=True)
@@ -1035,7 +1070,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

@@ -78,7 +78,13 @@ def max_min_select(dist, k: int, valid=None, weight=None):
     if weight is not None:
         w, sw = _rows_contiguous(weight.float())
         swb = sw[0]
-    bn = max(16, _p2(n))
     fast(_max_min)[(bsz,)](dist, v, w, out, n, int(k), sd[0], sd[1], svb, swb, HAS_VALID=valid is not None,
-                           HAS_W=weight is not None, BN=bn, BJ=max(1, 4096 // bn), num_warps=4 if bn <= 1024 else 8)
+                           HAS_W=weight is not None, **_config(n))
     return out.view(torch.bool)
+
+
+def _config(n: int) -> dict:
+    """The launch constants of ``_max_min`` for ``n`` tokens: the N-vectors' block, the column tile of the first
+    pick's pass over ``dist``, the warps."""
+    bn = max(16, _p2(n))
+    return dict(BN=bn, BJ=max(1, 4096 // bn), num_warps=4 if bn <= 1024 else 8)
