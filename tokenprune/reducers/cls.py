@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ops import gather_tokens, keep_top, threshold_keep
+from ..ops import keep_above, keep_top
 from ..plan import EncoderInfo, Stage
 from ..registry import register
 from .base import Reducer, check_layers, patch_scores, patch_valid, ratio_schedule
@@ -104,6 +104,5 @@ class ClsPrune(Reducer):
             scores = patch_scores(state, qk, self._has_cls, self.substitute)
         valid = patch_valid(state)
         if self.threshold is not None:
-            idx, ok = threshold_keep(scores, self.threshold, stage.keep, valid)
-            return gather_tokens(state, idx, ok)
+            return keep_above(state, scores, self.threshold, stage.keep, valid)
         return keep_top(state, scores, stage.keep, valid)

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops import gather_tokens, query_attention, threshold_keep
+from ..ops import keep_above, query_attention
 from ..plan import EncoderInfo, Plan, Stage
 from ..registry import register
 from ..state import TokenState
@@ -144,10 +144,7 @@ class Threshold(Reducer):
         scores = self.scores(state, qk)
         if self.module.training and torch.is_grad_enabled():
             return self._soft(state, scores, theta)
-        idx, ok = threshold_keep(scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
-        if bool(ok.all()):
-            ok = None  # every sample keeps the same count: no padding, no mask
-        state = gather_tokens(state, idx, ok)
+        state = keep_above(state, scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
         state.scratch.setdefault(COUNTS_KEY, []).append((state.block, state.kept_per_sample().float()))
         return state
 
