@@ -156,7 +156,8 @@ def record(**row):
     print(json.dumps(row), flush=True)
 
 
-def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None):
+def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
+             profiled_variants=("unreduced", "merge")):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
     interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 5 at
     batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above."""
@@ -211,7 +212,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
                 row["host_ms"] = round(host_time_ms(lambda: e["fn"](x), DEV), 4)
                 row["stages"] = 0 if plan is None else len(plan.stages)
             record(**row)
-            if profile is not None and mode == "eager" and e["variant"] in ("unreduced", "merge"):
+            if profile is not None and mode == "eager" and e["variant"] in profiled_variants:
                 prof_table(e["fn"], x, profile / f"profile_{case}_bs{bs}_{e['variant']}.txt")
         del entries
         torch._dynamo.reset()
@@ -949,7 +950,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--profile", action="store_true", help="eager part: write profiler tables too")
+    ap.add_argument("--profile", action="store_true", help="eager and others parts: write profiler tables too")
     args = ap.parse_args()
     SMOKE = args.smoke
     DEV = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -1056,7 +1057,9 @@ def main():
         configs_select(args.smoke)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
         others = [("pitome", {}), ("diverse", {})]
-        run_case("vit_b", 1, ["eager"], others + [("threshold", {})], 0.25, reps, args.smoke, host=True)
+        run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,
+                 profile=args.out if args.profile else None,
+                 profiled_variants=("unreduced", "pitome", "diverse", "threshold", "cls"))
         run_case("vit_b", 1, ["reduce-overhead"], others, 0.25, reps, args.smoke)
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager", "default"], others, 0.25, min(reps, 30), args.smoke)
