@@ -1267,6 +1267,8 @@ def test_max_min_select_ties_and_lone_tokens(T):
     valid[:, 7] = True
     got = T.select.max_min_select(dist, 3, valid)
     assert torch.equal(got, R.max_min_select(dist, 3, valid)) and got.sum() == 2 and got[:, 7].all()
+    empty = T.select.max_min_select(dist[:0], 3)
+    assert empty.shape == (0, 12) and empty.dtype == torch.bool
 
 
 def test_diverse_takes_the_kernel_when_it_fits(T, monkeypatch):

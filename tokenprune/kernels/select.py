@@ -66,6 +66,8 @@ def max_min_select(dist, k: int, valid=None, weight=None):
     bsz, n, _ = dist.shape
     if not max_min_select_fits(n):
         raise ValueError(f"max_min_select kernel: N={n} does not fit (N <= {MAX_N})")
+    if bsz == 0:  # an empty batch: no program to launch
+        return torch.zeros(0, n, dtype=torch.bool, device=dist.device)
     if dist.dtype != torch.float32:
         dist = dist.float()
     dist, sd = _rows_contiguous(dist)
