@@ -415,12 +415,11 @@ def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None
     blocked = torch.zeros(b, n, dtype=torch.bool, device=dist.device) if valid is None else ~valid
     nearest = d.min(-1).values  # first pick: the token whose nearest other token is farthest
     nearest = torch.where(torch.isinf(nearest), torch.ones_like(nearest), nearest)  # a lone token: distance 1
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=dist.device)
+    taken = blocked.clone()  # chosen or padding: never a candidate (five ops a step: the loop runs k times)
     for step in range(k):
         score = nearest if weight is None else nearest * weight
-        score = score.masked_fill(chosen | blocked, float("-inf"))
-        pick = score.argmax(-1, keepdim=True)  # [B, 1]
-        chosen = chosen.scatter(1, pick, torch.ones_like(pick, dtype=torch.bool)) & ~blocked
+        pick = score.masked_fill(taken, float("-inf")).argmax(-1, keepdim=True)  # [B, 1]
+        taken.scatter_(1, pick, True)  # (a row with no candidate left picks index 0: chosen or padding already)
         row = dist.gather(1, pick[..., None].expand(b, 1, n))[:, 0]  # distance of the new pick to every token
         nearest = row if step == 0 else torch.minimum(nearest, row)
-    return chosen
+    return taken & ~blocked
