@@ -2,9 +2,9 @@
 one program per sample. Reference: ``reference.max_min_select``.
 
 The loop is ``k`` dependent steps (argmax over the candidates, then one row of the distance matrix), so in PyTorch it
-is ``k`` x 6 small launches: at ViT-B budget 0.25 about 1,500 per forward, which made ``diverse`` 7x slower than the
-unreduced model at batch 1 (run 32, H100: 32.4 against 4.6 ms eager, 5.57 against 0.75 ms under CUDA graphs) and
-1.5x slower at batch 256. Here the chosen set's distance to every token stays in registers; a step reads one row
+is ``k`` x 5 small launches (10 when run 32 timed it): at ViT-B budget 0.25 about 2,500 per forward then, which made
+``diverse`` 7x slower than the unreduced model at batch 1 (run 32, H100: 32.4 against 4.6 ms eager, 5.57 against
+0.75 ms under CUDA graphs) and 1.5x slower at batch 256. Here the chosen set's distance to every token stays in registers; a step reads one row
 of ``dist`` (``N`` floats, L2-resident) and reduces once. The selection is the reference's bit for bit: min, argmax
 (lowest index on ties) and one float32 multiply are exact.
 """
