@@ -93,9 +93,9 @@ def topk_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None)
     return idx, (valid.gather(1, idx) if valid is not None else None)
 
 
-def _above(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | None):
+def _above(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | None, clamp: bool = True):
     """``(masked scores, counts [B])``: how many tokens each sample keeps, ``score > threshold`` clamped to
-    ``[1, k_max]``; refuses (export, ``fullgraph=True``) or breaks the graph (torch.compile) first, since the
+    ``[1, k_max]`` (``clamp=False``: not yet clamped); refuses (export, ``fullgraph=True``) or breaks the graph (torch.compile) first, since the
     output width depends on the data."""
     exporting = torch.compiler.is_exporting()
     if exporting and not torch.compiler.is_dynamo_compiling():  # torch.export's default (non-strict): no Dynamo
@@ -115,7 +115,8 @@ def _above(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | No
                                   "threshold). Compile it without fullgraph=True, or use a method with a fixed count "
                                   "(e.g. method='cls' without threshold=)")
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
-    return s, (s > threshold).sum(1).clamp(min=1, max=k_max)
+    counts = (s > threshold).sum(1)
+    return s, (counts.clamp(min=1, max=k_max) if clamp else counts)
 
 
 def _padded_selection(s: torch.Tensor, counts: torch.Tensor, width: int):
@@ -145,16 +146,17 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
     output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
     padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count
     (on CUDA one launch instead of about twenty ops)."""
-    s, counts = _above(scores, threshold, k_max, valid)
+    s, counts = _above(scores, threshold, k_max, valid, clamp=False)  # clamped on the host below (one op fewer)
     if counts.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)
         lo = hi = counts.tolist()[0]
     elif counts.numel():
         lo, hi = torch.stack(counts.aminmax()).tolist()
     else:  # an empty batch keeps the cap
-        lo = hi = min(k_max, s.shape[1])
+        lo = hi = k_max
+    lo, hi = (min(max(c, 1), k_max, s.shape[1]) for c in (lo, hi))
     if lo == hi and valid is None:
         return keep_top(state, s, hi)
-    idx, ok = _padded_selection(s, counts, hi)
+    idx, ok = _padded_selection(s, counts.clamp(min=1, max=k_max), hi)
     return gather_tokens(state, idx, None if lo == hi else ok)
 
 

@@ -129,7 +129,7 @@ class Threshold(Reducer):
         p = state.num_prefix
         hw = None
         if self.head_weighting and qk.out is not None:
-            norms = qk.out.float().norm(dim=-1)  # [B, H, N]
+            norms = torch.linalg.vector_norm(qk.out, dim=-1, dtype=torch.float32)  # [B, H, N], no float copy
             hw = norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
         if self._has_cls:
             query = 0
