@@ -289,35 +289,42 @@ def test_threshold_batch_with_different_counts_equals_each_sample_alone():
         torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_keep_above_equals_the_padded_selection_and_pads_only_when_counts_differ(monkeypatch):
-    """``ops.keep_above`` (threshold and cls ``threshold=``) against ``threshold_keep`` + ``gather_tokens``: the same
-    tokens, sizes and source map. Equal counts (always at batch 1) take ``keep_top`` and add no padding (no sizes,
-    so no mask later); different counts pad the batch; the counts are read on the host once."""
+def test_keep_above_keeps_each_samples_count_and_pads_only_when_counts_differ(monkeypatch):
+    """``ops.keep_above`` (threshold and cls ``threshold=``): each sample keeps its own ``score > 0.5`` tokens, at
+    most 4 and at least 1, exactly as ``keep_top`` of that count on the sample alone (tokens, source map), then
+    padding at size 0 up to the batch's largest count. Equal counts (always at batch 1) add no padding (no sizes, so
+    no mask later); the counts are read on the host once."""
     from tokenprune import ops
 
     g = torch.Generator().manual_seed(5)
-    for scores, valid, equal in (
-            (torch.rand(1, 12, generator=g), None, True),  # batch 1
-            (torch.tensor([[.9, .1, .8, .2, .7, .3], [.1, .9, .2, .8, .3, .7]]), None, True),  # 3 above each
-            (torch.tensor([[.9, .1, .8, .2, .7, .3], [.1, .1, .2, .8, .3, .7]]), None, False),  # 3 and 2 above
+    for scores, valid, counts in (
+            (torch.rand(1, 12, generator=g), None, None),  # batch 1
+            (torch.tensor([[.9, .1, .8, .2, .7, .3], [.1, .9, .2, .8, .3, .7]]), None, [3, 3]),
+            (torch.tensor([[.9, .1, .8, .2, .7, .3], [.1, .1, .2, .8, .3, .7]]), None, [3, 2]),
+            (torch.tensor([[.1, .2, .3, .4], [.9, .8, .7, .6]]), None, [1, 4]),  # none above: one; many: the cap
             (torch.rand(3, 12, generator=g), torch.rand(3, 12, generator=g) > 0.3, None)):  # earlier padding
         b, n = scores.shape
-        st = lambda: TokenState.start(torch.randn(b, 1 + n, 4, generator=torch.Generator().manual_seed(1)), 1)  # noqa: E731
-        idx, ok = ops.threshold_keep(scores, 0.5, 4, valid)
-        ref = ops.gather_tokens(st(), idx, ok)
+        x = torch.randn(b, 1 + n, 4, generator=torch.Generator().manual_seed(1))
+        s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+        want = (s > 0.5).sum(1).clamp(1, 4)
+        if counts is not None:
+            assert want.tolist() == counts
         reads, tolist = [], torch.Tensor.tolist
         monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
-        got = ops.keep_above(st(), scores, 0.5, 4, valid)
+        got = ops.keep_above(TokenState.start(x, 1), scores, 0.5, 4, valid)
         monkeypatch.undo()
         assert len(reads) == 1
-        counts = ok.sum(1)
-        same = bool((counts == counts[0]).all())
-        assert equal is None or same == equal
-        assert torch.equal(got.x, ref.x) and torch.equal(got.source, ref.source)
-        if same:
+        width = int(want.max())
+        assert got.x.shape == (b, 1 + width, 4)
+        for i, c in enumerate(want.tolist()):
+            alone = ops.keep_top(TokenState.start(x[i:i + 1], 1), s[i:i + 1], c)
+            assert torch.equal(got.x[i, :1 + c], alone.x[0]) and torch.equal(got.source[i], alone.source[0])
+            if got.sizes is not None:
+                assert (got.sizes[i, :1 + c] == 1).all() and (got.sizes[i, 1 + c:] == 0).all()
+        if bool((want == want[0]).all()):
             assert got.sizes is None  # no padding slot: no mask in the later blocks
         else:
-            assert torch.equal(got.sizes, ref.sizes) and (got.sizes == 0).any()
+            assert got.sizes is not None and (got.sizes == 0).any()
 
 
 def test_threshold_is_a_cap_at_the_budget():

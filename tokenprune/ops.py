@@ -93,10 +93,9 @@ def topk_sorted(scores: torch.Tensor, k: int, valid: torch.Tensor | None = None)
     return idx, (valid.gather(1, idx) if valid is not None else None)
 
 
-def _above(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | None, clamp: bool = True):
-    """``(masked scores, counts [B])``: how many tokens each sample keeps, ``score > threshold`` clamped to
-    ``[1, k_max]`` (``clamp=False``: not yet clamped); refuses (export, ``fullgraph=True``) or breaks the graph (torch.compile) first, since the
-    output width depends on the data."""
+def _width_depends_on_data() -> None:
+    """Refuse torch.export and ``fullgraph=True``, or break the graph (torch.compile), before a selection whose
+    output width depends on the data (a score threshold)."""
     exporting = torch.compiler.is_exporting()
     if exporting and not torch.compiler.is_dynamo_compiling():  # torch.export's default (non-strict): no Dynamo
         raise RuntimeError("tokenprune: torch.export cannot record this reducer: the number of tokens it keeps "
@@ -114,50 +113,33 @@ def _above(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | No
                                   "graph break: the number of tokens it keeps depends on the data (a score "
                                   "threshold). Compile it without fullgraph=True, or use a method with a fixed count "
                                   "(e.g. method='cls' without threshold=)")
-    s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
-    counts = (s > threshold).sum(1)
-    return s, (counts.clamp(min=1, max=k_max) if clamp else counts)
-
-
-def _padded_selection(s: torch.Tensor, counts: torch.Tensor, width: int):
-    """The ``counts[b]`` best of each row, in spatial order, padded to ``width``: ``(idx, idx_valid)``."""
-    order = s.topk(width, dim=1).indices  # best first
-    rank_ok = torch.arange(width, device=s.device)[None, :] < counts[:, None]
-    # sort the chosen slots back into spatial order, padding slots last
-    key = torch.where(rank_ok, order, order + s.shape[1])
-    perm = key.argsort(1)
-    return order.gather(1, perm), rank_ok.gather(1, perm)
-
-
-def threshold_keep(scores: torch.Tensor, threshold, k_max: int, valid: torch.Tensor | None = None):
-    """Per-sample selection ``score > threshold``, at most ``k_max`` and at least one per sample.
-
-    Samples keep different counts; the batch is padded to the largest count
-    (rectangular), with padding slots marked invalid. Returns ``(idx, idx_valid)``.
-    """
-    s, counts = _above(scores, threshold, k_max, valid)
-    width = int(counts.max()) if counts.numel() else min(k_max, s.shape[1])  # an empty batch keeps the cap
-    return _padded_selection(s, counts, width)
 
 
 def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
                valid: torch.Tensor | None = None) -> TokenState:
-    """:func:`threshold_keep` then :func:`gather_tokens`, reading the counts on the host once (one sync: the
-    output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
-    padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count
-    (on CUDA one launch instead of about twenty ops)."""
-    s, counts = _above(scores, threshold, k_max, valid, clamp=False)  # clamped on the host below (one op fewer)
+    """Keep, per sample, the non-prefix tokens with ``score > threshold``: at most ``k_max`` (the best) and at least
+    one, in spatial order. Samples that keep different counts are padded to the largest (rectangular), the padding
+    slots at size 0, so attention masks them and pooling ignores them. The counts are read on the host once (one
+    sync: the output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
+    padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count (on CUDA
+    one launch instead of about twenty ops)."""
+    _width_depends_on_data()
+    s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+    counts = (s > threshold).sum(1)  # clamped on the host below (one op fewer)
     if counts.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)
         lo = hi = counts.tolist()[0]
     elif counts.numel():
         lo, hi = torch.stack(counts.aminmax()).tolist()
     else:  # an empty batch keeps the cap
-        lo = hi = k_max
-    lo, hi = (min(max(c, 1), k_max, s.shape[1]) for c in (lo, hi))
+        lo = hi = min(k_max, s.shape[1])
+    lo, hi = (min(max(c, 1), k_max) for c in (lo, hi))
     if lo == hi and valid is None:
         return keep_top(state, s, hi)
-    idx, ok = _padded_selection(s, counts.clamp(min=1, max=k_max), hi)
-    return gather_tokens(state, idx, None if lo == hi else ok)
+    order = s.topk(hi, dim=1).indices  # best first
+    rank_ok = torch.arange(hi, device=s.device)[None, :] < counts.clamp(min=1, max=k_max)[:, None]
+    # sort the chosen slots back into spatial order, padding slots last
+    perm = torch.where(rank_ok, order, order + s.shape[1]).argsort(1)
+    return gather_tokens(state, order.gather(1, perm), None if lo == hi else rank_ok.gather(1, perm))
 
 
 # -- merging: bipartite soft matching ----------------------------------------------------
