@@ -16,7 +16,8 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kerne
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
 bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
-threshold at bs 1 eager), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``dryhost`` (CPU only, no GPU
+threshold at bs 1 eager), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``dryhost`` (CPU
+only, no GPU
 needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
@@ -756,7 +757,30 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
         print(json.dumps(row), flush=True)
 
 
-def configs_select(smoke: bool):
+def sweep_row(row, step, ref, repeats):
+    """One launch-constant variant of a step (``configs_b``, ``configs_select``): its outputs (a tuple) against
+    ``ref`` (the default's; None: these are the default's), its graph-replay time and each kernel's GPU time
+    (profiler), recorded; returns ``ref``."""
+    from tokenprune.cuda import graphed
+
+    try:
+        with torch.inference_mode():
+            o = step()
+            ref = ref if ref is not None else o
+            row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
+            if DEV == "cuda":
+                row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
+                for e in profiled(lambda _: step(), None, calls=20).key_averages():
+                    if e.key.startswith("_") and e.count:
+                        row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
+    except Exception as e:  # noqa: BLE001 -- a config that does not build: say so, go on
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    return ref
+
+
+def configs_select(smoke: bool, repeats: int):
     """GPU: ``_max_min`` (diverse's selection, one program per sample) at ViT-B's three stages, bs 1 and 256, with 1,
     2, 4 and 8 warps (the first pick's column tile scaled to keep the tile's elements per thread): kernel GPU time
     (profiler) and whether the selection equals the default's."""
@@ -769,24 +793,15 @@ def configs_select(smoke: bool):
     for bs in (1, 8 if smoke else 256):
         for n, keep in ([(40, 24)] if smoke else [(196, 123), (123, 78), (78, 49)]):
             dist = cosine_distance(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))
-            ref = kernels.max_min_select(dist, keep)
+            ref = None
             for warps in (None, 1, 2, 4, 8):
                 if warps is not None:
                     ks._config = lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))
                 row = dict(case="configs_select", bs=bs, tokens=n, keep=keep, warps=warps or "default")
                 try:
-                    with torch.inference_mode():
-                        row["same"] = torch.equal(kernels.max_min_select(dist, keep), ref)
-                        if DEV == "cuda":
-                            for e in profiled(lambda _: kernels.max_min_select(dist, keep), None, calls=20).key_averages():
-                                if e.key == "_max_min" and e.count:
-                                    row["_max_min_us"] = round(e.self_device_time_total / e.count, 1)
-                except Exception as e:  # noqa: BLE001 -- a config that does not build: say so, go on
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    ref = sweep_row(row, lambda: (kernels.max_min_select(dist, keep),), ref, repeats)
                 finally:
                     ks._config = saved
-                ROWS.append(row)
-                print(json.dumps(row), flush=True)
 
 
 def configs_b(out: Path, smoke: bool, repeats: int):
@@ -796,7 +811,6 @@ def configs_b(out: Path, smoke: bool, repeats: int):
     step (head dim 64, mean given) with other warps / column tiles: graph-replay time of the step, each kernel's GPU
     time, and whether the output is bit-equal to the default's."""
     from tokenprune import kernels
-    from tokenprune.cuda import graphed
     from tokenprune.kernels import apet as ka, merge as km
 
     def over(fn, **kw):  # a config function whose launch constants are replaced by kw
@@ -806,23 +820,6 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             d.update(kw)
             return r
         return f
-
-    def timed(row, step, ref):  # the step's output against ref (the default's), graph-replay and kernel times
-        try:
-            with torch.inference_mode():
-                o = step()
-                ref = ref if ref is not None else o
-                row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
-                if DEV == "cuda":
-                    row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
-                    for e in profiled(lambda _: step(), None, calls=20).key_averages():
-                        if e.key.startswith("_") and e.count:
-                            row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
-        except Exception as e:  # a config that does not build: say so, go on
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        ROWS.append(row)
-        print(json.dumps(row), flush=True)
-        return ref
 
     c, k = (32, 4) if smoke else (768, 10)
     apet_shapes = [(196, 123), (123, 78), (78, 49)] if not smoke else [(40, 24)]
@@ -848,7 +845,7 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             ka._PLANS.clear()
             row = dict(case="configs_b", step="apet", variant=name, tokens=n, keep=keep)
             try:
-                ref = timed(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep, max_size=1 + n0), ref)
+                ref = sweep_row(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep, max_size=1 + n0), ref, repeats)
             finally:
                 for fn_name in saved:
                     setattr(ka, fn_name, saved[fn_name])
@@ -870,7 +867,7 @@ def configs_b(out: Path, smoke: bool, repeats: int):
                 setattr(km, n_, v)
             row = dict(case="configs_b", step="merge", variant=name, tokens=t, r=r)
             try:
-                ref = timed(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True), ref)
+                ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True), ref, repeats)
             finally:
                 for n_, v in old.items():
                     setattr(km, n_, v)
@@ -1054,7 +1051,7 @@ def main():
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
     if "configs_select" in parts:
-        configs_select(args.smoke)
+        configs_select(args.smoke, reps)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
         others = [("pitome", {}), ("diverse", {})]
         run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,
@@ -1073,7 +1070,8 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
+                                                            "configs_select"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
