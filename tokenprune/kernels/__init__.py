@@ -5,10 +5,9 @@ path and the tests' oracle); the Triton kernels and their launchers live by op f
 (linear and key-bias attention), ``scores.py`` (one query row, attention received), ``match.py`` (ToMe
 matching, the long inputs' ranking), ``merge.py`` (merged rows, merge step, row gather), ``keep.py`` (keep the k
 best), ``apet.py`` (ApET), ``pitome.py`` (PiToMe's energies and step order) and ``select.py`` (DivPrune's
-max-min selection), with shared helpers in
-``_triton_common.py``; ``custom_ops.py`` wraps the launchers as ``torch.ops.tokenprune.*`` for
-``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU. ``triton_impl.py`` is
-only a compatibility shim for the scripts.
+max-min selection), with shared helpers in ``_triton_common.py``; ``custom_ops.py`` wraps the launchers as
+``torch.ops.tokenprune.*`` for ``torch.compile``; ``compile_check.py`` builds every kernel for sm_90 without a GPU.
+``triton_impl.py`` is only a compatibility shim for the scripts and the GPU tests.
 
 Dispatch: the Triton kernel runs when every tensor argument is on CUDA, none of them needs a gradient
 (the kernels have no backward) or is float64 (the kernels compute in float32 at most; float64 is what a user runs
@@ -50,7 +49,7 @@ bytes and FLOPs of each kernel.
 - :func:`pitome_order` -- PiToMe's energy of every token without the N x N matrix in memory, the energy
   ranking and the row order in which :func:`merge_step` (``perm``) then merges, in one launch.
 - :func:`max_min_select` -- DivPrune's greedy max-min diversity selection, its ``k`` dependent steps in one
-  program per sample (one launch instead of ``6 k``); while compiling always the op (on CPU too: Dynamo would
+  program per sample (one launch instead of ``5 k``); while compiling always the op (on CPU too: Dynamo would
   otherwise unroll the ``k`` steps into the graph).
 """
 from __future__ import annotations
@@ -80,8 +79,8 @@ _FORCE_OP_FOR_TESTS: bool = False
 
 def _impl():
     """The Triton kernel modules by family, ``_impl().merge.merge_step`` and so on (``attention``, ``scores``,
-    ``match``, ``merge``, ``keep``, ``apet``, ``pitome``, ``select``); False when they cannot be imported. Imported on first use
-    only."""
+    ``match``, ``merge``, ``keep``, ``apet``, ``pitome``, ``select``); False when they cannot be imported. Imported
+    on first use only."""
     global _triton
     if _triton is None:
         try:
@@ -273,12 +272,10 @@ KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = 1
 
 def _mean_first(metric):
     """``metric`` for the merge kernels: the keys per head as they are in eager calls (the kernels average them),
-    their mean (one op) while compiling, above
-    ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with
-    ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
+    their mean (one op) while compiling, above ``KEY_MEAN_IN_KERNEL_MAX_TOKENS`` tokens at batches over
+    ``KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH``, or with ``KEY_MEAN_IN_KERNEL`` off. (A zero-padded mean at head dims off a
     power of two was tried and removed: run 18, kernels/NOTES.md.)"""
-    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL
-                              or torch.compiler.is_compiling()
+    if metric.dim() == 4 and (not KEY_MEAN_IN_KERNEL or torch.compiler.is_compiling()
                               or (metric.shape[-2] > KEY_MEAN_IN_KERNEL_MAX_TOKENS
                                   and metric.shape[0] > KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH)):
         return reference.key_mean(metric)
@@ -443,5 +440,5 @@ from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs
 __all__ = ["efficient_attention", "biased_attention", "biased_attention_applies", "query_scores", "received_scores",
            "bipartite_best", "merge_rows", "merge_step", "gather_rows", "keep_step", "keep_step_fits", "topk_sorted",
            "apet_merge", "apet_merge_fits", "apet_step", "apet_step_fits", "apet_errors", "gram", "apet_stage",
-           "apet_stage_fits", "apet_assign", "pitome_order", "max_min_select", "use_triton", "needs_grad", "kernels_enabled",
-           "set_kernels_enabled", "kernels_on", "reference"]
+           "apet_stage_fits", "apet_assign", "pitome_order", "max_min_select", "use_triton", "needs_grad",
+           "kernels_enabled", "set_kernels_enabled", "kernels_on", "reference"]

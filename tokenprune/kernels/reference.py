@@ -3,8 +3,8 @@ path with autograd) of the dispatch functions in ``__init__.py``, and the oracle
 
 Each function computes exactly what its Triton twin in the family modules (``attention.py``, ``scores.py``,
 ``merge.py``, ``keep.py``, ``apet.py``, ``pitome.py``, ``select.py``) computes (same arguments, same output shapes
-and dtypes), with plain tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch functions, never a
-PyTorch copy of their own.
+and dtypes), with plain tensor operations and float32 arithmetic. The reducers and ``ops`` call the dispatch
+functions, never a PyTorch copy of their own.
 """
 from __future__ import annotations
 
@@ -397,7 +397,6 @@ def apet_step(x: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor 
         err = err.masked_fill(~valid, float("-inf"))
     keep_idx = topk_sorted(err.scatter(1, basis, float("inf")), keep)
     return apet_merge(x, sizes, apet_assign(g, keep_idx), keep_idx, source, p, max_size)
-
 
 
 def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None,

@@ -14,7 +14,7 @@ solved greedily: the first token is the one whose nearest other token is farthes
 carried between steps (one row of ``d`` is read per step), so the loop is a fixed number of
 ``min`` / ``argmax`` steps: no host sync, no data-dependent Python. That loop is ``kernels.max_min_select``
 (``reference.max_min_select`` in PyTorch; on CUDA one Triton program per sample runs all ``K`` steps, where
-PyTorch would launch six kernels per step; one opaque op under ``torch.compile``). Every operation works per row,
+PyTorch would launch five kernels per step; one opaque op under ``torch.compile``). Every operation works per row,
 so a sample selects the same tokens in a batch as alone.
 
 It needs no attention: the features are the tokens themselves after the stage's block (``f_i = x_i``).
