@@ -43,6 +43,7 @@ pytestmark = [
 import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
+from tokenprune.reducers.diverse import cosine_distance  # noqa: E402
 from tokenprune.plan import Stage  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
@@ -313,8 +314,9 @@ def _head_mean_kernel(m_ptr, o_ptr, N, D, smn, smh, H: tl.constexpr, BN: tl.cons
 def test_key_mean_in_the_kernels_is_the_ieee_mean_bit_for_bit(T, h, d, dtype):
     """The key mean the merge kernels take while loading the keys per head (``_metric_rows``) against the reference's
     on the CPU (float32 sums in the kernels' order, 16 heads at a time, then those sums, divided by H as IEEE divides,
-    rounded to the keys' dtype): the same bits. On the GPU, up to 64 heads, it divides by H without the division instruction (kernels/NOTES.md,
-    session 16); the interpreter and more heads take the division. Zeros, cancelling rows and large values included."""
+    rounded to the keys' dtype): the same bits. On the GPU, up to 64 heads, it divides by H without the division
+    instruction (kernels/NOTES.md, session 16); the interpreter and more heads take the division. Zeros, cancelling
+    rows and large values included."""
     import types
 
     import triton
@@ -623,8 +625,6 @@ def test_max_min_select(T, b, n, c, k, dtype, padded, weighted):
     """The whole greedy loop in one program per sample (``kernels.max_min_select``, the diverse reducer's
     selection) against the reference on the same distances: the same tokens, bit for bit (min, argmax and one
     multiply are exact), at ViT-B bs 256, Qwen2.5-VL's 2048 visual tokens and the one-program limit."""
-    from tokenprune.reducers.diverse import cosine_distance
-
     needs(dtype, b, n, n)
     g = gen(12)
     dist = cosine_distance(randn(b, n, c, dtype=dtype, g=g))

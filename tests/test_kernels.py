@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
+from tokenprune.reducers.diverse import cosine_distance  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
@@ -1228,11 +1229,6 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
 
 
 # -- 5b. DivPrune's max-min selection (kernels/select.py) -----------------------------------------------------
-def _cos_dist(f):
-    f = torch.nn.functional.normalize(f.float(), dim=-1)
-    return 1.0 - f @ f.transpose(1, 2)
-
-
 @pytest.mark.parametrize("b,n,k,padding,weighted", [
     (2, 7, 3, False, False), (3, 37, 20, True, False), (2, 37, 36, True, True),  # k above a sample's valid count
     (1, 130, 60, False, True), (2, 300, 40, True, False),  # BN 256: 16 columns a tile; 512 with 8
@@ -1241,7 +1237,7 @@ def test_max_min_select_equals_the_reference(T, b, n, k, padding, weighted):
     """The whole greedy loop in one program per sample chooses exactly the reference's tokens (min, argmax with
     the lowest index on ties and one float32 multiply are exact), padding slots never chosen."""
     g = gen(41)
-    dist = _cos_dist(torch.randn(b, n, 8, generator=g))
+    dist = cosine_distance(torch.randn(b, n, 8, generator=g))
     valid = torch.rand(b, n, generator=g) > 0.3 if padding else None
     if padding:
         valid[0, : n // 2] = False  # sample 0 has fewer valid tokens than some k
@@ -1260,7 +1256,7 @@ def test_max_min_select_ties_and_lone_tokens(T):
     g = gen(43)
     f = torch.randn(2, 12, 6, generator=g)
     f[:, 9], f[:, 2] = f[:, 5].clone(), f[:, 5].clone()  # three copies of one token
-    dist = _cos_dist(f)
+    dist = cosine_distance(f)
     for k in (0, 1, 4, 12):
         assert torch.equal(T.select.max_min_select(dist, k), R.max_min_select(dist, k))
     valid = torch.zeros(2, 12, dtype=torch.bool)
@@ -1280,7 +1276,7 @@ def test_diverse_takes_the_kernel_when_it_fits(T, monkeypatch):
     monkeypatch.setattr(T.select, "max_min_select", lambda *a: calls.append(a[0].shape[1]) or launch(*a))
     monkeypatch.setattr(T.select, "MAX_N", 20)
     for n in (20, 21):
-        dist = _cos_dist(torch.randn(1, n, 4, generator=gen(n)))
+        dist = cosine_distance(torch.randn(1, n, 4, generator=gen(n)))
         assert torch.equal(kernels.max_min_select(dist, 5), R.max_min_select(dist, 5))
     assert calls == [20]
 
