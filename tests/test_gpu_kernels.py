@@ -210,7 +210,7 @@ def test_biased_attention_growing_logits_and_masked_keys(T, monkeypatch):
     assert rel(out[:2], ref[:2]) < TOL[F16]
 
 
-@pytest.mark.parametrize("weights", ["none", "bias", "bias+w"])
+@pytest.mark.parametrize("weights", ["none", "bias", "bias+w", "bias+o"])
 @pytest.mark.parametrize("b,h,n,d,dtype", [
     (2, 12, 197, 64, F16), (3, 5, 1013, 128, BF16), (1, 4, 65536 + 3, 64, F16), (256, 12, 197, 64, F16),
     (2, 6, 300, 64, F32), (2, 3, 50, 16, F32)], ids=dtype_id)
@@ -220,11 +220,13 @@ def test_query_scores(T, b, h, n, d, dtype, weights):
     q, k = randn(b, h, n, d, dtype=dtype, g=g), randn(b, h, n, d, dtype=dtype, g=g)
     bias = None if weights == "none" else size_bias(b, n, dtype, g)
     w = torch.rand(b, h, n, device=DEV, generator=g) if weights == "bias+w" else None
-    assert kernels.use_triton(q, k, bias, w)
+    # the heads' attention outputs (threshold's head importance), laid out as the attention kernels write them
+    o = randn(b, n, h, d, dtype=dtype, g=g).transpose(1, 2) if weights == "bias+o" else None
+    assert kernels.use_triton(q, k, bias, w, o)
     with poisoned(T):
-        out = kernels.query_scores(q[:, :, 0], k, d ** -0.5, bias, w)
+        out = kernels.query_scores(q[:, :, 0], k, d ** -0.5, bias, w, o)
     ref = R.query_scores(q[:, :, 0].double(), k.double(), d ** -0.5, None if bias is None else bias.double(),
-                         None if w is None else w.double())
+                         None if w is None else w.double(), None if o is None else o.double())
     assert rel(out, ref) < 1e-5
 
 

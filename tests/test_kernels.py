@@ -243,7 +243,7 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
 
 # -- 2. query-row scores (kernels/scores.py) -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("weights", [None, "full", "per_head"])
+@pytest.mark.parametrize("weights", [None, "full", "per_head", "values"])
 @pytest.mark.parametrize("long", [False, True])  # the block size of long inputs (QS_CONFIG)
 def test_query_scores(T, dtype, weights, long, monkeypatch):
     g = gen(3)
@@ -251,16 +251,39 @@ def test_query_scores(T, dtype, weights, long, monkeypatch):
     q = torch.randn(b, h, n, d, generator=g).to(dtype)
     k = torch.randn(b, h, n, d, generator=g).to(dtype)
     bb = size_bias(b, n, g, dtype)
-    w = {None: None, "full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}[weights]
+    w = {"full": torch.rand(b, h, n, generator=g), "per_head": torch.rand(h, 1, generator=g)}.get(weights)
+    # the heads' attention outputs as the adapters record them: [B, N, H, dv] seen as [B, H, N, dv]; dv 20 pads to 32,
+    # and one token's output is zero in every head (its score is then 0, not NaN)
+    o = torch.randn(b, n, h, 20, generator=g).to(dtype).transpose(1, 2) if weights == "values" else None
+    if o is not None:
+        o[0, :, 7] = 0
     monkeypatch.setitem(T.scores.QS_CONFIG, "short", 64)
     monkeypatch.setitem(T.scores.QS_CONFIG, "long", 32)
     monkeypatch.setitem(T.scores.QS_CONFIG, "long_n", 100 if long else 1 << 30)  # N=150: long-input branch or not
     for bias in (None, bb):
-        out = T.scores.query_scores(q[:, :, 0], k, 0.2, bias, w)
+        out = T.scores.query_scores(q[:, :, 0], k, 0.2, bias, w, o)
         ref = R.query_scores(q[:, :, 0].double(), k.double(), 0.2, None if bias is None else bias.double(),
-                             None if w is None else w.double())
+                             None if w is None else w.double(), None if o is None else o.double())
         assert out.shape == (b, n) and out.dtype == torch.float32
         assert rel(out, ref) < 1e-5
+        if o is not None:
+            assert float(out[0, 7]) == 0.0
+
+
+def test_query_scores_head_values_reference():
+    """``head_values``: each token's heads weighted by ``|o_h| / sum_h |o_h|`` (Adaptive Sparse ViT's head
+    importance), the same scores as those normalised weights given explicitly; weights and values together refused."""
+    g = gen(4)
+    b, h, n, d = 2, 4, 30, 8
+    q, k, o = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    o = o * torch.rand(b, h, n, 1, generator=g) * 3  # heads of different importance per token
+    norms = o.norm(dim=-1)
+    want = R.query_scores(q[:, :, 0], k, 0.3, None, norms / norms.sum(1, keepdim=True))
+    got = R.query_scores(q[:, :, 0], k, 0.3, None, None, o)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(got, R.query_scores(q[:, :, 0], k, 0.3), rtol=1e-3)  # not the plain head mean
+    with pytest.raises(ValueError, match="not both"):
+        R.query_scores(q[:, :, 0], k, 0.3, None, norms, o)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1388,8 +1411,9 @@ def op_cases():
     return [
         ("efficient_attention", (q, k, v, bias)), ("efficient_attention", (q, k, v, None)),
         ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
-        ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g))),
-        ("query_scores", (q[:, :, 0], k, 0.3, None, None)),
+        ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g), None)),
+        ("query_scores", (q[:, :, 0], k, 0.3, None, None, None)),
+        ("query_scores", (q[:, :, 0], k, 0.3, bias, None, v)),
         ("received_scores", (q, k, 0.3, bias, torch.rand(b, n, generator=g) > 0.3)),
         ("received_scores", (q, k, 0.3, None, None)),
         ("bipartite_best", (metric[:, p:], torch.rand(b, 6, generator=g) > 0.3)), ("bipartite_best", (metric, None)),
@@ -1474,7 +1498,7 @@ def call_every_kernel(c):
     p, t = 1, c["x"].shape[1]
     out = [kernels.efficient_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.biased_attention(c["q"], c["k"], c["v"], c["bias"]),
-           kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None),
+           kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None, c["v"]),
            kernels.received_scores(c["q"], c["k"], 0.3, c["bias"], None),
            *kernels.bipartite_best(c["metric"][:, p:], c["valid_b"]),
            kernels.merge_rows(c["x"], c["sizes"], c["prim"], c["members"], c["owner"]),
@@ -1618,23 +1642,26 @@ def test_cached_launcher_compiles_anew_for_what_triton_specializes_on(T, monkeyp
                 return Compiled()
             return launch
 
-    launcher = tc._Launcher(T.scores._qs_reduce)  # (lg, pm, ps, w, out, N, H, NB, swb, swh, swn, HAS_W, NBP, BLOCK_N)
+    # (lg, pm, ps, w, out, o, N, NB, swb, swh, swn, sob, soh, son, DV, H, HAS_W, HAS_O, DVP, NBP, BLOCK_N)
+    launcher = tc._Launcher(T.scores._qs_reduce)
     launcher.fn, launcher.interpreted = Jit(), False
     monkeypatch.setattr(tc, "_hooks_active", lambda: False)
     monkeypatch.setattr(tc, "_stream", lambda dev: 0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    def bufs(dtype=torch.float32, offset=0):  # five buffers; the first ``offset`` elements into a larger one
-        return [torch.zeros(64 + offset, dtype=dtype)[offset:] for _ in range(5)]
+    def bufs(dtype=torch.float32, offset=0):  # six buffers; the first ``offset`` elements into a larger one
+        return [torch.zeros(64 + offset, dtype=dtype)[offset:] for _ in range(6)]
 
     def call(ts, n=20, has_w=False, warps=4):
-        launcher[(1, 2)](*ts, n, 3, 2, 0, 0, 0, HAS_W=has_w, NBP=2, BLOCK_N=128, num_warps=warps)
+        launcher[(1, 2)](*ts, n, 2, 0, 0, 0, 0, 0, 0, 1, H=3, HAS_W=has_w, HAS_O=False, DVP=16, NBP=2, BLOCK_N=128,
+                         num_warps=warps)
         return len(compiles), len(runs)
 
     assert call(bufs()) == (1, 0)
     ts = bufs()
     assert call(ts) == (1, 1)  # other tensors, same dtypes and alignment: the cached kernel
-    assert runs[-1][:3] == (1, 2, 1) and list(runs[-1][9:]) == [*ts, 20, 3, 2, 0, 0, 0, False, 2, 128]
+    assert runs[-1][:3] == (1, 2, 1) and list(runs[-1][9:]) == [*ts, 20, 2, 0, 0, 0, 0, 0, 0, 1, 3, False, False, 16,
+                                                                 2, 128]
     mis = bufs(offset=1)  # 4 bytes in: not 16-byte aligned
     assert mis[0].data_ptr() % 16 != 0
     assert call(mis) == (2, 1) and call(bufs(offset=1)) == (2, 2)

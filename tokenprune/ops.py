@@ -235,8 +235,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
 
 # -- scores from one query row ----------------------------------------------------------
 def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: int | torch.Tensor = 0,
-                    bias: torch.Tensor | None = None, head_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention paid by ONE query row to every key, averaged over heads.
+                    bias: torch.Tensor | None = None, head_weights: torch.Tensor | None = None,
+                    head_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention paid by ONE query row to every key, averaged over heads (or weighted: ``head_weights``
+    ``[B, H, N]``, or each token's heads by the norms of their attention outputs ``head_values [B, H, N, dv]``,
+    ``reference.query_scores``).
 
     ``q``, ``k``: ``[B, H, N, d]``. ``query``: a token index, or a ``[B, H, d]``
     query vector. ``bias``: the additive key bias the block used (``[B, 1, 1, N]``).
@@ -247,7 +250,7 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: in
         qr = q.select(2, query)  # (q[:, :, query] costs 0.7 us more of host time)
     else:
         qr = query
-    return kernels.query_scores(qr, k, scale, bias, head_weights)  # fused on CUDA (K read once); else the reference
+    return kernels.query_scores(qr, k, scale, bias, head_weights, head_values)  # fused on CUDA (K read once)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None,

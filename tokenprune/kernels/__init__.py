@@ -199,13 +199,16 @@ def biased_attention(q, k, v, bias=None):
     return reference.biased_attention(q, k, v, bias)
 
 
-def query_scores(q_row, k, scale, bias=None, head_weights=None):
-    """One query row per head ``[B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32."""
-    if use_triton(q_row, k, bias, head_weights):
+def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None):
+    """One query row per head ``[B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; heads weighted by
+    ``head_weights`` or by the norms of ``head_values`` (see ``reference.query_scores``)."""
+    if head_weights is not None and head_values is not None:
+        raise ValueError("query_scores: give head_weights or head_values, not both")
+    if use_triton(q_row, k, bias, head_weights, head_values):
         if _via_op():
-            return _ops.query_scores(q_row, k, float(scale), bias, head_weights)
-        return _impl().scores.query_scores(q_row, k, scale, bias, head_weights)
-    return reference.query_scores(q_row, k, scale, bias, head_weights)
+            return _ops.query_scores(q_row, k, float(scale), bias, head_weights, head_values)
+        return _impl().scores.query_scores(q_row, k, scale, bias, head_weights, head_values)
+    return reference.query_scores(q_row, k, scale, bias, head_weights, head_values)
 
 
 def received_scores(q, k, scale, bias=None, valid=None):

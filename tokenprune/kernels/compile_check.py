@@ -64,8 +64,9 @@ def _configs():
     for bn in (S.QS_CONFIG["short"], S.QS_CONFIG["long"]):
         out.append((S._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
                                    "ps_ptr": f32, "scale": "fp32"}, dict(HAS_BIAS=True, DP=64, BLOCK_N=bn), 4))
-    out.append((S._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32},
-                dict(H=12, HAS_W=True, NBP=2, BLOCK_N=128), 4))
+    for has_w, has_o in ((True, False), (False, True)):  # given weights; the head norms of o (threshold)
+        out.append((S._qs_reduce, {"lg_ptr": f32, "pm_ptr": f32, "ps_ptr": f32, "w_ptr": f32, "out_ptr": f32,
+                                   "o_ptr": f16}, dict(H=12, HAS_W=has_w, HAS_O=has_o, DVP=64, NBP=2, BLOCK_N=128), 4))
     bm, bn, w = S.RS_TILES
     for dp in (64, 128):  # Whisper / ViT heads; SigLIP-so400m's 72 pads to 128
         rs = {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lse_ptr": f32, "scale": "fp32"}

@@ -76,11 +76,12 @@ _define("biased_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Ten
         cpu=lambda q, k, v, bias: _heads_out(q).copy_(R.biased_attention(q, k, v, bias)))
 
 
-def _qs_fake(q_row, k, scale, bias, head_weights):
+def _qs_fake(q_row, k, scale, bias, head_weights, head_values):
     return k.new_empty((k.shape[0], k.shape[2]), dtype=torch.float32)
 
 
-_define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Tensor? head_weights) -> Tensor",
+_define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Tensor? head_weights, "
+        "Tensor? head_values) -> Tensor",
         _qs_fake, "scores", cpu=lambda *args: R.query_scores(*args).float())
 
 

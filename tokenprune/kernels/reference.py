@@ -44,13 +44,21 @@ def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def query_scores(q_row: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None,
-                 head_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one query row per head ``q_row [B, H, d]`` over keys ``k [B, H, N, d]``,
-    mean over heads (or weighted by ``head_weights``, broadcast to ``[B, H, N]``). ``[B, N]`` float32."""
+                 head_weights: torch.Tensor | None = None, head_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query row per head ``q_row [B, H, d]`` over keys ``k [B, H, N, d]``, mean over heads, or
+    weighted by ``head_weights`` (broadcast to ``[B, H, N]``), or by each token's head importance from the heads'
+    attention outputs ``head_values [B, H, N, dv]``: ``sum_h |o_h| a_h / max(sum_h |o_h|, 1e-12)`` (Adaptive Sparse
+    ViT; the kernel reads ``o`` itself, so the norms and their normalisation are no extra launches). ``[B, N]``
+    float32."""
+    if head_weights is not None and head_values is not None:
+        raise ValueError("query_scores: give head_weights or head_values, not both")
     logits = torch.einsum("bhd,bhnd->bhn", q_row.float(), k.float()) * scale
     if bias is not None:
         logits = logits + bias[:, :, 0].float()
     attn = logits.softmax(-1)
+    if head_values is not None:
+        norms = torch.linalg.vector_norm(head_values, dim=-1, dtype=torch.promote_types(head_values.dtype, attn.dtype))
+        return (attn * norms).sum(1) / norms.sum(1).clamp_min(1e-12)
     if head_weights is not None:
         return (attn * head_weights).sum(1)
     return attn.mean(1)

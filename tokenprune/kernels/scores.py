@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _key_bias, _p2, _sig, _in_vectors
+from ._triton_common import (LaunchPlan, cached_plan, _alloc, _cdiv, _head_strides, _in_vectors, _key_bias,
+                             _last_contiguous, _p2, _sig)
 
 # ---------------------------------------------------------------------------------------------------
 # one query row per head: scores [B, N] = sum_h w_h softmax_N(q_h . k_h * scale + bias)
@@ -42,8 +43,9 @@ def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scal
 
 
 @triton.jit
-def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, NB, swb, swh, swn,
-               H: tl.constexpr, HAS_W: tl.constexpr, NBP: tl.constexpr, BLOCK_N: tl.constexpr):
+def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, o_ptr, N, NB, swb, swh, swn, sob, soh, son, DV,
+               H: tl.constexpr, HAS_W: tl.constexpr, HAS_O: tl.constexpr, DVP: tl.constexpr, NBP: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     # H a compile-time constant: the head loop unrolls and its loads are in flight together
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
@@ -51,7 +53,9 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, NB, swb, swh, swn,
     nmask = offs_n < N
     offs_b = tl.arange(0, NBP)
     bmask = offs_b < NB
+    offs_v = tl.arange(0, DVP)
     acc = tl.zeros([BLOCK_N], tl.float32)
+    wsum = tl.zeros([BLOCK_N], tl.float32)  # HAS_O: sum_h |o_h| per token
     for h in tl.static_range(H):
         pm = tl.load(pm_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=float("-inf"))
         ps = tl.load(ps_ptr + (b * H + h) * NB + offs_b, mask=bmask, other=0.0)
@@ -63,8 +67,16 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, NB, swb, swh, swn,
         a = tl.exp(lg - mx) / tot
         if HAS_W:
             a = a * tl.load(w_ptr + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0).to(tl.float32)
+        if HAS_O:  # head importance |o_h| of each token, from the head's attention output row
+            o = tl.load(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_v[None, :],
+                        mask=nmask[:, None] & (offs_v < DV)[None, :], other=0.0).to(tl.float32)
+            nrm = tl.sqrt_rn(tl.sum(o * o, 1))
+            a = a * nrm
+            wsum += nrm
         acc += a
-    if not HAS_W:
+    if HAS_O:
+        acc = acc / tl.maximum(wsum, 1e-12)
+    elif not HAS_W:
         acc = acc / H
     tl.store(out_ptr + b * N + offs_n, acc, mask=nmask)
 
@@ -75,14 +87,16 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, N, NB, swb, swh, swn,
 QS_CONFIG = {"short": 128, "long": 256, "long_n": 4096}
 
 
-def query_scores(q_row, k, scale, bias=None, head_weights=None, block_n: int | None = None):
-    """``q_row [B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.query_scores``.
+def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None, block_n: int | None = None):
+    """``q_row [B, H, d]`` against ``k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.query_scores``
+    (``head_values [B, H, N, dv]``: read by the second launch, each token's head norms computed there).
     ``block_n``: keys per program (None: from ``QS_CONFIG``). Everything but the tensors is worked out once per
     input signature (a :class:`_ScoresPlan`: batch 1 is bound by host time)."""
+    head_values = _last_contiguous(head_values)
     key = (q_row.shape, q_row.stride(), q_row.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias),
-           _sig(head_weights), scale, block_n, *QS_CONFIG.values())
-    plan = cached_plan(_PLANS, key, _ScoresPlan, q_row, k, scale, bias, head_weights, block_n)
-    return plan(q_row, k, bias, head_weights)
+           _sig(head_weights), _sig(head_values), scale, block_n, *QS_CONFIG.values())
+    plan = cached_plan(_PLANS, key, _ScoresPlan, q_row, k, scale, bias, head_weights, head_values, block_n)
+    return plan(q_row, k, bias, head_weights, head_values)
 
 
 _PLANS: dict = {}  # query_scores' input signature -> its _ScoresPlan
@@ -90,9 +104,9 @@ _PLANS: dict = {}  # query_scores' input signature -> its _ScoresPlan
 
 class _ScoresPlan:
     """One signature's scores: the two launches over ``(q_row, k, bias, logits, block maxima, block sums, head
-    weights, out)``, absent ones stood for by another."""
+    weights, out, head values)``, absent ones stood for by another."""
 
-    def __init__(self, q_row, k, scale, bias, head_weights, block_n):
+    def __init__(self, q_row, k, scale, bias, head_weights, head_values, block_n):
         b, h, n, d = k.shape
         sq, sk = _head_strides("query_scores", q_row, k)
         self.dev = k.device
@@ -102,21 +116,27 @@ class _ScoresPlan:
         bias2, sbb, sbn = _key_bias(bias, b, n, k)
         self.bias_as_is = bias2 is bias  # else reshaped per call (a layout _key_bias does not take as it is)
         sw = torch.broadcast_to(head_weights, (b, h, n)).stride() if head_weights is not None else (0, 0, 0)
+        if head_values is not None and (head_values.dim() != 4 or tuple(head_values.shape[:3]) != (b, h, n)):
+            raise ValueError(f"query_scores: head_values must be [B, H, N, dv] = [{b}, {h}, {n}, dv], got "
+                             f"{tuple(head_values.shape)}")
+        so_, dv = (head_values.stride()[:3], head_values.shape[3]) if head_values is not None else ((0, 0, 0), 1)
         self.launches = (
             LaunchPlan(_qs_logits, (b, nb, h), range(6), (n, h, d, nb, float(scale), sq[0], sq[1], sk[0], sk[1], sk[2],
                                                           sbb, sbn),
                        dict(HAS_BIAS=bias is not None, DP=_p2(d), BLOCK_N=block_n, num_warps=4),
                        (0, 1, 2) if bias is not None else (0, 1)),
-            LaunchPlan(_qs_reduce, (b, nb), (3, 4, 5, 6, 7), (n, nb, sw[0], sw[1], sw[2]),
-                       dict(H=h, HAS_W=head_weights is not None, NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4),
-                       (6,) if head_weights is not None else ()))
+            LaunchPlan(_qs_reduce, (b, nb), (3, 4, 5, 6, 7, 8), (n, nb, *sw, *so_, dv),
+                       dict(H=h, HAS_W=head_weights is not None, HAS_O=head_values is not None,
+                            DVP=max(16, _p2(dv)), NBP=max(2, _p2(nb)), BLOCK_N=block_n, num_warps=4),
+                       (6,) * (head_weights is not None) + (8,) * (head_values is not None)))
 
-    def __call__(self, q_row, k, bias, head_weights):
+    def __call__(self, q_row, k, bias, head_weights, head_values):
         dev, (slg, sp, so) = self.dev, self.shapes
         lg = _alloc(slg, dev, torch.float32)
         t = (q_row, k, k if bias is None else bias if self.bias_as_is else _key_bias(bias, so[0], so[1], k)[0], lg,
              _alloc(sp, dev, torch.float32), _alloc(sp, dev, torch.float32),
-             lg if head_weights is None else torch.broadcast_to(head_weights, slg), _alloc(so, dev, torch.float32))
+             lg if head_weights is None else torch.broadcast_to(head_weights, slg), _alloc(so, dev, torch.float32),
+             lg if head_values is None else head_values)
         for launch in self.launches:
             launch(t)
         return t[7]

@@ -127,16 +127,14 @@ class Threshold(Reducer):
     def scores(self, state: TokenState, qk) -> torch.Tensor:
         """Head-importance-weighted class attention of every non-prefix token ``[B, N]`` (float32)."""
         p = state.num_prefix
-        hw = None
-        if self.head_weighting and qk.out is not None:
-            norms = torch.linalg.vector_norm(qk.out, dim=-1, dtype=torch.float32)  # [B, H, N], no float copy
-            hw = norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
+        # w_{h,j} from ||o_{h,j}||: the scores kernel reads o itself (the norms and their sum are no extra launches)
+        o = qk.out if self.head_weighting else None
         if self._has_cls:
             query = 0
         else:
             w = state.sizes_or_ones()[:, None, p:, None].to(qk.q.dtype)
             query = (qk.q[:, :, p:] * w).sum(2) / w.sum(2).clamp_min(1e-12)
-        return query_attention(qk.q, qk.k, qk.scale, query=query, bias=qk.bias, head_weights=hw)[:, p:]
+        return query_attention(qk.q, qk.k, qk.scale, query=query, bias=qk.bias, head_values=o)[:, p:]
 
     def reduce(self, state: TokenState, stage: Stage, qk) -> TokenState:
         i = self._layers.index(stage.block)
@@ -145,7 +143,7 @@ class Threshold(Reducer):
         if self.module.training and torch.is_grad_enabled():
             return self._soft(state, scores, theta)
         state = keep_above(state, scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
-        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, state.kept_per_sample().float()))
+        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, state.kept_per_sample(torch.float32)))
         return state
 
     def _soft(self, state: TokenState, scores: torch.Tensor, theta: torch.Tensor) -> TokenState:
