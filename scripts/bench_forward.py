@@ -786,20 +786,19 @@ def configs_select(smoke: bool, repeats: int):
     (profiler) and whether the selection equals the default's."""
     from tokenprune import kernels
     from tokenprune.kernels import select as ks
-    from tokenprune.reducers.diverse import cosine_distance
 
     saved = ks._config
     g = torch.Generator(device="cpu").manual_seed(0)
     for bs in (1, 8 if smoke else 256):
         for n, keep in ([(40, 24)] if smoke else [(196, 123), (123, 78), (78, 49)]):
-            dist = cosine_distance(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))
+            gm = kernels.gram(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))[0]  # diverse's input
             ref = None
             for warps in (None, 1, 2, 4, 8):
                 if warps is not None:
                     ks._config = lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))
                 row = dict(case="configs_select", bs=bs, tokens=n, keep=keep, warps=warps or "default")
                 try:
-                    ref = sweep_row(row, lambda: (kernels.max_min_select(dist, keep),), ref, repeats)
+                    ref = sweep_row(row, lambda: (kernels.max_min_select(gm, keep),), ref, repeats)
                 finally:
                     ks._config = saved
 

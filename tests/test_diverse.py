@@ -4,8 +4,7 @@ import torch
 
 import tokenprune
 from conftest import tiny_vit
-from tokenprune.kernels.reference import max_min_select
-from tokenprune.reducers.diverse import cosine_distance
+from tokenprune.kernels.reference import cosine_distance, gram, max_min_select
 
 
 def _naive_greedy(d, k, valid=None):
@@ -29,11 +28,12 @@ def _naive_greedy(d, k, valid=None):
 def test_max_min_select_matches_the_greedy_rule_written_out():
     torch.manual_seed(0)
     f = torch.randn(3, 12, 5)
-    d = cosine_distance(f)
+    g = gram(f)[0]
+    d = cosine_distance(g)
     valid = torch.ones(3, 12, dtype=torch.bool)
     valid[2, [1, 4, 7, 8, 9, 10, 11]] = False  # 5 real tokens, fewer than k
     for k in (1, 4, 7):
-        got = max_min_select(d, k, valid)
+        got = max_min_select(g, k, valid)
         for b in range(3):
             want = _naive_greedy(d[b].tolist(), k, valid[b].tolist())
             assert got[b].nonzero().flatten().tolist() == want, (k, b)
@@ -45,7 +45,7 @@ def test_one_token_per_cluster():
     centres = torch.eye(3, 8) * 5
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 2)
     f = centres[labels] + 0.05 * torch.randn(15, 8)
-    chosen = max_min_select(cosine_distance(f[None]), 3)[0]
+    chosen = max_min_select(gram(f[None])[0], 3)[0]
     assert sorted(labels[chosen].tolist()) == [0, 1, 2]
 
 
@@ -71,9 +71,9 @@ def test_text_conditioning_prefers_relevant_tokens():
     from tokenprune.reducers.diverse import text_relevance
 
     w = (1e-3 + text_relevance(f, text)) ** 40
-    chosen = max_min_select(cosine_distance(f), 1, weight=w)
+    chosen = max_min_select(gram(f)[0], 1, weight=w)
     assert chosen[0].nonzero().flatten().tolist() == [3] and chosen[1].nonzero().flatten().tolist() == [11]
-    plain = max_min_select(cosine_distance(f), 1)
+    plain = max_min_select(gram(f)[0], 1)
     assert not torch.equal(plain, chosen)
     model = tiny_vit()
     tokenprune.apply(model, budget=0.25, method="diverse", text=torch.randn(48), text_weight=2.0)
@@ -99,7 +99,7 @@ def test_compiled_selection_is_one_op():
     torch.manual_seed(3)
     f = torch.randn(2, 10, 6)
     valid = torch.rand(2, 10) > 0.2
-    args = (cosine_distance(f), 4, valid, torch.rand(2, 10))
+    args = (gram(f)[0], 4, valid, torch.rand(2, 10))
     res = torch.library.opcheck(_max_min_select_op, args,
                                 test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
     assert set(res.values()) == {"SUCCESS"}, res

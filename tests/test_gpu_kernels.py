@@ -43,7 +43,6 @@ pytestmark = [
 import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
-from tokenprune.reducers.diverse import cosine_distance  # noqa: E402
 from tokenprune.plan import Stage  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
@@ -629,12 +628,12 @@ def test_max_min_select(T, b, n, c, k, dtype, padded, weighted):
     multiply are exact), at ViT-B bs 256, Qwen2.5-VL's 2048 visual tokens and the one-program limit."""
     needs(dtype, b, n, n)
     g = gen(12)
-    dist = cosine_distance(randn(b, n, c, dtype=dtype, g=g))
+    gm = kernels.gram(randn(b, n, c, dtype=dtype, g=g))[0]  # the diverse reducer's input
     valid = (torch.rand(b, n, generator=g, device=DEV) > 0.2) if padded else None
     weight = torch.rand(b, n, generator=g, device=DEV) if weighted else None
     with poisoned(T):
-        got = kernels.max_min_select(dist, k, valid, weight)
-    assert torch.equal(got, R.max_min_select(dist, k, valid, weight))
+        got = kernels.max_min_select(gm, k, valid, weight)
+    assert torch.equal(got, R.max_min_select(gm, k, valid, weight))
 
 
 # -- whole forwards -------------------------------------------------------------------------------------

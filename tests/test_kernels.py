@@ -23,7 +23,6 @@ pytest.importorskip("triton")
 import tokenprune  # noqa: E402
 from tokenprune import kernels, ops  # noqa: E402
 from tokenprune.kernels import reference as R  # noqa: E402
-from tokenprune.reducers.diverse import cosine_distance  # noqa: E402
 from tokenprune.state import TokenState  # noqa: E402
 
 
@@ -1260,13 +1259,13 @@ def test_max_min_select_equals_the_reference(T, b, n, k, padding, weighted):
     """The whole greedy loop in one program per sample chooses exactly the reference's tokens (min, argmax with
     the lowest index on ties and one float32 multiply are exact), padding slots never chosen."""
     g = gen(41)
-    dist = cosine_distance(torch.randn(b, n, 8, generator=g))
+    gm = R.gram(torch.randn(b, n, 8, generator=g))[0]
     valid = torch.rand(b, n, generator=g) > 0.3 if padding else None
     if padding:
         valid[0, : n // 2] = False  # sample 0 has fewer valid tokens than some k
     weight = torch.rand(b, n, generator=g) if weighted else None
-    got = T.select.max_min_select(dist, k, valid, weight)
-    ref = R.max_min_select(dist, k, valid, weight)
+    got = T.select.max_min_select(gm, k, valid, weight)
+    ref = R.max_min_select(gm, k, valid, weight)
     assert got.dtype == torch.bool and torch.equal(got, ref)
     assert (got.sum(1) == (k if valid is None else torch.clamp(valid.sum(1), max=k))).all()
     if valid is not None:
@@ -1279,14 +1278,14 @@ def test_max_min_select_ties_and_lone_tokens(T):
     g = gen(43)
     f = torch.randn(2, 12, 6, generator=g)
     f[:, 9], f[:, 2] = f[:, 5].clone(), f[:, 5].clone()  # three copies of one token
-    dist = cosine_distance(f)
+    gm = R.gram(f)[0]
     for k in (0, 1, 4, 12):
-        assert torch.equal(T.select.max_min_select(dist, k), R.max_min_select(dist, k))
+        assert torch.equal(T.select.max_min_select(gm, k), R.max_min_select(gm, k))
     valid = torch.zeros(2, 12, dtype=torch.bool)
     valid[:, 7] = True
-    got = T.select.max_min_select(dist, 3, valid)
-    assert torch.equal(got, R.max_min_select(dist, 3, valid)) and got.sum() == 2 and got[:, 7].all()
-    empty = T.select.max_min_select(dist[:0], 3)
+    got = T.select.max_min_select(gm, 3, valid)
+    assert torch.equal(got, R.max_min_select(gm, 3, valid)) and got.sum() == 2 and got[:, 7].all()
+    empty = T.select.max_min_select(gm[:0], 3)
     assert empty.shape == (0, 12) and empty.dtype == torch.bool
 
 
@@ -1299,8 +1298,8 @@ def test_diverse_takes_the_kernel_when_it_fits(T, monkeypatch):
     monkeypatch.setattr(T.select, "max_min_select", lambda *a: calls.append(a[0].shape[1]) or launch(*a))
     monkeypatch.setattr(T.select, "MAX_N", 20)
     for n in (20, 21):
-        dist = cosine_distance(torch.randn(1, n, 4, generator=gen(n)))
-        assert torch.equal(kernels.max_min_select(dist, 5), R.max_min_select(dist, 5))
+        gm = R.gram(torch.randn(1, n, 4, generator=gen(n)))[0]
+        assert torch.equal(kernels.max_min_select(gm, 5), R.max_min_select(gm, 5))
     assert calls == [20]
 
 
@@ -1436,9 +1435,8 @@ def op_cases():
         ("apet_assign", (gm, keep)),
         ("apet_step", (x, sizes, source, p, 3, 5, 1e-5, True, t)),
         ("apet_step", (x, None, None, 0, 2, 6, 1e-5, False, None)),
-        ("max_min_select", (1.0 - gm / gm.diagonal(dim1=1, dim2=2)[:, None], 5, sizes[:, p:] > 0,
-                            torch.rand(b, 12, generator=g))),
-        ("max_min_select", (1.0 - gm / 10, 4, None, None)),
+        ("max_min_select", (gm, 5, sizes[:, p:] > 0, torch.rand(b, 12, generator=g))),
+        ("max_min_select", (gm, 4, None, None)),
     ]
 
 
@@ -1642,7 +1640,7 @@ def test_cached_launcher_compiles_anew_for_what_triton_specializes_on(T, monkeyp
                 return Compiled()
             return launch
 
-    # (lg, pm, ps, w, out, o, N, NB, swb, swh, swn, sob, soh, son, DV, H, HAS_W, HAS_O, DVP, NBP, BLOCK_N)
+    # (lg, pm, ps, w, out, o, N, NB, swb, swh, swn, sob, soh, son, D, H, HAS_W, HAS_O, DVP, NBP, BLOCK_N)
     launcher = tc._Launcher(T.scores._qs_reduce)
     launcher.fn, launcher.interpreted = Jit(), False
     monkeypatch.setattr(tc, "_hooks_active", lambda: False)

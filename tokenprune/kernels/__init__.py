@@ -428,14 +428,15 @@ def apet_assign(g, keep_idx):
     return reference.apet_assign(g, keep_idx)
 
 
-def max_min_select(dist, k: int, valid=None, weight=None):
-    """``[B, N]`` bool: ``k`` tokens per sample by greedy max-min diversity over ``dist [B, N, N]`` (float32), with
-    optional ``valid [B, N]`` bool and ``weight [B, N]``; see ``reference.max_min_select``."""
+def max_min_select(gram, k: int, valid=None, weight=None):
+    """``[B, N]`` bool: ``k`` tokens per sample by greedy max-min cosine diversity, from the features' Gram matrix
+    ``gram [B, N, N]`` (float32; :func:`gram`), with optional ``valid [B, N]`` bool and ``weight [B, N]``; see
+    ``reference.max_min_select``."""
     if _via_op():
-        return _ops.max_min_select(dist, k, valid, weight)
-    if use_triton(dist, valid, weight) and _impl().select.max_min_select_fits(dist.shape[1]):
-        return _impl().select.max_min_select(dist, k, valid, weight)
-    return reference.max_min_select(dist, k, valid, weight)
+        return _ops.max_min_select(gram, k, valid, weight)
+    if use_triton(gram, valid, weight) and _impl().select.max_min_select_fits(gram.shape[1]):
+        return _impl().select.max_min_select(gram, k, valid, weight)
+    return reference.max_min_select(gram, k, valid, weight)
 
 
 from . import custom_ops  # noqa: E402  (registers torch.ops.tokenprune.*; needs _impl above)

@@ -165,8 +165,9 @@ def _configs():
     out.append((AP._apet_assign, {"g_ptr": f32, "keep_ptr": "*i64", "t_ptr": "*i64"}, dict(BM=64, BK=64), 8))
     # DivPrune's max-min selection: ViT-B's 196 tokens (BN 256), Qwen2.5-VL's up to 2048, the one-program limit
     for bn in (256, 2048, SL.MAX_N):
-        out.append((SL._max_min, {"d_ptr": f32, "v_ptr": "*i8", "w_ptr": f32, "o_ptr": "*i8"},
-                    dict(HAS_VALID=True, HAS_W=True, BN=bn, BJ=max(1, 4096 // bn)), 4 if bn <= 1024 else 8))
+        out.append((SL._max_min, {"g_ptr": f32, "v_ptr": "*i8", "w_ptr": f32, "o_ptr": "*i8"},
+                    dict(HAS_VALID=True, HAS_W=True, BN=bn, BJ=max(1, 4096 // bn), enable_fp_fusion=False),
+                    4 if bn <= 1024 else 8))
     # SigLIP's head dim 72: D and the strides are not multiples of 16, so no int is compiled aligned ("D72"); the
     # kernels take them divided by VEC = 8 (_triton_common._vec) and must still load 16 bytes at a time
     bm, bn, w = AT.BA_CONFIG["short"]
@@ -194,7 +195,7 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
     for fn, types, consts, warps, sweep_only in _configs():
         consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
         d72 = consts.pop("D72", False)
-        opts = {"num_warps": warps, **({"maxnreg": consts.pop("maxnreg")} if "maxnreg" in consts else {})}
+        opts = {"num_warps": warps, **{o: consts.pop(o) for o in ("maxnreg", "enable_fp_fusion") if o in consts}}
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if a not in consts and (sig[a].startswith("*") or (ALIGNED.match(a) and not d72))}

@@ -257,18 +257,18 @@ _define("pitome_order", "(Tensor metric, Tensor? sizes, int num_prefix, int cand
         "-> (Tensor, Tensor)", _po_fake, "pitome")
 
 
-def _mm_launch(dist, k, valid, weight):
+def _mm_launch(gram, k, valid, weight):
     """CUDA: the kernel where it runs (kernels on, Triton importable, N fits), else the reference: every compiled
     call of the dispatch takes this op, on any device and with the kernels on or off (the selection has no
     gradient), so it cannot assume the kernel applies."""
-    if sys.modules[__package__].kernels_enabled() and _t() and _t().select.max_min_select_fits(dist.shape[1]):
-        return _t().select.max_min_select(dist, k, valid, weight)
-    return R.max_min_select(dist, k, valid, weight)
+    if sys.modules[__package__].kernels_enabled() and _t() and _t().select.max_min_select_fits(gram.shape[1]):
+        return _t().select.max_min_select(gram, k, valid, weight)
+    return R.max_min_select(gram, k, valid, weight)
 
 
-def _mm_fake(dist, k, valid, weight):
-    return dist.new_empty(dist.shape[:2], dtype=torch.bool)
+def _mm_fake(gram, k, valid, weight):
+    return gram.new_empty(gram.shape[:2], dtype=torch.bool)
 
 
-_define("max_min_select", "(Tensor dist, int k, Tensor? valid, Tensor? weight) -> Tensor", _mm_fake,
+_define("max_min_select", "(Tensor gram, int k, Tensor? valid, Tensor? weight) -> Tensor", _mm_fake,
         launch=_mm_launch)

@@ -407,13 +407,23 @@ def apet_step(x: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor 
     return apet_merge(x, sizes, apet_assign(g, keep_idx), keep_idx, source, p, max_size)
 
 
-def max_min_select(dist: torch.Tensor, k: int, valid: torch.Tensor | None = None,
+def cosine_distance(gram: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(f_i, f_j)`` ``[B, N, N]`` from the features' Gram matrix ``gram = F F^T`` (float32):
+    ``1 - (G_ij r_i) r_j`` with ``r_i = 1 / max(sqrt(G_ii), 1e-12)`` (``F.normalize``'s eps), in this order of
+    operations, which ``select._max_min`` repeats bit for bit."""
+    r = 1.0 / gram.diagonal(dim1=-2, dim2=-1).sqrt().clamp_min(1e-12)
+    return 1.0 - (gram * r[..., :, None]) * r[..., None, :]
+
+
+def max_min_select(gram: torch.Tensor, k: int, valid: torch.Tensor | None = None,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy max-min diversity (DivPrune; ``reducers/diverse.py``): ``[B, N]`` bool, ``k`` tokens chosen per row
-    (fewer real ones where a row has fewer ``valid`` tokens). ``dist`` ``[B, N, N]`` float32; ``weight`` ``[B, N]``
-    multiplies each candidate's distance to the chosen set (conditioning). The first pick is the token whose nearest
-    other valid token is farthest (a lone token counts 1), then each step the candidate farthest from the chosen set
-    (ties: the lower index); the chosen set's distance to every token is the only state carried between steps."""
+    (fewer real ones where a row has fewer ``valid`` tokens), with the cosine distances of the features whose Gram
+    matrix is ``gram`` ``[B, N, N]`` float32 (:func:`cosine_distance`); ``weight`` ``[B, N]`` multiplies each
+    candidate's distance to the chosen set (conditioning). The first pick is the token whose nearest other valid
+    token is farthest (a lone token counts 1), then each step the candidate farthest from the chosen set (ties: the
+    lower index); the chosen set's distance to every token is the only state carried between steps."""
+    dist = cosine_distance(gram)
     b, n, _ = dist.shape
     eye = torch.eye(n, dtype=torch.bool, device=dist.device)
     d = dist.masked_fill(eye, float("inf"))

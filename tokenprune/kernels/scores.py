@@ -43,10 +43,10 @@ def _qs_logits(q_ptr, k_ptr, bias_ptr, lg_ptr, pm_ptr, ps_ptr, N, H, D, NB, scal
 
 
 @triton.jit
-def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, o_ptr, N, NB, swb, swh, swn, sob, soh, son, DV,
+def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, o_ptr, N, NB, swb, swh, swn, sob, soh, son, D,
                H: tl.constexpr, HAS_W: tl.constexpr, HAS_O: tl.constexpr, DVP: tl.constexpr, NBP: tl.constexpr,
                BLOCK_N: tl.constexpr):
-    # H a compile-time constant: the head loop unrolls and its loads are in flight together
+    # H a compile-time constant: the head loop unrolls and its loads are in flight together; D: o's head dim
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,7 +69,7 @@ def _qs_reduce(lg_ptr, pm_ptr, ps_ptr, w_ptr, out_ptr, o_ptr, N, NB, swb, swh, s
             a = a * tl.load(w_ptr + b * swb + h * swh + offs_n * swn, mask=nmask, other=0.0).to(tl.float32)
         if HAS_O:  # head importance |o_h| of each token, from the head's attention output row
             o = tl.load(o_ptr + b * sob + h * soh + offs_n[:, None] * son + offs_v[None, :],
-                        mask=nmask[:, None] & (offs_v < DV)[None, :], other=0.0).to(tl.float32)
+                        mask=nmask[:, None] & (offs_v < D)[None, :], other=0.0).to(tl.float32)
             nrm = tl.sqrt_rn(tl.sum(o * o, 1))
             a = a * nrm
             wsum += nrm

@@ -1,12 +1,15 @@
 """Triton kernel of DivPrune's greedy max-min diversity selection (``reducers/diverse.py``): the whole greedy loop in
-one program per sample. Reference: ``reference.max_min_select``.
+one program per sample, on the features' Gram matrix. Reference: ``reference.max_min_select``.
 
 The loop is ``k`` dependent steps (argmax over the candidates, then one row of the distance matrix), so in PyTorch it
 is ``k`` x 5 small launches (10 when run 32 timed it): at ViT-B budget 0.25 about 2,500 per forward then, which made
 ``diverse`` 7x slower than the unreduced model at batch 1 (run 32, H100: 32.4 against 4.6 ms eager, 5.57 against
-0.75 ms under CUDA graphs) and 1.5x slower at batch 256. Here the chosen set's distance to every token stays in
-registers; a step reads one row of ``dist`` (``N`` floats, L2-resident) and reduces once (run 33: 0.33 us a step).
-The selection is the reference's bit for bit: min, argmax (lowest index on ties) and one float32 multiply are exact.
+0.75 ms under CUDA graphs) and 1.5x slower at batch 256. Here the chosen set's largest cosine to every token stays in
+registers; a step reads one row of ``G`` (``N`` floats, L2-resident) and reduces once (run 33: 0.33 us a step).
+The cosines come from ``G = F F^T`` as the reference writes them, ``(G_ij r_i) r_j`` with ``r_i = 1 / max(sqrt(G_ii),
+1e-12)`` (IEEE square root and division), so no normalised copy of the features and no ``N x N`` distance matrix is
+made. The selection is the reference's bit for bit: those multiplies, ``1 - s`` (no fused multiply-add: the launch
+turns FMA contraction off), max, argmax (lowest index on ties) and one float32 multiply by the weight are exact.
 """
 from __future__ import annotations
 
@@ -20,26 +23,35 @@ MAX_N = 4096  # one program holds a sample's N-vectors in registers
 
 
 @triton.jit
-def _max_min(d_ptr, v_ptr, w_ptr, o_ptr, N, K, sdb, sdn, svb, swb,
+def _inv_norm(sq):
+    # 1 / max(|f|, 1e-12) from |f|^2: F.normalize's eps, IEEE square root and division (the reference's bits)
+    return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sq), 1e-12))
+
+
+@triton.jit
+def _max_min(g_ptr, v_ptr, w_ptr, o_ptr, N, K, sgb, sgn, svb, swb,
              HAS_VALID: tl.constexpr, HAS_W: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BN)
     inb = i < N
-    db = d_ptr + b * sdb
+    gb = g_ptr + b * sgb
     ok = inb
     if HAS_VALID:
         ok = inb & (tl.load(v_ptr + b * svb + i, mask=inb, other=0) != 0)
-    # the first pick's key: each token's distance to its nearest other valid token (a lone token: 1)
-    near = tl.full([BN], float("inf"), tl.float32)
+    ri = _inv_norm(tl.load(gb + i * (sgn + 1), mask=inb, other=1.0))
+    # the first pick's key: each token's largest cosine to another valid token (none: distance 1)
+    top = tl.full([BN], float("-inf"), tl.float32)
     for j0 in range(0, N, BJ):
         j = j0 + tl.arange(0, BJ)
         jok = j < N
         if HAS_VALID:
             jok = jok & (tl.load(v_ptr + b * svb + j, mask=jok, other=0) != 0)
-        t = tl.load(db + i[:, None] * sdn + j[None, :], mask=inb[:, None] & jok[None, :], other=float("inf"))
-        t = tl.where(i[:, None] == j[None, :], float("inf"), t)
-        near = tl.minimum(near, tl.min(t, axis=1))
-    near = tl.where(near == float("inf"), 1.0, near)
+        rj = _inv_norm(tl.load(gb + j * (sgn + 1), mask=jok, other=1.0))
+        t = tl.load(gb + i[:, None] * sgn + j[None, :], mask=inb[:, None] & jok[None, :], other=0.0)
+        sim = (t * ri[:, None]) * rj[None, :]
+        sim = tl.where((i[:, None] == j[None, :]) | ~jok[None, :], float("-inf"), sim)
+        top = tl.maximum(top, tl.max(sim, axis=1))
+    near = tl.where(top == float("-inf"), 1.0, 1.0 - top)  # the distance to the nearest (chosen) token
     if HAS_W:
         w = tl.load(w_ptr + b * swb + i, mask=inb, other=1.0)
     taken = ~ok  # chosen or padding: never a candidate
@@ -50,8 +62,10 @@ def _max_min(d_ptr, v_ptr, w_ptr, o_ptr, N, K, sdb, sdn, svb, swb,
         # a row with no candidate left picks index 0, already chosen or padding
         pick = tl.argmax(tl.where(taken, float("-inf"), score), axis=0, tie_break_left=True)
         taken = taken | (i == pick)
-        row = tl.load(db + pick * sdn + i, mask=inb, other=float("inf"))  # the new pick's distance to every token
-        near = tl.where(step == 0, row, tl.minimum(near, row))
+        row = tl.load(gb + pick * sgn + i, mask=inb, other=0.0)  # the new pick's row of G
+        sim = (row * _inv_norm(tl.load(gb + pick * (sgn + 1)))) * ri
+        top = tl.where(step == 0, sim, tl.maximum(top, sim))  # the largest cosine to the chosen set
+        near = 1.0 - top
     tl.store(o_ptr + b * N + i, (taken & ok).to(tl.int8), mask=inb)
 
 
@@ -59,17 +73,18 @@ def max_min_select_fits(n: int) -> bool:
     return 1 <= n <= MAX_N
 
 
-def max_min_select(dist, k: int, valid=None, weight=None):
-    """``[B, N]`` bool: ``k`` tokens per sample by greedy max-min diversity; see ``reference.max_min_select``."""
-    bsz, n, _ = dist.shape
+def max_min_select(gram, k: int, valid=None, weight=None):
+    """``[B, N]`` bool: ``k`` tokens per sample by greedy max-min cosine diversity from the Gram matrix ``gram``
+    ``[B, N, N]``; see ``reference.max_min_select``."""
+    bsz, n, _ = gram.shape
     if not max_min_select_fits(n):
         raise ValueError(f"max_min_select kernel: N={n} does not fit (N <= {MAX_N})")
     if bsz == 0:  # an empty batch: no program to launch
-        return torch.zeros(0, n, dtype=torch.bool, device=dist.device)
-    if dist.dtype != torch.float32:
-        dist = dist.float()
-    dist, sd = _rows_contiguous(dist)
-    out = _alloc((bsz, n), dist.device, torch.int8)
+        return torch.zeros(0, n, dtype=torch.bool, device=gram.device)
+    if gram.dtype != torch.float32:
+        gram = gram.float()
+    gram, sg = _rows_contiguous(gram)
+    out = _alloc((bsz, n), gram.device, torch.int8)
     v, svb = out, 0
     if valid is not None:
         v, sv = _rows_contiguous(valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8))
@@ -78,13 +93,13 @@ def max_min_select(dist, k: int, valid=None, weight=None):
     if weight is not None:
         w, sw = _rows_contiguous(weight.float())
         swb = sw[0]
-    fast(_max_min)[(bsz,)](dist, v, w, out, n, int(k), sd[0], sd[1], svb, swb, HAS_VALID=valid is not None,
-                           HAS_W=weight is not None, **_config(n))
+    fast(_max_min)[(bsz,)](gram, v, w, out, n, int(k), sg[0], sg[1], svb, swb, HAS_VALID=valid is not None,
+                           HAS_W=weight is not None, enable_fp_fusion=False, **_config(n))
     return out.view(torch.bool)
 
 
 def _config(n: int) -> dict:
     """The launch constants of ``_max_min`` for ``n`` tokens: the N-vectors' block, the column tile of the first
-    pick's pass over ``dist``, the warps."""
+    pick's pass over ``G``, the warps."""
     bn = max(16, _p2(n))
     return dict(BN=bn, BJ=max(1, 4096 // bn), num_warps=4 if bn <= 1024 else 8)

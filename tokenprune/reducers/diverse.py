@@ -11,11 +11,11 @@ DivPrune keeps the subset ``S`` of ``K`` tokens that maximises the smallest pair
 solved greedily: the first token is the one whose nearest other token is farthest away,
 ``argmax_i min_{j != i} d(i, j)``; then, ``K - 1`` times, the token farthest from everything kept so far,
 ``argmax_{i not in S} min_{j in S} d(i, j)``, joins ``S``. Only the kept set's distance to every token is
-carried between steps (one row of ``d`` is read per step), so the loop is a fixed number of
-``min`` / ``argmax`` steps: no host sync, no data-dependent Python. That loop is ``kernels.max_min_select``
-(``reference.max_min_select`` in PyTorch; on CUDA one Triton program per sample runs all ``K`` steps, where
-PyTorch would launch five kernels per step; one opaque op under ``torch.compile``). Every operation works per row,
-so a sample selects the same tokens in a batch as alone.
+carried between steps (one row of ``d``, worked out from the Gram matrix ``F F^T``, per step), so the loop is a
+fixed number of ``min`` / ``argmax`` steps: no host sync, no data-dependent Python. That loop is
+``kernels.max_min_select`` (``reference.max_min_select`` in PyTorch; on CUDA one Triton program per sample runs
+all ``K`` steps, where PyTorch would launch five kernels per step; one opaque op under ``torch.compile``). Every
+operation works per row, so a sample selects the same tokens in a batch as alone.
 
 It needs no attention: the features are the tokens themselves after the stage's block (``f_i = x_i``).
 The kept tokens are returned in spatial order.
@@ -47,9 +47,9 @@ _EPS = 1e-3  # relevance floor: a token unrelated to the text still counts a lit
 
 
 def cosine_distance(f: torch.Tensor) -> torch.Tensor:
-    """``1 - cos(f_i, f_j)`` ``[B, N, N]`` in float32 for features ``f`` ``[B, N, C]``."""
-    f = torch.nn.functional.normalize(f.float(), dim=-1)
-    return 1.0 - f @ f.transpose(1, 2)
+    """``1 - cos(f_i, f_j)`` ``[B, N, N]`` in float32 for features ``f`` ``[B, N, C]``: the distances
+    ``kernels.max_min_select`` works with, written from the Gram matrix ``F F^T`` (``reference.cosine_distance``)."""
+    return kernels.reference.cosine_distance(kernels.gram(f)[0])
 
 
 def text_relevance(f: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,5 +98,7 @@ class Diverse(Reducer):
                 raise ValueError(f"diverse: text has {self.text.shape[0]} rows for a batch of {f.shape[0]}; "
                                  "give one embedding per sample or one for all")
             weight = (_EPS + text_relevance(f, self.text, valid)) ** self.text_weight
-        chosen = kernels.max_min_select(cosine_distance(f), stage.keep, valid, weight)  # the greedy max-min above
+        # the greedy max-min above, on the Gram matrix F F^T (one launch on CUDA): the distances d = 1 - cos are
+        # worked out from G inside the selection, so neither a normalised copy of F nor d is made
+        chosen = kernels.max_min_select(kernels.gram(f)[0], stage.keep, valid, weight)
         return keep_top(state, chosen.float(), stage.keep, valid)
