@@ -5,7 +5,8 @@ The loop is ``k`` dependent steps (argmax over the candidates, then one row of t
 is ``k`` x 5 small launches (10 when run 32 timed it): at ViT-B budget 0.25 about 2,500 per forward then, which made
 ``diverse`` 7x slower than the unreduced model at batch 1 (run 32, H100: 32.4 against 4.6 ms eager, 5.57 against
 0.75 ms under CUDA graphs) and 1.5x slower at batch 256. Here the chosen set's largest cosine to every token stays in
-registers; a step reads one row of ``G`` (``N`` floats, L2-resident) and reduces once (run 33: 0.33 us a step).
+registers; a step reduces once (the pick and its ``1 / |f|``) and reads one row of ``G`` (``N`` floats, L2-resident;
+run 33: 0.33 us a step on ``dist``; run 37, with the pick's norm worked out from ``G_pp`` in the step, 0.42).
 The cosines come from ``G = F F^T`` as the reference writes them, ``(G_ij r_i) r_j`` with ``r_i = 1 / max(sqrt(G_ii),
 1e-12)`` (IEEE square root and division), so no normalised copy of the features and no ``N x N`` distance matrix is
 made. The selection is the reference's bit for bit: those multiplies, ``1 - s`` (no fused multiply-add: the launch
@@ -26,6 +27,13 @@ MAX_N = 4096  # one program holds a sample's N-vectors in registers
 def _inv_norm(sq):
     # 1 / max(|f|, 1e-12) from |f|^2: F.normalize's eps, IEEE square root and division (the reference's bits)
     return tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sq), 1e-12))
+
+
+@triton.jit
+def _best(a, ia, ra, b, ib, rb):
+    # the larger score, the lower index on ties (torch.argmax's choice), with the token's 1 / |f| carried along
+    first = (a > b) | ((a == b) & (ia < ib))
+    return tl.where(first, a, b), tl.where(first, ia, ib), tl.where(first, ra, rb)
 
 
 @triton.jit
@@ -59,11 +67,12 @@ def _max_min(g_ptr, v_ptr, w_ptr, o_ptr, N, K, sgb, sgn, svb, swb,
         score = near
         if HAS_W:
             score = near * w
-        # a row with no candidate left picks index 0, already chosen or padding
-        pick = tl.argmax(tl.where(taken, float("-inf"), score), axis=0, tie_break_left=True)
+        # one reduction gives the pick and its 1 / |f| (a row with no candidate left picks index 0, already chosen or
+        # padding); the row of G is then the only load the step waits for
+        _, pick, rp = tl.reduce((tl.where(taken, float("-inf"), score), i, ri), 0, _best)
         taken = taken | (i == pick)
         row = tl.load(gb + pick * sgn + i, mask=inb, other=0.0)  # the new pick's row of G
-        sim = (row * _inv_norm(tl.load(gb + pick * (sgn + 1)))) * ri
+        sim = (row * rp) * ri
         top = tl.where(step == 0, sim, tl.maximum(top, sim))  # the largest cosine to the chosen set
         near = 1.0 - top
     tl.store(o_ptr + b * N + i, (taken & ok).to(tl.int8), mask=inb)
