@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _metric_rows, _p2, _rank_desc, fast
+from ._triton_common import LaunchPlan, _alloc, _metric_rows, _p2, _rank_desc, _sig, cached_plan
 
 
 @triton.jit
@@ -105,23 +105,44 @@ PITOME_ORDER_CONFIG = {"br": 256, "br_f32": 32, "bt": 32, "warps": 8}
 def pitome_order(metric, sizes, p: int, cand: int, margin: float, padded: bool):
     """``(energy [B, N] float32, perm [B, P + N] long)``; see ``reference.pitome_order``. ``metric`` ``[B, T, d]``, or
     a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous), averaged over heads as they are loaded
-    (``reference.key_mean``, as the merge kernels do: no mean in memory)."""
+    (``reference.key_mean``, as the merge kernels do: no mean in memory). Everything but the tensors is worked out
+    once per input signature (an :class:`_OrderPlan`: eager batch 1 is bound by host time, and this runs every
+    block)."""
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
-    shape, sm = metric.shape, metric.stride()
-    bsz, t, d = shape[0], shape[-2], shape[-1]
-    heads, smh = (shape[1], sm[1]) if len(shape) == 4 else (1, 0)
-    n = t - p
     has_s = bool(padded) and sizes is not None
     if has_s and sizes.stride(-1) != 1:
         sizes = sizes.contiguous()
-    e = _alloc((bsz, n), metric.device, torch.float32)
-    perm = _alloc((bsz, t), metric.device, torch.long)
-    cfg = PITOME_ORDER_CONFIG
-    is32 = metric.dtype == torch.float32
-    br = max(16, min(cfg["br_f32" if is32 else "br"], _p2(n)))
-    fast(_pitome_order)[(bsz,)](metric, sizes if has_s else e, e, perm, p, n, d, cand, float(margin),
-                                sm[0], sm[-2], smh, sizes.stride(0) if has_s else 0,
-                                H=heads, PADDED=has_s, IS_F32=is32, DP=max(16, _p2(d)), BR=br, BT=cfg["bt"],
-                                PP=_p2(max(p, 1)), num_warps=cfg["warps"])
-    return e, perm
+    key = (metric.shape, metric.stride(), metric.dtype, metric.device, _sig(sizes) if has_s else None, p, cand,
+           float(margin), *PITOME_ORDER_CONFIG.values())
+    return cached_plan(_PLANS, key, _OrderPlan, metric, sizes if has_s else None, p, cand, margin)(metric, sizes)
+
+
+_PLANS: dict = {}  # pitome_order's input signature -> its _OrderPlan
+
+
+class _OrderPlan:
+    """One signature's order step: the launch over ``(metric, sizes, energy, perm)`` (no sizes: the energy buffer
+    stands for them)."""
+
+    def __init__(self, metric, sizes, p, cand, margin):
+        shape, sm = metric.shape, metric.stride()
+        bsz, t, d = shape[0], shape[-2], shape[-1]
+        heads, smh = (shape[1], sm[1]) if len(shape) == 4 else (1, 0)
+        n = t - p
+        self.has_s, self.dev, self.shapes = sizes is not None, metric.device, ((bsz, n), (bsz, t))
+        cfg = PITOME_ORDER_CONFIG
+        is32 = metric.dtype == torch.float32
+        br = max(16, min(cfg["br_f32" if is32 else "br"], _p2(n)))
+        self.launch = LaunchPlan(_pitome_order, (bsz,), range(4),
+                                 (p, n, d, cand, float(margin), sm[0], sm[-2], smh,
+                                  sizes.stride(0) if sizes is not None else 0),
+                                 dict(H=heads, PADDED=sizes is not None, IS_F32=is32, DP=max(16, _p2(d)), BR=br,
+                                      BT=cfg["bt"], PP=_p2(max(p, 1)), num_warps=cfg["warps"]),
+                                 (0, 1) if sizes is not None else (0,))
+
+    def __call__(self, metric, sizes):
+        e = _alloc(self.shapes[0], self.dev, torch.float32)
+        perm = _alloc(self.shapes[1], self.dev, torch.long)
+        self.launch((metric, sizes if self.has_s else e, e, perm))
+        return e, perm
