@@ -440,6 +440,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     in a loop (warm caches): a whole step costs more than the sum of its parts, and in a forward, between blocks,
     more again (an H200 host took ~125 us for a merge step this counted as ~78 us + one launch)."""
     import contextlib
+    from types import SimpleNamespace
 
     import tokenprune.reducers  # noqa: F401 -- registers the reducers
     from tokenprune import kernels, ops
@@ -526,6 +527,17 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
             _us(lambda: protected_merge(merged_state(), qk1_one.key_mean(), r, 0.5), n_it) - base)
         put("  kernels.pitome_order (the keys [1, 16, 190, 64])",
             _us(lambda: kernels.pitome_order(m1, st0.sizes, 1, 2 * r, 0.5, False), n_it))
+        thr = make("threshold")
+        thr.check(SimpleNamespace(has_cls=True, depth=24))  # (what apply's plan does: the stage blocks, theta)
+        o = torch.randn(b, t, h, d, generator=g).to(dt).transpose(1, 2)  # the heads' outputs as the adapter records
+        qk_o = QK(q, k, d ** -0.5, None, o)
+        s_thr = Stage(thr._layers[0], 123, "threshold")
+        put("threshold step (Threshold.reduce: scores with head weights, keep_above: one host read, keep_step)",
+            _us(lambda: thr.reduce(start_state(), s_thr, qk_o), n_it) - base)
+        put("  kernels.query_scores with head_values (the head weights in its second launch)",
+            _us(lambda: kernels.query_scores(q[:, :, 0], k, d ** -0.5, None, None, o), n_it))
+        put("  ops.keep_above (counts, their host read, keep_top)",
+            _us(lambda: ops.keep_above(start_state(), sc, 0.004, 123), n_it) - base)
         s_apet = Stage(0, 123, "apet")
         put("apet step (Apet.reduce: kernels.apet_step, four launches)",
             _us(lambda: apet.reduce(start_state(), s_apet, None), n_it // 3) - base)
