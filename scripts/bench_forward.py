@@ -829,6 +829,8 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             r = fn(*a)
             d = r if isinstance(r, dict) else r[-1]
             d.update(kw)
+            if fn is saved["_gram_config"] and "BM" in kw:  # the tiles per side follow the tile (session 16's sweep
+                return ka._cdiv(a[0], kw["BM"]), d  # kept the default's count: a 64-row tile then left G part-written)
             return r
         return f
 
@@ -882,6 +884,26 @@ def configs_b(out: Path, smoke: bool, repeats: int):
             finally:
                 for n_, v in old.items():
                     setattr(km, n_, v)
+
+
+def merge_anatomy(smoke: bool, repeats: int):
+    """GPU: where a batch-1 merge step's time goes (ViT-B: head dim 64, the key mean given, r 13). The one-launch
+    step at 768 channels against the same step on 32 (one column tile: the matching, ranking and plan, which every
+    program of the sample repeats, and little row traffic), with and without the deferred residual add, at token
+    counts of ViT-B's every-block schedule."""
+    from tokenprune import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    d, r = (16, 4) if smoke else (64, 13)
+    for t in ([41] if smoke else [197, 171, 145, 119, 93, 67]):
+        for c, residual in ((32, False), (768, False), (768, True)):
+            x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
+            y = torch.randn(1, t, c, generator=g).to(DEV, DTYPE) if residual else None
+            m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
+            sizes = torch.ones(1, t, device=DEV)
+            source = torch.arange(t, device=DEV)[None]
+            row = dict(case="merge_anatomy", tokens=t, r=r, channels=c, residual=residual)
+            sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), None, repeats)
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
@@ -1061,6 +1083,8 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
+        merge_anatomy(args.smoke, args.repeats)
     if "configs_select" in parts:
         configs_select(args.smoke, reps)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
@@ -1082,7 +1106,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
-                                                            "configs_select"):
+                                                            "configs_select", "merge_anatomy"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
