@@ -906,6 +906,31 @@ def merge_anatomy(smoke: bool, repeats: int):
             sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), None, repeats)
 
 
+def gram_tiles(smoke: bool, repeats: int):
+    """GPU: ``kernels.gram`` (ApET's and diverse's Gram matrix, fp16, 768 channels) with its default tiles against
+    64-row tiles (BK 32 and 64, 4 warps) at ViT-B's stage token counts, batch 1 and 256: kernel time and whether G
+    is bit-equal to the default's."""
+    from tokenprune import kernels
+    from tokenprune.kernels import apet as ka
+
+    saved = ka._gram_config
+    g = torch.Generator(device="cpu").manual_seed(0)
+    c = 32 if smoke else 768
+    for bs in (1, 4 if smoke else 256):
+        for n in ([40] if smoke else [196, 123, 78]):
+            x = torch.randn(bs, n, c, generator=g).to(DEV, DTYPE)
+            ref = None
+            for name, kw in (("default", None), ("bm64_bk32_w4", dict(BM=64, BK=32, num_warps=4)),
+                             ("bm64_bk64_w4", dict(BM=64, BK=64, num_warps=4))):
+                if kw is not None:
+                    ka._gram_config = lambda m, is32, kw=kw: (ka._cdiv(m, kw["BM"]), dict(saved(m, is32)[1], **kw))
+                row = dict(case="gram_tiles", bs=bs, tokens=n, variant=name)
+                try:
+                    ref = sweep_row(row, lambda: kernels.gram(x), ref, repeats)
+                finally:
+                    ka._gram_config = saved
+
+
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
     four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
@@ -1083,6 +1108,8 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
+        gram_tiles(args.smoke, args.repeats)
     if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
         merge_anatomy(args.smoke, args.repeats)
     if "configs_select" in parts:
@@ -1106,7 +1133,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
-                                                            "configs_select", "merge_anatomy"):
+                                                            "configs_select", "merge_anatomy", "gram_tiles"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
