@@ -156,6 +156,8 @@ def _configs():
     out.append((AP._apet_err, {"x_ptr": f16, "w_ptr": f32, "s_ptr": f32, "e_ptr": f32}, dict(KP=16, BN=64, BC=64), 8))
     # ApET stage from the Gram matrix (ViT-B: N=196 -> NP=256; the one-program limit N=1024; k=10 and 32)
     out.append((AP._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=128, BK=32), 8))  # BK=64 spills
+    # small batches; built as launched: the channel stride is 1, which Triton specialises as a constant
+    out.append((AP._gram, {"x_ptr": f16, "g_ptr": f32}, dict(IS_F32=False, BM=64, BK=64, sxc=1), 4))
     out.append((AP._gram, {"x_ptr": f32, "g_ptr": f32}, dict(IS_F32=True, BM=64, BK=16), 4))
     for (np_, kp, w), select in itertools.product(((256, 16, 8), (256, 32, 8), (1024, 32, 8)),  # 4 warps at 256 spill
                                                   (False, True)):  # True: apet_step's (valid from the sizes)
