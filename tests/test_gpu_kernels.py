@@ -593,15 +593,15 @@ def test_gram(T, b, n, c, dtype):
 
 @pytest.mark.parametrize("n,dtype", [(196, F16), (123, BF16), (78, F16)], ids=dtype_id)
 def test_gram_of_a_sample_is_the_same_alone_and_in_a_batch(T, n, dtype):
-    """Alone, a sample's G comes from 64-row tiles (a 128-row grid would leave the GPU idle), in a batch of 64 from
+    """Alone, a sample's G comes from 64-row tiles (a 128-row grid would leave the GPU idle), in a batch of 256 from
     128-row ones: the same products summed in the same order, so the same G bit for bit (ApET's and diverse's choices
     do not depend on the batch)."""
-    needs(dtype, 64, n, 768)
-    x = randn(64, n, 768, dtype=dtype, g=gen(8))
+    needs(dtype, 256, n, 768)
+    x = randn(256, n, 768, dtype=dtype, g=gen(8))
     with poisoned(T):
         alone, batch = kernels.gram(x[:1])[0], kernels.gram(x)[0]
     assert T.apet._gram_config(n, False, 1, x.device)[1]["BM"] == 64
-    assert T.apet._gram_config(n, False, 64, x.device)[1]["BM"] == 128
+    assert T.apet._gram_config(n, False, 256, x.device)[1]["BM"] == 128
     assert torch.equal(alone[0], batch[0])
 
 
