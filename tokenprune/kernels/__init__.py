@@ -33,7 +33,8 @@ bytes and FLOPs of each kernel.
   ``softmax_d(q) @ (softmax_N(k + bias)^T v)``, two passes over the tokens.
 - :func:`biased_attention` -- softmax attention with the per-key log-size bias of proportional
   attention, for short sequences (SDPA drops to a slower masked kernel when given a bias);
-- :func:`query_scores` -- attention of one query row per head, head mean or weighting.
+- :func:`query_scores` -- attention of one query row per head, head mean or weighting (given weights, or each
+  token's head norms of the heads' attention outputs, read by the kernel).
 - :func:`received_scores` -- the attention each key receives over all queries, head mean.
 - :func:`bipartite_best` / :func:`merge_rows` -- ToMe matching without the
   Na x Nb similarity matrix in memory, and the size-weighted merge in one pass;
@@ -48,9 +49,10 @@ bytes and FLOPs of each kernel.
   the selection and :func:`apet_merge`) in four launches, planned once per input signature (batch 1).
 - :func:`pitome_order` -- PiToMe's energy of every token without the N x N matrix in memory, the energy
   ranking and the row order in which :func:`merge_step` (``perm``) then merges, in one launch.
-- :func:`max_min_select` -- DivPrune's greedy max-min diversity selection, its ``k`` dependent steps in one
-  program per sample (one launch instead of ``5 k``); while compiling always the op (on CPU too: Dynamo would
-  otherwise unroll the ``k`` steps into the graph).
+- :func:`max_min_select` -- DivPrune's greedy max-min diversity selection on the features' Gram matrix (the cosine
+  distances worked out in the kernel), its ``k`` dependent steps in one program per sample (one launch instead of
+  ``5 k``); while compiling always the op (on CPU too: Dynamo would otherwise unroll the ``k`` steps into the
+  graph).
 """
 from __future__ import annotations
 
