@@ -824,13 +824,11 @@ def configs_b(out: Path, smoke: bool, repeats: int):
     from tokenprune import kernels
     from tokenprune.kernels import apet as ka, merge as km
 
-    def over(fn, **kw):  # a config function whose launch constants are replaced by kw
+    def over(fn, **kw):  # a config function whose launch constants are replaced by kw (the grids follow them)
         def f(*a):
             r = fn(*a)
             d = r if isinstance(r, dict) else r[-1]
             d.update(kw)
-            if fn is saved["_gram_config"] and "BM" in kw:  # the tiles per side follow the tile (session 16's sweep
-                return ka._cdiv(a[0], kw["BM"]), d  # kept the default's count: a 64-row tile then left G part-written)
             return r
         return f
 
@@ -926,7 +924,7 @@ def gram_tiles(smoke: bool, repeats: int):
                              ("bm64_bk64_w4", dict(BM=64, BK=64, num_warps=4))):
                 if kw is not None:  # (a fixed tile whatever the batch: run 42 timed these three before the default
                     # took 64-row tiles for small batches)
-                    ka._gram_config = lambda m, is32, *_, kw=kw: (ka._cdiv(m, kw["BM"]), dict(saved(m, is32)[1], **kw))
+                    ka._gram_config = lambda *a, kw=kw: dict(saved(*a), **kw)
                 row = dict(case="gram_tiles", bs=bs, tokens=n, variant=name)
                 try:
                     ref = sweep_row(row, lambda: kernels.gram(x), ref, repeats)

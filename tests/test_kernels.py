@@ -935,8 +935,8 @@ def test_gram(T, dtype, n, c):
         assert rel(sq, ref.diagonal(dim1=1, dim2=2)) < 1e-6
         assert rel(R.gram(xx)[0], ref) < 1e-6
     # a small batch takes 64-row tiles (this CPU counts 4 SMs), a larger one 128-row tiles: both are G
-    assert T.apet._gram_config(100, False, 2, x.device)[1]["BM"] == 64
-    assert T.apet._gram_config(100, False, 4, x.device)[1]["BM"] == 128
+    assert T.apet._gram_config(100, False, 2, x.device)["BM"] == 64
+    assert T.apet._gram_config(100, False, 4, x.device)["BM"] == 128
     x4 = torch.randn(4, 100, c, generator=g).to(dtype)
     assert rel(T.apet.gram(x4)[0][:2], T.apet.gram(x4[:2])[0].double()) < 1e-6
 

@@ -114,25 +114,27 @@ def gram(x):
         x = x.float()
     is32 = x.dtype == torch.float32
     g = _alloc((bsz, n, n), x.device, torch.float32)  # strides (n n, n, 1)
-    t, kw = _gram_config(n, is32, bsz, x.device)
+    kw = _gram_config(n, is32, bsz, x.device)
+    t = _cdiv(n, kw["BM"])  # tiles per side
     sx = x.stride()
     fast(_gram)[(bsz, t * t)](x, g, n, c, t, 0, sx[0], sx[1], sx[2], n * n, n, **kw)
     return g, g.diagonal(dim1=1, dim2=2)
 
 
-def _gram_config(n: int, is32: bool, bsz: int = 1 << 30, device=None):
-    """``(tiles per side, launch constants)`` of ``_gram`` for ``n`` tokens of ``bsz`` samples. fp16 / bf16: 128-row
-    tiles, or 64-row ones (BK 64, 4 warps) where the 128-row grid would leave most SMs idle (small batches). Both
-    accumulate every element's products in the same order, so G is the same bit for bit either way (and a sample's G
-    the same alone as in a batch): H100, `bench_forward.py --parts gram_tiles`, ViT-B's 196 / 123 / 78 tokens at
-    batch 1: 9.7 / 8.2 / 7.4 -> 5.0 / 5.0 / 4.8 us; at batch 256 the 128-row tiles stay faster (114 against 120 us)."""
+def _gram_config(n: int, is32: bool, bsz: int, device) -> dict:
+    """The launch constants of ``_gram`` for ``n`` tokens of ``bsz`` samples on ``device`` (``cdiv(n, BM)`` tiles per
+    side). fp16 / bf16: 128-row tiles, or 64-row ones (BK 64, 4 warps) where the 128-row grid would leave most SMs
+    idle (small batches). Both accumulate every element's products in the same order, so G is the same bit for bit
+    either way (and a sample's G the same alone as in a batch): H100, `bench_forward.py --parts gram_tiles`, ViT-B's
+    196 / 123 / 78 tokens at batch 1: 9.7 / 8.2 / 7.4 -> 5.0 / 5.0 / 4.8 us; at batch 256 the 128-row tiles stay
+    faster (114 against 120 us)."""
     bm = min(64 if is32 else 128, max(16, _p2(n)))  # float32 products on the FMA units: smaller tiles
     bk = 16 if is32 else 32
     if not is32 and bm == 128:
         t = _cdiv(n, bm)
-        if bsz * t * (t + 1) // 2 < _num_sms(device if device is not None else torch.device("cpu")):
+        if bsz * t * (t + 1) // 2 < _num_sms(device):
             bm, bk = 64, 64
-    return _cdiv(n, bm), dict(IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
+    return dict(IS_F32=is32, BM=bm, BK=bk, num_warps=8 if bm >= 128 else 4)
 
 
 @triton.jit
@@ -300,15 +302,15 @@ def apet_assign(g, keep_idx):
     g, sg = _rows_contiguous(g)
     keep = keep_idx.contiguous()
     out = _alloc((bsz, n), g.device, torch.long)
-    tiles, kw = _assign_config(n, kn)
-    fast(_apet_assign)[(bsz, tiles)](g, keep, out, n, kn, sg[0], sg[1], **kw)
+    kw = _assign_config(n, kn)
+    fast(_apet_assign)[(bsz, _cdiv(n, kw["BM"]))](g, keep, out, n, kn, sg[0], sg[1], **kw)
     return out
 
 
-def _assign_config(n: int, kn: int):
-    """``(row tiles, launch constants)`` of ``_apet_assign`` for ``n`` tokens and ``kn`` kept ones."""
+def _assign_config(n: int, kn: int) -> dict:
+    """The launch constants of ``_apet_assign`` for ``n`` tokens and ``kn`` kept ones (``cdiv(n, BM)`` row tiles)."""
     bm = min(64, max(16, _p2(n)))
-    return _cdiv(n, bm), dict(BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
+    return dict(BM=bm, BK=min(64, max(16, _p2(kn))), num_warps=8 if bm >= 64 else 4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,8 +471,9 @@ class _ApetPlan:
         n0 = source.shape[1] if source is not None else 0
         self.dev, self.dtype, self.has_source = x.device, x.dtype, source is not None
         self.shapes = ((bsz, n, n), (bsz, n), (bsz, keep), (bsz, n), (bsz, p + keep, c), (bsz, p + keep), (bsz, n0))
-        tg, kg = _gram_config(n, x.dtype == torch.float32, bsz, x.device)
-        ta, ka = _assign_config(n, keep)
+        kg = _gram_config(n, x.dtype == torch.float32, bsz, x.device)
+        ka = _assign_config(n, keep)
+        tg, ta = _cdiv(n, kg["BM"]), _cdiv(n, ka["BM"])  # the grids follow the tiles
         groups, am, km = _merge_config(x, sx, sizes, ssb, srcb, source, p, keep, max_size)
         self.launches = (
             LaunchPlan(_gram, (bsz, tg * tg), (0, 3), (n, c, tg, p, sx[0], sx[1], sx[2], n * n, n), kg, (0,)),
