@@ -6,7 +6,8 @@ is ``k`` x 5 small launches (10 when run 32 timed it): at ViT-B budget 0.25 abou
 ``diverse`` 7x slower than the unreduced model at batch 1 (run 32, H100: 32.4 against 4.6 ms eager, 5.57 against
 0.75 ms under CUDA graphs) and 1.5x slower at batch 256. Here the chosen set's largest cosine to every token stays in
 registers; a step reduces once (the pick and its ``1 / |f|``) and reads one row of ``G`` (``N`` floats, L2-resident;
-run 33: 0.33 us a step on ``dist``; run 37, with the pick's norm worked out from ``G_pp`` in the step, 0.42).
+run 38: 0.39 us a step; run 33, on a distance matrix, 0.33; run 37, the pick's norm worked out from ``G_pp`` after
+the reduction, 0.42).
 The cosines come from ``G = F F^T`` as the reference writes them, ``(G_ij r_i) r_j`` with ``r_i = 1 / max(sqrt(G_ii),
 1e-12)`` (IEEE square root and division), so no normalised copy of the features and no ``N x N`` distance matrix is
 made. The selection is the reference's bit for bit: those multiplies, ``1 - s`` (no fused multiply-add: the launch

@@ -46,12 +46,6 @@ from .base import Reducer, patch_valid, ratio_schedule
 _EPS = 1e-3  # relevance floor: a token unrelated to the text still counts a little
 
 
-def cosine_distance(f: torch.Tensor) -> torch.Tensor:
-    """``1 - cos(f_i, f_j)`` ``[B, N, N]`` in float32 for features ``f`` ``[B, N, C]``: the distances
-    ``kernels.max_min_select`` works with, written from the Gram matrix ``F F^T`` (``reference.cosine_distance``)."""
-    return kernels.reference.cosine_distance(kernels.gram(f)[0])
-
-
 def text_relevance(f: torch.Tensor, text: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine similarity of each token to the text embedding, rescaled per sample to [0, 1] ``[B, N]``."""
     t = torch.nn.functional.normalize(text.to(f.device, torch.float32), dim=-1)
@@ -99,6 +93,7 @@ class Diverse(Reducer):
                                  "give one embedding per sample or one for all")
             weight = (_EPS + text_relevance(f, self.text, valid)) ** self.text_weight
         # the greedy max-min above, on the Gram matrix F F^T (one launch on CUDA): the distances d = 1 - cos are
-        # worked out from G inside the selection, so neither a normalised copy of F nor d is made
+        # worked out from G inside the selection (reference.cosine_distance), so neither a normalised copy of F nor d
+        # is made
         chosen = kernels.max_min_select(kernels.gram(f)[0], stage.keep, valid, weight)
         return keep_top(state, chosen.float(), stage.keep, valid)
