@@ -158,13 +158,17 @@ def record(**row):
 
 
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
-             profiled_variants=("unreduced", "merge")):
+             profiled_variants=("unreduced", "merge"), stem="conv"):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
     interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 5 at
-    batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above."""
+    batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above.
+    ``stem="gemm"``: every variant, the unreduced one included, runs its patch convolution as one GEMM
+    (``tokenprune.fast_patch_embed``: the unreduced model's fastest stem)."""
     import copy
 
     m, x = model_and_input(case, bs, smoke)
+    if stem == "gemm":
+        tokenprune.fast_patch_embed(m)
     for mode in modes:
         entries = []
         for variant in [("unreduced", None)] + variants:
@@ -536,7 +540,7 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
             _us(lambda: thr.reduce(start_state(), s_thr, qk_o), n_it) - base)
         put("  kernels.query_scores with head_values (the head weights in its second launch)",
             _us(lambda: kernels.query_scores(q[:, :, 0], k, d ** -0.5, None, None, o), n_it))
-        put("  ops.keep_above (counts, their host read, keep_top)",
+        put("  ops.keep_above (batch 1: count, selection and gather in one launch, one host read)",
             _us(lambda: ops.keep_above(start_state(), sc, 0.004, 123), n_it) - base)
         s_apet = Stage(0, 123, "apet")
         put("apet step (Apet.reduce: kernels.apet_step, four launches)",
@@ -1128,6 +1132,10 @@ def main():
         run_case("vit_b", bs, ["eager"], [("merge", {}), ("cls", {})], 0.27, min(reps, 30), args.smoke)
         run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), M3], 0.25, min(reps, 30),
                  args.smoke)
+    if "large_gemm" in parts:  # the same with the GEMM stem in every variant (cuDNN's 3-channel stem: ~2 ms at bs 256)
+        bs = 8 if args.smoke else 256
+        run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), M3], 0.25, min(reps, 30),
+                 args.smoke, tag="gemm stem", stem="gemm")
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                 parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
