@@ -498,6 +498,27 @@ def test_keep_top_kernels_vs_pytorch(T, b, n, c, k):
     assert same_state(outs[True], outs[False])
 
 
+@pytest.mark.parametrize("n,c,k,th", [(196, 768, 49, "tensor"), (576, 1024, 144, 0.5), (1500, 1280, 750, "tensor"),
+                                     (196, 768, 49, 2.0), (64, 32, 20, -1.0)])
+def test_keep_above_batch_1_kernels_vs_pytorch(T, n, c, k, th):
+    """``ops.keep_above`` at batch 1 (threshold, cls ``threshold=``): one launch and one read of the count on CUDA,
+    identical to the counts, their read and ``keep_top`` with the kernels off; theta read on the device or a float;
+    none above (keeps one) and all above (keeps the cap)."""
+    needs(F16, 1, n + 1, c)
+    g = gen(7)
+    x = randn(1, 1 + n, c, dtype=F16, g=g)
+    scores = torch.rand(1, n, device=DEV, generator=g).argsort(1).float() / n
+    sizes = torch.randint(1, 4, (1, 1 + n), device=DEV, generator=g).float()
+    thr = torch.tensor([0.6], device=DEV) if th == "tensor" else th
+    outs = {}
+    for on in (False, True):
+        with kernels_on(on), poisoned(T):
+            st = TokenState.start(x, 1, track_source=True)
+            st.sizes = sizes
+            outs[on] = ops.keep_above(st, scores, thr, k)
+    assert outs[True].x.is_contiguous() and same_state(outs[True], outs[False])
+
+
 # -- ApET -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("b,n,c,k,dtype", [(256, 196, 768, 10, F16), (3, 1000, 1024, 10, BF16),
                                            (2, 77, 96, 5, F32), (1, 4099, 768, 16, F16), (2, 33, 40, 5, F32)],

@@ -883,6 +883,65 @@ def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, 
     assert torch.equal(kernels.topk_sorted(scores, k), idx)
 
 
+@pytest.mark.parametrize("p,n,k,b,sizes,source,tensor", [
+    (1, 196, 49, 1, False, True, True),  # threshold's stage at batch 1: theta read on the device
+    (0, 37, 10, 3, True, False, False),  # a float threshold (cls threshold=), three samples, three counts
+    (2, 600, 150, 2, True, True, True),  # long input (8-warp ranking)
+])
+def test_keep_step_with_threshold_keeps_each_samples_count(T, p, n, k, b, sizes, source, tensor):
+    """``keep_step(threshold=)``: sample i keeps ``clamp(#{score > threshold}, 1, k)`` tokens, the reference's
+    ``keep_step`` of that count on the sample alone (rows, sizes, source map), and reports that count; samples
+    with no score above it keep their best one, many above keep the cap."""
+    g = gen(23)
+    x = torch.randn(b, p + n, 40, generator=g).half()
+    scores = torch.randperm(b * n, generator=g).reshape(b, n).float() / (b * n)
+    scores[0] *= 0.5  # sample 0 keeps fewer (at b == 1: all but the cap's)
+    if b > 2:
+        scores[2] *= 0.0  # none above: keeps one
+    th = 0.45
+    sz = torch.randint(1, 5, (b, p + n), generator=g).float() if sizes else None
+    src = torch.randint(-1, p + n, (b, p + n + 9), generator=g) if source else None
+    want = (scores > th).sum(1).clamp(1, k)
+    assert len(set(want.tolist())) == b or b == 1
+    nx, ns, nsrc, idx, counts = T.keep.keep_step(x, scores, sz, src, p, k,
+                                                 threshold=torch.tensor([th]) if tensor else th)
+    assert counts.dtype == torch.int32 and counts.tolist() == want.tolist()
+    assert nx.shape == (b, p + k, 40)
+    for i, c in enumerate(want.tolist()):
+        rx, rs, rsrc, ridx = R.keep_step(x[i:i + 1], scores[i:i + 1], None if sz is None else sz[i:i + 1],
+                                         None if src is None else src[i:i + 1], p, c)
+        assert torch.equal(nx[i, :p + c], rx[0]) and torch.equal(idx[i, :c], ridx[0])
+        assert ns is None or torch.equal(ns[i, :p + c], rs[0])
+        assert nsrc is None or torch.equal(nsrc[i], rsrc[0])
+
+
+def test_keep_above_at_batch_1_is_one_launch_and_equals_the_op_path(T, monkeypatch):
+    """``ops.keep_above`` at batch 1 on the kernel path: one launch, one host read, the same tokens, sizes and
+    source map as the ops (counts, their read, ``keep_top``), for theta as a tensor and as a float."""
+    g = gen(24)
+    x = torch.randn(1, 1 + 196, 32, generator=g)
+    scores = torch.rand(1, 196, generator=g)
+
+    def state():
+        st = TokenState.start(x.clone(), 1, track_source=True)
+        st.sizes = torch.randint(1, 4, (1, 197), generator=g).float()
+        return st
+
+    for th in (torch.tensor([0.7]), 0.7, 0.999, 2.0):
+        g.manual_seed(3)
+        ref = ops.keep_above(state(), scores, th, 49)
+        _use_interpreted(monkeypatch, T)
+        calls = []
+        real = T.keep.keep_step
+        monkeypatch.setattr(T.keep, "keep_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+        g.manual_seed(3)
+        got = ops.keep_above(state(), scores, th, 49)
+        monkeypatch.undo()
+        assert len(calls) == 1 and calls[0]["threshold"] is th
+        assert got.x.shape == ref.x.shape and got.x.is_contiguous()
+        assert torch.equal(got.x, ref.x) and torch.equal(got.sizes, ref.sizes) and torch.equal(got.source, ref.source)
+
+
 def test_topk_sorted_kernel_ties_and_infinities(T, monkeypatch):
     """Ties go to the lower index; +inf (ApET's basis) always kept, -inf (padding) last."""
     s = torch.tensor([[0.5, float("inf"), 0.5, -float("inf"), 0.5, 0.9, float("inf")]])

@@ -121,9 +121,17 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
     one, in spatial order. Samples that keep different counts are padded to the largest (rectangular), the padding
     slots at size 0, so attention masks them and pooling ignores them. The counts are read on the host once (one
     sync: the output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
-    padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count (on CUDA
-    one launch instead of about twenty ops)."""
+    padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count. At batch 1
+    on CUDA the count, the selection and the gather are one launch (``kernels.keep_above_step``, the threshold read on
+    the device when it is a tensor), then the one read of the count cuts the rows."""
     _width_depends_on_data()
+    if valid is None and scores.shape[0] == 1:  # batch 1 on CUDA: count, select and gather in one launch
+        out = kernels.keep_above_step(state.x, scores, state.sizes, state.source, state.num_prefix, k_max, threshold)
+        if out is not None:
+            x, sizes, state.source, counts = out
+            n = state.num_prefix + counts.item()  # the one host read: the width
+            state.x, state.sizes = x[:, :n], (sizes[:, :n] if sizes is not None else None)
+            return state
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     counts = (s > threshold).sum(1)  # clamped on the host below (one op fewer)
     if counts.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)

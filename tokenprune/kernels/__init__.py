@@ -327,6 +327,20 @@ def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
     return _impl().keep.keep_step(x, scores, sizes, source, num_prefix, k)[:3]
 
 
+def keep_above_step(x, scores, sizes, source, num_prefix: int, k_max: int, threshold):
+    """``ops.keep_above`` without padding in one Triton launch, or None where it does not apply (CPU, a grad-mode
+    input, too many tokens, or torch.compile / export tracing, which take ``keep_above``'s ops): each sample keeps
+    its ``clamp(#{score > threshold}, 1, k_max)`` best non-prefix tokens in spatial order (``threshold``: a float or
+    a one-element tensor, read on the device). Returns ``(x, sizes, source, counts)``: ``x`` and ``sizes`` still
+    ``P + k_max`` rows wide, the rows past a sample's count unwritten, ``counts`` ``[B]`` int32 (the caller reads
+    them and cuts the rows)."""
+    th = threshold if isinstance(threshold, torch.Tensor) else None
+    if _via_op() or not (use_triton(x, scores, th) and keep_step_fits(scores.shape[1])):
+        return None
+    nx, ns, nsrc, _, counts = _impl().keep.keep_step(x, scores, sizes, source, num_prefix, k_max, threshold=threshold)
+    return nx, ns, nsrc, counts
+
+
 def topk_sorted(scores, k: int):
     """Indices of the ``k`` best scores per row, ascending; one launch on CUDA (ties: lower index)."""
     if use_triton(scores) and keep_step_fits(scores.shape[1]):

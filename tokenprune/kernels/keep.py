@@ -15,20 +15,32 @@ from ._triton_common import (LaunchPlan, cached_plan, _alloc, _column_groups, _c
 # keep the k best-scored tokens in spatial order (cls / random pruning, ApET's selection)
 # ---------------------------------------------------------------------------------------------------
 @triton.jit
-def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr, scr_ptr,
-               P, N, K, C, N0, G,
+def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr, scr_ptr, th_ptr, cnt_ptr,
+               P, N, K, C, N0, G, TH,
                sxb, sxn, scb, ssb, srcb, oxb, oxn,
-               WRITE_X: tl.constexpr, HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, NP: tl.constexpr,
-               PP: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
+               WRITE_X: tl.constexpr, HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, THRESH: tl.constexpr,
+               NP: tl.constexpr, PP: tl.constexpr, RT: tl.constexpr, BC: tl.constexpr, BS: tl.constexpr):
     # program (b, g). Every program selects sample b's K best scores (by score desc, index asc: a sort of
     # the row in registers) and keeps them in spatial order. Program g writes the column tiles g, g + G, ...
     # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
+    # THRESH (1: the threshold is TH, 2: it is read at th_ptr): K is then the cap, and the sample keeps
+    # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr. The
+    # outputs stay K rows wide (their strides), the rows past the count unwritten: the caller cuts them off.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, NP)
     nm = offs < N
     sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
-    keep = nm & _top_k_mask(sc, offs, K)
+    kk = K
+    if THRESH != 0:
+        if THRESH == 2:
+            th = tl.load(th_ptr).to(tl.float32)
+        else:
+            th = TH
+        kk = tl.minimum(tl.maximum(tl.sum((sc > th).to(tl.int32), 0), 1), K)  # (padding: -inf, never above)
+        if g == 0:
+            tl.store(cnt_ptr + b, kk)
+    keep = nm & _top_k_mask(sc, offs, kk)
     ki = keep.to(tl.int32)
     pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
     orow = tl.where(keep, P + pos, -1)  # output row of every non-prefix token, -1 if dropped
@@ -72,13 +84,20 @@ def keep_step_fits(n: int) -> bool:
     return n <= KEEP_STEP_MAX_N
 
 
-def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True):
+def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True, threshold=None):
     """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one launch:
     returns ``(new_x | None, new_sizes | None, new_source | None, keep_idx [B, k])``. Everything but the tensors is
-    worked out once per input signature (a :class:`_KeepPlan`: batch 1 is bound by host time)."""
+    worked out once per input signature (a :class:`_KeepPlan`: batch 1 is bound by host time).
+
+    ``threshold`` (a float, or a one-element tensor read on the device): ``k`` is a cap, and each sample keeps
+    ``clamp(#{score > threshold}, 1, k)`` of its best tokens (``ops.keep_above`` without padding). The outputs are
+    still ``k`` rows wide, the rows past a sample's count unwritten, and a fifth output ``[B]`` int32 holds the
+    counts: the caller reads them and cuts the rows (at batch 1 the cut of a contiguous tensor is contiguous)."""
+    th = None if threshold is None else "tensor" if isinstance(threshold, torch.Tensor) else float(threshold)
     key = (x.shape, x.stride(), x.dtype, x.device, scores.shape, scores.stride(), scores.dtype, _sig(sizes),
-           _sig(source), p, k, write_x, KEEP_STEP_BC)
-    return cached_plan(_PLANS, key, _KeepPlan, x, scores, sizes, source, p, k, write_x)(x, scores, sizes, source)
+           _sig(source), p, k, write_x, KEEP_STEP_BC, th)
+    return cached_plan(_PLANS, key, _KeepPlan, x, scores, sizes, source, p, k, write_x, th)(
+        x, scores, sizes, source, threshold)
 
 
 _PLANS: dict = {}  # keep_step's input signature -> its _KeepPlan
@@ -86,41 +105,46 @@ _PLANS: dict = {}  # keep_step's input signature -> its _KeepPlan
 
 class _KeepPlan:
     """One signature's keep step: output shapes and the launch over ``(x, scores, sizes, source, out, out sizes,
-    out source, kept indices, scratch)``, absent ones stood for by another."""
+    out source, kept indices, scratch, threshold, counts)``, absent ones stood for by another."""
 
-    def __init__(self, x, scores, sizes, source, p, k, write_x):
+    def __init__(self, x, scores, sizes, source, p, k, write_x, th):
         args = (x, scores, sizes, source)
         self.copy = any(a is not None and a.stride(-1) != 1 for a in args)  # copied per call (rare)
         x, scores, sizes, source = [_last_contiguous(a) for a in args]
         bsz, t, c = x.shape
         n = t - p
-        self.dev, self.dtype, self.write_x = x.device, x.dtype, write_x
+        self.dev, self.dtype, self.write_x, self.thresh = x.device, x.dtype, write_x, th is not None
         np_, pp = max(16, _p2(n)), _p2(max(p, 1))
         groups = _column_groups(c, KEEP_STEP_BC, bsz, 2, x.device) if write_x else 1
         n0 = source.shape[1] if source is not None else 0
-        self.shapes = ((bsz, p + k, c), (bsz, p + k), (bsz, n0), (bsz, k), (bsz * groups, pp + np_))
+        self.shapes = ((bsz, p + k, c), (bsz, p + k), (bsz, n0), (bsz, k), (bsz * groups, pp + np_), (bsz,))
         self.sizes_dtype = sizes.dtype if sizes is not None else None
         sx = x.stride()
         so = ((p + k) * c, c) if write_x else sx  # out: contiguous when written
-        inputs = (0, 1) + ((2,) if sizes is not None else ()) + ((3,) if source is not None else ())
-        self.launch = LaunchPlan(_keep_step, (bsz, groups), range(9),
-                                 (p, n, k, c, n0, groups, sx[0], sx[1], scores.stride(0),
-                                  sizes.stride(0) if sizes is not None else 0,
+        inputs = ((0, 1) + ((2,) if sizes is not None else ()) + ((3,) if source is not None else ())
+                  + ((9,) if th == "tensor" else ()))
+        self.launch = LaunchPlan(_keep_step, (bsz, groups), range(11),
+                                 (p, n, k, c, n0, groups, th if isinstance(th, float) else 0.0, sx[0], sx[1],
+                                  scores.stride(0), sizes.stride(0) if sizes is not None else 0,
                                   source.stride(0) if source is not None else 0, so[0], so[1]),
                                  dict(WRITE_X=write_x, HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None,
+                                      THRESH=0 if th is None else 2 if th == "tensor" else 1,
                                       NP=np_, PP=pp, RT=64, BC=KEEP_STEP_BC, BS=256,
                                       num_warps=16 if np_ >= 4096 else 8 if np_ >= 512 else 4), inputs)
 
-    def __call__(self, x, scores, sizes, source):
+    def __call__(self, x, scores, sizes, source, threshold=None):
         if self.copy:
             x, scores, sizes, source = [_last_contiguous(a) for a in (x, scores, sizes, source)]
-        dev, (so, ssz, ssrc, sidx, sscr) = self.dev, self.shapes
+        dev, (so, ssz, ssrc, sidx, sscr, scnt) = self.dev, self.shapes
         out = _alloc(so, dev, self.dtype) if self.write_x else x
         osz = _alloc(ssz, dev, self.sizes_dtype) if sizes is not None else scores
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else scores
         idx = _alloc(sidx, dev, torch.long)
         scr = torch.empty(*sscr, device=dev, dtype=torch.int32)
+        cnt = _alloc(scnt, dev, torch.int32) if self.thresh else scores
+        th = threshold if isinstance(threshold, torch.Tensor) else scores
         self.launch((x, scores, osz if sizes is None else sizes, scores if source is None else source, out, osz, osrc,
-                     idx, scr))
-        return (out if self.write_x else None, osz if sizes is not None else None,
+                     idx, scr, th, cnt))
+        outs = (out if self.write_x else None, osz if sizes is not None else None,
                 osrc if source is not None else None, idx)
+        return outs + (cnt,) if self.thresh else outs
