@@ -516,7 +516,8 @@ def test_keep_above_batch_1_kernels_vs_pytorch(T, n, c, k, th):
             st = TokenState.start(x, 1, track_source=True)
             st.sizes = sizes
             outs[on] = ops.keep_above(st, scores, thr, k)
-    assert outs[True].x.is_contiguous() and same_state(outs[True], outs[False])
+    (got, kept), (ref, ref_kept) = outs[True], outs[False]
+    assert got.x.is_contiguous() and same_state(got, ref) and torch.equal(kept, ref_kept)
 
 
 # -- ApET -----------------------------------------------------------------------------------------------

@@ -905,7 +905,7 @@ def test_keep_step_with_threshold_keeps_each_samples_count(T, p, n, k, b, sizes,
     assert len(set(want.tolist())) == b or b == 1
     nx, ns, nsrc, idx, counts = T.keep.keep_step(x, scores, sz, src, p, k,
                                                  threshold=torch.tensor([th]) if tensor else th)
-    assert counts.dtype == torch.int32 and counts.tolist() == want.tolist()
+    assert counts.dtype == torch.float32 and counts.tolist() == want.tolist()
     assert nx.shape == (b, p + k, 40)
     for i, c in enumerate(want.tolist()):
         rx, rs, rsrc, ridx = R.keep_step(x[i:i + 1], scores[i:i + 1], None if sz is None else sz[i:i + 1],
@@ -929,15 +929,16 @@ def test_keep_above_at_batch_1_is_one_launch_and_equals_the_op_path(T, monkeypat
 
     for th in (torch.tensor([0.7]), 0.7, 0.999, 2.0):
         g.manual_seed(3)
-        ref = ops.keep_above(state(), scores, th, 49)
+        ref, ref_kept = ops.keep_above(state(), scores, th, 49)
         _use_interpreted(monkeypatch, T)
         calls = []
         real = T.keep.keep_step
         monkeypatch.setattr(T.keep, "keep_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
         g.manual_seed(3)
-        got = ops.keep_above(state(), scores, th, 49)
+        got, kept = ops.keep_above(state(), scores, th, 49)
         monkeypatch.undo()
         assert len(calls) == 1 and calls[0]["threshold"] is th
+        assert kept.dtype == torch.float32 and torch.equal(kept, ref_kept)
         assert got.x.shape == ref.x.shape and got.x.is_contiguous()
         assert torch.equal(got.x, ref.x) and torch.equal(got.sizes, ref.sizes) and torch.equal(got.source, ref.source)
 

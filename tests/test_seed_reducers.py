@@ -311,9 +311,10 @@ def test_keep_above_keeps_each_samples_count_and_pads_only_when_counts_differ(mo
             assert want.tolist() == counts
         reads, tolist = [], torch.Tensor.tolist
         monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
-        got = ops.keep_above(TokenState.start(x, 1), scores, 0.5, 4, valid)
+        got, kept = ops.keep_above(TokenState.start(x, 1), scores, 0.5, 4, valid)
         monkeypatch.undo()
         assert len(reads) == 1
+        assert kept.dtype == torch.float32 and kept.tolist() == want.tolist() == got.kept_per_sample().tolist()
         width = int(want.max())
         assert got.x.shape == (b, 1 + width, 4)
         for i, c in enumerate(want.tolist()):

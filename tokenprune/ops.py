@@ -116,9 +116,9 @@ def _width_depends_on_data() -> None:
 
 
 def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
-               valid: torch.Tensor | None = None) -> TokenState:
+               valid: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:
     """Keep, per sample, the non-prefix tokens with ``score > threshold``: at most ``k_max`` (the best) and at least
-    one, in spatial order. Samples that keep different counts are padded to the largest (rectangular), the padding
+    one, in spatial order. Returns the new state and each sample's kept count ``[B]`` (float32). Samples that keep different counts are padded to the largest (rectangular), the padding
     slots at size 0, so attention masks them and pooling ignores them. The counts are read on the host once (one
     sync: the output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
     padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count. At batch 1
@@ -128,10 +128,10 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
     if valid is None and scores.shape[0] == 1:  # batch 1 on CUDA: count, select and gather in one launch
         out = kernels.keep_above_step(state.x, scores, state.sizes, state.source, state.num_prefix, k_max, threshold)
         if out is not None:
-            x, sizes, state.source, counts = out
-            n = state.num_prefix + counts.item()  # the one host read: the width
+            x, sizes, state.source, kept = out
+            n = state.num_prefix + int(kept.item())  # the one host read: the width
             state.x, state.sizes = x[:, :n], (sizes[:, :n] if sizes is not None else None)
-            return state
+            return state, kept
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
     counts = (s > threshold).sum(1)  # clamped on the host below (one op fewer)
     if counts.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)
@@ -141,13 +141,14 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
     else:  # an empty batch keeps the cap
         lo = hi = min(k_max, s.shape[1])
     lo, hi = (min(max(c, 1), k_max) for c in (lo, hi))
+    kept = counts.clamp(min=1, max=k_max)
     if lo == hi and valid is None:
-        return keep_top(state, s, hi)
+        return keep_top(state, s, hi), kept.float()
     order = s.topk(hi, dim=1).indices  # best first
-    rank_ok = torch.arange(hi, device=s.device)[None, :] < counts.clamp(min=1, max=k_max)[:, None]
+    rank_ok = torch.arange(hi, device=s.device)[None, :] < kept[:, None]
     # sort the chosen slots back into spatial order, padding slots last
     perm = torch.where(rank_ok, order, order + s.shape[1]).argsort(1)
-    return gather_tokens(state, order.gather(1, perm), None if lo == hi else rank_ok.gather(1, perm))
+    return gather_tokens(state, order.gather(1, perm), None if lo == hi else rank_ok.gather(1, perm)), kept.float()
 
 
 # -- merging: bipartite soft matching ----------------------------------------------------

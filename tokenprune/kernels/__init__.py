@@ -332,7 +332,7 @@ def keep_above_step(x, scores, sizes, source, num_prefix: int, k_max: int, thres
     input, too many tokens, or torch.compile / export tracing, which take ``keep_above``'s ops): each sample keeps
     its ``clamp(#{score > threshold}, 1, k_max)`` best non-prefix tokens in spatial order (``threshold``: a float or
     a one-element tensor, read on the device). Returns ``(x, sizes, source, counts)``: ``x`` and ``sizes`` still
-    ``P + k_max`` rows wide, the rows past a sample's count unwritten, ``counts`` ``[B]`` int32 (the caller reads
+    ``P + k_max`` rows wide, the rows past a sample's count unwritten, ``counts`` ``[B]`` float32 (the caller reads
     them and cuts the rows)."""
     th = threshold if isinstance(threshold, torch.Tensor) else None
     if _via_op() or not (use_triton(x, scores, th) and keep_step_fits(scores.shape[1])):

@@ -86,7 +86,7 @@ def _configs():
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
                     dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
     keep_ptrs = {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16, "os_ptr": f32,
-                 "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32", "th_ptr": f32, "cnt_ptr": "*i32", "TH": "fp32"}
+                 "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32", "th_ptr": f32, "cnt_ptr": f32, "TH": "fp32"}
     for np_, w in ((256, 4), (1024, 8), (2048, 8), (4096, 16)):
         for thresh in ((0, 2) if np_ in (256, 2048) else (0,)):  # 2: threshold's batch-1 stage (theta on the device)
             out.append((KP._keep_step, keep_ptrs, dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, THRESH=thresh,

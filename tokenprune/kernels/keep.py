@@ -24,7 +24,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
     # the row in registers) and keeps them in spatial order. Program g writes the column tiles g, g + G, ...
     # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
     # THRESH (1: the threshold is TH, 2: it is read at th_ptr): K is then the cap, and the sample keeps
-    # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr. The
+    # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr (fp32). The
     # outputs stay K rows wide (their strides), the rows past the count unwritten: the caller cuts them off.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -39,7 +39,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
             th = TH
         kk = tl.minimum(tl.maximum(tl.sum((sc > th).to(tl.int32), 0), 1), K)  # (padding: -inf, never above)
         if g == 0:
-            tl.store(cnt_ptr + b, kk)
+            tl.store(cnt_ptr + b, kk.to(tl.float32))
     keep = nm & _top_k_mask(sc, offs, kk)
     ki = keep.to(tl.int32)
     pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
@@ -91,7 +91,7 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True, th
 
     ``threshold`` (a float, or a one-element tensor read on the device): ``k`` is a cap, and each sample keeps
     ``clamp(#{score > threshold}, 1, k)`` of its best tokens (``ops.keep_above`` without padding). The outputs are
-    still ``k`` rows wide, the rows past a sample's count unwritten, and a fifth output ``[B]`` int32 holds the
+    still ``k`` rows wide, the rows past a sample's count unwritten, and a fifth output ``[B]`` float32 holds the
     counts: the caller reads them and cuts the rows (at batch 1 the cut of a contiguous tensor is contiguous)."""
     th = None if threshold is None else "tensor" if isinstance(threshold, torch.Tensor) else float(threshold)
     key = (x.shape, x.stride(), x.dtype, x.device, scores.shape, scores.stride(), scores.dtype, _sig(sizes),
@@ -141,7 +141,7 @@ class _KeepPlan:
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else scores
         idx = _alloc(sidx, dev, torch.long)
         scr = torch.empty(*sscr, device=dev, dtype=torch.int32)
-        cnt = _alloc(scnt, dev, torch.int32) if self.thresh else scores
+        cnt = _alloc(scnt, dev, torch.float32) if self.thresh else scores
         th = threshold if isinstance(threshold, torch.Tensor) else scores
         self.launch((x, scores, osz if sizes is None else sizes, scores if source is None else source, out, osz, osrc,
                      idx, scr, th, cnt))

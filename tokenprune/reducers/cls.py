@@ -104,5 +104,5 @@ class ClsPrune(Reducer):
             scores = patch_scores(state, qk, self._has_cls, self.substitute)
         valid = patch_valid(state)
         if self.threshold is not None:
-            return keep_above(state, scores, self.threshold, stage.keep, valid)
+            return keep_above(state, scores, self.threshold, stage.keep, valid)[0]
         return keep_top(state, scores, stage.keep, valid)

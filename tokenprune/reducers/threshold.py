@@ -142,8 +142,8 @@ class Threshold(Reducer):
         scores = self.scores(state, qk)
         if self.module.training and torch.is_grad_enabled():
             return self._soft(state, scores, theta)
-        state = keep_above(state, scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
-        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, state.kept_per_sample(torch.float32)))
+        state, kept = keep_above(state, scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
+        state.scratch.setdefault(COUNTS_KEY, []).append((state.block, kept))
         return state
 
     def _soft(self, state: TokenState, scores: torch.Tensor, theta: torch.Tensor) -> TokenState:
