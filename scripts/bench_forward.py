@@ -936,6 +936,37 @@ def gram_tiles(smoke: bool, repeats: int):
                     ka._gram_config = saved
 
 
+def ba_tiles(smoke: bool, repeats: int):
+    """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; ViT-B's 12 heads of 64, fp16)
+    at token counts of a merged ViT-B forward, batch 256 and 1: its default tile against fixed tiles and pipeline
+    depths (``num_stages``), and SDPA without the bias (cuDNN's flash: what the unreduced blocks run) and with it.
+    Graph-replay time per call; ``same``: the output equals the default tile's bit for bit."""
+    from tokenprune import kernels
+    from tokenprune.kernels import attention as ka
+
+    saved = ka._ba_config
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h, d = (2, 16) if smoke else (12, 64)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    tiles = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for st in (1, 2, 3, 4)]
+    for bs, counts in (((4, [40]),) if smoke else ((256, [197, 145, 93]), (1, [197, 119]))):
+        for n in counts:
+            q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+            bias = (torch.rand(bs, 1, 1, n, generator=g) * 2).to(DEV, DTYPE)  # log sizes 0 .. 2
+            base = dict(case="ba_tiles", bs=bs, tokens=n)
+            sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
+            sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
+            ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
+                            lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
+            for bm, bn, w, st in tiles:
+                ka._ba_config = lambda *a, c=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st): c
+                try:
+                    sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
+                              lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
+                finally:
+                    ka._ba_config = saved
+
+
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
     four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
@@ -1113,6 +1144,8 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
+        ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
         gram_tiles(args.smoke, args.repeats)
     if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
@@ -1142,7 +1175,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
-                                                            "configs_select", "merge_anatomy", "gram_tiles"):
+                                                            "configs_select", "merge_anatomy", "gram_tiles", "ba_tiles"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

@@ -328,18 +328,25 @@ def biased_attention(q, k, v, bias=None):
     dp = max(16, _p2(d))
     is_f32 = q.dtype == torch.float32
     bias2, sbb, sbn = _key_bias(bias, b, n, k)
+    kw = _ba_config(b, n, dp, is_f32)
+    # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
+    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
+    vec, (dv, *st) = _in_vectors(q.dtype, d, *sq[:3], *sk[:3], *sv[:3], n * h * d, d, h * d)  # q k v out strides
+    fast(_ba_fwd)[(b * h, _cdiv(n, kw["BLOCK_M"]))](q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn,
+                                                    *st[9:], HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp,
+                                                    VEC=vec, **kw)
+    return out
+
+
+def _ba_config(b: int, n: int, dp: int, is_f32: bool) -> dict:
+    """``_ba_fwd``'s tile (``BLOCK_M``, ``BLOCK_N``) and warps for ``b`` samples of ``n`` tokens, padded head dim
+    ``dp``; the grid follows ``BLOCK_M`` (``bench_forward.py --parts ba_tiles`` sweeps this)."""
     # the long-sequence tiles only for d <= 64 (at d = 128 they spill; 64x32 measured faster at N=257)
     bm, bn, warps = BA_CONFIG["short" if n <= BA_CONFIG["short_max"] or dp > 64 else "long"]
     if dp <= 64 and n <= BA_CONFIG["short_max"] and BA_CONFIG.get("wide") and _cdiv(n, bm) % 2 == 0:
         bm, bn, warps = BA_CONFIG["wide"]
     if is_f32:  # float32 products run on the FMA units: small tiles
         bm, bn, warps = 32, 32, 4
-    # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
-    out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
-    vec, (dv, *st) = _in_vectors(q.dtype, d, *sq[:3], *sk[:3], *sv[:3], n * h * d, d, h * d)  # q k v out strides
-    fast(_ba_fwd)[(b * h, _cdiv(n, bm))](q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn, *st[9:],
-                                         HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, BLOCK_M=bm, BLOCK_N=bn,
-                                         VEC=vec, num_warps=warps)
-    return out
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
 
 
