@@ -951,7 +951,7 @@ def ba_tiles(smoke: bool, repeats: int):
     large = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
     # batch 1: 12-24 programs, each a chain over the key tiles; smaller query tiles, fewer (larger) key tiles
     small = [(bm, bn, 4, st) for bm in (16, 32, 64) for bn in (32, 64, 128) for st in (2, 3)]
-    for bs, counts in (((4, [40]),) if smoke else ((256, [197, 119]), (1, [197, 119]))):
+    for bs, counts in (((4, [40]),) if smoke else ((1, [197, 119]), (256, [197, 119]))):
         tiles = large if bs > 1 else small
         for n in counts:
             q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
@@ -968,6 +968,50 @@ def ba_tiles(smoke: bool, repeats: int):
                               lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
                 finally:
                     ka._ba_config = saved
+
+
+def ba_best(smoke: bool, repeats: int):
+    """After ``ba_tiles`` in the same process: the fastest swept tile per batch (summed over its token counts), and
+    ViT-B forwards with the default tiles and with those (``merge``, ``apet`` at bs 1 ``reduce-overhead``; ``merge``
+    at bs 256 compiled and eager, GEMM stem), each against the unreduced model of its own ``run_case``."""
+    from tokenprune.kernels import attention as ka
+
+    saved, best = ka._ba_config, {}
+    for bs in (4,) if smoke else (256, 1):
+        total: dict = {}
+        for r in ROWS:
+            if r.get("case") == "ba_tiles" and r["bs"] == bs and "step_graph_us" in r and r["variant"][:2] in ("bm", "de"):
+                total.setdefault(r["variant"], []).append(r["step_graph_us"])
+        total = {k: sum(v) for k, v in total.items() if len(v) == max(map(len, total.values()))}
+        if total:
+            name = min(total, key=total.get)
+            dflt = next((v for k, v in total.items() if k.startswith("default")), None)
+            record(case="ba_best", bs=bs, variant=name, us=total[name], default_us=dflt)
+            if name.startswith("bm") and dflt and total[name] < 0.97 * dflt:
+                bm, bn, w, st = (int(t[2:] if t[:2] in ("bm", "bn") else t[1:]) for t in name.split())
+                best[bs] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+    print("# ba_best:", best, flush=True)
+    if not best:
+        return
+
+    def tuned(b, n, dp, is_f32):
+        kw = best.get(256 if b >= 32 else 1)
+        return dict(kw) if kw is not None and dp == 64 and not is_f32 else saved(b, n, dp, is_f32)
+
+    for bs in (1, 256):  # batch 1 first (a device call may end before the rest)
+        if bs not in best and not smoke:
+            continue
+        for tag, cfg in (("ba default", saved), ("ba best", tuned)):
+            ka._ba_config = cfg
+            try:
+                if bs == 1:
+                    run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("apet", {})], 0.25, repeats, smoke,
+                             tag=tag)
+                else:
+                    run_case("vit_b", 8 if smoke else 256, ["default"], [("merge", {})], 0.25, min(repeats, 30),
+                             smoke, tag=tag + ", gemm stem", stem="gemm")
+            finally:
+                ka._ba_config = saved
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
@@ -1149,6 +1193,8 @@ def main():
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
+    if "ba_best" in parts:  # after ba_tiles: ViT-B forwards with the fastest swept tiles against the default's
+        ba_best(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
         gram_tiles(args.smoke, args.repeats)
     if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
@@ -1178,7 +1224,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
-                                                            "configs_select", "merge_anatomy", "gram_tiles", "ba_tiles"):
+                                                            "configs_select", "merge_anatomy", "gram_tiles", "ba_tiles", "ba_best"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

@@ -28,6 +28,7 @@ while IFS='|' read -r TO NAME CMD; do
   S=$(date +%s)
   timeout -k 5 "$TO" bash -c "$CMD" > "$D/log.txt" 2>&1; RC=$?
   echo "$NAME: rc=$RC $(( $(date +%s) - S ))s (limit $TO)" >> $R/summary.txt
+  (cd /tmp && tar czf "$OUT/results.tgz" devres) && cp $R/summary.txt "$OUT/summary.txt"  # kept if a later step is cut
 done < "$STEPS"
 (cd /tmp && tar czf "$OUT/results.tgz" devres) && cp $R/summary.txt "$OUT/summary.txt"
 cat $R/gpu.txt $R/summary.txt
