@@ -11,14 +11,17 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
 (bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default), ``kernels_b`` (the GPU kernels of a
+eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default;
+``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``kernels_b`` (the GPU kernels of a
 compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
 bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
 threshold at bs 1 eager), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch
 constants of ViT-B's batch-1 ApET stages and merge step), ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256),
-``merge_anatomy`` (a bs-1 merge step at 32 and 768 channels), ``dryhost`` (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
+``merge_anatomy`` (a bs-1 merge step at 32 and 768 channels), ``ba_tiles`` (the key-bias attention's tiles and
+pipeline depth at bs 256 and 1, against cuDNN's flash; ``ba_best`` after it, same process: ViT-B forwards with the
+fastest tiles against the default's), ``dryhost`` (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
 ``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel times, SDPA with
