@@ -17,7 +17,7 @@ compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kerne
 SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
 cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
 bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
-threshold at bs 1 eager), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch
+threshold at bs 1 eager; ``threshold``: threshold and cls alone), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch
 constants of ViT-B's batch-1 ApET stages and merge step), ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256),
 ``merge_anatomy`` (a bs-1 merge step at 32 and 768 channels), ``ba_tiles`` (the key-bias attention's tiles and
 pipeline depth at bs 256 and 1, against cuDNN's flash; ``ba_best`` after it, same process: ViT-B forwards with the
@@ -1204,6 +1204,8 @@ def main():
         merge_anatomy(args.smoke, args.repeats)
     if "configs_select" in parts:
         configs_select(args.smoke, reps)
+    if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
+        run_case("vit_b", 1, ["eager"], [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
         others = [("pitome", {}), ("diverse", {})]
         run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,

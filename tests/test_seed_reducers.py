@@ -368,6 +368,39 @@ def test_threshold_state_dict_save_load_and_remove():
     assert "tokenprune_params.theta" not in other.state_dict() and not hasattr(other, "tokenprune_params")
 
 
+def test_threshold_edits_of_theta_show_in_the_next_forward():
+    """Every way of changing theta reaches the next forward (the reducer keeps a detached view per stage): an in-place
+    ``.data`` edit, an optimizer-style ``copy_``, a new storage through ``theta.data = ...`` and ``model.double()``.
+    A theta above every score keeps one token per sample at each stage; below every score, each stage's cap."""
+    import tokenprune
+
+    model = _thresholded()
+    theta = model.tokenprune_params.theta
+    x = torch.randn(2, 3, 32, 32)
+
+    def kept():
+        with torch.no_grad():
+            _, st = tokenprune.features(model, x)
+        return [c.tolist() for _, c in st.scratch["threshold_counts"]]
+
+    theta.data.fill_(-1.0)  # every score is above: each stage keeps its cap
+    caps = kept()
+    assert all(c[0] > 1 for c in caps)
+    theta.data.fill_(2.0)  # scores sum to 1 over the tokens: none above, one token kept per stage
+    assert kept() == [[1.0, 1.0]] * len(caps)
+    with torch.no_grad():
+        theta.copy_(torch.full_like(theta, -1.0))
+    assert kept() == caps
+    theta.data = torch.full((len(caps),), 2.0)  # a new storage
+    assert kept() == [[1.0, 1.0]] * len(caps)
+    model.double()
+    assert model.tokenprune_params.theta.dtype == torch.float64
+    with torch.no_grad():
+        model.tokenprune_params.theta.fill_(-1.0)
+    x = x.double()
+    assert kept() == caps
+
+
 def test_threshold_training_mask_equals_inference_and_flops_push_thresholds():
     from tokenprune.training import train_thresholds
 

@@ -95,6 +95,7 @@ class Threshold(Reducer):
         self.module: Thresholds | None = None
         self._has_cls = True
         self._layers: list[int] | None = None
+        self._views = None  # (theta's data_ptr, [theta[i] detached]): see _theta
 
     def check(self, info: EncoderInfo) -> None:
         self._has_cls = info.has_cls
@@ -138,13 +139,28 @@ class Threshold(Reducer):
 
     def reduce(self, state: TokenState, stage: Stage, qk) -> TokenState:
         i = self._layers.index(stage.block)
-        theta = self.module.theta[i]
         scores = self.scores(state, qk)
         if self.module.training and torch.is_grad_enabled():
-            return self._soft(state, scores, theta)
-        state, kept = keep_above(state, scores, theta.detach().to(scores.dtype), stage.keep, patch_valid(state))
+            return self._soft(state, scores, self.module.theta[i])
+        state, kept = keep_above(state, scores, self._theta(i), stage.keep, patch_valid(state))
         state.scratch.setdefault(COUNTS_KEY, []).append((state.block, kept))
         return state
+
+    def _theta(self, i: int) -> torch.Tensor:
+        """``theta[i]`` without autograd, a view made once per storage of theta (batch-1 eager is bound by host time:
+        an index and a detach per stage cost microseconds). In-place edits (an optimizer step, ``load_state_dict``,
+        ``.data.copy_``) show through the view; a new storage (``model.to()``, ``theta.data = ...``) has another
+        address while the old views keep theirs alive, so it rebuilds them. Traced (torch.compile, torch.export:
+        fake tensors have no address), the plain index."""
+        theta = self.module.theta
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return theta[i].detach()
+        views = self._views
+        if views is None or views[0] != theta.data_ptr():
+            with torch.no_grad():
+                d = theta.detach()
+                views = self._views = (theta.data_ptr(), [d[j] for j in range(d.shape[0])])
+        return views[1][i]
 
     def _soft(self, state: TokenState, scores: torch.Tensor, theta: torch.Tensor) -> TokenState:
         """Training: mask instead of gather (straight-through estimator), sizes carry the mask."""
