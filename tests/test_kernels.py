@@ -906,11 +906,11 @@ def test_keep_step_with_threshold_keeps_each_samples_count(T, p, n, k, b, sizes,
     nx, ns, nsrc, idx, counts = T.keep.keep_step(x, scores, sz, src, p, k,
                                                  threshold=torch.tensor([th]) if tensor else th)
     assert counts.dtype == torch.float32 and counts.tolist() == want.tolist()
-    assert nx.shape == (b, p + k, 40) and idx is None
+    assert nx.shape == (b, p + k, 40)
     for i, c in enumerate(want.tolist()):
-        rx, rs, rsrc, _ = R.keep_step(x[i:i + 1], scores[i:i + 1], None if sz is None else sz[i:i + 1],
+        rx, rs, rsrc, ridx = R.keep_step(x[i:i + 1], scores[i:i + 1], None if sz is None else sz[i:i + 1],
                                          None if src is None else src[i:i + 1], p, c)
-        assert torch.equal(nx[i, :p + c], rx[0])
+        assert torch.equal(nx[i, :p + c], rx[0]) and torch.equal(idx[i, :c], ridx[0])
         assert ns is None or torch.equal(ns[i, :p + c], rs[0])
         assert nsrc is None or torch.equal(nsrc[i], rsrc[0])
 

@@ -24,9 +24,8 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
     # the row in registers) and keeps them in spatial order. Program g writes the column tiles g, g + G, ...
     # of the prefix and kept rows; program 0 also writes the kept indices, the sizes and the source map.
     # THRESH (1: the threshold is TH, 2: it is read at th_ptr): K is then the cap, and the sample keeps
-    # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr (fp32), and
-    # no indices. The outputs stay K rows wide (their strides), the rows past the count unwritten: the caller cuts
-    # them off.
+    # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr (fp32). The
+    # outputs stay K rows wide (their strides), the rows past the count unwritten: the caller cuts them off.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, NP)
@@ -63,8 +62,7 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
                 xt = tl.load(x_ptr + b * sxb + (P + ot)[:, None] * sxn + offs_c[None, :], mask=ok[:, None] & cm[None, :])
                 tl.store(ox_ptr + b * oxb + orr[:, None] * oxn + offs_c[None, :], xt, mask=ok[:, None] & cm[None, :])
     if g == 0:
-        if THRESH == 0:  # (a threshold's caller takes the rows, not the indices)
-            tl.store(idx_ptr + b * K + pos, offs.to(tl.int64), mask=keep)
+        tl.store(idx_ptr + b * K + pos, offs.to(tl.int64), mask=keep)
         if HAS_SIZES:
             nout = P + K
             tl.store(os_ptr + b * nout + offs_p, tl.load(s_ptr + b * ssb + offs_p, mask=pm), mask=pm)
@@ -93,7 +91,7 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True, th
 
     ``threshold`` (a float, or a one-element tensor read on the device): ``k`` is a cap, and each sample keeps
     ``clamp(#{score > threshold}, 1, k)`` of its best tokens (``ops.keep_above`` without padding). The outputs are
-    still ``k`` rows wide, the rows past a sample's count unwritten, the indices are None, and a fifth output ``[B]``
+    still ``k`` rows wide, the rows past a sample's count unwritten (the indices too), and a fifth output ``[B]``
     float32 holds the counts: the caller reads them and cuts the rows (at batch 1 the cut of a contiguous tensor is
     contiguous)."""
     th = None if threshold is None else "tensor" if isinstance(threshold, torch.Tensor) else float(threshold)
@@ -142,12 +140,12 @@ class _KeepPlan:
         out = _alloc(so, dev, self.dtype) if self.write_x else x
         osz = _alloc(ssz, dev, self.sizes_dtype) if sizes is not None else scores
         osrc = _alloc(ssrc, dev, torch.long) if source is not None else scores
-        idx = _alloc(sidx, dev, torch.long) if not self.thresh else scores
+        idx = _alloc(sidx, dev, torch.long)
         scr = torch.empty(*sscr, device=dev, dtype=torch.int32)
         cnt = _alloc(scnt, dev, torch.float32) if self.thresh else scores
         th = threshold if isinstance(threshold, torch.Tensor) else scores
         self.launch((x, scores, osz if sizes is None else sizes, scores if source is None else source, out, osz, osrc,
                      idx, scr, th, cnt))
         outs = (out if self.write_x else None, osz if sizes is not None else None,
-                osrc if source is not None else None)
-        return outs + (None, cnt) if self.thresh else outs + (idx,)
+                osrc if source is not None else None, idx)
+        return outs + (cnt,) if self.thresh else outs
