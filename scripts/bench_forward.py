@@ -9,23 +9,25 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
     python scripts/bench_forward.py --parts eager --out OUT        # one part per device call
     python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
 
-Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled``
-(bs 1, ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long`` (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1,
-eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default;
-``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``kernels_b`` (the GPU kernels of a
-compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and
-SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge, SigLIP and Whisper
-cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L / Whisper bs 1 eager and
-bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled;
-threshold at bs 1 eager; ``threshold``: threshold and cls alone), ``configs_select`` (diverse's ``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch
-constants of ViT-B's batch-1 ApET stages and merge step), ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256),
-``merge_anatomy`` (a bs-1 merge step at 32 and 768 channels), ``ba_tiles`` (the key-bias attention's tiles and
-pipeline depth at bs 256 and 1, against cuDNN's flash; ``ba_best`` after it, same process: ViT-B forwards with the
-fastest tiles against the default's), ``dryhost`` (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
-Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
-Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token counts, the
-``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel times, SDPA with
-and without the key bias, one linear at changing token counts):
+Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
+``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long``
+(SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` /
+``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``:
+the same with the GEMM stem in every row, the unreduced one included), ``kernels_b`` (the GPU kernels of a compiled
+bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with
+cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge,
+SigLIP and Whisper cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L
+/ Whisper bs 1 eager and bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256
+eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls alone), ``configs_select`` (diverse's
+``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch constants of ViT-B's batch-1 ApET stages and merge step),
+``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_anatomy`` (a bs-1 merge step at 32 and 768
+channels), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash;
+``ba_best`` after it, same process: ViT-B forwards with the fastest tiles against the default's), ``dryhost`` (CPU
+only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with
+every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same
+for a Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token
+counts, the ``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel
+times, SDPA with and without the key bias, one linear at changing token counts):
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -983,7 +985,8 @@ def ba_best(smoke: bool, repeats: int):
     for bs in (4,) if smoke else (256, 1):
         total: dict = {}
         for r in ROWS:
-            if r.get("case") == "ba_tiles" and r["bs"] == bs and "step_graph_us" in r and r["variant"][:2] in ("bm", "de"):
+            swept = r.get("case") == "ba_tiles" and r["bs"] == bs and r["variant"][:2] in ("bm", "de")  # not sdpa
+            if swept and "step_graph_us" in r:
                 total.setdefault(r["variant"], []).append(r["step_graph_us"])
         total = {k: sum(v) for k, v in total.items() if len(v) == max(map(len, total.values()))}
         if total:
@@ -1228,8 +1231,8 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b",
-                                                            "configs_select", "merge_anatomy", "gram_tiles", "ba_tiles", "ba_best"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select",
+                                                            "merge_anatomy", "gram_tiles", "ba_tiles", "ba_best"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

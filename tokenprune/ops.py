@@ -118,12 +118,13 @@ def _width_depends_on_data() -> None:
 def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
                valid: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:
     """Keep, per sample, the non-prefix tokens with ``score > threshold``: at most ``k_max`` (the best) and at least
-    one, in spatial order. Returns the new state and each sample's kept count ``[B]`` (float32). Samples that keep different counts are padded to the largest (rectangular), the padding
-    slots at size 0, so attention masks them and pooling ignores them. The counts are read on the host once (one
-    sync: the output width depends on them). When every sample keeps the same count (always at batch 1) no slot is
-    padding, so no mask follows the tokens; without earlier padding that is :func:`keep_top` of that count. At batch 1
-    on CUDA the count, the selection and the gather are one launch (``kernels.keep_above_step``, the threshold read on
-    the device when it is a tensor), then the one read of the count cuts the rows."""
+    one, in spatial order. Returns the new state and each sample's kept count ``[B]`` (float32). Samples that keep
+    different counts are padded to the largest (rectangular), the padding slots at size 0, so attention masks them
+    and pooling ignores them. The counts are read on the host once (one sync: the output width depends on them). When
+    every sample keeps the same count (always at batch 1) no slot is padding, so no mask follows the tokens; without
+    earlier padding that is :func:`keep_top` of that count. At batch 1 on CUDA the count, the selection and the
+    gather are one launch (``kernels.keep_above_step``, the threshold read on the device when it is a tensor), then
+    the one read of the count cuts the rows."""
     _width_depends_on_data()
     if valid is None and scores.shape[0] == 1:  # batch 1 on CUDA: count, select and gather in one launch
         out = kernels.keep_above_step(state.x, scores, state.sizes, state.source, state.num_prefix, k_max, threshold)
