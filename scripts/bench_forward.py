@@ -779,7 +779,7 @@ def merge_shapes(out: Path, smoke: bool, repeats: int):
 
 
 def sweep_row(row, step, ref, repeats):
-    """One launch-constant variant of a step (``configs_b``, ``configs_select``): its outputs (a tuple) against
+    """One launch-constant variant of a step in a sweep (``configs_b``, ``ba_tiles``, ...): its outputs (a tuple) against
     ``ref`` (the default's; None: these are the default's), its graph-replay time and each kernel's GPU time
     (profiler), recorded; returns ``ref``."""
     from tokenprune.cuda import graphed

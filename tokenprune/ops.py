@@ -134,15 +134,13 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
             state.x, state.sizes = x[:, :n], (sizes[:, :n] if sizes is not None else None)
             return state, kept
     s = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
-    counts = (s > threshold).sum(1)  # clamped on the host below (one op fewer)
-    if counts.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)
-        lo = hi = counts.tolist()[0]
-    elif counts.numel():
-        lo, hi = torch.stack(counts.aminmax()).tolist()
+    kept = (s > threshold).sum(1).clamp(min=1, max=k_max)
+    if kept.numel() == 1:  # batch 1: the count itself (two ops fewer; batch-1 eager is bound by host time)
+        lo = hi = kept.tolist()[0]
+    elif kept.numel():
+        lo, hi = torch.stack(kept.aminmax()).tolist()
     else:  # an empty batch keeps the cap
-        lo = hi = min(k_max, s.shape[1])
-    lo, hi = (min(max(c, 1), k_max) for c in (lo, hi))
-    kept = counts.clamp(min=1, max=k_max)
+        lo = hi = max(min(k_max, s.shape[1]), 1)
     if lo == hi and valid is None:
         return keep_top(state, s, hi), kept.float()
     order = s.topk(hi, dim=1).indices  # best first

@@ -79,12 +79,12 @@ class TokenState:
             return None
         return self.sizes > 0
 
-    def kept_per_sample(self, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        """Non-prefix tokens each sample really holds (padding excluded), as ``dtype``."""
+    def kept_per_sample(self) -> torch.Tensor:
+        """Non-prefix tokens each sample really holds (padding excluded)."""
         b = self.x.shape[0]
         if self.sizes is None:
-            return torch.full((b,), self.num_tokens, dtype=dtype, device=self.x.device)
-        return (self.sizes[:, self.num_prefix:] > 0).sum(1, dtype=dtype)
+            return torch.full((b,), self.num_tokens, dtype=torch.long, device=self.x.device)
+        return (self.sizes[:, self.num_prefix:] > 0).sum(1)
 
     def positions(self) -> torch.Tensor | None:
         """``[B, N]`` long: for every non-prefix token, the input token (``0 .. N0 - 1``) whose position it
