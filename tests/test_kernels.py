@@ -941,6 +941,18 @@ def test_keep_above_at_batch_1_is_one_launch_and_equals_the_op_path(T, monkeypat
         assert kept.dtype == torch.float32 and torch.equal(kept, ref_kept)
         assert got.x.shape == ref.x.shape and got.x.is_contiguous()
         assert torch.equal(got.x, ref.x) and torch.equal(got.sizes, ref.sizes) and torch.equal(got.source, ref.source)
+    # a threshold per token (the ops broadcast it) is not a kernel argument: the ops path, the same result
+    th = torch.rand(196, generator=g)
+    g.manual_seed(3)
+    ref = ops.keep_above(state(), scores, th, 49)[0]
+    _use_interpreted(monkeypatch, T)
+    calls = []
+    real = T.keep.keep_step
+    monkeypatch.setattr(T.keep, "keep_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    g.manual_seed(3)
+    got = ops.keep_above(state(), scores, th, 49)[0]
+    monkeypatch.undo()
+    assert not any("threshold" in kw for kw in calls) and torch.equal(got.x, ref.x)
 
 
 def test_topk_sorted_kernel_ties_and_infinities(T, monkeypatch):

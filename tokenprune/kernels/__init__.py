@@ -331,11 +331,12 @@ def keep_above_step(x, scores, sizes, source, num_prefix: int, k_max: int, thres
     """``ops.keep_above`` without padding in one Triton launch, or None where it does not apply (CPU, a grad-mode
     input, too many tokens, or torch.compile / export tracing, which take ``keep_above``'s ops): each sample keeps
     its ``clamp(#{score > threshold}, 1, k_max)`` best non-prefix tokens in spatial order (``threshold``: a float or
-    a one-element tensor, read on the device). Returns ``(x, sizes, source, counts)``: ``x`` and ``sizes`` still
-    ``P + k_max`` rows wide, the rows past a sample's count unwritten, ``counts`` ``[B]`` float32 (the caller reads
-    them and cuts the rows)."""
+    a one-element tensor, read on the device; a tensor of several, which the ops broadcast, takes the ops). Returns
+    ``(x, sizes, source, counts)``: ``x`` and ``sizes`` still ``P + k_max`` rows wide, the rows past a sample's count
+    unwritten, ``counts`` ``[B]`` float32 (the caller reads them and cuts the rows)."""
     th = threshold if isinstance(threshold, torch.Tensor) else None
-    if _via_op() or not (use_triton(x, scores, th) and keep_step_fits(scores.shape[1])):
+    if (_via_op() or (th is not None and th.numel() != 1)
+            or not (use_triton(x, scores, th) and keep_step_fits(scores.shape[1]))):
         return None
     nx, ns, nsrc, _, counts = _impl().keep.keep_step(x, scores, sizes, source, num_prefix, k_max, threshold=threshold)
     return nx, ns, nsrc, counts
