@@ -255,16 +255,19 @@ def prof_table(fn, x, path):
     path.write_text(text)
 
 
-def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25, bs: int = 1):
+def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25, bs: int = 1,
+                  stem: str = "conv"):
     """GPU kernels of one forward (batch ``bs``, default 1) compiled with ``torch.compile`` (default mode, no CUDA graphs: the kernels a
     ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, and the table of the top 40
     (``kernels_<case>_<variant>.txt``). Shows what each reduction adds against blocks that cost the same at any
-    token count at batch 1."""
+    token count at batch 1. ``stem="gemm"``: as in ``run_case``."""
     import copy
 
     from torch.autograd import DeviceType
 
     m, x = model_and_input(case, bs, smoke)
+    if stem == "gemm":
+        tokenprune.fast_patch_embed(m)
     kind = DeviceType.CUDA if DEV == "cuda" else DeviceType.CPU
     for name, kw in [("unreduced", None)] + (variants if variants is not None else BS1[:6] + [M3]):
         mv = copy.deepcopy(m)
@@ -277,7 +280,8 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
                kernel_ms_per_forward=round(sum(e.device_time if DEV == "cuda" else e.cpu_time for e in evs)
                                            / 5 / 1e3, 4))
         sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
-        (out / f"kernels_{case}{'' if bs == 1 else f'_bs{bs}'}_{name.replace(' ', '_').replace(',', '')}.txt").write_text(
+        tag = ("" if bs == 1 else f"_bs{bs}") + ("" if stem == "conv" else f"_{stem}")
+        (out / f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}.txt").write_text(
             p.key_averages().table(sort_by=sort, row_limit=40))
         del mv, run
         torch._dynamo.reset()
@@ -1179,6 +1183,9 @@ def main():
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {})], 0.5)
     if "kernels_large" in parts:  # compiled default at bs 256: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("merge", {})], 0.25, bs=8 if args.smoke else 256)
+    if "kernels_large_gemm" in parts:  # the same with the GEMM stem (large_gemm's rows), merge-3-stages beside them
+        kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("merge", {}), M3], 0.25,
+                      bs=8 if args.smoke else 256, stem="gemm")
     if "compiled" in parts or "compiled_b" in parts:
         run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
     if "compiled" in parts or "compiled_l" in parts:
