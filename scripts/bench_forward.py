@@ -898,6 +898,38 @@ def configs_b(out: Path, smoke: bool, repeats: int):
                     setattr(km, n_, v)
 
 
+def merge_match(smoke: bool, repeats: int):
+    """GPU: the batch-1 merge step's matching chain (merge_anatomy: 12.4-13.3 us while the A tokens take 128 lanes,
+    7.5 in 64), with other B tiles of the matching loop and the merged set by counting ranks instead of the sort
+    (ViT-B's step: head dim 64, 768 channels, the residual add deferred, r 13)."""
+    from tokenprune import kernels
+    from tokenprune.kernels import merge as km
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    d, r, c = (16, 4, 32) if smoke else (64, 13, 768)
+    variants = [("default", {}), ("bt64", {"MERGE_STEP_BT": 64}), ("bt128", {"MERGE_STEP_BT": 128}),
+                ("count", {"MERGE_STEP_TOPK_COUNT": True}),
+                ("bt64_count", {"MERGE_STEP_BT": 64, "MERGE_STEP_TOPK_COUNT": True}),
+                ("bt128_count", {"MERGE_STEP_BT": 128, "MERGE_STEP_TOPK_COUNT": True})]
+    for t in ([41] if smoke else [197, 171, 145, 119]):
+        x, y = (torch.randn(1, t, c, generator=g).to(DEV, DTYPE) for _ in range(2))
+        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
+        sizes = torch.ones(1, t, device=DEV)
+        source = torch.arange(t, device=DEV)[None]
+        ref = None
+        for name, consts in variants:
+            old = {n: getattr(km, n) for n in consts}
+            for n_, v in consts.items():
+                setattr(km, n_, v)
+            row = dict(case="merge_match", variant=name, tokens=t, r=r)
+            try:
+                ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), ref,
+                                repeats)
+            finally:
+                for n_, v in old.items():
+                    setattr(km, n_, v)
+
+
 def merge_anatomy(smoke: bool, repeats: int):
     """GPU: where a batch-1 merge step's time goes (ViT-B: head dim 64, the key mean given, r 13). The one-launch
     step at 768 channels against the same step on 32 (one column tile: the matching, ranking and plan, which every
@@ -1212,6 +1244,8 @@ def main():
         gram_tiles(args.smoke, args.repeats)
     if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
         merge_anatomy(args.smoke, args.repeats)
+    if "merge_match" in parts:  # the batch-1 merge step's matching: B tiles, the merged set by count or sort
+        merge_match(args.smoke, args.repeats)
     if "configs_select" in parts:
         configs_select(args.smoke, reps)
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
@@ -1239,7 +1273,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select",
-                                                            "merge_anatomy", "gram_tiles", "ba_tiles", "ba_best"):
+                                                            "merge_anatomy", "merge_match", "gram_tiles", "ba_tiles", "ba_best"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

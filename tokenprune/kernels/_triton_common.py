@@ -279,6 +279,19 @@ def _top_k_mask(vals, offs, K):
 
 
 @triton.jit
+def _top_k_mask_count(vals, offs, K):
+    # _top_k_mask's set by counting instead of a sort: each key's rank is the number of smaller keys ([n, n]
+    # compares in registers; the keys are distinct, the index is in them)
+    v = vals.to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, tl.where(v != v, float("nan"), v))
+    i = v.to(tl.int32, bitcast=True)
+    asc = tl.where(i < 0, i ^ 0x7FFFFFFF, i)
+    key = ((~asc).to(tl.int64) << 32) | offs.to(tl.int64)
+    rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), 1)
+    return (rank < K) & (K > 0)
+
+
+@triton.jit
 def _sizes_at(s_row, idx, mask, HAS_SIZES: tl.constexpr):
     # token sizes at rows idx of one sample's size row, in fp32 (1 without sizes); 0 where masked off
     if HAS_SIZES:
