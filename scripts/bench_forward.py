@@ -930,6 +930,36 @@ def merge_match(smoke: bool, repeats: int):
                     setattr(km, n_, v)
 
 
+def merge_match_best(smoke: bool, repeats: int):
+    """After ``merge_match`` in the same process: the variant with the least kernel time summed over the swept token
+    counts and, where it beats the default by 3%, ViT-B bs-1 ``reduce-overhead`` forwards of ``merge`` (and maelre,
+    which runs the same step) with the default settings and with it, each against its own unreduced model."""
+    from tokenprune.kernels import merge as km
+
+    total: dict = {}
+    for r in ROWS:
+        if r.get("case") == "merge_match" and "_merge_step_us" in r:
+            total.setdefault(r["variant"], []).append(r["_merge_step_us"])
+    total = {k: sum(v) for k, v in total.items() if len(v) == max(map(len, total.values()))}
+    if not total:
+        return
+    name = min(total, key=total.get)
+    record(case="merge_match_best", variant=name, us=round(total[name], 1), default_us=round(total["default"], 1))
+    if not smoke and total[name] >= 0.97 * total["default"]:
+        return
+    consts = {"MERGE_STEP_BT": int(name[2:].split("_")[0]) if name.startswith("bt") else 32,
+              "MERGE_STEP_TOPK_COUNT": name.endswith("count")}
+    for tag, cs in (("match default", {}), (f"match {name}", consts)):
+        old = {n: getattr(km, n) for n in cs}
+        for n_, v in cs.items():
+            setattr(km, n_, v)
+        try:
+            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("maelre", {})], 0.25, repeats, smoke, tag=tag)
+        finally:
+            for n_, v in old.items():
+                setattr(km, n_, v)
+
+
 def merge_anatomy(smoke: bool, repeats: int):
     """GPU: where a batch-1 merge step's time goes (ViT-B: head dim 64, the key mean given, r 13). The one-launch
     step at 768 channels against the same step on 32 (one column tile: the matching, ranking and plan, which every
@@ -1246,6 +1276,8 @@ def main():
         merge_anatomy(args.smoke, args.repeats)
     if "merge_match" in parts:  # the batch-1 merge step's matching: B tiles, the merged set by count or sort
         merge_match(args.smoke, args.repeats)
+    if "merge_match_best" in parts:  # after merge_match: ViT-B bs-1 forwards with its fastest variant
+        merge_match_best(args.smoke, reps)
     if "configs_select" in parts:
         configs_select(args.smoke, reps)
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
@@ -1273,7 +1305,8 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select",
-                                                            "merge_anatomy", "merge_match", "gram_tiles", "ba_tiles", "ba_best"):
+                                                            "merge_anatomy", "merge_match", "merge_match_best",
+                                                            "gram_tiles", "ba_tiles", "ba_best"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
