@@ -571,6 +571,24 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     assert rel(out.x, ref.x) < 1e-3
 
 
+@pytest.mark.parametrize("n,r", [(40, 7), (120, 13), (255, 60)])
+def test_merge_step_count_and_sort_agree(T, monkeypatch, n, r):
+    """The one-launch step's merged set by counting ranks (the default) and by the sort, with B tiles of 32 and of
+    every B token: the reference's step on metrics with many exact ties (quarter-integer entries) and a -0.0 row."""
+    g = gen(n)
+    x = torch.randn(1, n + 1, 24, generator=g).half()
+    metric = (torch.randint(-2, 3, (1, n + 1, 8), generator=g).float() / 4).half()
+    metric[0, 3] = -0.0
+    ref = ops.bipartite_merge(TokenState.start(x.clone(), 1), metric, r)
+    _use_interpreted(monkeypatch, T)
+    for bt, count in ((128, True), (32, False), (32, True), (128, False)):
+        monkeypatch.setattr(T.merge, "MERGE_STEP_BT", bt)
+        monkeypatch.setattr(T.merge, "MERGE_STEP_TOPK_COUNT", count)
+        out = ops.bipartite_merge(TokenState.start(x.clone(), 1), metric, r)
+        assert torch.equal(out.source, ref.source) and torch.equal(out.sizes, ref.sizes)
+        assert rel(out.x, ref.x) < 1e-3
+
+
 def test_key_mean_as_an_op_gives_the_same_step(T, monkeypatch):
     """The key mean as one op before the kernels (while compiling: CUDA graphs pay no host time for it and the
     kernels' per-head reads cost GPU time; or ``kernels.KEY_MEAN_IN_KERNEL = False``) gives the same step as the

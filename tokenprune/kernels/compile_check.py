@@ -99,6 +99,9 @@ def _configs():
     ms_types = {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                 "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32, "mt_ptr": "*i32", "ob_ptr": f16,
                 "rows_ptr": "*i32", "perm_ptr": "*i64"}
+    def bt(mode, nbp, lowp=True):  # the one launch's (MODE 0) matching tile and merged-set rule, as merge_step's
+        return dict(BT=M._match_tile(nbp, lowp), COUNT=M.MERGE_STEP_TOPK_COUNT) if mode == 0 else dict(BT=32)
+
     for lowp in (True, False):
         for mode, bc, warps, has_y in ((0, 32, M.MERGE_STEP_WARPS, False), (0, 32, M.MERGE_STEP_WARPS, True),
                                        (2, 32, M.MERGE_STEP_SPLIT["mwarps"], False)):
@@ -107,11 +110,12 @@ def _configs():
             out.append((M._merge_step, ms_types,
                         dict(HAS_SIZES=True, HAS_Y=has_y, PADDED=True, HAS_SOURCE=True, IS_F32=False, LOWP=lowp,
                              NAP=128, NBP=128,
-                             DP=64, BC=bc, BS=256, PP=1, BT=32, MODE=mode, LOG_SIZES=True, H=12), warps))
+                             DP=64, BC=bc, BS=256, PP=1, MODE=mode, LOG_SIZES=True, H=12, **bt(mode, 128, lowp)),
+                        warps))
     # compiled calls: the key mean as an op first (H 1: the B tiles prefetched)
     out.append((M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False,
-                                              LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, BT=32, MODE=0,
-                                              LOG_SIZES=True, H=1), M.MERGE_STEP_WARPS))
+                                              LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, MODE=0,
+                                              LOG_SIZES=True, H=1, **bt(0, 128)), M.MERGE_STEP_WARPS))
     # large batches above the SM count: MODE 2 under merge_step's register cap ("maxnreg" is a compiler option, not a
     # constant; it spills: 46 local ld/st before session 8, 72-78 with the head loop unrolled, 50 / 54 now)
     capped = [(M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=False, PADDED=True, HAS_SOURCE=True, IS_F32=False,
@@ -123,7 +127,8 @@ def _configs():
                              (0, 64, M.MERGE_STEP_WARPS)):
         out.append((M._merge_step, ms_types,
                     dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False, LOWP=True, NAP=nap,
-                         NBP=nap, DP=64, BC=32, BS=256, PP=256, BT=32, MODE=mode, LOG_SIZES=True, PERM=True, H=12),
+                         NBP=nap, DP=64, BC=32, BS=256, PP=256, MODE=mode, LOG_SIZES=True, PERM=True, H=12,
+                         **bt(mode, nap)),
                     warps))  # pitome's metric: the keys per head, as merge's
     for perm in (False, True):
         out.append((M._merge_plan, {"rk_ptr": "*i32", "s_ptr": f32, "src_ptr": "*i64", "os_ptr": f32,

@@ -128,7 +128,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         tl.debug_barrier()
         rank = _rank_desc(best, offs_a, bst_row, NA, BT)
         return arg, rank, (rank < R) & am
-    if COUNT:  # the same set by counting (MERGE_STEP_TOPK_COUNT)
+    if COUNT:  # the same set by counting ranks (MERGE_STEP_TOPK_COUNT: faster at 128 A tokens)
         return arg, arg, _top_k_mask_count(best, offs_a, R) & am
     return arg, arg, _top_k_mask(best, offs_a, R) & am  # (no ranks: arg stands in for them, unused)
 
@@ -395,8 +395,12 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
-MERGE_STEP_BT = 32  # B tokens per tile of the matching loop
-MERGE_STEP_TOPK_COUNT = False  # one launch: which A tokens merge, by counting ranks instead of the sort
+# one launch (batch 1): the matching loop's B tile, up to the B tokens padded (one tile up to 128 B tokens), and which
+# A tokens merge by counting ranks ([NAP, NAP] compares) instead of the sort. H100, ViT-B's step (run 50,
+# --parts merge_match): 14.0 / 13.2 / 13.1 / 8.0 us at 197 / 171 / 145 / 119 tokens with 32-token tiles and the sort
+# -> 11.1 / 11.0 / 11.1 / 6.6, the same outputs
+MERGE_STEP_BT = 128
+MERGE_STEP_TOPK_COUNT = True
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
 # From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
 # a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
@@ -434,6 +438,12 @@ def _best_split(bsz: int, na: int, nb: int, dtype, device) -> tuple:
     want = max(1, min(MERGE_BEST_SPLIT, tiles, _num_sms(device) // (bsz * _cdiv(na, bm))))
     nbs = _cdiv(tiles, want) * bn
     return _cdiv(nb, nbs), nbs
+
+
+def _match_tile(nb: int, lowp: bool) -> int:
+    """The one launch's matching tile: MERGE_STEP_BT up to the B tokens padded, at least 32 (16: pitome's small
+    steps spill), 64 at most with float32 products (128 spills there)."""
+    return max(32, min(MERGE_STEP_BT if lowp else min(MERGE_STEP_BT, 64), _p2(nb)))
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
@@ -529,7 +539,7 @@ class _StepPlan:
                          ssb, srcb, nout * c, c, sprm), VEC=v,
                         HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
-                        BT=MERGE_STEP_BT if mode == 0 else 32, MODE=mode, H=heads, num_warps=warps,
+                        BT=_match_tile(nb, lowp) if mode == 0 else 32, MODE=mode, H=heads, num_warps=warps,
                         **({"COUNT": True} if MERGE_STEP_TOPK_COUNT and mode == 0 else {}), **flags, **extra)
 
         if large:  # the matching (_bm_best), the ranking (_merge_rank), then _merge_plan
