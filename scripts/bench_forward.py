@@ -1235,6 +1235,10 @@ def main():
         python_profile(args.out, args.smoke)
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
+    if "kernels_b_merge" in parts:  # kernels_b for merge alone (its one-launch step at batch 1)
+        kernel_census(args.out, args.smoke, "vit_b", [("merge", {})], 0.25)
+    if "compiled_merge" in parts:  # compiled_b's rows that run the merge step: merge, maelre, merge-3-stages
+        run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("maelre", {}), M3], 0.25, reps, args.smoke)
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
