@@ -99,8 +99,8 @@ def _configs():
     ms_types = {"x_ptr": f16, "y_ptr": f16, "m_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
                 "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32, "mt_ptr": "*i32", "ob_ptr": f16,
                 "rows_ptr": "*i32", "perm_ptr": "*i64"}
-    def bt(mode, nbp, lowp=True):  # the one launch's (MODE 0) matching tile and merged-set rule, as merge_step's
-        return dict(BT=M._match_tile(nbp, lowp), COUNT=M.MERGE_STEP_TOPK_COUNT) if mode == 0 else dict(BT=32)
+    def bt(mode, nbp, lowp=True):  # the one launch's (MODE 0) matching tile, as merge_step picks it
+        return dict(BT=M._match_tile(nbp, lowp) if mode == 0 else 32)
 
     for lowp in (True, False):
         for mode, bc, warps, has_y in ((0, 32, M.MERGE_STEP_WARPS, False), (0, 32, M.MERGE_STEP_WARPS, True),

@@ -11,8 +11,7 @@ import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
-                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask,
-                             _top_k_mask_count,
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask_count,
                              _unit_rows, _in_vectors, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
 
@@ -96,7 +95,7 @@ def gather_rows(x, rows):
 @triton.jit
 def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am,
                  dm, sa, row_a, prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
-                 PERM: tl.constexpr, UNROLL: tl.constexpr, R, RANK: tl.constexpr, COUNT: tl.constexpr = False):
+                 PERM: tl.constexpr, UNROLL: tl.constexpr, R, RANK: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
     #    B tokens' rows come from the order ``prm`` too); UNROLL (MODE 0, small batches): as _metric_rows, and with
@@ -120,7 +119,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         best = tl.where(sa <= 0, float("inf"), best)  # padding slots are merged first
     # -- the R best-matched A tokens are merged away, by (best desc, index asc). RANK (MODE 2, which writes them
     #    in rank order): each one's rank, counted against tiles of the A tokens read back from scratch; else
-    #    only which ones, by a sort in registers
+    #    only which ones, each one's rank counted in registers (run 50: 2-3 us less than a sort at 128 A tokens)
     best = tl.where(am, best, float("-inf"))
     if RANK:
         bst_row = bst_ptr + (b * G + g) * NAP  # one scratch row per program
@@ -128,9 +127,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         tl.debug_barrier()
         rank = _rank_desc(best, offs_a, bst_row, NA, BT)
         return arg, rank, (rank < R) & am
-    if COUNT:  # the same set by counting ranks (MERGE_STEP_TOPK_COUNT: faster at 128 A tokens)
-        return arg, arg, _top_k_mask_count(best, offs_a, R) & am
-    return arg, arg, _top_k_mask(best, offs_a, R) & am  # (no ranks: arg stands in for them, unused)
+    return arg, arg, _top_k_mask_count(best, offs_a, R) & am  # (no ranks: arg stands in for them, unused)
 
 
 @triton.jit
@@ -140,8 +137,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
-                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1,
-                COUNT: tl.constexpr = False):
+                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
@@ -171,8 +167,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
     arg, rank, is_src = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d,
-                                     am, dm, sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0, R, MODE == 2,
-                                     COUNT)
+                                     am, dm, sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0, R, MODE == 2)
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
         tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
@@ -395,12 +390,8 @@ def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
-# one launch (batch 1): the matching loop's B tile, up to the B tokens padded (one tile up to 128 B tokens), and which
-# A tokens merge by counting ranks ([NAP, NAP] compares) instead of the sort. H100, ViT-B's step (run 50,
-# --parts merge_match): 14.0 / 13.2 / 13.1 / 8.0 us at 197 / 171 / 145 / 119 tokens with 32-token tiles and the sort
-# -> 11.1 / 11.0 / 11.1 / 6.6, the same outputs
-MERGE_STEP_BT = 128
-MERGE_STEP_TOPK_COUNT = True
+MERGE_STEP_BT = 128  # one launch: the matching's B tile (_match_tile). H100, ViT-B's step at 197 / 171 / 145 / 119
+# tokens (run 50, --parts merge_match): 32-token tiles and a sort 14.0 / 13.2 / 13.1 / 8.0 us -> 11.1 / 11.0 / 11.1 / 6.6
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
 # From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
 # a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
@@ -443,7 +434,7 @@ def _best_split(bsz: int, na: int, nb: int, dtype, device) -> tuple:
 def _match_tile(nb: int, lowp: bool) -> int:
     """The one launch's matching tile: MERGE_STEP_BT up to the B tokens padded, at least 32 (16: pitome's small
     steps spill), 64 at most with float32 products (128 spills there)."""
-    return max(32, min(MERGE_STEP_BT if lowp else min(MERGE_STEP_BT, 64), _p2(nb)))
+    return max(32, min(MERGE_STEP_BT, 128 if lowp else 64, _p2(nb)))
 
 
 def merge_step_fits(n: int, r: int = 0) -> bool:
@@ -467,7 +458,7 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
-           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_TOPK_COUNT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES,
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES,
            MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE,
            MERGE_GATHER_MAX_R)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
@@ -539,8 +530,8 @@ class _StepPlan:
                          ssb, srcb, nout * c, c, sprm), VEC=v,
                         HAS_Y=residual is not None and mode == 0, IS_F32=metric.dtype == torch.float32, LOWP=lowp,
                         NAP=nap, NBP=max(16, _p2(nb)), DP=max(16, _p2(d)), BC=MERGE_STEP_BC, BS=256, PP=_p2(max(p, 1)),
-                        BT=_match_tile(nb, lowp) if mode == 0 else 32, MODE=mode, H=heads, num_warps=warps,
-                        **({"COUNT": True} if MERGE_STEP_TOPK_COUNT and mode == 0 else {}), **flags, **extra)
+                        BT=_match_tile(nb, lowp) if mode == 0 else 32, MODE=mode, H=heads, num_warps=warps, **flags,
+                        **extra)
 
         if large:  # the matching (_bm_best), the ranking (_merge_rank), then _merge_plan
             self.valid = valid = bool(padded) and sizes is not None  # B tokens of size 0 (padding): no partners
