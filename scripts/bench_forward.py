@@ -34,6 +34,7 @@ times, SDPA with and without the key bias, one linear at changing token counts):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -160,6 +161,19 @@ ROWS: list[dict] = []
 def record(**row):
     ROWS.append(row)
     print(json.dumps(row), flush=True)
+
+
+@contextlib.contextmanager
+def settings(module, consts: dict):
+    """A module's launch settings (``{name: value}``) changed inside the block and restored after it (sweeps)."""
+    old = {n: getattr(module, n) for n in consts}
+    for n, v in consts.items():
+        setattr(module, n, v)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            setattr(module, n, v)
 
 
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
@@ -887,15 +901,9 @@ def configs_b(out: Path, smoke: bool, repeats: int):
         source = torch.arange(t, device=DEV)[None]
         ref = None
         for name, consts in merge_variants:
-            old = {n: getattr(km, n) for n in consts}
-            for n_, v in consts.items():
-                setattr(km, n_, v)
             row = dict(case="configs_b", step="merge", variant=name, tokens=t, r=r)
-            try:
+            with settings(km, consts):
                 ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True), ref, repeats)
-            finally:
-                for n_, v in old.items():
-                    setattr(km, n_, v)
 
 
 def merge_match(smoke: bool, repeats: int):
@@ -916,16 +924,10 @@ def merge_match(smoke: bool, repeats: int):
         source = torch.arange(t, device=DEV)[None]
         ref = None
         for name, consts in variants:
-            old = {n: getattr(km, n) for n in consts}
-            for n_, v in consts.items():
-                setattr(km, n_, v)
             row = dict(case="merge_match", variant=name, tokens=t, r=r)
-            try:
+            with settings(km, consts):
                 ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), ref,
                                 repeats)
-            finally:
-                for n_, v in old.items():
-                    setattr(km, n_, v)
 
 
 def merge_match_best(smoke: bool, repeats: int):
@@ -947,14 +949,8 @@ def merge_match_best(smoke: bool, repeats: int):
         return
     consts = {"MERGE_STEP_BT": int(name[2:])} if name != "default" else {}
     for tag, cs in (("match default", {}), (f"match {name}", consts)):
-        old = {n: getattr(km, n) for n in cs}
-        for n_, v in cs.items():
-            setattr(km, n_, v)
-        try:
+        with settings(km, cs):
             run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("maelre", {})], 0.25, repeats, smoke, tag=tag)
-        finally:
-            for n_, v in old.items():
-                setattr(km, n_, v)
 
 
 def merge_anatomy(smoke: bool, repeats: int):
