@@ -262,17 +262,23 @@ _INTERPRETED: tl.constexpr = tl.constexpr(_interpreted(_rank_desc))
 
 
 @triton.jit
-def _top_k_mask(vals, offs, K):
-    # which of the values (one row, in registers; -inf at padding, whose offs are past the row) are among the K
-    # first by (value desc, index asc), without reading the row back: each value becomes a 64-bit key that sorts
-    # ascending in that order (the float's bits made order-preserving and inverted, the index below them), the
-    # keys are sorted in registers (bitonic) and the K-th smallest is the threshold. Same set as _rank_desc(...) < K;
-    # -0.0 counts as 0.0, NaN (either sign) first, as torch.topk
+def _order_keys(vals, offs):
+    # each value (one row, in registers; -inf at padding, whose offs are past the row) as a 64-bit key that sorts
+    # ascending by (value desc, index asc): the float's bits made order-preserving and inverted, the index below them;
+    # -0.0 counts as 0.0, NaN (either sign) first, as torch.topk. The keys are distinct (the index is in them)
     v = vals.to(tl.float32)
     v = tl.where(v == 0.0, 0.0, tl.where(v != v, float("nan"), v))
     i = v.to(tl.int32, bitcast=True)
     asc = tl.where(i < 0, i ^ 0x7FFFFFFF, i)  # signed order of these ints = the floats' order
-    key = ((~asc).to(tl.int64) << 32) | offs.to(tl.int64)  # ~: descending in the value, then the index
+    return ((~asc).to(tl.int64) << 32) | offs.to(tl.int64)  # ~: descending in the value, then the index
+
+
+@triton.jit
+def _top_k_mask(vals, offs, K):
+    # which of the values are among the K first by (value desc, index asc), without reading the row back: the keys
+    # (_order_keys) are sorted in registers (bitonic) and the K-th smallest is the threshold. Same set as
+    # _rank_desc(...) < K
+    key = _order_keys(vals, offs)
     first = tl.arange(0, key.shape[0]) < K
     kth = tl.max(tl.where(first, tl.sort(key), -9223372036854775807), 0)
     return (key <= kth) & (K > 0)
@@ -281,12 +287,8 @@ def _top_k_mask(vals, offs, K):
 @triton.jit
 def _top_k_mask_count(vals, offs, K):
     # _top_k_mask's set by counting instead of a sort: each key's rank is the number of smaller keys ([n, n]
-    # compares in registers; the keys are distinct, the index is in them)
-    v = vals.to(tl.float32)
-    v = tl.where(v == 0.0, 0.0, tl.where(v != v, float("nan"), v))
-    i = v.to(tl.int32, bitcast=True)
-    asc = tl.where(i < 0, i ^ 0x7FFFFFFF, i)
-    key = ((~asc).to(tl.int64) << 32) | offs.to(tl.int64)
+    # compares in registers)
+    key = _order_keys(vals, offs)
     rank = tl.sum((key[None, :] < key[:, None]).to(tl.int32), 1)
     return (rank < K) & (K > 0)
 
