@@ -11,8 +11,8 @@ import triton.language as tl
 
 from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
-                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at, _top_k_mask_count,
-                             _unit_rows, _in_vectors, _workspace, fast)
+                             _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at,
+                             _top_k_mask_count, _unit_rows, _in_vectors, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
 
 
@@ -391,7 +391,8 @@ MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program hold
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
 MERGE_STEP_BT = 128  # one launch: the matching's B tile (_match_tile). H100, ViT-B's step at 197 / 171 / 145 / 119
-# tokens (run 50, --parts merge_match): 32-token tiles and a sort 14.0 / 13.2 / 13.1 / 8.0 us -> 11.1 / 11.0 / 11.1 / 6.6
+# tokens (run 50, --parts merge_match): 32-token tiles and a sort 14.0 / 13.2 / 13.1 / 8.0 us, this tile and ranks
+# by count 11.1 / 11.0 / 11.1 / 6.6 us
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
 # From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
 # a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
@@ -458,9 +459,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
-           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT), MERGE_PLAN_TILES,
-           MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE,
-           MERGE_GATHER_MAX_R)
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT),
+           MERGE_PLAN_TILES, MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE, MERGE_GATHER_MAX_R)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
     return plan(x, metric, sizes, source, residual, perm, scratch)
