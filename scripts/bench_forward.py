@@ -833,13 +833,11 @@ def configs_select(smoke: bool, repeats: int):
             gm = kernels.gram(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))[0]  # diverse's input
             ref = None
             for warps in (None, 1, 2, 4, 8):
-                if warps is not None:
-                    ks._config = lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))
+                cfg = {} if warps is None else {
+                    "_config": lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))}
                 row = dict(case="configs_select", bs=bs, tokens=n, keep=keep, warps=warps or "default")
-                try:
+                with settings(ks, cfg):
                     ref = sweep_row(row, lambda: (kernels.max_min_select(gm, keep),), ref, repeats)
-                finally:
-                    ks._config = saved
 
 
 def configs_b(out: Path, smoke: bool, repeats: int):
@@ -990,14 +988,12 @@ def gram_tiles(smoke: bool, repeats: int):
             for name, kw in (("default", None), ("bm128_bk32_w8", dict(BM=128, BK=32, num_warps=8)),
                              ("bm64_bk32_w4", dict(BM=64, BK=32, num_warps=4)),
                              ("bm64_bk64_w4", dict(BM=64, BK=64, num_warps=4))):
-                if kw is not None:  # (a fixed tile whatever the batch: run 42 timed these three before the default
-                    # took 64-row tiles for small batches)
-                    ka._gram_config = lambda *a, kw=kw: dict(saved(*a), **kw)
+                # (a fixed tile whatever the batch: run 42 timed these three before the default took 64-row tiles
+                # for small batches)
+                cfg = {} if kw is None else {"_gram_config": lambda *a, kw=kw: dict(saved(*a), **kw)}
                 row = dict(case="gram_tiles", bs=bs, tokens=n, variant=name)
-                try:
+                with settings(ka, cfg):
                     ref = sweep_row(row, lambda: kernels.gram(x), ref, repeats)
-                finally:
-                    ka._gram_config = saved
 
 
 def ba_tiles(smoke: bool, repeats: int):
@@ -1026,12 +1022,10 @@ def ba_tiles(smoke: bool, repeats: int):
             ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
                             lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
             for bm, bn, w, st in tiles:
-                ka._ba_config = lambda *a, c=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st): c
-                try:
+                tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
                     sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
                               lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
-                finally:
-                    ka._ba_config = saved
 
 
 def ba_best(smoke: bool, repeats: int):
@@ -1067,16 +1061,13 @@ def ba_best(smoke: bool, repeats: int):
         if bs not in best and not smoke:
             continue
         for tag, cfg in (("ba default", saved), ("ba best", tuned)):
-            ka._ba_config = cfg
-            try:
+            with settings(ka, {"_ba_config": cfg}):
                 if bs == 1:
                     run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("apet", {})], 0.25, repeats, smoke,
                              tag=tag)
                 else:
                     run_case("vit_b", 8 if smoke else 256, ["default"], [("merge", {})], 0.25, min(repeats, 30),
                              smoke, tag=tag + ", gemm stem", stem="gemm")
-            finally:
-                ka._ba_config = saved
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
