@@ -301,19 +301,20 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         torch._dynamo.reset()
 
 
-def python_profile(out: Path, smoke: bool):
+def python_profile(out: Path, smoke: bool, cases=None):
     """cProfile of 20 eager bs-1 forwards per variant: where the host time goes, by function."""
     import cProfile
     import io
     import pstats
 
-    for case, variants in (("vit_b", [("unreduced", None), ("random", {}), ("merge", {})]),
-                           ("vit_l", [("unreduced", None), ("merge", {})])):
+    cases = cases or (("vit_b", [("unreduced", None), ("random", {}), ("merge", {})], 0.25),
+                      ("vit_l", [("unreduced", None), ("merge", {})], 0.25))
+    for case, variants, budget in cases:
         m, x = model_and_input(case, 1, smoke)
         for name, kw in variants:
             tokenprune.remove(m)
             if kw is not None:
-                apply_variant(m, (name, kw), 0.25)
+                apply_variant(m, (name, kw), budget)
             with torch.inference_mode():
                 for _ in range(10):
                     m(x)
@@ -330,7 +331,7 @@ def python_profile(out: Path, smoke: bool):
                 wall = (time.perf_counter() - t0) / 20 * 1e3  # the profiled loop's own wall time (context only)
             buf = io.StringIO()
             pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
-            (out / f"pyprof_{case}_{name}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())
+            (out / f"pyprof_{case}_{name}_{budget}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())
             print(case, name, f"{wall:.3f} ms per profiled forward")
         tokenprune.remove(m)
 
@@ -1217,6 +1218,9 @@ def main():
         check_fp32(args.smoke, "whisper_large", 1, "reduce-overhead", [("cls", {}), M3, ("merge", {})])
     if "pyprof" in parts:
         python_profile(args.out, args.smoke)
+    if "pyprof_whisper" in parts:  # the same for the Whisper-large encoder: unreduced, patched at 1.0, merge at 0.5
+        python_profile(args.out, args.smoke, [("whisper_large", [("unreduced", None), ("merge", {})], 1.0),
+                                              ("whisper_large", [("merge", {})], 0.5)])
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
     if "kernels_b_merge" in parts:  # kernels_b for merge alone (its one-launch step at batch 1)
