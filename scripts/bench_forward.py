@@ -1112,6 +1112,13 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
                 (out / f"whisper_step_kernels_{tag}.txt").write_text(
                     p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
         kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
+        from tokenprune.kernels import _triton_common as tc  # the step's launches each through its own plan
+
+        group = tc.LaunchGroup.__call__
+        tc.LaunchGroup.__call__ = lambda self, t: [plan(t) for plan in self.plans] and None
+        row["step_host_us_plans_one_by_one"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
+        tc.LaunchGroup.__call__ = group
+        row["step_host_us_group_again"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
         if on_gpu:  # _bm_best's B-token splits; _merge_rank's tiles (A tokens, compare tile, warps)
             from tokenprune.kernels import merge as kmerge
 
@@ -1202,12 +1209,15 @@ def main():
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
                  host=True, profile=prof)
-        from tokenprune import kernels  # merge with the key mean as an op (the batch-1 default to run 19)
+        from tokenprune.kernels import _triton_common as tc  # a step's launches each through its own plan (to run 52)
 
-        default_max, kernels.KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = kernels.KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH, 0
-        run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
-                 tag="mean op")
-        kernels.KEY_MEAN_IN_KERNEL_LONG_MAX_BATCH = default_max
+        group = tc.LaunchGroup.__call__
+        tc.LaunchGroup.__call__ = lambda self, t: [plan(t) for plan in self.plans] and None
+        try:
+            run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
+                     tag="plans one by one")
+        finally:
+            tc.LaunchGroup.__call__ = group
     if "merge_shapes" in parts:
         merge_shapes(args.out, args.smoke, reps)
     if "configs_b" in parts:  # launch-constant sweeps of ViT-B's batch-1 apet stages and merge step

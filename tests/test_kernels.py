@@ -1344,6 +1344,66 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
     assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == (t4[2], t4[0], t4[1])
 
 
+
+def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeypatch):
+    """``LaunchGroup`` (a merge or ApET step's launches): after a first call through each plan, a call with other
+    tensors runs every plan's compiled kernel in order, with that call's tensors and each plan's grid and arguments;
+    an input at another alignment, a launch hook or a new launcher takes the plans' own path (stand-ins as above)."""
+    tc = sys.modules["tokenprune.kernels._triton_common"]
+    compiles, runs = [], []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def run(self, *a):
+            runs.append(a)
+
+    class Jit:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: compiles.append((grid, args, kwargs)) or Compiled()
+
+    kernel = T.apet._apet_assign  # (g, keep, t, N, KN, sgb, sgn, BM, BK)
+
+    def install():
+        launcher = tc._Launcher(kernel)
+        launcher.fn, launcher.interpreted = Jit(), False
+        monkeypatch.setitem(tc._LAUNCHERS, id(kernel), launcher)
+
+    install()
+    hooks = [False]
+    monkeypatch.setattr(tc, "_hooks_active", lambda: hooks[0])
+    monkeypatch.setattr(tc, "_stream", lambda dev: 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    first = tc.LaunchPlan(kernel, (2, 3), (2, 0, 1), (40, 15, 1600, 40), dict(BM=16, BK=16, num_warps=4), (2,))
+    second = tc.LaunchPlan(kernel, (5,), (3, 1, 0), (7, 3, 49, 7), dict(BM=32, BK=32, num_warps=8), (3,))
+    group = tc.LaunchGroup([first, second])
+
+    def tensors(offset=0):  # (keep, out, g, g2): g2 the second plan's input, ``offset`` elements into a buffer
+        return (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long), torch.zeros(64),
+                torch.zeros(64 + offset)[offset:])
+
+    group(tensors())
+    assert len(compiles) == 2 and not runs
+    t2 = tensors()
+    group(t2)
+    assert len(compiles) == 2 and [r[:3] for r in runs] == [(2, 3, 1), (5, 1, 1)]
+    assert list(runs[0][9:]) == [t2[2], t2[0], t2[1], 40, 15, 1600, 40, 16, 16]
+    assert list(runs[1][9:]) == [t2[3], t2[1], t2[0], 7, 3, 49, 7, 32, 32]
+    group(tensors(offset=1))  # the second plan's input 4 bytes in: its plan path compiles once
+    assert len(compiles) == 3 and len(runs) == 3
+    t3 = tensors(offset=1)
+    group(t3)
+    assert len(compiles) == 3 and len(runs) == 5 and runs[-1][9] is t3[3]
+    hooks[0] = True  # a launch hook: Triton's own path for every launch
+    group(tensors())
+    assert len(compiles) == 5 and len(runs) == 5
+    hooks[0] = False
+    install()  # a new launcher (FAST_LAUNCH toggled, the dry-host harness): its own kernels, not the old ones
+    group(tensors())
+    assert len(compiles) == 7 and len(runs) == 5
+    group(tensors())
+    assert len(compiles) == 7 and len(runs) == 7
+
 # -- 5b. DivPrune's max-min selection (kernels/select.py) -----------------------------------------------------
 @pytest.mark.parametrize("b,n,k,padding,weighted", [
     (2, 7, 3, False, False), (3, 37, 20, True, False), (2, 37, 36, True, True),  # k above a sample's valid count

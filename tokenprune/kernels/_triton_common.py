@@ -185,6 +185,46 @@ class LaunchPlan:
                    None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *tensors, *self.tail)
 
 
+class LaunchGroup:
+    """Launch plans called in order on one tuple (a step's launches), with what they share worked out once per call
+    instead of once per launch: the launch-hook and launcher checks, the inputs' alignment key, the stream. The first
+    call of an alignment key runs each plan as it is, then keeps their compiled kernels; a later call takes that path
+    again whenever a plan would not take its fast path (a launch hook, ``FAST_LAUNCH`` off, the interpreter, a new
+    launcher)."""
+
+    __slots__ = ("plans", "check", "runs", "launcher")
+
+    def __init__(self, plans):
+        self.plans = tuple(plans)
+        self.check = tuple(sorted({i for p in self.plans for i in p.check}))
+        self.runs: dict = {}  # the inputs' alignment key -> per plan (kernel, tensor getter, grid, other arguments)
+        self.launcher = None  # the first plan's launcher when ``runs`` was filled (a new one empties it)
+
+    def __call__(self, t):
+        key = tuple([t[i].data_ptr() & 15 for i in self.check])
+        runs = self.runs.get(key)
+        if runs is None or _hooks_active() or fast(self.plans[0].kernel) is not self.launcher:
+            for plan in self.plans:
+                plan(t)
+            return self._learn(t, key)
+        stream = _stream(torch.cuda.current_device())
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        for kernel, take, g, tail in runs:
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, enter, leave, *take(t),
+                       *tail)
+
+    def _learn(self, t, key):
+        runs = []
+        for plan in self.plans:
+            kernel = plan.kernels.get(tuple([t[i].data_ptr() & 15 for i in plan.check]))
+            if plan.launcher is None or fast(plan.kernel) is not plan.launcher or kernel is None:
+                return  # this call took Triton's own path somewhere: nothing to keep
+            runs.append((kernel, plan.take, plan.g3, plan.tail))
+        if self.launcher is not fast(self.plans[0].kernel):
+            self.runs, self.launcher = {}, fast(self.plans[0].kernel)
+        self.runs[key] = tuple(runs)
+
+
 MAX_PLANS = 1024  # launch plans kept per op (then all dropped: a model sees a handful of input signatures)
 
 

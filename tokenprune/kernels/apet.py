@@ -9,9 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _cdiv, _column_groups, _copy_prefix,
-                             _exact_lowp, _last_contiguous, _num_sms, _p2, _rows_contiguous, _sig, _sizes_at, _top_k_mask,
-                             fast)
+from ._triton_common import (LaunchGroup, LaunchPlan, cached_plan, _alloc, _argmax_update, _cdiv, _column_groups,
+                             _copy_prefix, _exact_lowp, _last_contiguous, _num_sms, _p2, _rows_contiguous, _sig,
+                             _sizes_at, _top_k_mask, fast)
 
 # ---------------------------------------------------------------------------------------------------
 # 1. reconstruction error: e_i = ||x_i - S^T G^-1 S x_i||, G = S S^T + eps I (float32; NOTES.md section 4)
@@ -475,14 +475,14 @@ class _ApetPlan:
         ka = _assign_config(n, keep)
         tg, ta = _cdiv(n, kg["BM"]), _cdiv(n, ka["BM"])  # the grids follow the tiles
         groups, am, km = _merge_config(x, sx, sizes, ssb, srcb, source, p, keep, max_size)
-        self.launches = (
+        self.launches = LaunchGroup((
             LaunchPlan(_gram, (bsz, tg * tg), (0, 3), (n, c, tg, p, sx[0], sx[1], sx[2], n * n, n), kg, (0,)),
             LaunchPlan(_apet_stage, (bsz,), (3, 1 if valid else 4, 4, 4, 5),
                        (n, k, keep, float(eps), max(float(eps), 1e-30), n * n, n, ssb if valid else 0, p),
                        _stage_config(n, k, valid, True), (1,) if valid else ()),
             LaunchPlan(_apet_assign, (bsz, ta), (3, 5, 6), (n, keep, n * n, n), ka, ()),
             LaunchPlan(_apet_merge, (bsz, groups), (0, 1, 6, 5, 2, 7, 8, 9), am, km,
-                       (0,) + ((1,) if sizes is not None else ()) + ((2,) if source is not None else ())))
+                       (0,) + ((1,) if sizes is not None else ()) + ((2,) if source is not None else ()))))
 
     def __call__(self, x, sizes, source):
         if self.copy:
@@ -494,6 +494,5 @@ class _ApetPlan:
         t = (x, osz if sizes is None else sizes, osz if source is None else source, _alloc(sg, dev, f32),
              _alloc(se, dev, f32), _alloc(si, dev, torch.long), _alloc(st, dev, torch.long), _alloc(so, dev, self.dtype),
              osz, osrc)
-        for launch in self.launches:
-            launch(t)
+        self.launches(t)
         return t[7], osz, (osrc if self.has_source else None)

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
+from ._triton_common import (LaunchGroup, LaunchPlan, cached_plan, _alloc, _argmax_update, _at, _cdiv, _column_groups,
                              _compose_source, _copy_prefix, _cosine_tile, _exact_lowp, _interpreted, _metric_rows,
                              _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at,
                              _top_k_mask_count, _unit_rows, _in_vectors, _workspace, fast)
@@ -571,6 +571,7 @@ class _StepPlan:
                 RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
                 num_warps=cfg["gwarps"] if rp <= 64 and r <= rp else 8))  # 4 warps spill a [128, 128] fix-up tile
             # (and the tiled fix-up's [64, 128] accumulator and tile at 4 warps take 231-255 registers)
+        self.launches = LaunchGroup(self.launches)  # one host check per step, not per launch
 
     def __call__(self, x, metric, sizes, source, residual, perm, scratch):
         if self.copy:
@@ -593,8 +594,7 @@ class _StepPlan:
             t += (metric, sizes.gather(1, perm) if self.valid else metric)
         elif self.large:
             t += (metric, t[3])
-        for launch in self.launches:
-            launch(t)
+        self.launches(t)
         if self.log_sizes:
             return out, osz, (osrc if source is not None else None), ob
         return out, osz, (osrc if source is not None else None)
