@@ -1208,7 +1208,7 @@ def main():
     if "whisper_eager" in parts:
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
-                 host=True, profile=prof)
+                 host=True, profile=prof, profiled_variants=("unreduced", "merge", "merge-3-stages"))
         from tokenprune.kernels import _triton_common as tc  # a step's launches each through its own plan (to run 52)
 
         group = tc.LaunchGroup.__call__
