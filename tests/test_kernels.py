@@ -1297,12 +1297,10 @@ def test_apet_step_plan_reused_across_inputs_and_new_per_signature(T):
         T.apet.apet_step(x2, s2, src2, 1, 4, 3, 1e-5, False, 41)  # keep < k
 
 
-def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, monkeypatch):
-    """``LaunchPlan`` (the launches of apet_step, merge_step, keep_step, query_scores): a call with other tensors of
-    the planned signature runs the compiled kernel with those tensors and the planned arguments; an input (an index
-    in ``check``) at an address that is not 16-byte aligned takes Triton's path (a compile) once, a fresh output
-    never does. Triton's path and the driver launch are stand-ins (the interpreter has no compiled kernels)."""
-    tc = sys.modules["tokenprune.kernels._triton_common"]
+def _stand_in_launcher(tc, kernel, monkeypatch, hooks):
+    """``kernel``'s cached launcher with Triton's path and the driver launch as stand-ins (the interpreter has no
+    compiled kernels): returns the lists of compiles and driver launches, and a function that installs a new launcher.
+    ``hooks[0]``: whether a launch hook is active."""
     compiles, runs = [], []
 
     class Compiled:
@@ -1315,13 +1313,26 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
         def __getitem__(self, grid):
             return lambda *args, **kwargs: compiles.append((grid, args, kwargs)) or Compiled()
 
-    kernel = T.apet._apet_assign  # (g, keep, t, N, KN, sgb, sgn, BM, BK)
-    launcher = tc._Launcher(kernel)
-    launcher.fn, launcher.interpreted = Jit(), False
-    monkeypatch.setitem(tc._LAUNCHERS, id(kernel), launcher)
-    monkeypatch.setattr(tc, "_hooks_active", lambda: False)
+    def install():
+        launcher = tc._Launcher(kernel)
+        launcher.fn, launcher.interpreted = Jit(), False
+        monkeypatch.setitem(tc._LAUNCHERS, id(kernel), launcher)
+
+    install()
+    monkeypatch.setattr(tc, "_hooks_active", lambda: hooks[0])
     monkeypatch.setattr(tc, "_stream", lambda dev: 0)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return compiles, runs, install
+
+
+def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, monkeypatch):
+    """``LaunchPlan`` (the launches of apet_step, merge_step, keep_step, query_scores): a call with other tensors of
+    the planned signature runs the compiled kernel with those tensors and the planned arguments; an input (an index
+    in ``check``) at an address that is not 16-byte aligned takes Triton's path (a compile) once, a fresh output
+    never does. Triton's path and the driver launch are stand-ins (the interpreter has no compiled kernels)."""
+    tc = sys.modules["tokenprune.kernels._triton_common"]
+    kernel = T.apet._apet_assign  # (g, keep, t, N, KN, sgb, sgn, BM, BK)
+    compiles, runs, _ = _stand_in_launcher(tc, kernel, monkeypatch, [False])
     plan = tc.LaunchPlan(kernel, (2, 3), (2, 0, 1), (40, 15, 1600, 40), dict(BM=16, BK=16, num_warps=4), (2,))
 
     def tensors(offset=0):  # (keep, out, g): g the input, the first ``offset`` elements into a larger buffer
@@ -1348,32 +1359,11 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
 def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeypatch):
     """``LaunchGroup`` (a merge or ApET step's launches): after a first call through each plan, a call with other
     tensors runs every plan's compiled kernel in order, with that call's tensors and each plan's grid and arguments;
-    an input at another alignment, a launch hook or a new launcher takes the plans' own path (stand-ins as above)."""
+    an input at another alignment, a launch hook or a new launcher takes the plans' own path (``_stand_in_launcher``)."""
     tc = sys.modules["tokenprune.kernels._triton_common"]
-    compiles, runs = [], []
-
-    class Compiled:
-        function = packed_metadata = None
-
-        def run(self, *a):
-            runs.append(a)
-
-    class Jit:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: compiles.append((grid, args, kwargs)) or Compiled()
-
     kernel = T.apet._apet_assign  # (g, keep, t, N, KN, sgb, sgn, BM, BK)
-
-    def install():
-        launcher = tc._Launcher(kernel)
-        launcher.fn, launcher.interpreted = Jit(), False
-        monkeypatch.setitem(tc._LAUNCHERS, id(kernel), launcher)
-
-    install()
     hooks = [False]
-    monkeypatch.setattr(tc, "_hooks_active", lambda: hooks[0])
-    monkeypatch.setattr(tc, "_stream", lambda dev: 0)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    compiles, runs, install = _stand_in_launcher(tc, kernel, monkeypatch, hooks)
     first = tc.LaunchPlan(kernel, (2, 3), (2, 0, 1), (40, 15, 1600, 40), dict(BM=16, BK=16, num_warps=4), (2,))
     second = tc.LaunchPlan(kernel, (5,), (3, 1, 0), (7, 3, 49, 7), dict(BM=32, BK=32, num_warps=8), (3,))
     group = tc.LaunchGroup([first, second])
