@@ -1218,6 +1218,9 @@ def main():
                      tag="plans one by one")
         finally:
             tc.LaunchGroup.__call__ = group
+    if "whisper_cut" in parts:  # eager: every-block merge's token counts with no step (transformers' own layers)
+        run_case("whisper_large", 1, ["eager"], [("cut: merge", {"method": "merge", "cut": True}), CUTS[1], ("merge", {}),
+                                                 PATCHED], 0.5, reps, args.smoke, host=True)
     if "merge_shapes" in parts:
         merge_shapes(args.out, args.smoke, reps)
     if "configs_b" in parts:  # launch-constant sweeps of ViT-B's batch-1 apet stages and merge step
