@@ -10,7 +10,9 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
     python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
-``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile), ``long``
+``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile;
+``pyprof_whisper``: eager Whisper-large), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
+with no step, beside merge), ``long``
 (SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` /
 ``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``:
 the same with the GEMM stem in every row, the unreduced one included), ``kernels_b`` (the GPU kernels of a compiled
