@@ -178,6 +178,13 @@ def settings(module, consts: dict):
             setattr(module, n, v)
 
 
+def _plans_one_by_one(group, t):
+    """``LaunchGroup.__call__`` as before it existed (``settings(LaunchGroup, {"__call__": ...})``): each plan with its
+    own host checks (to run 52)."""
+    for plan in group.plans:
+        plan(t)
+
+
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
              profiled_variants=("unreduced", "merge"), stem="conv"):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
@@ -1114,12 +1121,10 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
                 (out / f"whisper_step_kernels_{tag}.txt").write_text(
                     p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
         kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
-        from tokenprune.kernels import _triton_common as tc  # the step's launches each through its own plan
+        from tokenprune.kernels import _triton_common as tc
 
-        group = tc.LaunchGroup.__call__
-        tc.LaunchGroup.__call__ = lambda self, t: [plan(t) for plan in self.plans] and None
-        row["step_host_us_plans_one_by_one"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
-        tc.LaunchGroup.__call__ = group
+        with settings(tc.LaunchGroup, {"__call__": _plans_one_by_one}):
+            row["step_host_us_plans_one_by_one"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
         row["step_host_us_group_again"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
         if on_gpu:  # _bm_best's B-token splits; _merge_rank's tiles (A tokens, compare tile, warps)
             from tokenprune.kernels import merge as kmerge
@@ -1211,15 +1216,11 @@ def main():
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
                  host=True, profile=prof, profiled_variants=("unreduced", "merge", "merge-3-stages"))
-        from tokenprune.kernels import _triton_common as tc  # a step's launches each through its own plan (to run 52)
+        from tokenprune.kernels import _triton_common as tc
 
-        group = tc.LaunchGroup.__call__
-        tc.LaunchGroup.__call__ = lambda self, t: [plan(t) for plan in self.plans] and None
-        try:
+        with settings(tc.LaunchGroup, {"__call__": _plans_one_by_one}):
             run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
                      tag="plans one by one")
-        finally:
-            tc.LaunchGroup.__call__ = group
     if "whisper_cut" in parts:  # eager: every-block merge's token counts with no step (transformers' own layers)
         run_case("whisper_large", 1, ["eager"], [("cut: merge", {"method": "merge", "cut": True}), CUTS[1], ("merge", {}),
                                                  PATCHED], 0.5, reps, args.smoke, host=True)

@@ -148,6 +148,11 @@ class Slot(int):
     """In a :class:`LaunchPlan`'s arguments: the tensor at this index of the tuple the plan is called with."""
 
 
+def _alignment(t, check) -> tuple:
+    """The compiled-kernel key of a launch: the address modulo 16 of the tensors at the indices ``check`` of ``t``."""
+    return tuple([t[i].data_ptr() & 15 for i in check])
+
+
 class LaunchPlan:
     """One launch with its grid, launch options and every argument but the tensors fixed: what a launcher works out
     from an input signature (shapes, strides, dtypes, flags) once, kept by the launcher per signature (batch 1 is
@@ -175,7 +180,7 @@ class LaunchPlan:
         if launcher is not self.launcher:  # (a new launcher: FAST_LAUNCH toggled, the dry-host harness)
             self.launcher, self.kernels = launcher, {}
             self.tail = launcher._full(tensors + self.args, self.kwargs)[len(tensors):]
-        key = tuple([t[i].data_ptr() & 15 for i in self.check])
+        key = _alignment(t, self.check)
         kernel = self.kernels.get(key)
         if kernel is None:  # fast's path: compiles if needed, launches, returns the kernel
             self.kernels[key] = launcher.launch(self.grid, tensors + self.args, self.kwargs)
@@ -201,7 +206,7 @@ class LaunchGroup:
         self.launcher = None  # the first plan's launcher when ``runs`` was filled (a new one empties it)
 
     def __call__(self, t):
-        key = tuple([t[i].data_ptr() & 15 for i in self.check])
+        key = _alignment(t, self.check)
         runs = self.runs.get(key)
         if runs is None or _hooks_active() or fast(self.plans[0].kernel) is not self.launcher:
             for plan in self.plans:
@@ -216,12 +221,13 @@ class LaunchGroup:
     def _learn(self, t, key):
         runs = []
         for plan in self.plans:
-            kernel = plan.kernels.get(tuple([t[i].data_ptr() & 15 for i in plan.check]))
+            kernel = plan.kernels.get(_alignment(t, plan.check))
             if plan.launcher is None or fast(plan.kernel) is not plan.launcher or kernel is None:
                 return  # this call took Triton's own path somewhere: nothing to keep
             runs.append((kernel, plan.take, plan.g3, plan.tail))
-        if self.launcher is not fast(self.plans[0].kernel):
-            self.runs, self.launcher = {}, fast(self.plans[0].kernel)
+        launcher = self.plans[0].launcher  # (the check above: fast() still returns it)
+        if self.launcher is not launcher:
+            self.runs, self.launcher = {}, launcher
         self.runs[key] = tuple(runs)
 
 
