@@ -10,26 +10,25 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
     python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
-``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``pyprof`` (cProfile;
-``pyprof_whisper``: eager Whisper-large), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
-with no step, beside merge), ``long``
-(SigLIP-so400m/14@384 tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` /
-``long_whisper``: one of them, reduce-overhead), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``:
-the same with the GEMM stem in every row, the unreduced one included), ``kernels_b`` (the GPU kernels of a compiled
-bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with
-cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_keep``: ViT-B cls, random and merge,
-SigLIP and Whisper cls), ``keymean`` (ToMe's key mean inside the merge kernels or as an op before them: ViT-B / ViT-L
-/ Whisper bs 1 eager and bs 256), ``others`` (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256
-eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls alone), ``configs_select`` (diverse's
-``_max_min`` kernel with 1-8 warps), ``configs_b`` (launch constants of ViT-B's batch-1 ApET stages and merge step),
-``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_anatomy`` (a bs-1 merge step at 32 and 768
-channels), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash;
-``ba_best`` after it, same process: ViT-B forwards with the fastest tiles against the default's), ``dryhost`` (CPU
-only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with
-every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same
-for a Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token
-counts, the ``tokenprune_sdpa`` routing and the HF layer), ``whisper_step`` (GPU: that step's host, graph and kernel
-times, SDPA with and without the key bias, one linear at changing token counts):
+``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384
+tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of
+them, reduce-overhead; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``:
+the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse at bs 1
+eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
+alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
+time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
+``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
+(cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
+merge-3-stages, budget 1.0, and the step's launches one by one), ``whisper_cut`` (eager Whisper-large cut to
+every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
+host, graph and kernel times, SDPA with and without the key bias, one linear at changing token counts), ``dryhost``
+(CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python
+with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
+same for a Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token
+counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
+kernel's tiles at bs 1 and 256), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
+against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file
+names them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -343,35 +342,6 @@ def python_profile(out: Path, smoke: bool, cases=None):
             (out / f"pyprof_{case}_{name}_{budget}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())
             print(case, name, f"{wall:.3f} ms per profiled forward")
         tokenprune.remove(m)
-
-
-def check_fp32(smoke: bool, case: str = "vit_b", bs: int = 2, mode: str = "default",
-               variants=(("merge", {}), ("cls", {}), ("random", {}), ("apet", {}))):
-    """Compiled (Inductor, ``mode``) against eager in float32: the output's relative error and whether both kept
-    the same tokens (the source maps agree). In fp16, rounding differences can flip near-tied selections on random
-    weights (a flipped merge shifts every later row, so the error is then of order 1); in fp32 a flip points to a
-    real difference."""
-    global DTYPE
-    old, DTYPE = DTYPE, torch.float32
-    m, x = model_and_input(case, bs, smoke)
-    DTYPE = old
-    for variant in variants:
-        tokenprune.remove(m)
-        apply_variant(m, variant, 0.5 if case == "whisper_large" else 0.25)
-        torch._dynamo.reset()
-
-        def feats(x):
-            out, state = tokenprune.features(m, x)
-            return out, state.source
-
-        with torch.inference_mode():
-            ref, ref_src = [t.clone() for t in feats(x)]
-            run = torch.compile(feats, fullgraph=True, mode=None if mode == "default" else mode)
-            run(x)
-            out, src = [t.clone() for t in run(x)]
-        record(case=f"{case}_fp32", bs=bs, mode=mode, variant=variant[0], rel_err_vs_eager=rel_err(out, ref),
-               same_tokens=bool(torch.equal(src, ref_src)))
-    tokenprune.remove(m)
 
 
 # -- dryhost: the host time of each per-step piece, on CPU ------------------------------------------------------
@@ -760,54 +730,8 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         print(f"{name:88} {us:>8}")
 
 
-def merge_shapes(out: Path, smoke: bool, repeats: int):
-    """GPU: one batch-1 merge step (the key mean given, as compiled calls give it) at the long inputs' shapes and
-    at the same shapes with another head dim: graph-replay time of the step and each kernel's GPU time. Run 17's
-    census had ``_bm_best`` at 29-31 us per call at SigLIP (729 tokens, head dim 72) against 12-13 at Whisper's
-    1500 tokens (64): which of the head dim (72 pads to 128 lanes), the width or the token count costs it."""
-    from tokenprune import kernels
-    from tokenprune.cuda import graphed
-    from tokenprune.state import TokenState
-
-    shapes = [("siglip_r24", 729, 72, 1152, 24), ("siglip_r182", 729, 72, 1152, 182), ("siglip_d64", 729, 64, 1152, 24),
-              ("siglip_d80", 729, 80, 1152, 24), ("siglip_d128", 729, 128, 1152, 24),
-              ("whisper_r25", 1500, 64, 1280, 25), ("whisper_d72", 1500, 72, 1280, 25), ("siglip_n364", 364, 72, 1152, 24),
-              # head dim 128 whose last 56 columns are zero: what the padded key mean of head dim 72 hands the kernels
-              ("siglip_d128_zero56", 729, 128, 1152, 24),
-              # the keys per head, as eager batch-1 calls hand them (the kernels average the heads: the division by H)
-              ("whisper_heads20", 1500, 64, 1280, 25, 20), ("siglip_heads16", 729, 72, 1152, 24, 16)]
-    if smoke:
-        shapes = [(n, 64, d // 4 if d % 4 == 0 else 16, 32, 8, *h) for n, _, d, _, _, *h in shapes[:2] + shapes[-1:]]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for name, t, d, c, r, *heads in shapes:
-        x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
-        if heads:  # a strided view of a [B, T, 3, H, d] qkv output, as a block hands the keys over
-            m = torch.randn(1, t, 3, heads[0], d, generator=g).to(DEV, DTYPE).permute(2, 0, 3, 1, 4)[1]
-        else:
-            m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
-        if name.endswith("_zero56"):
-            m[..., 72:] = 0
-        with torch.inference_mode():
-            st = TokenState.start(x, 0)
-            sizes = torch.ones(1, t, device=DEV)
-            source = torch.arange(t, device=DEV)[None]
-            on_gpu = DEV == "cuda" and kernels.use_triton(x) and kernels.merge_step_fits(t, r)
-            row = dict(case="merge_shapes", shape=name, tokens=t, head_dim=d, width=c, r=r, kernels=on_gpu,
-                       heads=heads[0] if heads else 1)
-            if on_gpu:
-                step = lambda: kernels.merge_step(x, m, sizes, source, 0, r, False, t, True)  # noqa: E731
-                row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
-                avg = profiled(lambda _: step(), None, calls=20).key_averages()
-                for e in avg:
-                    if e.key.startswith("_") and e.count:  # the Triton kernels (_bm_best, _merge_rank, ...)
-                        row[f"{e.key}_us"] = round(e.self_device_time_total / e.count, 1)
-            del st
-        ROWS.append(row)
-        print(json.dumps(row), flush=True)
-
-
 def sweep_row(row, step, ref, repeats):
-    """One launch-constant variant of a step in a sweep (``configs_b``, ``ba_tiles``, ...): its outputs (a tuple) against
+    """One launch-constant variant of a step in a sweep (``ba_tiles``, ``gram_tiles``): its outputs (a tuple) against
     ``ref`` (the default's; None: these are the default's), its graph-replay time and each kernel's GPU time
     (profiler), recorded; returns ``ref``."""
     from tokenprune.cuda import graphed
@@ -827,158 +751,6 @@ def sweep_row(row, step, ref, repeats):
     ROWS.append(row)
     print(json.dumps(row), flush=True)
     return ref
-
-
-def configs_select(smoke: bool, repeats: int):
-    """GPU: ``_max_min`` (diverse's selection, one program per sample) at ViT-B's three stages, bs 1 and 256, with 1,
-    2, 4 and 8 warps (the first pick's column tile scaled to keep the tile's elements per thread): kernel GPU time
-    (profiler) and whether the selection equals the default's."""
-    from tokenprune import kernels
-    from tokenprune.kernels import select as ks
-
-    saved = ks._config
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for bs in (1, 8 if smoke else 256):
-        for n, keep in ([(40, 24)] if smoke else [(196, 123), (123, 78), (78, 49)]):
-            gm = kernels.gram(torch.randn(bs, n, 768, generator=g).to(DEV, DTYPE))[0]  # diverse's input
-            ref = None
-            for warps in (None, 1, 2, 4, 8):
-                cfg = {} if warps is None else {
-                    "_config": lambda m, w=warps: dict(saved(m), num_warps=w, BJ=max(1, 1024 * w // saved(m)["BN"]))}
-                row = dict(case="configs_select", bs=bs, tokens=n, keep=keep, warps=warps or "default")
-                with settings(ks, cfg):
-                    ref = sweep_row(row, lambda: (kernels.max_min_select(gm, keep),), ref, repeats)
-
-
-def configs_b(out: Path, smoke: bool, repeats: int):
-    """GPU: launch-constant sweeps of the batch-1 ViT-B reduction steps that cost more than they save under CUDA
-    graphs (run 27: apet 0.851x, merge 0.898x at ``reduce-overhead``). ApET's three stages (196 -> 123 -> 78 -> 49
-    tokens, C 768, k 10) through ``kernels.apet_step`` with other warps / tiles per kernel, and the one-launch merge
-    step (head dim 64, mean given) with other warps / column tiles: graph-replay time of the step, each kernel's GPU
-    time, and whether the output is bit-equal to the default's."""
-    from tokenprune import kernels
-    from tokenprune.kernels import apet as ka, merge as km
-
-    def over(fn, **kw):  # a config function whose launch constants are replaced by kw (the grids follow them)
-        def f(*a):
-            r = fn(*a)
-            d = r if isinstance(r, dict) else r[-1]
-            d.update(kw)
-            return r
-        return f
-
-    c, k = (32, 4) if smoke else (768, 10)
-    apet_shapes = [(196, 123), (123, 78), (78, 49)] if not smoke else [(40, 24)]
-    apet_variants = [("default", {}), ("stage_w1", {"_stage_config": dict(num_warps=1)}),
-                     ("stage_w2", {"_stage_config": dict(num_warps=2)}), ("stage_w4", {"_stage_config": dict(num_warps=4)}),
-                     ("gram_128", {"_gram_config": dict(BM=128, BK=32, num_warps=8)}),  # the default before run 42
-                     ("gram_64", {"_gram_config": dict(BM=64, BK=32, num_warps=4)}),
-                     ("gram_64_k64", {"_gram_config": dict(BM=64, BK=64, num_warps=4)}),
-                     ("assign_w2", {"_assign_config": dict(num_warps=2)}), ("assign_w4", {"_assign_config": dict(num_warps=4)}),
-                     ("merge_w2", {"_merge_config": dict(num_warps=2)}), ("merge_w8", {"_merge_config": dict(num_warps=8)})]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    saved = {n: getattr(ka, n) for n in ("_stage_config", "_gram_config", "_assign_config", "_merge_config")}
-    for n, keep in apet_shapes:
-        # as in a forward: no sizes before the first stage, a source map over the input's tokens, and the size
-        # bound (run 28 left it out: _apet_merge then took its float32 path, not the forward's fp16 one)
-        n0 = apet_shapes[0][0]
-        x = torch.randn(1, 1 + n, c, generator=g).to(DEV, DTYPE)
-        sizes = None if n == n0 else torch.ones(1, 1 + n, device=DEV)
-        source = (torch.arange(n0, device=DEV) % n + 1)[None]
-        ref = None
-        for name, patch in apet_variants:
-            for fn_name, kw in patch.items():
-                setattr(ka, fn_name, over(saved[fn_name], **kw))
-            ka._PLANS.clear()
-            row = dict(case="configs_b", step="apet", variant=name, tokens=n, keep=keep)
-            try:
-                ref = sweep_row(row, lambda: kernels.apet_step(x, sizes, source, 1, k, keep, max_size=1 + n0), ref, repeats)
-            finally:
-                for fn_name in saved:
-                    setattr(ka, fn_name, saved[fn_name])
-                ka._PLANS.clear()
-    d = 16 if smoke else 64
-    merge_shapes_b = [(197, 14), (102, 13)] if not smoke else [(41, 4)]
-    merge_variants = [("default", {}), ("w4", {"MERGE_STEP_WARPS": 4}), ("w2", {"MERGE_STEP_WARPS": 2}),
-                      ("pps2", {"MERGE_STEP_PROGRAMS_PER_SM": 2}), ("bc16", {"MERGE_STEP_BC": 16}),
-                      ("w4_pps2", {"MERGE_STEP_WARPS": 4, "MERGE_STEP_PROGRAMS_PER_SM": 2})]
-    for t, r in merge_shapes_b:
-        x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
-        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
-        sizes = torch.ones(1, t, device=DEV)
-        source = torch.arange(t, device=DEV)[None]
-        ref = None
-        for name, consts in merge_variants:
-            row = dict(case="configs_b", step="merge", variant=name, tokens=t, r=r)
-            with settings(km, consts):
-                ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True), ref, repeats)
-
-
-def merge_match(smoke: bool, repeats: int):
-    """GPU: the batch-1 merge step's matching chain (merge_anatomy: 12.4-13.3 us while the A tokens take 128 lanes,
-    7.5 in 64) with B tiles of 32 / 64 tokens in the matching loop against the default's every B token up to 128
-    (ViT-B's step: head dim 64, 768 channels, the residual add deferred, r 13). Run 50 also timed the merged set by
-    a sort against counting ranks (now the only way): the record's table."""
-    from tokenprune import kernels
-    from tokenprune.kernels import merge as km
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    d, r, c = (16, 4, 32) if smoke else (64, 13, 768)
-    variants = [("default", {})] + [(f"bt{bt}", {"MERGE_STEP_BT": bt}) for bt in (32, 64)]
-    for t in ([41] if smoke else [197, 171, 145, 119]):
-        x, y = (torch.randn(1, t, c, generator=g).to(DEV, DTYPE) for _ in range(2))
-        m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
-        sizes = torch.ones(1, t, device=DEV)
-        source = torch.arange(t, device=DEV)[None]
-        ref = None
-        for name, consts in variants:
-            row = dict(case="merge_match", variant=name, tokens=t, r=r)
-            with settings(km, consts):
-                ref = sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), ref,
-                                repeats)
-
-
-def merge_match_best(smoke: bool, repeats: int):
-    """After ``merge_match`` in the same process: the variant with the least kernel time summed over the swept token
-    counts and, where it beats the default by 3%, ViT-B bs-1 ``reduce-overhead`` forwards of ``merge`` (and maelre,
-    which runs the same step) with the default settings and with it, each against its own unreduced model."""
-    from tokenprune.kernels import merge as km
-
-    total: dict = {}
-    for r in ROWS:
-        if r.get("case") == "merge_match" and "_merge_step_us" in r:
-            total.setdefault(r["variant"], []).append(r["_merge_step_us"])
-    total = {k: sum(v) for k, v in total.items() if len(v) == max(map(len, total.values()))}
-    if not total:
-        return
-    name = min(total, key=total.get)
-    record(case="merge_match_best", variant=name, us=round(total[name], 1), default_us=round(total["default"], 1))
-    if not smoke and total[name] >= 0.97 * total["default"]:
-        return
-    consts = {"MERGE_STEP_BT": int(name[2:])} if name != "default" else {}
-    for tag, cs in (("match default", {}), (f"match {name}", consts)):
-        with settings(km, cs):
-            run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("maelre", {})], 0.25, repeats, smoke, tag=tag)
-
-
-def merge_anatomy(smoke: bool, repeats: int):
-    """GPU: where a batch-1 merge step's time goes (ViT-B: head dim 64, the key mean given, r 13). The one-launch
-    step at 768 channels against the same step on 32 (one column tile: the matching, ranking and plan, which every
-    program of the sample repeats, and little row traffic), with and without the deferred residual add, at token
-    counts of ViT-B's every-block schedule."""
-    from tokenprune import kernels
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    d, r = (16, 4) if smoke else (64, 13)
-    for t in ([41] if smoke else [197, 171, 145, 119, 93, 67]):
-        for c, residual in ((32, False), (768, False), (768, True)):
-            x = torch.randn(1, t, c, generator=g).to(DEV, DTYPE)
-            y = torch.randn(1, t, c, generator=g).to(DEV, DTYPE) if residual else None
-            m = torch.randn(1, t, d, generator=g).to(DEV, DTYPE)
-            sizes = torch.ones(1, t, device=DEV)
-            source = torch.arange(t, device=DEV)[None]
-            row = dict(case="merge_anatomy", tokens=t, r=r, channels=c, residual=residual)
-            sweep_row(row, lambda: kernels.merge_step(x, m, sizes, source, 1, r, False, t, True, y), None, repeats)
 
 
 def gram_tiles(smoke: bool, repeats: int):
@@ -1036,48 +808,6 @@ def ba_tiles(smoke: bool, repeats: int):
                 with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
                     sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
                               lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
-
-
-def ba_best(smoke: bool, repeats: int):
-    """After ``ba_tiles`` in the same process: the fastest swept tile per batch (summed over its token counts), and
-    ViT-B forwards with the default tiles and with those (``merge``, ``apet`` at bs 1 ``reduce-overhead``; ``merge``
-    at bs 256 compiled and eager, GEMM stem), each against the unreduced model of its own ``run_case``."""
-    from tokenprune.kernels import attention as ka
-
-    saved, best = ka._ba_config, {}
-    for bs in (4,) if smoke else (256, 1):
-        total: dict = {}
-        for r in ROWS:
-            swept = r.get("case") == "ba_tiles" and r["bs"] == bs and r["variant"][:2] in ("bm", "de")  # not sdpa
-            if swept and "step_graph_us" in r:
-                total.setdefault(r["variant"], []).append(r["step_graph_us"])
-        total = {k: sum(v) for k, v in total.items() if len(v) == max(map(len, total.values()))}
-        if total:
-            name = min(total, key=total.get)
-            dflt = next((v for k, v in total.items() if k.startswith("default")), None)
-            record(case="ba_best", bs=bs, variant=name, us=total[name], default_us=dflt)
-            if name.startswith("bm") and dflt and total[name] < 0.97 * dflt:
-                bm, bn, w, st = (int(t[2:] if t[:2] in ("bm", "bn") else t[1:]) for t in name.split())
-                best[bs] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-    print("# ba_best:", best, flush=True)
-    if not best:
-        return
-
-    def tuned(b, n, dp, is_f32):
-        kw = best.get(256 if b >= 32 else 1)
-        return dict(kw) if kw is not None and dp == 64 and not is_f32 else saved(b, n, dp, is_f32)
-
-    for bs in (1, 256):  # batch 1 first (a device call may end before the rest)
-        if bs not in best and not smoke:
-            continue
-        for tag, cfg in (("ba default", saved), ("ba best", tuned)):
-            with settings(ka, {"_ba_config": cfg}):
-                if bs == 1:
-                    run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("apet", {})], 0.25, repeats, smoke,
-                             tag=tag)
-                else:
-                    run_case("vit_b", 8 if smoke else 256, ["default"], [("merge", {})], 0.25, min(repeats, 30),
-                             smoke, tag=tag + ", gemm stem", stem="gemm")
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
@@ -1155,7 +885,7 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
 def main():
     global DEV, DTYPE, SMOKE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large, keymean, ...")
+    ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large, ... (the module docstring lists them)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
@@ -1179,39 +909,6 @@ def main():
         prof = args.out if args.profile else None
         run_case("vit_b", 1, ["eager"], BS1, 0.25, reps, args.smoke, host=True, profile=prof)
         run_case("vit_l", 1, ["eager"], BS1[:4] + [M3, PATCHED], 0.25, reps, args.smoke, host=True, profile=prof)
-    if "keymean" in parts:  # ToMe's key mean inside the merge kernels against one op before them (KEY_MEAN_IN_KERNEL)
-        from tokenprune import kernels
-
-        for flag in (True, False):  # compiled calls take the op either way
-            kernels.KEY_MEAN_IN_KERNEL = flag
-            tag = f"key mean {'in the kernel' if flag else 'as an op'}"
-            for case in ("vit_b", "vit_l"):
-                run_case(case, 1, ["eager"], [("merge", {}), M3], 0.25, reps, args.smoke, host=True, tag=tag)
-            run_case("vit_b", 256, ["eager"], [("merge", {})], 0.25, max(reps // 3, 3), args.smoke, tag=tag)
-            run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True, tag=tag)
-        kernels.KEY_MEAN_IN_KERNEL = True
-    if "launch" in parts:  # Triton's own launch path against the cached launcher (kernels/_triton_common.fast)
-        from tokenprune.kernels import _triton_common as tc
-
-        for flag in (True, False):
-            tc.FAST_LAUNCH = flag
-            for case in ("vit_b", "vit_l"):
-                run_case(case, 1, ["eager"], [("merge", {}), ("cls", {}), ("apet", {})], 0.25, reps, args.smoke,
-                         host=True, tag=f"fast launch {'on' if flag else 'off'}")
-        tc.FAST_LAUNCH = True
-    if "ba" in parts or "ba_long" in parts:  # compiled bs 1: the key-bias attention kernel against SDPA with the bias
-        from tokenprune import kernels  # as its mask; ba_long on the long inputs (SigLIP's head dim 72 pads to 128)
-
-        for min_batch in (1, 2):
-            kernels.BA_MIN_BATCH_COMPILED = min_batch
-            tag = "bias kernel" if min_batch == 1 else "SDPA + bias"
-            if "ba" in parts:
-                run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), PATCHED], 0.25, reps, args.smoke,
-                         tag=tag)
-            if "ba_long" in parts:
-                run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), M3], 0.25, reps, args.smoke, tag=tag)
-                run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {})], 0.5, reps, args.smoke, tag=tag)
-        kernels.BA_MIN_BATCH_COMPILED = 1
     if "whisper_eager" in parts:
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
@@ -1224,14 +921,6 @@ def main():
     if "whisper_cut" in parts:  # eager: every-block merge's token counts with no step (transformers' own layers)
         run_case("whisper_large", 1, ["eager"], [("cut: merge", {"method": "merge", "cut": True}), CUTS[1], ("merge", {}),
                                                  PATCHED], 0.5, reps, args.smoke, host=True)
-    if "merge_shapes" in parts:
-        merge_shapes(args.out, args.smoke, reps)
-    if "configs_b" in parts:  # launch-constant sweeps of ViT-B's batch-1 apet stages and merge step
-        configs_b(args.out, args.smoke, reps)
-    if "check32" in parts:
-        check_fp32(args.smoke)
-    if "check32_whisper" in parts:  # fp16 reduce-overhead rows above differ from eager by O(1): flips, or a bug?
-        check_fp32(args.smoke, "whisper_large", 1, "reduce-overhead", [("cls", {}), M3, ("merge", {})])
     if "pyprof" in parts:
         python_profile(args.out, args.smoke)
     if "pyprof_whisper" in parts:  # the same for the Whisper-large encoder: unreduced, patched at 1.0, merge at 0.5
@@ -1239,18 +928,10 @@ def main():
                                               ("whisper_large", [("merge", {})], 0.5)])
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
-    if "kernels_b_merge" in parts:  # kernels_b for merge alone (its one-launch step at batch 1)
-        kernel_census(args.out, args.smoke, "vit_b", [("merge", {})], 0.25)
-    if "compiled_merge" in parts:  # compiled_b's rows that run the merge step: merge, maelre, merge-3-stages
-        run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), ("maelre", {}), M3], 0.25, reps, args.smoke)
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
         kernel_census(args.out, args.smoke, "siglip", [("cls", {}), M3, ("merge", {})], 0.25)
-    if "kernels_keep" in parts:  # the selection by sort (keep step, bs-1 merge step) in the kernel census
-        kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("random", {}), ("merge", {})], 0.25)
-        kernel_census(args.out, args.smoke, "siglip", [("cls", {})], 0.25)
-        kernel_census(args.out, args.smoke, "whisper_large", [("cls", {})], 0.5)
     if "kernels_large" in parts:  # compiled default at bs 256: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("merge", {})], 0.25, bs=8 if args.smoke else 256)
     if "kernels_large_gemm" in parts:  # the same with the GEMM stem (large_gemm's rows), merge-3-stages beside them
@@ -1276,18 +957,8 @@ def main():
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
-    if "ba_best" in parts:  # after ba_tiles: ViT-B forwards with the fastest swept tiles against the default's
-        ba_best(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
         gram_tiles(args.smoke, args.repeats)
-    if "merge_anatomy" in parts:  # a batch-1 merge step at 32 and 768 channels: the matching against the rows
-        merge_anatomy(args.smoke, args.repeats)
-    if "merge_match" in parts:  # the batch-1 merge step's matching: B tiles, the merged set by count or sort
-        merge_match(args.smoke, args.repeats)
-    if "merge_match_best" in parts:  # after merge_match: ViT-B bs-1 forwards with its fastest variant
-        merge_match_best(args.smoke, reps)
-    if "configs_select" in parts:
-        configs_select(args.smoke, reps)
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
         run_case("vit_b", 1, ["eager"], [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
@@ -1312,9 +983,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "merge_shapes", "configs_b", "configs_select",
-                                                            "merge_anatomy", "merge_match", "merge_match_best",
-                                                            "gram_tiles", "ba_tiles", "ba_best"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "

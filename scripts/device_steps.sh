@@ -10,7 +10,7 @@
 # Writes $OUT/results.tgz (every step's folder and log, the GPU and package versions) and $OUT/summary.txt, and
 # prints the summary and the tail of each log. Example steps (the next run's, session 10's note):
 #   120|gputests|python -m pytest -q -n 6 -m gpu tests
-#   300|census|python scripts/bench_forward.py --parts kernels_keep,kernels_long --out $D
+#   300|census|python scripts/bench_forward.py --parts kernels_b,kernels_long --out $D
 STEPS=$1; BUDGET=${2:-560}
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/device_steps_out}; mkdir -p "$OUT"
