@@ -265,6 +265,19 @@ def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
+def _torchrun(cmd, env, timeout):
+    """``subprocess.run`` for a torchrun command that stops its ranks on a timeout: torchrun is sent SIGTERM, which
+    it passes on to the ranks (killing it outright leaves them waiting in a collective, each in its own session)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     """Batches are dealt round-robin to 2 gloo ranks and gathered: the metrics must equal one process's
@@ -278,20 +291,38 @@ def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tokenprune.cli"] + _eval_args(tiny, two, methods="merge", budgets="0.25")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun(cmd, env, 300)
     if proc.returncode != 0 and "(SIGABRT)" in proc.stderr:
         # a rank aborted inside torch's C++ (no Python exception to blame on tokenprune): run once more, and say so
         wrote = (two / "eval_top1.json").exists()
         warnings.warn(f"torchrun rank aborted (results {'written' if wrote else 'not written'}); retried once. "
                       f"stderr tail:\n{proc.stderr[-2000:]}")
         shutil.rmtree(two, ignore_errors=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        proc = _torchrun(cmd, env, 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((one / "eval_top1.json").read_text())
     b = json.loads((two / "eval_top1.json").read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
     keys = ("config", "top1", "agreement", "retained", "flop_ratio", "tokens_out")
     assert [{k: r[k] for k in keys} for r in a["rows"]] == [{k: r[k] for k in keys} for r in b["rows"]]
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path):
+    """One rank raises while the other waits in a collective: the failing rank leaves the process group without the
+    closing barrier, so the job ends with that rank's error (it hung until gloo's 30-minute timeout before)."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "from tokenprune import evaluate as ev\n"
+        "with ev.distributed('cpu') as (d, device):\n"
+        "    if d.rank == 1:\n"
+        "        raise ValueError('rank 1 could not read its batch')\n"
+        "    d.gather({0: 1})\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = _torchrun(cmd, env, 120)  # a hang fails here
+    assert proc.returncode != 0
+    assert "ValueError: rank 1 could not read its batch" in proc.stderr
 
 
 def test_eval_reuse_runs_only_new_configurations(tiny, tmp_path, capsys):

@@ -12,6 +12,7 @@ process would run and the metrics are identical to a single-process run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -284,13 +285,30 @@ def setup_distributed(device: str) -> tuple[Dist, str]:
     return Dist(rank, world), device
 
 
-def teardown_distributed(d: Dist) -> None:
+def teardown_distributed(d: Dist, failed: bool = False) -> None:
+    """Leave the process group: after a barrier when this rank finished, at once when it failed (a barrier would
+    wait for ranks still inside a collective, and the job would hang instead of showing the error)."""
     if d.world > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: str):
+    """``(Dist, device)`` for a ``with`` block: joins torchrun's process group (if any) and leaves it on exit. An
+    error on one rank leaves without the closing barrier, so the error ends the job (torchrun stops the other
+    ranks) rather than every rank waiting for the one that failed."""
+    d, device = setup_distributed(device)
+    try:
+        yield d, device
+    except BaseException:
+        teardown_distributed(d, failed=True)
+        raise
+    teardown_distributed(d)
 
 
 # ----------------------------------------------------------------------------- running
@@ -514,7 +532,7 @@ def attach_speedups(rows: list[dict], bench_json, mismatched: list | None = None
 
 
 __all__ = ["LoadedModel", "load_model", "Config", "build_configs", "evaluate", "knn_predict", "Dist",
-           "setup_distributed", "write_results", "attach_speedups", "load_reusable"]
+           "setup_distributed", "distributed", "write_results", "attach_speedups", "load_reusable"]
 
 
 def reference_to_json(ref: dict) -> dict:

@@ -115,11 +115,8 @@ def run(args):
     check_device(args.device)
     make_out_dir(args.out)
     set_threads(args.threads)
-    dist_, device = ev.setup_distributed(args.device)
-    try:
+    with ev.distributed(args.device) as (dist_, device):
         return _run(args, configs, notes, dist_, device)
-    finally:
-        ev.teardown_distributed(dist_)
 
 
 def _run(args, configs, notes, dist_, device):
