@@ -446,7 +446,6 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
     build a fresh ``TokenState`` per call; that construction is timed alone and subtracted. Each piece runs alone
     in a loop (warm caches): a whole step costs more than the sum of its parts, and in a forward, between blocks,
     more again (an H200 host took ~125 us for a merge step this counted as ~78 us + one launch)."""
-    import contextlib
     from types import SimpleNamespace
 
     import tokenprune.reducers  # noqa: F401 -- registers the reducers
@@ -598,7 +597,6 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
     aten ops compute, so only its differences (the ``tokenprune_sdpa`` routing, the key bias, recording q/k) are host
     time. ``block loop``: ``run_blocks`` over the 32 planned blocks at the real token counts, each block a stub that
     only hands the reducer keys of the right shape, so the loop's bookkeeping and the 31 reducer calls."""
-    import contextlib
     import copy
     import inspect
 

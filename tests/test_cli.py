@@ -265,9 +265,14 @@ def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
-def _torchrun(cmd, env, timeout):
-    """``subprocess.run`` for a torchrun command that stops its ranks on a timeout: torchrun is sent SIGTERM, which
-    it passes on to the ranks (killing it outright leaves them waiting in a collective, each in its own session)."""
+def _torchrun(args, timeout):
+    """Two torchrun ranks (``torch.distributed.run --standalone``) of ``args``, one thread each, with faulthandler on
+    (a rank that dies of a signal prints its Python threads' stacks), as ``subprocess.run`` would return them. On a
+    timeout torchrun is sent SIGTERM, which it passes on to the ranks (killing it outright leaves them waiting in a
+    collective, each in its own session)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -285,20 +290,16 @@ def test_two_process_torchrun_matches_one_process(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     args = _eval_args(tiny, one, methods="merge", budgets="0.25")
     assert main(args) == 0
-    # faulthandler: a rank that dies of a signal prints its Python threads' stacks (CI once saw rank 1 abort in C++,
-    # "terminate called without an active exception", with nothing else to go on; none of 98 runs here did)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tokenprune.cli"] + _eval_args(tiny, two, methods="merge", budgets="0.25")
-    proc = _torchrun(cmd, env, 300)
+    eval_two = ["-m", "tokenprune.cli"] + _eval_args(tiny, two, methods="merge", budgets="0.25")
+    proc = _torchrun(eval_two, 300)
     if proc.returncode != 0 and "(SIGABRT)" in proc.stderr:
-        # a rank aborted inside torch's C++ (no Python exception to blame on tokenprune): run once more, and say so
+        # a rank aborted inside torch's C++ (no Python exception to blame on tokenprune): run once more, and say so.
+        # CI once saw rank 1 abort so ("terminate called without an active exception"); none of 98 runs here did
         wrote = (two / "eval_top1.json").exists()
         warnings.warn(f"torchrun rank aborted (results {'written' if wrote else 'not written'}); retried once. "
                       f"stderr tail:\n{proc.stderr[-2000:]}")
         shutil.rmtree(two, ignore_errors=True)
-        proc = _torchrun(cmd, env, 300)
+        proc = _torchrun(eval_two, 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((one / "eval_top1.json").read_text())
     b = json.loads((two / "eval_top1.json").read_text())
@@ -318,9 +319,7 @@ def test_a_rank_that_fails_ends_the_torchrun_job_with_its_error(tmp_path):
         "    if d.rank == 1:\n"
         "        raise ValueError('rank 1 could not read its batch')\n"
         "    d.gather({0: 1})\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = _torchrun(cmd, env, 120)  # a hang fails here
+    proc = _torchrun([str(script)], 120)  # a hang fails here
     assert proc.returncode != 0
     assert "ValueError: rank 1 could not read its batch" in proc.stderr
 

@@ -1355,7 +1355,6 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
     assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == (t4[2], t4[0], t4[1])
 
 
-
 def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeypatch):
     """``LaunchGroup`` (a merge or ApET step's launches): after a first call through each plan, a call with other
     tensors runs every plan's compiled kernel in order, with that call's tensors and each plan's grid and arguments;
@@ -1393,6 +1392,7 @@ def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeyp
     assert len(compiles) == 7 and len(runs) == 5
     group(tensors())
     assert len(compiles) == 7 and len(runs) == 7
+
 
 # -- 5b. DivPrune's max-min selection (kernels/select.py) -----------------------------------------------------
 @pytest.mark.parametrize("b,n,k,padding,weighted", [
