@@ -19,7 +19,7 @@ alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 V
 time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
 ``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
 (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
-merge-3-stages, budget 1.0, and the step's launches one by one), ``whisper_cut`` (eager Whisper-large cut to
+merge-3-stages, budget 1.0; and merge with each step in four launches instead of one), ``whisper_cut`` (eager Whisper-large cut to
 every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
 host, graph and kernel times, SDPA with and without the key bias, one linear at changing token counts), ``dryhost``
 (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python
@@ -175,13 +175,6 @@ def settings(module, consts: dict):
     finally:
         for n, v in old.items():
             setattr(module, n, v)
-
-
-def _plans_one_by_one(group, t):
-    """``LaunchGroup.__call__`` as before it existed (``settings(LaunchGroup, {"__call__": ...})``): each plan with its
-    own host checks (to run 52)."""
-    for plan in group.plans:
-        plan(t)
 
 
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
@@ -810,10 +803,11 @@ def ba_tiles(smoke: bool, repeats: int):
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
-    four-launch path) and the per-block ops around it. The step: GPU time under CUDA-graph replay, each kernel's GPU
-    time (profiler), host time per eager call (the forward's scratch dict reused, as in a forward). Per block: SDPA
-    with and without the log-size key bias at that token count (host and GPU time), and the host time of one linear
-    (1280 -> 5120) when the token count changes every call (a merged forward's 31 counts) against a fixed one."""
+    long-input path, in one launch and in four) and the per-block ops around it. The step: GPU time under CUDA-graph
+    replay, each kernel's GPU time (profiler), host time per eager call (the forward's scratch dict reused, as in a
+    forward). Per block: SDPA with and without the log-size key bias at that token count (host and GPU time), and the
+    host time of one linear (1280 -> 5120) when the token count changes every call (a merged forward's 31 counts)
+    against a fixed one."""
     from tokenprune import kernels, ops
     from tokenprune.cuda import graphed
     from tokenprune.state import TokenState, key_bias_view
@@ -849,14 +843,17 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
                 (out / f"whisper_step_kernels_{tag}.txt").write_text(
                     p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
         kernels.KEY_MEAN_IN_KERNEL_MAX_TOKENS = default_max
-        from tokenprune.kernels import _triton_common as tc
+        from tokenprune.kernels import merge as kmerge
 
-        with settings(tc.LaunchGroup, {"__call__": _plans_one_by_one}):
-            row["step_host_us_plans_one_by_one"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
-        row["step_host_us_group_again"] = round(host_time_ms(step, DEV, repeats) * 1e3, 1)
+        # the four launches one after the other instead of _merge_long's one (rounds interleaved: the host drifts)
+        for i in range(3):
+            for tag, one in (("four_launches", False), ("one_launch", True)):
+                with settings(kmerge, {"MERGE_LONG_ONE_LAUNCH": one}):
+                    row.setdefault(f"step_host_us_{tag}", []).append(round(host_time_ms(step, DEV, repeats) * 1e3, 1))
+                    if DEV == "cuda" and i == 0:
+                        row[f"step_graph_us_{tag}"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3,
+                                                            1)
         if on_gpu:  # _bm_best's B-token splits; _merge_rank's tiles (A tokens, compare tile, warps)
-            from tokenprune.kernels import merge as kmerge
-
             defaults = kmerge.MERGE_BEST_SPLIT, kmerge.MERGE_RANK_TILES
             for split, tiles in ((1, defaults[1]), (2, defaults[1]), (4, defaults[1]), (8, defaults[1]),
                                  (defaults[0], (16, 64, 4)), (defaults[0], (32, 32, 4)), (defaults[0], (64, 64, 4)),
@@ -911,11 +908,11 @@ def main():
         prof = args.out if args.profile else None
         run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3, PATCHED], 0.5, reps, args.smoke,
                  host=True, profile=prof, profiled_variants=("unreduced", "merge", "merge-3-stages"))
-        from tokenprune.kernels import _triton_common as tc
+        from tokenprune.kernels import merge as kmerge
 
-        with settings(tc.LaunchGroup, {"__call__": _plans_one_by_one}):
-            run_case("whisper_large", 1, ["eager"], [("merge", {}), M3], 0.5, reps, args.smoke, host=True,
-                     tag="plans one by one")
+        with settings(kmerge, {"MERGE_LONG_ONE_LAUNCH": False}):  # each merge step in four launches, not one
+            run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True,
+                     tag="four launches")
     if "whisper_cut" in parts:  # eager: every-block merge's token counts with no step (transformers' own layers)
         run_case("whisper_large", 1, ["eager"], [("cut: merge", {"method": "merge", "cut": True}), CUTS[1], ("merge", {}),
                                                  PATCHED], 0.5, reps, args.smoke, host=True)

@@ -301,6 +301,50 @@ def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
     assert torch.allclose(b_on, b_off, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,c,h,r,perm", [(1500, 1280, 20, 25, False), (729, 1152, 16, 21, False),
+                                           (300, 768, 12, 40, True)])
+def test_long_merge_step_in_one_launch_equals_its_four_launches(T, n, c, h, r, perm):
+    """A batch-1 long input's merge step (Whisper-large, SigLIP, a pitome step through its order) as one launch
+    (``_merge_long``: its phases wait on counters) gives the bits of its four launches, eagerly (three calls: the
+    counters are back at 0 after each) and replayed from a CUDA graph on new tokens."""
+    from tokenprune.cuda import graphed
+    from tokenprune.kernels import merge as M
+
+    needs(F16, n, c)
+    g = gen(5)
+    x, y = randn(1, n, c, dtype=F16, g=g), randn(1, n, c, dtype=F16, g=g)
+    keys = randn(1, h, n, 64, dtype=F16, g=g)
+    sizes = torch.randint(1, 4, (1, n), device=DEV, generator=g).float()
+    source = torch.arange(n, device=DEV)[None]
+    order = torch.cat([torch.arange(1, device=DEV), 1 + torch.randperm(n - 1, device=DEV, generator=g)])[None]
+
+    def step(x, y, scratch):
+        return M.merge_step(x, keys, sizes, source, 1, r, False, n, True, residual=y, perm=order if perm else None,
+                            scratch=scratch)
+
+    outs, scratch = {}, {}
+    for one in (False, True, True, True):
+        M.MERGE_LONG_ONE_LAUNCH = one
+        try:
+            outs.setdefault(one, []).append([a.clone() for a in step(x, y, scratch)])
+        finally:
+            M.MERGE_LONG_ONE_LAUNCH = True
+    assert any(getattr(p, "fused", False) for p in M._PLANS.values())
+    assert int(scratch["_merge_long"].abs().sum()) == 0
+    for got in outs[True]:
+        assert all(torch.equal(a, b) for a, b in zip(got, outs[False][0]))
+    if not ON_CPU:
+        run = graphed(lambda x, y: step(x, y, None), x, y)
+        x2 = randn(1, n, c, dtype=F16, g=g)
+        got = [a.clone() for a in run(x2, y)]
+        M.MERGE_LONG_ONE_LAUNCH = False
+        try:
+            ref = step(x2, y, None)
+        finally:
+            M.MERGE_LONG_ONE_LAUNCH = True
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
 def _head_mean_kernel(m_ptr, o_ptr, N, D, smn, smh, H: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     # the merge kernels' key mean (_metric_rows) of rows pid * BN.. over H heads, stored [N, D]
     rows = tl.program_id(0) * BN + tl.arange(0, BN)

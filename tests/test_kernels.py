@@ -472,6 +472,41 @@ def _split_matching(T, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
+@pytest.mark.parametrize("dtype,padded,perm,heads,residual", [
+    (torch.float16, False, False, 1, True), (torch.float16, True, True, 3, False), (torch.float32, True, False, 3, True),
+    (torch.float32, False, True, 1, False)])
+def test_long_merge_step_in_one_launch_equals_its_four_launches(T, monkeypatch, dtype, padded, perm, heads, residual):
+    """At batch 1 a long input's merge step runs its four launches' programs in one (``_merge_long``: each program
+    takes a ticket and waits for the phase before its own): the same bits as the four launches (which the tests above
+    hold to the PyTorch path), its counters back at 0 after every call, one launch planned. The matching split over
+    B tokens, small tiles (``_split_matching``); padding, pitome's order, keys per head, the deferred residual add."""
+    _split_matching(T, monkeypatch)
+    g = gen(8)
+    p, n, c, r = 2, 45, 32, 9
+    x = torch.randn(1, p + n, c, generator=g).to(dtype)
+    y = torch.randn(1, p + n, c, generator=g).to(dtype) if residual else None
+    shape = (1, heads, p + n, 16) if heads > 1 else (1, p + n, 16)
+    metric = torch.randn(*shape, generator=g).to(dtype)
+    sizes = torch.randint(1, 4, (1, p + n), generator=g).float()
+    if padded:
+        sizes[0, p + 3:p + 12:2] = 0
+    source = torch.randint(0, p + n, (1, 60), generator=g)
+    order = torch.cat([torch.arange(p), p + torch.randperm(n, generator=g)])[None] if perm else None
+    outs, scratch = {}, {}
+    for one in (True, True, False):
+        monkeypatch.setattr(T.merge, "MERGE_LONG_ONE_LAUNCH", one)
+        for buf in scratch.get("_merge_step", (0, 0, ()))[2]:  # the scratch the first call wrote, spoilt
+            buf.fill_(float("nan") if buf.is_floating_point() else -7)
+        outs.setdefault(one, []).append(T.merge.merge_step(x, metric, sizes, source, p, r, padded, 60, True, y,
+                                                           order, scratch if one else {}))
+        plan = list(T.merge._PLANS.values())[-1]
+        assert plan.fused == one and len(plan.launches.plans) == (1 if one else 4)
+        assert not one or torch.equal(scratch["_merge_long"], torch.zeros(8, dtype=torch.int32))
+    for got in outs[True]:
+        assert all(torch.equal(a, b) for a, b in zip(got, outs[False][0]))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log(0) = -inf (padding)
 @pytest.mark.parametrize("one_launch", [False, True, "gather", "plan", "plan_split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
@@ -1344,15 +1379,15 @@ def test_launch_plan_passes_each_calls_tensors_and_rechecks_input_alignment(T, m
     t2 = tensors()
     plan(t2)
     assert len(compiles) == 1 and runs[-1][:3] == (2, 3, 1)
-    assert list(runs[-1][9:]) == [t2[2], t2[0], t2[1], 40, 15, 1600, 40, 16, 16]
+    assert list(runs[-1][9:]) == [t2[2].data_ptr(), t2[0].data_ptr(), t2[1].data_ptr(), 40, 15, 1600, 40, 16, 16]
     plan(tensors(offset=1))  # the input 4 bytes in: another compiled kernel
     t5 = tensors(offset=1)
     plan(t5)
-    assert len(compiles) == 2 and len(runs) == 2 and runs[-1][9] is t5[2]
+    assert len(compiles) == 2 and len(runs) == 2 and runs[-1][9] == t5[2].data_ptr()
     t4 = tensors()
     t4 = (t4[0][1:], t4[1][1:], t4[2])  # outputs off 16 bytes: trusted, not checked
     plan(t4)
-    assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == (t4[2], t4[0], t4[1])
+    assert len(compiles) == 2 and len(runs) == 3 and runs[-1][9:12] == tuple(a.data_ptr() for a in (t4[2], *t4[:2]))
 
 
 def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeypatch):
@@ -1376,13 +1411,14 @@ def test_launch_group_runs_its_plans_in_order_with_each_calls_tensors(T, monkeyp
     t2 = tensors()
     group(t2)
     assert len(compiles) == 2 and [r[:3] for r in runs] == [(2, 3, 1), (5, 1, 1)]
-    assert list(runs[0][9:]) == [t2[2], t2[0], t2[1], 40, 15, 1600, 40, 16, 16]
-    assert list(runs[1][9:]) == [t2[3], t2[1], t2[0], 7, 3, 49, 7, 32, 32]
+    p2 = [a.data_ptr() for a in t2]  # the compiled kernels get the tensors' addresses
+    assert list(runs[0][9:]) == [p2[2], p2[0], p2[1], 40, 15, 1600, 40, 16, 16]
+    assert list(runs[1][9:]) == [p2[3], p2[1], p2[0], 7, 3, 49, 7, 32, 32]
     group(tensors(offset=1))  # the second plan's input 4 bytes in: its plan path compiles once
     assert len(compiles) == 3 and len(runs) == 3
     t3 = tensors(offset=1)
     group(t3)
-    assert len(compiles) == 3 and len(runs) == 5 and runs[-1][9] is t3[3]
+    assert len(compiles) == 3 and len(runs) == 5 and runs[-1][9] == t3[3].data_ptr()
     hooks[0] = True  # a launch hook: Triton's own path for every launch
     group(tensors())
     assert len(compiles) == 5 and len(runs) == 5

@@ -162,7 +162,9 @@ class LaunchPlan:
     ``take`` and the rest from ``args`` / ``kwargs`` (ints, flags, constexprs, launch options). The compiled kernel is
     looked up by the 16-byte alignment of the tensors at the indices ``check`` only (the inputs): the others are fresh
     outputs of ``_alloc`` (the caching allocator's blocks are aligned), trusted. Without ``fast``'s cached launcher
-    (``FAST_LAUNCH`` off, a stand-in kernel), interpreted, or with a launch hook, it takes ``fast``'s path."""
+    (``FAST_LAUNCH`` off, a stand-in kernel), interpreted, or with a launch hook, it takes ``fast``'s path. The
+    compiled kernel gets the tensors as their addresses (ints): Triton's launcher then skips, per tensor, its
+    ``data_ptr`` call and the driver's pointer query (``cuPointerGetAttribute``)."""
 
     __slots__ = ("kernel", "grid", "g3", "take", "args", "kwargs", "check", "launcher", "kernels", "tail")
 
@@ -187,7 +189,8 @@ class LaunchPlan:
             return
         g = self.g3
         kernel.run(g[0], g[1], g[2], _stream(torch.cuda.current_device()), kernel.function, kernel.packed_metadata,
-                   None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook, *tensors, *self.tail)
+                   None, _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook,
+                   *[a.data_ptr() for a in tensors], *self.tail)
 
 
 class LaunchGroup:
@@ -195,7 +198,7 @@ class LaunchGroup:
     instead of once per launch: the launch-hook and launcher checks, the inputs' alignment key, the stream. The first
     call of an alignment key runs each plan as it is, then keeps their compiled kernels; a later call takes that path
     again whenever a plan would not take its fast path (a launch hook, ``FAST_LAUNCH`` off, the interpreter, a new
-    launcher)."""
+    launcher). Every tensor's address is read once per call, and the kernels get addresses (as ``LaunchPlan``)."""
 
     __slots__ = ("plans", "check", "runs", "launcher")
 
@@ -206,7 +209,8 @@ class LaunchGroup:
         self.launcher = None  # the first plan's launcher when ``runs`` was filled (a new one empties it)
 
     def __call__(self, t):
-        key = _alignment(t, self.check)
+        ptrs = [a.data_ptr() for a in t]
+        key = tuple([ptrs[i] & 15 for i in self.check])
         runs = self.runs.get(key)
         if runs is None or _hooks_active() or fast(self.plans[0].kernel) is not self.launcher:
             for plan in self.plans:
@@ -215,8 +219,8 @@ class LaunchGroup:
         stream = _stream(torch.cuda.current_device())
         enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
         for kernel, take, g, tail in runs:
-            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, enter, leave, *take(t),
-                       *tail)
+            kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, enter, leave,
+                       *take(ptrs), *tail)
 
     def _learn(self, t, key):
         runs = []

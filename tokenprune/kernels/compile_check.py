@@ -152,6 +152,18 @@ def _configs():
                     dict(HAS_SIZES=True, HAS_Y=has_y, LOWP=lowp, NAP=1024 if not one else 128, RP=rp,
                          RB=M.MERGE_STEP_SPLIT["rb"], BC=M.MERGE_STEP_SPLIT["gbc"], BCF=fbc, PERM=perm, ONE=one),
                     M.MERGE_STEP_SPLIT["gwarps"] if rp <= 64 and one else 8))
+    # the long step in one launch at batch 1 (Whisper-large: the key mean given, up to 64 merged tokens; PERM: pitome)
+    for perm, valid in ((False, False), (True, True)):
+        br, bt, _ = M.MERGE_RANK_TILES
+        out.append((M._merge_long, {"x_ptr": f16, "y_ptr": f16, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16,
+                                    "os_ptr": f32, "osrc_ptr": "*i64", "scr_ptr": "*i32", "bst_ptr": f32,
+                                    "mt_ptr": "*i32", "ob_ptr": f16, "rows_ptr": "*i32", "perm_ptr": "*i64",
+                                    "ip_ptr": "*i32", "rk_ptr": "*i32", "m_ptr": f16, "vb_ptr": f32, "ctr_ptr": "*i32"},
+                    dict(H=1, HAS_VALID=valid, IS_F32=False, DP=64, BM=64, BN=64, VEC=1, S=M.MERGE_BEST_SPLIT,
+                         HAS_SIZES=True, PADDED=valid, PERM=perm, NAP=1024, BR=br, BT=bt, HAS_SOURCE=True,
+                         LOG_SIZES=True, BA=M.MERGE_PLAN_TILES[0], BS=256, PP=1, HAS_Y=True, LOWP=True, RP=64,
+                         RB=M.MERGE_STEP_SPLIT["rb"], BC=M.MERGE_STEP_SPLIT["gbc"], BCF=M.MERGE_STEP_SPLIT["fbc"],
+                         ONE=True), M.MERGE_LONG_WARPS))
     cfg = PT.PITOME_ORDER_CONFIG
     for is32, padded in ((False, False), (False, True), (True, False)):
         out.append((PT._pitome_order, {"m_ptr": f32 if is32 else f16, "s_ptr": f32, "e_ptr": f32, "perm_ptr": "*i64",

@@ -25,10 +25,16 @@ def _bm_best(m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb,
     # Program (b, pa, s) searches the B tokens [s NBS, (s + 1) NBS) (NBS a multiple of BN) and writes its best and
     # partner sps elements on per s (long inputs at small batch: the splits fill the SMs; _merge_rank combines them).
     # D and the metric strides come divided by VEC (_triton_common._vec)
+    _bm_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), m_ptr, vb_ptr, best_ptr, idx_ptr, NA,
+             NB, D, P, smb, smn, smh, svb, svn, VOFF, sib, NBS, sps, H, HAS_VALID, IS_F32, DP, BM, BN, VEC)
+
+
+@triton.jit
+def _bm_tile(b, pa, s, m_ptr, vb_ptr, best_ptr, idx_ptr, NA, NB, D, P, smb, smn, smh, svb, svn, VOFF, sib, NBS, sps,
+             H: tl.constexpr, HAS_VALID: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, VEC: tl.constexpr):
+    # _bm_best's program (b, pa, s) (also one phase of merge_long's one-launch step)
     D, smb, smn, smh = D * VEC, smb * VEC, smn * VEC, smh * VEC
-    b = tl.program_id(0).to(tl.int64)
-    pa = tl.program_id(1)
-    s = tl.program_id(2)
     best_ptr += s * sps
     idx_ptr += s * sps
     offs_d = tl.arange(0, DP)
@@ -117,8 +123,16 @@ def _merge_rank(bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, sps, ssb
     # program (b, t): A tokens [t BR, (t + 1) BR) of sample b. Their best similarity and partner (_best_of), and
     # their rank by (best desc, index asc) among all NA, counted against tiles of BT (the R first are merged away):
     # ranks to rk [B, NA], partners to row 2b of mt (where _merge_plan and _merge_gather read them)
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BR + tl.arange(0, BR)
+    _rank_tile(tl.program_id(0).to(tl.int64), tl.program_id(1), bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P,
+               NA, sps, ssb, sprm, S, HAS_SIZES, PADDED, PERM, NAP, BR, BT)
+
+
+@triton.jit
+def _rank_tile(b, t, bp_ptr, ip_ptr, s_ptr, perm_ptr, rk_ptr, mt_ptr, P, NA, sps, ssb, sprm, S: tl.constexpr,
+               HAS_SIZES: tl.constexpr, PADDED: tl.constexpr, PERM: tl.constexpr, NAP: tl.constexpr, BR: tl.constexpr,
+               BT: tl.constexpr):
+    # _merge_rank's program (b, t) (also one phase of merge_long's one-launch step)
+    offs = t * BR + tl.arange(0, BR)
     m = offs < NA
     s_row = s_ptr + b * ssb
     prm = perm_ptr + b * sprm

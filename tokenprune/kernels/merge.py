@@ -14,6 +14,7 @@ from ._triton_common import (LaunchGroup, LaunchPlan, cached_plan, _alloc, _argm
                              _num_sms, _p2, _last_contiguous, _rank_desc, _sig, _sizes_at, _tokens_at,
                              _top_k_mask_count, _unit_rows, _in_vectors, _workspace, fast)
 from .match import _bm_best, _bm_tiles, _merge_rank
+from .merge_long import _merge_gather, _merge_long, _merge_plan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,157 +237,6 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
             _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
 
 
-@triton.jit
-def _merge_plan(rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, ob_ptr, rows_ptr, perm_ptr,
-                P, NA, NB, R, N0, ssb, srcb, sprm,
-                HAS_SIZES: tl.constexpr, HAS_SOURCE: tl.constexpr, LOG_SIZES: tl.constexpr,
-                NAP: tl.constexpr, BA: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr,
-                PERM: tl.constexpr = False):
-    # _merge_step MODE 2 for any token count, one program per sample: from the ranks and partners _merge_rank wrote
-    # (rk [B, NA]; each A token's partner in ``mt``, where MODE 2 leaves it), the sizes (and their log), the source
-    # map, ``mt`` and the row map ``rows`` that _merge_gather reads; A tokens in tiles of BA.
-    # PERM: as in _merge_step (the matching ran on the metric in that order), the prefix BS places at a time
-    b = tl.program_id(0).to(tl.int64)
-    prm = perm_ptr + b * sprm
-    n_unm = NA - R
-    nout = P + n_unm + NB
-    nt = P + NA + NB
-    # prefix and B rows: their sizes (the B ones before any merge), source rows and new indices
-    if PERM:
-        for p0 in range(0, P, BS):
-            o_p = p0 + tl.arange(0, BS)
-            m_p = o_p < P
-            r_p = _at(prm, o_p, m_p, PERM)
-            tl.store(os_ptr + b * nout + o_p, _sizes_at(s_ptr + b * ssb, r_p, m_p, HAS_SIZES), mask=m_p)
-            tl.store(rows_ptr + b * nout + o_p, r_p, mask=m_p)
-            if HAS_SOURCE:
-                tl.store(scr_ptr + b * nt + r_p, o_p, mask=m_p)
-    else:
-        offs_p = tl.arange(0, PP)
-        pm = offs_p < P
-        tl.store(os_ptr + b * nout + offs_p, _sizes_at(s_ptr + b * ssb, offs_p, pm, HAS_SIZES), mask=pm)
-        tl.store(rows_ptr + b * nout + offs_p, offs_p, mask=pm)
-        if HAS_SOURCE:
-            tl.store(scr_ptr + b * nt + offs_p, offs_p, mask=pm)
-    for j0 in range(0, NB, BA):
-        offs_b = j0 + tl.arange(0, BA)
-        bm = offs_b < NB
-        row_b = _at(prm, P + 2 * offs_b + 1, bm, PERM)
-        out_b = P + n_unm + offs_b
-        tl.store(os_ptr + b * nout + out_b, _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES), mask=bm)
-        tl.store(rows_ptr + b * nout + out_b, row_b, mask=bm)
-        if HAS_SOURCE:
-            tl.store(scr_ptr + b * nt + row_b, out_b, mask=bm)
-    tl.debug_barrier()  # the B rows' entries are written before some are overwritten below
-    kept = 0
-    for a0 in range(0, NA, BA):
-        offs_a = a0 + tl.arange(0, BA)
-        am = offs_a < NA
-        rank = tl.load(rk_ptr + b * NA + offs_a, mask=am, other=0)  # the R best-matched A tokens are merged away
-        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=0)
-        is_src = (rank < R) & am
-        is_unm = am & (rank >= R)
-        unm = is_unm.to(tl.int32)
-        out_a = P + kept + tl.cumsum(unm, 0) - unm  # spatial order among kept A tokens
-        kept += tl.sum(unm, 0)
-        row_a = _at(prm, P + 2 * offs_a, am, PERM)
-        sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
-        tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
-        tl.store(rows_ptr + b * nout + out_a, row_a, mask=is_unm)
-        tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
-        tl.atomic_add(os_ptr + b * nout + P + n_unm + arg, sa, mask=is_src)  # integer sizes: exact in any order
-        tl.store(rows_ptr + b * nout + P + n_unm + arg, tl.full([BA], -1, tl.int32), mask=is_src)
-        if HAS_SOURCE:
-            tl.store(scr_ptr + b * nt + row_a, tl.where(is_src, P + n_unm + arg, out_a), mask=am)
-    tl.debug_barrier()  # sizes and the scratch map are complete before they are read below
-    if LOG_SIZES:  # the next blocks' attention bias, log(size) in the token dtype (log 0 = -inf)
-        for o0 in range(0, nout, BS):
-            offs_o = o0 + tl.arange(0, BS)
-            om = offs_o < nout
-            sz = tl.load(os_ptr + b * nout + offs_o, mask=om, other=1.0)
-            tl.store(ob_ptr + b * nout + offs_o, tl.log(sz).to(ob_ptr.dtype.element_ty), mask=om)
-    if HAS_SOURCE:
-        _compose_source(src_ptr + b * srcb, scr_ptr + b * nt, osrc_ptr + b * N0, N0, BS)
-
-
-@triton.jit
-def _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ik, argk, km, offs_c, cm,
-                HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr, PERM: tl.constexpr):
-    # _merge_gather's fix-up over a tile of merged A tokens i' (``ik``, their partners ``argk``, ``km`` the valid
-    # ones): sum over them of W[i, i'] x_i' (columns offs_c) for the merged A tokens i whose partners are ``arg``,
-    # with W[i, i'] = s_i' where j(i') = j(i); and the sum of W's rows
-    row_s = _at(perm_ptr + b * sprm, P + 2 * ik, km, PERM)
-    ss = _sizes_at(s_ptr + b * ssb, row_s, km, HAS_SIZES)
-    xs = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_s, offs_c, sxn, syn, km[:, None] & cm[None, :], HAS_Y)
-    w = tl.where((arg[:, None] == argk[None, :]) & km[None, :], ss[None, :], 0.0)  # [RP, RP]
-    if LOWP:  # sizes are exact in the token dtype: products exact, sums in fp32
-        part = tl.dot(w.to(xs.dtype), xs)
-    else:
-        part = tl.dot(w, xs.to(tl.float32), input_precision="ieee")
-    return part, tl.sum(w, 1)
-
-
-@triton.jit
-def _merge_gather(x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, P, NA, R, C, NOUT, NG, NCF, sxb, sxn,
-                  syb, syn, ssb, oxb, oxn, sprm, HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, LOWP: tl.constexpr,
-                  NAP: tl.constexpr, RP: tl.constexpr, RB: tl.constexpr, BC: tl.constexpr, BCF: tl.constexpr,
-                  PERM: tl.constexpr = False, ONE: tl.constexpr = True):
-    # programs (b, 0 .. NG-1): RB output rows each, whole rows copied from their source rows (``rows``
-    # from _merge_step MODE 2) BC columns at a time: prefix, kept A and the B rows nothing merged into.
-    # Programs (b, NG ..): RP merged A tokens (a tile of the rank order) x column tile BCF (NCF tiles) of the
-    # B rows that receive merged tokens (row -1 in ``rows``). For the R merged A tokens i (rank order) with
-    # partner j(i): row j = (s_j x_j + sum over A tokens i' into j of s_i' x_i') / (s_j + sum s_i'), from
-    # W[i, i'] = s_i' where j(i') = j(i), summed over the i' in tiles of RP; A tokens with the same partner
-    # write the same row with the same values (the same tiles in the same order).
-    # HAS_Y: the tokens are x + y, the block's last residual add left to this kernel (rounded to the token
-    # dtype before anything else, as the add would have stored it): x and y are read, x + y is never written.
-    # PERM: the merged A tokens and their partners are places of the order ``perm`` (their rows read from it)
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1)
-    if t < NG:
-        offs_o = t * RB + tl.arange(0, RB)
-        om = offs_o < NOUT
-        src = tl.load(rows_ptr + b * NOUT + offs_o, mask=om, other=-1)
-        ok = om & (src >= 0)
-        for c0 in range(0, C, BC):
-            offs_c = c0 + tl.arange(0, BC)
-            m = ok[:, None] & (offs_c < C)[None, :]
-            xt = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, src, offs_c, sxn, syn, m, HAS_Y)
-            tl.store(ox_ptr + b * oxb + offs_o[:, None] * oxn + offs_c[None, :], xt, mask=m)
-    else:
-        f = t - NG
-        offs_c = (f % NCF) * BCF + tl.arange(0, BCF)
-        cm = offs_c < C
-        offs_r = (f // NCF) * RP + tl.arange(0, RP)
-        rm = offs_r < R
-        ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
-        arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
-        row_b = _at(perm_ptr + b * sprm, P + 2 * arg + 1, rm, PERM)
-        sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
-        if ONE:  # up to 128 merged tokens: all of them in one [RP, RP] tile, the row tile itself
-            acc, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ia, arg, rm,
-                                  offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
-            tot = sb + ws
-        else:  # in tiles of RP (a loop-carried accumulator: the one-tile form's [128, 128] tiles would spill in it)
-            acc = tl.zeros([RP, BCF], tl.float32)
-            tot = sb
-            for k0 in tl.range(0, R, RP, num_stages=1):
-                offs_k = k0 + tl.arange(0, RP)
-                km = offs_k < R
-                ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0)
-                argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1)
-                part, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ik,
-                                       argk, km, offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
-                acc += part
-                tot += ws
-        xbf = _tokens_at(x_ptr + b * sxb, y_ptr + b * syb, row_b, offs_c, sxn, syn, rm[:, None] & cm[None, :],
-                         HAS_Y).to(tl.float32)
-        xb_new = tl.where((tot > 0)[:, None], (acc + sb[:, None] * xbf) / tl.maximum(tot, 1e-30)[:, None], xbf)
-        out_b = P + (NA - R) + arg
-        tl.store(ox_ptr + b * oxb + out_b[:, None] * oxn + offs_c[None, :], xb_new.to(ox_ptr.dtype.element_ty),
-                 mask=rm[:, None] & cm[None, :])
-
-
 MERGE_STEP_MAX_A = 128  # A tokens (half the non-prefix tokens) one program holds: N <= 256 tokens
 MERGE_STEP_WARPS = 8
 MERGE_STEP_BC = 32  # output columns per tile (64 spills)
@@ -420,6 +270,10 @@ MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
 # batch leaves SMs idle; _merge_rank's A tile, compare tile and warps (bench_forward --parts whisper_step sweeps both)
 MERGE_BEST_SPLIT = 4
 MERGE_RANK_TILES = (32, 64, 4)
+# at batch 1 the long inputs' four launches run as one (_merge_long; batch 1 is bound by host time, about 10 us a
+# launch); False: four. Its warps (one count for every phase; _merge_plan alone runs with 8)
+MERGE_LONG_ONE_LAUNCH = True
+MERGE_LONG_WARPS = 4
 
 
 def _best_split(bsz: int, na: int, nb: int, dtype, device) -> tuple:
@@ -460,7 +314,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT),
-           MERGE_PLAN_TILES, MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE, MERGE_GATHER_MAX_R)
+           MERGE_PLAN_TILES, MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE, MERGE_GATHER_MAX_R,
+           MERGE_LONG_ONE_LAUNCH, MERGE_LONG_WARPS)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
                        perm)
     return plan(x, metric, sizes, source, residual, perm, scratch)
@@ -541,12 +396,12 @@ class _StepPlan:
             bm, bn = _bm_tiles(na, metric.dtype)
             br, bt, rwarps = MERGE_RANK_TILES
             sps = bsz * na  # one split's best / partner block
-            v, (dv, smb, smn, smh_) = _in_vectors(metric.dtype, d, smb, smn, smh_)
+            vec, (dv, smb, smn, smh_) = _in_vectors(metric.dtype, d, smb, smn, smh_)
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
                                   (na, nb, dv, p, smb, smn, smh_, svb if valid else 0,
                                    2 if valid else 0, p + 1 if valid else 0, na, nbs, sps),
                                   H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
-                                  BM=bm, BN=bn, VEC=v, num_warps=4),
+                                  BM=bm, BN=bn, VEC=vec, num_warps=4),
                              plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
                                   (p, na, sps, ssb, sprm), S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded),
                                   PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),
@@ -571,6 +426,19 @@ class _StepPlan:
                 RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
                 num_warps=cfg["gwarps"] if rp <= 64 and r <= rp else 8))  # 4 warps spill a [128, 128] fix-up tile
             # (and the tiled fix-up's [64, 128] accumulator and tile at 4 warps take 231-255 registers)
+        self.fused = large and bsz == 1 and MERGE_LONG_ONE_LAUNCH and rp <= 64 and r <= rp
+        if self.fused:  # the four launches' programs in one (_merge_long), with its counters (t[18])
+            t1, t2, t4 = _cdiv(na, bm) * nsplit, _cdiv(na, br), ng + _cdiv(r, rp) * ncf
+            self.launches = [plan(
+                _merge_long, (t1 + t2 + 1 + t4,), (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18),
+                (p, na, nb, r, c, dv, n0, nout, smb, smn, smh_, svb if valid else 0, 2 if valid else 0,
+                 p + 1 if valid else 0, nbs, sps, ssb, srcb, sprm, sx[0], sx[1], sy[0], sy[1], nout * c, c, ng, ncf,
+                 t1, t2, t4),
+                H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
+                VEC=vec, S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded), PERM=perm is not None, NAP=nap,
+                BR=br, BT=bt, HAS_SOURCE=source is not None, LOG_SIZES=log_sizes, BA=MERGE_PLAN_TILES[0], BS=256,
+                PP=_p2(max(p, 1)), HAS_Y=residual is not None, LOWP=lowp, RP=rp, RB=cfg["rb"],
+                BC=min(cfg["gbc"], _p2(c)), BCF=fbc, ONE=True, num_warps=MERGE_LONG_WARPS)]
         self.launches = LaunchGroup(self.launches)  # one host check per step, not per launch
 
     def __call__(self, x, metric, sizes, source, residual, perm, scratch):
@@ -594,6 +462,13 @@ class _StepPlan:
             t += (metric, sizes.gather(1, perm) if self.valid else metric)
         elif self.large:
             t += (metric, t[3])
+        if self.fused:  # _merge_long's counters: zero, and the launch leaves them at zero (kept for the next steps)
+            ctr = scratch.get("_merge_long") if scratch is not None else None
+            if ctr is None or ctr.device != dev:
+                ctr = torch.zeros(8, device=dev, dtype=torch.int32)
+                if scratch is not None:
+                    scratch["_merge_long"] = ctr
+            t += (ctr,)
         self.launches(t)
         if self.log_sizes:
             return out, osz, (osrc if source is not None else None), ob
