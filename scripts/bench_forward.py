@@ -584,8 +584,8 @@ def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
 
 def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
     """CPU only: host microseconds of the pieces of one eager batch-1 ``merge`` step of the Whisper-large-v3 encoder
-    (1500 tokens, 20 heads of 64, fp16, budget 0.5: 31 steps of about 25 tokens; the four-launch path of
-    ``kernels.merge_step``) and of the blocks around it, the CUDA path's Python with every Triton launch a no-op
+    (1500 tokens, 20 heads of 64, fp16, budget 0.5: 31 steps of about 25 tokens; ``kernels.merge_step`` in one
+    launch and in four) and of the blocks around it, the CUDA path's Python with every Triton launch a no-op
     (``_dry_kernels``). The HF layer itself runs on CPU at a tiny width (16 tokens, d 80, 20 heads, fp16): there its
     aten ops compute, so only its differences (the ``tokenprune_sdpa`` routing, the key bias, recording q/k) are host
     time. ``block loop``: ``run_blocks`` over the 32 planned blocks at the real token counts, each block a stub that
@@ -651,8 +651,10 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
             - base)
         put("  ops.bipartite_merge", _us(lambda: ops.bipartite_merge(merged_state(), k1, r), n_it) - base)
         kw = {"scratch": {}} if "scratch" in inspect.signature(kernels.merge_step).parameters else {}  # (older code)
-        put("  kernels.merge_step (four launches; a forward's scratch dict)", _us(lambda: kernels.merge_step(
-            x1, k1, st0.sizes, st0.source, 0, r, False, t, True, **kw), n_it))
+        for tag, one in (("one launch", True), ("four launches", False)):
+            with settings(kmerge, {"MERGE_LONG_ONE_LAUNCH": one}):
+                put(f"  kernels.merge_step ({tag}; a forward's scratch dict)", _us(lambda: kernels.merge_step(
+                    x1, k1, st0.sizes, st0.source, 0, r, False, t, True, **kw), n_it))
         if hasattr(kmerge, "_large_match"):  # the matching as a call of its own (before the launch plans held it)
             put("    the matching alone (_large_match)", _us(lambda: kmerge._large_match(k1, st0.sizes, None, 0, False),
                                                           n_it))
