@@ -103,11 +103,12 @@ def _best_of(bp_ptr, ip_ptr, s_row, prm, b, offs, m, P, NA, S: tl.constexpr, sps
              PADDED: tl.constexpr, PERM: tl.constexpr):
     # the best similarity and partner of A tokens ``offs`` of sample b over _bm_best's S splits (ties: the earlier
     # split, whose B tokens come first, as torch.max); padding slots (size 0) +inf, merged first; -inf where masked
-    best = tl.load(bp_ptr + b * NA + offs, mask=m, other=float("-inf"))
-    arg = tl.load(ip_ptr + b * NA + offs, mask=m, other=0)
+    # (".cg": from L2, never a stale L1 line; in _merge_long another program wrote them during the same launch)
+    best = tl.load(bp_ptr + b * NA + offs, mask=m, other=float("-inf"), cache_modifier=".cg")
+    arg = tl.load(ip_ptr + b * NA + offs, mask=m, other=0, cache_modifier=".cg")
     for s in tl.static_range(1, S):
-        v = tl.load(bp_ptr + s * sps + b * NA + offs, mask=m, other=float("-inf"))
-        i = tl.load(ip_ptr + s * sps + b * NA + offs, mask=m, other=0)
+        v = tl.load(bp_ptr + s * sps + b * NA + offs, mask=m, other=float("-inf"), cache_modifier=".cg")
+        i = tl.load(ip_ptr + s * sps + b * NA + offs, mask=m, other=0, cache_modifier=".cg")
         better = v > best
         best = tl.where(better, v, best)
         arg = tl.where(better, i, arg)

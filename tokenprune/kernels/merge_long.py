@@ -67,8 +67,9 @@ def _plan_sample(b, rk_ptr, s_ptr, src_ptr, os_ptr, osrc_ptr, scr_ptr, mt_ptr, o
     for a0 in range(0, NA, BA):
         offs_a = a0 + tl.arange(0, BA)
         am = offs_a < NA
-        rank = tl.load(rk_ptr + b * NA + offs_a, mask=am, other=0)  # the R best-matched A tokens are merged away
-        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=0)
+        # (".cg" loads: from L2, as _best_of) the R best-matched A tokens are merged away
+        rank = tl.load(rk_ptr + b * NA + offs_a, mask=am, other=0, cache_modifier=".cg")
+        arg = tl.load(mt_ptr + (2 * b) * NAP + offs_a, mask=am, other=0, cache_modifier=".cg")
         is_src = (rank < R) & am
         is_unm = am & (rank >= R)
         unm = is_unm.to(tl.int32)
@@ -140,7 +141,7 @@ def _gather_tile(b, t, x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, 
     if t < NG:
         offs_o = t * RB + tl.arange(0, RB)
         om = offs_o < NOUT
-        src = tl.load(rows_ptr + b * NOUT + offs_o, mask=om, other=-1)
+        src = tl.load(rows_ptr + b * NOUT + offs_o, mask=om, other=-1, cache_modifier=".cg")
         ok = om & (src >= 0)
         for c0 in range(0, C, BC):
             offs_c = c0 + tl.arange(0, BC)
@@ -153,8 +154,8 @@ def _gather_tile(b, t, x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, 
         cm = offs_c < C
         offs_r = (f // NCF) * RP + tl.arange(0, RP)
         rm = offs_r < R
-        ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0)  # A token of rank offs_r
-        arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1)  # its B partner
+        ia = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_r, mask=rm, other=0, cache_modifier=".cg")  # rank offs_r's
+        arg = tl.load(mt_ptr + (2 * b) * NAP + ia, mask=rm, other=-1, cache_modifier=".cg")  # A token, its partner
         row_b = _at(perm_ptr + b * sprm, P + 2 * arg + 1, rm, PERM)
         sb = _sizes_at(s_ptr + b * ssb, row_b, rm, HAS_SIZES)
         if ONE:  # up to 128 merged tokens: all of them in one [RP, RP] tile, the row tile itself
@@ -167,8 +168,8 @@ def _gather_tile(b, t, x_ptr, y_ptr, s_ptr, mt_ptr, rows_ptr, ox_ptr, perm_ptr, 
             for k0 in tl.range(0, R, RP, num_stages=1):
                 offs_k = k0 + tl.arange(0, RP)
                 km = offs_k < R
-                ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0)
-                argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1)
+                ik = tl.load(mt_ptr + (2 * b + 1) * NAP + offs_k, mask=km, other=0, cache_modifier=".cg")
+                argk = tl.load(mt_ptr + (2 * b) * NAP + ik, mask=km, other=-1, cache_modifier=".cg")
                 part, ws = _fixup_tile(x_ptr, y_ptr, s_ptr, perm_ptr, b, P, sxb, sxn, syb, syn, ssb, sprm, arg, ik,
                                        argk, km, offs_c, cm, HAS_SIZES, HAS_Y, LOWP, PERM)
                 acc += part
