@@ -19,9 +19,10 @@ alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 V
 time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
 ``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
 (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
-merge-3-stages, budget 1.0; and merge with each step in four launches instead of one), ``whisper_cut`` (eager Whisper-large cut to
-every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
-host, graph and kernel times, SDPA with and without the key bias, one linear at changing token counts), ``dryhost``
+merge-3-stages, budget 1.0; merge with each long step in one launch against four), ``whisper_cut`` (eager
+Whisper-large cut to every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a
+Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with and without the key
+bias, one linear at changing token counts), ``dryhost``
 (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python
 with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
 same for a Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token
@@ -912,9 +913,10 @@ def main():
                  host=True, profile=prof, profiled_variants=("unreduced", "merge", "merge-3-stages"))
         from tokenprune.kernels import merge as kmerge
 
-        with settings(kmerge, {"MERGE_LONG_ONE_LAUNCH": False}):  # each merge step in four launches, not one
+        one = not kmerge.MERGE_LONG_ONE_LAUNCH  # each merge step in one launch and in four: the other one
+        with settings(kmerge, {"MERGE_LONG_ONE_LAUNCH": one}):
             run_case("whisper_large", 1, ["eager"], [("merge", {})], 0.5, reps, args.smoke, host=True,
-                     tag="four launches")
+                     tag="one launch" if one else "four launches")
     if "whisper_cut" in parts:  # eager: every-block merge's token counts with no step (transformers' own layers)
         run_case("whisper_large", 1, ["eager"], [("cut: merge", {"method": "merge", "cut": True}), CUTS[1], ("merge", {}),
                                                  PATCHED], 0.5, reps, args.smoke, host=True)

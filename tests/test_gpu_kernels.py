@@ -324,25 +324,30 @@ def test_long_merge_step_in_one_launch_equals_its_four_launches(T, n, c, h, r, p
 
     outs, scratch = {}, {}
     for one in (False, True, True, True):
-        M.MERGE_LONG_ONE_LAUNCH = one
-        try:
+        with one_launch(M, one):
             outs.setdefault(one, []).append([a.clone() for a in step(x, y, scratch)])
-        finally:
-            M.MERGE_LONG_ONE_LAUNCH = True
     assert any(getattr(p, "fused", False) for p in M._PLANS.values())
     assert int(scratch["_merge_long"].abs().sum()) == 0
     for got in outs[True]:
         assert all(torch.equal(a, b) for a, b in zip(got, outs[False][0]))
     if not ON_CPU:
-        run = graphed(lambda x, y: step(x, y, None), x, y)
-        x2 = randn(1, n, c, dtype=F16, g=g)
-        got = [a.clone() for a in run(x2, y)]
-        M.MERGE_LONG_ONE_LAUNCH = False
-        try:
+        with one_launch(M, True):
+            run = graphed(lambda x, y: step(x, y, None), x, y)
+            x2 = randn(1, n, c, dtype=F16, g=g)
+            got = [a.clone() for a in run(x2, y)]
+        with one_launch(M, False):
             ref = step(x2, y, None)
-        finally:
-            M.MERGE_LONG_ONE_LAUNCH = True
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@contextlib.contextmanager
+def one_launch(M, on):
+    """``merge.MERGE_LONG_ONE_LAUNCH`` set inside the block, restored after."""
+    old, M.MERGE_LONG_ONE_LAUNCH = M.MERGE_LONG_ONE_LAUNCH, on
+    try:
+        yield
+    finally:
+        M.MERGE_LONG_ONE_LAUNCH = old
 
 
 def _head_mean_kernel(m_ptr, o_ptr, N, D, smn, smh, H: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):

@@ -270,9 +270,11 @@ MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
 # batch leaves SMs idle; _merge_rank's A tile, compare tile and warps (bench_forward --parts whisper_step sweeps both)
 MERGE_BEST_SPLIT = 4
 MERGE_RANK_TILES = (32, 64, 4)
-# at batch 1 the long inputs' four launches run as one (_merge_long; batch 1 is bound by host time, about 10 us a
-# launch); False: four. Its warps (one count for every phase; _merge_plan alone runs with 8)
-MERGE_LONG_ONE_LAUNCH = True
+# True: at batch 1 the long inputs' four launches run as one (_merge_long; batch 1 is bound by host time, about 10 us
+# a launch). Off until a GPU has run it (written without one: the interpreter cannot show that the phases' waits and
+# the L2 reads hold on a GPU); tests/test_gpu_kernels.py and bench_forward's whisper parts turn it on to check it.
+# Its warps (one count for every phase; _merge_plan alone runs with 8)
+MERGE_LONG_ONE_LAUNCH = False
 MERGE_LONG_WARPS = 4
 
 
