@@ -270,11 +270,11 @@ MERGE_PLAN_TILES = (128, 8)  # _merge_plan's A tile, warps
 # batch leaves SMs idle; _merge_rank's A tile, compare tile and warps (bench_forward --parts whisper_step sweeps both)
 MERGE_BEST_SPLIT = 4
 MERGE_RANK_TILES = (32, 64, 4)
-# True: at batch 1 the long inputs' four launches run as one (_merge_long; batch 1 is bound by host time, about 10 us
-# a launch). Off until a GPU has run it (written without one: the interpreter cannot show that the phases' waits and
-# the L2 reads hold on a GPU); tests/test_gpu_kernels.py and bench_forward's whisper parts turn it on to check it.
-# Its warps (one count for every phase; _merge_plan alone runs with 8)
-MERGE_LONG_ONE_LAUNCH = False
+# at batch 1 the long inputs' four launches run as one (_merge_long; batch 1 is bound by host time). H200, run 55:
+# eager Whisper-large every-block merge @0.5 1.041x -> 1.144x (about 34 us of wall a step), the step's GPU time under
+# graph replay 60.9 -> 63.3 us (docs/results/h200/forward_run54_2026-12-06.md); False: four launches. Its warps (one
+# count for every phase; _merge_plan alone runs with 8)
+MERGE_LONG_ONE_LAUNCH = True
 MERGE_LONG_WARPS = 4
 
 
