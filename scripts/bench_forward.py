@@ -775,7 +775,8 @@ def gram_tiles(smoke: bool, repeats: int):
 def ba_tiles(smoke: bool, repeats: int):
     """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; ViT-B's 12 heads of 64, fp16)
     at token counts of a merged ViT-B forward, batch 256 and 1: its default tile against fixed tiles and pipeline
-    depths (``num_stages``), and SDPA without the bias (cuDNN's flash: what the unreduced blocks run) and with it.
+    depths (``num_stages``), and SDPA without the bias (cuDNN's flash: what the unreduced blocks run) and with it
+    (its default dispatch, and cuDNN's kernel forced).
     Graph-replay time per call; ``same``: the output equals the default tile's bit for bit."""
     from tokenprune import kernels
     from tokenprune.kernels import attention as ka
@@ -795,6 +796,14 @@ def ba_tiles(smoke: bool, repeats: int):
             base = dict(case="ba_tiles", bs=bs, tokens=n)
             sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
             sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
+            if DEV == "cuda":  # cuDNN's attention takes an additive mask (torch >= 2.5): if it keeps flash's rate,
+                # merge's proportional attention could run on it (run 47: the default dispatch 498 us vs 261)
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                def cudnn_bias():
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        return (sdpa(q, k, v, attn_mask=bias),)
+                sweep_row(dict(base, variant="sdpa on cuDNN, bias as mask"), cudnn_bias, None, repeats)
             ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
                             lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
             for bm, bn, w, st in tiles:
