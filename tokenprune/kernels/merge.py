@@ -1,6 +1,7 @@
 """Triton kernels of ToMe's bipartite merging: the size-weighted merged rows in one pass (``merge_rows``, also the row
-gather ``gather_rows``), and the whole merge step in one launch, two at large batches, four for long inputs
-(``merge_step``); the matching (``bipartite_best``) and the long inputs' ranking are in ``match.py``.
+gather ``gather_rows``), and the whole merge step in one launch, two at large batches, four for long inputs (one at
+batch 1) (``merge_step``); the matching (``bipartite_best``) and the long inputs' ranking are in ``match.py``, the
+long inputs' plan, row gather and one-launch kernel in ``merge_long.py``.
 References: ``reference.bipartite_best`` / ``merge_rows`` / ``gather_rows`` / ``merge_step``; NOTES.md sections 3, 6.
 """
 from __future__ import annotations
@@ -331,7 +332,8 @@ class _StepPlan:
     ``(x, y, metric, sizes, source, out, out sizes, out source, scratch map, scratch best, mt, log sizes, rows, perm,
     split partners, ranks)`` (four launches: then the metric and sizes the matching ``_bm_best`` reads, with ``perm``
     copies in that order; it leaves each B-token split's best similarities in scratch best and partners in split
-    partners, and ``_merge_rank`` the ranks and, in ``mt``, the partners), absent ones stood for by another."""
+    partners, and ``_merge_rank`` the ranks and, in ``mt``, the partners; ``fused``, their one launch at batch 1,
+    ``_merge_long``: then its zeroed counters last), absent ones stood for by another."""
 
     def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
