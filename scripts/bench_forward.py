@@ -25,8 +25,8 @@ Whisper-large merge step's host, graph and kernel times, in one launch and four,
 bias, one linear at changing token counts), ``dryhost``
 (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python
 with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
-same for a Whisper-large merge step, the four-launch path, and the blocks around it: the block loop at the real token
-counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
+same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real
+token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
 kernel's tiles at bs 1 and 256), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
 against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file
 names them and the commit that last had them).

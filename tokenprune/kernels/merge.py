@@ -401,18 +401,20 @@ class _StepPlan:
             br, bt, rwarps = MERGE_RANK_TILES
             sps = bsz * na  # one split's best / partner block
             vec, (dv, smb, smn, smh_) = _in_vectors(metric.dtype, d, smb, smn, smh_)
+            # each phase's constexprs (_merge_long takes all of them)
+            bm_kw = dict(H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm,
+                         BN=bn, VEC=vec)
+            rank_kw = dict(S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded), PERM=perm is not None, NAP=nap,
+                           BR=br, BT=bt)
+            plan_kw = dict(NAP=nap, BA=MERGE_PLAN_TILES[0], BS=256, PP=_p2(max(p, 1)),
+                           **{k: v for k, v in flags.items() if k != "PADDED"})
             self.launches = [plan(_bm_best, (bsz, _cdiv(na, bm), nsplit), (16, 17, 9, 14),
                                   (na, nb, dv, p, smb, smn, smh_, svb if valid else 0,
-                                   2 if valid else 0, p + 1 if valid else 0, na, nbs, sps),
-                                  H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)),
-                                  BM=bm, BN=bn, VEC=vec, num_warps=4),
+                                   2 if valid else 0, p + 1 if valid else 0, na, nbs, sps), **bm_kw, num_warps=4),
                              plan(_merge_rank, (bsz, _cdiv(na, br)), (9, 14, 3, 13, 15, 10),
-                                  (p, na, sps, ssb, sprm), S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded),
-                                  PERM=perm is not None, NAP=nap, BR=br, BT=bt, num_warps=rwarps),
+                                  (p, na, sps, ssb, sprm), **rank_kw, num_warps=rwarps),
                              plan(_merge_plan, (bsz,), (15, 3, 4, 6, 7, 8, 10, 11, 12, 13),
-                                  (p, na, nb, r, n0, ssb, srcb, sprm), NAP=nap, BA=MERGE_PLAN_TILES[0], BS=256,
-                                  PP=_p2(max(p, 1)), num_warps=MERGE_PLAN_TILES[1],
-                                  **{k: v for k, v in flags.items() if k != "PADDED"})]
+                                  (p, na, nb, r, n0, ssb, srcb, sprm), **plan_kw, num_warps=MERGE_PLAN_TILES[1])]
         elif split:
             cap = cfg.get("mmaxnreg") if bsz > _num_sms(x.device) else None
             self.launches = [step(2, (bsz, 1), 1, cfg.get("mwarps", MERGE_STEP_WARPS),
@@ -423,11 +425,11 @@ class _StepPlan:
             fbc = 32 if not lowp else cfg.get("fbc_many", cfg["fbc"]) if r > 32 else cfg["fbc"]  # fp32: or it spills
             ng, ncf = _cdiv(nout, cfg["rb"]), _cdiv(c, fbc)
             rp = max(16, _p2(r)) if r <= 128 else MERGE_GATHER_TILE  # the fix-up's tile of merged tokens
+            gather_kw = dict(HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=rp,
+                             ONE=r <= rp, RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None)
             self.launches.append(plan(
                 _merge_gather, (bsz, ng + _cdiv(r, rp) * ncf), (0, 1, 3, 10, 12, 5, 13),
-                (p, na, r, c, nout, ng, ncf, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm),
-                HAS_SIZES=sizes is not None, HAS_Y=residual is not None, LOWP=lowp, NAP=nap, RP=rp, ONE=r <= rp,
-                RB=cfg["rb"], BC=min(cfg["gbc"], _p2(c)), BCF=fbc, PERM=perm is not None,
+                (p, na, r, c, nout, ng, ncf, sx[0], sx[1], sy[0], sy[1], ssb, nout * c, c, sprm), **gather_kw,
                 num_warps=cfg["gwarps"] if rp <= 64 and r <= rp else 8))  # 4 warps spill a [128, 128] fix-up tile
             # (and the tiled fix-up's [64, 128] accumulator and tile at 4 warps take 231-255 registers)
         self.fused = large and bsz == 1 and MERGE_LONG_ONE_LAUNCH and rp <= 64 and r <= rp
@@ -437,12 +439,7 @@ class _StepPlan:
                 _merge_long, (t1 + t2 + 1 + t4,), (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18),
                 (p, na, nb, r, c, dv, n0, nout, smb, smn, smh_, svb if valid else 0, 2 if valid else 0,
                  p + 1 if valid else 0, nbs, sps, ssb, srcb, sprm, sx[0], sx[1], sy[0], sy[1], nout * c, c, ng, ncf,
-                 t1, t2, t4),
-                H=heads, HAS_VALID=valid, IS_F32=metric.dtype == torch.float32, DP=max(16, _p2(d)), BM=bm, BN=bn,
-                VEC=vec, S=nsplit, HAS_SIZES=sizes is not None, PADDED=bool(padded), PERM=perm is not None, NAP=nap,
-                BR=br, BT=bt, HAS_SOURCE=source is not None, LOG_SIZES=log_sizes, BA=MERGE_PLAN_TILES[0], BS=256,
-                PP=_p2(max(p, 1)), HAS_Y=residual is not None, LOWP=lowp, RP=rp, RB=cfg["rb"],
-                BC=min(cfg["gbc"], _p2(c)), BCF=fbc, ONE=True, num_warps=MERGE_LONG_WARPS)]
+                 t1, t2, t4), **{**bm_kw, **rank_kw, **plan_kw, **gather_kw}, num_warps=MERGE_LONG_WARPS)]
         self.launches = LaunchGroup(self.launches)  # one host check per step, not per launch
 
     def __call__(self, x, metric, sizes, source, residual, perm, scratch):
