@@ -12,8 +12,8 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
 ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384
 tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of
-them, reduce-overhead; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``:
-the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse at bs 1
+them, reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager
+and compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse at bs 1
 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
 alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
 time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
@@ -804,6 +804,12 @@ def ba_tiles(smoke: bool, repeats: int):
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         return (sdpa(q, k, v, attn_mask=bias),)
                 sweep_row(dict(base, variant="sdpa on cuDNN, bias as mask"), cudnn_bias, None, repeats)
+                full = bias.expand(bs, h, n, n)  # the same bias as a full-shaped (stride-0) mask
+
+                def cudnn_full():
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        return (sdpa(q, k, v, attn_mask=full),)
+                sweep_row(dict(base, variant="sdpa on cuDNN, bias expanded"), cudnn_full, None, repeats)
             ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
                             lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
             for bm, bn, w, st in tiles:
@@ -955,6 +961,9 @@ def main():
                  args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("merge", {}), ("cls", {}), M3], 0.5,
                  reps, args.smoke, host=True)
+    if "long_eager" in parts:  # the eager half of long
+        run_case("siglip", 1, ["eager"], [("merge", {}), ("cls", {}), M3], 0.25, reps, args.smoke, host=True)
+        run_case("whisper_large", 1, ["eager"], [("merge", {}), ("cls", {}), M3], 0.5, reps, args.smoke, host=True)
     if "long_siglip" in parts:  # the SigLIP half of long, reduce-overhead only
         run_case("siglip", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3] + CUTS, 0.25, reps, args.smoke)
     if "long_whisper" in parts:  # the Whisper half of long, reduce-overhead only
