@@ -13,8 +13,9 @@ Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler t
 ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384
 tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of
 them, reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager
-and compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse at bs 1
-eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
+and compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included;
+``large_cudnn``: large_gemm's merge rows with the key-bias attention on cuDNN and on ``_ba_fwd``), ``others`` (ViT-B
+pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
 alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
 time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
 ``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
@@ -995,6 +996,13 @@ def main():
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), M3], 0.25, min(reps, 30),
                  args.smoke, tag="gemm stem", stem="gemm")
+    if "large_cudnn" in parts:  # large_gemm's merge rows with merge's key-bias attention on cuDNN, then on _ba_fwd
+        from tokenprune import kernels
+        bs = 8 if args.smoke else 256
+        for on in (1, None):
+            with settings(kernels, {"BA_CUDNN_MIN_BATCH": on}):
+                run_case("vit_b", bs, ["eager", "default"], [("merge", {}), M3], 0.25, min(reps, 30), args.smoke,
+                         tag="cudnn bias" if on else "ba_fwd", stem="gemm")
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                 parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))

@@ -191,9 +191,22 @@ def biased_attention_applies(bias, n: int, d: int) -> bool:
     return bias.shape[0] >= min_batch and use_triton(bias) and _impl().attention.biased_attention_fits(n, d)
 
 
+BA_CUDNN_MIN_BATCH = None  # from this batch (CUDA, fp16 / bf16) the key bias runs on cuDNN's attention, which
+# takes an additive mask, instead of _ba_fwd; None: never (bench_forward.py --parts ba_tiles times both)
+
+
+def _cudnn_bias(q, bias) -> bool:
+    return (BA_CUDNN_MIN_BATCH is not None and bias is not None and q.shape[0] >= BA_CUDNN_MIN_BATCH and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
 def biased_attention(q, k, v, bias=None):
     """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
     :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``)."""
+    if _cudnn_bias(q, bias):  # the bias as a stride-0 [B, H, N, N] mask
+        b, h, n, _ = q.shape
+        mask = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False)[0]
     if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
         if _via_op():
             return _ops.biased_attention(q, k, v, bias)
