@@ -28,7 +28,7 @@ bias, one linear at changing token counts), ``dryhost``
 with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
 same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real
 token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
-kernel's tiles at bs 1 and 256), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
+kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
 against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file
 names them and the commit that last had them).
 
@@ -773,6 +773,35 @@ def gram_tiles(smoke: bool, repeats: int):
                     ref = sweep_row(row, lambda: kernels.gram(x), ref, repeats)
 
 
+def merge_b1(smoke: bool, repeats: int):
+    """GPU: the bs-1 one-launch merge step (``kernels.merge_step``, MODE 0) at ViT-B's widths (768 columns, the key
+    mean given, sizes, log sizes, the residual left to it), as a compiled merge forward calls it, at 197 and 113
+    tokens: the default against its launch settings (warps, column tile, programs per SM) and without the source
+    map or the log sizes (what program 0's extra work costs: it alone writes the sizes and the source map)."""
+    from tokenprune import kernels
+    from tokenprune.kernels import merge as km
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    c = 32 if smoke else 768
+    for n, r in ((41, 6),) if smoke else ((197, 14), (113, 13)):
+        x, y = (torch.randn(1, n, c, generator=g).to(DEV, DTYPE) for _ in range(2))
+        metric = torch.randn(1, n, 64, generator=g).to(DEV, DTYPE)
+        sizes = torch.randint(1, 4, (1, n), generator=g).float().to(DEV)
+        source = torch.randint(0, n, (1, 196), generator=g).to(DEV)
+        ref = None
+        for name, consts, src, logs in (
+                ("default", {}, source, True), ("no source map", {}, None, True), ("no log sizes", {}, source, False),
+                ("neither", {}, None, False), ("4 warps", {"MERGE_STEP_WARPS": 4}, source, True),
+                ("16 columns", {"MERGE_STEP_BC": 16}, source, True),
+                ("2 programs per SM", {"MERGE_STEP_PROGRAMS_PER_SM": 2}, source, True),
+                ("B tile 64", {"MERGE_STEP_BT": 64}, source, True)):
+            row = dict(case="merge_b1", bs=1, tokens=n, r=r, variant=name)
+            with settings(km, consts):
+                out = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
+                    x, metric, sizes, src, 1, r, False, 196, logs, y, None, {})[:2], ref, repeats)
+            ref = out if ref is None else ref
+
+
 def ba_tiles(smoke: bool, repeats: int):
     """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; ViT-B's 12 heads of 64, fp16)
     at token counts of a merged ViT-B forward, batch 256 and 1: its default tile against fixed tiles and pipeline
@@ -973,6 +1002,8 @@ def main():
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
+    if "merge_b1" in parts:  # the bs-1 one-launch merge step at ViT-B's sizes: its launch settings, its extra outputs
+        merge_b1(args.smoke, reps)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
@@ -1008,7 +1039,7 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1"):
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
