@@ -28,7 +28,8 @@ bias, one linear at changing token counts), ``dryhost``
 with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
 same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real
 token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
-kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
+kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B
+bs-1 reduce-overhead merge with the step's side program on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
 against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file
 names them and the commit that last had them).
 
@@ -777,7 +778,8 @@ def merge_b1(smoke: bool, repeats: int):
     """GPU: the bs-1 one-launch merge step (``kernels.merge_step``, MODE 0) at ViT-B's widths (768 columns, the key
     mean given, sizes, log sizes, the residual left to it), as a compiled merge forward calls it, at 197 and 113
     tokens: the default against its launch settings (warps, column tile, programs per SM) and without the source
-    map or the log sizes (what program 0's extra work costs: it alone writes the sizes and the source map)."""
+    map or the log sizes (what program 0's extra work costs: it alone writes the sizes and the source map), and with
+    them from a program of their own (``MERGE_STEP_SIDE_PROGRAM``)."""
     from tokenprune import kernels
     from tokenprune.kernels import merge as km
 
@@ -794,7 +796,8 @@ def merge_b1(smoke: bool, repeats: int):
                 ("neither", {}, None, False), ("4 warps", {"MERGE_STEP_WARPS": 4}, source, True),
                 ("16 columns", {"MERGE_STEP_BC": 16}, source, True),
                 ("2 programs per SM", {"MERGE_STEP_PROGRAMS_PER_SM": 2}, source, True),
-                ("B tile 64", {"MERGE_STEP_BT": 64}, source, True)):
+                ("B tile 64", {"MERGE_STEP_BT": 64}, source, True),
+                ("side program", {"MERGE_STEP_SIDE_PROGRAM": True}, source, True)):
             row = dict(case="merge_b1", bs=1, tokens=n, r=r, variant=name)
             with settings(km, consts):
                 out = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
@@ -1004,6 +1007,13 @@ def main():
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
     if "merge_b1" in parts:  # the bs-1 one-launch merge step at ViT-B's sizes: its launch settings, its extra outputs
         merge_b1(args.smoke, reps)
+    if "merge_b1_forward" in parts:  # ViT-B bs-1 reduce-overhead merge with the step's sizes and source map from a
+        # program of their own, then from program 0
+        from tokenprune.kernels import merge as km
+        for side in (True, False):
+            with settings(km, {"MERGE_STEP_SIDE_PROGRAM": side}):
+                run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke,
+                         tag="side program" if side else "program 0")
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)

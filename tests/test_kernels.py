@@ -583,13 +583,17 @@ def test_bipartite_merge_breaks_exact_ties_as_the_kernels(T, monkeypatch, dtype,
 
 # matching and rows in two launches (large batches): whole rows gathered through the row map, 4 or 16
 # rows and 16 or 32 columns at a time; 64 columns per fix-up program above 32 merged tokens
-@pytest.mark.parametrize("split", [False, (4, 16), (16, 32), "plan"])
+@pytest.mark.parametrize("split", [False, (4, 16), (16, 32), "plan", "side"])
 @pytest.mark.parametrize("p,n,r,b,c", [(0, 30, 15, 2, 40), (2, 50, 10, 2, 40), (1, 255, 100, 2, 40),
                                        (1, 61, 20, 1, 100), (1, 61, 20, 3, 136)])
 def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
     sample's column tiles split over several programs (small batches), unevenly where they do not divide;
-    "plan": the three-launch form for long inputs on the same shapes."""
+    "plan": the three-launch form for long inputs on the same shapes; "side": one launch with the sizes and the
+    source map from a program of their own."""
+    if split == "side":
+        monkeypatch.setattr(T.merge, "MERGE_STEP_SIDE_PROGRAM", True)
+        split = False
     if split == "plan":
         monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0)
         split = False

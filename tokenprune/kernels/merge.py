@@ -139,11 +139,13 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
                 HAS_SIZES: tl.constexpr, HAS_Y: tl.constexpr, PADDED: tl.constexpr, HAS_SOURCE: tl.constexpr,
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
-                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1):
+                LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1,
+                SIDE: tl.constexpr = False):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
-    # alone spends most of its time waiting on the serial column loop).
+    # alone spends most of its time waiting on the serial column loop). SIDE: one more program, g = G, writes the
+    # sizes and the source map and no columns (program 0 then only its columns).
     # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
     # the sizes and the source map, and leaves each A token's partner and the merged A tokens in rank
     # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows
@@ -189,7 +191,10 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
         tl.store(rows_ptr + b * nrow + offs_p, row_p, mask=pm)
         tl.debug_barrier()  # the B rows' entries above are written before the -1 below overwrites some
         tl.store(rows_ptr + b * nrow + P + n_unm + arg, tl.full([NAP], -1, tl.int32), mask=is_src)
-    for c0 in range(g * BC, C if MODE == 0 else 0, G * BC):  # MODE 2: no rows (_merge_gather writes them)
+    c_end = C if MODE == 0 else 0  # MODE 2: no rows (_merge_gather writes them)
+    if SIDE:
+        c_end = tl.where(g < G, c_end, 0)
+    for c0 in range(g * BC, c_end, G * BC):
         offs_c = c0 + tl.arange(0, BC)
         cm = offs_c < C
         # the tokens (HAS_Y: x + y, a block's last residual add left to this kernel)
@@ -216,7 +221,7 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
         else:
             _copy_prefix(x_ptr + b * sxb, y_ptr + b * syb, ox_ptr + b * oxb, sxn, syn, oxn, offs_p, pm, offs_c, cm,
                          HAS_Y)
-    if g == 0:  # sizes and source map: written once per sample, by program 0
+    if g == (G if SIDE else 0):  # sizes and source map: written once per sample, by program 0 (SIDE: G)
         # -- sizes
         nout = P + n_unm + NB
         tl.store(os_ptr + b * nout + out_a, sa, mask=is_unm)
@@ -245,6 +250,7 @@ MERGE_STEP_BT = 128  # one launch: the matching's B tile (_match_tile). H100, Vi
 # tokens (run 50, --parts merge_match): 32-token tiles and a sort 14.0 / 13.2 / 13.1 / 8.0 us, this tile and ranks
 # by count 11.1 / 11.0 / 11.1 / 6.6 us
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
+MERGE_STEP_SIDE_PROGRAM = False  # small batches: the sizes and the source map from one more program, not program 0
 # From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
 # a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
 # samples take one wave) and _merge_gather, which copies whole rows through a row map (rb rows, gbc
@@ -316,7 +322,8 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
            _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
-           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, id(MERGE_STEP_SPLIT),
+           MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, MERGE_STEP_SIDE_PROGRAM,
+           id(MERGE_STEP_SPLIT),
            MERGE_PLAN_TILES, MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE, MERGE_GATHER_MAX_R,
            MERGE_LONG_ONE_LAUNCH, MERGE_LONG_WARPS)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
@@ -420,7 +427,8 @@ class _StepPlan:
             self.launches = [step(2, (bsz, 1), 1, cfg.get("mwarps", MERGE_STEP_WARPS),
                                   **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))]
         else:
-            self.launches = [step(0, (bsz, groups), groups, MERGE_STEP_WARPS)]
+            side = MERGE_STEP_SIDE_PROGRAM
+            self.launches = [step(0, (bsz, groups + side), groups, MERGE_STEP_WARPS, SIDE=side)]
         if split:
             fbc = 32 if not lowp else cfg.get("fbc_many", cfg["fbc"]) if r > 32 else cfg["fbc"]  # fp32: or it spills
             ng, ncf = _cdiv(nout, cfg["rb"]), _cdiv(c, fbc)
