@@ -10,28 +10,28 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
     python scripts/bench_forward.py --smoke --parts eager,compiled --out /tmp/x   # CPU dry run, tiny shapes
 
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
-``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384
-tower and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of
-them, reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager
-and compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included;
-``large_cudnn``: large_gemm's merge rows with the key-bias attention on cuDNN and on ``_ba_fwd``), ``others`` (ViT-B
-pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
+``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384 tower
+and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them,
+reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and compiled
+default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included; ``large_cudnn``:
+large_gemm's merge rows with the key-bias attention on cuDNN and on ``_ba_fwd``), ``others`` (ViT-B pitome and diverse
+at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
 alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
 time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
 ``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
 (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
-merge-3-stages, budget 1.0; merge with each long step in one launch against four), ``whisper_cut`` (eager
-Whisper-large cut to every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a
-Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with and without the key
-bias, one linear at changing token counts), ``dryhost``
-(CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python
-with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the
-same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real
-token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
-kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B
-bs-1 reduce-overhead merge with the step's side program on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
-against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file
-names them and the commit that last had them).
+merge-3-stages, budget 1.0; merge with each long step in one launch against four), ``whisper_cut`` (eager Whisper-large
+cut to every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
+host, graph and kernel times, in one launch and four, SDPA with and without the key bias, one linear at changing token
+counts), ``dryhost`` (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the
+CUDA path's Python with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles),
+``dryhost_whisper`` (the same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the
+block loop at the real token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU:
+``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch
+settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program on and
+off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
+experiments that settled a choice were removed once recorded (the history file names them and the commit that last had
+them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -800,9 +800,8 @@ def merge_b1(smoke: bool, repeats: int):
                 ("side program", {"MERGE_STEP_SIDE_PROGRAM": True}, source, True)):
             row = dict(case="merge_b1", bs=1, tokens=n, r=r, variant=name)
             with settings(km, consts):
-                out = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
+                ref = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
                     x, metric, sizes, src, 1, r, False, 196, logs, y, None, {})[:2], ref, repeats)
-            ref = out if ref is None else ref
 
 
 def ba_tiles(smoke: bool, repeats: int):
@@ -833,16 +832,12 @@ def ba_tiles(smoke: bool, repeats: int):
                 # merge's proportional attention could run on it (run 47: the default dispatch 498 us vs 261)
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-                def cudnn_bias():
+                def on_cudnn(mask):
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        return (sdpa(q, k, v, attn_mask=bias),)
-                sweep_row(dict(base, variant="sdpa on cuDNN, bias as mask"), cudnn_bias, None, repeats)
-                full = bias.expand(bs, h, n, n)  # the same bias as a full-shaped (stride-0) mask
-
-                def cudnn_full():
-                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        return (sdpa(q, k, v, attn_mask=full),)
-                sweep_row(dict(base, variant="sdpa on cuDNN, bias expanded"), cudnn_full, None, repeats)
+                        return (sdpa(q, k, v, attn_mask=mask),)
+                # the bias as given, and as a full-shaped (stride-0) mask
+                for name, mask in (("bias as mask", bias), ("bias expanded", bias.expand(bs, h, n, n))):
+                    sweep_row(dict(base, variant="sdpa on cuDNN, " + name), lambda m=mask: on_cudnn(m), None, repeats)
             ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
                             lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
             for bm, bn, w, st in tiles:

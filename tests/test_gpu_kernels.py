@@ -321,7 +321,7 @@ def test_bipartite_merge_step_kernels_vs_pytorch(T, b, n, c, r, dtype):
 
 @pytest.mark.parametrize("n,c,h,r,perm", [(1500, 1280, 20, 25, False), (729, 1152, 16, 21, False),
                                            (300, 768, 12, 40, True)])
-def test_long_merge_step_in_one_launch_equals_its_four_launches(T, n, c, h, r, perm):
+def test_long_merge_step_in_one_launch_equals_its_four_launches(T, monkeypatch, n, c, h, r, perm):
     """A batch-1 long input's merge step (Whisper-large, SigLIP, a pitome step through its order) as one launch
     (``_merge_long``: its phases wait on counters) gives the bits of its four launches, eagerly (three calls: the
     counters are back at 0 after each) and replayed from a CUDA graph on new tokens."""
@@ -342,30 +342,19 @@ def test_long_merge_step_in_one_launch_equals_its_four_launches(T, n, c, h, r, p
 
     outs, scratch = {}, {}
     for one in (False, True, True, True):
-        with one_launch(M, one):
-            outs.setdefault(one, []).append([a.clone() for a in step(x, y, scratch)])
+        monkeypatch.setattr(M, "MERGE_LONG_ONE_LAUNCH", one)
+        outs.setdefault(one, []).append([a.clone() for a in step(x, y, scratch)])
     assert any(getattr(p, "fused", False) for p in M._PLANS.values())
     assert int(scratch["_merge_long"].abs().sum()) == 0
     for got in outs[True]:
         assert all(torch.equal(a, b) for a, b in zip(got, outs[False][0]))
     if not ON_CPU:
-        with one_launch(M, True):
-            run = graphed(lambda x, y: step(x, y, None), x, y)
-            x2 = randn(1, n, c, dtype=F16, g=g)
-            got = [a.clone() for a in run(x2, y)]
-        with one_launch(M, False):
-            ref = step(x2, y, None)
+        run = graphed(lambda x, y: step(x, y, None), x, y)  # one launch (the last setting above)
+        x2 = randn(1, n, c, dtype=F16, g=g)
+        got = [a.clone() for a in run(x2, y)]
+        monkeypatch.setattr(M, "MERGE_LONG_ONE_LAUNCH", False)
+        ref = step(x2, y, None)
         assert all(torch.equal(a, b) for a, b in zip(got, ref))
-
-
-@contextlib.contextmanager
-def one_launch(M, on):
-    """``merge.MERGE_LONG_ONE_LAUNCH`` set inside the block, restored after."""
-    old, M.MERGE_LONG_ONE_LAUNCH = M.MERGE_LONG_ONE_LAUNCH, on
-    try:
-        yield
-    finally:
-        M.MERGE_LONG_ONE_LAUNCH = old
 
 
 def _head_mean_kernel(m_ptr, o_ptr, N, D, smn, smh, H: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
