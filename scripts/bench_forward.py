@@ -17,8 +17,9 @@ default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced
 large_gemm's merge rows with the key-bias attention on cuDNN and on ``_ba_fwd``), ``others`` (ViT-B pitome and diverse
 at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
 alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
-time, top-40 tables; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge,
-``kernels_siglip`` its SigLIP half; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
+time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and maelre alone; ``kernels_long``: the
+same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_large`` /
+``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
 (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
 merge-3-stages, budget 1.0; merge with each long step in one launch against four), ``whisper_cut`` (eager Whisper-large
 cut to every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
@@ -275,10 +276,11 @@ def prof_table(fn, x, path):
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25, bs: int = 1,
                   stem: str = "conv"):
-    """GPU kernels of one forward (batch ``bs``, default 1) compiled with ``torch.compile`` (default mode, no CUDA graphs: the kernels a
-    ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, and the table of the top 40
-    (``kernels_<case>_<variant>.txt``). Shows what each reduction adds against blocks that cost the same at any
-    token count at batch 1. ``stem="gemm"``: as in ``run_case``."""
+    """GPU kernels of one forward (batch ``bs``, default 1) compiled with ``torch.compile`` (default mode, no CUDA
+    graphs: the kernels a ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, the table
+    of the top 40 (``kernels_<case>_<variant>.txt``) and the last forward's kernels in launch order
+    (``..._order.txt``). Shows what each reduction adds against blocks that cost the same at any token count at
+    batch 1. ``stem="gemm"``: as in ``run_case``."""
     import copy
 
     from torch.autograd import DeviceType
@@ -299,8 +301,14 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
                                            / 5 / 1e3, 4))
         sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
         tag = ("" if bs == 1 else f"_bs{bs}") + ("" if stem == "conv" else f"_{stem}")
-        (out / f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}.txt").write_text(
-            p.key_averages().table(sort_by=sort, row_limit=40))
+        stem_name = f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}"
+        (out / f"{stem_name}.txt").write_text(p.key_averages().table(sort_by=sort, row_limit=40))
+        # the kernels of the last profiled forward in launch order, with their GPU times: what each step adds
+        # and what it replaces (the table above sums them by name)
+        evs.sort(key=lambda e: e.time_range.start)
+        last = evs[-len(evs) // 5:]
+        (out / f"{stem_name}_order.txt").write_text("".join(
+            f"{(e.device_time if DEV == 'cuda' else e.cpu_time):9.3f}  {e.name[:160]}\n" for e in last))
         del mv, run
         torch._dynamo.reset()
 
@@ -970,6 +978,8 @@ def main():
                                               ("whisper_large", [("merge", {})], 0.5)])
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
+    if "kernels_b_merge" in parts:  # kernels_b for the every-block merges alone (their order files: what a step adds)
+        kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("maelre", {})])
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
