@@ -29,8 +29,8 @@ CUDA path's Python with every Triton launch a no-op; ``--profile`` adds the merg
 ``dryhost_whisper`` (the same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the
 block loop at the real token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU:
 ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch
-settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program on and
-off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
+settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and
+the key mean from the attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
 experiments that settled a choice were removed once recorded (the history file names them and the commit that last had
 them).
 
@@ -980,6 +980,8 @@ def main():
         kernel_census(args.out, args.smoke)
     if "kernels_b_merge" in parts:  # kernels_b for the every-block merges alone (their order files: what a step adds)
         kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("maelre", {})])
+        with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8}):  # and the key mean in attention
+            kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean in attention", {"method": "merge"})])
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
@@ -1012,13 +1014,14 @@ def main():
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
     if "merge_b1" in parts:  # the bs-1 one-launch merge step at ViT-B's sizes: its launch settings, its extra outputs
         merge_b1(args.smoke, reps)
-    if "merge_b1_forward" in parts:  # ViT-B bs-1 reduce-overhead merge with the step's sizes and source map from a
-        # program of their own, then from program 0
+    if "merge_b1_forward" in parts:  # ViT-B bs-1 reduce-overhead merge: the step's sizes and source map from a
+        # program of their own (side) or from program 0; the key mean from the attention's launch (km) or a mean op
         from tokenprune.kernels import merge as km
-        for side in (True, False):
-            with settings(km, {"MERGE_STEP_SIDE_PROGRAM": side}):
+        for side, mean in ((False, False), (True, False), (False, True), (True, True)):
+            with settings(km, {"MERGE_STEP_SIDE_PROGRAM": side}), \
+                    settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0}):
                 run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke,
-                         tag="side program" if side else "program 0")
+                         tag=f"side {'on' if side else 'off'}, km {'on' if mean else 'off'}")
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)

@@ -209,6 +209,33 @@ def test_biased_attention_growing_logits_and_masked_keys(T, monkeypatch):
     assert rel(out[:2], ref[:2]) < TOL[F16]
 
 
+@pytest.mark.parametrize("b,h,n,d,dtype", [(1, 12, 197, 64, F16), (2, 16, 99, 72, BF16), (1, 12, 113, 64, F32)],
+                         ids=dtype_id)
+def test_biased_attention_key_mean(T, monkeypatch, b, h, n, d, dtype):
+    """KEY_MEAN_IN_ATTENTION_MAX_BATCH: the key-bias launch also writes k.mean(1) (the keys a strided view of a
+    qkv output): bit for bit in fp16 / bf16 (float32: within an ulp), eager and compiled with fullgraph; the
+    attention output the same as without."""
+    needs(dtype, b, h, n, d)
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+    monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 2)
+    g = gen(6)
+    qkv = randn(b, n, 3, h, d, dtype=dtype, g=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    bias = size_bias(b, n, dtype, g)
+    with poisoned(T):
+        out, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
+        plain = kernels.biased_attention(q, k, v, bias)
+    comp, kmc = torch.compile(lambda *a: kernels.biased_attention(*a, key_mean=True), fullgraph=True)(q, k, v, bias)
+    ref = k.mean(1)
+    assert torch.equal(out, plain)
+    assert rel(comp, plain) < TOL[dtype]  # (the same launch on CUDA; the reference op where the tests run on a CPU)
+    for m in (km, kmc):
+        if dtype == F32:
+            assert torch.allclose(m, ref, rtol=2.5e-7, atol=1e-7)
+        else:
+            assert torch.equal(m, ref)
+
+
 @pytest.mark.skipif(ON_CPU, reason="cuDNN's attention is CUDA only")
 @pytest.mark.parametrize("b,n", [(256, 197), (3, 119)])
 def test_biased_attention_on_cudnn(monkeypatch, b, n):

@@ -211,6 +211,52 @@ def test_biased_attention_growing_logits_and_masked_first_tile(T, monkeypatch, t
     assert rel(out[:2], ref[:2]) < 5e-3
 
 
+@pytest.mark.parametrize("b,h,n,d,dtype", [
+    (1, 12, 197, 64, torch.float16),  # ViT-B's first merge step at batch 1: 128-row query tiles, 12 heads
+    (2, 3, 70, 72, torch.float16),  # SigLIP's head dim (VEC = 8), two samples
+    (2, 20, 37, 16, torch.float32),  # more heads than one 16-head partial sum, float32
+])
+def test_biased_attention_key_mean_from_the_same_launch(T, b, h, n, d, dtype):
+    """``key_mean=True``: the launch's extra programs write ``k.mean(1)`` (the keys a strided view of a block's qkv
+    output, as the adapters pass them): bit for bit in fp16; in float32 within an ulp (the merge kernels' own
+    summation order); and the attention's own programs the same output as without."""
+    g = gen(16)
+    q, k, v = _qkv_views(b, h, n, d, g, dtype)
+    bb = size_bias(b, n, g, dtype)
+    out, km = T.attention.biased_attention(q, k, v, bb, True)
+    assert km.shape == (b, n, d) and km.dtype == dtype
+    if dtype == torch.float16:
+        assert torch.equal(km, R.key_mean(k))
+    else:
+        assert torch.allclose(km, R.key_mean(k), rtol=2.5e-7, atol=1e-7)
+    assert torch.equal(out, T.attention.biased_attention(q, k, v, bb))
+
+
+@pytest.mark.parametrize("method", ["merge", "maelre"])
+def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method):
+    """Every-block merging with the key mean from the attention launch (``KEY_MEAN_IN_ATTENTION_MAX_BATCH``) gives
+    the logits and token counts of the merge kernels averaging the keys themselves, and the attention launches
+    really made the means (each biased block after the first merge)."""
+    import tokenprune
+    from conftest import tiny_vit
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32, generator=gen(17))
+    tokenprune.apply(model, budget=0.5, method=method)
+    _use_interpreted(monkeypatch, T)
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+    with torch.no_grad():
+        ref = model(x)
+    calls = []
+    real = T.attention.biased_attention
+    monkeypatch.setattr(T.attention, "biased_attention", lambda *a: calls.append(len(a)) or real(*a))
+    monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 2)
+    with torch.no_grad():
+        out = model(x)
+    assert 5 in calls, "no attention launch averaged the keys"
+    assert torch.equal(out, ref)
+
+
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     """A merged (sized) timm forward routes its biased blocks through the kernel from BA_MIN_BATCH_EAGER samples
     on (eager), and gives the logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
@@ -1594,6 +1640,7 @@ def op_cases():
     return [
         ("efficient_attention", (q, k, v, bias)), ("efficient_attention", (q, k, v, None)),
         ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
+        ("biased_attention_key_mean", (q, k, v, bias)), ("biased_attention_key_mean", (q, k, v, None)),
         ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g), None)),
         ("query_scores", (q[:, :, 0], k, 0.3, None, None, None)),
         ("query_scores", (q[:, :, 0], k, 0.3, bias, None, v)),
@@ -1628,7 +1675,7 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 
 def test_every_dispatching_kernel_is_a_custom_op():
-    public = {"efficient_attention", "biased_attention", "query_scores", "received_scores", "bipartite_best",
+    public = {"efficient_attention", "biased_attention", "biased_attention_key_mean", "query_scores", "received_scores", "bipartite_best",
               "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors",
               "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step", "max_min_select"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
@@ -1674,12 +1721,20 @@ def test_custom_op_fake_matches_triton_launcher(T, monkeypatch, case):
             assert torch.equal(r, e)
 
 
+def key_mean_attention(q, k, v, bias):
+    """``kernels.biased_attention(..., key_mean=True)``, the head mean filled in where that returns None (the
+    caller's fallback), so that every path gives the same outputs."""
+    out, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
+    return out, R.key_mean(k) if km is None else km
+
+
 def call_every_kernel(c):
     """Every public dispatch function of tokenprune.kernels on the inputs ``c`` (a dict); their tensor
     outputs, None left out."""
     p, t = 1, c["x"].shape[1]
     out = [kernels.efficient_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.biased_attention(c["q"], c["k"], c["v"], c["bias"]),
+           *key_mean_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None, c["v"]),
            kernels.received_scores(c["q"], c["k"], 0.3, c["bias"], None),
            *kernels.bipartite_best(c["metric"][:, p:], c["valid_b"]),
@@ -1754,6 +1809,7 @@ def test_compile_fullgraph_through_custom_ops(T, monkeypatch):
     also checks every op output against the fake strides (assert_size_stride)."""
     torch._dynamo.reset()
     monkeypatch.setattr(kernels, "_impl", lambda: T)
+    monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 8)
     c = compile_inputs()
     ref = call_every_kernel(c)  # eager, not forced: the references (the interpreted launchers for the CUDA-only steps)
     monkeypatch.setattr(kernels, "_FORCE_OP_FOR_TESTS", True)

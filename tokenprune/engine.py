@@ -15,7 +15,9 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
 - ``fwd.kernel``: an attention kernel ``kernel(q, k, v, bias) -> [B, H, N, d]`` that replaces SDPA
   in this block (MAELRE's linear attention), or ``None``,
 - ``fwd.want_qk``: if true, the block stores the q and k its attention computed in ``fwd.qk``
-  (a :class:`QK`; references, no copies),
+  (a :class:`QK`; references, no copies); :func:`attend` does the attention and this for a written-out block,
+- ``fwd.key_mean``: the reducer matches on the keys' head mean (ToMe): where the fused key-bias kernel runs,
+  :func:`attend` has its launch average them too (``QK.k_mean``),
 - ``fwd.slot``: if true, the block may return the input of its last residual add and put the
   branch in ``fwd.residual`` (the merge that follows adds the two in its row gather),
 - ``fwd.mid``: stages to perform inside this block, between attention and MLP (ToMe's placement). A block
@@ -36,6 +38,9 @@ import torch
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
+import torch.nn.functional as F
+
+from . import kernels
 from .kernels.reference import key_mean
 from .state import TokenState
 
@@ -49,11 +54,35 @@ class QK:
     scale: float = 1.0
     bias: torch.Tensor | None = None
     out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when the adapter records it
+    k_mean: torch.Tensor | None = None  # k.mean(1) [B, N, d], where the attention's launch computed it
 
     def key_mean(self) -> torch.Tensor:
-        """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric; ``ops.bipartite_merge`` takes the
-        keys ``k`` themselves, so that its kernels average them as they read them)."""
-        return key_mean(self.k)
+        """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric)."""
+        return key_mean(self.k) if self.k_mean is None else self.k_mean
+
+    def metric(self) -> torch.Tensor:
+        """ToMe's metric as ``ops.bipartite_merge`` takes it: the head mean where the attention's launch made it,
+        else the keys per head (the merge kernels average them as they read them)."""
+        return self.k if self.k_mean is None else self.k_mean
+
+
+def attend(fwd: "Forward", q, k, v, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """A written-out block's attention ``[B, H, N, d]`` under ``fwd``: the reducer's kernel (``fwd.kernel``), the
+    fused key-bias kernel where it applies (``kernels.biased_attention_applies``; SDPA's masked path is slower),
+    else SDPA with ``fwd.bias``; records ``fwd.qk`` when the reducer wants it."""
+    bias, km = fwd.bias, None
+    if fwd.kernel is not None:
+        o = fwd.kernel(q, k, v, bias)
+    elif dropout == 0.0 and kernels.biased_attention_applies(bias, q.shape[-2], q.shape[-1]):
+        if fwd.want_qk and fwd.key_mean:
+            o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
+        else:
+            o = kernels.biased_attention(q, k, v, bias)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    if fwd.want_qk:
+        fwd.qk = QK(q, k, scale, bias, o, km)
+    return o
 
 
 def fuse_residual_enabled() -> bool:
@@ -114,7 +143,8 @@ class Program:
 class Forward:
     """Everything about one encoder forward. Created by the adapter's forward, passed explicitly."""
 
-    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "slot", "qk", "residual", "mid", "mid_fuse")
+    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "key_mean", "slot", "qk", "residual", "mid",
+                 "mid_fuse")
 
     def __init__(self, patch):
         self.patch = patch  # the installed patch: reducer and plans (read-only during the forward)
@@ -122,6 +152,7 @@ class Forward:
         self.bias: torch.Tensor | None = None
         self.kernel: Callable | None = None
         self.want_qk = False
+        self.key_mean = getattr(patch.reducer, "wants_key_mean", False)  # read once per forward
         self.slot = False
         self.qk: QK | None = None
         self.residual: torch.Tensor | None = None

@@ -33,8 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import kernels, ops
-from ..engine import QK, Forward, run_blocks
+from .. import ops
+from ..engine import Forward, attend, run_blocks
 from ..plan import EncoderInfo
 from ..state import log_sizes
 from .base import ORIGINAL, Adapter, has_class, restore_class, swap_class
@@ -81,16 +81,7 @@ def _attention(attn, x: torch.Tensor, rope, fwd: Forward) -> torch.Tensor:
         k = torch.cat([k[:, :, :p], _rotate(k[:, :, p:], rope, half)], 2).type_as(v)
     if hk != h:
         k, v = k.repeat_interleave(h // hk, 1), v.repeat_interleave(h // hk, 1)
-    bias = fwd.bias
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    if fwd.kernel is not None:
-        o = fwd.kernel(q, k, v, bias)
-    elif dropout == 0.0 and kernels.biased_attention_applies(bias, n, q.shape[-1]):
-        o = kernels.biased_attention(q, k, v, bias)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    if fwd.want_qk:
-        fwd.qk = QK(q, k, attn.scale, bias, o)
+    o = attend(fwd, q, k, v, attn.scale, attn.attn_drop.p if attn.training else 0.0)
     o = attn.norm(o.transpose(1, 2).reshape(b, n, -1))
     if gate is not None:
         o = o * gate

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels, ops
-from ..engine import QK, Forward, run_blocks
+from .. import ops
+from ..engine import Forward, attend, run_blocks
 from ..plan import EncoderInfo
 from ..state import log_sizes
 from .base import ORIGINAL, Adapter, attach, detach, has_class, image_grid
@@ -63,16 +63,7 @@ def _attention(attn, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _call(attn.qkv, x, tr).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = _call(attn.q_norm, q, tr), _call(attn.k_norm, k, tr)
-    bias = fwd.bias
-    dropout = attn.attn_drop.p if tr else 0.0
-    if fwd.kernel is not None:
-        o = fwd.kernel(q, k, v, bias)
-    elif dropout == 0.0 and kernels.biased_attention_applies(bias, n, attn.head_dim):
-        o = kernels.biased_attention(q, k, v, bias)  # a key bias sends SDPA to a slower masked kernel
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    if fwd.want_qk:
-        fwd.qk = QK(q, k, attn.scale, bias, o)
+    o = attend(fwd, q, k, v, attn.scale, attn.attn_drop.p if tr else 0.0)
     o = _call(attn.norm, o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim), tr)
     if gate is not None:
         o = o * gate

@@ -200,18 +200,32 @@ def _cudnn_bias(q, bias) -> bool:
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
-def biased_attention(q, k, v, bias=None):
+KEY_MEAN_IN_ATTENTION_MAX_BATCH = 0  # up to this batch, biased_attention(key_mean=True) has the fused kernel's
+# launch average the keys over heads too (ToMe's metric for the merge after the block): B more programs per query
+# tile, beside the attention's, instead of a mean op (compiled: one Inductor kernel per merge step, run 51, H100) or
+# the merge kernel reading every head (eager). 0: never (bench_forward.py --parts merge_b1_forward times it)
+
+
+def biased_attention(q, k, v, bias=None, key_mean: bool = False):
     """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
-    :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``)."""
+    :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``).
+    ``key_mean``: returns ``(out, k.mean(1) or None)``: the keys' head mean ``[B, N, d]`` where the fused kernel
+    runs at up to ``KEY_MEAN_IN_ATTENTION_MAX_BATCH`` (the merge kernels' own mean: ``k.mean(1)`` in fp16 / bf16, within an ulp in float32), else None (the caller
+    averages them where it needs them)."""
     if _cudnn_bias(q, bias):  # the bias as a stride-0 [B, H, N, N] mask
         b, h, n, _ = q.shape
         mask = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
-        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False)[0]
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False)[0]
+        return (out, None) if key_mean else out
     if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
-        if _via_op():
-            return _ops.biased_attention(q, k, v, bias)
-        return _impl().attention.biased_attention(q, k, v, bias)
-    return reference.biased_attention(q, k, v, bias)
+        if key_mean and q.shape[0] <= KEY_MEAN_IN_ATTENTION_MAX_BATCH:
+            if _via_op():
+                return _ops.biased_attention_key_mean(q, k, v, bias)
+            return _impl().attention.biased_attention(q, k, v, bias, True)
+        out = _ops.biased_attention(q, k, v, bias) if _via_op() else _impl().attention.biased_attention(q, k, v, bias)
+    else:
+        out = reference.biased_attention(q, k, v, bias)
+    return (out, None) if key_mean else out
 
 
 def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None):

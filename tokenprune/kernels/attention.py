@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import _alloc, _cdiv, _head_strides, _in_vectors, _key_bias, _num_sms, _p2, fast
+from ._triton_common import _alloc, _cdiv, _head_strides, _in_vectors, _key_bias, _metric_rows, _num_sms, _p2, fast
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -265,19 +265,26 @@ BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "
 
 @triton.jit
 def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
-            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son,
+            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son, km_ptr, skmb, skmn, NBH,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1, KM_H: tl.constexpr = 0):
     # D and the q / k / v / out strides come divided by VEC (_triton_common._vec)
     D, sqb, sqh, sqn, skb, skh, skn = D * VEC, sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
     svb, svh, svn, sob, soh, son = svb * VEC, svh * VEC, svn * VEC, sob * VEC, soh * VEC, son * VEC
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, DP)
     mmask = offs_m < N
     dmask = offs_d < D
+    if KM_H > 0:  # the programs past the NBH = B x H of the attention: the keys averaged over the KM_H heads
+        if bh >= NBH:  # (ToMe's metric for the merge after this block), one query tile's rows of sample bh - NBH
+            b = (bh - NBH).to(tl.int64)
+            km = _metric_rows(k_ptr + b * skb, offs_m, offs_d, mmask[:, None] & dmask[None, :], skn, skh, KM_H)
+            tl.store(km_ptr + b * skmb + offs_m[:, None] * skmn + offs_d[None, :], km,
+                     mask=mmask[:, None] & dmask[None, :])
+            return
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                 mask=mmask[:, None] & dmask[None, :], other=0.0)
     # a finite start: a row whose keys so far are all masked keeps exp2(-inf - m) = 0, never NaN
@@ -321,8 +328,10 @@ def biased_attention_fits(n: int, d: int) -> bool:
     return n <= BA_CONFIG["max_n"] and d <= 128
 
 
-def biased_attention(q, k, v, bias=None):
-    """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``."""
+def biased_attention(q, k, v, bias=None, key_mean: bool = False):
+    """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``. ``key_mean``:
+    returns ``(out, k.mean(1))`` (``[B, N, d]``, as ``reference.key_mean``), the mean from B more programs per
+    query tile of the same launch."""
     b, h, n, d = q.shape
     sq, sk, sv = _head_strides("biased_attention", q, k, v)
     dp = max(16, _p2(d))
@@ -331,11 +340,12 @@ def biased_attention(q, k, v, bias=None):
     kw = _ba_config(b, n, dp, is_f32)
     # written as [B, N, H, d] so the caller's transpose(1, 2).reshape(B, N, H * d) is free
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
+    km = _alloc((b, n, d), q.device, k.dtype) if key_mean else out
     vec, (dv, *st) = _in_vectors(q.dtype, d, *sq[:3], *sk[:3], *sv[:3], n * h * d, d, h * d)  # q k v out strides
-    fast(_ba_fwd)[(b * h, _cdiv(n, kw["BLOCK_M"]))](q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn,
-                                                    *st[9:], HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp,
-                                                    VEC=vec, **kw)
-    return out
+    fast(_ba_fwd)[(b * h + (b if key_mean else 0), _cdiv(n, kw["BLOCK_M"]))](
+        q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn, *st[9:], km, n * d, d, b * h,
+        HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, VEC=vec, KM_H=h if key_mean else 0, **kw)
+    return (out, km) if key_mean else out
 
 
 def _ba_config(b: int, n: int, dp: int, is_f32: bool) -> dict:

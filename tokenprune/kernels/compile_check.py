@@ -58,8 +58,13 @@ def _configs():
         bm, bn, w = AT.BA_CONFIG[short]
         for dp in ((64, 128) if short == "short" else (64,)):  # d = 128 always runs the short tiles
             out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
-                                     "qk_scale": "fp32"},
+                                     "km_ptr": f16, "qk_scale": "fp32"},
                         dict(HAS_BIAS=True, IS_F32=False, DP=dp, BLOCK_M=bm, BLOCK_N=bn), w))
+    # with the key mean of ViT-B's 12 heads (the merge's metric) from more programs of the same launch (bs 1)
+    bm, bn, w = AT.BA_CONFIG["wide"]
+    out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16, "km_ptr": f16,
+                             "qk_scale": "fp32"}, dict(HAS_BIAS=True, IS_F32=False, DP=64, BLOCK_M=bm, BLOCK_N=bn,
+                                                       KM_H=12), w))
     out.append((AT._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     for bn in (S.QS_CONFIG["short"], S.QS_CONFIG["long"]):
         out.append((S._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
@@ -192,7 +197,7 @@ def _configs():
     # kernels take them divided by VEC = 8 (_triton_common._vec) and must still load 16 bytes at a time
     bm, bn, w = AT.BA_CONFIG["short"]
     out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
-                             "qk_scale": "fp32"},
+                             "km_ptr": f16, "qk_scale": "fp32"},
                 dict(HAS_BIAS=True, IS_F32=False, DP=128, BLOCK_M=bm, BLOCK_N=bn, VEC=8, D72=True), w))
     bm, bn, w = S.RS_TILES
     out.append((S._rs_lse, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lse_ptr": f32, "scale": "fp32"},

@@ -74,6 +74,10 @@ _define("efficient_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> 
         cpu=lambda q, k, v, bias: _heads_out(q).copy_(R.efficient_attention(q, k, v, bias)))
 _define("biased_attention", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> Tensor", _attn_fake, "attention",
         cpu=lambda q, k, v, bias: _heads_out(q).copy_(R.biased_attention(q, k, v, bias)))
+_define("biased_attention_key_mean", "(Tensor q, Tensor k, Tensor v, Tensor? bias) -> (Tensor, Tensor)",
+        lambda q, k, v, bias: (_heads_out(q), k.new_empty((k.shape[0], k.shape[2], k.shape[3]))),
+        launch=lambda q, k, v, bias: _t().attention.biased_attention(q, k, v, bias, True),
+        cpu=lambda q, k, v, bias: (_heads_out(q).copy_(R.biased_attention(q, k, v, bias)), R.key_mean(k)))
 
 
 def _qs_fake(q_row, k, scale, bias, head_weights, head_values):

@@ -42,6 +42,8 @@ class Reducer:
     # its observe / reduce accept a state whose tokens are x + state.residual (a block's last residual add
     # left undone, see engine.run_blocks) and do the add themselves (TokenState.materialize at the least)
     fuses_residual: ClassVar[bool] = False
+    # matches on the keys' head mean (QK.metric()): a block's fused key-bias attention may compute it (engine.attend)
+    wants_key_mean: ClassVar[bool] = False
     observes: ClassVar[bool] = False  # overrides observe (set by __init_subclass__): the block loop skips the call if not
     # can reduce before the first block (stage block -1: no attention yet), as its ``layers=[-1]`` and
     # ``schedule={-1: keep}`` say

@@ -60,6 +60,7 @@ class Maelre(Reducer):
 
     uses_attention_kernel = True
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
+    wants_key_mean = True
 
     def check(self, info: EncoderInfo) -> None:
         if self.switch_at is not None and (isinstance(self.switch_at, bool) or not isinstance(self.switch_at, int)
@@ -104,7 +105,7 @@ class Maelre(Reducer):
         r = state.num_tokens - stage.keep
         if r <= 0:
             return state  # the attention-switch marker before block 0
-        return bipartite_merge(state, qk.k, r)  # the keys: the kernels average them over heads
+        return bipartite_merge(state, qk.metric(), r)  # the keys (or their head mean)
 
     def attention_kernel(self, path):
         return efficient_attention if path == "linear" else None

@@ -50,6 +50,7 @@ class Merge(Reducer):
     placement: str = "block"  # "block": after the block; "attn": between its attention and MLP (ToMe's)
 
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the kernels' row gather on CUDA)
+    wants_key_mean = True
 
     def __post_init__(self):
         if self.placement not in ("block", "attn"):
@@ -82,7 +83,7 @@ class Merge(Reducer):
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
         if r <= state.num_tokens // 2:
-            return bipartite_merge(state, qk.k, r)  # the keys: the kernels average them over heads
+            return bipartite_merge(state, qk.metric(), r)  # the keys (or their head mean)
         # more than half in one stage (a schedule override, e.g. one merge after the last block): repeated
         # matching rounds of at most half each; the key mean is carried as extra channels of the tokens, so
         # later rounds match on the size-weighted mean key of each merged group
