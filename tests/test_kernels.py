@@ -235,8 +235,8 @@ def test_biased_attention_key_mean_from_the_same_launch(T, b, h, n, d, dtype):
 @pytest.mark.parametrize("method", ["merge", "maelre"])
 def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method):
     """Every-block merging with the key mean from the attention launch (``KEY_MEAN_IN_ATTENTION_MAX_BATCH``) gives
-    the logits and token counts of the merge kernels averaging the keys themselves, and the attention launches
-    really made the means (each biased block after the first merge)."""
+    the logits of the merge kernels averaging the keys themselves, and the attention launches really made the means
+    (every merging block's, the first one's without a bias included)."""
     import tokenprune
     from conftest import tiny_vit
 
@@ -253,8 +253,11 @@ def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method)
     monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 2)
     with torch.no_grad():
         out = model(x)
-    assert 5 in calls, "no attention launch averaged the keys"
-    assert torch.equal(out, ref)
+    # merge: every merging block's attention launch averaged its keys, the first one's (no bias yet) included;
+    # maelre: those of its exact-attention blocks (its linear-attention blocks run a kernel of their own)
+    merging = {s.block for s in tokenprune.plan(model).stages if s.block >= 0}
+    assert calls.count(5) == len(merging) > 1 if method == "merge" else 1 <= calls.count(5) < len(merging)
+    assert rel(out, ref) < 1e-5  # (the first block's attention from the kernel, not SDPA: not bit for bit)
 
 
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):

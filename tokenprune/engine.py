@@ -68,16 +68,16 @@ class QK:
 
 def attend(fwd: "Forward", q, k, v, scale: float, dropout: float = 0.0) -> torch.Tensor:
     """A written-out block's attention ``[B, H, N, d]`` under ``fwd``: the reducer's kernel (``fwd.kernel``), the
-    fused key-bias kernel where it applies (``kernels.biased_attention_applies``; SDPA's masked path is slower),
-    else SDPA with ``fwd.bias``; records ``fwd.qk`` when the reducer wants it."""
+    fused key-bias kernel where it applies (``kernels.biased_attention_applies``; SDPA's masked path is slower) or
+    where it also averages the keys for the reducer (``kernels.key_mean_attention_applies``), else SDPA with
+    ``fwd.bias``; records ``fwd.qk`` when the reducer wants it."""
     bias, km = fwd.bias, None
     if fwd.kernel is not None:
         o = fwd.kernel(q, k, v, bias)
+    elif dropout == 0.0 and fwd.want_qk and fwd.key_mean and kernels.key_mean_attention_applies(q):
+        o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
     elif dropout == 0.0 and kernels.biased_attention_applies(bias, q.shape[-2], q.shape[-1]):
-        if fwd.want_qk and fwd.key_mean:
-            o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
-        else:
-            o = kernels.biased_attention(q, k, v, bias)
+        o = kernels.biased_attention(q, k, v, bias)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     if fwd.want_qk:

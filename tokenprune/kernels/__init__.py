@@ -206,22 +206,33 @@ KEY_MEAN_IN_ATTENTION_MAX_BATCH = 0  # up to this batch, biased_attention(key_me
 # the merge kernel reading every head (eager). 0: never (bench_forward.py --parts merge_b1_forward times it)
 
 
+def key_mean_attention_applies(q) -> bool:
+    """Whether :func:`biased_attention` with ``key_mean`` runs the fused kernel, which then averages the keys too,
+    also without a bias (where the block would run SDPA: one launch instead of SDPA's and a mean op's):
+    ``KEY_MEAN_IN_ATTENTION_MAX_BATCH``, within the batches where the kernel applies at all."""
+    b, _, n, d = q.shape
+    if b > KEY_MEAN_IN_ATTENTION_MAX_BATCH:
+        return False
+    min_batch = BA_MIN_BATCH_COMPILED if torch.compiler.is_compiling() else BA_MIN_BATCH_EAGER
+    return b >= min_batch and use_triton(q) and _impl().attention.biased_attention_fits(n, d)
+
+
 def biased_attention(q, k, v, bias=None, key_mean: bool = False):
     """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
     :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``).
-    ``key_mean``: returns ``(out, k.mean(1) or None)``: the keys' head mean ``[B, N, d]`` where the fused kernel
-    runs at up to ``KEY_MEAN_IN_ATTENTION_MAX_BATCH`` (the merge kernels' own mean: ``k.mean(1)`` in fp16 / bf16, within an ulp in float32), else None (the caller
-    averages them where it needs them)."""
+    ``key_mean``: returns ``(out, k.mean(1) or None)``: the keys' head mean ``[B, N, d]`` from the fused kernel's
+    launch where :func:`key_mean_attention_applies` (with or without a bias; the merge kernels' own mean: ``k.mean(1)``
+    in fp16 / bf16, within an ulp in float32), else None (the caller averages them where it needs them)."""
     if _cudnn_bias(q, bias):  # the bias as a stride-0 [B, H, N, N] mask
         b, h, n, _ = q.shape
         mask = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False)[0]
         return (out, None) if key_mean else out
+    if key_mean and key_mean_attention_applies(q) and use_triton(k, v, bias):
+        if _via_op():
+            return _ops.biased_attention_key_mean(q, k, v, bias)
+        return _impl().attention.biased_attention(q, k, v, bias, True)
     if biased_attention_applies(bias, q.shape[-2], q.shape[-1]) and use_triton(q, k, v):
-        if key_mean and q.shape[0] <= KEY_MEAN_IN_ATTENTION_MAX_BATCH:
-            if _via_op():
-                return _ops.biased_attention_key_mean(q, k, v, bias)
-            return _impl().attention.biased_attention(q, k, v, bias, True)
         out = _ops.biased_attention(q, k, v, bias) if _via_op() else _impl().attention.biased_attention(q, k, v, bias)
     else:
         out = reference.biased_attention(q, k, v, bias)
