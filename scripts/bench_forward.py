@@ -1017,7 +1017,7 @@ def main():
     if "merge_b1_forward" in parts:  # ViT-B bs-1 reduce-overhead merge: the step's sizes and source map from a
         # program of their own (side) or from program 0; the key mean from the attention's launch (km) or a mean op
         from tokenprune.kernels import merge as km
-        for side, mean in ((False, False), (True, False), (False, True), (True, True)):
+        for side, mean in ((False, False), (False, True), (True, False), (True, True)):
             with settings(km, {"MERGE_STEP_SIDE_PROGRAM": side}), \
                     settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0}):
                 run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke,
