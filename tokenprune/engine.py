@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
-
-import torch.nn.functional as F
 
 from . import kernels
 from .kernels.reference import key_mean
