@@ -30,9 +30,9 @@ CUDA path's Python with every Triton launch a no-op; ``--profile`` adds the merg
 block loop at the real token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU:
 ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch
 settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and
-the key mean from the attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
-experiments that settled a choice were removed once recorded (the history file names them and the commit that last had
-them).
+the key mean from the attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline
+depth at bs 256 and 1, against cuDNN's flash). One-off experiments that settled a choice were removed once recorded
+(the history file names them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -301,13 +301,13 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
                                            / 5 / 1e3, 4))
         sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
         tag = ("" if bs == 1 else f"_bs{bs}") + ("" if stem == "conv" else f"_{stem}")
-        stem_name = f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}"
-        (out / f"{stem_name}.txt").write_text(p.key_averages().table(sort_by=sort, row_limit=40))
+        base = f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}"
+        (out / f"{base}.txt").write_text(p.key_averages().table(sort_by=sort, row_limit=40))
         # the kernels of the last profiled forward in launch order, with their GPU times: what each step adds
         # and what it replaces (the table above sums them by name)
         evs.sort(key=lambda e: e.time_range.start)
         last = evs[-len(evs) // 5:]
-        (out / f"{stem_name}_order.txt").write_text("".join(
+        (out / f"{base}_order.txt").write_text("".join(
             f"{(e.device_time if DEV == 'cuda' else e.cpu_time):9.3f}  {e.name[:160]}\n" for e in last))
         del mv, run
         torch._dynamo.reset()

@@ -184,11 +184,14 @@ def biased_attention_applies(bias, n: int, d: int) -> bool:
     on CUDA, kernels on, a sequence short enough: see ``attention.BA_CONFIG``). In eager mode small
     batches keep SDPA with the bias as its mask: a Triton launch costs several times an aten op's host
     time, and at small batches host time is what a forward takes. Compiled, the kernel always applies."""
-    if bias is None:
-        return False
-    # the batch test first: it decides at batch 1 in eager mode, which runs this once per block
+    return bias is not None and _ba_kernel_applies(bias, n, d)
+
+
+def _ba_kernel_applies(t, n: int, d: int) -> bool:
+    """The key-bias kernel's own conditions for a batch of ``t`` (the bias, or q): the batch (the test first: it
+    decides at batch 1 in eager mode, which runs this once per block), Triton for ``t``, the sequence's fit."""
     min_batch = BA_MIN_BATCH_COMPILED if torch.compiler.is_compiling() else BA_MIN_BATCH_EAGER
-    return bias.shape[0] >= min_batch and use_triton(bias) and _impl().attention.biased_attention_fits(n, d)
+    return t.shape[0] >= min_batch and use_triton(t) and _impl().attention.biased_attention_fits(n, d)
 
 
 BA_CUDNN_MIN_BATCH = None  # from this batch (CUDA, fp16 / bf16) the key bias runs on cuDNN's attention, which
@@ -210,11 +213,7 @@ def key_mean_attention_applies(q) -> bool:
     """Whether :func:`biased_attention` with ``key_mean`` runs the fused kernel, which then averages the keys too,
     also without a bias (where the block would run SDPA: one launch instead of SDPA's and a mean op's):
     ``KEY_MEAN_IN_ATTENTION_MAX_BATCH``, within the batches where the kernel applies at all."""
-    b, _, n, d = q.shape
-    if b > KEY_MEAN_IN_ATTENTION_MAX_BATCH:
-        return False
-    min_batch = BA_MIN_BATCH_COMPILED if torch.compiler.is_compiling() else BA_MIN_BATCH_EAGER
-    return b >= min_batch and use_triton(q) and _impl().attention.biased_attention_fits(n, d)
+    return q.shape[0] <= KEY_MEAN_IN_ATTENTION_MAX_BATCH and _ba_kernel_applies(q, q.shape[-2], q.shape[-1])
 
 
 def biased_attention(q, k, v, bias=None, key_mean: bool = False):
