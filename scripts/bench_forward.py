@@ -130,7 +130,7 @@ def cut_blocks(m, plan):
 
 
 def apply_variant(m, variant, budget):
-    name, kw = variant
+    name, kw = variant[:2]
     kw = dict(kw)
     method = kw.pop("method", name)
     budget = kw.pop("budget", budget)
@@ -181,11 +181,23 @@ def settings(module, consts: dict):
             setattr(module, n, v)
 
 
+@contextlib.contextmanager
+def switched(switches):
+    """``settings`` for each ``(module, consts)`` of a variant's switches."""
+    with contextlib.ExitStack() as stack:
+        for module, consts in switches:
+            stack.enter_context(settings(module, consts))
+        yield
+
+
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
              profiled_variants=("unreduced", "merge"), stem="conv"):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
     interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 5 at
     batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above.
+    A variant is ``(name, apply options)`` or ``(name, apply options, switches)``: ``switches``, pairs
+    ``(module, {name: value})``, are set (``settings``) around its compile and around each of its timed loops, so a
+    switch on and off are two variants timed in the same rounds.
     ``stem="gemm"``: every variant, the unreduced one included, runs its patch convolution as one GEMM
     (``tokenprune.fast_patch_embed``: the unreduced model's fastest stem)."""
     import copy
@@ -206,8 +218,9 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
                     continue
             fn = forward_fn(case, mv)
             t0 = time.perf_counter()
+            switches = variant[2] if len(variant) > 2 else ()
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), switched(switches):
                     ref = fn(x).clone()
                     run, err = fn, None
                     if mode != "eager":
@@ -220,10 +233,10 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             # progress in the log: a part cut off by its time limit still says how far it got (run 15 lost two
             # parts whose compiles ran past 170 s on a fresh machine, with nothing printed)
             print(f"# {case} bs {bs} {mode} {variant[0]}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
-            entries.append(dict(variant=variant[0], run=run, fn=fn, plan=plan, err=err, ms=[]))
+            entries.append(dict(variant=variant[0], run=run, fn=fn, plan=plan, err=err, ms=[], switches=switches))
         for _ in range(rounds or (5 if bs == 1 else 2)):
             for e in entries:
-                with torch.inference_mode():
+                with torch.inference_mode(), switched(e["switches"]):
                     e["ms"].append(timed(e["run"], x, repeats))
         base = None
         for e in entries:
@@ -238,7 +251,8 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             base = ms if base is None else base
             row["speedup"] = round(base / ms, 3)
             if host and mode == "eager":
-                row["host_ms"] = round(host_time_ms(lambda: e["fn"](x), DEV), 4)
+                with switched(e["switches"]):
+                    row["host_ms"] = round(host_time_ms(lambda: e["fn"](x), DEV), 4)
                 row["stages"] = 0 if plan is None else len(plan.stages)
             record(**row)
             if profile is not None and mode == "eager" and e["variant"] in profiled_variants:
@@ -1017,11 +1031,11 @@ def main():
     if "merge_b1_forward" in parts:  # ViT-B bs-1 reduce-overhead merge: the step's sizes and source map from a
         # program of their own (side) or from program 0; the key mean from the attention's launch (km) or a mean op
         from tokenprune.kernels import merge as km
-        for side, mean in ((False, False), (False, True), (True, False), (True, True)):
-            with settings(km, {"MERGE_STEP_SIDE_PROGRAM": side}), \
-                    settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0}):
-                run_case("vit_b", 1, ["reduce-overhead"], [("merge", {})], 0.25, reps, args.smoke,
-                         tag=f"side {'on' if side else 'off'}, km {'on' if mean else 'off'}")
+        run_case("vit_b", 1, ["reduce-overhead"], [
+            (f"merge, side {'on' if side else 'off'}, km {'on' if mean else 'off'}", {"method": "merge"},
+             ((km, {"MERGE_STEP_SIDE_PROGRAM": side}),
+              (tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0})))
+            for side, mean in ((False, False), (False, True), (True, False), (True, True))], 0.25, reps, args.smoke)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
@@ -1048,10 +1062,10 @@ def main():
     if "large_cudnn" in parts:  # large_gemm's merge rows with merge's key-bias attention on cuDNN, then on _ba_fwd
         from tokenprune import kernels
         bs = 8 if args.smoke else 256
-        for on in (1, None):
-            with settings(kernels, {"BA_CUDNN_MIN_BATCH": on}):
-                run_case("vit_b", bs, ["eager", "default"], [("merge", {}), M3], 0.25, min(reps, 30), args.smoke,
-                         tag="cudnn bias" if on else "ba_fwd", stem="gemm")
+        run_case("vit_b", bs, ["eager", "default"], [
+            (f"{name} ({'cudnn bias' if on else 'ba_fwd'})", {**opts, "method": opts.get("method", name)},
+             ((kernels, {"BA_CUDNN_MIN_BATCH": on}),))
+            for on in (1, None) for name, opts in (("merge", {}), M3)], 0.25, min(reps, 30), args.smoke, stem="gemm")
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                 parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
