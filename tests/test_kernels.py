@@ -232,7 +232,7 @@ def test_biased_attention_key_mean_from_the_same_launch(T, b, h, n, d, dtype):
     assert torch.equal(out, T.attention.biased_attention(q, k, v, bb))
 
 
-@pytest.mark.parametrize("method", ["merge", "maelre"])
+@pytest.mark.parametrize("method", ["merge", "maelre", "pitome"])
 def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method):
     """Every-block merging with the key mean from the attention launch (``KEY_MEAN_IN_ATTENTION_MAX_BATCH``) gives
     the logits of the merge kernels averaging the keys themselves, and the attention launches really made the means
@@ -251,12 +251,15 @@ def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method)
     real = T.attention.biased_attention
     monkeypatch.setattr(T.attention, "biased_attention", lambda *a: calls.append(len(a)) or real(*a))
     monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 2)
+    metrics, step = [], kernels.merge_step  # and the merge steps were handed those means, not the keys per head
+    monkeypatch.setattr(kernels, "merge_step", lambda x, m, *a, **k: metrics.append(m.dim()) or step(x, m, *a, **k))
     with torch.no_grad():
         out = model(x)
-    # merge: every merging block's attention launch averaged its keys, the first one's (no bias yet) included;
+    assert metrics.count(3) == calls.count(5) and metrics.count(4) == len(metrics) - calls.count(5)
+    # merge, pitome: every merging block's attention launch averaged its keys, the first one's (no bias yet) included;
     # maelre: those of its exact-attention blocks (its linear-attention blocks run a kernel of their own)
     merging = {s.block for s in tokenprune.plan(model).stages if s.block >= 0}
-    assert calls.count(5) == len(merging) > 1 if method == "merge" else 1 <= calls.count(5) < len(merging)
+    assert calls.count(5) == len(merging) > 1 if method != "maelre" else 1 <= calls.count(5) < len(merging)
     assert rel(out, ref) < 1e-5  # (the first block's attention from the kernel, not SDPA: not bit for bit)
 
 

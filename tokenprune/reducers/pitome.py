@@ -83,6 +83,7 @@ def protected_merge(state, metric: torch.Tensor, r: int, margin: float, candidat
 @dataclass
 class PiToMe(Reducer):
     fuses_residual = True  # ops.bipartite_merge adds state.residual (in the merge kernels on CUDA)
+    wants_key_mean = True  # energies and matching both on the keys' head mean
 
     prop_attn: bool = True  # proportional attention (log-size key bias)
     margin: float = 0.9  # energy margin at block 0 (falls linearly to 0 at the last block)
@@ -118,7 +119,7 @@ class PiToMe(Reducer):
     def reduce(self, state, stage, qk):
         depth = max(self._depth, 1)
         margin = self.margin * (1.0 - stage.block / depth)
-        return protected_merge(state, qk.k, state.num_tokens - stage.keep, margin, self.candidates)
+        return protected_merge(state, qk.metric(), state.num_tokens - stage.keep, margin, self.candidates)
 
     def plan(self, info, budget, overrides=None):
         self._depth = info.depth
