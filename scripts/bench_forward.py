@@ -13,8 +13,7 @@ Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler t
 ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384 tower
 and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them,
 reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and compiled
-default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included; ``large_cudnn``:
-large_gemm's merge rows with the key-bias attention on cuDNN and on ``_ba_fwd``), ``others`` (ViT-B pitome and diverse
+default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse
 at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
 alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
 time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and maelre alone; ``kernels_long``: the
@@ -800,8 +799,8 @@ def merge_b1(smoke: bool, repeats: int):
     """GPU: the bs-1 one-launch merge step (``kernels.merge_step``, MODE 0) at ViT-B's widths (768 columns, the key
     mean given, sizes, log sizes, the residual left to it), as a compiled merge forward calls it, at 197 and 113
     tokens: the default against its launch settings (warps, column tile, programs per SM) and without the source
-    map or the log sizes (what program 0's extra work costs: it alone writes the sizes and the source map), and with
-    them from a program of their own (``MERGE_STEP_SIDE_PROGRAM``)."""
+    map or the log sizes (what their writing costs: one more program writes them, ``MERGE_STEP_SIDE_PROGRAM``), and
+    with program 0 writing them after its columns instead (the side program off)."""
     from tokenprune import kernels
     from tokenprune.kernels import merge as km
 
@@ -819,7 +818,7 @@ def merge_b1(smoke: bool, repeats: int):
                 ("16 columns", {"MERGE_STEP_BC": 16}, source, True),
                 ("2 programs per SM", {"MERGE_STEP_PROGRAMS_PER_SM": 2}, source, True),
                 ("B tile 64", {"MERGE_STEP_BT": 64}, source, True),
-                ("side program", {"MERGE_STEP_SIDE_PROGRAM": True}, source, True)):
+                ("no side program", {"MERGE_STEP_SIDE_PROGRAM": False}, source, True)):
             row = dict(case="merge_b1", bs=1, tokens=n, r=r, variant=name)
             with settings(km, consts):
                 ref = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
@@ -850,16 +849,6 @@ def ba_tiles(smoke: bool, repeats: int):
             base = dict(case="ba_tiles", bs=bs, tokens=n)
             sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
             sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
-            if DEV == "cuda":  # cuDNN's attention takes an additive mask (torch >= 2.5): if it keeps flash's rate,
-                # merge's proportional attention could run on it (run 47: the default dispatch 498 us vs 261)
-                from torch.nn.attention import SDPBackend, sdpa_kernel
-
-                def on_cudnn(mask):
-                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                        return (sdpa(q, k, v, attn_mask=mask),)
-                # the bias as given, and as a full-shaped (stride-0) mask
-                for name, mask in (("bias as mask", bias), ("bias expanded", bias.expand(bs, h, n, n))):
-                    sweep_row(dict(base, variant="sdpa on cuDNN, " + name), lambda m=mask: on_cudnn(m), None, repeats)
             ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
                             lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
             for bm, bn, w, st in tiles:
@@ -1059,13 +1048,6 @@ def main():
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager", "default"], [("merge", {}), ("cls", {}), M3], 0.25, min(reps, 30),
                  args.smoke, tag="gemm stem", stem="gemm")
-    if "large_cudnn" in parts:  # large_gemm's merge rows with merge's key-bias attention on cuDNN, then on _ba_fwd
-        from tokenprune import kernels
-        bs = 8 if args.smoke else 256
-        run_case("vit_b", bs, ["eager", "default"], [
-            (f"{name} ({'cudnn bias' if on else 'ba_fwd'})", {**opts, "method": opts.get("method", name)},
-             ((kernels, {"BA_CUDNN_MIN_BATCH": on}),))
-            for on in (1, None) for name, opts in (("merge", {}), M3)], 0.25, min(reps, 30), args.smoke, stem="gemm")
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                 parts=parts, seconds=round(time.time() - t0, 1), date=time.strftime("%Y-%m-%d"))
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))

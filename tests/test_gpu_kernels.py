@@ -236,24 +236,6 @@ def test_biased_attention_key_mean(T, monkeypatch, b, h, n, d, dtype):
             assert torch.equal(m, ref)
 
 
-@pytest.mark.skipif(ON_CPU, reason="cuDNN's attention is CUDA only")
-@pytest.mark.parametrize("b,n", [(256, 197), (3, 119)])
-def test_biased_attention_on_cudnn(monkeypatch, b, n):
-    """BA_CUDNN_MIN_BATCH: the key bias (padding keys at -inf) as cuDNN's mask, eager and compiled with fullgraph,
-    against float64 SDPA, also after the adapter's transpose + reshape to [B, N, H * d]."""
-    monkeypatch.setattr(kernels, "BA_CUDNN_MIN_BATCH", 1)
-    g = gen(5)
-    h, d = 12, 64
-    q, k, v = (randn(b, h, n, d, dtype=F16, g=g) for _ in range(3))
-    bias = size_bias(b, n, F16, g)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
-    out = kernels.biased_attention(q, k, v, bias)
-    comp = torch.compile(kernels.biased_attention, fullgraph=True)(q, k, v, bias)
-    for o in (out, comp):
-        assert o.shape == (b, h, n, d) and rel(o, ref) < TOL[F16]
-        assert rel(o.transpose(1, 2).reshape(b, n, h * d), ref.transpose(1, 2).reshape(b, n, h * d)) < TOL[F16]
-
-
 @pytest.mark.parametrize("weights", ["none", "bias", "bias+w", "bias+o"])
 @pytest.mark.parametrize("b,h,n,d,dtype", [
     (2, 12, 197, 64, F16), (3, 5, 1013, 128, BF16), (1, 4, 65536 + 3, 64, F16), (256, 12, 197, 64, F16),

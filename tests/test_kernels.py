@@ -642,9 +642,9 @@ def test_merge_step_one_launch_shapes(T, monkeypatch, p, n, r, b, c, split):
     """No prefix, several prefix tokens, every A token merged, odd N up to the one-launch limit; a
     sample's column tiles split over several programs (small batches), unevenly where they do not divide;
     "plan": the three-launch form for long inputs on the same shapes; "side": one launch with the sizes and the
-    source map from a program of their own."""
+    source map from a program of their own (the default), the other cases without it (from program 0)."""
+    monkeypatch.setattr(T.merge, "MERGE_STEP_SIDE_PROGRAM", split == "side")
     if split == "side":
-        monkeypatch.setattr(T.merge, "MERGE_STEP_SIDE_PROGRAM", True)
         split = False
     if split == "plan":
         monkeypatch.setattr(T.merge, "MERGE_STEP_MAX_A", 0)

@@ -194,19 +194,12 @@ def _ba_kernel_applies(t, n: int, d: int) -> bool:
     return t.shape[0] >= min_batch and use_triton(t) and _impl().attention.biased_attention_fits(n, d)
 
 
-BA_CUDNN_MIN_BATCH = None  # from this batch (CUDA, fp16 / bf16) the key bias runs on cuDNN's attention, which
-# takes an additive mask, instead of _ba_fwd; None: never (bench_forward.py --parts ba_tiles times both)
-
-
-def _cudnn_bias(q, bias) -> bool:
-    return (BA_CUDNN_MIN_BATCH is not None and bias is not None and q.shape[0] >= BA_CUDNN_MIN_BATCH and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
-
-
-KEY_MEAN_IN_ATTENTION_MAX_BATCH = 0  # up to this batch, biased_attention(key_mean=True) has the fused kernel's
+KEY_MEAN_IN_ATTENTION_MAX_BATCH = 1  # up to this batch, biased_attention(key_mean=True) has the fused kernel's
 # launch average the keys over heads too (ToMe's metric for the merge after the block): B more programs per query
 # tile, beside the attention's, instead of a mean op (compiled: one Inductor kernel per merge step, run 51, H100) or
-# the merge kernel reading every head (eager). 0: never (bench_forward.py --parts merge_b1_forward times it)
+# the merge kernel reading every head (eager). Run 57 (H100, bench_forward.py --parts merge_b1_forward,kernels_b_merge):
+# ViT-B bs-1 reduce-overhead merge 0.897x -> 0.916x (side program on: 0.907x -> 0.926x); compiled, 137 -> 125 kernels
+# and 0.662 -> 0.626 ms of kernel time a forward. Batches 2-8 not timed; 0: never
 
 
 def key_mean_attention_applies(q) -> bool:
@@ -222,11 +215,6 @@ def biased_attention(q, k, v, bias=None, key_mean: bool = False):
     ``key_mean``: returns ``(out, k.mean(1) or None)``: the keys' head mean ``[B, N, d]`` from the fused kernel's
     launch where :func:`key_mean_attention_applies` (with or without a bias; the merge kernels' own mean: ``k.mean(1)``
     in fp16 / bf16, within an ulp in float32), else None (the caller averages them where it needs them)."""
-    if _cudnn_bias(q, bias):  # the bias as a stride-0 [B, H, N, N] mask
-        b, h, n, _ = q.shape
-        mask = bias.to(q.dtype).expand(b, h, n, k.shape[-2])
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, mask, False)[0]
-        return (out, None) if key_mean else out
     if key_mean and key_mean_attention_applies(q) and use_triton(k, v, bias):
         if _via_op():
             return _ops.biased_attention_key_mean(q, k, v, bias)

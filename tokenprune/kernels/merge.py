@@ -250,7 +250,9 @@ MERGE_STEP_BT = 128  # one launch: the matching's B tile (_match_tile). H100, Vi
 # tokens (run 50, --parts merge_match): 32-token tiles and a sort 14.0 / 13.2 / 13.1 / 8.0 us, this tile and ranks
 # by count 11.1 / 11.0 / 11.1 / 6.6 us
 MERGE_STEP_PROGRAMS_PER_SM = 1  # small batches: a sample's columns split over programs up to about this many per SM
-MERGE_STEP_SIDE_PROGRAM = False  # small batches: the sizes and the source map from one more program, not program 0
+MERGE_STEP_SIDE_PROGRAM = True  # small batches: the sizes and the source map from one more program, not program 0
+# (run 57, H100, ViT-B bs-1 reduce-overhead merge: 0.897x -> 0.907x, with the key mean from the attention 0.916x ->
+# 0.926x; False: program 0 writes them after its column tile)
 # From min_batch on: two launches, the matching (_merge_step MODE 2, one program per sample, mwarps warps;
 # a register cap of mmaxnreg once the batch exceeds the SM count, so two programs share an SM and the
 # samples take one wave) and _merge_gather, which copies whole rows through a row map (rb rows, gbc
