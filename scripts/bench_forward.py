@@ -12,26 +12,28 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
 ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384 tower
 and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them,
-reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and compiled
-default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse
-at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager; ``threshold``: threshold and cls
-alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU
-time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and maelre alone; ``kernels_long``: the
-same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_large`` /
-``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof``
-(cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls,
-merge-3-stages, budget 1.0; merge with each long step in one launch against four), ``whisper_cut`` (eager Whisper-large
-cut to every-block merge's token counts with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's
-host, graph and kernel times, in one launch and four, SDPA with and without the key bias, one linear at changing token
-counts), ``dryhost`` (CPU only, no GPU needed: microseconds of host time per piece of one batch-1 reduction step, the
-CUDA path's Python with every Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles),
-``dryhost_whisper`` (the same for a Whisper-large merge step, in one launch and in four, and the blocks around it: the
-block loop at the real token counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU:
-``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch
-settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and
-the key mean from the attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline
-depth at bs 256 and 1, against cuDNN's flash). One-off experiments that settled a choice were removed once recorded
-(the history file names them and the commit that last had them).
+reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and
+compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others``
+(ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
+``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
+forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and
+maelre alone; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip``
+its SigLIP half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the mean op inside
+``reduce-overhead``'s CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``:
+ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager
+Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each long step in one launch against four),
+``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts with no step, beside merge),
+``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with
+and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no GPU needed: microseconds of
+host time per piece of one batch-1 reduction step, the CUDA path's Python with every Triton launch a no-op;
+``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a Whisper-large merge step,
+in one launch and in four, and the blocks around it: the block loop at the real token counts, the ``tokenprune_sdpa``
+routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256),
+``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B
+bs-1 reduce-overhead merge with the step's side program and the key mean from the attention's launch, each on and
+off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
+experiments that settled a choice were removed once recorded (the history file names them and the commit that last had
+them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -288,12 +290,15 @@ def prof_table(fn, x, path):
 
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25, bs: int = 1,
-                  stem: str = "conv"):
+                  stem: str = "conv", mode: str | None = None):
     """GPU kernels of one forward (batch ``bs``, default 1) compiled with ``torch.compile`` (default mode, no CUDA
     graphs: the kernels a ``reduce-overhead`` graph replays), per variant: how many, their summed GPU time, the table
     of the top 40 (``kernels_<case>_<variant>.txt``) and the last forward's kernels in launch order
-    (``..._order.txt``). Shows what each reduction adds against blocks that cost the same at any token count at
-    batch 1. ``stem="gemm"``: as in ``run_case``."""
+    (``..._order.txt``: each kernel's GPU microseconds and the idle microseconds before it). Shows what each
+    reduction adds against blocks that cost the same at any token count at batch 1. ``stem="gemm"``: as in
+    ``run_case``. ``mode="reduce-overhead"``: the same of the CUDA graph's replays (files ``..._graph...``), where
+    the gaps between kernels are the graph's own, and the row adds the forward's span, first kernel start to last
+    kernel end."""
     import copy
 
     from torch.autograd import DeviceType
@@ -306,22 +311,28 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), budget)
-        run = torch.compile(forward_fn(case, mv), fullgraph=True)
+        run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
         p = profiled(run, x)
         evs = [e for e in p.events() if e.device_type == kind and (DEV == "cuda" or e.name.startswith("aten::"))]
-        record(case=case, bs=bs, mode="default", variant=name, part="kernels", kernels_per_forward=len(evs) / 5,
+        # the kernels of the last profiled forward in launch order, with their GPU times and the idle time before
+        # each: what each step adds and what it replaces (the table below sums them by name)
+        evs.sort(key=lambda e: e.time_range.start)
+        last = evs[-len(evs) // 5:] if evs else []
+        ends = [last[0].time_range.start] + [e.time_range.end for e in last[:-1]] if last else []
+        gaps = [max(e.time_range.start - end, 0.0) for e, end in zip(last, ends)]
+        span = last[-1].time_range.end - last[0].time_range.start if last else 0.0
+        record(case=case, bs=bs, mode=mode or "default", variant=name, part="kernels",
+               kernels_per_forward=len(evs) / 5,
                kernel_ms_per_forward=round(sum(e.device_time if DEV == "cuda" else e.cpu_time for e in evs)
-                                           / 5 / 1e3, 4))
+                                           / 5 / 1e3, 4),
+               span_ms=round(span / 1e3, 4), gap_ms=round(sum(gaps) / 1e3, 4))
         sort = "self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total"
-        tag = ("" if bs == 1 else f"_bs{bs}") + ("" if stem == "conv" else f"_{stem}")
+        tag = ("" if bs == 1 else f"_bs{bs}") + ("" if stem == "conv" else f"_{stem}") + ("_graph" if mode else "")
         base = f"kernels_{case}{tag}_{name.replace(' ', '_').replace(',', '')}"
         (out / f"{base}.txt").write_text(p.key_averages().table(sort_by=sort, row_limit=40))
-        # the kernels of the last profiled forward in launch order, with their GPU times: what each step adds
-        # and what it replaces (the table above sums them by name)
-        evs.sort(key=lambda e: e.time_range.start)
-        last = evs[-len(evs) // 5:]
-        (out / f"{base}_order.txt").write_text("".join(
-            f"{(e.device_time if DEV == 'cuda' else e.cpu_time):9.3f}  {e.name[:160]}\n" for e in last))
+        (out / f"{base}_order.txt").write_text("    gap us   time us  kernel\n" + "".join(
+            f"{g:10.3f}{(e.device_time if DEV == 'cuda' else e.cpu_time):10.3f}  {e.name[:160]}\n"
+            for e, g in zip(last, gaps)))
         del mv, run
         torch._dynamo.reset()
 
@@ -985,6 +996,12 @@ def main():
         kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("maelre", {})])
         with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8}):  # and the key mean in attention
             kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean in attention", {"method": "merge"})])
+    if "kernels_b_graph" in parts:  # kernels_b_merge's variants inside reduce-overhead's CUDA graph: the gaps too
+        kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("merge-3-stages", M3[1]), ("cls", {})],
+                      mode="reduce-overhead")
+        with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 0}):  # merge with the mean op
+            kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean op", {"method": "merge"})],
+                          mode="reduce-overhead")
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
@@ -1057,7 +1074,8 @@ def main():
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
-                  f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward")
+                  f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward, span {r['span_ms']:.3f} ms, "
+                  f"idle {r['gap_ms']:.3f} ms")
             continue
         if "same_tokens" in r:
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} rel err {r['rel_err_vs_eager']:.2e}, "
