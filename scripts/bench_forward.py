@@ -301,6 +301,7 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
     kernel end."""
     import copy
 
+    from torch._dynamo.utils import counters
     from torch.autograd import DeviceType
 
     m, x = model_and_input(case, bs, smoke)
@@ -311,8 +312,6 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), budget)
-        from torch._dynamo.utils import counters
-
         counters.clear()
         run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
         p = profiled(run, x)
@@ -320,7 +319,7 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         graph_counts = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k or "partition" in k}
         evs = [e for e in p.events() if e.device_type == kind and (DEV == "cuda" or e.name.startswith("aten::"))]
         # the kernels of the last profiled forward in launch order, with their GPU times and the idle time before
-        # each: what each step adds and what it replaces (the table below sums them by name)
+        # each: what each step adds and what it replaces (the top-40 table sums them by name)
         evs.sort(key=lambda e: e.time_range.start)
         last = evs[-len(evs) // 5:] if evs else []
         ends = [last[0].time_range.start] + [e.time_range.end for e in last[:-1]] if last else []
