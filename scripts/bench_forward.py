@@ -17,23 +17,23 @@ compiled default; ``large_gemm``: the same with the GEMM stem in every row, the 
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
 forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and
-maelre alone; ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip``
-its SigLIP half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the mean op inside
-``reduce-overhead``'s CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``:
-ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager
-Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each long step in one launch against four),
-``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts with no step, beside merge),
-``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with
-and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no GPU needed: microseconds of
-host time per piece of one batch-1 reduction step, the CUDA path's Python with every Triton launch a no-op;
-``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a Whisper-large merge step,
-in one launch and in four, and the blocks around it: the block loop at the real token counts, the ``tokenprune_sdpa``
-routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256),
-``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B
-bs-1 reduce-overhead merge with the step's side program and the key mean from the attention's launch, each on and
-off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off
-experiments that settled a choice were removed once recorded (the history file names them and the commit that last had
-them).
+maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same for Whisper and SigLIP with cls,
+merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls
+and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time between kernels;
+``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager
+Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
+long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
+with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
+launch and four, SDPA with and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no
+GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
+Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
+Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real token
+counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
+kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra
+outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and the key mean from the
+attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
+against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file names
+them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -996,16 +996,15 @@ def main():
                                               ("whisper_large", [("merge", {})], 0.5)])
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
-    if "kernels_b_merge" in parts:  # kernels_b for the every-block merges alone (their order files: what a step adds)
-        kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("maelre", {})])
-        with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8}):  # and the key mean in attention
-            kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean in attention", {"method": "merge"})])
-    if "kernels_b_graph" in parts:  # kernels_b_merge's variants inside reduce-overhead's CUDA graph: the gaps too
-        kernel_census(args.out, args.smoke, "vit_b", [("merge", {}), ("merge-3-stages", M3[1]), ("cls", {})],
-                      mode="reduce-overhead")
-        with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 0}):  # merge with the mean op
-            kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean op", {"method": "merge"})],
-                          mode="reduce-overhead")
+    # kernels_b for the every-block merge (its order files: what a step adds; the key mean from the attention's launch,
+    # the default at bs 1) beside others, then with the mean op; kernels_b_graph: inside reduce-overhead's CUDA
+    # graph, where the idle time between kernels is the graph's own
+    for part, mode, others in (("kernels_b_merge", None, [("maelre", {})]),
+                               ("kernels_b_graph", "reduce-overhead", [M3, ("cls", {})])):
+        if part in parts:
+            kernel_census(args.out, args.smoke, "vit_b", [("merge", {})] + others, mode=mode)
+            with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 0}):
+                kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean op", {"method": "merge"})], mode=mode)
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
