@@ -314,6 +314,10 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
             apply_variant(mv, (name, kw), budget)
         counters.clear()
         run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            run(x)
+        print(f"# {case} bs {bs} {mode or 'default'} {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         p = profiled(run, x)
         # Inductor's own count of what it left out of CUDA graphs (skips; partitions where a node is not graphable)
         graph_counts = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k or "partition" in k}
