@@ -130,6 +130,11 @@ def cut_blocks(m, plan):
         blocks[st.block] = _Cut(blocks[st.block], info.num_prefix + st.keep)
 
 
+def chosen(variants):
+    """``variants`` less those that ``--variants`` leaves out."""
+    return [v for v in variants if ONLY is None or v[0] in ONLY]
+
+
 def apply_variant(m, variant, budget):
     name, kw = variant[:2]
     kw = dict(kw)
@@ -208,7 +213,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
         tokenprune.fast_patch_embed(m)
     for mode in modes:
         entries = []
-        for variant in [("unreduced", None)] + variants:
+        for variant in [("unreduced", None)] + chosen(variants):
             mv, plan = m, None
             if variant[1] is not None:
                 mv = copy.deepcopy(m)
@@ -308,7 +313,7 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
     if stem == "gemm":
         tokenprune.fast_patch_embed(m)
     kind = DeviceType.CUDA if DEV == "cuda" else DeviceType.CPU
-    for name, kw in [("unreduced", None)] + (variants if variants is not None else BS1[:6] + [M3]):
+    for name, kw in [("unreduced", None)] + chosen(variants if variants is not None else BS1[:6] + [M3]):
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), budget)
@@ -954,15 +959,18 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
 
 
 def main():
-    global DEV, DTYPE, SMOKE
+    global DEV, DTYPE, SMOKE, ONLY
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default="eager", help="comma-separated: eager, compiled, long, large, ... (the module docstring lists them)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="eager and others parts: write profiler tables too")
+    ap.add_argument("--variants", help="comma-separated variant names (e.g. merge,cls): the parts built on run_case "
+                    "and kernel_census run only these beside the unreduced model (a device call's time goes further)")
     args = ap.parse_args()
     SMOKE = args.smoke
+    ONLY = set(args.variants.split(",")) if args.variants else None
     DEV = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     DTYPE = torch.float32 if DEV == "cpu" else torch.float16
     reps = 3 if args.smoke else args.repeats
@@ -1007,8 +1015,10 @@ def main():
                                ("kernels_b_graph", "reduce-overhead", [M3, ("cls", {})])):
         if part in parts:
             kernel_census(args.out, args.smoke, "vit_b", [("merge", {})] + others, mode=mode)
-            with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 0}):
-                kernel_census(args.out, args.smoke, "vit_b", [("merge, key mean op", {"method": "merge"})], mode=mode)
+            mean_op = [("merge, key mean op", {"method": "merge"})]
+            if chosen(mean_op):  # its own unreduced model too (kernel_census compiles one per call)
+                with settings(tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 0}):
+                    kernel_census(args.out, args.smoke, "vit_b", mean_op, mode=mode)
     if "kernels_long" in parts:  # the same for the long inputs: where cls / merge lose against their FLOP bound
         kernel_census(args.out, args.smoke, "whisper_large", [("cls", {}), M3, ("merge", {})], 0.5)
     if "kernels_long" in parts or "kernels_siglip" in parts:  # kernels_siglip: SigLIP alone (head dim 72)
@@ -1096,7 +1106,7 @@ def main():
     print(meta)
 
 
-DEV, DTYPE, SMOKE = "cpu", torch.float32, False
+DEV, DTYPE, SMOKE, ONLY = "cpu", torch.float32, False, None
 
 if __name__ == "__main__":
     main()
