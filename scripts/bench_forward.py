@@ -131,7 +131,8 @@ def cut_blocks(m, plan):
 
 
 def chosen(variants):
-    """``variants`` less those that ``--variants`` leaves out."""
+    """``variants`` less those that ``--variants`` leaves out (the names offered are kept for ``main``'s check)."""
+    OFFERED.update(v[0] for v in variants)
     return [v for v in variants if ONLY is None or v[0] in ONLY]
 
 
@@ -1104,9 +1105,12 @@ def main():
         print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['ms']:9.3f} {r['speedup']:8.3f} "
               f"{r['flop_bound'] or '':>6} {r.get('host_ms', ''):>7} {r['rel_err_vs_eager'] or ''}")
     print(meta)
+    if ONLY is not None and ONLY - OFFERED:  # a misspelt name would leave a part with its unreduced row alone
+        sys.exit(f"--variants: no part run offered {sorted(ONLY - OFFERED)}; the parts offered {sorted(OFFERED)}")
 
 
 DEV, DTYPE, SMOKE, ONLY = "cpu", torch.float32, False, None
+OFFERED: set = set()  # every variant name the parts run offered to --variants
 
 if __name__ == "__main__":
     main()
