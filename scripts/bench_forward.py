@@ -28,7 +28,9 @@ launch and four, SDPA with and without the key bias, one linear at changing toke
 GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
 Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
 Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real token
-counts, the ``tokenprune_sdpa`` routing and the HF layer). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
+counts, the ``tokenprune_sdpa`` routing and the HF layer), ``dynamo_host`` (CPU or GPU: the host time of a compiled
+ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time
+too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
 kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra
 outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and the key mean from the
 attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
@@ -206,7 +208,9 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
     ``(module, {name: value})``, are set (``settings``) around its compile and around each of its timed loops, so a
     switch on and off are two variants timed in the same rounds.
     ``stem="gemm"``: every variant, the unreduced one included, runs its patch convolution as one GEMM
-    (``tokenprune.fast_patch_embed``: the unreduced model's fastest stem)."""
+    (``tokenprune.fast_patch_embed``: the unreduced model's fastest stem). ``host``: each row also has ``host_ms``,
+    the host time of one call with the GPU idle at its start (``host_time_ms``; compiled: the call's frame, guards
+    and graph launch, which a bs-1 latency includes before the GPU starts)."""
     import copy
 
     m, x = model_and_input(case, bs, smoke)
@@ -257,9 +261,9 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
                        tokens_out=None if plan is None else plan.num_out, rel_err_vs_eager=e["err"])
             base = ms if base is None else base
             row["speedup"] = round(base / ms, 3)
-            if host and mode == "eager":
+            if host:  # compiled too: a bs-1 latency includes the call's host time before the GPU starts
                 with switched(e["switches"]):
-                    row["host_ms"] = round(host_time_ms(lambda: e["fn"](x), DEV), 4)
+                    row["host_ms"] = round(host_time_ms(lambda: e["run"](x), DEV), 4)
                 row["stages"] = 0 if plan is None else len(plan.stages)
             record(**row)
             if profile is not None and mode == "eager" and e["variant"] in profiled_variants:
@@ -479,6 +483,43 @@ def _us_paired(fns: dict, n, runs=5) -> dict:
                 fn()
             best[name] = min(best[name], (time.thread_time() - t0) / n * 1e6)
     return best
+
+
+def dynamo_host(smoke: bool, repeats: int):
+    """Host microseconds of one call of the compiled ViT-B at batch 1 before any of its work: Dynamo's frame, its
+    guards and the lifted parameters, with a backend that returns the first call's outputs (no kernels, no CUDA
+    graph). A bs-1 latency (``time_fn``: events around one call on an idle GPU) includes it, so a patch whose
+    guards cost more would show here and not in any kernel census. Compiled and timed as ``run_case`` does: every
+    variant compiled in one Dynamo cache (the patched models share their forward's code, so a later variant's call
+    first tries the earlier variants' guards), then interleaved rounds, the lowest median of each."""
+    import copy
+
+    def replay_first(gm, example_inputs):
+        first = []
+
+        def call(*args):
+            if not first:
+                first.append(gm.forward(*args))
+            return first[0]
+        return call
+
+    m, x = model_and_input("vit_b", 1, smoke)
+    torch._dynamo.reset()
+    runs = []
+    for name, kw in [("unreduced", None)] + chosen(BS1):
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        runs.append((name, torch.compile(forward_fn("vit_b", mv), backend=replay_first, fullgraph=True), mv))
+    best = {name: float("inf") for name, _, _ in runs}
+    with torch.inference_mode():
+        for _ in range(5):
+            for name, run, _ in runs:
+                best[name] = min(best[name], time_fn(lambda: run(x), "cpu", warmup=5, repeats=repeats).median_ms)
+    for name, _, _ in runs:
+        record(case="vit_b", bs=1, variant=name, part="dynamo_host", host_us_per_call=round(best[name] * 1e3, 1))
+    del runs
+    torch._dynamo.reset()
 
 
 def dry_host(out: Path, smoke: bool, profile: bool, repeats: int = 50):
@@ -979,6 +1020,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64
     parts = args.parts.split(",")
     t0 = time.time()
+    if "dynamo_host" in parts:  # host time of a compiled call's frame and guards, per variant (CPU or GPU)
+        dynamo_host(args.smoke, reps)
     if "dryhost" in parts:  # CPU only: host time per piece of a reduction step, Triton launches as no-ops
         dry_host(args.out, args.smoke, args.profile, args.repeats)
     if "dryhost_whisper" in parts:  # the same for a Whisper-large merge step and the blocks around it
@@ -1030,7 +1073,7 @@ def main():
         kernel_census(args.out, args.smoke, "vit_b", [("cls", {}), ("merge", {}), M3], 0.25,
                       bs=8 if args.smoke else 256, stem="gemm")
     if "compiled" in parts or "compiled_b" in parts:
-        run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke)
+        run_case("vit_b", 1, ["reduce-overhead"], BS1, 0.25, reps, args.smoke, host=True)
     if "compiled" in parts or "compiled_l" in parts:
         run_case("vit_l", 1, ["reduce-overhead"], [("cls", {}), ("random", {}), ("apet", {}), M3], 0.25,
                  reps, args.smoke)
@@ -1089,6 +1132,10 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1"):
+            continue
+        if r.get("part") == "dynamo_host":
+            print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
+                  "host time before any work (frame, guards)")
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
