@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -1008,11 +1009,13 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="eager and others parts: write profiler tables too")
-    ap.add_argument("--variants", help="comma-separated variant names (e.g. merge,cls): the parts built on run_case "
-                    "and kernel_census run only these beside the unreduced model (a device call's time goes further)")
+    ap.add_argument("--variants", help="comma-separated variant names (e.g. merge,cls; a comma followed by a space "
+                    "is part of a name): the parts built on run_case and kernel_census run only these beside the "
+                    "unreduced model (a device call's time goes further)")
     args = ap.parse_args()
     SMOKE = args.smoke
-    ONLY = set(args.variants.split(",")) if args.variants else None
+    # names are split at commas not followed by a space: "merge,patched, budget 1.0" is two names
+    ONLY = set(re.split(r",(?! )", args.variants)) if args.variants else None
     DEV = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     DTYPE = torch.float32 if DEV == "cpu" else torch.float16
     reps = 3 if args.smoke else args.repeats
