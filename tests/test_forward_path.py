@@ -385,3 +385,26 @@ def test_in_place_weight_edit_through_data_shows_in_next_forward(method):
     tokenprune.apply(fresh, budget=0.25, method=method)
     with torch.no_grad():
         torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("second", [dict(budget=0.5, method="merge"), dict(budget=0.25, method="cls"),
+                                    dict(budget=0.25, method="merge", layers=[1, 2])], ids=str)
+def test_compiled_wrapper_follows_a_new_patch(second):
+    """A model compiled once, then patched again (another budget, method or schedule): the same compiled wrapper
+    runs the new patch, equal to eager, and never the program traced for the old one."""
+    model = tiny_vit(depth=4)  # merge's default schedule reduces after blocks 0, 1, 2
+    x = torch.randn(2, 3, 32, 32)
+    tokenprune.apply(model, budget=0.25, method="merge")
+    run = torch.compile(model, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            first = run(x)
+            torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-6)
+            tokenprune.remove(model)
+            tokenprune.apply(model, **second)
+            out, ref = run(x), model(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out, first)  # the new patch changes the output: the check above can fail
+    finally:
+        torch._dynamo.reset()
