@@ -30,11 +30,10 @@ Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), 
 Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real token
 counts, the ``tokenprune_sdpa`` routing and the HF layer), ``dynamo_host`` (CPU or GPU: the host time of a compiled
 ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time
-too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram
-kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch settings, its extra
-outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and the key mean from the
-attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline depth at bs 256 and 1,
-against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file names
+too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1
+merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge
+with the step's side program and the key mean from the attention's launch, each on and off), ``ba_tiles`` (the
+key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file names
 them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
@@ -511,13 +510,13 @@ def dynamo_host(smoke: bool, repeats: int):
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), 0.25)
-        runs.append((name, torch.compile(forward_fn("vit_b", mv), backend=replay_first, fullgraph=True), mv))
-    best = {name: float("inf") for name, _, _ in runs}
+        runs.append((name, torch.compile(forward_fn("vit_b", mv), backend=replay_first, fullgraph=True)))
+    best = {name: float("inf") for name, _ in runs}
     with torch.inference_mode():
         for _ in range(5):
-            for name, run, _ in runs:
+            for name, run in runs:
                 best[name] = min(best[name], time_fn(lambda: run(x), "cpu", warmup=5, repeats=repeats).median_ms)
-    for name, _, _ in runs:
+    for name in best:
         record(case="vit_b", bs=1, variant=name, part="dynamo_host", host_us_per_call=round(best[name] * 1e3, 1))
     del runs
     torch._dynamo.reset()
