@@ -12,7 +12,10 @@ each call, median); ``host_ms`` is the CPU time to issue one eager forward (no s
 Parts: ``eager`` (bs 1 eager, all reducers; host time; ``--profile``: profiler tables), ``compiled`` (bs 1,
 ``mode="reduce-overhead"``; ``compiled_b`` / ``compiled_l``: ViT-B / ViT-L only), ``long`` (SigLIP-so400m/14@384 tower
 and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip`` / ``long_whisper``: one of them,
-reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone), ``large`` (ViT-B bs 256, eager and
+reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone; ``long_sched`` / ``long_sched_siglip``:
+cls and merge with earlier stages than depth/4, /2, 3/4, and those schedules at no cost; ``kernels_long_sched``: the
+kernels of Whisper's earliest ones in the CUDA graph; ``block_curve``: one Whisper-large layer's and one SigLIP
+block's GPU time at every fourth token count), ``large`` (ViT-B bs 256, eager and
 compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
@@ -1000,6 +1003,35 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
     record(**row)
 
 
+def block_curve(smoke: bool, repeats: int, step: int):
+    """GPU time of one encoder block (CUDA-graph replay, eager ops, SDPA) at every ``step``-th token count from the
+    full input down to a sixth of it: the long inputs' Whisper-large layer and SigLIP block at bs 1. The curve says
+    which token counts pay at batch 1 (a GEMM's time falls in steps of whole tiles and waves, not with the rows), so a
+    schedule's zero-cost time is the stem's plus the sum of its blocks' points (checked against ``cut: ...`` rows)."""
+    from tokenprune.adapters import for_model
+    from tokenprune.cuda import graphed
+
+    for case in ("whisper_large", "siglip"):
+        m, x = model_and_input(case, 1, smoke)
+        block = m.layers[0] if case == "whisper_large" else m.blocks[0]
+        info = for_model(m).info()
+        n_all, width = info.num_prefix + info.num_tokens, info.dim
+
+        def run(h, block=block, case=case):
+            out = block(h, None) if case == "whisper_large" else block(h)
+            return out[0] if isinstance(out, tuple) else out
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+        with torch.inference_mode():
+            for n in range(n_all, max(n_all // 6, 8), -step):
+                h = torch.randn(1, n, width, generator=g).to(DEV, DTYPE)
+                fn = graphed(run, h) if DEV == "cuda" else run
+                t = time_fn(lambda: fn(h), DEV, warmup=10, repeats=repeats)
+                record(case="block_curve", model=case, tokens=n, us=round(t.median_ms * 1e3, 2))
+                del fn
+        del m
+
+
 def main():
     global DEV, DTYPE, SMOKE, ONLY
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1092,6 +1124,19 @@ def main():
     if "long_whisper" in parts:  # the Whisper half of long, reduce-overhead only
         run_case("whisper_large", 1, ["reduce-overhead"], [("merge", {}), ("cls", {}), M3] + CUTS, 0.5, reps,
                  args.smoke)
+    if "block_curve" in parts:  # one long-input block's GPU time over its token counts (bs 1, graph replay)
+        block_curve(args.smoke, reps, 8 if args.smoke else 4)
+    # long_sched / long_sched_siglip: cls and merge with earlier stages than depth/4, /2, 3/4 (and those schedules at
+    # no cost, cut); kernels_long_sched: the kernels of the earliest ones inside reduce-overhead's CUDA graph
+    for part, case, budget, sets in (("long_sched", "whisper_large", 0.5, ([3, 7, 11], [1, 5, 9])),
+                                     ("long_sched_siglip", "siglip", 0.25, ([2, 6, 9], [1, 4, 8]))):
+        sched = [(f"{pre}{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay, **kw})
+                 for lay in ([[0, 1, 2]] if args.smoke else sets)
+                 for pre, meth, kw in (("cut: ", "cls", {"cut": True}), ("", "cls", {}), ("", "merge", {}))]
+        if part in parts:
+            run_case(case, 1, ["reduce-overhead"], [("cls", {}), CUTS[0]] + sched, budget, reps, args.smoke)
+        if "kernels_long_sched" in parts and case == "whisper_large":
+            kernel_census(args.out, args.smoke, case, sched[-2:], budget, mode="reduce-overhead")
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
@@ -1133,7 +1178,8 @@ def main():
     (args.out / f"bench_forward_{'_'.join(parts)}.json").write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
-        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1"):
+        if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
+                                                                      "block_curve"):
             continue
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
