@@ -265,6 +265,38 @@ def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("name, depth, family", [("whisper-large-bs1", 32, "whisper"), ("siglip-so400m-bs1", 27, "vit")])
+def test_batch1_long_input_recipes_put_their_stages_early(name, depth, family):
+    """The batch-1 long-input recipes on an encoder of their model's depth (tiny width): three merge stages after
+    the blocks the recipe names, ending at its budget; on a shallower encoder, a clear error naming the blocks."""
+    r = load_recipe(name)
+    if family == "whisper":
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        def make(layers):
+            cfg = WhisperConfig(d_model=16, encoder_layers=layers, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                num_mel_bins=8, max_source_positions=40)
+            return WhisperEncoder(cfg).eval(), torch.randn(1, 8, 80)
+    else:
+        def make(layers):
+            return tiny_vit(depth=layers, embed_dim=16, num_heads=2), torch.randn(1, 3, 32, 32)
+    model, x = make(depth)
+    tokenprune.apply(model, recipe=name)
+    plan = tokenprune.plan(model)
+    n = plan.info.num_tokens
+    assert (plan.method, plan.budget) == ("merge", r.budget)
+    assert [s.block for s in plan.stages] == r.options["layers"]
+    assert plan.stages[-1].keep == round(r.budget * n) == plan.num_out
+    with torch.inference_mode():
+        out = model(x)
+    hidden = out.last_hidden_state if family == "whisper" else out
+    assert torch.isfinite(hidden).all()
+    shallow, _ = make(r.options["layers"][-1])  # its last stage block does not exist there
+    with pytest.raises(ValueError, match=rf"layers \[{r.options['layers'][-1]}\] are outside the encoder"):
+        tokenprune.apply(shallow, recipe=name)
+
+
 def _torchrun(args, timeout):
     """Two torchrun ranks (``torch.distributed.run --standalone``) of ``args``, one thread each, with faulthandler on
     (a rank that dies of a signal prints its Python threads' stacks), as ``subprocess.run`` would return them. On a
