@@ -1025,10 +1025,9 @@ def block_curve(smoke: bool, repeats: int, step: int):
         with torch.inference_mode():
             for n in range(n_all, max(n_all // 6, 8), -step):
                 h = torch.randn(1, n, width, generator=g).to(DEV, DTYPE)
-                fn = graphed(run, h) if DEV == "cuda" else run
-                t = time_fn(lambda: fn(h), DEV, warmup=10, repeats=repeats)
+                fn = graphed(run, h) if DEV == "cuda" else run  # each count's graph freed at the next
+                t = time_fn(lambda fn=fn, h=h: fn(h), DEV, warmup=10, repeats=repeats)
                 record(case="block_curve", model=case, tokens=n, us=round(t.median_ms * 1e3, 2))
-                del fn
         del m
 
 
