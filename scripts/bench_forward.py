@@ -1006,8 +1006,9 @@ def whisper_step(out: Path, smoke: bool, repeats: int):
 def block_curve(smoke: bool, repeats: int, step: int):
     """GPU time of one encoder block (CUDA-graph replay, eager ops, SDPA) at every ``step``-th token count from the
     full input down to a sixth of it: the long inputs' Whisper-large layer and SigLIP block at bs 1. The curve says
-    which token counts pay at batch 1 (a GEMM's time falls in steps of whole tiles and waves, not with the rows), so a
-    schedule's zero-cost time is the stem's plus the sum of its blocks' points (checked against ``cut: ...`` rows)."""
+    what a token removed before a block saves there (run 59: mostly fixed time, a line of 68 us + 0.105 us a token
+    for Whisper-large), so a schedule's zero-cost time is about the sum of its blocks' points plus the rest of the
+    model (checked against the ``cut: ...`` rows)."""
     from tokenprune.adapters import for_model
     from tokenprune.cuda import graphed
 
@@ -1178,7 +1179,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
-                                                                      "block_curve"):
+                                                              "block_curve"):
             continue
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "

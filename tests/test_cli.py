@@ -265,7 +265,8 @@ def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("name, depth, family", [("whisper-large-bs1", 32, "whisper"), ("siglip-so400m-bs1", 27, "vit")])
+@pytest.mark.parametrize("name, depth, family",
+                         [("whisper-large-bs1", 32, "whisper"), ("siglip-so400m-bs1", 27, "vit")])
 def test_batch1_long_input_recipes_put_their_stages_early(name, depth, family):
     """The batch-1 long-input recipes on an encoder of their model's depth (tiny width): three merge stages after
     the blocks the recipe names, ending at its budget; on a shallower encoder, a clear error naming the blocks."""
