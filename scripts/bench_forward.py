@@ -36,8 +36,8 @@ ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compi
 too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1
 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge
 with the step's side program and the key mean from the attention's launch, each on and off), ``ba_tiles`` (the
-key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that settled a choice were removed once recorded (the history file names
-them and the commit that last had them).
+key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that
+settled a choice were removed once recorded (the history file names them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
@@ -1130,12 +1130,15 @@ def main():
     # no cost, cut); kernels_long_sched: the kernels of the earliest ones inside reduce-overhead's CUDA graph
     for part, case, budget, sets in (("long_sched", "whisper_large", 0.5, ([3, 7, 11], [1, 5, 9])),
                                      ("long_sched_siglip", "siglip", 0.25, ([2, 6, 9], [1, 4, 8]))):
+        census = "kernels_long_sched" in parts and case == "whisper_large"
+        if part not in parts and not census:
+            continue
         sched = [(f"{pre}{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay, **kw})
                  for lay in ([[0, 1, 2]] if args.smoke else sets)
                  for pre, meth, kw in (("cut: ", "cls", {"cut": True}), ("", "cls", {}), ("", "merge", {}))]
         if part in parts:
             run_case(case, 1, ["reduce-overhead"], [("cls", {}), CUTS[0]] + sched, budget, reps, args.smoke)
-        if "kernels_long_sched" in parts and case == "whisper_large":
+        if census:
             kernel_census(args.out, args.smoke, case, sched[-2:], budget, mode="reduce-overhead")
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
