@@ -960,6 +960,8 @@ def test_merge_reducer_hands_the_keys_to_the_kernels(T, monkeypatch):
     (1, 196, 49, 1, 100, False, True),  # one sample: columns split over programs, source tracked
     (0, 37, 10, 3, 64, True, False),  # no prefix, sizes, no source
     (2, 600, 150, 2, 40, True, True),  # long input (8-warp ranking), several prefix tokens
+    (0, 1100, 550, 1, 16, True, True),  # past KEEP_RANK_MIN_N at batch 1: ranked by counting in a launch of its own
+    (1, 1030, 300, 2, 8, False, True),  # the same, two samples, a count that is no multiple of the rank tile
 ])
 def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, source):
     """ops.keep_top through the one-launch kernel gives the tokens, sizes and source map of

@@ -93,11 +93,15 @@ def _configs():
                                     "cnt_ptr": "*i32", "mem_ptr": "*i32", "o_ptr": f16},
                     dict(HAS_SIZES=hs, HAS_MEMBERS=hs, PRIM_IN_SUM=True, BC=1024), 4))
     keep_ptrs = {"x_ptr": f16, "sc_ptr": f32, "s_ptr": f32, "src_ptr": "*i64", "ox_ptr": f16, "os_ptr": f32,
-                 "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32", "th_ptr": f32, "cnt_ptr": f32, "TH": "fp32"}
+                 "osrc_ptr": "*i64", "idx_ptr": "*i64", "scr_ptr": "*i32", "th_ptr": f32, "cnt_ptr": f32,
+                 "rk_ptr": "*i8", "TH": "fp32"}
     for np_, w in ((256, 4), (1024, 8), (2048, 8), (4096, 16)):
         for thresh in ((0, 2) if np_ in (256, 2048) else (0,)):  # 2: threshold's batch-1 stage (theta on the device)
-            out.append((KP._keep_step, keep_ptrs, dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True, THRESH=thresh,
-                                                       NP=np_, PP=1, RT=64, BC=KP.KEEP_STEP_BC, BS=256), w))
+            for ranked in ((False, True) if np_ >= 2048 and not thresh else (False,)):  # ranked: _keep_rank's set
+                out.append((KP._keep_step, keep_ptrs, dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True,
+                                                           THRESH=thresh, RANKED=ranked, NP=np_, PP=1, RT=64,
+                                                           BC=KP.KEEP_STEP_BC, BS=256), w))
+    out.append((KP._keep_rank, {"sc_ptr": f32, "rk_ptr": "*i8"}, dict(BR=KP.KEEP_RANK_BR, BT=KP.KEEP_RANK_BT), 4))
     for lowp in (True, False):
         out.append((AP._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",
                                      "ox_ptr": f16, "os_ptr": f32, "osrc_ptr": "*i64"},
