@@ -421,6 +421,43 @@ def test_whisper_layers_written_out_equal_transformers_layers(dtype, monkeypatch
             tokenprune.remove(model)
 
 
+@pytest.mark.parametrize("family", ["hf_clip", "siglip", "whisper", "ast", "videomae"])
+def test_transformers_layers_key_bias_route_equals_sdpa(family, monkeypatch):
+    """Where the fused key-bias kernel applies (compiled on CUDA, or a large batch), transformers' layers under
+    ``tokenprune_sdpa`` hand it the merged tokens' key bias, q rescaled to the kernel's d^-0.5 (Whisper pre-scales q
+    and passes scaling 1; the others pass their own scaling). Taken here on the CPU (the decision forced, the op's
+    PyTorch reference running): the same tokens as SDPA with the bias as its mask, for merge and for cls after merging
+    (its scores read the recorded q and scale, unchanged). Whisper's layers run through transformers here as they do
+    when compiled (written out only in eager inference)."""
+    from tokenprune import kernels
+    from tokenprune.adapters import whisper as W
+
+    fam = FAMILIES[family]()
+    model, x = fam["model"], fam["x"][:1]
+    if family == "whisper":
+        monkeypatch.setattr(W, "hooks_free", lambda *a: False)
+    for name, mod in model.named_modules():  # logits of several units: cls's ranking depends on their scale
+        if name.endswith(("q_proj", "k_proj", "attention.query", "attention.key")) and hasattr(mod, "weight"):
+            mod.weight.data.mul_(4.0)
+    calls = []
+    real = kernels.biased_attention
+    for method in ("merge", ["merge", "cls"]):
+        tokenprune.apply(model, 0.5, method)
+        try:
+            with torch.no_grad():
+                monkeypatch.setattr(kernels, "biased_attention_applies", lambda bias, n, d: False)
+                ref = fam["tokens"](model, x)
+                monkeypatch.setattr(kernels, "biased_attention_applies", lambda bias, n, d: bias is not None)
+                monkeypatch.setattr(kernels, "biased_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+                out = fam["tokens"](model, x)
+                monkeypatch.setattr(kernels, "biased_attention", real)
+        finally:
+            tokenprune.remove(model)
+        assert calls and ref.shape == out.shape
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (method, (out - ref).abs().max())
+        calls.clear()
+
+
 def test_whisper_written_out_layer_keeps_a_custom_activation():
     """A layer whose activation is a subclass of transformers' GELUActivation with a forward of its own (its ``act`` is
     still F.gelu) runs that forward: at budget 1.0 the patched model equals the unpatched one."""

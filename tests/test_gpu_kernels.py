@@ -846,6 +846,45 @@ def test_eager_forward_never_waits_for_the_gpu(kind, method):
     assert rel(out, ref) < 1e-3
 
 
+@pytest.mark.skipif(ON_CPU, reason="the key-bias kernel's routing under torch.compile needs CUDA")
+@pytest.mark.parametrize("min_batch", [1, 2])
+def test_compiled_transformers_merge_runs_the_key_bias_kernel(min_batch):
+    """Compiled, a merged Whisper encoder (transformers' layers under ``tokenprune_sdpa``) runs the merged tokens' key
+    bias through the fused key-bias kernel where ``kernels.biased_attention_applies`` (``BA_MIN_BATCH_COMPILED`` 1:
+    batch 1 too), and SDPA with the bias as its mask with the batch floor above 1. Either way the output equals the
+    eager forward (written-out layers, SDPA) in float32."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(d_model=128, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=256,
+                        num_mel_bins=16, max_source_positions=600)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = WhisperEncoder(cfg).to(DEV).eval()
+    x = torch.randn(1, 16, 1200, device=DEV, generator=gen(14))
+    tokenprune.apply(model, budget=0.5, method="merge", layers=[0, 1])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    old = kernels.BA_MIN_BATCH_COMPILED
+    kernels.BA_MIN_BATCH_COMPILED = min_batch
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            ref = model(x).last_hidden_state
+            out = torch.compile(model, backend=backend, fullgraph=True)(x).last_hidden_state
+    finally:
+        kernels.BA_MIN_BATCH_COMPILED = old
+        torch._dynamo.reset()
+        tokenprune.remove(model)
+    calls = sum(g.count("tokenprune.biased_attention") for g in graphs)
+    assert calls == (3 if min_batch == 1 else 0), calls  # layers 1-3 follow a merge; layer 0 has no bias
+    assert rel(out, ref) < 1e-4
+
+
 # -- the cached launcher ----------------------------------------------------------------------------------
 @pytest.mark.skipif(ON_CPU, reason="the interpreter always takes Triton's own launch path")
 def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):

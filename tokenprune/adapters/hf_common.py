@@ -22,6 +22,7 @@ import copy
 
 import torch
 
+from .. import kernels
 from ..engine import QK, Forward, run_blocks
 from .base import ORIGINAL
 
@@ -83,6 +84,15 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         q = query if scaling is None else query * (float(scaling) * d ** 0.5)
         heads = kernel(q, key, value, bias)
         out, weights = heads.transpose(1, 2).contiguous(), None
+    elif (bias is not None and attention_mask is bias and not kwargs.get("output_attentions")
+          and not (module.training and kwargs.get("dropout")) and not getattr(module, "is_causal", False)
+          and kernels.biased_attention_applies(bias, query.shape[-2], query.shape[-1])):
+        # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel, which scales the
+        # scores by d^-0.5 itself (a layer's own scaling is folded into q, as for the kernel above)
+        d = query.shape[-1]
+        q = query if scaling is None else query * (float(scaling) * d ** 0.5)
+        heads = kernels.biased_attention(q, key, value, bias)
+        out, weights = heads.transpose(1, 2), None  # laid out [B, N, H, d]: the caller's reshape is free
     else:
         if kwargs.get("output_attentions"):
             raise ValueError("tokenprune: output_attentions=True needs eager attention; a reduced model keeps SDPA. "
