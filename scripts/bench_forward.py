@@ -15,7 +15,11 @@ and a Whisper-large-v3 encoder, bs 1, eager and reduce-overhead; ``long_siglip``
 reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone; ``long_sched`` / ``long_sched_siglip``:
 cls and merge with earlier stages than depth/4, /2, 3/4, and those schedules at no cost; ``kernels_long_sched``: the
 kernels of Whisper's earliest ones in the CUDA graph; ``block_curve``: one Whisper-large layer's and one SigLIP
-block's GPU time at every fourth token count), ``large`` (ViT-B bs 256, eager and
+block's GPU time at every fourth token count; ``long_sched_keep``: cls @1,5,9 (SigLIP @2,6,9) with its selection
+ranked by counting and sorted; ``long_sched_ba``: Whisper's merge @1,5,9 with its key bias in the fused kernel and in
+SDPA's mask; ``long_sched_siglip_late``: SigLIP cls and merge @3,7,11;
+``long_recipes_large``: cls and merge with those early stages, and merge, at bs 16 (Whisper) / 32 (SigLIP), eager
+and compiled default), ``large`` (ViT-B bs 256, eager and
 compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
@@ -329,6 +333,9 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
+            # one eager call first, as run_case makes (the plans and Triton kernels built outside the compile): the
+            # ViT-B merge graph census without it printed nothing in 185 s on two fresh machines (runs 58, 66)
+            forward_fn(case, mv)(x)
             run(x)
         print(f"# {case} bs {bs} {mode or 'default'} {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         p = profiled(run, x)
@@ -1140,6 +1147,35 @@ def main():
             run_case(case, 1, ["reduce-overhead"], [("cls", {}), CUTS[0]] + sched, budget, reps, args.smoke)
         if census:
             kernel_census(args.out, args.smoke, case, sched[-2:], budget, mode="reduce-overhead")
+    if "long_sched_ba" in parts:  # Whisper merge @1,5,9 compiled: the merged tokens' key bias in the fused kernel
+        from tokenprune import kernels as tk  # (transformers' layers via tokenprune_sdpa) or in SDPA as its mask
+
+        lay = [0, 1, 2] if args.smoke else [1, 5, 9]
+        run_case("whisper_large", 1, ["reduce-overhead"], [
+            (f"merge @{','.join(map(str, lay))}, key bias {name}", {"method": "merge", "layers": lay},
+             ((tk, {"BA_MIN_BATCH_COMPILED": floor}),)) for name, floor in (("kernel", 1), ("sdpa", 2))],
+            0.5, reps, args.smoke)
+    if "long_sched_siglip_late" in parts:  # SigLIP cls / merge @3,7,11: later stages than the recipe's 2,6,9
+        lay = [0, 1, 2] if args.smoke else [3, 7, 11]
+        run_case("siglip", 1, ["reduce-overhead"], [
+            (f"{pre}{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay, **kw})
+            for pre, meth, kw in (("cut: ", "cls", {"cut": True}), ("", "cls", {}), ("", "merge", {}))],
+            0.25, reps, args.smoke)
+    if "long_recipes_large" in parts:  # the batch-1 recipes' early stages at a large batch, eager and compiled
+        for case, bs, budget, lay in (("whisper_large", 16, 0.5, [1, 5, 9]), ("siglip", 32, 0.25, [2, 6, 9])):
+            lay = [0, 1, 2] if args.smoke else lay
+            run_case(case, 2 if args.smoke else bs, ["eager", "default"], [
+                (f"{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay}) for meth in ("cls", "merge")]
+                + [("merge", {})], budget, reps, args.smoke)
+    if "long_sched_keep" in parts:  # Whisper cls @1,5,9 (and SigLIP's): ranked by counting (_keep_rank) or sorted
+        from tokenprune.kernels import keep as kk  # in every program of _keep_step (KEEP_RANK_MIN_N out of reach)
+
+        for case, budget, lay in (("whisper_large", 0.5, [1, 5, 9]), ("siglip", 0.25, [2, 6, 9])):
+            lay = [0, 1, 2] if args.smoke else lay
+            run_case(case, 1, ["reduce-overhead"], [
+                (f"cls @{','.join(map(str, lay))}, {name}", {"method": "cls", "layers": lay},
+                 ((kk, {"KEEP_RANK_MIN_N": floor}),)) for name, floor in (("ranked", 512), ("sorted", 1 << 30))],
+                budget, reps, args.smoke)
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
         run_case("siglip", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.25, reps, args.smoke, host=True)
         run_case("whisper_large", 1, ["eager", "reduce-overhead"], [("cls", {})], 0.5, reps, args.smoke, host=True)
