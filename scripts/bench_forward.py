@@ -17,10 +17,9 @@ cls and merge with earlier stages than depth/4, /2, 3/4, and those schedules at 
 kernels of Whisper's earliest ones in the CUDA graph; ``block_curve``: one Whisper-large layer's and one SigLIP
 block's GPU time at every fourth token count; ``long_sched_keep``: cls @1,5,9 (SigLIP @2,6,9) with its selection
 ranked by counting and sorted; ``long_sched_ba``: Whisper's merge @1,5,9 with its key bias in the fused kernel and in
-SDPA's mask; ``long_sched_siglip_late``: SigLIP cls and merge @3,7,11;
-``long_recipes_large``: cls and merge with those early stages, and merge, at bs 16 (Whisper) / 32 (SigLIP), eager
-and compiled default), ``large`` (ViT-B bs 256, eager and
-compiled default; ``large_gemm``: the same with the GEMM stem in every row, the unreduced one included), ``others``
+SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and merge, at bs 16 (Whisper) / 32
+(SigLIP), eager and compiled default), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``: the same
+with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
 forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and
@@ -1155,12 +1154,6 @@ def main():
             (f"merge @{','.join(map(str, lay))}, key bias {name}", {"method": "merge", "layers": lay},
              ((tk, {"BA_MIN_BATCH_COMPILED": floor}),)) for name, floor in (("kernel", 1), ("sdpa", 2))],
             0.5, reps, args.smoke)
-    if "long_sched_siglip_late" in parts:  # SigLIP cls / merge @3,7,11: later stages than the recipe's 2,6,9
-        lay = [0, 1, 2] if args.smoke else [3, 7, 11]
-        run_case("siglip", 1, ["reduce-overhead"], [
-            (f"{pre}{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay, **kw})
-            for pre, meth, kw in (("cut: ", "cls", {"cut": True}), ("", "cls", {}), ("", "merge", {}))],
-            0.25, reps, args.smoke)
     if "long_recipes_large" in parts:  # the batch-1 recipes' early stages at a large batch, eager and compiled
         for case, bs, budget, lay in (("whisper_large", 16, 0.5, [1, 5, 9]), ("siglip", 32, 0.25, [2, 6, 9])):
             lay = [0, 1, 2] if args.smoke else lay
