@@ -6,7 +6,8 @@ through to it. On install, the patched model's attention modules get copies of t
 ``"tokenprune_sdpa"``: a registered function that receives the per-forward context as the keyword
 ``tokenprune=`` (the adapter's block function calls ``layer(x, ..., tokenprune=fwd)``), and then
 
-- adds the context's key bias (``log size``, ``[B, 1, 1, N]``) to SDPA's ``attention_mask``,
+- adds the context's key bias (``log size``, ``[B, 1, 1, N]``) to SDPA's ``attention_mask``, or, where the fused
+  key-bias kernel applies (``kernels.biased_attention_applies``: compiled, or a large batch), runs that kernel,
 - runs the reducer's replacement kernel instead of SDPA where the context names one (MAELRE),
 - records ``q``, ``k`` and the ``scaling`` into the context when the reducer asked for them,
 
