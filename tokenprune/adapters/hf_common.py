@@ -66,6 +66,12 @@ def bias_for(bias: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return bias
 
 
+def _standard_q(query, scaling):
+    """``query`` for a kernel that scales the scores by ``d ** -0.5`` itself (scores = q k^T / sqrt(d)): the layer's
+    own ``scaling`` folded in (Whisper pre-scales q and passes scaling=1)."""
+    return query if scaling is None else query * (float(scaling) * query.shape[-1] ** 0.5)
+
+
 def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, **kwargs):
     # runs in every attention call (batch 1 is bound by host time): no import, no op that would change nothing
     ctx = tokenprune
@@ -79,20 +85,14 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         attention_mask = bias if attention_mask is None else attention_mask + bias
     scaling = kwargs.get("scaling")
     if kernel is not None:
-        # a reducer replaces SDPA in this block (MAELRE's linear attention): the kernel takes q in the
-        # standard convention (scores = q k^T / sqrt(d)); Whisper pre-scales q and passes scaling=1
-        d = query.shape[-1]
-        q = query if scaling is None else query * (float(scaling) * d ** 0.5)
-        heads = kernel(q, key, value, bias)
+        # a reducer replaces SDPA in this block (MAELRE's linear attention)
+        heads = kernel(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2).contiguous(), None
     elif (bias is not None and attention_mask is bias and not kwargs.get("output_attentions")
           and not (module.training and kwargs.get("dropout")) and not getattr(module, "is_causal", False)
           and kernels.biased_attention_applies(bias, query.shape[-2], query.shape[-1])):
-        # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel, which scales the
-        # scores by d^-0.5 itself (a layer's own scaling is folded into q, as for the kernel above)
-        d = query.shape[-1]
-        q = query if scaling is None else query * (float(scaling) * d ** 0.5)
-        heads = kernels.biased_attention(q, key, value, bias)
+        # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel
+        heads = kernels.biased_attention(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2), None  # laid out [B, N, H, d]: the caller's reshape is free
     else:
         if kwargs.get("output_attentions"):
