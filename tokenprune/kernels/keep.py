@@ -102,7 +102,7 @@ KEEP_STEP_MAX_N = 4096  # non-prefix tokens one program sorts (in registers)
 KEEP_STEP_BC = 64  # output columns per tile
 # from this many non-prefix tokens, up to KEEP_RANK_MAX_BATCH samples are ranked by counting in a launch of their own
 # (_keep_rank: the compares spread over N / KEEP_RANK_BR programs) rather than sorted in every program of _keep_step
-# (Whisper-large, bs 1, H100: _keep_step 60 us at 1500 tokens and 58 at 1125 in run 61, mostly the sort of 2048
+# (Whisper-large, bs 1, H100: _keep_step 60 us at 1500 tokens and 58 at 1191 in run 61, mostly the sort of 2048
 # keys; ranked, 18 + 13 and 15 + 11 us in run 66; at SigLIP's 729 tokens ranking lost, 1.34x against 1.38x)
 KEEP_RANK_MIN_N, KEEP_RANK_MAX_BATCH, KEEP_RANK_BR, KEEP_RANK_BT = 1024, 4, 64, 64
 
