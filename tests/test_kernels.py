@@ -292,6 +292,40 @@ def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     assert all(blk.attn.qkv.weight.grad is not None for blk in model.blocks)
 
 
+@pytest.mark.parametrize("case", ["self", "cross", "grouped"])
+def test_transformers_attention_takes_the_key_bias_kernel_only_for_self_attention(T, monkeypatch, case):
+    """``tokenprune_sdpa`` (transformers' layers) hands the key bias to the fused kernel (run interpreted here) where
+    it applies, which reads as many keys as queries and one key head per query head. A decoder's cross-attention
+    over merged encoder tokens (3 queries, 9 keys, ``KeyBias``) and grouped key heads keep SDPA; self-attention takes
+    the kernel. All three equal SDPA with the bias as its mask (the kernel given the cross-attention's shapes would
+    read 3 of the 9 keys)."""
+    from tokenprune.adapters import hf_common
+    from tokenprune.engine import Forward
+
+    hf_common.register_kernel()
+    g = gen(44)
+    nq, hk = {"self": (9, 2), "cross": (3, 2), "grouped": (9, 1)}[case]
+    q = torch.randn(2, 2, nq, 16, generator=g)
+    k, v = [torch.randn(2, hk, 9, 16, generator=g) for _ in range(2)]
+    bias = torch.log(torch.randint(1, 4, (2, 1, 1, 9), generator=g).float())
+    module = torch.nn.Module().eval()
+    module.is_causal, module.num_key_value_groups = False, 2 // hk
+    ctx = hf_common.KeyBias([module], bias)
+    if case != "cross":  # the block loop's own context
+        ctx = Forward.__new__(Forward)
+        ctx.bias, ctx.kernel, ctx.want_qk = bias, None, False
+    _use_interpreted(monkeypatch, T)
+    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+    calls = []
+    real = T.attention.biased_attention
+    monkeypatch.setattr(T.attention, "biased_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    out, _ = hf_common._kernel(module, q, k, v, None, dropout=0.0, scaling=0.3, tokenprune=ctx)
+    kr, vr = (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)) if hk == 1 else (k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=bias, scale=0.3).transpose(1, 2)
+    assert len(calls) == (case == "self")
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
+
+
 # -- 2. query-row scores (kernels/scores.py) -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", [None, "full", "per_head", "values"])

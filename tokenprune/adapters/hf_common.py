@@ -88,10 +88,13 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         # a reducer replaces SDPA in this block (MAELRE's linear attention)
         heads = kernel(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2).contiguous(), None
-    elif (bias is not None and attention_mask is bias and not kwargs.get("output_attentions")
-          and not (module.training and kwargs.get("dropout")) and not getattr(module, "is_causal", False)
+    elif (bias is not None and attention_mask is bias and key.shape == query.shape and value.shape == query.shape
+          and not kwargs.get("output_attentions") and not (module.training and kwargs.get("dropout"))
+          and not getattr(module, "is_causal", False)
           and kernels.biased_attention_applies(bias, query.shape[-2], query.shape[-1])):
-        # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel
+        # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel, which takes as many
+        # keys as queries and as many key heads as query heads (a decoder's cross-attention or a pooling head, whose
+        # queries are not the keys, keeps SDPA)
         heads = kernels.biased_attention(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2), None  # laid out [B, N, H, d]: the caller's reshape is free
     else:
