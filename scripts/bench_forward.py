@@ -332,8 +332,8 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            # one eager call first, as run_case makes (the plans and Triton kernels built outside the compile): the
-            # ViT-B merge graph census without it printed nothing in 185 s on two fresh machines (runs 58, 66)
+            # one eager call first, as run_case makes (the plans and Triton kernels built outside the compile). A cold
+            # ViT-B merge compile ran past 110-190 s on fresh machines with or without it (runs 58, 66): give it time
             forward_fn(case, mv)(x)
             run(x)
         print(f"# {case} bs {bs} {mode or 'default'} {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
