@@ -21,11 +21,13 @@ SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and 
 (SigLIP), eager and compiled default), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``: the same
 with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
-``threshold``: threshold and cls alone). Where the time goes: ``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B
-forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order; ``kernels_b_merge``: merge and
-maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same for Whisper and SigLIP with cls,
-merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls
-and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time between kernels;
+``threshold``: threshold and cls alone), ``compile_kernels`` (compile time with every cache off and the distinct
+kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes: ``kernels_b`` (the GPU
+kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order;
+``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same for
+Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_b_graph``: ViT-B
+merge, merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time
+between kernels;
 ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager
 Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
 long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
@@ -303,6 +305,39 @@ def prof_table(fn, x, path):
     if DEV == "cuda":  # and where the GPU time goes (the Triton kernels have no CPU time of their own)
         text += "\n" + avg.table(sort_by="self_cuda_time_total", row_limit=25)
     path.write_text(text)
+
+
+def compile_kernels(smoke: bool, mode=None):
+    """How long ``torch.compile`` takes with every cache off (a fresh machine's first compile) and how many distinct
+    kernels Inductor generates, for ViT-B bs 1 unreduced, ``merge`` and merge-3-stages. After each reduction the
+    blocks see a new token count, so the generated kernels are per block rather than shared. On the CPU (or
+    ``--smoke``): a 12-block toy ViT (embed 96, 64 px, patch 16)."""
+    import copy
+    import re
+
+    import timm
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    if smoke or DEV == "cpu":
+        with torch.device(DEV):
+            m = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, depth=12, embed_dim=96,
+                                  num_heads=2, img_size=64).to(DTYPE).eval()
+        x = torch.randn(1, 3, 64, 64).to(DEV, DTYPE)
+    else:
+        m, x = model_and_input("vit_b", 1, smoke)
+    for name, kw in [("unreduced", None)] + chosen([("merge", {}), M3]):
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), settings(inductor_config, {"force_disable_caches": True}):
+            _, codes = run_and_get_code(torch.compile(mv, mode=mode, fullgraph=True), x)
+        src = "\n".join(codes)
+        defined = set(re.findall(r"^(\w+) = async_compile\.", src, re.M))
+        record(case="vit_b", bs=1, mode=mode or "default", variant=name, part="compile_kernels",
+               compile_s=round(time.perf_counter() - t0, 1), distinct_kernels=len(defined))
 
 
 def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, budget: float = 0.25, bs: int = 1,
@@ -1090,6 +1125,8 @@ def main():
     if "pyprof_whisper" in parts:  # the same for the Whisper-large encoder: unreduced, patched at 1.0, merge at 0.5
         python_profile(args.out, args.smoke, [("whisper_large", [("unreduced", None), ("merge", {})], 1.0),
                                               ("whisper_large", [("merge", {})], 0.5)])
+    if "compile_kernels" in parts:  # compile time with every cache off, and distinct generated kernels
+        compile_kernels(args.smoke)
     if "kernels_b" in parts:  # the GPU kernels of a compiled bs-1 ViT-B forward, per reducer
         kernel_census(args.out, args.smoke)
     # kernels_b for the every-block merge (its order files: what a step adds; the key mean from the attention's launch,
@@ -1216,6 +1253,10 @@ def main():
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
                   "host time before any work (frame, guards)")
+            continue
+        if r.get("part") == "compile_kernels":
+            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} compiled in {r['compile_s']} s (caches "
+                  f"off), {r['distinct_kernels']} distinct generated kernels")
             continue
         if r.get("part") == "kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
