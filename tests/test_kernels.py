@@ -326,6 +326,34 @@ def test_transformers_attention_takes_the_key_bias_kernel_only_for_self_attentio
     assert out.shape == ref.shape and rel(out, ref) < 1e-5
 
 
+def test_whisper_beam_search_with_the_key_bias_kernel_on(T, monkeypatch):
+    """``generate()`` with beams on a merged Whisper whose encoder runs transformers' layers (as when compiled), the
+    key-bias kernel applying at every batch (interpreted): the encoder's self-attention takes it, the decoder's
+    cross-attention over the merged encoder tokens stays on SDPA (the kernel never sees other keys than its queries'
+    count), and the generated tokens are those of the SDPA-only run."""
+    from test_adapters_matrix import make_whisper
+    from tokenprune.adapters import whisper as W
+
+    monkeypatch.setattr(W, "hooks_free", lambda *a: False)  # transformers' layers, not the written-out ones
+    fam = make_whisper()
+    model, x = fam["model"], fam["x"]
+    tokenprune.apply(model, budget=0.5, method="merge")
+    try:
+        with torch.no_grad():
+            ref = model.generate(input_features=x, num_beams=2, max_new_tokens=3, do_sample=False)
+            _use_interpreted(monkeypatch, T)
+            monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+            shapes = []
+            real = T.attention.biased_attention
+            monkeypatch.setattr(T.attention, "biased_attention", lambda *a: shapes.append(
+                (a[0].shape, a[1].shape)) or real(*a))
+            out = model.generate(input_features=x, num_beams=2, max_new_tokens=3, do_sample=False)
+    finally:
+        tokenprune.remove(model)
+    assert shapes and all(q == k for q, k in shapes), shapes[:4]
+    assert torch.equal(out, ref)
+
+
 # -- 2. query-row scores (kernels/scores.py) -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("weights", [None, "full", "per_head", "values"])
