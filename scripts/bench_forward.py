@@ -146,6 +146,11 @@ def chosen(variants):
     return [v for v in variants if ONLY is None or v[0] in ONLY]
 
 
+def at(layers) -> str:
+    """A schedule's part of a variant's name: ``at([1, 5, 9])`` is ``"@1,5,9"``."""
+    return "@" + ",".join(map(str, layers))
+
+
 def apply_variant(m, variant, budget):
     name, kw = variant[:2]
     kw = dict(kw)
@@ -307,7 +312,7 @@ def prof_table(fn, x, path):
     path.write_text(text)
 
 
-def compile_kernels(smoke: bool, mode=None):
+def compile_kernels(smoke: bool):
     """How long ``torch.compile`` takes with every cache off (a fresh machine's first compile) and how many distinct
     kernels Inductor generates, for ViT-B bs 1 unreduced, ``merge`` and merge-3-stages. After each reduction the
     blocks see a new token count, so the generated kernels are per block rather than shared. On the CPU (or
@@ -315,14 +320,11 @@ def compile_kernels(smoke: bool, mode=None):
     import copy
     import re
 
-    import timm
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     if smoke or DEV == "cpu":
-        with torch.device(DEV):
-            m = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, depth=12, embed_dim=96,
-                                  num_heads=2, img_size=64).to(DTYPE).eval()
+        m = timm_model("vit_base_patch16_224", False, num_classes=0, depth=12, embed_dim=96, num_heads=2, img_size=64)
         x = torch.randn(1, 3, 64, 64).to(DEV, DTYPE)
     else:
         m, x = model_and_input("vit_b", 1, smoke)
@@ -333,10 +335,10 @@ def compile_kernels(smoke: bool, mode=None):
         torch._dynamo.reset()
         t0 = time.perf_counter()
         with torch.inference_mode(), settings(inductor_config, {"force_disable_caches": True}):
-            _, codes = run_and_get_code(torch.compile(mv, mode=mode, fullgraph=True), x)
+            _, codes = run_and_get_code(torch.compile(mv, fullgraph=True), x)
         src = "\n".join(codes)
         defined = set(re.findall(r"^(\w+) = async_compile\.", src, re.M))
-        record(case="vit_b", bs=1, mode=mode or "default", variant=name, part="compile_kernels",
+        record(case="vit_b", bs=1, mode="default", variant=name, part="compile_kernels",
                compile_s=round(time.perf_counter() - t0, 1), distinct_kernels=len(defined))
 
 
@@ -367,9 +369,6 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         run = torch.compile(forward_fn(case, mv), mode=mode, fullgraph=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            # one eager call first, as run_case makes (the plans and Triton kernels built outside the compile). A cold
-            # ViT-B merge compile ran past 110-190 s on fresh machines with or without it (runs 58, 66): give it time
-            forward_fn(case, mv)(x)
             run(x)
         print(f"# {case} bs {bs} {mode or 'default'} {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         p = profiled(run, x)
@@ -1176,7 +1175,7 @@ def main():
         census = "kernels_long_sched" in parts and case == "whisper_large"
         if part not in parts and not census:
             continue
-        sched = [(f"{pre}{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay, **kw})
+        sched = [(f"{pre}{meth} {at(lay)}", {"method": meth, "layers": lay, **kw})
                  for lay in ([[0, 1, 2]] if args.smoke else sets)
                  for pre, meth, kw in (("cut: ", "cls", {"cut": True}), ("", "cls", {}), ("", "merge", {}))]
         if part in parts:
@@ -1188,14 +1187,14 @@ def main():
 
         lay = [0, 1, 2] if args.smoke else [1, 5, 9]
         run_case("whisper_large", 1, ["reduce-overhead"], [
-            (f"merge @{','.join(map(str, lay))}, key bias {name}", {"method": "merge", "layers": lay},
+            (f"merge {at(lay)}, key bias {name}", {"method": "merge", "layers": lay},
              ((tk, {"BA_MIN_BATCH_COMPILED": floor}),)) for name, floor in (("kernel", 1), ("sdpa", 2))],
             0.5, reps, args.smoke)
     if "long_recipes_large" in parts:  # the batch-1 recipes' early stages at a large batch, eager and compiled
         for case, bs, budget, lay in (("whisper_large", 16, 0.5, [1, 5, 9]), ("siglip", 32, 0.25, [2, 6, 9])):
             lay = [0, 1, 2] if args.smoke else lay
             run_case(case, 2 if args.smoke else bs, ["eager", "default"], [
-                (f"{meth} @{','.join(map(str, lay))}", {"method": meth, "layers": lay}) for meth in ("cls", "merge")]
+                (f"{meth} {at(lay)}", {"method": meth, "layers": lay}) for meth in ("cls", "merge")]
                 + [("merge", {})], budget, reps, args.smoke)
     if "long_sched_keep" in parts:  # Whisper cls @1,5,9 (and SigLIP's): ranked by counting (_keep_rank) or sorted
         from tokenprune.kernels import keep as kk  # in every program of _keep_step (KEEP_RANK_MIN_N out of reach)
@@ -1203,7 +1202,7 @@ def main():
         for case, budget, lay in (("whisper_large", 0.5, [1, 5, 9]), ("siglip", 0.25, [2, 6, 9])):
             lay = [0, 1, 2] if args.smoke else lay
             run_case(case, 1, ["reduce-overhead"], [
-                (f"cls @{','.join(map(str, lay))}, {name}", {"method": "cls", "layers": lay},
+                (f"cls {at(lay)}, {name}", {"method": "cls", "layers": lay},
                  ((kk, {"KEEP_RANK_MIN_N": floor}),)) for name, floor in (("ranked", 512), ("sorted", 1 << 30))],
                 budget, reps, args.smoke)
     if "long_cls" in parts:  # the long inputs' cls alone (its scores without a class token: received attention)
