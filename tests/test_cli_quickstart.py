@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.bench import device_busy_ms, host_time_ms, time_fn
+from tokenprune.bench import device_busy_ms, host_time_ms, pipelined_ms, time_fn
 from tokenprune.cli import main
 from tokenprune.commands.quickstart import speed_report
 
@@ -45,7 +45,7 @@ def test_quickstart_uses_the_assets_option_and_reports_warm_timings(tiny_assets,
     assert main(_quick("--assets", str(tiny_assets), "--budget", "0.5")) == 0
     cap = capsys.readouterr()
     model_dir = (tiny_assets / "vit-s14-cifar10").resolve()
-    assert f"loading vit-s14-cifar10" in cap.err and str(model_dir) in cap.err
+    assert "loading vit-s14-cifar10" in cap.err and str(model_dir) in cap.err
     assert "evaluating on 6 images" in cap.err
     assert "WARNING" not in cap.err and "RANDOM" not in cap.out
     assert f"data: 6 images from {tiny_assets / 'cifar10'}" in cap.out
@@ -82,6 +82,35 @@ def test_host_time_is_the_median_of_the_calls():
     t = host_time_ms(fn, "cpu", repeats=9)
     assert len(calls) == 9
     assert 1.0 <= t < 15.0
+
+
+def test_pipelined_time_is_the_best_loop_per_call():
+    calls = []
+
+    def fn():  # the first loop's calls (after one untimed call) take 20 ms, later ones 1 ms: the best loop's
+        calls.append(None)
+        time.sleep(0.020 if len(calls) <= 5 else 0.001)
+
+    t = pipelined_ms(fn, "cpu", calls=4, repeats=3)
+    assert len(calls) == 1 + 3 * 4
+    assert 1.0 <= t < 10.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipelined_time_hides_host_time_behind_the_device():
+    """A call whose host part (a sleep) is shorter than its kernels: one call with the device idle at its start
+    takes host + kernels, back-to-back calls about the kernels alone."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)  # ~1.5 ms a product
+    one = time_fn(lambda: a @ a, "cuda", warmup=3, repeats=10).median_ms
+
+    def call():
+        time.sleep(one / 4e3)  # a quarter of a product's time on the host before the launch
+        a @ a
+
+    single = time_fn(call, "cuda", warmup=3, repeats=10).median_ms
+    piped = pipelined_ms(call, "cuda", calls=20)
+    assert single > one * 1.2 and piped < single - one / 8
 
 
 def test_device_busy_time_is_none_off_cuda():

@@ -60,6 +60,33 @@ def time_fn(fn: Callable[[], object], device: str | torch.device, warmup: int = 
 
 
 @torch.inference_mode()
+def pipelined_ms(fn: Callable[[], object], device: str | torch.device, calls: int = 50, repeats: int = 5) -> float:
+    """Milliseconds per call of ``calls`` back-to-back ``fn()`` between two CUDA events (the lowest of ``repeats``
+    loops): the device's time per call once the host runs ahead of it, so a call's host time hides behind the
+    previous call's work wherever it is shorter. Against :func:`time_fn` (the device idle at each call's start) it
+    says how much of a batch-1 latency is host time before the device starts. Wall time off CUDA."""
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - t0) * 1e3 / calls)
+    return best
+
+
+@torch.inference_mode()
 def host_time_ms(fn: Callable[[], object], device: str | torch.device, repeats: int = 30) -> float:
     """Median host (CPU) time to issue one ``fn()``, the device idle at the start of each call: what CUDA
     events cannot see, and what bounds a batch-1 eager forward."""
