@@ -61,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenprune, not an installed one
 
 import tokenprune  # noqa: E402
-from tokenprune.bench import host_time_ms, time_fn  # noqa: E402
+from tokenprune.bench import host_time_ms, pipelined_ms, time_fn  # noqa: E402
 
 BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
        ("merge-3-stages", {"method": "merge", "layers": "thirds"}),
@@ -223,7 +223,9 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
     ``stem="gemm"``: every variant, the unreduced one included, runs its patch convolution as one GEMM
     (``tokenprune.fast_patch_embed``: the unreduced model's fastest stem). ``host``: each row also has ``host_ms``,
     the host time of one call with the GPU idle at its start (``host_time_ms``; compiled: the call's frame, guards
-    and graph launch, which a bs-1 latency includes before the GPU starts)."""
+    and graph launch, which a bs-1 latency includes before the GPU starts), and ``pipelined_ms``, the time per call
+    of back-to-back calls (``bench.pipelined_ms``: the host runs ahead, so it is the GPU's time where the host is
+    faster): a variant's ``ms`` above its ``pipelined_ms`` is host time before the GPU starts."""
     import copy
 
     m, x = model_and_input(case, bs, smoke)
@@ -277,6 +279,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             if host:  # compiled too: a bs-1 latency includes the call's host time before the GPU starts
                 with switched(e["switches"]):
                     row["host_ms"] = round(host_time_ms(lambda: e["run"](x), DEV), 4)
+                    row["pipelined_ms"] = round(pipelined_ms(lambda: e["run"](x), DEV), 4)
                 row["stages"] = 0 if plan is None else len(plan.stages)
             record(**row)
             if profile is not None and mode == "eager" and e["variant"] in profiled_variants:
@@ -1080,10 +1083,16 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, few repeats (checks the script)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="eager and others parts: write profiler tables too")
+    ap.add_argument("--stall-dump", type=float, metavar="S",
+                    help="every S seconds, print every thread's Python stack to stderr (where a compile that runs "
+                         "past its step's time limit is)")
     ap.add_argument("--variants", help="comma-separated variant names (e.g. merge,cls; a comma followed by a space "
                     "is part of a name): the parts built on run_case and kernel_census run only these beside the "
                     "unreduced model (a device call's time goes further)")
     args = ap.parse_args()
+    if args.stall_dump:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.stall_dump, repeat=True)
     SMOKE = args.smoke
     # names are split at commas not followed by a space: "merge,patched, budget 1.0" is two names
     ONLY = set(re.split(r",(?! )", args.variants)) if args.variants else None
