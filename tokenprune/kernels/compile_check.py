@@ -19,11 +19,12 @@ import argparse
 import itertools
 import os
 import re
-
-ALIGNED = re.compile(r"^(s[qkvoxym][bhn]|ox[bn]|D|C|chunk)$")  # token-tensor strides, head dim, channels, chunk
 import subprocess
 import sys
 import tempfile
+import time
+
+ALIGNED = re.compile(r"^(s[qkvoxym][bhn]|ox[bn]|D|C|chunk)$")  # token-tensor strides, head dim, channels, chunk
 
 
 def _configs():
@@ -230,10 +231,12 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
         sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                  if a not in consts and (sig[a].startswith("*") or (ALIGNED.match(a) and not d72))}
+        t0 = time.perf_counter()
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                            options=opts)
         row = {"kernel": fn.__name__, "config": dict(consts, **opts, **({"D72": True} if d72 else {})),
-               "shared": k.metadata.shared, "sweep_only": sweep_only}
+               "shared": k.metadata.shared, "sweep_only": sweep_only,
+               "compile_s": round(time.perf_counter() - t0, 2)}  # (a cache hit: ~0; TRITON_CACHE_DIR for cold)
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
                 f.write(k.asm["cubin"])
@@ -254,7 +257,7 @@ def check(arch: int = 90, verbose: bool = True) -> list[dict]:
             print(f"{row['kernel']:<12} {row['config']}  shared {row['shared']}  regs {row.get('registers')}  "
                   f"stack {row.get('stack')}  HGMMA {row.get('hgmma')}  LDGSTS {row.get('async_copies')}  "
                   f"LDL/STL {row.get('local_ld_st')}  16-byte / 2-byte loads {row.get('wide_loads')} / "
-                  f"{row.get('narrow_loads')}  FCHK {row.get('div_checks')}"
+                  f"{row.get('narrow_loads')}  FCHK {row.get('div_checks')}  {row['compile_s']} s"
                   + ("  (sweep variant)" if sweep_only else ""))
     return rows
 
