@@ -40,7 +40,9 @@ counts, the ``tokenprune_sdpa`` routing and the HF layer), ``dynamo_host`` (CPU 
 ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time
 too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1
 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge
-with the step's side program and the key mean from the attention's launch, each on and off), ``ba_tiles`` (the
+with the step's side program and the key mean from the attention's launch, each on and off; ``match_b1``: a merging
+block's attention and merge step, the matching in the attention's launch or in the step; ``match_forward``: ViT-B bs-1
+merge eager and reduce-overhead with that matching on and off), ``ba_tiles`` (the
 key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that
 settled a choice were removed once recorded (the history file names them and the commit that last had them).
 
@@ -859,6 +861,38 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
         print(f"{name:88} {us:>8}")
 
 
+def stack_sampler(every: float, depth: int = 30, top: int = 4) -> None:
+    """A daemon thread that samples the main thread's stack once a second (``sys._current_frames``, under the GIL:
+    faulthandler's timed dump reads frames without it and crashed Python 3.12 in the middle of a compile, run 76) and
+    every ``every`` seconds prints, for that period, the functions found in the most samples (inclusive: the
+    sampled stack holds them anywhere) and the ``top`` most frequent stacks (their innermost ``depth`` frames)."""
+    import collections
+    import threading
+    import traceback
+
+    main = threading.main_thread().ident
+
+    def run():
+        seen, funcs, t0 = collections.Counter(), collections.Counter(), time.time()
+        while True:
+            time.sleep(1.0)
+            frame = sys._current_frames().get(main)
+            if frame is not None:
+                stack = [f"{fs.filename.split('site-packages/')[-1]}:{fs.lineno} {fs.name}"
+                         for fs in traceback.extract_stack(frame)]
+                seen[tuple(stack[-depth:])] += 1
+                funcs.update({f.split(":")[0] + " " + f.split(" ")[-1] for f in stack})
+            if time.time() - t0 >= every:
+                n = sum(seen.values())
+                print(f"--- stack samples, {n} in {time.time() - t0:.0f} s; functions in the most samples:\n    "
+                      + "\n    ".join(f"{k} {f}" for f, k in funcs.most_common(40)), file=sys.stderr)
+                for stack, k in seen.most_common(top):
+                    print(f"  {k} samples:\n    " + "\n    ".join(stack), file=sys.stderr, flush=True)
+                seen, funcs, t0 = collections.Counter(), collections.Counter(), time.time()
+
+    threading.Thread(target=run, daemon=True, name="stack_sampler").start()
+
+
 def sweep_row(row, step, ref, repeats):
     """One launch-constant variant of a step in a sweep (``ba_tiles``, ``gram_tiles``): its outputs (a tuple) against
     ``ref`` (the default's; None: these are the default's), its graph-replay time and each kernel's GPU time
@@ -935,6 +969,37 @@ def merge_b1(smoke: bool, repeats: int):
             with settings(km, consts):
                 ref = sweep_row(row, lambda src=src, logs=logs: kernels.merge_step(
                     x, metric, sizes, src, 1, r, False, 196, logs, y, None, {})[:2], ref, repeats)
+
+
+def match_b1(smoke: bool, repeats: int):
+    """GPU: a bs-1 merging block's attention and merge step as a compiled merge forward calls them (ViT-B: 12 heads of
+    64, 768 columns, the log-size bias, the residual left to the step) at 197 and 113 tokens: the step matching on the
+    mean the attention's launch made, against the launch making the matching too (``match``; the step then only writes
+    rows). Graph replay of the pair; ``same``: the same attention output and merged tokens bit for bit."""
+    from tokenprune import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    c, h = (32, 2) if smoke else (768, 12)
+    for n, r in ((41, 6),) if smoke else ((197, 14), (113, 13)):
+        qkv = torch.randn(1, n, 3, h, c // h, generator=g).to(DEV, DTYPE)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        bias = (torch.rand(1, n, generator=g) * 2).log().to(DEV, DTYPE)[:, None, None, :]
+        x, y = (torch.randn(1, n, c, generator=g).to(DEV, DTYPE) for _ in range(2))
+        sizes = torch.randint(1, 4, (1, n), generator=g).float().to(DEV)
+        source = torch.randint(0, n, (1, 196), generator=g).to(DEV)
+
+        def own():
+            out, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
+            return (out, *kernels.merge_step(x, km, sizes, source, 1, r, False, 196, True, y, None, {})[:2])
+
+        def made():
+            out, km, mt = kernels.biased_attention(q, k, v, bias, key_mean=True, match=(1, r))
+            return (out, *kernels.merge_step(x, km, sizes, source, 1, r, False, 196, True, y, None, {}, mt)[:2])
+
+        ref = None
+        for name, step in (("step matches", own), ("matching from the attention", made)):
+            with settings(kernels, {"BA_MIN_BATCH_EAGER": 1}):  # the fused attention at bs 1 eager, as compiled
+                ref = sweep_row(dict(case="match_b1", bs=1, tokens=n, r=r, variant=name), step, ref, repeats)
 
 
 def ba_tiles(smoke: bool, repeats: int):
@@ -1084,15 +1149,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--profile", action="store_true", help="eager and others parts: write profiler tables too")
     ap.add_argument("--stall-dump", type=float, metavar="S",
-                    help="every S seconds, print every thread's Python stack to stderr (where a compile that runs "
-                         "past its step's time limit is)")
+                    help="sample the main thread's Python stack every second and, every S seconds, print the most "
+                         "frequent stacks since the last print to stderr (where a compile that runs past its step's "
+                         "time limit spends its time)")
     ap.add_argument("--variants", help="comma-separated variant names (e.g. merge,cls; a comma followed by a space "
                     "is part of a name): the parts built on run_case and kernel_census run only these beside the "
                     "unreduced model (a device call's time goes further)")
     args = ap.parse_args()
     if args.stall_dump:
-        import faulthandler
-        faulthandler.dump_traceback_later(args.stall_dump, repeat=True)
+        stack_sampler(args.stall_dump)
     SMOKE = args.smoke
     # names are split at commas not followed by a space: "merge,patched, budget 1.0" is two names
     ONLY = set(re.split(r",(?! )", args.variants)) if args.variants else None
@@ -1227,6 +1292,13 @@ def main():
              ((km, {"MERGE_STEP_SIDE_PROGRAM": side}),
               (tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0})))
             for side, mean in ((False, False), (False, True), (True, False), (True, True))], 0.25, reps, args.smoke)
+    if "match_b1" in parts:  # a bs-1 merging block's attention + merge step, the matching in the attention's launch
+        match_b1(args.smoke, reps)
+    if "match_forward" in parts:  # ViT-B bs-1 merge with the matching in the attention launches (default) or not
+        from tokenprune import kernels as tk
+        off = ("merge, match off", {"method": "merge"}, ((tk, {"MATCH_IN_ATTENTION_MAX_BATCH": 0}),))
+        for mode in ("eager", "reduce-overhead"):
+            run_case("vit_b", 1, [mode], [off, ("merge", {})], 0.25, reps, args.smoke, host=True)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
@@ -1256,7 +1328,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
-                                                              "block_curve"):
+                                                              "match_b1", "block_curve"):
             continue
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
