@@ -1831,6 +1831,34 @@ def test_every_dispatching_kernel_is_a_custom_op():
         assert getattr(torch.ops.tokenprune, name).default is not None
 
 
+def test_inductor_has_every_op_as_a_fallback_before_it_lowers_a_graph():
+    """Once Inductor is imported, the first fake call (tracing) registers every op as Inductor's fallback kernel with
+    the layout constraint Inductor's own path would give it, so Inductor never takes that path (which formats the op's
+    arguments' whole IR history: torch 2.11 spent minutes there on ViT-B's every-block merge). A fresh process:
+    lowerings are global, and another test's compile would have registered the ops Inductor's own way."""
+    import subprocess
+
+    code = """
+import torch, torch._inductor.lowering as L
+from torch._library.utils import get_layout_constraint_tag
+from torch._subclasses.fake_tensor import FakeTensorMode
+from tokenprune.kernels import custom_ops as CO
+targets = [op._opoverload for op in CO.OPS.values()]
+assert not any(t in L.lowerings for t in targets)
+with FakeTensorMode() as m:
+    q = m.from_tensor(torch.randn(1, 2, 10, 8))
+    torch.ops.tokenprune.biased_attention(q, q, q, None)
+assert all(t in L.lowerings for t in targets)
+want = {t: L.tag_to_layout_constraint(get_layout_constraint_tag(t, with_default=True)) for t in targets}
+assert all(L._maybe_layout_constraints.get(t) is want[t] for t in targets), want
+print(len(targets))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) == len(CO.OPS)
+
+
 @pytest.mark.parametrize("case", range(len(op_cases())), ids=OP_IDS)
 def test_custom_op_opcheck(case):
     """Schema, fake implementation and AOT dispatch (dynamic shapes) of each op, on CPU (the reference)."""

@@ -44,9 +44,47 @@ def _define(name: str, schema: str, fake, family: str | None = None, launch=None
             return getattr(R, name)(*args)
     op = torch.library.custom_op(f"tokenprune::{name}", launch, mutates_args=(), schema=schema)
     op.register_kernel("cpu", cpu)
-    op.register_fake(fake)
+
+    def fake_and_fallbacks(*args, **kwargs):
+        if not _FALLBACKS_MADE:
+            inductor_fallbacks()
+        return fake(*args, **kwargs)
+
+    op.register_fake(fake_and_fallbacks)
     OPS[name], LAUNCH[name], CPU[name], FAKE[name] = op, launch, cpu, fake
     return op
+
+
+_FALLBACKS_MADE = False
+
+
+def inductor_fallbacks() -> bool:
+    """Register every op with Inductor as a fallback kernel (what Inductor does itself at an op's first call in a
+    graph it lowers), once ``torch._inductor.lowering`` is imported; True once done. Called by the fake
+    implementations, which tracing runs before Inductor lowers the graph.
+
+    Why: Inductor's own registration of an op it has no lowering for formats the op's arguments for a log line first,
+    and torch 2.11 formats them eagerly, whatever the log level: each argument's IR printed with everything it was
+    computed from. An op first called late in a deep graph prints the graph's DAG as a tree: ViT-B's every-block merge
+    at batch 1 under ``reduce-overhead``, whose plain key-bias attention is first called in block 11 after 11 merge
+    steps, spent more than 10 minutes there (run 80, H100: every stack sample in ``ir.py``'s ``__str__``; run 57 had
+    that attention from block 1 on and compiled). Registered first, no op takes that path. Torch versions without
+    these internals keep Inductor's own path."""
+    global _FALLBACKS_MADE
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None:
+        return False
+    _FALLBACKS_MADE = True
+    try:
+        from torch._library.utils import get_layout_constraint_tag
+        for op in OPS.values():
+            target = op._opoverload
+            if target not in lowering.lowerings:  # the layout constraint Inductor's own path gives a custom op
+                constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(target, with_default=True))
+                lowering.make_fallback(target, layout_constraint=constraint, warn=False)
+    except (ImportError, AttributeError, TypeError):  # another torch: Inductor's own path
+        return False
+    return True
 
 
 def _none(like: torch.Tensor) -> torch.Tensor:
