@@ -243,6 +243,7 @@ def test_attention_launch_makes_the_merge_matching(T, monkeypatch, n, r, dtype):
     replays too, and compiled with fullgraph (the op); the merge step given it writes what it writes matching itself."""
     needs(dtype, 1, 12, n, 64)
     monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
+    monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 1)
     g = gen(7)
     qkv = randn(1, n, 3, 12, 64, dtype=dtype, g=g)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -267,7 +268,7 @@ def test_attention_launch_makes_the_merge_matching(T, monkeypatch, n, r, dtype):
     with poisoned(T):
         own, given = kernels.merge_step(*args), kernels.merge_step(*args, match=ref)
     for a, b_ in zip(own, given):
-        assert torch.equal(a, b_)
+        assert (a is None and b_ is None) or torch.equal(a, b_)
 
 
 @pytest.mark.parametrize("weights", ["none", "bias", "bias+w", "bias+o"])
@@ -987,11 +988,15 @@ def test_compiled_patched_timm_model_matches_eager(method):
 
 
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs")
-@pytest.mark.parametrize("method", ["merge", "maelre", "pitome", "cls", "apet"])
-def test_reduce_overhead_patched_timm_model_matches_eager(method):
+@pytest.mark.parametrize("method", ["merge", "maelre", "pitome", "cls", "apet", "merge, match in attention"])
+def test_reduce_overhead_patched_timm_model_matches_eager(monkeypatch, method):
     """``torch.compile(mode="reduce-overhead")`` at batch 1, the mode the README recommends there: the batch-1
     defaults (the keys' mean from the attention's launch, the merge step's side program) inside a CUDA graph, replayed
-    on new inputs, equal the eager forward. Benchmarks ran this mode; no test did before."""
+    on new inputs, equal the eager forward. Benchmarks ran this mode; no test did before. "match in attention":
+    ``MATCH_IN_ATTENTION_MAX_BATCH`` 1, whose counters must stay out of the graph's memory pool (run 80 failed so)."""
+    if method.endswith("match in attention"):
+        monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 1)
+        method = "merge"
     model, dtype, side = vit("tiny")
     tokenprune.apply(model, budget=0.25, method=method)
     xs = torch.randn(3, 1, 3, side, side, device=DEV, generator=gen(6)).to(dtype)

@@ -209,10 +209,14 @@ def key_mean_attention_applies(q) -> bool:
     return q.shape[0] <= KEY_MEAN_IN_ATTENTION_MAX_BATCH and _ba_kernel_applies(q, q.shape[-2], q.shape[-1])
 
 
-MATCH_IN_ATTENTION_MAX_BATCH = 1  # up to this batch, where the attention's launch averages the keys for a plain
+MATCH_IN_ATTENTION_MAX_BATCH = 0  # up to this batch, where the attention's launch averages the keys for a plain
 # merge step's one launch, it also matches on that mean (the last of a sample's mean programs to finish; attention.
 # _match_last) and the step only writes rows: the matching leaves the step's critical path (H100, run 68: 3.8 of the
-# step's 10.5 us at 197 tokens, 2.5 of 5.9 at 113). 0: never (bench_forward.py --parts merge_b1 times both)
+# step's 10.5 us at 197 tokens, 2.5 of 5.9 at 113). Run 77 (H100, bench_forward.py --parts match_b1, profiler GPU
+# time of the attention + step pair): 197 tokens 7.1 + 10.4 -> 8.7 + 7.0 us, 113 tokens 5.0 + 6.0 -> 6.5 + 3.5 us (the
+# launch grows by the matching's tail past the attention programs). 0 (off) until a forward is timed with it
+# (--parts match_forward; the compile it needs never finished on a GPU until the Inductor fix of custom_ops.
+# inductor_fallbacks) and its GPU tests pass (run 80 found its counters in a CUDA graph's pool; fixed, not rerun)
 
 
 def match_in_attention_applies(q, p: int, r: int, padded: bool) -> bool:

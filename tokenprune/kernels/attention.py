@@ -4,6 +4,8 @@ with a per-key bias (proportional attention on short sequences). References: ``r
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -357,15 +359,28 @@ _COUNTERS: dict = {}  # (device, stream) -> _match_last's arrival counters (int3
 
 def _arrival_counters(device, n: int):
     """At least ``n`` zeroed int32 counters for launches on ``device``'s current stream, kept for the next launches
-    (each launch sets them back to 0). Never kept when made during a CUDA graph's capture (its memory would be the
-    graph's): then a fresh buffer whose zeroing the graph records."""
+    (each launch sets them back to 0). Made on a thread of their own: a CUDA graph's warm-up (``reduce-overhead``'s
+    first calls) sends this thread's allocations to the graph's memory pool, which must hold no tensor the graph does
+    not return (run 80: torch refused the merged ViT-B). During a capture (no warm-up before it) a fresh buffer, not
+    kept, whose zeroing the graph records."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     ctr = _COUNTERS.get((device, stream))
-    if ctr is None or ctr.numel() < n:
-        ctr = torch.zeros(max(n, 8), device=device, dtype=torch.int32)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _COUNTERS[(device, stream)] = ctr
-    return ctr
+    if ctr is not None and ctr.numel() >= n:
+        return ctr
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(max(n, 8), device=device, dtype=torch.int32)
+    made = []
+
+    def make():
+        made.append(torch.zeros(max(n, 8), device=device, dtype=torch.int32))
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # zeroed before any launch on another stream reads it
+
+    worker = threading.Thread(target=make, name="tokenprune-counters")
+    worker.start()
+    worker.join()
+    _COUNTERS[(device, stream)] = made[0]
+    return made[0]
 
 
 def biased_attention_fits(n: int, d: int) -> bool:
