@@ -353,13 +353,7 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
         src_idx, unm_idx = edge[:, :r], edge[:, r:]
         dst_idx = match.gather(1, src_idx).long()
     else:
-        best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
-        best = best.float()
-        if padded:
-            best = best.masked_fill(sa <= 0, float("inf"))
-        edge = best.sort(dim=-1, descending=True, stable=True).indices
-        src_idx, unm_idx = edge[:, :r], edge[:, r:].sort(-1).values
-        dst_idx = best_b.gather(1, src_idx)
+        src_idx, unm_idx, dst_idx = _merge_choice(metric, p, r, sa, sb, padded)
     n_unm = na - r
     prim = torch.cat([torch.arange(p, device=dev).expand(b, p), p + 2 * unm_idx,
                       (p + 1 + 2 * torch.arange(nb, device=dev)).expand(b, nb)], 1)
@@ -381,16 +375,28 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     return new_x, new_sizes, new_source
 
 
+def _merge_choice(metric, p: int, r: int, sa=None, sb=None, padded: bool = False):
+    """:func:`merge_step`'s matching and choice: the ``r`` A tokens merged away (the best-matched first; ties: the
+    lower index; ``padded``: A tokens of size ``sa`` 0 first, B tokens of size ``sb`` 0 never partners), the kept A
+    tokens in spatial order, and each merged one's B partner, ``[B, r]`` / ``[B, Na - r]`` / ``[B, r]``."""
+    best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
+    best = best.float()
+    if padded:
+        best = best.masked_fill(sa <= 0, float("inf"))
+    edge = best.sort(dim=-1, descending=True, stable=True).indices
+    src_idx = edge[:, :r]
+    return src_idx, edge[:, r:].sort(-1).values, best_b.gather(1, src_idx)
+
+
 def merge_match(metric: torch.Tensor, p: int, r: int) -> torch.Tensor:
     """:func:`merge_step`'s matching alone (no padding, no order): ``[B, Na]`` int32, A token ``i``'s B partner where
     it is one of the ``r`` merged away (the best-matched; ties: the lower index), else -1. ``metric`` ``[B, T, d]``
     or keys ``[B, H, T, d]`` (their :func:`key_mean`)."""
     if metric.dim() == 4:
         metric = key_mean(metric)
-    best, best_b = bipartite_best(metric[:, p:])
-    src = best.float().sort(dim=-1, descending=True, stable=True).indices[:, :r]
-    out = torch.full(best.shape, -1, dtype=torch.int32, device=metric.device)
-    return out.scatter_(1, src, best_b.gather(1, src).to(torch.int32))
+    src, _, dst = _merge_choice(metric, p, r)
+    out = torch.full((metric.shape[0], (metric.shape[1] - p + 1) // 2), -1, dtype=torch.int32, device=metric.device)
+    return out.scatter_(1, src, dst.to(torch.int32))
 
 
 def apet_merge(x: torch.Tensor, sizes: torch.Tensor | None, target: torch.Tensor, keep_idx: torch.Tensor,
