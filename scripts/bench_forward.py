@@ -880,6 +880,10 @@ def stack_sampler(every: float, depth: int = 30, top: int = 4) -> None:
             if frame is not None:
                 stack = [f"{fs.filename.split('site-packages/')[-1]}:{fs.lineno} {fs.name}"
                          for fs in traceback.extract_stack(frame)]
+                # let the frames go now: held through the sleep, they keep their locals alive, and tensors that a
+                # CUDA graph's warm-up made and dropped then sit in its pool untracked (run 81: torch refused the
+                # next recording, "3 tensor(s) in the cudagraph pool not tracked as outputs")
+                frame = None
                 seen[tuple(stack[-depth:])] += 1
                 funcs.update({f.split(":")[0] + " " + f.split(" ")[-1] for f in stack})
             if time.time() - t0 >= every:
