@@ -40,9 +40,7 @@ counts, the ``tokenprune_sdpa`` routing and the HF layer), ``dynamo_host`` (CPU 
 ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time
 too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1
 merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge
-with the step's side program and the key mean from the attention's launch, each on and off; ``match_b1``: a merging
-block's attention and merge step, the matching in the attention's launch or in the step; ``match_forward``: ViT-B bs-1
-reduce-overhead merge with that matching on and off), ``ba_tiles`` (the
+with the step's side program and the key mean from the attention's launch, each on and off), ``ba_tiles`` (the
 key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that
 settled a choice were removed once recorded (the history file names them and the commit that last had them).
 
@@ -975,37 +973,6 @@ def merge_b1(smoke: bool, repeats: int):
                     x, metric, sizes, src, 1, r, False, 196, logs, y, None, {})[:2], ref, repeats)
 
 
-def match_b1(smoke: bool, repeats: int):
-    """GPU: a bs-1 merging block's attention and merge step as a compiled merge forward calls them (ViT-B: 12 heads of
-    64, 768 columns, the log-size bias, the residual left to the step) at 197 and 113 tokens: the step matching on the
-    mean the attention's launch made, against the launch making the matching too (``match``; the step then only writes
-    rows). Graph replay of the pair; ``same``: the same attention output and merged tokens bit for bit."""
-    from tokenprune import kernels
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    c, h = (32, 2) if smoke else (768, 12)
-    for n, r in ((41, 6),) if smoke else ((197, 14), (113, 13)):
-        qkv = torch.randn(1, n, 3, h, c // h, generator=g).to(DEV, DTYPE)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        bias = (torch.rand(1, n, generator=g) * 2).log().to(DEV, DTYPE)[:, None, None, :]
-        x, y = (torch.randn(1, n, c, generator=g).to(DEV, DTYPE) for _ in range(2))
-        sizes = torch.randint(1, 4, (1, n), generator=g).float().to(DEV)
-        source = torch.randint(0, n, (1, 196), generator=g).to(DEV)
-
-        def own():
-            out, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
-            return (out, *kernels.merge_step(x, km, sizes, source, 1, r, False, 196, True, y, None, {})[:2])
-
-        def made():
-            out, km, mt = kernels.biased_attention(q, k, v, bias, key_mean=True, match=(1, r))
-            return (out, *kernels.merge_step(x, km, sizes, source, 1, r, False, 196, True, y, None, {}, mt)[:2])
-
-        ref = None
-        for name, step in (("step matches", own), ("matching from the attention", made)):
-            with settings(kernels, {"BA_MIN_BATCH_EAGER": 1}):  # the fused attention at bs 1 eager, as compiled
-                ref = sweep_row(dict(case="match_b1", bs=1, tokens=n, r=r, variant=name), step, ref, repeats)
-
-
 def ba_tiles(smoke: bool, repeats: int):
     """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; ViT-B's 12 heads of 64, fp16)
     at token counts of a merged ViT-B forward, batch 256 and 1: its default tile against fixed tiles and pipeline
@@ -1296,12 +1263,6 @@ def main():
              ((km, {"MERGE_STEP_SIDE_PROGRAM": side}),
               (tokenprune.kernels, {"KEY_MEAN_IN_ATTENTION_MAX_BATCH": 8 if mean else 0})))
             for side, mean in ((False, False), (False, True), (True, False), (True, True))], 0.25, reps, args.smoke)
-    if "match_b1" in parts:  # a bs-1 merging block's attention + merge step, the matching in the attention's launch
-        match_b1(args.smoke, reps)
-    if "match_forward" in parts:  # ViT-B bs-1 reduce-overhead merge with the matching in the attention launches or not
-        from tokenprune import kernels as tk  # (eager bs 1 keeps SDPA, BA_MIN_BATCH_EAGER: the switch changes nothing)
-        on = ("merge, match in attention", {"method": "merge"}, ((tk, {"MATCH_IN_ATTENTION_MAX_BATCH": 1}),))
-        run_case("vit_b", 1, ["reduce-overhead"], [("merge", {}), on], 0.25, reps, args.smoke, host=True)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
@@ -1331,7 +1292,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
-                                                              "match_b1", "block_curve"):
+                                                              "block_curve"):
             continue
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "

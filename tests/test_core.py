@@ -568,9 +568,9 @@ def test_merge_leaves_the_last_residual_add_to_the_merge(monkeypatch, method, in
     deferred = []
     real = merge_mod.bipartite_merge
 
-    def spy(state, metric, r, **kw):
+    def spy(state, metric, r):
         deferred.append(state.residual is not None)
-        out = real(state, metric, r, **kw)
+        out = real(state, metric, r)
         assert out.residual is None
         return out
 

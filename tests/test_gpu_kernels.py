@@ -236,41 +236,6 @@ def test_biased_attention_key_mean(T, monkeypatch, b, h, n, d, dtype):
             assert torch.equal(m, ref)
 
 
-@pytest.mark.parametrize("n,r,dtype", [(197, 14, F16), (113, 13, BF16), (57, 28, F32)], ids=dtype_id)
-def test_attention_launch_makes_the_merge_matching(T, monkeypatch, n, r, dtype):
-    """``match=(p, r)`` at ViT-B's sizes, batch 1: the launch's matching is the reference's (``merge_match`` on the
-    launch's own mean), launch after launch on the same counters (each launch leaves them at 0), in a CUDA graph's
-    replays too, and compiled with fullgraph (the op); the merge step given it writes what it writes matching itself."""
-    needs(dtype, 1, 12, n, 64)
-    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
-    monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 1)
-    g = gen(7)
-    qkv = randn(1, n, 3, 12, 64, dtype=dtype, g=g)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    bias = size_bias(1, n, dtype, g)
-    assert kernels.match_in_attention_applies(q, 1, r, False)
-    with poisoned(T):
-        outs = [kernels.biased_attention(q, k, v, bias, key_mean=True, match=(1, r)) for _ in range(20)]
-        out, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
-    ref = R.merge_match(km, 1, r)
-    for o, m, mt in outs:
-        assert torch.equal(o, out) and torch.equal(m, km) and torch.equal(mt, ref)
-    if not ON_CPU:
-        from tokenprune.cuda import graphed
-        run = graphed(lambda a: kernels.biased_attention(a, k, v, bias, key_mean=True, match=(1, r))[2], q)
-        for _ in range(5):
-            assert torch.equal(run(q), ref)
-    comp = torch.compile(lambda *a: kernels.biased_attention(*a, key_mean=True, match=(1, r)), fullgraph=True)
-    assert torch.equal(comp(q, k, v, bias)[2], ref)
-    x, y = randn(1, n, 768, dtype=dtype, g=g), randn(1, n, 768, dtype=dtype, g=g)
-    sizes = torch.randint(1, 4, (1, n), device=DEV, generator=g).float()
-    args = (x, km, sizes, None, 1, r, False, 4 * n, True, y)
-    with poisoned(T):
-        own, given = kernels.merge_step(*args), kernels.merge_step(*args, match=ref)
-    for a, b_ in zip(own, given):
-        assert (a is None and b_ is None) or torch.equal(a, b_)
-
-
 @pytest.mark.parametrize("weights", ["none", "bias", "bias+w", "bias+o"])
 @pytest.mark.parametrize("b,h,n,d,dtype", [
     (2, 12, 197, 64, F16), (3, 5, 1013, 128, BF16), (1, 4, 65536 + 3, 64, F16), (256, 12, 197, 64, F16),
@@ -988,15 +953,11 @@ def test_compiled_patched_timm_model_matches_eager(method):
 
 
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs")
-@pytest.mark.parametrize("method", ["merge", "maelre", "pitome", "cls", "apet", "merge, match in attention"])
-def test_reduce_overhead_patched_timm_model_matches_eager(monkeypatch, method):
+@pytest.mark.parametrize("method", ["merge", "maelre", "pitome", "cls", "apet"])
+def test_reduce_overhead_patched_timm_model_matches_eager(method):
     """``torch.compile(mode="reduce-overhead")`` at batch 1, the mode the README recommends there: the batch-1
     defaults (the keys' mean from the attention's launch, the merge step's side program) inside a CUDA graph, replayed
-    on new inputs, equal the eager forward. Benchmarks ran this mode; no test did before. "match in attention":
-    ``MATCH_IN_ATTENTION_MAX_BATCH`` 1, whose counters must stay out of the graph's memory pool (run 80 failed so)."""
-    if method.endswith("match in attention"):
-        monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 1)
-        method = "merge"
+    on new inputs, equal the eager forward. Benchmarks ran this mode; no test did before."""
     model, dtype, side = vit("tiny")
     tokenprune.apply(model, budget=0.25, method=method)
     xs = torch.randn(3, 1, 3, side, side, device=DEV, generator=gen(6)).to(dtype)

@@ -263,80 +263,6 @@ def test_key_mean_from_attention_in_reduced_timm_forward(T, monkeypatch, method)
     assert rel(out, ref) < 1e-5  # (the first block's attention from the kernel, not SDPA: not bit for bit)
 
 
-@pytest.mark.parametrize("b,h,n,d,p,r,dtype", [
-    (1, 12, 197, 64, 1, 48, torch.float16),  # ViT-B's first merge step at batch 1 (98 A tokens, 4 tile programs)
-    (1, 3, 38, 16, 1, 18, torch.float32),  # every B token a partner; an odd count of non-prefix tokens
-    (2, 4, 50, 32, 0, 20, torch.float16),  # two samples, no prefix
-    (1, 2, 21, 16, 4, 1, torch.float16),  # four prefix tokens, one merged
-])
-def test_attention_launch_makes_the_merge_steps_matching(T, b, h, n, d, p, r, dtype):
-    """``match=(p, r)``: the last of each sample's mean programs to finish matches on the whole mean (a counter
-    per sample, left at 0 for the next launch): the reference's matching (``merge_match``: partners of the r
-    best-matched A tokens, -1 elsewhere), the mean and the attention as without it; the merge step given that
-    matching writes what it writes matching by itself; the launch again, on the same counters, the same."""
-    g = gen(18)
-    q, k, v = _qkv_views(b, h, n, d, g, dtype)
-    bb = size_bias(b, n, g, dtype)
-    out, km, mt = T.attention.biased_attention(q, k, v, bb, True, (p, r))
-    assert mt.dtype == torch.int32 and torch.equal(mt, R.merge_match(k, p, r))
-    assert ((mt >= 0).sum(1) == r).all()
-    assert torch.equal(km, T.attention.biased_attention(q, k, v, bb, True)[1])
-    assert torch.equal(out, T.attention.biased_attention(q, k, v, bb))
-    assert not T.attention._arrival_counters(q.device, b).any()
-    assert torch.equal(T.attention.biased_attention(q, k, v, bb, True, (p, r))[2], mt)
-    x = torch.randn(b, n, 40, generator=g).to(dtype)
-    sizes = torch.randint(1, 4, (b, n), generator=g).float()
-    args = (x, km, sizes, torch.arange(n).expand(b, n), p, r, False, 4 * n, True)
-    own = T.merge.merge_step(*args)
-    given = T.merge.merge_step(*args, match=mt)
-    for o, gv in zip(own, given):
-        assert torch.equal(o, gv)
-    for o, e in zip(given, R.merge_step(*args, match=mt)):
-        assert torch.allclose(o.double(), e.double(), rtol=2e-3, atol=2e-3)
-
-
-def test_merge_step_refuses_a_matching_it_cannot_take(T):
-    """A matching for another token count, or with padding slots (their sizes take part in the matching), is refused
-    with what the one launch takes."""
-    g = gen(19)
-    x, metric = torch.randn(1, 21, 8, generator=g), torch.randn(1, 21, 8, generator=g)
-    mt = R.merge_match(metric, 1, 4)
-    with pytest.raises(ValueError, match="matched_step_applies"):
-        T.merge.merge_step(x, metric, None, None, 3, 4, False, match=mt)
-    with pytest.raises(ValueError, match="matched_step_applies"):
-        T.merge.merge_step(x, metric, torch.ones(1, 21), None, 1, 4, True, match=mt)
-    with pytest.raises(ValueError, match="key_mean"):
-        kernels.biased_attention(*_qkv_views(1, 2, 21, 8, g, torch.float32), match=(1, 4))
-
-
-def test_matching_from_attention_in_reduced_timm_forward(T, monkeypatch):
-    """A batch-1 every-block merge forward with the matching from the attention launches
-    (``MATCH_IN_ATTENTION_MAX_BATCH``): every merging block's launch made its step's matching, every step took it
-    (and matched nothing itself), and the logits are those of the steps matching themselves, bit for bit."""
-    import tokenprune
-    from conftest import tiny_vit
-
-    model = tiny_vit()
-    x = torch.randn(1, 3, 32, 32, generator=gen(20))
-    tokenprune.apply(model, budget=0.5, method="merge")
-    _use_interpreted(monkeypatch, T)
-    monkeypatch.setattr(kernels, "BA_MIN_BATCH_EAGER", 1)
-    monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 0)
-    with torch.no_grad():
-        ref = model(x)
-    monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 1)
-    calls, given = [], []
-    real, step = T.attention.biased_attention, kernels.merge_step
-    monkeypatch.setattr(T.attention, "biased_attention", lambda *a: calls.append(a[5:]) or real(*a))
-    monkeypatch.setattr(kernels, "merge_step", lambda *a, **k: given.append(k["match"]) or step(*a, **k))
-    with torch.no_grad():
-        out = model(x)
-    merging = {s.block for s in tokenprune.plan(model).stages if s.block >= 0}
-    assert len(given) == len(merging) > 1 and all(m is not None and m.dtype == torch.int32 for m in given)
-    assert sum(1 for c in calls if c and c[0] is not None) == len(merging)
-    assert torch.equal(out, ref)
-
-
 def test_biased_attention_runs_in_reduced_timm_forward(T, monkeypatch):
     """A merged (sized) timm forward routes its biased blocks through the kernel from BA_MIN_BATCH_EAGER samples
     on (eager), and gives the logits of SDPA with attn_mask; with grad enabled the kernel (no backward) is never used."""
@@ -1785,7 +1711,6 @@ def op_cases():
         ("efficient_attention", (q, k, v, bias)), ("efficient_attention", (q, k, v, None)),
         ("biased_attention", (q, k, v, bias)), ("biased_attention", (q, k, v, None)),
         ("biased_attention_key_mean", (q, k, v, bias)), ("biased_attention_key_mean", (q, k, v, None)),
-        ("biased_attention_match", (q, k, v, bias, p, 3)), ("biased_attention_match", (q, k, v, None, 0, 5)),
         ("query_scores", (q[:, :, 0], k, 0.3, bias, torch.rand(b, h, n, generator=g), None)),
         ("query_scores", (q[:, :, 0], k, 0.3, None, None, None)),
         ("query_scores", (q[:, :, 0], k, 0.3, bias, None, v)),
@@ -1799,8 +1724,6 @@ def op_cases():
         ("gather_rows", (x, torch.randint(0, t, (b, 5), generator=g))),
         ("merge_step", (x, metric, sizes, source, p, 4, True, t, True, torch.randn(b, t, c, generator=g))),
         ("merge_step", (x, metric, None, None, 0, 6, False, None, False, None)),
-        ("merge_step", (x, metric, sizes.clamp(min=1), source, p, 4, False, t, True, x * 0.5, None,
-                        R.merge_match(metric, p, 4))),
         ("merge_step", (x, metric, sizes, source, p + 6, 3, True, t, True, torch.randn(b, t, c, generator=g), perm)),
         ("merge_step", (x, qkv_keys(b, t, 3, 6, g), sizes, source, p + 6, 3, True, t, True, None, perm)),
         ("pitome_order", (metric, sizes, p, 6, 0.3, True)), ("pitome_order", (metric, None, p, 5, -0.2, False)),
@@ -1822,8 +1745,7 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 
 def test_every_dispatching_kernel_is_a_custom_op():
-    public = {"efficient_attention", "biased_attention", "biased_attention_key_mean", "biased_attention_match",
-              "query_scores", "received_scores", "bipartite_best",
+    public = {"efficient_attention", "biased_attention", "biased_attention_key_mean", "query_scores", "received_scores", "bipartite_best",
               "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors",
               "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step", "max_min_select"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
@@ -1904,15 +1826,6 @@ def key_mean_attention(q, k, v, bias):
     return out, R.key_mean(k) if km is None else km
 
 
-def match_attention(q, k, v, bias, p, r):
-    """``kernels.biased_attention(..., match=(p, r))`` where :func:`kernels.match_in_attention_applies`, else the
-    caller's fallback (the mean and the reference matching): every path, the same outputs."""
-    if kernels.match_in_attention_applies(q, p, r, False):
-        return kernels.biased_attention(q, k, v, bias, key_mean=True, match=(p, r))
-    out, km = key_mean_attention(q, k, v, bias)
-    return out, km, R.merge_match(km, p, r)
-
-
 def call_every_kernel(c):
     """Every public dispatch function of tokenprune.kernels on the inputs ``c`` (a dict); their tensor
     outputs, None left out."""
@@ -1920,7 +1833,6 @@ def call_every_kernel(c):
     out = [kernels.efficient_attention(c["q"], c["k"], c["v"], c["bias"]),
            kernels.biased_attention(c["q"], c["k"], c["v"], c["bias"]),
            *key_mean_attention(c["q"], c["k"], c["v"], c["bias"]),
-           *match_attention(c["q"], c["k"], c["v"], c["bias"], 1, 3),
            kernels.query_scores(c["q"][:, :, 0], c["k"], 0.3, c["bias"], None, c["v"]),
            kernels.received_scores(c["q"], c["k"], 0.3, c["bias"], None),
            *kernels.bipartite_best(c["metric"][:, p:], c["valid_b"]),
@@ -1928,7 +1840,6 @@ def call_every_kernel(c):
            kernels.gather_rows(c["x"], c["prim"]),
            *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p, 4, True, t, True, c["x"] * 0.5),
            *kernels.merge_step(c["x"], c["metric"], None, None, p, 3, False),
-           *kernels.merge_step(c["x"], c["metric"], None, None, p, 3, False, match=R.merge_match(c["metric"], p, 3)),
            *kernels.merge_step(c["x"], c["keys"], c["sizes"], c["source"], p, 4, False, t, True, c["x"] * 0.5),
            *kernels.pitome_order(c["metric"], c["sizes"], p, 8, 0.3, False),
            *kernels.merge_step(c["x"], c["metric"], c["sizes"], c["source"], p + 4, 4, False, t, True, c["x"] * 0.5,
@@ -1997,7 +1908,6 @@ def test_compile_fullgraph_through_custom_ops(T, monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(kernels, "_impl", lambda: T)
     monkeypatch.setattr(kernels, "KEY_MEAN_IN_ATTENTION_MAX_BATCH", 8)
-    monkeypatch.setattr(kernels, "MATCH_IN_ATTENTION_MAX_BATCH", 8)
     c = compile_inputs()
     ref = call_every_kernel(c)  # eager, not forced: the references (the interpreted launchers for the CUDA-only steps)
     monkeypatch.setattr(kernels, "_FORCE_OP_FOR_TESTS", True)

@@ -18,8 +18,6 @@ A block function is ``block_fn(block, x, fwd) -> x``. It reads
   (a :class:`QK`; references, no copies); :func:`attend` does the attention and this for a written-out block,
 - ``fwd.key_mean``: the reducer matches on the keys' head mean (ToMe): where the fused key-bias kernel runs,
   :func:`attend` has its launch average them too (``QK.k_mean``),
-- ``fwd.match``: ``(p, r)`` of the plain merge step after this block (``Reducer.match_requests``) or None: where
-  the launch averages the keys it may also make that step's matching (``QK.match``),
 - ``fwd.slot``: if true, the block may return the input of its last residual add and put the
   branch in ``fwd.residual`` (the merge that follows adds the two in its row gather),
 - ``fwd.mid``: stages to perform inside this block, between attention and MLP (ToMe's placement). A block
@@ -56,7 +54,6 @@ class QK:
     bias: torch.Tensor | None = None
     out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when the adapter records it
     k_mean: torch.Tensor | None = None  # k.mean(1) [B, N, d], where the attention's launch computed it
-    match: tuple | None = None  # ((p, r), mt [B, Na] int32): the merge step's matching, where the launch made it
 
     def key_mean(self) -> torch.Tensor:
         """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric)."""
@@ -73,21 +70,17 @@ def attend(fwd: "Forward", q, k, v, scale: float, dropout: float = 0.0) -> torch
     fused key-bias kernel where it applies (``kernels.biased_attention_applies``; SDPA's masked path is slower) or
     where it also averages the keys for the reducer (``kernels.key_mean_attention_applies``), else SDPA with
     ``fwd.bias``; records ``fwd.qk`` when the reducer wants it."""
-    bias, km, match = fwd.bias, None, None
+    bias, km = fwd.bias, None
     if fwd.kernel is not None:
         o = fwd.kernel(q, k, v, bias)
     elif dropout == 0.0 and fwd.want_qk and fwd.key_mean and kernels.key_mean_attention_applies(q):
-        if fwd.match is not None and kernels.match_in_attention_applies(q, *fwd.match, fwd.state.padded):
-            o, km, mt = kernels.biased_attention(q, k, v, bias, key_mean=True, match=fwd.match)
-            match = (fwd.match, mt)
-        else:
-            o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
+        o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
     elif dropout == 0.0 and kernels.biased_attention_applies(bias, q.shape[-2], q.shape[-1]):
         o = kernels.biased_attention(q, k, v, bias)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     if fwd.want_qk:
-        fwd.qk = QK(q, k, scale, bias, o, km, match)
+        fwd.qk = QK(q, k, scale, bias, o, km)
     return o
 
 
@@ -118,15 +111,13 @@ class Program:
     slot: tuple  # per block: bool, the block may leave its last residual add to the reducer
     mid: tuple = ()  # per block: stages inside it, between attention and MLP
     mid_fuse: bool = False  # the inside stages add the attention branch themselves (like `slot`)
-    match: tuple = ()  # per block: (p, r) of the plain merge step after it (Reducer.match_requests), or None
-    # per block: (kernel, want_qk, slot, mid, stages, match), the fields above as one tuple (what run_blocks reads:
-    # one unpacking per block is cheaper to run, and for torch.compile to trace, than six lookups)
+    # per block: (kernel, want_qk, slot, mid, stages), the fields above as one tuple (what run_blocks reads: one
+    # unpacking per block is cheaper to run, and for torch.compile to trace, than five lookups)
     steps: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         mid = self.mid or ((),) * len(self.stages)
-        match = self.match or (None,) * len(self.stages)
-        object.__setattr__(self, "steps", tuple(zip(self.kernel, self.want_qk, self.slot, mid, self.stages, match)))
+        object.__setattr__(self, "steps", tuple(zip(self.kernel, self.want_qk, self.slot, mid, self.stages)))
 
     @classmethod
     def build(cls, plan, reducer, mid_block: bool = False) -> "Program":
@@ -145,16 +136,14 @@ class Program:
         kernel = tuple(reducer.attention_kernel(p) for p in paths)
         slot = tuple(fuse and i in at for i in range(depth))
         inside = tuple(tuple(mid.get(i, ())) for i in range(depth))
-        requests = reducer.match_requests(plan) if getattr(reducer, "wants_key_mean", False) else {}
-        match = tuple(requests.get(i) if want_qk[i] else None for i in range(depth))
-        return cls(plan, tuple(at.get(-1, ())), stages, want_qk, kernel, slot, inside, fuse, match)
+        return cls(plan, tuple(at.get(-1, ())), stages, want_qk, kernel, slot, inside, fuse)
 
 
 class Forward:
     """Everything about one encoder forward. Created by the adapter's forward, passed explicitly."""
 
     __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "key_mean", "slot", "qk", "residual", "mid",
-                 "mid_fuse", "match")
+                 "mid_fuse")
 
     def __init__(self, patch):
         self.patch = patch  # the installed patch: reducer and plans (read-only during the forward)
@@ -168,7 +157,6 @@ class Forward:
         self.residual: torch.Tensor | None = None
         self.mid: tuple = ()
         self.mid_fuse = False
-        self.match: tuple | None = None
 
     def reduce_mid(self, x: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
         """Perform this block's inside stages (``fwd.mid``) on the tokens ``x + branch`` (the attention residual
@@ -367,11 +355,11 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
     for stage in prog.before:
         state = reducer.reduce(state, stage, None)
     i = 0
-    for blk, (kernel, want_qk, slot, mid, stages, match) in zip(blocks, prog.steps, strict=True):  # one per block
+    for blk, (kernel, want_qk, slot, mid, stages) in zip(blocks, prog.steps, strict=True):  # one step per block
         x = state.x
         state.tokens_per_block.append(x.shape[1])
         fwd.bias = state.attn_bias(x.dtype)
-        fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid, fwd.match = kernel, want_qk, slot, mid, match
+        fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid = kernel, want_qk, slot, mid
         x = block_fn(blk, x, fwd)
         state = fwd.state  # a stage inside the block may have replaced it
         qk, state.x, state.residual, state.block = fwd.qk, x, fwd.residual, i
@@ -382,5 +370,5 @@ def run_blocks(fwd: Forward, blocks: Iterable[torch.nn.Module], x: torch.Tensor,
             state = reducer.reduce(state, stage, qk)
         fwd.state = state.materialize()  # a stage that reduced nothing leaves the add to do
         i += 1
-    fwd.bias, fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid, fwd.match = None, None, False, False, (), None
+    fwd.bias, fwd.kernel, fwd.want_qk, fwd.slot, fwd.mid = None, None, False, False, ()
     return state.x

@@ -152,7 +152,7 @@ def keep_above(state: TokenState, scores: torch.Tensor, threshold, k_max: int,
 
 # -- merging: bipartite soft matching ----------------------------------------------------
 def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torch.Tensor | None = None,
-                    protect: int = 0, match: torch.Tensor | None = None) -> TokenState:
+                    protect: int = 0) -> TokenState:
     """Merge ``r`` non-prefix tokens into others (ToMe's bipartite soft matching).
 
     ``metric`` ``[B, P + N, d]`` is the similarity feature, or the block's keys ``[B, H, P + N, d]``, whose
@@ -166,9 +166,6 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
     the same step on the tokens taken in that order, its first ``protect`` non-prefix tokens kept as they
     are (after the prefix, in that order) and the rest alternating into A and B (``pitome``). On CUDA the
     kernels read the rows through ``order``; nothing is permuted in memory.
-
-    ``match`` ``[B, Na]`` int32: this step's matching on ``metric`` already made (the attention launch's,
-    ``kernels.biased_attention(match=...)``), taken by the kernel's one launch; elsewhere it matches again.
     """
     x, p = state.x, state.num_prefix
     b, n_all, c = x.shape
@@ -181,8 +178,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
         # a deferred residual add (state.residual) goes into the kernel that writes the rows
         out = kernels.merge_step(x, metric, state.sizes, state.source, p + protect, r, state.padded,
                                  max_size=p + state.num_input, log_sizes=state.proportional,
-                                 residual=state.take_residual(), perm=order, scratch=state.scratch,
-                                 match=match if order is None and not state.padded else None)
+                                 residual=state.take_residual(), perm=order, scratch=state.scratch)
         state.x, state.sizes, state.source = out[:3]
         if state.proportional:  # the kernel wrote log(size) too: the next blocks' bias, no extra launches
             state.set_attn_bias(out[3], x.dtype)

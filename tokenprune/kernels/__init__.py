@@ -209,41 +209,12 @@ def key_mean_attention_applies(q) -> bool:
     return q.shape[0] <= KEY_MEAN_IN_ATTENTION_MAX_BATCH and _ba_kernel_applies(q, q.shape[-2], q.shape[-1])
 
 
-MATCH_IN_ATTENTION_MAX_BATCH = 0  # up to this batch, where the attention's launch averages the keys for a plain
-# merge step's one launch, it also matches on that mean (the last of a sample's mean programs to finish; attention.
-# _match_last) and the step only writes rows: the matching leaves the step's critical path (H100, run 68: 3.8 of the
-# step's 10.5 us at 197 tokens, 2.5 of 5.9 at 113). Run 77 (H100, bench_forward.py --parts match_b1, profiler GPU
-# time of the attention + step pair): 197 tokens 7.1 + 10.4 -> 8.7 + 7.0 us, 113 tokens 5.0 + 6.0 -> 6.5 + 3.5 us (the
-# launch grows by the matching's tail past the attention programs). 0 (off) until a forward is timed with it
-# (--parts match_forward; the compile it needs never finished on a GPU until the Inductor fix of custom_ops.
-# inductor_fallbacks) and its GPU tests pass (run 80 found its counters in a CUDA graph's pool; fixed, not rerun)
-
-
-def match_in_attention_applies(q, p: int, r: int, padded: bool) -> bool:
-    """Whether :func:`biased_attention` with ``match=(p, r)`` has its launch make the merge step's matching: the key
-    mean from it (:func:`key_mean_attention_applies`), ``MATCH_IN_ATTENTION_MAX_BATCH``, a step the one launch
-    takes (``merge.matched_step_applies``: no padding, no order) of at most ``attention.MATCH_MAX_A`` A tokens."""
-    b, _, n, _ = q.shape
-    return (0 < r and b <= MATCH_IN_ATTENTION_MAX_BATCH and key_mean_attention_applies(q)
-            and _impl().attention.match_fits(n - p) and _impl().merge.matched_step_applies(b, n - p, padded))
-
-
-def biased_attention(q, k, v, bias=None, key_mean: bool = False, match: tuple | None = None):
+def biased_attention(q, k, v, bias=None, key_mean: bool = False):
     """``softmax(q k^T / sqrt(d) + bias) v`` ``[B, H, N, d]``, bias ``[B, 1, 1, N]``: the fused kernel where
     :func:`biased_attention_applies`, else SDPA with ``attn_mask`` (``reference.biased_attention``).
     ``key_mean``: returns ``(out, k.mean(1) or None)``: the keys' head mean ``[B, N, d]`` from the fused kernel's
     launch where :func:`key_mean_attention_applies` (with or without a bias; the merge kernels' own mean: ``k.mean(1)``
-    in fp16 / bf16, within an ulp in float32), else None (the caller averages them where it needs them).
-    ``match = (p, r)`` (with ``key_mean``; the caller checked :func:`match_in_attention_applies`): returns
-    ``(out, mean, mt)``, ``mt`` the matching of a merge step of ``r`` after ``p`` prefix tokens on that mean
-    (``reference.merge_match``) from the same launch, for :func:`merge_step`'s ``match``."""
-    if match is not None:
-        p, r = match
-        if not key_mean:
-            raise ValueError("biased_attention: match needs key_mean=True (the matching runs on the keys' mean)")
-        if _via_op():
-            return _ops.biased_attention_match(q, k, v, bias, int(p), int(r))
-        return _impl().attention.biased_attention(q, k, v, bias, True, (p, r))
+    in fp16 / bf16, within an ulp in float32), else None (the caller averages them where it needs them)."""
     if key_mean and key_mean_attention_applies(q) and use_triton(k, v, bias):
         if _via_op():
             return _ops.biased_attention_key_mean(q, k, v, bias)
@@ -342,7 +313,7 @@ def _mean_first(metric):
 
 
 def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None, perm=None, scratch: dict | None = None, match=None):
+               log_sizes: bool = False, residual=None, perm=None, scratch: dict | None = None):
     """The whole of ``ops.bipartite_merge`` in one Triton launch (CUDA only; the PyTorch path of
     ``ops.bipartite_merge`` is its reference, ``reference.merge_step`` the same on plain tensors). Returns
     ``(new_x, new_sizes, new_source)``, plus ``log(new_sizes)`` in ``x``'s dtype with ``log_sizes`` (the next
@@ -354,17 +325,15 @@ def merge_step(x, metric, sizes, source, num_prefix: int, r: int, padded: bool, 
     left to the merge, which then reads both and never stores the sum; see ``engine.run_blocks``). ``perm``
     ``[B, T]`` long: the step runs on the rows in that order, read through it (``pitome``; see
     ``reference.merge_step``). ``scratch``: the caller's dict for one forward (``TokenState.scratch``), where the
-    eager launcher keeps its scratch buffers from one step to the next (allocated once per forward, not per step).
-    ``match``: the step's matching made by the attention's launch (:func:`biased_attention` with ``match``), which
-    the step then takes instead of matching on ``metric``."""
+    eager launcher keeps its scratch buffers from one step to the next (allocated once per forward, not per step)."""
     metric = _mean_first(metric)
     if _via_op():
         out = _ops.merge_step(x, metric, sizes, source, num_prefix, r, bool(padded), max_size, bool(log_sizes),
-                              residual, perm, match)
+                              residual, perm)
         new_source = out[2] if source is not None else None
         return (out[0], out[1], new_source, out[3]) if log_sizes else (out[0], out[1], new_source)
     return _impl().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual,
-                                    perm, scratch, match)
+                                    perm, scratch)
 
 
 def keep_step_fits(n: int) -> bool:

@@ -482,8 +482,7 @@ def _unit_rows(t):
 
 
 @triton.jit
-def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: tl.constexpr = True,
-                 CG: tl.constexpr = False):
+def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: tl.constexpr = True):
     # the metric's rows ``rows`` of one sample (columns offs_d; 0 where masked off). H > 1: the keys of H heads
     # (stride smh) averaged as the reference's ``k.mean(1)``: float32 sums (in the order of a CPU's mean of contiguous
     # keys: 16 heads at a time in order, then those partial sums; other orders differ by an ulp of float32), divided by
@@ -491,10 +490,7 @@ def _metric_rows(m_row, rows, offs_d, mask, smn, smh, H: tl.constexpr, UNROLL: t
     # UNROLL (batch 1): the head loop unrolls, so the H loads are in flight together (a loop waits for each head's
     # load in turn: a serial chain of H load latencies per tile). Large batches hide that latency with other
     # programs, and the unrolled loads spill under merge_step's register cap: there the loop stays a loop
-    # CG (H 1): loads from L2, never a stale L1 line (rows another program wrote during the same launch)
     ptrs = m_row + rows[:, None] * smn + offs_d[None, :]
-    if CG:
-        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
     tot = tl.zeros(ptrs.shape, tl.float32)
     if UNROLL:
         for h0 in tl.static_range(0, H, 16):

@@ -4,14 +4,11 @@ with a per-key bias (proportional attention on short sequences). References: ``r
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_common import _alloc, _cdiv, _head_strides, _in_vectors, _key_bias, _metric_rows, _num_sms, _p2, fast
-from .merge import _match_tile, _merge_match
 
 # (BLOCK_N, num_warps) per head dim, for pass 1 (K, V -> context) and pass 2 (Q -> out);
 # scripts/gpu_kernels.py may override these to compare variants.
@@ -269,10 +266,8 @@ BA_CONFIG = {"short": (64, 32, 4), "wide": (128, 32, 8), "long": (128, 64, 8), "
 @triton.jit
 def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbn, sob, soh, son, km_ptr, skmb, skmn, NBH,
-            mt_ptr, ctr_ptr, P, NA, R,
             HAS_BIAS: tl.constexpr, IS_F32: tl.constexpr, DP: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1, KM_H: tl.constexpr = 0,
-            MATCH: tl.constexpr = False, NAP: tl.constexpr = 16, BT: tl.constexpr = 32):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1, KM_H: tl.constexpr = 0):
     # D and the q / k / v / out strides come divided by VEC (_triton_common._vec)
     D, sqb, sqh, sqn, skb, skh, skn = D * VEC, sqb * VEC, sqh * VEC, sqn * VEC, skb * VEC, skh * VEC, skn * VEC
     svb, svh, svn, sob, soh, son = svb * VEC, svh * VEC, svn * VEC, sob * VEC, soh * VEC, son * VEC
@@ -287,9 +282,6 @@ def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
             km = _metric_rows(k_ptr + b * skb, offs_m, offs_d, mmask[:, None] & dmask[None, :], skn, skh, KM_H)
             tl.store(km_ptr + b * skmb + offs_m[:, None] * skmn + offs_d[None, :], km,
                      mask=mmask[:, None] & dmask[None, :])
-            if MATCH:  # the last of the sample's tile programs to finish matches on the whole mean
-                _match_last(km_ptr, skmb, skmn, mt_ptr, ctr_ptr, b, tl.num_programs(1), P, NA, N - P - NA, R, D,
-                            offs_d, dmask, IS_F32, NAP, BT)
             return
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -332,68 +324,14 @@ def _ba_fwd(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, N, H, D, qk_scale,
              mask=mmask[:, None] & dmask[None, :])
 
 
-@triton.jit
-def _match_last(km_ptr, skmb, skmn, mt_ptr, ctr_ptr, b, T, P, NA, NB, R, D, offs_d, dm, IS_F32: tl.constexpr,
-                NAP: tl.constexpr, BT: tl.constexpr):
-    # ToMe's matching and choice for the merge after this block, in the attention's launch: each of sample b's T
-    # tile programs, its rows of the key mean stored, counts itself on ctr[b] (release: its stores first, every
-    # thread's: the barrier); the one that counts last (acquire: the others' stores visible) runs the merge step's
-    # matching on the whole mean (A tokens P + 2i, B tokens P + 2i + 1, the R best-matched A tokens merged away,
-    # _merge_match) and leaves mt[b, i] = A token i's partner where it is merged away, else -1; then ctr[b] back
-    # to 0 for the next launch (no program of this one reads it again). The rows come from L2 (".cg" loads: another
-    # SM wrote them during this launch).
-    tl.debug_barrier()
-    if tl.atomic_add(ctr_ptr + b, 1, sem="acq_rel") == T - 1:
-        tl.debug_barrier()
-        offs_a = tl.arange(0, NAP)
-        am = offs_a < NA
-        arg, _, is_src = _merge_match(km_ptr, km_ptr, km_ptr, b, 0, 1, P, NA, NB, skmb, skmn, 0, 1, 0, offs_a, offs_d,
-                                      am, dm, offs_a, P + 2 * offs_a, km_ptr, False, IS_F32, NAP, BT, False, True, R,
-                                      False, True)
-        tl.store(mt_ptr + b * NA + offs_a, tl.where(is_src, arg, -1), mask=am)
-        tl.atomic_xchg(ctr_ptr + b, 0)
-
-
-_COUNTERS: dict = {}  # (device, stream) -> _match_last's arrival counters (int32 zeros; each launch leaves them 0)
-
-
-def _arrival_counters(device, n: int):
-    """At least ``n`` zeroed int32 counters for launches on ``device``'s current stream, kept for the next launches
-    (each launch sets them back to 0). Made on a thread of their own: a CUDA graph's warm-up (``reduce-overhead``'s
-    first calls) sends this thread's allocations to the graph's memory pool, which must hold no tensor the graph does
-    not return (run 80: torch refused the merged ViT-B). During a capture (no warm-up before it) a fresh buffer, not
-    kept, whose zeroing the graph records."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    ctr = _COUNTERS.get((device, stream))
-    if ctr is not None and ctr.numel() >= n:
-        return ctr
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(max(n, 8), device=device, dtype=torch.int32)
-    made = []
-
-    def make():
-        made.append(torch.zeros(max(n, 8), device=device, dtype=torch.int32))
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # zeroed before any launch on another stream reads it
-
-    worker = threading.Thread(target=make, name="tokenprune-counters")
-    worker.start()
-    worker.join()
-    _COUNTERS[(device, stream)] = made[0]
-    return made[0]
-
-
 def biased_attention_fits(n: int, d: int) -> bool:
     return n <= BA_CONFIG["max_n"] and d <= 128
 
 
-def biased_attention(q, k, v, bias=None, key_mean: bool = False, match: tuple | None = None):
+def biased_attention(q, k, v, bias=None, key_mean: bool = False):
     """``[B, H, N, d]`` in, out laid out as ``[B, N, H, d]``; see ``reference.biased_attention``. ``key_mean``:
     returns ``(out, k.mean(1))`` (``[B, N, d]``, as ``reference.key_mean``), the mean from B more programs per
-    query tile of the same launch. ``match = (p, r)`` (with ``key_mean``; at most ``MATCH_MAX_A`` A tokens):
-    returns ``(out, mean, mt)`` with the merge step's matching on that mean (``p`` prefix tokens, ``r`` merged away)
-    from the same launch: ``mt [B, Na]`` int32, each A token's partner where it is merged away, else -1
-    (``reference.merge_match``)."""
+    query tile of the same launch."""
     b, h, n, d = q.shape
     sq, sk, sv = _head_strides("biased_attention", q, k, v)
     dp = max(16, _p2(d))
@@ -404,31 +342,10 @@ def biased_attention(q, k, v, bias=None, key_mean: bool = False, match: tuple | 
     out = _alloc((b, n, h, d), q.device, q.dtype).transpose(1, 2)  # strides (n h d, d, h d, 1)
     km = _alloc((b, n, d), q.device, k.dtype) if key_mean else out
     vec, (dv, *st) = _in_vectors(q.dtype, d, *sq[:3], *sk[:3], *sv[:3], n * h * d, d, h * d)  # q k v out strides
-    p, r = match if match is not None else (0, 0)
-    na = (n - p + 1) // 2
-    if match is not None:
-        if not key_mean or not 0 <= r <= (n - p) // 2 or not match_fits(n - p):
-            raise ValueError(f"biased_attention: match=(p={p}, r={r}) at {n} tokens needs key_mean, 0 <= r <= half "
-                             f"the {n - p} non-prefix tokens and at most {MATCH_MAX_A} A tokens")
-        mt, ctr = _alloc((b, na), q.device, torch.int32), _arrival_counters(q.device, b)
-    else:
-        mt = ctr = km
     fast(_ba_fwd)[(b * h + (b if key_mean else 0), _cdiv(n, kw["BLOCK_M"]))](
-        q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn, *st[9:], km, n * d, d, b * h, mt, ctr, p, na, r,
-        HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, VEC=vec, KM_H=h if key_mean else 0, MATCH=match is not None,
-        NAP=max(16, _p2(na)) if match is not None else 16, BT=_match_tile((n - p) // 2, not is_f32) if match is not None
-        else 32, **kw)
-    if match is not None:
-        return out, km, mt
+        q, k, v, bias2, out, n, h, dv, d ** -0.5, *st[:9], sbb, sbn, *st[9:], km, n * d, d, b * h,
+        HAS_BIAS=bias is not None, IS_F32=is_f32, DP=dp, VEC=vec, KM_H=h if key_mean else 0, **kw)
     return (out, km) if key_mean else out
-
-
-MATCH_MAX_A = 128  # the matching in the attention's launch holds every A token in one program (merge_step's bound)
-
-
-def match_fits(n: int) -> bool:
-    """Whether ``biased_attention(match=...)`` takes ``n`` non-prefix tokens."""
-    return (n + 1) // 2 <= MATCH_MAX_A
 
 
 def _ba_config(b: int, n: int, dp: int, is_f32: bool) -> dict:

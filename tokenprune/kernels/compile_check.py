@@ -64,13 +64,10 @@ def _configs():
     # with the key mean of ViT-B's 12 heads (the merge's metric) from more programs of the same launch (bs 1; the
     # first merging block has no bias yet)
     bm, bn, w = AT.BA_CONFIG["wide"]
-    ba_km = {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16, "km_ptr": f16, "qk_scale": "fp32"}
     for has_bias in (True, False):
-        km = dict(HAS_BIAS=has_bias, IS_F32=False, DP=64, BLOCK_M=bm, BLOCK_N=bn, KM_H=12)
-        out.append((AT._ba_fwd, ba_km, km, w))
-        # and the merge step's matching on it by the last of the mean programs (ViT-B's first step: 98 A tokens)
-        out.append((AT._ba_fwd, {**ba_km, "mt_ptr": "*i32", "ctr_ptr": "*i32"},
-                    dict(km, MATCH=True, NAP=128, BT=M._match_tile(98, True)), w))
+        out.append((AT._ba_fwd, {"q_ptr": f16, "k_ptr": f16, "v_ptr": f16, "bias_ptr": f16, "o_ptr": f16,
+                                 "km_ptr": f16, "qk_scale": "fp32"},
+                    dict(HAS_BIAS=has_bias, IS_F32=False, DP=64, BLOCK_M=bm, BLOCK_N=bn, KM_H=12), w))
     out.append((AT._ea_apply, {"q_ptr": f32, "ctx_ptr": f32, "o_ptr": f32}, dict(IS_F32=True, DP=64, BLOCK_N=32), 8))
     for bn in (S.QS_CONFIG["short"], S.QS_CONFIG["long"]):
         out.append((S._qs_logits, {"q_ptr": f16, "k_ptr": f16, "bias_ptr": f16, "lg_ptr": f32, "pm_ptr": f32,
@@ -131,11 +128,6 @@ def _configs():
     out.append((M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False,
                                               LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, MODE=0,
                                               LOG_SIZES=True, H=1, **bt(0, 128)), M.MERGE_STEP_WARPS))
-    # batch 1 with the matching made by the attention's launch (MATCHED: the step writes rows only)
-    out.append((M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=True, PADDED=False, HAS_SOURCE=True, IS_F32=False,
-                                              LOWP=True, NAP=128, NBP=128, DP=64, BC=32, BS=256, PP=1, MODE=0,
-                                              LOG_SIZES=True, H=1, SIDE=True, MATCHED=True, **bt(0, 128)),
-                M.MERGE_STEP_WARPS))
     # large batches above the SM count: MODE 2 under merge_step's register cap ("maxnreg" is a compiler option, not a
     # constant; it spills: 46 local ld/st before session 8, 72-78 with the head loop unrolled, 50 / 54 now)
     capped = [(M._merge_step, ms_types, dict(HAS_SIZES=True, HAS_Y=False, PADDED=True, HAS_SOURCE=True, IS_F32=False,

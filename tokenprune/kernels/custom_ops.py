@@ -116,13 +116,6 @@ _define("biased_attention_key_mean", "(Tensor q, Tensor k, Tensor v, Tensor? bia
         lambda q, k, v, bias: (_heads_out(q), k.new_empty((k.shape[0], k.shape[2], k.shape[3]))),
         launch=lambda q, k, v, bias: _t().attention.biased_attention(q, k, v, bias, True),
         cpu=lambda q, k, v, bias: (_heads_out(q).copy_(R.biased_attention(q, k, v, bias)), R.key_mean(k)))
-_define("biased_attention_match",
-        "(Tensor q, Tensor k, Tensor v, Tensor? bias, int p, int r) -> (Tensor, Tensor, Tensor)",
-        lambda q, k, v, bias, p, r: (_heads_out(q), k.new_empty((k.shape[0], k.shape[2], k.shape[3])),
-                                     k.new_empty((k.shape[0], (k.shape[2] - p + 1) // 2), dtype=torch.int32)),
-        launch=lambda q, k, v, bias, p, r: _t().attention.biased_attention(q, k, v, bias, True, (p, r)),
-        cpu=lambda q, k, v, bias, p, r: (_heads_out(q).copy_(R.biased_attention(q, k, v, bias)), R.key_mean(k),
-                                         R.merge_match(k, p, r)))
 
 
 def _qs_fake(q_row, k, scale, bias, head_weights, head_values):
@@ -183,20 +176,17 @@ def _ms_pack(out, x, log_sizes):
     return out[0], out[1], _or_none(out[2], x), (out[3] if log_sizes else _none(x))
 
 
-def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None,
-               match=None):
-    out = _t().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm,
-                                None, match)
+def _ms_launch(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
+    out = _t().merge.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm)
     return _ms_pack(out, x, log_sizes)
 
 
-def _ms_cpu(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None, match=None):
-    out = R.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm, match)
+def _ms_cpu(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
+    out = R.merge_step(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm)
     return _ms_pack(out, x, log_sizes)
 
 
-def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None,
-             match=None):
+def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_sizes, residual, perm=None):
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                          f"the tokens {tuple(x.shape)} {x.dtype}")
@@ -207,8 +197,7 @@ def _ms_fake(x, metric, sizes, source, num_prefix, r, padded, max_size, log_size
 
 _define("merge_step",
         "(Tensor x, Tensor metric, Tensor? sizes, Tensor? source, int num_prefix, int r, bool padded, "
-        "int? max_size, bool log_sizes, Tensor? residual, Tensor? perm=None, Tensor? match=None) "
-        "-> (Tensor, Tensor, Tensor, Tensor)",
+        "int? max_size, bool log_sizes, Tensor? residual, Tensor? perm=None) -> (Tensor, Tensor, Tensor, Tensor)",
         _ms_fake, launch=_ms_launch, cpu=_ms_cpu)
 
 

@@ -97,12 +97,12 @@ def gather_rows(x, rows):
 @triton.jit
 def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl.constexpr, ssb, offs_a, offs_d, am,
                  dm, sa, row_a, prm, PADDED: tl.constexpr, IS_F32: tl.constexpr, NAP: tl.constexpr, BT: tl.constexpr,
-                 PERM: tl.constexpr, UNROLL: tl.constexpr, R, RANK: tl.constexpr, CG: tl.constexpr = False):
+                 PERM: tl.constexpr, UNROLL: tl.constexpr, R, RANK: tl.constexpr):
     # -- matching: cosine similarity in the metric dtype, best B partner (lowest index on ties),
     #    B in column tiles so no NA x NB matrix lives in registers; ``row_a``: the A tokens' rows (PERM: the
     #    B tokens' rows come from the order ``prm`` too); UNROLL (MODE 0, small batches): as _metric_rows, and with
-    #    the mean given (H 1) the B tiles prefetched; CG: the metric read from L2 (other SMs wrote it in this launch)
-    an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H, UNROLL, CG))
+    #    the mean given (H 1) the B tiles prefetched
+    an = _unit_rows(_metric_rows(m_ptr + b * smb, row_a, offs_d, am[:, None] & dm[None, :], smn, smh, H, UNROLL))
     best = tl.full([NAP], float("-inf"), tl.float32)
     arg = tl.zeros([NAP], tl.int32)
     for j0 in tl.range(0, NB, BT, num_stages=(3 if H == 1 else 1) if UNROLL else 1):  # H > 1: no prefetch
@@ -110,7 +110,7 @@ def _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H: tl
         offs_t = j0 + tl.arange(0, BT)
         tm = offs_t < NB
         rt = _at(prm, P + 2 * offs_t + 1, tm, PERM)
-        mt = _metric_rows(m_ptr + b * smb, rt, offs_d, tm[:, None] & dm[None, :], smn, smh, H, UNROLL, CG)
+        mt = _metric_rows(m_ptr + b * smb, rt, offs_d, tm[:, None] & dm[None, :], smn, smh, H, UNROLL)
         sim = _cosine_tile(an, mt, IS_F32)
         okt = tm
         if PADDED:
@@ -140,14 +140,12 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
                 IS_F32: tl.constexpr, LOWP: tl.constexpr, NAP: tl.constexpr, NBP: tl.constexpr, DP: tl.constexpr,
                 BC: tl.constexpr, BS: tl.constexpr, PP: tl.constexpr, BT: tl.constexpr, MODE: tl.constexpr,
                 LOG_SIZES: tl.constexpr, PERM: tl.constexpr = False, PT: tl.constexpr = 32, VEC: tl.constexpr = 1,
-                SIDE: tl.constexpr = False, MATCHED: tl.constexpr = False):
+                SIDE: tl.constexpr = False):
     # MODE 0, program (b, g): every program of sample b matches and ranks (cheap: the metric is small)
     # and writes the column tiles g, g + G, ... of the output rows; program g = 0 also writes the sizes
     # and the source map. G > 1 spreads one sample's row traffic over several SMs (bs 1: one program
     # alone spends most of its time waiting on the serial column loop). SIDE: one more program, g = G, writes the
-    # sizes and the source map and no columns (program 0 then only its columns). MATCHED (MODE 0): the matching
-    # comes made, in ``mt`` ([B, NA] int32: each A token's partner where it is merged away, else -1; the attention's
-    # launch made it, attention._match_last), and no program runs it.
+    # sizes and the source map and no columns (program 0 then only its columns).
     # Large batches run two launches instead: MODE 2 (one program per sample) matches, ranks, writes
     # the sizes and the source map, and leaves each A token's partner and the merged A tokens in rank
     # order in ``mt`` and each output row's source row in ``rows``; then _merge_gather writes the rows
@@ -172,15 +170,8 @@ def _merge_step(x_ptr, y_ptr, m_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, s
     row_p = _at(prm, offs_p, pm, PERM)
     sa = _sizes_at(s_ptr + b * ssb, row_a, am, HAS_SIZES)
     sb = _sizes_at(s_ptr + b * ssb, row_b, bm, HAS_SIZES)
-    if MATCHED:
-        arg = tl.load(mt_ptr + b * NA + offs_a, mask=am, other=-1)
-        is_src = arg >= 0
-        arg = tl.maximum(arg, 0)
-        rank = arg
-    else:
-        arg, rank, is_src = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a,
-                                         offs_d, am, dm, sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0, R,
-                                         MODE == 2)
+    arg, rank, is_src = _merge_match(m_ptr, s_ptr, bst_ptr, b, g, G, P, NA, NB, smb, smn, smh, H, ssb, offs_a, offs_d,
+                                     am, dm, sa, row_a, prm, PADDED, IS_F32, NAP, BT, PERM, MODE == 0, R, MODE == 2)
     if MODE == 2:  # each A token's partner and, in rank order, the A tokens merged away
         tl.store(mt_ptr + (2 * b) * NAP + offs_a, arg)
         tl.store(mt_ptr + (2 * b + 1) * NAP + tl.where(is_src, rank, 0), offs_a, mask=is_src)
@@ -319,7 +310,7 @@ def merge_step_fits(n: int, r: int = 0) -> bool:
 
 
 def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size: int | None = None,
-               log_sizes: bool = False, residual=None, perm=None, scratch=None, match=None):
+               log_sizes: bool = False, residual=None, perm=None, scratch=None):
     """``ops.bipartite_merge`` in one launch: returns ``(new_x, new_sizes, new_source)``, and with
     ``log_sizes`` also ``log(new_sizes)`` in ``x``'s dtype (the proportional-attention bias).
     ``metric`` ``[B, T, d]``, or a block's keys ``[B, H, T, d]`` (any strides, the last dim contiguous): the
@@ -328,28 +319,18 @@ def merge_step(x, metric, sizes, source, p: int, r: int, padded: bool, max_size:
     that writes the rows (one launch, or the large-batch row gather) reads both and never stores the sum.
     ``perm`` ``[B, T]`` long: the step runs on the rows in that order (``reference.merge_step``); the kernels
     read every row through it, nothing is permuted in memory. ``scratch``: a dict for one forward in which the step
-    keeps its scratch buffers for the next steps (``_workspace``). ``match`` ``[B, Na]`` int32: the matching made
-    (``attention.biased_attention(match=(p, r))``: each A token's partner where it is merged away, else -1) for the
-    one launch (:func:`matched_step_applies`); the step then skips its own.
+    keeps its scratch buffers for the next steps (``_workspace``).
     Host time (batch 1 is bound by it): everything but the tensors is worked out once per input signature
     (shapes, strides, dtypes, arguments and this module's settings) into a :class:`_StepPlan`."""
     key = (x.shape, x.stride(), x.dtype, x.device, metric.shape, metric.stride(), metric.dtype, _sig(sizes),
-           _sig(source), _sig(residual), _sig(perm), _sig(match), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
+           _sig(source), _sig(residual), _sig(perm), p, r, padded, max_size, log_sizes, MERGE_STEP_MAX_A,
            MERGE_STEP_WARPS, MERGE_STEP_BC, MERGE_STEP_BT, MERGE_STEP_PROGRAMS_PER_SM, MERGE_STEP_SIDE_PROGRAM,
            id(MERGE_STEP_SPLIT),
            MERGE_PLAN_TILES, MERGE_BEST_SPLIT, MERGE_RANK_TILES, MERGE_GATHER_TILE, MERGE_GATHER_MAX_R,
            MERGE_LONG_ONE_LAUNCH, MERGE_LONG_WARPS)
     plan = cached_plan(_PLANS, key, _StepPlan, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual,
-                       perm, match)
-    return plan(x, metric, sizes, source, residual, perm, scratch, match)
-
-
-def matched_step_applies(bsz: int, n: int, padded: bool, perm=None) -> bool:
-    """Whether :func:`merge_step` takes a matching made elsewhere (``match``) for ``bsz`` samples of ``n`` non-prefix
-    tokens: its one launch (no large-batch split), no padding slots (their sizes take part in the matching) and no
-    order."""
-    split = MERGE_STEP_SPLIT is not None and bsz >= MERGE_STEP_SPLIT["min_batch"]
-    return (n + 1) // 2 <= MERGE_STEP_MAX_A and not split and not padded and perm is None
+                       perm)
+    return plan(x, metric, sizes, source, residual, perm, scratch)
 
 
 _PLANS: dict = {}  # merge_step's input signature -> its _StepPlan
@@ -363,17 +344,10 @@ class _StepPlan:
     partners, and ``_merge_rank`` the ranks and, in ``mt``, the partners; ``fused``, their one launch at batch 1,
     ``_merge_long``: then its zeroed counters last), absent ones stood for by another."""
 
-    def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm, match=None):
+    def __init__(self, x, metric, sizes, source, p, r, padded, max_size, log_sizes, residual, perm):
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
-        if match is not None and (not matched_step_applies(x.shape[0], x.shape[1] - p, padded, perm)
-                                  or match.shape != (x.shape[0], (x.shape[1] - p + 1) // 2)
-                                  or match.dtype != torch.int32 or not match.is_contiguous()):
-            raise ValueError(f"merge_step: a matching {tuple(match.shape)} {match.dtype} for {x.shape[1] - p} tokens "
-                             f"(batch {x.shape[0]}, padded={padded}, an order: {perm is not None}) is not what the one "
-                             "launch takes (matched_step_applies; [B, Na] int32, contiguous)")
-        self.matched = match is not None
         args = (x, metric, sizes, source, residual, perm)
         self.copy = any(a is not None and a.stride(-1) != 1 for a in args)  # copied per call (rare)
         x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in args]
@@ -410,8 +384,7 @@ class _StepPlan:
                      bsz * 2 * nap if split else 0, bsz * nout if split else 0,
                      nsplit * bsz * na if large else 0, bsz * na if large else 0)
         # the tensors the caller hands in (their alignment picks the compiled kernel): x, y, metric, sizes, source, perm
-        inputs = {0, 2, 16, 17} | {i for i, a in ((1, residual), (3, sizes), (4, source), (10, match), (13, perm))
-                                   if a is not None}
+        inputs = {0, 2, 16, 17} | {i for i, a in ((1, residual), (3, sizes), (4, source), (13, perm)) if a is not None}
         flags = dict(HAS_SIZES=sizes is not None, HAS_SOURCE=source is not None, PADDED=bool(padded),
                      LOG_SIZES=log_sizes, PERM=perm is not None)
 
@@ -457,8 +430,7 @@ class _StepPlan:
                                   **({"maxnreg": cap} if cap and not _interpreted(_merge_step) else {}))]
         else:
             side = MERGE_STEP_SIDE_PROGRAM
-            self.launches = [step(0, (bsz, groups + side), groups, MERGE_STEP_WARPS, SIDE=side,
-                                  **({"MATCHED": True} if self.matched else {}))]
+            self.launches = [step(0, (bsz, groups + side), groups, MERGE_STEP_WARPS, SIDE=side)]
         if split:
             fbc = 32 if not lowp else cfg.get("fbc_many", cfg["fbc"]) if r > 32 else cfg["fbc"]  # fp32: or it spills
             ng, ncf = _cdiv(nout, cfg["rb"]), _cdiv(c, fbc)
@@ -480,7 +452,7 @@ class _StepPlan:
                  t1, t2, t4), **{**bm_kw, **rank_kw, **plan_kw, **gather_kw}, num_warps=MERGE_LONG_WARPS)]
         self.launches = LaunchGroup(self.launches)  # one host check per step, not per launch
 
-    def __call__(self, x, metric, sizes, source, residual, perm, scratch, match=None):
+    def __call__(self, x, metric, sizes, source, residual, perm, scratch):
         if self.copy:
             x, metric, sizes, source, residual, perm = [_last_contiguous(a) for a in (x, metric, sizes, source,
                                                                                       residual, perm)]
@@ -493,8 +465,8 @@ class _StepPlan:
                                                  torch.int32))
         ob = _alloc(ssz, dev, self.dtype) if self.log_sizes else osz
         t = (x, x if residual is None else residual, metric, osz if sizes is None else sizes,
-             osz if source is None else source, out, osz, osrc, scr, bst, mt if match is None else match, ob, rows,
-             x if perm is None else perm, ip, rk)
+             osz if source is None else source, out, osz, osrc, scr, bst, mt, ob, rows, x if perm is None else perm,
+             ip, rk)
         if self.large and perm is not None:  # the matching reads copies of the metric and sizes in the step's order
             metric = metric.gather(-2, (perm[:, None, :, None] if metric.dim() == 4 else perm[..., None]).expand(
                 *metric.shape[:-1], metric.shape[-1]))

@@ -318,8 +318,7 @@ def permute_rows(perm: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | N
 
 def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None,
                p: int, r: int, padded: bool, max_size: int | None = None, log_sizes: bool = False,
-               residual: torch.Tensor | None = None, perm: torch.Tensor | None = None,
-               match: torch.Tensor | None = None):
+               residual: torch.Tensor | None = None, perm: torch.Tensor | None = None):
     """ToMe's whole merge step (``ops.bipartite_merge``) on plain tensors: A = even, B = odd non-prefix
     tokens; the ``r`` A tokens with the most similar B partner (ties: the lower index; padding A tokens,
     size 0, first when ``padded``) are merged into it, size-weighted; output rows: prefix, kept A tokens
@@ -329,10 +328,7 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     ``perm`` ``[B, T]`` long (a permutation of each sample's rows): the step runs on the rows in that order
     (``x[b, perm[b, v]]`` is row ``v``; sizes, metric and residual alike, the source map follows), so its
     first ``p`` rows are the kept prefix and the rest alternate into A and B (``pitome``'s protected tokens
-    and energy-ranked candidates). ``metric`` may be a block's keys ``[B, H, T, d]``: their :func:`key_mean`.
-    ``match``: the matching made (:func:`merge_match`, without padding or ``perm``), taken instead of the metric's."""
-    if match is not None and (padded or perm is not None):
-        raise ValueError("merge_step: a matching made elsewhere (match) takes no padding slots and no order")
+    and energy-ranked candidates). ``metric`` may be a block's keys ``[B, H, T, d]``: their :func:`key_mean`."""
     if metric.dim() == 4:
         metric = key_mean(metric)
     if residual is not None:
@@ -348,12 +344,13 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     s = sizes.float() if sizes is not None else torch.ones((b, t), dtype=torch.float32, device=dev)
     sa, sb = s[:, p::2], s[:, p + 1::2]
     na, nb = sa.shape[1], sb.shape[1]
-    if match is not None:  # merged A tokens first, each part in spatial order
-        edge = (match >= 0).to(torch.int8).sort(dim=-1, descending=True, stable=True).indices
-        src_idx, unm_idx = edge[:, :r], edge[:, r:]
-        dst_idx = match.gather(1, src_idx).long()
-    else:
-        src_idx, unm_idx, dst_idx = _merge_choice(metric, p, r, sa, sb, padded)
+    best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
+    best = best.float()
+    if padded:
+        best = best.masked_fill(sa <= 0, float("inf"))
+    edge = best.sort(dim=-1, descending=True, stable=True).indices
+    src_idx, unm_idx = edge[:, :r], edge[:, r:].sort(-1).values
+    dst_idx = best_b.gather(1, src_idx)
     n_unm = na - r
     prim = torch.cat([torch.arange(p, device=dev).expand(b, p), p + 2 * unm_idx,
                       (p + 1 + 2 * torch.arange(nb, device=dev)).expand(b, nb)], 1)
@@ -373,30 +370,6 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     if log_sizes:
         return new_x, new_sizes, new_source, new_sizes.log().to(x.dtype)
     return new_x, new_sizes, new_source
-
-
-def _merge_choice(metric, p: int, r: int, sa=None, sb=None, padded: bool = False):
-    """:func:`merge_step`'s matching and choice: the ``r`` A tokens merged away (the best-matched first; ties: the
-    lower index; ``padded``: A tokens of size ``sa`` 0 first, B tokens of size ``sb`` 0 never partners), the kept A
-    tokens in spatial order, and each merged one's B partner, ``[B, r]`` / ``[B, Na - r]`` / ``[B, r]``."""
-    best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
-    best = best.float()
-    if padded:
-        best = best.masked_fill(sa <= 0, float("inf"))
-    edge = best.sort(dim=-1, descending=True, stable=True).indices
-    src_idx = edge[:, :r]
-    return src_idx, edge[:, r:].sort(-1).values, best_b.gather(1, src_idx)
-
-
-def merge_match(metric: torch.Tensor, p: int, r: int) -> torch.Tensor:
-    """:func:`merge_step`'s matching alone (no padding, no order): ``[B, Na]`` int32, A token ``i``'s B partner where
-    it is one of the ``r`` merged away (the best-matched; ties: the lower index), else -1. ``metric`` ``[B, T, d]``
-    or keys ``[B, H, T, d]`` (their :func:`key_mean`)."""
-    if metric.dim() == 4:
-        metric = key_mean(metric)
-    src, _, dst = _merge_choice(metric, p, r)
-    out = torch.full((metric.shape[0], (metric.shape[1] - p + 1) // 2), -1, dtype=torch.int32, device=metric.device)
-    return out.scatter_(1, src, dst.to(torch.int32))
 
 
 def apet_merge(x: torch.Tensor, sizes: torch.Tensor | None, target: torch.Tensor, keep_idx: torch.Tensor,

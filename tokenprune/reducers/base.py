@@ -71,12 +71,6 @@ class Reducer:
     def observe(self, state: TokenState, block: int, qk) -> None:
         return None
 
-    def match_requests(self, plan: Plan) -> dict:
-        """``{block: (p, r)}``: the blocks followed by a plain ToMe merge step of ``r`` tokens after ``p`` prefix
-        tokens, whose attention launch may make that step's matching on the keys' mean (``engine.attend``,
-        ``QK.match``; only asked of reducers with ``wants_key_mean``)."""
-        return {}
-
     def attention_kernel(self, path: str):
         """The kernel ``(q, k, v, bias) -> out`` that replaces SDPA in blocks on attention ``path``
         (``Stage.attention``), or ``None`` to keep SDPA."""

@@ -80,19 +80,10 @@ class Merge(Reducer):
     def qk_blocks(self, plan):
         return {s.block for s in plan.stages}
 
-    def match_requests(self, plan):
-        out, n = {}, plan.info.num_tokens
-        for s in plan.stages:  # in block order
-            if not s.mid and s.block >= 0 and 0 < n - s.keep <= n // 2:
-                out[s.block] = (plan.info.num_prefix, n - s.keep)
-            n = s.keep
-        return out
-
     def reduce(self, state, stage, qk):
         r = state.num_tokens - stage.keep
-        if r <= state.num_tokens // 2:  # the keys (or their head mean); the matching where the attention made it
-            match = qk.match[1] if qk.match is not None and qk.match[0] == (state.num_prefix, r) else None
-            return bipartite_merge(state, qk.metric(), r, match=match)
+        if r <= state.num_tokens // 2:
+            return bipartite_merge(state, qk.metric(), r)  # the keys (or their head mean)
         # more than half in one stage (a schedule override, e.g. one merge after the last block): repeated
         # matching rounds of at most half each; the key mean is carried as extra channels of the tokens, so
         # later rounds match on the size-weighted mean key of each merged group
