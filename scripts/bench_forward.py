@@ -21,7 +21,8 @@ SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and 
 (SigLIP), eager and compiled default), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``: the same
 with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
-``threshold``: threshold and cls alone), ``compile_kernels`` (compile time with every cache off and the distinct
+``threshold``: threshold and cls alone), ``apet_once`` (ViT-B / ViT-L bs 1 reduce-overhead: apet in one stage at
+the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and the distinct
 kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes: ``kernels_b`` (the GPU
 kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order;
 ``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same for
@@ -1269,6 +1270,11 @@ def main():
         gram_tiles(args.smoke, args.repeats)
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
         run_case("vit_b", 1, ["eager"], [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True)
+    if "apet_once" in parts:  # apet in one stage at the FLOPs of its three (ViT-B after block 5, ViT-L after 10)
+        for case, j in (("vit_b", 2 if args.smoke else 5), ("vit_l", 2 if args.smoke else 10)):  # smoke: 6 blocks
+            run_case(case, 1, ["reduce-overhead"], [("random", {}), ("apet", {}),
+                                                    (f"apet, once after {j}", {"method": "apet", "layers": [j]})],
+                     0.25, reps, args.smoke, host=True)
     if "others" in parts:  # the reducers outside BS1 (pitome, diverse; threshold's plan depends on the input)
         others = [("pitome", {}), ("diverse", {})]
         run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,
