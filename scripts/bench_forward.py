@@ -22,15 +22,15 @@ SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and 
 with the GEMM stem in every row, the unreduced one included), ``others``
 (ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone), ``apet_once`` (ViT-B / ViT-L bs 1 reduce-overhead: apet in one stage at
-the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and the distinct
-kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes: ``kernels_b`` (the GPU
-kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a forward's kernels in order;
-``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same for
-Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half; ``kernels_b_graph``: ViT-B
-merge, merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time
-between kernels;
-``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager
-Whisper-large), ``whisper_eager`` (eager Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
+the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and
+the distinct kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes:
+``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a
+forward's kernels in order; ``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op;
+``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP
+half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s
+CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256
+compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large
+bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
 long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
 with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
 launch and four, SDPA with and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no
@@ -1271,7 +1271,8 @@ def main():
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
         run_case("vit_b", 1, ["eager"], [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True)
     if "apet_once" in parts:  # apet in one stage at the FLOPs of its three (ViT-B after block 5, ViT-L after 10)
-        for case, j in (("vit_b", 2 if args.smoke else 5), ("vit_l", 2 if args.smoke else 10)):  # smoke: 6 blocks
+        for case, j in (("vit_b", 5), ("vit_l", 10)):
+            j = 2 if args.smoke else j  # the smoke models have 6 blocks
             run_case(case, 1, ["reduce-overhead"], [("random", {}), ("apet", {}),
                                                     (f"apet, once after {j}", {"method": "apet", "layers": [j]})],
                      0.25, reps, args.smoke, host=True)
