@@ -20,7 +20,8 @@ ranked by counting and sorted; ``long_sched_ba``: Whisper's merge @1,5,9 with it
 SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and merge, at bs 16 (Whisper) / 32
 (SigLIP), eager and compiled default), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``: the same
 with the GEMM stem in every row, the unreduced one included), ``others``
-(ViT-B pitome and diverse at bs 1 eager / reduce-overhead and bs 256 eager / compiled; threshold at bs 1 eager;
+(ViT-B pitome and diverse at bs 1 eager / reduce-overhead, there also pitome in three stages and diverse in one,
+and bs 256 eager / compiled; threshold at bs 1 eager;
 ``threshold``: threshold and cls alone), ``apet_once`` (ViT-B / ViT-L bs 1 reduce-overhead: apet in one stage at
 the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and
 the distinct kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes:
@@ -1281,7 +1282,10 @@ def main():
         run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,
                  profile=args.out if args.profile else None,
                  profiled_variants=("unreduced", "pitome", "diverse", "threshold", "cls"))
-        run_case("vit_b", 1, ["reduce-overhead"], others, 0.25, reps, args.smoke)
+        j, m3 = (2, [1, 2, 3]) if args.smoke else (5, [2, 5, 8])  # the smoke models have 6 blocks
+        fewer = [("pitome, 3 stages", {"method": "pitome", "layers": m3}),  # at bs 1: fewer serial steps
+                 (f"diverse, once after {j}", {"method": "diverse", "layers": [j]})]
+        run_case("vit_b", 1, ["reduce-overhead"], others + fewer, 0.25, reps, args.smoke)
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager", "default"], others, 0.25, min(reps, 30), args.smoke)
     if "large" in parts:
