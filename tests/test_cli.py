@@ -266,10 +266,12 @@ def test_recipe_with_a_bad_field_is_a_clear_error(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("name, depth, family",
-                         [("whisper-large-bs1", 32, "whisper"), ("siglip-so400m-bs1", 27, "vit")])
-def test_batch1_long_input_recipes_put_their_stages_early(name, depth, family):
-    """The batch-1 long-input recipes on an encoder of their model's depth (tiny width): three merge stages after
-    the blocks the recipe names, ending at its budget; on a shallower encoder, a clear error naming the blocks."""
+                         [("whisper-large-bs1", 32, "whisper"), ("siglip-so400m-bs1", 27, "vit"),
+                          ("apet-1-stage", 12, "vit"), ("pitome-3-stages", 12, "vit"), ("diverse-1-stage", 12, "vit")])
+def test_batch1_recipes_put_their_stages_where_they_say(name, depth, family):
+    """The batch-1 recipes (fewer or earlier stages) on an encoder of their model's depth (tiny width): the recipe's
+    method with stages after the blocks it names, ending at its budget; on a shallower encoder, a clear error naming
+    the blocks."""
     r = load_recipe(name)
     if family == "whisper":
         from transformers import WhisperConfig
@@ -286,7 +288,7 @@ def test_batch1_long_input_recipes_put_their_stages_early(name, depth, family):
     tokenprune.apply(model, recipe=name)
     plan = tokenprune.plan(model)
     n = plan.info.num_tokens
-    assert (plan.method, plan.budget) == ("merge", r.budget)
+    assert (plan.method, plan.budget) == (r.method, r.budget)
     assert [s.block for s in plan.stages] == r.options["layers"]
     assert plan.stages[-1].keep == round(r.budget * n) == plan.num_out
     with torch.inference_mode():
