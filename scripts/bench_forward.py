@@ -539,7 +539,9 @@ def dynamo_host(smoke: bool, repeats: int):
     graph). A bs-1 latency (``time_fn``: events around one call on an idle GPU) includes it, so a patch whose
     guards cost more would show here and not in any kernel census. Compiled and timed as ``run_case`` does: every
     variant compiled in one Dynamo cache (the patched models share their forward's code, so a later variant's call
-    first tries the earlier variants' guards), then interleaved rounds, the lowest median of each."""
+    first tries the earlier variants' guards), then interleaved rounds, the lowest median of each. ``no_guards_us``: the
+    same calls under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, each variant behind a function of its
+    own code object (one cache entry each, so no guard runs): the difference is what the guards cost."""
     import copy
 
     def replay_first(gm, example_inputs):
@@ -551,22 +553,35 @@ def dynamo_host(smoke: bool, repeats: int):
             return first[0]
         return call
 
+    def own_code(module, i):  # a function of its own code object calling the module: its own Dynamo cache
+        ns = {"module": module}
+        exec(f"def call_{i}(x):\n    return module(x)\n", ns)
+        return ns[f"call_{i}"]
+
     m, x = model_and_input("vit_b", 1, smoke)
     torch._dynamo.reset()
-    runs = []
-    for name, kw in [("unreduced", None)] + chosen(BS1):
+    runs, own = [], []
+    for i, (name, kw) in enumerate([("unreduced", None)] + chosen(BS1)):
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), 0.25)
         runs.append((name, torch.compile(forward_fn("vit_b", mv), backend=replay_first, fullgraph=True)))
+        own.append((name, torch.compile(own_code(forward_fn("vit_b", mv), i), backend=replay_first, fullgraph=True)))
     best = {name: float("inf") for name, _ in runs}
+    bare = dict(best)
     with torch.inference_mode():
+        for name, run in own:
+            run(x)
         for _ in range(5):
             for name, run in runs:
                 best[name] = min(best[name], time_fn(lambda: run(x), "cpu", warmup=5, repeats=repeats).median_ms)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                for name, run in own:
+                    bare[name] = min(bare[name], time_fn(lambda: run(x), "cpu", warmup=5, repeats=repeats).median_ms)
     for name in best:
-        record(case="vit_b", bs=1, variant=name, part="dynamo_host", host_us_per_call=round(best[name] * 1e3, 1))
-    del runs
+        record(case="vit_b", bs=1, variant=name, part="dynamo_host", host_us_per_call=round(best[name] * 1e3, 1),
+               no_guards_us=round(bare[name] * 1e3, 1))
+    del runs, own
     torch._dynamo.reset()
 
 
@@ -1307,7 +1322,7 @@ def main():
             continue
         if r.get("part") == "dynamo_host":
             print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
-                  "host time before any work (frame, guards)")
+                  f"host time before any work (frame, guards); {r['no_guards_us']:.1f} us without guards")
             continue
         if r.get("part") == "compile_kernels":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} compiled in {r['compile_s']} s (caches "
