@@ -30,7 +30,8 @@ forward's kernels in order; ``kernels_b_merge``: merge and maelre alone, and mer
 ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP
 half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s
 CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256
-compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large), ``whisper_eager`` (eager Whisper-large
+compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large; ``graph_profile``: ViT-B bs 1 under
+``reduce-overhead``, unreduced / budget 1.0 / merge), ``whisper_eager`` (eager Whisper-large
 bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
 long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
 with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
@@ -400,6 +401,46 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
             f"{g:10.3f}{(e.device_time if DEV == 'cuda' else e.cpu_time):10.3f}  {e.name[:160]}\n"
             for e, g in zip(last, gaps)))
         del mv, run
+        torch._dynamo.reset()
+
+
+def graph_profile(out: Path, smoke: bool, calls: int = 300):
+    """cProfile of ``calls`` bs-1 ViT-B calls under ``torch.compile(mode="reduce-overhead")``, each followed by a
+    synchronize (a latency's host part): where the patched variants' later graph start goes, past Dynamo's guards
+    (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge."""
+    import copy
+    import cProfile
+    import io
+    import pstats
+
+    def sync():
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+    m, x = model_and_input("vit_b", 1, smoke)
+    for name, kw in [("unreduced", None), PATCHED, ("merge", {})]:
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        run = torch.compile(mv, mode="reduce-overhead", fullgraph=True)
+        with torch.inference_mode():
+            for _ in range(20):
+                run(x)
+            sync()
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.enable()
+            for _ in range(calls):
+                run(x)
+                sync()
+            prof.disable()
+            wall = (time.perf_counter() - t0) / calls * 1e3
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+        tag = name.replace(", ", "_").replace(" ", "_")
+        (out / f"graph_profile_vit_b_{tag}.txt").write_text(f"wall per call (profiled) {wall:.3f} ms\n" + buf.getvalue())
+        print("vit_b", name, f"{wall:.3f} ms per profiled reduce-overhead call")
+        del run, mv
         torch._dynamo.reset()
 
 
@@ -1183,6 +1224,8 @@ def main():
                                                  PATCHED], 0.5, reps, args.smoke, host=True)
     if "pyprof" in parts:
         python_profile(args.out, args.smoke)
+    if "graph_profile" in parts:  # cProfile of reduce-overhead ViT-B bs-1 calls: the host time past Dynamo
+        graph_profile(args.out, args.smoke, 20 if args.smoke else 300)
     if "pyprof_whisper" in parts:  # the same for the Whisper-large encoder: unreduced, patched at 1.0, merge at 0.5
         python_profile(args.out, args.smoke, [("whisper_large", [("unreduced", None), ("merge", {})], 1.0),
                                               ("whisper_large", [("merge", {})], 0.5)])
