@@ -1343,7 +1343,7 @@ def main():
         j, m3 = (2, [1, 2, 3]) if args.smoke else (5, [2, 5, 8])  # the smoke models have 6 blocks
         fewer = [("pitome, 3 stages", {"method": "pitome", "layers": m3}),  # at bs 1: fewer serial steps
                  (f"diverse, once after {j}", {"method": "diverse", "layers": [j]})]
-        run_case("vit_b", 1, ["reduce-overhead"], others + fewer, 0.25, reps, args.smoke)
+        run_case("vit_b", 1, ["reduce-overhead"], others + fewer, 0.25, reps, args.smoke, host=True)
         bs = 8 if args.smoke else 256
         run_case("vit_b", bs, ["eager", "default"], others, 0.25, min(reps, 30), args.smoke)
     if "large" in parts:
