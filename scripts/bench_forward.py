@@ -438,7 +438,8 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
         tag = name.replace(", ", "_").replace(" ", "_")
-        (out / f"graph_profile_vit_b_{tag}.txt").write_text(f"wall per call (profiled) {wall:.3f} ms\n" + buf.getvalue())
+        text = f"wall per call (profiled) {wall:.3f} ms\n" + buf.getvalue()
+        (out / f"graph_profile_vit_b_{tag}.txt").write_text(text)
         print("vit_b", name, f"{wall:.3f} ms per profiled reduce-overhead call")
         del run, mv
         torch._dynamo.reset()
