@@ -167,7 +167,8 @@ def apply_variant(m, variant, budget):
         cut_blocks(m, plan)
         return plan
     if kw.get("layers") == "thirds":
-        depth = tokenprune.adapters.for_model(m).info().depth
+        from tokenprune.adapters import for_model  # (not imported by `import tokenprune` itself)
+        depth = for_model(m).info().depth
         kw["layers"] = [depth // 4 - 1 + depth // 4 * i for i in range(3)] if depth >= 8 else [0, 1, 2]
     if method == "apet" and SMOKE:
         kw["k"] = 4
@@ -404,11 +405,10 @@ def kernel_census(out: Path, smoke: bool, case: str = "vit_b", variants=None, bu
         torch._dynamo.reset()
 
 
-def graph_profile(out: Path, smoke: bool, calls: int = 300):
-    """cProfile of ``calls`` bs-1 ViT-B calls under ``torch.compile(mode="reduce-overhead")``, each followed by a
-    synchronize (a latency's host part): where the patched variants' later graph start goes, past Dynamo's guards
-    (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge."""
-    import copy
+def cprofile_calls(fn, calls: int, warmup: int, sync_each: bool = False, top: int = 40):
+    """``fn()`` ``warmup`` times, then ``calls`` times under cProfile (``sync_each``: a CUDA synchronize after each,
+    a latency's host part; else one after the loop): the profiled loop's own wall time per call in ms (context only)
+    and the ``top`` functions by their own time, as text."""
     import cProfile
     import io
     import pstats
@@ -417,6 +417,30 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
         if DEV == "cuda":
             torch.cuda.synchronize()
 
+    for _ in range(warmup):
+        fn()
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+        if sync_each:
+            sync()
+    prof.disable()
+    sync()
+    wall = (time.perf_counter() - t0) / calls * 1e3
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return wall, buf.getvalue()
+
+
+def graph_profile(out: Path, smoke: bool, calls: int = 300):
+    """cProfile of ``calls`` bs-1 ViT-B calls under ``torch.compile(mode="reduce-overhead")``, each followed by a
+    synchronize (a latency's host part): where the patched variants' later graph start goes, past Dynamo's guards
+    (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge."""
+    import copy
+
     m, x = model_and_input("vit_b", 1, smoke)
     for name, kw in [("unreduced", None), PATCHED, ("merge", {})]:
         mv = copy.deepcopy(m)
@@ -424,33 +448,16 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
             apply_variant(mv, (name, kw), 0.25)
         run = torch.compile(mv, mode="reduce-overhead", fullgraph=True)
         with torch.inference_mode():
-            for _ in range(20):
-                run(x)
-            sync()
-            prof = cProfile.Profile()
-            t0 = time.perf_counter()
-            prof.enable()
-            for _ in range(calls):
-                run(x)
-                sync()
-            prof.disable()
-            wall = (time.perf_counter() - t0) / calls * 1e3
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+            wall, text = cprofile_calls(lambda: run(x), calls, warmup=20, sync_each=True)
         tag = name.replace(", ", "_").replace(" ", "_")
-        text = f"wall per call (profiled) {wall:.3f} ms\n" + buf.getvalue()
-        (out / f"graph_profile_vit_b_{tag}.txt").write_text(text)
+        (out / f"graph_profile_vit_b_{tag}.txt").write_text(f"wall per call (profiled) {wall:.3f} ms\n" + text)
         print("vit_b", name, f"{wall:.3f} ms per profiled reduce-overhead call")
-        del run, mv
+        run = mv = None  # the compiled model and its CUDA graphs go before the next variant's
         torch._dynamo.reset()
 
 
 def python_profile(out: Path, smoke: bool, cases=None):
     """cProfile of 20 eager bs-1 forwards per variant: where the host time goes, by function."""
-    import cProfile
-    import io
-    import pstats
-
     cases = cases or (("vit_b", [("unreduced", None), ("random", {}), ("merge", {})], 0.25),
                       ("vit_l", [("unreduced", None), ("merge", {})], 0.25))
     for case, variants, budget in cases:
@@ -460,22 +467,9 @@ def python_profile(out: Path, smoke: bool, cases=None):
             if kw is not None:
                 apply_variant(m, (name, kw), budget)
             with torch.inference_mode():
-                for _ in range(10):
-                    m(x)
-                if DEV == "cuda":
-                    torch.cuda.synchronize()
-                prof = cProfile.Profile()
-                t0 = time.perf_counter()
-                prof.enable()
-                for _ in range(20):
-                    m(x)
-                prof.disable()
-                if DEV == "cuda":
-                    torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) / 20 * 1e3  # the profiled loop's own wall time (context only)
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
-            (out / f"pyprof_{case}_{name}_{budget}.txt").write_text(f"wall per forward (profiled) {wall:.3f} ms\n" + buf.getvalue())
+                wall, text = cprofile_calls(lambda: m(x), 20, warmup=10, top=35)
+            text = f"wall per forward (profiled) {wall:.3f} ms\n" + text
+            (out / f"pyprof_{case}_{name}_{budget}.txt").write_text(text)
             print(case, name, f"{wall:.3f} ms per profiled forward")
         tokenprune.remove(m)
 
@@ -1341,8 +1335,8 @@ def main():
         run_case("vit_b", 1, ["eager"], others + [("threshold", {}), ("cls", {})], 0.25, reps, args.smoke, host=True,
                  profile=args.out if args.profile else None,
                  profiled_variants=("unreduced", "pitome", "diverse", "threshold", "cls"))
-        j, m3 = (2, [1, 2, 3]) if args.smoke else (5, [2, 5, 8])  # the smoke models have 6 blocks
-        fewer = [("pitome, 3 stages", {"method": "pitome", "layers": m3}),  # at bs 1: fewer serial steps
+        j = 2 if args.smoke else 5  # the smoke models have 6 blocks
+        fewer = [("pitome, 3 stages", {"method": "pitome", "layers": "thirds"}),  # at bs 1: fewer serial steps
                  (f"diverse, once after {j}", {"method": "diverse", "layers": [j]})]
         run_case("vit_b", 1, ["reduce-overhead"], others + fewer, 0.25, reps, args.smoke, host=True)
         bs = 8 if args.smoke else 256
