@@ -1745,9 +1745,9 @@ OP_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(op_cases())]
 
 
 def test_every_dispatching_kernel_is_a_custom_op():
-    public = {"efficient_attention", "biased_attention", "biased_attention_key_mean", "query_scores", "received_scores", "bipartite_best",
-              "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows", "apet_errors",
-              "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step", "max_min_select"}
+    public = {"efficient_attention", "biased_attention", "biased_attention_key_mean", "query_scores", "received_scores",
+              "bipartite_best", "merge_rows", "merge_step", "keep_step", "topk_sorted", "apet_merge", "gather_rows",
+              "apet_errors", "gram", "apet_stage", "apet_assign", "pitome_order", "apet_step", "max_min_select"}
     assert set(CO.OPS) == public == {name for name, _ in op_cases()}
     for name in public:
         assert getattr(torch.ops.tokenprune, name).default is not None
