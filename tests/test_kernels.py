@@ -1027,7 +1027,8 @@ def test_merge_reducer_hands_the_keys_to_the_kernels(T, monkeypatch):
 ])
 def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, source):
     """ops.keep_top through the one-launch kernel gives the tokens, sizes and source map of
-    topk_sorted + gather_tokens (distinct scores: the two break ties differently)."""
+    topk_sorted + gather_tokens (distinct scores: the two break ties differently), from the scores and from the
+    selection itself (a bool mask of the same k tokens, as diverse passes it: no ranking launch, no sort)."""
     g = gen(21)
     x = torch.randn(b, p + n, c, generator=g).half()
     scores = torch.randperm(b * n, generator=g).reshape(b, n).float() / (b * n)
@@ -1053,6 +1054,14 @@ def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, 
     assert (out.sizes is None) == (ref.sizes is None) and (out.sizes is None or torch.equal(out.sizes, ref.sizes))
     assert (out.source is None) == (ref.source is None) and (out.source is None or torch.equal(out.source, ref.source))
     assert torch.equal(kernels.topk_sorted(scores, k), idx)
+    chosen = torch.zeros(b, n, dtype=torch.bool).scatter_(1, idx, True)
+    g.manual_seed(5)
+    T.keep._PLANS.clear()
+    out = ops.keep_top(state(), chosen, k)
+    assert [(plan.rank, plan.launch.kwargs["RANKED"]) for plan in T.keep._PLANS.values()] == [(None, True)]
+    assert torch.equal(out.x, ref.x)
+    assert out.sizes is None or torch.equal(out.sizes, ref.sizes)
+    assert out.source is None or torch.equal(out.source, ref.source)
 
 
 @pytest.mark.parametrize("p,n,k,b,sizes,source,tensor", [

@@ -72,12 +72,13 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
 
 def keep_top(state: TokenState, scores: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> TokenState:
     """Keep the ``k`` best-scored non-prefix tokens (``scores [B, N]``) in spatial order:
-    :func:`topk_sorted` then :func:`gather_tokens`; on CUDA without padding, one kernel launch."""
+    :func:`topk_sorted` then :func:`gather_tokens`; on CUDA without padding, one kernel launch. ``scores`` may be a
+    bool selection with exactly ``k`` True per row (among the valid tokens): then nothing is ranked on CUDA."""
     if valid is None and kernels.use_triton(state.x, scores) and kernels.keep_step_fits(scores.shape[1]):
         state.x, state.sizes, state.source = kernels.keep_step(state.x, scores, state.sizes, state.source,
                                                                state.num_prefix, k)
         return state
-    idx, ok = topk_sorted(scores, k, valid)
+    idx, ok = topk_sorted(scores.float() if scores.dtype == torch.bool else scores, k, valid)
     return gather_tokens(state, idx, ok)
 
 

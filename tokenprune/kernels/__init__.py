@@ -345,7 +345,8 @@ def keep_step(x, scores, sizes, source, num_prefix: int, k: int):
     """``ops.topk_sorted`` + ``ops.gather_tokens`` (no padding) in one Triton launch (CUDA only; those
     two are its reference, ``reference.keep_step`` the same on plain tensors): keep the ``k`` best-scored
     non-prefix tokens in spatial order, with their sizes and the composed source map. Ties go to the lower
-    index. Returns ``(x, sizes, source)``."""
+    index. ``scores`` may be the selection itself, bool with exactly ``k`` True per row: nothing is ranked then.
+    Returns ``(x, sizes, source)``."""
     if _via_op():
         nx, ns, nsrc = _ops.keep_step(x, scores, sizes, source, num_prefix, k)
         return nx, (ns if sizes is not None else None), (nsrc if source is not None else None)

@@ -102,6 +102,9 @@ def _configs():
                 out.append((KP._keep_step, keep_ptrs, dict(WRITE_X=True, HAS_SIZES=True, HAS_SOURCE=True,
                                                            THRESH=thresh, RANKED=ranked, NP=np_, PP=1, RT=64,
                                                            BC=KP.KEEP_STEP_BC, BS=256), w))
+    out.append((KP._keep_step, dict(keep_ptrs, sc_ptr="*i1"),  # diverse's stage: its own bool selection, ranked
+                dict(WRITE_X=True, HAS_SIZES=False, HAS_SOURCE=False, THRESH=0, RANKED=True, NP=256, PP=1, RT=64,
+                     BC=KP.KEEP_STEP_BC, BS=256), 4))
     out.append((KP._keep_rank, {"sc_ptr": f32, "rk_ptr": "*i8"}, dict(BR=KP.KEEP_RANK_BR, BT=KP.KEEP_RANK_BT), 4))
     for lowp in (True, False):
         out.append((AP._apet_merge, {"x_ptr": f16, "s_ptr": f32, "t_ptr": "*i64", "keep_ptr": "*i64", "src_ptr": "*i64",

@@ -27,24 +27,25 @@ def _keep_step(x_ptr, sc_ptr, s_ptr, src_ptr, ox_ptr, os_ptr, osrc_ptr, idx_ptr,
     # THRESH (1: the threshold is TH, 2: it is read at th_ptr): K is then the cap, and the sample keeps
     # clamp(#{score > threshold}, 1, K) tokens, the best of them; program 0 writes that count to cnt_ptr (fp32). The
     # outputs stay K rows wide (their strides), the rows past the count unwritten: the caller cuts them off.
-    # RANKED: the selection was made by _keep_rank (rk_ptr [B, N] int8, 1 = kept): no sort here.
+    # RANKED: the selection was made before (rk_ptr [B, N] int8, 1 = kept: _keep_rank's counts, or the caller's own
+    # mask of exactly K per row): no sort here.
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs = tl.arange(0, NP)
     nm = offs < N
-    sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
-    kk = K
-    if THRESH != 0:
-        if THRESH == 2:
-            th = tl.load(th_ptr).to(tl.float32)
-        else:
-            th = TH
-        kk = tl.minimum(tl.maximum(tl.sum((sc > th).to(tl.int32), 0), 1), K)  # (padding: -inf, never above)
-        if g == 0:
-            tl.store(cnt_ptr + b, kk.to(tl.float32))
-    if RANKED:
+    if RANKED:  # (the scores are not read: rk_ptr holds the selection)
         keep = nm & (tl.load(rk_ptr + b * N + offs, mask=nm, other=0) != 0)
     else:
+        sc = tl.load(sc_ptr + b * scb + offs, mask=nm, other=float("-inf")).to(tl.float32)
+        kk = K
+        if THRESH != 0:
+            if THRESH == 2:
+                th = tl.load(th_ptr).to(tl.float32)
+            else:
+                th = TH
+            kk = tl.minimum(tl.maximum(tl.sum((sc > th).to(tl.int32), 0), 1), K)  # (padding: -inf, never above)
+            if g == 0:
+                tl.store(cnt_ptr + b, kk.to(tl.float32))
         keep = nm & _top_k_mask(sc, offs, kk)
     ki = keep.to(tl.int32)
     pos = tl.cumsum(ki, 0) - ki  # slot among the kept tokens, spatial order
@@ -120,8 +121,15 @@ def keep_step(x, scores, sizes, source, p: int, k: int, write_x: bool = True, th
     ``clamp(#{score > threshold}, 1, k)`` of its best tokens (``ops.keep_above`` without padding). The outputs are
     still ``k`` rows wide, the rows past a sample's count unwritten (the indices too), and a fifth output ``[B]``
     float32 holds the counts: the caller reads them and cuts the rows (at batch 1 the cut of a contiguous tensor is
-    contiguous)."""
+    contiguous).
+
+    ``scores`` may instead be the selection itself, a bool ``[B, N]`` with exactly ``k`` True per row (a caller that
+    has chosen its tokens, e.g. ``diverse``): no ranking at all, the kept rows in spatial order."""
     th = None if threshold is None else "tensor" if isinstance(threshold, torch.Tensor) else float(threshold)
+    if scores.dtype == torch.bool:  # the selection itself, exactly k per row: read as _keep_rank's output (RANKED)
+        if th is not None:
+            raise ValueError("keep_step: a threshold needs scores, not a bool selection")
+        scores = scores.contiguous()
     key = (x.shape, x.stride(), x.dtype, x.device, scores.shape, scores.stride(), scores.dtype, _sig(sizes),
            _sig(source), p, k, write_x, KEEP_STEP_BC, th, KEEP_RANK_MIN_N, KEEP_RANK_MAX_BATCH)
     return cached_plan(_PLANS, key, _KeepPlan, x, scores, sizes, source, p, k, write_x, th)(
@@ -151,9 +159,11 @@ class _KeepPlan:
         so = ((p + k) * c, c) if write_x else sx  # out: contiguous when written
         inputs = ((0, 1) + ((2,) if sizes is not None else ()) + ((3,) if source is not None else ())
                   + ((9,) if th == "tensor" else ()))
-        ranked = th is None and n >= KEEP_RANK_MIN_N and bsz <= KEEP_RANK_MAX_BATCH
-        self.rank = LaunchPlan(_keep_rank, (bsz, _cdiv(n, KEEP_RANK_BR)), (0, 1), (n, k, scores.stride(0)),
-                               dict(BR=KEEP_RANK_BR, BT=KEEP_RANK_BT, num_warps=4), (0,)) if ranked else None
+        self.mask = scores.dtype == torch.bool  # the caller's selection: RANKED, read from the scores
+        ranked = self.mask or (th is None and n >= KEEP_RANK_MIN_N and bsz <= KEEP_RANK_MAX_BATCH)
+        self.rank = None if self.mask or not ranked else LaunchPlan(
+            _keep_rank, (bsz, _cdiv(n, KEEP_RANK_BR)), (0, 1), (n, k, scores.stride(0)),
+            dict(BR=KEEP_RANK_BR, BT=KEEP_RANK_BT, num_warps=4), (0,))
         self.shapes += ((bsz, n),)
         self.launch = LaunchPlan(_keep_step, (bsz, groups), range(12),
                                  (p, n, k, c, n0, groups, th if isinstance(th, float) else 0.0, sx[0], sx[1],
@@ -175,7 +185,7 @@ class _KeepPlan:
         scr = torch.empty(*sscr, device=dev, dtype=torch.int32)
         cnt = _alloc(scnt, dev, torch.float32) if self.thresh else scores
         th = threshold if isinstance(threshold, torch.Tensor) else scores
-        rk = scores
+        rk = scores.view(torch.int8) if self.mask else scores
         if self.rank is not None:
             rk = _alloc(srk, dev, torch.int8)
             self.rank((scores, rk))

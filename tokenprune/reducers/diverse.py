@@ -96,4 +96,4 @@ class Diverse(Reducer):
         # worked out from G inside the selection (reference.cosine_distance), so neither a normalised copy of F nor d
         # is made
         chosen = kernels.max_min_select(kernels.gram(f)[0], stage.keep, valid, weight)
-        return keep_top(state, chosen.float(), stage.keep, valid)
+        return keep_top(state, chosen, stage.keep, valid)  # the selection itself: nothing to rank
