@@ -31,7 +31,8 @@ forward's kernels in order; ``kernels_b_merge``: merge and maelre alone, and mer
 half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s
 CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256
 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large; ``graph_profile``: ViT-B bs 1 under
-``reduce-overhead``, unreduced / budget 1.0 / merge), ``whisper_eager`` (eager Whisper-large
+``reduce-overhead``, unreduced / budget 1.0 / merge, and a timeline of each call with cls and merge-3-stages: host
+time to the graph's launch, the launch, the device's start), ``whisper_eager`` (eager Whisper-large
 bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
 long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
 with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
@@ -435,23 +436,73 @@ def cprofile_calls(fn, calls: int, warmup: int, sync_each: bool = False, top: in
     return wall, buf.getvalue()
 
 
+def call_timeline(fn, calls: int = 50) -> dict:
+    """One synchronized ``fn()`` after another under the torch profiler: per call, in microseconds (medians), the host
+    time from the call's start to its CUDA-graph launch (``host_to_launch``), that launch's own host time
+    (``launch_api``), from the launch's start to the graph's first kernel (``launch_to_kernel``), the first to the
+    last kernel (``gpu_span``) and the last kernel's end to the call's return (``kernel_to_return``), with the graph
+    launches and kernels per call. Host and device times are the profiler's, on one clock. Off CUDA only
+    ``call_us``."""
+    import statistics
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = DEV == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for _ in range(5):
+        fn()
+    with profile(activities=acts) as p:
+        for _ in range(calls):
+            with record_function("bench_call"):
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+    evs = p.events()
+    start = lambda e: e.time_range.start  # noqa: E731
+    spans = sorted((e for e in evs if e.name == "bench_call"), key=start)
+    launches = sorted((e for e in evs if e.name.startswith("cudaGraphLaunch")), key=start)
+    kernels = sorted((e for e in evs if e.device_type == DeviceType.CUDA), key=start)
+    rows = []
+    for c in spans:
+        t0, t1 = c.time_range.start, c.time_range.end
+        lc = [e for e in launches if t0 <= start(e) < t1]
+        kc = [e for e in kernels if t0 <= start(e) < t1]
+        row = {"call_us": t1 - t0}
+        if lc and kc:
+            gk = [e for e in kc if start(e) >= start(lc[0])]  # the graph's (the input's copy comes before it)
+            row.update(host_to_launch=start(lc[0]) - t0, launch_api=lc[0].time_range.end - start(lc[0]),
+                       launch_to_kernel=start(gk[0]) - start(lc[0]) if gk else float("nan"),
+                       gpu_span=gk[-1].time_range.end - start(gk[0]) if gk else float("nan"),
+                       kernel_to_return=t1 - kc[-1].time_range.end, launches=len(lc), kernels=len(kc))
+        rows.append(row)
+    keys = rows[0].keys() if rows else ()
+    return {k: round(statistics.median(r[k] for r in rows if k in r), 1) for k in keys}
+
+
 def graph_profile(out: Path, smoke: bool, calls: int = 300):
     """cProfile of ``calls`` bs-1 ViT-B calls under ``torch.compile(mode="reduce-overhead")``, each followed by a
     synchronize (a latency's host part): where the patched variants' later graph start goes, past Dynamo's guards
-    (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge."""
+    (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge;
+    then each of those, cls and merge-3-stages as a timeline (``call_timeline``): host time before the graph's launch,
+    the launch, the device's start after it."""
     import copy
 
     m, x = model_and_input("vit_b", 1, smoke)
-    for name, kw in [("unreduced", None), PATCHED, ("merge", {})]:
+    for name, kw in [("unreduced", None), PATCHED, ("merge", {}), ("cls", {}), M3]:
         mv = copy.deepcopy(m)
         if kw is not None:
             apply_variant(mv, (name, kw), 0.25)
         run = torch.compile(mv, mode="reduce-overhead", fullgraph=True)
         with torch.inference_mode():
-            wall, text = cprofile_calls(lambda: run(x), calls, warmup=20, sync_each=True)
-        tag = name.replace(", ", "_").replace(" ", "_")
-        (out / f"graph_profile_vit_b_{tag}.txt").write_text(f"wall per call (profiled) {wall:.3f} ms\n" + text)
-        print("vit_b", name, f"{wall:.3f} ms per profiled reduce-overhead call")
+            if name in ("unreduced", PATCHED[0], "merge"):
+                wall, text = cprofile_calls(lambda: run(x), calls, warmup=20, sync_each=True)
+                tag = name.replace(", ", "_").replace(" ", "_")
+                (out / f"graph_profile_vit_b_{tag}.txt").write_text(f"wall per call (profiled) {wall:.3f} ms\n" + text)
+                print("vit_b", name, f"{wall:.3f} ms per profiled reduce-overhead call")
+            for _ in range(2):  # twice: the spread between two passes in one process
+                record(case="vit_b", bs=1, mode="reduce-overhead", variant=name, part="graph_timeline",
+                       **call_timeline(lambda: run(x), 10 if smoke else 100))
         run = mv = None  # the compiled model and its CUDA graphs go before the next variant's
         torch._dynamo.reset()
 
@@ -1370,6 +1421,10 @@ def main():
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
                   f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward, span {r['span_ms']:.3f} ms, "
                   f"idle {r['gap_ms']:.3f} ms")
+            continue
+        if r.get("part") == "graph_timeline":
+            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} timeline (us): "
+                  + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("case", "bs", "mode", "variant", "part")))
             continue
         if "same_tokens" in r:
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} rel err {r['rel_err_vs_eager']:.2e}, "
