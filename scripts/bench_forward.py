@@ -265,7 +265,7 @@ def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, prof
             # parts whose compiles ran past 170 s on a fresh machine, with nothing printed)
             print(f"# {case} bs {bs} {mode} {variant[0]}: ready in {time.perf_counter() - t0:.1f} s", flush=True)
             entries.append(dict(variant=variant[0], run=run, fn=fn, plan=plan, err=err, ms=[], switches=switches))
-        for _ in range(rounds or (5 if bs == 1 else 2)):
+        for _ in range(rounds or (15 if bs == 1 else 2)):
             for e in entries:
                 with torch.inference_mode(), switched(e["switches"]):
                     e["ms"].append(timed(e["run"], x, repeats))
