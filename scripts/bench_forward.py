@@ -441,8 +441,9 @@ def call_timeline(fn, calls: int = 50) -> dict:
     time from the call's start to its CUDA-graph launch (``host_to_launch``), that launch's own host time
     (``launch_api``), from the launch's start to the graph's first kernel (``launch_to_kernel``), the first to the
     last kernel (``gpu_span``) and the last kernel's end to the call's return (``kernel_to_return``), with the graph
-    launches and kernels per call. Host and device times are the profiler's, on one clock. Off CUDA only
-    ``call_us``."""
+    launches and kernels per call, and the last call's first three device events by name (the input's copy into the
+    graph may start after the launch: then ``launch_to_kernel`` is the copy's). Host and device times are the
+    profiler's, on one clock. Off CUDA only ``call_us``."""
     import statistics
 
     from torch.autograd import DeviceType
@@ -477,7 +478,11 @@ def call_timeline(fn, calls: int = 50) -> dict:
                        kernel_to_return=t1 - kc[-1].time_range.end, launches=len(lc), kernels=len(kc))
         rows.append(row)
     keys = rows[0].keys() if rows else ()
-    return {k: round(statistics.median(r[k] for r in rows if k in r), 1) for k in keys}
+    out = {k: round(statistics.median(r[k] for r in rows if k in r), 1) for k in keys}
+    if spans and kernels:  # the last call's first device events, by name: the input's copy, then the graph's
+        t0, t1 = spans[-1].time_range.start, spans[-1].time_range.end
+        out["first_device_events"] = [e.name[:60] for e in kernels if t0 <= start(e) < t1][:3]
+    return out
 
 
 def graph_profile(out: Path, smoke: bool, calls: int = 300):
