@@ -220,8 +220,9 @@ def switched(switches):
 def run_case(case, bs, modes, variants, budget, repeats, smoke, host=False, profile=None, rounds=None, tag=None,
              profiled_variants=("unreduced", "merge"), stem="conv"):
     """Each variant on its own copy of the model (compiled once); all variants timed in ``rounds``
-    interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 5 at
-    batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%), 2 above.
+    interleaved rounds, keeping each one's lowest median (the hosts' speed drifts during a run). Default rounds: 15 at
+    batch 1 (a round takes milliseconds; run 27's two rounds of ViT-L differed by up to 8%, and in runs 87 / 89 the
+    lowest of five moved by up to 25 us of host time between variants and processes), 2 above.
     A variant is ``(name, apply options)`` or ``(name, apply options, switches)``: ``switches``, pairs
     ``(module, {name: value})``, are set (``settings``) around its compile and around each of its timed loops, so a
     switch on and off are two variants timed in the same rounds.
