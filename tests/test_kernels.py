@@ -1060,8 +1060,8 @@ def test_keep_step_equals_topk_and_gather(T, monkeypatch, p, n, k, b, c, sizes, 
     out = ops.keep_top(state(), chosen, k)
     assert [(plan.rank, plan.launch.kwargs["RANKED"]) for plan in T.keep._PLANS.values()] == [(None, True)]
     assert torch.equal(out.x, ref.x)
-    assert out.sizes is None or torch.equal(out.sizes, ref.sizes)
-    assert out.source is None or torch.equal(out.source, ref.source)
+    assert (out.sizes is None) == (ref.sizes is None) and (out.sizes is None or torch.equal(out.sizes, ref.sizes))
+    assert (out.source is None) == (ref.source is None) and (out.source is None or torch.equal(out.source, ref.source))
 
 
 @pytest.mark.parametrize("p,n,k,b,sizes,source,tensor", [
