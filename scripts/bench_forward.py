@@ -478,7 +478,7 @@ def call_timeline(fn, calls: int = 50) -> dict:
                        gpu_span=gk[-1].time_range.end - start(gk[0]) if gk else float("nan"),
                        kernel_to_return=t1 - kc[-1].time_range.end, launches=len(lc), kernels=len(kc))
         rows.append(row)
-    keys = rows[0].keys() if rows else ()
+    keys = dict.fromkeys(k for r in rows for k in r)  # a call without a graph launch (a re-recording) has call_us only
     out = {k: round(statistics.median(r[k] for r in rows if k in r), 1) for k in keys}
     if spans and kernels:  # the last call's first device events, by name: the input's copy, then the graph's
         t0, t1 = spans[-1].time_range.start, spans[-1].time_range.end
