@@ -32,7 +32,8 @@ half; ``kernels_b_graph``: ViT-B merge, merge-3-stages, cls and merge with the m
 CUDA graph, with the idle time between kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256
 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large; ``graph_profile``: ViT-B bs 1 under
 ``reduce-overhead``, unreduced / budget 1.0 / merge, and a timeline of each call with cls and merge-3-stages: host
-time to the graph's launch, the launch, the device's start), ``whisper_eager`` (eager Whisper-large
+time to the graph's launch, the launch, the device's start; ``graph_nodes``: each variant's CUDA graph, its nodes
+by type and its launch's host time), ``whisper_eager`` (eager Whisper-large
 bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
 long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
 with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
@@ -510,6 +511,83 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
                 record(case="vit_b", bs=1, mode="reduce-overhead", variant=name, part="graph_timeline",
                        **call_timeline(lambda: run(x), 10 if smoke else 100))
         run = mv = None  # the compiled model and its CUDA graphs go before the next variant's
+        torch._dynamo.reset()
+
+
+def graph_nodes(out: Path, smoke: bool, calls: int = 200):
+    """ViT-B bs 1: each variant's forward as one CUDA graph with the driver's debug dump of its nodes
+    (``graph_nodes_<variant>.dot``), node types counted, and the graph's launch timed alone: ``replay_host_us`` (the
+    host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First captured
+    from the eager call (unreduced, budget 1.0, merge, cls, merge-3-stages), then the graphs ``reduce-overhead``'s
+    CUDA-graph trees capture (unreduced, merge). Why: run 90's timeline had merge's graph launch at 113 us of host time
+    against 37 unreduced, its first kernel only after the launch returned. CUDA only."""
+    import collections
+    import copy
+
+    if DEV != "cuda":
+        print("graph_nodes: CUDA graphs need CUDA; skipped")
+        return
+
+    def report(g, name, source):
+        path = out / f"graph_nodes_{source}_{name.replace(', ', '_').replace(' ', '_')}.dot"
+        g.debug_dump(str(path))
+        text = path.read_text()
+        types = collections.Counter(re.findall(r'label="[{\s\d]*(?:\\n)?\s*([A-Z_]{4,})', text))
+        record(case="vit_b", bs=1, mode=source, variant=name, part="graph_nodes", nodes=dict(types),
+               replay_host_us=round(1e3 * host_time_ms(g.replay, DEV, calls), 1),
+               replay_us=round(1e3 * time_fn(g.replay, DEV, warmup=10, repeats=calls).median_ms, 1))
+
+    m, x = model_and_input("vit_b", 1, smoke)
+    variants = [("unreduced", None), PATCHED, ("merge", {}), ("cls", {}), M3]
+    for name, kw in variants:
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        with torch.inference_mode():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    mv(x)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            g.enable_debug_mode()
+            with torch.cuda.graph(g):
+                mv(x)
+            report(g, name, "eager")
+        g = mv = None
+    made = []
+    plain = torch.cuda.CUDAGraph
+
+    class DebugGraph(plain):  # what CUDA-graph trees create, with the debug mode on before their capture
+        def __new__(cls, *args, **kwargs):
+            g = plain.__new__(cls, *args, **kwargs)
+            g.enable_debug_mode()
+            made.append(g)
+            return g
+
+    for name, kw in variants[0:1] + variants[2:3]:
+        mv = copy.deepcopy(m)
+        if kw is not None:
+            apply_variant(mv, (name, kw), 0.25)
+        made.clear()
+        torch.cuda.CUDAGraph = DebugGraph
+        try:
+            run = torch.compile(mv, mode="reduce-overhead", fullgraph=True)
+            with torch.inference_mode():
+                for _ in range(5):
+                    run(x)
+        finally:
+            torch.cuda.CUDAGraph = plain
+        torch.cuda.synchronize()
+        print("vit_b", name, f"reduce-overhead: {len(made)} graph(s) made")
+        for i, g in enumerate(made):
+            try:
+                report(g, name if i == 0 else f"{name}_{i}", "reduce-overhead")
+            except RuntimeError as e:  # a graph made but never captured (a warm-up run's)
+                print("  graph", i, "not dumped:", str(e)[:120])
+        run = mv = g = None
+        made.clear()
         torch._dynamo.reset()
 
 
@@ -1278,6 +1356,8 @@ def main():
         python_profile(args.out, args.smoke)
     if "graph_profile" in parts:  # cProfile of reduce-overhead ViT-B bs-1 calls: the host time past Dynamo
         graph_profile(args.out, args.smoke, 20 if args.smoke else 300)
+    if "graph_nodes" in parts:  # each bs-1 ViT-B variant's CUDA graph: its nodes, its launch's host time
+        graph_nodes(args.out, args.smoke)
     if "pyprof_whisper" in parts:  # the same for the Whisper-large encoder: unreduced, patched at 1.0, merge at 0.5
         python_profile(args.out, args.smoke, [("whisper_large", [("unreduced", None), ("merge", {})], 1.0),
                                               ("whisper_large", [("merge", {})], 0.5)])
@@ -1427,6 +1507,10 @@ def main():
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
                   f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward, span {r['span_ms']:.3f} ms, "
                   f"idle {r['gap_ms']:.3f} ms")
+            continue
+        if r.get("part") == "graph_nodes":
+            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} graph launch "
+                  f"{r['replay_host_us']} us host, {r['replay_us']} us to its end; nodes {r['nodes']}")
             continue
         if r.get("part") == "graph_timeline":
             print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} timeline (us): "
