@@ -517,10 +517,11 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
 def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     """ViT-B bs 1: each variant's forward as one CUDA graph with the driver's debug dump of its nodes
     (``graph_nodes_<variant>.dot``), node types counted, and the graph's launch timed alone: ``replay_host_us`` (the
-    host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First captured
-    from the eager call (unreduced, budget 1.0, merge, cls, merge-3-stages), then the graphs ``reduce-overhead``'s
-    CUDA-graph trees capture (unreduced, merge). Why: run 90's timeline had merge's graph launch at 113 us of host time
-    against 37 unreduced, its first kernel only after the launch returned. CUDA only."""
+    host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First 11 merge
+    steps alone against 11 and 120 PyTorch kernels, then each variant captured from its eager call (unreduced,
+    budget 1.0, merge, cls, merge-3-stages), then the graphs ``reduce-overhead``'s CUDA-graph trees capture
+    (unreduced, merge). Why: run 90's timeline had merge's graph launch at 113 us of host time against 37 unreduced,
+    its first kernel only after the launch returned. CUDA only."""
     import collections
     import copy
 
@@ -537,6 +538,38 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
                replay_host_us=round(1e3 * host_time_ms(g.replay, DEV, calls), 1),
                replay_us=round(1e3 * time_fn(g.replay, DEV, warmup=10, repeats=calls).median_ms, 1))
 
+    def capture(fn, name):  # fn's launches as one graph (warmed on a side stream first, as capture wants)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        g.enable_debug_mode()
+        with torch.cuda.graph(g):
+            fn()
+        report(g, name, "eager")
+
+    # alone: 11 ViT-B-sized merge steps (our Triton launches) against 11 and 120 PyTorch kernels on the same tokens
+    x0 = torch.randn(1, 197, 768, device=DEV, dtype=DTYPE)
+
+    def merges():
+        y, s = x0, None
+        for _ in range(11):
+            y, s, _ = tokenprune.kernels.merge_step(y, y, s, None, 1, 13, False, 197)
+
+    def plain(n):
+        def fn():
+            y = x0
+            for _ in range(n):
+                y = y * 1.0001
+        return fn
+
+    with torch.inference_mode():
+        capture(merges, "11 merge steps alone")
+        capture(plain(11), "11 PyTorch kernels alone")
+        capture(plain(120), "120 PyTorch kernels alone")
     m, x = model_and_input("vit_b", 1, smoke)
     variants = [("unreduced", None), PATCHED, ("merge", {}), ("cls", {}), M3]
     for name, kw in variants:
@@ -544,18 +577,8 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
         if kw is not None:
             apply_variant(mv, (name, kw), 0.25)
         with torch.inference_mode():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    mv(x)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            g.enable_debug_mode()
-            with torch.cuda.graph(g):
-                mv(x)
-            report(g, name, "eager")
-        g = mv = None
+            capture(lambda: mv(x), name)
+        mv = None
     made = []
     plain = torch.cuda.CUDAGraph
 
