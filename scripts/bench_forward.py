@@ -516,14 +516,17 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
 
 def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     """ViT-B bs 1: each variant's forward as one CUDA graph with the driver's debug dump of its nodes
-    (``graph_nodes_<variant>.dot``), node types counted, and the graph's launch timed alone: ``replay_host_us`` (the
-    host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First 11 merge
-    steps alone against 11 and 120 PyTorch kernels, then each variant captured from its eager call (unreduced,
-    budget 1.0, merge, cls, merge-3-stages), then the graphs ``reduce-overhead``'s CUDA-graph trees capture
-    (unreduced, merge). Why: run 90's timeline had merge's graph launch at 113 us of host time against 37 unreduced,
-    its first kernel only after the launch returned. CUDA only."""
+    (``graph_nodes_<variant>.dot``), node types counted, and the graph's launch timed alone: ``replay_host_us``
+    (the host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First 11
+    merge steps alone and 11 key-bias attentions alone against 11 and 120 PyTorch kernels, then each variant
+    captured from its eager call (unreduced, budget 1.0, merge, cls, merge-3-stages), then the graphs
+    ``reduce-overhead``'s CUDA-graph trees capture (unreduced, merge). Why: run 90's timeline had merge's graph
+    launch at 113 us of host time against 37 unreduced, its first kernel only after the launch returned. CUDA
+    only."""
     import collections
     import copy
+
+    from tokenprune import kernels
 
     if DEV != "cuda":
         print("graph_nodes: CUDA graphs need CUDA; skipped")
@@ -557,7 +560,7 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     def merges():
         y, s = x0, None
         for _ in range(11):
-            y, s, _ = tokenprune.kernels.merge_step(y, y, s, None, 1, 13, False, 197)
+            y, s, _ = kernels.merge_step(y, y, s, None, 1, 13, False, 197)
 
     def plain(n):
         def fn():
@@ -566,8 +569,16 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
                 y = y * 1.0001
         return fn
 
+    q0 = torch.randn(1, 12, 197, 64, device=DEV, dtype=DTYPE)
+    b0 = torch.zeros(1, 1, 1, 197, device=DEV, dtype=DTYPE)
+
+    def attentions():  # merge's attention: the key-bias kernel writing the keys' mean
+        for _ in range(11):
+            kernels.biased_attention(q0, q0, q0, b0, key_mean=True)
+
     with torch.inference_mode():
         capture(merges, "11 merge steps alone")
+        capture(attentions, "11 key-bias attentions alone")
         capture(plain(11), "11 PyTorch kernels alone")
         capture(plain(120), "120 PyTorch kernels alone")
     m, x = model_and_input("vit_b", 1, smoke)
