@@ -1529,40 +1529,33 @@ def main():
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
                                                               "block_curve"):
             continue
-        if r.get("part") == "dynamo_host":
-            print(f"{r['case']:14} {r['bs']:>4} {'compiled call':16} {r['variant']:16} {r['host_us_per_call']:.1f} us of "
-                  f"host time before any work (frame, guards); {r['no_guards_us']:.1f} us without guards")
-            continue
-        if r.get("part") == "compile_kernels":
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} compiled in {r['compile_s']} s (caches "
-                  f"off), {r['distinct_kernels']} distinct generated kernels")
-            continue
-        if r.get("part") == "kernels":
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['kernels_per_forward']:6.0f} kernels, "
-                  f"{r['kernel_ms_per_forward']:.3f} ms of kernel time per forward, span {r['span_ms']:.3f} ms, "
-                  f"idle {r['gap_ms']:.3f} ms")
-            continue
-        if r.get("part") == "graph_nodes":
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} graph launch "
-                  f"{r['replay_host_us']} us host, {r['replay_us']} us to its end; nodes {r['nodes']}")
-            continue
-        if r.get("part") == "graph_timeline":
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} timeline (us): "
-                  + ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("case", "bs", "mode", "variant", "part")))
-            continue
-        if "same_tokens" in r:
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} rel err {r['rel_err_vs_eager']:.2e}, "
-                  f"same tokens kept: {r['same_tokens']}")
-            continue
-        if "error" in r:
-            print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} ERROR {r['error'][:80]}")
-            continue
-        print(f"{r['case']:14} {r['bs']:>4} {r['mode']:16} {r['variant']:16} {r['ms']:9.3f} {r['speedup']:8.3f} "
-              f"{r['flop_bound'] or '':>6} {r.get('host_ms', ''):>7} {r['rel_err_vs_eager'] or ''}")
+        kind = r.get("part") if r.get("part") in _SUMMARY else next((k for k in ("same_tokens", "error") if k in r),
+                                                                       "ms")
+        tail = _SUMMARY[kind]
+        mode = "compiled call" if r.get("part") == "dynamo_host" else r["mode"]
+        print(f"{r['case']:14} {r['bs']:>4} {mode:16} {r['variant']:16} " + tail(r))
     print(meta)
     if ONLY is not None and ONLY - OFFERED:  # a misspelt name would leave a part with its unreduced row alone
         sys.exit(f"--variants: no part run offered {sorted(ONLY - OFFERED)}; the parts offered {sorted(OFFERED)}")
 
+
+# the summary line of a row after its case, batch, mode and variant: by its part, else by what it holds
+_SUMMARY = {
+    "dynamo_host": lambda r: (f"{r['host_us_per_call']:.1f} us of host time before any work (frame, guards); "
+                              f"{r['no_guards_us']:.1f} us without guards"),
+    "compile_kernels": lambda r: (f"compiled in {r['compile_s']} s (caches off), {r['distinct_kernels']} distinct "
+                                  "generated kernels"),
+    "kernels": lambda r: (f"{r['kernels_per_forward']:6.0f} kernels, {r['kernel_ms_per_forward']:.3f} ms of kernel "
+                          f"time per forward, span {r['span_ms']:.3f} ms, idle {r['gap_ms']:.3f} ms"),
+    "graph_nodes": lambda r: (f"graph launch {r['replay_host_us']} us host, {r['replay_us']} us to its end; nodes "
+                              f"{r['nodes']}"),
+    "graph_timeline": lambda r: "timeline (us): " + ", ".join(
+        f"{k} {v}" for k, v in r.items() if k not in ("case", "bs", "mode", "variant", "part")),
+    "same_tokens": lambda r: f"rel err {r['rel_err_vs_eager']:.2e}, same tokens kept: {r['same_tokens']}",
+    "error": lambda r: f"ERROR {r['error'][:80]}",
+    "ms": lambda r: (f"{r['ms']:9.3f} {r['speedup']:8.3f} {r['flop_bound'] or '':>6} {r.get('host_ms', ''):>7} "
+                     f"{r['rel_err_vs_eager'] or ''}"),
+}
 
 DEV, DTYPE, SMOKE, ONLY = "cpu", torch.float32, False, None
 OFFERED: set = set()  # every variant name the parts run offered to --variants
