@@ -30,24 +30,24 @@ forward's kernels in order; ``kernels_b_merge``: merge and maelre alone, and mer
 ``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP
 half; ``kernels_siglip_large``: SigLIP bs 32 merge, compiled default and eager; ``kernels_b_graph``: ViT-B merge,
 merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time between
-kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``: eager Whisper-large; ``graph_profile``: ViT-B bs 1 under
-``reduce-overhead``, unreduced / budget 1.0 / merge, and a timeline of each call with cls and merge-3-stages: host
-time to the graph's launch, the launch, the device's start; ``graph_nodes``: each variant's CUDA graph, its nodes
-by type and its launch's host time), ``whisper_eager`` (eager Whisper-large
-bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each
-long step in one launch against four), ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts
-with no step, beside merge), ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one
-launch and four, SDPA with and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no
-GPU needed: microseconds of host time per piece of one batch-1 reduction step, the CUDA path's Python with every
-Triton launch a no-op; ``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a
-Whisper-large merge step, in one launch and in four, and the blocks around it: the block loop at the real token
-counts, the ``tokenprune_sdpa`` routing and the HF layer), ``dynamo_host`` (CPU or GPU: the host time of a compiled
-ViT-B bs-1 call before any work, Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time
-too). Tuning sweeps for a new GPU: ``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1
-merge step at ViT-B's sizes: launch settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge
-with the step's side program and the key mean from the attention's launch, each on and off), ``ba_tiles`` (the
-key-bias attention's tiles and pipeline depth at bs 256 and 1, against cuDNN's flash). One-off experiments that
-settled a choice were removed once recorded (the history file names them and the commit that last had them).
+kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``:
+eager Whisper-large; ``graph_profile``: ViT-B bs 1 under ``reduce-overhead``, unreduced / budget 1.0 / merge, and a
+timeline of each call with cls and merge-3-stages: host time to the graph's launch, the launch, the device's start;
+``graph_nodes``: each variant's CUDA graph, its nodes by type and its launch's host time), ``whisper_eager`` (eager
+Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each long step in one launch against four),
+``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts with no step, beside merge),
+``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with
+and without the key bias, one linear at changing token counts), ``dryhost`` (CPU only, no GPU needed: microseconds of
+host time per piece of one batch-1 reduction step, the CUDA path's Python with every Triton launch a no-op;
+``--profile`` adds the merge and apet steps' cProfiles), ``dryhost_whisper`` (the same for a Whisper-large merge step,
+in one launch and in four, and the blocks around it: the block loop at the real token counts, the ``tokenprune_sdpa``
+routing and the HF layer), ``dynamo_host`` (CPU or GPU: the host time of a compiled ViT-B bs-1 call before any work,
+Dynamo's frame and guards, per variant; ``compiled_b`` has each call's host time too). Tuning sweeps for a new GPU:
+``gram_tiles`` (the Gram kernel's tiles at bs 1 and 256), ``merge_b1`` (the bs-1 merge step at ViT-B's sizes: launch
+settings, its extra outputs; ``merge_b1_forward``: ViT-B bs-1 reduce-overhead merge with the step's side program and
+the key mean from the attention's launch, each on and off), ``ba_tiles`` (the key-bias attention's tiles and pipeline
+depth at bs 256 and 1, against cuDNN's flash). One-off experiments that settled a choice were removed once recorded
+(the history file names them and the commit that last had them).
 
     OMP_NUM_THREADS=1 python scripts/bench_forward.py --parts dryhost,dryhost_whisper --out /tmp/dh
 """
