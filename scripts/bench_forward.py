@@ -1135,6 +1135,8 @@ def sweep_row(row, step, ref, repeats):
             o = step()
             ref = ref if ref is not None else o
             row["same"] = all(torch.equal(a, b) for a, b in zip(o, ref) if isinstance(a, torch.Tensor))
+            row["max_err"] = max((float((a.float() - b.float()).abs().max()) for a, b in zip(o, ref)
+                                  if isinstance(a, torch.Tensor) and a.shape == b.shape and a.numel()), default=0.0)
             if DEV == "cuda":
                 row["step_graph_us"] = round(time_fn(graphed(step), DEV, 10, repeats).median_ms * 1e3, 1)
                 for e in profiled(lambda _: step(), None, calls=20).key_averages():
@@ -1202,37 +1204,62 @@ def merge_b1(smoke: bool, repeats: int):
                     x, metric, sizes, src, 1, r, False, 196, logs, y, None, {})[:2], ref, repeats)
 
 
-def ba_tiles(smoke: bool, repeats: int):
-    """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; ViT-B's 12 heads of 64, fp16)
-    at token counts of a merged ViT-B forward, batch 256 and 1: its default tile against fixed tiles and pipeline
-    depths (``num_stages``), and SDPA without the bias (cuDNN's flash: what the unreduced blocks run) and with it
-    (its default dispatch, and cuDNN's kernel forced).
-    Graph-replay time per call; ``same``: the output equals the default tile's bit for bit."""
+def ba_tiles(smoke: bool, repeats: int, long: bool = False):
+    """GPU: ``kernels.biased_attention`` (merge's proportional attention, ``_ba_fwd``; fp16) at token counts of a
+    merged forward: ViT-B (12 heads of 64) at batch 256 and 1, or with ``long`` the long inputs at batch 1
+    (Whisper-large after merging at layers 1, 5, 9: 20 heads of 64, 1191 / 945 / 750 tokens; SigLIP-so400m after 2,
+    6, 9: 16 heads of 72, 459 / 289 / 182). Its default tile against fixed tiles and pipeline depths
+    (``num_stages``), and SDPA without the bias (cuDNN's flash: what the unreduced blocks run) and with it as a
+    mask; with ``long`` also the bias folded into one more head dimension (q gets 1 / scale, k the log size, v a
+    zero: SDPA without a mask on 8 more head dims, padded, exact up to the bias's rounding), with the padding copies
+    timed and without them.
+    Graph-replay time per call; ``same``: the output equals the default tile's bit for bit; ``max_err``: its
+    largest difference from it."""
     from tokenprune import kernels
     from tokenprune.kernels import attention as ka
 
     saved = ka._ba_config
     g = torch.Generator(device="cpu").manual_seed(0)
-    h, d = (2, 16) if smoke else (12, 64)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     large = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
     # batch 1: 12-24 programs, each a chain over the key tiles; smaller query tiles, fewer (larger) key tiles
     small = [(bm, bn, 4, st) for bm in (16, 32, 64) for bn in (32, 64, 128) for st in (2, 3)]
-    for bs, counts in (((4, [40]),) if smoke else ((1, [197, 119]), (256, [197, 119]))):
+    if smoke:
+        shapes = [(4, 2, 16, 40)]
+    elif long:  # (batch, heads, head dim, tokens); at batch 1 here the grid has 240-380 programs: wider tiles too
+        small = small + [(bm, bn, 8, st) for bm in (64, 128) for bn in (64, 128) for st in (2, 3)]
+        shapes = [(1, 20, 64, n) for n in (1191, 945, 750)] + [(1, 16, 72, n) for n in (459, 289, 182)]
+    else:
+        shapes = [(bs, 12, 64, n) for bs in (1, 256) for n in (197, 119)]
+    for bs, h, d, n in shapes:
         tiles = large if bs > 1 else small
-        for n in counts:
-            q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
-            bias = (torch.rand(bs, 1, 1, n, generator=g) * 2).to(DEV, DTYPE)  # log sizes 0 .. 2
-            base = dict(case="ba_tiles", bs=bs, tokens=n)
-            sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
-            sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
-            ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
-                            lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
-            for bm, bn, w, st in tiles:
-                tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
-                    sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
-                              lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
+        q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+        bias = (torch.rand(bs, 1, 1, n, generator=g) * 2).to(DEV, DTYPE)  # log sizes 0 .. 2
+        base = dict(case="ba_tiles", bs=bs, heads=h, head_dim=d, tokens=n)
+        sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
+        sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
+        ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
+                        lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
+        if long or smoke:
+            scale, extra = d ** -0.5, 8
+            pad = torch.zeros(bs, h, n, extra - 1, device=q.device, dtype=q.dtype)
+
+            def folded():  # [q, 1/scale, 0..] . [k, log s, 0..] * scale = q.k * scale + log s
+                qa = torch.cat([q, torch.full_like(q[..., :1], 1 / scale), pad], -1)
+                kb = torch.cat([k, bias.transpose(-1, -2).expand(bs, h, n, 1), pad], -1)
+                vb = torch.cat([v, pad, pad[..., :1]], -1)
+                return qa, kb, vb
+
+            qa, kb, vb = folded()
+            sweep_row(dict(base, variant="sdpa, bias folded into the head dim, with the copies"),
+                      lambda: (sdpa(*folded(), scale=scale)[..., :d],), ref, repeats)
+            sweep_row(dict(base, variant="sdpa, bias folded into the head dim, copies made before"),
+                      lambda: (sdpa(qa, kb, vb, scale=scale)[..., :d],), ref, repeats)
+        for bm, bn, w, st in tiles:
+            tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
+                sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
+                          lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
 
 
 def whisper_step(out: Path, smoke: bool, repeats: int):
@@ -1501,6 +1528,8 @@ def main():
             for side, mean in ((False, False), (False, True), (True, False), (True, True))], 0.25, reps, args.smoke)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
+    if "ba_tiles_long" in parts:  # the same at the long inputs' bs-1 shapes, and the bias folded into the head dim
+        ba_tiles(args.smoke, reps, long=True)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
         gram_tiles(args.smoke, args.repeats)
     if "threshold" in parts:  # threshold alone at bs 1 eager (host time per stage), cls beside it
