@@ -1262,6 +1262,36 @@ def ba_tiles(smoke: bool, repeats: int, long: bool = False):
                           lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
 
 
+def received_lse(smoke: bool, repeats: int):
+    """GPU: cls's scores without a class token (the attention each key receives) at Whisper-large's bs-1 stage sizes
+    (20 heads of 64; 1500 / 1191 / 945 tokens): the block's attention as SDPA runs it and as cuDNN's op asked for its
+    log-sum-exp too, the two-pass ``received_scores`` and its column pass alone on that log-sum-exp. The pair
+    (attention with lse + columns) against (SDPA + both passes) is what a scored block would save."""
+    from tokenprune import kernels
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cudnn = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    for n in ([40] if smoke else [1500, 1191, 945]):
+        h, d = (2, 16) if smoke else (20, 64)
+        q, k, v = (torch.randn(1, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+        scale = d ** -0.5
+        base = dict(case="received_lse", bs=1, heads=h, head_dim=d, tokens=n)
+        sweep_row(dict(base, variant="sdpa"), lambda: (sdpa(q, k, v),), None, repeats)
+        lse = None
+        if DEV == "cuda" and cudnn is not None:
+            def with_lse():
+                return cudnn(q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+
+            sweep_row(dict(base, variant="cuDNN attention with its lse"), with_lse, None, repeats)
+            lse = with_lse()[1]
+        ref = sweep_row(dict(base, variant="received_scores, two passes"),
+                        lambda: (kernels.received_scores(q, k, scale),), None, repeats)
+        if lse is not None:
+            sweep_row(dict(base, variant="received_scores on the attention's lse"),
+                      lambda: (kernels.received_scores(q, k, scale, None, None, lse),), ref, repeats)
+
+
 def whisper_step(out: Path, smoke: bool, repeats: int):
     """GPU: one batch-1 merge step of the Whisper-large encoder (1475 tokens, keys [1, 20, N, 64], fp16, r 25: the
     long-input path, in one launch and in four) and the per-block ops around it. The step: GPU time under CUDA-graph
@@ -1528,6 +1558,8 @@ def main():
             for side, mean in ((False, False), (False, True), (True, False), (True, True))], 0.25, reps, args.smoke)
     if "ba_tiles" in parts:  # the key-bias attention's tiles and pipeline depth, bs 256 and 1, against cuDNN's flash
         ba_tiles(args.smoke, reps)
+    if "received_lse" in parts:  # cls's received-attention scores on the block attention's log-sum-exp (Whisper bs 1)
+        received_lse(args.smoke, reps)
     if "ba_tiles_long" in parts:  # the same at the long inputs' bs-1 shapes, and the bias folded into the head dim
         ba_tiles(args.smoke, reps, long=True)
     if "gram_tiles" in parts:  # the Gram kernel's tiles at batch 1 and 256 (ApET, diverse)
@@ -1566,7 +1598,7 @@ def main():
     print(f"\n{'case':14} {'bs':>4} {'mode':16} {'variant':16} {'ms':>9} {'speedup':>8} {'bound':>6} {'host':>7} err")
     for r in ROWS:
         if r["case"].startswith("dryhost") or r["case"] in ("whisper_step", "gram_tiles", "ba_tiles", "merge_b1",
-                                                              "block_curve"):
+                                                              "received_lse", "block_curve"):
             continue
         kind = r.get("part") if r.get("part") in _SUMMARY else next((k for k in ("same_tokens", "error") if k in r),
                                                                        "ms")

@@ -273,6 +273,30 @@ def test_received_scores(T, b, h, n, d, dtype, extra):
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_received_scores_on_the_attention_lse(T, backend):
+    """The log-sum-exp a fused attention returns (cuDNN's ``[B, H, N, 1]``, flash's ``[B, H, N]``) is the one the
+    column pass needs (natural log of the scaled scores' exponentials): Whisper-large's shape, scores equal the
+    reference's as with the kernel's own pass."""
+    needs(F16, 1, 20, 1500, 1500)
+    g = gen(4)
+    q, k, v = (randn(1, 20, 1500, 64, dtype=F16, g=g) for _ in range(3))
+    scale = 64 ** -0.5
+    try:
+        if backend == "cudnn":
+            lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                     scale=scale)[1]
+        else:
+            lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[1]
+    except (RuntimeError, AttributeError) as e:
+        pytest.skip(f"{backend} attention with its log-sum-exp is not available here: {e}")
+    want = torch.logsumexp(torch.einsum("bhqd,bhnd->bhqn", q.double(), k.double()) * scale, -1)
+    assert (lse.reshape(want.shape).double() - want).abs().max() < 1e-2, "not the natural-log log-sum-exp"
+    out = kernels.received_scores(q, k, scale, None, None, lse)
+    ref = R.received_scores(q.double(), k.double(), scale, None, None)
+    assert rel(out, ref) < 1e-4
+
+
 # -- merging --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("valid", [False, True])
 @pytest.mark.parametrize("b,n,d,dtype", [(256, 196, 64, F16), (2, 16384, 64, F16), (4, 333, 64, F32),

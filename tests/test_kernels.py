@@ -426,6 +426,24 @@ def test_received_scores(T, dtype, bias, valid):
         assert bool((out[:, 2::5] == 0).all()), "a masked key receives no attention"
 
 
+@pytest.mark.parametrize("shape", ["flat", "cudnn"])
+def test_received_scores_from_a_given_lse(T, shape):
+    """With each query's log-sum-exp given (as a block's attention returns it: ``[B, H, N]``, or cuDNN's
+    ``[B, H, N, 1]``), only the column pass runs and the scores stay the reference's; a wrong lse shows."""
+    g = gen(6)
+    b, h, n, d = 2, 2, 150, 24
+    q, k = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d, generator=g)
+    bb = size_bias(b, n, g, torch.float32)
+    lse = torch.logsumexp(torch.einsum("bhqd,bhnd->bhqn", q.double(), k.double()) * 0.2 + bb.double(), -1).float()
+    lse = lse[..., None] if shape == "cudnn" else lse
+    T.scores._RS_PLANS.clear()
+    out = T.scores.received_scores(q, k, 0.2, bb, None, lse)
+    ref = R.received_scores(q.double(), k.double(), 0.2, bb.double(), None, chunk=64)
+    assert rel(out, ref) < 1e-5
+    assert [len(p.launches) for p in T.scores._RS_PLANS.values()] == [1], "the log-sum-exp pass ran again"
+    assert rel(T.scores.received_scores(q, k, 0.2, bb, None, lse + 0.5), ref) > 0.1
+
+
 def test_received_attention_dispatch(T, monkeypatch):
     g = gen(9)
     q, k = torch.randn(2, 3, 70, 16, generator=g), torch.randn(2, 3, 70, 16, generator=g)

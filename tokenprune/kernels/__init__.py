@@ -238,15 +238,17 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None
     return reference.query_scores(q_row, k, scale, bias, head_weights, head_values)
 
 
-def received_scores(q, k, scale, bias=None, valid=None):
+def received_scores(q, k, scale, bias=None, valid=None, lse=None):
     """The attention each key receives, mean over the (valid) queries and the heads: ``q, k [B, H, N, d]`` ->
     ``[B, N]`` float32 (float64 for float64 inputs). The kernel takes a key bias (``[B or 1, 1, 1, N]``) or none;
-    another bias, the reference."""
+    another bias, the reference. ``lse``: each query's log-sum-exp over its scaled, biased scores where the block's
+    attention returned it (``[B, H, N]`` or ``[B, H, N, 1]``, natural log): the kernel then skips its own pass over
+    them (the reference computes its softmax whole and needs none)."""
     key_bias = bias is None or (bias.dim() == 4 and bias.shape[1] == bias.shape[2] == 1)
-    if key_bias and q.shape == k.shape and use_triton(q, k, bias, valid):
+    if key_bias and q.shape == k.shape and use_triton(q, k, bias, valid, lse):
         if _via_op():
-            return _ops.received_scores(q, k, float(scale), bias, valid)
-        return _impl().scores.received_scores(q, k, scale, bias, valid)
+            return _ops.received_scores(q, k, float(scale), bias, valid, lse)
+        return _impl().scores.received_scores(q, k, scale, bias, valid, *(() if lse is None else (lse,)))
     return reference.received_scores(q, k, scale, bias, valid)
 
 

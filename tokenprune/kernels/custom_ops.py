@@ -127,12 +127,12 @@ _define("query_scores", "(Tensor q_row, Tensor k, float scale, Tensor? bias, Ten
         _qs_fake, "scores", cpu=lambda *args: R.query_scores(*args).float())
 
 
-def _rs_fake(q, k, scale, bias, valid):
+def _rs_fake(q, k, scale, bias, valid, lse=None):
     return k.new_empty((k.shape[0], k.shape[2]), dtype=torch.float32)
 
 
-_define("received_scores", "(Tensor q, Tensor k, float scale, Tensor? bias, Tensor? valid) -> Tensor", _rs_fake,
-        "scores")
+_define("received_scores", "(Tensor q, Tensor k, float scale, Tensor? bias, Tensor? valid, Tensor? lse=None) -> Tensor",
+        _rs_fake, "scores", cpu=lambda q, k, scale, bias, valid, lse=None: R.received_scores(q, k, scale, bias, valid))
 
 
 # -- ToMe: matching, merged rows, the one-launch step ----------------------------------------------------------

@@ -221,25 +221,30 @@ def _rs_cols(q_ptr, k_ptr, bias_ptr, lse_ptr, valid_ptr, out_ptr, N, H, D, scale
 RS_TILES = (64, 64, 4)  # received_scores: queries per tile, keys per tile, warps
 
 
-def received_scores(q, k, scale, bias=None, valid=None):
+def received_scores(q, k, scale, bias=None, valid=None, lse=None):
     """``q, k [B, H, N, d]`` -> ``[B, N]`` float32; see ``reference.received_scores`` (``bias`` a key bias
-    ``[B or 1, 1, 1, N]``, ``valid`` ``[B, N]`` bool for the queries). Plans cached per input signature."""
+    ``[B or 1, 1, 1, N]``, ``valid`` ``[B, N]`` bool for the queries). ``lse``: each query's log-sum-exp of its
+    scores (``[B, H, N]``, or ``[B, H, N, 1]`` as cuDNN's attention returns it; natural log, the scale and bias
+    applied), where the block's attention computed it: then only the column pass runs. Plans cached per input
+    signature."""
     if valid is not None and valid.stride(-1) != 1:
         valid = valid.contiguous()
+    if lse is not None:
+        lse = lse.reshape(q.shape[:3]).float().contiguous()
     key = (q.shape, q.stride(), q.dtype, k.shape, k.stride(), k.dtype, k.device, _sig(bias), _sig(valid), scale,
-           RS_TILES)
-    plan = cached_plan(_RS_PLANS, key, _ReceivedPlan, q, k, scale, bias, valid)
-    return plan(q, k, bias, valid)
+           RS_TILES, lse is None)
+    plan = cached_plan(_RS_PLANS, key, _ReceivedPlan, q, k, scale, bias, valid, lse is not None)
+    return plan(q, k, bias, valid, lse)
 
 
 _RS_PLANS: dict = {}
 
 
 class _ReceivedPlan:
-    """The two launches over ``(q, k, bias, lse, valid, per-head scores)``, absent ones stood for by another; the
-    head mean is one op after them."""
+    """The two launches over ``(q, k, bias, lse, valid, per-head scores)``, absent ones stood for by another, or the
+    second alone on a given ``lse``; the head mean is one op after them."""
 
-    def __init__(self, q, k, scale, bias, valid):
+    def __init__(self, q, k, scale, bias, valid, given_lse: bool = False):
         b, h, n, d = k.shape
         sq, sk = _head_strides("received_scores", q, k)
         bm, bn, warps = RS_TILES
@@ -256,10 +261,12 @@ class _ReceivedPlan:
             LaunchPlan(_rs_lse, (b * h, _cdiv(n, bm)), range(4), common, flags, inputs),
             LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (svb,),
                        dict(flags, HAS_VALID=valid is not None), inputs + ((4,) if valid is not None else ())))
+        if given_lse:
+            self.launches = self.launches[1:]
 
-    def __call__(self, q, k, bias, valid):
+    def __call__(self, q, k, bias, valid, lse=None):
         b, h, n = self.shape
-        lse = _alloc(self.shape, self.dev, torch.float32)
+        lse = _alloc(self.shape, self.dev, torch.float32) if lse is None else lse
         out = _alloc(self.shape, self.dev, torch.float32)
         bias = k if bias is None else bias if self.bias_as_is else _key_bias(bias, b, n, k)[0]
         t = (q, k, bias, lse, lse if valid is None else valid.view(torch.uint8), out)
