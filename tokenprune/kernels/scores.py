@@ -257,12 +257,11 @@ class _ReceivedPlan:
                      VEC=vec, num_warps=warps)
         inputs = (0, 1, 2) if bias is not None else (0, 1)
         svb = valid.stride(0) if valid is not None else 0
-        self.launches = (
-            LaunchPlan(_rs_lse, (b * h, _cdiv(n, bm)), range(4), common, flags, inputs),
-            LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (svb,),
-                       dict(flags, HAS_VALID=valid is not None), inputs + ((4,) if valid is not None else ())))
-        if given_lse:
-            self.launches = self.launches[1:]
+        cols_in = inputs + ((3,) if given_lse else ()) + ((4,) if valid is not None else ())  # a given lse: an input
+        cols = LaunchPlan(_rs_cols, (b * h, _cdiv(n, bn)), range(6), common + (svb,),
+                          dict(flags, HAS_VALID=valid is not None), cols_in)
+        self.launches = (cols,) if given_lse else (
+            LaunchPlan(_rs_lse, (b * h, _cdiv(n, bm)), range(4), common, flags, inputs), cols)
 
     def __call__(self, q, k, bias, valid, lse=None):
         b, h, n = self.shape
