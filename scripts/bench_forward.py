@@ -16,19 +16,19 @@ reduce-overhead; ``long_eager``: both, eager only; ``long_cls``: cls alone; ``lo
 cls and merge with earlier stages than depth/4, /2, 3/4, and those schedules at no cost; ``kernels_long_sched``: the
 kernels of Whisper's earliest ones in the CUDA graph; ``block_curve``: one Whisper-large layer's and one SigLIP
 block's GPU time at every fourth token count; ``long_sched_keep``: cls @1,5,9 (SigLIP @2,6,9) with its selection
-ranked by counting and sorted; ``long_sched_ba``: Whisper's merge @1,5,9 with its key bias in the fused kernel and in
+ranked by counting and sorted; ``long_sched_lse``: Whisper's cls @1,5,9 with the scored layers' log-sum-exp from
+cuDNN's attention and without; ``long_sched_ba``: Whisper's merge @1,5,9 with its key bias in the fused kernel and in
 SDPA's mask; ``long_recipes_large``: cls and merge with those early stages, and merge, at bs 16 (Whisper) / 32
 (SigLIP), eager and compiled default), ``large`` (ViT-B bs 256, eager and compiled default; ``large_gemm``: the same
-with the GEMM stem in every row, the unreduced one included), ``others``
-(ViT-B pitome and diverse at bs 1 eager / reduce-overhead, there also pitome in three stages and diverse in one,
-and bs 256 eager / compiled; threshold at bs 1 eager;
-``threshold``: threshold and cls alone), ``apet_once`` (ViT-B / ViT-L bs 1 reduce-overhead: apet in one stage at
-the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and
-the distinct kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes:
-``kernels_b`` (the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a
-forward's kernels in order; ``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op;
-``kernels_long``: the same for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP
-half; ``kernels_siglip_large``: SigLIP bs 32 merge, compiled default and eager; ``kernels_b_graph``: ViT-B merge,
+with the GEMM stem in every row, the unreduced one included), ``others`` (ViT-B pitome and diverse at bs 1 eager /
+reduce-overhead, there also pitome in three stages and diverse in one, and bs 256 eager / compiled; threshold at bs 1
+eager; ``threshold``: threshold and cls alone), ``apet_once`` (ViT-B / ViT-L bs 1 reduce-overhead: apet in one stage
+at the FLOPs of its default three, beside them and random), ``compile_kernels`` (compile time with every cache off and
+the distinct kernels Inductor generates: ViT-B bs 1, or a 12-block toy on the CPU). Where the time goes: ``kernels_b``
+(the GPU kernels of a compiled bs-1 ViT-B forward per reducer: count, GPU time, top-40 tables, a forward's kernels in
+order; ``kernels_b_merge``: merge and maelre alone, and merge with the keys' mean as an op; ``kernels_long``: the same
+for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` its SigLIP half;
+``kernels_siglip_large``: SigLIP bs 32 merge, compiled default and eager; ``kernels_b_graph``: ViT-B merge,
 merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time between
 kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``:
 eager Whisper-large; ``graph_profile``: ViT-B bs 1 under ``reduce-overhead``, unreduced / budget 1.0 / merge, and a
@@ -1527,6 +1527,15 @@ def main():
         run_case("whisper_large", 1, ["reduce-overhead"], [
             (f"merge {at(lay)}, key bias {name}", {"method": "merge", "layers": lay},
              ((tk, {"BA_MIN_BATCH_COMPILED": floor}),)) for name, floor in (("kernel", 1), ("sdpa", 2))],
+            0.5, reps, args.smoke)
+    if "long_sched_lse" in parts:  # Whisper cls @1,5,9 compiled: the scored layers' lse from cuDNN's attention, or not
+        from tokenprune import kernels as tk
+
+        lay = [0, 1, 2] if args.smoke else [1, 5, 9]
+        run_case("whisper_large", 1, ["reduce-overhead"], [
+            (f"cls {at(lay)}, {name}", {"method": "cls", "layers": lay},
+             ((tk, {"LSE_FROM_ATTENTION_MIN_TOKENS": floor}),)) for name, floor in (("lse from the attention", 1),
+                                                                                    ("two passes", None))],
             0.5, reps, args.smoke)
     if "long_recipes_large" in parts:  # the batch-1 recipes' early stages at a large batch, eager and compiled
         for case, bs, budget, lay in (("whisper_large", 16, 0.5, [1, 5, 9]), ("siglip", 32, 0.25, [2, 6, 9])):

@@ -909,6 +909,50 @@ def test_compiled_transformers_merge_runs_the_key_bias_kernel(min_batch):
     assert rel(out, ref) < 1e-4
 
 
+@pytest.mark.skipif(ON_CPU, reason="cuDNN's attention with its log-sum-exp needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cls_scores_on_the_attention_lse_in_a_forward(compiled):
+    """A Whisper encoder (no class token: cls scores by the attention each frame receives) with
+    ``LSE_FROM_ATTENTION_MIN_TOKENS`` set: its scored layers run cuDNN's attention with the log-sum-exp and the
+    scores take one pass; it keeps the frames the two-pass scores keep (source map), and the output equals the
+    switch-off forward's in fp16, eager and compiled."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512,
+                        num_mel_bins=16, max_source_positions=600)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = WhisperEncoder(cfg).to(DEV, F16).eval()
+    x = torch.randn(1, 16, 1200, device=DEV, generator=gen(15)).to(F16)
+    tokenprune.apply(model, budget=0.5, method="cls", layers=[0, 2])
+    lse_calls = []
+    real = kernels.attention_with_lse
+
+    def counted(*a):
+        lse_calls.append(1)
+        return real(*a)
+
+    run = torch.compile(model, fullgraph=True) if compiled else model
+    old = kernels.LSE_FROM_ATTENTION_MIN_TOKENS
+    try:
+        with torch.inference_mode():
+            ref, ref_state = tokenprune.features(model, x)
+            kernels.LSE_FROM_ATTENTION_MIN_TOKENS = 1
+            kernels.attention_with_lse = counted
+            torch._dynamo.reset()
+            out = run(x).last_hidden_state
+            _, state = tokenprune.features(model, x)
+    finally:
+        kernels.LSE_FROM_ATTENTION_MIN_TOKENS = old
+        kernels.attention_with_lse = real
+        torch._dynamo.reset()
+        tokenprune.remove(model)
+    assert lse_calls, "no scored layer took the log-sum-exp path"
+    assert torch.equal(state.source, ref_state.source), "other frames kept"
+    assert rel(out, ref) < 2e-3
+
+
 # -- the cached launcher ----------------------------------------------------------------------------------
 @pytest.mark.skipif(ON_CPU, reason="the interpreter always takes Triton's own launch path")
 def test_fast_launch_equals_triton_launch_and_respecializes_on_alignment(T):

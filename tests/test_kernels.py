@@ -495,6 +495,59 @@ def test_encoder_without_class_token_through_the_kernels(T, monkeypatch, method,
         assert True in masks, "no stage scored a padded batch"
 
 
+@pytest.mark.parametrize("layers", ["written out", "transformers"])
+def test_received_scores_take_the_scored_blocks_lse(T, monkeypatch, layers):
+    """With the attention's log-sum-exp switched on, a scored Whisper layer (its own written-out attention, or
+    transformers' layer under ``tokenprune_sdpa``) hands it to the received-scores kernel, which then runs its column
+    pass alone: each stage's scores are the two-pass kernel's and the tokens the same. The attention with its lse is
+    stood for by SDPA and an exact logsumexp (cuDNN's op needs CUDA; its lse convention has a GPU test); with that lse
+    perturbed per query the scores change, so the lse is what they use."""
+    from test_adapters_matrix import make_whisper
+
+    torch.set_num_threads(1)
+    f = make_whisper(layers=3)
+    model, x = f["model"], f["x"]
+    with torch.no_grad():  # sharp, input-dependent attention
+        for layer in model.model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(50)
+            layer.self_attn.k_proj.weight.mul_(50)
+    if layers == "transformers":  # a forward set on the instance: the layer runs through transformers
+        for layer in model.model.encoder.layers:
+            layer.forward = layer.forward
+    tokenprune.apply(model, budget=0.25, method="cls")
+    g = gen(7)
+
+    def with_lse(noise):
+        def attention(q, k, v, scale):
+            s = torch.einsum("bhqd,bhnd->bhqn", q.double(), k.double()) * scale
+            lse = torch.logsumexp(s, -1).float()[..., None]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+            return out, lse + noise * torch.rand(lse.shape, generator=g)
+        return attention
+
+    real, seen = T.scores.received_scores, []
+
+    def scores(*a):
+        out = real(*a)
+        seen.append((len(a) == 6, rel(out, real(*a[:5]))))  # against the two-pass kernel on the same q / k
+        return out
+
+    with torch.no_grad():
+        ref = f["tokens"](model, x)
+        _use_interpreted(monkeypatch, T)
+        monkeypatch.setattr(kernels, "attention_lse_applies", lambda *a: True)
+        monkeypatch.setattr(T.scores, "received_scores", scores)
+        monkeypatch.setattr(kernels, "attention_with_lse", with_lse(0.0))
+        out = f["tokens"](model, x)
+        assert seen and all(given for given, _ in seen), "the scored layers' lse did not reach the kernel"
+        assert max(err for _, err in seen) < 1e-5
+        assert out.shape == ref.shape and rel(out, ref) < 1e-5
+        seen.clear()
+        monkeypatch.setattr(kernels, "attention_with_lse", with_lse(2.0))
+        f["tokens"](model, x)
+    assert max(err for _, err in seen) > 1e-2, "a wrong lse left the scores as they were"
+
+
 def test_mixed_siglip2_batch_cls_through_the_kernels(T, monkeypatch):
     """A SigLIP2 batch mixing grids: each image's rows are cut out of the batch's q/k (strided views) and scored
     by the received-scores kernel on its own grid; the tokens and source maps are the PyTorch path's."""

@@ -54,6 +54,7 @@ class QK:
     bias: torch.Tensor | None = None
     out: torch.Tensor | None = None  # per-head attention output [B, H, N, d], when the adapter records it
     k_mean: torch.Tensor | None = None  # k.mean(1) [B, N, d], where the attention's launch computed it
+    lse: torch.Tensor | None = None  # each query's log-sum-exp [B, H, N(, 1)], where the attention gave it
 
     def key_mean(self) -> torch.Tensor:
         """The keys averaged over heads, ``[B, N, d]`` (ToMe's matching metric)."""
@@ -70,9 +71,11 @@ def attend(fwd: "Forward", q, k, v, scale: float, dropout: float = 0.0) -> torch
     fused key-bias kernel where it applies (``kernels.biased_attention_applies``; SDPA's masked path is slower) or
     where it also averages the keys for the reducer (``kernels.key_mean_attention_applies``), else SDPA with
     ``fwd.bias``; records ``fwd.qk`` when the reducer wants it."""
-    bias, km = fwd.bias, None
+    bias, km, lse = fwd.bias, None, None
     if fwd.kernel is not None:
         o = fwd.kernel(q, k, v, bias)
+    elif dropout == 0.0 and fwd.want_qk and fwd.lse and kernels.attention_lse_applies(q, k, v, bias):
+        o, lse = kernels.attention_with_lse(q, k, v, scale)
     elif dropout == 0.0 and fwd.want_qk and fwd.key_mean and kernels.key_mean_attention_applies(q):
         o, km = kernels.biased_attention(q, k, v, bias, key_mean=True)
     elif dropout == 0.0 and kernels.biased_attention_applies(bias, q.shape[-2], q.shape[-1]):
@@ -80,7 +83,7 @@ def attend(fwd: "Forward", q, k, v, scale: float, dropout: float = 0.0) -> torch
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     if fwd.want_qk:
-        fwd.qk = QK(q, k, scale, bias, o, km)
+        fwd.qk = QK(q, k, scale, bias, o, km, lse)
     return o
 
 
@@ -142,7 +145,7 @@ class Program:
 class Forward:
     """Everything about one encoder forward. Created by the adapter's forward, passed explicitly."""
 
-    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "key_mean", "slot", "qk", "residual", "mid",
+    __slots__ = ("patch", "state", "bias", "kernel", "want_qk", "key_mean", "lse", "slot", "qk", "residual", "mid",
                  "mid_fuse")
 
     def __init__(self, patch):
@@ -152,6 +155,7 @@ class Forward:
         self.kernel: Callable | None = None
         self.want_qk = False
         self.key_mean = getattr(patch.reducer, "wants_key_mean", False)  # read once per forward
+        self.lse = getattr(patch.reducer, "wants_lse", False)  # scores on the attention's log-sum-exp (cls, received)
         self.slot = False
         self.qk: QK | None = None
         self.residual: torch.Tensor | None = None

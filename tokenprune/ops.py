@@ -263,13 +263,14 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, query: in
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, *, bias: torch.Tensor | None = None,
-                       valid: torch.Tensor | None = None) -> torch.Tensor:
+                       valid: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Mean attention each key receives over all queries (column mean), averaged over heads ``[B, N]``.
 
     For encoders without a class token. Exact; costs two attention passes' FLOPs and no N x N matrix in
-    memory on CUDA (``kernels.received_scores``). Padding queries (``valid`` False) are left out.
+    memory on CUDA (``kernels.received_scores``; one pass where the block's attention gave each query's
+    log-sum-exp, ``lse``). Padding queries (``valid`` False) are left out.
     """
-    return kernels.received_scores(q, k, scale, bias, valid)
+    return kernels.received_scores(q, k, scale, bias, valid, lse)
 
 
 # -- un-merging -------------------------------------------------------------------------------

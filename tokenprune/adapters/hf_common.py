@@ -84,10 +84,18 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         bias = bias_for(bias, query)
         attention_mask = bias if attention_mask is None else attention_mask + bias
     scaling = kwargs.get("scaling")
+    lse = None
     if kernel is not None:
         # a reducer replaces SDPA in this block (MAELRE's linear attention)
         heads = kernel(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2).contiguous(), None
+    elif (isinstance(ctx, Forward) and ctx.want_qk and ctx.lse and attention_mask is None
+          and not kwargs.get("output_attentions") and not (module.training and kwargs.get("dropout"))
+          and not getattr(module, "is_causal", False) and kernels.attention_lse_applies(query, key, value, None)):
+        # a scored block whose reducer takes the attention's log-sum-exp (cls's received scores): cuDNN gives both
+        heads, lse = kernels.attention_with_lse(query, key, value,
+                                                float(query.shape[-1] ** -0.5 if scaling is None else scaling))
+        out, weights = heads.transpose(1, 2), None
     elif (bias is not None and attention_mask is bias and key.shape == query.shape and value.shape == query.shape
           and not kwargs.get("output_attentions") and not (module.training and kwargs.get("dropout"))
           and not getattr(module, "is_causal", False)
@@ -105,7 +113,7 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         heads = None
     if isinstance(ctx, Forward) and ctx.want_qk:
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
-        ctx.qk = QK(query, key, scale, ctx.bias, out.transpose(1, 2) if heads is None else heads)
+        ctx.qk = QK(query, key, scale, ctx.bias, out.transpose(1, 2) if heads is None else heads, lse=lse)
     elif isinstance(ctx, LayerQK) and id(module) in ctx.layers:
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         ctx.qks[ctx.layers[id(module)]].append(QK(query, key, scale))

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import kernels, ops
 from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, named_holders, restore_class, swap_class
@@ -120,12 +120,15 @@ def _layer(layer, x: torch.Tensor, fwd: Forward) -> torch.Tensor:
     k = F.linear(h, kp.weight, kp.bias).view(shape).transpose(1, 2)
     v = F.linear(h, vp.weight, vp.bias).view(shape).transpose(1, 2)
     bias = fwd.bias if fwd.bias is None else bias_for(fwd.bias, q)  # as tokenprune_sdpa (autocast: bf16 q)
+    lse = None
     if fwd.kernel is not None:  # MAELRE's linear attention: q in the standard convention (Whisper pre-scales it)
         heads = fwd.kernel(q * a.head_dim ** 0.5, k, v, bias)
+    elif fwd.want_qk and fwd.lse and kernels.attention_lse_applies(q, k, v, bias):
+        heads, lse = kernels.attention_with_lse(q, k, v, 1.0)
     else:
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     if fwd.want_qk:
-        fwd.qk = QK(q, k, 1.0, fwd.bias, heads)
+        fwd.qk = QK(q, k, 1.0, fwd.bias, heads, lse=lse)
     x = x + F.linear(heads.transpose(1, 2).reshape(b, n, c), op.weight, op.bias)
     h = F.layer_norm(x, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
     y = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)

@@ -238,6 +238,30 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None
     return reference.query_scores(q_row, k, scale, bias, head_weights, head_values)
 
 
+LSE_FROM_ATTENTION_MIN_TOKENS: int | None = None  # from this many tokens, a block whose q/k a reducer scores by the
+# attention each key receives (cls without a class token) runs cuDNN's attention asked for its log-sum-exp too, and
+# received_scores skips its own pass over the scores (Whisper-large bs 1: _rs_lse 20-38 us a stage, run 66). None:
+# off, until bench_forward --parts received_lse and the GPU test of cuDNN's lse convention have run.
+
+
+def attention_lse_applies(q, k, v, bias) -> bool:
+    """Whether :func:`attention_with_lse` serves this attention: ``LSE_FROM_ATTENTION_MIN_TOKENS`` reached, no bias,
+    self-attention on CUDA in fp16 / bf16 without autograd, head dim a multiple of 8 up to 128, and the op there."""
+    n = LSE_FROM_ATTENTION_MIN_TOKENS
+    return (n is not None and bias is None and q.shape[-2] >= n and q.is_cuda and q.dtype in (torch.float16,
+            torch.bfloat16) and q.shape == k.shape == v.shape and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def attention_with_lse(q, k, v, scale: float):
+    """``softmax(q k^T * scale) v`` ``[B, H, N, d]`` and each query's log-sum-exp of its scaled scores ``[B, H, N, 1]``
+    (natural log), from one cuDNN attention launch (``torch.ops.aten._scaled_dot_product_cudnn_attention``), where
+    :func:`attention_lse_applies`."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    return out[0], out[1]
+
+
 def received_scores(q, k, scale, bias=None, valid=None, lse=None):
     """The attention each key receives, mean over the (valid) queries and the heads: ``q, k [B, H, N, d]`` ->
     ``[B, N]`` float32 (float64 for float64 inputs). The kernel takes a key bias (``[B or 1, 1, 1, N]``) or none;

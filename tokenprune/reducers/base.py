@@ -44,6 +44,8 @@ class Reducer:
     fuses_residual: ClassVar[bool] = False
     # matches on the keys' head mean (QK.metric()): a block's fused key-bias attention may compute it (engine.attend)
     wants_key_mean: ClassVar[bool] = False
+    # scores by the attention each key receives: a block's attention may give each query's log-sum-exp (engine.attend)
+    wants_lse: ClassVar[bool] = False
     observes: ClassVar[bool] = False  # overrides observe (set by __init_subclass__): the block loop skips the call if not
     # can reduce before the first block (stage block -1: no attention yet), as its ``layers=[-1]`` and
     # ``schedule={-1: keep}`` say
@@ -189,7 +191,7 @@ def patch_scores(state: TokenState, qk, has_cls: bool, substitute: str) -> torch
     if has_cls:
         scores = query_attention(qk.q, qk.k, qk.scale, query=0, bias=qk.bias)
     elif substitute == "received":
-        scores = received_attention(qk.q, qk.k, qk.scale, bias=qk.bias, valid=valid)
+        scores = received_attention(qk.q, qk.k, qk.scale, bias=qk.bias, valid=valid, lse=qk.lse)
     else:
         q = qk.q[:, :, p:]
         if valid is not None:

@@ -58,6 +58,12 @@ class ClsPrune(Reducer):
             raise ValueError(f"substitute must be 'mean_query' or 'received', got {self.substitute!r}")
         self._has_cls = True
 
+    @property
+    def wants_lse(self) -> bool:
+        """Scores by the attention each token receives (no class token): the scored block's attention may hand its
+        queries' log-sum-exp over (``kernels.LSE_FROM_ATTENTION_MIN_TOKENS``)."""
+        return self.substitute == "received" and not self._has_cls
+
     def check(self, info: EncoderInfo) -> None:
         self._has_cls = info.has_cls
         if self.layers is not None:
