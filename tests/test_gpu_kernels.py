@@ -143,6 +143,20 @@ def vit(kind):
     return timm.create_model("vit_base_patch16_224", pretrained=False).to(DEV, F16).eval(), F16, 224
 
 
+def whisper_encoder(seed: int, dtype=F32, d_model: int = 128, heads: int = 2):
+    """A 4-layer transformers ``WhisperEncoder`` (random weights, SDPA) on the device and one input of 1200 mel frames
+    (600 encoder tokens, batch 1) drawn from ``gen(seed)``."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    cfg = WhisperConfig(d_model=d_model, encoder_layers=4, encoder_attention_heads=heads, encoder_ffn_dim=2 * d_model,
+                        num_mel_bins=16, max_source_positions=600)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = WhisperEncoder(cfg).to(DEV, dtype).eval()
+    return model, torch.randn(1, 16, 1200, device=DEV, generator=gen(seed)).to(dtype)
+
+
 def dtype_id(v):
     """Test ids: float16 rather than dtype0 (``-k float16`` selects by dtype)."""
     return str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None
@@ -843,15 +857,7 @@ def test_eager_forward_never_waits_for_the_gpu(kind, method):
         x = torch.randn(1, 3, side, side, device=DEV, generator=gen(12)).to(dtype)
         budget = 0.25
     else:
-        from transformers import WhisperConfig
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        cfg = WhisperConfig(d_model=128, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=256,
-                            num_mel_bins=16, max_source_positions=600)
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        model = WhisperEncoder(cfg).to(DEV, F16).eval()
-        x = torch.randn(1, 16, 1200, device=DEV, generator=gen(12)).to(F16)
+        model, x = whisper_encoder(12, F16)
         budget = 0.5
     tokenprune.apply(model, budget=budget, method=method)
     try:
@@ -877,15 +883,7 @@ def test_compiled_transformers_merge_runs_the_key_bias_kernel(min_batch):
     bias through the fused key-bias kernel where ``kernels.biased_attention_applies`` (``BA_MIN_BATCH_COMPILED`` 1:
     batch 1 too), and SDPA with the bias as its mask with the batch floor above 1. Either way the output equals the
     eager forward (written-out layers, SDPA) in float32."""
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    cfg = WhisperConfig(d_model=128, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=256,
-                        num_mel_bins=16, max_source_positions=600)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = WhisperEncoder(cfg).to(DEV).eval()
-    x = torch.randn(1, 16, 1200, device=DEV, generator=gen(14))
+    model, x = whisper_encoder(14)
     tokenprune.apply(model, budget=0.5, method="merge", layers=[0, 1])
     graphs = []
 
@@ -916,15 +914,7 @@ def test_cls_scores_on_the_attention_lse_in_a_forward(compiled):
     ``LSE_FROM_ATTENTION_MIN_TOKENS`` set: its scored layers run cuDNN's attention with the log-sum-exp and the
     scores take one pass; it keeps the frames the two-pass scores keep (source map), and the output equals the
     switch-off forward's in fp16, eager and compiled."""
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-    cfg = WhisperConfig(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=512,
-                        num_mel_bins=16, max_source_positions=600)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = WhisperEncoder(cfg).to(DEV, F16).eval()
-    x = torch.randn(1, 16, 1200, device=DEV, generator=gen(15)).to(F16)
+    model, x = whisper_encoder(15, F16, d_model=256, heads=4)
     tokenprune.apply(model, budget=0.5, method="cls", layers=[0, 2])
     lse_calls = []
     real = kernels.attention_with_lse
