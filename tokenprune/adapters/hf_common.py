@@ -72,6 +72,13 @@ def _standard_q(query, scaling):
     return query if scaling is None else query * (float(scaling) * query.shape[-1] ** 0.5)
 
 
+def _plain(module, kwargs) -> bool:
+    """An attention call our own kernels may serve instead of transformers' function: no attention weights asked for,
+    no dropout in training, not causal."""
+    return not (kwargs.get("output_attentions") or (module.training and kwargs.get("dropout"))
+                or getattr(module, "is_causal", False))
+
+
 def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, **kwargs):
     # runs in every attention call (batch 1 is bound by host time): no import, no op that would change nothing
     ctx = tokenprune
@@ -90,16 +97,13 @@ def _kernel(module, query, key, value, attention_mask, *args, tokenprune=None, *
         heads = kernel(_standard_q(query, scaling), key, value, bias)
         out, weights = heads.transpose(1, 2).contiguous(), None
     elif (isinstance(ctx, Forward) and ctx.want_qk and ctx.lse and attention_mask is None
-          and not kwargs.get("output_attentions") and not (module.training and kwargs.get("dropout"))
-          and not getattr(module, "is_causal", False) and kernels.attention_lse_applies(query, key, value, None)):
+          and _plain(module, kwargs) and kernels.attention_lse_applies(query, key, value, None)):
         # a scored block whose reducer takes the attention's log-sum-exp (cls's received scores): cuDNN gives both
         heads, lse = kernels.attention_with_lse(query, key, value,
                                                 float(query.shape[-1] ** -0.5 if scaling is None else scaling))
         out, weights = heads.transpose(1, 2), None
     elif (bias is not None and attention_mask is bias and key.shape == query.shape and value.shape == query.shape
-          and not kwargs.get("output_attentions") and not (module.training and kwargs.get("dropout"))
-          and not getattr(module, "is_causal", False)
-          and kernels.biased_attention_applies(bias, query.shape[-2], query.shape[-1])):
+          and _plain(module, kwargs) and kernels.biased_attention_applies(bias, query.shape[-2], query.shape[-1])):
         # merged tokens' key bias alone (compiled, or a large batch): the fused key-bias kernel, which takes as many
         # keys as queries and as many key heads as query heads (a decoder's cross-attention or a pooling head, whose
         # queries are not the keys, keeps SDPA)
