@@ -238,10 +238,13 @@ def query_scores(q_row, k, scale, bias=None, head_weights=None, head_values=None
     return reference.query_scores(q_row, k, scale, bias, head_weights, head_values)
 
 
-LSE_FROM_ATTENTION_MIN_TOKENS: int | None = None  # from this many tokens, a block whose q/k a reducer scores by the
+LSE_FROM_ATTENTION_MIN_TOKENS: int | None = 900  # from this many tokens, a block whose q/k a reducer scores by the
 # attention each key receives (cls without a class token) runs cuDNN's attention asked for its log-sum-exp too, and
-# received_scores skips its own pass over the scores (Whisper-large bs 1: _rs_lse 20-38 us a stage, run 66). None:
-# off, until bench_forward --parts received_lse and the GPU test of cuDNN's lse convention have run.
+# received_scores skips its own pass over the scores. Run 92 (H100, Whisper-large's shapes, 20 heads of 64, bs 1,
+# graph replay, bench_forward --parts received_lse): per scored layer the lse costs the attention +4.9 / -1.1 / +5.6
+# us at 1500 / 1191 / 945 tokens and saves received_scores 39.1 / 23.1 / 20.2 us; run 93 (--parts long_sched_lse):
+# Whisper-large bs 1 reduce-overhead cls @1,5,9 median 6.258 ms against 6.371 without (1.376x / 1.302x by the best
+# round). The saving shrinks with the tokens and was not measured below 945: 900. None: off.
 
 
 def attention_lse_applies(q, k, v, bias) -> bool:
