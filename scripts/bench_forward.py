@@ -530,6 +530,7 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     import copy
 
     from tokenprune import kernels
+    from tokenprune.cuda import graphed
 
     if DEV != "cuda":
         print("graph_nodes: CUDA graphs need CUDA; skipped")
@@ -544,22 +545,13 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
                replay_host_us=round(1e3 * host_time_ms(g.replay, DEV, calls), 1),
                replay_us=round(1e3 * time_fn(g.replay, DEV, warmup=10, repeats=calls).median_ms, 1))
 
-    def capture(fn, name):  # fn's launches as one graph (warmed on a side stream first, as capture wants)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        g.enable_debug_mode()
+    def capture(fn, name):  # fn's launches as one graph, with the driver's record of its nodes
         try:
-            with torch.cuda.graph(g):
-                fn()
+            run = graphed(fn, debug=True)
         except RuntimeError as e:  # something in fn cannot be captured: say so, go on with the next graph
             record(case="vit_b", bs=1, mode="eager", variant=name, part="graph_capture", error=str(e))
             return
-        report(g, name, "eager")
+        report(run.graph, name, "eager")
 
     # alone: 11 ViT-B-sized merge steps (our Triton launches) against 11 and 120 PyTorch kernels on the same tokens
     x0 = torch.randn(1, 197, 768, device=DEV, dtype=DTYPE)

@@ -990,6 +990,21 @@ def test_graphed_refuses_inputs_unlike_the_example():
         run()
 
 
+@pytest.mark.skipif(ON_CPU, reason="CUDA graphs need CUDA")
+def test_graphed_debug_dumps_its_nodes(tmp_path):
+    """``graphed(..., debug=True)``: ``run.graph.debug_dump`` writes the captured graph's nodes (what ``bench_forward
+    --parts graph_nodes`` counts); the dump names one kernel node per launch, so two matmuls and an add show as such."""
+    from tokenprune.cuda import graphed
+
+    w = torch.randn(8, 8, device=DEV)
+    x = torch.randn(4, 8, device=DEV)
+    run = graphed(lambda v: (v @ w) @ w + 1, x, debug=True)
+    torch.testing.assert_close(run(x), (x @ w) @ w + 1)
+    path = tmp_path / "g.dot"
+    run.graph.debug_dump(str(path))
+    assert path.read_text().count("KERNEL") >= 3
+
+
 @pytest.mark.skipif(ON_CPU, reason="Inductor on the GPU")
 @pytest.mark.parametrize("method", ["merge", "cls", ["cls", "merge"]], ids=str)
 def test_compiled_patched_timm_model_matches_eager(method):

@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 
 
-def graphed(fn, *example_inputs, warmup: int = 3):
+def graphed(fn, *example_inputs, warmup: int = 3, debug: bool = False):
     """Capture ``fn(*example_inputs)`` in a CUDA graph; returns ``run(*inputs) -> output``.
 
     Inputs are copied into static buffers on each call, so they must have the
     example's shapes and dtypes. The returned output tensor is overwritten by
     the next call (clone it to keep it). Raises a clear error for forwards
     whose shapes depend on the data (e.g. ``cls`` with ``threshold``).
+    ``run.graph`` is the ``torch.cuda.CUDAGraph``; with ``debug`` its capture
+    keeps what ``run.graph.debug_dump(path)`` writes (the graph's nodes).
     """
     if not torch.cuda.is_available() or not all(x.is_cuda for x in example_inputs):
         raise ValueError("graphed() needs CUDA tensors")
@@ -29,6 +31,8 @@ def graphed(fn, *example_inputs, warmup: int = 3):
             fn(*static)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    if debug:
+        graph.enable_debug_mode()
     try:
         with torch.cuda.graph(graph):
             out = fn(*static)
@@ -49,4 +53,5 @@ def graphed(fn, *example_inputs, warmup: int = 3):
         graph.replay()
         return out
 
+    run.graph = graph
     return run
