@@ -490,12 +490,37 @@ def call_timeline(fn, calls: int = 50) -> dict:
     return out
 
 
+def gc_latency(fn, calls: int) -> dict:
+    """Latency (``time_fn``'s median, ms) of ``fn()`` as it runs, then with every object alive moved out of the
+    cyclic collector's reach (``gc.freeze()``), then with the collector off; and the collections per generation the
+    first pass ran. Why: in run 90's cProfile every host function of the merge variant took 1.5-3x its time in the
+    unreduced one (even the input's copy, the same work in both): a collector pass walking the objects that
+    compiling the patched model left would land in whichever function is running."""
+    import gc
+
+    before = [g["collections"] for g in gc.get_stats()]
+    row = {"latency_ms": time_fn(fn, DEV, warmup=10, repeats=calls).median_ms}
+    row["gc_collections"] = [g["collections"] - b for g, b in zip(gc.get_stats(), before)]
+    row["gc_tracked"] = len(gc.get_objects())
+    gc.collect()
+    gc.freeze()
+    try:
+        row["latency_ms_gc_frozen"] = time_fn(fn, DEV, warmup=10, repeats=calls).median_ms
+        gc.disable()
+        row["latency_ms_gc_off"] = time_fn(fn, DEV, warmup=10, repeats=calls).median_ms
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def graph_profile(out: Path, smoke: bool, calls: int = 300):
     """cProfile of ``calls`` bs-1 ViT-B calls under ``torch.compile(mode="reduce-overhead")``, each followed by a
     synchronize (a latency's host part): where the patched variants' later graph start goes, past Dynamo's guards
     (``dynamo_host``) -- the AOT wrapper, CUDA-graph trees' replay -- per function, unreduced / budget 1.0 / merge;
     then each of those, cls and merge-3-stages as a timeline (``call_timeline``): host time before the graph's launch,
-    the launch, the device's start after it."""
+    the launch, the device's start after it; and each one's latency with the cyclic collector as it is, frozen and off
+    (``gc_latency``)."""
     import copy
 
     m, x = model_and_input("vit_b", 1, smoke)
@@ -513,6 +538,8 @@ def graph_profile(out: Path, smoke: bool, calls: int = 300):
             for _ in range(2):  # twice: the spread between two passes in one process
                 record(case="vit_b", bs=1, mode="reduce-overhead", variant=name, part="graph_timeline",
                        **call_timeline(lambda: run(x), 10 if smoke else 100))
+            record(case="vit_b", bs=1, mode="reduce-overhead", variant=name, part="graph_gc",
+                   **gc_latency(lambda: run(x), 10 if smoke else 300))
         run = mv = None  # the compiled model and its CUDA graphs go before the next variant's
         torch._dynamo.reset()
 
@@ -1623,6 +1650,8 @@ _SUMMARY = {
                               f"{r['nodes']}"),
     "graph_timeline": lambda r: "timeline (us): " + ", ".join(
         f"{k} {v}" for k, v in r.items() if k not in ("case", "bs", "mode", "variant", "part")),
+    "graph_gc": lambda r: (f"latency {r['latency_ms']} ms, gc frozen {r['latency_ms_gc_frozen']}, gc off "
+                           f"{r['latency_ms_gc_off']}; collections {r['gc_collections']}, {r['gc_tracked']} tracked"),
     "same_tokens": lambda r: f"rel err {r['rel_err_vs_eager']:.2e}, same tokens kept: {r['same_tokens']}",
     "error": lambda r: f"ERROR {r['error'][:80]}",
     "ms": lambda r: (f"{r['ms']:9.3f} {r['speedup']:8.3f} {r['flop_bound'] or '':>6} {r.get('host_ms', ''):>7} "
