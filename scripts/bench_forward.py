@@ -548,7 +548,8 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     """ViT-B bs 1: each variant's forward as one CUDA graph with the driver's debug dump of its nodes
     (``graph_nodes_<variant>.dot``), node types counted, and the graph's launch timed alone: ``replay_host_us``
     (the host time of ``replay()``, the device idle at its start) and ``replay_us`` (events around it). First 11
-    merge steps alone and 11 key-bias attentions alone against 11 and 120 PyTorch kernels, then each variant
+    merge steps alone (at 197 tokens, whose tiles opt into 57-123 KB of shared memory, and at 65, under 48 KB) and 11
+    key-bias attentions alone against 11 and 120 PyTorch kernels, then each variant
     captured from its eager call (unreduced, budget 1.0, merge, cls, merge-3-stages), then the graphs
     ``reduce-overhead``'s CUDA-graph trees capture (unreduced, merge). Why: run 90's timeline had merge's graph
     launch at 113 us of host time against 37 unreduced, its first kernel only after the launch returned. CUDA
@@ -583,10 +584,12 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
     # alone: 11 ViT-B-sized merge steps (our Triton launches) against 11 and 120 PyTorch kernels on the same tokens
     x0 = torch.randn(1, 197, 768, device=DEV, dtype=DTYPE)
 
-    def merges():  # the metric: a 64-wide view of the tokens as one head's keys [B, 1, T, 64] (ViT-B's head dim)
-        y, s = x0, None
-        for _ in range(11):
-            y, s, _ = kernels.merge_step(y, y[:, None, :, :64], s, None, 1, 13, False, 197)
+    def merges(n=197, r=13):  # the metric: a 64-wide view of the tokens as one head's keys [B, 1, T, 64]
+        def fn():
+            y, s = x0[:, :n], None
+            for _ in range(11):
+                y, s, _ = kernels.merge_step(y, y[:, None, :, :64], s, None, 1, r, False, n)
+        return fn
 
     def plain(n):
         def fn():
@@ -603,7 +606,9 @@ def graph_nodes(out: Path, smoke: bool, calls: int = 200):
             kernels.biased_attention(q0, q0, q0, b0, key_mean=True)
 
     with torch.inference_mode():
-        capture(merges, "11 merge steps alone")
+        capture(merges(), "11 merge steps alone")
+        # at 65 tokens the one-launch step's tiles take under 48 KB of shared memory (at 197: 57-123 KB, opted into)
+        capture(merges(65, 2), "11 merge steps alone, 65 tokens")
         capture(attentions, "11 key-bias attentions alone")
         capture(plain(11), "11 PyTorch kernels alone")
         capture(plain(120), "120 PyTorch kernels alone")
