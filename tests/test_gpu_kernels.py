@@ -990,6 +990,22 @@ def test_graphed_refuses_inputs_unlike_the_example():
         run()
 
 
+@pytest.mark.skipif(ON_CPU, reason="CUDA")
+def test_attention_lse_applies_only_where_cudnn_attention_runs():
+    """The lse path is on by default from ``LSE_FROM_ATTENTION_MIN_TOKENS`` tokens; cuDNN's fused attention needs
+    compute capability 8.0, so on an older GPU the switch must stay out of the way (the op raises there), and on a
+    newer one serve a Whisper-large-shaped fp16 attention."""
+    q = torch.randn(1, 20, 1500, 64, device=DEV, dtype=F16)
+    runs = torch.cuda.get_device_capability(q.device) >= (8, 0)
+    assert kernels.attention_lse_applies(q, q, q, None) == runs
+    assert not kernels.attention_lse_applies(q[:, :, :100], q[:, :, :100], q[:, :, :100], None)  # under the floor
+    if runs:
+        out, lse = kernels.attention_with_lse(q, q, q, 64 ** -0.5)
+        torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q), atol=2e-3,
+                                   rtol=0)
+        assert lse.shape == (1, 20, 1500, 1)
+
+
 @pytest.mark.skipif(ON_CPU, reason="CUDA graphs need CUDA")
 def test_graphed_debug_dumps_its_nodes(tmp_path):
     """``graphed(..., debug=True)``: ``run.graph.debug_dump`` writes the captured graph's nodes (what ``bench_forward

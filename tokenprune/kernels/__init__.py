@@ -249,12 +249,22 @@ LSE_FROM_ATTENTION_MIN_TOKENS: int | None = 900  # from this many tokens, a bloc
 
 def attention_lse_applies(q, k, v, bias) -> bool:
     """Whether :func:`attention_with_lse` serves this attention: ``LSE_FROM_ATTENTION_MIN_TOKENS`` reached, no bias,
-    self-attention on CUDA in fp16 / bf16 without autograd, head dim a multiple of 8 up to 128, and the op there."""
+    self-attention on CUDA in fp16 / bf16 without autograd, head dim a multiple of 8 up to 128, and the op there on
+    a GPU that runs it (compute capability 8.0 or newer)."""
     n = LSE_FROM_ATTENTION_MIN_TOKENS
     return (n is not None and bias is None and q.shape[-2] >= n and q.is_cuda and q.dtype in (torch.float16,
             torch.bfloat16) and q.shape == k.shape == v.shape and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and _cudnn_attention_runs(q.device.index))
+
+
+def _cudnn_attention_runs(index: int) -> bool:
+    """Whether cuDNN's fused attention runs on CUDA device ``index``: Ampere (compute capability 8.0) or newer; on a
+    T4 or V100 the op raises. A constant to torch.compile, marked as ``_have_triton`` is."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+_cudnn_attention_runs._dynamo_marked_constant = True
 
 
 def attention_with_lse(q, k, v, scale: float):
