@@ -255,7 +255,8 @@ def attention_lse_applies(q, k, v, bias) -> bool:
     return (n is not None and bias is None and q.shape[-2] >= n and q.is_cuda and q.dtype in (torch.float16,
             torch.bfloat16) and q.shape == k.shape == v.shape and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and _cudnn_attention_runs(q.device.index))
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
+            and _cudnn_attention_runs(q.device.index))
 
 
 def _cudnn_attention_runs(index: int) -> bool:
