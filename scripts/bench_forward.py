@@ -32,8 +32,8 @@ for Whisper and SigLIP with cls, merge-3-stages and merge, ``kernels_siglip`` it
 merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA graph, with the idle time between
 kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``:
 eager Whisper-large; ``graph_profile``: ViT-B bs 1 under ``reduce-overhead``, unreduced / budget 1.0 / merge, and a
-timeline of each call with cls and merge-3-stages: host time to the graph's launch, the launch, the device's start;
-``graph_nodes``: each variant's CUDA graph, its nodes by type and its launch's host time), ``whisper_eager`` (eager
+timeline of each call with cls and merge-3-stages: host time to the graph's launch, the launch, the device's start,
+and each one's latency with the cyclic collector frozen and off; ``graph_nodes``: each variant's CUDA graph, its nodes by type and its launch's host time), ``whisper_eager`` (eager
 Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each long step in one launch against four),
 ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts with no step, beside merge),
 ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with
