@@ -33,7 +33,8 @@ merge-3-stages, cls and merge with the mean op inside ``reduce-overhead``'s CUDA
 kernels; ``kernels_large`` / ``kernels_large_gemm``: ViT-B bs 256 compiled), ``pyprof`` (cProfile; ``pyprof_whisper``:
 eager Whisper-large; ``graph_profile``: ViT-B bs 1 under ``reduce-overhead``, unreduced / budget 1.0 / merge, and a
 timeline of each call with cls and merge-3-stages: host time to the graph's launch, the launch, the device's start,
-and each one's latency with the cyclic collector frozen and off; ``graph_nodes``: each variant's CUDA graph, its nodes by type and its launch's host time), ``whisper_eager`` (eager
+and each one's latency with the cyclic collector frozen and off; ``graph_nodes``: each variant's CUDA graph, its
+nodes by type and its launch's host time), ``whisper_eager`` (eager
 Whisper-large bs 1: merge, cls, merge-3-stages, budget 1.0; merge with each long step in one launch against four),
 ``whisper_cut`` (eager Whisper-large cut to every-block merge's token counts with no step, beside merge),
 ``whisper_step`` (GPU: a Whisper-large merge step's host, graph and kernel times, in one launch and four, SDPA with
@@ -1238,7 +1239,8 @@ def ba_tiles(smoke: bool, repeats: int, long: bool = False):
     zero: SDPA without a mask on 8 more head dims, padded, exact up to the bias's rounding), with the padding copies
     timed and without them.
     Graph-replay time per call; ``same``: the output equals the default tile's bit for bit; ``max_err``: its
-    largest difference from it."""
+    largest difference from it. The kernel runs at every shape (eager batch 1 and inputs past ``max_n`` included,
+    where a forward would take SDPA with the mask), and a default row whose profile shows no ``_ba_fwd`` is an error."""
     from tokenprune import kernels
     from tokenprune.kernels import attention as ka
 
@@ -1255,35 +1257,42 @@ def ba_tiles(smoke: bool, repeats: int, long: bool = False):
         shapes = [(1, 20, 64, n) for n in (1191, 945, 750)] + [(1, 16, 72, n) for n in (459, 289, 182)]
     else:
         shapes = [(bs, 12, 64, n) for bs in (1, 256) for n in (197, 119)]
-    for bs, h, d, n in shapes:
-        tiles = large if bs > 1 else small
-        q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
-        bias = (torch.rand(bs, 1, 1, n, generator=g) * 2).to(DEV, DTYPE)  # log sizes 0 .. 2
-        base = dict(case="ba_tiles", bs=bs, heads=h, head_dim=d, tokens=n)
-        sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
-        sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None, repeats)
-        ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
-                        lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
-        if long or smoke:
-            scale, extra = d ** -0.5, 8
-            pad = torch.zeros(bs, h, n, extra - 1, device=q.device, dtype=q.dtype)
+    # the kernel itself at every shape: eager calls under BA_MIN_BATCH_EAGER and inputs over max_n tokens would
+    # take SDPA with the mask instead (run 47's bs-1 rows all did: every "tile" there was SDPA's 16.8 us)
+    with settings(kernels, {"BA_MIN_BATCH_EAGER": 1}), settings(ka, {"BA_CONFIG": {**ka.BA_CONFIG, "max_n": 2048}}):
+        for bs, h, d, n in shapes:
+            tiles = large if bs > 1 else small
+            q, k, v = (torch.randn(bs, h, n, d, generator=g).to(DEV, DTYPE) for _ in range(3))
+            bias = (torch.rand(bs, 1, 1, n, generator=g) * 2).to(DEV, DTYPE)  # log sizes 0 .. 2
+            base = dict(case="ba_tiles", bs=bs, heads=h, head_dim=d, tokens=n)
+            sweep_row(dict(base, variant="sdpa, no bias"), lambda: (sdpa(q, k, v),), None, repeats)
+            sweep_row(dict(base, variant="sdpa, bias as mask"), lambda: (sdpa(q, k, v, attn_mask=bias),), None,
+                      repeats)
+            ref = sweep_row(dict(base, variant="default " + str(saved(bs, n, d, False))),
+                            lambda: (kernels.biased_attention(q, k, v, bias),), None, repeats)
+            if DEV == "cuda" and "_ba_fwd_us" not in ROWS[-1]:  # the profiler saw no key-bias kernel: say so
+                print(f"ba_tiles: no _ba_fwd ran at {base}: its rows time something else", flush=True)
+                ROWS[-1]["error"] = "no _ba_fwd kernel ran"
+            if long or smoke:
+                scale, extra = d ** -0.5, 8
+                pad = torch.zeros(bs, h, n, extra - 1, device=q.device, dtype=q.dtype)
 
-            def folded():  # [q, 1/scale, 0..] . [k, log s, 0..] * scale = q.k * scale + log s
-                qa = torch.cat([q, torch.full_like(q[..., :1], 1 / scale), pad], -1)
-                kb = torch.cat([k, bias.transpose(-1, -2).expand(bs, h, n, 1), pad], -1)
-                vb = torch.cat([v, pad, pad[..., :1]], -1)
-                return qa, kb, vb
+                def folded():  # [q, 1/scale, 0..] . [k, log s, 0..] * scale = q.k * scale + log s
+                    qa = torch.cat([q, torch.full_like(q[..., :1], 1 / scale), pad], -1)
+                    kb = torch.cat([k, bias.transpose(-1, -2).expand(bs, h, n, 1), pad], -1)
+                    vb = torch.cat([v, pad, pad[..., :1]], -1)
+                    return qa, kb, vb
 
-            qa, kb, vb = folded()
-            sweep_row(dict(base, variant="sdpa, bias folded into the head dim, with the copies"),
-                      lambda: (sdpa(*folded(), scale=scale)[..., :d],), ref, repeats)
-            sweep_row(dict(base, variant="sdpa, bias folded into the head dim, copies made before"),
-                      lambda: (sdpa(qa, kb, vb, scale=scale)[..., :d],), ref, repeats)
-        for bm, bn, w, st in tiles:
-            tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
-                sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
-                          lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
+                qa, kb, vb = folded()
+                sweep_row(dict(base, variant="sdpa, bias folded into the head dim, with the copies"),
+                          lambda: (sdpa(*folded(), scale=scale)[..., :d],), ref, repeats)
+                sweep_row(dict(base, variant="sdpa, bias folded into the head dim, copies made before"),
+                          lambda: (sdpa(qa, kb, vb, scale=scale)[..., :d],), ref, repeats)
+            for bm, bn, w, st in tiles:
+                tile = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                with settings(ka, {"_ba_config": lambda *a, c=tile: c}):
+                    sweep_row(dict(base, variant=f"bm{bm} bn{bn} w{w} s{st}"),
+                              lambda: (kernels.biased_attention(q, k, v, bias),), ref, repeats)
 
 
 def received_lse(smoke: bool, repeats: int):
