@@ -286,7 +286,7 @@ def received_scores(q, k, scale, bias=None, valid=None, lse=None):
     if key_bias and q.shape == k.shape and use_triton(q, k, bias, valid, lse):
         if _via_op():
             return _ops.received_scores(q, k, float(scale), bias, valid, lse)
-        return _impl().scores.received_scores(q, k, scale, bias, valid, *(() if lse is None else (lse,)))
+        return _impl().scores.received_scores(q, k, scale, bias, valid, lse)
     return reference.received_scores(q, k, scale, bias, valid)
 
 
