@@ -138,6 +138,8 @@ BAD_OPTIONS = [  # (method, options, error, message) on tiny_vit: 4 blocks, an 8
     ("cls", {"variant": "max"}, ValueError, "variant must be 'single' or 'sum'"),
     ("cls", {"substitute": "x"}, ValueError, "substitute must be"),
     ("cls", {"threshold": "high"}, TypeError, "threshold='high' must be a number or None"),
+    ("cls", {"threshold": float("nan")}, ValueError, "threshold=nan must be finite"),
+    ("cls", {"threshold": float("inf")}, ValueError, "threshold=inf must be finite"),
     ("cls", {"layers": []}, ValueError, "must name at least one block"),
     ("apet", {"k": 0}, ValueError, r"k \(basis tokens\) must be a positive integer"),
     ("apet", {"eps": 0.0}, ValueError, "eps .* must be > 0"),
@@ -153,6 +155,7 @@ BAD_OPTIONS = [  # (method, options, error, message) on tiny_vit: 4 blocks, an 8
     ("threshold", {"init": ["a", 1, 2]}, TypeError, "init=.* must be a list of numbers or None"),
     ("threshold", {"tau": 0}, ValueError, "tau must be > 0"),
     ("threshold", {"tau": "x"}, TypeError, "tau='x' must be a number"),
+    ("threshold", {"init": [0.1, float("nan"), 0.2]}, ValueError, r"init=\[0.1, nan, 0.2\] must be finite"),
     (["merge", "pool"], {}, ValueError, r"pool must be the first reducer in a composition.*method=\['pool', 'merge'\]"),
     (["cls", ("merge", {"start": "x"})], {}, TypeError, "method 'merge': option start='x'"),
 ]
