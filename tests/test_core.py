@@ -349,6 +349,9 @@ def test_unmerge_refuses_tokens_that_do_not_belong_to_the_state():
     for bad in (unreduced, feats[:, 1:], feats[:1], feats[0]):
         with pytest.raises(ValueError, match="tokenprune.features"):
             tokenprune.unmerge(bad, state)
+    for args in ((state, feats), (feats, None)):  # swapped, or no state: a TypeError naming the order
+        with pytest.raises(TypeError, match=r"unmerge\(tokens, state\)"):
+            tokenprune.unmerge(*args)
     full, present = tokenprune.unmerge(feats, state)
     assert full.shape == (2, 100, 48) and bool(present.all())
 

@@ -282,6 +282,9 @@ def unmerge(x: torch.Tensor, state: TokenState, fill: float = 0.0):
     token's features); dropped patches get ``fill`` and ``present = False``.
     ``full`` is reshaped by the caller with ``state.grid`` when a dense map is needed.
     """
+    if not isinstance(x, torch.Tensor) or not isinstance(state, TokenState):
+        raise TypeError(f"unmerge(tokens, state) takes the tokens and the state that tokenprune.features(model, x) "
+                        f"returns, in that order; got ({type(x).__name__}, {type(state).__name__})")
     if state.source is None:
         raise ValueError("this forward ran without source tracking; apply with track_source=True to un-merge")
     src = state.source
