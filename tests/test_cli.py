@@ -238,6 +238,8 @@ def test_recipes_load_and_apply(tmp_path):
         tokenprune.apply(model, recipe=str(custom))
     with pytest.raises(ValueError, match="unknown recipe 'nope'; known recipes: .*tome-vit-b"):
         tokenprune.apply(model, recipe="nope")
+    with pytest.raises(ValueError, match="recipe file '.*missing.yaml' not found .*tome-vit-b"):  # not 'unknown'
+        tokenprune.apply(model, recipe=str(tmp_path / "missing.yaml"))
     assert not tokenprune.is_applied(model)
 
 

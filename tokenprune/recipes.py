@@ -54,7 +54,11 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     import yaml
 
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ValueError(f"recipe file {str(name_or_path)!r} not found (looked from {Path.cwd()}); shipped "
+                             f"recipes, by name without .yaml: {', '.join(list_recipes())}")
+    else:
         path = RECIPE_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise ValueError(f"unknown recipe {str(name_or_path)!r}; known recipes: {', '.join(list_recipes())} "
