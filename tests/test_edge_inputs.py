@@ -198,6 +198,15 @@ def test_schedule_of_floats_or_strings_is_refused(schedule, match):
     assert not tokenprune.is_applied(model)
 
 
+@pytest.mark.parametrize("schedule", [{1: 40, 2: 0}, {1: -3}])
+def test_schedule_keep_count_below_one_names_the_schedule_not_a_budget(schedule):
+    """Without a budget the schedule's last count sets it: a 0 there was reported as 'budget ... got 0'."""
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=r"schedule keep counts must be at least 1 .* after block [12] in schedule="):
+        tokenprune.apply(model, method="cls", schedule=schedule)
+    assert not tokenprune.is_applied(model)
+
+
 def test_budget_given_with_a_recipe_replaces_its_schedule(tmp_path):
     """`apply(model, recipe=..., budget=b)`: explicit arguments win, so the recipe's schedule (made for its own
     budget) no longer decides the count; with the recipe's budget the schedule holds."""

@@ -255,7 +255,8 @@ def check_schedule(schedule) -> dict[int, int] | None:
     """``schedule`` as ``{block: keep}`` with int keys and values, after checking its types.
 
     Raises ``TypeError`` for what is not a mapping of whole numbers (a float keep count such as 6.7
-    or 60.0, a string, a bool): keep counts are numbers of tokens, nothing is rounded or parsed.
+    or 60.0, a string, a bool): keep counts are numbers of tokens, nothing is rounded or parsed; and
+    ``ValueError`` for a keep count below 1.
     """
     if schedule is None:
         return None
@@ -269,6 +270,9 @@ def check_schedule(schedule) -> dict[int, int] | None:
                 raise TypeError(f"schedule {what}s must be whole numbers (int), got {v!r} ({type(v).__name__}) in "
                                 f"schedule={{{b!r}: {k!r}}}; keep counts are numbers of non-prefix tokens, e.g. "
                                 f"{{2: 100, 5: 40}}")
+        if k < 1:
+            raise ValueError(f"schedule keep counts must be at least 1 (non-prefix tokens left after that block), got "
+                             f"{k} after block {b} in schedule={schedule!r}")
         out[int(b)] = int(k)
     return out
 
