@@ -479,6 +479,31 @@ def test_return_dict_false_gives_hf_tuples():
     assert isinstance(out, tuple) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(out, ref))
 
 
+def test_whisper_reduced_tuple_encoder_outputs_are_refused_not_decoded_without_sizes():
+    """The encoder's ``return_dict=False`` tuple has no size bias: handed back as ``encoder_outputs`` its reduced
+    frames would be decoded without it (logits off by 1e-3-1e-2, silently); refused with what to pass instead. The
+    dict form decodes as the model's own forward does; unreduced (budget 1.0) tuples still pass."""
+    import test_adapters_matrix as mx
+
+    wh = mx.make_whisper()
+    model, x, dec = wh["model"], wh["x"], torch.tensor([[1, 5, 7], [1, 5, 7]])
+    with torch.no_grad():
+        for budget in (0.5, 1.0):
+            tokenprune.apply(model, budget, "merge")
+            try:
+                ref = model(input_features=x, decoder_input_ids=dec).logits
+                as_dict = model.model.encoder(x)
+                assert torch.equal(model(encoder_outputs=as_dict, decoder_input_ids=dec).logits, ref)
+                as_tuple = model.model.encoder(x, return_dict=False)
+                if budget == 1.0:
+                    assert torch.equal(model(encoder_outputs=as_tuple, decoder_input_ids=dec).logits, ref)
+                else:
+                    with pytest.raises(ValueError, match="return_dict=True"):
+                        model(encoder_outputs=as_tuple, decoder_input_ids=dec)
+            finally:
+                tokenprune.remove(model)
+
+
 def test_save_pretrained_while_patched_saves_the_original_model(tmp_path):
     """A patched model saves as itself unpatched: the original class in ``config.architectures`` (transformers writes
     ``type(model).__name__``; inference servers pick the class by it), the original weights, and a model that

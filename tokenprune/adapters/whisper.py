@@ -26,8 +26,8 @@ once per utterance and cached, so every decoding step gets cheaper too).
   its output (``encoder_outputs["tokenprune_key_bias"]``), so ``generate()``
   keeps it and expands it with the beams like every other encoder output; the
   ``WhisperModel`` forward hands it to the decoder layers (``tokenprune=``). The encoder called with
-  ``return_dict=False`` returns ``(last_hidden_state,)`` as HF's does, without the bias: encoder outputs
-  handed back to the decoder as a tuple give its cross-attention no size bias.
+  ``return_dict=False`` returns ``(last_hidden_state,)`` as HF's does, without the bias; a reduced tuple handed
+  back to the model as ``encoder_outputs`` is refused (its cross-attention would get no size bias).
 - Measured (tiny.en, 116 utterances, ``scripts/whisper_wer.py``): ``cls``
   with ``substitute="received"`` (the default) keeps WER near the unreduced
   one where ``"mean_query"`` loses 3-5 points.
@@ -186,6 +186,13 @@ class _Model(SaveAsOriginal):
             input_features = self._mask_input_features(input_features, attention_mask=kwargs.get("attention_mask"))
             asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
             encoder_outputs = self.encoder(input_features, return_dict=True, **asked)  # refused there, clearly
+        if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs and \
+                encoder_outputs[0].shape[1] != self.config.max_source_positions:
+            raise ValueError(
+                f"encoder_outputs is a tuple of {encoder_outputs[0].shape[1]} reduced frames (the encoder called with "
+                "return_dict=False): that form drops the merged frames' sizes (and padding mask) the decoder's "
+                "cross-attention needs, so its logits would be off. Pass the encoder's output as it returns it with "
+                "return_dict=True (a BaseModelOutput), or leave encoder_outputs out")
         bias = encoder_outputs.get(BIAS_KEY) if isinstance(encoder_outputs, dict) else None
         if bias is not None:
             kwargs["tokenprune"] = KeyBias(self._tokenprune_cross, bias)
