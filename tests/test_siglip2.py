@@ -179,9 +179,13 @@ def test_mixed_shapes_batch_equals_each_alone(maker, monkeypatch):
         tokenprune.apply(model, 1.0, "merge")
         try:
             torch.testing.assert_close(_out(model, (pv, mask, ss)), ref, rtol=1e-5, atol=1e-5)
-            tokens = tower(pv, mask, ss).last_hidden_state
+            out = tower(pv, mask, ss)
+            tokens = out.last_hidden_state
             for i, n in enumerate(counts):
                 torch.testing.assert_close(tokens[i, :n], ref_tokens[i, :n], rtol=1e-5, atol=1e-5)
+            assert out["tokenprune_mask"].sum(1).tolist() == counts  # the real tokens, the input's padding dropped
+            torch.testing.assert_close(tokens[out["tokenprune_mask"]], ref_tokens[mask.bool()], rtol=1e-5, atol=1e-5)
+            assert len(tower(pv, mask, ss, return_dict=False)) == 2  # HF's tuple: no extra entry
         finally:
             tokenprune.remove(model)
     monkeypatch.setattr(importlib.import_module("transformers.models.siglip2.modeling_siglip2"),
@@ -201,6 +205,8 @@ def test_mixed_shapes_batch_equals_each_alone(maker, monkeypatch):
                     assert want == [keep_count(budget, n) for n in counts]
                 assert state.kept_per_sample().tolist() == want, (method, budget)
                 assert tokens.shape[1] == max(want)
+                with torch.no_grad():
+                    assert tower(pv, mask, ss)["tokenprune_mask"].sum(1).tolist() == want, (method, budget)
                 for i in range(2):
                     k = want[i]
                     assert alone[i][0].shape[1] == k

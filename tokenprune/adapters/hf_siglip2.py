@@ -11,7 +11,9 @@ patch grid of every image in ``spatial_shapes [B, 2]``.
   A batch mixing shapes runs through :func:`tokenprune.mixed.run_mixed`: every image is reduced on its own grid with
   its own budget (``K_b = keep_count(budget, h_b w_b)``), exactly as alone, while the layers run once on the whole
   batch, each row padded with masked slots of size 0. Its outputs are ``[B, K_max, C]``: row ``b``'s ``K_b`` tokens,
-  then padding slots (``tokenprune.features`` gives the sizes; 0 = padding).
+  then padding slots (``tokenprune.features`` gives the sizes; 0 = padding). The tower's output (dict form) marks the
+  real tokens in ``out["tokenprune_mask"]`` ``[B, K_max]``; the input's ``pixel_attention_mask`` no longer fits
+  ``last_hidden_state`` (its padding was dropped), at budget 1.0 too.
 - Positions: absolute (resized per image) and added before the first layer.
 - Layers are HF's; attention keeps SDPA through ``tokenprune_sdpa`` (``Siglip2Attention`` does not pass keyword
   arguments on, so it gets :class:`.hf_common.ProjAttention`, as SigLIP does).
@@ -32,6 +34,9 @@ from .base import Adapter, has_class, image_grid, named_holders, restore_class, 
 from .hf_clip import _map_head
 from ..mixed import grids_read_on_host, run_mixed
 from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
+
+
+MASK_KEY = "tokenprune_mask"  # [B, K] bool of the output's real tokens (False: a mixed batch's padding slots)
 
 
 def _grids(spatial_shapes: torch.Tensor, mask: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
@@ -61,7 +66,11 @@ class _Tower(SaveAsOriginal):
         hidden = self.post_layernorm(self._tokenprune_tokens(fwd, pixel_values, pixel_attention_mask, spatial_shapes,
                                                              **kwargs))
         pooled = _map_head(self.head, hidden, fwd.sizes) if self.use_head else None
-        return returned(self, BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled), return_dict)
+        out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        if not (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)):
+            return returned(self, out, False)  # HF's tuple; the mask is a field of the dict form only
+        out[MASK_KEY] = fwd.sizes > 0 if fwd.sizes is not None else hidden.new_ones(hidden.shape[:2], dtype=torch.bool)
+        return out
 
     def _tokenprune_tokens(self, fwd, pixel_values, pixel_attention_mask=None, spatial_shapes=None, **kwargs):
         kwargs.pop("return_dict", None)
