@@ -132,6 +132,28 @@ def test_generate_runs_and_lm_input_shrinks(models, kind, method, opts):
             assert torch.equal(out, ref)  # nothing pruned: the model's own path
 
 
+def test_streamer_gets_the_prompt_generate_returns(models):
+    """A streamer's first ``put`` is the prompt: the one the caller passed (as the returned sequences hold it), not
+    the pruned one the language model runs; then each new token."""
+
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    m, inp, rec = models["qwen2_5_vl"], _inputs(), Recorder()
+    with tokenprune.applied(m, budget=0.25, method="cls"), LMInput(m) as lm:
+        out = m.generate(**inp, **GEN, streamer=rec)
+    assert lm.embeds[0].shape[1] < inp["input_ids"].shape[1]  # the LM ran a pruned prompt
+    assert torch.equal(rec.puts[0], inp["input_ids"]) and rec.ended
+    assert torch.equal(torch.cat([rec.puts[0]] + [p.view(1, -1) for p in rec.puts[1:]], 1), out)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["cls", "random"])
 def test_kept_tokens_and_text_keep_their_positions(models, kind, method):

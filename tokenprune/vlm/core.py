@@ -402,6 +402,8 @@ class VLMModel(SaveAsOriginal):
             have = self._generation_setting(kwargs, total)
             if shift and have is not None and self._generation_setting(kwargs, fresh) is None:
                 new[total] = max(int(have) - shift, 0)
+        if shift and new.get("streamer") is not None:
+            new["streamer"] = _PromptAsPassed(new["streamer"], ids)
         out = super().generate(**new)
         seq = out if torch.is_tensor(out) else out.sequences
         reps = seq.shape[0] // ids.shape[0]
@@ -426,6 +428,23 @@ class VLMModel(SaveAsOriginal):
         """Names ``inputs_embeds`` (PaliGemma's own takes it only through ``**kwargs``, and ``generate`` then
         refuses the pruned prompt's embeddings)."""
         return super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class _PromptAsPassed:
+    """A ``generate()`` streamer handed the prompt the caller passed: transformers puts the prompt the language model
+    runs first (the pruned one), then each new token; the streamer gets the original prompt in its place, as the
+    returned sequences hold it."""
+
+    def __init__(self, streamer, prompt: torch.Tensor):
+        self.streamer, self.prompt = streamer, prompt
+
+    def put(self, value):
+        if self.prompt is not None:
+            value, self.prompt = self.prompt.cpu(), None
+        self.streamer.put(value)
+
+    def end(self):
+        self.streamer.end()
 
 
 def _check_step_mask(kwargs) -> None:
