@@ -88,9 +88,9 @@ def check_option_types(cls: type, options: typing.Mapping) -> None:
         hint = hints.get(key)
         if hint is not None and not _fits(value, hint):
             raise TypeError(f"method {cls.name!r}: option {key}={value!r} must be {_describe(hint)}")
-        if any(isinstance(v, numbers.Real) and not math.isfinite(v)  # a NaN from a config would pass silently
+        if any(isinstance(v, numbers.Real) and math.isnan(v)  # a NaN from a config would pass every comparison
                for v in (value if isinstance(value, (list, tuple)) else [value])):
-            raise ValueError(f"method {cls.name!r}: option {key}={value!r} must be finite")
+            raise ValueError(f"method {cls.name!r}: option {key}={value!r} is NaN; give a number")
 
 
 def _fits(value, hint) -> bool:

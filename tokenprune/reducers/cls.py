@@ -35,6 +35,7 @@ attention, so every sample gets what it would get alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..ops import keep_above, keep_top
@@ -56,6 +57,8 @@ class ClsPrune(Reducer):
             raise ValueError(f"variant must be 'single' or 'sum', got {self.variant!r}")
         if self.substitute not in ("mean_query", "received"):
             raise ValueError(f"substitute must be 'mean_query' or 'received', got {self.substitute!r}")
+        if self.threshold is not None and not math.isfinite(self.threshold):  # +inf would keep one token a sample
+            raise ValueError(f"threshold must be a finite score (or None), got {self.threshold!r}")
         self._has_cls = True
 
     @property

@@ -54,6 +54,7 @@ no gradient; with eps the backward is the multiplicative mask's derivative
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,8 @@ class Threshold(Reducer):
             init = self.init if self.init is not None else [1e-3 * (i + 1) for i in range(len(layers))]
             if len(init) != len(layers):
                 raise ValueError(f"init has {len(init)} thresholds for {len(layers)} stages (blocks {layers})")
+            if not all(math.isfinite(v) for v in init):
+                raise ValueError(f"init thresholds must be finite scores, got {init}")
             self.module = Thresholds(init)
 
     def schedule(self, info: EncoderInfo, keep: int) -> list[Stage]:
