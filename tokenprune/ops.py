@@ -14,16 +14,7 @@ from .state import TokenState
 
 
 # -- source map bookkeeping -------------------------------------------------------
-def remap_source(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch.Tensor | None:
-    """Compose the source map with one reduction step.
-
-    ``old_to_new`` is ``[B, P + N_old]``: the new index of each old token, -1
-    where it was dropped.
-    """
-    if source is None:
-        return None
-    new = old_to_new.gather(1, source.clamp(min=0))
-    return new.masked_fill_(source < 0, -1)
+remap_source = kernels.reference.compose_source  # the source map composed with one reduction step
 
 
 def prefix_map(b: int, p: int, device) -> torch.Tensor:
@@ -185,60 +176,11 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
             state.set_attn_bias(out[3], x.dtype)
         return state
 
-    x = state.materialize().x
-    if metric.dim() == 4:
-        metric = kernels.reference.key_mean(metric)
-    if order is not None:  # the PyTorch path permutes: the tokens, their sizes and metric rows, the source map
-        x = kernels.gather_rows(x, order)
-        metric = metric.gather(1, order[..., None].expand(*order.shape, metric.shape[-1]))
-        if state.sizes is not None:
-            state.sizes = state.sizes.gather(1, order)
-        inverse = torch.empty_like(order).scatter_(1, order, torch.arange(n_all, device=x.device).expand(b, n_all))
-        state.source = remap_source(state.source, inverse)
-        p = p + protect
-    sizes = state.sizes_or_ones()
-    sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
-    # cosine similarity of every A to every B token and its row max; the fused kernel (CUDA)
-    # never stores the [B, Na, Nb] matrix
-    best, best_b = kernels.bipartite_best(metric[:, p:], (sb > 0) if state.padded else None)  # [B, Na]
-    if state.padded:
-        best = best.masked_fill(sa <= 0, float("inf"))
-    edge = best.argsort(dim=-1, descending=True, stable=True)
-    src_idx = edge[:, :r]  # A tokens merged away
-    unm_idx = edge[:, r:].sort(-1).values  # A tokens kept, spatial order
-    dst_idx = best_b.gather(1, src_idx)
-
-    xs = x[:, p:]
-    xa, xb = xs[:, ::2], xs[:, 1::2]
-    n_unm = unm_idx.shape[1]
-    new_sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
-    if kernels.use_triton(x):
-        # one pass: every output row reads its own token and the tokens merged into it
-        nb_ = xb.shape[1]
-        prim = torch.cat([prefix_map(b, p, x.device), p + 2 * unm_idx,
-                          (p + 1 + 2 * torch.arange(nb_, device=x.device)).expand(b, nb_)], 1)
-        new_x = kernels.merge_rows(x, state.sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
-    else:
-        unm_x = xa.gather(1, unm_idx[..., None].expand(b, n_unm, c))
-        src_w = (xa * sa[..., None].to(x.dtype)).gather(1, src_idx[..., None].expand(b, r, c))
-        dst_w = (xb * sb[..., None].to(x.dtype)).scatter_add(1, dst_idx[..., None].expand(b, r, c), src_w)
-        xb_new = torch.where(new_sb[..., None] > 0, dst_w / new_sb.clamp_min(1e-12)[..., None].to(x.dtype), xb)
-        parts = [x[:, :p], unm_x, xb_new] if p else [unm_x, xb_new]
-        new_x = torch.cat(parts, 1)
-    new_sizes = torch.cat([sizes[:, :p], sa.gather(1, unm_idx), new_sb], 1)
-
-    if state.source is not None:
-        na, nb = xa.shape[1], xb.shape[1]
-        a_new = torch.empty((b, na), dtype=torch.long, device=x.device)
-        a_new.scatter_(1, unm_idx, torch.arange(p, p + n_unm, device=x.device).expand(b, n_unm))
-        a_new.scatter_(1, src_idx, p + n_unm + dst_idx)
-        old_to_new = torch.empty((b, n_all), dtype=torch.long, device=x.device)
-        old_to_new[:, :p] = prefix_map(b, p, x.device)
-        old_to_new[:, p::2] = a_new
-        old_to_new[:, p + 1::2] = torch.arange(p + n_unm, p + n_unm + nb, device=x.device).expand(b, nb)
-        state.source = remap_source(state.source, old_to_new)
-
-    state.x, state.sizes = new_x, new_sizes
+    # otherwise (CPU, autograd, float64, or a step the one-launch kernels do not take) the step's reference, with the
+    # matching and the row merge dispatched (kernels on CUDA, their references elsewhere)
+    out = kernels.reference.merge_step(state.materialize().x, metric, state.sizes, state.source, p + protect, r,
+                                       state.padded, perm=order, best=kernels.bipartite_best, rows=kernels.merge_rows)
+    state.x, state.sizes, state.source = out
     return state
 
 

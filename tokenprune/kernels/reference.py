@@ -115,14 +115,15 @@ def merge_rows(x: torch.Tensor, sizes: torch.Tensor | None, prim: torch.Tensor, 
     ``out[b, o]`` is the size-weighted mean of token ``x[b, prim[b, o]]`` and of every
     token ``x[b, members[b, i]]`` with ``owner[b, i] == o``. Rows nothing is merged
     into copy ``x[b, prim[b, o]]``; so does a row whose sizes sum to 0 (padding).
-    ``sizes`` ``[B, T]`` (None = all ones); indices are long. Accumulates in float32.
+    ``sizes`` ``[B, T]`` (None = all ones); indices are long. Accumulates in float32 (float64 inputs: float64).
     ``include_prim=False``: rows with members are the mean of their members only
     (``prim`` is then just the fallback row). No members: a plain row gather.
     """
     b, n_out = prim.shape
     c = x.shape[-1]
-    xf = x.float()
-    s = sizes.float() if sizes is not None else torch.ones(x.shape[:2], device=x.device)
+    ct = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+    xf = x.to(ct)
+    s = sizes.to(ct) if sizes is not None else torch.ones(x.shape[:2], device=x.device, dtype=ct)
     prim_x = xf.gather(1, prim[..., None].expand(b, n_out, c))
     tot = s.gather(1, prim) if include_prim else torch.zeros((b, n_out), device=x.device, dtype=s.dtype)
     acc = prim_x * tot[..., None]
@@ -283,8 +284,9 @@ def topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
     return best.sort(1).values
 
 
-def _compose(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch.Tensor | None:
-    """The source map after one step: ``old_to_new[source]``, ``-1`` stays ``-1``."""
+def compose_source(source: torch.Tensor | None, old_to_new: torch.Tensor) -> torch.Tensor | None:
+    """The source map after one step: ``old_to_new[source]`` (``old_to_new`` ``[B, P + N_old]``, each old token's new
+    index or -1 where it was dropped); ``-1`` stays ``-1``."""
     if source is None:
         return None
     return old_to_new.gather(1, source.clamp(min=0)).masked_fill(source < 0, -1)
@@ -300,7 +302,7 @@ def keep_step(x: torch.Tensor, scores: torch.Tensor, sizes: torch.Tensor | None,
     new_sizes = sizes.gather(1, rows) if sizes is not None else None
     old_to_new = torch.full((b, t), -1, dtype=torch.long, device=x.device)
     old_to_new.scatter_(1, rows, torch.arange(p + k, device=x.device).expand(b, p + k))
-    return gather_rows(x, rows), new_sizes, _compose(source, old_to_new), idx
+    return gather_rows(x, rows), new_sizes, compose_source(source, old_to_new), idx
 
 
 def inverse_order(perm: torch.Tensor) -> torch.Tensor:
@@ -318,7 +320,7 @@ def permute_rows(perm: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor | N
 
 def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None,
                p: int, r: int, padded: bool, max_size: int | None = None, log_sizes: bool = False,
-               residual: torch.Tensor | None = None, perm: torch.Tensor | None = None):
+               residual: torch.Tensor | None = None, perm: torch.Tensor | None = None, best=None, rows=None):
     """ToMe's whole merge step (``ops.bipartite_merge``) on plain tensors: A = even, B = odd non-prefix
     tokens; the ``r`` A tokens with the most similar B partner (ties: the lower index; padding A tokens,
     size 0, first when ``padded``) are merged into it, size-weighted; output rows: prefix, kept A tokens
@@ -328,24 +330,29 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     ``perm`` ``[B, T]`` long (a permutation of each sample's rows): the step runs on the rows in that order
     (``x[b, perm[b, v]]`` is row ``v``; sizes, metric and residual alike, the source map follows), so its
     first ``p`` rows are the kept prefix and the rest alternate into A and B (``pitome``'s protected tokens
-    and energy-ranked candidates). ``metric`` may be a block's keys ``[B, H, T, d]``: their :func:`key_mean`."""
+    and energy-ranked candidates). ``metric`` may be a block's keys ``[B, H, T, d]``: their :func:`key_mean`.
+    ``best`` / ``rows``: the matching and the row merge to use (default: this module's :func:`bipartite_best` and
+    :func:`merge_rows`; ``ops.bipartite_merge`` passes the kernels' dispatching ones where the one-launch step does
+    not fit)."""
+    best_fn, rows_fn = best or bipartite_best, rows or merge_rows
     if metric.dim() == 4:
         metric = key_mean(metric)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(f"merge_step: residual {tuple(residual.shape)} {residual.dtype} does not match "
                              f"the tokens {tuple(x.shape)} {x.dtype}")
-        x = (x.float() + residual.float()).to(x.dtype)
+        ct = torch.promote_types(x.dtype, torch.float32)
+        x = (x.to(ct) + residual.to(ct)).to(x.dtype)
     if perm is not None:
         x, metric, sizes = permute_rows(perm, x), permute_rows(perm, metric), permute_rows(perm, sizes)
-        source = _compose(source, inverse_order(perm))
+        source = compose_source(source, inverse_order(perm))
     b, t, _ = x.shape
     dev = x.device
     s = sizes.float() if sizes is not None else torch.ones((b, t), dtype=torch.float32, device=dev)
     sa, sb = s[:, p::2], s[:, p + 1::2]
     na, nb = sa.shape[1], sb.shape[1]
-    best, best_b = bipartite_best(metric[:, p:], (sb > 0) if padded else None)
-    best = best.float()
+    best, best_b = best_fn(metric[:, p:], (sb > 0) if padded else None)
+    best = best.to(torch.promote_types(best.dtype, torch.float32))
     if padded:
         best = best.masked_fill(sa <= 0, float("inf"))
     edge = best.sort(dim=-1, descending=True, stable=True).indices
@@ -354,7 +361,7 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
     n_unm = na - r
     prim = torch.cat([torch.arange(p, device=dev).expand(b, p), p + 2 * unm_idx,
                       (p + 1 + 2 * torch.arange(nb, device=dev)).expand(b, nb)], 1)
-    new_x = merge_rows(x, sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
+    new_x = rows_fn(x, sizes, prim, p + 2 * src_idx, p + n_unm + dst_idx)
     new_sb = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
     new_sizes = torch.cat([s[:, :p], sa.gather(1, unm_idx), new_sb], 1)
     new_source = None
@@ -366,7 +373,7 @@ def merge_step(x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None
         old_to_new[:, :p] = torch.arange(p, device=dev)
         old_to_new[:, p::2] = a_new
         old_to_new[:, p + 1::2] = torch.arange(p + n_unm, p + n_unm + nb, device=dev)
-        new_source = _compose(source, old_to_new)
+        new_source = compose_source(source, old_to_new)
     if log_sizes:
         return new_x, new_sizes, new_source, new_sizes.log().to(x.dtype)
     return new_x, new_sizes, new_source
@@ -389,7 +396,7 @@ def apet_merge(x: torch.Tensor, sizes: torch.Tensor | None, target: torch.Tensor
     merged = torch.where(den[..., None] > 0, num / den.clamp_min(1e-30)[..., None], kept).to(x.dtype)
     new_x = torch.cat([x[:, :p], merged], 1)
     old_to_new = torch.cat([torch.arange(p, device=x.device).expand(b, p), target + p], 1)
-    return new_x, torch.cat([s[:, :p], den], 1), _compose(source, old_to_new)
+    return new_x, torch.cat([s[:, :p], den], 1), compose_source(source, old_to_new)
 
 
 def apet_step(x: torch.Tensor, sizes: torch.Tensor | None, source: torch.Tensor | None, p: int, k: int, keep: int,
