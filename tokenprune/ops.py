@@ -32,11 +32,7 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
     x, p = state.x, state.num_prefix
     b, n_all, c = x.shape
     k = keep_idx.shape[1]
-    if kernels.use_triton(x):  # one pass: prefix and kept rows straight into the new tensor
-        new_x = kernels.gather_rows(x, torch.cat([prefix_map(b, p, x.device), keep_idx + p], 1))
-    else:
-        patches = x[:, p:].gather(1, keep_idx[..., None].expand(b, k, c))
-        new_x = torch.cat([x[:, :p], patches], 1) if p else patches
+    new_x = kernels.gather_rows(x, torch.cat([prefix_map(b, p, x.device), keep_idx + p], 1))  # prefix and kept rows
 
     new_sizes = None
     if state.sizes is not None or keep_valid is not None:
