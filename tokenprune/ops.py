@@ -30,7 +30,7 @@ def gather_tokens(state: TokenState, keep_idx: torch.Tensor, keep_valid: torch.T
     masks them and pooling ignores them.
     """
     x, p = state.x, state.num_prefix
-    b, n_all, c = x.shape
+    b, n_all = x.shape[:2]
     k = keep_idx.shape[1]
     new_x = kernels.gather_rows(x, torch.cat([prefix_map(b, p, x.device), keep_idx + p], 1))  # prefix and kept rows
 
@@ -156,8 +156,7 @@ def bipartite_merge(state: TokenState, metric: torch.Tensor, r: int, order: torc
     kernels read the rows through ``order``; nothing is permuted in memory.
     """
     x, p = state.x, state.num_prefix
-    b, n_all, c = x.shape
-    n = n_all - p - protect
+    n = x.shape[1] - p - protect
     if r <= 0:
         return state.materialize()
     if r > n // 2:
