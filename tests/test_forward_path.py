@@ -60,8 +60,15 @@ def _whisper_encoder():
     return f["model"], f["x"], lambda m: (lambda x: m.model.encoder(x).last_hidden_state)
 
 
+def _open_clip():
+    from test_adapters_matrix import make_open_clip
+
+    f = make_open_clip()
+    return f["model"], f["x"], lambda m: m.encode_image
+
+
 @pytest.mark.xdist_group("fullgraph-forward_path")
-@pytest.mark.parametrize("family", [_hf_clip, _whisper_encoder], ids=["hf_clip", "whisper"])
+@pytest.mark.parametrize("family", [_hf_clip, _whisper_encoder, _open_clip], ids=["hf_clip", "whisper", "open_clip"])
 @pytest.mark.parametrize("method", ["merge", "cls", "random", "maelre", ["cls", "merge"]], ids=str)
 def test_hf_towers_compile_fullgraph(family, method, fullgraph, request):
     compiled_equals_eager(fullgraph, request)
