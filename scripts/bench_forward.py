@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenprune, not an installed one
 
 import tokenprune  # noqa: E402
-from tokenprune.bench import host_time_ms, pipelined_ms, time_fn  # noqa: E402
+from tokenprune.bench import host_time_ms, pipelined_ms, thread_cpu_us, time_fn  # noqa: E402
 
 BS1 = [("merge", {}), ("cls", {}), ("random", {}), ("apet", {}), ("pool", {}), ("maelre", {}),
        ("merge-3-stages", {"method": "merge", "layers": "thirds"}),
@@ -678,29 +678,19 @@ def python_profile(out: Path, smoke: bool, cases=None):
 
 # -- dryhost: the host time of each per-step piece, on CPU ------------------------------------------------------
 class _DryKernel:
-    """What the cached launcher keeps per key: ``run`` (the driver launch) does nothing, except the ``fix`` that
-    gives an output the harness's next op indexes with a valid value (``_apet_stage``'s basis)."""
+    """What the cached launcher keeps per key: ``run`` (the driver launch) does nothing."""
     function = packed_metadata = None
 
-    def __init__(self, fix=None):
-        self.fix = fix
-
     def run(self, *a):
-        if self.fix is not None:
-            self.fix(a[9:])
+        pass
 
 
 class _DryJit:
     """Stands for a ``@triton.jit`` kernel on a cache miss of the launcher: no compile, a ``_DryKernel``."""
 
-    def __init__(self, fix=None):
-        self.fix = fix
-
     def __getitem__(self, grid):
         def first_launch(*args, **kwargs):
-            kernel = _DryKernel(self.fix)
-            kernel.run(*[None] * 9, *args)
-            return kernel
+            return _DryKernel()
         return first_launch
 
 
@@ -714,6 +704,7 @@ def _dry_kernels(stack):
 
     from tokenprune import kernels
     from tokenprune.kernels import _triton_common as tc
+    from tokenprune.kernels import apet as apet_mod
 
     def on_cpu(co):  # the code object with ``is_cuda`` read as ``is_cpu``, nested code (a generator) included
         consts = tuple(on_cpu(k) if isinstance(k, types.CodeType) else k for k in co.co_consts)
@@ -729,12 +720,14 @@ def _dry_kernels(stack):
 
     def dry_init(self, fn):
         init(self, fn)
-        fix = None
-        if self.names[:3] == ["g_ptr", "v_ptr", "basis_ptr"]:  # _apet_stage: a valid basis for apet's scatter
-            fix = lambda a: a[2].zero_()  # noqa: E731
-        self.fn, self.interpreted = _DryJit(fix), False
+        self.fn, self.interpreted = _DryJit(), False
 
     stack.enter_context(mock.patch.object(tc._Launcher, "__init__", dry_init))
+    # apet's integer outputs (its basis) are indexed by the next op: zeros, where no kernel writes them (the launcher
+    # passes tensors as addresses, so the dry kernel cannot fix them up)
+    alloc = apet_mod._alloc
+    stack.enter_context(mock.patch.object(apet_mod, "_alloc", lambda shape, dev, dtype: alloc(shape, dev, dtype) if
+                                          dtype.is_floating_point else torch.zeros(*shape, device=dev, dtype=dtype)))
     # the key mean op (kernels._mean_first, long inputs): its dispatch, not a CPU's pass over every key
     mean = kernels.reference.key_mean
     stack.enter_context(mock.patch.object(kernels.reference, "key_mean", lambda k: mean(k[:, :, :1]).expand(
@@ -742,33 +735,11 @@ def _dry_kernels(stack):
 
 
 def _us(fn, n, runs=5):
-    """Best of ``runs`` loops of ``n`` calls, microseconds per call of this thread's CPU time (``thread_time``:
-    on a shared machine the time other processes take the core is not counted; on an idle one it is the wall time)."""
-    for _ in range(max(n // 20, 5)):
-        fn()
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.thread_time()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.thread_time() - t0) / n * 1e6)
-    return best
+    """``tokenprune.bench.thread_cpu_us`` of one function: microseconds of host CPU time per call, best of ``runs``."""
+    return thread_cpu_us({0: fn}, n, runs)[0]
 
 
-def _us_paired(fns: dict, n, runs=5) -> dict:
-    """``_us`` of several functions timed in the same rounds (one loop of each per round, best round kept): pieces
-    compared by their difference drift together on a shared machine."""
-    for fn in fns.values():
-        for _ in range(max(n // 20, 5)):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            for _ in range(n):
-                fn()
-            best[name] = min(best[name], (time.thread_time() - t0) / n * 1e6)
-    return best
+_us_paired = thread_cpu_us  # several functions timed in the same rounds
 
 
 def dynamo_host(smoke: bool, repeats: int):

@@ -511,3 +511,21 @@ def test_bench_drift_note_on_cpu_does_not_blame_a_gpu(tmp_path, monkeypatch):
     notes = [n for n in json.loads((tmp_path / "bench.json").read_text())["notes"] if "at the end" in n]
     assert len(notes) == 1 and "GPU" not in notes[0] and "cpu" in notes[0], notes
     assert "faster" in notes[0] and "-20" not in notes[0], notes
+
+
+def test_thread_cpu_us_times_each_function_in_the_same_rounds():
+    """``bench.thread_cpu_us`` (the host-work timer of ``bench_forward.py --parts dryhost``): one entry per function,
+    microseconds a call, and more work measures more."""
+    from tokenprune.bench import thread_cpu_us
+
+    calls = {"none": 0, "some": 0}
+
+    def counted(name, work):
+        def fn():
+            calls[name] += 1
+            sum(range(work))
+        return fn
+
+    got = thread_cpu_us({"none": counted("none", 0), "some": counted("some", 20000)}, calls=20, runs=3)
+    assert set(got) == {"none", "some"} and 0 <= got["none"] < got["some"]
+    assert calls == {"none": 5 + 3 * 20, "some": 5 + 3 * 20}  # warm-up, then every round runs each

@@ -101,6 +101,24 @@ def host_time_ms(fn: Callable[[], object], device: str | torch.device, repeats: 
     return statistics.median(times)
 
 
+def thread_cpu_us(fns: dict, calls: int, runs: int = 5) -> dict:
+    """Host work alone: per function of ``fns`` (name -> ``fn()``), microseconds of this thread's CPU time per call
+    (``time.thread_time``: on a shared machine the time other processes hold the core is not counted; on an idle
+    one it is the wall time), the best of ``runs`` loops of ``calls`` calls. The functions are timed in the same
+    rounds (one loop of each per round), so pieces compared by their difference drift together."""
+    for fn in fns.values():
+        for _ in range(max(calls // 20, 5)):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.thread_time() - t0) / calls * 1e6)
+    return best
+
+
 def device_busy_ms(fn: Callable[[], object], device: str | torch.device) -> float | None:
     """GPU time of the kernels (and copies) that one ``fn()`` runs, summed over the profiler's device events,
     after one untimed call. Against the call's wall time it says how much of it the device was busy: a call
