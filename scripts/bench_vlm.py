@@ -56,7 +56,7 @@ from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 import tokenprune  # noqa: E402
 from tokenprune.adapters.llava import prefill_flops  # noqa: E402
-from tokenprune.bench import device_busy_ms, peak_memory, time_fn  # noqa: E402
+from tokenprune.bench import StepClock, device_busy_ms, peak_memory, time_fn  # noqa: E402
 from tokenprune.patch import get_patch  # noqa: E402
 from tokenprune.vlm.qwen_tower import Reduction, Tower, run  # noqa: E402
 
@@ -259,19 +259,6 @@ def lm_len(model, kw) -> int:
     return seen[0]
 
 
-class _StepClock:
-    """A logits processor that records the time (after a device sync) at each generation step."""
-
-    def __init__(self, device):
-        self.device, self.t = device, []
-
-    def __call__(self, input_ids, scores):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-        self.t.append(time.perf_counter())
-        return scores
-
-
 def bench(model, name, kind, kw, n, bs, args, device, rows, layout_rows, extra=0):
     runs = [("none", 1.0, {}), ("cls", 1.0, {}), ("cls", 0.25, {}), ("cls", 0.1, {})]
     if bs == 1:
@@ -353,7 +340,7 @@ def sample(model, kw, bs, args, device, row):
         tokenprune.apply(model, budget=budget, method=method, **opts)
     try:
         ttft = time_fn(lambda: model.generate(**kw, max_new_tokens=1, do_sample=False), device, 0, 1).median_ms
-        clock = _StepClock(device)
+        clock = StepClock(device)
         model.generate(**kw, max_new_tokens=1 + args.decode, min_new_tokens=1 + args.decode, do_sample=False,
                        logits_processor=LogitsProcessorList([clock]))
     finally:
@@ -361,8 +348,7 @@ def sample(model, kw, bs, args, device, row):
             tokenprune.remove(model)
     # the median step, not the mean: in run 15 the mean rate at budget 1.0 (the model untouched) read 0.82x to 1.19x
     # of the unpatched one; a few slow steps (host hiccups) move a mean, not a median. Not yet rerun on a GPU
-    steps = sorted(b - a for a, b in zip(clock.t, clock.t[1:]))
-    return ttft, bs / max(steps[len(steps) // 2], 1e-9)
+    return ttft, bs / max(clock.median_step_s(), 1e-9)
 
 
 def main():

@@ -529,3 +529,16 @@ def test_thread_cpu_us_times_each_function_in_the_same_rounds():
     got = thread_cpu_us({"none": counted("none", 0), "some": counted("some", 20000)}, calls=20, runs=3)
     assert set(got) == {"none", "some"} and 0 <= got["none"] < got["some"]
     assert calls == {"none": 5 + 3 * 20, "some": 5 + 3 * 20}  # warm-up, then every round runs each
+
+
+def test_step_clock_records_each_step_and_leaves_the_scores():
+    """``bench.StepClock`` (bench_vlm.py's decode rate): one time a call, scores untouched, the median step."""
+    from tokenprune.bench import StepClock
+
+    clock = StepClock("cpu")
+    scores = torch.randn(2, 5)
+    for _ in range(4):
+        assert clock(None, scores) is scores
+    assert len(clock.t) == 4 and clock.t == sorted(clock.t)
+    clock.t = [0.0, 1.0, 1.5, 4.5]  # steps 1.0, 0.5, 3.0: the median is the middle one
+    assert clock.median_step_s() == 1.0

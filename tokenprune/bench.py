@@ -119,6 +119,26 @@ def thread_cpu_us(fns: dict, calls: int, runs: int = 5) -> dict:
     return best
 
 
+class StepClock:
+    """A ``generate()`` logits processor that records the time at each decoding step (``t``, seconds of
+    ``perf_counter``, after a device sync on CUDA) and leaves the scores as they are: the decode rate is read
+    from the median step, which a few slow steps (host hiccups) do not move."""
+
+    def __init__(self, device: str | torch.device):
+        self.cuda, self.t = torch.device(device).type == "cuda", []
+
+    def __call__(self, input_ids, scores):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t.append(time.perf_counter())
+        return scores
+
+    def median_step_s(self) -> float:
+        """The median time between two recorded steps."""
+        steps = sorted(b - a for a, b in zip(self.t, self.t[1:]))
+        return steps[len(steps) // 2]
+
+
 def device_busy_ms(fn: Callable[[], object], device: str | torch.device) -> float | None:
     """GPU time of the kernels (and copies) that one ``fn()`` runs, summed over the profiler's device events,
     after one untimed call. Against the call's wall time it says how much of it the device was busy: a call
