@@ -269,12 +269,15 @@ def run(fwd: Forward, layers, x, grid=None, extra: tuple = ()):
     return run_blocks(fwd, layers, x, block_fn(*extra), grid)
 
 
+def returns_dict(module, return_dict) -> bool:
+    """Whether a transformers forward returns its ModelOutput: ``return_dict`` as passed, else the config's."""
+    return return_dict if return_dict is not None else getattr(module.config, "return_dict", True)
+
+
 def returned(module, out, return_dict):
     """What a transformers forward returns (its ``can_return_tuple``): ``out``, or ``out.to_tuple()`` when
     ``return_dict=False`` is passed, or is the config's and none is passed."""
-    if return_dict is None:
-        return_dict = getattr(module.config, "return_dict", True)
-    return out if return_dict else out.to_tuple()
+    return out if returns_dict(module, return_dict) else out.to_tuple()
 
 
 def no_extra_kwargs(kwargs, what: str, config=None) -> None:

@@ -33,7 +33,8 @@ from ..plan import EncoderInfo
 from .base import Adapter, has_class, image_grid, named_holders, restore_class, swap_class
 from .hf_clip import _map_head
 from ..mixed import grids_read_on_host, run_mixed
-from .hf_common import AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned
+from .hf_common import (AttentionRouting, ProjAttention, SaveAsOriginal, block_fn, no_extra_kwargs, returned,
+                         returns_dict)
 
 
 MASK_KEY = "tokenprune_mask"  # [B, K] bool of the output's real tokens (False: a mixed batch's padding slots)
@@ -67,7 +68,7 @@ class _Tower(SaveAsOriginal):
                                                              **kwargs))
         pooled = _map_head(self.head, hidden, fwd.sizes) if self.use_head else None
         out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
-        if not (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)):
+        if not returns_dict(self, return_dict):
             return returned(self, out, False)  # HF's tuple; the mask is a field of the dict form only
         out[MASK_KEY] = fwd.sizes > 0 if fwd.sizes is not None else hidden.new_ones(hidden.shape[:2], dtype=torch.bool)
         return out

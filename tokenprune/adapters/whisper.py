@@ -44,7 +44,8 @@ from .. import kernels, ops
 from ..engine import QK, Forward, hooks_free, run_blocks
 from ..plan import EncoderInfo
 from .base import Adapter, attach, detach, has_class, named_holders, restore_class, swap_class
-from .hf_common import AttentionRouting, KeyBias, SaveAsOriginal, bias_for, block_fn, no_extra_kwargs, returned
+from .hf_common import (AttentionRouting, KeyBias, SaveAsOriginal, bias_for, block_fn, no_extra_kwargs, returned,
+                         returns_dict)
 
 BIAS_KEY = "tokenprune_key_bias"
 
@@ -153,7 +154,7 @@ class _Encoder(SaveAsOriginal):
         fwd = Forward(self._tokenprune_patch)
         hidden = self.layer_norm(self._tokenprune_tokens(fwd, input_features, **kwargs))
         out = BaseModelOutput(last_hidden_state=hidden)
-        if not (return_dict if return_dict is not None else getattr(self.config, "return_dict", True)):
+        if not returns_dict(self, return_dict):
             return returned(self, out, False)  # (hidden,) as HF's: the size bias is a field of the dict form only
         bias = fwd.state.attn_bias(hidden.dtype)
         if bias is not None:  # for the decoder's cross-attention; generate() expands it with the beams
