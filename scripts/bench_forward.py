@@ -739,8 +739,6 @@ def _us(fn, n, runs=5):
     return thread_cpu_us({0: fn}, n, runs)[0]
 
 
-_us_paired = thread_cpu_us  # several functions timed in the same rounds
-
 
 def dynamo_host(smoke: bool, repeats: int):
     """Host microseconds of one call of the compiled ViT-B at batch 1 before any of its work: Dynamo's frame, its
@@ -1064,7 +1062,7 @@ def dry_whisper(out: Path, smoke: bool, repeats: int = 50):
                                ("key bias, q/k recorded (the block before a step)", bias, True)):
             fwd.bias, fwd.want_qk = fb, want
             # (the block loop drops the recorded q/k after each block; kept here, they would hold their buffers)
-            us = _us_paired({"layer": lambda: (layer(xs, None, tokenprune=fwd), setattr(fwd, "qk", None)),
+            us = thread_cpu_us({"layer": lambda: (layer(xs, None, tokenprune=fwd), setattr(fwd, "qk", None)),
                              "written": lambda: (whisper_adapter._layer(layer, xs, fwd), setattr(fwd, "qk", None)),
                              "plain": lambda: layer0(xs, fb),
                              "route": lambda: kern(attn, q, kk, v, None, dropout=0.0, scaling=1.0, tokenprune=fwd),
